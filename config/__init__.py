@@ -1,0 +1,90 @@
+"""moonbatch configuration, read from the environment (and a ``.env`` file) with pydantic-settings.
+
+Every setting is an environment variable ``MOONBATCH_<NAME>``, except the API key, which is the
+``MOONDREAM_API_KEY`` that Moondream's own tools read. AWS credentials are read by boto3 the
+standard way (environment, ``~/.aws``, instance roles); only the endpoint is ours, for MinIO, R2
+or moto.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Limits of the Moondream Batch API (seed 002, "Limits"). We use the decimal reading of
+# "2 GB", "100 MB" and "10 MB": it is the stricter one, so a file we accept the API accepts.
+API_MAX_LINES = 100_000
+API_MAX_FILE_BYTES = 2_000_000_000
+API_MAX_PART_BYTES = 100_000_000
+API_MAX_LINE_BYTES = 10_000_000
+
+
+class Settings(BaseSettings):
+    """Process-wide settings; see README "Configuration" for the table of variables.
+
+    Raises ``pydantic.ValidationError`` naming the variable when a value is out of range.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="MOONBATCH_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    moondream_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("MOONDREAM_API_KEY", "MOONBATCH_API_KEY")
+    )
+    moondream_url: str = "https://api.moondream.ai/v1"
+    model: str | None = None  # None: the API's default model (moondream3-preview)
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    queue: str = "moonbatch"
+    # Redis redelivers unacked messages after this many seconds (FACTS.md, Celery with Redis).
+    visibility_timeout: int = Field(default=7200, ge=60)
+    run_registry_ttl: int = Field(default=30 * 24 * 3600, ge=60)
+
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    # Planning and building.
+    shard_size: int = Field(default=10_000, ge=1, le=API_MAX_LINES)
+    max_shard_bytes: int = Field(default=1_900_000_000, ge=1_000_000, le=API_MAX_FILE_BYTES)
+    part_size: int = Field(default=50 * 1024 * 1024, ge=1024, lt=API_MAX_PART_BYTES)
+    fetch_concurrency: int = Field(default=16, ge=1, le=256)
+
+    # HTTP.
+    http_timeout: float = Field(default=60.0, gt=0)
+    http_max_attempts: int = Field(default=10, ge=1)
+    http_backoff_initial: float = Field(default=0.5, ge=0)
+    http_backoff_max: float = Field(default=30.0, ge=0)
+
+    # Polling a batch (seconds). The interval adapts between these bounds.
+    poll_min_interval: float = Field(default=5.0, gt=0)
+    poll_max_interval: float = Field(default=120.0, gt=0)
+
+    @field_validator("moondream_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    def api_key(self) -> str:
+        """The Moondream API key as plain text.
+
+        Raises ``RuntimeError`` when ``MOONDREAM_API_KEY`` is unset.
+        """
+        if self.moondream_api_key is None or not self.moondream_api_key.get_secret_value():
+            raise RuntimeError("MOONDREAM_API_KEY is not set: workers need it to call the Batch API")
+        return self.moondream_api_key.get_secret_value()
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The settings of this process, read once; call ``reload_settings()`` after changing env."""
+    return Settings()
+
+
+def reload_settings() -> Settings:
+    """Forget the cached settings and read the environment again."""
+    get_settings.cache_clear()
+    return get_settings()

@@ -1,0 +1,471 @@
+"""An emulator of the Moondream Batch API over real HTTP (seed ``002_b16f4baad5ce048b.txt``).
+
+The whole protocol: ``mpu-create``, ``mpu-uploadpart``, ``mpu-complete``, ``mpu-abort``, list with
+cursor, status moving ``chunking`` → ``processing`` → ``completed``/``failed`` with progress and
+usage, output files behind expiring presigned-style URLs, ``X-Moondream-Auth`` checked. The seed's
+limits and batch-level and per-line error codes apply; R2's rule that every part but the last has
+the same size is enforced. Inference is ``emulator.inference`` (deterministic, from the pixels).
+
+Time is virtual only in that it is fast: a batch chunks for ``chunking_seconds`` and then
+processes ``lines_per_second`` lines after ``processing_seconds``; state advances when observed.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.serving import make_server
+
+from emulator.inference import LineError, infer
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+MB = 1_000_000
+
+
+@dataclasses.dataclass
+class EmulatorConfig:
+    """Behaviour of an emulator; fields may be changed while it runs (tests do)."""
+
+    api_key: str = "emulator-key"
+    chunking_seconds: float = 0.2
+    processing_seconds: float = 0.3
+    lines_per_second: float = 5000.0
+    lines_per_output_file: int = 1000
+    shuffle_outputs: bool = True
+    url_ttl: float = 3600.0
+    min_part_size: int = 5 * 1024 * 1024  # R2's minimum for every part but the last
+    max_part_size: int = 100 * MB
+    max_file_bytes: int = 2000 * MB
+    max_lines: int = 100_000
+    max_line_bytes: int = 10 * MB
+    models: tuple[str, ...] = ("moondream3-preview",)
+
+
+@dataclasses.dataclass
+class _Upload:
+    file_id: str
+    upload_id: str
+    parts: dict[int, tuple[str, str, int]]  # number → (path, etag, size)
+    created: float
+
+
+@dataclasses.dataclass
+class _Batch:
+    id: str
+    path: str
+    size: int
+    model: str
+    created: float
+    status: str = "chunking"
+    total: int = 0
+    failed_lines: int = 0
+    processing_end: float = 0.0
+    completed_at: float | None = None
+    error: dict[str, str] | None = None
+    usage: dict[str, int] | None = None
+    outputs: list[bytes] = dataclasses.field(default_factory=list)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _new_id() -> str:
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    return "01" + "".join(secrets.choice(alphabet) for _ in range(18))
+
+
+def _error(status: int, code: str, message: str, type_: str = "invalid_request_error",
+           param: str | None = None) -> Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+class Emulator:
+    """State and behaviour of one emulated account; ``app`` is its Flask application."""
+
+    def __init__(self, config: EmulatorConfig | None = None) -> None:
+        self.config = config or EmulatorConfig()
+        self.dir = tempfile.mkdtemp(prefix="moonbatch-emulator-")
+        self.uploads: dict[str, _Upload] = {}
+        self.batches: dict[str, _Batch] = {}
+        self.lock = threading.RLock()
+        self.secret = secrets.token_bytes(16)
+        self.requests: dict[str, int] = {}
+        self.app = self._make_app()
+
+    def close(self) -> None:
+        """Delete the emulator's files."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _count(self, action: str) -> None:
+        with self.lock:
+            self.requests[action] = self.requests.get(action, 0) + 1
+
+    def _authorised(self) -> bool:
+        key = request.headers.get("X-Moondream-Auth", "")
+        return hmac.compare_digest(key.encode(), self.config.api_key.encode())
+
+    def _sign(self, batch_id: str, index: int, expires: int) -> str:
+        msg = f"{batch_id}/{index}/{expires}".encode()
+        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:32]
+
+    def _advance(self, b: _Batch) -> None:
+        """Move a batch along its lifecycle to where the clock says it is."""
+        cfg, now = self.config, time.time()
+        if b.status == "chunking" and now >= b.created + cfg.chunking_seconds:
+            self._chunk(b)
+        if b.status == "processing" and now >= b.processing_end:
+            self._process(b)
+
+    def _chunk(self, b: _Batch) -> None:
+        cfg = self.config
+        fail = None
+        if b.model not in cfg.models and b.model.split("/", 1)[0] not in cfg.models:
+            fail = ("invalid_model", f"Unknown model: {b.model}")
+        elif b.size > cfg.max_file_bytes:
+            fail = ("limit_exceeded", f"File is {b.size} bytes; the limit is {cfg.max_file_bytes}")
+        else:
+            n = 0
+            with open(b.path, "rb") as f:
+                for n, raw in enumerate(f, start=1):
+                    if len(raw) > cfg.max_line_bytes:
+                        fail = ("limit_exceeded", f"Line {n - 1} exceeds {cfg.max_line_bytes} bytes")
+                        break
+                    line = raw.rstrip(b"\n")
+                    if not line.strip():
+                        fail = ("validation_error", f"Blank line at line {n - 1}")
+                        break
+                    try:
+                        obj = json.loads(line.decode("utf-8"))
+                    except (UnicodeDecodeError, ValueError):
+                        fail = ("validation_error", f"Invalid JSON or UTF-8 at line {n - 1}")
+                        break
+                    if not isinstance(obj, dict):
+                        fail = ("validation_error", f"Line {n - 1} is not a JSON object")
+                        break
+            if fail is None and n > cfg.max_lines:
+                fail = ("limit_exceeded", f"{n} lines; the limit is {cfg.max_lines}")
+            elif fail is None and n == 0:
+                fail = ("empty_batch", "No valid lines in file")
+            b.total = n
+        if fail:
+            b.status, b.error = "failed", {"code": fail[0], "message": fail[1]}
+            b.completed_at = time.time()
+            os.unlink(b.path)
+            return
+        b.status = "processing"
+        b.processing_end = time.time() + cfg.processing_seconds + b.total / cfg.lines_per_second
+
+    def _process(self, b: _Batch) -> None:
+        cfg = self.config
+        rows: list[bytes] = []
+        usage = {"input_tokens": 0, "output_tokens": 0}
+        with open(b.path, "rb") as f:
+            for index, raw in enumerate(f):
+                obj = json.loads(raw)
+                row: dict[str, Any] = {"line_index": index}
+                if "id" in obj:
+                    row["id"] = obj["id"]
+                try:
+                    result, use = infer(obj)
+                    row.update(status="ok", result=result, usage=use)
+                    usage["input_tokens"] += use["input_tokens"]
+                    usage["output_tokens"] += use["output_tokens"]
+                except LineError as exc:
+                    row.update(status="error", error={"code": exc.code, "message": exc.message})
+                    b.failed_lines += 1
+                rows.append(json.dumps(row).encode())
+        os.unlink(b.path)  # "Input files are deleted immediately after processing completes"
+        if cfg.shuffle_outputs:
+            random.Random(b.id).shuffle(rows)
+        per = max(1, cfg.lines_per_output_file)
+        b.outputs = [b"\n".join(rows[i:i + per]) + b"\n" for i in range(0, len(rows), per)]
+        b.usage = usage
+        b.status = "completed"
+        b.completed_at = time.time()
+
+    def _view(self, b: _Batch) -> dict[str, Any]:
+        cfg, now = self.config, time.time()
+        out: dict[str, Any] = {"id": b.id, "status": b.status, "model": b.model,
+                               "created_at": _iso(b.created)}
+        if b.status == "chunking":
+            out["progress"] = {"total": 0, "completed": 0}
+        elif b.status == "processing":
+            span = max(b.processing_end - (b.created + cfg.chunking_seconds), 1e-6)
+            frac = min(1.0, max(0.0, 1 - (b.processing_end - now) / span))
+            out["progress"] = {"total": b.total, "completed": int(b.total * frac * 0.999)}
+        else:
+            out["progress"] = {"total": b.total, "completed": b.total - b.failed_lines,
+                               "failed": b.failed_lines}
+            out["completed_at"] = _iso(b.completed_at or now)
+        if b.status == "failed":
+            out["error"] = b.error
+        if b.status == "completed":
+            out["usage"] = b.usage
+            expires = int(now + cfg.url_ttl)
+            base = request.host_url.rstrip("/")
+            out["outputs"] = [
+                {"index": i, "url": f"{base}/v1/_outputs/{b.id}/{i}.jsonl?expires={expires}"
+                                    f"&signature={self._sign(b.id, i, expires)}"}
+                for i in range(len(b.outputs))]
+            out["expires_at"] = _iso((b.completed_at or now) + 7 * 86400)
+        return out
+
+    # -- routes -----------------------------------------------------------------------------
+    def _make_app(self) -> Flask:
+        app = Flask("moonbatch-emulator")
+        app.config["MAX_CONTENT_LENGTH"] = None
+
+        @app.before_request
+        def _auth() -> Response | None:
+            if request.path.startswith("/v1/_outputs/") or request.path == "/healthz":
+                return None
+            if not self._authorised():
+                self._count("unauthorised")
+                return _error(401, "unauthorized", "Invalid or missing API key",
+                              type_="authentication_error")
+            return None
+
+        @app.get("/healthz")
+        def healthz() -> Response:
+            return _json({"ok": True})
+
+        @app.route("/v1/batch", methods=["POST", "GET"])
+        def batch_root() -> Response:
+            if request.method == "GET":
+                return self.list_batches()
+            if request.args.get("action") != "mpu-create":
+                return _error(400, "invalid_request", "Unknown action", param="action")
+            return self.mpu_create()
+
+        @app.route("/v1/batch/<ident>", methods=["PUT", "POST", "DELETE", "GET"])
+        def batch_item(ident: str) -> Response:
+            action = request.args.get("action")
+            if request.method == "GET" and action is None:
+                return self.get_batch(ident)
+            if request.method == "PUT" and action == "mpu-uploadpart":
+                return self.upload_part(ident)
+            if request.method == "POST" and action == "mpu-complete":
+                return self.complete(ident)
+            if request.method == "DELETE" and action == "mpu-abort":
+                return self.abort(ident)
+            return _error(400, "invalid_request", "Unknown action or method", param="action")
+
+        @app.get("/v1/_outputs/<batch_id>/<int:index>.jsonl")
+        def output(batch_id: str, index: int) -> Response:
+            self._count("download")
+            try:
+                expires = int(request.args.get("expires", "0"))
+            except ValueError:
+                expires = 0
+            sig = request.args.get("signature", "")
+            if not hmac.compare_digest(sig, self._sign(batch_id, index, expires)):
+                return _error(403, "signature_mismatch", "Invalid signature",
+                              type_="authentication_error")
+            if time.time() > expires:
+                return _error(403, "url_expired", "Request has expired",
+                              type_="authentication_error")
+            with self.lock:
+                b = self.batches.get(batch_id)
+                if b is None or b.status != "completed" or index >= len(b.outputs):
+                    return _error(404, "not_found", "No such output file")
+                data = b.outputs[index]
+            return Response(data, mimetype="application/x-ndjson")
+
+        return app
+
+    def mpu_create(self) -> Response:
+        self._count("mpu-create")
+        with self.lock:
+            up = _Upload(_new_id(), secrets.token_hex(16), {}, time.time())
+            self.uploads[up.file_id] = up
+        return _json({"fileId": up.file_id, "uploadId": up.upload_id,
+                      "key": f"requests/org_emulator/{up.file_id}.jsonl"})
+
+    def _upload_of(self, file_id: str) -> tuple[_Upload | None, Response | None]:
+        up = self.uploads.get(file_id)
+        if up is None or request.args.get("uploadId") != up.upload_id:
+            return None, _error(404, "not_found", "No such upload (fileId/uploadId)")
+        return up, None
+
+    def upload_part(self, file_id: str) -> Response:
+        self._count("mpu-uploadpart")
+        cfg = self.config
+        try:
+            number = int(request.args.get("partNumber", ""))
+        except ValueError:
+            number = 0
+        if not 1 <= number <= 10_000:
+            return _error(400, "invalid_request", "partNumber must be 1..10000", param="partNumber")
+        declared = request.content_length
+        if declared is not None and declared >= cfg.max_part_size:
+            return _error(413, "payload_too_large", "Part must be under 100MB")
+        with self.lock:
+            up, err = self._upload_of(file_id)
+        if err:
+            return err
+        data = request.get_data(cache=False)
+        if len(data) >= cfg.max_part_size:
+            return _error(413, "payload_too_large", "Part must be under 100MB")
+        etag = '"' + hashlib.md5(data).hexdigest() + '"'
+        path = os.path.join(self.dir, f"{file_id}.part{number}")
+        with open(path, "wb") as f:
+            f.write(data)
+        with self.lock:
+            up.parts[number] = (path, etag, len(data))
+        return _json({"etag": etag, "partNumber": number})
+
+    def complete(self, file_id: str) -> Response:
+        self._count("mpu-complete")
+        cfg = self.config
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("parts"), list) or not body["parts"]:
+            return _error(400, "invalid_request", "Body must be {\"parts\": [...]}", param="parts")
+        model = body.get("model") or "moondream3-preview"
+        with self.lock:
+            up, err = self._upload_of(file_id)
+            if err:
+                return err
+            chosen: list[tuple[str, str, int]] = []
+            last = 0
+            for p in body["parts"]:
+                try:
+                    n, etag = int(p["partNumber"]), str(p["etag"])
+                except (KeyError, TypeError, ValueError):
+                    return _error(400, "invalid_request", "Each part needs partNumber and etag")
+                if n <= last:
+                    return _error(400, "invalid_request", "Parts must be in ascending order")
+                last = n
+                have = up.parts.get(n)
+                if have is None or have[1].strip('"') != etag.strip('"'):
+                    return _error(400, "invalid_request", f"Part {n} not found or ETag mismatch")
+                chosen.append(have)
+            sizes = [c[2] for c in chosen]
+            if len(set(sizes[:-1])) > 1 or (len(sizes) > 1 and sizes[-1] > sizes[0]):
+                return _error(400, "invalid_request",
+                              "All non-trailing parts must have the same length")
+            if len(sizes) > 1 and sizes[0] < cfg.min_part_size:
+                return _error(400, "invalid_request", "Your proposed upload is smaller than the "
+                              "minimum allowed object size")
+            del self.uploads[file_id]
+            path = os.path.join(self.dir, f"{file_id}.jsonl")
+            with open(path, "wb") as out:
+                for part_path, _, _ in chosen:
+                    with open(part_path, "rb") as f:
+                        shutil.copyfileobj(f, out, 1024 * 1024)
+            for part_path, _, _ in up.parts.values():
+                os.unlink(part_path)
+            b = _Batch(id=_new_id(), path=path, size=sum(sizes), model=model, created=time.time())
+            self.batches[b.id] = b
+        return _json({"id": b.id, "status": "chunking", "size": b.size})
+
+    def abort(self, file_id: str) -> Response:
+        self._count("mpu-abort")
+        with self.lock:
+            up, err = self._upload_of(file_id)
+            if err:
+                return err
+            del self.uploads[file_id]
+            for part_path, _, _ in up.parts.values():
+                os.unlink(part_path)
+        return _json({"ok": True})
+
+    def get_batch(self, batch_id: str) -> Response:
+        self._count("status")
+        with self.lock:
+            b = self.batches.get(batch_id)
+            if b is None:
+                return _error(404, "not_found", "No such batch")
+            self._advance(b)
+            return _json(self._view(b))
+
+    def list_batches(self) -> Response:
+        self._count("list")
+        try:
+            limit = int(request.args.get("limit", "50"))
+        except ValueError:
+            return _error(400, "invalid_request", "limit must be an integer", param="limit")
+        if not 1 <= limit <= 100:
+            return _error(400, "invalid_request", "limit must be 1..100", param="limit")
+        cursor = request.args.get("cursor")
+        with self.lock:
+            ordered = sorted(self.batches.values(), key=lambda b: (-b.created, b.id))
+            start = 0
+            if cursor:
+                try:
+                    after = base64.urlsafe_b64decode(cursor.encode()).decode()
+                    start = next(i for i, b in enumerate(ordered) if b.id == after) + 1
+                except (ValueError, StopIteration):
+                    return _error(400, "invalid_request", "Invalid cursor", param="cursor")
+            page = ordered[start:start + limit]
+            for b in page:
+                self._advance(b)
+            views = [self._view(b) for b in page]
+        has_more = start + limit < len(ordered)
+        nxt = base64.urlsafe_b64encode(page[-1].id.encode()).decode() if has_more and page else None
+        return _json({"batches": views, "next_cursor": nxt, "has_more": has_more})
+
+
+class EmulatorServer:
+    """An ``Emulator`` served over HTTP on ``host:port`` (port 0: any free port) in a thread.
+
+    ``url`` is the API base (``http://127.0.0.1:PORT/v1``). Use as a context manager, or
+    ``start()``/``stop()``.
+    """
+
+    def __init__(self, config: EmulatorConfig | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.emulator = Emulator(config)
+        self._server = make_server(host, port, self.emulator.app, threaded=True)
+        self.host, self.port = host, self._server.server_port
+        self.url = f"http://{host}:{self.port}/v1"
+        self._thread: threading.Thread | None = None
+
+    @property
+    def config(self) -> EmulatorConfig:
+        """The live configuration (changes apply to the next request)."""
+        return self.emulator.config
+
+    def start(self) -> EmulatorServer:
+        """Serve in a daemon thread; returns self."""
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="moonbatch-emulator")
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted."""
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        """Stop serving and delete the emulator's files."""
+        self._server.shutdown()
+        self._server.server_close()
+        self.emulator.close()
+
+    def __enter__(self) -> EmulatorServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,377 @@
+"""The ``moonbatch`` command line (typer + rich). See README "Command line"."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Annotate image datasets with the Moondream Batch API, at scale.")
+out = Console()
+err = Console(stderr=True)
+
+SkillOpt = Annotated[str, typer.Option("--skill", help="caption | query | detect | point")]
+LengthOpt = Annotated[Optional[str], typer.Option("--length", help="caption length: short | normal | long")]
+QuestionOpt = Annotated[Optional[str], typer.Option("--question", help="question (query)")]
+ObjectOpt = Annotated[Optional[str], typer.Option("--object", help="what to find (detect, point)")]
+ReasoningOpt = Annotated[Optional[bool], typer.Option("--reasoning/--no-reasoning",
+                                                      help="chain of thought (query; API default on)")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens")]
+ShardSizeOpt = Annotated[Optional[int], typer.Option(
+    "--shard-size", help="max lines per batch (default 10000, at most 100000)")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="local worker processes to start (default: cores; 0: use a running fleet)")]
+TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="give up after SECONDS")]
+
+
+class Fail(Exception):
+    """A clear, user-facing failure: printed in red, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _options(skill: str, length: str | None, question: str | None, obj: str | None,
+             reasoning: bool | None, temperature: float | None, top_p: float | None,
+             max_tokens: int | None):
+    from workers.models import SkillOptions
+
+    try:
+        return SkillOptions(skill=skill, length=length, question=question, object=obj,
+                            reasoning=reasoning, temperature=temperature, top_p=top_p,
+                            max_tokens=max_tokens)
+    except ValidationError as exc:
+        msgs = [str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
+        raise Fail("; ".join(msgs), code=2) from None
+
+
+@contextlib.contextmanager
+def _cli_errors() -> Iterator[None]:
+    from producer.runs import RunExists
+    from workers.runstate import RunNotFound
+    from workers.storage import StorageError
+
+    try:
+        yield
+    except Fail as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(exc.code) from None
+    except (RunExists, RunNotFound, ValueError, StorageError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
+
+
+class LocalWorkers:
+    """``N`` worker processes (one ``celery -A workers worker`` with concurrency N) for the
+    duration of a command; they inherit this process's environment."""
+
+    def __init__(self, n: int, queue: str, env: dict[str, str] | None = None) -> None:
+        self.n = n
+        cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--concurrency", str(n),
+               "--queues", queue, "--loglevel", "WARNING", "--without-mingle", "--without-gossip",
+               "--hostname", f"moonbatch-local-{uuid.uuid4().hex[:8]}@%h"]
+        self.log = tempfile.NamedTemporaryFile(prefix="moonbatch-workers-", suffix=".log",
+                                               delete=False)
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def dead(self) -> bool:
+        """True if the worker process has exited."""
+        return self.proc.poll() is not None
+
+    def tail(self, n: int = 20) -> str:
+        """The last ``n`` lines of the workers' log."""
+        with open(self.log.name, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL after 20 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log.name)
+
+
+def _check_fleet(settings) -> None:
+    """Fail fast when ``--workers 0`` and no worker answers."""
+    from workers.app import app as celery_app
+
+    if settings.broker_url.startswith("filesystem://"):
+        return  # no broadcast on the filesystem transport
+    try:
+        replies = celery_app.control.ping(timeout=2.0)
+    except Exception as exc:
+        raise Fail(f"cannot reach the broker at {_safe_url(settings.broker_url)}: {exc}") from None
+    if not replies:
+        raise Fail("no worker answered: start a fleet (celery -A workers worker) or use --workers N")
+
+
+def _safe_url(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: float | None,
+           show: bool = True) -> dict[str, Any]:
+    """Follow a run until it is final; show a progress bar. Raises ``Fail`` if it cannot
+    complete (failure recorded, workers died, timeout)."""
+    from workers.runstate import Progress as RunProgress
+    from workers.runstate import open_output
+
+    store = open_output(output, settings)
+    progress = RunProgress(store)
+    start = time.time()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[note]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=err, disable=not show, transient=False) as bar:
+        task = bar.add_task("planning", total=None, note="")
+        while True:
+            snap = progress.snapshot()
+            c, s = snap["counts"], snap["shards"]
+            bar.update(task, total=c["total"], completed=c["done"] + c["in_flight"],
+                       description="planning" if s["total"] is None else "annotating",
+                       note=f"shards {s['merged']}/{s['total'] if s['total'] is not None else '?'}"
+                            f"  ok {c['ok']}  error {c['error']}")
+            if snap["status"] == "completed":
+                return snap
+            if snap["failure"]:
+                f = snap["failure"]
+                raise Fail(f"run {snap['run_id']} cannot complete: {f['where']}: {f['error']}")
+            if workers is not None and workers.dead():
+                raise Fail("the local worker processes exited:\n" + workers.tail())
+            if timeout is not None and time.time() - start > timeout:
+                raise Fail(f"run {snap['run_id']} not complete after {timeout:.0f}s; it goes on: "
+                           f"moonbatch wait {snap['run_id']}")
+            time.sleep(0.5 if time.time() - start < 60 else 2.0)
+
+
+def _print_summary(snap: dict[str, Any]) -> None:
+    c = snap["counts"]
+    table = Table(show_header=False, box=None)
+    for k, v in (("run", snap["run_id"]), ("status", snap["status"]), ("skill", snap["skill"]),
+                 ("items", c["total"]), ("ok", c["ok"]), ("error", c["error"]),
+                 ("skipped (not images)", c["skipped"]),
+                 ("batches", len(snap["batches"])),
+                 ("tokens in/out", f"{snap['usage']['input_tokens']}/{snap['usage']['output_tokens']}"),
+                 ("wall time", f"{snap['timings'].get('wall_seconds', 0):.1f}s"),
+                 ("results", snap["output"] + "results/"), ("summary", snap["output"] + "run.json")):
+        table.add_row(str(k), str(v))
+    out.print(table)
+
+
+def _submit(input_url: str, output_url: str, opts, settings, shard_size: int | None,
+            run_id: str | None = None) -> dict:
+    from producer.runs import submit_run
+
+    if shard_size is not None and not 1 <= shard_size <= 100_000:
+        raise Fail("--shard-size must be within 1..100000 (the Batch API's line limit)", code=2)
+    return submit_run(input_url, output_url, opts, settings, shard_size=shard_size, run_id=run_id)
+
+
+def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, workers: int | None,
+         timeout: float | None, run_id: str | None = None) -> dict[str, Any]:
+    from config import get_settings
+
+    settings = get_settings()
+    n = (os.cpu_count() or 1) if workers is None else workers
+    if n < 0:
+        raise Fail("--workers must be >= 0", code=2)
+    local = LocalWorkers(n, settings.queue) if n > 0 else None
+    try:
+        if local is None:
+            _check_fleet(settings)
+        plan = _submit(input_url, output_url, opts, settings, shard_size, run_id)
+        err.print(f"run [bold]{plan['run_id']}[/bold]: {plan['items']} images in "
+                  f"{plan['shards']} shard(s); {plan['skipped']} other objects skipped")
+        return _watch(output_url, settings, workers=local, timeout=timeout)
+    finally:
+        if local is not None:
+            local.stop()
+
+
+@app.command()
+def run(input: Annotated[str, typer.Argument(help="s3://bucket/prefix/ or a local directory")],
+        output: Annotated[str, typer.Argument(help="s3://bucket/prefix/ or a local directory")],
+        skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
+        object: ObjectOpt = None, reasoning: ReasoningOpt = None,
+        temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+        max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
+        workers: WorkersOpt = None, timeout: TimeoutOpt = None) -> None:
+    """Annotate every image under INPUT; write results under OUTPUT; exit 0 when complete."""
+    with _cli_errors():
+        opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
+        _print_summary(_run(input, output, opts, shard_size=shard_size, workers=workers,
+                            timeout=timeout))
+
+
+@app.command()
+def submit(input: Annotated[str, typer.Argument()], output: Annotated[str, typer.Argument()],
+           skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
+           object: ObjectOpt = None, reasoning: ReasoningOpt = None,
+           temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+           max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None) -> None:
+    """Plan and enqueue a run for a worker fleet; print its run id on the last line."""
+    from config import get_settings
+
+    with _cli_errors():
+        opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
+        plan = _submit(input, output, opts, get_settings(), shard_size)
+        err.print(f"{plan['items']} images in {plan['shards']} shard(s); "
+                  f"{plan['skipped']} other objects skipped; results: {output}")
+        print(plan["run_id"])
+
+
+@app.command()
+def status(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")],
+           as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Print a run's progress."""
+    from config import get_settings
+    from producer.runs import resolve_run
+    from workers.runstate import Progress as RunProgress
+    from workers.runstate import open_output
+
+    with _cli_errors():
+        output = resolve_run(run_ref)
+        try:
+            snap = RunProgress(open_output(output, get_settings())).snapshot()
+        except Exception as exc:
+            from workers.storage import NotFound
+
+            if isinstance(exc, NotFound):
+                raise Fail(f"no moonbatch run at {output}") from None
+            raise
+        if as_json:
+            print(json.dumps(snap, indent=2))
+            return
+        c, s = snap["counts"], snap["shards"]
+        out.print(f"run {snap['run_id']}: [bold]{snap['status']}[/bold]  "
+                  f"{c['done']}/{c['total'] if c['total'] is not None else '?'} items done "
+                  f"(ok {c['ok']}, error {c['error']}, in flight {c['in_flight']}); shards merged "
+                  f"{s['merged']}/{s['total'] if s['total'] is not None else '?'}, "
+                  f"submitted {s['submitted']}")
+        if snap["failure"]:
+            out.print(f"[red]failure:[/red] {snap['failure']['where']}: {snap['failure']['error']}")
+
+
+@app.command()
+def wait(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")],
+         timeout: TimeoutOpt = None) -> None:
+    """Block until the run is complete (exit 0) or cannot complete (exit 1)."""
+    from config import get_settings
+    from producer.runs import resolve_run
+
+    with _cli_errors():
+        _print_summary(_watch(resolve_run(run_ref), get_settings(), workers=None, timeout=timeout))
+
+
+def skimage_data_dir() -> Path:
+    """The folder of sample photographs that scikit-image ships (``skimage/data``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise Fail("scikit-image is not installed: pip install -e . installs it")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+@app.command()
+def demo(output: Annotated[Path, typer.Option("--output", help="where runs go")] = Path("moonbatch-demo"),
+         skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
+         object: ObjectOpt = None, reasoning: ReasoningOpt = None,
+         shard_size: ShardSizeOpt = 8, workers: WorkersOpt = 2,
+         timeout: TimeoutOpt = 300.0) -> None:
+    """Annotate scikit-image's sample photographs with no account and no servers: an embedded
+    broker, local storage and the Batch API emulator."""
+    from config import reload_settings
+    from emulator.server import EmulatorConfig, EmulatorServer
+    from workers.app import reconfigure
+
+    with _cli_errors():
+        opts = _options(skill, length, question, object, reasoning, None, None, None)
+        scratch = Path(tempfile.mkdtemp(prefix="moonbatch-demo-"))
+        (scratch / "results").mkdir()
+        key = uuid.uuid4().hex
+        with EmulatorServer(EmulatorConfig(api_key=key, chunking_seconds=0.5,
+                                           processing_seconds=1.0, lines_per_second=50)) as emu:
+            os.environ.update({
+                "MOONBATCH_BROKER_URL": f"filesystem://{scratch / 'broker'}",
+                "MOONBATCH_RESULT_BACKEND": f"file://{scratch / 'results'}",
+                "MOONBATCH_MOONDREAM_URL": emu.url, "MOONDREAM_API_KEY": key,
+                "MOONBATCH_QUEUE": f"moonbatch-demo-{key[:8]}",
+                "MOONBATCH_POLL_MIN_INTERVAL": "0.5", "MOONBATCH_POLL_MAX_INTERVAL": "2",
+            })
+            reconfigure(reload_settings())
+            from producer.runs import new_run_id
+
+            run_id = new_run_id()
+            target = (output / run_id).resolve()
+            source = skimage_data_dir()
+            err.print(f"demo: {source} → {target} (emulated Moondream Batch API at {emu.url})")
+            snap = _run(str(source), str(target), opts, shard_size=shard_size,
+                        workers=max(1, workers or 1), timeout=timeout, run_id=run_id)
+        _print_summary(snap)
+        first = next(iter(sorted((target / "results").glob("*.jsonl"))), None)
+        if first is not None:
+            row = json.loads(first.read_text().splitlines()[0])
+            out.print(f"first row of {first.name}: {json.dumps(row, ensure_ascii=False)[:300]}")
+        out.print(f"results are in {target / 'results'}")
+
+
+@app.command()
+def emulator(port: Annotated[int, typer.Option("--port")] = 8787,
+             host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+             api_key: Annotated[Optional[str], typer.Option(
+                 "--api-key", envvar="MOONDREAM_API_KEY", show_envvar=True,
+                 help="key clients must send in X-Moondream-Auth")] = None) -> None:
+    """Serve the Moondream Batch API emulator (for tests, benchmarks and offline work)."""
+    from emulator.server import EmulatorConfig, EmulatorServer
+
+    key = api_key or uuid.uuid4().hex
+    server = EmulatorServer(EmulatorConfig(api_key=key), host=host, port=port)
+    err.print(f"Moondream Batch API emulator on {server.url}"
+              + ("" if api_key else f" (API key: {key})"))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Shared fixtures: everything over real connections.
+
+- Redis: the machine's server on 127.0.0.1:6379 (``.ci/run`` starts it), databases 12 and 13.
+- S3: moto's server (``ThreadedMotoServer``), real S3 over HTTP.
+- The Moondream Batch API: the project's emulator, over HTTP.
+- Workers: a real ``celery -A workers worker`` process, started once per session.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+BROKER_DB, BACKEND_DB = 12, 13
+SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
+                  "camera.png", "horse.png", "motorcycle_left.png", "no_time_for_that_tiny.gif")
+
+
+def photos_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+@pytest.fixture(scope="session")
+def redis_ready() -> None:
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:  # .ci/run starts it; a developer may not have
+        pytest.exit(f"Redis is not running on {REDIS_HOST}:{REDIS_PORT}: {exc}", returncode=3)
+    for db in (BROKER_DB, BACKEND_DB):
+        redis.Redis(REDIS_HOST, REDIS_PORT, db=db).flushdb()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint: str):
+    """A plain boto3 client on moto's server, for setting up inputs and reading outputs."""
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    name = "t-" + uuid.uuid4().hex[:12]
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    from emulator.server import EmulatorConfig, EmulatorServer
+
+    config = EmulatorConfig(api_key="test-" + uuid.uuid4().hex, chunking_seconds=0.1,
+                            processing_seconds=0.2, lines_per_second=500, min_part_size=0)
+    with EmulatorServer(config) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _reset_emulator_config(request) -> Iterator[None]:
+    """Tests may tune the session emulator; put its config back afterwards."""
+    if "emulator" not in request.fixturenames:
+        yield
+        return
+    server = request.getfixturevalue("emulator")
+    import dataclasses
+
+    saved = dataclasses.replace(server.config)
+    yield
+    for field in dataclasses.fields(saved):
+        setattr(server.config, field.name, getattr(saved, field.name))
+
+
+@pytest.fixture(scope="session")
+def env(redis_ready, s3_endpoint: str, emulator) -> dict[str, str]:
+    """The environment of the session's workers and CLI runs (also applied to this process)."""
+    from config import reload_settings
+    from workers.app import reconfigure
+
+    values = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MOONBATCH_S3_ENDPOINT_URL": s3_endpoint,
+        "MOONBATCH_BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}",
+        "MOONBATCH_RESULT_BACKEND": f"redis://{REDIS_HOST}:{REDIS_PORT}/{BACKEND_DB}",
+        "MOONBATCH_QUEUE": "moonbatch-test-" + uuid.uuid4().hex[:8],
+        "MOONDREAM_API_KEY": emulator.config.api_key,
+        "MOONBATCH_MOONDREAM_URL": emulator.url,
+        "MOONBATCH_POLL_MIN_INTERVAL": "0.2", "MOONBATCH_POLL_MAX_INTERVAL": "1",
+        "MOONBATCH_PART_SIZE": str(256 * 1024),
+        "MOONBATCH_HTTP_MAX_ATTEMPTS": "4", "MOONBATCH_HTTP_BACKOFF_MAX": "1",
+    }
+    os.environ.update(values)
+    reconfigure(reload_settings())
+    return {**os.environ, **values}
+
+
+def moonbatch_cmd() -> list[str]:
+    exe = shutil.which("moonbatch")
+    return [exe] if exe else [sys.executable, "-m", "producer"]
+
+
+@pytest.fixture(scope="session")
+def fleet(env: dict[str, str], tmp_path_factory) -> Iterator[subprocess.Popen]:
+    """A worker fleet of one ``celery -A workers worker`` process with 4 slots."""
+    log = tmp_path_factory.mktemp("fleet") / "worker.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c", "4", "-Q",
+             env["MOONBATCH_QUEUE"], "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
+            env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    from workers.app import app
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("worker exited at start:\n" + log.read_text()[-3000:])
+        if app.control.ping(timeout=0.5):
+            break
+    else:
+        pytest.fail("worker did not answer a ping within 60 s")
+    proc.log_path = log  # type: ignore[attr-defined]
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    text = log.read_text()
+    # Secrets never reach the logs (the worker logs at INFO here).
+    assert env["MOONDREAM_API_KEY"] not in text
+    assert "signature=" not in text
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 180, check: bool = True
+            ) -> subprocess.CompletedProcess:
+    proc = subprocess.run(moonbatch_cmd() + args, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"moonbatch {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def upload_photos(s3, bucket: str, prefix: str, names=SKIMAGE_PHOTOS) -> dict[str, bytes]:
+    """Put scikit-image photographs under ``prefix``; return {item id: bytes}."""
+    data = {}
+    for name in names:
+        body = (photos_dir() / name).read_bytes()
+        s3.put_object(Bucket=bucket, Key=prefix + name, Body=body)
+        data[name] = body
+    return data
+
+
+def read_results(s3, bucket: str, prefix: str) -> list[dict]:
+    rows = []
+    resp = s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "results/")
+    for obj in resp.get("Contents", []):
+        body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+        rows += [json.loads(line) for line in body.splitlines() if line.strip()]
+    return rows
+
+
+def read_json(s3, bucket: str, key: str) -> dict:
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def expected_result(image: bytes, request: dict) -> dict:
+    """What the emulator answers for this image and request: computed from the pixels."""
+    from emulator.inference import infer
+
+    return infer({**request, "image": base64.b64encode(image).decode()})[0]
+
+
+def jpeg_bytes(size=(64, 48), color=(200, 30, 30), mode="RGB", quality=90) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

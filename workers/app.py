@@ -1,0 +1,57 @@
+"""The Celery application of moonbatch workers (``celery -A workers worker``).
+
+Broker and result backend come from settings (Redis by default). ``filesystem:///dir`` is also
+accepted as a broker URL: kombu's filesystem transport, the embedded broker of ``moonbatch demo``
+(no server to run). Delivery is at-least-once (FACTS.md, "Celery with Redis"): late acks,
+redelivery of a lost worker's task, prefetch of one, JSON only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+from config import Settings, get_settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings`` (a dict for ``app.conf.update``)."""
+    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    broker = settings.broker_url
+    if broker.startswith("filesystem://"):
+        folder = os.path.join(broker[len("filesystem://"):] or ".", "queue")
+        os.makedirs(folder, exist_ok=True)
+        transport = {"data_folder_in": folder, "data_folder_out": folder,
+                     "store_processed": False, "polling_interval": 0.1}
+        broker = "filesystem://"
+    return {
+        "broker_url": broker,
+        "result_backend": settings.result_backend,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": settings.queue,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "result_expires": settings.run_registry_ttl,
+        # Flower needs events; arguments carry no secret (see workers.tasks).
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+app = Celery("moonbatch", include=["workers.tasks"])
+app.conf.update(celery_config(get_settings()))
+
+
+def reconfigure(settings: Settings) -> None:
+    """Apply changed settings to the app (before it first connects)."""
+    app.conf.update(celery_config(settings))

@@ -1,0 +1,179 @@
+"""Builder: a shard's items → JSONL lines → a multipart upload → a submitted batch.
+
+Images are fetched concurrently (bounded window, order kept), checked and encoded one line each,
+and the JSONL is cut into fixed-size parts as it grows: every part but the last has exactly
+``part_size`` bytes (R2, behind the API, requires it; FACTS.md), so memory holds at most one part
+plus the fetch window, whatever the shard's size. Protocol: seed 002, "Upload and submit".
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
+
+from workers import layout
+from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image
+from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, UploadRecord
+from workers.moondream import BatchClient, Part
+from workers.storage import NotFound, StorageError, Store, get_json_or_none, put_json
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int
+                ) -> Iterator[R]:
+    """``map(fn, items)`` on a thread pool, yielding results in input order with at most
+    ``window`` calls in flight (so memory is bounded by the window, not the input)."""
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
+        pending: collections.deque[cf.Future[R]] = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class PartWriter:
+    """Cuts a byte stream into parts of exactly ``part_size`` bytes (the last may be shorter)
+    and hands each to ``send(part_number, data) -> Part`` as soon as it is full.
+
+    ``send`` is called lazily: a stream of zero bytes sends nothing.
+    """
+
+    def __init__(self, part_size: int, send: Callable[[int, bytes], Part]) -> None:
+        if part_size <= 0:
+            raise ValueError("part_size must be positive")
+        self.part_size = part_size
+        self._send = send
+        self._buf = bytearray()
+        self.parts: list[Part] = []
+        self.bytes = 0
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``; send every part that became full."""
+        self._buf += data
+        self.bytes += len(data)
+        while len(self._buf) >= self.part_size:
+            chunk = bytes(self._buf[: self.part_size])
+            del self._buf[: self.part_size]
+            self._flush(chunk)
+
+    def close(self) -> list[Part]:
+        """Send the last, shorter part (if any) and return all parts in order."""
+        if self._buf:
+            chunk, self._buf = bytes(self._buf), bytearray()
+            self._flush(chunk)
+        return self.parts
+
+    def _flush(self, chunk: bytes) -> None:
+        self.parts.append(self._send(len(self.parts) + 1, chunk))
+
+
+def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options: SkillOptions,
+               *, concurrency: int, errors: dict[str, dict[str, str]]) -> Iterator[tuple[int, bytes, bool]]:
+    """Yield ``(item_index, line, transformed)`` for every sendable item, in plan order.
+
+    Items that cannot be sent are recorded in ``errors`` (item index as a string → ``{"code",
+    "message"}``) instead: missing objects, unreadable ones, non-images, undecodable headers.
+    """
+    fragment = options.line_fragment()
+
+    def load(pair: tuple[int, PlanItem]) -> tuple[int, bytes | None, bool, ItemError | None]:
+        index, item = pair
+        try:
+            data = fetch(item.id)
+            prepared = prepare_image(data, limit=max_image_bytes(item.id, fragment))
+            return index, encode_line(item.id, prepared.data, fragment), prepared.transform is not None, None
+        except ItemError as exc:
+            return index, None, False, exc
+        except NotFound:
+            return index, None, False, ItemError(
+                "object_not_found", "object was deleted between listing and reading")
+        except StorageError as exc:
+            return index, None, False, ItemError("read_failed", str(exc)[:500])
+
+    for index, line, transformed, error in ordered_map(
+        load, enumerate(items), workers=concurrency, window=concurrency * 2
+    ):
+        if error is not None:
+            errors[str(index)] = error.as_dict()
+        else:
+            yield index, line, transformed
+
+
+def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOptions,
+                     model: str | None, input_store: Store, state: Store, client: BatchClient,
+                     part_size: int, concurrency: int) -> tuple[ShardBuild, BatchRecord | None]:
+    """Build the shard's JSONL, upload it and submit it; return the build and the batch record
+    (None when no item could be sent: there is then no batch, only error rows).
+
+    Idempotent: a shard whose batch is already recorded returns it without uploading again; an
+    upload an earlier attempt left open is aborted before a new one starts. The upload's ids are
+    recorded (``upload.json``) before the first part is sent, the batch id (``batch.json``)
+    before anyone polls it. Raises ``MoondreamError`` kinds and ``StorageError``.
+    """
+    done_build = get_json_or_none(state, layout.shard_doc(shard, "build"))
+    done_batch = get_json_or_none(state, layout.shard_doc(shard, "batch"))
+    if done_build is not None and (done_batch is not None or not done_build["lines"]):
+        return (ShardBuild.model_validate(done_build),
+                BatchRecord.model_validate(done_batch) if done_batch else None)
+
+    stale = get_json_or_none(state, layout.shard_doc(shard, "upload"))
+    if stale is not None:
+        log.warning("shard %d: aborting the upload an earlier attempt left open", shard)
+        client.abort_upload(stale["file_id"], stale["upload_id"])
+        state.delete(layout.shard_doc(shard, "upload"))
+
+    started = time.time()
+    upload: UploadRecord | None = None
+
+    def send(part_number: int, data: bytes) -> Part:
+        nonlocal upload
+        if upload is None:
+            created = client.create_upload()
+            upload = UploadRecord(file_id=created.file_id, upload_id=created.upload_id,
+                                  created_at=time.time())
+            put_json(state, layout.shard_doc(shard, "upload"), upload.model_dump())
+        return client.upload_part(upload.file_id, upload.upload_id, part_number, data)
+
+    writer = PartWriter(part_size, send)
+    errors: dict[str, dict[str, str]] = {}
+    lines: list[int] = []
+    transformed = 0
+    try:
+        for index, line, changed in iter_lines(items, input_store.get, options,
+                                               concurrency=concurrency, errors=errors):
+            writer.write(line)
+            lines.append(index)
+            transformed += changed
+        parts = writer.close()
+    except BaseException:
+        if upload is not None:  # don't leave a half-sent upload behind
+            try:
+                client.abort_upload(upload.file_id, upload.upload_id)
+                state.delete(layout.shard_doc(shard, "upload"))
+            except Exception:  # the retry will abort it from upload.json
+                log.warning("shard %d: could not abort the upload", shard, exc_info=True)
+        raise
+
+    build = ShardBuild(lines=lines, errors=errors, bytes=writer.bytes, parts=len(parts),
+                       part_size=part_size, transformed=transformed,
+                       build_seconds=round(time.time() - started, 3))
+    put_json(state, layout.shard_doc(shard, "build"), build.model_dump())
+    if upload is None:
+        return build, None
+    batch = client.complete_upload(upload.file_id, upload.upload_id, parts, model=model)
+    record = BatchRecord(batch_id=batch.id, file_id=upload.file_id, submitted_at=time.time(),
+                         lines=len(lines))
+    put_json(state, layout.shard_doc(shard, "batch"), record.model_dump())
+    state.delete(layout.shard_doc(shard, "upload"))
+    log.info("shard %d: batch %s submitted (%d lines, %d bytes, %d parts)",
+             shard, batch.id, len(lines), writer.bytes, len(parts))
+    return build, record

@@ -1,0 +1,185 @@
+"""Images → JSONL lines of a Moondream batch (seed 002, "Input format"). Pure: no I/O.
+
+A line is ``{"id": <item id>, <skill fields>, "image": "<plain base64>"}`` and must stay within
+the API's 10 MB line limit. Images the API reads (JPEG, PNG, GIF, WebP) pass through byte for
+byte; other formats Pillow reads (BMP, TIFF, ...) are converted; an image whose line would be too
+long is downscaled, keeping its aspect ratio, until it fits.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import posixpath
+
+from config import API_MAX_LINE_BYTES
+
+# Extensions that make an object an item without looking at it.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+)
+# Extensions that are never items (sidecars, metadata, code); anything else is sniffed.
+NON_IMAGE_EXTENSIONS = frozenset(
+    {".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".md", ".html", ".htm", ".xml",
+     ".yaml", ".yml", ".py", ".pyi", ".pyc", ".tar", ".zip", ".gz", ".npy", ".npz", ".pdf",
+     ".mp4", ".mov", ".avi", ".mp3", ".wav", ".log", ".db", ".sqlite", ".pkl", ".h5", ".pt",
+     ".bin", ".onnx", ".safetensors", ".toml", ".ini", ".cfg", ".sh", ".js", ".css"}
+)
+API_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP"})  # what the API documents
+SNIFF_BYTES = 16
+
+# Bytes of a line besides the id and the base64 image, with generous room for the options.
+LINE_OVERHEAD = 64
+
+
+class ItemError(Exception):
+    """An item cannot be sent; ``code`` is a stable machine-readable reason.
+
+    Codes: ``empty_object``, ``not_an_image``, ``image_decode_failed``, ``image_too_large``,
+    ``object_not_found``, ``read_failed``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def as_dict(self) -> dict[str, str]:
+        """``{"code", "message"}`` as written in an error row."""
+        return {"code": self.code, "message": self.message}
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format named by a file's first bytes (``"JPEG"``, ``"PNG"``, ``"GIF"``,
+    ``"WEBP"``, ``"BMP"``, ``"TIFF"``), or None if they are not an image signature."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:2] == b"BM":
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+def classify_key(key: str) -> str:
+    """``"image"`` if the key's extension names an image, ``"skip"`` if it names a known
+    non-image type, ``"sniff"`` if only the content can tell."""
+    ext = posixpath.splitext(key)[1].lower()
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in NON_IMAGE_EXTENSIONS or posixpath.basename(key).startswith("."):
+        return "skip"
+    return "sniff"
+
+
+def max_image_bytes(id_: str, fragment: bytes, max_line_bytes: int = API_MAX_LINE_BYTES) -> int:
+    """The largest raw image (bytes before base64) whose line for this id and options fits."""
+    fixed = LINE_OVERHEAD + len(json.dumps(id_, ensure_ascii=False).encode()) + len(fragment)
+    return max(0, (max_line_bytes - fixed) // 4 * 3)
+
+
+def estimate_line_bytes(id_: str, size: int, fragment_len: int = 128) -> int:
+    """Planning estimate of a line's bytes for an image object of ``size`` bytes: exact for
+    pass-through images, capped at the line limit (larger images are downscaled to fit)."""
+    est = LINE_OVERHEAD + fragment_len + len(id_.encode()) * 2 + (size + 2) // 3 * 4
+    return min(est, API_MAX_LINE_BYTES)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """Bytes ready to base64 into a line. ``transform`` says what was done: None (passed through),
+    ``"converted"`` (format the API does not read) or ``"downscaled"`` (line limit)."""
+
+    data: bytes
+    format: str
+    width: int
+    height: int
+    transform: str | None = None
+
+
+def prepare_image(data: bytes, *, limit: int) -> PreparedImage:
+    """Check that ``data`` is an image and make it sendable within ``limit`` raw bytes.
+
+    Only the header is parsed for an image that passes through (no full decode). Raises
+    ``ItemError`` (``empty_object``, ``not_an_image``, ``image_decode_failed``,
+    ``image_too_large``).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ItemError("empty_object", "object is empty (0 bytes)")
+    sniffed = sniff_format(data[:SNIFF_BYTES])
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format or "?"
+        width, height = img.size
+    except UnidentifiedImageError:
+        if sniffed:
+            raise ItemError("image_decode_failed", f"{sniffed} header found but the image cannot "
+                            "be decoded") from None
+        raise ItemError("not_an_image", "content is not an image (no JPEG, PNG, GIF, WebP, BMP "
+                        "or TIFF signature)") from None
+    except Exception as exc:  # Pillow raises many types on corrupt headers
+        raise ItemError("image_decode_failed", f"cannot read image header: {exc}") from None
+    if fmt in API_FORMATS and len(data) <= limit:
+        return PreparedImage(data, "JPEG" if fmt == "MPO" else fmt, width, height)
+    return _reencode(img, fmt, len(data), limit)
+
+
+def _reencode(img, fmt: str, size: int, limit: int) -> PreparedImage:
+    """Convert (to PNG if lossless fits, else JPEG) and downscale until within ``limit``."""
+    from PIL import Image
+
+    try:
+        img.seek(0)
+        img.load()
+    except Exception as exc:
+        raise ItemError("image_decode_failed", f"{fmt} image cannot be decoded: {exc}") from None
+    transform = "converted" if fmt not in API_FORMATS else "downscaled"
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if img.mode not in ("RGB", "L"):
+        rgba = img.convert("RGBA") if has_alpha else None
+        if rgba is not None:
+            canvas = Image.new("RGB", img.size, (255, 255, 255))
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            img = canvas
+        else:
+            img = img.convert("RGB")
+    if transform == "converted":
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", optimize=False)
+        if buf.tell() <= limit:
+            return PreparedImage(buf.getvalue(), "PNG", img.width, img.height, transform)
+    scale = 1.0
+    for _ in range(12):
+        w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+        frame = img if scale == 1.0 else img.resize((w, h), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        frame.save(buf, format="JPEG", quality=90)
+        if buf.tell() <= limit:
+            if (w, h) != img.size:
+                transform = "downscaled"
+            return PreparedImage(buf.getvalue(), "JPEG", w, h, transform)
+        scale *= min(0.9, (limit / buf.tell()) ** 0.5)
+    raise ItemError("image_too_large", f"image of {size} bytes does not fit the line limit even "
+                    "after downscaling")
+
+
+def encode_line(id_: str, image: bytes, fragment: bytes) -> bytes:
+    """One JSONL line (with its ``\\n``): ``{"id": id_, <fragment>, "image": base64(image)}``.
+
+    ``fragment`` is ``SkillOptions.line_fragment()``; the base64 is plain (no ``data:`` prefix),
+    as in the seed's examples.
+    """
+    return b"".join((
+        b'{"id":', json.dumps(id_, ensure_ascii=False).encode(), b",", fragment,
+        b',"image":"', base64.b64encode(image), b'"}\n',
+    ))

@@ -1,0 +1,153 @@
+"""Typed records of a run: the skill's options, the run spec, and the per-shard state documents.
+
+All of them are stored as JSON under the run's output prefix (see ``workers.layout``); none of
+them ever holds a secret (API key or presigned URL).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Skill = Literal["caption", "query", "detect", "point"]
+
+
+class SkillOptions(BaseModel):
+    """The request every line of a run carries, as the Batch API defines it (seed 002,
+    "Skill-specific fields" and "Settings object").
+
+    Raises ``pydantic.ValidationError`` when a required field is missing (``question`` for query,
+    ``object`` for detect and point) or an option does not apply to the skill.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    skill: Skill
+    length: Literal["short", "normal", "long"] | None = None
+    question: str | None = None
+    object: str | None = None
+    reasoning: bool | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SkillOptions:
+        s = self.skill
+        if s == "query" and not self.question:
+            raise ValueError("--question is required for --skill query")
+        if s in ("detect", "point") and not self.object:
+            raise ValueError(f"--object is required for --skill {s}")
+        if self.length is not None and s != "caption":
+            raise ValueError("--length applies to --skill caption only")
+        if self.question is not None and s != "query":
+            raise ValueError("--question applies to --skill query only")
+        if self.object is not None and s not in ("detect", "point"):
+            raise ValueError("--object applies to --skill detect and point only")
+        if self.reasoning is not None and s != "query":
+            raise ValueError("--reasoning applies to --skill query only")
+        has_settings = any(v is not None for v in (self.temperature, self.top_p, self.max_tokens))
+        if has_settings and s not in ("caption", "query"):
+            raise ValueError("--temperature, --top-p and --max-tokens apply to caption and query only")
+        return self
+
+    def request_fields(self) -> dict[str, object]:
+        """The line's fields other than ``id`` and ``image``, e.g.
+        ``{"skill": "caption", "length": "normal"}``."""
+        out: dict[str, object] = {"skill": self.skill}
+        if self.skill == "caption":
+            out["length"] = self.length or "normal"
+        elif self.skill == "query":
+            out["question"] = self.question
+            if self.reasoning is not None:
+                out["reasoning"] = self.reasoning
+        else:
+            out["object"] = self.object
+        settings = {
+            k: v
+            for k, v in (("temperature", self.temperature), ("top_p", self.top_p),
+                         ("max_tokens", self.max_tokens))
+            if v is not None
+        }
+        if settings:
+            out["settings"] = settings
+        return out
+
+    def line_fragment(self) -> bytes:
+        """``request_fields()`` as the inside of a JSON object (no braces), UTF-8, for splicing
+        into every line of a shard without re-serialising it per line."""
+        return json.dumps(self.request_fields(), ensure_ascii=False, separators=(",", ":"))[1:-1].encode()
+
+
+class RunSpec(BaseModel):
+    """What a run is: written once by the producer to ``_moonbatch/spec.json``."""
+
+    run_id: str
+    input: str  # normalised store URL
+    output: str  # normalised store URL
+    options: SkillOptions
+    model: str | None = None
+    shard_size: int
+    max_shard_bytes: int
+    created_at: float  # unix seconds
+
+
+class PlanItem(BaseModel):
+    """One item of a shard's plan: ``id`` is its key relative to the input prefix."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    size: int
+
+
+class ShardBuild(BaseModel):
+    """The result of building a shard's JSONL: which items became which line, and which could not
+    be sent. ``lines[line_index]`` is the index of the item (in the shard's plan) on that line;
+    ``errors`` maps an item index (as a string, for JSON) to its ``{"code", "message"}``."""
+
+    lines: list[int]
+    errors: dict[str, dict[str, str]] = Field(default_factory=dict)
+    bytes: int = 0  # size of the JSONL file
+    parts: int = 0
+    part_size: int = 0
+    transformed: int = 0  # images re-encoded (converted or downscaled) before sending
+    build_seconds: float = 0.0
+
+
+class UploadRecord(BaseModel):
+    """A multipart upload in flight (seed 002, "Initialize upload"): recorded before any part."""
+
+    file_id: str
+    upload_id: str
+    created_at: float
+
+
+class BatchRecord(BaseModel):
+    """A submitted batch: recorded as soon as ``mpu-complete`` answers, before polling."""
+
+    batch_id: str
+    file_id: str
+    submitted_at: float
+    lines: int
+
+
+class ShardDone(BaseModel):
+    """A shard merged into ``results/``: the counts that roll up into ``run.json``."""
+
+    shard: int
+    batch_id: str | None
+    batch_status: str | None
+    total: int
+    ok: int
+    error: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+    duplicate_rows: int = 0
+    missing_rows: int = 0
+    polls: int = 0
+    submitted_at: float | None = None
+    completed_at: float | None = None
+    merged_at: float

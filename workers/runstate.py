@@ -1,0 +1,157 @@
+"""A run's durable state in object storage: loading it, summarising it, finalising it once.
+
+Object storage, not Redis, is the source of truth: every document here is written by a task
+before the next step is enqueued (layout in ``workers.layout``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+from config import Settings
+from workers import layout
+from workers.models import PlanItem, RunSpec, ShardDone
+from workers.storage import NotFound, Store, get_json, get_json_or_none, open_store, put_json
+
+
+class RunNotFound(Exception):
+    """No run at this output location (or with this id)."""
+
+
+@dataclasses.dataclass
+class Run:
+    """A run opened from its OUTPUT location: its ``spec`` and both stores."""
+
+    spec: RunSpec
+    output: Store
+    input: Store
+
+    def items(self, shard: int) -> list[PlanItem]:
+        """The shard's planned items, in line order."""
+        data = self.output.get(layout.plan_items(shard))
+        return [PlanItem.model_validate_json(line) for line in data.splitlines() if line.strip()]
+
+
+def open_output(url: str, settings: Settings) -> Store:
+    """The store at a run's OUTPUT URL, with the settings' S3 endpoint."""
+    return open_store(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                      pool=max(32, settings.fetch_concurrency * 2))
+
+
+def open_run(output_url: str, settings: Settings, run_id: str | None = None) -> Run:
+    """Open the run whose OUTPUT is ``output_url``.
+
+    Raises ``RunNotFound`` if no run is there, or if ``run_id`` is given and another run is.
+    """
+    out = open_output(output_url, settings)
+    try:
+        spec = RunSpec.model_validate(get_json(out, layout.SPEC))
+    except NotFound:
+        raise RunNotFound(f"no moonbatch run at {out.url}") from None
+    if run_id is not None and spec.run_id != run_id:
+        raise RunNotFound(f"{out.url} holds run {spec.run_id}, not {run_id}")
+    return Run(spec, out, open_output(spec.input, settings))
+
+
+def record_failure(store: Store, *, where: str, error: str) -> None:
+    """Record why the run cannot complete (first failure wins). ``error`` must hold no secret."""
+    put_json(store, layout.FAILED, {"where": where, "error": error[:2000], "at": time.time()},
+             if_absent=True)
+
+
+class Progress:
+    """Reads a run's progress from storage; done documents are cached (they never change), so
+    repeated calls cost one listing plus the in-flight shards' progress documents."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._done: dict[int, ShardDone] = {}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The run's state as a dict: the shape of ``run.json`` (see README "Output")."""
+        st = self.store
+        existing = get_json_or_none(st, layout.SUMMARY) or {}
+        if existing.get("status") in ("completed", "failed", "cancelled") and "counts" in existing:
+            return existing  # final: written once by maybe_finalize
+        spec = get_json(st, layout.SPEC)
+        plan = get_json_or_none(st, layout.PLAN)
+        failed = get_json_or_none(st, layout.FAILED)
+        progress: dict[int, dict[str, Any]] = {}
+        submitted: set[int] = set()
+        for obj in st.iter_objects(layout.SHARDS):
+            shard_s, _, name = obj.key[len(layout.SHARDS):].partition("/")
+            shard = int(shard_s)
+            if name == "done.json" and shard not in self._done:
+                self._done[shard] = ShardDone.model_validate(get_json(st, obj.key))
+            elif name == "progress.json":
+                progress[shard] = {}
+            elif name == "batch.json":
+                submitted.add(shard)
+        for shard in progress:
+            if shard not in self._done:
+                progress[shard] = get_json_or_none(st, layout.shard_doc(shard, "progress")) or {}
+        progress = {s: p for s, p in progress.items() if s not in self._done}
+        submitted |= {s for s, d in self._done.items() if d.batch_id}
+        done = self._done
+        ok = sum(d.ok for d in done.values())
+        err = sum(d.error for d in done.values())
+        in_flight = sum(int(p.get("completed", 0)) + int(p.get("failed", 0))
+                        for p in progress.values())
+        total = plan["items"] if plan else None
+        status = "failed" if failed else "running"
+        shards_total = plan["shards"] if plan else None
+        return {
+            "run_id": spec["run_id"],
+            "status": status,
+            "input": spec["input"],
+            "output": spec["output"],
+            "skill": spec["options"]["skill"],
+            "options": {k: v for k, v in spec["options"].items() if v is not None},
+            "model": spec.get("model"),
+            "counts": {"total": total, "ok": ok, "error": err, "done": ok + err,
+                       "in_flight": in_flight, "skipped": plan.get("skipped", 0) if plan else None},
+            "shards": {"total": shards_total, "merged": len(done), "submitted": len(submitted)},
+            "usage": {"input_tokens": sum(d.input_tokens for d in done.values()),
+                      "output_tokens": sum(d.output_tokens for d in done.values())},
+            "timings": {"created_at": spec["created_at"],
+                        "planned_at": plan.get("planned_at") if plan else None,
+                        "finished_at": None},
+            "batches": [{"shard": s, "batch_id": d.batch_id, "status": d.batch_status,
+                         "items": d.total, "ok": d.ok, "error": d.error, "polls": d.polls}
+                        for s, d in sorted(done.items())],
+            "failure": failed,
+        }
+
+    def complete(self) -> bool:
+        """True when the plan is written and every shard is merged."""
+        plan = get_json_or_none(self.store, layout.PLAN)
+        if plan is None:
+            return False
+        merged = sum(1 for o in self.store.iter_objects(layout.SHARDS) if o.key.endswith("/done.json"))
+        return merged >= plan["shards"]
+
+
+def maybe_finalize(store: Store) -> bool:
+    """Write the final ``run.json`` if every shard is merged and nobody did it yet.
+
+    Safe to call from any number of tasks at once: the summary is deterministic but for its
+    ``finished_at``, and the ``finalized`` marker is written with a conditional put, so one
+    caller wins. Returns True if this call wrote the marker.
+    """
+    if store.exists(layout.FINALIZED):
+        return False
+    progress = Progress(store)
+    if not progress.complete():
+        return False
+    summary = progress.snapshot()
+    summary["status"] = "failed" if summary["failure"] else "completed"
+    summary["timings"]["finished_at"] = time.time()
+    summary["timings"]["wall_seconds"] = round(
+        summary["timings"]["finished_at"] - summary["timings"]["created_at"], 3)
+    summary["counts"]["in_flight"] = 0
+    # Summary first, marker second: a crash in between leaves the run to be finalised again.
+    put_json(store, layout.SUMMARY, summary)
+    return store.put(layout.FINALIZED, json.dumps({"at": time.time()}).encode(), if_absent=True)

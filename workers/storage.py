@@ -1,0 +1,301 @@
+"""Object storage behind one small interface: S3 (and S3-compatible stores) or a local directory.
+
+A store is rooted at a URL (``s3://bucket/prefix/`` or a local directory); every key it takes or
+yields is relative to that root, so an item's id is its key in the input store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message names the URL and the reason."""
+
+
+class NotFound(StorageError):
+    """The object does not exist (deleted, or never written)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One listed object: ``key`` relative to the store root, ``size`` in bytes."""
+
+    key: str
+    size: int
+
+
+class Store(Protocol):
+    """What moonbatch needs of a store. Keys are ``/``-separated and relative to ``url``."""
+
+    url: str
+
+    def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Yield every object under ``prefix``, page by page (never the whole listing at once)."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; raise ``NotFound`` if it is missing."""
+        ...
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Return up to ``length`` bytes from offset ``start``; raise ``NotFound`` if missing."""
+        ...
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write the object. With ``if_absent``, write only if no object exists at ``key`` and
+        return False (writing nothing) when one does; otherwise always write and return True."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """True if an object exists at ``key``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete the object if it exists."""
+        ...
+
+    def url_for(self, key: str) -> str:
+        """The full URL (``s3://bucket/key``) or absolute path of ``key``."""
+        ...
+
+
+def get_json(store: Store, key: str) -> Any:
+    """Read and parse a JSON object; raise ``NotFound`` if missing."""
+    return json.loads(store.get(key))
+
+
+def get_json_or_none(store: Store, key: str) -> Any | None:
+    """Read and parse a JSON object, or return None if it does not exist."""
+    try:
+        return get_json(store, key)
+    except NotFound:
+        return None
+
+
+def put_json(store: Store, key: str, value: Any, *, if_absent: bool = False) -> bool:
+    """Write ``value`` as JSON (UTF-8, non-ASCII kept); see ``Store.put`` for ``if_absent``."""
+    data = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return store.put(key, data, if_absent=if_absent)
+
+
+class LocalStore:
+    """A store rooted at a local directory. Writes are atomic (temp file, then rename or link)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root) + os.sep
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"key {key!r} escapes the store root {self.root}")
+        return path
+
+    def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = Path(dirpath) / name
+                try:
+                    size = full.stat().st_size
+                except FileNotFoundError:  # deleted while listing
+                    continue
+                yield ObjectInfo(full.relative_to(self.root).as_posix(), size)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"{self.url_for(key)}: no such object") from None
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"{self.url_for(key)}: no such object") from None
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if if_absent:
+                try:
+                    os.link(tmp, path)  # atomic, and fails if the target exists
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, path)
+                tmp = ""
+            return True
+        finally:
+            if tmp:
+                os.unlink(tmp)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def url_for(self, key: str) -> str:
+        return str(self.root / key)
+
+
+_s3_clients: dict[tuple[str | None, str | None, int], Any] = {}
+_s3_lock = threading.Lock()
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None, pool: int = 32) -> Any:
+    """A shared boto3 S3 client (thread-safe) for this endpoint; adaptive retries on throttling."""
+    import boto3
+    from botocore.config import Config
+
+    k = (endpoint_url, region, pool)
+    with _s3_lock:
+        client = _s3_clients.get(k)
+        if client is None:
+            config = Config(
+                max_pool_connections=pool,
+                retries={"max_attempts": 8, "mode": "adaptive"},
+                connect_timeout=10,
+                read_timeout=60,
+            )
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
+            )
+            _s3_clients[k] = client
+        return client
+
+
+class S3Store:
+    """A store rooted at ``s3://bucket/prefix/`` (AWS, or the endpoint in settings)."""
+
+    def __init__(self, bucket: str, prefix: str, client: Any) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.client = client
+        self.url = f"s3://{bucket}/{prefix}"
+        self.page_size = 1000  # keys per LIST request (S3's maximum)
+
+    def _error(self, key: str, exc: Exception) -> StorageError:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        cls = NotFound if code in ("NoSuchKey", "404", "NotFound") else StorageError
+        return cls(f"{self.url_for(key)}: {code or type(exc).__name__}: {exc}")
+
+    def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        n = len(self.prefix)
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix,
+                                       PaginationConfig={"PageSize": self.page_size}):
+            for obj in page.get("Contents", ()):
+                if obj["Key"].endswith("/") and obj["Size"] == 0:
+                    continue  # a "folder" placeholder, not an object
+                yield ObjectInfo(obj["Key"][n:], obj["Size"])
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(key, exc) from None
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if length <= 0:
+            return b""
+        try:
+            resp = self.client.get_object(
+                Bucket=self.bucket, Key=self.prefix + key, Range=f"bytes={start}-{start + length - 1}"
+            )
+            return resp["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            if code == "InvalidRange":  # zero-byte object
+                return b""
+            raise self._error(key, exc) from None
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.prefix + key, "Body": data}
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**kwargs)
+            return True
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if if_absent and (status == 412 or exc.response["Error"]["Code"] == "PreconditionFailed"):
+                return False
+            raise self._error(key, exc) from None
+        except BotoCoreError as exc:
+            raise self._error(key, exc) from None
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise self._error(key, exc) from None
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+
+    def url_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+
+def normalize_url(url: str) -> str:
+    """Canonical form of a store URL: ``s3://bucket/prefix/`` with one trailing slash, or an
+    absolute local directory path ending in the separator.
+
+    Raises ``ValueError`` for other schemes or an ``s3://`` URL without a bucket.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"{url!r}: an s3:// URL needs a bucket (s3://bucket/prefix/)")
+        prefix = parsed.path.lstrip("/")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        return f"s3://{parsed.netloc}/{prefix}"
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else url
+        return str(Path(path).expanduser().resolve()) + os.sep
+    raise ValueError(f"{url!r}: unsupported storage URL (use s3://bucket/prefix/ or a local path)")
+
+
+def open_store(url: str, *, endpoint_url: str | None = None, region: str | None = None,
+               pool: int = 32) -> Store:
+    """Open the store rooted at ``url`` (see ``normalize_url``); S3 uses ``endpoint_url`` if set."""
+    url = normalize_url(url)
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        return S3Store(bucket, prefix, s3_client(endpoint_url, region, pool))
+    return LocalStore(url)
