@@ -36,7 +36,6 @@ def decode_image(b64: Any) -> tuple[str, int, int, str]:
     The fingerprint is the first 16 hex digits of SHA-256 over the RGB pixels of frame 0 and the
     size. Raises ``LineError("image_decode_failed")`` for bad base64 or an undecodable image.
     """
-    from PIL import Image
 
     if not isinstance(b64, str) or not b64:
         raise LineError("invalid_request", "image must be a non-empty base64 string")
@@ -60,7 +59,8 @@ def fingerprint_bytes(data: bytes) -> tuple[str, int, int, str]:
         raise LineError("image_decode_failed", "Invalid image data") from None
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode() + rgb.tobytes()).hexdigest()[:16]
     r, g, b = rgb.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
-    colour = min(COLOURS, key=lambda n: sum((a - c) ** 2 for a, c in zip((r, g, b), COLOURS[n])))
+    colour = min(COLOURS, key=lambda n: sum((a - c) ** 2
+                                            for a, c in zip((r, g, b), COLOURS[n], strict=True)))
     return digest, rgb.width, rgb.height, colour
 
 

@@ -91,7 +91,8 @@ def test_several_shards_with_shuffled_split_outputs(s3, bucket, env, fleet, emul
     # Rows of a shard come out in plan order whatever order the API returned them in.
     plan0 = s3.get_object(Bucket=bucket, Key="out/_moonbatch/plan/shard-00000.jsonl")["Body"].read()
     res0 = s3.get_object(Bucket=bucket, Key="out/results/shard-00000.jsonl")["Body"].read()
-    assert [json.loads(x)["id"] for x in plan0.splitlines()] == [json.loads(x)["id"] for x in res0.splitlines()]
+    ids = [json.loads(x)["id"] for x in res0.splitlines()]
+    assert [json.loads(x)["id"] for x in plan0.splitlines()] == ids
 
 
 def test_corrupt_and_non_image_objects_become_error_rows(s3, bucket, env, fleet):

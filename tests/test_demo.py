@@ -1,0 +1,35 @@
+"""``moonbatch demo`` on a fresh environment: no broker, no S3, no API key, nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.conftest import photos_dir, run_cli
+from workers.lines import classify_key, sniff_format
+
+
+def test_demo_annotates_the_sample_photographs(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MOONBATCH_", "MOONDREAM_", "AWS_"))}
+    env["HOME"] = str(tmp_path)  # no ~/.aws, no .env
+    proc = run_cli(["demo", "--output", str(tmp_path / "demo")], env, timeout=300)
+    assert "results are in" in proc.stdout, proc.stderr
+    (run_dir,) = (tmp_path / "demo").iterdir()
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["status"] == "completed" and summary["run_id"] == run_dir.name
+
+    expected = set()
+    for path in photos_dir().rglob("*"):
+        if not path.is_file():
+            continue
+        key = path.relative_to(photos_dir()).as_posix()
+        kind = classify_key(key)
+        if kind == "image" or (kind == "sniff" and sniff_format(path.read_bytes()[:16])):
+            expected.add(key)
+    rows = [json.loads(line) for f in sorted((run_dir / "results").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(expected)  # each image exactly once
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) >= len(rows) - 1 and all(r["result"]["caption"] for r in ok)
+    assert summary["counts"]["ok"] == len(ok) and summary["counts"]["total"] == len(rows)
