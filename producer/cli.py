@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,8 +338,11 @@ def demo(output: Annotated[Path, typer.Option("--output", help="where runs go")]
             target = (output / run_id).resolve()
             source = skimage_data_dir()
             err.print(f"demo: {source} → {target} (emulated Moondream Batch API at {emu.url})")
-            snap = _run(str(source), str(target), opts, shard_size=shard_size,
-                        workers=max(1, workers or 1), timeout=timeout, run_id=run_id)
+            try:
+                snap = _run(str(source), str(target), opts, shard_size=shard_size,
+                            workers=max(1, workers or 1), timeout=timeout, run_id=run_id)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
         _print_summary(snap)
         first = next(iter(sorted((target / "results").glob("*.jsonl"))), None)
         if first is not None:

@@ -183,3 +183,18 @@ def test_local_directories_with_own_workers(tmp_path, env):
     tif = next(r for r in rows if r["id"] == "multipage.tif")
     assert tif["result"] == expected_result((photos_dir() / "multipage.tif").read_bytes(),
                                             {"skill": "caption"})
+
+
+def test_empty_prefix_completes_with_zero_items(s3, bucket, env, fleet):
+    s3.put_object(Bucket=bucket, Key="only-text/readme.txt", Body=b"nothing to see")
+    proc = run_cli(["run", f"s3://{bucket}/only-text/", f"s3://{bucket}/out/", "--workers", "0",
+                    "--timeout", "60"], env)
+    assert "completed" in proc.stdout
+    summary = read_json(s3, bucket, "out/run.json")
+    assert summary["counts"]["total"] == 0 and summary["counts"]["skipped"] == 1
+    assert read_results(s3, bucket, "out/") == []
+
+
+def test_status_of_unknown_run_is_a_clear_error(env):
+    proc = run_cli(["status", "20990101-000000-abcdef"], env, check=False)
+    assert proc.returncode == 1 and "unknown" in proc.stderr

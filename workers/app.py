@@ -21,9 +21,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
     broker = settings.broker_url
     if broker.startswith("filesystem://"):
-        folder = os.path.join(broker[len("filesystem://"):] or ".", "queue")
+        base = broker[len("filesystem://"):] or "."
+        folder, control = os.path.join(base, "queue"), os.path.join(base, "control")
         os.makedirs(folder, exist_ok=True)
-        transport = {"data_folder_in": folder, "data_folder_out": folder,
+        os.makedirs(control, exist_ok=True)
+        transport = {"data_folder_in": folder, "data_folder_out": folder, "control_folder": control,
                      "store_processed": False, "polling_interval": 0.1}
         broker = "filesystem://"
     return {
