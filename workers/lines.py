@@ -28,7 +28,7 @@ NON_IMAGE_EXTENSIONS = frozenset(
      ".bin", ".onnx", ".safetensors", ".toml", ".ini", ".cfg", ".sh", ".js", ".css"}
 )
 API_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP"})  # what the API documents
-SNIFF_BYTES = 16
+SNIFF_BYTES = 32
 
 # Bytes of a line besides the id and the base64 image, with generous room for the options.
 LINE_OVERHEAD = 64
@@ -62,7 +62,8 @@ def sniff_format(head: bytes) -> str | None:
         return "GIF"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
-    if head[:2] == b"BM":
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in (
+            12, 16, 40, 52, 56, 64, 108, 124):  # the DIB header sizes Windows and OS/2 define
         return "BMP"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "TIFF"
@@ -96,7 +97,8 @@ def estimate_line_bytes(id_: str, size: int, fragment_len: int = 128) -> int:
 @dataclasses.dataclass(frozen=True, slots=True)
 class PreparedImage:
     """Bytes ready to base64 into a line. ``transform`` says what was done: None (passed through),
-    ``"converted"`` (format the API does not read) or ``"downscaled"`` (line limit)."""
+    ``"converted"`` (format the API does not read), ``"reencoded"`` (same pixels as JPEG to fit
+    the line limit) or ``"downscaled"`` (fewer pixels to fit the line limit)."""
 
     data: bytes
     format: str
@@ -143,7 +145,10 @@ def _reencode(img, fmt: str, size: int, limit: int) -> PreparedImage:
         img.load()
     except Exception as exc:
         raise ItemError("image_decode_failed", f"{fmt} image cannot be decoded: {exc}") from None
-    transform = "converted" if fmt not in API_FORMATS else "downscaled"
+    transform = "converted" if fmt not in API_FORMATS else "reencoded"
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: convert("RGB") would clip everything above 255 to white.
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     if img.mode not in ("RGB", "L"):
         rgba = img.convert("RGBA") if has_alpha else None

@@ -47,7 +47,7 @@ def index_result_lines(files: Iterable[bytes], n_lines: int, stats: MergeStats
             except (ValueError, KeyError, TypeError):
                 stats.malformed += 1
                 continue
-            if not isinstance(li, int) or not 0 <= li < n_lines:
+            if isinstance(li, bool) or not isinstance(li, int) or not 0 <= li < n_lines:
                 stats.malformed += 1
                 continue
             if li in by_index:

@@ -1,0 +1,331 @@
+"""workers.merge: result lines → one row per planned item, and the adaptive poll interval."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from workers.merge import MergeStats, index_result_lines, merge_rows, next_poll_interval
+from workers.models import PlanItem, ShardBuild
+
+SOURCE = "s3://bucket/in/"
+
+
+def source_of(id_: str) -> str:
+    return SOURCE + id_
+
+
+def plan(n: int) -> list[PlanItem]:
+    return [PlanItem(id=f"img/{i:03d} é.jpg", size=100 + i) for i in range(n)]
+
+
+def ok_line(li: int, id_: str, *, inp: int = 10, out: int = 3, text: str | None = None) -> dict:
+    return {"line_index": li, "id": id_, "status": "ok",
+            "result": {"caption": text or f"caption of {id_}"},
+            "usage": {"input_tokens": inp, "output_tokens": out}}
+
+
+def to_files(rows: list[dict], n_files: int, seed: int = 0, extra: list[bytes] = ()) -> list[bytes]:
+    """Shuffle the rows and split them across ``n_files`` JSONL files (bytes)."""
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows] + list(extra)
+    random.Random(seed).shuffle(lines)
+    files = [lines[i::n_files] for i in range(n_files)]
+    return [b"\n".join(f) + b"\n" for f in files]
+
+
+def parse(data: bytes) -> list[dict]:
+    assert data.endswith(b"\n")
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_shuffled_results_across_files_come_out_in_plan_order():
+    items = plan(50)
+    build = ShardBuild(lines=list(range(50)))
+    rows = [ok_line(li, items[li].id, inp=li, out=1) for li in range(50)]
+    data, stats = merge_rows(items, build, to_files(rows, 4, seed=7), source_of)
+    out = parse(data)
+    assert [r["id"] for r in out] == [it.id for it in items]
+    for i, r in enumerate(out):
+        assert r == {"id": items[i].id, "source": SOURCE + items[i].id, "status": "ok",
+                     "result": {"caption": f"caption of {items[i].id}"},
+                     "usage": {"input_tokens": i, "output_tokens": 1}}
+    assert (stats.ok, stats.error) == (50, 0)
+    assert stats.input_tokens == sum(range(50)) and stats.output_tokens == 50
+    assert (stats.duplicate, stats.malformed, stats.missing, stats.id_mismatch) == (0, 0, 0, 0)
+
+
+def test_result_files_as_a_generator_and_non_ascii_output():
+    items = [PlanItem(id="写真/猫.png", size=1)]
+    build = ShardBuild(lines=[0])
+    files = (f for f in to_files([ok_line(0, items[0].id, text="一只猫")], 1))
+    data, stats = merge_rows(items, build, files, source_of)
+    assert "一只猫".encode() in data  # UTF-8, not \u escapes
+    assert parse(data)[0]["result"] == {"caption": "一只猫"}
+    assert stats.ok == 1
+
+
+def test_lines_map_to_items_through_build_lines():
+    # Item 1 failed before sending, so line 0 is item 0 and line 1 is item 2.
+    items = plan(3)
+    build = ShardBuild(lines=[0, 2], errors={"1": {"code": "not_an_image", "message": "text"}})
+    rows = [ok_line(0, items[0].id, text="zero"), ok_line(1, items[2].id, text="two")]
+    data, stats = merge_rows(items, build, to_files(rows, 2), source_of)
+    out = parse(data)
+    assert [r["status"] for r in out] == ["ok", "error", "ok"]
+    assert out[0]["result"] == {"caption": "zero"}
+    assert out[2]["result"] == {"caption": "two"}
+    assert out[1]["error"] == {"code": "not_an_image", "message": "text"}
+    assert stats.id_mismatch == 0 and (stats.ok, stats.error) == (2, 1)
+
+
+def test_duplicates_counted_and_first_wins():
+    items = plan(3)
+    build = ShardBuild(lines=[0, 1, 2])
+    files = [
+        json.dumps(ok_line(0, items[0].id, text="first")).encode() + b"\n"
+        + json.dumps(ok_line(1, items[1].id)).encode() + b"\n",
+        json.dumps(ok_line(0, items[0].id, text="second")).encode() + b"\n"
+        + json.dumps(ok_line(2, items[2].id)).encode() + b"\n"
+        + json.dumps(ok_line(1, items[1].id, text="again")).encode() + b"\n",
+    ]
+    data, stats = merge_rows(items, build, files, source_of)
+    out = parse(data)
+    assert len(out) == 3
+    assert out[0]["result"] == {"caption": "first"}
+    assert out[1]["result"] == {"caption": f"caption of {items[1].id}"}
+    assert stats.duplicate == 2
+    assert stats.ok == 3
+    assert stats.input_tokens == 30  # duplicates do not add usage
+
+
+def test_missing_line_index_gives_missing_result_row():
+    items = plan(4)
+    build = ShardBuild(lines=[0, 1, 2, 3])
+    rows = [ok_line(li, items[li].id) for li in (0, 1, 3)]
+    data, stats = merge_rows(items, build, to_files(rows, 2), source_of)
+    out = parse(data)
+    assert len(out) == 4
+    assert out[2]["status"] == "error"
+    assert out[2]["error"]["code"] == "missing_result"
+    assert "2" in out[2]["error"]["message"]
+    assert out[2]["id"] == items[2].id and out[2]["source"] == SOURCE + items[2].id
+    assert stats.missing == 1 and (stats.ok, stats.error) == (3, 1)
+
+
+def test_malformed_lines_are_counted_and_ignored():
+    items = plan(2)
+    build = ShardBuild(lines=[0, 1])
+    garbage = [
+        b"not json at all",
+        b'{"id": "x", "status": "ok"}',  # no line_index
+        b'{"line_index": "0", "status": "ok"}',  # not an integer
+        b'{"line_index": 1.0, "status": "ok"}',
+        b'{"line_index": -1, "status": "ok"}',
+        b'{"line_index": 2, "status": "ok"}',  # out of range (2 lines)
+        b'{"line_index": null}',
+        b"[1, 2, 3]",
+        b'"a string"',
+        b"42",
+        b'{"line_index": 0, "status": "ok", "result": {"caption": "x"',  # truncated
+    ]
+    rows = [ok_line(0, items[0].id), ok_line(1, items[1].id)]
+    files = to_files(rows, 3, extra=garbage) + [b"", b"\n\n  \n"]
+    data, stats = merge_rows(items, build, files, source_of)
+    out = parse(data)
+    assert [r["status"] for r in out] == ["ok", "ok"]
+    assert stats.malformed == len(garbage)
+    assert stats.duplicate == 0 and stats.missing == 0
+
+
+def test_boolean_line_index_is_malformed():
+    stats = MergeStats()
+    by_index = index_result_lines([b'{"line_index": true, "status": "ok"}\n'], 3, stats)
+    assert by_index == {}
+    assert stats.malformed == 1
+
+
+def test_pre_send_errors_become_error_rows():
+    items = plan(4)
+    errors = {"0": {"code": "object_not_found", "message": "gone"},
+              "3": {"code": "image_decode_failed", "message": "bad header"}}
+    build = ShardBuild(lines=[1, 2], errors=errors)
+    rows = [ok_line(0, items[1].id), ok_line(1, items[2].id)]
+    data, stats = merge_rows(items, build, to_files(rows, 1), source_of)
+    out = parse(data)
+    assert out[0]["status"] == "error" and out[0]["error"] == errors["0"]
+    assert out[3]["status"] == "error" and out[3]["error"] == errors["3"]
+    assert "result" not in out[0] and "usage" not in out[0]
+    assert [r["status"] for r in out[1:3]] == ["ok", "ok"]
+    assert (stats.ok, stats.error, stats.missing) == (2, 2, 0)
+
+
+def test_items_neither_sent_nor_errored_are_not_sent():
+    items = plan(3)
+    build = ShardBuild(lines=[0])  # items 1 and 2 vanished from the build
+    data, stats = merge_rows(items, build, to_files([ok_line(0, items[0].id)], 1), source_of)
+    out = parse(data)
+    assert [r["id"] for r in out] == [it.id for it in items]
+    assert out[0]["status"] == "ok"
+    for r in out[1:]:
+        assert r["status"] == "error" and r["error"]["code"] == "not_sent"
+    assert (stats.ok, stats.error) == (1, 2)
+
+
+def test_no_lines_sent_at_all():
+    items = plan(2)
+    build = ShardBuild(lines=[], errors={"0": {"code": "empty_object", "message": "0 bytes"}})
+    data, stats = merge_rows(items, build, [], source_of)
+    out = parse(data)
+    assert [r["error"]["code"] for r in out] == ["empty_object", "not_sent"]
+    assert (stats.ok, stats.error) == (0, 2)
+
+
+def test_empty_plan_gives_empty_output():
+    data, stats = merge_rows([], ShardBuild(lines=[]), [], source_of)
+    assert data == b""
+    assert (stats.ok, stats.error) == (0, 0)
+
+
+def test_batch_error_marks_every_sent_line():
+    items = plan(5)
+    pre = {"2": {"code": "not_an_image", "message": "text"}}
+    build = ShardBuild(lines=[0, 1, 3, 4], errors=pre)
+    batch_error = {"code": "validation_error", "message": "Blank line at line 3"}
+    # Even if some result lines exist, a failed batch's lines are all errors.
+    files = to_files([ok_line(0, items[0].id)], 1)
+    data, stats = merge_rows(items, build, files, source_of, batch_error=batch_error)
+    out = parse(data)
+    assert [r["status"] for r in out] == ["error"] * 5
+    for i in (0, 1, 3, 4):
+        assert out[i]["error"] == batch_error
+    assert out[2]["error"] == pre["2"]
+    assert (stats.ok, stats.error, stats.input_tokens, stats.missing) == (0, 5, 0, 0)
+
+
+def test_per_line_api_errors_are_passed_through():
+    items = plan(4)
+    build = ShardBuild(lines=[0, 1, 2, 3])
+    rows = [
+        ok_line(0, items[0].id),
+        {"line_index": 1, "id": items[1].id, "status": "error",
+         "error": {"code": "image_too_large", "message": "Image exceeds 10MB"}},
+        {"line_index": 2, "id": items[2].id, "status": "error", "error": {}},
+        {"line_index": 3, "id": items[3].id, "status": "weird"},
+    ]
+    data, stats = merge_rows(items, build, to_files(rows, 2), source_of)
+    out = parse(data)
+    assert out[0]["status"] == "ok"
+    assert out[1] == {"id": items[1].id, "source": SOURCE + items[1].id, "status": "error",
+                      "error": {"code": "image_too_large", "message": "Image exceeds 10MB"}}
+    assert out[2]["error"] == {"code": "unknown_error", "message": ""}
+    assert out[3]["status"] == "error" and out[3]["error"]["code"] == "unknown_error"
+    assert (stats.ok, stats.error, stats.missing) == (1, 3, 0)
+
+
+def test_usage_summed_over_ok_rows_only():
+    items = plan(4)
+    build = ShardBuild(lines=[0, 1, 2, 3])
+    rows = [
+        ok_line(0, items[0].id, inp=100, out=7),
+        ok_line(1, items[1].id, inp=50, out=5),
+        {"line_index": 2, "id": items[2].id, "status": "error",
+         "error": {"code": "internal_error", "message": "x"},
+         "usage": {"input_tokens": 1000, "output_tokens": 1000}},
+        {"line_index": 3, "id": items[3].id, "status": "ok", "result": {"caption": "no usage"}},
+    ]
+    data, stats = merge_rows(items, build, to_files(rows, 1), source_of)
+    out = parse(data)
+    assert stats.input_tokens == 150 and stats.output_tokens == 12
+    assert out[3]["status"] == "ok" and out[3]["usage"] == {}
+    assert "usage" not in out[2]
+
+
+def test_id_mismatch_counted_but_row_keeps_plan_id():
+    items = plan(3)
+    build = ShardBuild(lines=[0, 1, 2])
+    rows = [ok_line(0, items[0].id), ok_line(1, "someone-else.jpg"), ok_line(2, items[1].id)]
+    data, stats = merge_rows(items, build, to_files(rows, 1), source_of)
+    out = parse(data)
+    assert stats.id_mismatch == 2
+    assert [r["id"] for r in out] == [it.id for it in items]
+    assert stats.ok == 3
+
+
+def test_rows_without_id_are_not_mismatches():
+    items = plan(1)
+    row = ok_line(0, items[0].id)
+    del row["id"]
+    _, stats = merge_rows(items, ShardBuild(lines=[0]), to_files([row], 1), source_of)
+    assert stats.id_mismatch == 0 and stats.ok == 1
+
+
+def test_crlf_result_files():
+    items = plan(2)
+    body = b"\r\n".join(json.dumps(ok_line(i, items[i].id)).encode() for i in range(2)) + b"\r\n"
+    data, stats = merge_rows(items, ShardBuild(lines=[0, 1]), [body], source_of)
+    assert stats.ok == 2 and stats.malformed == 0
+    assert len(parse(data)) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# next_poll_interval
+
+BOUNDS = {"min_interval": 5.0, "max_interval": 120.0}
+
+
+def test_interval_always_within_bounds():
+    rng = random.Random(1234)
+    for _ in range(2000):
+        total = rng.randint(0, 100_000)
+        completed = rng.randint(0, total) if total else 0
+        now = rng.uniform(0, 1e5)
+        last = None
+        if rng.random() < 0.7:
+            last = (now - rng.uniform(-10, 3600), rng.randint(0, max(completed, 1)))
+        lo = rng.uniform(0.1, 10)
+        hi = lo + rng.uniform(0, 300)
+        got = next_poll_interval(elapsed=rng.uniform(-5, 1e6), total=total, completed=completed,
+                                 last=last, now=now, min_interval=lo, max_interval=hi)
+        assert lo <= got <= hi
+
+
+def test_grows_with_elapsed_without_progress():
+    values = [next_poll_interval(elapsed=e, total=1000, completed=0, last=(0.0, 0), now=float(e),
+                                 **BOUNDS) for e in (0, 10, 40, 100, 200, 400, 1000, 10_000)]
+    assert values == sorted(values)
+    assert values[0] == BOUNDS["min_interval"]
+    assert values[-1] == BOUNDS["max_interval"]
+    assert values[3] == 25.0 and values[4] == 50.0  # a quarter of the age, between the bounds
+
+
+def test_no_previous_sample_uses_age():
+    assert next_poll_interval(elapsed=200, total=10, completed=5, last=None, now=200,
+                              **BOUNDS) == 50.0
+
+
+def test_measured_rate_with_little_left_returns_minimum():
+    # 9,900 of 10,000 done, 100 lines/s: 100 left → ~1 s, below the minimum.
+    got = next_poll_interval(elapsed=3600, total=10_000, completed=9_900, last=(3500.0, 0),
+                             now=3599.0, **BOUNDS)
+    assert got == BOUNDS["min_interval"]
+
+
+def test_all_done_returns_minimum():
+    got = next_poll_interval(elapsed=5000, total=100, completed=100, last=(4000.0, 50), now=5000.0,
+                             **BOUNDS)
+    assert got == BOUNDS["min_interval"]
+
+
+def test_rate_aims_at_half_the_time_left():
+    # 10 lines/s, 600 left → 60 s left → poll in 30 s (age alone would say 250 s → capped at 120).
+    got = next_poll_interval(elapsed=1000, total=1000, completed=400, last=(900.0, 0), now=940.0,
+                             **BOUNDS)
+    assert got == pytest.approx(30.0)
+
+
+def test_no_progress_since_last_sample_ignores_rate():
+    got = next_poll_interval(elapsed=200, total=1000, completed=400, last=(100.0, 400), now=200.0,
+                             **BOUNDS)
+    assert got == 50.0

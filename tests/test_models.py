@@ -1,0 +1,124 @@
+"""workers.models.SkillOptions: validation, request fields and the spliced line fragment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from workers.models import PlanItem, ShardBuild, SkillOptions
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"skill": "query"}, "--question is required"),
+    ({"skill": "query", "question": ""}, "--question is required"),
+    ({"skill": "detect"}, "--object is required for --skill detect"),
+    ({"skill": "point"}, "--object is required for --skill point"),
+    ({"skill": "detect", "object": ""}, "--object is required"),
+    ({"skill": "detect", "object": "face", "length": "short"}, "--length applies"),
+    ({"skill": "query", "question": "q?", "length": "long"}, "--length applies"),
+    ({"skill": "point", "object": "eye", "length": "normal"}, "--length applies"),
+    ({"skill": "caption", "question": "why?"}, "--question applies"),
+    ({"skill": "detect", "object": "face", "question": "why?"}, "--question applies"),
+    ({"skill": "caption", "object": "face"}, "--object applies"),
+    ({"skill": "query", "question": "q?", "object": "face"}, "--object applies"),
+    ({"skill": "caption", "reasoning": True}, "--reasoning applies"),
+    ({"skill": "point", "object": "eye", "reasoning": False}, "--reasoning applies"),
+    ({"skill": "point", "object": "eye", "temperature": 0.5}, "apply to caption and query only"),
+    ({"skill": "detect", "object": "face", "top_p": 0.5}, "apply to caption and query only"),
+    ({"skill": "detect", "object": "face", "max_tokens": 10}, "apply to caption and query only"),
+])
+def test_invalid_combinations(kwargs, message):
+    with pytest.raises(ValidationError) as info:
+        SkillOptions(**kwargs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"skill": "segment"},
+    {"skill": "caption", "length": "medium"},
+    {"skill": "caption", "temperature": -0.1},
+    {"skill": "caption", "temperature": 2.5},
+    {"skill": "caption", "top_p": 0},
+    {"skill": "caption", "top_p": 1.5},
+    {"skill": "query", "question": "q?", "max_tokens": 0},
+    {"skill": "caption", "unknown": 1},
+])
+def test_field_level_validation(kwargs):
+    with pytest.raises(ValidationError):
+        SkillOptions(**kwargs)
+
+
+def test_options_are_frozen():
+    opts = SkillOptions(skill="caption")
+    with pytest.raises(ValidationError):
+        opts.length = "long"
+
+
+@pytest.mark.parametrize("kwargs, fields", [
+    ({"skill": "caption"}, {"skill": "caption", "length": "normal"}),
+    ({"skill": "caption", "length": "short"}, {"skill": "caption", "length": "short"}),
+    ({"skill": "caption", "length": "long", "temperature": 0.2},
+     {"skill": "caption", "length": "long", "settings": {"temperature": 0.2}}),
+    ({"skill": "query", "question": "How many?"}, {"skill": "query", "question": "How many?"}),
+    ({"skill": "query", "question": "How many?", "reasoning": True},
+     {"skill": "query", "question": "How many?", "reasoning": True}),
+    ({"skill": "query", "question": "How many?", "reasoning": False},
+     {"skill": "query", "question": "How many?", "reasoning": False}),
+    ({"skill": "query", "question": "q", "temperature": 0, "top_p": 1, "max_tokens": 64},
+     {"skill": "query", "question": "q", "settings": {"temperature": 0, "top_p": 1, "max_tokens": 64}}),
+    ({"skill": "detect", "object": "face"}, {"skill": "detect", "object": "face"}),
+    ({"skill": "point", "object": "left eye"}, {"skill": "point", "object": "left eye"}),
+])
+def test_request_fields(kwargs, fields):
+    got = SkillOptions(**kwargs).request_fields()
+    assert got == fields
+    assert list(got)[0] == "skill"
+    if "settings" not in fields:
+        assert "settings" not in got
+
+
+def test_settings_only_holds_the_given_values():
+    got = SkillOptions(skill="caption", max_tokens=12).request_fields()
+    assert got["settings"] == {"max_tokens": 12}
+    assert "temperature" not in got and "top_p" not in got
+
+
+OPTIONS = [
+    SkillOptions(skill="caption"),
+    SkillOptions(skill="caption", length="long", temperature=1.5, top_p=0.25, max_tokens=300),
+    SkillOptions(skill="query", question='Is there a "quote", a \\ backslash\nand a newline?'),
+    SkillOptions(skill="query", question="Wie viele Äpfel? 苹果有几个？ 🍎", reasoning=False),
+    SkillOptions(skill="detect", object="traffic light"),
+    SkillOptions(skill="point", object="œil gauche"),
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: o.skill)
+def test_line_fragment_splices_into_valid_json(opts):
+    fragment = opts.line_fragment()
+    assert isinstance(fragment, bytes)
+    assert fragment.startswith(b'"skill":')  # the inside of an object, no braces
+    assert b"\n" not in fragment
+    assert json.loads(b"{" + fragment + b"}") == opts.request_fields()
+    spliced = json.loads(b'{"id":"a.jpg",' + fragment + b',"image":"AAAA"}')
+    assert spliced == {"id": "a.jpg", **opts.request_fields(), "image": "AAAA"}
+
+
+def test_line_fragment_is_compact_utf8():
+    opts = SkillOptions(skill="point", object="œil")
+    assert opts.line_fragment() == '"skill":"point","object":"œil"'.encode()
+
+
+def test_options_round_trip_through_json():
+    for opts in OPTIONS:
+        assert SkillOptions.model_validate_json(opts.model_dump_json()) == opts
+
+
+def test_plan_item_and_shard_build_round_trip():
+    item = PlanItem(id="dir/ünï.jpg", size=123)
+    assert PlanItem.model_validate_json(item.model_dump_json()) == item
+    build = ShardBuild(lines=[0, 2], errors={"1": {"code": "not_an_image", "message": "x"}})
+    again = ShardBuild.model_validate_json(build.model_dump_json())
+    assert again.lines == [0, 2] and again.errors == build.errors and again.bytes == 0
