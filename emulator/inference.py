@@ -97,6 +97,9 @@ def infer(line: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
         if skill not in ("caption", "query") or not isinstance(settings, dict):
             raise LineError("invalid_request", "settings applies to caption and query only")
         t, p, m = settings.get("temperature"), settings.get("top_p"), settings.get("max_tokens")
+        numbers = [v for v in (t, p) if v is not None]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
+            raise LineError("invalid_request", "settings.temperature and top_p must be numbers")
         if (t is not None and not 0 <= t <= 2) or (p is not None and not 0 < p <= 1) or (
                 m is not None and (not isinstance(m, int) or m < 1)):
             raise LineError("invalid_request", "Invalid settings values")

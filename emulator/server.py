@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -149,7 +150,7 @@ class Emulator:
             n = 0
             with open(b.path, "rb") as f:
                 for n, raw in enumerate(f, start=1):
-                    if len(raw) > cfg.max_line_bytes:
+                    if len(raw.rstrip(b"\n")) > cfg.max_line_bytes:  # the newline is not content
                         fail = ("limit_exceeded", f"Line {n - 1} exceeds {cfg.max_line_bytes} bytes")
                         break
                     line = raw.rstrip(b"\n")
@@ -195,6 +196,10 @@ class Emulator:
                 except LineError as exc:
                     row.update(status="error", error={"code": exc.code, "message": exc.message})
                     b.failed_lines += 1
+                except Exception as exc:  # an emulator bug must not wedge the batch
+                    row.update(status="error", error={"code": "processing_error",
+                                                      "message": f"Inference failed: {exc}"})
+                    b.failed_lines += 1
                 rows.append(json.dumps(row).encode())
         os.unlink(b.path)  # "Input files are deleted immediately after processing completes"
         if cfg.shuffle_outputs:
@@ -216,14 +221,17 @@ class Emulator:
             frac = min(1.0, max(0.0, 1 - (b.processing_end - now) / span))
             out["progress"] = {"total": b.total, "completed": int(b.total * frac * 0.999)}
         else:
-            out["progress"] = {"total": b.total, "completed": b.total - b.failed_lines,
-                               "failed": b.failed_lines}
+            if b.status == "failed":  # nothing was processed
+                out["progress"] = {"total": b.total, "completed": 0, "failed": 0}
+            else:
+                out["progress"] = {"total": b.total, "completed": b.total - b.failed_lines,
+                                   "failed": b.failed_lines}
             out["completed_at"] = _iso(b.completed_at or now)
         if b.status == "failed":
             out["error"] = b.error
         if b.status == "completed":
             out["usage"] = b.usage
-            expires = int(now + cfg.url_ttl)
+            expires = math.ceil(now + cfg.url_ttl)
             base = request.host_url.rstrip("/")
             out["outputs"] = [
                 {"index": i, "url": f"{base}/v1/_outputs/{b.id}/{i}.jsonl?expires={expires}"
@@ -343,6 +351,8 @@ class Emulator:
         if not isinstance(body, dict) or not isinstance(body.get("parts"), list) or not body["parts"]:
             return _error(400, "invalid_request", "Body must be {\"parts\": [...]}", param="parts")
         model = body.get("model") or "moondream3-preview"
+        if not isinstance(model, str):
+            return _error(400, "invalid_request", "model must be a string", param="model")
         with self.lock:
             up, err = self._upload_of(file_id)
             if err:
