@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     max_shard_bytes: int = Field(default=1_900_000_000, ge=1_000_000, le=API_MAX_FILE_BYTES)
     part_size: int = Field(default=50 * 1024 * 1024, ge=1024, lt=API_MAX_PART_BYTES)
     fetch_concurrency: int = Field(default=16, ge=1, le=256)
+    upload_concurrency: int = Field(default=2, ge=1, le=16)  # parts in flight per shard
+    # Images above this many pixels are downscaled before sending (0: never). FACTS.md: the
+    # model sees at most ~1.9 MP.
+    max_pixels: int = Field(default=2_000_000, ge=0)
 
     # HTTP.
     http_timeout: float = Field(default=60.0, gt=0)

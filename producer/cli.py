@@ -38,6 +38,8 @@ TopPOpt = Annotated[Optional[float], typer.Option("--top-p")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens")]
 ShardSizeOpt = Annotated[Optional[int], typer.Option(
     "--shard-size", help="max lines per batch (default 10000, at most 100000)")]
+MaxPixelsOpt = Annotated[Optional[int], typer.Option(
+    "--max-pixels", help="downscale images above this many pixels (default ~2 MP; 0: never)")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", help="local worker processes to start (default: cores; 0: use a running fleet)")]
 TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="give up after SECONDS")]
@@ -191,16 +193,20 @@ def _print_summary(snap: dict[str, Any]) -> None:
 
 
 def _submit(input_url: str, output_url: str, opts, settings, shard_size: int | None,
-            run_id: str | None = None) -> dict:
+            max_pixels: int | None = None, run_id: str | None = None) -> dict:
     from producer.runs import submit_run
 
     if shard_size is not None and not 1 <= shard_size <= 100_000:
         raise Fail("--shard-size must be within 1..100000 (the Batch API's line limit)", code=2)
-    return submit_run(input_url, output_url, opts, settings, shard_size=shard_size, run_id=run_id)
+    if max_pixels is not None and max_pixels < 0:
+        raise Fail("--max-pixels must be >= 0 (0 turns downscaling off)", code=2)
+    return submit_run(input_url, output_url, opts, settings, shard_size=shard_size,
+                      max_pixels=max_pixels, run_id=run_id)
 
 
 def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, workers: int | None,
-         timeout: float | None, run_id: str | None = None) -> dict[str, Any]:
+         timeout: float | None, max_pixels: int | None = None, run_id: str | None = None
+         ) -> dict[str, Any]:
     from config import get_settings
 
     settings = get_settings()
@@ -211,7 +217,7 @@ def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, worke
     try:
         if local is None:
             _check_fleet(settings)
-        plan = _submit(input_url, output_url, opts, settings, shard_size, run_id)
+        plan = _submit(input_url, output_url, opts, settings, shard_size, max_pixels, run_id)
         err.print(f"run [bold]{plan['run_id']}[/bold]: {plan['items']} images in "
                   f"{plan['shards']} shard(s); {plan['skipped']} other objects skipped")
         return _watch(output_url, settings, workers=local, timeout=timeout)
@@ -227,12 +233,13 @@ def run(input: Annotated[str, typer.Argument(help="s3://bucket/prefix/ or a loca
         object: ObjectOpt = None, reasoning: ReasoningOpt = None,
         temperature: TemperatureOpt = None, top_p: TopPOpt = None,
         max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
-        workers: WorkersOpt = None, timeout: TimeoutOpt = None) -> None:
+        max_pixels: MaxPixelsOpt = None, workers: WorkersOpt = None,
+        timeout: TimeoutOpt = None) -> None:
     """Annotate every image under INPUT; write results under OUTPUT; exit 0 when complete."""
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
         _print_summary(_run(input, output, opts, shard_size=shard_size, workers=workers,
-                            timeout=timeout))
+                            timeout=timeout, max_pixels=max_pixels))
 
 
 @app.command()
@@ -240,13 +247,14 @@ def submit(input: Annotated[str, typer.Argument()], output: Annotated[str, typer
            skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
            object: ObjectOpt = None, reasoning: ReasoningOpt = None,
            temperature: TemperatureOpt = None, top_p: TopPOpt = None,
-           max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None) -> None:
+           max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
+           max_pixels: MaxPixelsOpt = None) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line."""
     from config import get_settings
 
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
-        plan = _submit(input, output, opts, get_settings(), shard_size)
+        plan = _submit(input, output, opts, get_settings(), shard_size, max_pixels)
         err.print(f"{plan['items']} images in {plan['shards']} shard(s); "
                   f"{plan['skipped']} other objects skipped; results: {output}")
         print(plan["run_id"])

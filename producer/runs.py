@@ -57,7 +57,8 @@ def resolve_run(ref: str) -> str:
 
 
 def submit_run(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
-               shard_size: int | None = None, run_id: str | None = None,
+               shard_size: int | None = None, max_pixels: int | None = None,
+               run_id: str | None = None,
                on_shard: Callable[[Shard], None] | None = None) -> dict[str, Any]:
     """Record a run at ``output_url``, plan ``input_url`` into shards and enqueue them.
 
@@ -74,7 +75,9 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
     inp = open_output(input_url, settings)
     spec = RunSpec(run_id=run_id or new_run_id(), input=input_url, output=output_url, options=options,
                    model=settings.model, shard_size=shard_size or settings.shard_size,
-                   max_shard_bytes=settings.max_shard_bytes, created_at=time.time())
+                   max_shard_bytes=settings.max_shard_bytes,
+                   max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
+                   created_at=time.time())
     if not put_json(out, layout.SPEC, spec.model_dump(), if_absent=True):
         existing = json.loads(out.get(layout.SPEC))
         raise RunExists(f"{output_url} already holds run {existing.get('run_id')}: "

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from workers.merge import MergeStats, index_result_lines, merge_rows, next_poll_interval
+from workers.merge import merge_rows, next_poll_interval
 from workers.models import PlanItem, ShardBuild
 
 SOURCE = "s3://bucket/in/"
@@ -140,10 +140,12 @@ def test_malformed_lines_are_counted_and_ignored():
 
 
 def test_boolean_line_index_is_malformed():
-    stats = MergeStats()
-    by_index = index_result_lines([b'{"line_index": true, "status": "ok"}\n'], 3, stats)
-    assert by_index == {}
-    assert stats.malformed == 1
+    items = [PlanItem(id=f"i{n}", size=1) for n in range(3)]
+    data, stats = merge_rows(items, ShardBuild(lines=[0, 1, 2]),
+                             [b'{"line_index": true, "status": "ok", "result": {}}\n'],
+                             lambda k: k)
+    assert stats.malformed == 1 and stats.missing == 3 and stats.ok == 0
+    assert all(json.loads(r)["error"]["code"] == "missing_result" for r in data.splitlines())
 
 
 def test_pre_send_errors_become_error_rows():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
@@ -44,40 +45,67 @@ class PartWriter:
     """Cuts a byte stream into parts of exactly ``part_size`` bytes (the last may be shorter)
     and hands each to ``send(part_number, data) -> Part`` as soon as it is full.
 
-    ``send`` is called lazily: a stream of zero bytes sends nothing.
+    Up to ``concurrency`` parts are sent at once on background threads while the caller keeps
+    writing, so encoding overlaps uploading; memory holds at most ``concurrency + 1`` parts.
+    ``send`` is called lazily: a stream of zero bytes sends nothing. The first ``send`` error
+    is raised from ``write`` or ``close``.
     """
 
-    def __init__(self, part_size: int, send: Callable[[int, bytes], Part]) -> None:
+    def __init__(self, part_size: int, send: Callable[[int, bytes], Part], *,
+                 concurrency: int = 1) -> None:
         if part_size <= 0:
             raise ValueError("part_size must be positive")
         self.part_size = part_size
         self._send = send
-        self._buf = bytearray()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="part")
+        self._concurrency = concurrency
+        self._inflight: collections.deque[cf.Future[Part]] = collections.deque()
+        self._numbers = 0
         self.parts: list[Part] = []
         self.bytes = 0
 
     def write(self, data: bytes) -> None:
-        """Append ``data``; send every part that became full."""
-        self._buf += data
+        """Append ``data``; start sending every part that became full."""
+        self._chunks.append(data)
+        self._size += len(data)
         self.bytes += len(data)
-        while len(self._buf) >= self.part_size:
-            chunk = bytes(self._buf[: self.part_size])
-            del self._buf[: self.part_size]
-            self._flush(chunk)
+        if self._size >= self.part_size:
+            buf = b"".join(self._chunks)
+            cut = len(buf) - len(buf) % self.part_size
+            for start in range(0, cut, self.part_size):
+                self._submit(buf[start:start + self.part_size])
+            self._chunks = [buf[cut:]] if cut < len(buf) else []
+            self._size = len(buf) - cut
 
     def close(self) -> list[Part]:
-        """Send the last, shorter part (if any) and return all parts in order."""
-        if self._buf:
-            chunk, self._buf = bytes(self._buf), bytearray()
-            self._flush(chunk)
-        return self.parts
+        """Send the last, shorter part (if any), wait for all, return the parts in order."""
+        try:
+            if self._size:
+                self._submit(b"".join(self._chunks))
+                self._chunks, self._size = [], 0
+            while self._inflight:
+                self.parts.append(self._inflight.popleft().result())
+            return self.parts
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _flush(self, chunk: bytes) -> None:
-        self.parts.append(self._send(len(self.parts) + 1, chunk))
+    def abort(self) -> None:
+        """Stop: drop buffered bytes and wait for parts in flight (their errors are ignored)."""
+        self._chunks, self._size = [], 0
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, chunk: bytes) -> None:
+        if len(self._inflight) >= self._concurrency:
+            self.parts.append(self._inflight.popleft().result())
+        self._numbers += 1
+        self._inflight.append(self._pool.submit(self._send, self._numbers, chunk))
 
 
 def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options: SkillOptions,
-               *, concurrency: int, errors: dict[str, dict[str, str]]) -> Iterator[tuple[int, bytes, bool]]:
+               *, concurrency: int, errors: dict[str, dict[str, str]], max_pixels: int = 0
+               ) -> Iterator[tuple[int, bytes, bool]]:
     """Yield ``(item_index, line, transformed)`` for every sendable item, in plan order.
 
     Items that cannot be sent are recorded in ``errors`` (item index as a string → ``{"code",
@@ -89,7 +117,8 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options
         index, item = pair
         try:
             data = fetch(item.id)
-            prepared = prepare_image(data, limit=max_image_bytes(item.id, fragment))
+            prepared = prepare_image(data, limit=max_image_bytes(item.id, fragment),
+                                     max_pixels=max_pixels)
             return index, encode_line(item.id, prepared.data, fragment), prepared.transform is not None, None
         except ItemError as exc:
             return index, None, False, exc
@@ -110,7 +139,8 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options
 
 def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOptions,
                      model: str | None, input_store: Store, state: Store, client: BatchClient,
-                     part_size: int, concurrency: int) -> tuple[ShardBuild, BatchRecord | None]:
+                     part_size: int, concurrency: int, max_pixels: int = 0,
+                     upload_concurrency: int = 2) -> tuple[ShardBuild, BatchRecord | None]:
     """Build the shard's JSONL, upload it and submit it; return the build and the batch record
     (None when no item could be sent: there is then no batch, only error rows).
 
@@ -133,28 +163,32 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
 
     started = time.time()
     upload: UploadRecord | None = None
+    upload_lock = threading.Lock()
 
     def send(part_number: int, data: bytes) -> Part:
         nonlocal upload
-        if upload is None:
-            created = client.create_upload()
-            upload = UploadRecord(file_id=created.file_id, upload_id=created.upload_id,
-                                  created_at=time.time())
-            put_json(state, layout.shard_doc(shard, "upload"), upload.model_dump())
+        with upload_lock:  # parts go out on several threads; create the upload once
+            if upload is None:
+                created = client.create_upload()
+                upload = UploadRecord(file_id=created.file_id, upload_id=created.upload_id,
+                                      created_at=time.time())
+                put_json(state, layout.shard_doc(shard, "upload"), upload.model_dump())
         return client.upload_part(upload.file_id, upload.upload_id, part_number, data)
 
-    writer = PartWriter(part_size, send)
+    writer = PartWriter(part_size, send, concurrency=upload_concurrency)
     errors: dict[str, dict[str, str]] = {}
     lines: list[int] = []
     transformed = 0
     try:
         for index, line, changed in iter_lines(items, input_store.get, options,
-                                               concurrency=concurrency, errors=errors):
+                                               concurrency=concurrency, errors=errors,
+                                               max_pixels=max_pixels):
             writer.write(line)
             lines.append(index)
             transformed += changed
         parts = writer.close()
     except BaseException:
+        writer.abort()
         if upload is not None:  # don't leave a half-sent upload behind
             try:
                 client.abort_upload(upload.file_id, upload.upload_id)

@@ -107,12 +107,19 @@ class PreparedImage:
     transform: str | None = None
 
 
-def prepare_image(data: bytes, *, limit: int) -> PreparedImage:
+DEFAULT_MAX_PIXELS = 2_000_000  # Moondream sees at most ~1.9 MP (12 crops of 378² + a global view)
+JPEG_QUALITY = 95  # what the official client sends
+
+
+def prepare_image(data: bytes, *, limit: int, max_pixels: int = 0) -> PreparedImage:
     """Check that ``data`` is an image and make it sendable within ``limit`` raw bytes.
 
-    Only the header is parsed for an image that passes through (no full decode). Raises
-    ``ItemError`` (``empty_object``, ``not_an_image``, ``image_decode_failed``,
-    ``image_too_large``).
+    An image of more than ``max_pixels`` pixels (0: no budget) is downscaled to the budget,
+    keeping its aspect ratio and orientation, and re-encoded as JPEG (quality 95): pixels past
+    what the model tiles add only upload bytes and cost (FACTS.md). An image within the budget
+    and the limit, in a format the API reads, passes through byte for byte after a header parse
+    (no full decode). Raises ``ItemError`` (``empty_object``, ``not_an_image``,
+    ``image_decode_failed``, ``image_too_large``).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -131,46 +138,61 @@ def prepare_image(data: bytes, *, limit: int) -> PreparedImage:
                         "or TIFF signature)") from None
     except Exception as exc:  # Pillow raises many types on corrupt headers
         raise ItemError("image_decode_failed", f"cannot read image header: {exc}") from None
-    if fmt in API_FORMATS and len(data) <= limit:
+    over_budget = max_pixels > 0 and width * height > max_pixels
+    if fmt in API_FORMATS and len(data) <= limit and not over_budget:
         return PreparedImage(data, "JPEG" if fmt == "MPO" else fmt, width, height)
-    return _reencode(img, fmt, len(data), limit)
+    return _reencode(img, fmt, len(data), limit, max_pixels if over_budget else 0)
 
 
-def _reencode(img, fmt: str, size: int, limit: int) -> PreparedImage:
-    """Convert (to PNG if lossless fits, else JPEG) and downscale until within ``limit``."""
+def _flatten(img):
+    """8-bit RGB or L pixels, upright, transparency composited on white."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)  # the orientation tag is not kept by re-encoding
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: convert("RGB") would clip everything above 255 to white.
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if img.mode in ("RGB", "L"):
+        return img
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if not has_alpha:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    canvas = Image.new("RGB", img.size, (255, 255, 255))
+    canvas.paste(rgba, mask=rgba.getchannel("A"))
+    return canvas
+
+
+def _reencode(img, fmt: str, size: int, limit: int, max_pixels: int) -> PreparedImage:
+    """Decode, then: convert to PNG (lossless) if the format is not the API's and it fits;
+    otherwise JPEG, downscaled to ``max_pixels`` (if set) and further until within ``limit``."""
     from PIL import Image
 
     try:
         img.seek(0)
+        if max_pixels:
+            # Let the JPEG decoder drop resolution by powers of two while it reads (much faster).
+            img.draft("RGB", (int(img.width * (max_pixels / (img.width * img.height)) ** 0.5),
+                              int(img.height * (max_pixels / (img.width * img.height)) ** 0.5)))
         img.load()
+        img = _flatten(img)
     except Exception as exc:
         raise ItemError("image_decode_failed", f"{fmt} image cannot be decoded: {exc}") from None
     transform = "converted" if fmt not in API_FORMATS else "reencoded"
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit greyscale: convert("RGB") would clip everything above 255 to white.
-        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-    if img.mode not in ("RGB", "L"):
-        rgba = img.convert("RGBA") if has_alpha else None
-        if rgba is not None:
-            canvas = Image.new("RGB", img.size, (255, 255, 255))
-            canvas.paste(rgba, mask=rgba.getchannel("A"))
-            img = canvas
-        else:
-            img = img.convert("RGB")
-    if transform == "converted":
+    if transform == "converted" and not max_pixels:
         buf = io.BytesIO()
         img.save(buf, format="PNG", optimize=False)
         if buf.tell() <= limit:
             return PreparedImage(buf.getvalue(), "PNG", img.width, img.height, transform)
-    scale = 1.0
+    scale = min(1.0, (max_pixels / (img.width * img.height)) ** 0.5) if max_pixels else 1.0
+    original = img.size
     for _ in range(12):
-        w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
-        frame = img if scale == 1.0 else img.resize((w, h), Image.Resampling.LANCZOS)
+        w, h = max(1, int(img.width * scale)), max(1, int(img.height * scale))  # floor: stay in budget
+        frame = img if (w, h) == img.size else img.resize((w, h), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
-        frame.save(buf, format="JPEG", quality=90)
+        frame.save(buf, format="JPEG", quality=JPEG_QUALITY)
         if buf.tell() <= limit:
-            if (w, h) != img.size:
+            if (w, h) != original or max_pixels:
                 transform = "downscaled"
             return PreparedImage(buf.getvalue(), "JPEG", w, h, transform)
         scale *= min(0.9, (limit / buf.tell()) ** 0.5)

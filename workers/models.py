@@ -91,6 +91,7 @@ class RunSpec(BaseModel):
     model: str | None = None
     shard_size: int
     max_shard_bytes: int
+    max_pixels: int = 0  # downscale budget (0: send images at their own resolution)
     created_at: float  # unix seconds
 
 

@@ -73,6 +73,7 @@ def build_shard(self: Task, output: str, run_id: str, shard: int) -> None:
         shard=shard, items=run.items(shard), options=run.spec.options, model=run.spec.model,
         input_store=run.input, state=run.output, client=batch_client(),
         part_size=settings.part_size, concurrency=settings.fetch_concurrency,
+        max_pixels=run.spec.max_pixels, upload_concurrency=settings.upload_concurrency,
     )
     if batch is None:  # nothing sendable: only error rows to write
         merge_shard.delay(output, run_id, shard)
