@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     http_backoff_initial: float = Field(default=0.5, ge=0)
     http_backoff_max: float = Field(default=30.0, ge=0)
 
+    # Reliability.
+    lease_seconds: float = Field(default=300.0, gt=0)  # a silent shard builder loses its lease
+    max_item_attempts: int = Field(default=3, ge=1)  # batches an item may be sent in
+    reconcile_interval: float = Field(default=60.0, gt=0)  # Celery beat: stale-work sweep
+
     # Polling a batch (seconds). The interval adapts between these bounds.
     poll_min_interval: float = Field(default=5.0, gt=0)
     poll_max_interval: float = Field(default=120.0, gt=0)

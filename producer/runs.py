@@ -66,7 +66,7 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
     ``RunExists`` if OUTPUT holds a run, ``ValueError`` for bad URLs or limits, storage errors
     if the stores cannot be reached.
     """
-    from workers.tasks import build_shard, finalize_run
+    from workers.tasks import build_shard, finalize_run, mark_active
 
     input_url, output_url = normalize_url(input_url), normalize_url(output_url)
     if input_url == output_url:
@@ -87,6 +87,7 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
                                    "skill": options.skill})
     try:
         register_run(spec.run_id, output_url)
+        mark_active(output_url)
     except Exception:  # the registry is a convenience; the run lives in storage
         pass
 

@@ -47,6 +47,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
+        # The reconciler: run a beat (celery -A workers beat, or a worker with -B) to use it.
+        "beat_schedule": {"moonbatch-reconcile": {"task": "moonbatch.reconcile",
+                                                  "schedule": settings.reconcile_interval}},
     }
 
 

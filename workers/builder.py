@@ -104,9 +104,10 @@ class PartWriter:
 
 
 def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options: SkillOptions,
-               *, concurrency: int, errors: dict[str, dict[str, str]], max_pixels: int = 0
-               ) -> Iterator[tuple[int, bytes, bool]]:
-    """Yield ``(item_index, line, transformed)`` for every sendable item, in plan order.
+               *, concurrency: int, errors: dict[str, dict[str, str]], max_pixels: int = 0,
+               indices: Sequence[int] | None = None) -> Iterator[tuple[int, bytes, bool]]:
+    """Yield ``(item_index, line, transformed)`` for every sendable item of ``indices``
+    (default: all), in plan order.
 
     Items that cannot be sent are recorded in ``errors`` (item index as a string → ``{"code",
     "message"}``) instead: missing objects, unreadable ones, non-images, undecodable headers.
@@ -128,8 +129,9 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options
         except StorageError as exc:
             return index, None, False, ItemError("read_failed", str(exc)[:500])
 
+    pairs = enumerate(items) if indices is None else ((i, items[i]) for i in indices)
     for index, line, transformed, error in ordered_map(
-        load, enumerate(items), workers=concurrency, window=concurrency * 2
+        load, pairs, workers=concurrency, window=concurrency * 2
     ):
         if error is not None:
             errors[str(index)] = error.as_dict()
@@ -140,27 +142,37 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options
 def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOptions,
                      model: str | None, input_store: Store, state: Store, client: BatchClient,
                      part_size: int, concurrency: int, max_pixels: int = 0,
-                     upload_concurrency: int = 2) -> tuple[ShardBuild, BatchRecord | None]:
-    """Build the shard's JSONL, upload it and submit it; return the build and the batch record
-    (None when no item could be sent: there is then no batch, only error rows).
+                     upload_concurrency: int = 2, rnd: int = 0, todo: Sequence[int] | None = None,
+                     heartbeat: Callable[[], None] | None = None
+                     ) -> tuple[ShardBuild, BatchRecord | None]:
+    """Build the JSONL of round ``rnd`` of a shard (items ``todo``, default all), upload it and
+    submit it; return the build and the batch record (None when no item could be sent: there
+    is then no batch, only error rows).
 
-    Idempotent: a shard whose batch is already recorded returns it without uploading again; an
-    upload an earlier attempt left open is aborted before a new one starts. The upload's ids are
-    recorded (``upload.json``) before the first part is sent, the batch id (``batch.json``)
-    before anyone polls it. Raises ``MoondreamError`` kinds and ``StorageError``.
+    Idempotent: a round whose batch is already recorded returns it without uploading again; an
+    upload an earlier attempt left open is aborted before a new one starts (the caller holds
+    the shard's lease, so that attempt is dead). The upload's ids are recorded
+    (``upload.json``) before the first part is sent, the batch id (``batch.json``) right after
+    ``mpu-complete`` answers. ``heartbeat`` is called between lines and parts: it renews the
+    lease and may raise to stop the build (lease lost, run cancelled), which aborts the upload.
+    Raises ``MoondreamError`` kinds and ``StorageError``.
     """
-    done_build = get_json_or_none(state, layout.shard_doc(shard, "build"))
-    done_batch = get_json_or_none(state, layout.shard_doc(shard, "batch"))
+    def doc(name: str) -> str:
+        return layout.round_doc(shard, rnd, name)
+
+    done_build = get_json_or_none(state, doc("build"))
+    done_batch = get_json_or_none(state, doc("batch"))
     if done_build is not None and (done_batch is not None or not done_build["lines"]):
         return (ShardBuild.model_validate(done_build),
                 BatchRecord.model_validate(done_batch) if done_batch else None)
 
-    stale = get_json_or_none(state, layout.shard_doc(shard, "upload"))
+    stale = get_json_or_none(state, doc("upload"))
     if stale is not None:
-        log.warning("shard %d: aborting the upload an earlier attempt left open", shard)
+        log.warning("shard %d round %d: aborting the upload a dead attempt left open", shard, rnd)
         client.abort_upload(stale["file_id"], stale["upload_id"])
-        state.delete(layout.shard_doc(shard, "upload"))
+        state.delete(doc("upload"))
 
+    beat = heartbeat or (lambda: None)
     started = time.time()
     upload: UploadRecord | None = None
     upload_lock = threading.Lock()
@@ -172,7 +184,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                 created = client.create_upload()
                 upload = UploadRecord(file_id=created.file_id, upload_id=created.upload_id,
                                       created_at=time.time())
-                put_json(state, layout.shard_doc(shard, "upload"), upload.model_dump())
+                put_json(state, doc("upload"), upload.model_dump())
         return client.upload_part(upload.file_id, upload.upload_id, part_number, data)
 
     writer = PartWriter(part_size, send, concurrency=upload_concurrency)
@@ -182,32 +194,36 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     try:
         for index, line, changed in iter_lines(items, input_store.get, options,
                                                concurrency=concurrency, errors=errors,
-                                               max_pixels=max_pixels):
+                                               max_pixels=max_pixels, indices=todo):
+            beat()
             writer.write(line)
             lines.append(index)
             transformed += changed
         parts = writer.close()
+        beat()
     except BaseException:
         writer.abort()
-        if upload is not None:  # don't leave a half-sent upload behind
+        with upload_lock:
+            opened = upload
+        if opened is not None:  # don't leave a half-sent upload behind
             try:
-                client.abort_upload(upload.file_id, upload.upload_id)
-                state.delete(layout.shard_doc(shard, "upload"))
-            except Exception:  # the retry will abort it from upload.json
+                client.abort_upload(opened.file_id, opened.upload_id)
+                state.delete(doc("upload"))
+            except Exception:  # the next attempt aborts it from upload.json
                 log.warning("shard %d: could not abort the upload", shard, exc_info=True)
         raise
 
     build = ShardBuild(lines=lines, errors=errors, bytes=writer.bytes, parts=len(parts),
                        part_size=part_size, transformed=transformed,
                        build_seconds=round(time.time() - started, 3))
-    put_json(state, layout.shard_doc(shard, "build"), build.model_dump())
+    put_json(state, doc("build"), build.model_dump())
     if upload is None:
         return build, None
     batch = client.complete_upload(upload.file_id, upload.upload_id, parts, model=model)
     record = BatchRecord(batch_id=batch.id, file_id=upload.file_id, submitted_at=time.time(),
                          lines=len(lines))
-    put_json(state, layout.shard_doc(shard, "batch"), record.model_dump())
-    state.delete(layout.shard_doc(shard, "upload"))
-    log.info("shard %d: batch %s submitted (%d lines, %d bytes, %d parts)",
-             shard, batch.id, len(lines), writer.bytes, len(parts))
+    put_json(state, doc("batch"), record.model_dump())
+    state.delete(doc("upload"))
+    log.info("shard %d round %d: batch %s submitted (%d lines, %d bytes, %d parts)",
+             shard, rnd, batch.id, len(lines), writer.bytes, len(parts))
     return build, record

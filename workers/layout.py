@@ -5,13 +5,20 @@
     _moonbatch/spec.json                   the run spec (written once at submit)
     _moonbatch/plan.json                   {"shards": N, "items": M, ...} once listing is done
     _moonbatch/plan/shard-00000.jsonl      the shard's items: {"id", "size"} per line
-    _moonbatch/shards/00000/upload.json    multipart upload in flight
-    _moonbatch/shards/00000/build.json     line_index → item mapping and pre-send errors
-    _moonbatch/shards/00000/batch.json     the submitted batch id
-    _moonbatch/shards/00000/progress.json  last polled status (no URLs)
+    _moonbatch/shards/00000/lease.json     who builds the shard now (see workers.lease)
+    _moonbatch/shards/00000/r0/todo.json   items of round r (r > 0: those to retry)
+    _moonbatch/shards/00000/r0/upload.json    multipart upload in flight
+    _moonbatch/shards/00000/r0/build.json     line_index → item mapping and pre-send errors
+    _moonbatch/shards/00000/r0/batch.json     the submitted batch id
+    _moonbatch/shards/00000/r0/progress.json  last polled status (no URLs)
+    _moonbatch/shards/00000/r0/rows.jsonl     the round's merged rows
     _moonbatch/shards/00000/done.json      merged: counts and usage
     _moonbatch/failed.json                 why the run cannot complete
+    _moonbatch/cancelled.json              the run was cancelled
     _moonbatch/finalized                   guard: run.json was finalised
+
+A round is one batch for a set of the shard's items: round 0 sends every item; a batch that
+failed transiently, or lines that came back ``processing_error``, go into the next round.
 
 Keys are deterministic, so a retried or redelivered task finds what an earlier attempt wrote.
 """
@@ -22,6 +29,7 @@ STATE = "_moonbatch/"
 SPEC = STATE + "spec.json"
 PLAN = STATE + "plan.json"
 FAILED = STATE + "failed.json"
+CANCELLED = STATE + "cancelled.json"
 FINALIZED = STATE + "finalized"
 SUMMARY = "run.json"
 RESULTS = "results/"
@@ -33,9 +41,21 @@ def plan_items(shard: int) -> str:
     return f"{STATE}plan/shard-{shard:05d}.jsonl"
 
 
+def shard_prefix(shard: int) -> str:
+    """Prefix of every state document of the shard."""
+    return f"{SHARDS}{shard:05d}/"
+
+
 def shard_doc(shard: int, name: str) -> str:
-    """Key of one of the shard's state documents: upload, build, batch, progress, done."""
+    """Key of a shard-level state document: ``done`` or ``lease``."""
     return f"{SHARDS}{shard:05d}/{name}.json"
+
+
+def round_doc(shard: int, rnd: int, name: str) -> str:
+    """Key of a round's document: todo, upload, build, batch, progress (``.json``) or rows
+    (``rows.jsonl``)."""
+    ext = "jsonl" if name == "rows" else "json"
+    return f"{SHARDS}{shard:05d}/r{rnd}/{name}.{ext}"
 
 
 def results(shard: int) -> str:

@@ -68,21 +68,27 @@ def _result_row(item_id: str, source: str, res: dict[str, Any], stats: MergeStat
     return orjson.dumps(row)
 
 
-def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_files: Iterable[bytes],
-               source_of: Callable[[str], str], *,
-               batch_error: dict[str, str] | None = None) -> tuple[bytes, MergeStats]:
-    """Merge a shard into its results JSONL (rows in plan order) and its stats.
+RETRYABLE_LINE_CODES = frozenset({"processing_error"})
 
-    Rows: ``{"id", "source", "status": "ok", "result", "usage"}`` or
-    ``{"id", "source", "status": "error", "error": {"code", "message"}}``. ``batch_error``
-    (``{"code", "message"}``) marks every sent line of a failed batch. Each result line is
-    parsed once and turned into its output row at once; only row bytes are kept, so memory is
-    about the size of the shard's results. Of two rows for one ``line_index`` the first wins.
+
+def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_files: Iterable[bytes],
+                source_of: Callable[[str], str], *, batch_error: dict[str, str] | None = None,
+                todo: Sequence[int] | None = None) -> tuple[dict[int, bytes], MergeStats, list[int]]:
+    """Merge one round (one batch) of a shard: ``({item index: row bytes}, stats, retryable)``.
+
+    ``todo`` are the item indices this round was for (default: every item); each gets exactly
+    one row. ``retryable`` lists the items whose row is a transient per-line error
+    (``processing_error``) that a later batch may fix. Rows: ``{"id", "source", "status": "ok",
+    "result", "usage"}`` or ``{"id", "source", "status": "error", "error": {"code",
+    "message"}}``; ``batch_error`` (``{"code", "message"}``) marks every sent line of a failed
+    batch. Each result line is parsed once and turned into its row at once; only row bytes are
+    kept. Of two rows for one ``line_index`` the first wins.
     """
     stats = MergeStats()
     lines = build.lines
     n_lines = len(lines)
-    out: list[bytes | None] = [None] * len(items)
+    out: dict[int, bytes] = {}
+    retryable: list[int] = []
     loads = orjson.loads
     with _gc_paused():
         for data in () if batch_error else result_files:
@@ -99,20 +105,23 @@ def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_files: Itera
                     stats.malformed += 1
                     continue
                 i = lines[li]
-                if out[i] is not None:
+                if i in out:
                     stats.duplicate += 1
                     continue
                 item_id = items[i].id
                 out[i] = _result_row(item_id, source_of(item_id), res, stats)
-        sent = set(lines) if len(lines) != len(items) else None
+                if res.get("status") != "ok" and (res.get("error") or {}).get("code") in \
+                        RETRYABLE_LINE_CODES:
+                    retryable.append(i)
+        sent = set(lines)
         line_of: dict[int, int] | None = None
-        for i, row in enumerate(out):
-            if row is not None:
+        for i in range(len(items)) if todo is None else todo:
+            if i in out:
                 continue
             item_id = items[i].id
             if (pre := build.errors.get(str(i))) is not None:
                 error = pre
-            elif sent is not None and i not in sent:  # must not be lost
+            elif i not in sent:  # must not be lost
                 error = {"code": "not_sent", "message": "item was not included in the batch"}
             elif batch_error is not None:
                 error = batch_error
@@ -125,7 +134,48 @@ def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_files: Itera
             stats.error += 1
             out[i] = orjson.dumps({"id": item_id, "source": source_of(item_id),
                                    "status": "error", "error": error})
-        return b"\n".join(out) + b"\n" if out else b"", stats  # type: ignore[arg-type]
+    return out, stats, retryable
+
+
+def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_files: Iterable[bytes],
+               source_of: Callable[[str], str], *,
+               batch_error: dict[str, str] | None = None) -> tuple[bytes, MergeStats]:
+    """Merge a single-round shard into its results JSONL (rows in plan order) and its stats;
+    see ``merge_round``."""
+    rows, stats, _ = merge_round(items, build, result_files, source_of, batch_error=batch_error)
+    return join_rows([rows[i] for i in range(len(items))]), stats
+
+
+def join_rows(rows: Sequence[bytes]) -> bytes:
+    """Rows → JSONL bytes (empty for no rows)."""
+    return b"\n".join(rows) + b"\n" if rows else b""
+
+
+def encode_round(rows: dict[int, bytes]) -> bytes:
+    """A round's rows as stored between rounds: ``<item index>\t<row>`` per line."""
+    return b"".join(b"%d\t%s\n" % (i, row) for i, row in sorted(rows.items()))
+
+
+def compose(n_items: int, rounds: Sequence[bytes]) -> tuple[list[bytes], int]:
+    """Final rows of a shard from its rounds' stored rows (``encode_round``), later rounds
+    overriding earlier ones: ``(rows in plan order, number of ok rows)``.
+
+    Raises ``ValueError`` naming the first item without a row (a bug: every round writes a row
+    for each of its items).
+    """
+    final: list[bytes | None] = [None] * n_items
+    for data in rounds:
+        for line in data.splitlines():
+            if line:
+                i, _, row = line.partition(b"\t")
+                final[int(i)] = row
+    missing = [i for i, row in enumerate(final) if row is None]
+    if missing:
+        raise ValueError(f"item {missing[0]} of the shard has no row ({len(missing)} missing)")
+    # Rows are serialised id, source, status, result/error in that order and quotes inside
+    # strings are escaped, so this marks exactly the ok rows.
+    ok = sum(1 for row in final if b'"status":"ok","result":' in row)
+    return final, ok  # type: ignore[return-value]
 
 
 def next_poll_interval(*, elapsed: float, total: int, completed: int,

@@ -149,6 +149,8 @@ class ShardDone(BaseModel):
     duplicate_rows: int = 0
     missing_rows: int = 0
     polls: int = 0
+    rounds: int = 1  # batches sent for this shard's items (retries included)
+    batch_ids: list[str] = Field(default_factory=list)
     submitted_at: float | None = None
     completed_at: float | None = None
     merged_at: float

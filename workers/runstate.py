@@ -79,29 +79,29 @@ class Progress:
         spec = get_json(st, layout.SPEC)
         plan = get_json_or_none(st, layout.PLAN)
         failed = get_json_or_none(st, layout.FAILED)
-        progress: dict[int, dict[str, Any]] = {}
+        cancelled = get_json_or_none(st, layout.CANCELLED)
+        latest: dict[int, int] = {}  # shard → latest round with a progress document
         submitted: set[int] = set()
+        batches = 0
         for obj in st.iter_objects(layout.SHARDS):
             shard_s, _, name = obj.key[len(layout.SHARDS):].partition("/")
             shard = int(shard_s)
             if name == "done.json" and shard not in self._done:
                 self._done[shard] = ShardDone.model_validate(get_json(st, obj.key))
-            elif name == "progress.json":
-                progress[shard] = {}
-            elif name == "batch.json":
+            elif name.endswith("/progress.json"):
+                latest[shard] = max(latest.get(shard, 0), int(name[1:name.index("/")]))
+            elif name.endswith("/batch.json"):
                 submitted.add(shard)
-        for shard in progress:
-            if shard not in self._done:
-                progress[shard] = get_json_or_none(st, layout.shard_doc(shard, "progress")) or {}
-        progress = {s: p for s, p in progress.items() if s not in self._done}
-        submitted |= {s for s, d in self._done.items() if d.batch_id}
+                batches += 1
+        progress = {s: get_json_or_none(st, layout.round_doc(s, r, "progress")) or {}
+                    for s, r in latest.items() if s not in self._done}
         done = self._done
         ok = sum(d.ok for d in done.values())
         err = sum(d.error for d in done.values())
         in_flight = sum(int(p.get("completed", 0)) + int(p.get("failed", 0))
                         for p in progress.values())
         total = plan["items"] if plan else None
-        status = "failed" if failed else "running"
+        status = "cancelled" if cancelled else "failed" if failed else "running"
         shards_total = plan["shards"] if plan else None
         return {
             "run_id": spec["run_id"],
@@ -113,16 +113,19 @@ class Progress:
             "model": spec.get("model"),
             "counts": {"total": total, "ok": ok, "error": err, "done": ok + err,
                        "in_flight": in_flight, "skipped": plan.get("skipped", 0) if plan else None},
-            "shards": {"total": shards_total, "merged": len(done), "submitted": len(submitted)},
+            "shards": {"total": shards_total, "merged": len(done), "submitted": len(submitted),
+                       "batches_submitted": batches},
             "usage": {"input_tokens": sum(d.input_tokens for d in done.values()),
                       "output_tokens": sum(d.output_tokens for d in done.values())},
             "timings": {"created_at": spec["created_at"],
                         "planned_at": plan.get("planned_at") if plan else None,
                         "finished_at": None},
             "batches": [{"shard": s, "batch_id": d.batch_id, "status": d.batch_status,
-                         "items": d.total, "ok": d.ok, "error": d.error, "polls": d.polls}
+                         "items": d.total, "ok": d.ok, "error": d.error, "polls": d.polls,
+                         "rounds": d.rounds, "batch_ids": d.batch_ids}
                         for s, d in sorted(done.items())],
             "failure": failed,
+            "cancelled": cancelled,
         }
 
     def complete(self) -> bool:
@@ -141,7 +144,7 @@ def maybe_finalize(store: Store) -> bool:
     ``finished_at``, and the ``finalized`` marker is written with a conditional put, so one
     caller wins. Returns True if this call wrote the marker.
     """
-    if store.exists(layout.FINALIZED):
+    if store.exists(layout.FINALIZED) or store.exists(layout.CANCELLED):
         return False
     progress = Progress(store)
     if not progress.complete():

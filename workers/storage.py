@@ -7,6 +7,8 @@ yields is relative to that root, so an item's id is its key in the input store.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -53,6 +55,15 @@ class Store(Protocol):
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Write the object. With ``if_absent``, write only if no object exists at ``key`` and
         return False (writing nothing) when one does; otherwise always write and return True."""
+        ...
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Return the object's bytes and a version token (its ETag); raise ``NotFound``."""
+        ...
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> bool:
+        """Compare-and-swap: write only if the object's version is still ``version``; return
+        False (writing nothing) if it changed or vanished."""
         ...
 
     def exists(self, key: str) -> bool:
@@ -147,6 +158,24 @@ class LocalStore:
         finally:
             if tmp:
                 os.unlink(tmp)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, hashlib.md5(data).hexdigest()
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # An exclusive lock on a sidecar serialises CAS between processes of this machine.
+        with open(path.parent / f".{path.name}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = hashlib.md5(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                return False
+            if current != version:
+                return False
+            return self.put(key, data)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -248,6 +277,31 @@ class S3Store:
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if if_absent and (status == 412 or exc.response["Error"]["Code"] == "PreconditionFailed"):
+                return False
+            raise self._error(key, exc) from None
+        except BotoCoreError as exc:
+            raise self._error(key, exc) from None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            return resp["Body"].read(), resp["ETag"]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(key, exc) from None
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                                   IfMatch=version)
+            return True
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (404, 409, 412) or exc.response["Error"]["Code"] in (
+                    "PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict"):
                 return False
             raise self._error(key, exc) from None
         except BotoCoreError as exc:

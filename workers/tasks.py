@@ -1,12 +1,14 @@
 """Celery tasks of the shard pipeline: thin wrappers that load state, call the pure pieces, save.
 
-    build_shard ──► poll_batch ──(countdown, re-enqueued)──► merge_shard ──► finalize
-                     (never sleeps in a worker slot)
+    build_shard(r) ──► poll_batch(r) ──(countdown, re-enqueued)──► merge_round(r) ──► finish
+        ▲                 (never sleeps in a worker slot)              │
+        └───────── round r+1: failed batch, or processing_error lines ─┘
 
-Arguments are ``(output_url, run_id, shard, ...)`` and small numbers: no API key, no presigned
-URL, no payload (Flower shows arguments; FACTS.md). Every task is idempotent, so a redelivered or
-retried message changes nothing: see ``workers.builder.build_and_submit`` and the write-once
-results in ``merge_shard``.
+Arguments are ``(output_url, run_id, shard, round, ...)`` and small values: no API key, no
+presigned URL, no payload (Flower shows arguments; FACTS.md). Delivery is at-least-once, so
+every task is idempotent: it first looks at what storage already holds. ``advance_shard`` derives
+a shard's next step from storage alone; ``moonbatch resume`` and the periodic ``reconcile`` task
+use it to re-enqueue work the broker lost.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import uuid
+from typing import Any
 
 from celery import Task
 
@@ -21,15 +25,25 @@ from config import get_settings
 from workers import layout
 from workers.app import app
 from workers.builder import build_and_submit
-from workers.merge import merge_rows, next_poll_interval
+from workers.downloader import fetch_results
+from workers.lease import Lease, LeaseLost, lease_is_live
+from workers.merge import compose, encode_round, join_rows, merge_round, next_poll_interval
 from workers.models import BatchRecord, ShardBuild, ShardDone
 from workers.moondream import BatchClient, TransientError
-from workers.runstate import maybe_finalize, open_output, open_run, record_failure
-from workers.storage import StorageError, get_json, get_json_or_none, put_json
+from workers.runstate import Run, maybe_finalize, open_output, open_run, record_failure
+from workers.storage import StorageError, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = (TransientError, StorageError, ConnectionError, TimeoutError, OSError)
+# Batch-level codes worth a resubmission; the others (validation_error, limit_exceeded,
+# empty_batch, invalid_model) would fail the same way again (seed 002, "Batch-level errors").
+TRANSIENT_BATCH_CODES = frozenset({"processing_failed", "timeout"})
+ACTIVE_RUNS = "moonbatch:active-runs"
+
+
+class RunCancelled(Exception):
+    """The run was cancelled: stop quietly."""
 
 
 @functools.cache
@@ -53,101 +67,315 @@ class RunTask(Task):
     max_retries = 8
     acks_late = True
 
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: D401, ANN001
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001
         try:
-            output = args[0]
             where = f"{self.name} shard {args[2]}" if len(args) > 2 else self.name
-            store = open_output(output, get_settings())
-            record_failure(store, where=where,
+            record_failure(open_output(args[0], get_settings()), where=where,
                            error=f"{type(exc).__name__}: {exc}")
         except Exception:
             log.exception("could not record the failure of %s", self.name)
 
 
+def _stopped(store: Store, shard: int) -> bool:
+    """True if the run was cancelled or the shard is already merged."""
+    return store.exists(layout.CANCELLED) or store.exists(layout.shard_doc(shard, "done"))
+
+
+def _todo(store: Store, shard: int, rnd: int) -> list[int] | None:
+    """The item indices of round ``rnd`` (None: every item, round 0)."""
+    if rnd == 0:
+        return None
+    return get_json(store, layout.round_doc(shard, rnd, "todo"))["items"]
+
+
+def _next_round(output: str, run_id: str, shard: int, rnd: int, items: list[int],
+                reason: str) -> None:
+    store = open_output(output, get_settings())
+    put_json(store, layout.round_doc(shard, rnd + 1, "todo"), {"items": items, "reason": reason},
+             if_absent=True)
+    build_shard.delay(output, run_id, shard, rnd + 1)
+
+
 @app.task(bind=True, base=RunTask, name="moonbatch.build_shard")
-def build_shard(self: Task, output: str, run_id: str, shard: int) -> None:
-    """Build, upload and submit the shard's batch, then schedule its first poll."""
+def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) -> None:
+    """Build, upload and submit round ``rnd`` of the shard under its lease, then schedule the
+    first poll. If another live worker holds the lease, check back later."""
     settings = get_settings()
     run = open_run(output, settings, run_id)
-    build, batch = build_and_submit(
-        shard=shard, items=run.items(shard), options=run.spec.options, model=run.spec.model,
-        input_store=run.input, state=run.output, client=batch_client(),
-        part_size=settings.part_size, concurrency=settings.fetch_concurrency,
-        max_pixels=run.spec.max_pixels, upload_concurrency=settings.upload_concurrency,
-    )
+    store = run.output
+    if _stopped(store, shard):
+        return
+    lease = Lease(store, layout.shard_doc(shard, "lease"), self.request.id or uuid.uuid4().hex,
+                  settings.lease_seconds)
+    if not lease.acquire():
+        build_shard.apply_async((output, run_id, shard, rnd), countdown=settings.lease_seconds / 2)
+        return
+    last_check = [time.monotonic()]
+
+    def heartbeat() -> None:
+        if time.monotonic() - last_check[0] >= settings.lease_seconds / 4:
+            last_check[0] = time.monotonic()
+            if store.exists(layout.CANCELLED):
+                raise RunCancelled(run_id)
+            lease.renew()
+
+    try:
+        _, batch = build_and_submit(
+            shard=shard, items=run.items(shard), options=run.spec.options, model=run.spec.model,
+            input_store=run.input, state=store, client=batch_client(),
+            part_size=settings.part_size, concurrency=settings.fetch_concurrency,
+            max_pixels=run.spec.max_pixels, upload_concurrency=settings.upload_concurrency,
+            rnd=rnd, todo=_todo(store, shard, rnd), heartbeat=heartbeat)
+    except (LeaseLost, RunCancelled) as exc:
+        log.info("shard %d: build stopped: %s", shard, exc)
+        return
+    finally:
+        lease.release()
     if batch is None:  # nothing sendable: only error rows to write
-        merge_shard.delay(output, run_id, shard)
+        merge_round_task.delay(output, run_id, shard, rnd)
     else:
-        poll_batch.apply_async((output, run_id, shard), countdown=settings.poll_min_interval)
+        poll_batch.apply_async((output, run_id, shard, rnd, uuid.uuid4().hex),
+                               countdown=settings.poll_min_interval)
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.poll_batch")
-def poll_batch(self: Task, output: str, run_id: str, shard: int, polls: int = 0,
-               last: list[float] | None = None) -> None:
-    """Poll the shard's batch once; re-enqueue itself with an adaptive countdown until the batch
-    is ``completed`` or ``failed``, then hand over to ``merge_shard``."""
+def poll_batch(self: Task, output: str, run_id: str, shard: int, rnd: int = 0, chain: str = "",
+               polls: int = 0, last: list[float] | None = None) -> None:
+    """Poll round ``rnd``'s batch once; re-enqueue itself with an adaptive countdown until the
+    batch is ``completed`` or ``failed``, then hand over to ``merge_round``.
+
+    Each chain of polls has an id; a chain that finds another one alive (its next poll is due
+    soon) stops, so resumes and reconciles never leave two chains polling one batch.
+    """
     settings = get_settings()
     store = open_output(output, settings)
-    if store.exists(layout.shard_doc(shard, "done")):
+    if _stopped(store, shard):
         return
-    record = BatchRecord.model_validate(get_json(store, layout.shard_doc(shard, "batch")))
+    now = time.time()
+    prev = get_json_or_none(store, layout.round_doc(shard, rnd, "progress"))
+    if prev and prev.get("chain") != chain and prev.get("next_at", 0) + _grace(settings) > now:
+        return
+    record = BatchRecord.model_validate(get_json(store, layout.round_doc(shard, rnd, "batch")))
     status = batch_client().get_batch(record.batch_id)
     now = time.time()
     prog = status.progress
-    put_json(store, layout.shard_doc(shard, "progress"), {
-        "batch_id": status.id, "status": status.status, "polls": polls + 1, "polled_at": now,
-        "total": prog.get("total", record.lines), "completed": prog.get("completed", 0),
-        "failed": prog.get("failed", 0)})
-    if status.done:
-        merge_shard.delay(output, run_id, shard, polls + 1)
-        return
     completed = int(prog.get("completed", 0)) + int(prog.get("failed", 0))
-    countdown = next_poll_interval(
+    countdown = 0.0 if status.done else next_poll_interval(
         elapsed=now - record.submitted_at, total=int(prog.get("total", record.lines)),
         completed=completed, last=(last[0], int(last[1])) if last else None, now=now,
         min_interval=settings.poll_min_interval,
         max_interval=min(settings.poll_max_interval, settings.visibility_timeout / 4))
-    poll_batch.apply_async((output, run_id, shard, polls + 1, [now, completed]),
-                           countdown=countdown)
+    put_json(store, layout.round_doc(shard, rnd, "progress"), {
+        "batch_id": status.id, "status": status.status, "chain": chain, "polls": polls + 1,
+        "polled_at": now, "next_at": now + countdown,
+        "total": prog.get("total", record.lines), "completed": prog.get("completed", 0),
+        "failed": prog.get("failed", 0)})
+    if status.done:
+        merge_round_task.delay(output, run_id, shard, rnd, polls + 1)
+    else:
+        poll_batch.apply_async((output, run_id, shard, rnd, chain, polls + 1, [now, completed]),
+                               countdown=countdown)
 
 
-@app.task(bind=True, base=RunTask, name="moonbatch.merge_shard")
-def merge_shard(self: Task, output: str, run_id: str, shard: int, polls: int = 0) -> None:
-    """Download the batch's result files (fresh URLs from a new status call), merge them with
-    the shard's plan into ``results/shard-N.jsonl`` (written once), record the shard done, and
-    finalise the run if it was the last one."""
+@app.task(bind=True, base=RunTask, name="moonbatch.merge_round")
+def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int = 0,
+                     polls: int = 0) -> None:
+    """Merge round ``rnd``: download and verify its result files (fresh URLs), write the
+    round's rows, then start the next round for what can be retried, or finish the shard."""
     settings = get_settings()
     run = open_run(output, settings, run_id)
     store = run.output
-    if not store.exists(layout.shard_doc(shard, "done")):
+    if store.exists(layout.CANCELLED):
+        return
+    if store.exists(layout.shard_doc(shard, "done")):
+        maybe_finalize(store)
+        return
+    merged = get_json_or_none(store, layout.round_doc(shard, rnd, "merged"))
+    if merged is None or not store.exists(layout.round_doc(shard, rnd, "rows")):
+        todo = _todo(store, shard, rnd)
         items = run.items(shard)
-        build = ShardBuild.model_validate(get_json(store, layout.shard_doc(shard, "build")))
-        raw_batch = get_json_or_none(store, layout.shard_doc(shard, "batch"))
-        record = BatchRecord.model_validate(raw_batch) if raw_batch else None
+        build = ShardBuild.model_validate(get_json(store, layout.round_doc(shard, rnd, "build")))
+        raw = get_json_or_none(store, layout.round_doc(shard, rnd, "batch"))
+        record = BatchRecord.model_validate(raw) if raw else None
         status = batch_client().get_batch(record.batch_id) if record else None
         files: list[bytes] = []
         batch_error = None
+        fetched: dict[str, int] = {}
         if status is not None and status.status == "failed":
-            batch_error = {"code": status.error_code(),
+            code = status.error_code()
+            if code in TRANSIENT_BATCH_CODES and rnd + 1 < settings.max_item_attempts:
+                log.warning("shard %d: batch %s failed (%s); resubmitting", shard, status.id, code)
+                _next_round(output, run_id, shard, rnd,
+                            todo if todo is not None else list(range(len(items))),
+                            f"batch {status.id} failed: {code}")
+                return
+            batch_error = {"code": code,
                            "message": f"batch {status.id} failed: {status.error_message()}"}
         elif status is not None:
-            files = [batch_client().download(o) for o in sorted(status.outputs, key=lambda o: o.index)]
-        data, stats = merge_rows(items, build, files, run.input.url_for, batch_error=batch_error)
-        if data:
-            store.put(layout.results(shard), data, if_absent=True)
-        done = ShardDone(
-            shard=shard, batch_id=record.batch_id if record else None,
-            batch_status=status.status if status else None, total=len(items), ok=stats.ok,
-            error=stats.error, input_tokens=stats.input_tokens, output_tokens=stats.output_tokens,
-            duplicate_rows=stats.duplicate, missing_rows=stats.missing, polls=polls,
-            submitted_at=record.submitted_at if record else None, completed_at=time.time(),
-            merged_at=time.time())
-        put_json(store, layout.shard_doc(shard, "done"), done.model_dump(), if_absent=True)
-        log.info("shard %d merged: %d ok, %d error", shard, stats.ok, stats.error)
-    maybe_finalize(store)
+            files, dstats = fetch_results(batch_client(), status)
+            fetched = {"corrupt_downloads": dstats.corrupt, "url_refreshes": dstats.refreshes}
+        rows, stats, retryable = merge_round(items, build, files, run.input.url_for,
+                                             batch_error=batch_error, todo=todo)
+        merged = {"batch_id": record.batch_id if record else None,
+                  "batch_status": status.status if status else None, "polls": polls,
+                  "ok": stats.ok, "error": stats.error, "input_tokens": stats.input_tokens,
+                  "output_tokens": stats.output_tokens, "duplicate": stats.duplicate,
+                  "missing": stats.missing, "retryable": retryable, **fetched}
+        put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
+        store.put(layout.round_doc(shard, rnd, "rows"), encode_round(rows), if_absent=True)
+    if merged["retryable"] and rnd + 1 < settings.max_item_attempts:
+        _next_round(output, run_id, shard, rnd, merged["retryable"], "processing_error")
+        return
+    _finish_shard(run, shard, rnd)
+
+
+def _finish_shard(run: Run, shard: int, last_round: int) -> None:
+    """Compose the shard's final rows from its rounds, write them once, record it done."""
+    store = run.output
+    items = run.items(shard)
+    rounds, merged = [], []
+    for r in range(last_round + 1):
+        data = store.get(layout.round_doc(shard, r, "rows")) if store.exists(
+            layout.round_doc(shard, r, "rows")) else None
+        if data is not None:
+            rounds.append(data)
+            merged.append(get_json(store, layout.round_doc(shard, r, "merged")))
+    final, ok = compose(len(items), rounds)
+    store.put(layout.results(shard), join_rows(final), if_absent=True)
+    batch_ids = [m["batch_id"] for m in merged if m["batch_id"]]
+    first = get_json_or_none(store, layout.round_doc(shard, 0, "batch"))
+    done = ShardDone(
+        shard=shard, batch_id=batch_ids[0] if batch_ids else None,
+        batch_status=merged[-1]["batch_status"] if merged else None, total=len(items), ok=ok,
+        error=len(items) - ok, input_tokens=sum(m["input_tokens"] for m in merged),
+        output_tokens=sum(m["output_tokens"] for m in merged),
+        duplicate_rows=sum(m["duplicate"] for m in merged),
+        missing_rows=sum(m["missing"] for m in merged), polls=sum(m["polls"] for m in merged),
+        rounds=last_round + 1, batch_ids=_all_batch_ids(store, shard, last_round),
+        submitted_at=first["submitted_at"] if first else None, completed_at=time.time(),
+        merged_at=time.time())
+    put_json(store, layout.shard_doc(shard, "done"), done.model_dump(), if_absent=True)
+    log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
+             last_round + 1)
+    if maybe_finalize(store):
+        _forget_active(run.spec.output)
+
+
+def _all_batch_ids(store: Store, shard: int, last_round: int) -> list[str]:
+    ids = []
+    for r in range(last_round + 1):
+        doc = get_json_or_none(store, layout.round_doc(shard, r, "batch"))
+        if doc:
+            ids.append(doc["batch_id"])
+    return ids
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.finalize_run")
-def finalize_run(self: Task, output: str, run_id: str, shard: int = -1) -> None:
+def finalize_run(self: Task, output: str, run_id: str) -> None:
     """Finalise the run if every shard is merged (idempotent; see ``maybe_finalize``)."""
-    maybe_finalize(open_output(output, get_settings()))
+    if maybe_finalize(open_output(output, get_settings())):
+        _forget_active(output)
+
+
+# -- recovery -----------------------------------------------------------------------------------
+def _grace(settings: Any) -> float:
+    """How late a scheduled poll may be before its chain counts as lost."""
+    return max(3 * settings.poll_min_interval, 30.0 if settings.poll_min_interval >= 1 else 3.0)
+
+
+def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None = None) -> str | None:
+    """Look at the shard's state in storage and enqueue its next step; return what was done
+    (``"build"``, ``"poll"``, ``"merge"``) or None.
+
+    With ``only_stale`` (the reconciler), only work that should have moved and did not is
+    re-enqueued: a poll chain whose next poll is overdue, a merge that never ran, a build whose
+    lease expired. Without it (``moonbatch resume`` after the broker lost its queues), every
+    unfinished shard is re-enqueued unless a live lease shows it is being built. Duplicates are
+    harmless: leases, poll-chain ids and write-once results absorb them.
+    """
+    settings = get_settings()
+    store = run.output
+    now = time.time() if now is None else now
+    prefix = layout.shard_prefix(shard)
+    docs = {o.key[len(prefix):] for o in store.iter_objects(prefix)}
+    if "done.json" in docs:
+        return None
+    rounds = sorted({int(k[1:k.index("/")]) for k in docs if k.startswith("r") and "/" in k})
+    rnd = rounds[-1] if rounds else 0
+    args = (run.spec.output, run.spec.run_id, shard, rnd)
+    if f"r{rnd}/rows.jsonl" in docs or (f"r{rnd}/build.json" in docs
+                                         and f"r{rnd}/batch.json" not in docs):
+        merge_round_task.delay(*args)
+        return "merge"
+    if f"r{rnd}/batch.json" in docs:
+        progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress"))
+        if only_stale:
+            if progress is None:
+                batch = get_json(store, layout.round_doc(shard, rnd, "batch"))
+                if batch["submitted_at"] + settings.poll_min_interval + _grace(settings) > now:
+                    return None
+            elif progress.get("next_at", 0) + _grace(settings) > now:
+                return None
+        if progress and progress.get("status") in ("completed", "failed"):
+            merge_round_task.delay(*args)
+            return "merge"
+        poll_batch.delay(*args, uuid.uuid4().hex)
+        return "poll"
+    lease_key = layout.shard_doc(shard, "lease")
+    if lease_is_live(store, lease_key, now):
+        return None
+    if only_stale and "lease.json" not in docs:
+        return None  # never started: its message is queued (resume covers a lost queue)
+    build_shard.delay(*args)
+    return "build"
+
+
+def mark_active(output: str) -> None:
+    """Add a run to the reconciler's set (Redis result backends only; best effort)."""
+    client = _redis()
+    if client is not None:
+        client.sadd(ACTIVE_RUNS, output)
+
+
+def _forget_active(output: str) -> None:
+    client = _redis()
+    if client is not None:
+        client.srem(ACTIVE_RUNS, output)
+
+
+def _redis():
+    backend = app.backend
+    return getattr(backend, "client", None) if type(backend).__name__ == "RedisBackend" else None
+
+
+@app.task(name="moonbatch.reconcile", ignore_result=True)
+def reconcile() -> dict[str, int]:
+    """Periodic (Celery beat): re-enqueue stale work of every active run — polls whose chain
+    stopped (a lost ETA message), merges that never ran, builds whose worker died."""
+    settings = get_settings()
+    client = _redis()
+    counts: dict[str, int] = {}
+    if client is None:
+        return counts
+    for raw in client.smembers(ACTIVE_RUNS):
+        output = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            store = open_output(output, settings)
+            if store.exists(layout.FINALIZED) or store.exists(layout.CANCELLED):
+                client.srem(ACTIVE_RUNS, output)
+                continue
+            plan = get_json_or_none(store, layout.PLAN)
+            if plan is None:
+                continue
+            run = open_run(output, settings)
+            for shard in range(plan["shards"]):
+                action = advance_shard(run, shard, only_stale=True)
+                if action:
+                    counts[action] = counts.get(action, 0) + 1
+            if maybe_finalize(store):
+                client.srem(ACTIVE_RUNS, output)
+        except Exception:
+            log.exception("reconcile of %s failed", output)
+    if counts:
+        log.warning("reconcile re-enqueued %s", counts)
+    return counts
