@@ -167,6 +167,8 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
                             f"  ok {c['ok']}  error {c['error']}")
             if snap["status"] == "completed":
                 return snap
+            if snap["status"] == "cancelled":
+                raise Fail(f"run {snap['run_id']} was cancelled")
             if snap["failure"]:
                 f = snap["failure"]
                 raise Fail(f"run {snap['run_id']} cannot complete: {f['where']}: {f['error']}")
@@ -301,6 +303,83 @@ def wait(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id o
 
     with _cli_errors():
         _print_summary(_watch(resolve_run(run_ref), get_settings(), workers=None, timeout=timeout))
+
+
+@app.command()
+def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")]
+           ) -> None:
+    """Re-enqueue whatever a run still needs (after the broker lost its queues, or a failure
+    you have fixed). Batches that exist are polled, not submitted again."""
+    from config import get_settings
+    from producer.runs import register_run, resolve_run
+    from workers import layout
+    from workers.runstate import open_run
+    from workers.storage import get_json_or_none
+    from workers.tasks import advance_shard, finalize_run, mark_active
+
+    with _cli_errors():
+        settings = get_settings()
+        output = resolve_run(run_ref)
+        run = open_run(output, settings)
+        store = run.output
+        if store.exists(layout.FINALIZED):
+            out.print(f"run {run.spec.run_id} is already complete")
+            return
+        if store.exists(layout.CANCELLED):
+            raise Fail(f"run {run.spec.run_id} was cancelled; start a new run instead")
+        plan = get_json_or_none(store, layout.PLAN)
+        if plan is None:
+            raise Fail(f"run {run.spec.run_id} was never fully planned (the producer stopped "
+                       "while listing); submit it again to a new OUTPUT")
+        store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
+        register_run(run.spec.run_id, output)
+        mark_active(output)
+        counts: dict[str, int] = {}
+        for shard in range(plan["shards"]):
+            action = advance_shard(run, shard, only_stale=False) or "nothing"
+            counts[action] = counts.get(action, 0) + 1
+        finalize_run.delay(output, run.spec.run_id)
+        out.print(f"run {run.spec.run_id}: " + ", ".join(
+            f"{n} shard(s) {a}" for a, n in sorted(counts.items())))
+
+
+@app.command()
+def cancel(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")]
+           ) -> None:
+    """Stop a run: queued work becomes a no-op, builds in progress abort their uploads, open
+    uploads are aborted, and run.json says "cancelled". Batches already submitted run on at
+    the API (it has no cancel); their results are not merged."""
+    from config import get_settings
+    from producer.runs import resolve_run
+    from workers import layout
+    from workers.runstate import Progress as RunProgress
+    from workers.runstate import open_output
+    from workers.storage import get_json_or_none, put_json
+    from workers.tasks import forget_active, batch_client
+
+    with _cli_errors():
+        settings = get_settings()
+        output = resolve_run(run_ref)
+        store = open_output(output, settings)
+        if store.exists(layout.FINALIZED):
+            raise Fail("the run is already complete")
+        put_json(store, layout.CANCELLED, {"at": time.time()}, if_absent=True)
+        aborted = 0
+        if settings.moondream_api_key is not None:
+            for obj in store.iter_objects(layout.SHARDS):
+                if obj.key.endswith("/upload.json"):
+                    doc = get_json_or_none(store, obj.key)
+                    if doc:
+                        batch_client().abort_upload(doc["file_id"], doc["upload_id"])
+                        store.delete(obj.key)
+                        aborted += 1
+        snap = RunProgress(store).snapshot()
+        snap["status"] = "cancelled"
+        snap["timings"]["finished_at"] = time.time()
+        put_json(store, layout.SUMMARY, snap)
+        forget_active(output)
+        out.print(f"run {snap['run_id']} cancelled ({aborted} open upload(s) aborted; "
+                  f"{snap['counts']['done']} item(s) had results)")
 
 
 def skimage_data_dir() -> Path:

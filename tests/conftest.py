@@ -207,3 +207,60 @@ def jpeg_bytes(size=(64, 48), color=(200, 30, 30), mode="RGB", quality=90) -> by
     buf = io.BytesIO()
     Image.new(mode, size, color).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+class Worker:
+    """A ``celery -A workers worker`` process on ``queue`` (a context manager)."""
+
+    def __init__(self, env: dict[str, str], queue: str, log_path: Path, concurrency: int = 2,
+                 extra: list[str] | None = None) -> None:
+        self.log_path = log_path
+        self.args = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c",
+                     str(concurrency), "-Q", queue, "--loglevel", "INFO", "--without-mingle",
+                     "--without-gossip", "-n", f"w-{uuid.uuid4().hex[:6]}@%h", *(extra or [])]
+        self.env = {**env, "MOONBATCH_QUEUE": queue}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Worker:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes (no warm shutdown, no acks)."""
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_run(s3, bucket: str, prefix: str, timeout: float = 120) -> dict:
+    """Poll ``run.json`` until the run is final; return it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            doc = read_json(s3, bucket, prefix + "run.json")
+            if doc.get("status") in ("completed", "failed", "cancelled") and "counts" in doc:
+                return doc
+        except s3.exceptions.NoSuchKey:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"run at {prefix} not final after {timeout}s")

@@ -139,7 +139,8 @@ def prepare_image(data: bytes, *, limit: int, max_pixels: int = 0) -> PreparedIm
     except Exception as exc:  # Pillow raises many types on corrupt headers
         raise ItemError("image_decode_failed", f"cannot read image header: {exc}") from None
     over_budget = max_pixels > 0 and width * height > max_pixels
-    if fmt in API_FORMATS and len(data) <= limit and not over_budget:
+    # CMYK JPEGs (print workflows) are decoded wrongly by many readers: send them as RGB.
+    if fmt in API_FORMATS and len(data) <= limit and not over_budget and img.mode != "CMYK":
         return PreparedImage(data, "JPEG" if fmt == "MPO" else fmt, width, height)
     return _reencode(img, fmt, len(data), limit, max_pixels if over_budget else 0)
 
@@ -168,6 +169,7 @@ def _reencode(img, fmt: str, size: int, limit: int, max_pixels: int) -> Prepared
     otherwise JPEG, downscaled to ``max_pixels`` (if set) and further until within ``limit``."""
     from PIL import Image
 
+    mode = img.mode
     try:
         img.seek(0)
         if max_pixels:
@@ -178,8 +180,8 @@ def _reencode(img, fmt: str, size: int, limit: int, max_pixels: int) -> Prepared
         img = _flatten(img)
     except Exception as exc:
         raise ItemError("image_decode_failed", f"{fmt} image cannot be decoded: {exc}") from None
-    transform = "converted" if fmt not in API_FORMATS else "reencoded"
-    if transform == "converted" and not max_pixels:
+    transform = "converted" if fmt not in API_FORMATS or mode == "CMYK" else "reencoded"
+    if fmt not in API_FORMATS and not max_pixels:
         buf = io.BytesIO()
         img.save(buf, format="PNG", optimize=False)
         if buf.tell() <= limit:

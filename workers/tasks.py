@@ -258,7 +258,7 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
     log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
              last_round + 1)
     if maybe_finalize(store):
-        _forget_active(run.spec.output)
+        forget_active(run.spec.output)
 
 
 def _all_batch_ids(store: Store, shard: int, last_round: int) -> list[str]:
@@ -274,7 +274,7 @@ def _all_batch_ids(store: Store, shard: int, last_round: int) -> list[str]:
 def finalize_run(self: Task, output: str, run_id: str) -> None:
     """Finalise the run if every shard is merged (idempotent; see ``maybe_finalize``)."""
     if maybe_finalize(open_output(output, get_settings())):
-        _forget_active(output)
+        forget_active(output)
 
 
 # -- recovery -----------------------------------------------------------------------------------
@@ -337,7 +337,8 @@ def mark_active(output: str) -> None:
         client.sadd(ACTIVE_RUNS, output)
 
 
-def _forget_active(output: str) -> None:
+def forget_active(output: str) -> None:
+    """Remove a run from the reconciler's set (best effort)."""
     client = _redis()
     if client is not None:
         client.srem(ACTIVE_RUNS, output)
