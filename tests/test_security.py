@@ -1,0 +1,57 @@
+"""Secrets (the API key, presigned URLs) never reach task arguments, Celery messages and events
+(what Flower shows), logs, results, state documents or error text."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from tests.conftest import read_json, run_cli, upload_photos
+
+
+def test_no_secret_in_messages_events_logs_or_storage(s3, bucket, env, fleet, emulator):
+    from workers.app import app
+
+    emulator.config.lines_per_output_file = 1  # several presigned URLs per batch
+    events: list[dict] = []
+    ready = threading.Event()
+    receiver = {}
+
+    def capture() -> None:
+        with app.connection_for_read() as conn:
+            recv = app.events.Receiver(conn, handlers={"*": events.append})
+            receiver["r"] = recv
+            ready.set()
+            recv.capture(limit=None, timeout=None, wakeup=False)
+
+    thread = threading.Thread(target=capture, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    time.sleep(0.5)
+    upload_photos(s3, bucket, "p/", names=("coffee.png", "rocket.jpg", "chelsea.png"))
+    run_cli(["run", f"s3://{bucket}/p/", f"s3://{bucket}/o/", "--shard-size", "2",
+             "--workers", "0", "--timeout", "120"], env)
+    time.sleep(1)
+    receiver["r"].should_stop = True
+    thread.join(5)
+
+    key = env["MOONDREAM_API_KEY"]
+    secrets = (key, "signature=", "/_outputs/")
+    sent = [e for e in events if e.get("type") == "task-sent"]
+    names = {e.get("name") for e in sent}
+    assert {"moonbatch.build_shard", "moonbatch.poll_batch", "moonbatch.merge_round"} <= names
+    blob = json.dumps(events)
+    for secret in secrets:
+        assert secret not in blob, f"{secret!r} in a Celery event"
+    for e in sent:  # arguments are the OUTPUT URL, run id and small numbers only
+        assert f"s3://{bucket}/o/" in e["args"]
+
+    for obj in s3.list_objects_v2(Bucket=bucket, Prefix="o/")["Contents"]:
+        body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+        for secret in secrets:
+            assert secret not in body, f"{secret!r} in {obj['Key']}"
+    assert read_json(s3, bucket, "o/run.json")["status"] == "completed"
+    log = fleet.log_path.read_text()
+    for secret in secrets:
+        assert secret not in log, f"{secret!r} in the worker log"
