@@ -1,5 +1,5 @@
 """An emulator of the Moondream Batch API (seed 002) for tests, the demo and benchmarks."""
 
-from emulator.server import Emulator, EmulatorConfig, EmulatorServer
+from emulator.server import FAULT_KINDS, Emulator, EmulatorConfig, EmulatorServer, Faults
 
-__all__ = ["Emulator", "EmulatorConfig", "EmulatorServer"]
+__all__ = ["FAULT_KINDS", "Emulator", "EmulatorConfig", "EmulatorServer", "Faults"]

@@ -8,6 +8,10 @@ the same size is enforced. Inference is ``emulator.inference`` (deterministic, f
 
 Time is virtual only in that it is fast: a batch chunks for ``chunking_seconds`` and then
 processes ``lines_per_second`` lines after ``processing_seconds``; state advances when observed.
+
+Faults are injected on demand (``EmulatorConfig.faults``, a ``Faults``; none by default): 429s with
+``Retry-After``, 5xx, dropped connections, latency, truncated or silently corrupted downloads,
+failed batches and per-line ``processing_error`` rows. ``Emulator.injected`` counts them by kind.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ import os
 import random
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask, Response, request
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.serving import make_server
 
 from emulator.inference import LineError, infer
@@ -36,6 +43,67 @@ from emulator.inference import LineError, infer
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 MB = 1_000_000
+
+#: Keys of ``Emulator.injected``.
+FAULT_KINDS = ("429", "5xx", "drop", "truncate", "corrupt", "batch_failed", "line_error")
+
+_5XX = {500: ("internal_error", "Internal server error"),
+        502: ("bad_gateway", "Bad gateway"),
+        503: ("service_unavailable", "Service temporarily unavailable")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """Faults the emulator injects; the default injects none.
+
+    Immutable: change the faults of a running emulator by assigning a new one
+    (``server.config.faults = Faults(...)`` or ``dataclasses.replace(...)``); the next request
+    uses it, and the emulator's fault RNG restarts from its ``seed``.
+
+    - ``rate_429``, ``rate_5xx``, ``rate_drop``: fractions of authenticated API requests (every
+      ``/v1/batch`` endpoint; not output downloads, not ``/healthz``, not 401s) answered 429 (with
+      ``Retry-After: retry_after`` unless it is None), 500/502/503, or with the connection closed
+      and no response at all. One draw per request decides among them (their sum is at most 1).
+      The request never reaches its handler: an uploadpart so refused stores no part.
+    - ``latency``: every request but ``/healthz`` (downloads and 401s included) first waits
+      ``uniform(0, latency)`` seconds.
+    - ``rate_truncate``, ``rate_corrupt``: fractions of output downloads (the 200s) whose body is
+      cut after half (full ``Content-Length`` announced, then the connection closes), or has the
+      right length with a few bytes in the middle replaced by NUL (that JSON line no longer parses).
+    - ``batch_fail_rate``: fraction of batches that end ``failed`` with ``error.code =
+      batch_fail_code`` at the moment they would complete (after chunking).
+    - ``line_error_rate``: fraction of the lines of a completing batch whose row is a
+      ``processing_error``; drawn from an RNG seeded with (``seed``, batch id), so the same line
+      in another batch has a fresh chance.
+
+    Request-level faults draw from one ``random.Random(seed)`` (under the emulator's lock), in
+    the order requests arrive; batch and line faults from per-batch RNGs.
+    """
+
+    seed: int = 0
+    rate_429: float = 0.0
+    retry_after: float | None = 1.0
+    rate_5xx: float = 0.0
+    rate_drop: float = 0.0
+    latency: float = 0.0
+    rate_truncate: float = 0.0
+    rate_corrupt: float = 0.0
+    batch_fail_rate: float = 0.0
+    batch_fail_code: str = "processing_failed"
+    line_error_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("rate_429", "rate_5xx", "rate_drop", "rate_truncate", "rate_corrupt",
+                     "batch_fail_rate", "line_error_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Faults.{name} must be in [0, 1], not {value!r}")
+        if self.rate_429 + self.rate_5xx + self.rate_drop > 1.0 + 1e-9:
+            raise ValueError("Faults.rate_429 + rate_5xx + rate_drop must be at most 1")
+        if self.rate_truncate + self.rate_corrupt > 1.0 + 1e-9:
+            raise ValueError("Faults.rate_truncate + rate_corrupt must be at most 1")
+        if self.latency < 0 or (self.retry_after is not None and self.retry_after < 0):
+            raise ValueError("Faults.latency and retry_after must not be negative")
 
 
 @dataclasses.dataclass
@@ -55,6 +123,7 @@ class EmulatorConfig:
     max_lines: int = 100_000
     max_line_bytes: int = 10 * MB
     models: tuple[str, ...] = ("moondream3-preview",)
+    faults: Faults = dataclasses.field(default_factory=Faults)
 
 
 @dataclasses.dataclass
@@ -101,6 +170,52 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
 
 
+def _hang_up(sock: socket.socket | None) -> None:
+    """Close a client's TCP connection (FIN) under werkzeug's feet. The handler's own file
+    objects keep the descriptor open until it finishes, so it reads EOF rather than EBADF."""
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _dropped(sock: socket.socket | None) -> Response:
+    """A response that sends nothing: iterating it hangs up and raises ``ConnectionAbortedError``,
+    which werkzeug's dev server takes for a client that went away (no log, no traceback)."""
+    def body() -> Iterator[bytes]:
+        _hang_up(sock)
+        raise ConnectionAbortedError("connection dropped by fault injection")
+        yield b""  # pragma: no cover - makes this a generator
+
+    return Response(body(), status=500, mimetype="application/json")
+
+
+def _truncated(data: bytes, sock: socket.socket | None) -> Response:
+    """``data``'s full ``Content-Length``, then half of it, then the connection closes."""
+    def body() -> Iterator[bytes]:
+        yield data[:len(data) // 2]
+        _hang_up(sock)
+
+    return Response(body(), mimetype="application/x-ndjson",
+                    headers={"Content-Length": str(len(data))})
+
+
+def _corrupted(data: bytes) -> bytes:
+    """``data`` with up to 4 bytes from the middle on replaced by NUL (newlines kept): the same
+    length and line count, but that line is no longer JSON (NUL is valid in no JSON context)."""
+    buf = bytearray(data)
+    changed, i = 0, len(buf) // 2
+    while changed < 4 and i < len(buf):
+        if buf[i] != 0x0A:
+            buf[i] = 0
+            changed += 1
+        i += 1
+    return bytes(buf)
+
+
 class Emulator:
     """State and behaviour of one emulated account; ``app`` is its Flask application."""
 
@@ -112,6 +227,9 @@ class Emulator:
         self.lock = threading.RLock()
         self.secret = secrets.token_bytes(16)
         self.requests: dict[str, int] = {}
+        self.injected: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
+        self._rng = random.Random(0)
+        self._rng_faults: Faults | None = None
         self.app = self._make_app()
 
     def close(self) -> None:
@@ -122,6 +240,77 @@ class Emulator:
     def _count(self, action: str) -> None:
         with self.lock:
             self.requests[action] = self.requests.get(action, 0) + 1
+
+    def _inject(self, kind: str) -> None:
+        with self.lock:
+            self.injected[kind] += 1
+
+    def _fault_rng(self, faults: Faults) -> random.Random:
+        """The request-fault RNG (call with ``self.lock`` held); a new ``Faults`` reseeds it."""
+        if faults is not self._rng_faults:
+            self._rng = random.Random(faults.seed)
+            self._rng_faults = faults
+        return self._rng
+
+    def _delay(self, faults: Faults) -> None:
+        if faults.latency > 0:
+            with self.lock:
+                delay = self._fault_rng(faults).uniform(0, faults.latency)
+            time.sleep(delay)
+
+    def _request_fault(self, faults: Faults) -> Response | None:
+        """429, 5xx or a dropped connection for this API request, or None."""
+        total = faults.rate_429 + faults.rate_5xx + faults.rate_drop
+        if total <= 0:
+            return None
+        with self.lock:
+            rng = self._fault_rng(faults)
+            r = rng.random()
+            if r < faults.rate_429:
+                kind = "429"
+            elif r < faults.rate_429 + faults.rate_5xx:
+                kind, status = "5xx", rng.choice(sorted(_5XX))
+            elif r < total:
+                kind = "drop"
+            else:
+                return None
+            self.injected[kind] += 1
+        if kind == "drop":  # before the body is read: the client may still be sending it
+            return _dropped(request.environ.get("werkzeug.socket"))
+        self._discard_body()  # so that the client reads our answer, not a reset
+        if kind == "429":
+            response = _error(429, "rate_limited", "Rate limit exceeded; retry later",
+                              type_="rate_limit_error")
+            if faults.retry_after is not None:
+                response.headers["Retry-After"] = f"{faults.retry_after:g}"
+            return response
+        code, message = _5XX[status]
+        return _error(status, code, message, type_="server_error")
+
+    @staticmethod
+    def _discard_body() -> None:
+        try:
+            while request.stream.read(1024 * 1024):
+                pass
+        except (ClientDisconnected, OSError):
+            pass
+
+    def _download_fault(self, faults: Faults, data: bytes) -> Response | None:
+        total = faults.rate_truncate + faults.rate_corrupt
+        if total <= 0:
+            return None
+        with self.lock:
+            r = self._fault_rng(faults).random()
+            if r < faults.rate_truncate:
+                kind = "truncate"
+            elif r < total:
+                kind = "corrupt"
+            else:
+                return None
+            self.injected[kind] += 1
+        if kind == "truncate":
+            return _truncated(data, request.environ.get("werkzeug.socket"))
+        return Response(_corrupted(data), mimetype="application/x-ndjson")
 
     def _authorised(self) -> bool:
         key = request.headers.get("X-Moondream-Auth", "")
@@ -180,6 +369,18 @@ class Emulator:
 
     def _process(self, b: _Batch) -> None:
         cfg = self.config
+        faults = cfg.faults
+        if faults.batch_fail_rate > 0 and \
+                random.Random(f"{faults.seed}:{b.id}:batch").random() < faults.batch_fail_rate:
+            b.status = "failed"
+            b.error = {"code": faults.batch_fail_code,
+                       "message": f"Batch processing failed (injected fault: {faults.batch_fail_code})"}
+            b.completed_at = time.time()
+            os.unlink(b.path)
+            self._inject("batch_failed")
+            return
+        line_rng = (random.Random(f"{faults.seed}:{b.id}:lines") if faults.line_error_rate > 0
+                    else None)
         rows: list[bytes] = []
         usage = {"input_tokens": 0, "output_tokens": 0}
         with open(b.path, "rb") as f:
@@ -188,6 +389,14 @@ class Emulator:
                 row: dict[str, Any] = {"line_index": index}
                 if "id" in obj:
                     row["id"] = obj["id"]
+                if line_rng is not None and line_rng.random() < faults.line_error_rate:
+                    row.update(status="error", error={
+                        "code": "processing_error",
+                        "message": "Failed during inference (injected fault)"})
+                    b.failed_lines += 1
+                    self._inject("line_error")
+                    rows.append(json.dumps(row).encode())
+                    continue
                 try:
                     result, use = infer(obj)
                     row.update(status="ok", result=result, usage=use)
@@ -247,13 +456,17 @@ class Emulator:
 
         @app.before_request
         def _auth() -> Response | None:
-            if request.path.startswith("/v1/_outputs/") or request.path == "/healthz":
+            if request.path == "/healthz":
+                return None
+            faults = self.config.faults
+            self._delay(faults)
+            if request.path.startswith("/v1/_outputs/"):
                 return None
             if not self._authorised():
                 self._count("unauthorised")
                 return _error(401, "unauthorized", "Invalid or missing API key",
                               type_="authentication_error")
-            return None
+            return self._request_fault(faults)
 
         @app.get("/healthz")
         def healthz() -> Response:
@@ -299,7 +512,8 @@ class Emulator:
                 if b is None or b.status != "completed" or index >= len(b.outputs):
                     return _error(404, "not_found", "No such output file")
                 data = b.outputs[index]
-            return Response(data, mimetype="application/x-ndjson")
+            return (self._download_fault(self.config.faults, data)
+                    or Response(data, mimetype="application/x-ndjson"))
 
         return app
 
