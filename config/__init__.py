@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     result_backend: str = "redis://127.0.0.1:6379/1"
     queue: str = "moonbatch"
     # Redis redelivers unacked messages after this many seconds (FACTS.md, Celery with Redis).
-    visibility_timeout: int = Field(default=7200, ge=60)
+    visibility_timeout: int = Field(default=7200, ge=5)
     run_registry_ttl: int = Field(default=30 * 24 * 3600, ge=60)
 
     s3_endpoint_url: str | None = None
@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=300.0, gt=0)  # a silent shard builder loses its lease
     max_item_attempts: int = Field(default=3, ge=1)  # batches an item may be sent in
     reconcile_interval: float = Field(default=60.0, gt=0)  # Celery beat: stale-work sweep
+    task_retry_backoff_max: float = Field(default=300.0, gt=0)  # seconds between task retries
 
     # Polling a batch (seconds). The interval adapts between these bounds.
     poll_min_interval: float = Field(default=5.0, gt=0)

@@ -8,9 +8,11 @@ FACTS.md, S3). A holder that stops renewing (killed, OOM, partitioned) loses the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from workers.storage import NotFound, Store
 
@@ -27,6 +29,7 @@ class Lease:
         self.store, self.key, self.owner, self.ttl, self.clock = store, key, owner, ttl, clock
         self._version: str | None = None
         self._renewed = 0.0
+        self._lock = threading.Lock()  # one renewal at a time from this process
 
     def _doc(self) -> bytes:
         now = self.clock()
@@ -58,16 +61,51 @@ class Lease:
     def renew(self, *, force: bool = False) -> None:
         """Extend the lease (at most every ``ttl / 4`` unless ``force``). Raises ``LeaseLost``
         if another owner took it over."""
-        if not force and self.clock() - self._renewed < self.ttl / 4:
-            return
+        with self._lock:
+            if not force and self.clock() - self._renewed < self.ttl / 4:
+                return
+            for _ in range(3):
+                try:
+                    data, version = self.store.get_versioned(self.key)
+                except NotFound:
+                    raise LeaseLost(f"lease {self.key} vanished") from None
+                if json.loads(data).get("owner") != self.owner:
+                    raise LeaseLost(f"lease {self.key} was taken over")
+                if self.store.put_if_match(self.key, self._doc(), version):
+                    self._remember()
+                    return
+                # Changed between read and write: look again at who holds it.
+            raise LeaseLost(f"lease {self.key} keeps changing under its owner")
+
+    @contextlib.contextmanager
+    def kept_alive(self) -> Iterator[Callable[[], None]]:
+        """Renew the lease every ``ttl / 4`` from a background thread while the block runs (a
+        slow request must not let it expire; a killed process stops renewing with it). Yields
+        ``check()``, which raises ``LeaseLost`` once a renewal found the lease taken over."""
+        lost: list[LeaseLost] = []
+        stop = threading.Event()
+
+        def renew_loop() -> None:
+            while not stop.wait(self.ttl / 4):
+                try:
+                    self.renew(force=True)
+                except LeaseLost as exc:
+                    lost.append(exc)
+                    return
+                except Exception:  # storage hiccup: try again next time
+                    continue
+
+        def check() -> None:
+            if lost:
+                raise lost[0]
+
+        thread = threading.Thread(target=renew_loop, name="lease", daemon=True)
+        thread.start()
         try:
-            data, version = self.store.get_versioned(self.key)
-        except NotFound:
-            raise LeaseLost(f"lease {self.key} vanished") from None
-        if json.loads(data).get("owner") != self.owner or not self.store.put_if_match(
-                self.key, self._doc(), version):
-            raise LeaseLost(f"lease {self.key} was taken over")
-        self._remember()
+            yield check
+        finally:
+            stop.set()
+            thread.join()
 
     def release(self) -> None:
         """Give the lease up if it is still ours (best effort)."""

@@ -29,7 +29,7 @@ from workers.downloader import fetch_results
 from workers.lease import Lease, LeaseLost, lease_is_live
 from workers.merge import compose, encode_round, join_rows, merge_round, next_poll_interval
 from workers.models import BatchRecord, ShardBuild, ShardDone
-from workers.moondream import BatchClient, TransientError
+from workers.moondream import BatchClient, MoondreamError, TransientError
 from workers.runstate import Run, maybe_finalize, open_output, open_run, record_failure
 from workers.storage import StorageError, Store, get_json, get_json_or_none, put_json
 
@@ -62,7 +62,7 @@ class RunTask(Task):
     abstract = True
     autoretry_for = RETRYABLE
     retry_backoff = 2
-    retry_backoff_max = 300
+    retry_backoff_max = get_settings().task_retry_backoff_max
     retry_jitter = True
     max_retries = 8
     acks_late = True
@@ -111,21 +111,26 @@ def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) 
         build_shard.apply_async((output, run_id, shard, rnd), countdown=settings.lease_seconds / 2)
         return
     last_check = [time.monotonic()]
-
-    def heartbeat() -> None:
-        if time.monotonic() - last_check[0] >= settings.lease_seconds / 4:
-            last_check[0] = time.monotonic()
-            if store.exists(layout.CANCELLED):
-                raise RunCancelled(run_id)
-            lease.renew()
-
     try:
-        _, batch = build_and_submit(
-            shard=shard, items=run.items(shard), options=run.spec.options, model=run.spec.model,
-            input_store=run.input, state=store, client=batch_client(),
-            part_size=settings.part_size, concurrency=settings.fetch_concurrency,
-            max_pixels=run.spec.max_pixels, upload_concurrency=settings.upload_concurrency,
-            rnd=rnd, todo=_todo(store, shard, rnd), heartbeat=heartbeat)
+        with lease.kept_alive() as lease_check:
+            def heartbeat() -> None:
+                lease_check()
+                if time.monotonic() - last_check[0] >= settings.lease_seconds / 4:
+                    last_check[0] = time.monotonic()
+                    if store.exists(layout.CANCELLED):
+                        raise RunCancelled(run_id)
+
+            try:
+                _, batch = build_and_submit(
+                    shard=shard, items=run.items(shard), options=run.spec.options,
+                    model=run.spec.model, input_store=run.input, state=store,
+                    client=batch_client(), part_size=settings.part_size,
+                    concurrency=settings.fetch_concurrency, max_pixels=run.spec.max_pixels,
+                    upload_concurrency=settings.upload_concurrency, rnd=rnd,
+                    todo=_todo(store, shard, rnd), heartbeat=heartbeat)
+            except MoondreamError:
+                lease.renew(force=True)  # an upload aborted by a new holder: LeaseLost, quiet
+                raise
     except (LeaseLost, RunCancelled) as exc:
         log.info("shard %d: build stopped: %s", shard, exc)
         return
