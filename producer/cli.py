@@ -355,7 +355,7 @@ def cancel(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id
     from workers.runstate import Progress as RunProgress
     from workers.runstate import open_output
     from workers.storage import get_json_or_none, put_json
-    from workers.tasks import forget_active, batch_client
+    from workers.tasks import batch_client, forget_active
 
     with _cli_errors():
         settings = get_settings()
