@@ -202,7 +202,15 @@ def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int 
         build = ShardBuild.model_validate(get_json(store, layout.round_doc(shard, rnd, "build")))
         raw = get_json_or_none(store, layout.round_doc(shard, rnd, "batch"))
         record = BatchRecord.model_validate(raw) if raw else None
+        if record is None and build.lines:
+            # The build stopped between build.json and batch.json: it is not finished.
+            build_shard.delay(output, run_id, shard, rnd)
+            return
         status = batch_client().get_batch(record.batch_id) if record else None
+        if status is not None and not status.done:  # too early: back to polling
+            poll_batch.apply_async((output, run_id, shard, rnd, uuid.uuid4().hex),
+                                   countdown=settings.poll_min_interval)
+            return
         files: list[bytes] = []
         batch_error = None
         fetched: dict[str, int] = {}
@@ -308,10 +316,15 @@ def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None =
     rounds = sorted({int(k[1:k.index("/")]) for k in docs if k.startswith("r") and "/" in k})
     rnd = rounds[-1] if rounds else 0
     args = (run.spec.output, run.spec.run_id, shard, rnd)
-    if f"r{rnd}/rows.jsonl" in docs or (f"r{rnd}/build.json" in docs
-                                         and f"r{rnd}/batch.json" not in docs):
+    if f"r{rnd}/rows.jsonl" in docs:
         merge_round_task.delay(*args)
         return "merge"
+    if f"r{rnd}/build.json" in docs and f"r{rnd}/batch.json" not in docs:
+        build = get_json_or_none(store, layout.round_doc(shard, rnd, "build"))
+        if build is not None and not build["lines"]:  # nothing was sendable: only errors
+            merge_round_task.delay(*args)
+            return "merge"
+        # Otherwise the build stopped before its batch was recorded: build again (below).
     if f"r{rnd}/batch.json" in docs:
         progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress"))
         if only_stale:
