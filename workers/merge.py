@@ -49,25 +49,6 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _result_row(item_id: str, source: str, res: dict[str, Any], stats: MergeStats) -> bytes:
-    if "id" in res and res["id"] != item_id:
-        stats.id_mismatch += 1
-    if res.get("status") == "ok":
-        usage = res.get("usage") or {}
-        stats.ok += 1
-        stats.input_tokens += int(usage.get("input_tokens") or 0)
-        stats.output_tokens += int(usage.get("output_tokens") or 0)
-        row = {"id": item_id, "source": source, "status": "ok", "result": res.get("result"),
-               "usage": usage}
-    else:
-        err = res.get("error") or {}
-        stats.error += 1
-        row = {"id": item_id, "source": source, "status": "error",
-               "error": {"code": str(err.get("code") or "unknown_error"),
-                         "message": str(err.get("message") or "")}}
-    return orjson.dumps(row)
-
-
 RETRYABLE_LINE_CODES = frozenset({"processing_error"})
 
 
@@ -87,38 +68,58 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_files: Iter
     stats = MergeStats()
     lines = build.lines
     n_lines = len(lines)
-    out: dict[int, bytes] = {}
+    slots: list[bytes | None] = [None] * len(items)
     retryable: list[int] = []
-    loads = orjson.loads
+    loads, dumps = orjson.loads, orjson.dumps
+    ok = in_tok = out_tok = 0
+    ids = [item.id for item in items]  # one sequential pass; the loop below jumps around
+    # The hot loop: one parse and one serialisation per row, counters in locals.
     with _gc_paused():
         for data in () if batch_error else result_files:
             for raw in data.splitlines():
-                if not raw or raw.isspace():
-                    continue
                 try:
                     res = loads(raw)
                     li = res["line_index"]
                 except (orjson.JSONDecodeError, KeyError, TypeError):
-                    stats.malformed += 1
+                    if raw.strip():  # blank lines are not results
+                        stats.malformed += 1
                     continue
-                if isinstance(li, bool) or not isinstance(li, int) or not 0 <= li < n_lines:
+                if li.__class__ is not int or not 0 <= li < n_lines:
                     stats.malformed += 1
                     continue
                 i = lines[li]
-                if i in out:
+                if slots[i] is not None:
                     stats.duplicate += 1
                     continue
-                item_id = items[i].id
-                out[i] = _result_row(item_id, source_of(item_id), res, stats)
-                if res.get("status") != "ok" and (res.get("error") or {}).get("code") in \
-                        RETRYABLE_LINE_CODES:
-                    retryable.append(i)
-        sent = set(lines)
+                item_id = ids[i]
+                if res.get("id", item_id) != item_id:
+                    stats.id_mismatch += 1
+                if res.get("status") == "ok":
+                    usage = res.get("usage") or {}
+                    ok += 1
+                    in_tok += usage.get("input_tokens") or 0
+                    out_tok += usage.get("output_tokens") or 0
+                    slots[i] = dumps({"id": item_id, "source": source_of(item_id), "status": "ok",
+                                      "result": res.get("result"), "usage": usage})
+                else:
+                    err = res.get("error") or {}
+                    code = str(err.get("code") or "unknown_error")
+                    stats.error += 1
+                    if code in RETRYABLE_LINE_CODES:
+                        retryable.append(i)
+                    slots[i] = dumps({"id": item_id, "source": source_of(item_id),
+                                      "status": "error", "error": {
+                                          "code": code, "message": str(err.get("message") or "")}})
+        stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
+        wanted = range(len(items)) if todo is None else todo
+        sent: set[int] | None = None
         line_of: dict[int, int] | None = None
-        for i in range(len(items)) if todo is None else todo:
-            if i in out:
+        for i in wanted:
+            if slots[i] is not None:
                 continue
-            item_id = items[i].id
+            item_id = ids[i]
+            if sent is None:
+                sent = set(lines)
             if (pre := build.errors.get(str(i))) is not None:
                 error = pre
             elif i not in sent:  # must not be lost
@@ -132,9 +133,11 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_files: Iter
                 error = {"code": "missing_result",
                          "message": f"the batch returned no result for line_index {line_of[i]}"}
             stats.error += 1
-            out[i] = orjson.dumps({"id": item_id, "source": source_of(item_id),
+            slots[i] = dumps({"id": item_id, "source": source_of(item_id),
                                    "status": "error", "error": error})
-    return out, stats, retryable
+    if todo is None:
+        return dict(enumerate(slots)), stats, retryable  # type: ignore[arg-type]
+    return {i: slots[i] for i in todo}, stats, retryable  # type: ignore[misc]
 
 
 def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_files: Iterable[bytes],
@@ -143,7 +146,7 @@ def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_files: Itera
     """Merge a single-round shard into its results JSONL (rows in plan order) and its stats;
     see ``merge_round``."""
     rows, stats, _ = merge_round(items, build, result_files, source_of, batch_error=batch_error)
-    return join_rows([rows[i] for i in range(len(items))]), stats
+    return join_rows(list(rows.values())), stats  # dict order is item order here
 
 
 def join_rows(rows: Sequence[bytes]) -> bytes:

@@ -187,7 +187,7 @@ class LocalStore:
             pass
 
     def url_for(self, key: str) -> str:
-        return str(self.root / key)
+        return self.url + key  # keys are already checked relative paths; no Path() per row
 
 
 _s3_clients: dict[tuple[str | None, str | None, int], Any] = {}
