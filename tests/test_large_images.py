@@ -42,7 +42,7 @@ def test_pixel_budget_and_line_limit(s3, bucket, env, fleet):
         w, h = dims(rows[key])
         assert w * h <= 2_000_000 and w * h > 1_500_000
         assert abs(w / h - w0 / h0) < 0.01
-    build = read_json(s3, bucket, "default/_moonbatch/shards/00000/build.json")
+    build = read_json(s3, bucket, "default/_moonbatch/shards/00000/r0/build.json")
     assert build["transformed"] == 2 and build["bytes"] < len(huge_png) + len(big_jpeg)
 
     # --max-pixels 0: the JPEG goes as it is; the PNG changes only as far as the line limit asks:
@@ -53,6 +53,6 @@ def test_pixel_budget_and_line_limit(s3, bucket, env, fleet):
     assert all(r["status"] == "ok" for r in rows.values()), rows
     assert dims(rows["camera.jpg"]) == (6000, 4000)
     assert dims(rows["huge.png"]) == (2700, 1800)
-    build = read_json(s3, bucket, "full/_moonbatch/shards/00000/build.json")
+    build = read_json(s3, bucket, "full/_moonbatch/shards/00000/r0/build.json")
     assert build["transformed"] == 1
     # Every line the emulator accepted is within the API's 10 MB line limit (it enforces it).
