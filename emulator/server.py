@@ -141,6 +141,9 @@ class _Batch:
     size: int
     model: str
     created: float
+    # Uploaded part files, concatenated into ``path`` when chunking starts (not inside the
+    # mpu-complete request, which would then take as long as copying the whole file).
+    parts: list[str] = dataclasses.field(default_factory=list)
     status: str = "chunking"
     total: int = 0
     failed_lines: int = 0
@@ -330,6 +333,12 @@ class Emulator:
 
     def _chunk(self, b: _Batch) -> None:
         cfg = self.config
+        with open(b.path, "wb") as out:  # assemble the file from its parts
+            for part_path in b.parts:
+                with open(part_path, "rb") as f:
+                    shutil.copyfileobj(f, out, 1024 * 1024)
+                os.unlink(part_path)
+        b.parts = []
         fail = None
         if b.model not in cfg.models and b.model.split("/", 1)[0] not in cfg.models:
             fail = ("invalid_model", f"Unknown model: {b.model}")
@@ -594,13 +603,12 @@ class Emulator:
                               "minimum allowed object size")
             del self.uploads[file_id]
             path = os.path.join(self.dir, f"{file_id}.jsonl")
-            with open(path, "wb") as out:
-                for part_path, _, _ in chosen:
-                    with open(part_path, "rb") as f:
-                        shutil.copyfileobj(f, out, 1024 * 1024)
+            keep = {c[0] for c in chosen}
             for part_path, _, _ in up.parts.values():
-                os.unlink(part_path)
-            b = _Batch(id=_new_id(), path=path, size=sum(sizes), model=model, created=time.time())
+                if part_path not in keep:  # uploaded but not named in the complete call
+                    os.unlink(part_path)
+            b = _Batch(id=_new_id(), path=path, size=sum(sizes), model=model, created=time.time(),
+                       parts=[c[0] for c in chosen])
             self.batches[b.id] = b
         return _json({"id": b.id, "status": "chunking", "size": b.size})
 

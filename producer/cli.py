@@ -127,7 +127,7 @@ def _check_fleet(settings) -> None:
     if settings.broker_url.startswith("filesystem://"):
         return  # no broadcast on the filesystem transport
     try:
-        replies = celery_app.control.ping(timeout=2.0)
+        replies = celery_app.control.ping(timeout=2.0, limit=1)  # returns on the first reply
     except Exception as exc:
         raise Fail(f"cannot reach the broker at {_safe_url(settings.broker_url)}: {exc}") from None
     if not replies:
@@ -177,7 +177,7 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
             if timeout is not None and time.time() - start > timeout:
                 raise Fail(f"run {snap['run_id']} not complete after {timeout:.0f}s; it goes on: "
                            f"moonbatch wait {snap['run_id']}")
-            time.sleep(0.5 if time.time() - start < 60 else 2.0)
+            time.sleep(0.2 if time.time() - start < 60 else 2.0)
 
 
 def _print_summary(snap: dict[str, Any]) -> None:

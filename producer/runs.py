@@ -98,7 +98,7 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
     for shard in plan_shards(iter_items(inp, stats, exclude_prefix=exclude),
                              max_lines=spec.shard_size, max_bytes=spec.max_shard_bytes,
                              fragment_len=fragment_len):
-        body = "".join(item.model_dump_json() + "\n" for item in shard.items).encode()
+        body = b"".join(item.to_json() + b"\n" for item in shard.items)
         out.put(layout.plan_items(shard.index), body)
         build_shard.delay(output_url, spec.run_id, shard.index)
         n_shards += 1

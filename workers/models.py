@@ -6,9 +6,11 @@ them ever holds a secret (API key or presigned URL).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Skill = Literal["caption", "query", "detect", "point"]
@@ -95,13 +97,24 @@ class RunSpec(BaseModel):
     created_at: float  # unix seconds
 
 
-class PlanItem(BaseModel):
-    """One item of a shard's plan: ``id`` is its key relative to the input prefix."""
-
-    model_config = ConfigDict(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanItem:
+    """One item of a shard's plan: ``id`` is its key relative to the input prefix, ``size`` its
+    bytes. A slotted dataclass, not a pydantic model: a worker holds 100,000 of them (~100 B
+    each instead of ~600)."""
 
     id: str
     size: int
+
+    def to_json(self) -> bytes:
+        """One JSONL line of a plan file (without the newline)."""
+        return orjson.dumps({"id": self.id, "size": self.size})
+
+    @classmethod
+    def from_json(cls, line: bytes) -> PlanItem:
+        """Parse a plan line; raises ``ValueError`` on a malformed one."""
+        doc = orjson.loads(line)
+        return cls(str(doc["id"]), int(doc["size"]))
 
 
 class ShardBuild(BaseModel):

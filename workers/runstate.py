@@ -32,7 +32,7 @@ class Run:
     def items(self, shard: int) -> list[PlanItem]:
         """The shard's planned items, in line order."""
         data = self.output.get(layout.plan_items(shard))
-        return [PlanItem.model_validate_json(line) for line in data.splitlines() if line.strip()]
+        return [PlanItem.from_json(line) for line in data.splitlines() if line.strip()]
 
 
 def open_output(url: str, settings: Settings) -> Store:

@@ -1,0 +1,243 @@
+"""end_to_end: a whole run through the real pipeline, against the seed's sequential recipe.
+
+Measures ``moonbatch run s3://…/in/ s3://…/out/ --shard-size 20 --workers 0`` (wall time of the
+command, and the run's own ``run.json`` wall time) on 4 shards x 20 small photographs in moto's S3,
+with a running fleet of one ``celery -A workers worker -c 4`` process (Redis databases 14 and 15),
+warmed up by a run of 4 one-image shards, and an emulator whose batches take a fixed 3 s to
+process (plus 0.2 s chunking).
+
+Baseline: the seed's example done by hand, sequentially (seed 002, "Quickstart"): for each shard
+read its images, build the JSONL, ``mpu-create``, upload the parts, ``mpu-complete``, poll with a
+fixed sleep, download the outputs. Time is scaled down 30x: the seed's 30 s poll sleep becomes
+1.0 s, moonbatch's poll bounds of 5 s / 120 s become 0.17 s / 4 s. Expected speed-up: the number
+of shards processed concurrently (4 worker slots, 4 shards).
+
+Also reported, for both: status requests per batch (the emulator's counters; moonbatch's include
+the one ``merge_shard`` makes for fresh output URLs) and the completion-detection delay per batch.
+The emulator completes a batch lazily, on the first status GET after its ``processing_end``, so
+``completed_at - processing_end`` is how late the poller noticed; the polling latency adds the
+time the poller let a chunked batch wait before it started processing (the emulator starts it
+lazily too).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import PHOTOS, Result, Servers, emulator, median, photos
+
+SHARDS, PER_SHARD = 4, 20
+WORKER_SLOTS = 4
+PROCESSING_SECONDS = 3.0
+SCALE = 30.0  # real seconds per benchmark second
+SEED_POLL = 30.0 / SCALE
+POLL_MIN, POLL_MAX = 5.0 / SCALE, 120.0 / SCALE
+REDIS = "redis://127.0.0.1:6379"
+BROKER_DB, BACKEND_DB = 14, 15
+SEED_CHUNK_SIZE = 50 * 1024 * 1024  # the seed's part size
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_photos(n: int) -> list[bytes]:
+    """``n`` distinct small JPEGs (320x240 crops of scikit-image's photos, quality 85)."""
+    from PIL import Image
+
+    sources, out = photos(), []
+    for i in range(n):
+        rng = random.Random(i)
+        img = sources[PHOTOS[i % len(PHOTOS)]]
+        w = rng.randint(160, img.width)
+        h = min(img.height, w * 3 // 4)
+        x, y = rng.randint(0, img.width - w), rng.randint(0, img.height - h)
+        buf = io.BytesIO()
+        img.crop((x, y, x + w, y + h)).resize((320, 240), Image.Resampling.LANCZOS).save(
+            buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def flush_redis() -> None:
+    """Empty the benchmark's broker and result-backend databases."""
+    import redis
+
+    for db in (BROKER_DB, BACKEND_DB):
+        redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
+
+
+@contextlib.contextmanager
+def worker_fleet(env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A ``celery -A workers worker -c 4`` process on ``env``'s queue, up and answering pings."""
+    from celery import Celery
+
+    name = f"bench-{uuid.uuid4().hex[:8]}@%h"
+    log = tempfile.NamedTemporaryFile(prefix="moonbatch-bench-worker-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c", str(WORKER_SLOTS), "-Q",
+         env["MOONBATCH_QUEUE"], "--loglevel", "WARNING", "-n", name, "--without-mingle",
+         "--without-gossip"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    control = Celery(broker=env["MOONBATCH_BROKER_URL"]).control
+    try:
+        deadline = time.time() + 60
+        while not control.ping(timeout=0.5):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the Celery worker did not start:\n" + Path(log.name).read_text()[-2000:])
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def moonbatch(env: dict[str, str], *args: str) -> float:
+    """Seconds the ``moonbatch ARGS`` command took; raises if it failed."""
+    cli = [shutil.which("moonbatch")] if shutil.which("moonbatch") else [sys.executable, "-m", "producer"]
+    start = time.perf_counter()
+    proc = subprocess.run(cli + list(args), env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=180)
+    if proc.returncode != 0:
+        raise RuntimeError(f"moonbatch {args[0]} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def sequential(s3: Any, bucket: str, prefix: str, api_url: str, api_key: str) -> int:
+    """The seed's recipe, one shard after another; returns the result rows downloaded."""
+    import requests
+
+    headers = {"X-Moondream-Auth": api_key}
+    base = f"{api_url}/batch"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    rows = 0
+    for start in range(0, len(keys), PER_SHARD):
+        lines = []
+        for key in keys[start:start + PER_SHARD]:
+            image = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            lines.append(json.dumps({"id": key, "skill": "caption",
+                                     "image": base64.b64encode(image).decode(), "length": "normal"}))
+        data = ("\n".join(lines) + "\n").encode()
+        init = requests.post(f"{base}?action=mpu-create", headers=headers).json()
+        file_id, upload_id = init["fileId"], init["uploadId"]
+        parts = []
+        for number, offset in enumerate(range(0, len(data), SEED_CHUNK_SIZE), start=1):
+            part = requests.put(
+                f"{base}/{file_id}?action=mpu-uploadpart&uploadId={upload_id}&partNumber={number}",
+                headers={**headers, "Content-Type": "application/octet-stream"},
+                data=data[offset:offset + SEED_CHUNK_SIZE]).json()
+            parts.append({"partNumber": number, "etag": part["etag"]})
+        batch = requests.post(f"{base}/{file_id}?action=mpu-complete&uploadId={upload_id}",
+                              headers=headers, json={"parts": parts}).json()
+        while True:
+            status = requests.get(f"{base}/{batch['id']}", headers=headers).json()
+            if status["status"] in ("completed", "failed"):
+                break
+            time.sleep(SEED_POLL)
+        for output in status.get("outputs", []):
+            rows += len(requests.get(output["url"]).content.splitlines())
+    return rows
+
+
+def polling_cost(emu: Any, before: set[str], status_requests: int
+                 ) -> tuple[float, list[float], list[float]]:
+    """For the batches created since ``before``: status requests per batch, detection delays
+    (``completed_at - processing_end``) and polling latencies (``completed_at - created`` less the
+    chunking and processing time a batch needs at the least)."""
+    cfg = emu.config
+    batches = [b for i, b in emu.emulator.batches.items() if i not in before and b.completed_at]
+    least = [cfg.chunking_seconds + cfg.processing_seconds + b.total / cfg.lines_per_second
+             for b in batches]
+    return (status_requests / max(1, len(batches)),
+            [b.completed_at - b.processing_end for b in batches],
+            [b.completed_at - b.created - t for b, t in zip(batches, least, strict=True)])
+
+
+def run(servers: Servers) -> Result:
+    """Run the benchmark; see the module docstring."""
+    result = Result("end_to_end")
+    flush_redis()
+    s3 = servers.s3_client()
+    bucket = servers.new_bucket("bench-e2e")
+    for i, body in enumerate(small_photos(SHARDS * PER_SHARD)):
+        s3.put_object(Bucket=bucket, Key=f"in/{i:03d}.jpg", Body=body)
+        if i < WORKER_SLOTS:
+            s3.put_object(Bucket=bucket, Key=f"warm/{i:03d}.jpg", Body=body)
+
+    with emulator(processing_seconds=PROCESSING_SECONDS, lines_per_second=1e6) as emu:
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1",
+               "MOONBATCH_BROKER_URL": f"{REDIS}/{BROKER_DB}",
+               "MOONBATCH_RESULT_BACKEND": f"{REDIS}/{BACKEND_DB}",
+               "MOONBATCH_QUEUE": f"moonbatch-bench-{uuid.uuid4().hex[:8]}",
+               "MOONDREAM_API_KEY": emu.config.api_key, "MOONBATCH_MOONDREAM_URL": emu.url,
+               "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
+               "MOONBATCH_POLL_MIN_INTERVAL": f"{POLL_MIN:.4f}",
+               "MOONBATCH_POLL_MAX_INTERVAL": f"{POLL_MAX:.4f}"}
+        with worker_fleet(env):
+            emu.config.processing_seconds = 0.0  # warm-up: one tiny shard per worker slot
+            moonbatch(env, "run", f"s3://{bucket}/warm/", f"s3://{bucket}/warm-out/", "--shard-size",
+                      "1", "--workers", "0")
+            emu.config.processing_seconds = PROCESSING_SECONDS
+            counted, known = emu.emulator.requests.get("status", 0), set(emu.emulator.batches)
+            moonbatch_s = moonbatch(env, "run", f"s3://{bucket}/in/", f"s3://{bucket}/out/",
+                                    "--shard-size", str(PER_SHARD), "--workers", "0", "--timeout", "120")
+            mb_requests, mb_delays, mb_latency = polling_cost(
+                emu, known, emu.emulator.requests.get("status", 0) - counted)
+        summary = json.loads(s3.get_object(Bucket=bucket, Key="out/run.json")["Body"].read())
+        if summary["counts"]["ok"] != SHARDS * PER_SHARD:
+            raise RuntimeError(f"moonbatch run: {summary['counts']}")
+
+        counted, known = emu.emulator.requests.get("status", 0), set(emu.emulator.batches)
+        start = time.perf_counter()
+        rows = sequential(s3, bucket, "in/", emu.url, emu.config.api_key)
+        sequential_s = time.perf_counter() - start
+        if rows != SHARDS * PER_SHARD:
+            raise RuntimeError(f"sequential recipe: {rows} result rows")
+        seq_requests, seq_delays, seq_latency = polling_cost(
+            emu, known, emu.emulator.requests.get("status", 0) - counted)
+
+    expected = f"expected {min(SHARDS, WORKER_SLOTS)}x (shards in parallel)"
+    run_s = summary["timings"]["wall_seconds"]
+    result.add(f"{SHARDS} shards x {PER_SHARD} images, wall", f"{moonbatch_s:.1f} s (moonbatch run)",
+               f"{sequential_s:.1f} s (sequential seed recipe)",
+               f"{sequential_s / moonbatch_s:.2f}x faster", expected)
+    result.add("run.json wall (recorded to finalised)", f"{run_s:.1f} s", f"{sequential_s:.1f} s",
+               f"{sequential_s / run_s:.2f}x faster", expected)
+    result.add("status requests per batch", f"{mb_requests:.1f}", f"{seq_requests:.1f}",
+               f"{mb_requests / seq_requests:.2f}x")
+
+    def spread(values: list[float]) -> str:
+        return f"median {median(values):.2f} s, max {max(values):.2f} s"
+
+    result.add("completion-detection delay per batch", spread(mb_delays), spread(seq_delays),
+               f"{median(mb_delays) / max(median(seq_delays), 1e-3):.2f}x")
+    result.add("polling latency per batch (incl. late chunking)", spread(mb_latency),
+               spread(seq_latency), f"{median(mb_latency) / max(median(seq_latency), 1e-3):.2f}x")
+    result.notes += [
+        f"time scale 1/{SCALE:.0f}: seed poll sleep 30 s -> {SEED_POLL:.2f} s; moonbatch poll "
+        f"interval bounds 5 s / 120 s -> {POLL_MIN:.2f} s / {POLL_MAX:.2f} s; a batch needs "
+        f"{PROCESSING_SECONDS:.1f} s of processing after 0.2 s of chunking",
+        f"the command took {moonbatch_s - run_s:.1f} s more than run.json's wall time: starting the "
+        "CLI, the --workers 0 fleet check, and the progress loop noticing the end",
+        "the emulator also leaves 'chunking' only when a status GET sees it is due, so with a fixed "
+        "1 s poll processing starts up to 1 s late and then ends just before a poll: its detection "
+        "delay looks small while its polling latency (completed_at - created - 3.2 s) does not",
+    ]
+    return result

@@ -1,0 +1,144 @@
+"""memory: peak RSS of the producer planning a huge listing and of a worker handling a big shard.
+
+Measures, in child processes (``bench.probe``), the peak resident set size (VmHWM):
+
+- planning: ``producer.reader.iter_items`` + ``producer.planner.plan_shards`` + writing every
+  shard's plan file to a LocalStore (what ``submit_run`` does, less the queue) over a local tree of
+  1,000,000 empty ``.jpg`` files in 1000 directories (target: a few hundred MB at most);
+- a worker: ``build_and_submit`` of a shard of tiny PNGs (8x8, local files) to the emulator with
+  the worker settings (fetch concurrency, ...; 8 MiB parts so that the JSONL of the larger shard,
+  ~43 MB, spans several parts), then waiting for the batch, downloading
+  its outputs with ``BatchClient`` and ``merge_rows``; for shards of 20,000 and of 100,000 lines,
+  so that growth with the shard shows (target: the 100,000-line shard's peak within 1.25x the
+  20,000-line one's, i.e. bounded rather than growing with the shard).
+
+Baseline for both: a child that only imports the same modules. The input trees are made once and
+cached; the time that took is reported when it happens. The emulator (in the benchmark process,
+so not in the worker's RSS) processes 100,000 lines in seconds: its decode time is noted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import Result, Servers, cached_dir, emulator, mark_complete
+
+PLAN_ITEMS, PLAN_DIRS = 1_000_000, 1000
+SHARD_SIZES = (20_000, 100_000)
+TINY_DIRS = 100
+PLAN_TARGET_MB = 300.0
+GROWTH_TARGET = 1.25
+PART_SIZE = 8 * 2**20  # so that the larger shard spans several parts
+REPO = Path(__file__).resolve().parent.parent
+
+
+def empty_tree() -> tuple[Path, float | None]:
+    """1,000,000 empty ``.jpg`` files in 1000 directories (cached); seconds it took to make, or
+    None if it was cached."""
+    path, ready = cached_dir("tree-1m-v1")
+    if ready:
+        return path, None
+    start, per_dir = time.perf_counter(), PLAN_ITEMS // PLAN_DIRS
+    for d in range(PLAN_DIRS):
+        folder = path / f"d{d:04d}"
+        folder.mkdir()
+        for i in range(per_dir):
+            os.close(os.open(folder / f"IMG_{d * per_dir + i:07d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+    mark_complete(path)
+    return path, time.perf_counter() - start
+
+
+def tiny_tree() -> tuple[Path, float | None]:
+    """``max(SHARD_SIZES)`` distinct 8x8 PNGs in ``TINY_DIRS`` directories (cached); seconds it
+    took to make, or None if it was cached."""
+    import io
+
+    from PIL import Image
+
+    path, ready = cached_dir("tiny-100k-v1")
+    if ready:
+        return path, None
+    start, n = time.perf_counter(), max(SHARD_SIZES)
+    rng = random.Random(0)
+    for d in range(TINY_DIRS):
+        (path / f"d{d:03d}").mkdir()
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.frombytes("RGB", (8, 8), rng.randbytes(192)).save(buf, "PNG")
+        (path / f"d{i * TINY_DIRS // n:03d}" / f"{i:06d}.png").write_bytes(buf.getvalue())
+    mark_complete(path)
+    return path, time.perf_counter() - start
+
+
+def probe(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m bench.probe ARGS`` and return its JSON report."""
+    proc = subprocess.run([sys.executable, "-m", "bench.probe", *args], cwd=REPO,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"probe {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(servers: Servers) -> Result:
+    """Run the benchmark; see the module docstring."""
+    result = Result("memory")
+    tree, made = empty_tree()
+    if made is not None:
+        result.notes.append(f"made the 1,000,000-file tree in {made:.0f} s (cached for later runs)")
+    base = probe("imports-plan")["peak_mb"]
+    with tempfile.TemporaryDirectory(prefix="moonbatch-bench-plan-") as out:
+        got = probe("plan", str(tree), out)
+    if got["items"] != PLAN_ITEMS:
+        raise RuntimeError(f"planned {got['items']} items, expected {PLAN_ITEMS}")
+    result.add(f"planning {PLAN_ITEMS:,} items, peak RSS",
+               f"{got['peak_mb']:.0f} MB ({got['shards']} shards, {got['seconds']:.1f} s, "
+               f"{got['items'] / got['seconds']:,.0f} items/s)", f"imports only: {base:.0f} MB",
+               f"{got['peak_mb'] / base:.2f}x", f"<= {PLAN_TARGET_MB:.0f} MB",
+               got["peak_mb"] <= PLAN_TARGET_MB)
+
+    tiny, made = tiny_tree()
+    if made is not None:
+        result.notes.append(f"made the {max(SHARD_SIZES):,} tiny PNGs in {made:.0f} s (cached)")
+    base = probe("imports-worker")["peak_mb"]
+    peaks = {}
+    with emulator(chunking_seconds=0.0, processing_seconds=0.0, lines_per_second=1e7) as emu:
+        env = {"MOONBATCH_MOONDREAM_URL": emu.url, "MOONDREAM_API_KEY": emu.config.api_key,
+               "MOONBATCH_PART_SIZE": str(PART_SIZE)}
+        for n in SHARD_SIZES:
+            state = tempfile.mkdtemp(prefix="moonbatch-bench-worker-")
+            try:
+                got = probe("worker", str(tiny), str(n), state, env=env)
+            finally:
+                shutil.rmtree(state, ignore_errors=True)
+            if got["ok"] != n:
+                raise RuntimeError(f"worker probe: {got['ok']} of {n} rows ok")
+            peaks[n] = got["peak_mb"]
+            mb = got["jsonl_bytes"] / 1e6
+            result.add(f"worker, {n:,}-line shard: build_and_submit, peak RSS",
+                       f"{got['build_peak_mb']:.0f} MB (JSONL {mb:.0f} MB, {got['build_seconds']:.1f} s)",
+                       f"imports only: {base:.0f} MB", f"{got['build_peak_mb'] / base:.2f}x")
+            result.add(f"worker, {n:,}-line shard: + wait, download, merge_rows, peak RSS",
+                       f"{got['peak_mb']:.0f} MB (merge {got['merge_seconds']:.1f} s)",
+                       f"imports only: {base:.0f} MB", f"{got['peak_mb'] / base:.2f}x")
+            result.notes.append(f"{n:,}-line shard ({got['part_size'] / 2**20:.0f} MiB parts): the "
+                                f"emulator took {got['emulator_seconds']:.1f} s to decode and answer "
+                                f"its lines (in the benchmark process, not in the worker's RSS)")
+    small, large = SHARD_SIZES
+    growth = (peaks[large] - base) / max(peaks[small] - base, 1e-6)
+    ratio = peaks[large] / peaks[small]
+    result.add(f"worker peak growth, {small:,} -> {large:,} lines", f"{peaks[large]:.0f} MB",
+               f"{peaks[small]:.0f} MB", f"{ratio:.2f}x ({growth:.2f}x above imports)",
+               f"<= {GROWTH_TARGET}x", ratio <= GROWTH_TARGET)
+    per_line = (peaks[large] - peaks[small]) * 1e3 / (large - small)
+    result.notes.append(f"the worker's peak grows by {per_line:.1f} KB per line of the shard")
+    return result

