@@ -177,7 +177,8 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
             if timeout is not None and time.time() - start > timeout:
                 raise Fail(f"run {snap['run_id']} not complete after {timeout:.0f}s; it goes on: "
                            f"moonbatch wait {snap['run_id']}")
-            time.sleep(0.2 if time.time() - start < 60 else 2.0)
+            age = time.time() - start  # each look lists the run's state: back off as it ages
+            time.sleep(0.2 if age < 10 else 2.0 if age < 600 else 10.0)
 
 
 def _print_summary(snap: dict[str, Any]) -> None:

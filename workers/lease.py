@@ -27,7 +27,6 @@ class Lease:
     def __init__(self, store: Store, key: str, owner: str, ttl: float,
                  clock: Callable[[], float] = time.time) -> None:
         self.store, self.key, self.owner, self.ttl, self.clock = store, key, owner, ttl, clock
-        self._version: str | None = None
         self._renewed = 0.0
         self._lock = threading.Lock()  # one renewal at a time from this process
 
@@ -55,7 +54,6 @@ class Lease:
         return False
 
     def _remember(self) -> None:
-        _, self._version = self.store.get_versioned(self.key)
         self._renewed = self.clock()
 
     def renew(self, *, force: bool = False) -> None:

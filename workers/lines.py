@@ -107,7 +107,6 @@ class PreparedImage:
     transform: str | None = None
 
 
-DEFAULT_MAX_PIXELS = 2_000_000  # Moondream sees at most ~1.9 MP (12 crops of 378² + a global view)
 JPEG_QUALITY = 95  # what the official client sends
 
 
