@@ -31,7 +31,7 @@ from workers.merge import compose, encode_round, join_rows, merge_round, next_po
 from workers.models import BatchRecord, ShardBuild, ShardDone
 from workers.moondream import BatchClient, MoondreamError, TransientError
 from workers.runstate import Run, maybe_finalize, open_output, open_run, record_failure
-from workers.storage import StorageError, Store, get_json, get_json_or_none, put_json
+from workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
@@ -246,41 +246,35 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
     """Compose the shard's final rows from its rounds, write them once, record it done."""
     store = run.output
     items = run.items(shard)
-    rounds, merged = [], []
+    rounds: list[bytes] = []
+    merged: list[dict[str, Any]] = []
+    batches: list[dict[str, Any]] = []  # every batch sent, failed ones included
     for r in range(last_round + 1):
-        data = store.get(layout.round_doc(shard, r, "rows")) if store.exists(
-            layout.round_doc(shard, r, "rows")) else None
-        if data is not None:
-            rounds.append(data)
-            merged.append(get_json(store, layout.round_doc(shard, r, "merged")))
+        batch = get_json_or_none(store, layout.round_doc(shard, r, "batch"))
+        if batch is not None:
+            batches.append(batch)
+        try:  # a round whose batch failed and was resubmitted has no rows
+            rounds.append(store.get(layout.round_doc(shard, r, "rows")))
+        except NotFound:
+            continue
+        merged.append(get_json(store, layout.round_doc(shard, r, "merged")))
     final, ok = compose(len(items), rounds)
     store.put(layout.results(shard), join_rows(final), if_absent=True)
-    batch_ids = [m["batch_id"] for m in merged if m["batch_id"]]
-    first = get_json_or_none(store, layout.round_doc(shard, 0, "batch"))
     done = ShardDone(
-        shard=shard, batch_id=batch_ids[0] if batch_ids else None,
+        shard=shard, batch_id=batches[0]["batch_id"] if batches else None,
         batch_status=merged[-1]["batch_status"] if merged else None, total=len(items), ok=ok,
         error=len(items) - ok, input_tokens=sum(m["input_tokens"] for m in merged),
         output_tokens=sum(m["output_tokens"] for m in merged),
         duplicate_rows=sum(m["duplicate"] for m in merged),
         missing_rows=sum(m["missing"] for m in merged), polls=sum(m["polls"] for m in merged),
-        rounds=last_round + 1, batch_ids=_all_batch_ids(store, shard, last_round),
-        submitted_at=first["submitted_at"] if first else None, completed_at=time.time(),
+        rounds=last_round + 1, batch_ids=[b["batch_id"] for b in batches],
+        submitted_at=batches[0]["submitted_at"] if batches else None, completed_at=time.time(),
         merged_at=time.time())
     put_json(store, layout.shard_doc(shard, "done"), done.model_dump(), if_absent=True)
     log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
              last_round + 1)
     if maybe_finalize(store):
         forget_active(run.spec.output)
-
-
-def _all_batch_ids(store: Store, shard: int, last_round: int) -> list[str]:
-    ids = []
-    for r in range(last_round + 1):
-        doc = get_json_or_none(store, layout.round_doc(shard, r, "batch"))
-        if doc:
-            ids.append(doc["batch_id"])
-    return ids
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.finalize_run")
