@@ -27,22 +27,21 @@ class DownloadStats:
     refreshes: int = 0
 
 
-def verify_result_file(data: bytes) -> str | None:
-    """None if every non-empty line is a JSON object with an integer ``line_index``, else why."""
+def verify_result_file(data: bytes) -> tuple[int, str | None]:
+    """``(rows, problem)``: the number of result rows, and None if every non-empty line is a JSON
+    object with an integer ``line_index``, else why not."""
+    rows = 0
     for n, raw in enumerate(data.splitlines()):
         if not raw or raw.isspace():
             continue
         try:
             row = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return f"line {n} is not JSON"
+            return rows, f"line {n} is not JSON"
         if not isinstance(row, dict) or not isinstance(row.get("line_index"), int):
-            return f"line {n} has no integer line_index"
-    return None
-
-
-def _rows(data: bytes) -> int:
-    return sum(1 for raw in data.splitlines() if raw and not raw.isspace())
+            return rows, f"line {n} has no integer line_index"
+        rows += 1
+    return rows, None
 
 
 def fetch_results(client: BatchClient, status: BatchStatus, *, max_tries: int = 6
@@ -58,6 +57,7 @@ def fetch_results(client: BatchClient, status: BatchStatus, *, max_tries: int = 
     stats = DownloadStats()
     pending = {o.index for o in status.outputs}
     files: dict[int, bytes] = {}
+    rows: dict[int, int] = {}  # output index → verified rows
     tries: dict[int, int] = {}
     while pending:
         urls = {o.index: o for o in status.outputs}
@@ -75,21 +75,22 @@ def fetch_results(client: BatchClient, status: BatchStatus, *, max_tries: int = 
                     break
                 raise
             stats.fetched += 1
-            problem = verify_result_file(data)
+            count, problem = verify_result_file(data)
             if problem is not None:
                 stats.corrupt += 1
                 log.warning("batch %s output %d: %s; fetching it again", status.id, index, problem)
                 continue
-            files[index] = data
+            files[index], rows[index] = data, count
             pending.discard(index)
-        if not pending and sum(_rows(f) for f in files.values()) < expected:
+        if not pending and sum(rows.values()) < expected:
             if max(tries.values(), default=0) >= max_tries:
                 log.warning("batch %s: %d rows for %d lines; merging what there is", status.id,
-                            sum(_rows(f) for f in files.values()), expected)
+                            sum(rows.values()), expected)
                 break
             stats.corrupt += 1
             pending = set(files)
             files.clear()
+            rows.clear()
         if refresh or pending:
             stats.refreshes += refresh
             status = client.get_batch(status.id)

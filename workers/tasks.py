@@ -88,9 +88,8 @@ def _todo(store: Store, shard: int, rnd: int) -> list[int] | None:
     return get_json(store, layout.round_doc(shard, rnd, "todo"))["items"]
 
 
-def _next_round(output: str, run_id: str, shard: int, rnd: int, items: list[int],
+def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, items: list[int],
                 reason: str) -> None:
-    store = open_output(output, get_settings())
     put_json(store, layout.round_doc(shard, rnd + 1, "todo"), {"items": items, "reason": reason},
              if_absent=True)
     build_shard.delay(output, run_id, shard, rnd + 1)
@@ -218,7 +217,7 @@ def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int 
             code = status.error_code()
             if code in TRANSIENT_BATCH_CODES and rnd + 1 < settings.max_item_attempts:
                 log.warning("shard %d: batch %s failed (%s); resubmitting", shard, status.id, code)
-                _next_round(output, run_id, shard, rnd,
+                _next_round(store, output, run_id, shard, rnd,
                             todo if todo is not None else list(range(len(items))),
                             f"batch {status.id} failed: {code}")
                 return
@@ -237,7 +236,7 @@ def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int 
         put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
         store.put(layout.round_doc(shard, rnd, "rows"), encode_round(rows), if_absent=True)
     if merged["retryable"] and rnd + 1 < settings.max_item_attempts:
-        _next_round(output, run_id, shard, rnd, merged["retryable"], "processing_error")
+        _next_round(store, output, run_id, shard, rnd, merged["retryable"], "processing_error")
         return
     _finish_shard(run, shard, rnd)
 
