@@ -1,6 +1,7 @@
 """Shared fixtures: everything over real connections.
 
-- Redis: the machine's server on 127.0.0.1:6379 (``.ci/run`` starts it), databases 12 and 13.
+- Redis: a private ``redis-server`` started for the session on a free port (nothing on disk),
+  so a test session never touches data it did not create and sessions can run side by side.
 - S3: moto's server (``ThreadedMotoServer``), real S3 over HTTP.
 - The Moondream Batch API: the project's emulator, over HTTP.
 - Workers: a real ``celery -A workers worker`` process, started once per session.
@@ -24,8 +25,7 @@ import boto3
 import pytest
 import redis
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-BROKER_DB, BACKEND_DB = 12, 13
+BROKER_DB, BACKEND_DB = 0, 1
 SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
                   "camera.png", "horse.png", "motorcycle_left.png", "no_time_for_that_tiny.gif")
 
@@ -37,15 +37,62 @@ def photos_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on 127.0.0.1:``port`` that keeps nothing on disk, so a
+    restart comes back empty (what a broker loss looks like)."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port, self.workdir = port, workdir
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis("127.0.0.1", self.port, db=db, socket_connect_timeout=2)
+
+    def start(self) -> RedisServer:
+        exe = shutil.which("redis-server")
+        if not exe:
+            pytest.exit("redis-server is not installed (apt-get install redis-server)", returncode=3)
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "no", "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                if self.client().ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        """SIGKILL: every queue, ETA and key is gone."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart_empty(self) -> None:
+        self.kill()
+        self.start()
+
+
 @pytest.fixture(scope="session")
-def redis_ready() -> None:
-    client = redis.Redis(REDIS_HOST, REDIS_PORT, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:  # .ci/run starts it; a developer may not have
-        pytest.exit(f"Redis is not running on {REDIS_HOST}:{REDIS_PORT}: {exc}", returncode=3)
-    for db in (BROKER_DB, BACKEND_DB):
-        redis.Redis(REDIS_HOST, REDIS_PORT, db=db).flushdb()
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """The session's private Redis (broker in db 0, result backend in db 1)."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +148,7 @@ def _reset_emulator_config(request) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def env(redis_ready, s3_endpoint: str, emulator) -> dict[str, str]:
+def env(redis_server: RedisServer, s3_endpoint: str, emulator) -> dict[str, str]:
     """The environment of the session's workers and CLI runs (also applied to this process)."""
     from config import reload_settings
     from workers.app import reconfigure
@@ -110,8 +157,8 @@ def env(redis_ready, s3_endpoint: str, emulator) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "MOONBATCH_S3_ENDPOINT_URL": s3_endpoint,
-        "MOONBATCH_BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}",
-        "MOONBATCH_RESULT_BACKEND": f"redis://{REDIS_HOST}:{REDIS_PORT}/{BACKEND_DB}",
+        "MOONBATCH_BROKER_URL": redis_server.url(BROKER_DB),
+        "MOONBATCH_RESULT_BACKEND": redis_server.url(BACKEND_DB),
         "MOONBATCH_QUEUE": "moonbatch-test-" + uuid.uuid4().hex[:8],
         "MOONDREAM_API_KEY": emulator.config.api_key,
         "MOONBATCH_MOONDREAM_URL": emulator.url,

@@ -11,54 +11,18 @@ import concurrent.futures as cf
 import io
 import json
 import random
-import shutil
-import socket
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from emulator.server import EmulatorConfig, EmulatorServer, Faults
-from tests.conftest import Worker, read_json, read_results, run_cli
+from tests.conftest import RedisServer, Worker, free_port, read_json, read_results, run_cli
 
 N_IMAGES = 500
 SHARD_SIZE = 100
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A throwaway redis-server that keeps nothing on disk (a restart comes back empty)."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port, self.workdir, self.proc = port, workdir, None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server is needed for the chaos test"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 def tiny_jpeg(i: int) -> bytes:
@@ -121,8 +85,7 @@ def test_chaos(s3, bucket, env, tmp_path):
             kill_worker()
             kill_worker()
             time.sleep(rng.uniform(0.5, 2.0))
-            redis_server.kill()  # Redis restarts empty: queues, ETAs, registry gone
-            redis_server.start()
+            redis_server.restart_empty()  # queues, ETAs, results and Redis keys gone
             run_cli(["resume", output], cenv)
             kill_worker()
 

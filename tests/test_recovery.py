@@ -12,13 +12,10 @@ import time
 import uuid
 
 import pytest
-import redis
 
 from config import get_settings
 from tests.conftest import (
     BROKER_DB,
-    REDIS_HOST,
-    REDIS_PORT,
     Worker,
     read_json,
     read_results,
@@ -36,7 +33,7 @@ NAMES = ("coffee.png", "rocket.jpg", "chelsea.png", "camera.png")
 
 
 @pytest.fixture
-def planned(s3, bucket, env):
+def planned(s3, bucket, env, redis_server):
     """A run of 4 photographs in 2 shards, planned onto a queue that nobody consumes."""
     upload_photos(s3, bucket, "in/", names=NAMES)
     queue = "rec-" + uuid.uuid4().hex[:8]
@@ -44,12 +41,12 @@ def planned(s3, bucket, env):
     proc = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--shard-size", "2"],
                    qenv)
     return {"run_id": proc.stdout.strip().splitlines()[-1], "queue": queue, "env": qenv,
-            "output": f"s3://{bucket}/out/"}
+            "output": f"s3://{bucket}/out/", "redis": redis_server}
 
 
-def lose_queue(queue: str) -> None:
+def lose_queue(redis_server, queue: str) -> None:
     """What a Redis restart does to the run's messages."""
-    redis.Redis(REDIS_HOST, REDIS_PORT, db=BROKER_DB).delete(queue)
+    redis_server.client(BROKER_DB).delete(queue)
 
 
 def client(emulator) -> BatchClient:
@@ -57,7 +54,7 @@ def client(emulator) -> BatchClient:
 
 
 def resume_and_finish(planned, s3, bucket, tmp_path) -> dict:
-    lose_queue(planned["queue"])
+    lose_queue(planned["redis"], planned["queue"])
     proc = run_cli(["resume", planned["output"]], planned["env"])
     assert "shard(s)" in proc.stdout
     with Worker(planned["env"], planned["queue"], tmp_path / "worker.log"):
