@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     moondream_url: str = "https://api.moondream.ai/v1"
     model: str | None = None  # None: the API's default model (moondream3-preview)
 
+    # Where run ids, active runs and batch claims are recorded (a store URL: a local directory
+    # for one machine, s3://bucket/prefix/ shared by a fleet). Redis is never the only copy.
+    state_url: str = "~/.moonbatch/"
+
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
     queue: str = "moonbatch"
@@ -64,7 +68,10 @@ class Settings(BaseSettings):
     http_backoff_max: float = Field(default=30.0, ge=0)
 
     # Reliability.
-    lease_seconds: float = Field(default=300.0, gt=0)  # a silent shard builder loses its lease
+    # A silent shard builder loses its lease after this; leases are renewed every quarter of it
+    # from a background thread, so a short lease costs nothing and a dead builder's shard moves
+    # on within about a minute.
+    lease_seconds: float = Field(default=60.0, gt=0)
     max_item_attempts: int = Field(default=3, ge=1)  # batches an item may be sent in
     reconcile_interval: float = Field(default=60.0, gt=0)  # Celery beat: stale-work sweep
     task_retry_backoff_max: float = Field(default=300.0, gt=0)  # seconds between task retries

@@ -45,7 +45,8 @@ logging.getLogger("werkzeug").setLevel(logging.WARNING)
 MB = 1_000_000
 
 #: Keys of ``Emulator.injected``.
-FAULT_KINDS = ("429", "5xx", "drop", "truncate", "corrupt", "batch_failed", "line_error")
+FAULT_KINDS = ("429", "5xx", "drop", "truncate", "corrupt", "batch_failed", "line_error",
+               "lost_create", "lost_complete")
 
 _5XX = {500: ("internal_error", "Internal server error"),
         502: ("bad_gateway", "Bad gateway"),
@@ -75,6 +76,9 @@ class Faults:
     - ``line_error_rate``: fraction of the lines of a completing batch whose row is a
       ``processing_error``; drawn from an RNG seeded with (``seed``, batch id), so the same line
       in another batch has a fresh chance.
+    - ``lose_create_answers``, ``lose_complete_answers``: fractions of ``mpu-create`` and
+      ``mpu-complete`` requests that succeed (the upload, or the batch, is created) and then
+      have their connection closed with no answer: the lost answer FACTS.md describes.
 
     Request-level faults draw from one ``random.Random(seed)`` (under the emulator's lock), in
     the order requests arrive; batch and line faults from per-batch RNGs.
@@ -91,10 +95,13 @@ class Faults:
     batch_fail_rate: float = 0.0
     batch_fail_code: str = "processing_failed"
     line_error_rate: float = 0.0
+    lose_create_answers: float = 0.0
+    lose_complete_answers: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rate_429", "rate_5xx", "rate_drop", "rate_truncate", "rate_corrupt",
-                     "batch_fail_rate", "line_error_rate"):
+                     "batch_fail_rate", "line_error_rate", "lose_create_answers",
+                     "lose_complete_answers"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"Faults.{name} must be in [0, 1], not {value!r}")
@@ -315,6 +322,17 @@ class Emulator:
             return _truncated(data, request.environ.get("werkzeug.socket"))
         return Response(_corrupted(data), mimetype="application/x-ndjson")
 
+    def _lose_answer(self, rate: float, kind: str) -> Response | None:
+        """With probability ``rate``: a response that closes the connection instead of
+        answering (the caller has already acted on the request)."""
+        if rate <= 0:
+            return None
+        with self.lock:
+            if self._fault_rng(self.config.faults).random() >= rate:
+                return None
+            self.injected[kind] += 1
+        return _dropped(request.environ.get("werkzeug.socket"))
+
     def _authorised(self) -> bool:
         key = request.headers.get("X-Moondream-Auth", "")
         return hmac.compare_digest(key.encode(), self.config.api_key.encode())
@@ -531,6 +549,9 @@ class Emulator:
         with self.lock:
             up = _Upload(_new_id(), secrets.token_hex(16), {}, time.time())
             self.uploads[up.file_id] = up
+        lost = self._lose_answer(self.config.faults.lose_create_answers, "lost_create")
+        if lost is not None:
+            return lost
         return _json({"fileId": up.file_id, "uploadId": up.upload_id,
                       "key": f"requests/org_emulator/{up.file_id}.jsonl"})
 
@@ -610,6 +631,9 @@ class Emulator:
             b = _Batch(id=_new_id(), path=path, size=sum(sizes), model=model, created=time.time(),
                        parts=[c[0] for c in chosen])
             self.batches[b.id] = b
+        lost = self._lose_answer(self.config.faults.lose_complete_answers, "lost_complete")
+        if lost is not None:
+            return lost
         return _json({"id": b.id, "status": "chunking", "size": b.size})
 
     def abort(self, file_id: str) -> Response:

@@ -147,13 +147,19 @@ def _safe_url(url: str) -> str:
 def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: float | None,
            show: bool = True) -> dict[str, Any]:
     """Follow a run until it is final; show a progress bar. Raises ``Fail`` if it cannot
-    complete (failure recorded, workers died, timeout)."""
+    complete (failure recorded, workers died, timeout).
+
+    With local ``workers`` this process also runs the reconciler for the run every
+    ``reconcile_interval`` seconds, as a fleet's beat does, so a run started from a laptop heals
+    from lost messages and a broker that restarted empty the same way.
+    """
     from workers.runstate import Progress as RunProgress
     from workers.runstate import open_output
 
     store = open_output(output, settings)
     progress = RunProgress(store)
     start = time.time()
+    reconciled = start
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[note]}"), TimeElapsedColumn()]
     with Progress(*columns, console=err, disable=not show, transient=False) as bar:
@@ -174,11 +180,27 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
                 raise Fail(f"run {snap['run_id']} cannot complete: {f['where']}: {f['error']}")
             if workers is not None and workers.dead():
                 raise Fail("the local worker processes exited:\n" + workers.tail())
+            if workers is not None and time.time() - reconciled >= settings.reconcile_interval:
+                reconciled = time.time()
+                _reconcile(settings, output, snap["run_id"])
             if timeout is not None and time.time() - start > timeout:
                 raise Fail(f"run {snap['run_id']} not complete after {timeout:.0f}s; it goes on: "
                            f"moonbatch wait {snap['run_id']}")
             age = time.time() - start  # each look lists the run's state: back off as it ages
             time.sleep(0.2 if age < 10 else 2.0 if age < 600 else 10.0)
+
+
+def _reconcile(settings, output: str, run_id: str) -> None:
+    """One reconciler pass over the run (see ``workers.tasks.reconcile``); a broker that is
+    down for now is tried again at the next pass."""
+    from workers import canary
+    from workers.tasks import reconcile_run
+
+    try:
+        reconcile_run(output, run_id, full=canary.broker_lost(settings, run_id))
+    except Exception as exc:
+        err.print(f"[yellow]reconcile of run {run_id} failed for now:[/yellow] "
+                  f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _print_summary(snap: dict[str, Any]) -> None:
@@ -273,7 +295,7 @@ def status(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id
     from workers.runstate import open_output
 
     with _cli_errors():
-        output = resolve_run(run_ref)
+        output = resolve_run(run_ref, get_settings())
         try:
             snap = RunProgress(open_output(output, get_settings())).snapshot()
         except Exception as exc:
@@ -296,6 +318,44 @@ def status(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id
 
 
 @app.command()
+def runs(limit: Annotated[int, typer.Option("--limit", metavar="N",
+                                            help="show the N newest runs")] = 20,
+         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """List runs from the registry (MOONBATCH_STATE_URL), newest first: run id, status, input,
+    output, counts and start time."""
+    from config import get_settings
+    from workers import registry
+    from workers.runstate import Progress as RunProgress
+    from workers.runstate import open_output
+
+    with _cli_errors():
+        settings = get_settings()
+        rows = []
+        for entry in registry.iter_runs(registry.open_state(settings), limit=max(0, limit)):
+            row = {**entry, "status": "unknown", "counts": None}
+            try:
+                snap = RunProgress(open_output(entry["output"], settings)).snapshot()
+                row.update(status=snap["status"], counts=snap["counts"])
+            except Exception as exc:  # an OUTPUT deleted or out of reach: still list the id
+                row["status"] = f"unreadable ({type(exc).__name__})"
+            rows.append(row)
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table("run", "status", "input", "output", "ok/error/total", "started (UTC)",
+                      box=None)
+        for row in rows:
+            c = row["counts"] or {}
+            counts = f"{c.get('ok', '?')}/{c.get('error', '?')}/{c.get('total') or '?'}"
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["created_at"]))
+            table.add_row(row["run_id"], row["status"], row["input"], row["output"], counts,
+                          started)
+        for column in table.columns:
+            column.overflow = "fold"  # never cut a path
+        out.print(table if rows else "no runs in the registry at " + settings.state_url)
+
+
+@app.command()
 def wait(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")],
          timeout: TimeoutOpt = None) -> None:
     """Block until the run is complete (exit 0) or cannot complete (exit 1)."""
@@ -303,7 +363,9 @@ def wait(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id o
     from producer.runs import resolve_run
 
     with _cli_errors():
-        _print_summary(_watch(resolve_run(run_ref), get_settings(), workers=None, timeout=timeout))
+        settings = get_settings()
+        _print_summary(_watch(resolve_run(run_ref, settings), settings, workers=None,
+                              timeout=timeout))
 
 
 @app.command()
@@ -316,11 +378,11 @@ def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id
     from workers import layout
     from workers.runstate import open_run
     from workers.storage import get_json_or_none
-    from workers.tasks import advance_shard, finalize_run, mark_active
+    from workers.tasks import advance_shard, finalize_run
 
     with _cli_errors():
         settings = get_settings()
-        output = resolve_run(run_ref)
+        output = resolve_run(run_ref, settings)
         run = open_run(output, settings)
         store = run.output
         if store.exists(layout.FINALIZED):
@@ -333,8 +395,7 @@ def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id
             raise Fail(f"run {run.spec.run_id} was never fully planned (the producer stopped "
                        "while listing); submit it again to a new OUTPUT")
         store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
-        register_run(run.spec.run_id, output)
-        mark_active(output)
+        register_run(run.spec, settings)  # again: the registry or canary may be new
         counts: dict[str, int] = {}
         for shard in range(plan["shards"]):
             action = advance_shard(run, shard, only_stale=False) or "nothing"
@@ -356,11 +417,11 @@ def cancel(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id
     from workers.runstate import Progress as RunProgress
     from workers.runstate import open_output
     from workers.storage import get_json_or_none, put_json
-    from workers.tasks import batch_client, forget_active
+    from workers.tasks import batch_client, run_final
 
     with _cli_errors():
         settings = get_settings()
-        output = resolve_run(run_ref)
+        output = resolve_run(run_ref, settings)
         store = open_output(output, settings)
         if store.exists(layout.FINALIZED):
             raise Fail("the run is already complete")
@@ -378,7 +439,7 @@ def cancel(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id
         snap["status"] = "cancelled"
         snap["timings"]["finished_at"] = time.time()
         put_json(store, layout.SUMMARY, snap)
-        forget_active(output)
+        run_final(settings, snap["run_id"])
         out.print(f"run {snap['run_id']} cancelled ({aborted} open upload(s) aborted; "
                   f"{snap['counts']['done']} item(s) had results)")
 

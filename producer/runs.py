@@ -2,13 +2,15 @@
 
 Planning streams: a shard is written to storage and enqueued as soon as it is full, so a
 10-million-object prefix never sits in memory, and workers start before the listing ends.
-Run ids map to their OUTPUT location through the Celery result backend (Redis by default), so
-that ``moonbatch status RUN_ID`` can find a run; the OUTPUT URL itself works everywhere too.
+Run ids map to their OUTPUT location through the registry in the state store
+(``workers.registry``), so ``moonbatch status RUN_ID`` finds a run from any machine of the fleet
+even after Redis lost everything; the OUTPUT URL itself works everywhere too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -17,12 +19,12 @@ from typing import Any
 from config import Settings
 from producer.planner import Shard, plan_shards
 from producer.reader import ListingStats, iter_items
-from workers import layout
+from workers import canary, layout, registry
 from workers.models import RunSpec, SkillOptions
 from workers.runstate import RunNotFound, open_output
 from workers.storage import normalize_url, put_json
 
-REGISTRY_PREFIX = "moonbatch-run-"
+log = logging.getLogger(__name__)
 
 
 class RunExists(Exception):
@@ -34,26 +36,42 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def register_run(run_id: str, output: str) -> None:
-    """Remember where run ``run_id`` keeps its state (best effort: the OUTPUT URL also works)."""
-    from workers.app import app
+def register_run(spec: RunSpec, settings: Settings) -> None:
+    """Record the run in the state store's registry and on its list of active runs, and arm
+    the broker canary that lets a reconciler notice a broker that lost the run's messages.
 
-    app.backend.set(REGISTRY_PREFIX + run_id, json.dumps({"output": output}))
+    Raises storage errors when the state store cannot be written (the run id would be
+    useless); a broker that cannot be reached only loses the canary (logged).
+    """
+    state = registry.open_state(settings)
+    registry.record_run(state, run_id=spec.run_id, output=spec.output, input=spec.input,
+                        skill=spec.options.skill, created_at=spec.created_at)
+    registry.mark_active(state, spec.run_id, spec.output)
+    try:
+        canary.arm(settings, spec.run_id)
+    except Exception as exc:
+        log.warning("run %s: could not set the broker canary: %s", spec.run_id, exc)
 
 
-def resolve_run(ref: str) -> str:
+def looks_like_url(ref: str) -> bool:
+    """True if ``ref`` is a store URL or path rather than a run id."""
+    return ref.startswith(("s3://", "file://", ".", "~")) or "/" in ref or "\\" in ref
+
+
+def resolve_run(ref: str, settings: Settings) -> str:
     """The OUTPUT URL of a run given its id or its OUTPUT URL.
 
-    Raises ``RunNotFound`` if the id is unknown to the result backend.
+    Raises ``RunNotFound`` if the id is not in the registry of ``settings.state_url``.
     """
-    if ref.startswith("s3://") or "/" in ref or ref.startswith("."):
+    if looks_like_url(ref):
         return normalize_url(ref)
-    from workers.app import app
-
-    raw = app.backend.get(REGISTRY_PREFIX + ref)
-    if not raw:
-        raise RunNotFound(f"run {ref} is unknown to the result backend; pass its OUTPUT URL instead")
-    return json.loads(raw)["output"]
+    state = registry.open_state(settings)
+    entry = registry.lookup_run(state, ref)
+    if entry is None:
+        raise RunNotFound(f"run {ref} is not in the registry at {state.url}: pass its OUTPUT "
+                          "URL, or set MOONBATCH_STATE_URL to the state location it was "
+                          "submitted with")
+    return entry["output"]
 
 
 def submit_run(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
@@ -66,7 +84,7 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
     ``RunExists`` if OUTPUT holds a run, ``ValueError`` for bad URLs or limits, storage errors
     if the stores cannot be reached.
     """
-    from workers.tasks import build_shard, finalize_run, mark_active
+    from workers.tasks import build_shard, finalize_run
 
     input_url, output_url = normalize_url(input_url), normalize_url(output_url)
     if input_url == output_url:
@@ -85,11 +103,7 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
     put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
                                    "input": input_url, "output": output_url,
                                    "skill": options.skill})
-    try:
-        register_run(spec.run_id, output_url)
-        mark_active(output_url)
-    except Exception:  # the registry is a convenience; the run lives in storage
-        pass
+    register_run(spec, settings)
 
     exclude = output_url[len(input_url):] if output_url.startswith(input_url) else None
     stats = ListingStats()

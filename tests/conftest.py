@@ -148,7 +148,16 @@ def _reset_emulator_config(request) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def env(redis_server: RedisServer, s3_endpoint: str, emulator) -> dict[str, str]:
+def state_bucket(s3) -> str:
+    """The session's state location (run registry, active runs, batch claims) lives here."""
+    name = "state-" + uuid.uuid4().hex[:12]
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def env(redis_server: RedisServer, s3_endpoint: str, state_bucket: str, emulator
+        ) -> dict[str, str]:
     """The environment of the session's workers and CLI runs (also applied to this process)."""
     from config import reload_settings
     from workers.app import reconfigure
@@ -157,6 +166,7 @@ def env(redis_server: RedisServer, s3_endpoint: str, emulator) -> dict[str, str]
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "MOONBATCH_S3_ENDPOINT_URL": s3_endpoint,
+        "MOONBATCH_STATE_URL": f"s3://{state_bucket}/state/",
         "MOONBATCH_BROKER_URL": redis_server.url(BROKER_DB),
         "MOONBATCH_RESULT_BACKEND": redis_server.url(BACKEND_DB),
         "MOONBATCH_QUEUE": "moonbatch-test-" + uuid.uuid4().hex[:8],

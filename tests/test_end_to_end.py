@@ -197,4 +197,4 @@ def test_empty_prefix_completes_with_zero_items(s3, bucket, env, fleet):
 
 def test_status_of_unknown_run_is_a_clear_error(env):
     proc = run_cli(["status", "20990101-000000-abcdef"], env, check=False)
-    assert proc.returncode == 1 and "unknown" in proc.stderr
+    assert proc.returncode == 1 and "not in the registry" in proc.stderr

@@ -18,13 +18,20 @@ from typing import TypeVar
 
 from workers import layout
 from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image
-from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, UploadRecord
-from workers.moondream import BatchClient, Part
+from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
+from workers.moondream import BatchClient, BatchStatus, Part, RequestRejected, TransientError
+from workers.registry import BatchClaims
 from workers.storage import NotFound, StorageError, Store, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
+
+# Clock skew tolerated between this machine and the API when finding a batch by its time.
+CLOCK_SKEW = 300.0
+# Searches for the batch of a lost mpu-complete answer while candidates are still chunking
+# (their line count unknown) before the round is sent again.
+MAX_LOST_ANSWER_CHECKS = 8
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int
@@ -143,8 +150,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                      model: str | None, input_store: Store, state: Store, client: BatchClient,
                      part_size: int, concurrency: int, max_pixels: int = 0,
                      upload_concurrency: int = 2, rnd: int = 0, todo: Sequence[int] | None = None,
-                     heartbeat: Callable[[], None] | None = None
-                     ) -> tuple[ShardBuild, BatchRecord | None]:
+                     heartbeat: Callable[[], None] | None = None,
+                     claims: BatchClaims | None = None) -> tuple[ShardBuild, BatchRecord | None]:
     """Build the JSONL of round ``rnd`` of a shard (items ``todo``, default all), upload it and
     submit it; return the build and the batch record (None when no item could be sent: there
     is then no batch, only error rows).
@@ -155,7 +162,13 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     (``upload.json``) before the first part is sent, the batch id (``batch.json``) right after
     ``mpu-complete`` answers. ``heartbeat`` is called between lines and parts: it renews the
     lease and may raise to stop the build (lease lost, run cancelled), which aborts the upload.
-    Raises ``MoondreamError`` kinds and ``StorageError``.
+
+    A lost ``mpu-complete`` answer (or an attempt that died waiting for it) is recovered, not
+    paid twice: ``submit.json`` is written before the call, and the batch it created is found
+    in the batch list by its creation time and line count and claimed in ``claims`` (so two
+    rounds never adopt one batch). Only when it cannot be told apart is the round sent again,
+    counted in ``orphans.json``. Raises ``MoondreamError`` kinds (``TransientError`` while the
+    batch of a lost answer is still chunking: retry later) and ``StorageError``.
     """
     def doc(name: str) -> str:
         return layout.round_doc(shard, rnd, name)
@@ -165,6 +178,13 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     if done_build is not None and (done_batch is not None or not done_build["lines"]):
         return (ShardBuild.model_validate(done_build),
                 BatchRecord.model_validate(done_batch) if done_batch else None)
+
+    pending = get_json_or_none(state, doc("submit"))
+    if pending is not None and done_build is not None:
+        record = _recover_lost_submit(client, state, doc, SubmitRecord.model_validate(pending),
+                                      claims, shard=shard, rnd=rnd)
+        if record is not None:
+            return ShardBuild.model_validate(done_build), record
 
     stale = get_json_or_none(state, doc("upload"))
     if stale is not None:
@@ -219,11 +239,98 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     put_json(state, doc("build"), build.model_dump())
     if upload is None:
         return build, None
-    batch = client.complete_upload(upload.file_id, upload.upload_id, parts, model=model)
-    record = BatchRecord(batch_id=batch.id, file_id=upload.file_id, submitted_at=time.time(),
-                         lines=len(lines))
-    put_json(state, doc("batch"), record.model_dump())
-    state.delete(doc("upload"))
+    intent = SubmitRecord(file_id=upload.file_id, lines=len(lines), bytes=writer.bytes,
+                          sent_at=time.time())
+    put_json(state, doc("submit"), intent.model_dump())
+    try:
+        batch = client.complete_upload(upload.file_id, upload.upload_id, parts, model=model)
+    except (TransientError, RequestRejected) as exc:
+        if isinstance(exc, RequestRejected) and exc.status != 404:
+            raise
+        # The answer was lost, or an earlier try consumed the upload: find the batch.
+        log.warning("shard %d round %d: %s; looking for the batch it created", shard, rnd, exc)
+        state.delete(doc("upload"))
+        record = _recover_lost_submit(client, state, doc, intent, claims, shard=shard, rnd=rnd)
+        if record is None:  # no batch to adopt: the round is built and sent again
+            raise TransientError("mpu-complete", "answer lost and no batch found; the round "
+                                 "is sent again") from None
+        return build, record
+    record = _record_batch(state, doc, claims, batch.id, intent, recovered=False)
     log.info("shard %d round %d: batch %s submitted (%d lines, %d bytes, %d parts)",
              shard, rnd, batch.id, len(lines), writer.bytes, len(parts))
     return build, record
+
+
+def _record_batch(state: Store, doc: Callable[[str], str], claims: BatchClaims | None,
+                  batch_id: str, intent: SubmitRecord, *, recovered: bool) -> BatchRecord:
+    """Claim the batch, record it in ``batch.json`` and clear what led to it."""
+    if claims is not None and not claims.claim(batch_id) and not recovered:
+        # Another round adopted our batch by mistake while our answer was in flight; ours is
+        # certain (the service answered), theirs is checked against result ids at merge.
+        log.error("batch %s is claimed by another round; keeping it for this one", batch_id)
+    record = BatchRecord(batch_id=batch_id, file_id=intent.file_id, submitted_at=time.time(),
+                         lines=intent.lines, recovered=recovered)
+    put_json(state, doc("batch"), record.model_dump())
+    state.delete(doc("upload"))
+    state.delete(doc("submit"))
+    return record
+
+
+def _lines_of(batch: BatchStatus) -> int | None:
+    """The batch's line count from its progress, or None while it is not known (chunking)."""
+    total = (batch.progress or {}).get("total") if isinstance(batch.progress, dict) else None
+    try:
+        return int(total) if total else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _recover_lost_submit(client: BatchClient, state: Store, doc: Callable[[str], str],
+                         intent: SubmitRecord, claims: BatchClaims | None, *, shard: int,
+                         rnd: int) -> BatchRecord | None:
+    """Find and adopt the batch that the ``mpu-complete`` of ``intent`` created, whose answer
+    was lost: the one unclaimed batch created since ``intent.sent_at`` (less the tolerated
+    clock skew) with ``intent.lines`` lines (seed 002, "List batches"; FACTS.md).
+
+    Returns its record, or None when no batch can be it, or several can (then the round is
+    sent again and ``orphans.json`` counts a possible duplicate). Raises ``TransientError``
+    while a candidate still chunks (its line count unknown), up to
+    ``MAX_LOST_ANSWER_CHECKS`` searches.
+    """
+    exact, unsure = [], []
+    for batch in client.find_batches(intent.sent_at - CLOCK_SKEW):
+        if claims is not None and claims.taken(batch.id):
+            continue
+        lines = _lines_of(batch)
+        if lines == intent.lines:
+            exact.append(batch)
+        elif lines is None and batch.status not in ("completed", "failed"):
+            unsure.append(batch)
+    if len(exact) == 1 and not unsure:
+        found = exact[0]
+        if claims is None or claims.claim(found.id):
+            log.warning("shard %d round %d: adopted batch %s, created by the mpu-complete whose "
+                        "answer was lost", shard, rnd, found.id)
+            return _record_batch(state, doc, claims, found.id, intent, recovered=True)
+    elif unsure and len(exact) <= 1 and intent.checks + 1 < MAX_LOST_ANSWER_CHECKS:
+        put_json(state, doc("submit"), {**intent.model_dump(), "checks": intent.checks + 1})
+        raise TransientError("mpu-complete", f"answer lost; {len(unsure)} new batch(es) still "
+                             "chunking may be this round's: looking again later")
+    if exact or unsure:
+        _count_orphan(state, doc, f"{len(exact) + len(unsure)} batch(es) could be this round's")
+        log.warning("shard %d round %d: the batch of the lost mpu-complete answer cannot be "
+                    "told apart from %d other(s); sending the round again", shard, rnd,
+                    len(exact) + len(unsure) - 1)
+    else:
+        log.warning("shard %d round %d: the lost mpu-complete answer created no batch; "
+                    "sending the round again", shard, rnd)
+    state.delete(doc("submit"))
+    return None
+
+
+def _count_orphan(state: Store, doc: Callable[[str], str], reason: str) -> None:
+    """Add one to the round's possible duplicate batches (``orphans.json``)."""
+    orphans = get_json_or_none(state, doc("orphans")) or {"count": 0, "reasons": []}
+    orphans["count"] += 1
+    orphans["reasons"] = (orphans["reasons"] + [reason])[-10:]
+    put_json(state, doc("orphans"), orphans)

@@ -9,8 +9,11 @@
     _moonbatch/shards/00000/r0/todo.json   items of round r (r > 0: those to retry)
     _moonbatch/shards/00000/r0/upload.json    multipart upload in flight
     _moonbatch/shards/00000/r0/build.json     line_index → item mapping and pre-send errors
+    _moonbatch/shards/00000/r0/submit.json    mpu-complete sent, answer not yet recorded
     _moonbatch/shards/00000/r0/batch.json     the submitted batch id
+    _moonbatch/shards/00000/r0/orphans.json   batches lost with their mpu-complete answer
     _moonbatch/shards/00000/r0/progress.json  last polled status (no URLs)
+    _moonbatch/shards/00000/r0/merged.json    the round's merge counts
     _moonbatch/shards/00000/r0/rows.jsonl     the round's merged rows
     _moonbatch/shards/00000/done.json      merged: counts and usage
     _moonbatch/failed.json                 why the run cannot complete
@@ -21,6 +24,12 @@ A round is one batch for a set of the shard's items: round 0 sends every item; a
 failed transiently, or lines that came back ``processing_error``, go into the next round.
 
 Keys are deterministic, so a retried or redelivered task finds what an earlier attempt wrote.
+
+The state store (``MOONBATCH_STATE_URL``), shared by every run of a fleet, holds the registry:
+
+    runs/<run_id>.json          run id → OUTPUT (and input, skill, created_at), written at submit
+    active/<run_id>.json        the run is not final yet: the reconciler sweeps these
+    batches/<batch_id>.json     which run, shard and round a batch belongs to (its claim)
 """
 
 from __future__ import annotations
@@ -34,6 +43,31 @@ FINALIZED = STATE + "finalized"
 SUMMARY = "run.json"
 RESULTS = "results/"
 SHARDS = STATE + "shards/"
+
+
+REGISTRY_RUNS = "runs/"
+REGISTRY_ACTIVE = "active/"
+REGISTRY_BATCHES = "batches/"
+
+
+def registry_run(run_id: str) -> str:
+    """Key (in the state store) of a run's registry entry."""
+    return f"{REGISTRY_RUNS}{run_id}.json"
+
+
+def registry_active(run_id: str) -> str:
+    """Key (in the state store) of a run's active marker."""
+    return f"{REGISTRY_ACTIVE}{run_id}.json"
+
+
+def registry_batch(batch_id: str) -> str:
+    """Key (in the state store) of a batch's claim."""
+    return f"{REGISTRY_BATCHES}{batch_id}.json"
+
+
+def run_id_of(key: str) -> str:
+    """The run id in a ``runs/`` or ``active/`` key."""
+    return key.rsplit("/", 1)[-1].removesuffix(".json")
 
 
 def plan_items(shard: int) -> str:
@@ -52,8 +86,8 @@ def shard_doc(shard: int, name: str) -> str:
 
 
 def round_doc(shard: int, rnd: int, name: str) -> str:
-    """Key of a round's document: todo, upload, build, batch, progress (``.json``) or rows
-    (``rows.jsonl``)."""
+    """Key of a round's document: todo, upload, build, submit, batch, orphans, progress, merged
+    (``.json``) or rows (``rows.jsonl``)."""
     ext = "jsonl" if name == "rows" else "json"
     return f"{SHARDS}{shard:05d}/r{rnd}/{name}.{ext}"
 

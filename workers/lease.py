@@ -29,6 +29,7 @@ class Lease:
         self.store, self.key, self.owner, self.ttl, self.clock = store, key, owner, ttl, clock
         self._renewed = 0.0
         self._lock = threading.Lock()  # one renewal at a time from this process
+        self.holder_expires = 0.0  # when ``acquire`` fails: when the holder's lease runs out
 
     def _doc(self) -> bytes:
         now = self.clock()
@@ -36,7 +37,7 @@ class Lease:
 
     def acquire(self) -> bool:
         """Take the lease if it is free, expired or already ours; False if someone else holds
-        it. Raises storage errors."""
+        it (``holder_expires`` then says until when). Raises storage errors."""
         for _ in range(3):
             if self.store.put(self.key, self._doc(), if_absent=True):
                 self._remember()
@@ -47,6 +48,7 @@ class Lease:
                 continue  # released between our two calls: try to create it again
             doc = json.loads(data)
             if doc.get("owner") != self.owner and doc.get("expires", 0) > self.clock():
+                self.holder_expires = float(doc["expires"])
                 return False
             if self.store.put_if_match(self.key, self._doc(), version):
                 self._remember()

@@ -139,13 +139,27 @@ class UploadRecord(BaseModel):
     created_at: float
 
 
+class SubmitRecord(BaseModel):
+    """An ``mpu-complete`` sent for a round whose answer is not recorded yet: written just
+    before the call, so that an attempt that lost the answer (or died waiting for it) can find
+    the batch it created instead of paying for another. ``checks`` counts the searches."""
+
+    file_id: str
+    lines: int
+    bytes: int
+    sent_at: float  # unix seconds, this machine's clock
+    checks: int = 0
+
+
 class BatchRecord(BaseModel):
-    """A submitted batch: recorded as soon as ``mpu-complete`` answers, before polling."""
+    """A submitted batch: recorded as soon as ``mpu-complete`` answers, before polling.
+    ``recovered``: found again in the batch list after its ``mpu-complete`` answer was lost."""
 
     batch_id: str
     file_id: str
     submitted_at: float
     lines: int
+    recovered: bool = False
 
 
 class ShardDone(BaseModel):
@@ -161,6 +175,9 @@ class ShardDone(BaseModel):
     output_tokens: int = 0
     duplicate_rows: int = 0
     missing_rows: int = 0
+    # Batches that may have been submitted twice: an mpu-complete answer was lost and the
+    # batch it created could not be told apart from others, so the round was sent again.
+    duplicate_batches: int = 0
     polls: int = 0
     rounds: int = 1  # batches sent for this shard's items (retries included)
     batch_ids: list[str] = Field(default_factory=list)

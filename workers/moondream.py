@@ -54,6 +54,16 @@ class TransientError(MoondreamError):
     """429, 5xx or a network error that outlasted every retry; a later attempt may succeed."""
 
 
+class AnswerLost(TransientError):
+    """The request reached the service but its answer did not come back (the connection broke
+    after sending), and the call is not safe to repeat: the service may have acted on it
+    (``mpu-complete`` consumes the upload and creates a batch; FACTS.md)."""
+
+
+# Network errors raised before the request left this machine: repeating it is always safe.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
 class Part(BaseModel):
     """A part of a multipart upload, as ``mpu-complete`` wants it."""
 
@@ -109,6 +119,21 @@ class BatchStatus(BaseModel):
         if isinstance(self.error, dict):
             return str(self.error.get("message") or self.error_code())
         return str(self.error or "batch failed")
+
+
+def _epoch(iso: Any) -> float | None:
+    """Unix seconds of an ISO 8601 time (``2025-01-10T12:00:00Z``), or None if unreadable."""
+    import datetime
+
+    if not isinstance(iso, str):
+        return None
+    try:
+        value = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return value.timestamp()
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -171,14 +196,28 @@ class BatchClient:
         return random.uniform(0, min(self.backoff_max, self.backoff_initial * 2 ** attempt))
 
     def _call(self, action: str, send: Callable[[], httpx.Response],
-              parse: Callable[[httpx.Response], T]) -> T:
-        """Run ``send`` with retries; ``parse`` the first 2xx. Raises ``MoondreamError`` kinds."""
+              parse: Callable[[httpx.Response], T], *, repeat_after_lost_answer: bool = True,
+              lost_answer_note: str | None = None) -> T:
+        """Run ``send`` with retries; ``parse`` the first 2xx. Raises ``MoondreamError`` kinds.
+
+        A network error after the request was sent may have lost an answer the service acted
+        on: with ``repeat_after_lost_answer=False`` that raises ``AnswerLost`` at once instead
+        of repeating the request; otherwise ``lost_answer_note`` (if given) is logged before the
+        retry, saying what the lost answer may have left behind.
+        """
         last: MoondreamError | None = None
         for attempt in range(self.max_attempts):
             try:
                 response = send()
             except httpx.TransportError as exc:
                 # str(exc) may quote the URL; keep only the exception type.
+                if not isinstance(exc, _NOT_SENT):
+                    if not repeat_after_lost_answer:
+                        raise AnswerLost(action, f"{type(exc).__name__} after the request was "
+                                         "sent: the service may have acted on it") from None
+                    if lost_answer_note:
+                        log.warning("%s: answer lost (%s); %s", action, type(exc).__name__,
+                                    lost_answer_note)
                 last = TransientError(action, type(exc).__name__)
                 wait = self._backoff(attempt)
             else:
@@ -202,11 +241,17 @@ class BatchClient:
 
     # -- protocol ---------------------------------------------------------------------------
     def create_upload(self) -> Upload:
-        """``POST /batch?action=mpu-create`` → ``Upload(file_id, upload_id)``."""
+        """``POST /batch?action=mpu-create`` → ``Upload(file_id, upload_id)``.
+
+        Repeated when its answer is lost: the upload the lost answer named is orphaned at the
+        service (it holds no part, and nothing can find it to abort it); that is logged.
+        """
         return self._call(
             "mpu-create",
             lambda: self._http.post(f"{self.base_url}/batch", params={"action": "mpu-create"}),
             lambda r: Upload.model_validate(r.json()),
+            lost_answer_note="an empty multipart upload may be left open at the service "
+                             "(nothing can find it to abort it); creating another",
         )
 
     def upload_part(self, file_id: str, upload_id: str, part_number: int, data: bytes) -> Part:
@@ -228,7 +273,12 @@ class BatchClient:
     def complete_upload(self, file_id: str, upload_id: str, parts: list[Part],
                         model: str | None = None) -> BatchStatus:
         """``POST /batch/:fileId?action=mpu-complete`` with the parts (and optional model) →
-        the new batch (status ``chunking``)."""
+        the new batch (status ``chunking``).
+
+        Not repeated once sent: it consumes the upload, so a repeat after a lost answer gets
+        404 while the batch it created runs on. Raises ``AnswerLost`` then (find the batch with
+        ``find_batches``), ``RequestRejected`` with status 404 if the upload is gone.
+        """
         body: dict[str, Any] = {"parts": [p.model_dump(by_alias=True) for p in parts]}
         if model:
             body["model"] = model
@@ -238,6 +288,7 @@ class BatchClient:
                                     params={"action": "mpu-complete", "uploadId": upload_id},
                                     json=body),
             lambda r: BatchStatus.model_validate(r.json()),
+            repeat_after_lost_answer=False,
         )
 
     def abort_upload(self, file_id: str, upload_id: str) -> None:
@@ -279,6 +330,24 @@ class BatchClient:
             cursor = page.get("next_cursor")
             if not page.get("has_more") or not cursor:
                 return
+
+    def find_batches(self, since: float) -> list[BatchStatus]:
+        """Batches of the account created at or after ``since`` (unix seconds), newest first,
+        read from ``GET /batch`` pages until an older batch shows (seed 002, "List batches":
+        newest first with ``created_at``). Entries without a readable ``created_at`` are kept.
+        """
+        found: list[BatchStatus] = []
+        for entry in self.iter_batches():
+            try:
+                batch = BatchStatus.model_validate(entry)
+            except ValueError:
+                log.warning("list batches: skipped an entry without id or status")
+                continue
+            created = _epoch(batch.created_at)
+            if created is not None and created < since:
+                break
+            found.append(batch)
+        return found
 
     def download(self, output: OutputFile) -> bytes:
         """The bytes of one result file, from its presigned URL (no API key sent)."""

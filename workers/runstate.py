@@ -114,7 +114,8 @@ class Progress:
             "counts": {"total": total, "ok": ok, "error": err, "done": ok + err,
                        "in_flight": in_flight, "skipped": plan.get("skipped", 0) if plan else None},
             "shards": {"total": shards_total, "merged": len(done), "submitted": len(submitted),
-                       "batches_submitted": batches},
+                       "batches_submitted": batches,
+                       "duplicate_batches": sum(d.duplicate_batches for d in done.values())},
             "usage": {"input_tokens": sum(d.input_tokens for d in done.values()),
                       "output_tokens": sum(d.output_tokens for d in done.values())},
             "timings": {"created_at": spec["created_at"],
@@ -122,7 +123,8 @@ class Progress:
                         "finished_at": None},
             "batches": [{"shard": s, "batch_id": d.batch_id, "status": d.batch_status,
                          "items": d.total, "ok": d.ok, "error": d.error, "polls": d.polls,
-                         "rounds": d.rounds, "batch_ids": d.batch_ids}
+                         "rounds": d.rounds, "batch_ids": d.batch_ids,
+                         "duplicate_batches": d.duplicate_batches}
                         for s, d in sorted(done.items())],
             "failure": failed,
             "cancelled": cancelled,

@@ -21,8 +21,8 @@ from typing import Any
 
 from celery import Task
 
-from config import get_settings
-from workers import layout
+from config import Settings, get_settings
+from workers import canary, layout, registry
 from workers.app import app
 from workers.builder import build_and_submit
 from workers.downloader import fetch_results
@@ -39,7 +39,6 @@ RETRYABLE = (TransientError, StorageError, ConnectionError, TimeoutError, OSErro
 # Batch-level codes worth a resubmission; the others (validation_error, limit_exceeded,
 # empty_batch, invalid_model) would fail the same way again (seed 002, "Batch-level errors").
 TRANSIENT_BATCH_CODES = frozenset({"processing_failed", "timeout"})
-ACTIVE_RUNS = "moonbatch:active-runs"
 
 
 class RunCancelled(Exception):
@@ -107,7 +106,10 @@ def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) 
     lease = Lease(store, layout.shard_doc(shard, "lease"), self.request.id or uuid.uuid4().hex,
                   settings.lease_seconds)
     if not lease.acquire():
-        build_shard.apply_async((output, run_id, shard, rnd), countdown=settings.lease_seconds / 2)
+        # Another worker builds it, or a dead one's lease has not expired yet: look again
+        # when it would expire (a live holder renews it, and this message waits again).
+        wait = min(max(lease.holder_expires - time.time(), 0.0) + 0.5, settings.lease_seconds)
+        build_shard.apply_async((output, run_id, shard, rnd), countdown=wait)
         return
     last_check = [time.monotonic()]
     try:
@@ -126,7 +128,9 @@ def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) 
                     client=batch_client(), part_size=settings.part_size,
                     concurrency=settings.fetch_concurrency, max_pixels=run.spec.max_pixels,
                     upload_concurrency=settings.upload_concurrency, rnd=rnd,
-                    todo=_todo(store, shard, rnd), heartbeat=heartbeat)
+                    todo=_todo(store, shard, rnd), heartbeat=heartbeat,
+                    claims=registry.BatchClaims(registry.open_state(settings), output=output,
+                                                shard=shard, rnd=rnd))
             except MoondreamError:
                 lease.renew(force=True)  # an upload aborted by a new holder: LeaseLost, quiet
                 raise
@@ -228,6 +232,15 @@ def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int 
             fetched = {"corrupt_downloads": dstats.corrupt, "url_refreshes": dstats.refreshes}
         rows, stats, retryable = merge_round(items, build, files, run.input.url_for,
                                              batch_error=batch_error, todo=todo)
+        if record is not None and record.recovered and stats.id_mismatch:
+            # A batch adopted after a lost mpu-complete answer carries other items' ids: it
+            # was not this round's. Send the round again rather than merge foreign results.
+            log.error("shard %d round %d: adopted batch %s returned %d foreign ids; sending the "
+                      "round again", shard, rnd, record.batch_id, stats.id_mismatch)
+            _next_round(store, output, run_id, shard, rnd,
+                        todo if todo is not None else list(range(len(items))),
+                        f"adopted batch {record.batch_id} was not this round's")
+            return
         merged = {"batch_id": record.batch_id if record else None,
                   "batch_status": status.status if status else None, "polls": polls,
                   "ok": stats.ok, "error": stats.error, "input_tokens": stats.input_tokens,
@@ -248,10 +261,13 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
     rounds: list[bytes] = []
     merged: list[dict[str, Any]] = []
     batches: list[dict[str, Any]] = []  # every batch sent, failed ones included
+    duplicates = 0
     for r in range(last_round + 1):
         batch = get_json_or_none(store, layout.round_doc(shard, r, "batch"))
         if batch is not None:
             batches.append(batch)
+        duplicates += (get_json_or_none(store, layout.round_doc(shard, r, "orphans"))
+                       or {"count": 0})["count"]
         try:  # a round whose batch failed and was resubmitted has no rows
             rounds.append(store.get(layout.round_doc(shard, r, "rows")))
         except NotFound:
@@ -265,7 +281,8 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
         error=len(items) - ok, input_tokens=sum(m["input_tokens"] for m in merged),
         output_tokens=sum(m["output_tokens"] for m in merged),
         duplicate_rows=sum(m["duplicate"] for m in merged),
-        missing_rows=sum(m["missing"] for m in merged), polls=sum(m["polls"] for m in merged),
+        missing_rows=sum(m["missing"] for m in merged), duplicate_batches=duplicates,
+        polls=sum(m["polls"] for m in merged),
         rounds=last_round + 1, batch_ids=[b["batch_id"] for b in batches],
         submitted_at=batches[0]["submitted_at"] if batches else None, completed_at=time.time(),
         merged_at=time.time())
@@ -273,14 +290,21 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
     log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
              last_round + 1)
     if maybe_finalize(store):
-        forget_active(run.spec.output)
+        run_final(get_settings(), run.spec.run_id)
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.finalize_run")
 def finalize_run(self: Task, output: str, run_id: str) -> None:
     """Finalise the run if every shard is merged (idempotent; see ``maybe_finalize``)."""
-    if maybe_finalize(open_output(output, get_settings())):
-        forget_active(output)
+    settings = get_settings()
+    if maybe_finalize(open_output(output, settings)):
+        run_final(settings, run_id)
+
+
+def run_final(settings: Settings, run_id: str) -> None:
+    """Take a final (completed, failed or cancelled) run off the reconciler's list."""
+    registry.forget_active(registry.open_state(settings), run_id)
+    canary.disarm(settings, run_id)
 
 
 # -- recovery -----------------------------------------------------------------------------------
@@ -293,10 +317,12 @@ def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None =
     """Look at the shard's state in storage and enqueue its next step; return what was done
     (``"build"``, ``"poll"``, ``"merge"``) or None.
 
-    With ``only_stale`` (the reconciler), only work that should have moved and did not is
-    re-enqueued: a poll chain whose next poll is overdue, a merge that never ran, a build whose
-    lease expired. Without it (``moonbatch resume`` after the broker lost its queues), every
-    unfinished shard is re-enqueued unless a live lease shows it is being built. Duplicates are
+    With ``only_stale`` (the periodic reconciler, while the broker still holds its messages),
+    only work that should have moved and did not is re-enqueued: a poll chain whose next poll
+    is overdue, a merge that never ran, a build whose lease expired. Without it (``moonbatch
+    resume``, or a reconciler that found the broker emptied), every unfinished shard gets its
+    next step, a build even under a live lease: a builder that was SIGKILLed leaves a lease
+    that looks live until it expires, and the build task itself waits for it. Duplicates are
     harmless: leases, poll-chain ids and write-once results absorb them.
     """
     settings = get_settings()
@@ -332,62 +358,54 @@ def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None =
             return "merge"
         poll_batch.delay(*args, uuid.uuid4().hex)
         return "poll"
-    lease_key = layout.shard_doc(shard, "lease")
-    if lease_is_live(store, lease_key, now):
+    if only_stale and ("lease.json" not in docs  # never started: its message is queued
+                       or lease_is_live(store, layout.shard_doc(shard, "lease"), now)):
         return None
-    if only_stale and "lease.json" not in docs:
-        return None  # never started: its message is queued (resume covers a lost queue)
     build_shard.delay(*args)
     return "build"
 
 
-def mark_active(output: str) -> None:
-    """Add a run to the reconciler's set (Redis result backends only; best effort)."""
-    client = _redis()
-    if client is not None:
-        client.sadd(ACTIVE_RUNS, output)
-
-
-def forget_active(output: str) -> None:
-    """Remove a run from the reconciler's set (best effort)."""
-    client = _redis()
-    if client is not None:
-        client.srem(ACTIVE_RUNS, output)
-
-
-def _redis():
-    backend = app.backend
-    return getattr(backend, "client", None) if type(backend).__name__ == "RedisBackend" else None
+def reconcile_run(output: str, run_id: str, *, full: bool) -> dict[str, int]:
+    """One reconciler pass over one run: re-enqueue its stale work (every unfinished step when
+    ``full``, after the broker lost its messages), finalise it if it is complete, and take it
+    off the active list once it is final. Returns ``{action: shards}``."""
+    settings = get_settings()
+    store = open_output(output, settings)
+    counts: dict[str, int] = {}
+    if store.exists(layout.FINALIZED) or store.exists(layout.CANCELLED):
+        run_final(settings, run_id)
+        return counts
+    plan = get_json_or_none(store, layout.PLAN)
+    if plan is None:
+        return counts  # still listing (or the producer died: resume says so)
+    run = open_run(output, settings, run_id)
+    for shard in range(plan["shards"]):
+        action = advance_shard(run, shard, only_stale=not full)
+        if action:
+            counts[action] = counts.get(action, 0) + 1
+    if full:
+        finalize_run.delay(output, run_id)
+    elif maybe_finalize(store):
+        run_final(settings, run_id)
+    return counts
 
 
 @app.task(name="moonbatch.reconcile", ignore_result=True)
 def reconcile() -> dict[str, int]:
-    """Periodic (Celery beat): re-enqueue stale work of every active run — polls whose chain
-    stopped (a lost ETA message), merges that never ran, builds whose worker died."""
+    """Periodic (Celery beat): for every active run of the registry, re-enqueue stale work —
+    polls whose chain stopped (a lost ETA message), merges that never ran, builds whose worker
+    died — or, when the run's broker canary is gone (the broker restarted empty), every
+    unfinished step, so a run recovers from a broker loss with nobody calling ``resume``."""
     settings = get_settings()
-    client = _redis()
     counts: dict[str, int] = {}
-    if client is None:
-        return counts
-    for raw in client.smembers(ACTIVE_RUNS):
-        output = raw.decode() if isinstance(raw, bytes) else raw
+    for run_id, output in registry.iter_active(registry.open_state(settings)):
         try:
-            store = open_output(output, settings)
-            if store.exists(layout.FINALIZED) or store.exists(layout.CANCELLED):
-                client.srem(ACTIVE_RUNS, output)
-                continue
-            plan = get_json_or_none(store, layout.PLAN)
-            if plan is None:
-                continue
-            run = open_run(output, settings)
-            for shard in range(plan["shards"]):
-                action = advance_shard(run, shard, only_stale=True)
-                if action:
-                    counts[action] = counts.get(action, 0) + 1
-            if maybe_finalize(store):
-                client.srem(ACTIVE_RUNS, output)
+            done = reconcile_run(output, run_id, full=canary.broker_lost(settings, run_id))
         except Exception:
-            log.exception("reconcile of %s failed", output)
+            log.exception("reconcile of run %s failed", run_id)
+            continue
+        for action, n in done.items():
+            counts[action] = counts.get(action, 0) + n
     if counts:
         log.warning("reconcile re-enqueued %s", counts)
     return counts
