@@ -24,8 +24,9 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Annotate image datasets with the Moondream Batch API, at scale.")
-out = Console()
-err = Console(stderr=True)
+# Not a terminal (a pipe, a log, CI): no width to fit, so never wrap or cut a path or an id.
+out = Console() if sys.stdout.isatty() else Console(width=1 << 14)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=1 << 14)
 
 SkillOpt = Annotated[str, typer.Option("--skill", help="caption | query | detect | point")]
 LengthOpt = Annotated[Optional[str], typer.Option("--length", help="caption length: short | normal | long")]
@@ -197,7 +198,11 @@ def _reconcile(settings, output: str, run_id: str) -> None:
     from workers.tasks import reconcile_run
 
     try:
-        reconcile_run(output, run_id, full=canary.broker_lost(settings, run_id))
+        lost = canary.broker_lost(settings, run_id)
+        counts = reconcile_run(output, run_id, full=lost)
+        if lost:
+            err.print(f"the broker lost its data: re-enqueued the work of run {run_id} "
+                      f"({', '.join(f'{n} {a}' for a, n in sorted(counts.items())) or 'nothing left'})")
     except Exception as exc:
         err.print(f"[yellow]reconcile of run {run_id} failed for now:[/yellow] "
                   f"{type(exc).__name__}: {str(exc)[:200]}")

@@ -86,7 +86,7 @@ def test_chaos(s3, bucket, env, tmp_path):
             kill_worker()
             time.sleep(rng.uniform(0.5, 2.0))
             redis_server.restart_empty()  # queues, ETAs, results and Redis keys gone
-            run_cli(["resume", output], cenv)
+            run_cli(["resume", run_id], cenv)  # the run id outlives Redis
             kill_worker()
 
             deadline = time.time() + 300
