@@ -4,6 +4,7 @@ Batch API over HTTP → merged results in S3."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -198,3 +199,34 @@ def test_empty_prefix_completes_with_zero_items(s3, bucket, env, fleet):
 def test_status_of_unknown_run_is_a_clear_error(env):
     proc = run_cli(["status", "20990101-000000-abcdef"], env, check=False)
     assert proc.returncode == 1 and "unknown" in proc.stderr
+
+
+def test_loose_status_answers_do_not_stop_a_run(s3, bucket, env, fleet, emulator):
+    """Status answers in every shape the contract allows (an unknown status, null progress and
+    outputs while chunking, float counts, outputs as plain URL strings, extra fields; thin
+    mpu-* answers) still give every row."""
+    emulator.config.loose_answers = True
+    photos = upload_photos(s3, bucket, "loose/")
+    proc = run_cli(["run", f"s3://{bucket}/loose/", f"s3://{bucket}/out/", "--skill", "caption",
+                    "--shard-size", "5", "--workers", "0", "--timeout", "120"], env)
+    assert "completed" in proc.stdout
+
+    rows = read_results(s3, bucket, "out/")
+    assert sorted(r["id"] for r in rows) == sorted(photos)
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["result"] == expected_result(photos[row["id"]], {"skill": "caption"})
+    summary = read_json(s3, bucket, "out/run.json")
+    assert summary["status"] == "completed"
+    assert summary["counts"]["ok"] == summary["counts"]["total"] == len(photos)
+    assert len(summary["batches"]) == 2
+    for batch in summary["batches"]:  # queued, chunking, processing, completed: one poll each
+        assert batch["polls"] >= 4 and batch["rounds"] == 1
+        progress = read_json(s3, bucket, f"out/_moonbatch/shards/{batch['shard']:05d}/r0/progress.json")
+        assert progress["status"] == "completed"
+        assert progress["total"] == progress["completed"] == batch["items"]
+        assert progress["failed"] == 0
+    deadline = time.monotonic() + 10
+    while "is not one the seed names; polling again" not in fleet.log_path.read_text():
+        assert time.monotonic() < deadline, "the unknown status was not logged"
+        time.sleep(0.1)
