@@ -3,6 +3,7 @@ Batch API over HTTP → merged results in S3."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -230,3 +231,45 @@ def test_loose_status_answers_do_not_stop_a_run(s3, bucket, env, fleet, emulator
     while "is not one the seed names; polling again" not in fleet.log_path.read_text():
         assert time.monotonic() < deadline, "the unknown status was not logged"
         time.sleep(0.1)
+
+
+def test_webp_is_sent_converted_and_annotated(s3, bucket, env, fleet):
+    """The API documents JPEG, PNG and GIF only (the emulator refuses anything else): WebP,
+    still or animated, reaches it converted, with the pixels the WebP decodes to."""
+    from PIL import Image
+
+    from emulator.inference import fingerprint_bytes
+    from workers.lines import prepare_image
+
+    def encode(img, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="WEBP", **kw)
+        return buf.getvalue()
+
+    photo = Image.open(photos_dir() / "chelsea.png").convert("RGB")
+    frames = [photo, photo.rotate(90), Image.new("RGB", photo.size, (0, 0, 200))]
+    objects = {
+        "cat-lossy.webp": encode(photo, quality=80),
+        "cat-lossless.webp": encode(photo, lossless=True),
+        "cat-animated.webp": encode(frames[0], save_all=True, append_images=frames[1:],
+                                    lossless=True, duration=100),
+        "cat.png": (photos_dir() / "chelsea.png").read_bytes(),
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key="webp/" + key, Body=body)
+    run_cli(["run", f"s3://{bucket}/webp/", f"s3://{bucket}/out/", "--skill", "query",
+             "--question", "What animal?", "--workers", "0", "--timeout", "120"], env)
+
+    request = {"skill": "query", "question": "What animal?"}
+    rows = {r["id"]: r for r in read_results(s3, bucket, "out/")}
+    assert sorted(rows) == sorted(objects)
+    for key, body in objects.items():
+        assert rows[key]["status"] == "ok", rows[key]
+        # The emulator's answer for the WebP's decoded pixels (first frame, RGB, size).
+        assert rows[key]["result"] == expected_result(body, request)
+        if key.endswith(".webp"):
+            # Lossless conversion: the PNG sent has the fingerprint of the decoded WebP.
+            sent = prepare_image(body, limit=10**7).data
+            assert fingerprint_bytes(sent) == fingerprint_bytes(body)
+    build = read_json(s3, bucket, "out/_moonbatch/shards/00000/r0/build.json")
+    assert build["transformed"] == 3  # the three WebPs; the PNG went byte for byte
