@@ -3,6 +3,8 @@
 The answer depends only on the pixels (first frame, as RGB) and the request, so a test can
 recompute it from the source object and tell which image a result came from. Result shapes follow
 seed 002 ("Result fields by skill") and the real-time API (FACTS.md): coordinates normalised 0..1.
+Like the API, it reads only the formats the API documents (JPEG, PNG, GIF; FACTS.md "real-time
+API"): any other image is ``image_decode_failed``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ COLOURS = {
 }
 
 
+# What the API documents (md-docs ``docs/skills/caption.md``); MPO is a JPEG with extra frames.
+DOCUMENTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF"})
+
+
 class LineError(Exception):
     """A per-line error of the Batch API (seed 002, "Per-line errors")."""
 
@@ -30,11 +36,12 @@ class LineError(Exception):
         self.message = message
 
 
-def decode_image(b64: Any) -> tuple[str, int, int, str]:
+def decode_image(b64: Any, *, any_format: bool = False) -> tuple[str, int, int, str]:
     """Decode a base64 image → ``(fingerprint, width, height, dominant colour name)``.
 
     The fingerprint is the first 16 hex digits of SHA-256 over the RGB pixels of frame 0 and the
-    size. Raises ``LineError("image_decode_failed")`` for bad base64 or an undecodable image.
+    size. Raises ``LineError("image_decode_failed")`` for bad base64, an undecodable image or
+    (unless ``any_format``) a format outside ``DOCUMENTED_FORMATS``.
     """
 
     if not isinstance(b64, str) or not b64:
@@ -43,15 +50,23 @@ def decode_image(b64: Any) -> tuple[str, int, int, str]:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise LineError("image_decode_failed", "Invalid base64 image data") from None
-    return fingerprint_bytes(data)
+    return fingerprint_bytes(data, formats=None if any_format else DOCUMENTED_FORMATS)
 
 
-def fingerprint_bytes(data: bytes) -> tuple[str, int, int, str]:
-    """``decode_image`` for raw image bytes (what a test calls on the source object)."""
+def fingerprint_bytes(data: bytes, formats: frozenset[str] | None = None
+                      ) -> tuple[str, int, int, str]:
+    """``decode_image`` for raw image bytes (what a test calls on the source object). Any
+    format Pillow reads, unless ``formats`` names the accepted ones."""
     from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data))
+    except Exception:
+        raise LineError("image_decode_failed", "Invalid image data") from None
+    if formats is not None and img.format not in formats:
+        raise LineError("image_decode_failed",
+                        f"Unsupported image format {img.format}; send JPEG, PNG or GIF")
+    try:
         img.seek(0)
         img.load()
         rgb = img.convert("RGB")
@@ -82,10 +97,13 @@ def _boxes(fp: str, what: str, n_max: int = 3) -> list[tuple[float, float, float
     return out
 
 
-def infer(line: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+def infer(line: dict[str, Any], *, any_format: bool = False
+          ) -> tuple[dict[str, Any], dict[str, int]]:
     """Run one request line → ``(result, usage)``.
 
-    Raises ``LineError`` with ``invalid_request``, ``unknown_skill`` or ``image_decode_failed``.
+    Raises ``LineError`` with ``invalid_request``, ``unknown_skill`` or ``image_decode_failed``
+    (also for an image outside ``DOCUMENTED_FORMATS``, unless ``any_format``: what a test uses
+    to compute the answer for pixels that moonbatch converts before sending).
     """
     skill = line.get("skill")
     if not isinstance(skill, str) or not skill:
@@ -107,9 +125,9 @@ def infer(line: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
         images = line["images"]
         if not isinstance(images, list) or not images:
             raise LineError("invalid_request", "images must be a non-empty array")
-        decoded = [decode_image(im) for im in images]
+        decoded = [decode_image(im, any_format=any_format) for im in images]
     elif "image" in line:
-        decoded = [decode_image(line["image"])]
+        decoded = [decode_image(line["image"], any_format=any_format)]
     else:
         raise LineError("invalid_request", "Missing required field: image")
     fp, w, h, colour = decoded[0]

@@ -9,6 +9,10 @@ the same size is enforced. Inference is ``emulator.inference`` (deterministic, f
 Time is virtual only in that it is fast: a batch chunks for ``chunking_seconds`` and then
 processes ``lines_per_second`` lines after ``processing_seconds``; state advances when observed.
 
+``EmulatorConfig.loose_answers`` makes the answers use every shape the contract allows besides
+the seed's examples (FACTS.md: every field but ``id`` and ``status`` is optional): see
+``Emulator._loose_view``.
+
 Faults are injected on demand (``EmulatorConfig.faults``, a ``Faults``; none by default): 429s with
 ``Retry-After``, 5xx, dropped connections, latency, truncated or silently corrupted downloads,
 failed batches and per-line ``processing_error`` rows. ``Emulator.injected`` counts them by kind.
@@ -131,6 +135,8 @@ class EmulatorConfig:
     max_line_bytes: int = 10 * MB
     models: tuple[str, ...] = ("moondream3-preview",)
     faults: Faults = dataclasses.field(default_factory=Faults)
+    # Answers in the thinner and odder shapes the contract allows (see Emulator._loose_view).
+    loose_answers: bool = False
 
 
 @dataclasses.dataclass
@@ -159,6 +165,7 @@ class _Batch:
     error: dict[str, str] | None = None
     usage: dict[str, int] | None = None
     outputs: list[bytes] = dataclasses.field(default_factory=list)
+    views: int = 0  # status answers given in the current status
 
 
 def _iso(ts: float) -> str:
@@ -344,10 +351,15 @@ class Emulator:
     def _advance(self, b: _Batch) -> None:
         """Move a batch along its lifecycle to where the clock says it is."""
         cfg, now = self.config, time.time()
-        if b.status == "chunking" and now >= b.created + cfg.chunking_seconds:
+        # Loose answers: every shape is shown at least once (queued, chunking, processing).
+        hold = cfg.loose_answers
+        if b.status == "chunking" and now >= b.created + cfg.chunking_seconds and (
+                not hold or b.views >= 2):
             self._chunk(b)
-        if b.status == "processing" and now >= b.processing_end:
+            b.views = 0
+        if b.status == "processing" and now >= b.processing_end and (not hold or b.views >= 1):
             self._process(b)
+            b.views = 0
 
     def _chunk(self, b: _Batch) -> None:
         cfg = self.config
@@ -474,6 +486,37 @@ class Emulator:
                                     f"&signature={self._sign(b.id, i, expires)}"}
                 for i in range(len(b.outputs))]
             out["expires_at"] = _iso((b.completed_at or now) + 7 * 86400)
+        if cfg.loose_answers:
+            out = self._loose_view(b, out)
+        b.views += 1
+        return out
+
+    def _loose_view(self, b: _Batch, out: dict[str, Any]) -> dict[str, Any]:
+        """``out`` (a ``_view``) in the other shapes a client must accept: ``queued`` (a status
+        the seed does not name) for the first answer while chunking; ``progress``, ``outputs``,
+        ``usage`` and ``error`` null until there is something to say; counts as floats,
+        ``failed`` left out while 0, extra null fields (``eta``); outputs as plain URL
+        strings; unknown top-level fields. ``_advance`` holds a batch in chunking for two
+        answers and in processing for one, so that a poller sees each shape."""
+        out = {**out, "object": "batch", "metadata": None, "request_counts": None,
+               "completed_at": out.get("completed_at"), "expires_at": out.get("expires_at"),
+               "usage": out.get("usage"), "error": out.get("error")}
+        if b.status == "chunking":
+            if b.views == 0:
+                out["status"] = "queued"
+            out["progress"], out["outputs"] = None, None
+            return out
+        progress = out["progress"]
+        loose = {"total": float(progress["total"]), "completed": progress["completed"] + 0.5,
+                 "eta": None}
+        if b.status != "processing":
+            loose["completed"] = float(progress["completed"])
+            if progress["failed"]:
+                loose["failed"] = float(progress["failed"])
+        out["progress"] = loose
+        if out["usage"] is not None:
+            out["usage"] = {k: float(v) for k, v in out["usage"].items()}
+        out["outputs"] = [o["url"] for o in out["outputs"]] if "outputs" in out else None
         return out
 
     # -- routes -----------------------------------------------------------------------------
@@ -552,6 +595,9 @@ class Emulator:
         lost = self._lose_answer(self.config.faults.lose_create_answers, "lost_create")
         if lost is not None:
             return lost
+        if self.config.loose_answers:  # only fileId and uploadId are needed
+            return _json({"fileId": up.file_id, "uploadId": up.upload_id, "key": None,
+                          "expires_at": None})
         return _json({"fileId": up.file_id, "uploadId": up.upload_id,
                       "key": f"requests/org_emulator/{up.file_id}.jsonl"})
 
@@ -586,6 +632,8 @@ class Emulator:
             f.write(data)
         with self.lock:
             up.parts[number] = (path, etag, len(data))
+        if cfg.loose_answers:  # only the etag is needed
+            return _json({"etag": etag, "partNumber": None, "size": float(len(data))})
         return _json({"etag": etag, "partNumber": number})
 
     def complete(self, file_id: str) -> Response:
@@ -634,6 +682,8 @@ class Emulator:
         lost = self._lose_answer(self.config.faults.lose_complete_answers, "lost_complete")
         if lost is not None:
             return lost
+        if cfg.loose_answers:  # only the id is needed
+            return _json({"id": b.id, "status": None, "object": "batch"})
         return _json({"id": b.id, "status": "chunking", "size": b.size})
 
     def abort(self, file_id: str) -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import io
 import json
 import threading
 import time
@@ -537,6 +538,27 @@ def test_per_line_errors_leave_the_batch_completed(client):
             assert row["status"] == "error", row
             assert row["error"]["code"] == code and row["error"]["message"]
             assert "result" not in row
+
+
+def test_formats_the_api_does_not_document_are_image_decode_failed(client):
+    """JPEG, PNG and GIF only (FACTS.md "real-time API"): WebP, BMP and TIFF are refused."""
+    from PIL import Image
+
+    def encode(fmt: str) -> str:
+        buf = io.BytesIO()
+        Image.new("RGB", (24, 16), (200, 40, 40)).save(buf, format=fmt)
+        return b64(buf.getvalue())
+
+    formats = ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"]
+    final = run_batch(client, jsonl(*({"id": f, "skill": "caption", "image": encode(f)}
+                                       for f in formats)))
+    rows = {r["id"]: r for r in download_rows(client, final)}
+    for fmt in ("JPEG", "PNG", "GIF"):
+        assert rows[fmt]["status"] == "ok", rows[fmt]
+    for fmt in ("WEBP", "BMP", "TIFF"):
+        assert rows[fmt]["status"] == "error"
+        assert rows[fmt]["error"]["code"] == "image_decode_failed"
+        assert fmt in rows[fmt]["error"]["message"]
 
 
 # -- 7. list with cursor -----------------------------------------------------------------------

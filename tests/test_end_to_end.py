@@ -3,7 +3,9 @@ Batch API over HTTP → merged results in S3."""
 
 from __future__ import annotations
 
+import io
 import json
+import time
 
 import pytest
 
@@ -198,3 +200,76 @@ def test_empty_prefix_completes_with_zero_items(s3, bucket, env, fleet):
 def test_status_of_unknown_run_is_a_clear_error(env):
     proc = run_cli(["status", "20990101-000000-abcdef"], env, check=False)
     assert proc.returncode == 1 and "not in the registry" in proc.stderr
+
+
+def test_loose_status_answers_do_not_stop_a_run(s3, bucket, env, fleet, emulator):
+    """Status answers in every shape the contract allows (an unknown status, null progress and
+    outputs while chunking, float counts, outputs as plain URL strings, extra fields; thin
+    mpu-* answers) still give every row."""
+    emulator.config.loose_answers = True
+    photos = upload_photos(s3, bucket, "loose/")
+    proc = run_cli(["run", f"s3://{bucket}/loose/", f"s3://{bucket}/out/", "--skill", "caption",
+                    "--shard-size", "5", "--workers", "0", "--timeout", "120"], env)
+    assert "completed" in proc.stdout
+
+    rows = read_results(s3, bucket, "out/")
+    assert sorted(r["id"] for r in rows) == sorted(photos)
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["result"] == expected_result(photos[row["id"]], {"skill": "caption"})
+    summary = read_json(s3, bucket, "out/run.json")
+    assert summary["status"] == "completed"
+    assert summary["counts"]["ok"] == summary["counts"]["total"] == len(photos)
+    assert len(summary["batches"]) == 2
+    for batch in summary["batches"]:  # queued, chunking, processing, completed: one poll each
+        assert batch["polls"] >= 4 and batch["rounds"] == 1
+        progress = read_json(s3, bucket, f"out/_moonbatch/shards/{batch['shard']:05d}/r0/progress.json")
+        assert progress["status"] == "completed"
+        assert progress["total"] == progress["completed"] == batch["items"]
+        assert progress["failed"] == 0
+    deadline = time.monotonic() + 10
+    while "is not one the seed names; polling again" not in fleet.log_path.read_text():
+        assert time.monotonic() < deadline, "the unknown status was not logged"
+        time.sleep(0.1)
+
+
+def test_webp_is_sent_converted_and_annotated(s3, bucket, env, fleet):
+    """The API documents JPEG, PNG and GIF only (the emulator refuses anything else): WebP,
+    still or animated, reaches it converted, with the pixels the WebP decodes to."""
+    from PIL import Image
+
+    from emulator.inference import fingerprint_bytes
+    from workers.lines import prepare_image
+
+    def encode(img, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="WEBP", **kw)
+        return buf.getvalue()
+
+    photo = Image.open(photos_dir() / "chelsea.png").convert("RGB")
+    frames = [photo, photo.rotate(90), Image.new("RGB", photo.size, (0, 0, 200))]
+    objects = {
+        "cat-lossy.webp": encode(photo, quality=80),
+        "cat-lossless.webp": encode(photo, lossless=True),
+        "cat-animated.webp": encode(frames[0], save_all=True, append_images=frames[1:],
+                                    lossless=True, duration=100),
+        "cat.png": (photos_dir() / "chelsea.png").read_bytes(),
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key="webp/" + key, Body=body)
+    run_cli(["run", f"s3://{bucket}/webp/", f"s3://{bucket}/out/", "--skill", "query",
+             "--question", "What animal?", "--workers", "0", "--timeout", "120"], env)
+
+    request = {"skill": "query", "question": "What animal?"}
+    rows = {r["id"]: r for r in read_results(s3, bucket, "out/")}
+    assert sorted(rows) == sorted(objects)
+    for key, body in objects.items():
+        assert rows[key]["status"] == "ok", rows[key]
+        # The emulator's answer for the WebP's decoded pixels (first frame, RGB, size).
+        assert rows[key]["result"] == expected_result(body, request)
+        if key.endswith(".webp"):
+            # Lossless conversion: the PNG sent has the fingerprint of the decoded WebP.
+            sent = prepare_image(body, limit=10**7).data
+            assert fingerprint_bytes(sent) == fingerprint_bytes(body)
+    build = read_json(s3, bucket, "out/_moonbatch/shards/00000/r0/build.json")
+    assert build["transformed"] == 3  # the three WebPs; the PNG went byte for byte

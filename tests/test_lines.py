@@ -122,12 +122,12 @@ def test_real_photos_pass_through_byte_identical(name, fmt):
     assert (prepared.width, prepared.height) == Image.open(io.BytesIO(data)).size
 
 
-def test_webp_passes_through():
-    data = encode(astronaut().resize((128, 128)), "WEBP", quality=80)
+def test_mpo_camera_jpeg_passes_through_as_jpeg():
+    frames = [astronaut().convert("RGB").resize((64, 48)), Image.new("RGB", (64, 48), (9, 9, 9))]
+    data = encode(frames[0], "MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
     prepared = prepare_image(data, limit=BIG)
-    assert prepared.data == data
-    assert prepared.format == "WEBP" and prepared.transform is None
-    assert (prepared.width, prepared.height) == (128, 128)
+    assert prepared.data == data and prepared.format == "JPEG" and prepared.transform is None
 
 
 def test_pass_through_at_exactly_the_limit():
@@ -150,6 +150,35 @@ def test_bmp_is_converted_losslessly():
     out = decode(prepared.data)
     assert out.size == (prepared.width, prepared.height) == (200, 150)
     assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(src.convert("RGB")))
+
+
+@pytest.mark.parametrize("lossless", [True, False], ids=["lossless", "lossy"])
+def test_webp_is_converted_to_png_with_its_pixels(lossless):
+    """The API no longer documents WebP (FACTS.md): it is decoded and sent as PNG."""
+    src = astronaut().convert("RGB").resize((160, 120))
+    data = encode(src, "WEBP", lossless=lossless, quality=80)
+    prepared = prepare_image(data, limit=BIG)
+    assert prepared.transform == "converted" and prepared.format == "PNG"
+    assert sniff_format(prepared.data[:32]) == "PNG"
+    out = decode(prepared.data)
+    assert out.size == (prepared.width, prepared.height) == (160, 120)
+    webp = decode(data).convert("RGB")  # what the WebP decodes to, lossy or not
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(webp))
+    if lossless:
+        assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(src))
+
+
+def test_animated_webp_is_converted_from_its_first_frame():
+    base = astronaut().convert("RGB").resize((80, 60))
+    frames = [base, base.rotate(90), Image.new("RGB", (80, 60), (0, 0, 255))]
+    data = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True,
+                  duration=100)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    prepared = prepare_image(data, limit=BIG)
+    assert prepared.transform == "converted" and prepared.format == "PNG"
+    out = decode(prepared.data)
+    assert getattr(out, "n_frames", 1) == 1
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(base))
 
 
 def test_multipage_tif_is_converted():

@@ -49,11 +49,12 @@ def fetch_results(client: BatchClient, status: BatchStatus, *, max_tries: int = 
     """Download and verify every output file of the completed batch ``status``.
 
     A file cut exactly at a line boundary still parses, so the rows are also counted against
-    the batch's ``progress.total``; too few rows means every file is read again. Returns the
-    files in output-index order. Raises ``TransientError`` if a file still fails after
-    ``max_tries`` reads (the task retries later, with fresh URLs).
+    the batch's ``progress.total`` (``BatchStatus.total``; no check when the answer has none);
+    too few rows means every file is read again. Returns the files in output-index order.
+    Raises ``TransientError`` if a file still fails after ``max_tries`` reads (the task retries
+    later, with fresh URLs).
     """
-    expected = int(status.progress.get("total") or 0)
+    expected = status.total or 0
     stats = DownloadStats()
     pending = {o.index for o in status.outputs}
     files: dict[int, bytes] = {}
@@ -67,6 +68,9 @@ def fetch_results(client: BatchClient, status: BatchStatus, *, max_tries: int = 
             if tries[index] > max_tries:
                 raise TransientError(f"download of output {index}",
                                      f"still unreadable after {max_tries} tries")
+            if index not in urls:  # a fresh answer lost this file's URL: ask again
+                refresh = True
+                break
             try:
                 data = client.download(urls[index])
             except MoondreamError as exc:

@@ -1,9 +1,10 @@
 """Images → JSONL lines of a Moondream batch (seed 002, "Input format"). Pure: no I/O.
 
 A line is ``{"id": <item id>, <skill fields>, "image": "<plain base64>"}`` and must stay within
-the API's 10 MB line limit. Images the API reads (JPEG, PNG, GIF, WebP) pass through byte for
-byte; other formats Pillow reads (BMP, TIFF, ...) are converted; an image whose line would be too
-long is downscaled, keeping its aspect ratio, until it fits.
+the API's 10 MB line limit. Images in a format the API documents (JPEG, PNG, GIF; FACTS.md
+"real-time API") pass through byte for byte; other formats Pillow reads (WebP, BMP, TIFF, ...)
+are converted; an image whose line would be too long is downscaled, keeping its aspect ratio,
+until it fits.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ NON_IMAGE_EXTENSIONS = frozenset(
      ".mp4", ".mov", ".avi", ".mp3", ".wav", ".log", ".db", ".sqlite", ".pkl", ".h5", ".pt",
      ".bin", ".onnx", ".safetensors", ".toml", ".ini", ".cfg", ".sh", ".js", ".css"}
 )
-API_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP"})  # what the API documents
+# What the API documents (md-docs docs/skills/caption.md; WebP is no longer listed). MPO is a
+# camera JPEG with extra frames appended; JPEG readers see its first: it goes as a JPEG.
+API_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF"})
 SNIFF_BYTES = 32
 
 # Bytes of a line besides the id and the base64 image, with generous room for the options.
@@ -116,9 +119,10 @@ def prepare_image(data: bytes, *, limit: int, max_pixels: int = 0) -> PreparedIm
     An image of more than ``max_pixels`` pixels (0: no budget) is downscaled to the budget,
     keeping its aspect ratio and orientation, and re-encoded as JPEG (quality 95): pixels past
     what the model tiles add only upload bytes and cost (FACTS.md). An image within the budget
-    and the limit, in a format the API reads, passes through byte for byte after a header parse
-    (no full decode). Raises ``ItemError`` (``empty_object``, ``not_an_image``,
-    ``image_decode_failed``, ``image_too_large``).
+    and the limit, in a format the API documents (``API_FORMATS``), passes through byte for byte
+    after a header parse (no full decode); any other format is converted (``_reencode``).
+    Raises ``ItemError`` (``empty_object``, ``not_an_image``, ``image_decode_failed``,
+    ``image_too_large``).
     """
     from PIL import Image, UnidentifiedImageError
 

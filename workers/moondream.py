@@ -4,19 +4,26 @@ Every call retries 408, 425, 429, 5xx and network errors with full-jitter expone
 (0.5 s → 30 s, bounded attempts, the policy of Moondream's own fine-tuning client, FACTS.md), and
 honours ``Retry-After``. Errors raised never contain the API key or a presigned URL: they name the
 action, the HTTP status and the API's error code.
+
+Answers are read liberally (FACTS.md: "Treat every field as optional except `id` and `status`"):
+nulls, extra fields, floats or numeric strings for counts, plain URL strings as outputs and
+statuses the seed does not name are tolerated; see ``BatchStatus``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO; presigned URLs must not reach the logs.
@@ -64,6 +71,68 @@ class AnswerLost(TransientError):
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
+class UnexpectedAnswer(TransientError):
+    """A 2xx answer without what the call needs (not JSON, no ``id``/``status``, no ETag). The
+    message names the missing field, never the body (it may hold presigned URLs)."""
+
+
+# -- liberal reading of answers ----------------------------------------------------------------
+# The seed shows one shape per answer; FACTS.md: "Treat every field as optional except `id` and
+# `status`". What is not understood is skipped and logged once per process and kind of oddity.
+KNOWN_STATUSES = frozenset({"chunking", "processing", "completed", "failed"})
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    """Log ``message`` at WARNING the first time ``key`` is seen in this process. Callers pass
+    field names, type names and sanitised tokens only: never a URL or a body."""
+    with _warned_lock:
+        if key in _warned or len(_warned) >= 256:  # bounded: keys may carry API-chosen tokens
+            return
+        _warned.add(key)
+    log.warning(message, *args)
+
+
+def _token(value: object) -> str:
+    """An API-chosen word made safe to log: letters, digits, ``_``/``-``, at most 40."""
+    return re.sub(r"[^A-Za-z0-9_-]", "", str(value))[:40] or "?"
+
+
+def as_count(value: object, where: str) -> int | None:
+    """A non-negative count read liberally: an int; a float truncated (``1500.5`` → 1500); a
+    numeric string parsed (``"12"``, ``"12.0"``). None for None/absent, and (with a warning
+    naming ``where``) for bools, negatives, NaN/inf and anything else."""
+    if value is None:
+        return None
+    number: float | int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        number = value if math.isfinite(value) else None
+    elif isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+            if number is not None and not math.isfinite(number):
+                number = None
+    if number is None or number < 0:
+        _warn_once(f"count:{where}:{type(value).__name__}",
+                   "Batch API answer: %s is not a count (a %s); ignored", where, type(value).__name__)
+        return None
+    return int(number)
+
+
+def _usable_url(value: object) -> bool:
+    return isinstance(value, str) and value[:8].lower().startswith(("http://", "https://"))
+
+
 class Part(BaseModel):
     """A part of a multipart upload, as ``mpu-complete`` wants it."""
 
@@ -72,36 +141,139 @@ class Part(BaseModel):
     etag: str
 
 
+def _id_text(value: object) -> object:
+    """Ids given as numbers are read as text (bools are not ids)."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class Upload(BaseModel):
-    """Answer of ``mpu-create``."""
+    """Answer of ``mpu-create`` (seed 002, "Initialize upload"): only ``fileId`` and ``uploadId``
+    are needed; ``key`` and any other field are kept as sent (possibly None)."""
 
     model_config = ConfigDict(populate_by_name=True, extra="allow")
-    file_id: str = Field(alias="fileId")
-    upload_id: str = Field(alias="uploadId")
-    key: str | None = None
+    file_id: str = Field(alias="fileId", min_length=1)
+    upload_id: str = Field(alias="uploadId", min_length=1)
+    key: Any = None
+
+    _ids = field_validator("file_id", "upload_id", mode="before")(_id_text)
 
 
 class OutputFile(BaseModel):
-    """One result file of a completed batch; ``url`` is presigned and expires: never store it."""
+    """One result file of a completed batch; ``url`` is presigned and expires: never store or
+    log it (it is left out of the repr)."""
 
     index: int
-    url: str
+    url: str = Field(repr=False)
+
+
+def _outputs(value: object) -> list[OutputFile]:
+    """``outputs`` as the seed shows it (``[{"index", "url"}]``) or liberally: plain URL strings
+    (index = position), dicts missing a usable ``index`` (index = position). Entries without a
+    usable http(s) URL are skipped with a warning; duplicate indices → every index = position."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _warn_once(f"outputs:{type(value).__name__}",
+                   "Batch API answer: outputs is a %s, not a list; ignored", type(value).__name__)
+        return []
+    files: list[OutputFile] = []
+    for position, entry in enumerate(value):
+        if isinstance(entry, OutputFile):
+            files.append(entry)
+            continue
+        url = entry.get("url") if isinstance(entry, dict) else entry
+        if not _usable_url(url):
+            _warn_once(f"outputs-entry:{type(entry).__name__}:{type(url).__name__}",
+                       "Batch API answer: an outputs entry (a %s) has no usable URL; skipped",
+                       type(entry).__name__)
+            continue
+        index = None
+        if isinstance(entry, dict) and entry.get("index") is not None:
+            index = as_count(entry["index"], "outputs[].index")
+        files.append(OutputFile(index=position if index is None else index, url=url))
+    if len({f.index for f in files}) < len(files):
+        _warn_once("outputs:duplicate-index",
+                   "Batch API answer: output indices repeat; numbering the files by position")
+        files = [OutputFile(index=i, url=f.url) for i, f in enumerate(files)]
+    return files
 
 
 class BatchStatus(BaseModel):
-    """Answer of ``GET /v1/batch/:id`` (seed 002, "Poll for completion")."""
+    """Answer of ``GET /v1/batch/:id`` and ``mpu-complete`` (seed 002, "Poll for completion",
+    "Get batch status"; FACTS.md "Moondream Batch API").
+
+    Only ``id`` and ``status`` are required; every other field may be absent, null or oddly
+    shaped and is kept as sent (``progress``, ``usage``, ``error``: raw JSON values). Read them
+    through the accessors, which never raise:
+
+    - ``total``: lines in the batch, int, or None when not known yet (no progress while
+      chunking); ``completed``, ``failed``: ints, 0 when absent (``failed`` appears only once a
+      line failed). Numbers may come as floats (truncated) or numeric strings (parsed).
+    - ``input_tokens``, ``output_tokens``: the batch's usage, int or None when absent.
+    - ``outputs``: normalised to ``[OutputFile(index, url)]`` (see ``_outputs``).
+    - ``done``: True only for ``completed`` and ``failed``; any other status (``chunking``,
+      ``processing``, or one the seed does not name) means "poll again".
+
+    What is not understood is logged at WARNING once per process, without values or URLs.
+    """
 
     model_config = ConfigDict(extra="allow")
-    id: str
-    status: str  # chunking | processing | completed | failed
-    model: str | None = None
-    progress: dict[str, int] = Field(default_factory=dict)
-    usage: dict[str, int] | None = None
+    id: str = Field(min_length=1)
+    status: str = Field(min_length=1)  # chunking | processing | completed | failed | (unknown)
+    model: Any = None
+    progress: Any = None
+    usage: Any = None
     outputs: list[OutputFile] = Field(default_factory=list)
-    error: dict[str, Any] | str | None = None
-    created_at: str | None = None
-    completed_at: str | None = None
-    expires_at: str | None = None
+    error: Any = None
+    created_at: Any = None
+    completed_at: Any = None
+    expires_at: Any = None
+
+    _id = field_validator("id", mode="before")(_id_text)
+    _outputs = field_validator("outputs", mode="before")(_outputs)
+
+    @model_validator(mode="after")
+    def _note_odd_shapes(self) -> BatchStatus:
+        if self.status not in KNOWN_STATUSES:
+            _warn_once(f"status:{_token(self.status)}",
+                       "Batch API status %r is not one the seed names; polling again",
+                       _token(self.status))
+        for name in ("progress", "usage"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                _warn_once(f"{name}:{type(value).__name__}",
+                           "Batch API answer: %s is a %s, not an object; ignored", name,
+                           type(value).__name__)
+        return self
+
+    def _number(self, group: str, key: str) -> int | None:
+        values = getattr(self, group)
+        return as_count(values.get(key), f"{group}.{key}") if isinstance(values, dict) else None
+
+    @property
+    def total(self) -> int | None:
+        """``progress.total`` (lines in the batch), or None when the answer has none."""
+        return self._number("progress", "total")
+
+    @property
+    def completed(self) -> int:
+        """``progress.completed`` (lines done, failed ones excluded), 0 when absent."""
+        return self._number("progress", "completed") or 0
+
+    @property
+    def failed(self) -> int:
+        """``progress.failed`` (lines that ended in an error row), 0 when absent."""
+        return self._number("progress", "failed") or 0
+
+    @property
+    def input_tokens(self) -> int | None:
+        """``usage.input_tokens`` of the whole batch, or None when absent."""
+        return self._number("usage", "input_tokens")
+
+    @property
+    def output_tokens(self) -> int | None:
+        """``usage.output_tokens`` of the whole batch, or None when absent."""
+        return self._number("usage", "output_tokens")
 
     @property
     def done(self) -> bool:
@@ -159,6 +331,32 @@ def _api_error(response: httpx.Response) -> tuple[str | None, str]:
         return None, str(err)[:300]
     except ValueError:
         return None, response.text[:300]
+
+
+def _new_batch(body: dict[str, Any]) -> dict[str, Any]:
+    """An ``mpu-complete`` answer made a status: ``status`` defaults to ``chunking``."""
+    status = body.get("status")
+    return {**body, "status": status if isinstance(status, str) and status else "chunking"}
+
+
+def _parsed(action: str, parse: Callable[[httpx.Response], T], response: httpx.Response) -> T:
+    """``parse(response)``, with an unreadable answer raised as ``UnexpectedAnswer`` naming the
+    fields at fault (never their values: a status body holds presigned URLs)."""
+    try:
+        return parse(response)
+    except ValidationError as exc:
+        where = ", ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['type']}"
+                          for e in exc.errors()[:5])
+        raise UnexpectedAnswer(action, f"answer not understood ({where})",
+                               status=response.status_code) from None
+    except ValueError:  # JSON decoding
+        raise UnexpectedAnswer(action, "answer is not JSON", status=response.status_code) from None
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    """The answer's JSON object (a non-object counts as an empty one)."""
+    body = response.json()
+    return body if isinstance(body, dict) else {}
 
 
 class BatchClient:
@@ -222,7 +420,7 @@ class BatchClient:
                 wait = self._backoff(attempt)
             else:
                 if response.is_success:
-                    return parse(response)
+                    return _parsed(action, parse, response)
                 code, message = _api_error(response)
                 status = response.status_code
                 if status in (401, 403):
@@ -249,7 +447,7 @@ class BatchClient:
         return self._call(
             "mpu-create",
             lambda: self._http.post(f"{self.base_url}/batch", params={"action": "mpu-create"}),
-            lambda r: Upload.model_validate(r.json()),
+            lambda r: Upload.model_validate(_json_object(r)),
             lost_answer_note="an empty multipart upload may be left open at the service "
                              "(nothing can find it to abort it); creating another",
         )
@@ -257,8 +455,12 @@ class BatchClient:
     def upload_part(self, file_id: str, upload_id: str, part_number: int, data: bytes) -> Part:
         """``PUT /batch/:fileId?action=mpu-uploadpart`` with ``data`` (< 100 MB) → its ETag."""
         def parse(r: httpx.Response) -> Part:
-            body = r.json()
-            return Part(partNumber=int(body.get("partNumber", part_number)), etag=body["etag"])
+            # Only the ETag is needed (the part number is ours); R2/S3 also send it as a header.
+            etag = _json_object(r).get("etag") or r.headers.get("etag")
+            if not isinstance(etag, str) or not etag.strip():
+                raise UnexpectedAnswer(f"mpu-uploadpart (part {part_number})",
+                                       "answer has no etag", status=r.status_code)
+            return Part(partNumber=part_number, etag=etag)
 
         return self._call(
             f"mpu-uploadpart (part {part_number})",
@@ -273,7 +475,8 @@ class BatchClient:
     def complete_upload(self, file_id: str, upload_id: str, parts: list[Part],
                         model: str | None = None) -> BatchStatus:
         """``POST /batch/:fileId?action=mpu-complete`` with the parts (and optional model) →
-        the new batch (status ``chunking``).
+        the new batch. Only its ``id`` is needed: a missing or null ``status`` reads as
+        ``chunking`` (where the seed says a new batch starts), ``size`` may be absent.
 
         Not repeated once sent: it consumes the upload, so a repeat after a lost answer gets
         404 while the batch it created runs on. Raises ``AnswerLost`` then (find the batch with
@@ -287,7 +490,7 @@ class BatchClient:
             lambda: self._http.post(f"{self.base_url}/batch/{file_id}",
                                     params={"action": "mpu-complete", "uploadId": upload_id},
                                     json=body),
-            lambda r: BatchStatus.model_validate(r.json()),
+            lambda r: BatchStatus.model_validate(_new_batch(_json_object(r))),
             repeat_after_lost_answer=False,
         )
 
@@ -309,26 +512,29 @@ class BatchClient:
         return self._call(
             "batch status",
             lambda: self._http.get(f"{self.base_url}/batch/{batch_id}"),
-            lambda r: BatchStatus.model_validate(r.json()),
+            lambda r: BatchStatus.model_validate(_json_object(r)),
         )
 
     def list_batches(self, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
-        """``GET /batch?limit&cursor`` → ``{"batches", "next_cursor", "has_more"}``."""
+        """``GET /batch?limit&cursor`` → ``{"batches", "next_cursor", "has_more"}`` as sent (each
+        batch a raw dict: read one with ``BatchStatus.model_validate``)."""
         params: dict[str, Any] = {"limit": limit}
         if cursor:
             params["cursor"] = cursor
         return self._call("list batches",
                           lambda: self._http.get(f"{self.base_url}/batch", params=params),
-                          lambda r: r.json())
+                          _json_object)
 
     def iter_batches(self) -> Iterator[dict[str, Any]]:
-        """Every batch of the account, following ``next_cursor``."""
+        """Every batch of the account (raw dicts), following ``next_cursor``; a null
+        ``batches`` is an empty page, entries that are not objects are skipped."""
         cursor = None
         while True:
             page = self.list_batches(limit=100, cursor=cursor)
-            yield from page.get("batches", [])
+            batches = page.get("batches")
+            yield from (b for b in batches if isinstance(b, dict)) if isinstance(batches, list) else ()
             cursor = page.get("next_cursor")
-            if not page.get("has_more") or not cursor:
+            if not page.get("has_more") or not isinstance(cursor, str) or not cursor:
                 return
 
     def find_batches(self, since: float) -> list[BatchStatus]:

@@ -166,18 +166,17 @@ def poll_batch(self: Task, output: str, run_id: str, shard: int, rnd: int = 0, c
     record = BatchRecord.model_validate(get_json(store, layout.round_doc(shard, rnd, "batch")))
     status = batch_client().get_batch(record.batch_id)
     now = time.time()
-    prog = status.progress
-    completed = int(prog.get("completed", 0)) + int(prog.get("failed", 0))
+    total = record.lines if status.total is None else status.total  # no progress while chunking
+    completed = status.completed + status.failed
     countdown = 0.0 if status.done else next_poll_interval(
-        elapsed=now - record.submitted_at, total=int(prog.get("total", record.lines)),
+        elapsed=now - record.submitted_at, total=total,
         completed=completed, last=(last[0], int(last[1])) if last else None, now=now,
         min_interval=settings.poll_min_interval,
         max_interval=min(settings.poll_max_interval, settings.visibility_timeout / 4))
     put_json(store, layout.round_doc(shard, rnd, "progress"), {
         "batch_id": status.id, "status": status.status, "chain": chain, "polls": polls + 1,
         "polled_at": now, "next_at": now + countdown,
-        "total": prog.get("total", record.lines), "completed": prog.get("completed", 0),
-        "failed": prog.get("failed", 0)})
+        "total": total, "completed": status.completed, "failed": status.failed})
     if status.done:
         merge_round_task.delay(output, run_id, shard, rnd, polls + 1)
     else:
