@@ -86,17 +86,34 @@ def _cli_errors() -> Iterator[None]:
 
 class LocalWorkers:
     """``N`` worker processes (one ``celery -A workers worker`` with concurrency N) for the
-    duration of a command; they inherit this process's environment."""
+    duration of a command; they inherit this process's environment. ``revive()`` starts them
+    again after they died (say, a broker restart kombu did not survive): the run's state is in
+    storage, so the new workers carry on where the old ones stopped."""
+
+    max_revivals = 3
 
     def __init__(self, n: int, queue: str, env: dict[str, str] | None = None) -> None:
         self.n = n
-        cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--concurrency", str(n),
-               "--queues", queue, "--loglevel", "WARNING", "--without-mingle", "--without-gossip",
-               "--hostname", f"moonbatch-local-{uuid.uuid4().hex[:8]}@%h"]
+        self.cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--concurrency",
+                    str(n), "--queues", queue, "--loglevel", "WARNING", "--without-mingle",
+                    "--without-gossip", "--hostname", f"moonbatch-local-{uuid.uuid4().hex[:8]}@%h"]
+        self.env = {**os.environ, **(env or {})}
+        self.revivals = 0
         self.log = tempfile.NamedTemporaryFile(prefix="moonbatch-workers-", suffix=".log",
                                                delete=False)
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def revive(self) -> bool:
+        """Start the workers again if they died and revivals are left; True if started."""
+        if self.revivals >= self.max_revivals:
+            return False
+        self.revivals += 1
+        self.proc = self._spawn()
+        return True
 
     def dead(self) -> bool:
         """True if the worker process has exited."""
@@ -180,7 +197,11 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
                 f = snap["failure"]
                 raise Fail(f"run {snap['run_id']} cannot complete: {f['where']}: {f['error']}")
             if workers is not None and workers.dead():
-                raise Fail("the local worker processes exited:\n" + workers.tail())
+                code = workers.proc.returncode
+                if not workers.revive():
+                    raise Fail("the local worker processes exited:\n" + workers.tail())
+                err.print(f"[yellow]the local worker processes exited (code {code}); started "
+                          f"them again ({workers.revivals}/{workers.max_revivals})[/yellow]")
             if workers is not None and time.time() - reconciled >= settings.reconcile_interval:
                 reconciled = time.time()
                 _reconcile(settings, output, snap["run_id"])

@@ -156,26 +156,29 @@ def test_lost_mpu_complete_answers_cost_no_duplicate_batch(s3, bucket, env, brok
     assert "adopted batch" in log and "may be left open" in log
 
 
-def test_a_lost_answer_that_cannot_be_told_apart_costs_at_most_one_duplicate(
-        s3, bucket, env, emulator):
-    """A decoy batch with the same line count is created while the answer is lost: the round
-    cannot tell which is its own, sends itself again (one duplicate, counted) and never
-    adopts the decoy."""
+def _decoy_batch(client, lines: int) -> str:
+    """Another user's batch of ``lines`` lines, created now (its rows carry no id of ours)."""
+    up = client.create_upload()
+    body = b"".join(b'{"id":"other-%d","skill":"caption","image":"x"}\n' % i for i in range(lines))
+    part = client.upload_part(up.file_id, up.upload_id, 1, body)
+    return client.complete_upload(up.file_id, up.upload_id, [part]).id
+
+
+@pytest.fixture
+def one_round(s3, bucket, env, emulator):
+    """``build()`` builds and submits round 0 of a 2-item shard in this process, with claims."""
     from config import get_settings
-    from workers import layout, registry
+    from workers import registry
     from workers.builder import build_and_submit
-    from workers.models import SkillOptions
-    from workers.moondream import BatchClient, TransientError
+    from workers.models import PlanItem, SkillOptions
+    from workers.moondream import BatchClient
     from workers.runstate import open_output
-    from workers.storage import get_json
 
     upload_photos(s3, bucket, "in/", names=NAMES[:2])
     settings = get_settings()
     state = open_output(f"s3://{bucket}/out/", settings)
     inputs = open_output(f"s3://{bucket}/in/", settings)
     client = BatchClient(emulator.url, emulator.config.api_key, max_attempts=2)
-    from workers.models import PlanItem
-
     items = [PlanItem(n, 0) for n in NAMES[:2]]
     claims = registry.BatchClaims(registry.open_state(settings), output=state.url, shard=0, rnd=0)
 
@@ -184,24 +187,59 @@ def test_a_lost_answer_that_cannot_be_told_apart_costs_at_most_one_duplicate(
                                 model=None, input_store=inputs, state=state, client=client,
                                 part_size=1 << 20, concurrency=2, claims=claims)
 
-    # The decoy: another account user's batch of 2 lines, created in the same moment.
-    up = client.create_upload()
-    part = client.upload_part(up.file_id, up.upload_id, 1,
-                              b'{"skill":"caption","image":"x"}\n{"skill":"caption","image":"y"}\n')
-    decoy = client.complete_upload(up.file_id, up.upload_id, [part]).id
+    return {"build": build, "client": client, "state": state,
+            "owner": lambda bid: registry.batch_owner(registry.open_state(settings), bid)}
+
+
+def wait_done(client, batch_id: str) -> None:
+    deadline = time.time() + 30
+    while not client.get_batch(batch_id).done:
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def test_a_lost_answer_is_told_apart_from_a_batch_of_the_same_size(one_round, emulator):
+    """A decoy batch of the same line count is created in the same moment as the lost answer's
+    batch: the round waits for the results, adopts its own batch by the ids in them and never
+    the decoy (no duplicate)."""
+    from workers.builder import AwaitingBatch
+
+    client = one_round["client"]
+    decoy = _decoy_batch(client, 2)
     before = set(emulator.emulator.batches)
     emulator.config.faults = Faults(lose_complete_answers=1.0)
-    time.sleep(0.3)  # both batches chunked: their line counts show
-    with pytest.raises(TransientError):  # the lost answer's batch is ambiguous: sent again
-        build()
+    with pytest.raises(AwaitingBatch):  # two candidates, one still running: results will tell
+        one_round["build"]()
     emulator.config.faults = Faults()
-    _, record = build()
-    created = set(emulator.emulator.batches) - before
-    assert len(created) == 2 and record.batch_id in created and record.batch_id != decoy
-    assert not record.recovered
-    orphans = get_json(state, layout.round_doc(0, 0, "orphans"))
-    assert orphans["count"] == 1  # the duplicate is counted
-    assert registry.batch_owner(registry.open_state(settings), decoy) is None
+    (lost,) = set(emulator.emulator.batches) - before
+    wait_done(client, lost)
+    wait_done(client, decoy)
+    _, record = one_round["build"]()
+    assert record.batch_id == lost and record.recovered
+    assert set(emulator.emulator.batches) - before == {lost}  # nothing sent again
+    assert one_round["owner"](decoy) is None and one_round["owner"](lost)["shard"] == 0
+
+
+def test_a_lost_answer_that_created_no_batch_never_adopts_another(one_round, emulator):
+    """A dead attempt sent mpu-complete (``submit.json``) but no batch came of it, while a
+    decoy of the same size exists: the round sends itself again, counting one possible
+    duplicate, and leaves the decoy alone."""
+    from workers import layout
+    from workers.models import ShardBuild, SubmitRecord
+    from workers.storage import get_json, put_json
+
+    client, state = one_round["client"], one_round["state"]
+    decoy = _decoy_batch(client, 2)
+    wait_done(client, decoy)
+    put_json(state, layout.round_doc(0, 0, "build"), ShardBuild(lines=[0, 1]).model_dump())
+    put_json(state, layout.round_doc(0, 0, "submit"),
+             SubmitRecord(file_id="gone", lines=2, bytes=100, sent_at=time.time()).model_dump())
+    before = set(emulator.emulator.batches)
+    _, record = one_round["build"]()
+    (new,) = set(emulator.emulator.batches) - before
+    assert record.batch_id == new != decoy and not record.recovered
+    assert get_json(state, layout.round_doc(0, 0, "orphans"))["count"] == 1
+    assert one_round["owner"](decoy) is None
 
 
 @pytest.mark.timeout(240)

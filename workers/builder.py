@@ -19,7 +19,7 @@ from typing import TypeVar
 from workers import layout
 from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image
 from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
-from workers.moondream import BatchClient, BatchStatus, Part, RequestRejected, TransientError
+from workers.moondream import BatchClient, Part, RequestRejected, TransientError
 from workers.registry import BatchClaims
 from workers.storage import NotFound, StorageError, Store, get_json_or_none, put_json
 
@@ -29,9 +29,9 @@ R = TypeVar("R")
 
 # Clock skew tolerated between this machine and the API when finding a batch by its time.
 CLOCK_SKEW = 300.0
-# Searches for the batch of a lost mpu-complete answer while candidates are still chunking
-# (their line count unknown) before the round is sent again.
-MAX_LOST_ANSWER_CHECKS = 8
+# Looks for the batch of a lost mpu-complete answer while candidates still run (about two
+# hours at the 120 s cap) before the round is sent again.
+MAX_LOST_ANSWER_CHECKS = 70
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int
@@ -166,9 +166,9 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     A lost ``mpu-complete`` answer (or an attempt that died waiting for it) is recovered, not
     paid twice: ``submit.json`` is written before the call, and the batch it created is found
     in the batch list by its creation time and line count and claimed in ``claims`` (so two
-    rounds never adopt one batch). Only when it cannot be told apart is the round sent again,
-    counted in ``orphans.json``. Raises ``MoondreamError`` kinds (``TransientError`` while the
-    batch of a lost answer is still chunking: retry later) and ``StorageError``.
+    rounds never adopt one batch). Only when it cannot be found is the round sent again,
+    counted in ``orphans.json``. Raises ``MoondreamError`` kinds (``AwaitingBatch`` while the
+    batch of a lost answer cannot be named yet: look again later) and ``StorageError``.
     """
     def doc(name: str) -> str:
         return layout.round_doc(shard, rnd, name)
@@ -181,10 +181,12 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
 
     pending = get_json_or_none(state, doc("submit"))
     if pending is not None and done_build is not None:
+        built = ShardBuild.model_validate(done_build)
         record = _recover_lost_submit(client, state, doc, SubmitRecord.model_validate(pending),
-                                      claims, shard=shard, rnd=rnd)
+                                      claims, line_ids={items[i].id for i in built.lines},
+                                      shard=shard, rnd=rnd)
         if record is not None:
-            return ShardBuild.model_validate(done_build), record
+            return built, record
 
     stale = get_json_or_none(state, doc("upload"))
     if stale is not None:
@@ -250,7 +252,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         # The answer was lost, or an earlier try consumed the upload: find the batch.
         log.warning("shard %d round %d: %s; looking for the batch it created", shard, rnd, exc)
         state.delete(doc("upload"))
-        record = _recover_lost_submit(client, state, doc, intent, claims, shard=shard, rnd=rnd)
+        record = _recover_lost_submit(client, state, doc, intent, claims,
+                                      line_ids={items[i].id for i in lines}, shard=shard, rnd=rnd)
         if record is None:  # no batch to adopt: the round is built and sent again
             raise TransientError("mpu-complete", "answer lost and no batch found; the round "
                                  "is sent again") from None
@@ -276,51 +279,56 @@ def _record_batch(state: Store, doc: Callable[[str], str], claims: BatchClaims |
     return record
 
 
-def _lines_of(batch: BatchStatus) -> int | None:
-    """The batch's line count from its progress, or None while it is not known (chunking)."""
-    total = (batch.progress or {}).get("total") if isinstance(batch.progress, dict) else None
-    try:
-        return int(total) if total else None
-    except (TypeError, ValueError):
-        return None
+class AwaitingBatch(TransientError):
+    """The batch of a lost ``mpu-complete`` answer cannot be named yet: several new batches
+    could be this round's and some still run. Look again after ``countdown`` seconds (the
+    build task re-enqueues itself, holding no worker slot meanwhile)."""
+
+    def __init__(self, message: str, countdown: float) -> None:
+        super().__init__("mpu-complete", message)
+        self.countdown = countdown
 
 
 def _recover_lost_submit(client: BatchClient, state: Store, doc: Callable[[str], str],
-                         intent: SubmitRecord, claims: BatchClaims | None, *, shard: int,
-                         rnd: int) -> BatchRecord | None:
+                         intent: SubmitRecord, claims: BatchClaims | None, *,
+                         line_ids: set[str], shard: int, rnd: int) -> BatchRecord | None:
     """Find and adopt the batch that the ``mpu-complete`` of ``intent`` created, whose answer
-    was lost: the one unclaimed batch created since ``intent.sent_at`` (less the tolerated
-    clock skew) with ``intent.lines`` lines (seed 002, "List batches"; FACTS.md).
+    was lost (FACTS.md: "``GET /v1/batch`` ... is the only way to find that batch again").
 
-    Returns its record, or None when no batch can be it, or several can (then the round is
-    sent again and ``orphans.json`` counts a possible duplicate). Raises ``TransientError``
-    while a candidate still chunks (its line count unknown), up to
-    ``MAX_LOST_ANSWER_CHECKS`` searches.
+    Candidates are the unclaimed batches created since ``intent.sent_at`` (less the tolerated
+    clock skew) whose line count is ``intent.lines`` or not known yet (still chunking). Time and
+    size cannot tell them apart (a run's shards have one size and go out together; other users
+    of the key submit too), but their results can: they carry the ids of the items sent (seed
+    002, "Output format"), so the completed candidate whose results hold only ``line_ids`` is
+    this round's, and no other is ever adopted. Returns its record, or None
+    when no batch is this round's (then the round is sent again; if candidates existed, a
+    possible duplicate is counted in ``orphans.json``). Raises ``AwaitingBatch`` while
+    candidates still run, up to ``MAX_LOST_ANSWER_CHECKS`` looks.
     """
-    exact, unsure = [], []
-    for batch in client.find_batches(intent.sent_at - CLOCK_SKEW):
-        if claims is not None and claims.taken(batch.id):
-            continue
-        lines = _lines_of(batch)
-        if lines == intent.lines:
-            exact.append(batch)
-        elif lines is None and batch.status not in ("completed", "failed"):
-            unsure.append(batch)
-    if len(exact) == 1 and not unsure:
-        found = exact[0]
-        if claims is None or claims.claim(found.id):
-            log.warning("shard %d round %d: adopted batch %s, created by the mpu-complete whose "
-                        "answer was lost", shard, rnd, found.id)
-            return _record_batch(state, doc, claims, found.id, intent, recovered=True)
-    elif unsure and len(exact) <= 1 and intent.checks + 1 < MAX_LOST_ANSWER_CHECKS:
+    candidates = [b for b in client.find_batches(intent.sent_at - CLOCK_SKEW)
+                  if b.total in (intent.lines, None, 0) and not (claims and claims.taken(b.id))
+                  and not (b.done and b.total != intent.lines)]
+    adopt = None
+    for batch in candidates:
+        ids = client.result_ids(batch) if batch.status == "completed" else None
+        if ids and ids <= line_ids:
+            adopt = batch
+            break
+    if adopt is not None and (claims is None or claims.claim(adopt.id)):
+        log.warning("shard %d round %d: adopted batch %s, created by the mpu-complete whose "
+                    "answer was lost", shard, rnd, adopt.id)
+        return _record_batch(state, doc, claims, adopt.id, intent, recovered=True)
+    running = [b for b in candidates if not b.done]
+    if running and intent.checks + 1 < MAX_LOST_ANSWER_CHECKS:
         put_json(state, doc("submit"), {**intent.model_dump(), "checks": intent.checks + 1})
-        raise TransientError("mpu-complete", f"answer lost; {len(unsure)} new batch(es) still "
-                             "chunking may be this round's: looking again later")
-    if exact or unsure:
-        _count_orphan(state, doc, f"{len(exact) + len(unsure)} batch(es) could be this round's")
-        log.warning("shard %d round %d: the batch of the lost mpu-complete answer cannot be "
-                    "told apart from %d other(s); sending the round again", shard, rnd,
-                    len(exact) + len(unsure) - 1)
+        raise AwaitingBatch(f"answer lost; {len(running)} new batch(es) still running may be "
+                            "this round's: their results will tell",
+                            countdown=min(120.0, 2.0 * 1.5 ** intent.checks))
+    if candidates:
+        _count_orphan(state, doc, f"{len(candidates)} batch(es) could be this round's")
+        log.warning("shard %d round %d: no batch of the lost mpu-complete answer can be shown "
+                    "to be this round's (%d candidate(s)); sending the round again", shard, rnd,
+                    len(candidates))
     else:
         log.warning("shard %d round %d: the lost mpu-complete answer created no batch; "
                     "sending the round again", shard, rnd)

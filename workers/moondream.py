@@ -12,6 +12,7 @@ statuses the seed does not name are tolerated; see ``BatchStatus``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -554,6 +555,23 @@ class BatchClient:
                 break
             found.append(batch)
         return found
+
+    def result_ids(self, batch: BatchStatus) -> set[str]:
+        """The ``id`` of every row in the first result file of a completed batch (from fresh
+        URLs), the fingerprint of what was sent (seed 002: ids are "returned in results").
+        Empty when the batch has no output or its rows carry no id."""
+        fresh = self.get_batch(batch.id)
+        if not fresh.outputs:
+            return set()
+        ids: set[str] = set()
+        for raw in self.download(fresh.outputs[0]).splitlines():
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("id") is not None:
+                ids.add(str(row["id"]))
+        return ids
 
     def download(self, output: OutputFile) -> bytes:
         """The bytes of one result file, from its presigned URL (no API key sent)."""

@@ -24,7 +24,7 @@ from celery import Task
 from config import Settings, get_settings
 from workers import canary, layout, registry
 from workers.app import app
-from workers.builder import build_and_submit
+from workers.builder import AwaitingBatch, build_and_submit
 from workers.downloader import fetch_results
 from workers.lease import Lease, LeaseLost, lease_is_live
 from workers.merge import compose, encode_round, join_rows, merge_round, next_poll_interval
@@ -75,6 +75,22 @@ class RunTask(Task):
             log.exception("could not record the failure of %s", self.name)
 
 
+def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None) -> None:
+    """Enqueue the pipeline's next step. Storage already records what that step is, so a
+    publish the broker refuses (restarting, unreachable) is logged and left to the reconciler
+    instead of failing the run; kombu's own reconnect is tried a few times first."""
+    for attempt in range(3):
+        try:
+            task.apply_async(args, countdown=countdown)
+            return
+        except Exception as exc:
+            error = exc
+            time.sleep(0.5 * (attempt + 1))
+    log.warning("shard %s round %s: could not enqueue %s (%s: %s); the reconciler will",
+                args[2], args[3] if len(args) > 3 else 0, task.name, type(error).__name__,
+                str(error)[:200])
+
+
 def _stopped(store: Store, shard: int) -> bool:
     """True if the run was cancelled or the shard is already merged."""
     return store.exists(layout.CANCELLED) or store.exists(layout.shard_doc(shard, "done"))
@@ -91,7 +107,7 @@ def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, it
                 reason: str) -> None:
     put_json(store, layout.round_doc(shard, rnd + 1, "todo"), {"items": items, "reason": reason},
              if_absent=True)
-    build_shard.delay(output, run_id, shard, rnd + 1)
+    _next(build_shard, (output, run_id, shard, rnd + 1))
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.build_shard")
@@ -109,7 +125,7 @@ def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) 
         # Another worker builds it, or a dead one's lease has not expired yet: look again
         # when it would expire (a live holder renews it, and this message waits again).
         wait = min(max(lease.holder_expires - time.time(), 0.0) + 0.5, settings.lease_seconds)
-        build_shard.apply_async((output, run_id, shard, rnd), countdown=wait)
+        _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
         return
     last_check = [time.monotonic()]
     try:
@@ -131,18 +147,26 @@ def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) 
                     todo=_todo(store, shard, rnd), heartbeat=heartbeat,
                     claims=registry.BatchClaims(registry.open_state(settings), output=output,
                                                 shard=shard, rnd=rnd))
+            except AwaitingBatch:
+                raise
             except MoondreamError:
                 lease.renew(force=True)  # an upload aborted by a new holder: LeaseLost, quiet
                 raise
     except (LeaseLost, RunCancelled) as exc:
         log.info("shard %d: build stopped: %s", shard, exc)
         return
+    except AwaitingBatch as exc:
+        wait = max(settings.poll_min_interval, min(exc.countdown, settings.poll_max_interval,
+                                                   settings.visibility_timeout / 4))
+        log.info("shard %d round %d: %s; looking again in %.0fs", shard, rnd, exc, wait)
+        _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
+        return
     finally:
         lease.release()
     if batch is None:  # nothing sendable: only error rows to write
-        merge_round_task.delay(output, run_id, shard, rnd)
+        _next(merge_round_task, (output, run_id, shard, rnd))
     else:
-        poll_batch.apply_async((output, run_id, shard, rnd, uuid.uuid4().hex),
+        _next(poll_batch, (output, run_id, shard, rnd, uuid.uuid4().hex),
                                countdown=settings.poll_min_interval)
 
 
@@ -178,9 +202,9 @@ def poll_batch(self: Task, output: str, run_id: str, shard: int, rnd: int = 0, c
         "polled_at": now, "next_at": now + countdown,
         "total": total, "completed": status.completed, "failed": status.failed})
     if status.done:
-        merge_round_task.delay(output, run_id, shard, rnd, polls + 1)
+        _next(merge_round_task, (output, run_id, shard, rnd, polls + 1))
     else:
-        poll_batch.apply_async((output, run_id, shard, rnd, chain, polls + 1, [now, completed]),
+        _next(poll_batch, (output, run_id, shard, rnd, chain, polls + 1, [now, completed]),
                                countdown=countdown)
 
 
@@ -206,11 +230,11 @@ def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int 
         record = BatchRecord.model_validate(raw) if raw else None
         if record is None and build.lines:
             # The build stopped between build.json and batch.json: it is not finished.
-            build_shard.delay(output, run_id, shard, rnd)
+            _next(build_shard, (output, run_id, shard, rnd))
             return
         status = batch_client().get_batch(record.batch_id) if record else None
         if status is not None and not status.done:  # too early: back to polling
-            poll_batch.apply_async((output, run_id, shard, rnd, uuid.uuid4().hex),
+            _next(poll_batch, (output, run_id, shard, rnd, uuid.uuid4().hex),
                                    countdown=settings.poll_min_interval)
             return
         files: list[bytes] = []
