@@ -206,14 +206,19 @@ def test_a_lost_answer_is_told_apart_from_a_batch_of_the_same_size(one_round, em
 
     client = one_round["client"]
     decoy = _decoy_batch(client, 2)
+    wait_done(client, decoy)
     before = set(emulator.emulator.batches)
+    # The lost answer's batch processes for a minute: no timing can let it finish early.
     emulator.config.faults = Faults(lose_complete_answers=1.0)
+    emulator.config.processing_seconds = 60.0
     with pytest.raises(AwaitingBatch):  # two candidates, one still running: results will tell
         one_round["build"]()
     emulator.config.faults = Faults()
+    emulator.config.processing_seconds = 0.2
     (lost,) = set(emulator.emulator.batches) - before
+    with emulator.emulator.lock:  # now let it finish (if it chunked already)
+        emulator.emulator.batches[lost].processing_end = time.time()
     wait_done(client, lost)
-    wait_done(client, decoy)
     _, record = one_round["build"]()
     assert record.batch_id == lost and record.recovered
     assert set(emulator.emulator.batches) - before == {lost}  # nothing sent again
