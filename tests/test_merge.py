@@ -255,6 +255,16 @@ def test_id_mismatch_counted_but_row_keeps_plan_id():
     assert stats.ok == 3
 
 
+def test_sent_ids_carry_the_round_prefix_and_rows_keep_the_plan_id():
+    items = plan(3)
+    build = ShardBuild(lines=[0, 1, 2], id_prefix="0123456789:")
+    rows = [ok_line(0, "0123456789:" + items[0].id), ok_line(1, items[1].id),
+            ok_line(2, "ffffffffff:" + items[2].id)]
+    data, stats = merge_rows(items, build, to_files(rows, 1), source_of)
+    assert stats.id_mismatch == 2  # no prefix, or another round's
+    assert [r["id"] for r in parse(data)] == [it.id for it in items]
+
+
 def test_rows_without_id_are_not_mismatches():
     items = plan(1)
     row = ok_line(0, items[0].id)

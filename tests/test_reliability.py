@@ -173,6 +173,7 @@ def one_round(s3, bucket, env, emulator):
     from workers.models import PlanItem, SkillOptions
     from workers.moondream import BatchClient
     from workers.runstate import open_output
+    from workers.tasks import line_id_prefix
 
     upload_photos(s3, bucket, "in/", names=NAMES[:2])
     settings = get_settings()
@@ -182,12 +183,14 @@ def one_round(s3, bucket, env, emulator):
     items = [PlanItem(n, 0) for n in NAMES[:2]]
     claims = registry.BatchClaims(registry.open_state(settings), output=state.url, shard=0, rnd=0)
 
+    prefix = line_id_prefix("test-" + uuid.uuid4().hex, 0, 0)  # as the build task gives it
+
     def build():
         return build_and_submit(shard=0, items=items, options=SkillOptions(skill="caption"),
                                 model=None, input_store=inputs, state=state, client=client,
-                                part_size=1 << 20, concurrency=2, claims=claims)
+                                part_size=1 << 20, concurrency=2, claims=claims, id_prefix=prefix)
 
-    return {"build": build, "client": client, "state": state,
+    return {"build": build, "client": client, "state": state, "prefix": prefix,
             "owner": lambda bid: registry.batch_owner(registry.open_state(settings), bid)}
 
 
@@ -236,7 +239,8 @@ def test_a_lost_answer_that_created_no_batch_never_adopts_another(one_round, emu
     client, state = one_round["client"], one_round["state"]
     decoy = _decoy_batch(client, 2)
     wait_done(client, decoy)
-    put_json(state, layout.round_doc(0, 0, "build"), ShardBuild(lines=[0, 1]).model_dump())
+    put_json(state, layout.round_doc(0, 0, "build"),
+             ShardBuild(lines=[0, 1], id_prefix=one_round["prefix"]).model_dump())
     put_json(state, layout.round_doc(0, 0, "submit"),
              SubmitRecord(file_id="gone", lines=2, bytes=100, sent_at=time.time()).model_dump())
     before = set(emulator.emulator.batches)

@@ -112,9 +112,10 @@ class PartWriter:
 
 def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options: SkillOptions,
                *, concurrency: int, errors: dict[str, dict[str, str]], max_pixels: int = 0,
-               indices: Sequence[int] | None = None) -> Iterator[tuple[int, bytes, bool]]:
+               indices: Sequence[int] | None = None, id_prefix: str = ""
+               ) -> Iterator[tuple[int, bytes, bool]]:
     """Yield ``(item_index, line, transformed)`` for every sendable item of ``indices``
-    (default: all), in plan order.
+    (default: all), in plan order; each line's ``id`` is ``id_prefix`` + the item id.
 
     Items that cannot be sent are recorded in ``errors`` (item index as a string → ``{"code",
     "message"}``) instead: missing objects, unreadable ones, non-images, undecodable headers.
@@ -125,9 +126,10 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options
         index, item = pair
         try:
             data = fetch(item.id)
-            prepared = prepare_image(data, limit=max_image_bytes(item.id, fragment),
+            line_id = id_prefix + item.id
+            prepared = prepare_image(data, limit=max_image_bytes(line_id, fragment),
                                      max_pixels=max_pixels)
-            return index, encode_line(item.id, prepared.data, fragment), prepared.transform is not None, None
+            return index, encode_line(line_id, prepared.data, fragment), prepared.transform is not None, None
         except ItemError as exc:
             return index, None, False, exc
         except NotFound:
@@ -151,7 +153,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                      part_size: int, concurrency: int, max_pixels: int = 0,
                      upload_concurrency: int = 2, rnd: int = 0, todo: Sequence[int] | None = None,
                      heartbeat: Callable[[], None] | None = None,
-                     claims: BatchClaims | None = None) -> tuple[ShardBuild, BatchRecord | None]:
+                     claims: BatchClaims | None = None, id_prefix: str = ""
+                     ) -> tuple[ShardBuild, BatchRecord | None]:
     """Build the JSONL of round ``rnd`` of a shard (items ``todo``, default all), upload it and
     submit it; return the build and the batch record (None when no item could be sent: there
     is then no batch, only error rows).
@@ -166,7 +169,9 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     A lost ``mpu-complete`` answer (or an attempt that died waiting for it) is recovered, not
     paid twice: ``submit.json`` is written before the call, and the batch it created is found
     in the batch list by its creation time and line count and claimed in ``claims`` (so two
-    rounds never adopt one batch). Only when it cannot be found is the round sent again,
+    rounds never adopt one batch) after its results show the round's ``id_prefix`` (give each
+    round its own, e.g. from the run id, shard and round: item ids alone repeat across runs of
+    one dataset). Only when it cannot be found is the round sent again,
     counted in ``orphans.json``. Raises ``MoondreamError`` kinds (``AwaitingBatch`` while the
     batch of a lost answer cannot be named yet: look again later) and ``StorageError``.
     """
@@ -183,7 +188,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     if pending is not None and done_build is not None:
         built = ShardBuild.model_validate(done_build)
         record = _recover_lost_submit(client, state, doc, SubmitRecord.model_validate(pending),
-                                      claims, line_ids={items[i].id for i in built.lines},
+                                      claims,
+                                      line_ids={built.id_prefix + items[i].id for i in built.lines},
                                       shard=shard, rnd=rnd)
         if record is not None:
             return built, record
@@ -216,7 +222,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     try:
         for index, line, changed in iter_lines(items, input_store.get, options,
                                                concurrency=concurrency, errors=errors,
-                                               max_pixels=max_pixels, indices=todo):
+                                               max_pixels=max_pixels, indices=todo,
+                                               id_prefix=id_prefix):
             beat()
             writer.write(line)
             lines.append(index)
@@ -235,8 +242,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                 log.warning("shard %d: could not abort the upload", shard, exc_info=True)
         raise
 
-    build = ShardBuild(lines=lines, errors=errors, bytes=writer.bytes, parts=len(parts),
-                       part_size=part_size, transformed=transformed,
+    build = ShardBuild(lines=lines, errors=errors, id_prefix=id_prefix, bytes=writer.bytes,
+                       parts=len(parts), part_size=part_size, transformed=transformed,
                        build_seconds=round(time.time() - started, 3))
     put_json(state, doc("build"), build.model_dump())
     if upload is None:
@@ -253,7 +260,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         log.warning("shard %d round %d: %s; looking for the batch it created", shard, rnd, exc)
         state.delete(doc("upload"))
         record = _recover_lost_submit(client, state, doc, intent, claims,
-                                      line_ids={items[i].id for i in lines}, shard=shard, rnd=rnd)
+                                      line_ids={id_prefix + items[i].id for i in lines},
+                                      shard=shard, rnd=rnd)
         if record is None:  # no batch to adopt: the round is built and sent again
             raise TransientError("mpu-complete", "answer lost and no batch found; the round "
                                  "is sent again") from None

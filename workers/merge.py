@@ -72,6 +72,7 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_files: Iter
     loads, dumps = orjson.loads, orjson.dumps
     ok = in_tok = out_tok = 0
     ids = [item.id for item in items]  # one sequential pass; the loop below jumps around
+    prefix = build.id_prefix
     # The hot loop: one parse and one serialisation per row, counters in locals.
     with _gc_paused():
         for data in () if batch_error else result_files:
@@ -91,7 +92,8 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_files: Iter
                     stats.duplicate += 1
                     continue
                 item_id = ids[i]
-                if res.get("id", item_id) != item_id:
+                sent_id = res.get("id")
+                if sent_id is not None and sent_id != prefix + item_id:
                     stats.id_mismatch += 1
                 if res.get("status") == "ok":
                     usage = res.get("usage") or {}

@@ -124,6 +124,9 @@ class ShardBuild(BaseModel):
 
     lines: list[int]
     errors: dict[str, dict[str, str]] = Field(default_factory=dict)
+    # Each line's ``id`` is this prefix + the item id: unique to the round, so the results of
+    # a batch found again after a lost answer show whose it is (see workers.builder).
+    id_prefix: str = ""
     bytes: int = 0  # size of the JSONL file
     parts: int = 0
     part_size: int = 0

@@ -14,6 +14,7 @@ use it to re-enqueue work the broker lost.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 import uuid
@@ -91,6 +92,12 @@ def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None) -> 
                 str(error)[:200])
 
 
+def line_id_prefix(run_id: str, shard: int, rnd: int) -> str:
+    """The prefix of every line ``id`` a round sends (``"<10 hex>:"``): unique to the round, so
+    a batch's results tell which round it belongs to (item ids repeat across runs)."""
+    return hashlib.sha256(f"{run_id}/{shard}/{rnd}".encode()).hexdigest()[:10] + ":"
+
+
 def _stopped(store: Store, shard: int) -> bool:
     """True if the run was cancelled or the shard is already merged."""
     return store.exists(layout.CANCELLED) or store.exists(layout.shard_doc(shard, "done"))
@@ -146,7 +153,8 @@ def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) 
                     upload_concurrency=settings.upload_concurrency, rnd=rnd,
                     todo=_todo(store, shard, rnd), heartbeat=heartbeat,
                     claims=registry.BatchClaims(registry.open_state(settings), output=output,
-                                                shard=shard, rnd=rnd))
+                                                shard=shard, rnd=rnd),
+                    id_prefix=line_id_prefix(run_id, shard, rnd))
             except AwaitingBatch:
                 raise
             except MoondreamError:
