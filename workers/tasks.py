@@ -175,7 +175,7 @@ def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) 
         _next(merge_round_task, (output, run_id, shard, rnd))
     else:
         _next(poll_batch, (output, run_id, shard, rnd, uuid.uuid4().hex),
-                               countdown=settings.poll_min_interval)
+              countdown=settings.poll_min_interval)
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.poll_batch")
@@ -213,7 +213,7 @@ def poll_batch(self: Task, output: str, run_id: str, shard: int, rnd: int = 0, c
         _next(merge_round_task, (output, run_id, shard, rnd, polls + 1))
     else:
         _next(poll_batch, (output, run_id, shard, rnd, chain, polls + 1, [now, completed]),
-                               countdown=countdown)
+              countdown=countdown)
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.merge_round")
@@ -243,7 +243,7 @@ def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int 
         status = batch_client().get_batch(record.batch_id) if record else None
         if status is not None and not status.done:  # too early: back to polling
             _next(poll_batch, (output, run_id, shard, rnd, uuid.uuid4().hex),
-                                   countdown=settings.poll_min_interval)
+                  countdown=settings.poll_min_interval)
             return
         files: list[bytes] = []
         batch_error = None
