@@ -39,7 +39,7 @@ def test_chaos(s3, bucket, env, tmp_path):
     rng = random.Random(20261121)
     faults = Faults(seed=11, rate_429=0.06, retry_after=0.1, rate_5xx=0.05, rate_drop=0.03,
                     latency=0.01, rate_truncate=0.1, rate_corrupt=0.1, batch_fail_rate=0.15,
-                    line_error_rate=0.03)
+                    line_error_rate=0.03, lose_create_answers=0.05, lose_complete_answers=0.25)
     config = EmulatorConfig(api_key="chaos-" + uuid.uuid4().hex, chunking_seconds=0.3,
                             processing_seconds=1.0, lines_per_second=200, min_part_size=0,
                             lines_per_output_file=30, url_ttl=1.5, faults=faults)
