@@ -226,3 +226,16 @@ def test_reader_feeds_planner(tmp_path):
                               max_bytes=API_MAX_FILE_BYTES))
     assert [len(s.items) for s in shards] == [10, 10, 5]
     assert stats.items == 25 and stats.skipped == 1 and stats.listed == 26
+
+
+def test_planning_and_listing_import_without_celery():
+    """The producer's planning and listing (and the pure worker modules) never build the Celery
+    app: a process that imports them has not imported celery."""
+    import subprocess
+    import sys
+
+    code = ("import sys, producer.planner, producer.reader, workers.lines, workers.merge, "
+            "workers.layout, workers.models, workers.storage, workers.registry; "
+            "print(sorted(m for m in ('celery', 'kombu', 'workers.app') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
