@@ -468,6 +468,7 @@ def _interruptible(where: dict[str, Any]) -> Iterator[None]:
 def _in_flight_note(where: dict[str, Any]) -> str:
     """What an interrupted command leaves behind, and the command that continues it."""
     from config import get_settings
+    from workers import layout
     from workers.runstate import Progress as RunProgress
     from workers.runstate import open_output
     from workers.storage import get_json_or_none
@@ -479,7 +480,7 @@ def _in_flight_note(where: dict[str, Any]) -> str:
     flag = f" --workers {n}" if n else " --workers N"
     try:
         store = open_output(output, get_settings())
-        spec = get_json_or_none(store, "_moonbatch/spec.json")
+        spec = get_json_or_none(store, layout.SPEC)
         if spec is None:
             return f"interrupted before the run started: nothing was written to {output}"
         run_id = spec["run_id"]
@@ -791,12 +792,7 @@ def resume(run_ref: RunRefArg, workers: FollowWorkersOpt = None,
             if describe_output(store)["state"] == "planning":
                 raise RunExists(f"run {run.spec.run_id} is being planned by a live producer: "
                                 f"follow it with `moonbatch wait {run.spec.run_id}`")
-            local = LocalWorkers(workers, settings.queue) if workers else None
-            try:
-                plan = start_run(run.spec, settings)
-            finally:
-                if local is not None:
-                    local.stop()  # _follow starts its own
+            plan = start_run(run.spec, settings)  # the dead start's run id and spec
             out.print(f"run {run.spec.run_id}: planned again: {plan['items']} images in "
                       f"{plan['shards']} shard(s)", highlight=False)
         else:

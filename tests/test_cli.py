@@ -221,6 +221,17 @@ def test_a_dead_start_is_taken_over_by_the_same_command(s3, bucket, env, fleet):
     assert sorted(r["id"] for r in read_results(s3, bucket, "out/")) == sorted(NAMES[:2])
 
 
+def test_resume_plans_a_dead_start_again(s3, bucket, env):
+    upload_photos(s3, bucket, "in/", names=NAMES[:2])
+    run_id = write_dead_start(s3, bucket, {"skill": "caption"})
+    qenv = {**env, "MOONBATCH_QUEUE": "replan-" + uuid.uuid4().hex[:8]}
+    proc = run_cli(["resume", f"s3://{bucket}/out/", "--workers", "1", "--timeout", "120"], qenv)
+    assert f"run {run_id}: planned again: 2 images in 1 shard(s)" in proc.stdout
+    summary = read_json(s3, bucket, "out/run.json")
+    assert summary["run_id"] == run_id and summary["status"] == "completed"
+    assert summary["counts"]["ok"] == 2
+
+
 def test_clean(s3, bucket, env, fleet):
     upload_photos(s3, bucket, "in/", names=NAMES[:1])
     s3.put_object(Bucket=bucket, Key="out/notes.txt", Body=b"mine")
