@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,31 +20,111 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+EXIT_CODES = """\b
+Exit codes:
+  0    done: the run is complete (or was already), or the command did what it says
+  1    the run failed, was cancelled or cannot complete (the message says why)
+  2    usage: a bad option, argument or setting
+  3    a check before work failed (broker, API key, INPUT, OUTPUT, state location),
+       or OUTPUT holds another or an unfinished run; nothing was written
+  4    --timeout reached; the run goes on (moonbatch wait RUN_ID)
+  130  interrupted (Ctrl-C); the run goes on (moonbatch resume RUN_ID --workers N)"""
+
+ENVIRONMENT = """\b
+Environment (README "Configuration" lists every variable):
+  MOONDREAM_API_KEY          the Moondream API key (required)
+  MOONBATCH_BROKER_URL       Celery broker (default redis://127.0.0.1:6379/0)
+  MOONBATCH_STATE_URL        run registry: a directory or s3://bucket/prefix/ (~/.moonbatch/)
+  MOONBATCH_S3_ENDPOINT_URL  S3-compatible endpoint (MinIO, R2); AWS credentials as boto3 reads them"""
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Annotate image datasets with the Moondream Batch API, at scale.")
+                  rich_markup_mode=None,
+                  help="Annotate image datasets with the Moondream Batch API, at scale.",
+                  epilog=f"""\b
+Examples:
+  moonbatch run s3://photos/2024/ s3://annotations/2024-captions/ --skill caption
+  moonbatch submit s3://photos/ s3://out/q1/ --skill query --question "Is it indoors?"
+  moonbatch status RUN_ID        moonbatch resume RUN_ID --workers 4
+
+{ENVIRONMENT}
+
+{EXIT_CODES}""")
 # Not a terminal (a pipe, a log, CI): no width to fit, so never wrap or cut a path or an id.
 out = Console() if sys.stdout.isatty() else Console(width=1 << 14)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=1 << 14)
+DEBUG = False  # --debug: unexpected errors show their traceback
 
-SkillOpt = Annotated[str, typer.Option("--skill", help="caption | query | detect | point")]
-LengthOpt = Annotated[Optional[str], typer.Option("--length", help="caption length: short | normal | long")]
-QuestionOpt = Annotated[Optional[str], typer.Option("--question", help="question (query)")]
-ObjectOpt = Annotated[Optional[str], typer.Option("--object", help="what to find (detect, point)")]
-ReasoningOpt = Annotated[Optional[bool], typer.Option("--reasoning/--no-reasoning",
-                                                      help="chain of thought (query; API default on)")]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens")]
+SkillOpt = Annotated[str, typer.Option("--skill", metavar="SKILL",
+                                       help="caption | query | detect | point")]
+LengthOpt = Annotated[Optional[str], typer.Option(
+    "--length", metavar="TEXT", help="caption length: short | normal | long (caption; default "
+    "normal)")]
+QuestionOpt = Annotated[Optional[str], typer.Option(
+    "--question", metavar="TEXT", help="the question to ask of each image (query; required)")]
+ObjectOpt = Annotated[Optional[str], typer.Option(
+    "--object", metavar="TEXT", help="what to find, e.g. \"face\" (detect, point; required)")]
+ReasoningOpt = Annotated[Optional[bool], typer.Option(
+    "--reasoning/--no-reasoning", help="chain of thought before the answer (query; default: the "
+    "API's, on)")]
+TemperatureOpt = Annotated[Optional[float], typer.Option(
+    "--temperature", metavar="FLOAT", help="sampling temperature, 0 to 1 (caption, query; "
+    "default: the API's)")]
+TopPOpt = Annotated[Optional[float], typer.Option(
+    "--top-p", metavar="FLOAT", help="nucleus sampling probability, 0 to 1 (caption, query; "
+    "default: the API's)")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-tokens", metavar="INTEGER", help="most tokens in an answer (caption, query; default: "
+    "the API's)")]
 ShardSizeOpt = Annotated[Optional[int], typer.Option(
-    "--shard-size", help="max lines per batch (default 10000, at most 100000)")]
+    "--shard-size", metavar="INTEGER", help="most images per batch, 1 to 100000 (default "
+    "10000, or MOONBATCH_SHARD_SIZE)")]
 MaxPixelsOpt = Annotated[Optional[int], typer.Option(
-    "--max-pixels", help="downscale images above this many pixels (default ~2 MP; 0: never)")]
+    "--max-pixels", metavar="INTEGER", help="downscale images above this many pixels; 0 sends "
+    "full resolution (default 2000000, or MOONBATCH_MAX_PIXELS)")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", help="local worker processes to start (default: cores; 0: use a running fleet)")]
-TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="give up after SECONDS")]
+    "--workers", metavar="INTEGER", help="local worker processes started for the duration of "
+    "the command (default: one per core); 0 uses a running fleet")]
+FollowWorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", metavar="INTEGER", help="start INTEGER local worker processes and follow the "
+    "run to the end, as `run` does (default: none; a running fleet does the work)")]
+TimeoutOpt = Annotated[Optional[float], typer.Option(
+    "--timeout", metavar="SECONDS", help="stop waiting after SECONDS and exit 4; the run goes "
+    "on (follow it with `moonbatch wait RUN_ID`) (default: wait until it is final)")]
+AllowEmptyOpt = Annotated[bool, typer.Option(
+    "--allow-empty", help="accept an INPUT with no objects (a run of 0 images) instead of "
+    "failing the check before work")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="if OUTPUT holds a run of another command (or a cancelled or failed one), "
+    "start a new run in OUTPUT/<new run id>/ instead of refusing")]
+
+
+class URL(str):
+    """A store URL argument (its type name is what help shows: ``<URL>``)."""
+
+
+class TEXT(str):
+    """A text argument (help shows ``<TEXT>``)."""
+
+
+InputArg = Annotated[URL, typer.Argument(metavar="INPUT", parser=URL, help="where the images "
+                                         "are: s3://bucket/prefix/ or a local directory")]
+OutputArg = Annotated[URL, typer.Argument(metavar="OUTPUT", parser=URL, help="where results "
+                                          "go: s3://bucket/prefix/ or a local directory")]
+RunRefArg = Annotated[TEXT, typer.Argument(metavar="RUN_ID", parser=TEXT, help="a run id (from "
+                                           "the registry at MOONBATCH_STATE_URL) or the run's "
+                                           "OUTPUT")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
+
+
+def _epilog(*examples: str) -> str:
+    """A command's help epilog: its examples (``\\b`` keeps click from rewrapping them), then
+    the environment variables and the exit codes."""
+    lines = "\n".join(f"  {e}" for e in examples)
+    return f"\b\nExamples:\n{lines}\n\n{ENVIRONMENT}\n\n{EXIT_CODES}"
 
 
 class Fail(Exception):
@@ -70,18 +151,44 @@ def _options(skill: str, length: str | None, question: str | None, obj: str | No
 
 @contextlib.contextmanager
 def _cli_errors() -> Iterator[None]:
+    """Turn errors into one red line and an exit code (see EXIT_CODES); ``--debug`` shows the
+    traceback of unexpected ones."""
+    from producer.preflight import PreflightFailed
     from producer.runs import RunExists
     from workers.runstate import RunNotFound
     from workers.storage import StorageError
 
     try:
         yield
+    except (typer.Exit, KeyboardInterrupt):
+        raise
     except Fail as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        _error(str(exc))
         raise typer.Exit(exc.code) from None
-    except (RunExists, RunNotFound, ValueError, StorageError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+    except PreflightFailed as exc:
+        for problem in exc.problems:
+            _error(problem)
+        raise typer.Exit(3) from None
+    except RunExists as exc:
+        _error(str(exc))
+        raise typer.Exit(3) from None
+    except (RunNotFound, ValueError, StorageError) as exc:
+        _error(str(exc))
         raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
+    except Exception as exc:
+        if DEBUG:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        _error(f"{type(exc).__name__}: {text} (moonbatch --debug ... shows the traceback)")
+        raise typer.Exit(1) from None
+
+
+def _error(message: str) -> None:
+    """Print ``error: message`` on stderr as one logical line (markup in it is not parsed)."""
+    err.print("[red]error:[/red] " + escape(message), soft_wrap=True, highlight=False)
+
+
+_LOCAL_WORKERS: set[LocalWorkers] = set()
 
 
 class LocalWorkers:
@@ -102,6 +209,7 @@ class LocalWorkers:
         self.log = tempfile.NamedTemporaryFile(prefix="moonbatch-workers-", suffix=".log",
                                                delete=False)
         self.proc = self._spawn()
+        _LOCAL_WORKERS.add(self)  # a second Ctrl-C kills them before exiting
 
     def _spawn(self) -> subprocess.Popen:
         return subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -126,6 +234,7 @@ class LocalWorkers:
 
     def stop(self) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL after 20 s."""
+        _LOCAL_WORKERS.discard(self)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -153,13 +262,9 @@ def _check_fleet(settings) -> None:
 
 
 def _safe_url(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
+    from producer.preflight import safe_url
 
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    return safe_url(url)
 
 
 def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: float | None,
@@ -207,7 +312,7 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
                 _reconcile(settings, output, snap["run_id"])
             if timeout is not None and time.time() - start > timeout:
                 raise Fail(f"run {snap['run_id']} not complete after {timeout:.0f}s; it goes on: "
-                           f"moonbatch wait {snap['run_id']}")
+                           f"moonbatch wait {snap['run_id']}", code=4)
             age = time.time() - start  # each look lists the run's state: back off as it ages
             time.sleep(0.2 if age < 10 else 2.0 if age < 600 else 10.0)
 
@@ -230,12 +335,20 @@ def _reconcile(settings, output: str, run_id: str) -> None:
 
 
 def _print_summary(snap: dict[str, Any]) -> None:
+    """The run's summary as a two-column table on stdout; paths fold, never cut."""
     c = snap["counts"]
+    skipped = c["skipped"]
+    if skipped:
+        skipped = f"{skipped} (list them: moonbatch status {snap['run_id']} --skipped)"
+    out_of = sum(1 for b in snap["batches"] if not b.get("merged", True))
     table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     for k, v in (("run", snap["run_id"]), ("status", snap["status"]), ("skill", snap["skill"]),
                  ("items", c["total"]), ("ok", c["ok"]), ("error", c["error"]),
-                 ("skipped (not images)", c["skipped"]),
-                 ("batches", len(snap["batches"])),
+                 ("skipped (not images)", skipped),
+                 ("batches", len(snap["batches"]) if not out_of
+                  else f"{len(snap['batches'])} ({out_of} at the API)"),
                  ("tokens in/out", f"{snap['usage']['input_tokens']}/{snap['usage']['output_tokens']}"),
                  ("wall time", f"{snap['timings'].get('wall_seconds', 0):.1f}s"),
                  ("results", snap["output"] + "results/"), ("summary", snap["output"] + "run.json")):
@@ -277,76 +390,300 @@ def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, worke
             local.stop()
 
 
-@app.command()
-def run(input: Annotated[str, typer.Argument(help="s3://bucket/prefix/ or a local directory")],
-        output: Annotated[str, typer.Argument(help="s3://bucket/prefix/ or a local directory")],
+def _start_checks(settings, opts, input_url: str, output_url: str, *, shard_size: int | None,
+                  max_pixels: int | None, allow_empty: bool, force: bool, broker: bool = True):
+    """Everything a start checks before it writes: option ranges (exit 2), what OUTPUT holds
+    (``AlreadyComplete``; ``RunExists``, or with ``force`` a new OUTPUT/<run id>/) and the
+    preflight (``PreflightFailed``). Returns the ``RunSpec`` to start."""
+    from producer import preflight
+    from producer.runs import AlreadyComplete, RunExists, check_output_for, new_run_id, new_spec
+
+    if shard_size is not None and not 1 <= shard_size <= 100_000:
+        raise Fail("--shard-size must be within 1..100000 (the Batch API's line limit)", code=2)
+    if max_pixels is not None and max_pixels < 0:
+        raise Fail("--max-pixels must be >= 0 (0 turns downscaling off)", code=2)
+    spec = new_spec(input_url, output_url, opts, settings, shard_size=shard_size,
+                    max_pixels=max_pixels)
+    try:
+        check_output_for(preflight.quick_store(spec.output, settings), spec)
+    except AlreadyComplete:
+        raise
+    except RunExists as exc:
+        if not force or exc.state == "planning":
+            raise
+        run_id = new_run_id()
+        err.print(f"{spec.output} holds run {exc.run_id} ({exc.state}); --force: starting run "
+                  f"{run_id} in {spec.output}{run_id}/", highlight=False)
+        spec = new_spec(spec.input, spec.output + run_id + "/", opts, settings,
+                        shard_size=shard_size, max_pixels=max_pixels, run_id=run_id)
+    except Exception:
+        pass  # OUTPUT cannot be read: the preflight below says why, in one line
+    preflight.preflight(settings, input_url=spec.input, output_url=spec.output,
+                        allow_empty=allow_empty, broker=broker)
+    return spec
+
+
+def _already_complete(done, settings) -> None:
+    """Say so and print the run's summary (``done`` is ``AlreadyComplete``)."""
+    err.print(str(done), highlight=False, soft_wrap=True)
+    summary = done.summary if done.summary and "counts" in done.summary else None
+    if summary is None:
+        from workers.runstate import Progress as RunProgress
+        from workers.runstate import open_output
+
+        summary = RunProgress(open_output(done.summary["output"], settings)).snapshot()
+    _print_summary(summary)
+
+
+@contextlib.contextmanager
+def _interruptible(where: dict[str, Any]) -> Iterator[None]:
+    """Ctrl-C handling for commands that follow a run: the first Ctrl-C stops following (local
+    workers get a warm shutdown), says what is still in flight and how to go on, and exits 130;
+    a second one kills the local workers and exits at once. ``where`` holds the run's
+    ``output`` (once known) and the ``workers`` count to suggest."""
+    presses = [0]
+
+    def on_sigint(signum, frame) -> None:  # noqa: ANN001
+        presses[0] += 1
+        if presses[0] == 1:
+            err.print("\ninterrupted: stopping (Ctrl-C again to stop at once)", highlight=False)
+            raise KeyboardInterrupt
+        for workers in list(_LOCAL_WORKERS):
+            with contextlib.suppress(OSError):
+                os.killpg(workers.proc.pid, signal.SIGKILL)
+        sys.stderr.write("stopped at once\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print(_in_flight_note(where), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _in_flight_note(where: dict[str, Any]) -> str:
+    """What an interrupted command leaves behind, and the command that continues it."""
+    from config import get_settings
+    from workers import layout
+    from workers.runstate import Progress as RunProgress
+    from workers.runstate import open_output
+    from workers.storage import get_json_or_none
+
+    output = where.get("output")
+    if output is None:
+        return "interrupted before the run started: nothing was written"
+    n = where.get("workers")
+    flag = f" --workers {n}" if n else " --workers N"
+    try:
+        store = open_output(output, get_settings())
+        spec = get_json_or_none(store, layout.SPEC)
+        if spec is None:
+            return f"interrupted before the run started: nothing was written to {output}"
+        run_id = spec["run_id"]
+        snap = RunProgress(store).snapshot()
+    except Exception as exc:  # say what we can; the run id is still useful
+        return (f"interrupted; the state of the run at {output} could not be read "
+                f"({type(exc).__name__}): see `moonbatch status {output}`")
+    c, s = snap["counts"], snap["shards"]
+    if snap["status"] == "completed":
+        return f"interrupted: run {run_id} is complete (moonbatch status {run_id})"
+    if s["total"] is None:
+        return (f"interrupted while planning run {run_id}: {s['in_flight']} shard(s) with "
+                f"batches out at the API; continue it with `moonbatch resume {run_id}{flag}` "
+                f"(or run the same command again)")
+    return (f"interrupted: run {run_id} goes on without this process: {s['in_flight']} "
+            f"shard(s) with batches out at the API (they run on and are billed), "
+            f"{s['merged']}/{s['total']} shard(s) merged, {c['done']}/{c['total']} items done; "
+            f"continue it with `moonbatch resume {run_id}{flag}`")
+
+
+def _print_version(value: bool) -> None:
+    """``--version``: print the installed version and exit 0."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        print(f"moonbatch {dist_version('moonbatch')}")
+    except PackageNotFoundError:
+        print("moonbatch (not installed)")
+    raise typer.Exit(0)
+
+
+@app.callback()
+def _global(version: Annotated[bool, typer.Option(
+                "--version", is_eager=True, callback=_print_version,
+                help="print moonbatch's version and exit")] = False,
+            debug: Annotated[bool, typer.Option(
+                "--debug", envvar="MOONBATCH_DEBUG", show_envvar=True,
+                help="show the traceback of unexpected errors")] = False) -> None:
+    """Annotate image datasets with the Moondream Batch API, at scale."""
+    global DEBUG
+    DEBUG = debug
+
+
+@app.command(epilog=_epilog(
+    "moonbatch run s3://photos/2024/ s3://annotations/2024/ --skill caption --length short",
+    "moonbatch run ./images ./out --skill query --question \"Is there a dog?\" --workers 4",
+    "moonbatch run s3://b/in/ s3://b/out/ --skill detect --object face --workers 0  # a fleet",
+    "moonbatch run s3://b/in/ s3://b/out/ --timeout 3600 || moonbatch wait RUN_ID"))
+def run(input: InputArg, output: OutputArg,
         skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
         object: ObjectOpt = None, reasoning: ReasoningOpt = None,
         temperature: TemperatureOpt = None, top_p: TopPOpt = None,
         max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
         max_pixels: MaxPixelsOpt = None, workers: WorkersOpt = None,
-        timeout: TimeoutOpt = None) -> None:
-    """Annotate every image under INPUT; write results under OUTPUT; exit 0 when complete."""
-    with _cli_errors():
+        timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
+        force: ForceOpt = False) -> None:
+    """Annotate every image under INPUT and write the results under OUTPUT; exit 0 when every
+    image has a result (ok or error).
+
+    Checks the broker, the API key, INPUT and OUTPUT before writing anything. The same command
+    again after success exits 0 ("already complete"); after an interrupted start it starts
+    again; for an unfinished run it says to `moonbatch resume RUN_ID`.
+    """
+    from config import get_settings
+    from producer.runs import AlreadyComplete
+
+    where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
+    with _cli_errors(), _interruptible(where):
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
-        _print_summary(_run(input, output, opts, shard_size=shard_size, workers=workers,
-                            timeout=timeout, max_pixels=max_pixels))
+        settings = get_settings()
+        try:
+            spec = _start_checks(settings, opts, input, output, shard_size=shard_size,
+                                 max_pixels=max_pixels, allow_empty=allow_empty, force=force)
+            where["output"] = spec.output
+            snap = _run(spec.input, spec.output, opts, shard_size=shard_size, workers=workers,
+                        timeout=timeout, max_pixels=max_pixels, run_id=spec.run_id)
+        except AlreadyComplete as done:
+            _already_complete(done, settings)
+            return
+        _print_summary(snap)
 
 
-@app.command()
-def submit(input: Annotated[str, typer.Argument()], output: Annotated[str, typer.Argument()],
+@app.command(epilog=_epilog(
+    "RUN_ID=$(moonbatch submit s3://photos/ s3://out/captions/ --skill caption | tail -n1)",
+    "moonbatch wait $RUN_ID --timeout 7200"))
+def submit(input: InputArg, output: OutputArg,
            skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
            object: ObjectOpt = None, reasoning: ReasoningOpt = None,
            temperature: TemperatureOpt = None, top_p: TopPOpt = None,
            max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
-           max_pixels: MaxPixelsOpt = None) -> None:
-    """Plan and enqueue a run for a worker fleet; print its run id on the last line."""
+           max_pixels: MaxPixelsOpt = None, allow_empty: AllowEmptyOpt = False,
+           force: ForceOpt = False) -> None:
+    """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
+
+    Runs the same checks as `run` first. The same command again after the run completed exits
+    0 and prints the run id again.
+    """
     from config import get_settings
+    from producer.runs import AlreadyComplete
 
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
-        plan = _submit(input, output, opts, get_settings(), shard_size, max_pixels)
+        settings = get_settings()
+        try:
+            spec = _start_checks(settings, opts, input, output, shard_size=shard_size,
+                                 max_pixels=max_pixels, allow_empty=allow_empty, force=force)
+            plan = _submit(spec.input, spec.output, opts, settings, shard_size, max_pixels,
+                           spec.run_id)
+        except AlreadyComplete as done:
+            err.print(str(done), highlight=False, soft_wrap=True)
+            print(done.run_id)
+            return
         err.print(f"{plan['items']} images in {plan['shards']} shard(s); "
-                  f"{plan['skipped']} other objects skipped; results: {output}")
+                  f"{plan['skipped']} other objects skipped; results: {spec.output}",
+                  highlight=False, soft_wrap=True)
         print(plan["run_id"])
 
 
-@app.command()
-def status(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")],
-           as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """Print a run's progress."""
-    from config import get_settings
-    from producer.runs import resolve_run
+def _open_snapshot(output: str, settings) -> dict[str, Any]:
+    """The run's snapshot; ``Fail`` if no run is at ``output``."""
     from workers.runstate import Progress as RunProgress
     from workers.runstate import open_output
+    from workers.storage import NotFound
+
+    try:
+        return RunProgress(open_output(output, settings)).snapshot()
+    except NotFound:
+        raise Fail(f"no moonbatch run at {output}") from None
+
+
+def _print_skipped(output: str, snap: dict[str, Any], settings) -> None:
+    """Every key skipped as not an image, one per line on stdout, streamed from storage."""
+    from workers import layout
+    from workers.runstate import open_output
+    from workers.storage import get_json_or_none
+
+    store = open_output(output, settings)
+    plan = get_json_or_none(store, layout.PLAN)
+    if plan is None:
+        raise Fail(f"run {snap['run_id']} is still being planned: skipped objects are listed "
+                   "once its plan is complete")
+    err.print(f"{plan['skipped']} object(s) under {snap['input']} skipped (not images):",
+              highlight=False, soft_wrap=True)
+    if "skipped_parts" not in plan:  # a run planned before the full list was kept
+        for key in plan.get("skipped_examples", []):
+            print(key)
+        if plan["skipped"] > len(plan.get("skipped_examples", [])):
+            err.print("(this run kept only these examples)")
+        return
+    for part in range(plan["skipped_parts"]):
+        for line in store.get(layout.skipped_part(part)).splitlines():
+            if line.strip():
+                print(json.loads(line)["key"])
+
+
+@app.command(epilog=_epilog("moonbatch status 20250101-120000-a1b2c3",
+                            "moonbatch status s3://annotations/2024/ --json | jq .counts",
+                            "moonbatch status RUN_ID --skipped > skipped.txt"))
+def status(run_ref: RunRefArg, as_json: JsonOpt = False,
+           skipped: Annotated[bool, typer.Option(
+               "--skipped", help="list every object of INPUT skipped as not an image, one key "
+               "per line")] = False) -> None:
+    """Print a run's progress: items done, batches at the API, shards merged.
+
+    Exits 0 for a running or completed run, 1 for a failed or cancelled one.
+    """
+    from config import get_settings
+    from producer.runs import resolve_run
 
     with _cli_errors():
-        output = resolve_run(run_ref, get_settings())
-        try:
-            snap = RunProgress(open_output(output, get_settings())).snapshot()
-        except Exception as exc:
-            from workers.storage import NotFound
-
-            if isinstance(exc, NotFound):
-                raise Fail(f"no moonbatch run at {output}") from None
-            raise
-        if as_json:
+        settings = get_settings()
+        output = resolve_run(run_ref, settings)
+        snap = _open_snapshot(output, settings)
+        if skipped:
+            _print_skipped(output, snap, settings)
+        elif as_json:
             print(json.dumps(snap, indent=2))
-            return
-        c, s = snap["counts"], snap["shards"]
-        out.print(f"run {snap['run_id']}: [bold]{snap['status']}[/bold]  "
-                  f"{c['done']}/{c['total'] if c['total'] is not None else '?'} items done "
-                  f"(ok {c['ok']}, error {c['error']}, in flight {c['in_flight']}); shards merged "
-                  f"{s['merged']}/{s['total'] if s['total'] is not None else '?'}, "
-                  f"submitted {s['submitted']}")
-        if snap["failure"]:
-            out.print(f"[red]failure:[/red] {snap['failure']['where']}: {snap['failure']['error']}")
+        else:
+            c, s = snap["counts"], snap["shards"]
+            out.print(f"run {snap['run_id']}: [bold]{snap['status']}[/bold]  "
+                      f"{c['done']}/{c['total'] if c['total'] is not None else '?'} items done "
+                      f"(ok {c['ok']}, error {c['error']}, in flight {c['in_flight']}); "
+                      f"batches at the API {s.get('in_flight', 0)}; shards merged "
+                      f"{s['merged']}/{s['total'] if s['total'] is not None else '?'}, "
+                      f"submitted {s['submitted']}", highlight=False, soft_wrap=True)
+            if c.get("skipped"):
+                out.print(f"{c['skipped']} object(s) skipped (not images): moonbatch status "
+                          f"{snap['run_id']} --skipped", highlight=False, soft_wrap=True)
+            if snap["failure"]:
+                out.print(f"[red]failure:[/red] {escape(snap['failure']['where'])}: "
+                          f"{escape(str(snap['failure']['error']))}", soft_wrap=True)
+        if snap["status"] in ("failed", "cancelled"):
+            raise typer.Exit(1)
 
 
-@app.command()
-def runs(limit: Annotated[int, typer.Option("--limit", metavar="N",
-                                            help="show the N newest runs")] = 20,
-         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+@app.command(epilog=_epilog("moonbatch runs --limit 5",
+                            "moonbatch runs --json | jq '.[] | select(.status==\"running\")'"))
+def runs(limit: Annotated[int, typer.Option("--limit", metavar="INTEGER",
+                                            help="show the INTEGER newest runs")] = 20,
+         as_json: JsonOpt = False) -> None:
     """List runs from the registry (MOONBATCH_STATE_URL), newest first: run id, status, input,
     output, counts and start time."""
     from config import get_settings
@@ -381,59 +718,99 @@ def runs(limit: Annotated[int, typer.Option("--limit", metavar="N",
         out.print(table if rows else "no runs in the registry at " + settings.state_url)
 
 
-@app.command()
-def wait(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")],
-         timeout: TimeoutOpt = None) -> None:
-    """Block until the run is complete (exit 0) or cannot complete (exit 1)."""
+def _follow(output: str, settings, workers: int | None, timeout: float | None,
+            where: dict[str, Any]) -> None:
+    """Follow the run at ``output`` to the end with ``workers`` local worker processes (none:
+    a fleet does the work) and print its summary. Raises ``Fail`` as ``_watch`` does."""
+    if workers is not None and workers < 0:
+        raise Fail("--workers must be >= 0", code=2)
+    local = LocalWorkers(workers, settings.queue) if workers else None
+    where["output"] = output
+    try:
+        snap = _watch(output, settings, workers=local, timeout=timeout)
+    finally:
+        if local is not None:
+            local.stop()
+    _print_summary(snap)
+
+
+@app.command(epilog=_epilog("moonbatch wait RUN_ID --timeout 3600",
+                            "moonbatch wait s3://annotations/2024/ --workers 4"))
+def wait(run_ref: RunRefArg, timeout: TimeoutOpt = None,
+         workers: FollowWorkersOpt = None) -> None:
+    """Block until the run is complete (exit 0) or cannot complete (exit 1); print its
+    summary."""
     from config import get_settings
+    from producer import preflight
     from producer.runs import resolve_run
 
-    with _cli_errors():
+    where: dict[str, Any] = {"workers": workers}
+    with _cli_errors(), _interruptible(where):
         settings = get_settings()
-        _print_summary(_watch(resolve_run(run_ref, settings), settings, workers=None,
-                              timeout=timeout))
+        output = resolve_run(run_ref, settings)
+        if workers:
+            preflight.preflight(settings, state=False)
+        _follow(output, settings, workers, timeout, where)
 
 
-@app.command()
-def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")]
-           ) -> None:
-    """Re-enqueue whatever a run still needs (after the broker lost its queues, or a failure
-    you have fixed). Batches that exist are polled, not submitted again."""
+@app.command(epilog=_epilog("moonbatch resume RUN_ID --workers 4   # on this machine, to the end",
+                            "moonbatch resume RUN_ID               # a fleet does the work"))
+def resume(run_ref: RunRefArg, workers: FollowWorkersOpt = None,
+           timeout: TimeoutOpt = None) -> None:
+    """Re-enqueue whatever a run still needs (after Ctrl-C, a broker that lost its queues, or
+    a failure you have fixed); batches that exist are polled, not submitted again. A run whose
+    start stopped before its plan was complete is planned again.
+
+    With --workers N, starts N local worker processes and follows the run to the end, as `run`
+    does; without it, returns once the work is enqueued.
+    """
     from config import get_settings
-    from producer.runs import register_run, resolve_run
+    from producer import preflight
+    from producer.runs import RunExists, describe_output, register_run, resolve_run, start_run
     from workers import layout
     from workers.runstate import open_run
     from workers.storage import get_json_or_none
     from workers.tasks import advance_shard, finalize_run
 
-    with _cli_errors():
+    where: dict[str, Any] = {"workers": workers}
+    with _cli_errors(), _interruptible(where):
         settings = get_settings()
         output = resolve_run(run_ref, settings)
         run = open_run(output, settings)
         store = run.output
+        where["output"] = output
         if store.exists(layout.FINALIZED):
             out.print(f"run {run.spec.run_id} is already complete")
             return
         if store.exists(layout.CANCELLED):
             raise Fail(f"run {run.spec.run_id} was cancelled; start a new run instead")
+        if workers is not None and workers < 0:
+            raise Fail("--workers must be >= 0", code=2)
+        preflight.preflight(settings, output_url=output)
         plan = get_json_or_none(store, layout.PLAN)
         if plan is None:
-            raise Fail(f"run {run.spec.run_id} was never fully planned (the producer stopped "
-                       "while listing); submit it again to a new OUTPUT")
-        store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
-        register_run(run.spec, settings)  # again: the registry or canary may be new
-        counts: dict[str, int] = {}
-        for shard in range(plan["shards"]):
-            action = advance_shard(run, shard, only_stale=False) or "nothing"
-            counts[action] = counts.get(action, 0) + 1
-        finalize_run.delay(output, run.spec.run_id)
-        out.print(f"run {run.spec.run_id}: " + ", ".join(
-            f"{n} shard(s) {a}" for a, n in sorted(counts.items())))
+            if describe_output(store)["state"] == "planning":
+                raise RunExists(f"run {run.spec.run_id} is being planned by a live producer: "
+                                f"follow it with `moonbatch wait {run.spec.run_id}`")
+            plan = start_run(run.spec, settings)  # the dead start's run id and spec
+            out.print(f"run {run.spec.run_id}: planned again: {plan['items']} images in "
+                      f"{plan['shards']} shard(s)", highlight=False)
+        else:
+            store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
+            register_run(run.spec, settings)  # again: the registry or canary may be new
+            counts: dict[str, int] = {}
+            for shard in range(plan["shards"]):
+                action = advance_shard(run, shard, only_stale=False) or "nothing"
+                counts[action] = counts.get(action, 0) + 1
+            finalize_run.delay(output, run.spec.run_id)
+            out.print(f"run {run.spec.run_id}: " + ", ".join(
+                f"{n} shard(s) {a}" for a, n in sorted(counts.items())))
+        if workers:
+            _follow(output, settings, workers, timeout, where)
 
 
-@app.command()
-def cancel(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")]
-           ) -> None:
+@app.command(epilog=_epilog("moonbatch cancel RUN_ID"))
+def cancel(run_ref: RunRefArg) -> None:
     """Stop a run: queued work becomes a no-op, builds in progress abort their uploads, open
     uploads are aborted, and run.json says "cancelled". Batches already submitted run on at
     the API (it has no cancel); their results are not merged."""
@@ -470,6 +847,69 @@ def cancel(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id
                   f"{snap['counts']['done']} item(s) had results)")
 
 
+@app.command(epilog=_epilog("moonbatch clean s3://annotations/2024/        # a failed start",
+                            "moonbatch clean ./out --force                  # even a complete run"))
+def clean(output: OutputArg,
+          force: Annotated[bool, typer.Option(
+              "--force", help="also clean a complete or running run (a running one is "
+              "cancelled first; its batches at the API run on)")] = False) -> None:
+    """Delete what moonbatch wrote under OUTPUT: _moonbatch/, run.json and results/shard-*.jsonl
+    (nothing else), so OUTPUT can take a new run. Refuses a complete or running run without
+    --force.
+    """
+    from config import get_settings
+    from producer import runs as runs_mod
+    from workers import layout, registry
+    from workers.runstate import open_output
+    from workers.storage import LocalStore, normalize_url, put_json
+    from workers.tasks import run_final
+
+    with _cli_errors():
+        settings = get_settings()
+        output = normalize_url(output)
+        store = open_output(output, settings)
+        info = runs_mod.describe_output(store)
+        state, spec = info["state"], info["raw_spec"] or {}
+        run_id = spec.get("run_id")
+        if state in ("completed", "running", "planning") and not force:
+            what = {"completed": "is complete: its results are in " + output + "results/",
+                    "running": "is still running (moonbatch cancel it first)",
+                    "planning": "is being planned by a live producer"}[state]
+            raise Fail(f"run {run_id or '?'} at {output} {what}; pass --force to delete it",
+                       code=3)
+        if state in ("running", "planning"):  # stop its queued work before removing its state
+            put_json(store, layout.CANCELLED, {"at": time.time()}, if_absent=True)
+        pattern = re.compile(r"results/shard-\d{5}\.jsonl")
+        keys = [o.key for o in store.iter_objects(layout.STATE)]
+        keys += [o.key for o in store.iter_objects(layout.RESULTS) if pattern.fullmatch(o.key)]
+        keys += [layout.SUMMARY] if store.exists(layout.SUMMARY) else []
+        if not keys:
+            out.print(f"nothing to clean at {output}", highlight=False)
+            return
+        for key in sorted(keys, key=lambda k: k == layout.SPEC):  # the spec last
+            store.delete(key)
+        if isinstance(store, LocalStore):  # folders left empty
+            for folder in (layout.STATE, layout.RESULTS):
+                _remove_empty_dirs(store.root / folder)
+        if run_id:
+            with contextlib.suppress(Exception):  # the registry only helps find runs
+                registry.forget_run(registry.open_state(settings), run_id)
+                run_final(settings, run_id)
+        out.print(f"cleaned {output}: {len(keys)} object(s) of run {run_id or '?'} "
+                  f"({state or 'no run'}) deleted", highlight=False, soft_wrap=True)
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """Remove ``root`` and the folders under it that are empty (deepest first)."""
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
+
+
 def skimage_data_dir() -> Path:
     """The folder of sample photographs that scikit-image ships (``skimage/data``)."""
     import importlib.util
@@ -480,12 +920,23 @@ def skimage_data_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
-@app.command()
-def demo(output: Annotated[Path, typer.Option("--output", help="where runs go")] = Path("moonbatch-demo"),
+DemoShardSizeOpt = Annotated[int, typer.Option(
+    "--shard-size", metavar="INTEGER", help="most images per batch (small, to show several)")]
+DemoWorkersOpt = Annotated[int, typer.Option(
+    "--workers", metavar="INTEGER", help="local worker processes (at least 1)")]
+DemoTimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", metavar="SECONDS", help="stop waiting after SECONDS (exit 4)")]
+
+
+@app.command(epilog=_epilog("moonbatch demo", "moonbatch demo --skill query --question "
+                            "\"What is in the picture?\" --output /tmp/demo"))
+def demo(output: Annotated[Path, typer.Option(
+             "--output", metavar="DIRECTORY",
+             help="each run goes into DIRECTORY/<run id>/")] = Path("moonbatch-demo"),
          skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
          object: ObjectOpt = None, reasoning: ReasoningOpt = None,
-         shard_size: ShardSizeOpt = 8, workers: WorkersOpt = 2,
-         timeout: TimeoutOpt = 300.0) -> None:
+         shard_size: DemoShardSizeOpt = 8, workers: DemoWorkersOpt = 2,
+         timeout: DemoTimeoutOpt = 300.0) -> None:
     """Annotate scikit-image's sample photographs with no account and no servers: an embedded
     broker, local storage and the Batch API emulator."""
     from config import reload_settings

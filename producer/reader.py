@@ -9,7 +9,7 @@ page by page: memory does not grow with the size of the dataset.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from workers.lines import SNIFF_BYTES, classify_key, sniff_format
 from workers.models import PlanItem
@@ -19,17 +19,22 @@ from workers.storage import NotFound, Store
 @dataclasses.dataclass
 class ListingStats:
     """What the reader saw: ``listed`` objects, ``items`` yielded, ``skipped`` non-images (with a
-    few example keys)."""
+    few example keys; ``on_skip``, if set, is called with every skipped key, to record them all
+    without holding them in memory)."""
 
     listed: int = 0
     items: int = 0
     skipped: int = 0
     skipped_examples: list[str] = dataclasses.field(default_factory=list)
+    on_skip: Callable[[str], None] | None = None
 
     def skip(self, key: str) -> None:
+        """Count ``key`` as skipped (not an image)."""
         self.skipped += 1
         if len(self.skipped_examples) < 10:
             self.skipped_examples.append(key)
+        if self.on_skip is not None:
+            self.on_skip(key)
 
 
 def iter_items(store: Store, stats: ListingStats, *, exclude_prefix: str | None = None

@@ -9,10 +9,10 @@ even after Redis lost everything; the OUTPUT URL itself works everywhere too.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -20,15 +20,137 @@ from config import Settings
 from producer.planner import Shard, plan_shards
 from producer.reader import ListingStats, iter_items
 from workers import canary, layout, registry
+from workers.lease import Lease, LeaseLost
 from workers.models import RunSpec, SkillOptions
 from workers.runstate import RunNotFound, open_output
-from workers.storage import normalize_url, put_json
+from workers.storage import Store, get_json_or_none, normalize_url, put_json
 
 log = logging.getLogger(__name__)
 
 
 class RunExists(Exception):
-    """OUTPUT already holds a run."""
+    """OUTPUT holds a run this command cannot start over. ``run_id`` names it, ``state`` says
+    what it is (``completed``, ``running``, ``failed``, ``cancelled``, ``planning``,
+    ``unplanned``, ``unreadable``) and ``same`` whether the same command started it."""
+
+    def __init__(self, message: str, *, run_id: str | None = None, state: str = "",
+                 same: bool = False) -> None:
+        super().__init__(message)
+        self.run_id, self.state, self.same = run_id, state, same
+
+
+class AlreadyComplete(RunExists):
+    """The same command already ran to completion at OUTPUT; ``summary`` is its ``run.json``."""
+
+    def __init__(self, message: str, *, run_id: str, summary: dict[str, Any]) -> None:
+        super().__init__(message, run_id=run_id, state="completed", same=True)
+        self.summary = summary
+
+
+# A producer renews its planning lease every quarter of this while it lists and plans; a
+# start whose lease expired (or was released) is dead and the same command takes it over.
+PLANNING_LEASE_SECONDS = 30.0
+_COMPARED = ("input", "output", "shard_size", "max_pixels", "model")
+
+
+def command_differences(held: RunSpec, wanted: RunSpec) -> list[str]:
+    """What differs between the command that started ``held`` and ``wanted``, as
+    ``"name: held → wanted"`` strings (empty: the same command)."""
+    diffs = [f"{k}: {getattr(held, k)} → {getattr(wanted, k)}" for k in _COMPARED
+             if getattr(held, k) != getattr(wanted, k)]
+    a, b = held.options.model_dump(), wanted.options.model_dump()
+    diffs += [f"{k}: {a.get(k)} → {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return diffs
+
+
+def describe_output(store: Store, now: float | None = None, *, own_lease: bool = False
+                    ) -> dict[str, Any]:
+    """What OUTPUT holds, read from storage: ``{"spec": RunSpec | None, "raw_spec": dict |
+    None, "state": str | None, "summary": dict | None, "failure": dict | None,
+    "lease": dict | None}``. ``state`` is None when no run is there, else one of ``completed``,
+    ``failed``, ``cancelled``, ``running`` (planned, not final), ``planning`` (a live producer
+    is listing), ``unplanned`` (a start that stopped before its plan was complete),
+    ``unreadable`` (a spec this version cannot read). ``own_lease``: the caller holds the
+    planning lease (it does not count as another live producer). Raises storage errors."""
+    now = time.time() if now is None else now
+    raw = get_json_or_none(store, layout.SPEC)
+    info: dict[str, Any] = {"spec": None, "raw_spec": raw, "state": None, "summary": None,
+                            "failure": None, "lease": None}
+    if raw is None:
+        lease = get_json_or_none(store, layout.PLANNING)
+        if lease is not None and lease.get("expires", 0) > now:
+            info.update(state="planning", lease=lease)  # a producer about to write its spec
+        return info
+    try:
+        info["spec"] = RunSpec.model_validate(raw)
+    except ValueError:
+        info["state"] = "unreadable"
+        return info
+    info["failure"] = get_json_or_none(store, layout.FAILED)
+    if store.exists(layout.CANCELLED):
+        info["state"] = "cancelled"
+    elif store.exists(layout.PLAN):
+        summary = get_json_or_none(store, layout.SUMMARY) or {}
+        info["summary"] = summary
+        final = store.exists(layout.FINALIZED) and summary.get("status") in ("completed", "failed")
+        info["state"] = summary["status"] if final else "failed" if info["failure"] else "running"
+    else:
+        lease = get_json_or_none(store, layout.PLANNING)
+        live = not own_lease and lease is not None and lease.get("expires", 0) > now
+        info.update(state="planning" if live else "unplanned", lease=lease)
+    return info
+
+
+def check_output_for(store: Store, spec: RunSpec, now: float | None = None, *,
+                     own_lease: bool = False) -> str:
+    """May ``spec`` start at ``store`` (its OUTPUT)? Returns ``"empty"`` (no run there: start
+    it) or ``"takeover"`` (the same command's start stopped before its plan was complete and no
+    live producer is planning it: plan it again, under its run id).
+
+    Raises ``AlreadyComplete`` if the same command completed there, ``RunExists`` with a
+    message saying what to do for anything else. Raises storage errors.
+    """
+    info = describe_output(store, now, own_lease=own_lease)
+    state, held = info["state"], info["spec"]
+    out = spec.output
+    if state is None:
+        return "empty"
+    if state == "unreadable" or held is None:
+        rid = (info["raw_spec"] or {}).get("run_id") if state == "unreadable" else None
+        if state == "planning":
+            raise RunExists(f"{out} is being planned by a live producer: wait for it, or choose "
+                            "a new OUTPUT", state=state)
+        raise RunExists(f"{out} holds run {rid} that this version cannot read: choose a new "
+                        f"OUTPUT, or `moonbatch clean {out} --force`", run_id=rid, state=state)
+    rid = held.run_id
+    diffs = command_differences(held, spec)
+    same = not diffs
+    elsewhere = f"choose a new OUTPUT, or pass --force to start a new run in {out}<new run id>/"
+    if not same:
+        raise RunExists(f"{out} holds run {rid} ({state}) of another command "
+                        f"({'; '.join(diffs)}): {elsewhere}", run_id=rid, state=state)
+    failure = info["failure"] or {}
+    why = f"{failure.get('where')}: {str(failure.get('error'))[:200]}" if failure else ""
+    if state == "completed":
+        raise AlreadyComplete(f"run {rid} at {out} is already complete (same input and "
+                              "options): nothing to do", run_id=rid, summary=info["summary"])
+    if state == "unplanned":
+        return "takeover"
+    messages = {
+        "running": f"{out} holds run {rid}, not complete yet: continue it with `moonbatch resume "
+                   f"{rid} --workers N` (or `moonbatch wait {rid}` while a fleet runs it)",
+        "failed": f"{out} holds run {rid}, which failed ({why}): fix the cause and `moonbatch "
+                  f"resume {rid} --workers N`, or `moonbatch clean {out}` to start again",
+        "cancelled": f"{out} holds run {rid}, which was cancelled: `moonbatch clean {out}` to "
+                     f"start again, or {elsewhere}",
+        "planning": f"{out} holds run {rid}, being planned by a live producer (heartbeat "
+                    f"{max(0.0, time.time() - (info['lease'] or {}).get('heartbeat', 0)):.0f}s "
+                    f"ago): follow it with `moonbatch wait {rid}`",
+    }
+    if state == "failed" and info["summary"] and info["summary"].get("status") == "failed":
+        messages["failed"] = (f"{out} holds run {rid}, which failed ({why}): `moonbatch clean "
+                              f"{out}` to start again, or {elsewhere}")
+    raise RunExists(messages[state], run_id=rid, state=state, same=True)
 
 
 def new_run_id() -> str:
@@ -74,6 +196,24 @@ def resolve_run(ref: str, settings: Settings) -> str:
     return entry["output"]
 
 
+def new_spec(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
+             shard_size: int | None = None, max_pixels: int | None = None,
+             run_id: str | None = None) -> RunSpec:
+    """The spec of a new run (URLs normalised, defaults from ``settings``).
+
+    Raises ``ValueError`` for bad URLs, or when INPUT and OUTPUT are the same location.
+    """
+    input_url, output_url = normalize_url(input_url), normalize_url(output_url)
+    if input_url == output_url:
+        raise ValueError("INPUT and OUTPUT must be different locations")
+    return RunSpec(run_id=run_id or new_run_id(), input=input_url, output=output_url,
+                   options=options, model=settings.model,
+                   shard_size=shard_size or settings.shard_size,
+                   max_shard_bytes=settings.max_shard_bytes,
+                   max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
+                   created_at=time.time())
+
+
 def submit_run(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
                shard_size: int | None = None, max_pixels: int | None = None,
                run_id: str | None = None,
@@ -81,47 +221,134 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
     """Record a run at ``output_url``, plan ``input_url`` into shards and enqueue them.
 
     Returns the plan document (``run_id``, ``shards``, ``items``, ``skipped``...). Raises
-    ``RunExists`` if OUTPUT holds a run, ``ValueError`` for bad URLs or limits, storage errors
-    if the stores cannot be reached.
+    ``AlreadyComplete`` if the same command completed there, ``RunExists`` if OUTPUT holds
+    another run (or this one, unfinished), ``ValueError`` for bad URLs or limits, storage errors
+    if the stores cannot be reached. See ``start_run``.
+    """
+    spec = new_spec(input_url, output_url, options, settings, shard_size=shard_size,
+                    max_pixels=max_pixels, run_id=run_id)
+    return start_run(spec, settings, on_shard=on_shard)
+
+
+class _SkippedKeys:
+    """Writes every skipped key to ``_moonbatch/skipped/part-NNNNN.jsonl``, a part per
+    ``layout.SKIPPED_PART_KEYS`` keys, so the list never sits in memory whole."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.buffer, self.parts = store, [], 0
+
+    def add(self, key: str) -> None:
+        self.buffer.append(key)
+        if len(self.buffer) >= layout.SKIPPED_PART_KEYS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            import orjson
+
+            body = b"".join(orjson.dumps({"key": k}) + b"\n" for k in self.buffer)
+            self.store.put(layout.skipped_part(self.parts), body)
+            self.parts += 1
+            self.buffer = []
+
+    def close(self) -> int:
+        """Write what is buffered, drop parts a previous start left beyond ours; the parts."""
+        self.flush()
+        extra = self.parts
+        while self.store.exists(layout.skipped_part(extra)):
+            self.store.delete(layout.skipped_part(extra))
+            extra += 1
+        return self.parts
+
+
+def start_run(spec: RunSpec, settings: Settings, *,
+              on_shard: Callable[[Shard], None] | None = None) -> dict[str, Any]:
+    """Start ``spec`` at its OUTPUT: write its spec, plan its INPUT into shards and enqueue them.
+
+    The producer holds a planning lease (``_moonbatch/planning.json``, renewed in the
+    background) from before it writes the spec until the plan is written, so a start that died
+    (Ctrl-C, a crash, a broker that refused) is told apart from a live one: the same command
+    met again takes a dead start over, under its run id, and plans it again; plan files are
+    deterministic, so shards the dead start had enqueued carry on.
+
+    Returns the plan document. Raises ``AlreadyComplete``, ``RunExists`` (see
+    ``check_output_for``), storage errors.
     """
     from workers.tasks import build_shard, finalize_run
 
-    input_url, output_url = normalize_url(input_url), normalize_url(output_url)
-    if input_url == output_url:
-        raise ValueError("INPUT and OUTPUT must be different locations")
-    out = open_output(output_url, settings)
-    inp = open_output(input_url, settings)
-    spec = RunSpec(run_id=run_id or new_run_id(), input=input_url, output=output_url, options=options,
-                   model=settings.model, shard_size=shard_size or settings.shard_size,
-                   max_shard_bytes=settings.max_shard_bytes,
-                   max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
-                   created_at=time.time())
-    if not put_json(out, layout.SPEC, spec.model_dump(), if_absent=True):
-        existing = json.loads(out.get(layout.SPEC))
-        raise RunExists(f"{output_url} already holds run {existing.get('run_id')}: "
-                        "choose a new OUTPUT prefix")
+    out = open_output(spec.output, settings)
+    inp = open_output(spec.input, settings)
+    check_output_for(out, spec)  # read-only: say what OUTPUT holds before writing anything
+    lease = Lease(out, layout.PLANNING, f"{spec.run_id}-{uuid.uuid4().hex[:8]}",
+                  PLANNING_LEASE_SECONDS)
+    if not lease.acquire():
+        raise RunExists(f"{spec.output} is being planned by a live producer: follow it with "
+                        "`moonbatch status`, or choose a new OUTPUT", state="planning")
+    try:
+        with lease.kept_alive() as lease_check:
+            takeover = False
+            if not put_json(out, layout.SPEC, spec.model_dump(), if_absent=True):
+                if check_output_for(out, spec, own_lease=True) != "takeover":  # or raises
+                    raise RunExists(f"{spec.output} already holds a run", state="running")
+                spec = RunSpec.model_validate(get_json_or_none(out, layout.SPEC))
+                takeover = True
+                log.warning("run %s: its start stopped before the plan was complete; planning "
+                            "it again", spec.run_id)
+            return _plan(spec, settings, out, inp, takeover=takeover, on_shard=on_shard,
+                         lease_check=lease_check, build_shard=build_shard,
+                         finalize_run=finalize_run)
+    except LeaseLost:
+        raise RunExists(f"{spec.output}: another producer took the planning of run "
+                        f"{spec.run_id} over", run_id=spec.run_id, state="planning") from None
+    finally:
+        lease.release()
+
+
+def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover: bool,
+          on_shard: Callable[[Shard], None] | None, lease_check: Callable[[], None],
+          build_shard: Any, finalize_run: Any) -> dict[str, Any]:
+    """List INPUT, write and enqueue each shard as it fills, then the plan document."""
+    input_url, output_url, options = spec.input, spec.output, spec.options
     put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
                                    "input": input_url, "output": output_url,
                                    "skill": options.skill})
     register_run(spec, settings)
 
     exclude = output_url[len(input_url):] if output_url.startswith(input_url) else None
-    stats = ListingStats()
+    skipped = _SkippedKeys(out)
+    stats = ListingStats(on_skip=skipped.add)
     n_shards = 0
     fragment_len = len(options.line_fragment())
     for shard in plan_shards(iter_items(inp, stats, exclude_prefix=exclude),
                              max_lines=spec.shard_size, max_bytes=spec.max_shard_bytes,
                              fragment_len=fragment_len):
+        lease_check()
         body = b"".join(item.to_json() + b"\n" for item in shard.items)
-        out.put(layout.plan_items(shard.index), body)
+        key = layout.plan_items(shard.index)
+        if takeover:
+            _check_replan(out, shard.index, body)
+        out.put(key, body)
         build_shard.delay(output_url, spec.run_id, shard.index)
         n_shards += 1
         if on_shard:
             on_shard(shard)
     plan = {"run_id": spec.run_id, "shards": n_shards, "items": stats.items,
             "listed": stats.listed, "skipped": stats.skipped,
-            "skipped_examples": stats.skipped_examples, "planned_at": time.time()}
+            "skipped_examples": stats.skipped_examples, "skipped_parts": skipped.close(),
+            "planned_at": time.time()}
     put_json(out, layout.PLAN, plan, if_absent=True)
     # The last shard may have merged before the plan existed: let a worker check.
     finalize_run.delay(output_url, spec.run_id)
     return plan
+
+
+def _check_replan(out: Store, shard: int, body: bytes) -> None:
+    """A taken-over start may rewrite a shard's plan only if it is the same, or if no worker
+    started the shard yet. Raises ``RunExists`` when INPUT changed under a started shard."""
+    old = out.get(layout.plan_items(shard)) if out.exists(layout.plan_items(shard)) else None
+    if old is None or old == body:
+        return
+    if next(iter(out.iter_objects(layout.shard_prefix(shard))), None) is not None:
+        raise RunExists(f"{out.url}: INPUT changed since the stopped start of this run, whose "
+                        f"shard {shard} is already under way: `moonbatch clean {out.url} "
+                        "--force` then run again, or choose a new OUTPUT", state="unplanned")

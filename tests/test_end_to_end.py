@@ -163,9 +163,11 @@ def test_wrong_api_key_fails_the_run_clearly(s3, bucket, env, fleet, emulator):
                         "--timeout", "60"], env, check=False)
     finally:
         emulator.config.api_key = real
-    assert proc.returncode == 1
-    assert "cannot complete" in proc.stderr and "HTTP 401" in proc.stderr
+    # Refused before anything is written (issue 9: the key is checked before work).
+    assert proc.returncode == 3, proc.stderr
+    assert "refused the key in MOONDREAM_API_KEY (HTTP 401)" in proc.stderr
     assert real not in proc.stderr + proc.stdout
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="o/")
 
 
 def test_local_directories_with_own_workers(tmp_path, env):

@@ -19,6 +19,9 @@
     _moonbatch/failed.json                 why the run cannot complete
     _moonbatch/cancelled.json              the run was cancelled
     _moonbatch/finalized                   guard: run.json was finalised
+    _moonbatch/planning.json               lease of the producer planning the run (see runs.py)
+    _moonbatch/skipped/part-00000.jsonl    keys skipped as not images, {"key"} per line
+    _moonbatch/probe-<token>               written and deleted at once by the preflight check
 
 A round is one batch for a set of the shard's items: round 0 sends every item; a batch that
 failed transiently, or lines that came back ``processing_error``, go into the next round.
@@ -30,6 +33,7 @@ The state store (``MOONBATCH_STATE_URL``), shared by every run of a fleet, holds
     runs/<run_id>.json          run id → OUTPUT (and input, skill, created_at), written at submit
     active/<run_id>.json        the run is not final yet: the reconciler sweeps these
     batches/<batch_id>.json     which run, shard and round a batch belongs to (its claim)
+    probe-<token>               written and deleted at once by the preflight check
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ FINALIZED = STATE + "finalized"
 SUMMARY = "run.json"
 RESULTS = "results/"
 SHARDS = STATE + "shards/"
+PLANNING = STATE + "planning.json"
+SKIPPED = STATE + "skipped/"
+SKIPPED_PART_KEYS = 10_000  # keys per part: memory stays bounded while listing
 
 
 REGISTRY_RUNS = "runs/"
@@ -95,3 +102,18 @@ def round_doc(shard: int, rnd: int, name: str) -> str:
 def results(shard: int) -> str:
     """Key of the shard's merged result rows."""
     return f"{RESULTS}shard-{shard:05d}.jsonl"
+
+
+def skipped_part(index: int) -> str:
+    """Key of the ``index``-th part of the list of skipped keys (JSONL of ``{"key"}``)."""
+    return f"{SKIPPED}part-{index:05d}.jsonl"
+
+
+def probe(token: str) -> str:
+    """Key of a preflight probe object in OUTPUT (deleted right after it is written)."""
+    return f"{STATE}probe-{token}"
+
+
+def registry_probe(token: str) -> str:
+    """Key of a preflight probe object in the state store."""
+    return f"probe-{token}"

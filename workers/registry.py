@@ -36,6 +36,12 @@ def record_run(state: Store, *, run_id: str, output: str, input: str, skill: str
               "created_at": created_at}, if_absent=True)
 
 
+def forget_run(state: Store, run_id: str) -> None:
+    """Remove the registry entry and active marker of ``run_id`` (``moonbatch clean``)."""
+    state.delete(layout.registry_run(run_id))
+    state.delete(layout.registry_active(run_id))
+
+
 def lookup_run(state: Store, run_id: str) -> dict[str, Any] | None:
     """The registry entry of ``run_id`` (``{"run_id", "output", "input", "skill",
     "created_at"}``), or None if the state store does not know it."""

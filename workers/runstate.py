@@ -69,9 +69,13 @@ class Progress:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._done: dict[int, ShardDone] = {}
+        self._batch_ids: dict[tuple[int, int], str] = {}  # (shard, round) → batch id
 
     def snapshot(self) -> dict[str, Any]:
-        """The run's state as a dict: the shape of ``run.json`` (see README "Output")."""
+        """The run's state as a dict: the shape of ``run.json`` (see README "Output").
+        ``batches`` lists merged shards' batches (``"merged": true``) and then the batches
+        still at the API (``"merged": false``, status as last polled); ``shards.in_flight``
+        counts the latter: shards with a submitted batch and no ``done.json``."""
         st = self.store
         existing = get_json_or_none(st, layout.SUMMARY) or {}
         if existing.get("status") in ("completed", "failed", "cancelled") and "counts" in existing:
@@ -81,6 +85,7 @@ class Progress:
         failed = get_json_or_none(st, layout.FAILED)
         cancelled = get_json_or_none(st, layout.CANCELLED)
         latest: dict[int, int] = {}  # shard → latest round with a progress document
+        sent: dict[int, int] = {}  # shard → latest round with a batch
         submitted: set[int] = set()
         batches = 0
         for obj in st.iter_objects(layout.SHARDS):
@@ -93,8 +98,11 @@ class Progress:
             elif name.endswith("/batch.json"):
                 submitted.add(shard)
                 batches += 1
+                sent[shard] = max(sent.get(shard, 0), int(name[1:name.index("/")]))
         progress = {s: get_json_or_none(st, layout.round_doc(s, r, "progress")) or {}
                     for s, r in latest.items() if s not in self._done}
+        out = [self._in_flight(s, r, progress.get(s, {}) if latest.get(s) == r else {})
+               for s, r in sorted(sent.items()) if s not in self._done]
         done = self._done
         ok = sum(d.ok for d in done.values())
         err = sum(d.error for d in done.values())
@@ -114,6 +122,7 @@ class Progress:
             "counts": {"total": total, "ok": ok, "error": err, "done": ok + err,
                        "in_flight": in_flight, "skipped": plan.get("skipped", 0) if plan else None},
             "shards": {"total": shards_total, "merged": len(done), "submitted": len(submitted),
+                       "in_flight": len(out),
                        "batches_submitted": batches,
                        "duplicate_batches": sum(d.duplicate_batches for d in done.values())},
             "usage": {"input_tokens": sum(d.input_tokens for d in done.values()),
@@ -122,13 +131,28 @@ class Progress:
                         "planned_at": plan.get("planned_at") if plan else None,
                         "finished_at": None},
             "batches": [{"shard": s, "batch_id": d.batch_id, "status": d.batch_status,
-                         "items": d.total, "ok": d.ok, "error": d.error, "polls": d.polls,
-                         "rounds": d.rounds, "batch_ids": d.batch_ids,
+                         "merged": True, "items": d.total, "ok": d.ok, "error": d.error,
+                         "polls": d.polls, "rounds": d.rounds, "batch_ids": d.batch_ids,
                          "duplicate_batches": d.duplicate_batches}
-                        for s, d in sorted(done.items())],
+                        for s, d in sorted(done.items())] + out,
             "failure": failed,
             "cancelled": cancelled,
         }
+
+    def _in_flight(self, shard: int, rnd: int, progress: dict[str, Any]) -> dict[str, Any]:
+        """An entry of ``batches`` for the shard's batch at the API (round ``rnd``): its status
+        as last polled (``submitted`` before the first poll) and progress."""
+        batch_id = self._batch_ids.get((shard, rnd)) or progress.get("batch_id")
+        if batch_id is None:
+            batch_id = (get_json_or_none(self.store, layout.round_doc(shard, rnd, "batch")) or {}
+                        ).get("batch_id")
+        if batch_id is not None:
+            self._batch_ids[(shard, rnd)] = batch_id  # a round's batch never changes
+        return {"shard": shard, "batch_id": batch_id,
+                "status": progress.get("status") or "submitted", "merged": False,
+                "round": rnd, "items": progress.get("total"),
+                "completed": int(progress.get("completed") or 0),
+                "failed": int(progress.get("failed") or 0), "polls": progress.get("polls", 0)}
 
     def complete(self) -> bool:
         """True when the plan is written and every shard is merged."""

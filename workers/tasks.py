@@ -70,8 +70,15 @@ class RunTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001
         try:
             where = f"{self.name} shard {args[2]}" if len(args) > 2 else self.name
-            record_failure(open_output(args[0], get_settings()), where=where,
-                           error=f"{type(exc).__name__}: {exc}")
+            store = open_output(args[0], get_settings())
+            spec = get_json_or_none(store, layout.SPEC)
+            if spec is None or (len(args) > 1 and spec.get("run_id") != args[1]):
+                # The run was cleaned (moonbatch clean), maybe for another run at the same
+                # OUTPUT: a stale task's failure must not land in it.
+                log.warning("%s of run %s failed after the run left %s: %s", self.name,
+                            args[1] if len(args) > 1 else "?", args[0], type(exc).__name__)
+                return
+            record_failure(store, where=where, error=f"{type(exc).__name__}: {exc}")
         except Exception:
             log.exception("could not record the failure of %s", self.name)
 

@@ -1,0 +1,303 @@
+"""Checks before work: is everything a run needs there, before anything is written?
+
+Each check is a small function that returns None when all is well, or one line naming the
+thing, the cause and the fix (never a traceback, never a secret). ``preflight`` runs the checks
+a command needs side by side and raises ``PreflightFailed`` with every failing line; each check
+bounds its own time (Redis 2.5 s, HTTP 8 s, S3 3 s to connect and 5 s to read with two
+attempts), so a start that cannot work ends in a few seconds. ``moonbatch run``, ``submit`` and
+``resume`` use them (exit code 3, see README "Command line").
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from config import Settings
+from workers import layout
+from workers.storage import LocalStore, S3Store, Store, normalize_url
+
+REDIS_TIMEOUT = 2.5  # seconds, connect and read
+HTTP_TIMEOUT = 8.0  # seconds, the whole API-key check (three tries at most)
+S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_ATTEMPTS = 3, 5, 2
+API_KEYS_PAGE = "https://moondream.ai/c/cloud/api-keys"
+
+Check = Callable[[], "str | None"]
+
+
+class PreflightFailed(Exception):
+    """One or more checks failed; ``problems`` holds one line per failure."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for messages)."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+# -- broker -------------------------------------------------------------------------------------
+def check_broker(url: str, timeout: float = REDIS_TIMEOUT) -> str | None:
+    """Ping the Celery broker at ``url`` (Redis: one PING within ``timeout`` seconds, no retry;
+    ``filesystem://``: nothing to reach; anything else: one kombu connection attempt)."""
+    shown = safe_url(url)
+    if url.startswith("filesystem://"):
+        return None
+    if url.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
+        import redis
+
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout,
+                                          socket_timeout=timeout, retry_on_timeout=False,
+                                          retry=None)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except redis.AuthenticationError:
+            return (f"broker: Redis at {shown} refused the credentials: fix the password in "
+                    "MOONBATCH_BROKER_URL (redis://:PASSWORD@host:6379/0)")
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            return (f"broker: cannot reach Redis at {shown} ({_short(exc)}): start Redis there "
+                    "or point MOONBATCH_BROKER_URL at a running one")
+        except redis.RedisError as exc:
+            return f"broker: Redis at {shown} answered an error ({_short(exc)}): check the server"
+        return None
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=timeout) as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+    except Exception as exc:
+        return (f"broker: cannot reach the broker at {shown} ({_short(exc)}): start it or fix "
+                "MOONBATCH_BROKER_URL")
+    return None
+
+
+# -- Batch API key ------------------------------------------------------------------------------
+def check_api_key(settings: Settings, timeout: float = HTTP_TIMEOUT) -> str | None:
+    """One authenticated call, ``GET /batch?limit=1``: 401/403 means the key is wrong. A 429 or
+    5xx proves nothing either way and is let through (the run's own calls retry them)."""
+    import httpx
+
+    key = settings.moondream_api_key.get_secret_value() if settings.moondream_api_key else ""
+    if not key:
+        return ("API key: MOONDREAM_API_KEY is not set: export MOONDREAM_API_KEY=<your key> "
+                f"(create one at {API_KEYS_PAGE})")
+    url = settings.moondream_url
+    response = None
+    with httpx.Client(timeout=httpx.Timeout(timeout / 3),
+                      headers={"X-Moondream-Auth": key, "User-Agent": "moonbatch"}) as client:
+        for attempt in range(3):
+            try:
+                response = client.get(f"{url}/batch", params={"limit": 1})
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Nothing answers there; str(exc) may quote the URL: the type says enough.
+                return (f"API key: cannot reach the Moondream Batch API at {url} "
+                        f"({type(exc).__name__}): check the network, or MOONBATCH_MOONDREAM_URL")
+            except httpx.TransportError:
+                response = None  # a dropped connection or a slow answer: inconclusive
+            if response is not None and response.status_code not in (408, 425, 429) \
+                    and response.status_code < 500:
+                break
+            if attempt < 2:
+                time.sleep(0.3)
+    if response is None:
+        return None  # the service is there but flaky: the run's own calls retry
+    if response.status_code in (401, 403):
+        return (f"API key: the Moondream Batch API at {url} refused the key in "
+                f"MOONDREAM_API_KEY (HTTP {response.status_code}): set a valid key "
+                f"(see {API_KEYS_PAGE})")
+    if response.status_code == 404:
+        return (f"API key: {url}/batch does not exist (HTTP 404): MOONBATCH_MOONDREAM_URL must "
+                "be the Batch API's base URL, e.g. https://api.moondream.ai/v1")
+    if 400 <= response.status_code < 500 and response.status_code not in (408, 425, 429):
+        return (f"API key: the Moondream Batch API at {url} answered HTTP "
+                f"{response.status_code} to a batch listing: check MOONBATCH_MOONDREAM_URL")
+    return None
+
+
+# -- storage ------------------------------------------------------------------------------------
+@functools.cache
+def _s3_client(endpoint_url: str | None, region: str | None) -> Any:
+    """An S3 client with short timeouts and few attempts: a preflight answers in seconds."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT,
+                    retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url,
+                                          region_name=region or "us-east-1", config=config)
+
+
+def quick_store(url: str, settings: Settings) -> Store:
+    """The store at ``url`` with the preflight's short S3 timeouts (local paths as usual).
+
+    Raises ``ValueError`` for an unsupported URL.
+    """
+    url = normalize_url(url)
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        return S3Store(bucket, prefix, _s3_client(settings.s3_endpoint_url, settings.s3_region))
+    return LocalStore(url)
+
+
+def _s3_problem(what: str, url: str, exc: Exception, settings: Settings, *, write: bool) -> str:
+    """One line for an S3 error met while checking ``what`` (INPUT, OUTPUT, state)."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    bucket = url[5:].partition("/")[0]
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return (f"{what}: no AWS credentials to reach {url}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, a profile in ~/.aws, or an instance role")
+    if isinstance(exc, EndpointConnectionError):
+        endpoint = settings.s3_endpoint_url or "AWS S3"
+        return (f"{what}: cannot reach S3 at {endpoint} for {url}: check the network, or "
+                "MOONBATCH_S3_ENDPOINT_URL")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "404"):
+            fix = f"create it (aws s3 mb s3://{bucket})" if write else "check the bucket name"
+            return f"{what}: bucket {bucket!r} of {url} does not exist (NoSuchBucket): {fix}"
+        if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch"):
+            perm = "s3:PutObject and s3:DeleteObject" if write else "s3:ListBucket and s3:GetObject"
+            return (f"{what}: access to {url} denied ({code}): check the AWS credentials and "
+                    f"their {perm} permission")
+        return f"{what}: S3 refused to {'write' if write else 'list'} {url} ({code}): check it"
+    return f"{what}: {url}: {_short(exc)}"
+
+
+def check_input(url: str, settings: Settings, *, allow_empty: bool = False) -> str | None:
+    """INPUT exists, can be listed and holds at least one object (unless ``allow_empty``)."""
+    url = normalize_url(url)
+    if not url.startswith("s3://"):
+        path = Path(url)
+        if not path.exists():
+            return f"INPUT: {url} does not exist: check the path"
+        if not path.is_dir():
+            return f"INPUT: {url} is a file: INPUT must be a directory or an s3://bucket/prefix/"
+        if not os.access(path, os.R_OK | os.X_OK):
+            return f"INPUT: {url} cannot be read (permission denied): check its permissions"
+    try:
+        empty = next(iter(quick_store(url, settings).iter_objects()), None) is None
+    except Exception as exc:
+        if url.startswith("s3://"):
+            return _s3_problem("INPUT", url, exc, settings, write=False)
+        return f"INPUT: {url} cannot be listed: {_short(exc)}"
+    if empty and not allow_empty:
+        hint = " (s3://b/photos means the prefix s3://b/photos/)" if url.startswith("s3://") else ""
+        return (f"INPUT: no objects under {url}{hint}: check the path, or pass --allow-empty "
+                "to accept an empty run")
+    return None
+
+
+def _check_writable(what: str, url: str, settings: Settings, probe_key: str) -> str | None:
+    """``url`` can take objects: a probe object is written there and deleted at once (S3, or a
+    local directory that exists); for a local directory yet to be created, its nearest existing
+    parent must be a writable directory. Nothing is left behind."""
+    url = normalize_url(url)
+    if not url.startswith("s3://"):
+        path = Path(url)
+        parent = path
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"{what}: {url} cannot be created: {parent} is a file, not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{what}: {parent} is not writable (permission denied): check its permissions"
+        if parent != path:
+            return None  # created at the first write; nothing to probe without creating it
+        probe = path / f".moonbatch-probe-{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"{what}: {url} is not writable ({exc.strerror or _short(exc)}): check it"
+        return None
+    store = quick_store(url, settings)
+    try:
+        store.put(probe_key, b"")
+        store.delete(probe_key)
+    except Exception as exc:
+        cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+        return _s3_problem(what, url, cause, settings, write=True)
+    return None
+
+
+def check_output(url: str, settings: Settings) -> str | None:
+    """OUTPUT can be written (see ``_check_writable``)."""
+    return _check_writable("OUTPUT", url, settings, layout.probe(secrets.token_hex(6)))
+
+
+def check_state(settings: Settings) -> str | None:
+    """The state location (MOONBATCH_STATE_URL: run registry) can be written."""
+    try:
+        url = normalize_url(settings.state_url)
+    except ValueError as exc:
+        return f"state: MOONBATCH_STATE_URL: {exc}"
+    problem = _check_writable("state", url, settings, layout.registry_probe(secrets.token_hex(6)))
+    return problem and problem + " (the run registry, MOONBATCH_STATE_URL)"
+
+
+def run_checks(checks: dict[str, Check]) -> list[str]:
+    """Run ``checks`` (name → check) side by side; return the failures' lines in the order of
+    ``checks``. A check that raises counts as failed, with the error's type and message."""
+    if not checks:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(checks)) as pool:
+        futures = {name: pool.submit(check) for name, check in checks.items()}
+    problems = []
+    for name, future in futures.items():
+        try:
+            problem = future.result()
+        except Exception as exc:
+            problem = f"{name}: {_short(exc)}"
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def preflight(settings: Settings, *, input_url: str | None = None, output_url: str | None = None,
+              allow_empty: bool = False, broker: bool = True, api_key: bool = True,
+              state: bool = True) -> None:
+    """Run the checks a command needs (INPUT and OUTPUT when given). Raises ``PreflightFailed``
+    listing every problem; returns None when all pass. Takes at most ~10 s."""
+    checks: dict[str, Check] = {}
+    if broker:
+        checks["broker"] = lambda: check_broker(settings.broker_url)
+    if api_key:
+        checks["API key"] = lambda: check_api_key(settings)
+    if input_url is not None:
+        checks["INPUT"] = lambda: check_input(input_url, settings, allow_empty=allow_empty)
+    if output_url is not None:
+        checks["OUTPUT"] = lambda: check_output(output_url, settings)
+    if state:
+        checks["state"] = lambda: check_state(settings)
+    problems = run_checks(checks)
+    if problems:
+        raise PreflightFailed(problems)
+
+
+def _short(exc: BaseException) -> str:
+    """``Type: message`` on one line, at most 200 characters."""
+    text = " ".join(str(exc).split())
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:200]
