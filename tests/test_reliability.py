@@ -175,15 +175,14 @@ def one_round(s3, bucket, env, emulator):
     from workers.runstate import open_output
     from workers.tasks import line_id_prefix
 
-    # Ids of this test's own: the session emulator holds other tests' unclaimed batches of the
-    # same photographs (test_recovery builds without claims), which the ids must not match.
-    token = uuid.uuid4().hex[:8]
-    upload_photos(s3, bucket, f"in/{token}/", names=NAMES[:2])
+    # The same item ids as other tests' unclaimed batches in the session emulator (test_recovery
+    # builds without claims): only the round's id prefix tells this round's batch apart.
+    upload_photos(s3, bucket, "in/", names=NAMES[:2])
     settings = get_settings()
     state = open_output(f"s3://{bucket}/out/", settings)
     inputs = open_output(f"s3://{bucket}/in/", settings)
     client = BatchClient(emulator.url, emulator.config.api_key, max_attempts=2)
-    items = [PlanItem(f"{token}/{n}", 0) for n in NAMES[:2]]
+    items = [PlanItem(n, 0) for n in NAMES[:2]]
     claims = registry.BatchClaims(registry.open_state(settings), output=state.url, shard=0, rnd=0)
 
     prefix = line_id_prefix("test-" + uuid.uuid4().hex, 0, 0)  # as the build task gives it
