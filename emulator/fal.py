@@ -493,14 +493,12 @@ class _Req:
     ends: float | None = None
     cancelled: float | None = None
     expired_counted: bool = False
+    size: int = 0  # bytes of the result body: picks the retention time
 
     @property
     def urls(self) -> dict[str, str]:
         root = f"{self.base}/{self.app}/requests/{self.id}"
         return {"response_url": root, "status_url": root + "/status", "cancel_url": root + "/cancel"}
-
-    def size(self) -> int:
-        return len(json.dumps(self.body))
 
 
 def _json(body: Any, status: int = 200, request_id: str | None = None,
@@ -595,7 +593,7 @@ class FalEmulation:
         if r.ends is not None and r.ends <= now:
             faults = self.config.faults
             ttl = faults.result_ttl if faults.result_ttl is not None else (
-                self.config.result_ttl_large if r.size() >= self.config.large_result_bytes
+                self.config.result_ttl_large if r.size >= self.config.large_result_bytes
                 else self.config.result_ttl)
             if now >= r.ends + ttl:
                 if faults.result_ttl is not None and not r.expired_counted:
@@ -777,7 +775,7 @@ class FalEmulation:
             now = self.clock()
             r = _Req(id=rid, endpoint=endpoint, app="/".join(endpoint.split("/")[:2]), key=key,
                      base=base, submitted=now, duration=cfg.processing_seconds * units, units=units,
-                     status_code=status, body=body)
+                     status_code=status, body=body, size=len(json.dumps(body)))
             self.requests[rid] = r
             self._advance(key, now)
             self._lines[key].append(r)
@@ -848,4 +846,5 @@ class FalEmulation:
             r.cancelled = r.ends = now
             # A running request keeps its place in the line: it held its slot until now.
             r.status_code, r.body = CANCELLED[0], dict(CANCELLED[1])
+            r.size = len(json.dumps(r.body))
             return _json({"status": "CANCELLATION_REQUESTED"}, 202, rid)
