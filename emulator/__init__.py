@@ -1,5 +1,8 @@
-"""An emulator of the Moondream Batch API (seed 002) for tests, the demo and benchmarks."""
+"""Emulators for tests, the demo and benchmarks: the Moondream Batch API (seed 002) and, on the
+same port, fal's queue API for the Moondream endpoints (``emulator.fal``)."""
 
+from emulator.fal import FAL_FAULT_KINDS, FalConfig, FalFaults
 from emulator.server import FAULT_KINDS, Emulator, EmulatorConfig, EmulatorServer, Faults
 
-__all__ = ["FAULT_KINDS", "Emulator", "EmulatorConfig", "EmulatorServer", "Faults"]
+__all__ = ["FAL_FAULT_KINDS", "FAULT_KINDS", "Emulator", "EmulatorConfig", "EmulatorServer",
+           "FalConfig", "FalFaults", "Faults"]

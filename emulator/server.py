@@ -42,6 +42,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.serving import make_server
 
+from emulator.fal import FalConfig, FalEmulation
 from emulator.inference import LineError, infer
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -137,6 +138,9 @@ class EmulatorConfig:
     faults: Faults = dataclasses.field(default_factory=Faults)
     # Answers in the thinner and odder shapes the contract allows (see Emulator._loose_view).
     loose_answers: bool = False
+    # The fal queue API served on the same port (emulator.fal): its key and behaviour.
+    fal_key: str = "emulator-fal-key"
+    fal: FalConfig = dataclasses.field(default_factory=FalConfig)
 
 
 @dataclasses.dataclass
@@ -523,10 +527,12 @@ class Emulator:
     def _make_app(self) -> Flask:
         app = Flask("moonbatch-emulator")
         app.config["MAX_CONTENT_LENGTH"] = None
+        self.fal = FalEmulation(self)  # fal's queue API under /fal-ai/, with its own auth
+        self.fal.register(app)
 
         @app.before_request
         def _auth() -> Response | None:
-            if request.path == "/healthz":
+            if request.path == "/healthz" or request.path.startswith("/fal-ai/"):
                 return None
             faults = self.config.faults
             self._delay(faults)
@@ -736,8 +742,9 @@ class Emulator:
 class EmulatorServer:
     """An ``Emulator`` served over HTTP on ``host:port`` (port 0: any free port) in a thread.
 
-    ``url`` is the API base (``http://127.0.0.1:PORT/v1``). Use as a context manager, or
-    ``start()``/``stop()``.
+    ``url`` is the API base (``http://127.0.0.1:PORT/v1``); ``fal_url`` the fal queue base
+    (``http://127.0.0.1:PORT``, what ``MOONBATCH_FAL_QUEUE_URL`` names). Use as a context manager,
+    or ``start()``/``stop()``.
     """
 
     def __init__(self, config: EmulatorConfig | None = None, host: str = "127.0.0.1",
@@ -746,6 +753,7 @@ class EmulatorServer:
         self._server = make_server(host, port, self.emulator.app, threaded=True)
         self.host, self.port = host, self._server.server_port
         self.url = f"http://{host}:{self.port}/v1"
+        self.fal_url = f"http://{host}:{self.port}"
         self._thread: threading.Thread | None = None
 
     @property

@@ -982,14 +982,21 @@ def emulator(port: Annotated[int, typer.Option("--port")] = 8787,
              host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
              api_key: Annotated[Optional[str], typer.Option(
                  "--api-key", envvar="MOONDREAM_API_KEY", show_envvar=True,
-                 help="key clients must send in X-Moondream-Auth")] = None) -> None:
-    """Serve the Moondream Batch API emulator (for tests, benchmarks and offline work)."""
+                 help="key clients must send in X-Moondream-Auth")] = None,
+             fal_key: Annotated[Optional[str], typer.Option(
+                 "--fal-key", envvar="FAL_KEY", show_envvar=True,
+                 help="key fal clients must send (Authorization: Key <key>)")] = None) -> None:
+    """Serve the Moondream Batch API emulator and the fal queue API emulator on one port (for
+    tests, benchmarks and offline work)."""
     from emulator.server import EmulatorConfig, EmulatorServer
 
     key = api_key or uuid.uuid4().hex
-    server = EmulatorServer(EmulatorConfig(api_key=key), host=host, port=port)
+    fkey = fal_key or uuid.uuid4().hex
+    server = EmulatorServer(EmulatorConfig(api_key=key, fal_key=fkey), host=host, port=port)
     err.print(f"Moondream Batch API emulator on {server.url}"
               + ("" if api_key else f" (API key: {key})"))
+    err.print(f"fal queue emulator on {server.fal_url} (MOONBATCH_FAL_QUEUE_URL={server.fal_url})"
+              + ("" if fal_key else f" (fal key: {fkey})"))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
