@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -86,7 +85,8 @@ def _cli_errors() -> Iterator[None]:
 
 class LocalWorkers:
     """``N`` worker processes (one ``celery -A workers worker`` with concurrency N) for the
-    duration of a command; they inherit this process's environment. ``revive()`` starts them
+    duration of a command, consuming only ``queue`` (the run's private one); they inherit
+    this process's environment and, on Linux, get SIGTERM if this process dies. ``revive()`` starts them
     again after they died (say, a broker restart kombu did not survive): the run's state is in
     storage, so the new workers carry on where the old ones stopped."""
 
@@ -101,11 +101,17 @@ class LocalWorkers:
         self.revivals = 0
         self.log = tempfile.NamedTemporaryFile(prefix="moonbatch-workers-", suffix=".log",
                                                delete=False)
-        self.proc = self._spawn()
+        try:
+            self.proc = self._spawn()
+        except BaseException:
+            self._remove_log()
+            raise
 
     def _spawn(self) -> subprocess.Popen:
+        from workers.embedded import child_setup
+
         return subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=child_setup())
 
     def revive(self) -> bool:
         """Start the workers again if they died and revivals are left; True if started."""
@@ -133,6 +139,9 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self._remove_log()
+
+    def _remove_log(self) -> None:
         self.log.close()
         with contextlib.suppress(OSError):
             os.unlink(self.log.name)
@@ -142,14 +151,62 @@ def _check_fleet(settings) -> None:
     """Fail fast when ``--workers 0`` and no worker answers."""
     from workers.app import app as celery_app
 
-    if settings.broker_url.startswith("filesystem://"):
-        return  # no broadcast on the filesystem transport
     try:
         replies = celery_app.control.ping(timeout=2.0, limit=1)  # returns on the first reply
     except Exception as exc:
         raise Fail(f"cannot reach the broker at {_safe_url(settings.broker_url)}: {exc}") from None
     if not replies:
         raise Fail("no worker answered: start a fleet (celery -A workers worker) or use --workers N")
+
+
+def _check_broker(settings) -> None:
+    """Fail fast, with the way out, when the configured broker cannot be reached."""
+    from workers.app import app as celery_app
+
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+    except Exception as exc:
+        raise Fail(f"cannot reach the broker at {_safe_url(settings.broker_url)} "
+                   f"({type(exc).__name__}): start it, or run with a private broker of this "
+                   "command's own: --embedded-broker (or MOONBATCH_BROKER_URL=embedded)") from None
+
+
+def _no_embedded(settings, what: str) -> None:
+    """``embedded`` names a broker private to one ``moonbatch run``: nothing else can use it."""
+    from workers.embedded import EMBEDDED
+
+    if settings.broker_url == EMBEDDED:
+        raise Fail(f"MOONBATCH_BROKER_URL=embedded is a broker private to one `moonbatch run` "
+                   f"with local workers; {what} needs a shared broker (a redis:// URL)", code=2)
+
+
+@contextlib.contextmanager
+def _embedded_broker() -> Iterator[None]:
+    """Start a private ``redis-server`` (``workers.embedded``) and point this process's
+    settings, and the workers it starts, at it; stop it and delete its folder on exit."""
+    from config import reload_settings
+    from workers.app import reconfigure
+    from workers.embedded import EmbeddedRedis, NoRedisServer
+
+    saved = {k: os.environ.get(k) for k in ("MOONBATCH_BROKER_URL", "MOONBATCH_RESULT_BACKEND")}
+    server = EmbeddedRedis()
+    try:
+        server.start()
+    except NoRedisServer as exc:
+        raise Fail(str(exc)) from None
+    try:
+        os.environ.update(MOONBATCH_BROKER_URL=server.url(0), MOONBATCH_RESULT_BACKEND=server.url(1))
+        reconfigure(reload_settings())
+        yield
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reconfigure(reload_settings())
 
 
 def _safe_url(url: str) -> str:
@@ -244,7 +301,8 @@ def _print_summary(snap: dict[str, Any]) -> None:
 
 
 def _submit(input_url: str, output_url: str, opts, settings, shard_size: int | None,
-            max_pixels: int | None = None, run_id: str | None = None) -> dict:
+            max_pixels: int | None = None, run_id: str | None = None,
+            queue: str | None = None) -> dict:
     from producer.runs import submit_run
 
     if shard_size is not None and not 1 <= shard_size <= 100_000:
@@ -252,29 +310,47 @@ def _submit(input_url: str, output_url: str, opts, settings, shard_size: int | N
     if max_pixels is not None and max_pixels < 0:
         raise Fail("--max-pixels must be >= 0 (0 turns downscaling off)", code=2)
     return submit_run(input_url, output_url, opts, settings, shard_size=shard_size,
-                      max_pixels=max_pixels, run_id=run_id)
+                      max_pixels=max_pixels, run_id=run_id, queue=queue)
 
 
 def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, workers: int | None,
-         timeout: float | None, max_pixels: int | None = None, run_id: str | None = None
-         ) -> dict[str, Any]:
+         timeout: float | None, max_pixels: int | None = None, run_id: str | None = None,
+         embedded: bool = False) -> dict[str, Any]:
+    """Submit a run and follow it to the end (see ``run``); with ``workers`` > 0 start that
+    many local workers on the run's private queue, and with ``embedded`` (or
+    ``MOONBATCH_BROKER_URL=embedded``) a private broker too. Raises ``Fail``."""
     from config import get_settings
+    from producer.runs import local_queue, new_run_id
+    from workers.embedded import EMBEDDED
 
     settings = get_settings()
     n = (os.cpu_count() or 1) if workers is None else workers
     if n < 0:
         raise Fail("--workers must be >= 0", code=2)
-    local = LocalWorkers(n, settings.queue) if n > 0 else None
-    try:
-        if local is None:
+    embedded = embedded or settings.broker_url == EMBEDDED
+    if embedded and n == 0:
+        raise Fail("an embedded broker serves only this command's own workers: use --workers N "
+                   "(N > 0), or a shared broker for a fleet", code=2)
+    run_id = run_id or new_run_id()
+    with _embedded_broker() if embedded else contextlib.nullcontext():
+        settings = get_settings()
+        if n == 0:
             _check_fleet(settings)
-        plan = _submit(input_url, output_url, opts, settings, shard_size, max_pixels, run_id)
-        err.print(f"run [bold]{plan['run_id']}[/bold]: {plan['items']} images in "
-                  f"{plan['shards']} shard(s); {plan['skipped']} other objects skipped")
-        return _watch(output_url, settings, workers=local, timeout=timeout)
-    finally:
-        if local is not None:
-            local.stop()
+        else:
+            _check_broker(settings)
+        # Local workers consume only this run's queue: they never take a fleet's work, and a
+        # fleet never takes theirs (with credentials or an API key it may not have).
+        queue = local_queue(run_id) if n > 0 else None
+        local = LocalWorkers(n, queue) if queue else None
+        try:
+            plan = _submit(input_url, output_url, opts, settings, shard_size, max_pixels, run_id,
+                           queue=queue)
+            err.print(f"run [bold]{plan['run_id']}[/bold]: {plan['items']} images in "
+                      f"{plan['shards']} shard(s); {plan['skipped']} other objects skipped")
+            return _watch(output_url, settings, workers=local, timeout=timeout)
+        finally:
+            if local is not None:
+                local.stop()
 
 
 @app.command()
@@ -285,12 +361,15 @@ def run(input: Annotated[str, typer.Argument(help="s3://bucket/prefix/ or a loca
         temperature: TemperatureOpt = None, top_p: TopPOpt = None,
         max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
         max_pixels: MaxPixelsOpt = None, workers: WorkersOpt = None,
-        timeout: TimeoutOpt = None) -> None:
+        timeout: TimeoutOpt = None,
+        embedded_broker: Annotated[bool, typer.Option(
+            "--embedded-broker", help="start a private broker for this run's local workers "
+            "(no Redis needed; same as MOONBATCH_BROKER_URL=embedded)")] = False) -> None:
     """Annotate every image under INPUT; write results under OUTPUT; exit 0 when complete."""
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
         _print_summary(_run(input, output, opts, shard_size=shard_size, workers=workers,
-                            timeout=timeout, max_pixels=max_pixels))
+                            timeout=timeout, max_pixels=max_pixels, embedded=embedded_broker))
 
 
 @app.command()
@@ -304,6 +383,7 @@ def submit(input: Annotated[str, typer.Argument()], output: Annotated[str, typer
     from config import get_settings
 
     with _cli_errors():
+        _no_embedded(get_settings(), "submit")
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
         plan = _submit(input, output, opts, get_settings(), shard_size, max_pixels)
         err.print(f"{plan['items']} images in {plan['shards']} shard(s); "
@@ -394,41 +474,84 @@ def wait(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id o
                               timeout=timeout))
 
 
-@app.command()
-def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")]
-           ) -> None:
-    """Re-enqueue whatever a run still needs (after the broker lost its queues, or a failure
-    you have fixed). Batches that exist are polled, not submitted again."""
-    from config import get_settings
+def _requeue(run_ref: str, settings) -> tuple[str, str] | None:
+    """Re-enqueue every unfinished step of a run on its own queue; print what was done.
+    Returns ``(output, queue)``, or None when the run is already complete. Raises ``Fail``."""
     from producer.runs import register_run, resolve_run
     from workers import layout
-    from workers.runstate import open_run
+    from workers.runstate import open_run, run_queue
     from workers.storage import get_json_or_none
-    from workers.tasks import advance_shard, finalize_run
+    from workers.tasks import advance_shard, enqueue, finalize_run
+
+    output = resolve_run(run_ref, settings)
+    run = open_run(output, settings)
+    store = run.output
+    if store.exists(layout.FINALIZED):
+        out.print(f"run {run.spec.run_id} is already complete")
+        return None
+    if store.exists(layout.CANCELLED):
+        raise Fail(f"run {run.spec.run_id} was cancelled; start a new run instead")
+    plan = get_json_or_none(store, layout.PLAN)
+    if plan is None:
+        raise Fail(f"run {run.spec.run_id} was never fully planned (the producer stopped "
+                   "while listing); submit it again to a new OUTPUT")
+    store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
+    register_run(run.spec, settings)  # again: the registry or canary may be new
+    counts: dict[str, int] = {}
+    for shard in range(plan["shards"]):
+        action = advance_shard(run, shard, only_stale=False) or "nothing"
+        counts[action] = counts.get(action, 0) + 1
+    queue = run_queue(run.spec, settings)
+    enqueue(finalize_run, (output, run.spec.run_id), queue=queue)
+    out.print(f"run {run.spec.run_id}: " + ", ".join(
+        f"{n} shard(s) {a}" for a, n in sorted(counts.items())))
+    return output, queue
+
+
+@app.command()
+def resume(run_ref: Annotated[str, typer.Argument(metavar="RUN_ID", help="run id or OUTPUT URL")],
+           workers: Annotated[int, typer.Option(
+               "--workers", help="start N local workers on the run's own queue and wait for it "
+               "(a run that `moonbatch run` started with local workers)")] = 0,
+           timeout: TimeoutOpt = None,
+           embedded_broker: Annotated[bool, typer.Option(
+               "--embedded-broker", help="with --workers: a private broker for them")] = False
+           ) -> None:
+    """Re-enqueue whatever a run still needs, on the run's own queue (after the broker lost its
+    queues, or a failure you have fixed). Batches that exist are polled, not submitted again."""
+    from config import get_settings
+    from workers.embedded import EMBEDDED
 
     with _cli_errors():
         settings = get_settings()
-        output = resolve_run(run_ref, settings)
-        run = open_run(output, settings)
-        store = run.output
-        if store.exists(layout.FINALIZED):
-            out.print(f"run {run.spec.run_id} is already complete")
-            return
-        if store.exists(layout.CANCELLED):
-            raise Fail(f"run {run.spec.run_id} was cancelled; start a new run instead")
-        plan = get_json_or_none(store, layout.PLAN)
-        if plan is None:
-            raise Fail(f"run {run.spec.run_id} was never fully planned (the producer stopped "
-                       "while listing); submit it again to a new OUTPUT")
-        store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
-        register_run(run.spec, settings)  # again: the registry or canary may be new
-        counts: dict[str, int] = {}
-        for shard in range(plan["shards"]):
-            action = advance_shard(run, shard, only_stale=False) or "nothing"
-            counts[action] = counts.get(action, 0) + 1
-        finalize_run.delay(output, run.spec.run_id)
-        out.print(f"run {run.spec.run_id}: " + ", ".join(
-            f"{n} shard(s) {a}" for a, n in sorted(counts.items())))
+        if workers < 0:
+            raise Fail("--workers must be >= 0", code=2)
+        embedded = embedded_broker or settings.broker_url == EMBEDDED
+        if embedded and workers == 0:
+            raise Fail("an embedded broker serves only this command's own workers: add "
+                       "--workers N, or use a shared broker", code=2)
+        with _embedded_broker() if embedded else contextlib.nullcontext():
+            settings = get_settings()
+            if workers:
+                _check_broker(settings)
+            done = _requeue(run_ref, settings)
+            if done is None:
+                return
+            output, queue = done
+            if not workers:
+                if queue != settings.queue:
+                    err.print(f"its work is on its own queue {queue} (its workers were `moonbatch "
+                              f"run`'s): resume it with --workers N, or start workers with "
+                              f"-Q {queue}")
+                return
+            if queue == settings.queue:
+                raise Fail("this run's work is on the fleet's queue: resume it without --workers "
+                           "and let the fleet take it", code=2)
+            local = LocalWorkers(workers, queue)
+            try:
+                _print_summary(_watch(output, settings, workers=local, timeout=timeout))
+            finally:
+                local.stop()
 
 
 @app.command()
@@ -487,23 +610,18 @@ def demo(output: Annotated[Path, typer.Option("--output", help="where runs go")]
          shard_size: ShardSizeOpt = 8, workers: WorkersOpt = 2,
          timeout: TimeoutOpt = 300.0) -> None:
     """Annotate scikit-image's sample photographs with no account and no servers: an embedded
-    broker, local storage and the Batch API emulator."""
+    broker (a private redis-server), local storage and the Batch API emulator."""
     from config import reload_settings
     from emulator.server import EmulatorConfig, EmulatorServer
     from workers.app import reconfigure
 
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, None, None, None)
-        scratch = Path(tempfile.mkdtemp(prefix="moonbatch-demo-"))
-        (scratch / "results").mkdir()
         key = uuid.uuid4().hex
         with EmulatorServer(EmulatorConfig(api_key=key, chunking_seconds=0.5,
                                            processing_seconds=1.0, lines_per_second=50)) as emu:
             os.environ.update({
-                "MOONBATCH_BROKER_URL": f"filesystem://{scratch / 'broker'}",
-                "MOONBATCH_RESULT_BACKEND": f"file://{scratch / 'results'}",
                 "MOONBATCH_MOONDREAM_URL": emu.url, "MOONDREAM_API_KEY": key,
-                "MOONBATCH_QUEUE": f"moonbatch-demo-{key[:8]}",
                 "MOONBATCH_POLL_MIN_INTERVAL": "0.5", "MOONBATCH_POLL_MAX_INTERVAL": "2",
             })
             reconfigure(reload_settings())
@@ -513,11 +631,9 @@ def demo(output: Annotated[Path, typer.Option("--output", help="where runs go")]
             target = (output / run_id).resolve()
             source = skimage_data_dir()
             err.print(f"demo: {source} → {target} (emulated Moondream Batch API at {emu.url})")
-            try:
-                snap = _run(str(source), str(target), opts, shard_size=shard_size,
-                            workers=max(1, workers or 1), timeout=timeout, run_id=run_id)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+            snap = _run(str(source), str(target), opts, shard_size=shard_size,
+                        workers=max(1, workers or 1), timeout=timeout, run_id=run_id,
+                        embedded=True)
         _print_summary(snap)
         first = next(iter(sorted((target / "results").glob("*.jsonl"))), None)
         if first is not None:
@@ -538,17 +654,28 @@ def emulator(port: Annotated[int, typer.Option("--port")] = 8787,
     key = api_key or uuid.uuid4().hex
     server = EmulatorServer(EmulatorConfig(api_key=key), host=host, port=port)
     err.print(f"Moondream Batch API emulator on {server.url}"
-              + ("" if api_key else f" (API key: {key})"))
+              + ("" if api_key else f" (API key: {key})") + f"; files in {server.emulator.dir}")
     try:
-        server.serve_forever()
+        server.serve_forever()  # SIGINT, SIGTERM and SIGHUP end it (see main)
     except KeyboardInterrupt:
         pass
     finally:
-        server.stop()
+        server.stop()  # deletes its folder
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so `finally` stops the local workers and the embedded
+    # broker and deletes temporary files; later ones are ignored so that cleanup completes.
+    signal.signal(signum, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM and SIGHUP exit (code 128 + signal) through the
+    same clean-up as Ctrl-C."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _exit_on_signal)
     app()
 
 

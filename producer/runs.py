@@ -36,6 +36,12 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
+def local_queue(run_id: str) -> str:
+    """The private broker queue of a run whose workers ``moonbatch run`` starts itself:
+    ``moonbatch-run-<run_id>``, consumed by no fleet."""
+    return f"moonbatch-run-{run_id}"
+
+
 def register_run(spec: RunSpec, settings: Settings) -> None:
     """Record the run in the state store's registry and on its list of active runs, and arm
     the broker canary that lets a reconciler notice a broker that lost the run's messages.
@@ -76,15 +82,17 @@ def resolve_run(ref: str, settings: Settings) -> str:
 
 def submit_run(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
                shard_size: int | None = None, max_pixels: int | None = None,
-               run_id: str | None = None,
+               run_id: str | None = None, queue: str | None = None,
                on_shard: Callable[[Shard], None] | None = None) -> dict[str, Any]:
-    """Record a run at ``output_url``, plan ``input_url`` into shards and enqueue them.
+    """Record a run at ``output_url``, plan ``input_url`` into shards and enqueue them on the
+    run's broker ``queue`` (default ``settings.queue``, the fleet's; ``moonbatch run`` with
+    local workers passes ``local_queue(run_id)``), which every later step of the run uses.
 
     Returns the plan document (``run_id``, ``shards``, ``items``, ``skipped``...). Raises
     ``RunExists`` if OUTPUT holds a run, ``ValueError`` for bad URLs or limits, storage errors
     if the stores cannot be reached.
     """
-    from workers.tasks import build_shard, finalize_run
+    from workers.tasks import build_shard, enqueue, finalize_run
 
     input_url, output_url = normalize_url(input_url), normalize_url(output_url)
     if input_url == output_url:
@@ -95,7 +103,7 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
                    model=settings.model, shard_size=shard_size or settings.shard_size,
                    max_shard_bytes=settings.max_shard_bytes,
                    max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
-                   created_at=time.time())
+                   created_at=time.time(), queue=queue or settings.queue)
     if not put_json(out, layout.SPEC, spec.model_dump(), if_absent=True):
         existing = json.loads(out.get(layout.SPEC))
         raise RunExists(f"{output_url} already holds run {existing.get('run_id')}: "
@@ -114,7 +122,7 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
                              fragment_len=fragment_len):
         body = b"".join(item.to_json() + b"\n" for item in shard.items)
         out.put(layout.plan_items(shard.index), body)
-        build_shard.delay(output_url, spec.run_id, shard.index)
+        enqueue(build_shard, (output_url, spec.run_id, shard.index), queue=spec.queue)
         n_shards += 1
         if on_shard:
             on_shard(shard)
@@ -123,5 +131,5 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
             "skipped_examples": stats.skipped_examples, "planned_at": time.time()}
     put_json(out, layout.PLAN, plan, if_absent=True)
     # The last shard may have merged before the plan existed: let a worker check.
-    finalize_run.delay(output_url, spec.run_id)
+    enqueue(finalize_run, (output_url, spec.run_id), queue=spec.queue)
     return plan
