@@ -241,3 +241,24 @@ def test_emulator_deletes_its_folder_on_sigterm_and_sigint(tmp_path, sig):
     assert str(folder) in stderr  # it says where its files are
     assert not folder.exists() and leftovers(tmp_path) == []
     assert "Traceback" not in stderr
+
+
+@pytest.mark.timeout(240)
+def test_resume_with_workers_finishes_a_run_that_run_left(s3, bucket, env, emulator, tmp_path):
+    """``moonbatch run --embedded-broker`` times out (its workers and broker stop, taking the
+    scheduled polls with them); ``moonbatch resume RUN_ID --workers 1 --embedded-broker``
+    re-enqueues everything on the run's own queue of a new private broker and completes it."""
+    upload_photos(s3, bucket, "in/", names=NAMES)
+    emulator.config.processing_seconds = 8.0
+    renv = {**env, "MOONBATCH_BROKER_URL": "embedded", "TMPDIR": str(tmp_path)}
+    proc = run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--workers", "1",
+                    "--timeout", "4"], renv, check=False)
+    assert proc.returncode == 1 and "not complete after 4s" in proc.stderr, proc.stderr
+    run_id = spec_of(s3, bucket, "out/")["run_id"]
+    hint = run_cli(["resume", run_id], {**env, "TMPDIR": str(tmp_path)})
+    assert f"moonbatch-run-{run_id}" in hint.stderr and "--workers" in hint.stderr
+    emulator.config.processing_seconds = 0.2
+    proc = run_cli(["resume", run_id, "--workers", "1", "--timeout", "120"], renv)
+    assert "completed" in proc.stdout
+    assert read_json(s3, bucket, "out/run.json")["counts"]["ok"] == len(NAMES)
+    assert leftovers(tmp_path) == [] and not processes_with_tmpdir(tmp_path)
