@@ -100,25 +100,24 @@ def test_local_workers_and_a_fleet_never_take_each_others_work(s3, bucket, env, 
 
 
 def test_enqueues_go_to_the_runs_queue_and_old_specs_to_the_settings_queue(
-        s3, bucket, env, broker, monkeypatch):
+        s3, bucket, env, redis_server, monkeypatch):
     """``enqueue`` (and the reconciler through ``advance_shard``) publish on the spec's queue;
-    a spec written before runs recorded one falls back to ``MOONBATCH_QUEUE``."""
+    a spec written before runs recorded one falls back to ``MOONBATCH_QUEUE``. Queues of this
+    test's own on the session's Redis (no worker consumes them), deleted afterwards."""
     from config import reload_settings
     from workers import layout
-    from workers.app import reconfigure
     from workers.models import RunSpec, SkillOptions
     from workers.runstate import open_output
     from workers.storage import put_json
     from workers.tasks import enqueue, finalize_run, reconcile_run
 
     default_queue = "default-" + uuid.uuid4().hex[:8]
-    for k, v in private_env(env, broker, MOONBATCH_QUEUE=default_queue).items():
-        monkeypatch.setenv(k, v)
-    settings = reload_settings()
-    reconfigure(settings)
+    monkeypatch.setenv("MOONBATCH_QUEUE", default_queue)
+    settings = reload_settings()  # the app keeps its broker: only the fallback queue changes
+    redis = redis_server.client(0)
+    outputs = {}
     try:
         upload_photos(s3, bucket, "in/", names=NAMES[:1])
-        outputs = {}
         for name, queue in (("old", None), ("new", "own-" + uuid.uuid4().hex[:8])):
             output = f"s3://{bucket}/{name}/"
             spec = RunSpec(run_id=f"{name}-run", input=f"s3://{bucket}/in/", output=output,
@@ -131,20 +130,22 @@ def test_enqueues_go_to_the_runs_queue_and_old_specs_to_the_settings_queue(
             put_json(store, layout.SPEC, doc)
             store.put(layout.plan_items(0), b'{"id":"coffee.png","size":1}\n')
             put_json(store, layout.PLAN, {"run_id": spec.run_id, "shards": 1, "items": 1})
-            outputs[name] = (output, queue or default_queue)
-        redis = broker.client(0)
-        for output, queue in outputs.values():
-            enqueue(finalize_run, (output, "x"))
+            outputs[name] = (output, spec.run_id, queue or default_queue)
+        for output, run_id, queue in outputs.values():
+            enqueue(finalize_run, (output, run_id))
             assert redis.llen(queue) == 1
             # The reconciler after a broker loss: the shard's build, and a finalize.
-            assert reconcile_run(output, output.split("/")[-2] + "-run", full=True) == {"build": 1}
+            assert reconcile_run(output, run_id, full=True) == {"build": 1}
             assert redis.llen(queue) == 3
-        bodies = [json.loads(m) for m in redis.lrange(outputs["new"][1], 0, -1)]
+        bodies = [json.loads(m) for m in redis.lrange(outputs["new"][2], 0, -1)]
         assert {b["headers"]["task"] for b in bodies} == {"moonbatch.finalize_run",
                                                           "moonbatch.build_shard"}
     finally:
+        for _, run_id, queue in outputs.values():
+            redis.delete(queue)
+            redis.delete(f"moonbatch:canary:{run_id}")
         monkeypatch.undo()
-        reconfigure(reload_settings())
+        reload_settings()
 
 
 def test_run_with_an_unreachable_broker_names_the_way_out(env, tmp_path):
@@ -219,8 +220,11 @@ def test_emulator_deletes_its_folder_on_sigterm_and_sigint(tmp_path, sig):
     """``moonbatch emulator`` stopped by a signal deletes its ``moonbatch-emulator-*`` folder."""
     port = free_port()
     env = {**os.environ, "TMPDIR": str(tmp_path)}
+    # SIGINT as in a terminal, even when pytest runs in the background (where the shell
+    # ignores it, and children inherit that).
     proc = subprocess.Popen(moonbatch_cmd() + ["emulator", "--port", str(port), "--api-key", "k"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 30
         while True:
