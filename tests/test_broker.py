@@ -215,6 +215,25 @@ def test_sigterm_stops_run_its_workers_and_broker_and_removes_temporary_files(
     assert leftovers(tmp_path) == []
 
 
+def test_embedded_redis_is_private_and_leaves_nothing(tmp_path, monkeypatch):
+    """The embedded broker answers only with its password, which is not on its command line
+    (``ps`` shows that to everyone); ``stop()`` ends it and deletes its folder."""
+    import redis
+
+    from workers.embedded import EmbeddedRedis
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    with EmbeddedRedis() as server:
+        assert redis.Redis.from_url(server.url(0)).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis("127.0.0.1", server.port).ping()
+        assert server.password not in " ".join(psutil.Process(server.proc.pid).cmdline())
+        assert leftovers(tmp_path) and server.alive()
+        proc = server.proc
+    assert proc.poll() is not None and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_emulator_deletes_its_folder_on_sigterm_and_sigint(tmp_path, sig):
     """``moonbatch emulator`` stopped by a signal deletes its ``moonbatch-emulator-*`` folder."""

@@ -96,12 +96,15 @@ class EmbeddedRedis:
         self.dir = tempfile.mkdtemp(prefix="moonbatch-broker-")
         for _attempt in range(3):  # a free port can be taken before the server binds it
             self.port = _free_port()
+            # The configuration goes in on stdin: a password on the command line is in `ps`.
             self.proc = subprocess.Popen(
-                [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass",
-                 self.password, "--save", "", "--appendonly", "no", "--dir", self.dir,
-                 "--maxmemory-policy", "noeviction", "--logfile", "redis.log"],
-                cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=child_setup())
+                [exe, "-"], cwd=self.dir, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=child_setup())
+            try:
+                self.proc.stdin.write(self._config().encode())  # type: ignore[union-attr]
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            except OSError:  # it exited at once: _wait_ready says so
+                pass
             if self._wait_ready():
                 return self
             self._kill()
@@ -109,6 +112,13 @@ class EmbeddedRedis:
         tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
         self.stop()
         raise RuntimeError(f"the embedded redis-server ({exe}) did not start: {tail.strip()}")
+
+    def _config(self) -> str:
+        quoted = '"' + str(self.dir).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return "\n".join([
+            f"port {self.port}", "bind 127.0.0.1", f"requirepass {self.password}",
+            'save ""', "appendonly no", f"dir {quoted}", "maxmemory-policy noeviction",
+            "logfile redis.log", ""])
 
     def _wait_ready(self) -> bool:
         import redis
