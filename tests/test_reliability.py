@@ -165,7 +165,18 @@ def _decoy_batch(client, lines: int) -> str:
 
 
 @pytest.fixture
-def one_round(s3, bucket, env, emulator):
+def lone_emulator():
+    """An emulator of this test's own: the lost-answer search looks at every batch of the last
+    five minutes, and the session's emulator holds other tests' batches of the same photographs
+    (some sent without claims), which a round would rightly adopt."""
+    config = EmulatorConfig(api_key="lone-" + uuid.uuid4().hex, chunking_seconds=0.1,
+                            processing_seconds=0.2, lines_per_second=500, min_part_size=0)
+    with EmulatorServer(config) as server:
+        yield server
+
+
+@pytest.fixture
+def one_round(s3, bucket, env, lone_emulator):
     """``build()`` builds and submits round 0 of a 2-item shard in this process, with claims."""
     from config import get_settings
     from workers import registry
@@ -178,7 +189,7 @@ def one_round(s3, bucket, env, emulator):
     settings = get_settings()
     state = open_output(f"s3://{bucket}/out/", settings)
     inputs = open_output(f"s3://{bucket}/in/", settings)
-    client = BatchClient(emulator.url, emulator.config.api_key, max_attempts=2)
+    client = BatchClient(lone_emulator.url, lone_emulator.config.api_key, max_attempts=2)
     items = [PlanItem(n, 0) for n in NAMES[:2]]
     claims = registry.BatchClaims(registry.open_state(settings), output=state.url, shard=0, rnd=0)
 
@@ -198,7 +209,7 @@ def wait_done(client, batch_id: str) -> None:
         time.sleep(0.05)
 
 
-def test_a_lost_answer_is_told_apart_from_a_batch_of_the_same_size(one_round, emulator):
+def test_a_lost_answer_is_told_apart_from_a_batch_of_the_same_size(one_round, lone_emulator):
     """A decoy batch of the same line count is created in the same moment as the lost answer's
     batch: the round waits for the results, adopts its own batch by the ids in them and never
     the decoy (no duplicate)."""
@@ -206,21 +217,21 @@ def test_a_lost_answer_is_told_apart_from_a_batch_of_the_same_size(one_round, em
 
     client = one_round["client"]
     decoy = _decoy_batch(client, 2)
-    before = set(emulator.emulator.batches)
-    emulator.config.faults = Faults(lose_complete_answers=1.0)
+    before = set(lone_emulator.emulator.batches)
+    lone_emulator.config.faults = Faults(lose_complete_answers=1.0)
     with pytest.raises(AwaitingBatch):  # two candidates, one still running: results will tell
         one_round["build"]()
-    emulator.config.faults = Faults()
-    (lost,) = set(emulator.emulator.batches) - before
+    lone_emulator.config.faults = Faults()
+    (lost,) = set(lone_emulator.emulator.batches) - before
     wait_done(client, lost)
     wait_done(client, decoy)
     _, record = one_round["build"]()
     assert record.batch_id == lost and record.recovered
-    assert set(emulator.emulator.batches) - before == {lost}  # nothing sent again
+    assert set(lone_emulator.emulator.batches) - before == {lost}  # nothing sent again
     assert one_round["owner"](decoy) is None and one_round["owner"](lost)["shard"] == 0
 
 
-def test_a_lost_answer_that_created_no_batch_never_adopts_another(one_round, emulator):
+def test_a_lost_answer_that_created_no_batch_never_adopts_another(one_round, lone_emulator):
     """A dead attempt sent mpu-complete (``submit.json``) but no batch came of it, while a
     decoy of the same size exists: the round sends itself again, counting one possible
     duplicate, and leaves the decoy alone."""
@@ -234,9 +245,9 @@ def test_a_lost_answer_that_created_no_batch_never_adopts_another(one_round, emu
     put_json(state, layout.round_doc(0, 0, "build"), ShardBuild(lines=[0, 1]).model_dump())
     put_json(state, layout.round_doc(0, 0, "submit"),
              SubmitRecord(file_id="gone", lines=2, bytes=100, sent_at=time.time()).model_dump())
-    before = set(emulator.emulator.batches)
+    before = set(lone_emulator.emulator.batches)
     _, record = one_round["build"]()
-    (new,) = set(emulator.emulator.batches) - before
+    (new,) = set(lone_emulator.emulator.batches) - before
     assert record.batch_id == new != decoy and not record.recovered
     assert get_json(state, layout.round_doc(0, 0, "orphans"))["count"] == 1
     assert one_round["owner"](decoy) is None
