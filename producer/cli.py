@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +93,9 @@ FollowWorkersOpt = Annotated[Optional[int], typer.Option(
 TimeoutOpt = Annotated[Optional[float], typer.Option(
     "--timeout", metavar="SECONDS", help="stop waiting after SECONDS and exit 4; the run goes "
     "on (follow it with `moonbatch wait RUN_ID`) (default: wait until it is final)")]
+EmbeddedBrokerOpt = Annotated[bool, typer.Option(
+    "--embedded-broker", help="start a private broker (a redis-server of this command's own) for "
+    "the local workers: no Redis needed (same as MOONBATCH_BROKER_URL=embedded)")]
 AllowEmptyOpt = Annotated[bool, typer.Option(
     "--allow-empty", help="accept an INPUT with no objects (a run of 0 images) instead of "
     "failing the check before work")]
@@ -193,7 +195,8 @@ _LOCAL_WORKERS: set[LocalWorkers] = set()
 
 class LocalWorkers:
     """``N`` worker processes (one ``celery -A workers worker`` with concurrency N) for the
-    duration of a command; they inherit this process's environment. ``revive()`` starts them
+    duration of a command, consuming only ``queue`` (the run's private one); they inherit
+    this process's environment and, on Linux, get SIGTERM if this process dies. ``revive()`` starts them
     again after they died (say, a broker restart kombu did not survive): the run's state is in
     storage, so the new workers carry on where the old ones stopped."""
 
@@ -208,12 +211,18 @@ class LocalWorkers:
         self.revivals = 0
         self.log = tempfile.NamedTemporaryFile(prefix="moonbatch-workers-", suffix=".log",
                                                delete=False)
-        self.proc = self._spawn()
+        try:
+            self.proc = self._spawn()
+        except BaseException:
+            self._remove_log()
+            raise
         _LOCAL_WORKERS.add(self)  # a second Ctrl-C kills them before exiting
 
     def _spawn(self) -> subprocess.Popen:
+        from workers.embedded import child_setup
+
         return subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=child_setup())
 
     def revive(self) -> bool:
         """Start the workers again if they died and revivals are left; True if started."""
@@ -242,6 +251,9 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self._remove_log()
+
+    def _remove_log(self) -> None:
         self.log.close()
         with contextlib.suppress(OSError):
             os.unlink(self.log.name)
@@ -251,14 +263,62 @@ def _check_fleet(settings) -> None:
     """Fail fast when ``--workers 0`` and no worker answers."""
     from workers.app import app as celery_app
 
-    if settings.broker_url.startswith("filesystem://"):
-        return  # no broadcast on the filesystem transport
     try:
         replies = celery_app.control.ping(timeout=2.0, limit=1)  # returns on the first reply
     except Exception as exc:
         raise Fail(f"cannot reach the broker at {_safe_url(settings.broker_url)}: {exc}") from None
     if not replies:
         raise Fail("no worker answered: start a fleet (celery -A workers worker) or use --workers N")
+
+
+def _check_broker(settings) -> None:
+    """Fail fast, with the way out, when the configured broker cannot be reached."""
+    from workers.app import app as celery_app
+
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+    except Exception as exc:
+        raise Fail(f"cannot reach the broker at {_safe_url(settings.broker_url)} "
+                   f"({type(exc).__name__}): start it, or run with a private broker of this "
+                   "command's own: --embedded-broker (or MOONBATCH_BROKER_URL=embedded)") from None
+
+
+def _no_embedded(settings, what: str) -> None:
+    """``embedded`` names a broker private to one ``moonbatch run``: nothing else can use it."""
+    from workers.embedded import EMBEDDED
+
+    if settings.broker_url == EMBEDDED:
+        raise Fail(f"MOONBATCH_BROKER_URL=embedded is a broker private to one `moonbatch run` "
+                   f"with local workers; {what} needs a shared broker (a redis:// URL)", code=2)
+
+
+@contextlib.contextmanager
+def _embedded_broker() -> Iterator[None]:
+    """Start a private ``redis-server`` (``workers.embedded``) and point this process's
+    settings, and the workers it starts, at it; stop it and delete its folder on exit."""
+    from config import reload_settings
+    from workers.app import reconfigure
+    from workers.embedded import EmbeddedRedis, NoRedisServer
+
+    saved = {k: os.environ.get(k) for k in ("MOONBATCH_BROKER_URL", "MOONBATCH_RESULT_BACKEND")}
+    server = EmbeddedRedis()
+    try:
+        server.start()
+    except NoRedisServer as exc:
+        raise Fail(str(exc)) from None
+    try:
+        os.environ.update(MOONBATCH_BROKER_URL=server.url(0), MOONBATCH_RESULT_BACKEND=server.url(1))
+        reconfigure(reload_settings())
+        yield
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reconfigure(reload_settings())
 
 
 def _safe_url(url: str) -> str:
@@ -357,7 +417,8 @@ def _print_summary(snap: dict[str, Any]) -> None:
 
 
 def _submit(input_url: str, output_url: str, opts, settings, shard_size: int | None,
-            max_pixels: int | None = None, run_id: str | None = None) -> dict:
+            max_pixels: int | None = None, run_id: str | None = None,
+            queue: str | None = None) -> dict:
     from producer.runs import submit_run
 
     if shard_size is not None and not 1 <= shard_size <= 100_000:
@@ -365,29 +426,53 @@ def _submit(input_url: str, output_url: str, opts, settings, shard_size: int | N
     if max_pixels is not None and max_pixels < 0:
         raise Fail("--max-pixels must be >= 0 (0 turns downscaling off)", code=2)
     return submit_run(input_url, output_url, opts, settings, shard_size=shard_size,
-                      max_pixels=max_pixels, run_id=run_id)
+                      max_pixels=max_pixels, run_id=run_id, queue=queue)
 
 
 def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, workers: int | None,
-         timeout: float | None, max_pixels: int | None = None, run_id: str | None = None
-         ) -> dict[str, Any]:
+         timeout: float | None, max_pixels: int | None = None, run_id: str | None = None,
+         embedded: bool = False) -> dict[str, Any]:
+    """Submit a run and follow it to the end (see ``run``); with ``workers`` > 0 start that
+    many local workers on the run's private queue, and with ``embedded`` (or
+    ``MOONBATCH_BROKER_URL=embedded``) a private broker too. Raises ``Fail``."""
     from config import get_settings
+    from producer.runs import local_queue, new_run_id
+    from workers.embedded import EMBEDDED
 
     settings = get_settings()
     n = (os.cpu_count() or 1) if workers is None else workers
     if n < 0:
         raise Fail("--workers must be >= 0", code=2)
-    local = LocalWorkers(n, settings.queue) if n > 0 else None
-    try:
-        if local is None:
+    embedded = embedded or settings.broker_url == EMBEDDED
+    if embedded and n == 0:
+        raise Fail("an embedded broker serves only this command's own workers: use --workers N "
+                   "(N > 0), or a shared broker for a fleet", code=2)
+    run_id = run_id or new_run_id()
+    with _embedded_broker() if embedded else contextlib.nullcontext():
+        settings = get_settings()
+        if n == 0:
             _check_fleet(settings)
-        plan = _submit(input_url, output_url, opts, settings, shard_size, max_pixels, run_id)
-        err.print(f"run [bold]{plan['run_id']}[/bold]: {plan['items']} images in "
-                  f"{plan['shards']} shard(s); {plan['skipped']} other objects skipped")
-        return _watch(output_url, settings, workers=local, timeout=timeout)
-    finally:
-        if local is not None:
-            local.stop()
+        else:
+            _check_broker(settings)
+        # Local workers consume only this run's queue: they never take a fleet's work, and a
+        # fleet never takes theirs (with credentials or an API key it may not have).
+        queue = local_queue(run_id) if n > 0 else None
+        local = LocalWorkers(n, queue) if queue else None
+        try:
+            plan = _submit(input_url, output_url, opts, settings, shard_size, max_pixels, run_id,
+                           queue=queue)
+            if local is not None and plan["run_id"] != run_id:
+                # A dead start of the same command was taken over: its spec names its queue.
+                from workers.runstate import open_run, run_queue
+
+                local.stop()
+                local = LocalWorkers(n, run_queue(open_run(output_url, settings).spec, settings))
+            err.print(f"run [bold]{plan['run_id']}[/bold]: {plan['items']} images in "
+                      f"{plan['shards']} shard(s); {plan['skipped']} other objects skipped")
+            return _watch(output_url, settings, workers=local, timeout=timeout)
+        finally:
+            if local is not None:
+                local.stop()
 
 
 def _start_checks(settings, opts, input_url: str, output_url: str, *, shard_size: int | None,
@@ -539,7 +624,7 @@ def run(input: InputArg, output: OutputArg,
         max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
         max_pixels: MaxPixelsOpt = None, workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
-        force: ForceOpt = False) -> None:
+        force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False) -> None:
     """Annotate every image under INPUT and write the results under OUTPUT; exit 0 when every
     image has a result (ok or error).
 
@@ -549,17 +634,22 @@ def run(input: InputArg, output: OutputArg,
     """
     from config import get_settings
     from producer.runs import AlreadyComplete
+    from workers.embedded import EMBEDDED
 
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with _cli_errors(), _interruptible(where):
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
         settings = get_settings()
+        embedded = embedded_broker or settings.broker_url == EMBEDDED
         try:
+            # An embedded broker is checked once started, in _run.
             spec = _start_checks(settings, opts, input, output, shard_size=shard_size,
-                                 max_pixels=max_pixels, allow_empty=allow_empty, force=force)
+                                 max_pixels=max_pixels, allow_empty=allow_empty, force=force,
+                                 broker=not embedded)
             where["output"] = spec.output
             snap = _run(spec.input, spec.output, opts, shard_size=shard_size, workers=workers,
-                        timeout=timeout, max_pixels=max_pixels, run_id=spec.run_id)
+                        timeout=timeout, max_pixels=max_pixels, run_id=spec.run_id,
+                        embedded=embedded)
         except AlreadyComplete as done:
             _already_complete(done, settings)
             return
@@ -585,6 +675,7 @@ def submit(input: InputArg, output: OutputArg,
     from producer.runs import AlreadyComplete
 
     with _cli_errors():
+        _no_embedded(get_settings(), "submit")
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
         settings = get_settings()
         try:
@@ -720,11 +811,20 @@ def runs(limit: Annotated[int, typer.Option("--limit", metavar="INTEGER",
 
 def _follow(output: str, settings, workers: int | None, timeout: float | None,
             where: dict[str, Any]) -> None:
-    """Follow the run at ``output`` to the end with ``workers`` local worker processes (none:
-    a fleet does the work) and print its summary. Raises ``Fail`` as ``_watch`` does."""
+    """Follow the run at ``output`` to the end with ``workers`` local worker processes on the
+    run's own queue (none: a fleet does the work) and print its summary. Raises ``Fail`` as
+    ``_watch`` does."""
+    from workers.runstate import open_run, run_queue
+
     if workers is not None and workers < 0:
         raise Fail("--workers must be >= 0", code=2)
-    local = LocalWorkers(workers, settings.queue) if workers else None
+    local = None
+    if workers:
+        queue = run_queue(open_run(output, settings).spec, settings)
+        if queue == settings.queue:
+            err.print(f"the run's work is on the shared queue {queue}: these {workers} local "
+                      "worker(s) take any run's work on it while they run", highlight=False)
+        local = LocalWorkers(workers, queue)
     where["output"] = output
     try:
         snap = _watch(output, settings, workers=local, timeout=timeout)
@@ -753,60 +853,88 @@ def wait(run_ref: RunRefArg, timeout: TimeoutOpt = None,
         _follow(output, settings, workers, timeout, where)
 
 
-@app.command(epilog=_epilog("moonbatch resume RUN_ID --workers 4   # on this machine, to the end",
-                            "moonbatch resume RUN_ID               # a fleet does the work"))
-def resume(run_ref: RunRefArg, workers: FollowWorkersOpt = None,
-           timeout: TimeoutOpt = None) -> None:
-    """Re-enqueue whatever a run still needs (after Ctrl-C, a broker that lost its queues, or
-    a failure you have fixed); batches that exist are polled, not submitted again. A run whose
-    start stopped before its plan was complete is planned again.
-
-    With --workers N, starts N local worker processes and follows the run to the end, as `run`
-    does; without it, returns once the work is enqueued.
-    """
-    from config import get_settings
+def _requeue(run_ref: str, settings, where: dict[str, Any]) -> str | None:
+    """Re-enqueue every unfinished step of a run on the run's own queue, or plan a start that
+    stopped before its plan was complete again; print what was done. Returns the run's OUTPUT,
+    or None when it is already complete. Raises ``Fail``, ``RunExists``, ``PreflightFailed``."""
     from producer import preflight
     from producer.runs import RunExists, describe_output, register_run, resolve_run, start_run
     from workers import layout
-    from workers.runstate import open_run
+    from workers.runstate import open_run, run_queue
     from workers.storage import get_json_or_none
-    from workers.tasks import advance_shard, finalize_run
+    from workers.tasks import advance_shard, enqueue, finalize_run
+
+    output = resolve_run(run_ref, settings)
+    run = open_run(output, settings)
+    store = run.output
+    where["output"] = output
+    if store.exists(layout.FINALIZED):
+        out.print(f"run {run.spec.run_id} is already complete")
+        return None
+    if store.exists(layout.CANCELLED):
+        raise Fail(f"run {run.spec.run_id} was cancelled; start a new run instead")
+    preflight.preflight(settings, output_url=output)
+    plan = get_json_or_none(store, layout.PLAN)
+    if plan is None:
+        if describe_output(store)["state"] == "planning":
+            raise RunExists(f"run {run.spec.run_id} is being planned by a live producer: "
+                            f"follow it with `moonbatch wait {run.spec.run_id}`")
+        plan = start_run(run.spec, settings)  # the dead start's run id and spec
+        out.print(f"run {run.spec.run_id}: planned again: {plan['items']} images in "
+                  f"{plan['shards']} shard(s)", highlight=False)
+        return output
+    store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
+    register_run(run.spec, settings)  # again: the registry or canary may be new
+    counts: dict[str, int] = {}
+    for shard in range(plan["shards"]):
+        action = advance_shard(run, shard, only_stale=False) or "nothing"
+        counts[action] = counts.get(action, 0) + 1
+    enqueue(finalize_run, (output, run.spec.run_id), queue=run_queue(run.spec, settings))
+    out.print(f"run {run.spec.run_id}: " + ", ".join(
+        f"{n} shard(s) {a}" for a, n in sorted(counts.items())))
+    return output
+
+
+@app.command(epilog=_epilog("moonbatch resume RUN_ID --workers 4   # on this machine, to the end",
+                            "moonbatch resume RUN_ID               # a fleet does the work"))
+def resume(run_ref: RunRefArg, workers: FollowWorkersOpt = None, timeout: TimeoutOpt = None,
+           embedded_broker: EmbeddedBrokerOpt = False) -> None:
+    """Re-enqueue whatever a run still needs, on the run's own queue (after Ctrl-C, a broker
+    that lost its queues, or a failure you have fixed); batches that exist are polled, not
+    submitted again. A run whose start stopped before its plan was complete is planned again.
+
+    With --workers N, starts N local worker processes on the run's queue and follows the run to
+    the end, as `run` does; without it, returns once the work is enqueued.
+    """
+    from config import get_settings
+    from workers.embedded import EMBEDDED
 
     where: dict[str, Any] = {"workers": workers}
     with _cli_errors(), _interruptible(where):
         settings = get_settings()
-        output = resolve_run(run_ref, settings)
-        run = open_run(output, settings)
-        store = run.output
-        where["output"] = output
-        if store.exists(layout.FINALIZED):
-            out.print(f"run {run.spec.run_id} is already complete")
-            return
-        if store.exists(layout.CANCELLED):
-            raise Fail(f"run {run.spec.run_id} was cancelled; start a new run instead")
         if workers is not None and workers < 0:
             raise Fail("--workers must be >= 0", code=2)
-        preflight.preflight(settings, output_url=output)
-        plan = get_json_or_none(store, layout.PLAN)
-        if plan is None:
-            if describe_output(store)["state"] == "planning":
-                raise RunExists(f"run {run.spec.run_id} is being planned by a live producer: "
-                                f"follow it with `moonbatch wait {run.spec.run_id}`")
-            plan = start_run(run.spec, settings)  # the dead start's run id and spec
-            out.print(f"run {run.spec.run_id}: planned again: {plan['items']} images in "
-                      f"{plan['shards']} shard(s)", highlight=False)
-        else:
-            store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
-            register_run(run.spec, settings)  # again: the registry or canary may be new
-            counts: dict[str, int] = {}
-            for shard in range(plan["shards"]):
-                action = advance_shard(run, shard, only_stale=False) or "nothing"
-                counts[action] = counts.get(action, 0) + 1
-            finalize_run.delay(output, run.spec.run_id)
-            out.print(f"run {run.spec.run_id}: " + ", ".join(
-                f"{n} shard(s) {a}" for a, n in sorted(counts.items())))
-        if workers:
-            _follow(output, settings, workers, timeout, where)
+        embedded = embedded_broker or settings.broker_url == EMBEDDED
+        if embedded and not workers:
+            raise Fail("an embedded broker serves only this command's own workers: add "
+                       "--workers N, or use a shared broker", code=2)
+        with _embedded_broker() if embedded else contextlib.nullcontext():
+            settings = get_settings()
+            output = _requeue(run_ref, settings, where)
+            if output is not None and workers:
+                _follow(output, settings, workers, timeout, where)
+            elif output is not None:
+                _say_where_the_work_is(output, settings)
+
+
+def _say_where_the_work_is(output: str, settings) -> None:
+    """After a resume without workers: name the run's queue when no fleet consumes it."""
+    from workers.runstate import open_run, run_queue
+
+    queue = run_queue(open_run(output, settings).spec, settings)
+    if queue != settings.queue:
+        err.print(f"its work is on its own queue {queue} (its workers were `moonbatch run`'s): "
+                  f"add --workers N, or start workers with -Q {queue}", highlight=False)
 
 
 @app.command(epilog=_epilog("moonbatch cancel RUN_ID"))
@@ -938,23 +1066,18 @@ def demo(output: Annotated[Path, typer.Option(
          shard_size: DemoShardSizeOpt = 8, workers: DemoWorkersOpt = 2,
          timeout: DemoTimeoutOpt = 300.0) -> None:
     """Annotate scikit-image's sample photographs with no account and no servers: an embedded
-    broker, local storage and the Batch API emulator."""
+    broker (a private redis-server), local storage and the Batch API emulator."""
     from config import reload_settings
     from emulator.server import EmulatorConfig, EmulatorServer
     from workers.app import reconfigure
 
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, None, None, None)
-        scratch = Path(tempfile.mkdtemp(prefix="moonbatch-demo-"))
-        (scratch / "results").mkdir()
         key = uuid.uuid4().hex
         with EmulatorServer(EmulatorConfig(api_key=key, chunking_seconds=0.5,
                                            processing_seconds=1.0, lines_per_second=50)) as emu:
             os.environ.update({
-                "MOONBATCH_BROKER_URL": f"filesystem://{scratch / 'broker'}",
-                "MOONBATCH_RESULT_BACKEND": f"file://{scratch / 'results'}",
                 "MOONBATCH_MOONDREAM_URL": emu.url, "MOONDREAM_API_KEY": key,
-                "MOONBATCH_QUEUE": f"moonbatch-demo-{key[:8]}",
                 "MOONBATCH_POLL_MIN_INTERVAL": "0.5", "MOONBATCH_POLL_MAX_INTERVAL": "2",
             })
             reconfigure(reload_settings())
@@ -964,11 +1087,9 @@ def demo(output: Annotated[Path, typer.Option(
             target = (output / run_id).resolve()
             source = skimage_data_dir()
             err.print(f"demo: {source} → {target} (emulated Moondream Batch API at {emu.url})")
-            try:
-                snap = _run(str(source), str(target), opts, shard_size=shard_size,
-                            workers=max(1, workers or 1), timeout=timeout, run_id=run_id)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+            snap = _run(str(source), str(target), opts, shard_size=shard_size,
+                        workers=max(1, workers or 1), timeout=timeout, run_id=run_id,
+                        embedded=True)
         _print_summary(snap)
         first = next(iter(sorted((target / "results").glob("*.jsonl"))), None)
         if first is not None:
@@ -994,19 +1115,30 @@ def emulator(port: Annotated[int, typer.Option("--port")] = 8787,
     fkey = fal_key or uuid.uuid4().hex
     server = EmulatorServer(EmulatorConfig(api_key=key, fal_key=fkey), host=host, port=port)
     err.print(f"Moondream Batch API emulator on {server.url}"
-              + ("" if api_key else f" (API key: {key})"))
+              + ("" if api_key else f" (API key: {key})") + f"; files in {server.emulator.dir}")
     err.print(f"fal queue emulator on {server.fal_url} (MOONBATCH_FAL_QUEUE_URL={server.fal_url})"
               + ("" if fal_key else f" (fal key: {fkey})"))
     try:
-        server.serve_forever()
+        server.serve_forever()  # SIGINT, SIGTERM and SIGHUP end it (see main)
     except KeyboardInterrupt:
         pass
     finally:
-        server.stop()
+        server.stop()  # deletes its folder
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so `finally` stops the local workers and the embedded
+    # broker and deletes temporary files; later ones are ignored so that cleanup completes.
+    signal.signal(signum, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM and SIGHUP exit (code 128 + signal) through the
+    same clean-up as Ctrl-C."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _exit_on_signal)
     app()
 
 

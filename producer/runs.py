@@ -158,6 +158,12 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
+def local_queue(run_id: str) -> str:
+    """The private broker queue of a run whose workers ``moonbatch run`` starts itself:
+    ``moonbatch-run-<run_id>``, consumed by no fleet."""
+    return f"moonbatch-run-{run_id}"
+
+
 def register_run(spec: RunSpec, settings: Settings) -> None:
     """Record the run in the state store's registry and on its list of active runs, and arm
     the broker canary that lets a reconciler notice a broker that lost the run's messages.
@@ -198,8 +204,9 @@ def resolve_run(ref: str, settings: Settings) -> str:
 
 def new_spec(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
              shard_size: int | None = None, max_pixels: int | None = None,
-             run_id: str | None = None) -> RunSpec:
-    """The spec of a new run (URLs normalised, defaults from ``settings``).
+             run_id: str | None = None, queue: str | None = None) -> RunSpec:
+    """The spec of a new run (URLs normalised, defaults from ``settings``; ``queue``: the broker
+    queue of every step of the run, default ``settings.queue``, the fleet's).
 
     Raises ``ValueError`` for bad URLs, or when INPUT and OUTPUT are the same location.
     """
@@ -211,14 +218,16 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions, settings: S
                    shard_size=shard_size or settings.shard_size,
                    max_shard_bytes=settings.max_shard_bytes,
                    max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
-                   created_at=time.time())
+                   created_at=time.time(), queue=queue or settings.queue)
 
 
 def submit_run(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
                shard_size: int | None = None, max_pixels: int | None = None,
-               run_id: str | None = None,
+               run_id: str | None = None, queue: str | None = None,
                on_shard: Callable[[Shard], None] | None = None) -> dict[str, Any]:
-    """Record a run at ``output_url``, plan ``input_url`` into shards and enqueue them.
+    """Record a run at ``output_url``, plan ``input_url`` into shards and enqueue them on the
+    run's broker ``queue`` (default ``settings.queue``, the fleet's; ``moonbatch run`` with
+    local workers passes ``local_queue(run_id)``), which every later step of the run uses.
 
     Returns the plan document (``run_id``, ``shards``, ``items``, ``skipped``...). Raises
     ``AlreadyComplete`` if the same command completed there, ``RunExists`` if OUTPUT holds
@@ -226,7 +235,7 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
     if the stores cannot be reached. See ``start_run``.
     """
     spec = new_spec(input_url, output_url, options, settings, shard_size=shard_size,
-                    max_pixels=max_pixels, run_id=run_id)
+                    max_pixels=max_pixels, run_id=run_id, queue=queue)
     return start_run(spec, settings, on_shard=on_shard)
 
 
@@ -308,6 +317,8 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
           on_shard: Callable[[Shard], None] | None, lease_check: Callable[[], None],
           build_shard: Any, finalize_run: Any) -> dict[str, Any]:
     """List INPUT, write and enqueue each shard as it fills, then the plan document."""
+    from workers.tasks import enqueue
+
     input_url, output_url, options = spec.input, spec.output, spec.options
     put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
                                    "input": input_url, "output": output_url,
@@ -328,7 +339,7 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
         if takeover:
             _check_replan(out, shard.index, body)
         out.put(key, body)
-        build_shard.delay(output_url, spec.run_id, shard.index)
+        enqueue(build_shard, (output_url, spec.run_id, shard.index), queue=spec.queue)
         n_shards += 1
         if on_shard:
             on_shard(shard)
@@ -338,7 +349,7 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
             "planned_at": time.time()}
     put_json(out, layout.PLAN, plan, if_absent=True)
     # The last shard may have merged before the plan existed: let a worker check.
-    finalize_run.delay(output_url, spec.run_id)
+    enqueue(finalize_run, (output_url, spec.run_id), queue=spec.queue)
     return plan
 
 

@@ -33,3 +33,14 @@ def test_demo_annotates_the_sample_photographs(tmp_path):
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) >= len(rows) - 1 and all(r["result"]["caption"] for r in ok)
     assert summary["counts"]["ok"] == len(ok) and summary["counts"]["total"] == len(rows)
+
+
+def test_demo_under_load_three_times_in_a_row():
+    """The embedded broker under load: three demos in a row with every core busy, each checked
+    (exit 0, completed, every image once, no temporary file left). ``python -m
+    bench.demo_soak`` does the same a hundred times."""
+    from bench.demo_soak import soak
+
+    result = soak(3, verbose=False)
+    print("\n" + result.summary())
+    assert result.runs == 3 and not result.failures, result.failures

@@ -1,14 +1,15 @@
 """The Celery application of moonbatch workers (``celery -A workers worker``).
 
-Broker and result backend come from settings (Redis by default). ``filesystem:///dir`` is also
-accepted as a broker URL: kombu's filesystem transport, the embedded broker of ``moonbatch demo``
-(no server to run). Delivery is at-least-once (FACTS.md, "Celery with Redis"): late acks,
-redelivery of a lost worker's task, prefetch of one, JSON only.
+Broker and result backend come from settings (Redis). ``MOONBATCH_BROKER_URL=embedded`` asks
+``moonbatch run``/``demo`` for a private ``redis-server`` of their own (``workers.embedded``);
+they put its URL in the settings before any worker starts. Kombu's filesystem transport is not
+offered: a worker can read a message file before it is fully written.
+Delivery is at-least-once (FACTS.md, "Celery with Redis"): late acks, redelivery of a lost
+worker's task, prefetch of one, JSON only.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from celery import Celery
@@ -18,20 +19,10 @@ from config import Settings, get_settings
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings`` (a dict for ``app.conf.update``)."""
-    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
-    broker = settings.broker_url
-    if broker.startswith("filesystem://"):
-        base = broker[len("filesystem://"):] or "."
-        folder, control = os.path.join(base, "queue"), os.path.join(base, "control")
-        os.makedirs(folder, exist_ok=True)
-        os.makedirs(control, exist_ok=True)
-        transport = {"data_folder_in": folder, "data_folder_out": folder, "control_folder": control,
-                     "store_processed": False, "polling_interval": 0.1}
-        broker = "filesystem://"
     return {
-        "broker_url": broker,
+        "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
-        "broker_transport_options": transport,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",

@@ -95,6 +95,10 @@ class RunSpec(BaseModel):
     max_shard_bytes: int
     max_pixels: int = 0  # downscale budget (0: send images at their own resolution)
     created_at: float  # unix seconds
+    # The broker queue of every task of the run: the settings' queue for a fleet's run, a
+    # private one (``moonbatch-run-<run_id>``) for ``moonbatch run``'s local workers, so the
+    # two never take each other's work. None (specs written before it): the settings' queue.
+    queue: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

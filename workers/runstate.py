@@ -56,6 +56,12 @@ def open_run(output_url: str, settings: Settings, run_id: str | None = None) -> 
     return Run(spec, out, open_output(spec.input, settings))
 
 
+def run_queue(spec: RunSpec, settings: Settings) -> str:
+    """The broker queue of the run's tasks: ``spec.queue``, or ``settings.queue`` for a spec
+    written before runs recorded their queue."""
+    return spec.queue or settings.queue
+
+
 def record_failure(store: Store, *, where: str, error: str) -> None:
     """Record why the run cannot complete (first failure wins). ``error`` must hold no secret."""
     put_json(store, layout.FAILED, {"where": where, "error": error[:2000], "at": time.time()},

@@ -31,7 +31,14 @@ from workers.lease import Lease, LeaseLost, lease_is_live
 from workers.merge import compose, encode_round, join_rows, merge_round, next_poll_interval
 from workers.models import BatchRecord, ShardBuild, ShardDone
 from workers.moondream import BatchClient, MoondreamError, TransientError
-from workers.runstate import Run, maybe_finalize, open_output, open_run, record_failure
+from workers.runstate import (
+    Run,
+    maybe_finalize,
+    open_output,
+    open_run,
+    record_failure,
+    run_queue,
+)
 from workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
@@ -83,13 +90,30 @@ class RunTask(Task):
             log.exception("could not record the failure of %s", self.name)
 
 
+@functools.lru_cache(maxsize=4096)
+def _spec_queue(output: str) -> str | None:
+    # A run's spec never changes once written: one read per run and process.
+    return get_json(open_output(output, get_settings()), layout.SPEC).get("queue")
+
+
+def enqueue(task: Task, args: tuple[Any, ...], *, countdown: float | None = None,
+            queue: str | None = None) -> None:
+    """Publish ``task(*args)`` on its run's queue: every enqueue of a run's work goes through
+    here. ``args[0]`` is the run's OUTPUT URL; ``queue`` (when the caller holds the spec,
+    ``run_queue(spec, settings)``) saves reading the spec. Raises the broker's errors, and
+    ``NotFound`` if no spec is at ``args[0]``."""
+    if queue is None:
+        queue = _spec_queue(args[0]) or get_settings().queue
+    task.apply_async(args, countdown=countdown, queue=queue)
+
+
 def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None) -> None:
-    """Enqueue the pipeline's next step. Storage already records what that step is, so a
-    publish the broker refuses (restarting, unreachable) is logged and left to the reconciler
-    instead of failing the run; kombu's own reconnect is tried a few times first."""
+    """Enqueue the pipeline's next step on the run's queue. Storage already records what that
+    step is, so a publish the broker refuses (restarting, unreachable) is logged and left to
+    the reconciler instead of failing the run; kombu's own reconnect is tried a few times."""
     for attempt in range(3):
         try:
-            task.apply_async(args, countdown=countdown)
+            enqueue(task, args, countdown=countdown)
             return
         except Exception as exc:
             error = exc
@@ -373,13 +397,14 @@ def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None =
     rounds = sorted({int(k[1:k.index("/")]) for k in docs if k.startswith("r") and "/" in k})
     rnd = rounds[-1] if rounds else 0
     args = (run.spec.output, run.spec.run_id, shard, rnd)
+    queue = run_queue(run.spec, settings)
     if f"r{rnd}/rows.jsonl" in docs:
-        merge_round_task.delay(*args)
+        enqueue(merge_round_task, args, queue=queue)
         return "merge"
     if f"r{rnd}/build.json" in docs and f"r{rnd}/batch.json" not in docs:
         build = get_json_or_none(store, layout.round_doc(shard, rnd, "build"))
         if build is not None and not build["lines"]:  # nothing was sendable: only errors
-            merge_round_task.delay(*args)
+            enqueue(merge_round_task, args, queue=queue)
             return "merge"
         # Otherwise the build stopped before its batch was recorded: build again (below).
     if f"r{rnd}/batch.json" in docs:
@@ -392,14 +417,14 @@ def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None =
             elif progress.get("next_at", 0) + _grace(settings) > now:
                 return None
         if progress and progress.get("status") in ("completed", "failed"):
-            merge_round_task.delay(*args)
+            enqueue(merge_round_task, args, queue=queue)
             return "merge"
-        poll_batch.delay(*args, uuid.uuid4().hex)
+        enqueue(poll_batch, (*args, uuid.uuid4().hex), queue=queue)
         return "poll"
     if only_stale and ("lease.json" not in docs  # never started: its message is queued
                        or lease_is_live(store, layout.shard_doc(shard, "lease"), now)):
         return None
-    build_shard.delay(*args)
+    enqueue(build_shard, args, queue=queue)
     return "build"
 
 
@@ -422,7 +447,7 @@ def reconcile_run(output: str, run_id: str, *, full: bool) -> dict[str, int]:
         if action:
             counts[action] = counts.get(action, 0) + 1
     if full:
-        finalize_run.delay(output, run_id)
+        enqueue(finalize_run, (output, run_id), queue=run_queue(run.spec, settings))
     elif maybe_finalize(store):
         run_final(settings, run_id)
     return counts
