@@ -1098,15 +1098,22 @@ def demo(output: Annotated[Path, typer.Option(
         out.print(f"results are in {target / 'results'}")
 
 
-@app.command()
-def emulator(port: Annotated[int, typer.Option("--port")] = 8787,
-             host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+@app.command(epilog=_epilog(
+    "moonbatch emulator --port 8787 --api-key K",
+    "MOONBATCH_MOONDREAM_URL=http://127.0.0.1:8787/v1 MOONDREAM_API_KEY=K moonbatch run ..."))
+def emulator(port: Annotated[int, typer.Option(
+                 "--port", metavar="INTEGER", help="TCP port to listen on (0: any free port)")] = 8787,
+             host: Annotated[str, typer.Option(
+                 "--host", metavar="TEXT", help="address to bind; keep the loopback default "
+                 "unless other machines must reach it")] = "127.0.0.1",
              api_key: Annotated[Optional[str], typer.Option(
-                 "--api-key", envvar="MOONDREAM_API_KEY", show_envvar=True,
-                 help="key clients must send in X-Moondream-Auth")] = None,
+                 "--api-key", envvar="MOONDREAM_API_KEY", show_envvar=True, metavar="TEXT",
+                 help="key clients must send in X-Moondream-Auth (default: a random key, "
+                 "printed)")] = None,
              fal_key: Annotated[Optional[str], typer.Option(
-                 "--fal-key", envvar="FAL_KEY", show_envvar=True,
-                 help="key fal clients must send (Authorization: Key <key>)")] = None) -> None:
+                 "--fal-key", envvar="FAL_KEY", show_envvar=True, metavar="TEXT",
+                 help="key fal clients must send (Authorization: Key <key>; default: a random "
+                 "key, printed)")] = None) -> None:
     """Serve the Moondream Batch API emulator and the fal queue API emulator on one port (for
     tests, benchmarks and offline work)."""
     from emulator.server import EmulatorConfig, EmulatorServer

@@ -415,8 +415,6 @@ def test_every_option_has_help():
 
     group = typer.main.get_command(app)
     for name, command in group.commands.items():
-        if name == "emulator":  # a developer tool, not the data engineer's command line
-            continue
         for param in command.params:
             assert (getattr(param, "help", None) or "").strip(), f"{name} {param.name}"
             assert "<bool>" not in str(param.metavar or "")
