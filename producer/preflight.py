@@ -71,8 +71,9 @@ def check_broker(url: str, timeout: float = REDIS_TIMEOUT) -> str | None:
             return (f"broker: Redis at {shown} refused the credentials: fix the password in "
                     "MOONBATCH_BROKER_URL (redis://:PASSWORD@host:6379/0)")
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            return (f"broker: cannot reach Redis at {shown} ({_short(exc)}): start Redis there "
-                    "or point MOONBATCH_BROKER_URL at a running one")
+            return (f"broker: cannot reach Redis at {shown} ({_short(exc)}): start Redis there, "
+                    "point MOONBATCH_BROKER_URL at a running one, or (moonbatch run on this "
+                    "machine) pass --embedded-broker")
         except redis.RedisError as exc:
             return f"broker: Redis at {shown} answered an error ({_short(exc)}): check the server"
         return None

@@ -26,6 +26,7 @@ from tests.conftest import (
     Worker,
     free_port,
     moonbatch_cmd,
+    photos_dir,
     read_json,
     run_cli,
     upload_photos,
@@ -154,10 +155,13 @@ def test_run_with_an_unreachable_broker_names_the_way_out(env, tmp_path):
     dead = {**env, "MOONBATCH_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
             "MOONBATCH_RESULT_BACKEND": f"redis://127.0.0.1:{free_port()}/1",
             "TMPDIR": str(tmp_path)}
-    proc = run_cli(["run", str(tmp_path), str(tmp_path / "out"), "--workers", "1"], dead,
+    photos = tmp_path / "in"
+    photos.mkdir()
+    (photos / "coffee.png").write_bytes((photos_dir() / "coffee.png").read_bytes())
+    proc = run_cli(["run", str(photos), str(tmp_path / "out"), "--workers", "1"], dead,
                    check=False, timeout=60)
-    assert proc.returncode == 1, proc.stderr
-    assert "cannot reach the broker" in proc.stderr and "--embedded-broker" in proc.stderr
+    assert proc.returncode == 3, proc.stderr  # a check before work failed
+    assert "cannot reach Redis" in proc.stderr and "--embedded-broker" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     for args in (["run", str(tmp_path), str(tmp_path / "o2"), "--workers", "0",
                   "--embedded-broker"],
@@ -276,7 +280,7 @@ def test_resume_with_workers_finishes_a_run_that_run_left(s3, bucket, env, emula
     renv = {**env, "MOONBATCH_BROKER_URL": "embedded", "TMPDIR": str(tmp_path)}
     proc = run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--workers", "1",
                     "--timeout", "4"], renv, check=False)
-    assert proc.returncode == 1 and "not complete after 4s" in proc.stderr, proc.stderr
+    assert proc.returncode == 4 and "not complete after 4s" in proc.stderr, proc.stderr
     run_id = spec_of(s3, bucket, "out/")["run_id"]
     hint = run_cli(["resume", run_id], {**env, "TMPDIR": str(tmp_path)})
     assert f"moonbatch-run-{run_id}" in hint.stderr and "--workers" in hint.stderr

@@ -60,7 +60,8 @@ def test_redis_down_is_one_line(s3, bucket, env):
                            down, "Redis down")
     assert proc.stderr.startswith(f"error: broker: cannot reach Redis at redis://127.0.0.1:{port}/0 (")
     assert proc.stderr.rstrip().endswith(
-        "start Redis there or point MOONBATCH_BROKER_URL at a running one")
+        "start Redis there, point MOONBATCH_BROKER_URL at a running one, or (moonbatch run on "
+        "this machine) pass --embedded-broker")
     assert nothing_under(s3, bucket, "out/")
 
 
