@@ -90,6 +90,30 @@ class RedisServer:
         self.start()
 
 
+@pytest.fixture
+def broker(tmp_path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, so it can be restarted empty."""
+    server = RedisServer(free_port(), tmp_path).start()
+    yield server
+    server.kill()
+
+
+def private_env(env: dict[str, str], broker: RedisServer, **extra: str) -> dict[str, str]:
+    """``env`` with broker and result backend on ``broker`` and a queue of the test's own."""
+    return {**env, "MOONBATCH_BROKER_URL": broker.url(0), "MOONBATCH_RESULT_BACKEND": broker.url(1),
+            "MOONBATCH_QUEUE": "t-" + uuid.uuid4().hex[:8], **extra}
+
+
+@pytest.fixture(scope="module")
+def _stopping() -> Iterator[list]:
+    """Emulator servers stop in background threads (``shutdown`` waits out werkzeug's 0.5 s
+    poll); the module joins them at its end."""
+    threads: list = []
+    yield threads
+    for t in threads:
+        t.join(10)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
     """The session's private Redis (broker in db 0, result backend in db 1)."""

@@ -22,11 +22,11 @@ import pytest
 
 from emulator.server import EmulatorConfig, EmulatorServer
 from tests.conftest import (
-    RedisServer,
     Worker,
     free_port,
     moonbatch_cmd,
     photos_dir,
+    private_env,
     read_json,
     run_cli,
     upload_photos,
@@ -35,16 +35,6 @@ from tests.conftest import (
 NAMES = ("coffee.png", "rocket.jpg", "chelsea.png")
 
 
-@pytest.fixture
-def broker(tmp_path) -> RedisServer:
-    server = RedisServer(free_port(), tmp_path).start()
-    yield server
-    server.kill()
-
-
-def private_env(env: dict[str, str], broker: RedisServer, **extra: str) -> dict[str, str]:
-    return {**env, "MOONBATCH_BROKER_URL": broker.url(0), "MOONBATCH_RESULT_BACKEND": broker.url(1),
-            "MOONBATCH_QUEUE": "fleet-" + uuid.uuid4().hex[:8], **extra}
 
 
 def spec_of(s3, bucket: str, prefix: str) -> dict:

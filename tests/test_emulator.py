@@ -45,16 +45,6 @@ def fast_config(**overrides: object) -> EmulatorConfig:
     return EmulatorConfig(**values)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def _stopping() -> Iterator[list[threading.Thread]]:
-    """Servers stop in the background (``shutdown`` waits out werkzeug's 0.5 s poll); the module
-    waits for all of them once, at its end."""
-    threads: list[threading.Thread] = []
-    yield threads
-    for t in threads:
-        t.join(10)
-
-
 @pytest.fixture
 def server(_stopping: list[threading.Thread]) -> Iterator[EmulatorServer]:
     srv = EmulatorServer(fast_config()).start()

@@ -35,15 +35,6 @@ DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.C
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def _stopping() -> Iterator[list[threading.Thread]]:
-    """Servers stop in the background (``shutdown`` waits out werkzeug's 0.5 s poll)."""
-    threads: list[threading.Thread] = []
-    yield threads
-    for t in threads:
-        t.join(10)
-
-
 @pytest.fixture
 def start(_stopping: list[threading.Thread]) -> Iterator:
     """``start(**faults)`` → a running emulator with a fast configuration and those faults."""

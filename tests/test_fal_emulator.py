@@ -68,15 +68,6 @@ class ManualClock:
         self.now += seconds
 
 
-@pytest.fixture(scope="module")
-def _stopping() -> Iterator[list[threading.Thread]]:
-    """Servers stop in the background (``shutdown`` waits out werkzeug's 0.5 s poll)."""
-    threads: list[threading.Thread] = []
-    yield threads
-    for t in threads:
-        t.join(10)
-
-
 @pytest.fixture
 def start(_stopping: list[threading.Thread]) -> Iterator[Callable[..., EmulatorServer]]:
     """``start(clock=True, **fal_config)`` → a running emulator; with ``clock`` its fal

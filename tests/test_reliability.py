@@ -18,11 +18,10 @@ import pytest
 from emulator.server import EmulatorConfig, EmulatorServer, Faults
 from tests.conftest import (
     SKIMAGE_PHOTOS,
-    RedisServer,
     Worker,
     expected_result,
-    free_port,
     moonbatch_cmd,
+    private_env,
     read_json,
     read_results,
     run_cli,
@@ -33,17 +32,6 @@ from tests.conftest import (
 NAMES = ("coffee.png", "rocket.jpg", "chelsea.png", "camera.png")
 
 
-@pytest.fixture
-def broker(tmp_path) -> RedisServer:
-    """A Redis of this test's own, so it can be restarted empty."""
-    server = RedisServer(free_port(), tmp_path).start()
-    yield server
-    server.kill()
-
-
-def private_env(env: dict[str, str], broker: RedisServer, **extra: str) -> dict[str, str]:
-    return {**env, "MOONBATCH_BROKER_URL": broker.url(0), "MOONBATCH_RESULT_BACKEND": broker.url(1),
-            "MOONBATCH_QUEUE": "rel-" + uuid.uuid4().hex[:8], **extra}
 
 
 def check_rows(s3, bucket: str, prefix: str, photos: dict[str, bytes], request: dict) -> None:
