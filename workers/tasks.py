@@ -91,19 +91,20 @@ class RunTask(Task):
 
 
 @functools.lru_cache(maxsize=4096)
-def _spec_queue(output: str) -> str | None:
-    # A run's spec never changes once written: one read per run and process.
+def _spec_queue(output: str, run_id: str) -> str | None:
+    # A run's spec never changes once written: one read per run and process. Keyed by run id
+    # too: a cleaned OUTPUT may hold a later run with another queue.
     return get_json(open_output(output, get_settings()), layout.SPEC).get("queue")
 
 
 def enqueue(task: Task, args: tuple[Any, ...], *, countdown: float | None = None,
             queue: str | None = None) -> None:
     """Publish ``task(*args)`` on its run's queue: every enqueue of a run's work goes through
-    here. ``args[0]`` is the run's OUTPUT URL; ``queue`` (when the caller holds the spec,
+    here. ``args`` start with the run's OUTPUT URL and run id; ``queue`` (when the caller holds the spec,
     ``run_queue(spec, settings)``) saves reading the spec. Raises the broker's errors, and
     ``NotFound`` if no spec is at ``args[0]``."""
     if queue is None:
-        queue = _spec_queue(args[0]) or get_settings().queue
+        queue = _spec_queue(args[0], args[1]) or get_settings().queue
     task.apply_async(args, countdown=countdown, queue=queue)
 
 
