@@ -369,7 +369,7 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
                           f"them again ({workers.revivals}/{workers.max_revivals})[/yellow]")
             if workers is not None and time.time() - reconciled >= settings.reconcile_interval:
                 reconciled = time.time()
-                _reconcile(settings, output, snap["run_id"])
+                _reconcile(output, snap["run_id"])
             if timeout is not None and time.time() - start > timeout:
                 raise Fail(f"run {snap['run_id']} not complete after {timeout:.0f}s; it goes on: "
                            f"moonbatch wait {snap['run_id']}", code=4)
@@ -377,15 +377,13 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
             time.sleep(0.2 if age < 10 else 2.0 if age < 600 else 10.0)
 
 
-def _reconcile(settings, output: str, run_id: str) -> None:
+def _reconcile(output: str, run_id: str) -> None:
     """One reconciler pass over the run (see ``workers.tasks.reconcile``); a broker that is
     down for now is tried again at the next pass."""
-    from workers import canary
-    from workers.tasks import reconcile_run
+    from workers.tasks import reconcile_active_run
 
     try:
-        lost = canary.broker_lost(settings, run_id)
-        counts = reconcile_run(output, run_id, full=lost)
+        lost, counts = reconcile_active_run(output, run_id)
         if lost:
             err.print(f"the broker lost its data: re-enqueued the work of run {run_id} "
                       f"({', '.join(f'{n} {a}' for a, n in sorted(counts.items())) or 'nothing left'})")
@@ -860,9 +858,9 @@ def _requeue(run_ref: str, settings, where: dict[str, Any]) -> str | None:
     from producer import preflight
     from producer.runs import RunExists, describe_output, register_run, resolve_run, start_run
     from workers import layout
-    from workers.runstate import open_run, run_queue
+    from workers.runstate import open_run
     from workers.storage import get_json_or_none
-    from workers.tasks import advance_shard, enqueue, finalize_run
+    from workers.tasks import reconcile_run
 
     output = resolve_run(run_ref, settings)
     run = open_run(output, settings)
@@ -885,11 +883,9 @@ def _requeue(run_ref: str, settings, where: dict[str, Any]) -> str | None:
         return output
     store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
     register_run(run.spec, settings)  # again: the registry or canary may be new
-    counts: dict[str, int] = {}
-    for shard in range(plan["shards"]):
-        action = advance_shard(run, shard, only_stale=False) or "nothing"
-        counts[action] = counts.get(action, 0) + 1
-    enqueue(finalize_run, (output, run.spec.run_id), queue=run_queue(run.spec, settings))
+    counts = reconcile_run(output, run.spec.run_id, full=True)
+    counts["nothing"] = plan["shards"] - sum(counts.values())
+    counts = {action: n for action, n in counts.items() if n}
     out.print(f"run {run.spec.run_id}: " + ", ".join(
         f"{n} shard(s) {a}" for a, n in sorted(counts.items())))
     return output

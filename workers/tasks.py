@@ -29,7 +29,7 @@ from workers.builder import AwaitingBatch, build_and_submit
 from workers.downloader import fetch_results
 from workers.lease import Lease, LeaseLost, lease_is_live
 from workers.merge import compose, encode_round, join_rows, merge_round, next_poll_interval
-from workers.models import BatchRecord, ShardBuild, ShardDone
+from workers.models import BatchRecord, RunSpec, ShardBuild, ShardDone
 from workers.moondream import BatchClient, MoondreamError, TransientError
 from workers.runstate import (
     Run,
@@ -91,21 +91,21 @@ class RunTask(Task):
 
 
 @functools.lru_cache(maxsize=4096)
-def _spec_queue(output: str, run_id: str) -> str | None:
+def _spec_queue(output: str, run_id: str) -> str:
     # A run's spec never changes once written: one read per run and process. Keyed by run id
     # too: a cleaned OUTPUT may hold a later run with another queue.
-    return get_json(open_output(output, get_settings()), layout.SPEC).get("queue")
+    settings = get_settings()
+    spec = RunSpec.model_validate(get_json(open_output(output, settings), layout.SPEC))
+    return run_queue(spec, settings)
 
 
 def enqueue(task: Task, args: tuple[Any, ...], *, countdown: float | None = None,
             queue: str | None = None) -> None:
     """Publish ``task(*args)`` on its run's queue: every enqueue of a run's work goes through
-    here. ``args`` start with the run's OUTPUT URL and run id; ``queue`` (when the caller holds the spec,
-    ``run_queue(spec, settings)``) saves reading the spec. Raises the broker's errors, and
-    ``NotFound`` if no spec is at ``args[0]``."""
-    if queue is None:
-        queue = _spec_queue(args[0], args[1]) or get_settings().queue
-    task.apply_async(args, countdown=countdown, queue=queue)
+    here. ``args`` start with the run's OUTPUT URL and run id; ``queue`` (when the caller
+    holds the spec, ``run_queue(spec, settings)``) saves reading the spec. Raises the broker's
+    errors, and ``NotFound`` if no spec is at ``args[0]``."""
+    task.apply_async(args, countdown=countdown, queue=queue or _spec_queue(args[0], args[1]))
 
 
 def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None) -> None:
@@ -454,6 +454,14 @@ def reconcile_run(output: str, run_id: str, *, full: bool) -> dict[str, int]:
     return counts
 
 
+def reconcile_active_run(output: str, run_id: str) -> tuple[bool, dict[str, int]]:
+    """The reconciler's pass over one active run (the beat's, and ``moonbatch run``'s for its
+    own run): a full pass when the run's broker canary is gone, a stale-work pass otherwise.
+    Returns ``(broker lost its data, {action: shards})``; raises broker and storage errors."""
+    lost = canary.broker_lost(get_settings(), run_id)
+    return lost, reconcile_run(output, run_id, full=lost)
+
+
 @app.task(name="moonbatch.reconcile", ignore_result=True)
 def reconcile() -> dict[str, int]:
     """Periodic (Celery beat): for every active run of the registry, re-enqueue stale work —
@@ -464,7 +472,7 @@ def reconcile() -> dict[str, int]:
     counts: dict[str, int] = {}
     for run_id, output in registry.iter_active(registry.open_state(settings)):
         try:
-            done = reconcile_run(output, run_id, full=canary.broker_lost(settings, run_id))
+            _, done = reconcile_active_run(output, run_id)
         except Exception:
             log.exception("reconcile of run %s failed", run_id)
             continue
