@@ -313,30 +313,36 @@ def _recover_lost_submit(client: BatchClient, state: Store, doc: Callable[[str],
     possible duplicate is counted in ``orphans.json``). Raises ``AwaitingBatch`` while
     candidates still run, up to ``MAX_LOST_ANSWER_CHECKS`` looks.
     """
+    rejected = set(intent.rejected)
     candidates = [b for b in client.find_batches(intent.sent_at - CLOCK_SKEW)
-                  if b.total in (intent.lines, None, 0) and not (claims and claims.taken(b.id))
-                  and not (b.done and b.total != intent.lines)]
+                  if (b.total == intent.lines or (not b.done and not b.total))
+                  and b.id not in rejected and not (claims and claims.taken(b.id))]
     adopt = None
     for batch in candidates:
-        ids = client.result_ids(batch) if batch.status == "completed" else None
+        if batch.status != "completed":
+            continue
+        ids = client.result_ids(batch)
         if ids and ids <= line_ids:
             adopt = batch
             break
+        rejected.add(batch.id)
     if adopt is not None and (claims is None or claims.claim(adopt.id)):
         log.warning("shard %d round %d: adopted batch %s, created by the mpu-complete whose "
                     "answer was lost", shard, rnd, adopt.id)
         return _record_batch(state, doc, claims, adopt.id, intent, recovered=True)
     running = [b for b in candidates if not b.done]
     if running and intent.checks + 1 < MAX_LOST_ANSWER_CHECKS:
-        put_json(state, doc("submit"), {**intent.model_dump(), "checks": intent.checks + 1})
+        put_json(state, doc("submit"), {**intent.model_dump(), "checks": intent.checks + 1,
+                                        "rejected": sorted(rejected)})
         raise AwaitingBatch(f"answer lost; {len(running)} new batch(es) still running may be "
                             "this round's: their results will tell",
                             countdown=min(120.0, 2.0 * 1.5 ** intent.checks))
-    if candidates:
-        _count_orphan(state, doc, f"{len(candidates)} batch(es) could be this round's")
+    seen = rejected | {b.id for b in candidates}
+    if seen:
+        _count_orphan(state, doc, f"{len(seen)} batch(es) could be this round's")
         log.warning("shard %d round %d: no batch of the lost mpu-complete answer can be shown "
                     "to be this round's (%d candidate(s)); sending the round again", shard, rnd,
-                    len(candidates))
+                    len(seen))
     else:
         log.warning("shard %d round %d: the lost mpu-complete answer created no batch; "
                     "sending the round again", shard, rnd)

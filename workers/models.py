@@ -149,13 +149,16 @@ class UploadRecord(BaseModel):
 class SubmitRecord(BaseModel):
     """An ``mpu-complete`` sent for a round whose answer is not recorded yet: written just
     before the call, so that an attempt that lost the answer (or died waiting for it) can find
-    the batch it created instead of paying for another. ``checks`` counts the searches."""
+    the batch it created instead of paying for another. ``checks`` counts the searches;
+    ``rejected`` lists completed batches whose results showed they are not this round's (so
+    later searches do not download them again)."""
 
     file_id: str
     lines: int
     bytes: int
     sent_at: float  # unix seconds, this machine's clock
     checks: int = 0
+    rejected: list[str] = Field(default_factory=list)
 
 
 class BatchRecord(BaseModel):

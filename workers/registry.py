@@ -16,7 +16,7 @@ from typing import Any
 
 from config import Settings
 from workers import layout
-from workers.storage import NotFound, Store, get_json_or_none, open_store, put_json
+from workers.storage import Store, get_json_or_none, open_store, put_json
 
 
 def open_state(settings: Settings) -> Store:
@@ -77,10 +77,7 @@ def forget_active(state: Store, run_id: str) -> None:
 def iter_active(state: Store) -> Iterator[tuple[str, str]]:
     """``(run_id, output)`` of every run on the reconciler's list."""
     for obj in state.iter_objects(layout.REGISTRY_ACTIVE):
-        try:
-            doc = get_json_or_none(state, obj.key)
-        except NotFound:
-            continue
+        doc = get_json_or_none(state, obj.key)  # None: taken off the list meanwhile
         if doc and doc.get("output"):
             yield layout.run_id_of(obj.key), doc["output"]
 
@@ -91,12 +88,17 @@ def claim_batch(state: Store, batch_id: str, *, output: str, shard: int, rnd: in
     True if this call made the claim or the same round held it already; False if another
     round owns the batch.
     """
-    owner = {"output": output, "shard": shard, "round": rnd}
-    if put_json(state, layout.registry_batch(batch_id), {**owner, "at": time.time()},
+    if put_json(state, layout.registry_batch(batch_id),
+                {"output": output, "shard": shard, "round": rnd, "at": time.time()},
                 if_absent=True):
         return True
-    held = get_json_or_none(state, layout.registry_batch(batch_id)) or {}
-    return all(held.get(k) == v for k, v in owner.items())
+    return _owned_by(batch_owner(state, batch_id), output, shard, rnd)
+
+
+def _owned_by(claim: dict[str, Any] | None, output: str, shard: int, rnd: int) -> bool:
+    """True if ``claim`` (a ``batches/`` document, or None) names this round."""
+    return claim is not None and (claim.get("output"), claim.get("shard"),
+                                  claim.get("round")) == (output, shard, rnd)
 
 
 def batch_owner(state: Store, batch_id: str) -> dict[str, Any] | None:
@@ -118,5 +120,4 @@ class BatchClaims:
     def taken(self, batch_id: str) -> bool:
         """True if another round owns ``batch_id``."""
         owner = batch_owner(self.state, batch_id)
-        return owner is not None and (owner.get("output"), owner.get("shard"),
-                                      owner.get("round")) != (self.output, self.shard, self.rnd)
+        return owner is not None and not _owned_by(owner, self.output, self.shard, self.rnd)
