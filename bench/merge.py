@@ -59,6 +59,7 @@ def make_shard(n: int) -> tuple[list, object, list[bytes]]:
 def run(servers: Servers) -> Result:
     """Run the benchmark; see the module docstring."""
     from workers.merge import merge_rows
+    from workers.providers.moondream import iter_result_lines
     from workers.storage import S3Store
 
     result = Result("merge")
@@ -73,7 +74,7 @@ def run(servers: Servers) -> Result:
         return parse
 
     def merge() -> None:
-        out, stats = merge_rows(items, build, files, source_of)
+        out, stats = merge_rows(items, build, iter_result_lines(files), source_of)
         if stats.ok + stats.error != N_LINES or stats.missing:
             raise RuntimeError(f"merge lost rows: {stats}")
 

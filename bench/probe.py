@@ -61,6 +61,7 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     from config import get_settings
     from workers.builder import build_and_submit
     from workers.merge import merge_rows
+    from workers.providers.moondream import iter_result_lines
     from workers.models import PlanItem, SkillOptions
     from workers.moondream import BatchClient
     from workers.storage import LocalStore
@@ -87,7 +88,7 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     report["emulator_seconds"] = longest  # the status call that made the emulator process it
     start = time.perf_counter()
     files = [client.download(o) for o in sorted(status.outputs, key=lambda o: o.index)]
-    data, stats = merge_rows(items, build, files, store.url_for)
+    data, stats = merge_rows(items, build, iter_result_lines(files), store.url_for)
     out.put("results.jsonl", data)
     report.update(merge_seconds=time.perf_counter() - start, ok=stats.ok, result_bytes=len(data))
     return report

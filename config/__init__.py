@@ -9,6 +9,7 @@ or moto.
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,15 @@ class Settings(BaseSettings):
     )
     moondream_url: str = "https://api.moondream.ai/v1"
     model: str | None = None  # None: the API's default model (moondream3-preview)
+
+    # Which service annotates (workers.providers): the Moondream Batch API or fal.ai's queue.
+    provider: Literal["moondream", "fal"] = "moondream"
+    fal_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("FAL_KEY", "MOONBATCH_FAL_KEY"))
+    fal_queue_url: str = "https://queue.fal.run"
+    # Requests in flight per fal endpoint across the whole fleet (fal answers 429 beyond the
+    # account's limit; its default account limit is in this range).
+    fal_concurrency: int = Field(default=10, ge=1, le=1000)
 
     # Where run ids, active runs and batch claims are recorded (a store URL: a local directory
     # for one machine, s3://bucket/prefix/ shared by a fleet). Redis is never the only copy.
@@ -80,7 +90,7 @@ class Settings(BaseSettings):
     poll_min_interval: float = Field(default=5.0, gt=0)
     poll_max_interval: float = Field(default=120.0, gt=0)
 
-    @field_validator("moondream_url")
+    @field_validator("moondream_url", "fal_queue_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
@@ -93,6 +103,15 @@ class Settings(BaseSettings):
         if self.moondream_api_key is None or not self.moondream_api_key.get_secret_value():
             raise RuntimeError("MOONDREAM_API_KEY is not set: workers need it to call the Batch API")
         return self.moondream_api_key.get_secret_value()
+
+    def fal_api_key(self) -> str:
+        """The fal.ai key (``FAL_KEY``) as plain text.
+
+        Raises ``RuntimeError`` when ``FAL_KEY`` is unset.
+        """
+        if self.fal_key is None or not self.fal_key.get_secret_value():
+            raise RuntimeError("FAL_KEY is not set: workers need it to call fal.ai")
+        return self.fal_key.get_secret_value()
 
 
 @functools.cache

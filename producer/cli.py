@@ -935,16 +935,18 @@ def _say_where_the_work_is(output: str, settings) -> None:
 
 @app.command(epilog=_epilog("moonbatch cancel RUN_ID"))
 def cancel(run_ref: RunRefArg) -> None:
-    """Stop a run: queued work becomes a no-op, builds in progress abort their uploads, open
-    uploads are aborted, and run.json says "cancelled". Batches already submitted run on at
-    the API (it has no cancel); their results are not merged."""
+    """Stop a run: queued work becomes a no-op, builds in progress abort their uploads, and
+    run.json says "cancelled". The provider's work in flight is cancelled where it can be
+    (fal: every request in flight; the Batch API: open uploads are aborted, but submitted
+    batches run on, as the API has no cancel); results not merged yet are not merged."""
     from config import get_settings
     from producer.runs import resolve_run
     from workers import layout
+    from workers.providers import provider_for
     from workers.runstate import Progress as RunProgress
-    from workers.runstate import open_output
-    from workers.storage import get_json_or_none, put_json
-    from workers.tasks import batch_client, run_final
+    from workers.runstate import open_output, open_run
+    from workers.storage import put_json
+    from workers.tasks import run_final
 
     with _cli_errors():
         settings = get_settings()
@@ -953,21 +955,16 @@ def cancel(run_ref: RunRefArg) -> None:
         if store.exists(layout.FINALIZED):
             raise Fail("the run is already complete")
         put_json(store, layout.CANCELLED, {"at": time.time()}, if_absent=True)
-        aborted = 0
-        if settings.moondream_api_key is not None:
-            for obj in store.iter_objects(layout.SHARDS):
-                if obj.key.endswith("/upload.json"):
-                    doc = get_json_or_none(store, obj.key)
-                    if doc:
-                        batch_client().abort_upload(doc["file_id"], doc["upload_id"])
-                        store.delete(obj.key)
-                        aborted += 1
+        run = open_run(output, settings)
+        stopped = provider_for(run.spec).cancel_run(run)
         snap = RunProgress(store).snapshot()
         snap["status"] = "cancelled"
         snap["timings"]["finished_at"] = time.time()
         put_json(store, layout.SUMMARY, snap)
         run_final(settings, snap["run_id"])
-        out.print(f"run {snap['run_id']} cancelled ({aborted} open upload(s) aborted; "
+        what = "open upload(s) aborted" if run.spec.provider == "moondream" \
+            else "request(s) in flight cancelled"
+        out.print(f"run {snap['run_id']} cancelled ({stopped} {what}; "
                   f"{snap['counts']['done']} item(s) had results)")
 
 

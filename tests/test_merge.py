@@ -7,10 +7,17 @@ import random
 
 import pytest
 
-from workers.merge import merge_rows, next_poll_interval
+from workers.merge import merge_rows as merge_lines
+from workers.merge import next_poll_interval
+from workers.providers.moondream import iter_result_lines
 from workers.models import PlanItem, ShardBuild
 
 SOURCE = "s3://bucket/in/"
+
+
+def merge_rows(items, build, files, *args, **kwargs):
+    """Merge Batch API result files (their bytes), as the Batch API provider hands them over."""
+    return merge_lines(items, build, iter_result_lines(files), *args, **kwargs)
 
 
 def source_of(id_: str) -> str:

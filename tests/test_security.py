@@ -40,7 +40,7 @@ def test_no_secret_in_messages_events_logs_or_storage(s3, bucket, env, fleet, em
     secrets = (key, "signature=", "/_outputs/")
     sent = [e for e in events if e.get("type") == "task-sent"]
     names = {e.get("name") for e in sent}
-    assert {"moonbatch.build_shard", "moonbatch.poll_batch", "moonbatch.merge_round"} <= names
+    assert {"moonbatch.build_shard", "moonbatch.poll_round", "moonbatch.merge_round"} <= names
     blob = json.dumps(events)
     for secret in secrets:
         assert secret not in blob, f"{secret!r} in a Celery event"

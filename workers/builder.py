@@ -14,38 +14,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TypeVar
 
 from workers import layout
 from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image
 from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
+from workers.pool import ordered_map
+from workers.providers import Later
 from workers.moondream import BatchClient, Part, RequestRejected, TransientError
 from workers.registry import BatchClaims
 from workers.storage import NotFound, StorageError, Store, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-R = TypeVar("R")
+
+
 
 # Clock skew tolerated between this machine and the API when finding a batch by its time.
 CLOCK_SKEW = 300.0
 # Looks for the batch of a lost mpu-complete answer while candidates still run (about two
 # hours at the 120 s cap) before the round is sent again.
 MAX_LOST_ANSWER_CHECKS = 70
-
-
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int, window: int
-                ) -> Iterator[R]:
-    """``map(fn, items)`` on a thread pool, yielding results in input order with at most
-    ``window`` calls in flight (so memory is bounded by the window, not the input)."""
-    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
-        pending: collections.deque[cf.Future[R]] = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 class PartWriter:
@@ -287,13 +274,13 @@ def _record_batch(state: Store, doc: Callable[[str], str], claims: BatchClaims |
     return record
 
 
-class AwaitingBatch(TransientError):
+class AwaitingBatch(TransientError, Later):
     """The batch of a lost ``mpu-complete`` answer cannot be named yet: several new batches
     could be this round's and some still run. Look again after ``countdown`` seconds (the
     build task re-enqueues itself, holding no worker slot meanwhile)."""
 
     def __init__(self, message: str, countdown: float) -> None:
-        super().__init__("mpu-complete", message)
+        TransientError.__init__(self, "mpu-complete", message)
         self.countdown = countdown
 
 

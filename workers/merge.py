@@ -1,10 +1,10 @@
-"""Merge: a batch's result lines → one output row per shard item. Pure: no I/O.
+"""Merge: a round's result lines → one output row per shard item. Pure: no I/O; no provider.
 
-Result lines come back in any order and split across several files (FACTS.md), so they are keyed
-on ``line_index`` (seed 002, "Output format"), and the ``id`` on each is cross-checked. Every item
-of the shard ends in exactly one row: its result, its own error, the pre-send error recorded by
-the builder, the batch's error if the whole batch failed, or ``missing_result`` if the API
-returned nothing for its line.
+Result lines (``workers.providers``: the Batch API's output line shape, whatever the provider)
+come in any order, so they are keyed on ``line_index`` (seed 002, "Output format"), and the
+``id`` on each is cross-checked. Every item of the shard ends in exactly one row: its result,
+its own error, the pre-send error recorded by the build, the round's error if the whole
+submission failed, or ``missing_result`` if the provider returned nothing for its line.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import gc
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import orjson
 
@@ -48,72 +49,70 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-RETRYABLE_LINE_CODES = frozenset({"processing_error"})
-
-
-def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_files: Iterable[bytes],
+def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
                 source_of: Callable[[str], str], *, batch_error: dict[str, str] | None = None,
-                todo: Sequence[int] | None = None) -> tuple[dict[int, bytes], MergeStats, list[int]]:
-    """Merge one round (one batch) of a shard: ``({item index: row bytes}, stats, retryable)``.
+                todo: Sequence[int] | None = None,
+                retryable_codes: frozenset[str] = frozenset()
+                ) -> tuple[dict[int, bytes], MergeStats, list[int]]:
+    """Merge one round of a shard: ``({item index: row bytes}, stats, retryable)``.
 
-    ``todo`` are the item indices this round was for (default: every item); each gets exactly
-    one row. ``retryable`` lists the items whose row is a transient per-line error
-    (``processing_error``) that a later batch may fix. Rows: ``{"id", "source", "status": "ok",
+    ``result_lines`` are parsed result lines (anything else, e.g. None for a line that was not
+    JSON, counts as malformed). ``todo`` are the item indices this round was for (default:
+    every item); each gets exactly one row. ``retryable`` lists the items whose error code is
+    in ``retryable_codes`` (the provider's transient per-item errors) that a later round may
+    fix. Rows: ``{"id", "source", "status": "ok",
     "result", "usage"}`` or ``{"id", "source", "status": "error", "error": {"code",
     "message"}}``; ``batch_error`` (``{"code", "message"}``) marks every sent line of a failed
-    batch. Each result line is parsed once and turned into its row at once; only row bytes are
-    kept. Of two rows for one ``line_index`` the first wins.
+    batch. Each result line is turned into its row at once; only row bytes are kept. Of two
+    rows for one ``line_index`` the first wins.
     """
     stats = MergeStats()
     lines = build.lines
     n_lines = len(lines)
     slots: list[bytes | None] = [None] * len(items)
     retryable: list[int] = []
-    loads, dumps = orjson.loads, orjson.dumps
+    dumps = orjson.dumps
     ok = in_tok = out_tok = 0
     ids = [item.id for item in items]  # one sequential pass; the loop below jumps around
     prefix = build.id_prefix
     # The hot loop: one parse and one serialisation per row, counters in locals.
     with _gc_paused():
-        for data in () if batch_error else result_files:
-            for raw in data.splitlines():
-                try:
-                    res = loads(raw)
-                    li = res["line_index"]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    if raw.strip():  # blank lines are not results
-                        stats.malformed += 1
-                    continue
-                if li.__class__ is not int or not 0 <= li < n_lines:
-                    stats.malformed += 1
-                    continue
-                i = lines[li]
-                if slots[i] is not None:
-                    stats.duplicate += 1
-                    continue
-                item_id = ids[i]
-                sent_id = res.get("id")
-                if sent_id is not None and sent_id != prefix + item_id:
-                    stats.id_mismatch += 1
-                if res.get("status") == "ok":
-                    usage = res.get("usage") or {}
-                    ok += 1
-                    in_tok += usage.get("input_tokens") or 0
-                    out_tok += usage.get("output_tokens") or 0
-                    # bytes(memoryview()): an exact-size copy; orjson's own result keeps a
-                    # 4 KB allocation per row (measured: 412 MB vs 30 MB for 100k rows).
-                    slots[i] = bytes(memoryview(dumps({
-                        "id": item_id, "source": source_of(item_id), "status": "ok",
-                        "result": res.get("result"), "usage": usage})))
-                else:
-                    err = res.get("error") or {}
-                    code = str(err.get("code") or "unknown_error")
-                    stats.error += 1
-                    if code in RETRYABLE_LINE_CODES:
-                        retryable.append(i)
-                    slots[i] = bytes(memoryview(dumps({
-                        "id": item_id, "source": source_of(item_id), "status": "error",
-                        "error": {"code": code, "message": str(err.get("message") or "")}})))
+        for res in () if batch_error else result_lines:
+            try:
+                li = res["line_index"]
+            except (KeyError, TypeError, IndexError):
+                stats.malformed += 1
+                continue
+            if li.__class__ is not int or not 0 <= li < n_lines:
+                stats.malformed += 1
+                continue
+            i = lines[li]
+            if slots[i] is not None:
+                stats.duplicate += 1
+                continue
+            item_id = ids[i]
+            sent_id = res.get("id")
+            if sent_id is not None and sent_id != prefix + item_id:
+                stats.id_mismatch += 1
+            if res.get("status") == "ok":
+                usage = res.get("usage") or {}
+                ok += 1
+                in_tok += usage.get("input_tokens") or 0
+                out_tok += usage.get("output_tokens") or 0
+                # bytes(memoryview()): an exact-size copy; orjson's own result keeps a
+                # 4 KB allocation per row (measured: 412 MB vs 30 MB for 100k rows).
+                slots[i] = bytes(memoryview(dumps({
+                    "id": item_id, "source": source_of(item_id), "status": "ok",
+                    "result": res.get("result"), "usage": usage})))
+            else:
+                err = res.get("error") or {}
+                code = str(err.get("code") or "unknown_error")
+                stats.error += 1
+                if code in retryable_codes:
+                    retryable.append(i)
+                slots[i] = bytes(memoryview(dumps({
+                    "id": item_id, "source": source_of(item_id), "status": "error",
+                    "error": {"code": code, "message": str(err.get("message") or "")}})))
         stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
         wanted = range(len(items)) if todo is None else todo
         sent: set[int] | None = None
@@ -144,12 +143,12 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_files: Iter
     return {i: slots[i] for i in todo}, stats, retryable  # type: ignore[misc]
 
 
-def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_files: Iterable[bytes],
+def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
                source_of: Callable[[str], str], *,
                batch_error: dict[str, str] | None = None) -> tuple[bytes, MergeStats]:
     """Merge a single-round shard into its results JSONL (rows in plan order) and its stats;
     see ``merge_round``."""
-    rows, stats, _ = merge_round(items, build, result_files, source_of, batch_error=batch_error)
+    rows, stats, _ = merge_round(items, build, result_lines, source_of, batch_error=batch_error)
     return join_rows(list(rows.values())), stats  # dict order is item order here
 
 

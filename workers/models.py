@@ -91,6 +91,10 @@ class RunSpec(BaseModel):
     output: str  # normalised store URL
     options: SkillOptions
     model: str | None = None
+    # Which service annotates (``workers.providers``) and, for fal, which endpoint. Specs
+    # written before providers existed are Batch API runs.
+    provider: str = "moondream"
+    endpoint: str | None = None
     shard_size: int
     max_shard_bytes: int
     max_pixels: int = 0  # downscale budget (0: send images at their own resolution)
@@ -162,11 +166,13 @@ class SubmitRecord(BaseModel):
 
 
 class BatchRecord(BaseModel):
-    """A submitted batch: recorded as soon as ``mpu-complete`` answers, before polling.
-    ``recovered``: found again in the batch list after its ``mpu-complete`` answer was lost."""
+    """A submitted round (``batch.json``): recorded as soon as the provider took it, before
+    polling. ``batch_id``/``file_id``: the Batch API's ids (None for providers without a
+    batch, e.g. fal's requests, recorded in their own ledger). ``recovered``: found again in
+    the batch list after its ``mpu-complete`` answer was lost."""
 
-    batch_id: str
-    file_id: str
+    batch_id: str | None
+    file_id: str | None
     submitted_at: float
     lines: int
     recovered: bool = False
@@ -189,6 +195,7 @@ class ShardDone(BaseModel):
     # batch it created could not be told apart from others, so the round was sent again.
     duplicate_batches: int = 0
     polls: int = 0
+    requests: int = 0  # provider requests sent (fal), all rounds
     rounds: int = 1  # batches sent for this shard's items (retries included)
     batch_ids: list[str] = Field(default_factory=list)
     submitted_at: float | None = None

@@ -24,6 +24,8 @@ from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
+
+from workers.providers import ProviderError, TransientProviderError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523,
 T = TypeVar("T")
 
 
-class MoondreamError(Exception):
+class MoondreamError(ProviderError):
     """A Batch API call failed. ``status`` is the HTTP status (None for network errors), ``code``
     the API's error code when it sent one; the message says which action failed and why."""
 
@@ -58,7 +60,7 @@ class RequestRejected(MoondreamError):
     """A 4xx other than 408/425/429: the request itself is wrong. Retrying cannot help."""
 
 
-class TransientError(MoondreamError):
+class TransientError(MoondreamError, TransientProviderError):
     """429, 5xx or a network error that outlasted every retry; a later attempt may succeed."""
 
 

@@ -336,6 +336,13 @@ class S3Store:
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
 
+    def presigned_get(self, key: str, expires: int) -> str:
+        """A presigned GET URL of ``key`` valid ``expires`` seconds. The URL is a secret: never
+        log it or put it in task arguments."""
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key},
+            ExpiresIn=expires)
+
     def url_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
 

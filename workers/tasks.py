@@ -1,8 +1,9 @@
-"""Celery tasks of the shard pipeline: thin wrappers that load state, call the pure pieces, save.
+"""Celery tasks of the shard pipeline: thin wrappers that load state, call the provider and the
+pure pieces, save. Provider-blind: the run's provider (``workers.providers``) does the talking.
 
-    build_shard(r) ──► poll_batch(r) ──(countdown, re-enqueued)──► merge_round(r) ──► finish
+    build_shard(r) ──► poll_round(r) ──(countdown, re-enqueued)──► merge_round(r) ──► finish
         ▲                 (never sleeps in a worker slot)              │
-        └───────── round r+1: failed batch, or processing_error lines ─┘
+        └──── round r+1: a failed submission, or items with retryable errors ─┘
 
 Arguments are ``(output_url, run_id, shard, round, ...)`` and small values: no API key, no
 presigned URL, no payload (Flower shows arguments; FACTS.md). Delivery is at-least-once, so
@@ -25,12 +26,17 @@ from celery import Task
 from config import Settings, get_settings
 from workers import canary, layout, registry
 from workers.app import app
-from workers.builder import AwaitingBatch, build_and_submit
-from workers.downloader import fetch_results
 from workers.lease import Lease, LeaseLost, lease_is_live
-from workers.merge import compose, encode_round, join_rows, merge_round, next_poll_interval
+from workers.merge import compose, encode_round, join_rows, merge_round
 from workers.models import BatchRecord, RunSpec, ShardBuild, ShardDone
-from workers.moondream import BatchClient, MoondreamError, TransientError
+from workers.providers import (
+    Later,
+    ProviderError,
+    Resend,
+    RoundContext,
+    TransientProviderError,
+    provider_for,
+)
 from workers.runstate import (
     Run,
     maybe_finalize,
@@ -43,23 +49,11 @@ from workers.storage import NotFound, StorageError, Store, get_json, get_json_or
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (TransientError, StorageError, ConnectionError, TimeoutError, OSError)
-# Batch-level codes worth a resubmission; the others (validation_error, limit_exceeded,
-# empty_batch, invalid_model) would fail the same way again (seed 002, "Batch-level errors").
-TRANSIENT_BATCH_CODES = frozenset({"processing_failed", "timeout"})
+RETRYABLE = (TransientProviderError, StorageError, ConnectionError, TimeoutError, OSError)
 
 
 class RunCancelled(Exception):
     """The run was cancelled: stop quietly."""
-
-
-@functools.cache
-def batch_client() -> BatchClient:
-    """This process's Batch API client (key and URL from settings)."""
-    s = get_settings()
-    return BatchClient(s.moondream_url, s.api_key(), timeout=s.http_timeout,
-                       max_attempts=s.http_max_attempts, backoff_initial=s.http_backoff_initial,
-                       backoff_max=s.http_backoff_max)
 
 
 class RunTask(Task):
@@ -149,110 +143,139 @@ def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, it
     _next(build_shard, (output, run_id, shard, rnd + 1))
 
 
+def _context(run: Run, shard: int, rnd: int, heartbeat: Any = None) -> RoundContext:
+    """The provider's view of round ``rnd`` of the shard."""
+    store = run.output
+    ctx = RoundContext(run=run, shard=shard, rnd=rnd, items=run.items(shard),
+                       todo=_todo(store, shard, rnd), settings=get_settings(),
+                       id_prefix=line_id_prefix(run.spec.run_id, shard, rnd))
+    if heartbeat is not None:
+        ctx.heartbeat = heartbeat
+    return ctx
+
+
+def _leased(store: Store, shard: int, owner: str | None, settings: Settings) -> Lease:
+    """The shard's lease for this task (every build and poll of a shard holds it)."""
+    return Lease(store, layout.shard_doc(shard, "lease"), owner or uuid.uuid4().hex,
+                 settings.lease_seconds)
+
+
+def _watchful(lease_check: Any, store: Store, run_id: str, settings: Settings) -> Any:
+    """A heartbeat for a provider: renews the lease, and stops the round (``RunCancelled``)
+    when the run was cancelled (looked at every quarter lease)."""
+    last_check = [time.monotonic()]
+
+    def heartbeat() -> None:
+        lease_check()
+        if time.monotonic() - last_check[0] >= settings.lease_seconds / 4:
+            last_check[0] = time.monotonic()
+            if store.exists(layout.CANCELLED):
+                raise RunCancelled(run_id)
+
+    return heartbeat
+
+
+def _later(settings: Settings, countdown: float) -> float:
+    """A provider's "look again in" within the poll bounds (and the visibility timeout)."""
+    return max(settings.poll_min_interval, min(countdown, settings.poll_max_interval,
+                                               settings.visibility_timeout / 4))
+
+
 @app.task(bind=True, base=RunTask, name="moonbatch.build_shard")
 def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) -> None:
-    """Build, upload and submit round ``rnd`` of the shard under its lease, then schedule the
-    first poll. If another live worker holds the lease, check back later."""
+    """Send round ``rnd`` of the shard (the provider builds, uploads, submits) under its lease,
+    then schedule the first poll. If another live worker holds the lease, check back later."""
     settings = get_settings()
     run = open_run(output, settings, run_id)
     store = run.output
     if _stopped(store, shard):
         return
-    lease = Lease(store, layout.shard_doc(shard, "lease"), self.request.id or uuid.uuid4().hex,
-                  settings.lease_seconds)
+    lease = _leased(store, shard, self.request.id, settings)
     if not lease.acquire():
         # Another worker builds it, or a dead one's lease has not expired yet: look again
         # when it would expire (a live holder renews it, and this message waits again).
         wait = min(max(lease.holder_expires - time.time(), 0.0) + 0.5, settings.lease_seconds)
         _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
         return
-    last_check = [time.monotonic()]
+    provider = provider_for(run.spec)
     try:
         with lease.kept_alive() as lease_check:
-            def heartbeat() -> None:
-                lease_check()
-                if time.monotonic() - last_check[0] >= settings.lease_seconds / 4:
-                    last_check[0] = time.monotonic()
-                    if store.exists(layout.CANCELLED):
-                        raise RunCancelled(run_id)
-
+            ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings))
             try:
-                _, batch = build_and_submit(
-                    shard=shard, items=run.items(shard), options=run.spec.options,
-                    model=run.spec.model, input_store=run.input, state=store,
-                    client=batch_client(), part_size=settings.part_size,
-                    concurrency=settings.fetch_concurrency, max_pixels=run.spec.max_pixels,
-                    upload_concurrency=settings.upload_concurrency, rnd=rnd,
-                    todo=_todo(store, shard, rnd), heartbeat=heartbeat,
-                    claims=registry.BatchClaims(registry.open_state(settings), output=output,
-                                                shard=shard, rnd=rnd),
-                    id_prefix=line_id_prefix(run_id, shard, rnd))
-            except AwaitingBatch:
+                sent = provider.submit_round(ctx)
+            except Later:
                 raise
-            except MoondreamError:
+            except ProviderError:
                 lease.renew(force=True)  # an upload aborted by a new holder: LeaseLost, quiet
                 raise
     except (LeaseLost, RunCancelled) as exc:
         log.info("shard %d: build stopped: %s", shard, exc)
         return
-    except AwaitingBatch as exc:
-        wait = max(settings.poll_min_interval, min(exc.countdown, settings.poll_max_interval,
-                                                   settings.visibility_timeout / 4))
+    except Later as exc:
+        wait = _later(settings, exc.countdown)
         log.info("shard %d round %d: %s; looking again in %.0fs", shard, rnd, exc, wait)
         _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
         return
     finally:
         lease.release()
-    if batch is None:  # nothing sendable: only error rows to write
+    if not sent:  # nothing sendable: only error rows to write
         _next(merge_round_task, (output, run_id, shard, rnd))
     else:
-        _next(poll_batch, (output, run_id, shard, rnd, uuid.uuid4().hex),
+        _next(poll_round, (output, run_id, shard, rnd, uuid.uuid4().hex),
               countdown=settings.poll_min_interval)
 
 
-@app.task(bind=True, base=RunTask, name="moonbatch.poll_batch")
-def poll_batch(self: Task, output: str, run_id: str, shard: int, rnd: int = 0, chain: str = "",
+@app.task(bind=True, base=RunTask, name="moonbatch.poll_round")
+def poll_round(self: Task, output: str, run_id: str, shard: int, rnd: int = 0, chain: str = "",
                polls: int = 0, last: list[float] | None = None) -> None:
-    """Poll round ``rnd``'s batch once; re-enqueue itself with an adaptive countdown until the
-    batch is ``completed`` or ``failed``, then hand over to ``merge_round``.
+    """Poll round ``rnd`` once (the provider looks, and moves it on if it sends in steps)
+    under the shard's lease; re-enqueue itself with the provider's countdown until the round
+    is done, then hand over to ``merge_round``.
 
     Each chain of polls has an id; a chain that finds another one alive (its next poll is due
-    soon) stops, so resumes and reconciles never leave two chains polling one batch.
+    soon) stops, so resumes and reconciles never leave two chains polling one round.
     """
     settings = get_settings()
-    store = open_output(output, settings)
+    run = open_run(output, settings, run_id)
+    store = run.output
     if _stopped(store, shard):
         return
-    now = time.time()
     prev = get_json_or_none(store, layout.round_doc(shard, rnd, "progress"))
-    if prev and prev.get("chain") != chain and prev.get("next_at", 0) + _grace(settings) > now:
+    if prev and prev.get("chain") != chain and prev.get("next_at", 0) + _grace(settings) > time.time():
         return
-    record = BatchRecord.model_validate(get_json(store, layout.round_doc(shard, rnd, "batch")))
-    status = batch_client().get_batch(record.batch_id)
-    now = time.time()
-    total = record.lines if status.total is None else status.total  # no progress while chunking
-    completed = status.completed + status.failed
-    countdown = 0.0 if status.done else next_poll_interval(
-        elapsed=now - record.submitted_at, total=total,
-        completed=completed, last=(last[0], int(last[1])) if last else None, now=now,
-        min_interval=settings.poll_min_interval,
-        max_interval=min(settings.poll_max_interval, settings.visibility_timeout / 4))
-    put_json(store, layout.round_doc(shard, rnd, "progress"), {
-        "batch_id": status.id, "status": status.status, "chain": chain, "polls": polls + 1,
-        "polled_at": now, "next_at": now + countdown,
-        "total": total, "completed": status.completed, "failed": status.failed})
-    if status.done:
+    lease = _leased(store, shard, self.request.id, settings)
+    if not lease.acquire():  # a build, or another chain's poll, is at work: come back
+        wait = min(max(lease.holder_expires - time.time(), 0.0) + 0.5, settings.lease_seconds)
+        _next(poll_round, (output, run_id, shard, rnd, chain, polls, last), countdown=wait)
+        return
+    try:
+        with lease.kept_alive() as lease_check:
+            ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings))
+            result = provider_for(run.spec).poll_round(
+                ctx, (last[0], int(last[1])) if last else None)
+            now = time.time()
+            countdown = 0.0 if result.done else _later(settings, result.countdown)
+            put_json(store, layout.round_doc(shard, rnd, "progress"), {
+                **result.progress, "chain": chain, "polls": polls + 1, "polled_at": now,
+                "next_at": now + countdown})
+    except (LeaseLost, RunCancelled) as exc:
+        log.info("shard %d: poll stopped: %s", shard, exc)
+        return
+    finally:
+        lease.release()
+    if result.done:
         _next(merge_round_task, (output, run_id, shard, rnd, polls + 1))
     else:
-        _next(poll_batch, (output, run_id, shard, rnd, chain, polls + 1, [now, completed]),
+        finished = result.progress.get("finished", 0)
+        _next(poll_round, (output, run_id, shard, rnd, chain, polls + 1, [now, finished]),
               countdown=countdown)
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.merge_round")
 def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int = 0,
                      polls: int = 0) -> None:
-    """Merge round ``rnd``: download and verify its result files (fresh URLs), write the
-    round's rows, then start the next round for what can be retried, or finish the shard."""
+    """Merge round ``rnd``: collect its results from the provider, write the round's rows,
+    then start the next round for what can be retried, or finish the shard."""
     settings = get_settings()
     run = open_run(output, settings, run_id)
     store = run.output
@@ -263,8 +286,8 @@ def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int 
         return
     merged = get_json_or_none(store, layout.round_doc(shard, rnd, "merged"))
     if merged is None or not store.exists(layout.round_doc(shard, rnd, "rows")):
-        todo = _todo(store, shard, rnd)
-        items = run.items(shard)
+        ctx = _context(run, shard, rnd)
+        todo, items = ctx.todo, ctx.items
         build = ShardBuild.model_validate(get_json(store, layout.round_doc(shard, rnd, "build")))
         raw = get_json_or_none(store, layout.round_doc(shard, rnd, "batch"))
         record = BatchRecord.model_validate(raw) if raw else None
@@ -272,47 +295,40 @@ def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int 
             # The build stopped between build.json and batch.json: it is not finished.
             _next(build_shard, (output, run_id, shard, rnd))
             return
-        status = batch_client().get_batch(record.batch_id) if record else None
-        if status is not None and not status.done:  # too early: back to polling
-            _next(poll_batch, (output, run_id, shard, rnd, uuid.uuid4().hex),
+        provider = provider_for(run.spec)
+        collected = provider.collect_round(ctx) if record is not None else None
+        if record is not None and collected is None:  # too early: back to polling
+            _next(poll_round, (output, run_id, shard, rnd, uuid.uuid4().hex),
                   countdown=settings.poll_min_interval)
             return
-        files: list[bytes] = []
-        batch_error = None
-        fetched: dict[str, int] = {}
-        if status is not None and status.status == "failed":
-            code = status.error_code()
-            if code in TRANSIENT_BATCH_CODES and rnd + 1 < settings.max_item_attempts:
-                log.warning("shard %d: batch %s failed (%s); resubmitting", shard, status.id, code)
-                _next_round(store, output, run_id, shard, rnd,
-                            todo if todo is not None else list(range(len(items))),
-                            f"batch {status.id} failed: {code}")
-                return
-            batch_error = {"code": code,
-                           "message": f"batch {status.id} failed: {status.error_message()}"}
-        elif status is not None:
-            files, dstats = fetch_results(batch_client(), status)
-            fetched = {"corrupt_downloads": dstats.corrupt, "url_refreshes": dstats.refreshes}
-        rows, stats, retryable = merge_round(items, build, files, run.input.url_for,
-                                             batch_error=batch_error, todo=todo)
+        if isinstance(collected, Resend):
+            _next_round(store, output, run_id, shard, rnd,
+                        todo if todo is not None else list(range(len(items))), collected.reason)
+            return
+        rows, stats, retryable = merge_round(
+            items, build, collected.lines if collected else (), run.input.url_for,
+            batch_error=collected.batch_error if collected else None, todo=todo,
+            retryable_codes=provider.retryable_codes)
         if record is not None and record.recovered and stats.id_mismatch:
-            # A batch adopted after a lost mpu-complete answer carries other items' ids: it
-            # was not this round's. Send the round again rather than merge foreign results.
+            # A submission adopted after a lost answer carries other items' ids: it was not
+            # this round's. Send the round again rather than merge foreign results.
             log.error("shard %d round %d: adopted batch %s returned %d foreign ids; sending the "
                       "round again", shard, rnd, record.batch_id, stats.id_mismatch)
             _next_round(store, output, run_id, shard, rnd,
                         todo if todo is not None else list(range(len(items))),
                         f"adopted batch {record.batch_id} was not this round's")
             return
+        progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress")) or {}
         merged = {"batch_id": record.batch_id if record else None,
-                  "batch_status": status.status if status else None, "polls": polls,
+                  "batch_status": progress.get("status") if record else None, "polls": polls,
                   "ok": stats.ok, "error": stats.error, "input_tokens": stats.input_tokens,
                   "output_tokens": stats.output_tokens, "duplicate": stats.duplicate,
-                  "missing": stats.missing, "retryable": retryable, **fetched}
+                  "missing": stats.missing, "retryable": retryable,
+                  **(collected.stats if collected else {})}
         put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
         store.put(layout.round_doc(shard, rnd, "rows"), encode_round(rows), if_absent=True)
     if merged["retryable"] and rnd + 1 < settings.max_item_attempts:
-        _next_round(store, output, run_id, shard, rnd, merged["retryable"], "processing_error")
+        _next_round(store, output, run_id, shard, rnd, merged["retryable"], "retryable errors")
         return
     _finish_shard(run, shard, rnd)
 
@@ -345,8 +361,8 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
         output_tokens=sum(m["output_tokens"] for m in merged),
         duplicate_rows=sum(m["duplicate"] for m in merged),
         missing_rows=sum(m["missing"] for m in merged), duplicate_batches=duplicates,
-        polls=sum(m["polls"] for m in merged),
-        rounds=last_round + 1, batch_ids=[b["batch_id"] for b in batches],
+        polls=sum(m["polls"] for m in merged), requests=sum(m.get("requests", 0) for m in merged),
+        rounds=last_round + 1, batch_ids=[b["batch_id"] for b in batches if b["batch_id"]],
         submitted_at=batches[0]["submitted_at"] if batches else None, completed_at=time.time(),
         merged_at=time.time())
     put_json(store, layout.shard_doc(shard, "done"), done.model_dump(), if_absent=True)
@@ -420,7 +436,7 @@ def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None =
         if progress and progress.get("status") in ("completed", "failed"):
             enqueue(merge_round_task, args, queue=queue)
             return "merge"
-        enqueue(poll_batch, (*args, uuid.uuid4().hex), queue=queue)
+        enqueue(poll_round, (*args, uuid.uuid4().hex), queue=queue)
         return "poll"
     if only_stale and ("lease.json" not in docs  # never started: its message is queued
                        or lease_is_live(store, layout.shard_doc(shard, "lease"), now)):

@@ -1,0 +1,233 @@
+"""Providers: the services that annotate a round of a shard, behind one small interface.
+
+The shared pipeline (``workers.tasks``: planning, leases, rounds, merging, outputs, resume,
+reconcile, cancel) never names a provider. It drives every round through four calls:
+
+    submit_round(ctx)   under the shard's lease: send the round (or its first part); True when
+                        something is now at the provider, False when no item was sendable
+    poll_round(ctx)     once per poll, under the lease: ``Poll(done, countdown, progress)``
+    collect_round(ctx)  the round's item-indexed results, or ``Resend`` / None (not ready)
+    cancel_run(run)     stop what is in flight at the provider (``moonbatch cancel``)
+
+A round's results are **result lines**: dicts of the Batch API's output line shape (seed 002,
+"Output format"), whatever the provider: ``{"line_index": int, "id": str | None, "status":
+"ok", "result": {...}, "usage": {...}}`` or ``{"line_index", "id", "status": "error", "error":
+{"code", "message"}}``. ``line_index`` indexes ``ShardBuild.lines`` (the round's sendable items
+in order). The shared merge (``workers.merge``) turns them into output rows.
+
+A provider is one module with a class implementing ``Provider`` plus one entry in
+``PROVIDERS``. Its own state documents live under the round's prefix (``ctx.doc(name)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from workers import layout
+
+if TYPE_CHECKING:
+    from config import Settings
+    from workers.models import PlanItem, RunSpec, SkillOptions
+    from workers.runstate import Run
+    from workers.storage import Store
+
+#: Provider name → ``"module:Class"`` (imported on first use, so the producer's planning never
+#: imports a provider's HTTP stack it does not use).
+PROVIDERS: dict[str, str] = {
+    "moondream": "workers.providers.moondream:MoondreamBatchProvider",
+    "fal": "workers.providers.fal:FalProvider",
+}
+
+
+class ProviderError(Exception):
+    """A call to a provider failed; the message names the action and the HTTP status, never a
+    key or a presigned URL."""
+
+
+class TransientProviderError(ProviderError):
+    """A provider call that may succeed later (network, 429, 5xx): the task retries it."""
+
+
+class Later(TransientProviderError):
+    """The round cannot move yet; look again in ``countdown`` seconds (the task re-enqueues
+    itself and holds no worker slot meanwhile)."""
+
+    def __init__(self, message: str, countdown: float = 0.0) -> None:
+        super().__init__(message)
+        self.countdown = countdown
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one shard may hold for a provider: ``max_lines`` items and ``max_bytes`` of
+    estimated request bytes (``workers.lines.estimate_line_bytes``)."""
+
+    max_lines: int
+    max_bytes: int
+
+
+@dataclasses.dataclass
+class RoundContext:
+    """Everything a provider needs about one round of one shard: the run (spec and stores),
+    the shard's ``items`` (plan order), ``todo`` (this round's item indices; None: all),
+    ``id_prefix`` (prefix of every id the round sends; unique to the round), ``heartbeat``
+    (call it between slow steps: it renews the lease and raises to stop the round)."""
+
+    run: Run
+    shard: int
+    rnd: int
+    items: Sequence[PlanItem]
+    todo: Sequence[int] | None
+    settings: Settings
+    id_prefix: str
+    heartbeat: Callable[[], None] = lambda: None
+
+    @property
+    def store(self) -> Store:
+        """The run's OUTPUT store, where the round's state documents live."""
+        return self.run.output
+
+    def doc(self, name: str) -> str:
+        """Key of one of this round's state documents."""
+        return layout.round_doc(self.shard, self.rnd, name)
+
+    def indices(self) -> Sequence[int]:
+        """The item indices of this round, in plan order."""
+        return range(len(self.items)) if self.todo is None else self.todo
+
+
+@dataclasses.dataclass
+class Poll:
+    """One poll of a round: ``done`` (results can be collected), ``countdown`` (seconds to the
+    next poll when not done) and ``progress`` (``status``, ``total``, ``completed``, ``failed``
+    and provider fields, stored in ``progress.json``; no URLs)."""
+
+    done: bool
+    countdown: float
+    progress: dict[str, Any]
+
+
+@dataclasses.dataclass
+class RoundResults:
+    """A finished round: its result ``lines`` (see the module docstring), the error of a whole
+    failed submission (``batch_error``, ``{"code", "message"}``: every sent item gets it), and
+    ``stats`` the provider adds to ``merged.json`` (ints)."""
+
+    lines: Iterable[Any]
+    batch_error: dict[str, str] | None = None
+    stats: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Resend:
+    """The whole round failed in a way a new round may fix (``reason`` is recorded)."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A dry run's estimate for ``items`` images of ``image_bytes`` in all: ``requests``
+    (batches or HTTP requests), ``upload_bytes`` sent, ``input_tokens``/``output_tokens`` or
+    ``seconds`` of compute, ``cost_usd``, and ``basis`` (how the price was reckoned)."""
+
+    items: int
+    requests: int
+    upload_bytes: int
+    input_tokens: int | None
+    output_tokens: int | None
+    seconds: float | None
+    cost_usd: float | None
+    basis: str
+
+
+class Provider(Protocol):
+    """The interface every provider implements (see the module docstring)."""
+
+    name: ClassVar[str]
+    #: Per-item error codes a later round may fix (they go into the next round).
+    retryable_codes: ClassVar[frozenset[str]]
+
+    def check_spec(self, spec: RunSpec) -> None:
+        """Refuse a run this provider cannot serve before anything is sent: ``ValueError`` with
+        one line naming the cause and the fix (e.g. a skill the endpoint does not serve)."""
+
+    def limits(self, spec: RunSpec) -> Limits:
+        """How big a shard may be."""
+
+    def check_credentials(self, settings: Settings) -> str | None:
+        """One cheap authenticated call: None when the key works (or the answer proves
+        nothing), else one line naming the problem and the fix."""
+
+    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
+        """What the run would send and cost (``moonbatch submit --dry-run``)."""
+
+    def submit_round(self, ctx: RoundContext) -> bool:
+        """Send round ``ctx.rnd`` (idempotent: a round already sent is not sent again). Writes
+        ``build.json`` (``ShardBuild``) and ``batch.json`` (``BatchRecord``) when something was
+        sent. Returns False when no item was sendable (only error rows). Raises ``Later``,
+        ``ProviderError`` kinds and storage errors."""
+
+    def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:
+        """Look at the round once (and move it on, for providers that send in steps); ``last``
+        is ``(time, finished)`` of the previous poll. Raises ``ProviderError`` kinds."""
+
+    def collect_round(self, ctx: RoundContext) -> RoundResults | Resend | None:
+        """The finished round's results; ``Resend`` when the round must be sent again; None
+        when it is not finished (poll again)."""
+
+    def cancel_run(self, run: Run) -> int:
+        """Cancel what the run has in flight at the provider; returns how many things were
+        cancelled (uploads, requests). Best effort."""
+
+
+_instances: dict[str, Provider] = {}
+
+
+# -- estimates shared by the providers' dry runs (labelled estimates: no service publishes
+# per-image token counts) ----------------------------------------------------------------------
+CROP_TOKENS = 729  # one 378x378 crop (27x27 patches); the model sees at most 12 crops + 1 global
+BYTES_TO_PIXELS = 5  # a photograph's JPEG holds about 1.6 bits per pixel
+OUTPUT_TOKENS = {"caption:short": 20, "caption:normal": 60, "caption:long": 150,
+                 "query": 40, "query+reasoning": 100, "detect": 30, "point": 30}
+
+
+def estimate_input_tokens(image_bytes: int, max_pixels: int) -> int:
+    """Estimated input tokens of one image of ``image_bytes`` (sent at most ``max_pixels``; 0:
+    no cap): 729 per 378x378 crop, at most 12 crops, plus the global view (FACTS.md)."""
+    import math
+
+    pixels = image_bytes * BYTES_TO_PIXELS
+    if max_pixels:
+        pixels = min(pixels, max_pixels)
+    return CROP_TOKENS * (min(12, max(1, math.ceil(pixels / 378 ** 2))) + 1)
+
+
+def estimate_output_tokens(options: SkillOptions) -> int:
+    """Estimated output tokens of one answer for ``options`` (capped by ``max_tokens``)."""
+    if options.skill == "caption":
+        n = OUTPUT_TOKENS[f"caption:{options.length or 'normal'}"]
+    elif options.skill == "query":
+        n = OUTPUT_TOKENS["query" if options.reasoning is False else "query+reasoning"]
+    else:
+        n = OUTPUT_TOKENS[options.skill]
+    return min(n, options.max_tokens) if options.max_tokens else n
+
+
+def get_provider(name: str) -> Provider:
+    """The provider called ``name`` (one instance per process). ``ValueError`` names the known
+    providers for an unknown name."""
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}: choose one of {', '.join(PROVIDERS)}")
+    if name not in _instances:
+        module, _, cls = PROVIDERS[name].partition(":")
+        _instances[name] = getattr(importlib.import_module(module), cls)()
+    return _instances[name]
+
+
+def provider_for(spec: RunSpec) -> Provider:
+    """The provider of a run."""
+    return get_provider(spec.provider)

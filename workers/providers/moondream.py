@@ -1,0 +1,174 @@
+"""The Moondream Batch API provider (seed ``002_b16f4baad5ce048b.txt``): a round is one batch.
+
+    submit_round   workers.builder: JSONL lines → a multipart upload → mpu-complete → batch.json
+    poll_round     GET /batch/{id}: status and progress, an adaptive countdown
+    collect_round  workers.downloader: the result files, verified → their result lines as sent
+    cancel_run     abort the multipart uploads still open (the API cannot cancel a batch)
+
+The client is ``workers.moondream``; result lines are the API's own output lines.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
+
+import orjson
+
+from config import API_MAX_FILE_BYTES, API_MAX_LINES, Settings, get_settings
+from workers import layout, registry
+from workers.builder import build_and_submit
+from workers.downloader import fetch_results
+from workers.merge import next_poll_interval
+from workers.models import BatchRecord, RunSpec
+from workers.moondream import BatchClient
+from workers.providers import (
+    Estimate,
+    Limits,
+    Poll,
+    RoundContext,
+    RoundResults,
+    Resend,
+    estimate_input_tokens,
+    estimate_output_tokens,
+)
+from workers.storage import get_json, get_json_or_none
+
+log = logging.getLogger(__name__)
+
+# Batch-level codes worth a resubmission; the others (validation_error, limit_exceeded,
+# empty_batch, invalid_model) would fail the same way again (seed 002, "Batch-level errors").
+TRANSIENT_BATCH_CODES = frozenset({"processing_failed", "timeout"})
+# Batch pricing is half the real-time price (FACTS.md): $0.30 and $2.50 per million tokens.
+USD_PER_M_INPUT = 0.15
+USD_PER_M_OUTPUT = 1.25
+LINE_OVERHEAD_BYTES = 200  # id and skill fields of a line, besides the base64 image
+
+
+@functools.cache
+def batch_client() -> BatchClient:
+    """This process's Batch API client (key and URL from settings)."""
+    s = get_settings()
+    return BatchClient(s.moondream_url, s.api_key(), timeout=s.http_timeout,
+                       max_attempts=s.http_max_attempts, backoff_initial=s.http_backoff_initial,
+                       backoff_max=s.http_backoff_max)
+
+
+def iter_result_lines(files: Iterable[bytes]) -> Iterator[Any]:
+    """The parsed lines of result files (blank lines skipped; a line that is not JSON yields
+    None, which the merge counts as malformed)."""
+    loads = orjson.loads
+    for data in files:
+        for raw in data.splitlines():
+            try:
+                yield loads(raw)
+            except orjson.JSONDecodeError:
+                if raw.strip():
+                    yield None
+
+
+class MoondreamBatchProvider:
+    """The Moondream Batch API as a provider (see the module docstring)."""
+
+    name: ClassVar[str] = "moondream"
+    retryable_codes: ClassVar[frozenset[str]] = frozenset({"processing_error"})
+
+    def check_spec(self, spec: RunSpec) -> None:
+        """Every skill is served; ``--endpoint`` is fal's."""
+        if spec.endpoint:
+            raise ValueError("--endpoint applies to --provider fal only: leave it out, or add "
+                             "--provider fal")
+
+    def limits(self, spec: RunSpec) -> Limits:
+        """Seed 002, "Limits": 100,000 lines and 2 GB per batch file."""
+        return Limits(max_lines=API_MAX_LINES, max_bytes=API_MAX_FILE_BYTES)
+
+    def check_credentials(self, settings: Settings) -> str | None:
+        """``GET /batch?limit=1`` with the key (see ``producer.preflight.check_api_key``)."""
+        from producer.preflight import check_api_key
+
+        return check_api_key(settings)
+
+    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
+        """One batch per shard; upload = base64 images plus line overhead; batch prices (50%
+        of real-time, FACTS.md); token counts are estimates."""
+        avg = image_bytes // items if items else 0
+        in_tok = items * estimate_input_tokens(avg, spec.max_pixels)
+        out_tok = items * estimate_output_tokens(spec.options)
+        upload = math.ceil(image_bytes * 4 / 3) + items * LINE_OVERHEAD_BYTES
+        cost = in_tok / 1e6 * USD_PER_M_INPUT + out_tok / 1e6 * USD_PER_M_OUTPUT
+        return Estimate(items, shards, upload, in_tok, out_tok, None, cost,
+                        f"batch prices ${USD_PER_M_INPUT}/M input and ${USD_PER_M_OUTPUT}/M "
+                        "output tokens (half the real-time price); token counts are estimates")
+
+    def submit_round(self, ctx: RoundContext) -> bool:
+        """Build the round's JSONL, upload it and submit the batch (``build_and_submit``)."""
+        s = ctx.settings
+        spec = ctx.run.spec
+        _, batch = build_and_submit(
+            shard=ctx.shard, items=ctx.items, options=spec.options, model=spec.model,
+            input_store=ctx.run.input, state=ctx.store, client=batch_client(),
+            part_size=s.part_size, concurrency=s.fetch_concurrency, max_pixels=spec.max_pixels,
+            upload_concurrency=s.upload_concurrency, rnd=ctx.rnd, todo=ctx.todo,
+            heartbeat=ctx.heartbeat,
+            claims=registry.BatchClaims(registry.open_state(s), output=spec.output,
+                                        shard=ctx.shard, rnd=ctx.rnd),
+            id_prefix=ctx.id_prefix)
+        return batch is not None
+
+    def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:
+        """One status call; the next poll comes sooner as progress moves (see
+        ``next_poll_interval``)."""
+        s = ctx.settings
+        record = BatchRecord.model_validate(get_json(ctx.store, ctx.doc("batch")))
+        status = batch_client().get_batch(record.batch_id or "")
+        now = time.time()
+        total = record.lines if status.total is None else status.total  # none while chunking
+        finished = status.completed + status.failed
+        countdown = 0.0 if status.done else next_poll_interval(
+            elapsed=now - record.submitted_at, total=total, completed=finished, last=last,
+            now=now, min_interval=s.poll_min_interval,
+            max_interval=min(s.poll_max_interval, s.visibility_timeout / 4))
+        return Poll(done=status.done, countdown=countdown, progress={
+            "batch_id": status.id, "status": status.status, "total": total,
+            "completed": status.completed, "failed": status.failed, "finished": finished})
+
+    def collect_round(self, ctx: RoundContext) -> RoundResults | Resend | None:
+        """Download and verify the batch's result files (fresh URLs); a batch that failed
+        transiently is sent again while attempts remain, else its error marks every line."""
+        raw = get_json_or_none(ctx.store, ctx.doc("batch"))
+        if raw is None:
+            return RoundResults(lines=())
+        record = BatchRecord.model_validate(raw)
+        status = batch_client().get_batch(record.batch_id or "")
+        if not status.done:
+            return None
+        if status.status == "failed":
+            code = status.error_code()
+            if code in TRANSIENT_BATCH_CODES and ctx.rnd + 1 < ctx.settings.max_item_attempts:
+                log.warning("shard %d: batch %s failed (%s); resubmitting", ctx.shard,
+                            status.id, code)
+                return Resend(f"batch {status.id} failed: {code}")
+            return RoundResults(lines=(), batch_error={
+                "code": code, "message": f"batch {status.id} failed: {status.error_message()}"})
+        files, dstats = fetch_results(batch_client(), status)
+        return RoundResults(iter_result_lines(files), stats={
+            "corrupt_downloads": dstats.corrupt, "url_refreshes": dstats.refreshes})
+
+    def cancel_run(self, run: Any) -> int:
+        """Abort every multipart upload the run left open (``upload.json``)."""
+        if get_settings().moondream_api_key is None:
+            return 0
+        aborted = 0
+        for obj in run.output.iter_objects(layout.SHARDS):
+            if obj.key.endswith("/upload.json"):
+                doc = get_json_or_none(run.output, obj.key)
+                if doc:
+                    batch_client().abort_upload(doc["file_id"], doc["upload_id"])
+                    run.output.delete(obj.key)
+                    aborted += 1
+        return aborted

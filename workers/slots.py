@@ -1,0 +1,98 @@
+"""A fleet-wide concurrency cap: counted slots in the broker's Redis.
+
+A provider that runs many small requests (fal's queue) must keep its account's concurrency cap
+full across every worker without passing it (fal answers 429 beyond it; FACTS.md). Each request
+in flight holds one slot of its endpoint: a member of the sorted set
+``moonbatch:slots:<endpoint>`` scored by its expiry time. Holders refresh their slots at every
+step and release them when the request is finished; the slots of a worker that died expire
+after ``ttl`` seconds, so the cap heals by itself. Acquiring is one Lua call (atomic).
+
+Brokers that are not Redis get a per-process cap instead (one machine's workers may then
+together exceed it; fal's 429 answers are backed off).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from config import Settings
+from workers.canary import broker_redis
+
+PREFIX = "moonbatch:slots:"
+
+# KEYS[1] the set; ARGV: now, ttl, cap, holder...: holders that already hold a slot keep it
+# (and are refreshed); the others get one while fewer than cap are held. Returns the granted.
+_ACQUIRE = """
+local key, now, ttl, cap = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+local n = redis.call('ZCARD', key)
+local granted = {}
+for i = 4, #ARGV do
+  if redis.call('ZSCORE', key, ARGV[i]) then
+    redis.call('ZADD', key, now + ttl, ARGV[i])
+    table.insert(granted, ARGV[i])
+  elseif n < cap then
+    redis.call('ZADD', key, now + ttl, ARGV[i])
+    n = n + 1
+    table.insert(granted, ARGV[i])
+  end
+end
+redis.call('EXPIRE', key, math.ceil(ttl * 2))
+return granted
+"""
+
+_local: dict[str, dict[str, float]] = {}
+_local_lock = threading.Lock()
+
+
+class Slots:
+    """The slots of one ``name`` (e.g. a fal endpoint id), at most ``cap`` held at once across
+    every process sharing the broker; a slot unrefreshed for ``ttl`` seconds is free again."""
+
+    def __init__(self, settings: Settings, name: str, cap: int, ttl: float) -> None:
+        self.key, self.cap, self.ttl = PREFIX + name, cap, ttl
+        self._redis = broker_redis(settings)
+        self._script = self._redis.register_script(_ACQUIRE) if self._redis is not None else None
+
+    def acquire(self, holders: Sequence[str]) -> list[str]:
+        """Take (or refresh) a slot for each holder, in order, while the cap allows; returns
+        the holders that hold one now. Raises ``redis`` errors."""
+        if not holders:
+            return []
+        now = time.time()
+        if self._script is not None:
+            got = self._script(keys=[self.key], args=[now, self.ttl, self.cap, *holders])
+            return [g.decode() if isinstance(g, bytes) else g for g in got]
+        with _local_lock:
+            held = _local.setdefault(self.key, {})
+            for h, expiry in list(held.items()):
+                if expiry <= now:
+                    del held[h]
+            granted = []
+            for h in holders:
+                if h in held or len(held) < self.cap:
+                    held[h] = now + self.ttl
+                    granted.append(h)
+            return granted
+
+    def release(self, holders: Sequence[str]) -> None:
+        """Free the holders' slots (unknown holders are ignored). Raises ``redis`` errors."""
+        if not holders:
+            return
+        if self._redis is not None:
+            self._redis.zrem(self.key, *holders)
+            return
+        with _local_lock:
+            held = _local.setdefault(self.key, {})
+            for h in holders:
+                held.pop(h, None)
+
+    def held(self) -> int:
+        """How many slots are held now (expired ones not counted)."""
+        now = time.time()
+        if self._redis is not None:
+            return int(self._redis.zcount(self.key, f"({now}", "+inf"))
+        with _local_lock:
+            return sum(1 for e in _local.get(self.key, {}).values() if e > now)
