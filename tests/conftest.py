@@ -199,6 +199,8 @@ def env(redis_server: RedisServer, s3_endpoint: str, state_bucket: str, emulator
         "MOONBATCH_QUEUE": "moonbatch-test-" + uuid.uuid4().hex[:8],
         "MOONDREAM_API_KEY": emulator.config.api_key,
         "MOONBATCH_MOONDREAM_URL": emulator.url,
+        "FAL_KEY": emulator.config.fal_key,
+        "MOONBATCH_FAL_QUEUE_URL": emulator.fal_url,
         "MOONBATCH_POLL_MIN_INTERVAL": "0.2", "MOONBATCH_POLL_MAX_INTERVAL": "1",
         "MOONBATCH_PART_SIZE": str(256 * 1024),
         "MOONBATCH_HTTP_MAX_ATTEMPTS": "4", "MOONBATCH_HTTP_BACKOFF_MAX": "1",
@@ -242,7 +244,8 @@ def fleet(env: dict[str, str], tmp_path_factory) -> Iterator[subprocess.Popen]:
     text = log.read_text()
     # Secrets never reach the logs (the worker logs at INFO here).
     assert env["MOONDREAM_API_KEY"] not in text
-    assert "signature=" not in text
+    assert env["FAL_KEY"] not in text
+    assert "signature=" not in text and "base64," not in text
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 180, check: bool = True
