@@ -545,6 +545,7 @@ class FalEmulation:
         self.requests: dict[str, _Req] = {}
         self._lines: dict[str, list[_Req]] = {}  # per key, in submit order: what may still run
         self._last_start: dict[str, float] = {}  # per key: requests start in submit order
+        self._admitting: dict[str, int] = {}  # per key: submits accepted, not yet registered
         self.files: dict[str, tuple[bytes, str]] = {}
         self.injected: dict[str, int] = dict.fromkeys(FAL_FAULT_KINDS, 0)
         self.calls: dict[str, int] = {}
@@ -753,18 +754,27 @@ class FalEmulation:
             keep = max(cfg.result_ttl, cfg.result_ttl_large, faults.result_ttl or 0)
             for old in [r for r in self.requests.values() if r.ends is not None and now >= r.ends + keep]:
                 del self.requests[old.id]  # expired under any ttl: forget it
-            unfinished = sum(1 for r in self.requests.values() if r.key == key and (
-                r.ends is None or r.ends > now))
+            # Submits still being prepared (fetching their images) count too: fal counts a
+            # request from its arrival.
+            unfinished = self._admitting.get(key, 0) + sum(
+                1 for r in self.requests.values() if r.key == key and (
+                    r.ends is None or r.ends > now))
             refuse = faults.queue_limit is not None and unfinished >= faults.queue_limit
             if not refuse and faults.rate_429 > 0:
                 refuse = self._fault_rng(faults).random() < faults.rate_429
             if refuse:
                 self.injected["429"] += 1
+            else:
+                self._admitting[key] = self._admitting.get(key, 0) + 1
         if refuse:
             request.get_data()
             return _json({"detail": "Too many concurrent requests for this key: retry later"}, 429, rid)
         base = request.host_url.rstrip("/")
-        status, body, units = self._prepare(endpoint, request.get_json(silent=True), base)
+        try:
+            status, body, units = self._prepare(endpoint, request.get_json(silent=True), base)
+        finally:
+            with self.lock:
+                self._admitting[key] -= 1
         with self.lock:
             if status == 200 and faults.rate_error > 0 and \
                     self._fault_rng(faults).random() < faults.rate_error:

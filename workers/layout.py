@@ -15,6 +15,8 @@
     _moonbatch/shards/00000/r0/progress.json  last polled status (no URLs)
     _moonbatch/shards/00000/r0/merged.json    the round's merge counts
     _moonbatch/shards/00000/r0/rows.jsonl     the round's merged rows
+    _moonbatch/shards/00000/r0/requests.json  fal: the round's requests (cursor, in flight, resends)
+    _moonbatch/shards/00000/r0/results-000000.jsonl  fal: result lines finished in one step
     _moonbatch/shards/00000/done.json      merged: counts and usage
     _moonbatch/failed.json                 why the run cannot complete
     _moonbatch/cancelled.json              the run was cancelled
@@ -90,6 +92,11 @@ def shard_prefix(shard: int) -> str:
 def shard_doc(shard: int, name: str) -> str:
     """Key of a shard-level state document: ``done`` or ``lease``."""
     return f"{SHARDS}{shard:05d}/{name}.json"
+
+
+def round_prefix(shard: int, rnd: int) -> str:
+    """Prefix (a folder) of every document of a round."""
+    return f"{SHARDS}{shard:05d}/r{rnd}/"
 
 
 def round_doc(shard: int, rnd: int, name: str) -> str:

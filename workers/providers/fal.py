@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from workers import slots
+from workers import layout, slots
 from workers.lines import ItemError, PreparedImage, prepare_image
 from workers.pool import ordered_map
 from workers.models import BatchRecord, RunSpec, ShardBuild, SkillOptions
@@ -345,7 +345,8 @@ class FalProvider:
         avg = image_bytes // items if items else 0
         in_tok = items * estimate_input_tokens(avg, spec.max_pixels)
         out_tok = items * estimate_output_tokens(spec.options)
-        upload = image_bytes if spec.input.startswith("file://") or ep.kind == "archive" else 0
+        # Data URIs for a local INPUT and for archives; S3 images go as presigned URLs.
+        upload = image_bytes if not spec.input.startswith("s3://") or ep.kind == "archive" else 0
         if ep.usd_per_second is not None:
             seconds = items * SECONDS_PER_IMAGE
             return Estimate(items, requests, math.ceil(upload * 4 / 3), None, None, seconds,
@@ -393,8 +394,9 @@ class FalProvider:
         ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
         if ledger is None or not _done(ledger):
             return None
-        prefix = ctx.doc("results-")[:-len(".json")]
-        keys = sorted(o.key for o in ctx.store.iter_objects(prefix))
+        folder = layout.round_prefix(ctx.shard, ctx.rnd)  # stores list folders, not name stems
+        keys = sorted(o.key for o in ctx.store.iter_objects(folder)
+                      if o.key[len(folder):].startswith("results-"))
 
         def lines() -> Iterator[Any]:
             for key in keys:
@@ -409,8 +411,6 @@ class FalProvider:
 
     def cancel_run(self, run: Any) -> int:
         """PUT the cancel URL of every request in flight (latest round of every shard)."""
-        from workers import layout
-
         client = _client()
         cancelled = 0
         for obj in run.output.iter_objects(layout.SHARDS):
@@ -435,8 +435,10 @@ class FalProvider:
             return ledger
         endpoint = endpoint_of(ctx.run.spec)
         settings = ctx.settings
-        cap = slots.Slots(settings, endpoint.id, settings.fal_concurrency,
-                          ttl=max(120.0, 4 * min(settings.poll_max_interval, 60.0)))
+        # Holders refresh their slots at every step, at most ``hi`` apart: a dead step's slots
+        # are free again within a few of them.
+        hi = min(settings.poll_max_interval, RESULT_LIFETIME / 6)
+        cap = slots.Slots(settings, endpoint.id, settings.fal_concurrency, ttl=max(10.0, 3 * hi))
         build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
         client = _client()
         out: list[bytes] = []
@@ -471,11 +473,16 @@ class FalProvider:
                 if not status.completed:
                     entry["queue_position"] = status.queue_position
                     return "running", None
-                if status.error or status.error_type:
-                    return "failed", _error_lines(entry["lines"], "request_failed",
-                                                  f"fal request {entry['request_id']} failed: "
-                                                  f"{status.error_type or status.error}")
-                output = client.result(entry["response_url"])
+                failed = bool(status.error or status.error_type)
+                try:
+                    output = client.result(entry["response_url"])
+                except FalTransient as exc:
+                    if not failed:
+                        raise
+                    # COMPLETED with an error: the result GET answers that error (FACTS.md).
+                    return "failed", _error_lines(
+                        entry["lines"], "request_failed", f"fal request {entry['request_id']} "
+                        f"failed: {exc.error_type or status.error_type or status.error}")
                 return "ok", self._result_lines(endpoint, skill, entry, output, client)
             except FalGone:
                 return "expired", _error_lines(
@@ -552,10 +559,14 @@ class FalProvider:
             (ledger["lines"] - ledger["cursor"]) / endpoint.max_images)
         if not pending:
             return
-        run_id, shard, rnd = ctx.run.spec.run_id, ctx.shard, ctx.rnd
-        tokens = [f"{run_id}/{shard}/{rnd}/{uuid.uuid4().hex[:12]}"
-                  for _ in range(min(pending, ctx.settings.fal_concurrency))]
-        granted = cap.acquire(tokens)
+        # Slots are named after the first line of the request they are for, so a step that
+        # died after taking them leaves nothing behind: the step that sends those lines again
+        # takes the same slots.
+        n = min(pending, ctx.settings.fal_concurrency)
+        firsts = [u[0] for u in ledger["resend"][:n]]
+        firsts += [ledger["cursor"] + k * endpoint.max_images for k in range(n - len(firsts))]
+        prefix = f"{ctx.run.spec.run_id}/{ctx.shard}/{ctx.rnd}/"
+        granted = cap.acquire([prefix + str(first) for first in firsts])
         if not granted:
             return
         units: list[list[int]] = []
@@ -697,7 +708,7 @@ class FalProvider:
 
 
 def _results_key(ctx: RoundContext, n: int) -> str:
-    return ctx.doc(f"results-{n:06d}")[:-len(".json")] + ".jsonl"
+    return f"{layout.round_prefix(ctx.shard, ctx.rnd)}results-{n:06d}.jsonl"
 
 
 def _payload_bytes(prepared: dict[int, _Prepared], lines: Sequence[int]) -> int:

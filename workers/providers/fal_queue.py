@@ -222,7 +222,8 @@ class FalQueueClient:
 
     def result(self, response_url: str) -> dict[str, Any]:
         """The request's output. Raises ``FalRequestError`` (the request failed: 422 with
-        ``fields``, or its error), ``FalGone`` (404), ``FalTransient``."""
+        ``fields``, or its error), ``FalGone`` (404), ``FalTransient`` (5xx: a transient
+        failure, or the error of a request that COMPLETED with one)."""
         response = self._get("result", response_url)
         try:
             body = response.json()
