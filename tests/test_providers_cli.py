@@ -258,3 +258,20 @@ def test_each_provider_needs_only_its_own_key(s3, bucket, env, emulator):
     run_id = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/moon/"],
                      moon).stdout.strip().splitlines()[-1]
     assert "provider moondream (Batch API)" in run_cli(["status", run_id], moon).stdout
+
+
+def test_run_with_fal_end_to_end_on_s3(s3, bucket, env, emulator):
+    """``moonbatch run --provider fal`` with local workers against the emulator's fal queue:
+    images go as presigned URLs of moto's S3, results land once each, the summary names fal."""
+    from tests.conftest import read_results
+
+    photos = upload_photos(s3, bucket, "in/", names=("coffee.png", "rocket.jpg", "chelsea.png"))
+    e = fal_env(env, emulator, emulator.config.fal_key)
+    proc = run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--provider", "fal",
+                    "--workers", "1", "--timeout", "120"], e, timeout=180)
+    assert "fal (fal-ai/moondream3-preview/caption)" in proc.stdout
+    summary = read_json(s3, bucket, "out/run.json")
+    assert summary["status"] == "completed" and summary["provider"] == "fal"
+    rows = read_results(s3, bucket, "out/")
+    assert sorted(r["id"] for r in rows) == sorted(photos)
+    assert all(r["status"] == "ok" and r["result"]["caption"] for r in rows), rows
