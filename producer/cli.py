@@ -35,18 +35,22 @@ Exit codes:
 
 ENVIRONMENT = """\b
 Environment (README "Configuration" lists every variable):
-  MOONDREAM_API_KEY          the Moondream API key (required)
+  MOONBATCH_PROVIDER         the default --provider: moondream (default) or fal
+  MOONDREAM_API_KEY          the Moondream API key (--provider moondream)
+  FAL_KEY                    the fal.ai key (--provider fal)
   MOONBATCH_BROKER_URL       Celery broker (default redis://127.0.0.1:6379/0)
   MOONBATCH_STATE_URL        run registry: a directory or s3://bucket/prefix/ (~/.moonbatch/)
   MOONBATCH_S3_ENDPOINT_URL  S3-compatible endpoint (MinIO, R2); AWS credentials as boto3 reads them"""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
-                  help="Annotate image datasets with the Moondream Batch API, at scale.",
+                  help="Annotate image datasets with Moondream models (the Moondream Batch "
+                  "API or fal.ai), at scale.",
                   epilog=f"""\b
 Examples:
   moonbatch run s3://photos/2024/ s3://annotations/2024-captions/ --skill caption
   moonbatch submit s3://photos/ s3://out/q1/ --skill query --question "Is it indoors?"
+  moonbatch run s3://photos/ s3://out/c/ --provider fal --dry-run   # items, shards, cost
   moonbatch status RUN_ID        moonbatch resume RUN_ID --workers 4
 
 {ENVIRONMENT}
@@ -79,8 +83,19 @@ MaxTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-tokens", metavar="INTEGER", help="most tokens in an answer (caption, query; default: "
     "the API's)")]
 ShardSizeOpt = Annotated[Optional[int], typer.Option(
-    "--shard-size", metavar="INTEGER", help="most images per batch, 1 to 100000 (default "
-    "10000, or MOONBATCH_SHARD_SIZE)")]
+    "--shard-size", metavar="INTEGER", help="most images per shard (a batch of the Batch API), "
+    "1 to 100000 (default 10000, or MOONBATCH_SHARD_SIZE)")]
+ProviderOpt = Annotated[Optional[str], typer.Option(
+    "--provider", metavar="NAME", help="who annotates: moondream (the Moondream Batch API) | "
+    "fal (fal.ai's queue API) (default: MOONBATCH_PROVIDER, else moondream)")]
+EndpointOpt = Annotated[Optional[str], typer.Option(
+    "--endpoint", metavar="ID", help="the fal endpoint (--provider fal only; default "
+    "fal-ai/moondream3-preview/<skill>; README \"Providers\" lists them and their options)")]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="list and plan INPUT as a run would and print items, shards, requests, "
+    "bytes, tokens and the estimated cost; write nothing, send nothing, need no key")]
+DryRunJsonOpt = Annotated[bool, typer.Option(
+    "--json", help="with --dry-run: print the estimate as JSON")]
 MaxPixelsOpt = Annotated[Optional[int], typer.Option(
     "--max-pixels", metavar="INTEGER", help="downscale images above this many pixels; 0 sends "
     "full resolution (default 2000000, or MOONBATCH_MAX_PIXELS)")]
@@ -392,6 +407,20 @@ def _reconcile(output: str, run_id: str) -> None:
                   f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
+def _provider_text(doc: dict[str, Any]) -> str:
+    """``moondream (Batch API)`` or ``fal (<endpoint>)`` for a snapshot, summary or dry run
+    (runs recorded before providers existed are Batch API runs)."""
+    provider = doc.get("provider") or "moondream"
+    if provider == "moondream":
+        return "moondream (Batch API)"
+    return f"{provider} ({doc.get('endpoint') or 'default endpoint'})"
+
+
+def _at(doc: dict[str, Any]) -> str:
+    """Where a run's work in flight is: ``the API`` (Batch API) or ``fal``."""
+    return "the API" if (doc.get("provider") or "moondream") == "moondream" else doc["provider"]
+
+
 def _print_summary(snap: dict[str, Any]) -> None:
     """The run's summary as a two-column table on stdout; paths fold, never cut."""
     c = snap["counts"]
@@ -402,11 +431,12 @@ def _print_summary(snap: dict[str, Any]) -> None:
     table = Table(show_header=False, box=None)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
-    for k, v in (("run", snap["run_id"]), ("status", snap["status"]), ("skill", snap["skill"]),
+    for k, v in (("run", snap["run_id"]), ("status", snap["status"]),
+                 ("provider", _provider_text(snap)), ("skill", snap["skill"]),
                  ("items", c["total"]), ("ok", c["ok"]), ("error", c["error"]),
                  ("skipped (not images)", skipped),
                  ("batches", len(snap["batches"]) if not out_of
-                  else f"{len(snap['batches'])} ({out_of} at the API)"),
+                  else f"{len(snap['batches'])} ({out_of} at {_at(snap)})"),
                  ("tokens in/out", f"{snap['usage']['input_tokens']}/{snap['usage']['output_tokens']}"),
                  ("wall time", f"{snap['timings'].get('wall_seconds', 0):.1f}s"),
                  ("results", snap["output"] + "results/"), ("summary", snap["output"] + "run.json")):
@@ -414,22 +444,30 @@ def _print_summary(snap: dict[str, Any]) -> None:
     out.print(table)
 
 
-def _submit(input_url: str, output_url: str, opts, settings, shard_size: int | None,
-            max_pixels: int | None = None, run_id: str | None = None,
-            queue: str | None = None) -> dict:
-    from producer.runs import submit_run
-
-    if shard_size is not None and not 1 <= shard_size <= 100_000:
-        raise Fail("--shard-size must be within 1..100000 (the Batch API's line limit)", code=2)
+def _check_max_pixels(max_pixels: int | None) -> None:
+    """``--max-pixels`` is 0 or more (exit 2 otherwise)."""
     if max_pixels is not None and max_pixels < 0:
         raise Fail("--max-pixels must be >= 0 (0 turns downscaling off)", code=2)
+
+
+def _submit(input_url: str, output_url: str, opts, settings, shard_size: int | None,
+            max_pixels: int | None = None, run_id: str | None = None,
+            queue: str | None = None, provider: str | None = None,
+            endpoint: str | None = None) -> dict:
+    """Record, plan and enqueue a run (``producer.runs.submit_run``); the spec's checks (shard
+    size within the provider's limits, what the endpoint serves) raise ``ValueError``."""
+    from producer.runs import submit_run
+
+    _check_max_pixels(max_pixels)
     return submit_run(input_url, output_url, opts, settings, shard_size=shard_size,
-                      max_pixels=max_pixels, run_id=run_id, queue=queue)
+                      max_pixels=max_pixels, run_id=run_id, queue=queue, provider=provider,
+                      endpoint=endpoint)
 
 
 def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, workers: int | None,
          timeout: float | None, max_pixels: int | None = None, run_id: str | None = None,
-         embedded: bool = False) -> dict[str, Any]:
+         embedded: bool = False, provider: str | None = None,
+         endpoint: str | None = None) -> dict[str, Any]:
     """Submit a run and follow it to the end (see ``run``); with ``workers`` > 0 start that
     many local workers on the run's private queue, and with ``embedded`` (or
     ``MOONBATCH_BROKER_URL=embedded``) a private broker too. Raises ``Fail``."""
@@ -458,7 +496,7 @@ def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, worke
         local = LocalWorkers(n, queue) if queue else None
         try:
             plan = _submit(input_url, output_url, opts, settings, shard_size, max_pixels, run_id,
-                           queue=queue)
+                           queue=queue, provider=provider, endpoint=endpoint)
             if local is not None and plan["run_id"] != run_id:
                 # A dead start of the same command was taken over: its spec names its queue.
                 from workers.runstate import open_run, run_queue
@@ -474,19 +512,18 @@ def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, worke
 
 
 def _start_checks(settings, opts, input_url: str, output_url: str, *, shard_size: int | None,
-                  max_pixels: int | None, allow_empty: bool, force: bool, broker: bool = True):
-    """Everything a start checks before it writes: option ranges (exit 2), what OUTPUT holds
-    (``AlreadyComplete``; ``RunExists``, or with ``force`` a new OUTPUT/<run id>/) and the
-    preflight (``PreflightFailed``). Returns the ``RunSpec`` to start."""
+                  max_pixels: int | None, allow_empty: bool, force: bool, broker: bool = True,
+                  provider: str | None = None, endpoint: str | None = None):
+    """Everything a start checks before it writes: option ranges and what the provider and
+    endpoint serve (``ValueError``/``Fail``, exit 2), what OUTPUT holds (``AlreadyComplete``;
+    ``RunExists``, or with ``force`` a new OUTPUT/<run id>/) and the preflight, with the
+    provider's credentials (``PreflightFailed``). Returns the ``RunSpec`` to start."""
     from producer import preflight
     from producer.runs import AlreadyComplete, RunExists, check_output_for, new_run_id, new_spec
 
-    if shard_size is not None and not 1 <= shard_size <= 100_000:
-        raise Fail("--shard-size must be within 1..100000 (the Batch API's line limit)", code=2)
-    if max_pixels is not None and max_pixels < 0:
-        raise Fail("--max-pixels must be >= 0 (0 turns downscaling off)", code=2)
+    _check_max_pixels(max_pixels)
     spec = new_spec(input_url, output_url, opts, settings, shard_size=shard_size,
-                    max_pixels=max_pixels)
+                    max_pixels=max_pixels, provider=provider, endpoint=endpoint)
     try:
         check_output_for(preflight.quick_store(spec.output, settings), spec)
     except AlreadyComplete:
@@ -498,12 +535,72 @@ def _start_checks(settings, opts, input_url: str, output_url: str, *, shard_size
         err.print(f"{spec.output} holds run {exc.run_id} ({exc.state}); --force: starting run "
                   f"{run_id} in {spec.output}{run_id}/", highlight=False)
         spec = new_spec(spec.input, spec.output + run_id + "/", opts, settings,
-                        shard_size=shard_size, max_pixels=max_pixels, run_id=run_id)
+                        shard_size=shard_size, max_pixels=max_pixels, run_id=run_id,
+                        provider=spec.provider, endpoint=spec.endpoint)
     except Exception:
         pass  # OUTPUT cannot be read: the preflight below says why, in one line
     preflight.preflight(settings, input_url=spec.input, output_url=spec.output,
-                        allow_empty=allow_empty, broker=broker)
+                        allow_empty=allow_empty, broker=broker, provider=spec.provider)
     return spec
+
+
+def _dry_run(settings, opts, input_url: str, output_url: str, *, shard_size: int | None,
+             max_pixels: int | None, provider: str | None, endpoint: str | None,
+             allow_empty: bool, as_json: bool) -> None:
+    """``--dry-run``: check the options and INPUT, list and plan INPUT as a run would
+    (``producer.runs.dry_run``) and print what it would send and cost. Writes nothing, reaches
+    no broker, registry or provider, needs no key."""
+    from producer import preflight
+    from producer.runs import dry_run, new_spec
+
+    _check_max_pixels(max_pixels)
+    spec = new_spec(input_url, output_url, opts, settings, shard_size=shard_size,
+                    max_pixels=max_pixels, provider=provider, endpoint=endpoint)
+    preflight.preflight(settings, input_url=spec.input, allow_empty=allow_empty, broker=False,
+                        api_key=False, state=False)
+    report = dry_run(spec, settings)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_dry_run(report)
+
+
+def _size(n: int) -> str:
+    """Bytes as ``1,234,567 (1.2 MB)``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n:,} ({n / scale:.1f} {unit})"
+    return f"{n:,}"
+
+
+def _print_dry_run(report: dict[str, Any]) -> None:
+    """A dry run's report as a two-column table on stdout (see ``producer.runs.dry_run``)."""
+    batch_api = report["provider"] == "moondream"
+    cost = report["cost_usd"]
+    rows: list[tuple[str, Any]] = [
+        ("provider", _provider_text(report)), ("skill", report["skill"]),
+        ("input", report["input"]), ("items", f"{report['items']:,}"),
+        ("skipped (not images)", f"{report['skipped']:,}"), ("shards", f"{report['shards']:,}"),
+        ("batches" if batch_api else "requests", f"{report['requests']:,}"),
+        ("image bytes", _size(report["image_bytes"])),
+        ("upload bytes", _size(report["upload_bytes"])
+         + (" (images go as presigned URLs)" if not batch_api and not report["upload_bytes"]
+            and report["input"].startswith("s3://") else ""))]
+    if report["input_tokens"] is not None:
+        rows.append(("input tokens (estimate)", f"{report['input_tokens']:,}"))
+        rows.append(("output tokens (estimate)", f"{report['output_tokens']:,}"))
+    if report["compute_seconds"] is not None:
+        rows.append(("compute seconds (estimate)", f"{report['compute_seconds']:,.0f}"))
+    rows.append(("cost (USD, estimate)", "no published price" if cost is None
+                 else f"${cost:,.4f}" if cost < 1 else f"${cost:,.2f}"))
+    rows.append(("basis", report["basis"]))
+    table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for k, v in rows:
+        table.add_row(k, str(v))
+    err.print("dry run: nothing was written and nothing was sent", highlight=False)
+    out.print(table)
 
 
 def _already_complete(done, settings) -> None:
@@ -614,21 +711,27 @@ def _global(version: Annotated[bool, typer.Option(
     "moonbatch run s3://photos/2024/ s3://annotations/2024/ --skill caption --length short",
     "moonbatch run ./images ./out --skill query --question \"Is there a dog?\" --workers 4",
     "moonbatch run s3://b/in/ s3://b/out/ --skill detect --object face --workers 0  # a fleet",
-    "moonbatch run s3://b/in/ s3://b/out/ --timeout 3600 || moonbatch wait RUN_ID"))
+    "moonbatch run s3://b/in/ s3://b/out/ --timeout 3600 || moonbatch wait RUN_ID",
+    "moonbatch run s3://b/in/ s3://b/out/ --provider fal --endpoint fal-ai/moondream/batched "
+    "--skill query --question \"Is it a cat?\"",
+    "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost"))
 def run(input: InputArg, output: OutputArg,
         skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
         object: ObjectOpt = None, reasoning: ReasoningOpt = None,
         temperature: TemperatureOpt = None, top_p: TopPOpt = None,
         max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
-        max_pixels: MaxPixelsOpt = None, workers: WorkersOpt = None,
+        max_pixels: MaxPixelsOpt = None, provider: ProviderOpt = None,
+        endpoint: EndpointOpt = None, workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
-        force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False) -> None:
+        force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
+        dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Annotate every image under INPUT and write the results under OUTPUT; exit 0 when every
     image has a result (ok or error).
 
-    Checks the broker, the API key, INPUT and OUTPUT before writing anything. The same command
-    again after success exits 0 ("already complete"); after an interrupted start it starts
-    again; for an unfinished run it says to `moonbatch resume RUN_ID`.
+    Checks the broker, the provider's key, INPUT and OUTPUT before writing anything. The same
+    command again after success exits 0 ("already complete"); after an interrupted start it
+    starts again; for an unfinished run it says to `moonbatch resume RUN_ID`. With --dry-run,
+    only lists and plans INPUT and prints what the run would send and cost.
     """
     from config import get_settings
     from producer.runs import AlreadyComplete
@@ -638,16 +741,24 @@ def run(input: InputArg, output: OutputArg,
     with _cli_errors(), _interruptible(where):
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
         settings = get_settings()
+        if as_json and not dry_run:
+            raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
+                       code=2)
+        if dry_run:
+            _dry_run(settings, opts, input, output, shard_size=shard_size, max_pixels=max_pixels,
+                     provider=provider, endpoint=endpoint, allow_empty=allow_empty,
+                     as_json=as_json)
+            return
         embedded = embedded_broker or settings.broker_url == EMBEDDED
         try:
             # An embedded broker is checked once started, in _run.
             spec = _start_checks(settings, opts, input, output, shard_size=shard_size,
                                  max_pixels=max_pixels, allow_empty=allow_empty, force=force,
-                                 broker=not embedded)
+                                 broker=not embedded, provider=provider, endpoint=endpoint)
             where["output"] = spec.output
             snap = _run(spec.input, spec.output, opts, shard_size=shard_size, workers=workers,
                         timeout=timeout, max_pixels=max_pixels, run_id=spec.run_id,
-                        embedded=embedded)
+                        embedded=embedded, provider=spec.provider, endpoint=spec.endpoint)
         except AlreadyComplete as done:
             _already_complete(done, settings)
             return
@@ -656,31 +767,44 @@ def run(input: InputArg, output: OutputArg,
 
 @app.command(epilog=_epilog(
     "RUN_ID=$(moonbatch submit s3://photos/ s3://out/captions/ --skill caption | tail -n1)",
-    "moonbatch wait $RUN_ID --timeout 7200"))
+    "moonbatch wait $RUN_ID --timeout 7200",
+    "moonbatch submit s3://photos/ s3://out/c/ --provider fal --dry-run --json"))
 def submit(input: InputArg, output: OutputArg,
            skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
            object: ObjectOpt = None, reasoning: ReasoningOpt = None,
            temperature: TemperatureOpt = None, top_p: TopPOpt = None,
            max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
-           max_pixels: MaxPixelsOpt = None, allow_empty: AllowEmptyOpt = False,
-           force: ForceOpt = False) -> None:
+           max_pixels: MaxPixelsOpt = None, provider: ProviderOpt = None,
+           endpoint: EndpointOpt = None, allow_empty: AllowEmptyOpt = False,
+           force: ForceOpt = False, dry_run: DryRunOpt = False,
+           as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
 
     Runs the same checks as `run` first. The same command again after the run completed exits
-    0 and prints the run id again.
+    0 and prints the run id again. With --dry-run, only lists and plans INPUT and prints what
+    the run would send and cost.
     """
     from config import get_settings
     from producer.runs import AlreadyComplete
 
     with _cli_errors():
-        _no_embedded(get_settings(), "submit")
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
         settings = get_settings()
+        if as_json and not dry_run:
+            raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
+                       code=2)
+        if dry_run:
+            _dry_run(settings, opts, input, output, shard_size=shard_size, max_pixels=max_pixels,
+                     provider=provider, endpoint=endpoint, allow_empty=allow_empty,
+                     as_json=as_json)
+            return
+        _no_embedded(settings, "submit")
         try:
             spec = _start_checks(settings, opts, input, output, shard_size=shard_size,
-                                 max_pixels=max_pixels, allow_empty=allow_empty, force=force)
+                                 max_pixels=max_pixels, allow_empty=allow_empty, force=force,
+                                 provider=provider, endpoint=endpoint)
             plan = _submit(spec.input, spec.output, opts, settings, shard_size, max_pixels,
-                           spec.run_id)
+                           spec.run_id, provider=spec.provider, endpoint=spec.endpoint)
         except AlreadyComplete as done:
             err.print(str(done), highlight=False, soft_wrap=True)
             print(done.run_id)
@@ -735,7 +859,8 @@ def status(run_ref: RunRefArg, as_json: JsonOpt = False,
            skipped: Annotated[bool, typer.Option(
                "--skipped", help="list every object of INPUT skipped as not an image, one key "
                "per line")] = False) -> None:
-    """Print a run's progress: items done, batches at the API, shards merged.
+    """Print a run's progress: items done, its provider (and fal endpoint), batches at the
+    provider, shards merged.
 
     Exits 0 for a running or completed run, 1 for a failed or cancelled one.
     """
@@ -755,7 +880,8 @@ def status(run_ref: RunRefArg, as_json: JsonOpt = False,
             out.print(f"run {snap['run_id']}: [bold]{snap['status']}[/bold]  "
                       f"{c['done']}/{c['total'] if c['total'] is not None else '?'} items done "
                       f"(ok {c['ok']}, error {c['error']}, in flight {c['in_flight']}); "
-                      f"batches at the API {s.get('in_flight', 0)}; shards merged "
+                      f"provider {escape(_provider_text(snap))}; "
+                      f"batches at {_at(snap)} {s.get('in_flight', 0)}; shards merged "
                       f"{s['merged']}/{s['total'] if s['total'] is not None else '?'}, "
                       f"submitted {s['submitted']}", highlight=False, soft_wrap=True)
             if c.get("skipped"):
@@ -847,7 +973,10 @@ def wait(run_ref: RunRefArg, timeout: TimeoutOpt = None,
         settings = get_settings()
         output = resolve_run(run_ref, settings)
         if workers:
-            preflight.preflight(settings, state=False)
+            from workers.runstate import open_run
+
+            preflight.preflight(settings, state=False,
+                                provider=open_run(output, settings).spec.provider)
         _follow(output, settings, workers, timeout, where)
 
 
@@ -871,7 +1000,7 @@ def _requeue(run_ref: str, settings, where: dict[str, Any]) -> str | None:
         return None
     if store.exists(layout.CANCELLED):
         raise Fail(f"run {run.spec.run_id} was cancelled; start a new run instead")
-    preflight.preflight(settings, output_url=output)
+    preflight.preflight(settings, output_url=output, provider=run.spec.provider)
     plan = get_json_or_none(store, layout.PLAN)
     if plan is None:
         if describe_output(store)["state"] == "planning":
@@ -1050,39 +1179,51 @@ DemoTimeoutOpt = Annotated[float, typer.Option(
 
 
 @app.command(epilog=_epilog("moonbatch demo", "moonbatch demo --skill query --question "
-                            "\"What is in the picture?\" --output /tmp/demo"))
+                            "\"What is in the picture?\" --output /tmp/demo",
+                            "moonbatch demo --provider fal --endpoint fal-ai/moondream/batched"))
 def demo(output: Annotated[Path, typer.Option(
              "--output", metavar="DIRECTORY",
              help="each run goes into DIRECTORY/<run id>/")] = Path("moonbatch-demo"),
          skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
          object: ObjectOpt = None, reasoning: ReasoningOpt = None,
+         provider: ProviderOpt = None, endpoint: EndpointOpt = None,
          shard_size: DemoShardSizeOpt = 8, workers: DemoWorkersOpt = 2,
          timeout: DemoTimeoutOpt = 300.0) -> None:
     """Annotate scikit-image's sample photographs with no account and no servers: an embedded
-    broker (a private redis-server), local storage and the Batch API emulator."""
-    from config import reload_settings
+    broker (a private redis-server), local storage and the emulator of the Batch API or (with
+    --provider fal) of fal's queue API."""
+    from config import get_settings, reload_settings
+    from emulator.fal import FalConfig
     from emulator.server import EmulatorConfig, EmulatorServer
+    from producer.runs import new_run_id, new_spec
     from workers.app import reconfigure
 
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, None, None, None)
-        key = uuid.uuid4().hex
-        with EmulatorServer(EmulatorConfig(api_key=key, chunking_seconds=0.5,
-                                           processing_seconds=1.0, lines_per_second=50)) as emu:
+        run_id = new_run_id()
+        target = (output / run_id).resolve()
+        source = skimage_data_dir()
+        # The provider, endpoint and shard size are checked before anything starts.
+        spec = new_spec(str(source), str(target), opts, get_settings(), shard_size=shard_size,
+                        run_id=run_id, provider=provider, endpoint=endpoint)
+        key, fal_key = uuid.uuid4().hex, uuid.uuid4().hex
+        config = EmulatorConfig(api_key=key, chunking_seconds=0.5, processing_seconds=1.0,
+                                lines_per_second=50, fal_key=fal_key,
+                                fal=FalConfig(concurrency=8, processing_seconds=0.1))
+        with EmulatorServer(config) as emu:
             os.environ.update({
+                "MOONBATCH_PROVIDER": spec.provider,
                 "MOONBATCH_MOONDREAM_URL": emu.url, "MOONDREAM_API_KEY": key,
+                "MOONBATCH_FAL_QUEUE_URL": emu.fal_url, "FAL_KEY": fal_key,
                 "MOONBATCH_POLL_MIN_INTERVAL": "0.5", "MOONBATCH_POLL_MAX_INTERVAL": "2",
             })
             reconfigure(reload_settings())
-            from producer.runs import new_run_id
-
-            run_id = new_run_id()
-            target = (output / run_id).resolve()
-            source = skimage_data_dir()
-            err.print(f"demo: {source} → {target} (emulated Moondream Batch API at {emu.url})")
-            snap = _run(str(source), str(target), opts, shard_size=shard_size,
+            what = (f"emulated Moondream Batch API at {emu.url}" if spec.provider == "moondream"
+                    else f"emulated fal queue at {emu.fal_url}, {spec.endpoint}")
+            err.print(f"demo: {source} → {target} ({what})")
+            snap = _run(spec.input, spec.output, opts, shard_size=shard_size,
                         workers=max(1, workers or 1), timeout=timeout, run_id=run_id,
-                        embedded=True)
+                        embedded=True, provider=spec.provider, endpoint=spec.endpoint)
         _print_summary(snap)
         first = next(iter(sorted((target / "results").glob("*.jsonl"))), None)
         if first is not None:

@@ -1,4 +1,5 @@
-"""Planner: cut the item stream into shards that fit the Moondream Batch API's limits.
+"""Planner: cut the item stream into shards that fit the provider's limits (by default the
+Moondream Batch API's; ``workers.providers.Provider.limits`` gives each provider's).
 
 Pure and streaming: it holds one shard at a time. A shard closes at ``max_lines`` items or when
 its estimated JSONL size would pass ``max_bytes`` (seed 002, "Limits": 100,000 lines, 2 GB file,
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from config import API_MAX_FILE_BYTES, API_MAX_LINES
 from workers.lines import estimate_line_bytes
 from workers.models import PlanItem
+
+if TYPE_CHECKING:
+    from workers.providers import Limits
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -26,15 +31,18 @@ class Shard:
 
 
 def plan_shards(items: Iterable[PlanItem], *, max_lines: int, max_bytes: int,
-                fragment_len: int = 128) -> Iterator[Shard]:
+                fragment_len: int = 128, limits: Limits | None = None) -> Iterator[Shard]:
     """Yield shards in order; every item lands in exactly one shard.
 
-    Raises ``ValueError`` if ``max_lines`` or ``max_bytes`` exceed the API's limits or are < 1.
+    ``limits`` are the provider's (``Provider.limits(spec)``); None: the Batch API's (100,000
+    lines, 2 GB). Raises ``ValueError`` if ``max_lines`` or ``max_bytes`` exceed them or are < 1.
     """
-    if not 1 <= max_lines <= API_MAX_LINES:
-        raise ValueError(f"max_lines={max_lines}: must be within 1..{API_MAX_LINES}")
-    if not 1 <= max_bytes <= API_MAX_FILE_BYTES:
-        raise ValueError(f"max_bytes={max_bytes}: must be within 1..{API_MAX_FILE_BYTES}")
+    lines_cap = API_MAX_LINES if limits is None else limits.max_lines
+    bytes_cap = API_MAX_FILE_BYTES if limits is None else limits.max_bytes
+    if not 1 <= max_lines <= lines_cap:
+        raise ValueError(f"max_lines={max_lines}: must be within 1..{lines_cap}")
+    if not 1 <= max_bytes <= bytes_cap:
+        raise ValueError(f"max_bytes={max_bytes}: must be within 1..{bytes_cap}")
     index, batch, size = 0, [], 0
     for item in items:
         line = estimate_line_bytes(item.id, item.size, fragment_len)

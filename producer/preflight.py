@@ -5,7 +5,8 @@ thing, the cause and the fix (never a traceback, never a secret). ``preflight`` 
 a command needs side by side and raises ``PreflightFailed`` with every failing line; each check
 bounds its own time (Redis 2.5 s, HTTP 8 s, S3 3 s to connect and 5 s to read with two
 attempts), so a start that cannot work ends in a few seconds. ``moonbatch run``, ``submit`` and
-``resume`` use them (exit code 3, see README "Command line").
+``resume`` use them (exit code 3, see README "Command line"). The credentials checked are the
+run's provider's (``workers.providers``: the Batch API key or fal's key), never both.
 """
 
 from __future__ import annotations
@@ -277,16 +278,31 @@ def run_checks(checks: dict[str, Check]) -> list[str]:
     return problems
 
 
+#: The name of each provider's credentials check (what it checks).
+CREDENTIALS = {"moondream": "API key (MOONDREAM_API_KEY)", "fal": "FAL key (FAL_KEY)"}
+
+
+def check_credentials(settings: Settings, provider: str) -> str | None:
+    """The key of ``provider`` works: ``Provider.check_credentials`` (moondream:
+    MOONDREAM_API_KEY with ``check_api_key``; fal: FAL_KEY). Only that provider's key is
+    needed. None when all is well, else one line."""
+    from workers.providers import get_provider
+
+    return get_provider(provider).check_credentials(settings)
+
+
 def preflight(settings: Settings, *, input_url: str | None = None, output_url: str | None = None,
               allow_empty: bool = False, broker: bool = True, api_key: bool = True,
-              state: bool = True) -> None:
-    """Run the checks a command needs (INPUT and OUTPUT when given). Raises ``PreflightFailed``
+              state: bool = True, provider: str | None = None) -> None:
+    """Run the checks a command needs (INPUT and OUTPUT when given; the credentials of
+    ``provider``, default ``settings.provider``, when ``api_key``). Raises ``PreflightFailed``
     listing every problem; returns None when all pass. Takes at most ~10 s."""
     checks: dict[str, Check] = {}
     if broker:
         checks["broker"] = lambda: check_broker(settings.broker_url)
     if api_key:
-        checks["API key"] = lambda: check_api_key(settings)
+        name = provider or settings.provider
+        checks[CREDENTIALS.get(name, f"{name} key")] = lambda: check_credentials(settings, name)
     if input_url is not None:
         checks["INPUT"] = lambda: check_input(input_url, settings, allow_empty=allow_empty)
     if output_url is not None:

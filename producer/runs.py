@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from config import Settings
@@ -50,7 +50,7 @@ class AlreadyComplete(RunExists):
 # A producer renews its planning lease every quarter of this while it lists and plans; a
 # start whose lease expired (or was released) is dead and the same command takes it over.
 PLANNING_LEASE_SECONDS = 30.0
-_COMPARED = ("input", "output", "shard_size", "max_pixels", "model")
+_COMPARED = ("input", "output", "provider", "endpoint", "shard_size", "max_pixels", "model")
 
 
 def command_differences(held: RunSpec, wanted: RunSpec) -> list[str]:
@@ -204,26 +204,57 @@ def resolve_run(ref: str, settings: Settings) -> str:
 
 def new_spec(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
              shard_size: int | None = None, max_pixels: int | None = None,
-             run_id: str | None = None, queue: str | None = None) -> RunSpec:
+             run_id: str | None = None, queue: str | None = None,
+             provider: str | None = None, endpoint: str | None = None) -> RunSpec:
     """The spec of a new run (URLs normalised, defaults from ``settings``; ``queue``: the broker
-    queue of every step of the run, default ``settings.queue``, the fleet's).
+    queue of every step of the run, default ``settings.queue``, the fleet's; ``provider``:
+    default ``settings.provider``; ``endpoint``: fal's, default
+    ``fal-ai/moondream3-preview/<skill>``, stored resolved so the spec says what it calls).
 
-    Raises ``ValueError`` for bad URLs, or when INPUT and OUTPUT are the same location.
+    The provider checks the spec (``Provider.check_spec``) before it is returned, and the
+    shard limits are the provider's (``Provider.limits``). Raises ``ValueError`` (one line
+    naming the cause and the fix) for bad URLs, INPUT and OUTPUT at the same location, an
+    unknown provider or endpoint, a skill or option the endpoint cannot serve, ``--endpoint``
+    without fal, or a shard size beyond the provider's limit.
     """
+    from workers.providers import get_provider
+
     input_url, output_url = normalize_url(input_url), normalize_url(output_url)
     if input_url == output_url:
         raise ValueError("INPUT and OUTPUT must be different locations")
-    return RunSpec(run_id=run_id or new_run_id(), input=input_url, output=output_url,
-                   options=options, model=settings.model,
-                   shard_size=shard_size or settings.shard_size,
+    name = provider or settings.provider
+    chosen = get_provider(name)  # ValueError naming the known providers
+    if name == "fal" and not endpoint:
+        from workers.providers.fal import default_endpoint
+
+        endpoint = default_endpoint(options.skill)
+    spec = RunSpec(run_id=run_id or new_run_id(), input=input_url, output=output_url,
+                   options=options, model=settings.model, provider=name, endpoint=endpoint,
+                   shard_size=settings.shard_size if shard_size is None else shard_size,
                    max_shard_bytes=settings.max_shard_bytes,
                    max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
                    created_at=time.time(), queue=queue or settings.queue)
+    chosen.check_spec(spec)
+    limits = chosen.limits(spec)
+    if not 1 <= spec.shard_size <= limits.max_lines:
+        raise ValueError(f"--shard-size must be within 1..{limits.max_lines} "
+                         f"({shard_limit_reason(name)})")
+    if spec.max_shard_bytes > limits.max_bytes:
+        spec = spec.model_copy(update={"max_shard_bytes": limits.max_bytes})
+    return spec
+
+
+def shard_limit_reason(provider: str) -> str:
+    """Why a provider's shards hold at most so many images (for the ``--shard-size`` message)."""
+    if provider == "moondream":
+        return "the Batch API's line limit"
+    return f"the most images moonbatch puts in one shard for --provider {provider}"
 
 
 def submit_run(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
                shard_size: int | None = None, max_pixels: int | None = None,
                run_id: str | None = None, queue: str | None = None,
+               provider: str | None = None, endpoint: str | None = None,
                on_shard: Callable[[Shard], None] | None = None) -> dict[str, Any]:
     """Record a run at ``output_url``, plan ``input_url`` into shards and enqueue them on the
     run's broker ``queue`` (default ``settings.queue``, the fleet's; ``moonbatch run`` with
@@ -231,11 +262,13 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
 
     Returns the plan document (``run_id``, ``shards``, ``items``, ``skipped``...). Raises
     ``AlreadyComplete`` if the same command completed there, ``RunExists`` if OUTPUT holds
-    another run (or this one, unfinished), ``ValueError`` for bad URLs or limits, storage errors
-    if the stores cannot be reached. See ``start_run``.
+    another run (or this one, unfinished), ``ValueError`` for bad URLs or limits, or a run the
+    provider cannot serve (see ``new_spec``), storage errors if the stores cannot be reached.
+    See ``start_run``.
     """
     spec = new_spec(input_url, output_url, options, settings, shard_size=shard_size,
-                    max_pixels=max_pixels, run_id=run_id, queue=queue)
+                    max_pixels=max_pixels, run_id=run_id, queue=queue, provider=provider,
+                    endpoint=endpoint)
     return start_run(spec, settings, on_shard=on_shard)
 
 
@@ -325,14 +358,10 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
                                    "skill": options.skill})
     register_run(spec, settings)
 
-    exclude = output_url[len(input_url):] if output_url.startswith(input_url) else None
     skipped = _SkippedKeys(out)
     stats = ListingStats(on_skip=skipped.add)
     n_shards = 0
-    fragment_len = len(options.line_fragment())
-    for shard in plan_shards(iter_items(inp, stats, exclude_prefix=exclude),
-                             max_lines=spec.shard_size, max_bytes=spec.max_shard_bytes,
-                             fragment_len=fragment_len):
+    for shard in iter_plan(spec, inp, stats):
         lease_check()
         body = b"".join(item.to_json() + b"\n" for item in shard.items)
         key = layout.plan_items(shard.index)
@@ -351,6 +380,56 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     # The last shard may have merged before the plan existed: let a worker check.
     enqueue(finalize_run, (output_url, spec.run_id), queue=spec.queue)
     return plan
+
+
+def iter_plan(spec: RunSpec, inp: Store, stats: ListingStats) -> Iterator[Shard]:
+    """INPUT's shards as the run plans them: the listing (``producer.reader.iter_items``,
+    hiding OUTPUT when it lies inside INPUT) cut by ``plan_shards`` within the spec's shard
+    size and the provider's limits. ``stats`` counts what the listing saw. Raises storage
+    errors and ``ValueError`` for limits the provider refuses."""
+    from workers.providers import provider_for
+
+    input_url, output_url = spec.input, spec.output
+    exclude = output_url[len(input_url):] if output_url.startswith(input_url) else None
+    return plan_shards(iter_items(inp, stats, exclude_prefix=exclude),
+                       max_lines=spec.shard_size, max_bytes=spec.max_shard_bytes,
+                       fragment_len=len(spec.options.line_fragment()),
+                       limits=provider_for(spec).limits(spec))
+
+
+def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
+    """What ``spec`` would do, without doing any of it: list and plan INPUT exactly as a run
+    does (``iter_plan``) and ask the provider for its estimate (``Provider.estimate``: for the
+    whole run, and per planned shard for the request count, as each shard packs its own
+    requests). Writes nothing, reaches no
+    broker, registry or provider, needs no credentials.
+
+    Returns ``{"dry_run": True, "provider", "endpoint", "input", "output", "skill", "listed",
+    "items", "skipped", "skipped_examples", "shards", "image_bytes", "requests",
+    "upload_bytes", "input_tokens", "output_tokens", "compute_seconds", "cost_usd", "basis"}``
+    (token, second and cost fields are None where the provider has no such figure). Raises
+    storage errors when INPUT cannot be listed.
+    """
+    from workers.providers import provider_for
+
+    provider = provider_for(spec)
+    stats = ListingStats()
+    shards = image_bytes = requests = 0
+    for shard in iter_plan(spec, open_output(spec.input, settings), stats):
+        size = sum(item.size for item in shard.items)
+        shards += 1
+        image_bytes += size
+        # Each shard packs its own requests (fal's batched endpoints: 32 images a request).
+        requests += provider.estimate(spec, len(shard.items), size, 1).requests
+    whole = provider.estimate(spec, stats.items, image_bytes, shards)
+    return {"dry_run": True, "provider": spec.provider, "endpoint": spec.endpoint,
+            "input": spec.input, "output": spec.output, "skill": spec.options.skill,
+            "listed": stats.listed, "items": stats.items, "skipped": stats.skipped,
+            "skipped_examples": stats.skipped_examples, "shards": shards,
+            "image_bytes": image_bytes, "requests": requests,
+            "upload_bytes": whole.upload_bytes, "input_tokens": whole.input_tokens,
+            "output_tokens": whole.output_tokens, "compute_seconds": whole.seconds,
+            "cost_usd": whole.cost_usd, "basis": whole.basis}
 
 
 def _check_replan(out: Store, shard: int, body: bytes) -> None:

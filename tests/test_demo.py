@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from tests.conftest import photos_dir, run_cli
 from workers.lines import classify_key, sniff_format
 
@@ -44,3 +46,32 @@ def test_demo_under_load_three_times_in_a_row():
     result = soak(3, verbose=False)
     print("\n" + result.summary())
     assert result.runs == 3 and not result.failures, result.failures
+
+
+def _demo_rows(run_dir):
+    return [json.loads(line) for f in sorted((run_dir / "results").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
+
+
+@pytest.mark.xfail(strict=True, reason="workers/providers/fal.py FalProvider.collect_round lists "
+                   "the key prefix '<round>/results-', which LocalStore.iter_objects reads as a "
+                   "folder: on a local OUTPUT (the demo's) it finds no result file and every "
+                   "item ends as missing_result")
+def test_demo_with_fal_annotates_the_sample_photographs(tmp_path):
+    """``moonbatch demo --provider fal``: the emulator's fal queue, offline, no key."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MOONBATCH_", "MOONDREAM_", "AWS_", "FAL_"))}
+    env["HOME"] = str(tmp_path)
+    proc = run_cli(["demo", "--provider", "fal", "--output", str(tmp_path / "demo")], env,
+                   timeout=300)
+    assert "emulated fal queue at http://127.0.0.1:" in proc.stderr
+    assert "fal (fal-ai/moondream3-preview/caption)" in proc.stdout
+    (run_dir,) = (tmp_path / "demo").iterdir()
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["status"] == "completed" and summary["provider"] == "fal"
+    spec = json.loads((run_dir / "_moonbatch" / "spec.json").read_text())
+    assert spec["endpoint"] == "fal-ai/moondream3-preview/caption"
+    rows = _demo_rows(run_dir)
+    assert len({r["id"] for r in rows}) == len(rows) == summary["counts"]["total"] > 0
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) >= len(rows) - 1 and all(r["result"]["caption"] for r in ok), rows[:2]

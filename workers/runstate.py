@@ -125,6 +125,8 @@ class Progress:
             "skill": spec["options"]["skill"],
             "options": {k: v for k, v in spec["options"].items() if v is not None},
             "model": spec.get("model"),
+            "provider": spec.get("provider") or "moondream",
+            "endpoint": spec.get("endpoint"),
             "counts": {"total": total, "ok": ok, "error": err, "done": ok + err,
                        "in_flight": in_flight, "skipped": plan.get("skipped", 0) if plan else None},
             "shards": {"total": shards_total, "merged": len(done), "submitted": len(submitted),
