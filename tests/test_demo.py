@@ -53,10 +53,6 @@ def _demo_rows(run_dir):
             for line in f.read_text().splitlines()]
 
 
-@pytest.mark.xfail(strict=True, reason="workers/providers/fal.py FalProvider.collect_round lists "
-                   "the key prefix '<round>/results-', which LocalStore.iter_objects reads as a "
-                   "folder: on a local OUTPUT (the demo's) it finds no result file and every "
-                   "item ends as missing_result")
 def test_demo_with_fal_annotates_the_sample_photographs(tmp_path):
     """``moonbatch demo --provider fal``: the emulator's fal queue, offline, no key."""
     env = {k: v for k, v in os.environ.items()

@@ -27,16 +27,15 @@ CASES = {
 
 
 def start(env, input_url: str, output_url: str, endpoint: str, options: dict, **spec) -> str:
-    """Start a fal run the way the CLI does (producer.runs), on the session fleet's queue."""
-    from config import get_settings
-    from producer.runs import new_spec, start_run
-    from workers.models import SkillOptions
+    """``moonbatch submit INPUT OUTPUT --provider fal --endpoint ENDPOINT ...`` for the session
+    fleet; returns the run id. ``options`` are skill options, ``spec`` ``shard_size`` and
+    ``max_pixels``."""
+    from tests.conftest import run_cli
 
-    settings = get_settings()
-    s = new_spec(input_url, output_url, SkillOptions(**options), settings)
-    s = s.model_copy(update={"provider": "fal", "endpoint": endpoint, **spec})
-    start_run(s, settings)
-    return s.run_id
+    args = ["submit", input_url, output_url, "--provider", "fal", "--endpoint", endpoint]
+    for name, value in {**options, **spec}.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return run_cli(args, env).stdout.strip().splitlines()[-1]
 
 
 def expected_row(endpoint: str, args: dict, image: bytes, skill: str) -> tuple[dict, dict]:

@@ -149,23 +149,10 @@ def test_fal_chaos(s3, bucket, env, tmp_path):
         started = time.time()
         kills = 0
         try:
-            import os
-
-            saved = {k: os.environ.get(k) for k in cenv}
-            os.environ.update(cenv)
-            from config import reload_settings
-
-            try:
-                reload_settings()
-                run_id = start(cenv, f"s3://{bucket}/in/", f"s3://{bucket}/out/", CAPTION,
-                               {"skill": "caption"}, shard_size=shard_size)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-                reload_settings()
+            proc = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/",
+                            "--provider", "fal", "--endpoint", CAPTION,
+                            "--shard-size", str(shard_size)], cenv)
+            run_id = proc.stdout.strip().splitlines()[-1]
 
             def requests_in_flight() -> int:
                 n = 0

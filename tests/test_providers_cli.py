@@ -119,9 +119,6 @@ def test_dry_run_default_endpoint_follows_the_skill(env, tmp_path, local_input):
     assert report["requests"] == N_IMAGES
 
 
-@pytest.mark.xfail(strict=True, reason="workers/providers/fal.py FalProvider.estimate counts "
-                   "data-URI upload bytes only for inputs starting with file://, but local "
-                   "INPUT normalises to a plain path")
 def test_dry_run_local_fal_counts_data_uri_bytes(env, tmp_path, local_input):
     report = dry(["run", str(local_input), str(tmp_path / "out"), "--provider", "fal"],
                  keyless(env, tmp_path))
