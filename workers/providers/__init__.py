@@ -44,7 +44,19 @@ PROVIDERS: dict[str, str] = {
 
 class ProviderError(Exception):
     """A call to a provider failed; the message names the action and the HTTP status, never a
-    key or a presigned URL."""
+    key or a presigned URL. Pickles with its class and attributes (Celery otherwise reports a
+    subclass with a keyword-only constructor as its nearest picklable base)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore_error, (self.__class__, str(self), self.__dict__.copy())
+
+
+def _restore_error(cls: type[ProviderError], message: str, state: dict[str, Any]
+                   ) -> ProviderError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
 
 
 class TransientProviderError(ProviderError):
