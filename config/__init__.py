@@ -43,9 +43,17 @@ class Settings(BaseSettings):
     fal_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("FAL_KEY", "MOONBATCH_FAL_KEY"))
     fal_queue_url: str = "https://queue.fal.run"
-    # Requests in flight per fal endpoint across the whole fleet (fal answers 429 beyond the
-    # account's limit; its default account limit is in this range).
+    # Requests fal runs at once per endpoint for this account, across the whole fleet (fal's
+    # concurrency limit; its default account limit is in this range).
     fal_concurrency: int = Field(default=10, ge=1, le=1000)
+    # Requests kept queued at fal beyond that (None: as many again), so a runner that frees
+    # never waits for moonbatch's next poll to send it work; fal starts queued requests itself.
+    fal_queue_ahead: int | None = Field(default=None, ge=0, le=10000)
+
+    def fal_in_flight(self) -> int:
+        """Most fal requests submitted and not yet collected, per endpoint, fleet-wide."""
+        ahead = self.fal_concurrency if self.fal_queue_ahead is None else self.fal_queue_ahead
+        return self.fal_concurrency + ahead
 
     # Where run ids, active runs and batch claims are recorded (a store URL: a local directory
     # for one machine, s3://bucket/prefix/ shared by a fleet). Redis is never the only copy.

@@ -435,8 +435,10 @@ def _print_summary(snap: dict[str, Any]) -> None:
                  ("provider", _provider_text(snap)), ("skill", snap["skill"]),
                  ("items", c["total"]), ("ok", c["ok"]), ("error", c["error"]),
                  ("skipped (not images)", skipped),
-                 ("batches", len(snap["batches"]) if not out_of
-                  else f"{len(snap['batches'])} ({out_of} at {_at(snap)})"),
+                 (("requests", sum(b.get("requests") or 0 for b in snap["batches"]))
+                  if snap.get("provider") == "fal" else
+                  ("batches", len(snap["batches"]) if not out_of
+                   else f"{len(snap['batches'])} ({out_of} at {_at(snap)})")),
                  ("tokens in/out", f"{snap['usage']['input_tokens']}/{snap['usage']['output_tokens']}"),
                  ("wall time", f"{snap['timings'].get('wall_seconds', 0):.1f}s"),
                  ("results", snap["output"] + "results/"), ("summary", snap["output"] + "run.json")):

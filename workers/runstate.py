@@ -141,6 +141,7 @@ class Progress:
             "batches": [{"shard": s, "batch_id": d.batch_id, "status": d.batch_status,
                          "merged": True, "items": d.total, "ok": d.ok, "error": d.error,
                          "polls": d.polls, "rounds": d.rounds, "batch_ids": d.batch_ids,
+                         "requests": d.requests,
                          "duplicate_batches": d.duplicate_batches}
                         for s, d in sorted(done.items())] + out,
             "failure": failed,
@@ -160,7 +161,8 @@ class Progress:
                 "status": progress.get("status") or "submitted", "merged": False,
                 "round": rnd, "items": progress.get("total"),
                 "completed": int(progress.get("completed") or 0),
-                "failed": int(progress.get("failed") or 0), "polls": progress.get("polls", 0)}
+                "failed": int(progress.get("failed") or 0), "polls": progress.get("polls", 0),
+                "requests": int(progress.get("requests") or 0)}
 
     def complete(self) -> bool:
         """True when the plan is written and every shard is merged."""

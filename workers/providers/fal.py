@@ -12,8 +12,9 @@ each under the shard's lease and none sleeping in a worker slot:
 
 1. poll every request in flight; fetch a COMPLETED request's result at once (fal keeps results
    of 10 KB or more only 6 minutes) and turn it into result lines;
-2. take slots of the endpoint's fleet-wide cap (``workers.slots``) and send the next requests:
-   the round's lines in order, resends first;
+2. take slots of the endpoint's fleet-wide cap (``workers.slots``: fal's concurrency plus a
+   queue ahead of it, so fal never waits for a step to start its next request) and send the
+   next requests: the round's lines in order, resends first;
 3. write the finished lines (``results-NNNNN.jsonl``, write-once) and then the ledger
    (``requests.json``: cursor, requests in flight with their ids and URLs, resends).
 
@@ -438,7 +439,7 @@ class FalProvider:
         # Holders refresh their slots at every step, at most ``hi`` apart: a dead step's slots
         # are free again within a few of them.
         hi = min(settings.poll_max_interval, RESULT_LIFETIME / 6)
-        cap = slots.Slots(settings, endpoint.id, settings.fal_concurrency, ttl=max(10.0, 3 * hi))
+        cap = slots.Slots(settings, endpoint.id, settings.fal_in_flight(), ttl=max(10.0, 3 * hi))
         build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
         client = _client()
         out: list[bytes] = []
@@ -472,6 +473,7 @@ class FalProvider:
                 status = client.status(entry["status_url"])
                 if not status.completed:
                     entry["queue_position"] = status.queue_position
+                    entry["seen_running_at"] = time.time()
                     return "running", None
                 failed = bool(status.error or status.error_type)
                 try:
@@ -513,7 +515,9 @@ class FalProvider:
             if state == "expired":
                 ledger["expired"] += 1
             if state == "ok":
-                took = now - entry["sent_at"]
+                # It ended between the last look that saw it running and this one.
+                seen = max(entry.get("seen_running_at", entry["sent_at"]), entry["sent_at"])
+                took = (seen + now) / 2 - entry["sent_at"]
                 ledger["est"] = round(0.7 * ledger["est"] + 0.3 * took, 3)
             for line in lines:
                 line["id"] = build.id_prefix + ctx.items[build.lines[line["line_index"]]].id
@@ -533,7 +537,8 @@ class FalProvider:
             outputs = output.get("outputs")
             outputs = outputs if isinstance(outputs, list) else []
             names = output.get("filenames") if isinstance(output.get("filenames"), list) else []
-            answers = {li: {"output": o, **({"filename": names[j]} if j < len(names) else {})}
+            answers = {li: {"output": o, **({"filename": _file_name(names[j])}
+                                            if j < len(names) else {})}
                        for j, (li, o) in enumerate(zip(lines, outputs))}
         else:
             by_name = archive_answers(output, entry["names"], client.download)
@@ -562,7 +567,7 @@ class FalProvider:
         # Slots are named after the first line of the request they are for, so a step that
         # died after taking them leaves nothing behind: the step that sends those lines again
         # takes the same slots.
-        n = min(pending, ctx.settings.fal_concurrency)
+        n = min(pending, ctx.settings.fal_in_flight())
         firsts = [u[0] for u in ledger["resend"][:n]]
         firsts += [ledger["cursor"] + k * endpoint.max_images for k in range(n - len(firsts))]
         prefix = f"{ctx.run.spec.run_id}/{ctx.shard}/{ctx.rnd}/"
@@ -711,6 +716,15 @@ def _results_key(ctx: RoundContext, n: int) -> str:
     return f"{layout.round_prefix(ctx.shard, ctx.rnd)}results-{n:06d}.jsonl"
 
 
+def _file_name(name: Any) -> str:
+    """A file name as fal reports it, reduced to its last path segment: an echoed input URL
+    must not carry a presigned query string into the results."""
+    from urllib.parse import urlsplit
+
+    text = str(name)
+    return posixpath.basename(urlsplit(text).path) if "://" in text else text
+
+
 def _payload_bytes(prepared: dict[int, _Prepared], lines: Sequence[int]) -> int:
     """Bytes the images of ``lines`` add to a request as data URIs (URLs are small)."""
     return sum(len(prepared[li].image.data) * 4 // 3 for li in lines  # type: ignore[union-attr]
@@ -732,15 +746,15 @@ def _split(items: int, shards: int) -> list[int]:
 
 def _next_step_in(ledger: dict[str, Any], settings: Any) -> float:
     """Seconds to the next step: when the first request in flight is expected to finish (or a
-    quarter of its age once overdue), when a back-off ends, or soon when lines wait for slots;
+    quarter of how late it is, once overdue), when a back-off ends, or soon when lines wait for slots;
     within the poll bounds and well within fal's 6-minute result retention."""
     now = time.time()
     hi = min(settings.poll_max_interval, RESULT_LIFETIME / 6)
     lo = settings.poll_min_interval
     waits = []
     for entry in ledger["inflight"].values():
-        age = now - entry["sent_at"]
-        waits.append(max(ledger["est"] - age, 0.25 * age))
+        overdue = now - entry["sent_at"] - ledger["est"]
+        waits.append(-overdue if overdue < 0 else max(lo, 0.25 * overdue))
     if ledger["backoff_until"] > now:
         waits.append(ledger["backoff_until"] - now)
     elif ledger["resend"] or ledger["cursor"] < ledger["lines"]:
