@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.common import Result, Servers, machine
 from bench.report import write_report
 
-BENCHMARKS = ("shard_build", "downscale", "end_to_end", "merge", "memory")
+BENCHMARKS = ("shard_build", "downscale", "end_to_end", "fal_throughput", "merge", "memory")
 REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
