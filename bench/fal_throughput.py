@@ -5,10 +5,12 @@ as ``producer.runs.start_run`` does for ``moonbatch run --provider fal``) of 240
 photographs in moto's S3, in 4 shards of 60, through a running fleet of one
 ``celery -A workers worker -c 4`` process (Redis databases 14 and 15), warmed up by a run of 4
 one-image shards. The emulator's fal queue runs at most ``CAP`` = 8 requests at once for the key,
-each taking ``T`` seconds, and queues the rest. Runs: T = 0.5 s and T = 1.0 s with the fleet's cap
-``MOONBATCH_FAL_CONCURRENCY`` = 8 (fal's limit, shared by the 4 shards through the Redis slots),
-then T = 0.5 s with ``MOONBATCH_FAL_CONCURRENCY`` = 24, so that requests wait in fal's queue ahead
-of the limit. Poll bounds: ``MOONBATCH_POLL_MIN_INTERVAL`` 0.05 s, ``MOONBATCH_POLL_MAX_INTERVAL`` 2 s.
+each taking ``T`` seconds, and queues the rest. ``MOONBATCH_FAL_CONCURRENCY`` = 8 (fal's limit;
+the fleet's slots are shared by the 4 shards through Redis). Runs: T = 0.5 s with no queue ahead
+(``MOONBATCH_FAL_QUEUE_AHEAD`` = 0: at most 8 in flight), then T = 0.5 s with the default queue
+ahead (8 more, waiting in fal's queue to start the moment a runner frees) and with 16, and
+T = 1.0 s with the default. Poll bounds: ``MOONBATCH_POLL_MIN_INTERVAL`` 0.05 s,
+``MOONBATCH_POLL_MAX_INTERVAL`` 2 s.
 
 Achieved: requests / (start of the first submit to the end of the last result GET), from the
 emulator's own record of every queue call (its ``_submit``/``_status``/``_result`` are wrapped in
@@ -39,9 +41,9 @@ from bench.end_to_end import BACKEND_DB, BROKER_DB, REDIS, flush_redis, small_ph
 
 CAP = 8
 SHARDS, PER_SHARD = 4, 60
-# (seconds per request, MOONBATCH_FAL_CONCURRENCY) of each run: fal's cap, then a fleet that
-# keeps requests queued at fal ahead of it
-RUNS = ((0.5, CAP), (1.0, CAP), (0.5, 3 * CAP))
+# (seconds per request, requests in flight) of each run: fal's cap alone
+# (MOONBATCH_FAL_QUEUE_AHEAD=0), then the default queue ahead of it (as many again)
+RUNS = ((0.5, CAP), (0.5, 2 * CAP), (0.5, 3 * CAP), (1.0, 2 * CAP))
 POLL_MIN, POLL_MAX = 0.05, 2.0
 ENDPOINT = "fal-ai/moondream3-preview/caption"
 ALONE_RUNS = 5
@@ -231,7 +233,8 @@ def run(servers: Servers, keep: dict[Any, Any] | None = None) -> Result:
                    "MOONBATCH_STATE_URL": f"s3://{state}/state/",
                    "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
                    "FAL_KEY": emu.config.fal_key, "MOONBATCH_FAL_QUEUE_URL": emu.fal_url,
-                   "MOONBATCH_FAL_CONCURRENCY": str(fleet_cap),
+                   "MOONBATCH_FAL_CONCURRENCY": str(CAP),
+                   "MOONBATCH_FAL_QUEUE_AHEAD": str(fleet_cap - CAP),
                    "MOONBATCH_POLL_MIN_INTERVAL": f"{POLL_MIN}",
                    "MOONBATCH_POLL_MAX_INTERVAL": f"{POLL_MAX}"}
             with applied(env), worker_fleet({**os.environ, **env}):
@@ -254,9 +257,9 @@ def run(servers: Servers, keep: dict[Any, Any] | None = None) -> Result:
         f"the emulator runs {CAP} requests at once and queues the rest (as fal does: requests "
         "waiting IN_QUEUE do not count toward an account's concurrency limit and are never refused "
         f"for it, fal docs 'Concurrency limits'); poll bounds {POLL_MIN:g} s / {POLL_MAX:g} s",
-        "fleet cap: MOONBATCH_FAL_CONCURRENCY, the requests the fleet keeps in flight (submitted, "
-        f"result not yet fetched); above {CAP} the surplus waits in fal's queue and starts the "
-        "moment a running request ends, without waiting for a poll",
+        f"in flight: MOONBATCH_FAL_CONCURRENCY ({CAP}) + MOONBATCH_FAL_QUEUE_AHEAD, the requests "
+        "the fleet keeps submitted and not yet collected; the queue ahead waits in fal's queue "
+        "and starts the moment a running request ends, without waiting for a poll",
         "fal slot cycle = CAP x wall / requests = processing + the time a fal slot idled per "
         "request; a request from submit to result = submit (the emulator fetches the image and "
         "computes the answer inside the call) + queued at fal + processing + noticed late (its "
@@ -292,8 +295,9 @@ def measure(result: Result, s3: Any, bucket: str, fal: Any, calls: CallLog, seco
                                       "requests": {r: fal.requests[r] for r in rids}}
     ratio = m["rate"] / ideal
     run_wall = summary["timings"]["wall_seconds"]
-    label = f"T = {seconds:g} s, fleet cap {fleet_cap}" + (
-        " (= fal's)" if fleet_cap == CAP else f" ({fleet_cap / CAP:g}x fal's: queue ahead)")
+    label = f"T = {seconds:g} s, queue ahead {fleet_cap - CAP}" + (
+        " (at most fal's cap in flight)" if fleet_cap == CAP
+        else " (the default)" if fleet_cap == 2 * CAP else "")
     result.add(f"{label}: achieved requests/s",
                f"{m['rate']:.2f} req/s ({m['n']} requests, first submit to last result "
                f"{m['wall']:.1f} s)",

@@ -61,9 +61,9 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     from config import get_settings
     from workers.builder import build_and_submit
     from workers.merge import merge_rows
-    from workers.providers.moondream import iter_result_lines
     from workers.models import PlanItem, SkillOptions
     from workers.moondream import BatchClient
+    from workers.providers.moondream import iter_result_lines
     from workers.storage import LocalStore
 
     settings, store, out = get_settings(), LocalStore(tree), LocalStore(state)

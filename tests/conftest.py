@@ -352,3 +352,25 @@ def wait_for_run(s3, bucket: str, prefix: str, timeout: float = 120) -> dict:
             pass
         time.sleep(0.3)
     raise AssertionError(f"run at {prefix} not final after {timeout}s")
+
+
+def wait_for_completion(s3, bucket: str, prefix: str, env: dict[str, str],
+                        timeout: float) -> dict:
+    """Poll ``run.json`` until the run under ``prefix`` completed and return it; fail at once
+    when the run records a failure, and with its status after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            doc = read_json(s3, bucket, prefix + "run.json")
+        except s3.exceptions.NoSuchKey:
+            doc = {}
+        if doc.get("status") == "completed" and "counts" in doc:
+            return doc
+        try:
+            failure = read_json(s3, bucket, prefix + "_moonbatch/failed.json")
+            pytest.fail(f"the run recorded a failure: {failure}")
+        except s3.exceptions.NoSuchKey:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("run did not complete:\n" + run_cli(
+        ["status", f"s3://{bucket}/{prefix}"], env, check=False).stdout)

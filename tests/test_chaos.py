@@ -19,7 +19,14 @@ import pytest
 from PIL import Image
 
 from emulator.server import EmulatorConfig, EmulatorServer, Faults
-from tests.conftest import RedisServer, Worker, free_port, read_json, read_results, run_cli
+from tests.conftest import (
+    RedisServer,
+    Worker,
+    free_port,
+    read_results,
+    run_cli,
+    wait_for_completion,
+)
 
 N_IMAGES = 500
 SHARD_SIZE = 100
@@ -73,7 +80,6 @@ def test_chaos(s3, bucket, env, tmp_path):
             proc = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/",
                             "--shard-size", str(SHARD_SIZE)], cenv)
             run_id = proc.stdout.strip().splitlines()[-1]
-            output = f"s3://{bucket}/out/"
 
             def kill_worker() -> None:
                 nonlocal worker, kills
@@ -89,24 +95,7 @@ def test_chaos(s3, bucket, env, tmp_path):
             run_cli(["resume", run_id], cenv)  # the run id outlives Redis
             kill_worker()
 
-            deadline = time.time() + 300
-            summary = None
-            while time.time() < deadline:
-                try:
-                    doc = read_json(s3, bucket, "out/run.json")
-                except s3.exceptions.NoSuchKey:
-                    doc = {}
-                if doc.get("status") == "completed" and "counts" in doc:
-                    summary = doc
-                    break
-                try:
-                    failure = read_json(s3, bucket, "out/_moonbatch/failed.json")
-                    pytest.fail(f"the run recorded a failure: {failure}")
-                except s3.exceptions.NoSuchKey:
-                    pass
-                time.sleep(0.5)
-            assert summary is not None, "run did not complete:\n" + run_cli(
-                ["status", output], cenv, check=False).stdout
+            summary = wait_for_completion(s3, bucket, "out/", cenv, timeout=300)
             elapsed = time.time() - started
         finally:
             worker.stop()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 from tests.conftest import photos_dir, run_cli
 from workers.lines import classify_key, sniff_format
 

@@ -116,7 +116,7 @@ def test_archive_answers_prefer_captions_file_then_outputs_in_order():
 
     got = archive_answers({"captions_file": {"url": "u"}, "outputs": ["a", "b", "c"]}, names,
                           broken)
-    assert got == dict(zip(names, ["a", "b", "c"]))
+    assert got == dict(zip(names, ["a", "b", "c"], strict=True))
 
 
 def test_next_step_comes_when_requests_should_finish_within_bounds():

@@ -4,11 +4,9 @@ against the answer the emulator computes from the image it came from."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tests.conftest import read_json, read_results, upload_photos, wait_for_run
+from tests.conftest import read_results, upload_photos, wait_for_run
 
 # endpoint → (skill options, fal arguments the emulator is expected to have been sent)
 CASES = {

@@ -27,6 +27,7 @@ from tests.conftest import (
     read_json,
     read_results,
     run_cli,
+    wait_for_completion,
     wait_for_run,
 )
 from tests.test_fal_provider import expected_row, start
@@ -176,24 +177,7 @@ def test_fal_chaos(s3, bucket, env, tmp_path):
             kills += 1
             worker = Worker(cenv, queue, logs / "worker.log", concurrency=3).start()
 
-            deadline = time.time() + 240
-            summary = None
-            while time.time() < deadline:
-                try:
-                    doc = read_json(s3, bucket, "out/run.json")
-                except s3.exceptions.NoSuchKey:
-                    doc = {}
-                if doc.get("status") == "completed" and "counts" in doc:
-                    summary = doc
-                    break
-                try:
-                    failure = read_json(s3, bucket, "out/_moonbatch/failed.json")
-                    pytest.fail(f"the run recorded a failure: {failure}")
-                except s3.exceptions.NoSuchKey:
-                    pass
-                time.sleep(0.5)
-            assert summary is not None, "run did not complete:\n" + run_cli(
-                ["status", f"s3://{bucket}/out/"], cenv, check=False).stdout
+            summary = wait_for_completion(s3, bucket, "out/", cenv, timeout=240)
             elapsed = time.time() - started
         finally:
             worker.stop()

@@ -9,8 +9,8 @@ import pytest
 
 from workers.merge import merge_rows as merge_lines
 from workers.merge import next_poll_interval
-from workers.providers.moondream import iter_result_lines
 from workers.models import PlanItem, ShardBuild
+from workers.providers.moondream import iter_result_lines
 
 SOURCE = "s3://bucket/in/"
 

@@ -13,14 +13,14 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from workers import layout
 from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image
 from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
+from workers.moondream import BatchClient, Part, RequestRejected, TransientError
 from workers.pool import ordered_map
 from workers.providers import Later
-from workers.moondream import BatchClient, Part, RequestRejected, TransientError
 from workers.registry import BatchClaims
 from workers.storage import NotFound, StorageError, Store, get_json_or_none, put_json
 

@@ -50,8 +50,8 @@ import orjson
 
 from workers import layout, slots
 from workers.lines import ItemError, PreparedImage, prepare_image
-from workers.pool import ordered_map
 from workers.models import BatchRecord, RunSpec, ShardBuild, SkillOptions
+from workers.pool import ordered_map
 from workers.providers import (
     Estimate,
     Limits,
@@ -256,7 +256,7 @@ def archive_answers(output: dict[str, Any], names: Sequence[str],
     outputs = output.get("outputs")
     if not isinstance(outputs, list):
         return {}
-    return dict(zip(names, outputs))  # zip: fewer outputs than images leaves the rest missing
+    return dict(zip(names, outputs, strict=False))  # fewer outputs than images leaves the rest missing
 
 
 def member_name(line_index: int, fmt: str) -> str:
@@ -507,7 +507,7 @@ class FalProvider:
                                    thread_name_prefix="fal-poll") as pool:
             answers = list(pool.map(lambda kv: look(kv[1]), entries))
         finished, kept = [], {}
-        for (unit, entry), (state, lines) in zip(entries, answers):
+        for (unit, entry), (state, lines) in zip(entries, answers, strict=True):
             if lines is None:
                 kept[unit] = entry
                 continue
@@ -539,11 +539,11 @@ class FalProvider:
             names = output.get("filenames") if isinstance(output.get("filenames"), list) else []
             answers = {li: {"output": o, **({"filename": _file_name(names[j])}
                                             if j < len(names) else {})}
-                       for j, (li, o) in enumerate(zip(lines, outputs))}
+                       for j, (li, o) in enumerate(zip(lines, outputs, strict=False))}
         else:
             by_name = archive_answers(output, entry["names"], client.download)
             answers = {li: {"output": by_name[n], "filename": n}
-                       for li, n in zip(lines, entry["names"]) if n in by_name}
+                       for li, n in zip(lines, entry["names"], strict=True) if n in by_name}
         out = []
         for li in lines:
             if li in answers:
@@ -627,7 +627,7 @@ class FalProvider:
             answers = list(pool.map(submit, requests))
         now = time.time()
         limited = False
-        for (lines, token, _, names), (sub, exc) in zip(requests, answers):
+        for (lines, token, _, names), (sub, exc) in zip(requests, answers, strict=True):
             if sub is not None:
                 ledger["inflight"][str(lines[0])] = {
                     "lines": lines, "request_id": sub.request_id, "status_url": sub.status_url,
@@ -686,7 +686,7 @@ class FalProvider:
         options = ctx.run.spec.options
         if endpoint.kind == "archive":
             names = [member_name(p.line, p.image.format) for p in images]  # type: ignore[union-attr]
-            archive = build_archive([(n, p.image.data) for n, p in zip(names, images)])  # type: ignore[union-attr]
+            archive = build_archive([(n, p.image.data) for n, p in zip(names, images, strict=True)])  # type: ignore[union-attr]
             return request_payload(endpoint, options, [data_uri(archive, "application/zip")]), names
         return request_payload(endpoint, options, [self._image_url(ctx, p) for p in images]), []
 

@@ -121,6 +121,17 @@ def _detail(response: httpx.Response) -> tuple[str, str | None, list[str]]:
     return str(detail or body.get("error") or response.reason_phrase)[:300], error_type, fields
 
 
+def _json_object(action: str, response: httpx.Response) -> dict[str, Any]:
+    """The JSON object of a 2xx answer; anything else is a garbled answer: ``FalTransient``."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise FalTransient(action, "answer is not JSON") from None
+    if not isinstance(body, dict):
+        raise FalTransient(action, "answer is not an object")
+    return body
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     try:
         return max(0.0, float(response.headers["retry-after"]))
@@ -205,13 +216,7 @@ class FalQueueClient:
 
     def status(self, status_url: str) -> QueueStatus:
         """The request's status. Raises ``FalGone`` (404: forgotten), ``FalTransient``."""
-        response = self._get("status", status_url)
-        try:
-            body = response.json()
-        except ValueError:
-            raise FalTransient("status", "answer is not JSON") from None
-        if not isinstance(body, dict):
-            raise FalTransient("status", "answer is not an object")
+        body = _json_object("status", self._get("status", status_url))
         status = str(body.get("status") or "").upper() or "IN_PROGRESS"
         position = body.get("queue_position")
         error = body.get("error")
@@ -224,14 +229,7 @@ class FalQueueClient:
         """The request's output. Raises ``FalRequestError`` (the request failed: 422 with
         ``fields``, or its error), ``FalGone`` (404), ``FalTransient`` (5xx: a transient
         failure, or the error of a request that COMPLETED with one)."""
-        response = self._get("result", response_url)
-        try:
-            body = response.json()
-        except ValueError:
-            raise FalTransient("result", "answer is not JSON") from None
-        if not isinstance(body, dict):
-            raise FalTransient("result", "answer is not an object")
-        return body
+        return _json_object("result", self._get("result", response_url))
 
     def download(self, url: str) -> bytes:
         """The bytes of a File an output points to (e.g. ``captions_file``; ``data:`` URIs are

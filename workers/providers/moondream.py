@@ -30,9 +30,9 @@ from workers.providers import (
     Estimate,
     Limits,
     Poll,
+    Resend,
     RoundContext,
     RoundResults,
-    Resend,
     estimate_input_tokens,
     estimate_output_tokens,
 )
