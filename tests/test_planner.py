@@ -235,7 +235,8 @@ def test_planning_and_listing_import_without_celery():
     import sys
 
     code = ("import sys, producer.planner, producer.reader, workers.lines, workers.merge, "
-            "workers.layout, workers.models, workers.storage, workers.registry; "
+            "workers.layout, workers.models, workers.storage, workers.registry, workers.providers, "
+            "workers.providers.moondream, workers.providers.fal, workers.slots; "
             "print(sorted(m for m in ('celery', 'kombu', 'workers.app') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

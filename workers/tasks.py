@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -143,15 +144,13 @@ def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, it
     _next(build_shard, (output, run_id, shard, rnd + 1))
 
 
-def _context(run: Run, shard: int, rnd: int, heartbeat: Any = None) -> RoundContext:
+def _context(run: Run, shard: int, rnd: int,
+             heartbeat: Callable[[], None] = lambda: None) -> RoundContext:
     """The provider's view of round ``rnd`` of the shard."""
-    store = run.output
-    ctx = RoundContext(run=run, shard=shard, rnd=rnd, items=run.items(shard),
-                       todo=_todo(store, shard, rnd), settings=get_settings(),
-                       id_prefix=line_id_prefix(run.spec.run_id, shard, rnd))
-    if heartbeat is not None:
-        ctx.heartbeat = heartbeat
-    return ctx
+    return RoundContext(run=run, shard=shard, rnd=rnd, items=run.items(shard),
+                        todo=_todo(run.output, shard, rnd), settings=get_settings(),
+                        id_prefix=line_id_prefix(run.spec.run_id, shard, rnd),
+                        heartbeat=heartbeat)
 
 
 def _leased(store: Store, shard: int, owner: str | None, settings: Settings) -> Lease:
@@ -160,7 +159,8 @@ def _leased(store: Store, shard: int, owner: str | None, settings: Settings) -> 
                  settings.lease_seconds)
 
 
-def _watchful(lease_check: Any, store: Store, run_id: str, settings: Settings) -> Any:
+def _watchful(lease_check: Callable[[], None], store: Store, run_id: str,
+              settings: Settings) -> Callable[[], None]:
     """A heartbeat for a provider: renews the lease, and stops the round (``RunCancelled``)
     when the run was cancelled (looked at every quarter lease)."""
     last_check = [time.monotonic()]
