@@ -12,7 +12,6 @@ import pytest
 
 from tests.conftest import read_json, run_cli, upload_photos
 
-
 # fal: S3 images go as presigned URLs, downscaled ones (--max-pixels) as data URIs.
 PROVIDER_ARGS = {"moondream": [], "fal": ["--provider", "fal", "--max-pixels", "200000"]}
 
