@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from config import Settings
 from workers.canary import broker_redis
+from workers.providers import TransientProviderError
 
 PREFIX = "moonbatch:slots:"
 
@@ -43,6 +44,10 @@ redis.call('EXPIRE', key, math.ceil(ttl * 2))
 return granted
 """
 
+class SlotsUnavailable(TransientProviderError):
+    """The broker's Redis could not be reached to count slots: the step is tried again later."""
+
+
 _local: dict[str, dict[str, float]] = {}
 _local_lock = threading.Lock()
 
@@ -58,12 +63,15 @@ class Slots:
 
     def acquire(self, holders: Sequence[str]) -> list[str]:
         """Take (or refresh) a slot for each holder, in order, while the cap allows; returns
-        the holders that hold one now. Raises ``redis`` errors."""
+        the holders that hold one now. Raises ``SlotsUnavailable`` when Redis cannot be reached."""
         if not holders:
             return []
         now = time.time()
         if self._script is not None:
-            got = self._script(keys=[self.key], args=[now, self.ttl, self.cap, *holders])
+            try:
+                got = self._script(keys=[self.key], args=[now, self.ttl, self.cap, *holders])
+            except Exception as exc:  # redis errors: retry the step, never fail the run
+                raise SlotsUnavailable(f"slots of {self.key}: {type(exc).__name__}") from None
             return [g.decode() if isinstance(g, bytes) else g for g in got]
         with _local_lock:
             held = _local.setdefault(self.key, {})
@@ -78,11 +86,14 @@ class Slots:
             return granted
 
     def release(self, holders: Sequence[str]) -> None:
-        """Free the holders' slots (unknown holders are ignored). Raises ``redis`` errors."""
+        """Free the holders' slots (unknown holders are ignored). Raises ``SlotsUnavailable``."""
         if not holders:
             return
         if self._redis is not None:
-            self._redis.zrem(self.key, *holders)
+            try:
+                self._redis.zrem(self.key, *holders)
+            except Exception as exc:  # unreleased slots expire after ttl
+                raise SlotsUnavailable(f"slots of {self.key}: {type(exc).__name__}") from None
             return
         with _local_lock:
             held = _local.setdefault(self.key, {})
