@@ -210,7 +210,8 @@ _LOCAL_WORKERS: set[LocalWorkers] = set()
 
 class LocalWorkers:
     """``N`` worker processes (one ``celery -A workers worker`` with concurrency N) for the
-    duration of a command, consuming only ``queue`` (the run's private one); they inherit
+    duration of a command, consuming only ``queue`` (the run's private one) and its control
+    queue; they inherit
     this process's environment and, on Linux, get SIGTERM if this process dies. ``revive()`` starts them
     again after they died (say, a broker restart kombu did not survive): the run's state is in
     storage, so the new workers carry on where the old ones stopped."""
@@ -219,8 +220,11 @@ class LocalWorkers:
 
     def __init__(self, n: int, queue: str, env: dict[str, str] | None = None) -> None:
         self.n = n
+        from workers.runstate import control_queue
+
         self.cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--concurrency",
-                    str(n), "--queues", queue, "--loglevel", "WARNING", "--without-mingle",
+                    str(n), "--queues", f"{queue},{control_queue(queue)}", "--loglevel",
+                    "WARNING", "--without-mingle",
                     "--without-gossip", "--hostname", f"moonbatch-local-{uuid.uuid4().hex[:8]}@%h"]
         self.env = {**os.environ, **(env or {})}
         self.revivals = 0
@@ -1056,12 +1060,13 @@ def resume(run_ref: RunRefArg, workers: FollowWorkersOpt = None, timeout: Timeou
 
 def _say_where_the_work_is(output: str, settings) -> None:
     """After a resume without workers: name the run's queue when no fleet consumes it."""
-    from workers.runstate import open_run, run_queue
+    from workers.runstate import control_queue, open_run, run_queue
 
     queue = run_queue(open_run(output, settings).spec, settings)
     if queue != settings.queue:
-        err.print(f"its work is on its own queue {queue} (its workers were `moonbatch run`'s): "
-                  f"add --workers N, or start workers with -Q {queue}", highlight=False)
+        err.print(f"its work is on its own queues {queue} and {control_queue(queue)} (its "
+                  "workers were `moonbatch run`'s): add --workers N, or start workers with "
+                  f"-Q {queue},{control_queue(queue)}", highlight=False)
 
 
 @app.command(epilog=_epilog("moonbatch cancel RUN_ID"))

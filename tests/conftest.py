@@ -222,7 +222,7 @@ def fleet(env: dict[str, str], tmp_path_factory) -> Iterator[subprocess.Popen]:
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c", "4", "-Q",
-             env["MOONBATCH_QUEUE"], "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
+             f"{env['MOONBATCH_QUEUE']},{env['MOONBATCH_QUEUE']}-control", "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
             env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     from workers.app import app
 
@@ -298,13 +298,17 @@ def jpeg_bytes(size=(64, 48), color=(200, 30, 30), mode="RGB", quality=90) -> by
 
 
 class Worker:
-    """A ``celery -A workers worker`` process on ``queue`` (a context manager)."""
+    """A ``celery -A workers worker`` process on ``queue`` and its control queue (``queues``:
+    which of the two, ``"io"`` and ``"control"``) (a context manager)."""
 
     def __init__(self, env: dict[str, str], queue: str, log_path: Path, concurrency: int = 2,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None,
+                 queues: tuple[str, ...] = ("io", "control")) -> None:
         self.log_path = log_path
+        names = {"io": queue, "control": f"{queue}-control"}
         self.args = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c",
-                     str(concurrency), "-Q", queue, "--loglevel", "INFO", "--without-mingle",
+                     str(concurrency), "-Q", ",".join(names[q] for q in queues), "--loglevel",
+                     "INFO", "--without-mingle",
                      "--without-gossip", "-n", f"w-{uuid.uuid4().hex[:6]}@%h", *(extra or [])]
         self.env = {**env, "MOONBATCH_QUEUE": queue}
         self.proc: subprocess.Popen | None = None

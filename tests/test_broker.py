@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -30,6 +31,7 @@ from tests.conftest import (
     read_json,
     run_cli,
     upload_photos,
+    wait_for_run,
 )
 
 NAMES = ("coffee.png", "rocket.jpg", "chelsea.png")
@@ -66,15 +68,17 @@ def test_local_workers_and_a_fleet_never_take_each_others_work(s3, bucket, env, 
     fleet_queue = renv["MOONBATCH_QUEUE"]
     run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/fleet/"], renv)
     assert spec_of(s3, bucket, "fleet/")["queue"] == fleet_queue
-    queued = broker.client(0).llen(fleet_queue)
-    assert queued == 2  # build_shard, finalize_run
+    queued = broker.client(0).llen(fleet_queue), broker.client(0).llen(fleet_queue + "-control")
+    assert queued == (1, 1)  # build_shard; finalize_run on the control queue
 
     proc = run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/local1/", "--workers", "1",
                     "--timeout", "120"], renv)
     assert "completed" in proc.stdout
     spec = spec_of(s3, bucket, "local1/")
     assert spec["queue"] == f"moonbatch-run-{spec['run_id']}"
-    assert broker.client(0).llen(fleet_queue) == queued  # the fleet's run was not taken
+    # The fleet's run was not taken.
+    assert (broker.client(0).llen(fleet_queue),
+            broker.client(0).llen(fleet_queue + "-control")) == queued
     assert read_json(s3, bucket, "fleet/run.json")["status"] == "running"
 
     with Worker({**renv, "MOONDREAM_API_KEY": "not-the-key"}, fleet_queue,
@@ -90,17 +94,18 @@ def test_local_workers_and_a_fleet_never_take_each_others_work(s3, bucket, env, 
     assert "AuthenticationError" in failure["error"]
 
 
-def test_enqueues_go_to_the_runs_queue_and_old_specs_to_the_settings_queue(
+def test_enqueues_go_to_the_runs_queues_and_old_specs_to_the_settings_queue(
         s3, bucket, env, redis_server, monkeypatch):
-    """``enqueue`` (and the reconciler through ``advance_shard``) publish on the spec's queue;
-    a spec written before runs recorded one falls back to ``MOONBATCH_QUEUE``. Queues of this
-    test's own on the session's Redis (no worker consumes them), deleted afterwards."""
+    """``enqueue`` (and the reconciler through ``advance_shard``) publish on the spec's queue,
+    light steps (polls, finalising) on its control queue ``<queue>-control``; a spec written
+    before runs recorded a queue falls back to ``MOONBATCH_QUEUE``. Queues of this test's own on
+    the session's Redis (no worker consumes them), deleted afterwards."""
     from config import reload_settings
     from workers import layout
     from workers.models import RunSpec, SkillOptions
     from workers.runstate import open_output
     from workers.storage import put_json
-    from workers.tasks import enqueue, finalize_run, reconcile_run
+    from workers.tasks import enqueue, finalize_run, poll_round, reconcile_run
 
     default_queue = "default-" + uuid.uuid4().hex[:8]
     monkeypatch.setenv("MOONBATCH_QUEUE", default_queue)
@@ -124,19 +129,49 @@ def test_enqueues_go_to_the_runs_queue_and_old_specs_to_the_settings_queue(
             outputs[name] = (output, spec.run_id, queue or default_queue)
         for output, run_id, queue in outputs.values():
             enqueue(finalize_run, (output, run_id))
-            assert redis.llen(queue) == 1
+            enqueue(poll_round, (output, run_id, 0, 0, "chain"))
+            assert (redis.llen(queue), redis.llen(queue + "-control")) == (0, 2)
             # The reconciler after a broker loss: the shard's build, and a finalize.
             assert reconcile_run(output, run_id, full=True) == {"build": 1}
-            assert redis.llen(queue) == 3
-        bodies = [json.loads(m) for m in redis.lrange(outputs["new"][2], 0, -1)]
-        assert {b["headers"]["task"] for b in bodies} == {"moonbatch.finalize_run",
-                                                          "moonbatch.build_shard"}
+            assert (redis.llen(queue), redis.llen(queue + "-control")) == (1, 3)
+
+        def tasks(queue: str) -> set[str]:
+            return {json.loads(m)["headers"]["task"] for m in redis.lrange(queue, 0, -1)}
+
+        assert tasks(outputs["new"][2]) == {"moonbatch.build_shard"}
+        assert tasks(outputs["new"][2] + "-control") == {"moonbatch.finalize_run",
+                                                         "moonbatch.poll_round"}
     finally:
         for _, run_id, queue in outputs.values():
-            redis.delete(queue)
+            redis.delete(queue, queue + "-control")
             redis.delete(f"moonbatch:canary:{run_id}")
         monkeypatch.undo()
         reload_settings()
+
+
+def test_io_and_control_workers_split_the_work(s3, bucket, env, broker, tmp_path):
+    """Workers of the I/O queue build and merge; workers of the control queue poll and
+    finalise: a run needs both, and each kind only ever runs its own steps."""
+    upload_photos(s3, bucket, "in/", names=NAMES)
+    renv = private_env(env, broker)
+    queue = renv["MOONBATCH_QUEUE"]
+    io_log, control_log = tmp_path / "io.log", tmp_path / "control.log"
+    with Worker(renv, queue, io_log, queues=("io",)):
+        run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--shard-size", "2"],
+                renv)
+        deadline = time.time() + 60  # the builds are done, the polls wait for their workers
+        while time.time() < deadline and broker.client(0).llen(queue + "-control") < 3:
+            time.sleep(0.2)
+        assert read_json(s3, bucket, "out/run.json")["status"] == "running"
+        with Worker(renv, queue, control_log, queues=("control",)):
+            wait_for_run(s3, bucket, "out/", timeout=120)
+    assert read_json(s3, bucket, "out/run.json")["status"] == "completed"
+    def ran(log: Path) -> set[str]:  # "Task moonbatch.build_shard[<id>] received"
+        return set(re.findall(r"Task (moonbatch\.\w+)\[[^\]]+\] received", log.read_text()))
+
+    assert ran(io_log) == {"moonbatch.build_shard", "moonbatch.merge_round"}
+    assert {"moonbatch.poll_round", "moonbatch.finalize_run"} >= ran(control_log) >= {
+        "moonbatch.poll_round"}
 
 
 def test_run_with_an_unreachable_broker_names_the_way_out(env, tmp_path):

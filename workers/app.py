@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery
 
 from config import Settings, get_settings
+from workers.runstate import control_queue
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -39,8 +40,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
         # The reconciler: run a beat (celery -A workers beat, or a worker with -B) to use it.
-        "beat_schedule": {"moonbatch-reconcile": {"task": "moonbatch.reconcile",
-                                                  "schedule": settings.reconcile_interval}},
+        "beat_schedule": {"moonbatch-reconcile": {
+            "task": "moonbatch.reconcile", "schedule": settings.reconcile_interval,
+            "options": {"queue": control_queue(settings.queue)}}},
     }
 
 

@@ -62,6 +62,13 @@ def run_queue(spec: RunSpec, settings: Settings) -> str:
     return spec.queue or settings.queue
 
 
+def control_queue(queue: str) -> str:
+    """The queue of a run's light control steps (polls, finalising) beside its ``queue`` of
+    heavy I/O steps (builds and uploads, downloads and merges): ``<queue>-control``, so workers
+    of each kind scale apart and a poll never waits behind a 2 GB build."""
+    return f"{queue}-control"
+
+
 def record_failure(store: Store, *, where: str, error: str) -> None:
     """Record why the run cannot complete (first failure wins). ``error`` must hold no secret."""
     put_json(store, layout.FAILED, {"where": where, "error": error[:2000], "at": time.time()},

@@ -40,6 +40,7 @@ from workers.providers import (
 )
 from workers.runstate import (
     Run,
+    control_queue,
     maybe_finalize,
     open_output,
     open_run,
@@ -94,13 +95,22 @@ def _spec_queue(output: str, run_id: str) -> str:
     return run_queue(spec, settings)
 
 
+# Light steps go to the run's control queue (``control_queue``); the rest, heavy on I/O, to
+# its queue itself.
+CONTROL_TASKS = frozenset({"moonbatch.poll_round", "moonbatch.finalize_run"})
+
+
 def enqueue(task: Task, args: tuple[Any, ...], *, countdown: float | None = None,
             queue: str | None = None) -> None:
-    """Publish ``task(*args)`` on its run's queue: every enqueue of a run's work goes through
-    here. ``args`` start with the run's OUTPUT URL and run id; ``queue`` (when the caller
-    holds the spec, ``run_queue(spec, settings)``) saves reading the spec. Raises the broker's
-    errors, and ``NotFound`` if no spec is at ``args[0]``."""
-    task.apply_async(args, countdown=countdown, queue=queue or _spec_queue(args[0], args[1]))
+    """Publish ``task(*args)`` on its run's queue, or for a light step (``CONTROL_TASKS``) on
+    the run's control queue: every enqueue of a run's work goes through here. ``args`` start
+    with the run's OUTPUT URL and run id; ``queue`` (when the caller holds the spec,
+    ``run_queue(spec, settings)``) saves reading the spec. Raises the broker's errors, and
+    ``NotFound`` if no spec is at ``args[0]``."""
+    queue = queue or _spec_queue(args[0], args[1])
+    if task.name in CONTROL_TASKS:
+        queue = control_queue(queue)
+    task.apply_async(args, countdown=countdown, queue=queue)
 
 
 def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None) -> None:
