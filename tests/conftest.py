@@ -222,7 +222,8 @@ def fleet(env: dict[str, str], tmp_path_factory) -> Iterator[subprocess.Popen]:
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c", "4", "-Q",
-             f"{env['MOONBATCH_QUEUE']},{env['MOONBATCH_QUEUE']}-control", "--loglevel", "INFO", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
+             f"{env['MOONBATCH_QUEUE']},{env['MOONBATCH_QUEUE']}-control", "--loglevel", "INFO",
+             "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
             env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     from workers.app import app
 
