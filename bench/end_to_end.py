@@ -88,8 +88,8 @@ def worker_fleet(env: dict[str, str]) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c", str(WORKER_SLOTS), "-Q",
          f"{env['MOONBATCH_QUEUE']},{env['MOONBATCH_QUEUE']}-control", "--loglevel", "WARNING",
-         "-n", name, "--without-mingle", "--without-gossip"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+         "-n", name, "--without-mingle", "--without-gossip"], env=env, cwd=REPO, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
     control = Celery(broker=env["MOONBATCH_BROKER_URL"]).control
     try:
         deadline = time.time() + 60
