@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # for one machine, s3://bucket/prefix/ shared by a fleet). Redis is never the only copy.
     state_url: str = "~/.moonbatch/"
 
+    # Worker logs: "text", or "json" (one object per line with run, shard, round, provider).
+    log_format: Literal["text", "json"] = "text"
+
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
     queue: str = "moonbatch"

@@ -10,11 +10,13 @@ worker's task, prefetch of one, JSON only.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from config import Settings, get_settings
+from workers import logs
 from workers.runstate import control_queue
 
 
@@ -48,6 +50,31 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 app = Celery("moonbatch", include=["workers.tasks"])
 app.conf.update(celery_config(get_settings()))
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    """``MOONBATCH_LOG_FORMAT=json``: the worker's handlers write JSON lines (workers.logs)."""
+    if get_settings().log_format == "json":
+        logs.use_json(logger)
+
+
+@signals.task_prerun.connect
+def _log_context(task_id: str, task: Any, args: tuple[Any, ...] | None = None,
+                 **_: Any) -> None:
+    """A task's log context from its arguments: ``(output, run_id, shard, round, ...)``."""
+    fields: dict[str, Any] = {"task": task.name, "task_id": task_id}
+    for name, value in zip(("run", "shard", "round"), (args or ())[1:4], strict=False):
+        fields[name] = value
+    if "shard" in fields:
+        fields.setdefault("round", 0)  # a shard's first build is enqueued without its round
+    logs.context.set(fields)
+
+
+@signals.task_postrun.connect
+def _log_context_done(**_: Any) -> None:
+    logs.context.set({})
 
 
 def reconfigure(settings: Settings) -> None:

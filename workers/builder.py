@@ -255,7 +255,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         return build, record
     record = _record_batch(state, doc, claims, batch.id, intent, recovered=False)
     log.info("shard %d round %d: batch %s submitted (%d lines, %d bytes, %d parts)",
-             shard, rnd, batch.id, len(lines), writer.bytes, len(parts))
+             shard, rnd, batch.id, len(lines), writer.bytes, len(parts),
+             extra={"batch_id": batch.id})
     return build, record
 
 

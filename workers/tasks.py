@@ -25,7 +25,7 @@ from typing import Any
 from celery import Task
 
 from config import Settings, get_settings
-from workers import canary, layout, registry
+from workers import canary, layout, logs, registry
 from workers.app import app
 from workers.lease import Lease, LeaseLost, lease_is_live
 from workers.merge import compose, encode_round, join_rows, merge_round
@@ -157,6 +157,7 @@ def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, it
 def _context(run: Run, shard: int, rnd: int,
              heartbeat: Callable[[], None] = lambda: None) -> RoundContext:
     """The provider's view of round ``rnd`` of the shard."""
+    logs.bind(provider=run.spec.provider)
     return RoundContext(run=run, shard=shard, rnd=rnd, items=run.items(shard),
                         todo=_todo(run.output, shard, rnd), settings=get_settings(),
                         id_prefix=line_id_prefix(run.spec.run_id, shard, rnd),

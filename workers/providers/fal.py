@@ -423,7 +423,8 @@ class FalProvider:
                     if client.cancel(entry["cancel_url"]) == "CANCELLATION_REQUESTED":
                         cancelled += 1
                 except FalError as exc:
-                    log.warning("could not cancel request %s: %s", entry.get("request_id"), exc)
+                    log.warning("could not cancel request %s: %s", entry.get("request_id"), exc,
+                                extra={"request_id": entry.get("request_id")})
         return cancelled
 
     # -- the step --------------------------------------------------------------------------------
