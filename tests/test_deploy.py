@@ -128,7 +128,7 @@ def test_compose_workers_queues_and_graceful_stop(compose):
         assert env["MOONBATCH_LOG_FORMAT"] == "json"
         assert env["PROMETHEUS_MULTIPROC_DIR"] == MULTIPROC_DIR
         assert any(t.startswith(MULTIPROC_DIR + ":") for t in worker["tmpfs"])
-        assert worker["stop_signal"] == "SIGTERM" and worker["init"] is True
+        assert worker["stop_signal"] == "SIGTERM" and "entrypoint" not in worker  # tini's
         minutes = int(worker["stop_grace_period"].rstrip("m"))
         assert worker["stop_grace_period"].endswith("m") and minutes >= 5
         assert "deploy" not in worker and "container_name" not in worker  # --scale works
