@@ -18,8 +18,9 @@ import re
 from typing import Any
 
 # The context of the task this thread runs (set by the task_prerun signal in workers.tasks).
-context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("moonbatch_log",
-                                                                        default={})
+# Never mutated in place: ``bind`` and the signal handlers set a new dict.
+context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "moonbatch_log", default={})  # noqa: B039
 _RECORD_FIELDS = ("batch_id", "request_id")
 _SECRETS = re.compile(r"(?i)((?:x-amz-)?signature=|x-amz-credential=|sig=)[^&\s\"']+"
                       r"|data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+")
