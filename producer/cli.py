@@ -1274,6 +1274,48 @@ def emulator(port: Annotated[int, typer.Option(
         server.stop()  # deletes its folder
 
 
+@app.command(epilog=_epilog(
+    "FLOWER_BASIC_AUTH=ops:s3cret moonbatch flower",
+    "FLOWER_BASIC_AUTH=ops:s3cret moonbatch flower --address 0.0.0.0 --port 5555  # a server"))
+def flower(address: Annotated[str, typer.Option(
+               "--address", metavar="HOST", help="interface to listen on (default: this machine "
+               "only)")] = "127.0.0.1",
+           port: Annotated[int, typer.Option("--port", metavar="PORT")] = 5555,
+           no_auth: Annotated[bool, typer.Option(
+               "--no-auth", help="serve without a password (only behind a proxy of your own "
+               "that authenticates)")] = False) -> None:
+    """Start Flower on the fleet's broker, with basic auth (FLOWER_BASIC_AUTH=user:password,
+    comma-separated for several users). Task arguments show only OUTPUT URLs, run ids and shard
+    and round numbers; Flower's /healthcheck and /metrics stay open, as Flower serves them."""
+    from config import get_settings
+
+    with _cli_errors():
+        auth = os.environ.get("FLOWER_BASIC_AUTH", "")
+        if not auth and not no_auth:
+            raise Fail("FLOWER_BASIC_AUTH is not set: export FLOWER_BASIC_AUTH=user:password, or "
+                       "pass --no-auth to serve Flower without a password behind a proxy of "
+                       "your own", code=2)
+        if auth and not all(":" in pair and pair.split(":", 1)[0] and pair.split(":", 1)[1]
+                            for pair in auth.split(",")):
+            raise Fail("FLOWER_BASIC_AUTH must be user:password (several: comma-separated)",
+                       code=2)
+        if not 0 < port < 65536:
+            raise Fail("--port must be within 1..65535", code=2)
+        from producer.preflight import check_broker
+
+        problem = check_broker(get_settings().broker_url)
+        if problem:
+            raise Fail(problem, code=3)
+        # Flower reads FLOWER_BASIC_AUTH from the environment itself: the password never
+        # appears in a command line (ps shows those).
+        env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH" or not no_auth}
+        cmd = [sys.executable, "-m", "celery", "-A", "workers", "flower",
+               f"--address={address}", f"--port={port}"]
+        err.print(f"Flower on http://{address}:{port}/ "
+                  + ("(no auth)" if no_auth else "(basic auth from FLOWER_BASIC_AUTH)"))
+        os.execve(sys.executable, cmd, env)
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     # SIGTERM/SIGHUP unwind like Ctrl-C, so `finally` stops the local workers and the embedded
     # broker and deletes temporary files; later ones are ignored so that cleanup completes.

@@ -52,8 +52,9 @@ def test_no_secret_in_messages_events_logs_or_storage(provider, s3, bucket, env,
     blob = json.dumps(events).lower()
     for secret in secrets:
         assert secret not in blob, f"{secret!r} in a Celery event"
-    for e in sent:  # arguments are the OUTPUT URL, run id and small numbers only
-        assert f"s3://{bucket}/o/" in e["args"]
+    for e in sent:  # keyword arguments: the OUTPUT URL, the run id and small numbers only
+        assert f"s3://{bucket}/o/" in e["kwargs"] and "'run': '" in e["kwargs"]
+        assert e["args"] in ("()", "[]")
 
     for obj in s3.list_objects_v2(Bucket=bucket, Prefix="o/")["Contents"]:
         body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode().lower()

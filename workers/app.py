@@ -62,11 +62,12 @@ def _log_format(logger: logging.Logger, **_: Any) -> None:
 
 @signals.task_prerun.connect
 def _log_context(task_id: str, task: Any, args: tuple[Any, ...] | None = None,
-                 **_: Any) -> None:
-    """A task's log context from its arguments: ``(output, run_id, shard, round, ...)``."""
+                 kwargs: dict[str, Any] | None = None, **_: Any) -> None:
+    """A task's log context from its arguments (``output``, ``run``, ``shard``, ``round``)."""
     fields: dict[str, Any] = {"task": task.name, "task_id": task_id}
-    for name, value in zip(("run", "shard", "round"), (args or ())[1:4], strict=False):
-        fields[name] = value
+    call = {**dict(zip(("output", "run", "shard", "round"), args or (), strict=False)),
+            **(kwargs or {})}
+    fields.update({k: call[k] for k in ("run", "shard", "round") if k in call})
     if "shard" in fields:
         fields.setdefault("round", 0)  # a shard's first build is enqueued without its round
     logs.context.set(fields)

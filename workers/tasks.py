@@ -5,8 +5,8 @@ pure pieces, save. Provider-blind: the run's provider (``workers.providers``) do
         ▲                 (never sleeps in a worker slot)              │
         └──── round r+1: a failed submission, or items with retryable errors ─┘
 
-Arguments are ``(output_url, run_id, shard, round, ...)`` and small values: no API key, no
-presigned URL, no payload (Flower shows arguments; FACTS.md). Delivery is at-least-once, so
+Arguments are keyword arguments ``output``, ``run`` (the run id), ``shard``, ``round`` and small
+values: no API key, no presigned URL, no payload (Flower shows them; FACTS.md). Delivery is at-least-once, so
 every task is idempotent: it first looks at what storage already holds. ``advance_shard`` derives
 a shard's next step from storage alone; ``moonbatch resume`` and the periodic ``reconcile`` task
 use it to re-enqueue work the broker lost.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import logging
 import time
 import uuid
@@ -72,14 +73,16 @@ class RunTask(Task):
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001
         try:
-            where = f"{self.name} shard {args[2]}" if len(args) > 2 else self.name
-            store = open_output(args[0], get_settings())
+            call = {**dict(zip(_params(self), args, strict=False)), **(kwargs or {})}
+            shard = call.get("shard")
+            where = f"{self.name} shard {shard}" if shard is not None else self.name
+            store = open_output(call["output"], get_settings())
             spec = get_json_or_none(store, layout.SPEC)
-            if spec is None or (len(args) > 1 and spec.get("run_id") != args[1]):
+            if spec is None or spec.get("run_id") != call.get("run", spec.get("run_id")):
                 # The run was cleaned (moonbatch clean), maybe for another run at the same
                 # OUTPUT: a stale task's failure must not land in it.
                 log.warning("%s of run %s failed after the run left %s: %s", self.name,
-                            args[1] if len(args) > 1 else "?", args[0], type(exc).__name__)
+                            call.get("run", "?"), call["output"], type(exc).__name__)
                 return
             record_failure(store, where=where, error=f"{type(exc).__name__}: {exc}")
         except Exception:
@@ -110,7 +113,15 @@ def enqueue(task: Task, args: tuple[Any, ...], *, countdown: float | None = None
     queue = queue or _spec_queue(args[0], args[1])
     if task.name in CONTROL_TASKS:
         queue = control_queue(queue)
-    task.apply_async(args, countdown=countdown, queue=queue)
+    # As keyword arguments (output, run, shard, round, ...): what Flower shows an operator.
+    task.apply_async(kwargs=dict(zip(_params(task), args, strict=False)), countdown=countdown,
+                     queue=queue)
+
+
+@functools.cache
+def _params(task: Task) -> tuple[str, ...]:
+    """The names of a task's parameters, in order (``self`` of bound tasks excluded)."""
+    return tuple(inspect.signature(task.run).parameters)
 
 
 def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None) -> None:
@@ -193,9 +204,11 @@ def _later(settings: Settings, countdown: float) -> float:
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.build_shard")
-def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) -> None:
-    """Send round ``rnd`` of the shard (the provider builds, uploads, submits) under its lease,
-    then schedule the first poll. If another live worker holds the lease, check back later."""
+def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -> None:  # noqa: A002
+    """Send round ``round`` of the shard (the provider builds, uploads, submits) under its
+    lease, then schedule the first poll. If another live worker holds the lease, check back
+    later. ``run`` is the run id."""
+    run_id, rnd = run, round
     settings = get_settings()
     run = open_run(output, settings, run_id)
     store = run.output
@@ -237,15 +250,16 @@ def build_shard(self: Task, output: str, run_id: str, shard: int, rnd: int = 0) 
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.poll_round")
-def poll_round(self: Task, output: str, run_id: str, shard: int, rnd: int = 0, chain: str = "",
-               polls: int = 0, last: list[float] | None = None) -> None:
-    """Poll round ``rnd`` once (the provider looks, and moves it on if it sends in steps)
-    under the shard's lease; re-enqueue itself with the provider's countdown until the round
-    is done, then hand over to ``merge_round``.
+def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  # noqa: A002
+               chain: str = "", polls: int = 0, last: list[float] | None = None) -> None:
+    """Poll round ``round`` of run ``run`` once (the provider looks, and moves it on if it
+    sends in steps) under the shard's lease; re-enqueue itself with the provider's countdown
+    until the round is done, then hand over to ``merge_round``.
 
     Each chain of polls has an id; a chain that finds another one alive (its next poll is due
     soon) stops, so resumes and reconciles never leave two chains polling one round.
     """
+    run_id, rnd = run, round
     settings = get_settings()
     run = open_run(output, settings, run_id)
     store = run.output
@@ -283,10 +297,11 @@ def poll_round(self: Task, output: str, run_id: str, shard: int, rnd: int = 0, c
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.merge_round")
-def merge_round_task(self: Task, output: str, run_id: str, shard: int, rnd: int = 0,
+def merge_round_task(self: Task, output: str, run: str, shard: int, round: int = 0,  # noqa: A002
                      polls: int = 0) -> None:
-    """Merge round ``rnd``: collect its results from the provider, write the round's rows,
-    then start the next round for what can be retried, or finish the shard."""
+    """Merge round ``round`` of run ``run``: collect its results from the provider, write the
+    round's rows, then start the next round for what can be retried, or finish the shard."""
+    run_id, rnd = run, round
     settings = get_settings()
     run = open_run(output, settings, run_id)
     store = run.output
@@ -384,8 +399,9 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
 
 
 @app.task(bind=True, base=RunTask, name="moonbatch.finalize_run")
-def finalize_run(self: Task, output: str, run_id: str) -> None:
-    """Finalise the run if every shard is merged (idempotent; see ``maybe_finalize``)."""
+def finalize_run(self: Task, output: str, run: str) -> None:
+    """Finalise run ``run`` if every shard is merged (idempotent; see ``maybe_finalize``)."""
+    run_id = run
     settings = get_settings()
     if maybe_finalize(open_output(output, settings)):
         run_final(settings, run_id)
