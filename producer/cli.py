@@ -1309,6 +1309,8 @@ def flower(address: Annotated[str, typer.Option(
         # Flower reads FLOWER_BASIC_AUTH from the environment itself: the password never
         # appears in a command line (ps shows those).
         env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH" or not no_auth}
+        # The task list shows each task's keyword arguments: run, shard, round.
+        env.setdefault("FLOWER_TASKS_COLUMNS", "name,uuid,state,kwargs,received,runtime,worker")
         cmd = [sys.executable, "-m", "celery", "-A", "workers", "flower",
                f"--address={address}", f"--port={port}"]
         err.print(f"Flower on http://{address}:{port}/ "

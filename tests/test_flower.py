@@ -9,7 +9,33 @@ import time
 
 import httpx
 
+import shutil
+from pathlib import Path
+
+import pytest
+
 from tests.conftest import free_port, moonbatch_cmd, run_cli, upload_photos
+
+# Screenshots land here (CI keeps the folder as an artifact).
+ARTIFACTS = Path(os.environ.get("MOONBATCH_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+def browse_tasks_page(url: str, run_id: str) -> None:
+    """Log in to Flower with Debian's chromium (headless; basic auth in the URL), load the tasks
+    page, save a screenshot (``flower-tasks.png``) and check the run's tasks are on it."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    args = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
+            "--disable-dev-shm-usage", "--window-size=1600,1000", "--virtual-time-budget=8000"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "flower-tasks.png"
+    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120).stdout
+    subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert "Tasks" in dom and run_id in dom, dom[-2000:]
+    assert shot.stat().st_size > 10_000
 
 
 def test_flower_refuses_to_start_without_auth(env):
@@ -59,6 +85,7 @@ def test_flower_requires_auth_and_shows_the_runs_tasks(s3, bucket, env, fleet):
         assert {"moonbatch.build_shard", "moonbatch.poll_round", "moonbatch.merge_round"} <= names
         assert password not in " ".join(subprocess.run(["ps", "-eo", "args"], capture_output=True,
                                                        text=True).stdout.splitlines())
+        browse_tasks_page(f"http://{user}:{password}@127.0.0.1:{port}/tasks", run_id)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
