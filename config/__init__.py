@@ -64,7 +64,10 @@ class Settings(BaseSettings):
 
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
-    queue: str = "moonbatch"
+    queue: str = "moonbatch"  # the fleet's queue of heavy I/O steps (builds, merges)
+    # The fleet's queue of light control steps (polls, finalising, the reconciler); None:
+    # "<queue>-control". A run of local workers uses its own pair the same way.
+    control_queue: str | None = None
     # Redis redelivers unacked messages after this many seconds (FACTS.md, Celery with Redis).
     visibility_timeout: int = Field(default=7200, ge=5)
     run_registry_ttl: int = Field(default=30 * 24 * 3600, ge=60)

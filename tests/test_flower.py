@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
-
-import httpx
-
-import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import free_port, moonbatch_cmd, run_cli, upload_photos

@@ -44,7 +44,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The reconciler: run a beat (celery -A workers beat, or a worker with -B) to use it.
         "beat_schedule": {"moonbatch-reconcile": {
             "task": "moonbatch.reconcile", "schedule": settings.reconcile_interval,
-            "options": {"queue": control_queue(settings.queue)}}},
+            "options": {"queue": control_queue(settings.queue, settings)}}},
     }
 
 

@@ -62,10 +62,13 @@ def run_queue(spec: RunSpec, settings: Settings) -> str:
     return spec.queue or settings.queue
 
 
-def control_queue(queue: str) -> str:
+def control_queue(queue: str, settings: Settings | None = None) -> str:
     """The queue of a run's light control steps (polls, finalising) beside its ``queue`` of
-    heavy I/O steps (builds and uploads, downloads and merges): ``<queue>-control``, so workers
-    of each kind scale apart and a poll never waits behind a 2 GB build."""
+    heavy I/O steps (builds and uploads, downloads and merges), so workers of each kind scale
+    apart and a poll never waits behind a 2 GB build: ``MOONBATCH_CONTROL_QUEUE`` for the
+    fleet's queue when it is set, else ``<queue>-control``."""
+    if settings is not None and settings.control_queue and queue == settings.queue:
+        return settings.control_queue
     return f"{queue}-control"
 
 

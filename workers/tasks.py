@@ -112,7 +112,7 @@ def enqueue(task: Task, args: tuple[Any, ...], *, countdown: float | None = None
     ``NotFound`` if no spec is at ``args[0]``."""
     queue = queue or _spec_queue(args[0], args[1])
     if task.name in CONTROL_TASKS:
-        queue = control_queue(queue)
+        queue = control_queue(queue, get_settings())
     # As keyword arguments (output, run, shard, round, ...): what Flower shows an operator.
     task.apply_async(kwargs=dict(zip(_params(task), args, strict=False)), countdown=countdown,
                      queue=queue)
