@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery
 
 from config import Settings, get_settings
+from workers import metrics
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -46,6 +47,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 app = Celery("moonbatch", include=["workers.tasks"])
 app.conf.update(celery_config(get_settings()))
+metrics.connect_signals()  # /metrics when MOONBATCH_METRICS_PORT is set (workers.metrics)
 
 
 def reconfigure(settings: Settings) -> None:
