@@ -86,7 +86,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
         ("provider", "endpoint"), ""),
     "moonbatch_retries_total": (
         "counter", "Retries: of tasks (the exception's type name) and of HTTP calls "
-        "('http_<status>' or 'http_<network error>').", ("reason",), ""),
+        "('api_<status>' or 'api_<network error>').", ("reason",), ""),
     "moonbatch_run_items_done": (
         "gauge", "Items of the run with their final row written (merged shards).", ("run",),
         "max"),
@@ -212,14 +212,14 @@ def api_call(provider: str, action: str, status: int | None, seconds: float) -> 
 @_safe
 def http_retry(cause: int | BaseException | str) -> None:
     """An HTTP call about to be tried again because of ``cause``: an HTTP status
-    (``http_429``), a network error (``http_ReadTimeout``) or a word (``http_network``)."""
+    (``api_429``), a network error (``api_ReadTimeout``) or a word (``api_network``)."""
     m = _metrics()
     if m is None:
         return
     if isinstance(cause, BaseException):
-        reason = "http_" + _word(type(cause).__name__)
+        reason = "api_" + _word(type(cause).__name__)
     else:
-        reason = "http_" + (_word(cause) or "network")
+        reason = "api_" + (_word(cause) or "network")
     m["moonbatch_retries_total"].labels(reason).inc()
 
 
