@@ -278,3 +278,28 @@ def test_live_worker_serves_metrics_of_both_providers(s3, bucket, env, emulator,
         for labels, _ in entries:
             for key, value in labels.items():
                 assert not any(f in value.lower() for f in forbidden), (name, key, value)
+
+
+def test_retry_reasons_name_the_cause_not_the_request(tmp_path):
+    """Task retries count the original exception's type (Celery's ``Retry.exc``), HTTP
+    retries ``api_<status>`` or ``api_<network error type>``: never a message or a URL."""
+    code = """
+import os, sys
+os.environ['PROMETHEUS_MULTIPROC_DIR'] = sys.argv[1]
+os.environ['MOONBATCH_METRICS_PORT'] = '1'
+import httpx
+from celery.exceptions import Retry
+import workers.metrics as m
+from workers.storage import StorageError
+from prometheus_client import CollectorRegistry
+m.task_retry(Retry(exc=StorageError('s3://b/k?X-Amz-Signature=x failed')))
+m.http_retry(429)
+m.http_retry(httpx.ReadTimeout('https://api/x?signature=y'))
+m.http_retry('network')
+reg = CollectorRegistry(); reg.register(m.MergedCollector(sys.argv[1]))
+print(sorted((s.labels['reason'], s.value) for f in reg.collect() for s in f.samples))
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == str(sorted([("StorageError", 1.0), ("api_429", 1.0),
+                                             ("api_ReadTimeout", 1.0), ("api_network", 1.0)]))

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 FINAL_DIR = "final-runs"  # marker files of final runs, inside ENV_DIR (not *.db: not merged)
 FINAL_RUN_SERIES_SECONDS = 600.0  # a final run's gauges stay this long in the scrape
-RUN_GAUGE_SECONDS = 10.0  # per-run gauges are recomputed at most this often per process
+RUN_GAUGE_SECONDS = 30.0  # per-run gauges are recomputed at most this often per process (a listing)
 MAX_TRACKED_RUNS = 256  # per-process caches of per-run state
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0)
@@ -498,8 +498,10 @@ def shutdown() -> None:
 
 def process_dead(pid: int | None) -> None:
     """A pool process exited (``worker_process_shutdown``): drop its ``live*`` gauge files."""
+    from config import get_settings
+
     path = os.environ.get(ENV_DIR)
-    if not path or pid is None or _metrics() is None:
+    if not path or pid is None or get_settings().metrics_port is None:
         return
     from prometheus_client import multiprocess
 
