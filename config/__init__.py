@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     poll_min_interval: float = Field(default=5.0, gt=0)
     poll_max_interval: float = Field(default=120.0, gt=0)
 
+    # Prometheus metrics (workers.metrics): a worker serves /metrics on this port (None: off).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
     @field_validator("moondream_url", "fal_queue_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:

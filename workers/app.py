@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery, signals
 
 from config import Settings, get_settings
-from workers import logs
+from workers import logs, metrics
 from workers.runstate import control_queue
 
 
@@ -50,6 +50,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 app = Celery("moonbatch", include=["workers.tasks"])
 app.conf.update(celery_config(get_settings()))
+metrics.connect_signals()  # /metrics when MOONBATCH_METRICS_PORT is set (workers.metrics)
 
 
 @signals.after_setup_logger.connect

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from workers import layout
+from workers import layout, metrics
 from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image
 from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
 from workers.moondream import BatchClient, Part, RequestRejected, TransientError
@@ -200,7 +200,9 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                 upload = UploadRecord(file_id=created.file_id, upload_id=created.upload_id,
                                       created_at=time.time())
                 put_json(state, doc("upload"), upload.model_dump())
-        return client.upload_part(upload.file_id, upload.upload_id, part_number, data)
+        part = client.upload_part(upload.file_id, upload.upload_id, part_number, data)
+        metrics.upload_bytes("moondream", len(data))
+        return part
 
     writer = PartWriter(part_size, send, concurrency=upload_concurrency)
     errors: dict[str, dict[str, str]] = {}
@@ -270,6 +272,7 @@ def _record_batch(state: Store, doc: Callable[[str], str], claims: BatchClaims |
     record = BatchRecord(batch_id=batch_id, file_id=intent.file_id, submitted_at=time.time(),
                          lines=intent.lines, recovered=recovered)
     put_json(state, doc("batch"), record.model_dump())
+    metrics.batch("moondream", "submitted")
     state.delete(doc("upload"))
     state.delete(doc("submit"))
     return record

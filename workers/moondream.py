@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workers import metrics
 from workers.providers import ProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
@@ -408,9 +409,12 @@ class BatchClient:
         """
         last: MoondreamError | None = None
         for attempt in range(self.max_attempts):
+            started = time.monotonic()
             try:
                 response = send()
             except httpx.TransportError as exc:
+                metrics.api_call("moondream", action, None, time.monotonic() - started)
+                retry_reason: int | BaseException = exc
                 # str(exc) may quote the URL; keep only the exception type.
                 if not isinstance(exc, _NOT_SENT):
                     if not repeat_after_lost_answer:
@@ -422,6 +426,9 @@ class BatchClient:
                 last = TransientError(action, type(exc).__name__)
                 wait = self._backoff(attempt)
             else:
+                metrics.api_call("moondream", action, response.status_code,
+                                 time.monotonic() - started)
+                retry_reason = response.status_code
                 if response.is_success:
                     return _parsed(action, parse, response)
                 code, message = _api_error(response)
@@ -436,6 +443,7 @@ class BatchClient:
                 wait = hinted if hinted is not None else self._backoff(attempt)
             if attempt + 1 < self.max_attempts:
                 log.info("%s; retry %d/%d in %.2fs", last, attempt + 1, self.max_attempts - 1, wait)
+                metrics.http_retry(retry_reason)
                 self._sleep(min(wait, 300.0))
         assert last is not None
         raise last

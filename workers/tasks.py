@@ -26,7 +26,7 @@ from typing import Any
 from celery import Task
 
 from config import Settings, get_settings
-from workers import canary, layout, logs, registry
+from workers import canary, layout, logs, metrics, registry
 from workers.app import app
 from workers.lease import Lease, LeaseLost, lease_is_live
 from workers.merge import compose, encode_round, join_rows, merge_round
@@ -288,6 +288,7 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
         return
     finally:
         lease.release()
+    metrics.run_progress(run)
     if result.done:
         _next(merge_round_task, (output, run_id, shard, rnd, polls + 1))
     else:
@@ -391,7 +392,9 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
         rounds=last_round + 1, batch_ids=[b["batch_id"] for b in batches if b["batch_id"]],
         submitted_at=batches[0]["submitted_at"] if batches else None, completed_at=time.time(),
         merged_at=time.time())
-    put_json(store, layout.shard_doc(shard, "done"), done.model_dump(), if_absent=True)
+    if put_json(store, layout.shard_doc(shard, "done"), done.model_dump(), if_absent=True):
+        metrics.shard_merged(run.spec.provider, final, done)
+    metrics.run_progress(run, force=True)
     log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
              last_round + 1)
     if maybe_finalize(store):
@@ -411,6 +414,7 @@ def run_final(settings: Settings, run_id: str) -> None:
     """Take a final (completed, failed or cancelled) run off the reconciler's list."""
     registry.forget_active(registry.open_state(settings), run_id)
     canary.disarm(settings, run_id)
+    metrics.run_final(run_id)
 
 
 # -- recovery -----------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from workers import layout, slots
+from workers import layout, metrics, slots
 from workers.lines import ItemError, PreparedImage, prepare_image
 from workers.models import BatchRecord, RunSpec, ShardBuild, SkillOptions
 from workers.pool import ordered_map
@@ -513,6 +513,7 @@ class FalProvider:
                 kept[unit] = entry
                 continue
             finished.append(entry)
+            metrics.requests(endpoint.id, "completed" if state == "ok" else state)
             if state == "expired":
                 ledger["expired"] += 1
             if state == "ok":
@@ -618,6 +619,7 @@ class FalProvider:
 
         def submit(req: tuple[list[int], str, dict[str, Any], list[str]]
                    ) -> tuple[Submitted | None, Exception | None]:
+            metrics.upload_bytes(self.name, _data_uri_bytes(req[2]))
             try:
                 return client.submit(endpoint.id, req[2]), None
             except FalError as exc:
@@ -635,9 +637,11 @@ class FalProvider:
                     "response_url": sub.response_url, "cancel_url": sub.cancel_url,
                     "sent_at": now, "slot": token, **({"names": names} if names else {})}
                 ledger["requests"] += 1
+                metrics.requests(endpoint.id, "sent")
                 continue
             unused.append(token)
             if isinstance(exc, FalLimited):
+                metrics.requests(endpoint.id, "rate_limited")
                 limited = True
                 ledger["rate_limited"] += 1
                 ledger["resend"].insert(0, lines)
@@ -645,6 +649,7 @@ class FalProvider:
                 ledger["possible_duplicates"] += bool(exc.maybe_sent)
                 ledger["resend"].append(lines)
             elif isinstance(exc, FalRequestError):
+                metrics.requests(endpoint.id, "failed")
                 message = ("fal rejected the input: " + "; ".join(exc.fields)) if exc.fields \
                     else str(exc)
                 for line in _error_lines(lines, "invalid_input" if exc.fields
@@ -730,6 +735,13 @@ def _payload_bytes(prepared: dict[int, _Prepared], lines: Sequence[int]) -> int:
     """Bytes the images of ``lines`` add to a request as data URIs (URLs are small)."""
     return sum(len(prepared[li].image.data) * 4 // 3 for li in lines  # type: ignore[union-attr]
                if prepared[li].image is not None)
+
+
+def _data_uri_bytes(payload: dict[str, Any]) -> int:
+    """Bytes of the data URIs in a request body (images sent inline, ZIP archives)."""
+    values = [payload.get("image_url"), payload.get("images_data_url")]
+    values += [i.get("image_url") for i in payload.get("inputs") or () if isinstance(i, dict)]
+    return sum(len(v) for v in values if isinstance(v, str) and v.startswith("data:"))
 
 
 def _error_lines(lines: Sequence[int], code: str, message: str) -> list[dict[str, Any]]:

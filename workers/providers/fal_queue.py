@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from workers import metrics
 from workers.providers import ProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
@@ -160,12 +161,15 @@ class FalQueueClient:
 
     def _send(self, action: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """One call; turns transport failures and error statuses into ``FalError`` kinds."""
+        started = time.monotonic()
         try:
             response = self._http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
+            metrics.api_call("fal", action, None, time.monotonic() - started)
             # A request that was written may have arrived: only a failed connect proves not.
             sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
             raise FalTransient(action, type(exc).__name__, maybe_sent=sent) from None
+        metrics.api_call("fal", action, response.status_code, time.monotonic() - started)
         if response.status_code < 400:
             return response
         message, error_type, fields = _detail(response)
@@ -187,9 +191,10 @@ class FalQueueClient:
         for attempt in range(self.get_attempts):
             try:
                 return self._send(action, "GET", url, **kwargs)
-            except FalTransient:
+            except FalTransient as exc:
                 if attempt + 1 == self.get_attempts:
                     raise
+                metrics.http_retry(exc.status or "network")
                 time.sleep(self.backoff * 2 ** attempt)
         raise AssertionError("unreachable")
 

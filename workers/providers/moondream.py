@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import orjson
 
 from config import API_MAX_FILE_BYTES, API_MAX_LINES, Settings, get_settings
-from workers import layout, registry
+from workers import layout, metrics, registry
 from workers.builder import build_and_submit
 from workers.downloader import fetch_results
 from workers.merge import next_poll_interval
@@ -148,14 +148,17 @@ class MoondreamBatchProvider:
         if not status.done:
             return None
         if status.status == "failed":
+            metrics.batch(self.name, "failed")
             code = status.error_code()
             if code in TRANSIENT_BATCH_CODES and ctx.rnd + 1 < ctx.settings.max_item_attempts:
                 log.warning("shard %d: batch %s failed (%s); resubmitting", ctx.shard,
                             status.id, code)
+                metrics.batch(self.name, "resubmitted")
                 return Resend(f"batch {status.id} failed: {code}")
             return RoundResults(lines=(), batch_error={
                 "code": code, "message": f"batch {status.id} failed: {status.error_message()}"})
         files, dstats = fetch_results(batch_client(), status)
+        metrics.batch(self.name, "completed")
         return RoundResults(iter_result_lines(files), stats={
             "corrupt_downloads": dstats.corrupt, "url_refreshes": dstats.refreshes})
 
