@@ -1280,7 +1280,8 @@ def emulator(port: Annotated[int, typer.Option(
 def flower(address: Annotated[str, typer.Option(
                "--address", metavar="HOST", help="interface to listen on (default: this machine "
                "only)")] = "127.0.0.1",
-           port: Annotated[int, typer.Option("--port", metavar="PORT")] = 5555,
+           port: Annotated[int, typer.Option("--port", metavar="PORT",
+                                             help="port to listen on")] = 5555,
            no_auth: Annotated[bool, typer.Option(
                "--no-auth", help="serve without a password (only behind a proxy of your own "
                "that authenticates)")] = False) -> None:
