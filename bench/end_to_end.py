@@ -13,7 +13,7 @@ fixed sleep, download the outputs. Time is scaled down 30x: the seed's 30 s poll
 of shards processed concurrently (4 worker slots, 4 shards).
 
 Also reported, for both: status requests per batch (the emulator's counters; moonbatch's include
-the one ``merge_shard`` makes for fresh output URLs) and the completion-detection delay per batch.
+the one ``merge_round`` makes for fresh output URLs) and the completion-detection delay per batch.
 The emulator completes a batch lazily, on the first status GET after its ``processing_end``, so
 ``completed_at - processing_end`` is how late the poller noticed; the polling latency adds the
 time the poller let a chunked batch wait before it started processing (the emulator starts it
