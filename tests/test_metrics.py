@@ -187,8 +187,11 @@ def wait_for_metrics(port: int, worker: Worker, timeout: float = 60) -> None:
     raise AssertionError("the worker never served /metrics:\n" + worker.log_path.read_text()[-3000:])
 
 
-def metrics_dirs() -> set[str]:
-    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("moonbatch-metrics-")}
+def metrics_dirs(pid: int) -> set[str]:
+    """The private metrics directories of the worker whose main process is ``pid`` (other
+    test sessions on the machine make their own)."""
+    return {p for p in os.listdir(tempfile.gettempdir())
+            if p.startswith(f"moonbatch-metrics-{pid}-")}
 
 
 def test_live_worker_serves_metrics_of_both_providers(s3, bucket, env, emulator, tmp_path):
@@ -201,13 +204,13 @@ def test_live_worker_serves_metrics_of_both_providers(s3, bucket, env, emulator,
     cenv = {**env, "MOONBATCH_QUEUE": queue}
     names = ("coffee.png", "rocket.jpg", "chelsea.png", "astronaut.png")
     upload_photos(s3, bucket, "p/", names=names)
-    dirs_before = metrics_dirs()
     # Some 429s (with a short Retry-After): HTTP retries and API error statuses to count.
     emulator.config.faults = Faults(seed=7, rate_429=0.2, retry_after=0.05)
     worker = Worker(wenv, queue, tmp_path / "worker.log", concurrency=2)
     with worker:
         wait_for_metrics(port, worker)
-        assert metrics_dirs() - dirs_before, "no private PROMETHEUS_MULTIPROC_DIR was made"
+        pid = worker.proc.pid
+        assert metrics_dirs(pid), "no private PROMETHEUS_MULTIPROC_DIR was made"
         run_cli(["run", f"s3://{bucket}/p/", f"s3://{bucket}/md/", "--shard-size", "2",
                  "--workers", "0", "--timeout", "150"], cenv, timeout=200)
         emulator.config.faults = Faults()
@@ -219,7 +222,7 @@ def test_live_worker_serves_metrics_of_both_providers(s3, bucket, env, emulator,
         fal = read_json(s3, bucket, "fal/run.json")
         assert md["status"] == fal["status"] == "completed"
         samples = scrape(port)
-    assert not (metrics_dirs() - dirs_before), "the private metrics directory was left behind"
+    assert not metrics_dirs(pid), "the private metrics directory was left behind"
     n = len(names)
 
     # Items and tokens: what the runs' summaries say.

@@ -450,7 +450,7 @@ def prepare_worker() -> str | None:
         os.makedirs(path, exist_ok=True)
         _clean(path)
     else:
-        path = tempfile.mkdtemp(prefix="moonbatch-metrics-")
+        path = tempfile.mkdtemp(prefix=f"moonbatch-metrics-{os.getpid()}-")  # whose it is
         os.environ[ENV_DIR] = path
         _state.private_dir = path
     # prometheus_client picks its value class when first imported; if anything imported it
