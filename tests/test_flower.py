@@ -81,6 +81,13 @@ def test_flower_requires_auth_and_shows_the_runs_tasks(s3, bucket, env, fleet):
                 break
             time.sleep(0.5)
         assert {"moonbatch.build_shard", "moonbatch.poll_round", "moonbatch.merge_round"} <= names
+        workers = httpx.get(f"{base}/api/workers", auth=(user, password), timeout=30).json()
+        assert workers and all(name.startswith("test-") for name in workers), list(workers)
+        series = [line for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines()
+                  if 'worker="' in line]
+        # Every series names the fleet's worker: no "gen<pid>@host" series per process that
+        # published a task (the CLI, each pool process).
+        assert series and all('worker="test-' in line for line in series), series[:5]
         assert password not in " ".join(subprocess.run(["ps", "-eo", "args"], capture_output=True,
                                                        text=True).stdout.splitlines())
         browse_tasks_page(f"http://{user}:{password}@127.0.0.1:{port}/tasks", run_id)

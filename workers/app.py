@@ -37,9 +37,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_ignore_result": True,
         "result_expires": settings.run_registry_ttl,
-        # Flower needs events; arguments carry no secret (see workers.tasks).
+        # Flower needs task events; arguments carry no secret (see workers.tasks). No
+        # task-sent events: their sender is each publishing process ("gen<pid>@host": every
+        # CLI and pool process), and Flower's /metrics grew a series for each one. Flower
+        # shows a task from the worker's received/started/succeeded events.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         # The reconciler: run a beat (celery -A workers beat, or a worker with -B) to use it.
         "beat_schedule": {"moonbatch-reconcile": {
