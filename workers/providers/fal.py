@@ -400,8 +400,10 @@ class FalProvider:
                       if o.key[len(folder):].startswith("results-"))
 
         def lines() -> Iterator[Any]:
-            for key in keys:
-                for raw in ctx.store.get(key).splitlines():
+            # A round writes a document per step that finished lines: read them concurrently.
+            n = ctx.settings.fetch_concurrency
+            for data in ordered_map(ctx.store.get, keys, workers=n, window=2 * n):
+                for raw in data.splitlines():
                     if raw.strip():
                         yield orjson.loads(raw)
 
