@@ -15,7 +15,6 @@ import concurrent.futures
 import functools
 import os
 import secrets
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,7 @@ from workers import layout
 from workers.storage import LocalStore, S3Store, Store, normalize_url
 
 REDIS_TIMEOUT = 2.5  # seconds, connect and read
-HTTP_TIMEOUT = 8.0  # seconds, the whole API-key check (three tries at most)
 S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_ATTEMPTS = 3, 5, 2
-API_KEYS_PAGE = "https://moondream.ai/c/cloud/api-keys"
 
 Check = Callable[[], "str | None"]
 
@@ -86,49 +83,6 @@ def check_broker(url: str, timeout: float = REDIS_TIMEOUT) -> str | None:
     except Exception as exc:
         return (f"broker: cannot reach the broker at {shown} ({_short(exc)}): start it or fix "
                 "MOONBATCH_BROKER_URL")
-    return None
-
-
-# -- Batch API key ------------------------------------------------------------------------------
-def check_api_key(settings: Settings, timeout: float = HTTP_TIMEOUT) -> str | None:
-    """One authenticated call, ``GET /batch?limit=1``: 401/403 means the key is wrong. A 429 or
-    5xx proves nothing either way and is let through (the run's own calls retry them)."""
-    import httpx
-
-    key = settings.moondream_api_key.get_secret_value() if settings.moondream_api_key else ""
-    if not key:
-        return ("API key: MOONDREAM_API_KEY is not set: export MOONDREAM_API_KEY=<your key> "
-                f"(create one at {API_KEYS_PAGE})")
-    url = settings.moondream_url
-    response = None
-    with httpx.Client(timeout=httpx.Timeout(timeout / 3),
-                      headers={"X-Moondream-Auth": key, "User-Agent": "moonbatch"}) as client:
-        for attempt in range(3):
-            try:
-                response = client.get(f"{url}/batch", params={"limit": 1})
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                # Nothing answers there; str(exc) may quote the URL: the type says enough.
-                return (f"API key: cannot reach the Moondream Batch API at {url} "
-                        f"({type(exc).__name__}): check the network, or MOONBATCH_MOONDREAM_URL")
-            except httpx.TransportError:
-                response = None  # a dropped connection or a slow answer: inconclusive
-            if response is not None and response.status_code not in (408, 425, 429) \
-                    and response.status_code < 500:
-                break
-            if attempt < 2:
-                time.sleep(0.3)
-    if response is None:
-        return None  # the service is there but flaky: the run's own calls retry
-    if response.status_code in (401, 403):
-        return (f"API key: the Moondream Batch API at {url} refused the key in "
-                f"MOONDREAM_API_KEY (HTTP {response.status_code}): set a valid key "
-                f"(see {API_KEYS_PAGE})")
-    if response.status_code == 404:
-        return (f"API key: {url}/batch does not exist (HTTP 404): MOONBATCH_MOONDREAM_URL must "
-                "be the Batch API's base URL, e.g. https://api.moondream.ai/v1")
-    if 400 <= response.status_code < 500 and response.status_code not in (408, 425, 429):
-        return (f"API key: the Moondream Batch API at {url} answered HTTP "
-                f"{response.status_code} to a batch listing: check MOONBATCH_MOONDREAM_URL")
     return None
 
 
@@ -284,7 +238,7 @@ CREDENTIALS = {"moondream": "API key (MOONDREAM_API_KEY)", "fal": "FAL key (FAL_
 
 def check_credentials(settings: Settings, provider: str) -> str | None:
     """The key of ``provider`` works: ``Provider.check_credentials`` (moondream:
-    MOONDREAM_API_KEY with ``check_api_key``; fal: FAL_KEY). Only that provider's key is
+    MOONDREAM_API_KEY with ``GET /batch?limit=1``; fal: FAL_KEY). Only that provider's key is
     needed. None when all is well, else one line."""
     from workers.providers import get_provider
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
+import httpx
 import orjson
 
 from config import API_MAX_FILE_BYTES, API_MAX_LINES, Settings, get_settings
@@ -47,6 +48,8 @@ TRANSIENT_BATCH_CODES = frozenset({"processing_failed", "timeout"})
 USD_PER_M_INPUT = 0.15
 USD_PER_M_OUTPUT = 1.25
 LINE_OVERHEAD_BYTES = 200  # id and skill fields of a line, besides the base64 image
+KEY_CHECK_SECONDS = 8.0  # the whole API-key check (three tries at most)
+API_KEYS_PAGE = "https://moondream.ai/c/cloud/api-keys"
 
 
 @functools.cache
@@ -71,6 +74,46 @@ def iter_result_lines(files: Iterable[bytes]) -> Iterator[Any]:
                     yield None
 
 
+def check_api_key(settings: Settings, timeout: float = KEY_CHECK_SECONDS) -> str | None:
+    """One authenticated call, ``GET /batch?limit=1``: 401/403 means the key is wrong. A 429 or
+    5xx proves nothing either way and is let through (the run's own calls retry them)."""
+    key = settings.moondream_api_key.get_secret_value() if settings.moondream_api_key else ""
+    if not key:
+        return ("API key: MOONDREAM_API_KEY is not set: export MOONDREAM_API_KEY=<your key> "
+                f"(create one at {API_KEYS_PAGE})")
+    url = settings.moondream_url
+    response = None
+    with httpx.Client(timeout=httpx.Timeout(timeout / 3),
+                      headers={"X-Moondream-Auth": key, "User-Agent": "moonbatch"}) as client:
+        for attempt in range(3):
+            try:
+                response = client.get(f"{url}/batch", params={"limit": 1})
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Nothing answers there; str(exc) may quote the URL: the type says enough.
+                return (f"API key: cannot reach the Moondream Batch API at {url} "
+                        f"({type(exc).__name__}): check the network, or MOONBATCH_MOONDREAM_URL")
+            except httpx.TransportError:
+                response = None  # a dropped connection or a slow answer: inconclusive
+            if response is not None and response.status_code not in (408, 425, 429) \
+                    and response.status_code < 500:
+                break
+            if attempt < 2:
+                time.sleep(0.3)
+    if response is None:
+        return None  # the service is there but flaky: the run's own calls retry
+    if response.status_code in (401, 403):
+        return (f"API key: the Moondream Batch API at {url} refused the key in "
+                f"MOONDREAM_API_KEY (HTTP {response.status_code}): set a valid key "
+                f"(see {API_KEYS_PAGE})")
+    if response.status_code == 404:
+        return (f"API key: {url}/batch does not exist (HTTP 404): MOONBATCH_MOONDREAM_URL must "
+                "be the Batch API's base URL, e.g. https://api.moondream.ai/v1")
+    if 400 <= response.status_code < 500 and response.status_code not in (408, 425, 429):
+        return (f"API key: the Moondream Batch API at {url} answered HTTP "
+                f"{response.status_code} to a batch listing: check MOONBATCH_MOONDREAM_URL")
+    return None
+
+
 class MoondreamBatchProvider:
     """The Moondream Batch API as a provider (see the module docstring)."""
 
@@ -88,9 +131,7 @@ class MoondreamBatchProvider:
         return Limits(max_lines=API_MAX_LINES, max_bytes=API_MAX_FILE_BYTES)
 
     def check_credentials(self, settings: Settings) -> str | None:
-        """``GET /batch?limit=1`` with the key (see ``producer.preflight.check_api_key``)."""
-        from producer.preflight import check_api_key
-
+        """``GET /batch?limit=1`` with the key (see ``check_api_key``)."""
         return check_api_key(settings)
 
     def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
