@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 import boto3
 import pytest
 import redis
+from PIL import Image
 
 BROKER_DB, BACKEND_DB = 0, 1
 SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
@@ -295,6 +297,17 @@ def jpeg_bytes(size=(64, 48), color=(200, 30, 30), mode="RGB", quality=90) -> by
 
     buf = io.BytesIO()
     Image.new(mode, size, color).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def tiny_jpeg(i: int) -> bytes:
+    """A distinct 32x24 JPEG per ``i`` (a random colour and one marked pixel): many items, few
+    bytes, each answer telling which image it came from."""
+    rng = random.Random(i)
+    img = Image.new("RGB", (32, 24), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    img.putpixel((i % 32, (i // 32) % 24), (255 - i % 256, i % 256, 128))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 

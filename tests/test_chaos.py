@@ -8,7 +8,6 @@ Its own Redis server (so it can be killed), its own emulator (with faults), moto
 from __future__ import annotations
 
 import concurrent.futures as cf
-import io
 import json
 import random
 import subprocess
@@ -16,29 +15,21 @@ import time
 import uuid
 
 import pytest
-from PIL import Image
 
 from emulator.server import EmulatorConfig, EmulatorServer, Faults
 from tests.conftest import (
     RedisServer,
     Worker,
     free_port,
+    private_env,
     read_results,
     run_cli,
+    tiny_jpeg,
     wait_for_completion,
 )
 
 N_IMAGES = 500
 SHARD_SIZE = 100
-
-
-def tiny_jpeg(i: int) -> bytes:
-    rng = random.Random(i)
-    img = Image.new("RGB", (32, 24), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-    img.putpixel((i % 32, (i // 32) % 24), (255 - i % 256, i % 256, 128))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 @pytest.mark.timeout(420)
@@ -54,9 +45,7 @@ def test_chaos(s3, bucket, env, tmp_path):
     redis_server.start()
     queue = "chaos-" + uuid.uuid4().hex[:6]
     with EmulatorServer(config) as emu:
-        cenv = {**env,
-                "MOONBATCH_BROKER_URL": f"redis://127.0.0.1:{redis_server.port}/0",
-                "MOONBATCH_RESULT_BACKEND": f"redis://127.0.0.1:{redis_server.port}/1",
+        cenv = {**private_env(env, redis_server),
                 "MOONBATCH_QUEUE": queue, "MOONDREAM_API_KEY": config.api_key,
                 "MOONBATCH_MOONDREAM_URL": emu.url, "MOONBATCH_VISIBILITY_TIMEOUT": "8",
                 "MOONBATCH_LEASE_SECONDS": "4", "MOONBATCH_RECONCILE_INTERVAL": "2",

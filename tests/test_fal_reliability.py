@@ -24,24 +24,17 @@ from tests.conftest import (
     Worker,
     free_port,
     photos_dir,
+    private_env,
     read_json,
     read_results,
     run_cli,
+    tiny_jpeg,
     wait_for_completion,
     wait_for_run,
 )
 from tests.test_fal_provider import expected_row, start
 
 CAPTION = "fal-ai/moondream3-preview/caption"
-
-
-def tiny_jpeg(i: int) -> bytes:
-    rng = random.Random(i)
-    img = Image.new("RGB", (32, 24), (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-    img.putpixel((i % 32, (i // 32) % 24), (255 - i % 256, i % 256, 128))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def test_local_input_bad_items_and_422s_become_error_rows(tmp_path, s3, bucket, env, fleet,
@@ -127,9 +120,7 @@ def test_fal_chaos(s3, bucket, env, tmp_path):
     redis_server.start()
     queue = "falchaos-" + uuid.uuid4().hex[:6]
     with EmulatorServer(config) as emu:
-        cenv = {**env,
-                "MOONBATCH_BROKER_URL": f"redis://127.0.0.1:{redis_server.port}/0",
-                "MOONBATCH_RESULT_BACKEND": f"redis://127.0.0.1:{redis_server.port}/1",
+        cenv = {**private_env(env, redis_server),
                 "MOONBATCH_QUEUE": queue, "FAL_KEY": config.fal_key,
                 "MOONBATCH_FAL_QUEUE_URL": emu.fal_url, "MOONBATCH_FAL_CONCURRENCY": "6",
                 "MOONBATCH_VISIBILITY_TIMEOUT": "8", "MOONBATCH_LEASE_SECONDS": "4",

@@ -181,6 +181,12 @@ def _leased(store: Store, shard: int, owner: str | None, settings: Settings) -> 
                  settings.lease_seconds)
 
 
+def _holder_done_in(lease: Lease, settings: Settings) -> float:
+    """Seconds until another holder's lease of the shard runs out (a live holder renews it
+    and the waiting task waits again), at most one lease."""
+    return min(max(lease.holder_expires - time.time(), 0.0) + 0.5, settings.lease_seconds)
+
+
 def _watchful(lease_check: Callable[[], None], store: Store, run_id: str,
               settings: Settings) -> Callable[[], None]:
     """A heartbeat for a provider: renews the lease, and stops the round (``RunCancelled``)
@@ -218,7 +224,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
     if not lease.acquire():
         # Another worker builds it, or a dead one's lease has not expired yet: look again
         # when it would expire (a live holder renews it, and this message waits again).
-        wait = min(max(lease.holder_expires - time.time(), 0.0) + 0.5, settings.lease_seconds)
+        wait = _holder_done_in(lease, settings)
         _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
         return
     provider = provider_for(run.spec)
@@ -270,7 +276,7 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
         return
     lease = _leased(store, shard, self.request.id, settings)
     if not lease.acquire():  # a build, or another chain's poll, is at work: come back
-        wait = min(max(lease.holder_expires - time.time(), 0.0) + 0.5, settings.lease_seconds)
+        wait = _holder_done_in(lease, settings)
         _next(poll_round, (output, run_id, shard, rnd, chain, polls, last), countdown=wait)
         return
     try:

@@ -524,10 +524,7 @@ class FalProvider:
                 took = (seen + now) / 2 - entry["sent_at"]
                 ledger["est"] = round(0.7 * ledger["est"] + 0.3 * took, 3)
             for line in lines:
-                line["id"] = build.id_prefix + ctx.items[build.lines[line["line_index"]]].id
-                ok = line["status"] == "ok"
-                ledger["ok" if ok else "failed"] += 1
-                out.append(orjson.dumps(line))
+                _finish(ctx, build, ledger, out, line)
         return finished, kept
 
     def _result_lines(self, endpoint: FalEndpoint, skill: str, entry: dict[str, Any],
@@ -596,8 +593,7 @@ class FalProvider:
         for li in range(new_from, new_to):
             p = prepared[li]
             if p.error is not None:  # bad input: its error line now, nothing sent
-                out.append(orjson.dumps(self._pre_send_error(build, p)))
-                ledger["failed"] += 1
+                _finish(ctx, build, ledger, out, _pre_send_error(p))
             elif new_units and len(new_units[-1]) < endpoint.max_images and \
                     _payload_bytes(prepared, new_units[-1] + [li]) <= MAX_REQUEST_BYTES:
                 new_units[-1].append(li)
@@ -612,8 +608,7 @@ class FalProvider:
             good = [li for li in unit if prepared[li].error is None]
             for li in unit:
                 if prepared[li].error is not None and unit in units:  # a resend gone bad
-                    out.append(orjson.dumps(self._pre_send_error(build, prepared[li])))
-                    ledger["failed"] += 1
+                    _finish(ctx, build, ledger, out, _pre_send_error(prepared[li]))
             if good:
                 payload, names = self._payload(ctx, endpoint, [prepared[li] for li in good])
                 requests.append((good, granted[len(requests)], payload, names))
@@ -656,9 +651,7 @@ class FalProvider:
                     else str(exc)
                 for line in _error_lines(lines, "invalid_input" if exc.fields
                                          else "request_rejected", message):
-                    line["id"] = build.id_prefix + ctx.items[build.lines[line["line_index"]]].id
-                    out.append(orjson.dumps(line))
-                    ledger["failed"] += 1
+                    _finish(ctx, build, ledger, out, line)
             else:
                 raise exc  # FalAuthError: the run cannot go on; the task records it
         cap.release(unused)
@@ -707,10 +700,6 @@ class FalProvider:
             return presign(p.key, PRESIGN_SECONDS)
         return data_uri(image.data, f"image/{image.format.lower()}")
 
-    def _pre_send_error(self, build: ShardBuild, p: _Prepared) -> dict[str, Any]:
-        return {"line_index": p.line, "id": build.id_prefix + p.key, "status": "error",
-                "error": p.error}
-
     def _write_lines(self, ctx: RoundContext, ledger: dict[str, Any], out: list[bytes]) -> None:
         """Write this step's finished lines to the next free ``results-NNNNN.jsonl``."""
         body = b"\n".join(out) + b"\n"
@@ -744,6 +733,19 @@ def _data_uri_bytes(payload: dict[str, Any]) -> int:
     values = [payload.get("image_url"), payload.get("images_data_url")]
     values += [i.get("image_url") for i in payload.get("inputs") or () if isinstance(i, dict)]
     return sum(len(v) for v in values if isinstance(v, str) and v.startswith("data:"))
+
+
+def _finish(ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any], out: list[bytes],
+            line: dict[str, Any]) -> None:
+    """A line is final: give it the id it was sent under, count it, add it to ``out``."""
+    line["id"] = build.id_prefix + ctx.items[build.lines[line["line_index"]]].id
+    ledger["ok" if line["status"] == "ok" else "failed"] += 1
+    out.append(orjson.dumps(line))
+
+
+def _pre_send_error(p: _Prepared) -> dict[str, Any]:
+    """The error line of an item that could not be sent (unreadable, not an image...)."""
+    return {"line_index": p.line, "status": "error", "error": p.error}
 
 
 def _error_lines(lines: Sequence[int], code: str, message: str) -> list[dict[str, Any]]:
