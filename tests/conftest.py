@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -104,6 +105,14 @@ def private_env(env: dict[str, str], broker: RedisServer, **extra: str) -> dict[
     """``env`` with broker and result backend on ``broker`` and a queue of the test's own."""
     return {**env, "MOONBATCH_BROKER_URL": broker.url(0), "MOONBATCH_RESULT_BACKEND": broker.url(1),
             "MOONBATCH_QUEUE": "t-" + uuid.uuid4().hex[:8], **extra}
+
+
+def stop_later(server, stopping: list) -> None:
+    """Stop an emulator ``server`` in a background thread that the ``_stopping`` fixture's
+    list (``stopping``) joins at the module's end."""
+    stopper = threading.Thread(target=server.stop, daemon=True)
+    stopper.start()
+    stopping.append(stopper)
 
 
 @pytest.fixture(scope="module")

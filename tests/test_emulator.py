@@ -21,7 +21,7 @@ import pytest
 
 from emulator.inference import infer
 from emulator.server import EmulatorConfig, EmulatorServer
-from tests.conftest import jpeg_bytes, photos_dir
+from tests.conftest import jpeg_bytes, photos_dir, stop_later
 from workers.lines import encode_line
 from workers.models import SkillOptions
 from workers.moondream import (
@@ -49,9 +49,7 @@ def fast_config(**overrides: object) -> EmulatorConfig:
 def server(_stopping: list[threading.Thread]) -> Iterator[EmulatorServer]:
     srv = EmulatorServer(fast_config()).start()
     yield srv
-    stopper = threading.Thread(target=srv.stop, daemon=True)
-    stopper.start()
-    _stopping.append(stopper)
+    stop_later(srv, _stopping)
 
 
 @pytest.fixture

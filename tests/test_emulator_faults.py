@@ -25,6 +25,7 @@ from PIL import Image
 
 from emulator.inference import infer
 from emulator.server import FAULT_KINDS, EmulatorConfig, EmulatorServer, Faults
+from tests.conftest import stop_later
 from workers.moondream import BatchClient, BatchStatus, Part, TransientError
 
 API_KEY = "test-key-" + uuid.uuid4().hex
@@ -48,9 +49,7 @@ def start(_stopping: list[threading.Thread]) -> Iterator:
     started: list[EmulatorServer] = []
     yield _start
     for srv in started:
-        stopper = threading.Thread(target=srv.stop, daemon=True)
-        stopper.start()
-        _stopping.append(stopper)
+        stop_later(srv, _stopping)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from emulator.fal import (
     without_urls,
 )
 from emulator.server import EmulatorConfig, EmulatorServer
-from tests.conftest import jpeg_bytes, photos_dir
+from tests.conftest import jpeg_bytes, photos_dir, stop_later
 
 FAL_KEY = "fal-test-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Key {FAL_KEY}"}
@@ -84,9 +84,7 @@ def start(_stopping: list[threading.Thread]) -> Iterator[Callable[..., EmulatorS
 
     yield _start
     for srv in started:
-        stopper = threading.Thread(target=srv.stop, daemon=True)
-        stopper.start()
-        _stopping.append(stopper)
+        stop_later(srv, _stopping)
 
 
 @pytest.fixture
