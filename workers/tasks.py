@@ -151,13 +151,6 @@ def _stopped(store: Store, shard: int) -> bool:
     return store.exists(layout.CANCELLED) or store.exists(layout.shard_doc(shard, "done"))
 
 
-def _todo(store: Store, shard: int, rnd: int) -> list[int] | None:
-    """The item indices of round ``rnd`` (None: every item, round 0)."""
-    if rnd == 0:
-        return None
-    return get_json(store, layout.round_doc(shard, rnd, "todo"))["items"]
-
-
 def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, items: list[int],
                 reason: str) -> None:
     put_json(store, layout.round_doc(shard, rnd + 1, "todo"), {"items": items, "reason": reason},
@@ -169,8 +162,7 @@ def _context(run: Run, shard: int, rnd: int,
              heartbeat: Callable[[], None] = lambda: None) -> RoundContext:
     """The provider's view of round ``rnd`` of the shard."""
     logs.bind(provider=run.spec.provider)
-    return RoundContext(run=run, shard=shard, rnd=rnd, items=run.items(shard),
-                        todo=_todo(run.output, shard, rnd), settings=get_settings(),
+    return RoundContext(run=run, shard=shard, rnd=rnd, settings=get_settings(),
                         id_prefix=line_id_prefix(run.spec.run_id, shard, rnd),
                         heartbeat=heartbeat)
 

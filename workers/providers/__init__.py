@@ -22,11 +22,13 @@ A provider is one module with a class implementing ``Provider`` plus one entry i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from workers import layout
+from workers.storage import get_json
 
 if TYPE_CHECKING:
     from config import Settings
@@ -84,18 +86,29 @@ class Limits:
 @dataclasses.dataclass
 class RoundContext:
     """Everything a provider needs about one round of one shard: the run (spec and stores),
-    the shard's ``items`` (plan order), ``todo`` (this round's item indices; None: all),
     ``id_prefix`` (prefix of every id the round sends; unique to the round), ``heartbeat``
-    (call it between slow steps: it renews the lease and raises to stop the round)."""
+    (call it between slow steps: it renews the lease and raises to stop the round), and, read
+    from storage on first use (a Batch API poll needs neither), the shard's ``items`` (plan
+    order) and ``todo`` (this round's item indices; None: all)."""
 
     run: Run
     shard: int
     rnd: int
-    items: Sequence[PlanItem]
-    todo: Sequence[int] | None
     settings: Settings
     id_prefix: str
     heartbeat: Callable[[], None] = lambda: None
+
+    @functools.cached_property
+    def items(self) -> Sequence[PlanItem]:
+        """The shard's planned items, in plan order."""
+        return self.run.items(self.shard)
+
+    @functools.cached_property
+    def todo(self) -> Sequence[int] | None:
+        """The item indices of this round (None: every item, round 0)."""
+        if self.rnd == 0:
+            return None
+        return get_json(self.store, self.doc("todo"))["items"]
 
     @property
     def store(self) -> Store:
