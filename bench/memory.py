@@ -2,7 +2,7 @@
 
 Measures, in child processes (``bench.probe``), the peak resident set size (VmHWM):
 
-- planning: ``producer.reader.iter_items`` + ``producer.planner.plan_shards`` + writing every
+- planning: ``workers.readers.prefix.iter_items`` + ``producer.planner.plan_shards`` + writing every
   shard's plan file to a LocalStore (what ``submit_run`` does, less the queue) over a local tree of
   1,000,000 empty ``.jpg`` files in 1000 directories (target: a few hundred MB at most);
 - a worker: ``build_and_submit`` of a shard of tiny PNGs (8x8, local files) to the emulator with

@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.common import worker_kwargs
 
-PLAN_MODULES = ("config", "producer.reader", "producer.planner", "workers.layout", "workers.models",
+PLAN_MODULES = ("config", "workers.readers.prefix", "producer.planner", "workers.layout", "workers.models",
                 "workers.storage")
 WORKER_MODULES = ("config", "workers.builder", "workers.lines", "workers.merge", "workers.models",
                   "workers.moondream", "workers.storage", "PIL.Image", "PIL.PngImagePlugin")
@@ -39,9 +39,10 @@ def plan(tree: str, out: str) -> dict[str, Any]:
     default size, write each shard's plan file to OUT."""
     from config import get_settings
     from producer.planner import plan_shards
-    from producer.reader import ListingStats, iter_items
     from workers import layout
     from workers.models import SkillOptions
+    from workers.readers import ListingStats
+    from workers.readers.prefix import iter_items
     from workers.storage import LocalStore
 
     settings, stats, store = get_settings(), ListingStats(), LocalStore(out)

@@ -139,9 +139,10 @@ def timed_client(url: str, api_key: str) -> Any:
 
 def run(servers: Servers) -> Result:
     """Run the benchmark; see the module docstring."""
-    from producer.reader import ListingStats, iter_items
     from workers.builder import build_and_submit
     from workers.models import SkillOptions
+    from workers.readers import ListingStats
+    from workers.readers.prefix import iter_items
     from workers.storage import LocalStore, open_store
 
     result = Result("shard_build")

@@ -18,10 +18,10 @@ from typing import Any
 
 from config import Settings
 from producer.planner import Shard, plan_shards
-from producer.reader import ListingStats, iter_items
 from workers import canary, layout, registry
 from workers.lease import Lease, LeaseLost
 from workers.models import RunSpec, SkillOptions
+from workers.readers import ListingStats, input_root, normalize_input, open_reader
 from workers.runstate import RunNotFound, open_output
 from workers.storage import Store, get_json_or_none, normalize_url, put_json
 
@@ -205,7 +205,8 @@ def resolve_run(ref: str, settings: Settings) -> str:
 def new_spec(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
              shard_size: int | None = None, max_pixels: int | None = None,
              run_id: str | None = None, queue: str | None = None,
-             provider: str | None = None, endpoint: str | None = None) -> RunSpec:
+             provider: str | None = None, endpoint: str | None = None,
+             input_format: str = "auto", **fields: Any) -> RunSpec:
     """The spec of a new run (URLs normalised, defaults from ``settings``; ``queue``: the broker
     queue of every step of the run, default ``settings.queue``, the fleet's; ``provider``:
     default ``settings.provider``; ``endpoint``: fal's, default
@@ -219,7 +220,8 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions, settings: S
     """
     from workers.providers import get_provider
 
-    input_url, output_url = normalize_url(input_url), normalize_url(output_url)
+    (input_url, input_kind), output_url = normalize_input(input_url, input_format), \
+        normalize_url(output_url)
     if input_url == output_url:
         raise ValueError("INPUT and OUTPUT must be different locations")
     name = provider or settings.provider
@@ -233,7 +235,8 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions, settings: S
                    shard_size=settings.shard_size if shard_size is None else shard_size,
                    max_shard_bytes=settings.max_shard_bytes,
                    max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
-                   created_at=time.time(), queue=queue or settings.queue)
+                   created_at=time.time(), queue=queue or settings.queue,
+                   input_kind=input_kind, **fields)
     chosen.check_spec(spec)
     limits = chosen.limits(spec)
     if not 1 <= spec.shard_size <= limits.max_lines:
@@ -319,7 +322,7 @@ def start_run(spec: RunSpec, settings: Settings, *,
     from workers.tasks import build_shard, finalize_run
 
     out = open_output(spec.output, settings)
-    inp = open_output(spec.input, settings)
+    inp = open_output(input_root(spec), settings)
     check_output_for(out, spec)  # read-only: say what OUTPUT holds before writing anything
     lease = Lease(out, layout.PLANNING, f"{spec.run_id}-{uuid.uuid4().hex[:8]}",
                   PLANNING_LEASE_SECONDS)
@@ -361,7 +364,7 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     skipped = _SkippedKeys(out)
     stats = ListingStats(on_skip=skipped.add)
     n_shards = 0
-    for shard in iter_plan(spec, inp, stats):
+    for shard in iter_plan(spec, inp, stats, settings):
         lease_check()
         body = b"".join(item.to_json() + b"\n" for item in shard.items)
         key = layout.plan_items(shard.index)
@@ -382,16 +385,19 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     return plan
 
 
-def iter_plan(spec: RunSpec, inp: Store, stats: ListingStats) -> Iterator[Shard]:
-    """INPUT's shards as the run plans them: the listing (``producer.reader.iter_items``,
-    hiding OUTPUT when it lies inside INPUT) cut by ``plan_shards`` within the spec's shard
-    size and the provider's limits. ``stats`` counts what the listing saw. Raises storage
-    errors and ``ValueError`` for limits the provider refuses."""
+def iter_plan(spec: RunSpec, inp: Store, stats: ListingStats, settings: Settings | None = None
+              ) -> Iterator[Shard]:
+    """INPUT's shards as the run plans them: the reader's items (``workers.readers``; ``inp``
+    is the store at ``input_root(spec)``, and OUTPUT is hidden when it lies inside it) cut by
+    ``plan_shards`` within the spec's shard size and the provider's limits. ``stats`` counts
+    what the reader saw. Raises storage errors, ``InputError`` for an INPUT its reader cannot
+    read, and ``ValueError`` for limits the provider refuses."""
     from workers.providers import provider_for
 
-    input_url, output_url = spec.input, spec.output
-    exclude = output_url[len(input_url):] if output_url.startswith(input_url) else None
-    return plan_shards(iter_items(inp, stats, exclude_prefix=exclude),
+    root, output_url = inp.url, spec.output
+    exclude = output_url[len(root):] if output_url.startswith(root) else None
+    reader = open_reader(spec, inp, settings)
+    return plan_shards(reader.iter_items(stats, exclude_prefix=exclude),
                        max_lines=spec.shard_size, max_bytes=spec.max_shard_bytes,
                        fragment_len=len(spec.options.line_fragment()),
                        limits=provider_for(spec).limits(spec))
@@ -415,7 +421,7 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     provider = provider_for(spec)
     stats = ListingStats()
     shards = image_bytes = requests = 0
-    for shard in iter_plan(spec, open_output(spec.input, settings), stats):
+    for shard in iter_plan(spec, open_output(input_root(spec), settings), stats, settings):
         size = sum(item.size for item in shard.items)
         shards += 1
         image_bytes += size

@@ -20,8 +20,8 @@ def merge_rows(items, build, files, *args, **kwargs):
     return merge_lines(items, build, iter_result_lines(files), *args, **kwargs)
 
 
-def source_of(id_: str) -> str:
-    return SOURCE + id_
+def source_of(item) -> str:
+    return SOURCE + item.id
 
 
 def plan(n: int) -> list[PlanItem]:
@@ -227,7 +227,8 @@ def test_per_line_api_errors_are_passed_through():
     out = parse(data)
     assert out[0]["status"] == "ok"
     assert out[1] == {"id": items[1].id, "source": SOURCE + items[1].id, "status": "error",
-                      "error": {"code": "image_too_large", "message": "Image exceeds 10MB"}}
+                      "error": {"code": "image_too_large", "message": "Image exceeds 10MB"},
+                      "width": None, "height": None}
     assert out[2]["error"] == {"code": "unknown_error", "message": ""}
     assert out[3]["status"] == "error" and out[3]["error"]["code"] == "unknown_error"
     assert (stats.ok, stats.error, stats.missing) == (1, 3, 0)
@@ -348,3 +349,16 @@ def test_no_progress_since_last_sample_ignores_rate():
     got = next_poll_interval(elapsed=200, total=1000, completed=400, last=(100.0, 400), now=200.0,
                              **BOUNDS)
     assert got == 50.0
+
+
+def test_rows_carry_the_source_size_and_the_sent_size_where_downscaled():
+    items = plan(3)
+    build = ShardBuild(lines=[0, 1], errors={"2": {"code": "not_an_image", "message": "x"}},
+                       sizes={"0": [640, 480], "1": [4000, 3000, 1000, 750]})
+    rows = [ok_line(0, items[0].id), ok_line(1, items[1].id)]
+    data, _ = merge_rows(items, build, to_files(rows, 1), source_of)
+    out = [json.loads(line) for line in data.splitlines()]
+    assert (out[0]["width"], out[0]["height"]) == (640, 480) and "sent_width" not in out[0]
+    assert (out[1]["width"], out[1]["height"], out[1]["sent_width"], out[1]["sent_height"]) == (
+        4000, 3000, 1000, 750)
+    assert out[2]["status"] == "error" and out[2]["width"] is None and out[2]["height"] is None

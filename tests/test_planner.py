@@ -1,4 +1,4 @@
-"""producer.planner.plan_shards and producer.reader.iter_items (on a real local directory)."""
+"""producer.planner.plan_shards and workers.readers.prefix.iter_items (on a real local directory)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 
 from config import API_MAX_FILE_BYTES, API_MAX_LINE_BYTES, API_MAX_LINES
 from producer.planner import Shard, plan_shards
-from producer.reader import ListingStats, iter_items
 from tests.conftest import jpeg_bytes, photos_dir
 from workers.lines import estimate_line_bytes
 from workers.models import PlanItem
+from workers.readers import ListingStats
+from workers.readers.prefix import iter_items
 from workers.storage import LocalStore
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def test_planning_and_listing_import_without_celery():
     import subprocess
     import sys
 
-    code = ("import sys, producer.planner, producer.reader, workers.lines, workers.merge, "
+    code = ("import sys, producer.planner, workers.readers.prefix, workers.lines, workers.merge, "
             "workers.layout, workers.models, workers.storage, workers.registry, workers.providers, "
             "workers.providers.moondream, workers.providers.fal, workers.slots; "
             "print(sorted(m for m in ('celery', 'kombu', 'workers.app') if m in sys.modules))")

@@ -21,8 +21,9 @@ from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, Subm
 from workers.moondream import BatchClient, Part, RequestRejected, TransientError
 from workers.pool import ordered_map
 from workers.providers import Later
+from workers.readers import item_options, read_item
 from workers.registry import BatchClaims
-from workers.storage import NotFound, StorageError, Store, get_json_or_none, put_json
+from workers.storage import Store, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
@@ -97,46 +98,51 @@ class PartWriter:
         self._inflight.append(self._pool.submit(self._send, self._numbers, chunk))
 
 
-def iter_lines(items: Sequence[PlanItem], fetch: Callable[[str], bytes], options: SkillOptions,
-               *, concurrency: int, errors: dict[str, dict[str, str]], max_pixels: int = 0,
-               indices: Sequence[int] | None = None, id_prefix: str = ""
+def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
+               options: SkillOptions, *, concurrency: int, errors: dict[str, dict[str, str]],
+               max_pixels: int = 0, indices: Sequence[int] | None = None, id_prefix: str = "",
+               sizes: dict[str, list[int]] | None = None
                ) -> Iterator[tuple[int, bytes, bool]]:
     """Yield ``(item_index, line, transformed)`` for every sendable item of ``indices``
-    (default: all), in plan order; each line's ``id`` is ``id_prefix`` + the item id.
+    (default: all), in plan order; each line's ``id`` is ``id_prefix`` + the item's key.
+    ``fetch(item)`` reads an item's image (``workers.readers.ItemFetcher.get``).
 
     Items that cannot be sent are recorded in ``errors`` (item index as a string → ``{"code",
-    "message"}``) instead: missing objects, unreadable ones, non-images, undecodable headers.
+    "message"}``) instead: missing objects, unreadable ones, non-images, undecodable headers,
+    invalid per-item options. ``sizes`` (if given) gets each sent image's
+    ``PreparedImage.dims()`` under its item index.
     """
     fragment = options.line_fragment()
 
-    def load(pair: tuple[int, PlanItem]) -> tuple[int, bytes | None, bool, ItemError | None]:
+    def load(pair: tuple[int, PlanItem]
+             ) -> tuple[int, bytes | None, bool, ItemError | None, list[int] | None]:
         index, item = pair
         try:
-            data = fetch(item.id)
-            line_id = id_prefix + item.id
-            prepared = prepare_image(data, limit=max_image_bytes(line_id, fragment),
+            frag = fragment if not item.opts else item_options(options, item).line_fragment()
+            data = read_item(fetch, item)
+            line_id = id_prefix + item.key
+            prepared = prepare_image(data, limit=max_image_bytes(line_id, frag),
                                      max_pixels=max_pixels)
-            return index, encode_line(line_id, prepared.data, fragment), prepared.transform is not None, None
+            return (index, encode_line(line_id, prepared.data, frag),
+                    prepared.transform is not None, None, prepared.dims())
         except ItemError as exc:
-            return index, None, False, exc
-        except NotFound:
-            return index, None, False, ItemError(
-                "object_not_found", "object was deleted between listing and reading")
-        except StorageError as exc:
-            return index, None, False, ItemError("read_failed", str(exc)[:500])
+            return index, None, False, exc, None
 
     pairs = enumerate(items) if indices is None else ((i, items[i]) for i in indices)
-    for index, line, transformed, error in ordered_map(
+    for index, line, transformed, error, dims in ordered_map(
         load, pairs, workers=concurrency, window=concurrency * 2
     ):
         if error is not None:
             errors[str(index)] = error.as_dict()
         else:
+            if sizes is not None and dims is not None:
+                sizes[str(index)] = dims
             yield index, line, transformed
 
 
 def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOptions,
-                     model: str | None, input_store: Store, state: Store, client: BatchClient,
+                     model: str | None, input_store: Store | None = None, state: Store,
+                     client: BatchClient, fetch: Callable[[PlanItem], bytes] | None = None,
                      part_size: int, concurrency: int, max_pixels: int = 0,
                      upload_concurrency: int = 2, rnd: int = 0, todo: Sequence[int] | None = None,
                      heartbeat: Callable[[], None] | None = None,
@@ -176,7 +182,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         built = ShardBuild.model_validate(done_build)
         record = _recover_lost_submit(client, state, doc, SubmitRecord.model_validate(pending),
                                       claims,
-                                      line_ids={built.id_prefix + items[i].id for i in built.lines},
+                                      line_ids={built.id_prefix + items[i].key for i in built.lines},
                                       shard=shard, rnd=rnd)
         if record is not None:
             return built, record
@@ -204,15 +210,20 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         metrics.upload_bytes("moondream", len(data))
         return part
 
+    if fetch is None:
+        from workers.readers import ItemFetcher
+
+        fetch = ItemFetcher(input_store).get  # type: ignore[arg-type]
     writer = PartWriter(part_size, send, concurrency=upload_concurrency)
     errors: dict[str, dict[str, str]] = {}
+    sizes: dict[str, list[int]] = {}
     lines: list[int] = []
     transformed = 0
     try:
-        for index, line, changed in iter_lines(items, input_store.get, options,
+        for index, line, changed in iter_lines(items, fetch, options,
                                                concurrency=concurrency, errors=errors,
                                                max_pixels=max_pixels, indices=todo,
-                                               id_prefix=id_prefix):
+                                               id_prefix=id_prefix, sizes=sizes):
             beat()
             writer.write(line)
             lines.append(index)
@@ -233,7 +244,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
 
     build = ShardBuild(lines=lines, errors=errors, id_prefix=id_prefix, bytes=writer.bytes,
                        parts=len(parts), part_size=part_size, transformed=transformed,
-                       build_seconds=round(time.time() - started, 3))
+                       build_seconds=round(time.time() - started, 3), sizes=sizes)
     put_json(state, doc("build"), build.model_dump())
     if upload is None:
         return build, None
@@ -249,7 +260,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         log.warning("shard %d round %d: %s; looking for the batch it created", shard, rnd, exc)
         state.delete(doc("upload"))
         record = _recover_lost_submit(client, state, doc, intent, claims,
-                                      line_ids={id_prefix + items[i].id for i in lines},
+                                      line_ids={id_prefix + items[i].key for i in lines},
                                       shard=shard, rnd=rnd)
         if record is None:  # no batch to adopt: the round is built and sent again
             raise TransientError("mpu-complete", "answer lost and no batch found; the round "

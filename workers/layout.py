@@ -2,6 +2,7 @@
 
     run.json                               summary (status running → completed | failed)
     results/shard-00000.jsonl              merged rows, one per input item, written once
+                                           (.parquet with --format parquet; workers.writers)
     _moonbatch/spec.json                   the run spec (written once at submit)
     _moonbatch/plan.json                   {"shards": N, "items": M, ...} once listing is done
     _moonbatch/plan/shard-00000.jsonl      the shard's items: {"id", "size"} per line
@@ -106,9 +107,10 @@ def round_doc(shard: int, rnd: int, name: str) -> str:
     return f"{SHARDS}{shard:05d}/r{rnd}/{name}.{ext}"
 
 
-def results(shard: int) -> str:
-    """Key of the shard's merged result rows."""
-    return f"{RESULTS}shard-{shard:05d}.jsonl"
+def results(shard: int, suffix: str = "jsonl") -> str:
+    """Key of the shard's merged result rows (``suffix``: the output format's, see
+    ``workers.writers``)."""
+    return f"{RESULTS}shard-{shard:05d}.{suffix}"
 
 
 def skipped_part(index: int) -> str:

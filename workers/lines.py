@@ -105,9 +105,17 @@ class PreparedImage:
 
     data: bytes
     format: str
-    width: int
+    width: int  # pixels sent
     height: int
     transform: str | None = None
+    source_width: int = 0  # pixels of the image as read (0: the same as sent)
+    source_height: int = 0
+
+    def dims(self) -> list[int]:
+        """``[width, height]`` of the source image, with the sent ``[width, height]`` appended
+        when they differ (a downscaled image): what ``ShardBuild.sizes`` records."""
+        sw, sh = self.source_width or self.width, self.source_height or self.height
+        return [sw, sh] if (sw, sh) == (self.width, self.height) else [sw, sh, self.width, self.height]
 
 
 JPEG_QUALITY = 95  # what the official client sends
@@ -145,7 +153,8 @@ def prepare_image(data: bytes, *, limit: int, max_pixels: int = 0) -> PreparedIm
     # CMYK JPEGs (print workflows) are decoded wrongly by many readers: send them as RGB.
     if fmt in API_FORMATS and len(data) <= limit and not over_budget and img.mode != "CMYK":
         return PreparedImage(data, "JPEG" if fmt == "MPO" else fmt, width, height)
-    return _reencode(img, fmt, len(data), limit, max_pixels if over_budget else 0)
+    sent = _reencode(img, fmt, len(data), limit, max_pixels if over_budget else 0)
+    return dataclasses.replace(sent, source_width=width, source_height=height)
 
 
 def _flatten(img):

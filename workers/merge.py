@@ -50,7 +50,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
-                source_of: Callable[[str], str], *, batch_error: dict[str, str] | None = None,
+                source_of: Callable[[PlanItem], str], *, batch_error: dict[str, str] | None = None,
                 todo: Sequence[int] | None = None,
                 retryable_codes: frozenset[str] = frozenset()
                 ) -> tuple[dict[int, bytes], MergeStats, list[int]]:
@@ -60,9 +60,12 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     JSON, counts as malformed). ``todo`` are the item indices this round was for (default:
     every item); each gets exactly one row. ``retryable`` lists the items whose error code is
     in ``retryable_codes`` (the provider's transient per-item errors) that a later round may
-    fix. Rows: ``{"id", "source", "status": "ok",
-    "result", "usage"}`` or ``{"id", "source", "status": "error", "error": {"code",
-    "message"}}``; ``batch_error`` (``{"code", "message"}``) marks every sent line of a failed
+    fix. ``source_of(item)`` gives a row's ``source``. Rows: ``{"id", "source", "status": "ok",
+    "result", "usage", "width", "height"}`` or ``{"id", "source", "status": "error", "error":
+    {"code", "message"}, "width", "height"}``, with ``"sent_width"``, ``"sent_height"`` after
+    them where the image was downscaled before sending: sizes in pixels from the result
+    line's ``dims`` or the build's ``sizes`` (None where the image could not be read);
+    ``batch_error`` (``{"code", "message"}``) marks every sent line of a failed
     batch. Each result line is turned into its row at once; only row bytes are kept. Of two
     rows for one ``line_index`` the first wins.
     """
@@ -75,6 +78,7 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     ok = in_tok = out_tok = 0
     ids = [item.id for item in items]  # one sequential pass; the loop below jumps around
     prefix = build.id_prefix
+    sizes = build.sizes
     # The hot loop: one parse and one serialisation per row, counters in locals.
     with _gc_paused():
         for res in () if batch_error else result_lines:
@@ -92,8 +96,10 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
                 continue
             item_id = ids[i]
             sent_id = res.get("id")
-            if sent_id is not None and sent_id != prefix + item_id:
+            if sent_id is not None and sent_id != prefix + (
+                    item_id if item_id.__class__ is str else items[i].key):
                 stats.id_mismatch += 1
+            dims = res.get("dims") or sizes.get(str(i))
             if res.get("status") == "ok":
                 usage = res.get("usage") or {}
                 ok += 1
@@ -101,18 +107,18 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
                 out_tok += usage.get("output_tokens") or 0
                 # bytes(memoryview()): an exact-size copy; orjson's own result keeps a
                 # 4 KB allocation per row (measured: 412 MB vs 30 MB for 100k rows).
-                slots[i] = bytes(memoryview(dumps({
-                    "id": item_id, "source": source_of(item_id), "status": "ok",
-                    "result": res.get("result"), "usage": usage})))
+                slots[i] = bytes(memoryview(dumps(_with_size({
+                    "id": item_id, "source": source_of(items[i]), "status": "ok",
+                    "result": res.get("result"), "usage": usage}, dims))))
             else:
                 err = res.get("error") or {}
                 code = str(err.get("code") or "unknown_error")
                 stats.error += 1
                 if code in retryable_codes:
                     retryable.append(i)
-                slots[i] = bytes(memoryview(dumps({
-                    "id": item_id, "source": source_of(item_id), "status": "error",
-                    "error": {"code": code, "message": str(err.get("message") or "")}})))
+                slots[i] = bytes(memoryview(dumps(_with_size({
+                    "id": item_id, "source": source_of(items[i]), "status": "error",
+                    "error": {"code": code, "message": str(err.get("message") or "")}}, dims))))
         stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
         wanted = range(len(items)) if todo is None else todo
         sent: set[int] | None = None
@@ -136,15 +142,28 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
                 error = {"code": "missing_result",
                          "message": f"the batch returned no result for line_index {line_of[i]}"}
             stats.error += 1
-            slots[i] = bytes(memoryview(dumps({"id": item_id, "source": source_of(item_id),
-                                               "status": "error", "error": error})))
+            slots[i] = bytes(memoryview(dumps(_with_size(
+                {"id": item_id, "source": source_of(items[i]), "status": "error",
+                 "error": error}, sizes.get(str(i))))))
     if todo is None:
         return dict(enumerate(slots)), stats, retryable  # type: ignore[arg-type]
     return {i: slots[i] for i in todo}, stats, retryable  # type: ignore[misc]
 
 
+def _with_size(row: dict[str, Any], dims: Any) -> dict[str, Any]:
+    """``row`` with its top-level ``width``/``height`` (and ``sent_width``/``sent_height``
+    for a downscaled image) from ``dims`` (``PreparedImage.dims()``; None: unknown)."""
+    if dims.__class__ is list and len(dims) >= 2:
+        row["width"], row["height"] = dims[0], dims[1]
+        if len(dims) >= 4:
+            row["sent_width"], row["sent_height"] = dims[2], dims[3]
+    else:
+        row["width"] = row["height"] = None
+    return row
+
+
 def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
-               source_of: Callable[[str], str], *,
+               source_of: Callable[[PlanItem], str], *,
                batch_error: dict[str, str] | None = None) -> tuple[bytes, MergeStats]:
     """Merge a single-round shard into its results JSONL (rows in plan order) and its stats;
     see ``merge_round``."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -77,6 +77,28 @@ class SkillOptions(BaseModel):
             out["settings"] = settings
         return out
 
+    def with_overrides(self, overrides: dict[str, Any] | None) -> SkillOptions:
+        """These options with an item's own ``question``, ``object`` or ``length`` (a manifest
+        row's columns, ``PlanItem.opts``) where the skill takes that field; fields the skill does
+        not take, and empty values, are ignored. Raises ``ValueError`` naming the field when a
+        value is invalid (e.g. ``length: "huge"``)."""
+        if not overrides:
+            return self
+        takes = {"caption": ("length",), "query": ("question",), "detect": ("object",),
+                 "point": ("object",)}[self.skill]
+        update = {k: v for k, v in overrides.items() if k in takes and v not in (None, "")}
+        if not update:
+            return self
+        try:
+            return SkillOptions.model_validate({**self.model_dump(exclude_none=True), **update})
+        except ValueError as exc:
+            errors = getattr(exc, "errors", None)
+            if callable(errors) and errors():
+                first = errors()[0]
+                where = ".".join(str(p) for p in first.get("loc", ())) or "options"
+                raise ValueError(f"{where}: {first.get('msg')}") from None
+            raise
+
     def line_fragment(self) -> bytes:
         """``request_fields()`` as the inside of a JSON object (no braces), UTF-8, for splicing
         into every line of a shard without re-serialising it per line."""
@@ -87,7 +109,9 @@ class RunSpec(BaseModel):
     """What a run is: written once by the producer to ``_moonbatch/spec.json``."""
 
     run_id: str
-    input: str  # normalised store URL
+    # INPUT: a normalised store URL (a prefix), or the URL of a file (a manifest, a
+    # WebDataset .tar, a Parquet file) for the readers that take one (``workers.readers``).
+    input: str
     output: str  # normalised store URL
     options: SkillOptions
     model: str | None = None
@@ -95,6 +119,13 @@ class RunSpec(BaseModel):
     # written before providers existed are Batch API runs.
     provider: str = "moondream"
     endpoint: str | None = None
+    # How INPUT is read (``workers.readers``): ``prefix`` (a listing of images; specs written
+    # before readers existed), ``manifest``, ``webdataset`` or ``parquet``, and that reader's
+    # options (``id_column``, ``image_column``, ``base``).
+    input_kind: str = "prefix"
+    input_options: dict[str, str] = Field(default_factory=dict)
+    # How results are written (``workers.writers``): ``jsonl`` or ``parquet``.
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
     shard_size: int
     max_shard_bytes: int
     max_pixels: int = 0  # downscale budget (0: send images at their own resolution)
@@ -107,22 +138,45 @@ class RunSpec(BaseModel):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PlanItem:
-    """One item of a shard's plan: ``id`` is its key relative to the input prefix, ``size`` its
-    bytes. A slotted dataclass, not a pydantic model: a worker holds 100,000 of them (~100 B
-    each instead of ~600)."""
+    """One item of a shard's plan. A slotted dataclass, not a pydantic model: a worker holds
+    100,000 of them (~100 B each instead of ~600).
 
-    id: str
+    ``id``: the item's id as the output row carries it: the key relative to the input prefix,
+    or a manifest's id of any JSON type (str, int, float, bool). ``size``: the image's bytes
+    (an estimate where the reader cannot know it exactly). ``ref``: where the image is, when it
+    is not the INPUT store's key ``id`` (``workers.readers``: a key relative to the INPUT
+    store, an ``s3://``/``file://``/``http(s)://`` URL, ``tar:<key>#<offset>+<size>``,
+    ``parquet:<key>#<row group>/<row>``). ``opts``: the item's own ``question``, ``object``
+    or ``length`` (manifest columns), overriding the run's.
+    """
+
+    id: Any
     size: int
+    ref: str | None = None
+    opts: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        """The id as a string (line ids, logs): itself for a str, its JSON text otherwise."""
+        return self.id if self.id.__class__ is str else orjson.dumps(self.id).decode()
 
     def to_json(self) -> bytes:
         """One JSONL line of a plan file (without the newline)."""
-        return orjson.dumps({"id": self.id, "size": self.size})
+        doc: dict[str, Any] = {"id": self.id, "size": self.size}
+        if self.ref is not None:
+            doc["ref"] = self.ref
+        if self.opts:
+            doc["opts"] = self.opts
+        return orjson.dumps(doc)
 
     @classmethod
     def from_json(cls, line: bytes) -> PlanItem:
         """Parse a plan line; raises ``ValueError`` on a malformed one."""
         doc = orjson.loads(line)
-        return cls(str(doc["id"]), int(doc["size"]))
+        item_id = doc["id"]
+        if item_id is None or isinstance(item_id, (dict, list)):
+            raise ValueError(f"plan line with an id that is not a scalar: {line[:200]!r}")
+        return cls(item_id, int(doc["size"]), doc.get("ref"), doc.get("opts"))
 
 
 class ShardBuild(BaseModel):
@@ -140,6 +194,9 @@ class ShardBuild(BaseModel):
     part_size: int = 0
     transformed: int = 0  # images re-encoded (converted or downscaled) before sending
     build_seconds: float = 0.0
+    # item index (as a string) → [width, height] of the source image in pixels, and
+    # [width, height, sent width, sent height] when it was downscaled before sending.
+    sizes: dict[str, list[int]] = Field(default_factory=dict)
 
 
 class UploadRecord(BaseModel):

@@ -28,6 +28,18 @@ class Run:
     spec: RunSpec
     output: Store
     input: Store
+    settings: Any = None
+    _fetcher: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def fetcher(self) -> Any:
+        """The run's ``workers.readers.ItemFetcher`` (made on first use): reads an item's
+        image wherever its reader put it, and names its ``source``."""
+        if self._fetcher is None:
+            from workers.readers import ItemFetcher
+
+            self._fetcher = ItemFetcher(self.input, self.settings)
+        return self._fetcher
 
     def items(self, shard: int) -> list[PlanItem]:
         """The shard's planned items, in line order."""
@@ -53,7 +65,9 @@ def open_run(output_url: str, settings: Settings, run_id: str | None = None) -> 
         raise RunNotFound(f"no moonbatch run at {out.url}") from None
     if run_id is not None and spec.run_id != run_id:
         raise RunNotFound(f"{out.url} holds run {spec.run_id}, not {run_id}")
-    return Run(spec, out, open_output(spec.input, settings))
+    from workers.readers import input_root
+
+    return Run(spec, out, open_output(input_root(spec), settings), settings)
 
 
 def run_queue(spec: RunSpec, settings: Settings) -> str:
@@ -196,6 +210,10 @@ def maybe_finalize(store: Store) -> bool:
     if not progress.complete():
         return False
     summary = progress.snapshot()
+    from workers import writers
+
+    spec = RunSpec.model_validate(get_json(store, layout.SPEC))
+    writers.finish_run(store, spec, get_json(store, layout.PLAN)["shards"])
     summary["status"] = "failed" if summary["failure"] else "completed"
     summary["timings"]["finished_at"] = time.time()
     summary["timings"]["wall_seconds"] = round(

@@ -26,10 +26,10 @@ from typing import Any
 from celery import Task
 
 from config import Settings, get_settings
-from workers import canary, layout, logs, metrics, registry
+from workers import canary, layout, logs, metrics, registry, writers
 from workers.app import app
 from workers.lease import Lease, LeaseLost, lease_is_live
-from workers.merge import compose, encode_round, join_rows, merge_round
+from workers.merge import compose, encode_round, merge_round
 from workers.models import BatchRecord, RunSpec, ShardBuild, ShardDone
 from workers.providers import (
     Later,
@@ -331,7 +331,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                         todo if todo is not None else list(range(len(items))), collected.reason)
             return
         rows, stats, retryable = merge_round(
-            items, build, collected.lines if collected else (), run.input.url_for,
+            items, build, collected.lines if collected else (), run.fetcher.source,
             batch_error=collected.batch_error if collected else None, todo=todo,
             retryable_codes=provider.retryable_codes)
         if record is not None and record.recovered and stats.id_mismatch:
@@ -378,7 +378,7 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
             continue
         merged.append(get_json(store, layout.round_doc(shard, r, "merged")))
     final, ok = compose(len(items), rounds)
-    store.put(layout.results(shard), join_rows(final), if_absent=True)
+    writers.write_shard(store, run.spec.output_format, shard, final)
     done = ShardDone(
         shard=shard, batch_id=batches[0]["batch_id"] if batches else None,
         batch_status=merged[-1]["batch_status"] if merged else None, total=len(items), ok=ok,

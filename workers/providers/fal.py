@@ -50,7 +50,7 @@ import orjson
 
 from workers import layout, metrics, slots
 from workers.lines import ItemError, PreparedImage, prepare_image
-from workers.models import BatchRecord, RunSpec, ShardBuild, SkillOptions
+from workers.models import BatchRecord, PlanItem, RunSpec, ShardBuild, SkillOptions
 from workers.pool import ordered_map
 from workers.providers import (
     Estimate,
@@ -71,7 +71,8 @@ from workers.providers.fal_queue import (
     FalTransient,
     Submitted,
 )
-from workers.storage import NotFound, StorageError, get_json_or_none, put_json
+from workers.readers import item_options, read_item
+from workers.storage import NotFound, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +295,9 @@ def _done(ledger: dict[str, Any]) -> bool:
 @dataclasses.dataclass
 class _Prepared:
     line: int
+    item: PlanItem
     image: PreparedImage | None = None
-    key: str = ""
+    options: SkillOptions | None = None  # the item's (the run's, with its own overrides)
     error: dict[str, str] | None = None
 
 
@@ -347,7 +349,8 @@ class FalProvider:
         in_tok = items * estimate_input_tokens(avg, spec.max_pixels)
         out_tok = items * estimate_output_tokens(spec.options)
         # Data URIs for a local INPUT and for archives; S3 images go as presigned URLs.
-        upload = image_bytes if not spec.input.startswith("s3://") or ep.kind == "archive" else 0
+        presigned = spec.input.startswith("s3://") and spec.input_kind in ("prefix", "manifest")
+        upload = image_bytes if not presigned or ep.kind == "archive" else 0
         if ep.usd_per_second is not None:
             seconds = items * SECONDS_PER_IMAGE
             return Estimate(items, requests, math.ceil(upload * 4 / 3), None, None, seconds,
@@ -523,7 +526,10 @@ class FalProvider:
                 seen = max(entry.get("seen_running_at", entry["sent_at"]), entry["sent_at"])
                 took = (seen + now) / 2 - entry["sent_at"]
                 ledger["est"] = round(0.7 * ledger["est"] + 0.3 * took, 3)
+            dims = dict(zip(entry["lines"], entry.get("dims") or (), strict=False))
             for line in lines:
+                if dims.get(line["line_index"]):
+                    line["dims"] = dims[line["line_index"]]
                 _finish(ctx, build, ledger, out, line)
         return finished, kept
 
@@ -595,6 +601,7 @@ class FalProvider:
             if p.error is not None:  # bad input: its error line now, nothing sent
                 _finish(ctx, build, ledger, out, _pre_send_error(p))
             elif new_units and len(new_units[-1]) < endpoint.max_images and \
+                    p.options == prepared[new_units[-1][0]].options and \
                     _payload_bytes(prepared, new_units[-1] + [li]) <= MAX_REQUEST_BYTES:
                 new_units[-1].append(li)
             elif len(new_units) < free:
@@ -632,7 +639,8 @@ class FalProvider:
                 ledger["inflight"][str(lines[0])] = {
                     "lines": lines, "request_id": sub.request_id, "status_url": sub.status_url,
                     "response_url": sub.response_url, "cancel_url": sub.cancel_url,
-                    "sent_at": now, "slot": token, **({"names": names} if names else {})}
+                    "sent_at": now, "slot": token, **({"names": names} if names else {}),
+                    "dims": [prepared[li].image.dims() for li in lines]}  # type: ignore[union-attr]
                 ledger["requests"] += 1
                 metrics.requests(endpoint.id, "sent")
                 continue
@@ -666,25 +674,25 @@ class FalProvider:
 
     def _prepare(self, ctx: RoundContext, endpoint: FalEndpoint, build: ShardBuild, li: int
                  ) -> _Prepared:
-        """Read and check the image of line ``li``; errors become the line's error."""
-        key = ctx.items[build.lines[li]].id
+        """Read and check the image of line ``li`` and its options; errors become the line's
+        error."""
+        item = ctx.items[build.lines[li]]
         try:
-            data = ctx.run.input.get(key)
+            options = item_options(ctx.run.spec.options, item)
+            if item.opts:
+                check_options(endpoint, options)
+            data = read_item(ctx.run.fetcher.get, item)
             image = prepare_image(data, limit=MAX_IMAGE_BYTES, max_pixels=ctx.run.spec.max_pixels)
-            return _Prepared(li, image, key)
+            return _Prepared(li, item, image, options)
         except ItemError as exc:
-            return _Prepared(li, key=key, error=exc.as_dict())
-        except NotFound:
-            return _Prepared(li, key=key, error={
-                "code": "object_not_found",
-                "message": "object was deleted between listing and reading"})
-        except StorageError as exc:
-            return _Prepared(li, key=key, error={"code": "read_failed", "message": str(exc)[:500]})
+            return _Prepared(li, item, error=exc.as_dict())
+        except ValueError as exc:  # an override the endpoint cannot serve
+            return _Prepared(li, item, error={"code": "invalid_options", "message": str(exc)})
 
     def _payload(self, ctx: RoundContext, endpoint: FalEndpoint, images: Sequence[_Prepared]
                  ) -> tuple[dict[str, Any], list[str]]:
         """The request body for prepared images, and the archive member names (if any)."""
-        options = ctx.run.spec.options
+        options = images[0].options or ctx.run.spec.options  # a request's items share them
         if endpoint.kind == "archive":
             names = [member_name(p.line, p.image.format) for p in images]  # type: ignore[union-attr]
             archive = build_archive([(n, p.image.data) for n, p in zip(names, images, strict=True)])  # type: ignore[union-attr]
@@ -692,13 +700,13 @@ class FalProvider:
         return request_payload(endpoint, options, [self._image_url(ctx, p) for p in images]), []
 
     def _image_url(self, ctx: RoundContext, p: _Prepared) -> str:
-        """A presigned URL when the stored bytes go as they are, else a data URI."""
-        presign = getattr(ctx.run.input, "presigned_get", None)
+        """A URL fal can GET (a presigned S3 URL, a manifest's http URL) when the stored bytes
+        go as they are, else a data URI."""
         image = p.image
         assert image is not None
-        if presign is not None and image.transform is None:
-            return presign(p.key, PRESIGN_SECONDS)
-        return data_uri(image.data, f"image/{image.format.lower()}")
+        url = ctx.run.fetcher.presigned_url(p.item, PRESIGN_SECONDS) \
+            if image.transform is None else None
+        return url or data_uri(image.data, f"image/{image.format.lower()}")
 
     def _write_lines(self, ctx: RoundContext, ledger: dict[str, Any], out: list[bytes]) -> None:
         """Write this step's finished lines to the next free ``results-NNNNN.jsonl``."""
@@ -738,7 +746,7 @@ def _data_uri_bytes(payload: dict[str, Any]) -> int:
 def _finish(ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any], out: list[bytes],
             line: dict[str, Any]) -> None:
     """A line is final: give it the id it was sent under, count it, add it to ``out``."""
-    line["id"] = build.id_prefix + ctx.items[build.lines[line["line_index"]]].id
+    line["id"] = build.id_prefix + ctx.items[build.lines[line["line_index"]]].key
     ledger["ok" if line["status"] == "ok" else "failed"] += 1
     out.append(orjson.dumps(line))
 

@@ -152,7 +152,7 @@ class MoondreamBatchProvider:
         spec = ctx.run.spec
         _, batch = build_and_submit(
             shard=ctx.shard, items=ctx.items, options=spec.options, model=spec.model,
-            input_store=ctx.run.input, state=ctx.store, client=batch_client(),
+            fetch=ctx.run.fetcher.get, state=ctx.store, client=batch_client(),
             part_size=s.part_size, concurrency=s.fetch_concurrency, max_pixels=spec.max_pixels,
             upload_concurrency=s.upload_concurrency, rnd=ctx.rnd, todo=ctx.todo,
             heartbeat=ctx.heartbeat,

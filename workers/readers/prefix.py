@@ -1,4 +1,5 @@
-"""Reader: turn a listing of the INPUT prefix into the stream of items to annotate.
+"""Prefix reader: every image object under an S3 prefix or a local directory; the id is the
+object's key relative to INPUT.
 
 An object is an item if its extension names an image (``workers.lines.IMAGE_EXTENSIONS``), or if
 its extension says nothing and its first bytes carry an image signature. Known non-image types
@@ -8,33 +9,28 @@ page by page: memory does not grow with the size of the dataset.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from workers.lines import SNIFF_BYTES, classify_key, sniff_format
 from workers.models import PlanItem
+from workers.readers import ListingStats
 from workers.storage import NotFound, Store
 
+KIND = "prefix"
+SUFFIXES: tuple[str, ...] = ()
 
-@dataclasses.dataclass
-class ListingStats:
-    """What the reader saw: ``listed`` objects, ``items`` yielded, ``skipped`` non-images (with a
-    few example keys; ``on_skip``, if set, is called with every skipped key, to record them all
-    without holding them in memory)."""
 
-    listed: int = 0
-    items: int = 0
-    skipped: int = 0
-    skipped_examples: list[str] = dataclasses.field(default_factory=list)
-    on_skip: Callable[[str], None] | None = None
+class Reader:
+    """The images under INPUT's prefix (``store``'s root), in listing order."""
 
-    def skip(self, key: str) -> None:
-        """Count ``key`` as skipped (not an image)."""
-        self.skipped += 1
-        if len(self.skipped_examples) < 10:
-            self.skipped_examples.append(key)
-        if self.on_skip is not None:
-            self.on_skip(key)
+    def __init__(self, spec: Any, store: Store, settings: Any = None) -> None:
+        self.store = store
+
+    def iter_items(self, stats: ListingStats, *, exclude_prefix: str | None = None
+                   ) -> Iterator[PlanItem]:
+        """See ``iter_items``."""
+        return iter_items(self.store, stats, exclude_prefix=exclude_prefix)
 
 
 def iter_items(store: Store, stats: ListingStats, *, exclude_prefix: str | None = None
