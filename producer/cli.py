@@ -119,6 +119,26 @@ ForceOpt = Annotated[bool, typer.Option(
     "start a new run in OUTPUT/<new run id>/ instead of refusing")]
 
 
+InputFormatOpt = Annotated[str, typer.Option(
+    "--input-format", metavar="FORMAT", help="how INPUT is read: auto (by its form: a prefix "
+    "of images, a .csv/.jsonl/.parquet manifest, a WebDataset .tar, a Parquet file of image "
+    "bytes) | prefix | manifest | webdataset | parquet (e.g. webdataset for a prefix of .tar "
+    "shards)")]
+IdColumnOpt = Annotated[Optional[str], typer.Option(
+    "--id-column", metavar="NAME", help="manifest or Parquet input: the column of item ids "
+    "(default id)")]
+ImageColumnOpt = Annotated[Optional[str], typer.Option(
+    "--image-column", metavar="NAME", help="manifest or Parquet input: the column of images "
+    "(default image): an s3:// URI, a key relative to --base, a local path or an http(s) URL; "
+    "for Parquet, the image bytes")]
+BaseOpt = Annotated[Optional[str], typer.Option(
+    "--base", metavar="URL", help="manifest input: where relative image keys are (default: "
+    "the manifest's folder)")]
+FormatOpt = Annotated[str, typer.Option(
+    "--format", metavar="FORMAT", help="results format: jsonl | parquet (results/*.parquet, "
+    "one row per item)")]
+
+
 class URL(str):
     """A store URL argument (its type name is what help shows: ``<URL>``)."""
 
@@ -150,6 +170,20 @@ class Fail(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _spec_args(*, shard_size: int | None, max_pixels: int | None, provider: str | None,
+               endpoint: str | None, input_format: str = "auto", id_column: str | None = None,
+               image_column: str | None = None, base: str | None = None,
+               output_format: str = "jsonl") -> dict[str, Any]:
+    """The run-shaping options of ``run``/``submit``/``demo`` as ``producer.runs.new_spec``
+    takes them (``Fail``, exit 2, for a negative --max-pixels)."""
+    _check_max_pixels(max_pixels)
+    reader = {k: v for k, v in (("id_column", id_column), ("image_column", image_column),
+                                ("base", base)) if v is not None}
+    return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
+            "endpoint": endpoint, "input_format": input_format, "input_options": reader,
+            "output_format": output_format}
 
 
 def _options(skill: str, length: str | None, question: str | None, obj: str | None,
@@ -456,29 +490,14 @@ def _check_max_pixels(max_pixels: int | None) -> None:
         raise Fail("--max-pixels must be >= 0 (0 turns downscaling off)", code=2)
 
 
-def _submit(input_url: str, output_url: str, opts, settings, shard_size: int | None,
-            max_pixels: int | None = None, run_id: str | None = None,
-            queue: str | None = None, provider: str | None = None,
-            endpoint: str | None = None) -> dict:
-    """Record, plan and enqueue a run (``producer.runs.submit_run``); the spec's checks (shard
-    size within the provider's limits, what the endpoint serves) raise ``ValueError``."""
-    from producer.runs import submit_run
-
-    _check_max_pixels(max_pixels)
-    return submit_run(input_url, output_url, opts, settings, shard_size=shard_size,
-                      max_pixels=max_pixels, run_id=run_id, queue=queue, provider=provider,
-                      endpoint=endpoint)
-
-
-def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, workers: int | None,
-         timeout: float | None, max_pixels: int | None = None, run_id: str | None = None,
-         embedded: bool = False, provider: str | None = None,
-         endpoint: str | None = None) -> dict[str, Any]:
-    """Submit a run and follow it to the end (see ``run``); with ``workers`` > 0 start that
-    many local workers on the run's private queue, and with ``embedded`` (or
-    ``MOONBATCH_BROKER_URL=embedded``) a private broker too. Raises ``Fail``."""
+def _run(spec, *, workers: int | None, timeout: float | None, embedded: bool = False
+         ) -> dict[str, Any]:
+    """Start ``spec`` (a ``RunSpec`` from ``_start_checks``) and follow it to the end (see
+    ``run``); with ``workers`` > 0 start that many local workers on the run's private queue,
+    and with ``embedded`` (or ``MOONBATCH_BROKER_URL=embedded``) a private broker too. Raises
+    ``Fail``."""
     from config import get_settings
-    from producer.runs import local_queue, new_run_id
+    from producer.runs import local_queue, start_run
     from workers.embedded import EMBEDDED
 
     settings = get_settings()
@@ -489,7 +508,7 @@ def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, worke
     if embedded and n == 0:
         raise Fail("an embedded broker serves only this command's own workers: use --workers N "
                    "(N > 0), or a shared broker for a fleet", code=2)
-    run_id = run_id or new_run_id()
+    run_id, output_url = spec.run_id, spec.output
     with _embedded_broker() if embedded else contextlib.nullcontext():
         settings = get_settings()
         if n == 0:
@@ -501,8 +520,8 @@ def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, worke
         queue = local_queue(run_id) if n > 0 else None
         local = LocalWorkers(n, queue) if queue else None
         try:
-            plan = _submit(input_url, output_url, opts, settings, shard_size, max_pixels, run_id,
-                           queue=queue, provider=provider, endpoint=endpoint)
+            plan = start_run(spec.model_copy(update={"queue": queue}) if queue else spec,
+                             settings)
             if local is not None and plan["run_id"] != run_id:
                 # A dead start of the same command was taken over: its spec names its queue.
                 from workers.runstate import open_run, run_queue
@@ -517,9 +536,8 @@ def _run(input_url: str, output_url: str, opts, *, shard_size: int | None, worke
                 local.stop()
 
 
-def _start_checks(settings, opts, input_url: str, output_url: str, *, shard_size: int | None,
-                  max_pixels: int | None, allow_empty: bool, force: bool, broker: bool = True,
-                  provider: str | None = None, endpoint: str | None = None):
+def _start_checks(settings, opts, input_url: str, output_url: str, *, spec_args: dict[str, Any],
+                  allow_empty: bool, force: bool, broker: bool = True):
     """Everything a start checks before it writes: option ranges and what the provider and
     endpoint serve (``ValueError``/``Fail``, exit 2), what OUTPUT holds (``AlreadyComplete``;
     ``RunExists``, or with ``force`` a new OUTPUT/<run id>/) and the preflight, with the
@@ -527,9 +545,7 @@ def _start_checks(settings, opts, input_url: str, output_url: str, *, shard_size
     from producer import preflight
     from producer.runs import AlreadyComplete, RunExists, check_output_for, new_run_id, new_spec
 
-    _check_max_pixels(max_pixels)
-    spec = new_spec(input_url, output_url, opts, settings, shard_size=shard_size,
-                    max_pixels=max_pixels, provider=provider, endpoint=endpoint)
+    spec = new_spec(input_url, output_url, opts, settings, **spec_args)
     try:
         check_output_for(preflight.quick_store(spec.output, settings), spec)
     except AlreadyComplete:
@@ -540,9 +556,7 @@ def _start_checks(settings, opts, input_url: str, output_url: str, *, shard_size
         run_id = new_run_id()
         err.print(f"{spec.output} holds run {exc.run_id} ({exc.state}); --force: starting run "
                   f"{run_id} in {spec.output}{run_id}/", highlight=False)
-        spec = new_spec(spec.input, spec.output + run_id + "/", opts, settings,
-                        shard_size=shard_size, max_pixels=max_pixels, run_id=run_id,
-                        provider=spec.provider, endpoint=spec.endpoint)
+        spec = spec.model_copy(update={"output": spec.output + run_id + "/", "run_id": run_id})
     except Exception:
         pass  # OUTPUT cannot be read: the preflight below says why, in one line
     preflight.preflight(settings, input_url=spec.input, output_url=spec.output,
@@ -550,8 +564,7 @@ def _start_checks(settings, opts, input_url: str, output_url: str, *, shard_size
     return spec
 
 
-def _dry_run(settings, opts, input_url: str, output_url: str, *, shard_size: int | None,
-             max_pixels: int | None, provider: str | None, endpoint: str | None,
+def _dry_run(settings, opts, input_url: str, output_url: str, *, spec_args: dict[str, Any],
              allow_empty: bool, as_json: bool) -> None:
     """``--dry-run``: check the options and INPUT, list and plan INPUT as a run would
     (``producer.runs.dry_run``) and print what it would send and cost. Writes nothing, reaches
@@ -559,9 +572,7 @@ def _dry_run(settings, opts, input_url: str, output_url: str, *, shard_size: int
     from producer import preflight
     from producer.runs import dry_run, new_spec
 
-    _check_max_pixels(max_pixels)
-    spec = new_spec(input_url, output_url, opts, settings, shard_size=shard_size,
-                    max_pixels=max_pixels, provider=provider, endpoint=endpoint)
+    spec = new_spec(input_url, output_url, opts, settings, **spec_args)
     preflight.preflight(settings, input_url=spec.input, allow_empty=allow_empty, broker=False,
                         api_key=False, state=False)
     report = dry_run(spec, settings)
@@ -727,7 +738,9 @@ def run(input: InputArg, output: OutputArg,
         temperature: TemperatureOpt = None, top_p: TopPOpt = None,
         max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
         max_pixels: MaxPixelsOpt = None, provider: ProviderOpt = None,
-        endpoint: EndpointOpt = None, workers: WorkersOpt = None,
+        endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
+        id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
+        base: BaseOpt = None, output_format: FormatOpt = "jsonl", workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
         dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
@@ -746,25 +759,25 @@ def run(input: InputArg, output: OutputArg,
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with _cli_errors(), _interruptible(where):
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
+        spec_args = _spec_args(shard_size=shard_size, max_pixels=max_pixels, provider=provider,
+                               endpoint=endpoint, input_format=input_format,
+                               id_column=id_column, image_column=image_column, base=base,
+                               output_format=output_format)
         settings = get_settings()
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
                        code=2)
         if dry_run:
-            _dry_run(settings, opts, input, output, shard_size=shard_size, max_pixels=max_pixels,
-                     provider=provider, endpoint=endpoint, allow_empty=allow_empty,
-                     as_json=as_json)
+            _dry_run(settings, opts, input, output, spec_args=spec_args,
+                     allow_empty=allow_empty, as_json=as_json)
             return
         embedded = embedded_broker or settings.broker_url == EMBEDDED
         try:
             # An embedded broker is checked once started, in _run.
-            spec = _start_checks(settings, opts, input, output, shard_size=shard_size,
-                                 max_pixels=max_pixels, allow_empty=allow_empty, force=force,
-                                 broker=not embedded, provider=provider, endpoint=endpoint)
+            spec = _start_checks(settings, opts, input, output, spec_args=spec_args,
+                                 allow_empty=allow_empty, force=force, broker=not embedded)
             where["output"] = spec.output
-            snap = _run(spec.input, spec.output, opts, shard_size=shard_size, workers=workers,
-                        timeout=timeout, max_pixels=max_pixels, run_id=spec.run_id,
-                        embedded=embedded, provider=spec.provider, endpoint=spec.endpoint)
+            snap = _run(spec, workers=workers, timeout=timeout, embedded=embedded)
         except AlreadyComplete as done:
             _already_complete(done, settings)
             return
@@ -781,9 +794,11 @@ def submit(input: InputArg, output: OutputArg,
            temperature: TemperatureOpt = None, top_p: TopPOpt = None,
            max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
            max_pixels: MaxPixelsOpt = None, provider: ProviderOpt = None,
-           endpoint: EndpointOpt = None, allow_empty: AllowEmptyOpt = False,
-           force: ForceOpt = False, dry_run: DryRunOpt = False,
-           as_json: DryRunJsonOpt = False) -> None:
+           endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
+           id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
+           base: BaseOpt = None, output_format: FormatOpt = "jsonl",
+           allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
+           dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
 
     Runs the same checks as `run` first. The same command again after the run completed exits
@@ -791,26 +806,27 @@ def submit(input: InputArg, output: OutputArg,
     the run would send and cost.
     """
     from config import get_settings
-    from producer.runs import AlreadyComplete
+    from producer.runs import AlreadyComplete, start_run
 
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
+        spec_args = _spec_args(shard_size=shard_size, max_pixels=max_pixels, provider=provider,
+                               endpoint=endpoint, input_format=input_format,
+                               id_column=id_column, image_column=image_column, base=base,
+                               output_format=output_format)
         settings = get_settings()
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
                        code=2)
         if dry_run:
-            _dry_run(settings, opts, input, output, shard_size=shard_size, max_pixels=max_pixels,
-                     provider=provider, endpoint=endpoint, allow_empty=allow_empty,
-                     as_json=as_json)
+            _dry_run(settings, opts, input, output, spec_args=spec_args,
+                     allow_empty=allow_empty, as_json=as_json)
             return
         _no_embedded(settings, "submit")
         try:
-            spec = _start_checks(settings, opts, input, output, shard_size=shard_size,
-                                 max_pixels=max_pixels, allow_empty=allow_empty, force=force,
-                                 provider=provider, endpoint=endpoint)
-            plan = _submit(spec.input, spec.output, opts, settings, shard_size, max_pixels,
-                           spec.run_id, provider=spec.provider, endpoint=spec.endpoint)
+            spec = _start_checks(settings, opts, input, output, spec_args=spec_args,
+                                 allow_empty=allow_empty, force=force)
+            plan = start_run(spec, settings)
         except AlreadyComplete as done:
             err.print(str(done), highlight=False, soft_wrap=True)
             print(done.run_id)
@@ -1228,9 +1244,7 @@ def demo(output: Annotated[Path, typer.Option(
             what = (f"emulated Moondream Batch API at {emu.url}" if spec.provider == "moondream"
                     else f"emulated fal queue at {emu.fal_url}, {spec.endpoint}")
             err.print(f"demo: {source} → {target} ({what})")
-            snap = _run(spec.input, spec.output, opts, shard_size=shard_size,
-                        workers=max(1, workers or 1), timeout=timeout, run_id=run_id,
-                        embedded=True, provider=spec.provider, endpoint=spec.endpoint)
+            snap = _run(spec, workers=max(1, workers or 1), timeout=timeout, embedded=True)
         _print_summary(snap)
         first = next(iter(sorted((target / "results").glob("*.jsonl"))), None)
         if first is not None:

@@ -57,7 +57,8 @@ def test_shuffled_results_across_files_come_out_in_plan_order():
     for i, r in enumerate(out):
         assert r == {"id": items[i].id, "source": SOURCE + items[i].id, "status": "ok",
                      "result": {"caption": f"caption of {items[i].id}"},
-                     "usage": {"input_tokens": i, "output_tokens": 1}}
+                     "usage": {"input_tokens": i, "output_tokens": 1},
+                     "width": None, "height": None}
     assert (stats.ok, stats.error) == (50, 0)
     assert stats.input_tokens == sum(range(50)) and stats.output_tokens == 50
     assert (stats.duplicate, stats.malformed, stats.missing, stats.id_mismatch) == (0, 0, 0, 0)

@@ -6,12 +6,13 @@ item's image (worker side). One module per kind of INPUT, behind one small inter
 - ``webdataset``: ``.tar`` shards in img2dataset's layout (id: the sample's ``__key__``);
 - ``parquet``: Parquet files with the image bytes in a column (Hugging Face datasets layout).
 
-A reader module defines ``KIND``, ``SUFFIXES`` (INPUT file suffixes it takes), a ``Reader``
-class (``Reader(spec, store, settings)`` with ``iter_items(stats, exclude_prefix)`` yielding
-``PlanItem``) and, if its items carry a ``ref`` scheme of their own (``tar:``, ``parquet:``),
-``SCHEME`` and ``fetch(fetcher, rest) -> bytes``. Shared code never names a reader: it calls
-``open_reader`` to list and ``ItemFetcher`` to read. Importing this package does not import
-Celery, boto3 or pyarrow.
+A reader module defines a ``Reader`` class (``Reader(spec, store, settings)`` with
+``iter_items(stats, exclude_prefix)`` yielding ``PlanItem``) and, if its items carry a ``ref``
+scheme of their own (``tar:``, ``parquet:``), ``fetch(fetcher, rest) -> bytes``; ``READERS``
+below records each module with the INPUT file suffixes it takes and ``SCHEMES`` its ref scheme,
+so choosing a reader imports none. Shared code never names a reader: it calls ``open_reader``
+to list and ``ItemFetcher`` to read. Importing this package does not import Celery, boto3 or
+pyarrow.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ from workers.storage import NotFound, StorageError, Store, normalize_url
 if TYPE_CHECKING:
     from workers.models import RunSpec
 
-# kind → module; order matters only for ``kind_of_file`` (first suffix match wins).
-READERS: dict[str, str] = {
-    "prefix": "workers.readers.prefix",
-    "manifest": "workers.readers.manifest",
-    "webdataset": "workers.readers.webdataset",
-    "parquet": "workers.readers.parquet",
+# kind → (module, INPUT file suffixes it takes); ``kind_of_file``: first suffix match wins.
+READERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "prefix": ("workers.readers.prefix", ()),
+    "manifest": ("workers.readers.manifest", (".csv", ".jsonl", ".ndjson")),
+    "webdataset": ("workers.readers.webdataset", (".tar",)),
+    "parquet": ("workers.readers.parquet", (".parquet",)),
 }
+# An item ref's own scheme → the reader whose module's ``fetch`` reads it.
+SCHEMES: dict[str, str] = {"tar": "webdataset", "parquet": "parquet"}
 INPUT_FORMATS = ("auto", *READERS)
 
 
@@ -81,7 +84,7 @@ class InputError(ValueError):
 def module(kind: str) -> Any:
     """The reader module of ``kind``; raises ``ValueError`` naming the known kinds."""
     try:
-        return importlib.import_module(READERS[kind])
+        return importlib.import_module(READERS[kind][0])
     except KeyError:
         raise ValueError(f"unknown input format {kind!r}: use one of "
                          f"{', '.join(INPUT_FORMATS)}") from None
@@ -96,8 +99,8 @@ def kind_of_file(url: str) -> str | None:
     if path.endswith(("/", "\\")):
         return None
     name = posixpath.basename(path.replace("\\", "/")).lower()
-    for kind in READERS:
-        if kind != "prefix" and name.endswith(tuple(module(kind).SUFFIXES)):
+    for kind, (_, suffixes) in READERS.items():
+        if suffixes and name.endswith(suffixes):
             return kind
     return None
 
@@ -301,15 +304,8 @@ def scheme_of(ref: str) -> str:
     head, sep, _ = ref.partition(":")
     if not sep or "/" in head:
         return ""
-    if head in ("s3", "file", "http", "https"):
-        return head
-    return head if any(getattr(module(k), "SCHEME", None) == head for k in READERS) else ""
+    return head if head in ("s3", "file", "http", "https") or head in SCHEMES else ""
 
 
 def _fetcher_of(scheme: str) -> Callable[[ItemFetcher, str], bytes]:
-    for kind in READERS:
-        mod = module(kind)
-        if getattr(mod, "SCHEME", None) == scheme:
-            return mod.fetch
-    raise StorageError(f"unknown item reference scheme {scheme!r} (a plan from a newer "
-                       "moonbatch?)")
+    return module(SCHEMES[scheme]).fetch

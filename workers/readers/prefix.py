@@ -17,9 +17,6 @@ from workers.models import PlanItem
 from workers.readers import ListingStats
 from workers.storage import NotFound, Store
 
-KIND = "prefix"
-SUFFIXES: tuple[str, ...] = ()
-
 
 class Reader:
     """The images under INPUT's prefix (``store``'s root), in listing order."""
