@@ -114,6 +114,9 @@ class RunSpec(BaseModel):
     input: str
     output: str  # normalised store URL
     options: SkillOptions
+    # Further skills of a multi-skill run (``--skill caption --skill detect``): each image is
+    # read and encoded once and every skill's result lands in its row under the skill's name.
+    more_options: list[SkillOptions] = Field(default_factory=list)
     model: str | None = None
     # Which service annotates (``workers.providers``) and, for fal, which endpoint. Specs
     # written before providers existed are Batch API runs.
@@ -130,6 +133,16 @@ class RunSpec(BaseModel):
     max_shard_bytes: int
     max_pixels: int = 0  # downscale budget (0: send images at their own resolution)
     created_at: float  # unix seconds
+
+    @property
+    def all_options(self) -> list[SkillOptions]:
+        """Every skill of the run, the first one first."""
+        return [self.options, *self.more_options]
+
+    @property
+    def multi_skill(self) -> bool:
+        """True when rows hold one result per skill (``result[<skill>]``)."""
+        return bool(self.more_options)
     # The broker queue of every task of the run: the settings' queue for a fleet's run, a
     # private one (``moonbatch-run-<run_id>``) for ``moonbatch run``'s local workers, so the
     # two never take each other's work. None (specs written before it): the settings' queue.
