@@ -61,8 +61,10 @@ out = Console() if sys.stdout.isatty() else Console(width=1 << 14)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=1 << 14)
 DEBUG = False  # --debug: unexpected errors show their traceback
 
-SkillOpt = Annotated[str, typer.Option("--skill", metavar="SKILL",
-                                       help="caption | query | detect | point")]
+SkillOpt = Annotated[Optional[list[str]], typer.Option(
+    "--skill", metavar="SKILL", help="caption | query | detect | point (default caption); "
+    "repeat it for several skills in one run: each image is sent once per skill and its row "
+    "holds every skill's result under the skill's name")]
 LengthOpt = Annotated[Optional[str], typer.Option(
     "--length", metavar="TEXT", help="caption length: short | normal | long (caption; default "
     "normal)")]
@@ -186,15 +188,37 @@ def _spec_args(*, shard_size: int | None, max_pixels: int | None, provider: str 
             "output_format": output_format}
 
 
-def _options(skill: str, length: str | None, question: str | None, obj: str | None,
-             reasoning: bool | None, temperature: float | None, top_p: float | None,
-             max_tokens: int | None):
+# Which skills take each option (workers.models.SkillOptions checks the same for one skill).
+_TAKEN_BY = {"length": ("caption",), "question": ("query",), "reasoning": ("query",),
+             "object": ("detect", "point"), "temperature": ("caption", "query"),
+             "top_p": ("caption", "query"), "max_tokens": ("caption", "query")}
+
+
+def _options(skills: list[str] | str | None, length: str | None, question: str | None,
+             obj: str | None, reasoning: bool | None, temperature: float | None,
+             top_p: float | None, max_tokens: int | None):
+    """The run's ``SkillOptions``, one per ``--skill`` (a list; default caption). Each skill
+    gets the options it takes; ``Fail`` (exit 2) for a repeated skill, an option no chosen
+    skill takes, or a missing required one."""
     from workers.models import SkillOptions
 
+    names = [skills] if isinstance(skills, str) else list(skills or ["caption"])
+    if len(set(names)) < len(names):
+        raise Fail(f"--skill {next(n for n in names if names.count(n) > 1)} is given twice: "
+                   "each skill once per run", code=2)
+    given = {"length": length, "question": question, "object": obj, "reasoning": reasoning,
+             "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
     try:
-        return SkillOptions(skill=skill, length=length, question=question, object=obj,
-                            reasoning=reasoning, temperature=temperature, top_p=top_p,
-                            max_tokens=max_tokens)
+        if len(names) == 1:
+            return SkillOptions(skill=names[0], **given)
+        for key, value in given.items():
+            if value is not None and not set(_TAKEN_BY[key]) & set(names):
+                flag = "--" + key.replace("_", "-")
+                raise Fail(f"{flag} applies to --skill {' and '.join(_TAKEN_BY[key])} only",
+                           code=2)
+        return [SkillOptions(skill=n, **{k: v for k, v in given.items()
+                                         if v is not None and n in _TAKEN_BY[k]})
+                for n in names]
     except ValidationError as exc:
         msgs = [str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
         raise Fail("; ".join(msgs), code=2) from None
@@ -733,7 +757,7 @@ def _global(version: Annotated[bool, typer.Option(
     "--skill query --question \"Is it a cat?\"",
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost"))
 def run(input: InputArg, output: OutputArg,
-        skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
+        skill: SkillOpt = None, length: LengthOpt = None, question: QuestionOpt = None,
         object: ObjectOpt = None, reasoning: ReasoningOpt = None,
         temperature: TemperatureOpt = None, top_p: TopPOpt = None,
         max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
@@ -789,7 +813,7 @@ def run(input: InputArg, output: OutputArg,
     "moonbatch wait $RUN_ID --timeout 7200",
     "moonbatch submit s3://photos/ s3://out/c/ --provider fal --dry-run --json"))
 def submit(input: InputArg, output: OutputArg,
-           skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
+           skill: SkillOpt = None, length: LengthOpt = None, question: QuestionOpt = None,
            object: ObjectOpt = None, reasoning: ReasoningOpt = None,
            temperature: TemperatureOpt = None, top_p: TopPOpt = None,
            max_tokens: MaxTokensOpt = None, shard_size: ShardSizeOpt = None,
@@ -1207,7 +1231,7 @@ DemoTimeoutOpt = Annotated[float, typer.Option(
 def demo(output: Annotated[Path, typer.Option(
              "--output", metavar="DIRECTORY",
              help="each run goes into DIRECTORY/<run id>/")] = Path("moonbatch-demo"),
-         skill: SkillOpt = "caption", length: LengthOpt = None, question: QuestionOpt = None,
+         skill: SkillOpt = None, length: LengthOpt = None, question: QuestionOpt = None,
          object: ObjectOpt = None, reasoning: ReasoningOpt = None,
          provider: ProviderOpt = None, endpoint: EndpointOpt = None,
          shard_size: DemoShardSizeOpt = 8, workers: DemoWorkersOpt = 2,

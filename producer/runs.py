@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from config import Settings
@@ -173,7 +173,7 @@ def register_run(spec: RunSpec, settings: Settings) -> None:
     """
     state = registry.open_state(settings)
     registry.record_run(state, run_id=spec.run_id, output=spec.output, input=spec.input,
-                        skill=spec.options.skill, created_at=spec.created_at)
+                        skill=spec.skill_names, created_at=spec.created_at)
     registry.mark_active(state, spec.run_id, spec.output)
     try:
         canary.arm(settings, spec.run_id)
@@ -202,7 +202,8 @@ def resolve_run(ref: str, settings: Settings) -> str:
     return entry["output"]
 
 
-def new_spec(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,
+def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[SkillOptions],
+             settings: Settings, *,
              shard_size: int | None = None, max_pixels: int | None = None,
              run_id: str | None = None, queue: str | None = None,
              provider: str | None = None, endpoint: str | None = None,
@@ -220,6 +221,9 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions, settings: S
     """
     from workers.providers import get_provider
 
+    if not isinstance(options, SkillOptions):
+        options, *more = options
+        fields["more_options"] = more
     (input_url, input_kind), output_url = normalize_input(input_url, input_format), \
         normalize_url(output_url)
     if input_url == output_url:
@@ -355,10 +359,10 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     """List INPUT, write and enqueue each shard as it fills, then the plan document."""
     from workers.tasks import enqueue
 
-    input_url, output_url, options = spec.input, spec.output, spec.options
+    input_url, output_url = spec.input, spec.output
     put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
                                    "input": input_url, "output": output_url,
-                                   "skill": options.skill})
+                                   "skill": spec.skill_names})
     register_run(spec, settings)
 
     skipped = _SkippedKeys(out)
@@ -429,7 +433,7 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
         requests += provider.estimate(spec, len(shard.items), size, 1).requests
     whole = provider.estimate(spec, stats.items, image_bytes, shards)
     return {"dry_run": True, "provider": spec.provider, "endpoint": spec.endpoint,
-            "input": spec.input, "output": spec.output, "skill": spec.options.skill,
+            "input": spec.input, "output": spec.output, "skill": spec.skill_names,
             "listed": stats.listed, "items": stats.items, "skipped": stats.skipped,
             "skipped_examples": stats.skipped_examples, "shards": shards,
             "image_bytes": image_bytes, "requests": requests,

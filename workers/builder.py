@@ -8,6 +8,7 @@ plus the fetch window, whatever the shard's size. Protocol: seed 002, "Upload an
 
 from __future__ import annotations
 
+import base64
 import collections
 import concurrent.futures as cf
 import logging
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from workers import layout, metrics
-from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image
+from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image, skill_line_id
 from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
 from workers.moondream import BatchClient, Part, RequestRejected, TransientError
 from workers.pool import ordered_map
@@ -101,43 +102,51 @@ class PartWriter:
 def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
                options: SkillOptions, *, concurrency: int, errors: dict[str, dict[str, str]],
                max_pixels: int = 0, indices: Sequence[int] | None = None, id_prefix: str = "",
-               sizes: dict[str, list[int]] | None = None
-               ) -> Iterator[tuple[int, bytes, bool]]:
-    """Yield ``(item_index, line, transformed)`` for every sendable item of ``indices``
-    (default: all), in plan order; each line's ``id`` is ``id_prefix`` + the item's key.
-    ``fetch(item)`` reads an item's image (``workers.readers.ItemFetcher.get``).
+               sizes: dict[str, list[int]] | None = None, more: Sequence[SkillOptions] = ()
+               ) -> Iterator[tuple[int, bytes, bool, int]]:
+    """Yield ``(item_index, line, transformed, skill)`` for every sendable item of
+    ``indices`` (default: all), in plan order; each line's ``id`` is ``id_prefix`` + the
+    item's key. ``fetch(item)`` reads an item's image (``workers.readers.ItemFetcher.get``).
 
-    Items that cannot be sent are recorded in ``errors`` (item index as a string → ``{"code",
-    "message"}``) instead: missing objects, unreadable ones, non-images, undecodable headers,
-    invalid per-item options. ``sizes`` (if given) gets each sent image's
-    ``PreparedImage.dims()`` under its item index.
+    ``more``: further skills of a multi-skill run: each image is read, checked and base64'd
+    once, then written as one line per skill (``skill``: 0 for ``options``, k for
+    ``more[k-1]``; line ids ``skill_line_id(<id>, <skill>)``). Items that cannot be sent are
+    recorded in ``errors`` (item index as a string → ``{"code", "message"}``) instead: missing
+    objects, unreadable ones, non-images, undecodable headers, invalid per-item options.
+    ``sizes`` (if given) gets each sent image's ``PreparedImage.dims()`` under its item index.
     """
-    fragment = options.line_fragment()
+    skills = [options, *more]
+    fragments = [o.line_fragment() for o in skills]
 
     def load(pair: tuple[int, PlanItem]
-             ) -> tuple[int, bytes | None, bool, ItemError | None, list[int] | None]:
+             ) -> tuple[int, list[bytes], bool, ItemError | None, list[int] | None]:
         index, item = pair
         try:
-            frag = fragment if not item.opts else item_options(options, item).line_fragment()
+            frags = fragments if not item.opts else [
+                item_options(o, item).line_fragment() for o in skills]
             data = read_item(fetch, item)
             line_id = id_prefix + item.key
-            prepared = prepare_image(data, limit=max_image_bytes(line_id, frag),
-                                     max_pixels=max_pixels)
-            return (index, encode_line(line_id, prepared.data, frag),
+            ids = [line_id] if not more else [skill_line_id(line_id, o.skill) for o in skills]
+            limit = min(max_image_bytes(i, f) for i, f in zip(ids, frags, strict=True))
+            prepared = prepare_image(data, limit=limit, max_pixels=max_pixels)
+            b64 = base64.b64encode(prepared.data)
+            return (index, [encode_line(i, prepared.data, f, b64=b64)
+                            for i, f in zip(ids, frags, strict=True)],
                     prepared.transform is not None, None, prepared.dims())
         except ItemError as exc:
-            return index, None, False, exc, None
+            return index, [], False, exc, None
 
     pairs = enumerate(items) if indices is None else ((i, items[i]) for i in indices)
-    for index, line, transformed, error, dims in ordered_map(
+    for index, lines, transformed, error, dims in ordered_map(
         load, pairs, workers=concurrency, window=concurrency * 2
     ):
         if error is not None:
             errors[str(index)] = error.as_dict()
-        else:
-            if sizes is not None and dims is not None:
-                sizes[str(index)] = dims
-            yield index, line, transformed
+            continue
+        if sizes is not None and dims is not None:
+            sizes[str(index)] = dims
+        for skill, line in enumerate(lines):
+            yield index, line, transformed and skill == 0, skill
 
 
 def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOptions,
@@ -146,8 +155,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                      part_size: int, concurrency: int, max_pixels: int = 0,
                      upload_concurrency: int = 2, rnd: int = 0, todo: Sequence[int] | None = None,
                      heartbeat: Callable[[], None] | None = None,
-                     claims: BatchClaims | None = None, id_prefix: str = ""
-                     ) -> tuple[ShardBuild, BatchRecord | None]:
+                     claims: BatchClaims | None = None, id_prefix: str = "",
+                     more: Sequence[SkillOptions] = ()) -> tuple[ShardBuild, BatchRecord | None]:
     """Build the JSONL of round ``rnd`` of a shard (items ``todo``, default all), upload it and
     submit it; return the build and the batch record (None when no item could be sent: there
     is then no batch, only error rows).
@@ -182,7 +191,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         built = ShardBuild.model_validate(done_build)
         record = _recover_lost_submit(client, state, doc, SubmitRecord.model_validate(pending),
                                       claims,
-                                      line_ids={built.id_prefix + items[i].key for i in built.lines},
+                                      line_ids=built.line_ids(items, [o.skill for o in (options, *more)]),
                                       shard=shard, rnd=rnd)
         if record is not None:
             return built, record
@@ -218,15 +227,17 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     errors: dict[str, dict[str, str]] = {}
     sizes: dict[str, list[int]] = {}
     lines: list[int] = []
+    line_skills: list[int] = []
     transformed = 0
     try:
-        for index, line, changed in iter_lines(items, fetch, options,
-                                               concurrency=concurrency, errors=errors,
-                                               max_pixels=max_pixels, indices=todo,
-                                               id_prefix=id_prefix, sizes=sizes):
+        for index, line, changed, skill in iter_lines(
+                items, fetch, options, concurrency=concurrency, errors=errors,
+                max_pixels=max_pixels, indices=todo, id_prefix=id_prefix, sizes=sizes, more=more):
             beat()
             writer.write(line)
             lines.append(index)
+            if more:
+                line_skills.append(skill)
             transformed += changed
         parts = writer.close()
         beat()
@@ -244,7 +255,8 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
 
     build = ShardBuild(lines=lines, errors=errors, id_prefix=id_prefix, bytes=writer.bytes,
                        parts=len(parts), part_size=part_size, transformed=transformed,
-                       build_seconds=round(time.time() - started, 3), sizes=sizes)
+                       build_seconds=round(time.time() - started, 3), sizes=sizes,
+                       skills=line_skills)
     put_json(state, doc("build"), build.model_dump())
     if upload is None:
         return build, None
@@ -260,7 +272,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         log.warning("shard %d round %d: %s; looking for the batch it created", shard, rnd, exc)
         state.delete(doc("upload"))
         record = _recover_lost_submit(client, state, doc, intent, claims,
-                                      line_ids={id_prefix + items[i].key for i in lines},
+                                      line_ids=build.line_ids(items, [o.skill for o in (options, *more)]),
                                       shard=shard, rnd=rnd)
         if record is None:  # no batch to adopt: the round is built and sent again
             raise TransientError("mpu-complete", "answer lost and no batch found; the round "

@@ -214,13 +214,20 @@ def _reencode(img, fmt: str, size: int, limit: int, max_pixels: int) -> Prepared
                     "after downscaling")
 
 
-def encode_line(id_: str, image: bytes, fragment: bytes) -> bytes:
+def encode_line(id_: str, image: bytes, fragment: bytes, *, b64: bytes | None = None) -> bytes:
     """One JSONL line (with its ``\\n``): ``{"id": id_, <fragment>, "image": base64(image)}``.
 
     ``fragment`` is ``SkillOptions.line_fragment()``; the base64 is plain (no ``data:`` prefix),
-    as in the seed's examples.
+    as in the seed's examples. ``b64``: the image's base64 if already encoded (a multi-skill
+    run encodes each image once for all its lines).
     """
     return b"".join((
         b'{"id":', json.dumps(id_, ensure_ascii=False).encode(), b",", fragment,
-        b',"image":"', base64.b64encode(image), b'"}\n',
+        b',"image":"', base64.b64encode(image) if b64 is None else b64, b'"}\n',
     ))
+
+
+def skill_line_id(line_id: str, skill: str) -> str:
+    """The line id of one skill's request for an image in a multi-skill run:
+    ``<line id>#<skill>`` (each line of a batch keeps its own id)."""
+    return f"{line_id}#{skill}"

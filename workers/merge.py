@@ -52,7 +52,7 @@ def _gc_paused() -> Iterator[None]:
 def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
                 source_of: Callable[[PlanItem], str], *, batch_error: dict[str, str] | None = None,
                 todo: Sequence[int] | None = None,
-                retryable_codes: frozenset[str] = frozenset()
+                retryable_codes: frozenset[str] = frozenset(), skills: Sequence[str] = ()
                 ) -> tuple[dict[int, bytes], MergeStats, list[int]]:
     """Merge one round of a shard: ``({item index: row bytes}, stats, retryable)``.
 
@@ -68,7 +68,13 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     ``batch_error`` (``{"code", "message"}``) marks every sent line of a failed
     batch. Each result line is turned into its row at once; only row bytes are kept. Of two
     rows for one ``line_index`` the first wins.
+
+    A multi-skill round (``build.skills`` set; ``skills``: the run's skill names) has a line
+    per item and skill; see ``_merge_multi`` for its rows.
     """
+    if build.skills:
+        return _merge_multi(items, build, result_lines, source_of, skills,
+                            batch_error=batch_error, todo=todo, retryable_codes=retryable_codes)
     stats = MergeStats()
     lines = build.lines
     n_lines = len(lines)
@@ -148,6 +154,100 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     if todo is None:
         return dict(enumerate(slots)), stats, retryable  # type: ignore[arg-type]
     return {i: slots[i] for i in todo}, stats, retryable  # type: ignore[misc]
+
+
+def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
+                 source_of: Callable[[PlanItem], str], skills: Sequence[str], *,
+                 batch_error: dict[str, str] | None, todo: Sequence[int] | None,
+                 retryable_codes: frozenset[str]
+                 ) -> tuple[dict[int, bytes], MergeStats, list[int]]:
+    """``merge_round`` for a multi-skill round: one row per item with ``result`` =
+    ``{<skill>: <that skill's result, or None if it failed>}`` and ``usage`` summed over its
+    lines. The row is ``ok`` when every skill is; otherwise ``error`` holds the first failed
+    skill's ``{"code", "message", "skill"}`` (the other skills' results stay in ``result``),
+    and the item is retryable when any failed skill's code is in ``retryable_codes`` (a retry
+    sends every skill of the item again)."""
+    from workers.lines import skill_line_id
+
+    stats = MergeStats()
+    lines, line_skills, n_lines, k = build.lines, build.skills, len(build.lines), len(skills)
+    outcomes: dict[int, list[Any]] = {}
+    dims_of: dict[int, Any] = {}
+    for res in () if batch_error else result_lines:
+        try:
+            li = res["line_index"]
+        except (KeyError, TypeError, IndexError):
+            stats.malformed += 1
+            continue
+        if li.__class__ is not int or not 0 <= li < n_lines:
+            stats.malformed += 1
+            continue
+        i, s = lines[li], line_skills[li]
+        slot = outcomes.setdefault(i, [None] * k)
+        if slot[s] is not None:
+            stats.duplicate += 1
+            continue
+        sent_id = res.get("id")
+        if sent_id is not None and sent_id != skill_line_id(build.id_prefix + items[i].key,
+                                                            skills[s]):
+            stats.id_mismatch += 1
+        if res.get("dims"):
+            dims_of[i] = res["dims"]
+        if res.get("status") == "ok":
+            slot[s] = (True, res.get("result"), res.get("usage") or {})
+        else:
+            err = res.get("error") or {}
+            slot[s] = (False, {"code": str(err.get("code") or "unknown_error"),
+                               "message": str(err.get("message") or "")})
+    rows: dict[int, bytes] = {}
+    retryable: list[int] = []
+    sent = set(lines)
+    for i in range(len(items)) if todo is None else todo:
+        item = items[i]
+        dims = dims_of.get(i) or build.sizes.get(str(i))
+        row: dict[str, Any] = {"id": item.id, "source": source_of(item)}
+        if (pre := build.errors.get(str(i))) is not None:
+            error: dict[str, str] | None = pre
+        elif i not in sent:
+            error = {"code": "not_sent", "message": "item was not included in the batch"}
+        elif batch_error is not None:
+            error = batch_error
+        else:
+            error = None
+        if error is not None:
+            stats.error += 1
+            rows[i] = orjson.dumps(_with_size({**row, "status": "error", "error": error}, dims))
+            continue
+        slot = outcomes.get(i) or [None] * k
+        results: dict[str, Any] = {}
+        usage = {"input_tokens": 0, "output_tokens": 0}
+        first_error = None
+        for s, name in enumerate(skills):
+            outcome = slot[s]
+            if outcome is None:
+                stats.missing += 1
+                outcome = (False, {"code": "missing_result",
+                                   "message": f"the batch returned no result for {name}"})
+            if outcome[0]:
+                results[name] = outcome[1]
+                for t in usage:
+                    usage[t] += int(outcome[2].get(t) or 0)
+            else:
+                results[name] = None
+                if first_error is None:
+                    first_error = {**outcome[1], "skill": name}
+                if outcome[1]["code"] in retryable_codes and i not in retryable:
+                    retryable.append(i)
+        stats.input_tokens += usage["input_tokens"]
+        stats.output_tokens += usage["output_tokens"]
+        if first_error is None:
+            stats.ok += 1
+            row.update(status="ok", result=results, usage=usage)
+        else:
+            stats.error += 1
+            row.update(status="error", error=first_error, result=results, usage=usage)
+        rows[i] = orjson.dumps(_with_size(row, dims))
+    return rows, stats, retryable
 
 
 def _with_size(row: dict[str, Any], dims: Any) -> dict[str, Any]:

@@ -140,6 +140,11 @@ class RunSpec(BaseModel):
         return [self.options, *self.more_options]
 
     @property
+    def skill_names(self) -> str:
+        """The run's skills as summaries show them: ``caption`` or ``caption+detect``."""
+        return "+".join(o.skill for o in self.all_options)
+
+    @property
     def multi_skill(self) -> bool:
         """True when rows hold one result per skill (``result[<skill>]``)."""
         return bool(self.more_options)
@@ -210,6 +215,18 @@ class ShardBuild(BaseModel):
     # item index (as a string) → [width, height] of the source image in pixels, and
     # [width, height, sent width, sent height] when it was downscaled before sending.
     sizes: dict[str, list[int]] = Field(default_factory=dict)
+    # Multi-skill runs: ``skills[line_index]`` is the index (in ``RunSpec.all_options``) of
+    # the skill of that line; empty for a single-skill run.
+    skills: list[int] = Field(default_factory=list)
+
+    def line_ids(self, items: list[PlanItem] | Any, skills: list[str]) -> set[str]:
+        """The ids the round's lines were sent under (``skills``: the run's skill names)."""
+        from workers.lines import skill_line_id
+
+        if not self.skills:
+            return {self.id_prefix + items[i].key for i in self.lines}
+        return {skill_line_id(self.id_prefix + items[i].key, skills[k])
+                for i, k in zip(self.lines, self.skills, strict=True)}
 
 
 class UploadRecord(BaseModel):

@@ -146,7 +146,7 @@ class Progress:
             "status": status,
             "input": spec["input"],
             "output": spec["output"],
-            "skill": spec["options"]["skill"],
+            "skill": "+".join(o["skill"] for o in [spec["options"], *spec.get("more_options", ())]),
             "options": {k: v for k, v in spec["options"].items() if v is not None},
             "model": spec.get("model"),
             "provider": spec.get("provider") or "moondream",

@@ -333,7 +333,8 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
         rows, stats, retryable = merge_round(
             items, build, collected.lines if collected else (), run.fetcher.source,
             batch_error=collected.batch_error if collected else None, todo=todo,
-            retryable_codes=provider.retryable_codes)
+            retryable_codes=provider.retryable_codes,
+            skills=[o.skill for o in run.spec.all_options])
         if record is not None and record.recovered and stats.id_mismatch:
             # A submission adopted after a lost answer carries other items' ids: it was not
             # this round's. Send the round again rather than merge foreign results.

@@ -158,7 +158,7 @@ class MoondreamBatchProvider:
             heartbeat=ctx.heartbeat,
             claims=registry.BatchClaims(registry.open_state(s), output=spec.output,
                                         shard=ctx.shard, rnd=ctx.rnd),
-            id_prefix=ctx.id_prefix)
+            id_prefix=ctx.id_prefix, more=spec.more_options)
         return batch is not None
 
     def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:
