@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import orjson
 
 from workers import layout, metrics, slots
-from workers.lines import ItemError, PreparedImage, prepare_image
+from workers.lines import ItemError, PreparedImage, prepare_image, skill_line_id
 from workers.models import BatchRecord, PlanItem, RunSpec, ShardBuild, SkillOptions
 from workers.pool import ordered_map
 from workers.providers import (
@@ -139,6 +139,19 @@ def endpoint_of(spec: RunSpec) -> FalEndpoint:
     if name not in ENDPOINTS:
         raise ValueError(f"unknown fal endpoint {name!r}: use one of {', '.join(ENDPOINTS)}")
     return ENDPOINTS[name]
+
+
+def skill_endpoints(spec: RunSpec) -> list[FalEndpoint]:
+    """The endpoint of each of the run's skills (``spec.all_options`` order): the run's
+    endpoint for a single skill; ``fal-ai/moondream3-preview/<skill>`` for each skill of a
+    multi-skill run. Raises ``ValueError`` (one line with the fix) for a multi-skill run with
+    another ``--endpoint``."""
+    if not spec.multi_skill:
+        return [endpoint_of(spec)]
+    if spec.endpoint not in (None, default_endpoint(spec.options.skill)):
+        raise ValueError(f"several skills on fal use fal-ai/moondream3-preview/<skill> for each: "
+                         f"leave --endpoint {spec.endpoint} out, or run one skill")
+    return [ENDPOINTS[default_endpoint(o.skill)] for o in spec.all_options]
 
 
 def check_options(endpoint: FalEndpoint, options: SkillOptions) -> None:
@@ -296,6 +309,7 @@ def _done(ledger: dict[str, Any]) -> bool:
 class _Prepared:
     line: int
     item: PlanItem
+    endpoint: FalEndpoint  # the line's skill's
     image: PreparedImage | None = None
     options: SkillOptions | None = None  # the item's (the run's, with its own overrides)
     error: dict[str, str] | None = None
@@ -310,7 +324,8 @@ class FalProvider:
     # -- before the run --------------------------------------------------------------------------
     def check_spec(self, spec: RunSpec) -> None:
         """Unknown endpoint, or a skill or option it cannot serve: ``ValueError``."""
-        check_options(endpoint_of(spec), spec.options)
+        for endpoint, options in zip(skill_endpoints(spec), spec.all_options, strict=True):
+            check_options(endpoint, options)
 
     def limits(self, spec: RunSpec) -> Limits:
         """fal has no batch file: a shard is bounded by its line count only."""
@@ -344,10 +359,11 @@ class FalProvider:
         """Requests, bytes, tokens or seconds and dollars; prices from FACTS.md, token and
         second counts are estimates."""
         ep = endpoint_of(spec)
-        requests = sum(math.ceil(n / ep.max_images) for n in _split(items, shards))
+        k = len(spec.all_options)  # a request per image and skill in a multi-skill run
+        requests = k * sum(math.ceil(n / ep.max_images) for n in _split(items, shards))
         avg = image_bytes // items if items else 0
-        in_tok = items * estimate_input_tokens(avg, spec.max_pixels)
-        out_tok = items * estimate_output_tokens(spec.options)
+        in_tok = k * items * estimate_input_tokens(avg, spec.max_pixels)
+        out_tok = items * sum(estimate_output_tokens(o) for o in spec.all_options)
         # Data URIs for a local INPUT and for archives; S3 images go as presigned URLs.
         presigned = spec.input.startswith("s3://") and spec.input_kind in ("prefix", "manifest")
         upload = image_bytes if not presigned or ep.kind == "archive" else 0
@@ -370,9 +386,11 @@ class FalProvider:
         """Record the round (``build.json``: every item is a line; ``batch.json``; an empty
         ledger) and run its first step. Idempotent: a recorded round only steps on."""
         if get_json_or_none(ctx.store, ctx.doc("batch")) is None:
-            lines = list(ctx.indices())
+            k = len(ctx.run.spec.all_options)
+            lines = [i for i in ctx.indices() for _ in range(k)]  # a line per item and skill
+            skills = list(range(k)) * (len(lines) // k) if k > 1 else []
             put_json(ctx.store, ctx.doc("build"), ShardBuild(
-                lines=lines, id_prefix=ctx.id_prefix).model_dump())
+                lines=lines, skills=skills, id_prefix=ctx.id_prefix).model_dump())
             if get_json_or_none(ctx.store, ctx.doc("requests")) is None:
                 put_json(ctx.store, ctx.doc("requests"), _new_ledger(len(lines)))
             put_json(ctx.store, ctx.doc("batch"), BatchRecord(
@@ -472,7 +490,7 @@ class FalProvider:
         inflight: dict[str, Any] = ledger["inflight"]
         if not inflight:
             return [], {}
-        skill = ctx.run.spec.options.skill
+        spec = ctx.run.spec
 
         def look(entry: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
             try:
@@ -491,7 +509,9 @@ class FalProvider:
                     return "failed", _error_lines(
                         entry["lines"], "request_failed", f"fal request {entry['request_id']} "
                         f"failed: {exc.error_type or status.error_type or status.error}")
-                return "ok", self._result_lines(endpoint, skill, entry, output, client)
+                k = build.skills[entry["lines"][0]] if build.skills else 0
+                return "ok", self._result_lines(ENDPOINTS.get(entry.get("endpoint", ""), endpoint),
+                                                spec.all_options[k].skill, entry, output, client)
             except FalGone:
                 return "expired", _error_lines(
                     entry["lines"], "result_expired",
@@ -587,9 +607,7 @@ class FalProvider:
         new_from = ledger["cursor"]
         new_to = min(ledger["lines"], new_from + (len(granted) - len(units)) * endpoint.max_images)
         candidates = [li for u in units for li in u] + list(range(new_from, new_to))
-        prepared = {p.line: p for p in ordered_map(
-            functools.partial(self._prepare, ctx, endpoint, build), candidates,
-            workers=ctx.settings.fetch_concurrency, window=ctx.settings.fetch_concurrency * 2)}
+        prepared = self._prepare_lines(ctx, build, candidates)
         ctx.heartbeat()
         # Pack: resends as they were; new lines into requests of up to max_images images and
         # MAX_REQUEST_BYTES of data URIs. Lines past the last request are read again later.
@@ -617,7 +635,7 @@ class FalProvider:
                 if prepared[li].error is not None and unit in units:  # a resend gone bad
                     _finish(ctx, build, ledger, out, _pre_send_error(prepared[li]))
             if good:
-                payload, names = self._payload(ctx, endpoint, [prepared[li] for li in good])
+                payload, names = self._payload(ctx, [prepared[li] for li in good])
                 requests.append((good, granted[len(requests)], payload, names))
         unused = granted[len(requests):]
 
@@ -625,7 +643,7 @@ class FalProvider:
                    ) -> tuple[Submitted | None, Exception | None]:
             metrics.upload_bytes(self.name, _data_uri_bytes(req[2]))
             try:
-                return client.submit(endpoint.id, req[2]), None
+                return client.submit(prepared[req[0][0]].endpoint.id, req[2]), None
             except FalError as exc:
                 return None, exc
 
@@ -640,6 +658,7 @@ class FalProvider:
                     "lines": lines, "request_id": sub.request_id, "status_url": sub.status_url,
                     "response_url": sub.response_url, "cancel_url": sub.cancel_url,
                     "sent_at": now, "slot": token, **({"names": names} if names else {}),
+                    **({"endpoint": prepared[lines[0]].endpoint.id} if build.skills else {}),
                     "dims": [prepared[li].image.dims() for li in lines]}  # type: ignore[union-attr]
                 ledger["requests"] += 1
                 metrics.requests(endpoint.id, "sent")
@@ -672,27 +691,50 @@ class FalProvider:
         elif requests:
             ledger["limited_streak"] = 0
 
-    def _prepare(self, ctx: RoundContext, endpoint: FalEndpoint, build: ShardBuild, li: int
-                 ) -> _Prepared:
-        """Read and check the image of line ``li`` and its options; errors become the line's
-        error."""
-        item = ctx.items[build.lines[li]]
-        try:
-            options = item_options(ctx.run.spec.options, item)
-            if item.opts:
-                check_options(endpoint, options)
-            data = read_item(ctx.run.fetcher.get, item)
-            image = prepare_image(data, limit=MAX_IMAGE_BYTES, max_pixels=ctx.run.spec.max_pixels)
-            return _Prepared(li, item, image, options)
-        except ItemError as exc:
-            return _Prepared(li, item, error=exc.as_dict())
-        except ValueError as exc:  # an override the endpoint cannot serve
-            return _Prepared(li, item, error={"code": "invalid_options", "message": str(exc)})
+    def _prepare_lines(self, ctx: RoundContext, build: ShardBuild, lines: Sequence[int]
+                       ) -> dict[int, _Prepared]:
+        """Read and check the image of each of ``lines`` (once per item: a multi-skill run's
+        lines of one item share it) and each line's options; errors become the line's error."""
+        spec = ctx.run.spec
+        endpoints = skill_endpoints(spec)
+        items = sorted({build.lines[li] for li in lines})
 
-    def _payload(self, ctx: RoundContext, endpoint: FalEndpoint, images: Sequence[_Prepared]
+        def load(i: int) -> tuple[int, PreparedImage | ItemError]:
+            try:
+                data = read_item(ctx.run.fetcher.get, ctx.items[i])
+                return i, prepare_image(data, limit=MAX_IMAGE_BYTES, max_pixels=spec.max_pixels)
+            except ItemError as exc:
+                return i, exc
+
+        n = ctx.settings.fetch_concurrency
+        images = dict(ordered_map(load, items, workers=n, window=2 * n))
+        out: dict[int, _Prepared] = {}
+        for li in lines:
+            item = ctx.items[build.lines[li]]
+            k = build.skills[li] if build.skills else 0
+            endpoint, image = endpoints[k], images[build.lines[li]]
+            try:
+                options = item_options(spec.all_options[k], item)
+                if item.opts:
+                    check_options(endpoint, options)
+            except ItemError as exc:
+                out[li] = _Prepared(li, item, endpoint, error=exc.as_dict())
+                continue
+            except ValueError as exc:  # an override the endpoint cannot serve
+                out[li] = _Prepared(li, item, endpoint, error={"code": "invalid_options",
+                                                               "message": str(exc)})
+                continue
+            if isinstance(image, ItemError):
+                out[li] = _Prepared(li, item, endpoint, error=image.as_dict())
+            else:
+                out[li] = _Prepared(li, item, endpoint, image, options)
+        return out
+
+    def _payload(self, ctx: RoundContext, images: Sequence[_Prepared]
                  ) -> tuple[dict[str, Any], list[str]]:
         """The request body for prepared images, and the archive member names (if any)."""
-        options = images[0].options or ctx.run.spec.options  # a request's items share them
+        # A request's lines share their endpoint and options (see the packing in _send).
+        endpoint, options = images[0].endpoint, images[0].options or ctx.run.spec.options
         if endpoint.kind == "archive":
             names = [member_name(p.line, p.image.format) for p in images]  # type: ignore[union-attr]
             archive = build_archive([(n, p.image.data) for n, p in zip(names, images, strict=True)])  # type: ignore[union-attr]
@@ -746,7 +788,10 @@ def _data_uri_bytes(payload: dict[str, Any]) -> int:
 def _finish(ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any], out: list[bytes],
             line: dict[str, Any]) -> None:
     """A line is final: give it the id it was sent under, count it, add it to ``out``."""
-    line["id"] = build.id_prefix + ctx.items[build.lines[line["line_index"]]].key
+    line_id = build.id_prefix + ctx.items[build.lines[line["line_index"]]].key
+    if build.skills:
+        line_id = skill_line_id(line_id, ctx.run.spec.all_options[build.skills[line["line_index"]]].skill)
+    line["id"] = line_id
     ledger["ok" if line["status"] == "ok" else "failed"] += 1
     out.append(orjson.dumps(line))
 
