@@ -77,14 +77,17 @@ _DECODE_COLUMNS = ["id_json", "source", "status", *_SIZE_FIELDS, "result_json",
 
 def encode(rows: Sequence[bytes]) -> bytes:
     """Rows (JSON bytes, ``workers.merge``) → the bytes of one Parquet file with ``SCHEMA``
-    (zstd, one row group; no rows gives a file with no rows and the same schema)."""
+    (zstd, one row group; no rows gives a file with the same schema and no row group)."""
     cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     for raw in rows:
         for name, value in _columns(orjson.loads(raw)).items():
             cols[name].append(value)
-    table = pa.Table.from_pydict(cols, schema=SCHEMA)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    with pq.ParquetWriter(buf, SCHEMA, compression="zstd") as writer:
+        # No rows: no row group at all (``datasets`` fails on a row group of 0 rows).
+        if rows:
+            writer.write_table(pa.Table.from_pydict(cols, schema=SCHEMA),
+                               row_group_size=len(rows))
     return buf.getvalue()
 
 
