@@ -350,3 +350,8 @@ def test_coco_export_point_fal_parquet(s3, bucket, env, fleet, tmp_path):
     check_coco(path, photos, lambda img: expected_output(
         "fal-ai/moondream3-preview/point", {"image_url": "x", "prompt": "eye"}, [img])["points"],
         "point")
+    # clean removes the Parquet shards and the export with the rest (and nothing else).
+    s3.put_object(Bucket=bucket, Key="out/annotations/mine.json", Body=b"{}")
+    run_cli(["clean", f"s3://{bucket}/out/", "--force"], env)
+    left = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
+    assert left == ["out/annotations/mine.json"]
