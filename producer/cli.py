@@ -1150,13 +1150,13 @@ def clean(output: OutputArg,
           force: Annotated[bool, typer.Option(
               "--force", help="also clean a complete or running run (a running one is "
               "cancelled first; its batches at the API run on)")] = False) -> None:
-    """Delete what moonbatch wrote under OUTPUT: _moonbatch/, run.json and results/shard-*.jsonl
-    (nothing else), so OUTPUT can take a new run. Refuses a complete or running run without
-    --force.
+    """Delete what moonbatch wrote under OUTPUT: _moonbatch/, run.json, results/shard-*.jsonl
+    (or .parquet) and annotations/instances.json (nothing else), so OUTPUT can take a new run.
+    Refuses a complete or running run without --force.
     """
     from config import get_settings
     from producer import runs as runs_mod
-    from workers import layout, registry
+    from workers import layout, registry, writers
     from workers.runstate import open_output
     from workers.storage import LocalStore, normalize_url, put_json
     from workers.tasks import run_final
@@ -1176,17 +1176,18 @@ def clean(output: OutputArg,
                        code=3)
         if state in ("running", "planning"):  # stop its queued work before removing its state
             put_json(store, layout.CANCELLED, {"at": time.time()}, if_absent=True)
-        pattern = re.compile(r"results/shard-\d{5}\.jsonl")
+        suffixes = "|".join(writers.module(f).SUFFIX for f in writers.OUTPUT_FORMATS)
+        pattern = re.compile(r"results/shard-\d{5}\.(" + suffixes + ")")
         keys = [o.key for o in store.iter_objects(layout.STATE)]
         keys += [o.key for o in store.iter_objects(layout.RESULTS) if pattern.fullmatch(o.key)]
-        keys += [layout.SUMMARY] if store.exists(layout.SUMMARY) else []
+        keys += [k for k in (layout.SUMMARY, layout.COCO) if store.exists(k)]
         if not keys:
             out.print(f"nothing to clean at {output}", highlight=False)
             return
         for key in sorted(keys, key=lambda k: k == layout.SPEC):  # the spec last
             store.delete(key)
         if isinstance(store, LocalStore):  # folders left empty
-            for folder in (layout.STATE, layout.RESULTS):
+            for folder in (layout.STATE, layout.RESULTS, layout.ANNOTATIONS):
                 _remove_empty_dirs(store.root / folder)
         if run_id:
             with contextlib.suppress(Exception):  # the registry only helps find runs
@@ -1270,9 +1271,12 @@ def demo(output: Annotated[Path, typer.Option(
             err.print(f"demo: {source} → {target} ({what})")
             snap = _run(spec, workers=max(1, workers or 1), timeout=timeout, embedded=True)
         _print_summary(snap)
-        first = next(iter(sorted((target / "results").glob("*.jsonl"))), None)
-        if first is not None:
-            row = json.loads(first.read_text().splitlines()[0])
+        from workers import writers
+
+        writer = writers.module(spec.output_format)
+        first = next(iter(sorted((target / "results").glob(f"*.{writer.SUFFIX}"))), None)
+        row = next(writer.decode(first.read_bytes()), None) if first is not None else None
+        if row is not None:
             out.print(f"first row of {first.name}: {json.dumps(row, ensure_ascii=False)[:300]}")
         out.print(f"results are in {target / 'results'}")
 

@@ -281,11 +281,18 @@ def upload_photos(s3, bucket: str, prefix: str, names=SKIMAGE_PHOTOS) -> dict[st
 
 
 def read_results(s3, bucket: str, prefix: str) -> list[dict]:
+    """Every row under ``prefix + "results/"``: JSONL shards line by line, Parquet shards
+    through ``workers.writers.parquet.decode`` (the rows as the JSONL writer gives them)."""
     rows = []
     resp = s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "results/")
     for obj in resp.get("Contents", []):
         body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-        rows += [json.loads(line) for line in body.splitlines() if line.strip()]
+        if obj["Key"].endswith(".parquet"):
+            from workers.writers import parquet
+
+            rows += list(parquet.decode(body))
+        else:
+            rows += [json.loads(line) for line in body.splitlines() if line.strip()]
     return rows
 
 

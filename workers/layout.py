@@ -3,6 +3,7 @@
     run.json                               summary (status running → completed | failed)
     results/shard-00000.jsonl              merged rows, one per input item, written once
                                            (.parquet with --format parquet; workers.writers)
+    annotations/instances.json             detect/point runs: COCO export (workers.writers.coco)
     _moonbatch/spec.json                   the run spec (written once at submit)
     _moonbatch/plan.json                   {"shards": N, "items": M, ...} once listing is done
     _moonbatch/plan/shard-00000.jsonl      the shard's items: {"id", "size"} per line
@@ -49,6 +50,8 @@ CANCELLED = STATE + "cancelled.json"
 FINALIZED = STATE + "finalized"
 SUMMARY = "run.json"
 RESULTS = "results/"
+ANNOTATIONS = "annotations/"
+COCO = ANNOTATIONS + "instances.json"
 SHARDS = STATE + "shards/"
 PLANNING = STATE + "planning.json"
 SKIPPED = STATE + "skipped/"

@@ -64,4 +64,9 @@ def iter_results(store: Store, fmt: str, shards: int) -> Iterator[dict[str, Any]
 
 def finish_run(store: Store, spec: Any, shards: int) -> None:
     """Write the exports of a run whose shards are all merged (idempotent: a second call
-    writes the same documents). Today: nothing beyond the results files."""
+    writes the same documents): for a run with a detect or point skill, the COCO
+    ``annotations/instances.json`` (``workers.writers.coco``)."""
+    from workers.writers import coco
+
+    if coco.wanted(spec):
+        coco.write(store, spec, shards)
