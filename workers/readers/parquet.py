@@ -39,9 +39,9 @@ OVERRIDES = ("question", "object", "length")
 DEFAULT_IMAGE_COLUMN = "image"
 CACHED_ROW_GROUPS = 2  # decoded image columns a worker process keeps
 CACHED_FILES = 8  # open files (footers read) a worker process keeps
-# Parquet reads are whole column chunks or footers: a small readahead keeps planning from
-# pulling image bytes next to the id column.
-PARQUET_BLOCK = 64 * 1024
+# No readahead: pyarrow reads a footer or a column chunk in one call, and a readahead past the
+# id column would pull image bytes at planning.
+PARQUET_BLOCK = 1
 
 
 def is_parquet(key: str) -> bool:
