@@ -143,7 +143,12 @@ def _s3_problem(what: str, url: str, exc: Exception, settings: Settings, *, writ
 
 
 def check_input(url: str, settings: Settings, *, allow_empty: bool = False) -> str | None:
-    """INPUT exists, can be listed and holds at least one object (unless ``allow_empty``)."""
+    """INPUT exists, can be listed and holds at least one object (unless ``allow_empty``);
+    a file INPUT (a manifest, a ``.tar``, a ``.parquet``) exists."""
+    from workers.readers import kind_of_file
+
+    if kind_of_file(url) is not None:
+        return _check_input_file(url, settings)
     url = normalize_url(url)
     if not url.startswith("s3://"):
         path = Path(url)
@@ -164,6 +169,22 @@ def check_input(url: str, settings: Settings, *, allow_empty: bool = False) -> s
         return (f"INPUT: no objects under {url}{hint}: check the path, or pass --allow-empty "
                 "to accept an empty run")
     return None
+
+
+def _check_input_file(url: str, settings: Settings) -> str | None:
+    """The file INPUT ``url`` (``s3://bucket/key`` or an absolute path) exists."""
+    folder, _, name = url.replace("\\", "/").rpartition("/")
+    if not url.startswith("s3://"):
+        if not Path(url).is_file():
+            return f"INPUT: {url} does not exist or is not a file: check the path"
+        if not os.access(url, os.R_OK):
+            return f"INPUT: {url} cannot be read (permission denied): check its permissions"
+        return None
+    try:
+        found = any(o.key == name for o in quick_store(folder + "/", settings).iter_objects(name))
+    except Exception as exc:
+        return _s3_problem("INPUT", url, exc, settings, write=False)
+    return None if found else f"INPUT: no object {url}: check the key"
 
 
 def _check_writable(what: str, url: str, settings: Settings, probe_key: str) -> str | None:
