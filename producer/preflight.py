@@ -143,7 +143,13 @@ def _s3_problem(what: str, url: str, exc: Exception, settings: Settings, *, writ
 
 
 def check_input(url: str, settings: Settings, *, allow_empty: bool = False) -> str | None:
-    """INPUT exists, can be listed and holds at least one object (unless ``allow_empty``)."""
+    """INPUT exists, can be listed and holds at least one object (unless ``allow_empty``); a
+    file INPUT (a manifest, a ``.tar``, a ``.parquet``: ``workers.readers.kind_of_file``)
+    exists and can be read."""
+    from workers.readers import kind_of_file
+
+    if kind_of_file(url) is not None:
+        return check_input_file(url, settings)
     url = normalize_url(url)
     if not url.startswith("s3://"):
         path = Path(url)
@@ -163,6 +169,28 @@ def check_input(url: str, settings: Settings, *, allow_empty: bool = False) -> s
         hint = " (s3://b/photos means the prefix s3://b/photos/)" if url.startswith("s3://") else ""
         return (f"INPUT: no objects under {url}{hint}: check the path, or pass --allow-empty "
                 "to accept an empty run")
+    return None
+
+
+def check_input_file(url: str, settings: Settings) -> str | None:
+    """The INPUT file at ``url`` (``s3://bucket/key`` or a local path) exists and can be read
+    (local: its permissions; S3: a HEAD)."""
+    if not url.startswith("s3://"):
+        path = Path(url).expanduser()
+        if not path.exists():
+            return f"INPUT: {url} does not exist: check the path"
+        if not path.is_file():
+            return f"INPUT: {url} is not a file: name the manifest, .tar or .parquet file"
+        if not os.access(path, os.R_OK):
+            return f"INPUT: {url} cannot be read (permission denied): check its permissions"
+        return None
+    folder, _, name = url.rpartition("/")
+    try:
+        if not quick_store(folder + "/", settings).exists(name):
+            return f"INPUT: {url} does not exist: check the key"
+    except Exception as exc:
+        cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+        return _s3_problem("INPUT", url, cause, settings, write=False)
     return None
 
 
