@@ -45,7 +45,7 @@ def plan_shards(items: Iterable[PlanItem], *, max_lines: int, max_bytes: int,
         raise ValueError(f"max_bytes={max_bytes}: must be within 1..{bytes_cap}")
     index, batch, size = 0, [], 0
     for item in items:
-        line = estimate_line_bytes(item.id, item.size, fragment_len)
+        line = estimate_line_bytes(item.key, item.size, fragment_len)
         if batch and (len(batch) >= max_lines or size + line > max_bytes):
             yield Shard(index, tuple(batch), size)
             index, batch, size = index + 1, [], 0
