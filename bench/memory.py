@@ -5,6 +5,10 @@ Measures, in child processes (``bench.probe``), the peak resident set size (VmHW
 - planning: ``workers.readers.prefix.iter_items`` + ``producer.planner.plan_shards`` + writing every
   shard's plan file to a LocalStore (what ``submit_run`` does, less the queue) over a local tree of
   1,000,000 empty ``.jpg`` files in 1000 directories (target: a few hundred MB at most);
+- planning a manifest: ``Reader.check`` (the duplicate-id pre-pass) then the same planning, for a
+  1,000,000-row CSV (string ids) and JSONL (int ids, a per-row ``length`` on every 10th row)
+  local manifest whose image column holds keys of that tree (``--base``; each size read with
+  ``stat``), compared with the prefix planning's peak measured in the same run;
 - a worker: ``build_and_submit`` of a shard of tiny PNGs (8x8, local files) to the emulator with
   the worker settings (fetch concurrency, ...; 8 MiB parts so that the JSONL of the larger shard,
   ~43 MB, spans several parts), then waiting for the batch, downloading
@@ -79,6 +83,46 @@ def tiny_tree() -> tuple[Path, float | None]:
     return path, time.perf_counter() - start
 
 
+def manifests(tree: Path) -> tuple[dict[str, Path], float | None]:
+    """``{"csv": ..., "jsonl": ...}``: 1,000,000-row manifests of ``tree``'s files (cached);
+    seconds it took to make them, or None if they were cached."""
+    path, ready = cached_dir("manifest-1m-v1")
+    files = {"csv": path / "m.csv", "jsonl": path / "m.jsonl"}
+    if ready:
+        return files, None
+    start, per_dir = time.perf_counter(), PLAN_ITEMS // PLAN_DIRS
+    with open(files["csv"], "w") as c, open(files["jsonl"], "w") as j:
+        c.write("id,image,length\n")
+        for i in range(PLAN_ITEMS):
+            key = f"d{i // per_dir:04d}/IMG_{i:07d}.jpg"
+            length = "long" if i % 10 == 0 else ""
+            c.write(f"img-{i:07d},{key},{length}\n")
+            j.write(json.dumps({"id": i, "image": key, **({"length": length} if length else {})})
+                    + "\n")
+    mark_complete(path)
+    return files, time.perf_counter() - start
+
+
+def plan_manifests(result: Result, tree: Path, prefix_peak: float) -> None:
+    """Rows of the manifest planning probes, against the prefix planning's ``prefix_peak``."""
+    files, made = manifests(tree)
+    if made is not None:
+        result.notes.append(f"made the 1,000,000-row manifests in {made:.0f} s (cached)")
+    base = probe("imports-manifest")["peak_mb"]
+    for fmt, path in files.items():
+        with tempfile.TemporaryDirectory(prefix="moonbatch-bench-manifest-") as out:
+            got = probe("plan-manifest", str(path), str(tree), out)
+        if got["items"] != PLAN_ITEMS:
+            raise RuntimeError(f"planned {got['items']} manifest rows, expected {PLAN_ITEMS}")
+        result.add(f"{fmt} manifest, {PLAN_ITEMS:,} rows: check + plan, peak RSS",
+                   f"{got['peak_mb']:.0f} MB (check {got['check_seconds']:.1f} s, peak "
+                   f"{got['check_peak_mb']:.0f} MB; all {got['seconds']:.1f} s, "
+                   f"{got['shards']} shards)",
+                   f"prefix planning: {prefix_peak:.0f} MB (imports only: {base:.0f} MB)",
+                   f"{got['peak_mb'] / prefix_peak:.2f}x", f"<= {PLAN_TARGET_MB:.0f} MB",
+                   got["peak_mb"] <= PLAN_TARGET_MB)
+
+
 def probe(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -m bench.probe ARGS`` and return its JSON report."""
     proc = subprocess.run([sys.executable, "-m", "bench.probe", *args], cwd=REPO,
@@ -105,6 +149,7 @@ def run(servers: Servers) -> Result:
                f"{got['items'] / got['seconds']:,.0f} items/s)", f"imports only: {base:.0f} MB",
                f"{got['peak_mb'] / base:.2f}x", f"<= {PLAN_TARGET_MB:.0f} MB",
                got["peak_mb"] <= PLAN_TARGET_MB)
+    plan_manifests(result, tree, got["peak_mb"])
 
     tiny, made = tiny_tree()
     if made is not None:

@@ -2,6 +2,7 @@
 
     python -m bench.probe imports-plan | imports-worker      import the modules, nothing else
     python -m bench.probe plan TREE OUT                      plan TREE's items, write plan files
+    python -m bench.probe plan-manifest MANIFEST TREE OUT    check, then plan a manifest of TREE
     python -m bench.probe worker TREE N STATE                build, submit, wait and merge a shard
 
 Each prints one JSON line: ``peak_mb`` (VmHWM from /proc/self/status) and what it measured. The
@@ -23,6 +24,7 @@ from bench.common import worker_kwargs
 
 PLAN_MODULES = ("config", "workers.readers.prefix", "producer.planner", "workers.layout", "workers.models",
                 "workers.storage")
+MANIFEST_MODULES = (*PLAN_MODULES, "workers.readers.manifest", "producer.runs", "numpy")
 WORKER_MODULES = ("config", "workers.builder", "workers.lines", "workers.merge", "workers.models",
                   "workers.moondream", "workers.storage", "PIL.Image", "PIL.PngImagePlugin")
 
@@ -54,6 +56,37 @@ def plan(tree: str, out: str) -> dict[str, Any]:
                   b"".join(item.to_json() + b"\n" for item in shard.items))
         shards += 1
     return {"items": stats.items, "shards": shards, "seconds": time.perf_counter() - start}
+
+
+def plan_manifest(manifest: str, tree: str, out: str) -> dict[str, Any]:
+    """What ``producer.runs.start_run`` does with a manifest, less the queue: the reader's
+    pre-pass (``check``: valid rows, no duplicate id), then plan its rows (image keys relative
+    to ``--base`` TREE) into shards of the default size, writing each shard's plan file to OUT."""
+    from config import get_settings
+    from producer.planner import plan_shards
+    from producer.runs import new_spec
+    from workers import layout
+    from workers.models import SkillOptions
+    from workers.readers import ListingStats, open_reader
+    from workers.storage import LocalStore
+
+    settings, stats, store = get_settings(), ListingStats(), LocalStore(out)
+    options = SkillOptions(skill="caption")
+    spec = new_spec(manifest, out + "/run/", options, settings, input_format="manifest",
+                    input_options={"base": tree})
+    reader = open_reader(spec, LocalStore(tree), settings)
+    start = time.perf_counter()
+    reader.check()
+    checked, check_peak = time.perf_counter() - start, peak_mb()
+    shards = 0
+    for shard in plan_shards(reader.iter_items(stats), max_lines=settings.shard_size,
+                             max_bytes=settings.max_shard_bytes,
+                             fragment_len=len(options.line_fragment())):
+        store.put(layout.plan_items(shard.index),
+                  b"".join(item.to_json() + b"\n" for item in shard.items))
+        shards += 1
+    return {"items": stats.items, "shards": shards, "check_seconds": checked,
+            "check_peak_mb": check_peak, "seconds": time.perf_counter() - start}
 
 
 def worker(tree: str, n: str, state: str) -> dict[str, Any]:
@@ -98,9 +131,12 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     """Run the probe named by ``argv[0]``; print its report as one JSON line."""
     kind, args = argv[0], argv[1:]
-    for module in PLAN_MODULES if kind in ("plan", "imports-plan") else WORKER_MODULES:
+    modules = {"plan": PLAN_MODULES, "imports-plan": PLAN_MODULES, "plan-manifest": MANIFEST_MODULES,
+               "imports-manifest": MANIFEST_MODULES}.get(kind, WORKER_MODULES)
+    for module in modules:
         importlib.import_module(module)
-    report = {"plan": plan, "worker": worker}[kind](*args) if not kind.startswith("imports") else {}
+    probes = {"plan": plan, "plan-manifest": plan_manifest, "worker": worker}
+    report = probes[kind](*args) if not kind.startswith("imports") else {}
     report["peak_mb"] = peak_mb()
     print(json.dumps(report))
 

@@ -143,12 +143,13 @@ def _s3_problem(what: str, url: str, exc: Exception, settings: Settings, *, writ
 
 
 def check_input(url: str, settings: Settings, *, allow_empty: bool = False) -> str | None:
-    """INPUT exists, can be listed and holds at least one object (unless ``allow_empty``);
-    a file INPUT (a manifest, a ``.tar``, a ``.parquet``) exists."""
+    """INPUT exists, can be listed and holds at least one object (unless ``allow_empty``); a
+    file INPUT (a manifest, a ``.tar``, a ``.parquet``: ``workers.readers.kind_of_file``)
+    exists and can be read."""
     from workers.readers import kind_of_file
 
     if kind_of_file(url) is not None:
-        return _check_input_file(url, settings)
+        return check_input_file(url, settings)
     url = normalize_url(url)
     if not url.startswith("s3://"):
         path = Path(url)
@@ -171,20 +172,26 @@ def check_input(url: str, settings: Settings, *, allow_empty: bool = False) -> s
     return None
 
 
-def _check_input_file(url: str, settings: Settings) -> str | None:
-    """The file INPUT ``url`` (``s3://bucket/key`` or an absolute path) exists."""
-    folder, _, name = url.replace("\\", "/").rpartition("/")
+def check_input_file(url: str, settings: Settings) -> str | None:
+    """The INPUT file at ``url`` (``s3://bucket/key`` or a local path) exists and can be read
+    (local: its permissions; S3: a HEAD)."""
     if not url.startswith("s3://"):
-        if not Path(url).is_file():
-            return f"INPUT: {url} does not exist or is not a file: check the path"
-        if not os.access(url, os.R_OK):
+        path = Path(url).expanduser()
+        if not path.exists():
+            return f"INPUT: {url} does not exist: check the path"
+        if not path.is_file():
+            return f"INPUT: {url} is not a file: name the manifest, .tar or .parquet file"
+        if not os.access(path, os.R_OK):
             return f"INPUT: {url} cannot be read (permission denied): check its permissions"
         return None
+    folder, _, name = url.rpartition("/")
     try:
-        found = any(o.key == name for o in quick_store(folder + "/", settings).iter_objects(name))
+        if not quick_store(folder + "/", settings).exists(name):
+            return f"INPUT: {url} does not exist: check the key"
     except Exception as exc:
-        return _s3_problem("INPUT", url, exc, settings, write=False)
-    return None if found else f"INPUT: no object {url}: check the key"
+        cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+        return _s3_problem("INPUT", url, cause, settings, write=False)
+    return None
 
 
 def _check_writable(what: str, url: str, settings: Settings, probe_key: str) -> str | None:

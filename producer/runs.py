@@ -328,6 +328,7 @@ def start_run(spec: RunSpec, settings: Settings, *,
     out = open_output(spec.output, settings)
     inp = open_output(input_root(spec), settings)
     check_output_for(out, spec)  # read-only: say what OUTPUT holds before writing anything
+    check_input_items(spec, inp, settings)  # e.g. duplicate manifest ids: before any write
     lease = Lease(out, layout.PLANNING, f"{spec.run_id}-{uuid.uuid4().hex[:8]}",
                   PLANNING_LEASE_SECONDS)
     if not lease.acquire():
@@ -389,6 +390,15 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     return plan
 
 
+def check_input_items(spec: RunSpec, inp: Store, settings: Settings | None = None) -> None:
+    """The reader's pre-pass, for readers that have one (``Reader.check()``, e.g. the
+    manifest's: every row valid, no duplicate id), so an INPUT that cannot be run whole fails
+    before anything is written or enqueued. Raises ``InputError``, storage errors."""
+    check = getattr(open_reader(spec, inp, settings), "check", None)
+    if check is not None:
+        check()
+
+
 def iter_plan(spec: RunSpec, inp: Store, stats: ListingStats, settings: Settings | None = None
               ) -> Iterator[Shard]:
     """INPUT's shards as the run plans them: the reader's items (``workers.readers``; ``inp``
@@ -418,14 +428,17 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     "items", "skipped", "skipped_examples", "shards", "image_bytes", "requests",
     "upload_bytes", "input_tokens", "output_tokens", "compute_seconds", "cost_usd", "basis"}``
     (token, second and cost fields are None where the provider has no such figure). Raises
-    storage errors when INPUT cannot be listed.
+    storage errors when INPUT cannot be listed, ``InputError`` when it cannot be run (see
+    ``check_input_items``).
     """
     from workers.providers import provider_for
 
     provider = provider_for(spec)
     stats = ListingStats()
     shards = image_bytes = requests = 0
-    for shard in iter_plan(spec, open_output(input_root(spec), settings), stats, settings):
+    inp = open_output(input_root(spec), settings)
+    check_input_items(spec, inp, settings)
+    for shard in iter_plan(spec, inp, stats, settings):
         size = sum(item.size for item in shard.items)
         shards += 1
         image_bytes += size

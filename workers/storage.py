@@ -104,13 +104,14 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().resolve()
         self._root_str = str(self.root)
-        self.url = self._root_str + os.sep
+        # The filesystem root ("/", what file:// item refs open) already ends in a separator.
+        self.url = self._root_str.rstrip(os.sep) + os.sep
 
     def _path(self, key: str) -> Path:
         # realpath follows symlinks anywhere on the path; a string prefix test is ~50x cheaper
         # than comparing against Path.parents.
         real = os.path.realpath(os.path.join(self._root_str, key))
-        if real != self._root_str and not real.startswith(self._root_str + os.sep):
+        if real != self._root_str and not real.startswith(self.url):
             raise StorageError(f"key {key!r} escapes the store root {self.root}")
         return Path(real)
 
@@ -118,7 +119,7 @@ class LocalStore:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return
-        root = str(self.root) + os.sep
+        root = self.url
         stack = [str(base)]
         while stack:  # depth-first, names sorted: a deterministic order, one folder in memory
             folder = stack.pop()

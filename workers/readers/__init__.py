@@ -8,7 +8,10 @@ item's image (worker side). One module per kind of INPUT, behind one small inter
 
 A reader module defines a ``Reader`` class (``Reader(spec, store, settings)`` with
 ``iter_items(stats, exclude_prefix)`` yielding ``PlanItem``) and, if its items carry a ``ref``
-scheme of their own (``tar:``, ``parquet:``), ``fetch(fetcher, rest) -> bytes``; ``READERS``
+scheme of their own (``tar:``, ``parquet:``), ``fetch(fetcher, rest) -> bytes``. A reader
+whose INPUT can be wrong as a whole (a manifest's duplicate ids) may also define ``check()``,
+raising ``InputError``: the producer calls it before it writes anything
+(``producer.runs.check_input_items``). ``READERS``
 below records each module with the INPUT file suffixes it takes and ``SCHEMES`` its ref scheme,
 so choosing a reader imports none. Shared code never names a reader: it calls ``open_reader``
 to list and ``ItemFetcher`` to read. Importing this package does not import Celery, boto3 or

@@ -1,0 +1,309 @@
+"""Manifest reader: a table (``.csv``, ``.jsonl``/``.ndjson`` or ``.parquet``, local or on S3)
+with one row per item: an id column (``--id-column``, default ``id``) and an image column
+(``--image-column``, default ``image``), plus optional per-row ``question``, ``object`` and
+``length`` columns that override the run's options for that row.
+
+The image column holds an ``s3://`` URI, an ``http(s)://`` URL, an absolute local path (or a
+``file://`` URL), or a key relative to the INPUT store (``--base``, else the manifest's folder).
+Ids keep their type: CSV ids are strings, JSONL and Parquet ids are str, int, float or bool.
+
+The manifest is streamed (CSV and JSONL line by line through a buffered reader, Parquet by
+record batch, only the needed columns), so memory does not grow with its rows. ``check()`` is a
+pre-pass the producer runs before it writes anything: every row is valid and no two rows share
+an id (8 bytes per row; a second pass only when a duplicate is found, to name it).
+
+Sizes: a local image's size is read with ``stat`` (cheap); an S3 object's or a URL's would cost
+a request per row (a million HEADs), so it is planned at ``REMOTE_SIZE_ESTIMATE`` bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import posixpath
+from collections.abc import Iterator
+from typing import IO, Any
+
+import orjson
+
+from workers.models import PlanItem
+from workers.readers import InputError, ListingStats, scheme_of, split_input
+from workers.storage import LocalStore, S3Store, Store, open_store
+
+# Planning size of an image whose size is not known without a request (S3, http): the shard
+# byte limit (2 GB, the Batch API's) is what it bounds, so it errs on the large side. With the
+# default 2 MP downscale budget a sent JPEG is at most about this big; smaller images only make
+# shards smaller than they could be (~1,400 lines instead of 10,000), never too big.
+REMOTE_SIZE_ESTIMATE = 1_000_000
+OVERRIDE_COLUMNS = ("question", "object", "length")
+READ_BUFFER = 8 * 2**20  # bytes per read of the manifest (one ranged GET on S3)
+PARQUET_BATCH_ROWS = 8192
+_ID_TYPES = (str, int, float, bool)
+_TAKES = {"caption": ("length",), "query": ("question",), "detect": ("object",),
+          "point": ("object",)}
+
+
+class Reader:
+    """The rows of the manifest at ``spec.input``; relative image keys are keys of ``store``
+    (the store at ``input_root(spec)``). Reads ``spec.input_options`` ``id_column`` and
+    ``image_column``. Raises nothing until read."""
+
+    def __init__(self, spec: Any, store: Store, settings: Any = None) -> None:
+        if settings is None:
+            from config import get_settings
+
+            settings = get_settings()
+        self.spec, self.store, self.settings = spec, store, settings
+        self.url = spec.input
+        opts = spec.input_options or {}
+        self.id_column = opts.get("id_column") or "id"
+        self.image_column = opts.get("image_column") or "image"
+        takes = {f for o in spec.all_options for f in _TAKES.get(o.skill, ())}
+        self.overrides = tuple(c for c in OVERRIDE_COLUMNS if c in takes)
+        self.name = self.url.replace("\\", "/").rsplit("/", 1)[-1]
+        self._local_root = store.root if isinstance(store, LocalStore) else None
+
+    # -- producer side ---------------------------------------------------------------------
+    def iter_items(self, stats: ListingStats, *, exclude_prefix: str | None = None
+                   ) -> Iterator[PlanItem]:
+        """Yield one ``PlanItem`` per row, in file order (``exclude_prefix`` does not apply:
+        a manifest names its images). Raises ``InputError`` naming the row for a missing or
+        nested id, a missing image or a bad image reference; ``InputError`` when the manifest
+        does not exist or lacks a column; storage errors."""
+        for where, item_id, image, opts in self._rows():
+            stats.listed += 1
+            ref = self._ref(image, where)
+            stats.items += 1
+            yield PlanItem(item_id, self._size(ref), ref, opts)
+
+    def check(self) -> None:
+        """Read the whole manifest once before anything is written: every row is valid (see
+        ``iter_items``) and ids are unique, where ids that print the same (``1`` and ``"1"``,
+        ``PlanItem.key``) count as the same. Raises ``InputError`` naming the duplicate id and
+        both rows. Memory: 8 bytes per row."""
+        import hashlib
+        from array import array
+
+        import numpy as np
+
+        digests = array("Q")
+        for where, item_id, image, _ in self._rows():
+            self._ref(image, where)
+            digests.append(int.from_bytes(hashlib.blake2b(
+                _key(item_id).encode(), digest_size=8).digest(), "little"))
+        if len(digests) < 2:
+            return
+        ordered = np.sort(np.frombuffer(digests, dtype=np.uint64))
+        del digests
+        dup = ordered[1:][ordered[1:] == ordered[:-1]]
+        if not len(dup):
+            return
+        suspects = set(dup.tolist())
+        del ordered, dup
+        first: dict[str, str] = {}  # only the ids whose digest repeats (a digest collision too)
+        for where, item_id, _, _ in self._rows():
+            key = _key(item_id)
+            if int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(),
+                              "little") not in suspects:
+                continue
+            if key in first:
+                raise InputError(f"{self.name}: duplicate id {key!r} ({self.id_column} at "
+                                 f"{first[key]} and {where}): ids must be unique; fix the "
+                                 "manifest")
+            first[key] = where
+
+    def _rows(self) -> Iterator[tuple[str, Any, Any, dict[str, Any] | None]]:
+        """``(where, id, image value, overrides)`` per row; ``where`` is ``line N`` (CSV,
+        JSONL: the file's line) or ``row N`` (Parquet, 1-based)."""
+        lower = self.name.lower()
+        if lower.endswith(".parquet"):
+            rows = self._parquet_rows()
+        elif lower.endswith(".csv"):
+            rows = self._csv_rows()
+        else:
+            rows = self._jsonl_rows()
+        idc, imc = self.id_column, self.image_column
+        for where, row in rows:
+            item_id, image = row.get(idc), row.get(imc)
+            if item_id is None or item_id == "" or (item_id.__class__ is float and item_id != item_id):
+                raise InputError(f"{self.name} {where}: no {idc!r}: every row needs an id; fill it "
+                                 "in or drop the row")
+            if item_id.__class__ not in _ID_TYPES:
+                raise InputError(f"{self.name} {where}: {idc!r} is a "
+                                 f"{type(item_id).__name__}, not a string, number or boolean: "
+                                 "use scalar ids")
+            if image is None or image == "":
+                raise InputError(f"{self.name} {where}: no {imc!r} for id {_key(item_id)!r}: every "
+                                 "row needs an image; fill it in or drop the row")
+            if image.__class__ is not str:
+                raise InputError(f"{self.name} {where}: {imc!r} is a {type(image).__name__}, not "
+                                 "a string: give an s3:// URI, an http(s) URL, a path or a key")
+            opts = {c: v for c in self.overrides if (v := row.get(c)) is not None and v != ""}
+            yield where, item_id, image, opts or None
+
+    def _open(self) -> IO[bytes]:
+        """The manifest as a buffered binary stream (local: the file; S3: ranged GETs of
+        ``READ_BUFFER`` bytes). Raises ``InputError`` when it does not exist."""
+        folder, name = split_input(self.spec)
+        if not folder.startswith("s3://"):
+            try:
+                return open(os.path.join(folder, name), "rb", buffering=READ_BUFFER)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise InputError(f"manifest {self.url} does not exist: check the path") from None
+        store = self.store if self.store.url == folder else open_store(
+            folder, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
+        return io.BufferedReader(_S3File(store, name, self.url), buffer_size=READ_BUFFER)
+
+    def _missing(self, found: list[str]) -> None:
+        wanted = [c for c in (self.id_column, self.image_column) if c not in found]
+        if wanted:
+            flag = "--id-column" if self.id_column in wanted else "--image-column"
+            raise InputError(f"{self.name}: no column {', '.join(map(repr, wanted))} (columns: "
+                             f"{', '.join(found) or 'none'}): pass {flag} NAME")
+
+    def _csv_rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        with self._open() as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+            reader = csv.DictReader(text)
+            try:
+                self._missing(list(reader.fieldnames or []))
+                for row in reader:
+                    yield f"line {reader.line_num}", row
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise InputError(f"{self.name} line {reader.line_num}: not CSV ({exc}): save "
+                                 "it as UTF-8 CSV with a header row") from None
+
+    def _jsonl_rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        first = True
+        with self._open() as raw:
+            for n, line in enumerate(raw, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    raise InputError(f"{self.name} line {n}: not JSON: write one JSON object "
+                                     "per line") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{self.name} line {n}: a JSON {type(row).__name__}, not "
+                                     "an object: write one object per line")
+                if first:  # the first row says which columns the file has
+                    self._missing(list(row))
+                    first = False
+                yield f"line {n}", row
+
+    def _parquet_rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with self._open() as raw:
+            try:
+                pf = pq.ParquetFile(raw)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise InputError(f"{self.url}: not a Parquet file ({str(exc)[:200]}): check "
+                                 "the file") from None
+            found = pf.schema_arrow.names
+            self._missing(found)
+            if pa.types.is_binary(pf.schema_arrow.field(self.image_column).type) or \
+                    pa.types.is_large_binary(pf.schema_arrow.field(self.image_column).type):
+                raise InputError(f"{self.name}: column {self.image_column!r} holds image bytes, "
+                                 "not references: pass --input-format parquet")
+            columns = [self.id_column, self.image_column,
+                       *(c for c in self.overrides if c in found)]
+            n = 0
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield f"row {n}", row
+
+    # -- image references ------------------------------------------------------------------
+    def _ref(self, image: str, where: str) -> str:
+        """``PlanItem.ref`` of an image column value (see the module docstring)."""
+        value = image
+        if value.startswith(("s3://", "http://", "https://")):
+            if value.startswith("s3://") and not value[5:].partition("/")[2]:
+                raise InputError(f"{self.name} {where}: {value!r} names no object: use "
+                                 "s3://bucket/key")
+            return value
+        if value.startswith("file://"):
+            value = value[len("file://"):]
+            if not value.startswith("/"):
+                raise InputError(f"{self.name} {where}: {image!r} is not an absolute file:// "
+                                 "URL: use file:///abs/path or a relative key")
+        if value.startswith("/"):
+            return "file://" + posixpath.normpath(value)
+        if "://" in value:
+            raise InputError(f"{self.name} {where}: {image!r}: unsupported URL scheme: use "
+                             "s3://, http(s)://, a local path or a key relative to the base")
+        key = posixpath.normpath(value.replace("\\", "/"))
+        if key == "." or scheme_of(key):
+            raise InputError(f"{self.name} {where}: {image!r} does not name a file: give an "
+                             "s3:// URI, an http(s) URL, a path or a key")
+        if key == ".." or key.startswith("../"):
+            raise InputError(f"{self.name} {where}: {image!r} is outside the base folder "
+                             f"{self.store.url}: pass --base with a folder that holds it, or "
+                             "an absolute path")
+        return key
+
+    def _size(self, ref: str) -> int:
+        """A local image's bytes (``stat``; a missing file: the estimate, it becomes an
+        ``object_not_found`` row), else ``REMOTE_SIZE_ESTIMATE``."""
+        if ref.startswith("file://"):
+            path = ref[len("file://"):]
+        elif self._local_root is not None and not scheme_of(ref):
+            path = os.path.join(self._local_root, ref)
+        else:
+            return REMOTE_SIZE_ESTIMATE
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return REMOTE_SIZE_ESTIMATE
+
+
+def _key(item_id: Any) -> str:
+    return item_id if item_id.__class__ is str else orjson.dumps(item_id).decode()
+
+
+class _S3File(io.RawIOBase):
+    """A read-only, seekable view of one S3 object through ranged GETs (``Store.get_range``),
+    so pyarrow can seek to a Parquet footer and CSV/JSONL stream without holding the object.
+    Raises ``InputError`` when the object does not exist."""
+
+    def __init__(self, store: S3Store, key: str, url: str) -> None:
+        super().__init__()
+        self.store, self.key, self.pos = store, key, 0
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            head = store.client.head_object(Bucket=store.bucket, Key=store.prefix + key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise InputError(f"manifest {url} does not exist: check the path") from None
+            raise store._error(key, exc) from None
+        except BotoCoreError as exc:
+            raise store._error(key, exc) from None
+        self.size = int(head["ContentLength"])
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self.size - self.pos)
+        if want <= 0:
+            return 0
+        data = self.store.get_range(self.key, self.pos, want)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
