@@ -173,16 +173,19 @@ def _expected(provider: str, skill: str, field: str, value, image: bytes) -> dic
     return expected_row(f"fal-ai/moondream3-preview/{skill}", args, image, skill)[0]
 
 
-@pytest.mark.parametrize("dry_run", [False, True])
-def test_duplicate_ids_fail_before_anything_is_written(dry_run, tmp_path, env):
+@pytest.mark.parametrize(("dry_run", "fmt"), [(False, "jsonl"), (True, "jsonl"),
+                                               (False, "parquet")])
+def test_duplicate_ids_fail_before_anything_is_written(dry_run, fmt, tmp_path, env):
     (tmp_path / "a.png").write_bytes(photo("coffee.png"))
     lines = [{"id": 1, "image": "a.png"}, {"id": 2, "image": "a.png"}, {"id": 1, "image": "a.png"}]
-    write_manifest(tmp_path / "m.jsonl", "jsonl", lines, ["id", "image"])
+    write_manifest(tmp_path / f"m.{fmt}", fmt, lines, ["id", "image"])
     out = tmp_path / "out"
-    proc = run_cli(["submit", str(tmp_path / "m.jsonl"), str(out), *(["--dry-run"] * dry_run)],
+    # A .parquet of references is found a manifest by the Parquet reader (no --input-format).
+    proc = run_cli(["submit", str(tmp_path / f"m.{fmt}"), str(out), *(["--dry-run"] * dry_run)],
                    env, check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "duplicate id '1'" in proc.stderr and "line 1 and line 3" in proc.stderr
+    assert "duplicate id '1'" in proc.stderr, proc.stderr
+    assert "line 1 and line 3" in proc.stderr or "row 1 and row 3" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (out / "_moonbatch" / "spec.json").exists() and not out.exists()
 

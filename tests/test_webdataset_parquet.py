@@ -258,11 +258,6 @@ def test_parquet_user_errors_are_one_line(env, tmp_path):
 
 def test_parquet_manifest_is_delegated(env, tmp_path):
     """A Parquet file whose image column holds strings is a manifest."""
-    try:
-        import workers.readers.manifest  # noqa: F401
-    except ImportError:
-        pytest.skip("workers.readers.manifest is not on this branch yet (written by another "
-                    "helper): delegation cannot be exercised")
     from workers.models import RunSpec, SkillOptions
     from workers.readers import open_reader
 

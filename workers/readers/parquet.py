@@ -101,6 +101,20 @@ class Reader:
         self.id_column = options.get("id_column") or "id"
         self.image_column = options.get("image_column") or DEFAULT_IMAGE_COLUMN
 
+    def check(self) -> None:
+        """A single file whose image column holds references is a manifest: run the
+        manifest's pre-pass (valid rows, unique ids; ``workers.readers.manifest``). Files of
+        image bytes are checked while planning. Raises ``InputError``."""
+        if self.file_key is None:
+            return
+        info = object_info(self.store, self.file_key)
+        where = self.store.url_for(self.file_key)
+        if info is not None and image_leaf(open_file(self.store, info), self.image_column,
+                                           where) is None:
+            from workers.readers.manifest import Reader as Manifest
+
+            Manifest(self.spec, self.store, self.settings).check()
+
     def iter_items(self, stats: ListingStats, *, exclude_prefix: str | None = None
                    ) -> Iterator[PlanItem]:
         """See ``workers.readers.Reader.iter_items``. Raises ``InputError`` for a missing
