@@ -84,3 +84,40 @@ def test_fal_multi_skill_refuses_another_endpoint(tmp_path, env):
                     "--endpoint", "fal-ai/moondream/batched", "--skill", "caption", "--skill",
                     "query", "--question", "q"], env, check=False)
     assert proc.returncode == 2 and "leave --endpoint" in proc.stderr, proc.stderr
+
+
+def test_multi_skill_parquet_rows_and_coco_from_the_detect_skill(s3, bucket, env, fleet):
+    import pyarrow.parquet as pq
+    from pycocotools.coco import COCO
+
+    photos = upload_photos(s3, bucket, "photos/")
+    run_cli(["submit", f"s3://{bucket}/photos/", f"s3://{bucket}/out/", "--format", "parquet",
+             "--skill", "caption", "--skill", "detect", "--object", "face"], env)
+    assert wait_for_run(s3, bucket, "out/", timeout=150)["status"] == "completed"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/results/")["Contents"]]
+    assert keys and all(k.endswith(".parquet") for k in keys)
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=keys[0])["Body"].read()))
+    first = table.to_pylist()[0]
+    want = expected_result(photos[first["id"]], SKILLS["detect"])
+    assert first["caption"] == expected_result(photos[first["id"]], {"skill": "caption"})["caption"]
+    assert len(first["objects"]) == len(want["objects"])
+    body = s3.get_object(Bucket=bucket, Key="out/annotations/instances.json")["Body"].read()
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(body.decode())
+    coco = COCO(f.name)
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["face"]
+    for image in coco.loadImgs(coco.getImgIds()):
+        name = image["moonbatch_id"]
+        w, h = size_of(photos[name])
+        assert (image["width"], image["height"]) == (w, h)
+        boxes = sorted(a["bbox"] for a in coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]])))
+        expect = sorted([o["x_min"] * w, o["y_min"] * h, (o["x_max"] - o["x_min"]) * w,
+                         (o["y_max"] - o["y_min"]) * h]
+                        for o in expected_result(photos[name], SKILLS["detect"])["objects"])
+        assert len(boxes) == len(expect)
+        for got, exp in zip(boxes, expect, strict=True):
+            assert all(abs(a - b) < 1e-6 * max(w, h) for a, b in zip(got, exp, strict=True))
+    assert json.loads(body)["images"]
