@@ -1085,6 +1085,120 @@ def _say_where_the_work_is(output: str, settings) -> None:
                   f"-Q {queue},{control_queue(queue)}", highlight=False)
 
 
+CodesArg = Annotated[Optional[list[str]], typer.Argument(
+    metavar="[CODE]...", help="retry only error rows with these codes, e.g. object_not_found "
+    "read_failed (default: every error row)", show_default=False)]
+RetryDryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="print how many error rows of each code would be retried; change "
+    "nothing")]
+
+
+def _retry(run_ref: str, codes: list[str] | None, settings, where: dict[str, Any], *,
+           dry_run: bool) -> str | None:
+    """Start (or continue) a retry pass of a finished run's error rows (``workers.retries``)
+    and enqueue its work; print what was done. Returns the run's OUTPUT, or None when there is
+    nothing to follow (nothing to retry, a dry run). Raises ``Fail``, ``PreflightFailed``."""
+    from producer import preflight
+    from producer.runs import register_run, resolve_run
+    from workers import layout, retries
+    from workers.runstate import open_run
+    from workers.storage import get_json_or_none
+    from workers.tasks import reconcile_run
+
+    output = resolve_run(run_ref, settings)
+    run = open_run(output, settings)
+    store, rid = run.output, run.spec.run_id
+    where["output"] = output
+    if store.exists(layout.CANCELLED):
+        raise Fail(f"run {rid} was cancelled: its items cannot be retried; start a new run")
+    wanted = sorted(set(codes)) if codes else None
+    doc, applied = retries.latest_pass(store)
+    finalized = store.exists(layout.FINALIZED)
+    if doc is not None and not (applied and finalized):  # a pass under way, or one that stopped
+        what = f"retry pass {doc['pass']} of run {rid} ({doc['items']} item(s))"
+        if dry_run:
+            out.print(f"{what} is under way: follow it with `moonbatch wait {rid}`",
+                      highlight=False)
+            return None
+        if wanted != doc["codes"]:
+            err.print(f"{what} is not finished: continuing it (codes: "
+                      f"{', '.join(doc['codes'] or ['every error'])})", highlight=False)
+        preflight.preflight(settings, output_url=output, provider=run.spec.provider)
+        register_run(run.spec, settings)
+        if not applied:
+            retries.apply_pass(store, doc)
+        store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
+        reconcile_run(output, rid, full=True)
+        out.print(f"{what}: continued", highlight=False)
+        return output
+    if not finalized:
+        failure = get_json_or_none(store, layout.FAILED)
+        if failure:
+            raise Fail(f"run {rid} failed before it finished ({failure.get('where')}: "
+                       f"{str(failure.get('error'))[:200]}): fix the cause and `moonbatch resume "
+                       f"{rid} --workers N`, then retry its failed items")
+        raise Fail(f"run {rid} is not finished: wait for it (`moonbatch wait {rid}`), then "
+                   "retry its failed items", code=3)
+    found, chosen, every = retries.find_errors(run, set(wanted) if wanted else None)
+    items = sum(chosen.values())
+    others = ", ".join(f"{c} {n}" for c, n in sorted(every.items()) if c not in chosen)
+    if not items:
+        why = (f"no error rows with code {', '.join(wanted)} (its error rows: {others})"
+               if every else "no error rows")
+        out.print(f"run {rid}: {why}: nothing to retry", highlight=False)
+        return None
+    counts = ", ".join(f"{c} {n}" for c, n in sorted(chosen.items()))
+    if dry_run:
+        out.print(f"run {rid}: would retry {items} error row(s) in {len(found)} shard(s): "
+                  f"{counts}" + (f"; not retried: {others}" if others else "")
+                  + " (dry run: nothing changed)", highlight=False, soft_wrap=True)
+        return None
+    preflight.preflight(settings, output_url=output, provider=run.spec.provider)
+    doc = retries.record_pass(store, found, set(wanted) if wanted else None, chosen)
+    register_run(run.spec, settings)  # on the reconciler's list before the run reopens
+    retries.apply_pass(store, doc, found)
+    reconcile_run(output, rid, full=True)
+    out.print(f"run {rid}: retry pass {doc['pass']}: {items} item(s) of {len(found)} shard(s) "
+              f"sent again ({counts})", highlight=False, soft_wrap=True)
+    return output
+
+
+@app.command("retry-failed", epilog=_epilog(
+    "moonbatch retry-failed RUN_ID --workers 4                      # every error row",
+    "moonbatch retry-failed RUN_ID object_not_found read_failed     # only these codes",
+    "moonbatch retry-failed s3://annotations/2024/ --dry-run        # how many, per code"))
+def retry_failed(run_ref: RunRefArg, codes: CodesArg = None, workers: FollowWorkersOpt = None,
+                 timeout: TimeoutOpt = None, dry_run: RetryDryRunOpt = False,
+                 embedded_broker: EmbeddedBrokerOpt = False) -> None:
+    """Send the error rows of a finished run again, into the same OUTPUT: their rows in
+    results/ are replaced by the new outcome (ok, or the new error), so results/ still holds
+    exactly one row per item; run.json counts again. Fix the cause first (objects restored,
+    a key with quota). Run again after an interruption, it finishes the same pass.
+
+    With --workers N, starts N local worker processes on the run's queue and follows the run
+    to the end; without it, returns once the work is enqueued (a fleet does it).
+    """
+    from config import get_settings
+    from workers.embedded import EMBEDDED
+
+    where: dict[str, Any] = {"workers": workers}
+    with _cli_errors(), _interruptible(where):
+        settings = get_settings()
+        if workers is not None and workers < 0:
+            raise Fail("--workers must be >= 0", code=2)
+        embedded = not dry_run and (embedded_broker or settings.broker_url == EMBEDDED)
+        if embedded and not workers:
+            raise Fail("an embedded broker serves only this command's own workers: add "
+                       "--workers N, or use a shared broker", code=2)
+        with _embedded_broker() if embedded else contextlib.nullcontext():
+            settings = get_settings()
+            output = _retry(run_ref, codes, settings, where, dry_run=dry_run)
+            if output is not None and workers:
+                _follow(output, settings, workers, timeout, where)
+            elif output is not None:
+                _say_where_the_work_is(output, settings)
+
+
 @app.command(epilog=_epilog("moonbatch cancel RUN_ID"))
 def cancel(run_ref: RunRefArg) -> None:
     """Stop a run: queued work becomes a no-op, builds in progress abort their uploads, and
