@@ -134,6 +134,10 @@ ImageColumnOpt = Annotated[Optional[str], typer.Option(
 BaseOpt = Annotated[Optional[str], typer.Option(
     "--base", metavar="URL", help="manifest input: where relative image keys are (default: "
     "the manifest's folder)")]
+SkipExistingOpt = Annotated[Optional[str], typer.Option(
+    "--skip-existing", metavar="PREVIOUS_OUTPUT", help="annotate only items without an ok row "
+    "in the results of the run at PREVIOUS_OUTPUT (its OUTPUT URL or run id), e.g. images "
+    "added since")]
 FormatOpt = Annotated[str, typer.Option(
     "--format", metavar="FORMAT", help="results format: jsonl | parquet (results/*.parquet, "
     "one row per item)")]
@@ -175,7 +179,8 @@ class Fail(Exception):
 def _spec_args(*, shard_size: int | None, max_pixels: int | None, provider: str | None,
                endpoint: str | None, input_format: str = "auto", id_column: str | None = None,
                image_column: str | None = None, base: str | None = None,
-               output_format: str = "jsonl") -> dict[str, Any]:
+               output_format: str = "jsonl", skip_existing: str | None = None
+               ) -> dict[str, Any]:
     """The run-shaping options of ``run``/``submit``/``demo`` as ``producer.runs.new_spec``
     takes them (``Fail``, exit 2, for a negative --max-pixels)."""
     _check_max_pixels(max_pixels)
@@ -183,7 +188,16 @@ def _spec_args(*, shard_size: int | None, max_pixels: int | None, provider: str 
                                 ("base", base)) if v is not None}
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
             "endpoint": endpoint, "input_format": input_format, "input_options": reader,
-            "output_format": output_format}
+            "output_format": output_format, "skip_existing": skip_existing}
+
+
+def _planned(plan: dict[str, Any]) -> str:
+    """What a plan holds, for the line ``run``/``submit`` print."""
+    text = (f"{plan['items']} images in {plan['shards']} shard(s); {plan['skipped']} other "
+            "objects skipped")
+    if plan.get("skipped_existing"):
+        text += f"; {plan['skipped_existing']} already with an ok row (--skip-existing) left out"
+    return text
 
 
 def _options(skill: str, length: str | None, question: str | None, obj: str | None,
@@ -528,8 +542,7 @@ def _run(spec, *, workers: int | None, timeout: float | None, embedded: bool = F
 
                 local.stop()
                 local = LocalWorkers(n, run_queue(open_run(output_url, settings).spec, settings))
-            err.print(f"run [bold]{plan['run_id']}[/bold]: {plan['items']} images in "
-                      f"{plan['shards']} shard(s); {plan['skipped']} other objects skipped")
+            err.print(f"run [bold]{plan['run_id']}[/bold]: {_planned(plan)}")
             return _watch(output_url, settings, workers=local, timeout=timeout)
         finally:
             if local is not None:
@@ -597,7 +610,10 @@ def _print_dry_run(report: dict[str, Any]) -> None:
     rows: list[tuple[str, Any]] = [
         ("provider", _provider_text(report)), ("skill", report["skill"]),
         ("input", report["input"]), ("items", f"{report['items']:,}"),
-        ("skipped (not images)", f"{report['skipped']:,}"), ("shards", f"{report['shards']:,}"),
+        ("skipped (not images)", f"{report['skipped']:,}"),
+        *([("skipped (ok in " + report["skip_existing"] + ")", f"{report['skipped_existing']:,}")]
+          if report.get("skip_existing") else []),
+        ("shards", f"{report['shards']:,}"),
         ("batches" if batch_api else "requests", f"{report['requests']:,}"),
         ("image bytes", _size(report["image_bytes"])),
         ("upload bytes", _size(report["upload_bytes"])
@@ -740,7 +756,8 @@ def run(input: InputArg, output: OutputArg,
         max_pixels: MaxPixelsOpt = None, provider: ProviderOpt = None,
         endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
         id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
-        base: BaseOpt = None, output_format: FormatOpt = "jsonl", workers: WorkersOpt = None,
+        base: BaseOpt = None, output_format: FormatOpt = "jsonl",
+        skip_existing: SkipExistingOpt = None, workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
         dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
@@ -762,7 +779,7 @@ def run(input: InputArg, output: OutputArg,
         spec_args = _spec_args(shard_size=shard_size, max_pixels=max_pixels, provider=provider,
                                endpoint=endpoint, input_format=input_format,
                                id_column=id_column, image_column=image_column, base=base,
-                               output_format=output_format)
+                               output_format=output_format, skip_existing=skip_existing)
         settings = get_settings()
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
@@ -797,6 +814,7 @@ def submit(input: InputArg, output: OutputArg,
            endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
            id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
            base: BaseOpt = None, output_format: FormatOpt = "jsonl",
+           skip_existing: SkipExistingOpt = None,
            allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
            dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
@@ -813,7 +831,7 @@ def submit(input: InputArg, output: OutputArg,
         spec_args = _spec_args(shard_size=shard_size, max_pixels=max_pixels, provider=provider,
                                endpoint=endpoint, input_format=input_format,
                                id_column=id_column, image_column=image_column, base=base,
-                               output_format=output_format)
+                               output_format=output_format, skip_existing=skip_existing)
         settings = get_settings()
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
@@ -831,9 +849,8 @@ def submit(input: InputArg, output: OutputArg,
             err.print(str(done), highlight=False, soft_wrap=True)
             print(done.run_id)
             return
-        err.print(f"{plan['items']} images in {plan['shards']} shard(s); "
-                  f"{plan['skipped']} other objects skipped; results: {spec.output}",
-                  highlight=False, soft_wrap=True)
+        err.print(f"{_planned(plan)}; results: {spec.output}", highlight=False,
+                  soft_wrap=True)
         print(plan["run_id"])
 
 

@@ -141,3 +141,65 @@ def test_a_stopped_retry_pass_is_finished_by_the_reconciler(s3, bucket, env, fle
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
     proc = run_cli(["retry-failed", run.spec.run_id, "--dry-run"], env)
     assert "no error rows: nothing to retry" in proc.stdout
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_skip_existing_sends_only_items_without_an_ok_row(provider, s3, bucket, env, fleet):
+    photos = upload_photos(s3, bucket, "in/", PHOTOS[:3])
+    s3.put_object(Bucket=bucket, Key="in/notes.jpg", Body=b"not an image")
+    run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/first/", "--workers", "0",
+             "--timeout", "90", *PROVIDERS[provider]], env)
+    first = read_json(s3, bucket, "first/run.json")["run_id"]
+    # Photos added since, and the text file replaced by a photo: only these four are sent.
+    photos.update(upload_photos(s3, bucket, "in/", PHOTOS[3:]))
+    photos["notes.jpg"] = (photos_dir() / "coins.png").read_bytes()
+    s3.put_object(Bucket=bucket, Key="in/notes.jpg", Body=photos["notes.jpg"])
+    previous = first if provider == "moondream" else f"s3://{bucket}/first/"  # id or OUTPUT
+    args = ["run", f"s3://{bucket}/in/", f"s3://{bucket}/second/", "--skip-existing", previous,
+            *PROVIDERS[provider]]
+    dry = run_cli([*args, "--dry-run", "--json"], env)
+    report = json.loads(dry.stdout)
+    assert (report["items"], report["skipped_existing"]) == (4, 3)
+    assert report["skip_existing"] == f"s3://{bucket}/first/"
+    proc = run_cli([*args, "--workers", "0", "--timeout", "90"], env)
+    assert "3 already with an ok row (--skip-existing) left out" in proc.stderr
+    rows = read_results(s3, bucket, "second/")
+    assert sorted(r["id"] for r in rows) == sorted(["notes.jpg", *PHOTOS[3:]])
+    for row in rows:
+        _check_row(row, photos, provider)
+    plan = read_json(s3, bucket, "second/_moonbatch/plan.json")
+    assert (plan["items"], plan["skipped_existing"]) == (4, 3)
+    spec = read_json(s3, bucket, "second/_moonbatch/spec.json")
+    assert spec["skip_existing"] == f"s3://{bucket}/first/"  # a taken-over start plans the same
+    assert read_json(s3, bucket, "second/run.json")["counts"]["total"] == 4
+    if provider == "moondream":  # the same command again: already complete
+        assert "already complete" in run_cli([*args, "--workers", "0"], env).stderr
+
+
+def test_existing_ids_of_every_json_type(tmp_path):
+    """Ids keep their JSON type: an ok row for id 7 does not skip id "7"."""
+    import orjson
+
+    from config import get_settings
+    from producer.existing import ExistingOk
+    from workers.models import RunSpec, SkillOptions
+
+    spec = RunSpec(run_id="r", input=str(tmp_path / "in") + "/", output=str(tmp_path) + "/",
+                   options=SkillOptions(skill="caption"), shard_size=10, max_shard_bytes=1 << 20,
+                   created_at=0.0)
+    state = tmp_path / "_moonbatch"
+    state.mkdir()
+    (state / "spec.json").write_text(spec.model_dump_json())
+    (state / "plan.json").write_text(json.dumps({"shards": 2, "items": 6}))
+    (tmp_path / "results").mkdir()
+    ok = [7, "a.jpg", 2.5, True]
+    rows = [{"id": i, "status": "ok", "result": {"caption": "x"}} for i in ok]
+    rows.append({"id": "bad", "status": "error", "error": {"code": "not_an_image"}})
+    (tmp_path / "results" / "shard-00000.jsonl").write_bytes(
+        b"".join(orjson.dumps(r) + b"\n" for r in rows))  # shard 1 is not merged: passed over
+    existing = ExistingOk.load(str(tmp_path), get_settings())
+    assert len(existing) == 4
+    assert all(i in existing for i in ok)
+    assert not any(i in existing for i in ("7", "bad", 2, "true", False, "b.jpg"))
+    with pytest.raises(ValueError, match="no planned moonbatch run there"):
+        ExistingOk.load(str(tmp_path / "in"), get_settings())
