@@ -136,6 +136,10 @@ ImageColumnOpt = Annotated[Optional[str], typer.Option(
 BaseOpt = Annotated[Optional[str], typer.Option(
     "--base", metavar="URL", help="manifest input: where relative image keys are (default: "
     "the manifest's folder)")]
+SkipExistingOpt = Annotated[Optional[str], typer.Option(
+    "--skip-existing", metavar="PREVIOUS_OUTPUT", help="annotate only items without an ok row "
+    "in the results of the run at PREVIOUS_OUTPUT (its OUTPUT URL or run id), e.g. images "
+    "added since")]
 FormatOpt = Annotated[str, typer.Option(
     "--format", metavar="FORMAT", help="results format: jsonl | parquet (results/*.parquet, "
     "one row per item)")]
@@ -177,7 +181,8 @@ class Fail(Exception):
 def _spec_args(*, shard_size: int | None, max_pixels: int | None, provider: str | None,
                endpoint: str | None, input_format: str = "auto", id_column: str | None = None,
                image_column: str | None = None, base: str | None = None,
-               output_format: str = "jsonl") -> dict[str, Any]:
+               output_format: str = "jsonl", skip_existing: str | None = None
+               ) -> dict[str, Any]:
     """The run-shaping options of ``run``/``submit``/``demo`` as ``producer.runs.new_spec``
     takes them (``Fail``, exit 2, for a negative --max-pixels)."""
     _check_max_pixels(max_pixels)
@@ -185,7 +190,16 @@ def _spec_args(*, shard_size: int | None, max_pixels: int | None, provider: str 
                                 ("base", base)) if v is not None}
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
             "endpoint": endpoint, "input_format": input_format, "input_options": reader,
-            "output_format": output_format}
+            "output_format": output_format, "skip_existing": skip_existing}
+
+
+def _planned(plan: dict[str, Any]) -> str:
+    """What a plan holds, for the line ``run``/``submit`` print."""
+    text = (f"{plan['items']} images in {plan['shards']} shard(s); {plan['skipped']} other "
+            "objects skipped")
+    if plan.get("skipped_existing"):
+        text += f"; {plan['skipped_existing']} already with an ok row (--skip-existing) left out"
+    return text
 
 
 # Which skills take each option (workers.models.SkillOptions checks the same for one skill).
@@ -552,8 +566,7 @@ def _run(spec, *, workers: int | None, timeout: float | None, embedded: bool = F
 
                 local.stop()
                 local = LocalWorkers(n, run_queue(open_run(output_url, settings).spec, settings))
-            err.print(f"run [bold]{plan['run_id']}[/bold]: {plan['items']} images in "
-                      f"{plan['shards']} shard(s); {plan['skipped']} other objects skipped")
+            err.print(f"run [bold]{plan['run_id']}[/bold]: {_planned(plan)}")
             return _watch(output_url, settings, workers=local, timeout=timeout)
         finally:
             if local is not None:
@@ -621,7 +634,10 @@ def _print_dry_run(report: dict[str, Any]) -> None:
     rows: list[tuple[str, Any]] = [
         ("provider", _provider_text(report)), ("skill", report["skill"]),
         ("input", report["input"]), ("items", f"{report['items']:,}"),
-        ("skipped (not images)", f"{report['skipped']:,}"), ("shards", f"{report['shards']:,}"),
+        ("skipped (not images)", f"{report['skipped']:,}"),
+        *([("skipped (ok in " + report["skip_existing"] + ")", f"{report['skipped_existing']:,}")]
+          if report.get("skip_existing") else []),
+        ("shards", f"{report['shards']:,}"),
         ("batches" if batch_api else "requests", f"{report['requests']:,}"),
         ("image bytes", _size(report["image_bytes"])),
         ("upload bytes", _size(report["upload_bytes"])
@@ -764,7 +780,8 @@ def run(input: InputArg, output: OutputArg,
         max_pixels: MaxPixelsOpt = None, provider: ProviderOpt = None,
         endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
         id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
-        base: BaseOpt = None, output_format: FormatOpt = "jsonl", workers: WorkersOpt = None,
+        base: BaseOpt = None, output_format: FormatOpt = "jsonl",
+        skip_existing: SkipExistingOpt = None, workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
         dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
@@ -786,7 +803,7 @@ def run(input: InputArg, output: OutputArg,
         spec_args = _spec_args(shard_size=shard_size, max_pixels=max_pixels, provider=provider,
                                endpoint=endpoint, input_format=input_format,
                                id_column=id_column, image_column=image_column, base=base,
-                               output_format=output_format)
+                               output_format=output_format, skip_existing=skip_existing)
         settings = get_settings()
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
@@ -821,6 +838,7 @@ def submit(input: InputArg, output: OutputArg,
            endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
            id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
            base: BaseOpt = None, output_format: FormatOpt = "jsonl",
+           skip_existing: SkipExistingOpt = None,
            allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
            dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
@@ -837,7 +855,7 @@ def submit(input: InputArg, output: OutputArg,
         spec_args = _spec_args(shard_size=shard_size, max_pixels=max_pixels, provider=provider,
                                endpoint=endpoint, input_format=input_format,
                                id_column=id_column, image_column=image_column, base=base,
-                               output_format=output_format)
+                               output_format=output_format, skip_existing=skip_existing)
         settings = get_settings()
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
@@ -855,9 +873,8 @@ def submit(input: InputArg, output: OutputArg,
             err.print(str(done), highlight=False, soft_wrap=True)
             print(done.run_id)
             return
-        err.print(f"{plan['items']} images in {plan['shards']} shard(s); "
-                  f"{plan['skipped']} other objects skipped; results: {spec.output}",
-                  highlight=False, soft_wrap=True)
+        err.print(f"{_planned(plan)}; results: {spec.output}", highlight=False,
+                  soft_wrap=True)
         print(plan["run_id"])
 
 
@@ -1107,6 +1124,120 @@ def _say_where_the_work_is(output: str, settings) -> None:
         err.print(f"its work is on its own queues {queue} and {control_queue(queue)} (its "
                   "workers were `moonbatch run`'s): add --workers N, or start workers with "
                   f"-Q {queue},{control_queue(queue)}", highlight=False)
+
+
+CodesArg = Annotated[Optional[list[str]], typer.Argument(
+    metavar="[CODE]...", help="retry only error rows with these codes, e.g. object_not_found "
+    "read_failed (default: every error row)", show_default=False)]
+RetryDryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="print how many error rows of each code would be retried; change "
+    "nothing")]
+
+
+def _retry(run_ref: str, codes: list[str] | None, settings, where: dict[str, Any], *,
+           dry_run: bool) -> str | None:
+    """Start (or continue) a retry pass of a finished run's error rows (``workers.retries``)
+    and enqueue its work; print what was done. Returns the run's OUTPUT, or None when there is
+    nothing to follow (nothing to retry, a dry run). Raises ``Fail``, ``PreflightFailed``."""
+    from producer import preflight
+    from producer.runs import register_run, resolve_run
+    from workers import layout, retries
+    from workers.runstate import open_run
+    from workers.storage import get_json_or_none
+    from workers.tasks import reconcile_run
+
+    output = resolve_run(run_ref, settings)
+    run = open_run(output, settings)
+    store, rid = run.output, run.spec.run_id
+    where["output"] = output
+    if store.exists(layout.CANCELLED):
+        raise Fail(f"run {rid} was cancelled: its items cannot be retried; start a new run")
+    wanted = sorted(set(codes)) if codes else None
+    doc, applied = retries.latest_pass(store)
+    finalized = store.exists(layout.FINALIZED)
+    if doc is not None and not (applied and finalized):  # a pass under way, or one that stopped
+        what = f"retry pass {doc['pass']} of run {rid} ({doc['items']} item(s))"
+        if dry_run:
+            out.print(f"{what} is under way: follow it with `moonbatch wait {rid}`",
+                      highlight=False)
+            return None
+        if wanted != doc["codes"]:
+            err.print(f"{what} is not finished: continuing it (codes: "
+                      f"{', '.join(doc['codes'] or ['every error'])})", highlight=False)
+        preflight.preflight(settings, output_url=output, provider=run.spec.provider)
+        register_run(run.spec, settings)
+        if not applied:
+            retries.apply_pass(store, doc)
+        store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
+        reconcile_run(output, rid, full=True)
+        out.print(f"{what}: continued", highlight=False)
+        return output
+    if not finalized:
+        failure = get_json_or_none(store, layout.FAILED)
+        if failure:
+            raise Fail(f"run {rid} failed before it finished ({failure.get('where')}: "
+                       f"{str(failure.get('error'))[:200]}): fix the cause and `moonbatch resume "
+                       f"{rid} --workers N`, then retry its failed items")
+        raise Fail(f"run {rid} is not finished: wait for it (`moonbatch wait {rid}`), then "
+                   "retry its failed items", code=3)
+    found, chosen, every = retries.find_errors(run, set(wanted) if wanted else None)
+    items = sum(chosen.values())
+    others = ", ".join(f"{c} {n}" for c, n in sorted(every.items()) if c not in chosen)
+    if not items:
+        why = (f"no error rows with code {', '.join(wanted)} (its error rows: {others})"
+               if every else "no error rows")
+        out.print(f"run {rid}: {why}: nothing to retry", highlight=False)
+        return None
+    counts = ", ".join(f"{c} {n}" for c, n in sorted(chosen.items()))
+    if dry_run:
+        out.print(f"run {rid}: would retry {items} error row(s) in {len(found)} shard(s): "
+                  f"{counts}" + (f"; not retried: {others}" if others else "")
+                  + " (dry run: nothing changed)", highlight=False, soft_wrap=True)
+        return None
+    preflight.preflight(settings, output_url=output, provider=run.spec.provider)
+    doc = retries.record_pass(store, found, set(wanted) if wanted else None, chosen)
+    register_run(run.spec, settings)  # on the reconciler's list before the run reopens
+    retries.apply_pass(store, doc, found)
+    reconcile_run(output, rid, full=True)
+    out.print(f"run {rid}: retry pass {doc['pass']}: {items} item(s) of {len(found)} shard(s) "
+              f"sent again ({counts})", highlight=False, soft_wrap=True)
+    return output
+
+
+@app.command("retry-failed", epilog=_epilog(
+    "moonbatch retry-failed RUN_ID --workers 4                      # every error row",
+    "moonbatch retry-failed RUN_ID object_not_found read_failed     # only these codes",
+    "moonbatch retry-failed s3://annotations/2024/ --dry-run        # how many, per code"))
+def retry_failed(run_ref: RunRefArg, codes: CodesArg = None, workers: FollowWorkersOpt = None,
+                 timeout: TimeoutOpt = None, dry_run: RetryDryRunOpt = False,
+                 embedded_broker: EmbeddedBrokerOpt = False) -> None:
+    """Send the error rows of a finished run again, into the same OUTPUT: their rows in
+    results/ are replaced by the new outcome (ok, or the new error), so results/ still holds
+    exactly one row per item; run.json counts again. Fix the cause first (objects restored,
+    a key with quota). Run again after an interruption, it finishes the same pass.
+
+    With --workers N, starts N local worker processes on the run's queue and follows the run
+    to the end; without it, returns once the work is enqueued (a fleet does it).
+    """
+    from config import get_settings
+    from workers.embedded import EMBEDDED
+
+    where: dict[str, Any] = {"workers": workers}
+    with _cli_errors(), _interruptible(where):
+        settings = get_settings()
+        if workers is not None and workers < 0:
+            raise Fail("--workers must be >= 0", code=2)
+        embedded = not dry_run and (embedded_broker or settings.broker_url == EMBEDDED)
+        if embedded and not workers:
+            raise Fail("an embedded broker serves only this command's own workers: add "
+                       "--workers N, or use a shared broker", code=2)
+        with _embedded_broker() if embedded else contextlib.nullcontext():
+            settings = get_settings()
+            output = _retry(run_ref, codes, settings, where, dry_run=dry_run)
+            if output is not None and workers:
+                _follow(output, settings, workers, timeout, where)
+            elif output is not None:
+                _say_where_the_work_is(output, settings)
 
 
 @app.command(epilog=_epilog("moonbatch cancel RUN_ID"))

@@ -9,6 +9,7 @@ even after Redis lost everything; the OUTPUT URL itself works everywhere too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -16,11 +17,12 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from config import Settings
+from config import Settings, get_settings
+from producer.existing import ExistingOk
 from producer.planner import Shard, plan_shards
 from workers import canary, layout, registry
 from workers.lease import Lease, LeaseLost
-from workers.models import RunSpec, SkillOptions
+from workers.models import PlanItem, RunSpec, SkillOptions
 from workers.readers import ListingStats, input_root, normalize_input, open_reader
 from workers.runstate import RunNotFound, open_output
 from workers.storage import Store, get_json_or_none, normalize_url, put_json
@@ -50,7 +52,8 @@ class AlreadyComplete(RunExists):
 # A producer renews its planning lease every quarter of this while it lists and plans; a
 # start whose lease expired (or was released) is dead and the same command takes it over.
 PLANNING_LEASE_SECONDS = 30.0
-_COMPARED = ("input", "output", "provider", "endpoint", "shard_size", "max_pixels", "model")
+_COMPARED = ("input", "output", "provider", "endpoint", "shard_size", "max_pixels", "model",
+             "skip_existing")
 
 
 def command_differences(held: RunSpec, wanted: RunSpec) -> list[str]:
@@ -217,13 +220,16 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
     shard limits are the provider's (``Provider.limits``). Raises ``ValueError`` (one line
     naming the cause and the fix) for bad URLs, INPUT and OUTPUT at the same location, an
     unknown provider or endpoint, a skill or option the endpoint cannot serve, ``--endpoint``
-    without fal, or a shard size beyond the provider's limit.
+    without fal, or a shard size beyond the provider's limit; ``RunNotFound`` for a
+    ``skip_existing`` run id the registry does not know (an OUTPUT URL is kept as given).
     """
     from workers.providers import get_provider
 
     if not isinstance(options, SkillOptions):
         options, *more = options
         fields["more_options"] = more
+    if fields.get("skip_existing"):
+        fields["skip_existing"] = resolve_run(fields["skip_existing"], settings)
     (input_url, input_kind), output_url = normalize_input(input_url, input_format), \
         normalize_url(output_url)
     if input_url == output_url:
@@ -367,7 +373,7 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     register_run(spec, settings)
 
     skipped = _SkippedKeys(out)
-    stats = ListingStats(on_skip=skipped.add)
+    stats = PlanStats(on_skip=skipped.add)
     n_shards = 0
     for shard in iter_plan(spec, inp, stats, settings):
         lease_check()
@@ -383,7 +389,7 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     plan = {"run_id": spec.run_id, "shards": n_shards, "items": stats.items,
             "listed": stats.listed, "skipped": stats.skipped,
             "skipped_examples": stats.skipped_examples, "skipped_parts": skipped.close(),
-            "planned_at": time.time()}
+            "skipped_existing": stats.skipped_existing, "planned_at": time.time()}
     put_json(out, layout.PLAN, plan, if_absent=True)
     # The last shard may have merged before the plan existed: let a worker check.
     enqueue(finalize_run, (output_url, spec.run_id), queue=spec.queue)
@@ -399,19 +405,44 @@ def check_input_items(spec: RunSpec, inp: Store, settings: Settings | None = Non
         check()
 
 
-def iter_plan(spec: RunSpec, inp: Store, stats: ListingStats, settings: Settings | None = None
+@dataclasses.dataclass
+class PlanStats(ListingStats):
+    """``ListingStats`` of a planning: ``items`` are the items planned, and
+    ``skipped_existing`` those left out for their ok row in ``spec.skip_existing``."""
+
+    skipped_existing: int = 0
+
+
+def _without_existing(items: Iterator[PlanItem], existing: ExistingOk, stats: PlanStats
+                      ) -> Iterator[PlanItem]:
+    """``items`` without those whose id has an ok row in ``existing`` (counted in ``stats``)."""
+    for item in items:
+        if item.id in existing:
+            stats.items -= 1
+            stats.skipped_existing += 1
+            continue
+        yield item
+
+
+def iter_plan(spec: RunSpec, inp: Store, stats: PlanStats, settings: Settings | None = None
               ) -> Iterator[Shard]:
     """INPUT's shards as the run plans them: the reader's items (``workers.readers``; ``inp``
-    is the store at ``input_root(spec)``, and OUTPUT is hidden when it lies inside it) cut by
-    ``plan_shards`` within the spec's shard size and the provider's limits. ``stats`` counts
-    what the reader saw. Raises storage errors, ``InputError`` for an INPUT its reader cannot
-    read, and ``ValueError`` for limits the provider refuses."""
+    is the store at ``input_root(spec)``, and OUTPUT is hidden when it lies inside it), less
+    those with an ok row in the run at ``spec.skip_existing`` (read first, see
+    ``producer.existing``), cut by ``plan_shards`` within the spec's shard size and the
+    provider's limits. ``stats`` counts what the reader saw and what was left out. Raises
+    storage errors, ``InputError`` for an INPUT its reader cannot read, and ``ValueError`` for
+    limits the provider refuses or a ``skip_existing`` location without a run."""
     from workers.providers import provider_for
 
     root, output_url = inp.url, spec.output
     exclude = output_url[len(root):] if output_url.startswith(root) else None
     reader = open_reader(spec, inp, settings)
-    return plan_shards(reader.iter_items(stats, exclude_prefix=exclude),
+    items = reader.iter_items(stats, exclude_prefix=exclude)
+    if spec.skip_existing:
+        existing = ExistingOk.load(spec.skip_existing, settings or get_settings())
+        items = _without_existing(items, existing, stats)
+    return plan_shards(items,
                        max_lines=spec.shard_size, max_bytes=spec.max_shard_bytes,
                        fragment_len=len(spec.options.line_fragment()),
                        limits=provider_for(spec).limits(spec))
@@ -425,8 +456,10 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     broker, registry or provider, needs no credentials.
 
     Returns ``{"dry_run": True, "provider", "endpoint", "input", "output", "skill", "listed",
-    "items", "skipped", "skipped_examples", "shards", "image_bytes", "requests",
-    "upload_bytes", "input_tokens", "output_tokens", "compute_seconds", "cost_usd", "basis"}``
+    "items", "skipped", "skipped_examples", "skip_existing", "skipped_existing", "shards",
+    "image_bytes", "requests", "upload_bytes", "input_tokens", "output_tokens",
+    "compute_seconds", "cost_usd", "basis"}`` (``skipped_existing``: items left out for
+    their ok row at ``skip_existing``; ``items`` counts the others).
     (token, second and cost fields are None where the provider has no such figure). Raises
     storage errors when INPUT cannot be listed, ``InputError`` when it cannot be run (see
     ``check_input_items``).
@@ -434,7 +467,7 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     from workers.providers import provider_for
 
     provider = provider_for(spec)
-    stats = ListingStats()
+    stats = PlanStats()
     shards = image_bytes = requests = 0
     inp = open_output(input_root(spec), settings)
     check_input_items(spec, inp, settings)
@@ -448,7 +481,9 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     return {"dry_run": True, "provider": spec.provider, "endpoint": spec.endpoint,
             "input": spec.input, "output": spec.output, "skill": spec.skill_names,
             "listed": stats.listed, "items": stats.items, "skipped": stats.skipped,
-            "skipped_examples": stats.skipped_examples, "shards": shards,
+            "skipped_examples": stats.skipped_examples,
+            "skip_existing": spec.skip_existing, "skipped_existing": stats.skipped_existing,
+            "shards": shards,
             "image_bytes": image_bytes, "requests": requests,
             "upload_bytes": whole.upload_bytes, "input_tokens": whole.input_tokens,
             "output_tokens": whole.output_tokens, "compute_seconds": whole.seconds,

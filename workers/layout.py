@@ -1,7 +1,8 @@
 """Where a run keeps its files, relative to its OUTPUT prefix.
 
     run.json                               summary (status running → completed | failed)
-    results/shard-00000.jsonl              merged rows, one per input item, written once
+    results/shard-00000.jsonl              merged rows, one per input item (written again
+                                           by a retry-failed pass)
                                            (.parquet with --format parquet; workers.writers)
     annotations/instances.json             detect/point runs: COCO export (workers.writers.coco)
     _moonbatch/spec.json                   the run spec (written once at submit)
@@ -26,6 +27,9 @@
     _moonbatch/planning.json               lease of the producer planning the run (see runs.py)
     _moonbatch/skipped/part-00000.jsonl    keys skipped as not images, {"key"} per line
     _moonbatch/probe-<token>               written and deleted at once by the preflight check
+    _moonbatch/retries/0001.json           a retry-failed pass: its codes and (shard, first
+                                           round) pairs, written before the run is reopened
+    _moonbatch/retries/0001.applied        the pass reopened its shards (workers.retries)
 
 A round is one batch for a set of the shard's items: round 0 sends every item; a batch that
 failed transiently, or lines that came back ``processing_error``, go into the next round.
@@ -55,6 +59,7 @@ COCO = ANNOTATIONS + "instances.json"
 SHARDS = STATE + "shards/"
 PLANNING = STATE + "planning.json"
 SKIPPED = STATE + "skipped/"
+RETRIES = STATE + "retries/"
 SKIPPED_PART_KEYS = 10_000  # keys per part: memory stays bounded while listing
 
 
@@ -119,6 +124,11 @@ def results(shard: int, suffix: str = "jsonl") -> str:
 def skipped_part(index: int) -> str:
     """Key of the ``index``-th part of the list of skipped keys (JSONL of ``{"key"}``)."""
     return f"{SKIPPED}part-{index:05d}.jsonl"
+
+
+def retry_pass(number: int, name: str = "json") -> str:
+    """Key of retry pass ``number``'s document (``json``) or its ``applied`` marker."""
+    return f"{RETRIES}{number:04d}.{name}"
 
 
 def probe(token: str) -> str:

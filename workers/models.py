@@ -129,6 +129,9 @@ class RunSpec(BaseModel):
     input_options: dict[str, str] = Field(default_factory=dict)
     # How results are written (``workers.writers``): ``jsonl`` or ``parquet``.
     output_format: Literal["jsonl", "parquet"] = "jsonl"
+    # ``--skip-existing``: the OUTPUT of a previous run whose ok rows' items are not planned
+    # again (``producer.existing``); recorded so a taken-over start plans the same.
+    skip_existing: str | None = None
     shard_size: int
     max_shard_bytes: int
     max_pixels: int = 0  # downscale budget (0: send images at their own resolution)

@@ -93,8 +93,9 @@ def record_failure(store: Store, *, where: str, error: str) -> None:
 
 
 class Progress:
-    """Reads a run's progress from storage; done documents are cached (they never change), so
-    repeated calls cost one listing plus the in-flight shards' progress documents."""
+    """Reads a run's progress from storage; done documents are cached (they change only when
+    a ``retry-failed`` pass reopens their shard, which removes them first), so repeated calls
+    cost one listing plus the in-flight shards' progress documents."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -116,23 +117,37 @@ class Progress:
         cancelled = get_json_or_none(st, layout.CANCELLED)
         latest: dict[int, int] = {}  # shard → latest round with a progress document
         sent: dict[int, int] = {}  # shard → latest round with a batch
+        current: dict[int, int] = {}  # shard → latest round with any document
+        merged: set[int] = set()  # shards with a done.json now
         submitted: set[int] = set()
         batches = 0
         for obj in st.iter_objects(layout.SHARDS):
             shard_s, _, name = obj.key[len(layout.SHARDS):].partition("/")
             shard = int(shard_s)
-            if name == "done.json" and shard not in self._done:
-                self._done[shard] = ShardDone.model_validate(get_json(st, obj.key))
-            elif name.endswith("/progress.json"):
-                latest[shard] = max(latest.get(shard, 0), int(name[1:name.index("/")]))
+            if name == "done.json":
+                merged.add(shard)
+                if shard not in self._done:
+                    self._done[shard] = ShardDone.model_validate(get_json(st, obj.key))
+                continue
+            if not name.startswith("r") or "/" not in name:
+                continue
+            rnd = int(name[1:name.index("/")])
+            current[shard] = max(current.get(shard, 0), rnd)
+            if name.endswith("/progress.json"):
+                latest[shard] = max(latest.get(shard, 0), rnd)
             elif name.endswith("/batch.json"):
                 submitted.add(shard)
                 batches += 1
-                sent[shard] = max(sent.get(shard, 0), int(name[1:name.index("/")]))
+                sent[shard] = max(sent.get(shard, 0), rnd)
+        for shard in set(self._done) - merged:  # reopened by a retry-failed pass
+            del self._done[shard]
+        # Only the current round of an unmerged shard is in flight: a later round (items
+        # retried, a retry-failed pass) supersedes its earlier rounds' batches.
         progress = {s: get_json_or_none(st, layout.round_doc(s, r, "progress")) or {}
-                    for s, r in latest.items() if s not in self._done}
-        out = [self._in_flight(s, r, progress.get(s, {}) if latest.get(s) == r else {})
-               for s, r in sorted(sent.items()) if s not in self._done]
+                    for s, r in latest.items() if s not in merged and r == current[s]}
+        out = [self._in_flight(s, r, progress.get(s, {}))
+               if r == current[s] else self._queued(s, current[s])
+               for s, r in sorted(sent.items()) if s not in merged]
         done = self._done
         ok = sum(d.ok for d in done.values())
         err = sum(d.error for d in done.values())
@@ -187,6 +202,13 @@ class Progress:
                 "completed": int(progress.get("completed") or 0),
                 "failed": int(progress.get("failed") or 0), "polls": progress.get("polls", 0),
                 "requests": int(progress.get("requests") or 0)}
+
+    @staticmethod
+    def _queued(shard: int, rnd: int) -> dict[str, Any]:
+        """An entry of ``batches`` for a shard whose round ``rnd`` is not submitted yet."""
+        return {"shard": shard, "batch_id": None, "status": "queued", "merged": False,
+                "round": rnd, "items": None, "completed": 0, "failed": 0, "polls": 0,
+                "requests": 0}
 
     def complete(self) -> bool:
         """True when the plan is written and every shard is merged."""

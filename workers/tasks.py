@@ -26,7 +26,7 @@ from typing import Any
 from celery import Task
 
 from config import Settings, get_settings
-from workers import canary, layout, logs, metrics, registry, writers
+from workers import canary, layout, logs, metrics, registry, retries, writers
 from workers.app import app
 from workers.lease import Lease, LeaseLost, lease_is_live
 from workers.merge import compose, encode_round, merge_round
@@ -152,17 +152,34 @@ def _stopped(store: Store, shard: int) -> bool:
 
 
 def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, items: list[int],
-                reason: str) -> None:
-    put_json(store, layout.round_doc(shard, rnd + 1, "todo"), {"items": items, "reason": reason},
-             if_absent=True)
+                reason: str, base: int = 0) -> None:
+    doc: dict[str, Any] = {"items": items, "reason": reason}
+    if base:
+        doc["base"] = base
+    put_json(store, layout.round_doc(shard, rnd + 1, "todo"), doc, if_absent=True)
     _next(build_shard, (output, run_id, shard, rnd + 1))
 
 
+def round_base(store: Store, shard: int, rnd: int) -> int:
+    """The first round of the pass round ``rnd`` belongs to: 0 for the run's own rounds, the
+    round a ``moonbatch retry-failed`` pass started with for its rounds (``todo.json``'s
+    ``base``). Item attempts (``max_item_attempts``) are counted from it: each pass gets a
+    fresh budget."""
+    if rnd == 0:
+        return 0
+    return int((get_json_or_none(store, layout.round_doc(shard, rnd, "todo")) or {}).get("base", 0))
+
+
 def _context(run: Run, shard: int, rnd: int,
-             heartbeat: Callable[[], None] = lambda: None) -> RoundContext:
-    """The provider's view of round ``rnd`` of the shard."""
+             heartbeat: Callable[[], None] = lambda: None, base: int = 0) -> RoundContext:
+    """The provider's view of round ``rnd`` of the shard (``base``: see ``round_base``; the
+    provider's settings count attempts from it)."""
     logs.bind(provider=run.spec.provider)
-    return RoundContext(run=run, shard=shard, rnd=rnd, settings=get_settings(),
+    settings = get_settings()
+    if base:
+        settings = settings.model_copy(
+            update={"max_item_attempts": settings.max_item_attempts + base})
+    return RoundContext(run=run, shard=shard, rnd=rnd, settings=settings,
                         id_prefix=line_id_prefix(run.spec.run_id, shard, rnd),
                         heartbeat=heartbeat)
 
@@ -309,9 +326,10 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     if store.exists(layout.shard_doc(shard, "done")):
         maybe_finalize(store)
         return
+    base = round_base(store, shard, rnd)
     merged = get_json_or_none(store, layout.round_doc(shard, rnd, "merged"))
     if merged is None or not store.exists(layout.round_doc(shard, rnd, "rows")):
-        ctx = _context(run, shard, rnd)
+        ctx = _context(run, shard, rnd, base=base)
         todo, items = ctx.todo, ctx.items
         build = ShardBuild.model_validate(get_json(store, layout.round_doc(shard, rnd, "build")))
         raw = get_json_or_none(store, layout.round_doc(shard, rnd, "batch"))
@@ -328,7 +346,8 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             return
         if isinstance(collected, Resend):
             _next_round(store, output, run_id, shard, rnd,
-                        todo if todo is not None else list(range(len(items))), collected.reason)
+                        todo if todo is not None else list(range(len(items))), collected.reason,
+                        base)
             return
         rows, stats, retryable = merge_round(
             items, build, collected.lines if collected else (), run.fetcher.source,
@@ -342,7 +361,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                       "round again", shard, rnd, record.batch_id, stats.id_mismatch)
             _next_round(store, output, run_id, shard, rnd,
                         todo if todo is not None else list(range(len(items))),
-                        f"adopted batch {record.batch_id} was not this round's")
+                        f"adopted batch {record.batch_id} was not this round's", base)
             return
         progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress")) or {}
         merged = {"batch_id": record.batch_id if record else None,
@@ -353,15 +372,21 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                   **(collected.stats if collected else {})}
         put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
         store.put(layout.round_doc(shard, rnd, "rows"), encode_round(rows), if_absent=True)
-    if merged["retryable"] and rnd + 1 < settings.max_item_attempts:
-        _next_round(store, output, run_id, shard, rnd, merged["retryable"], "retryable errors")
+    if merged["retryable"] and rnd - base + 1 < settings.max_item_attempts:
+        _next_round(store, output, run_id, shard, rnd, merged["retryable"], "retryable errors",
+                    base)
         return
     _finish_shard(run, shard, rnd)
 
 
 def _finish_shard(run: Run, shard: int, last_round: int) -> None:
-    """Compose the shard's final rows from its rounds, write them once, record it done."""
+    """Compose the shard's final rows from its rounds (later rounds override earlier ones),
+    write them (a ``retry-failed`` pass writes a shard's results again), record it done."""
     store = run.output
+    if store.exists(layout.round_doc(shard, last_round + 1, "todo")):
+        # A stale merge of an earlier round (a retry pass reopened the shard since): the
+        # latest round finishes the shard.
+        return
     items = run.items(shard)
     rounds: list[bytes] = []
     merged: list[dict[str, Any]] = []
@@ -478,10 +503,17 @@ def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None =
 def reconcile_run(output: str, run_id: str, *, full: bool) -> dict[str, int]:
     """One reconciler pass over one run: re-enqueue its stale work (every unfinished step when
     ``full``, after the broker lost its messages), finalise it if it is complete, and take it
-    off the active list once it is final. Returns ``{action: shards}``."""
+    off the active list once it is final. A ``retry-failed`` pass recorded and not applied
+    yet (``workers.retries``) is applied first. Returns ``{action: shards}``."""
     settings = get_settings()
     store = open_output(output, settings)
     counts: dict[str, int] = {}
+    pending = retries.pending_pass(store)
+    if pending is not None and not store.exists(layout.CANCELLED):
+        # A retry-failed that stopped before its pass reopened the run: finish reopening,
+        # then enqueue every step (none of the reopened shards' is queued yet).
+        retries.apply_pass(store, pending)
+        full = True
     if store.exists(layout.FINALIZED) or store.exists(layout.CANCELLED):
         run_final(settings, run_id)
         return counts

@@ -42,9 +42,11 @@ def results_key(shard: int, fmt: str = "jsonl") -> str:
     return layout.results(shard, module(fmt).SUFFIX)
 
 
-def write_shard(store: Store, fmt: str, shard: int, rows: Sequence[bytes]) -> bool:
-    """Write the shard's rows (plan order) once; False if the file was already there."""
-    return store.put(results_key(shard, fmt), module(fmt).encode(rows), if_absent=True)
+def write_shard(store: Store, fmt: str, shard: int, rows: Sequence[bytes]) -> None:
+    """Write the shard's rows (plan order), replacing the file if one is there: the same rows
+    give the same file (a redelivered merge), and a ``retry-failed`` pass writes a shard's
+    results again with its retried rows."""
+    store.put(results_key(shard, fmt), module(fmt).encode(rows))
 
 
 def read_shard(store: Store, fmt: str, shard: int) -> Iterator[dict[str, Any]]:
