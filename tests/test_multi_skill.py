@@ -121,3 +121,19 @@ def test_multi_skill_parquet_rows_and_coco_from_the_detect_skill(s3, bucket, env
         for got, exp in zip(boxes, expect, strict=True):
             assert all(abs(a - b) < 1e-6 * max(w, h) for a, b in zip(got, exp, strict=True))
     assert json.loads(body)["images"]
+
+
+def test_another_format_or_skill_set_is_another_command(tmp_path):
+    from config import get_settings
+    from producer.runs import command_differences, new_spec
+    from workers.models import SkillOptions
+
+    (tmp_path / "in").mkdir()
+    caption, detect = SkillOptions(skill="caption"), SkillOptions(skill="detect", object="x")
+    one = new_spec(str(tmp_path / "in"), str(tmp_path / "out"), caption, get_settings())
+    both = new_spec(str(tmp_path / "in"), str(tmp_path / "out"), [caption, detect], get_settings())
+    table = new_spec(str(tmp_path / "in"), str(tmp_path / "out"), caption, get_settings(),
+                     output_format="parquet")
+    assert command_differences(one, one) == []
+    assert any(d.startswith("more_options") for d in command_differences(one, both))
+    assert any(d.startswith("output_format") for d in command_differences(one, table))
