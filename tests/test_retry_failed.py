@@ -121,7 +121,7 @@ def test_a_stopped_retry_pass_is_finished_by_the_reconciler(s3, bucket, env, fle
     from config import get_settings
     from producer.runs import register_run
     from workers import retries
-    from workers.runstate import open_run
+    from workers.runstate import Progress, open_run
     from workers.tasks import reconcile_run
 
     upload_photos(s3, bucket, "in/", PHOTOS[:2])
@@ -136,6 +136,10 @@ def test_a_stopped_retry_pass_is_finished_by_the_reconciler(s3, bucket, env, fle
     register_run(run.spec, settings)  # ... and the command died here
     assert reconcile_run(out_url, run.spec.run_id, full=False) == {"build": 1}
     assert read_json(s3, bucket, "out/run.json")["status"] == "running"
+    snap = Progress(run.output).snapshot()  # the reopened shard is in flight, in its round 1
+    assert snap["status"] == "running" and snap["shards"]["merged"] == 0
+    assert snap["shards"]["in_flight"] == 1
+    assert [(b["merged"], b["round"]) for b in snap["batches"]] == [(False, 1)]
     assert "completed" in run_cli(["wait", run.spec.run_id, "--timeout", "90"], env).stdout
     rows = read_results(s3, bucket, "out/")
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
