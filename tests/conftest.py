@@ -367,8 +367,21 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def wait_ready(self, timeout: float = 90) -> Worker:
+        """Block until the worker logged ``ready.`` (it consumes its queues): a command's
+        ``--workers 0`` ping right after ``start`` may otherwise find nobody on a loaded
+        machine."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if b" ready." in self.log_path.read_bytes():
+                return self
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}): see {self.log_path}")
+            time.sleep(0.1)
+        raise AssertionError(f"worker not ready after {timeout:.0f}s: see {self.log_path}")
+
     def __enter__(self) -> Worker:
-        return self.start()
+        return self.start().wait_ready()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
