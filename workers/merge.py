@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from workers.models import PlanItem, ShardBuild
+from workers.models import PlanItem, ShardBuild, id_text
 
 
 @dataclasses.dataclass
@@ -102,8 +102,7 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
                 continue
             item_id = ids[i]
             sent_id = res.get("id")
-            if sent_id is not None and sent_id != prefix + (
-                    item_id if item_id.__class__ is str else items[i].key):
+            if sent_id is not None and sent_id != prefix + id_text(item_id):
                 stats.id_mismatch += 1
             dims = res.get("dims") or sizes.get(str(i))
             if res.get("status") == "ok":

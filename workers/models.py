@@ -157,6 +157,12 @@ class RunSpec(BaseModel):
     queue: str | None = None
 
 
+def id_text(item_id: Any) -> str:
+    """An item id as text (line ids, digests, messages): itself for a str, its JSON text
+    otherwise (``7`` → ``"7"``, ``True`` → ``"true"``)."""
+    return item_id if item_id.__class__ is str else orjson.dumps(item_id).decode()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PlanItem:
     """One item of a shard's plan. A slotted dataclass, not a pydantic model: a worker holds
@@ -178,8 +184,8 @@ class PlanItem:
 
     @property
     def key(self) -> str:
-        """The id as a string (line ids, logs): itself for a str, its JSON text otherwise."""
-        return self.id if self.id.__class__ is str else orjson.dumps(self.id).decode()
+        """The id as a string (line ids, logs): ``id_text(id)``."""
+        return id_text(self.id)
 
     def to_json(self) -> bytes:
         """One JSONL line of a plan file (without the newline)."""

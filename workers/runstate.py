@@ -235,7 +235,7 @@ def maybe_finalize(store: Store) -> bool:
     from workers import writers
 
     spec = RunSpec.model_validate(get_json(store, layout.SPEC))
-    writers.finish_run(store, spec, get_json(store, layout.PLAN)["shards"])
+    writers.finish_run(store, spec, summary["shards"]["total"])  # the plan's, read by complete()
     summary["status"] = "failed" if summary["failure"] else "completed"
     summary["timings"]["finished_at"] = time.time()
     summary["timings"]["wall_seconds"] = round(

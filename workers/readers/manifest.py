@@ -27,9 +27,10 @@ from typing import IO, Any
 
 import orjson
 
-from workers.models import PlanItem
+from workers.models import PlanItem, id_text
 from workers.readers import InputError, ListingStats, scheme_of, split_input
-from workers.storage import LocalStore, S3Store, Store, open_store
+from workers.readers.rangeio import RangeFile, object_info
+from workers.storage import LocalStore, Store, open_store
 
 # Planning size of an image whose size is not known without a request (S3, http): the shard
 # byte limit (2 GB, the Batch API's) is what it bounds, so it errs on the large side. With the
@@ -91,7 +92,7 @@ class Reader:
         for where, item_id, image, _ in self._rows():
             self._ref(image, where)
             digests.append(int.from_bytes(hashlib.blake2b(
-                _key(item_id).encode(), digest_size=8).digest(), "little"))
+                id_text(item_id).encode(), digest_size=8).digest(), "little"))
         if len(digests) < 2:
             return
         ordered = np.sort(np.frombuffer(digests, dtype=np.uint64))
@@ -103,7 +104,7 @@ class Reader:
         del ordered, dup
         first: dict[str, str] = {}  # only the ids whose digest repeats (a digest collision too)
         for where, item_id, _, _ in self._rows():
-            key = _key(item_id)
+            key = id_text(item_id)
             if int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(),
                               "little") not in suspects:
                 continue
@@ -134,7 +135,7 @@ class Reader:
                                  f"{type(item_id).__name__}, not a string, number or boolean: "
                                  "use scalar ids")
             if image is None or image == "":
-                raise InputError(f"{self.name} {where}: no {imc!r} for id {_key(item_id)!r}: every "
+                raise InputError(f"{self.name} {where}: no {imc!r} for id {id_text(item_id)!r}: every "
                                  "row needs an image; fill it in or drop the row")
             if image.__class__ is not str:
                 raise InputError(f"{self.name} {where}: {imc!r} is a {type(image).__name__}, not "
@@ -153,7 +154,12 @@ class Reader:
                 raise InputError(f"manifest {self.url} does not exist: check the path") from None
         store = self.store if self.store.url == folder else open_store(
             folder, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
-        return io.BufferedReader(_S3File(store, name, self.url), buffer_size=READ_BUFFER)
+        info = object_info(store, name)
+        if info is None:
+            raise InputError(f"manifest {self.url} does not exist: check the path")
+        # Reads of READ_BUFFER bytes go straight to one ranged GET each (no second buffer).
+        return io.BufferedReader(RangeFile(store, name, info.size, block=READ_BUFFER),
+                                 buffer_size=READ_BUFFER)
 
     def _missing(self, found: list[str]) -> None:
         wanted = [c for c in (self.id_column, self.image_column) if c not in found]
@@ -261,49 +267,3 @@ class Reader:
             return REMOTE_SIZE_ESTIMATE
 
 
-def _key(item_id: Any) -> str:
-    return item_id if item_id.__class__ is str else orjson.dumps(item_id).decode()
-
-
-class _S3File(io.RawIOBase):
-    """A read-only, seekable view of one S3 object through ranged GETs (``Store.get_range``),
-    so pyarrow can seek to a Parquet footer and CSV/JSONL stream without holding the object.
-    Raises ``InputError`` when the object does not exist."""
-
-    def __init__(self, store: S3Store, key: str, url: str) -> None:
-        super().__init__()
-        self.store, self.key, self.pos = store, key, 0
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            head = store.client.head_object(Bucket=store.bucket, Key=store.prefix + key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise InputError(f"manifest {url} does not exist: check the path") from None
-            raise store._error(key, exc) from None
-        except BotoCoreError as exc:
-            raise store._error(key, exc) from None
-        self.size = int(head["ContentLength"])
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def readinto(self, buffer: Any) -> int:
-        want = min(len(buffer), self.size - self.pos)
-        if want <= 0:
-            return 0
-        data = self.store.get_range(self.key, self.pos, want)
-        buffer[:len(data)] = data
-        self.pos += len(data)
-        return len(data)

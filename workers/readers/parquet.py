@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote
 from workers.lines import ItemError
 from workers.models import PlanItem
 from workers.readers import InputError, ListingStats
-from workers.readers.rangeio import RangeFile, input_file_key, object_info
+from workers.readers.rangeio import RangeFile, files_under, input_file_key, object_info
 from workers.storage import ObjectInfo, Store
 
 OVERRIDES = ("question", "object", "length")
@@ -121,17 +121,8 @@ class Reader:
         file, a file that is not Parquet, a missing or mistyped image column, null or
         duplicate ids, references in a prefix's file."""
         if self.file_key is None:
-            def files() -> Iterator[ObjectInfo]:
-                for obj in self.store.iter_objects():
-                    if exclude_prefix and obj.key.startswith(exclude_prefix):
-                        continue
-                    if is_parquet(obj.key):
-                        yield obj
-                    else:
-                        stats.listed += 1
-                        stats.skip(obj.key)
-
-            return iter_files(self.store, files(), stats, id_column=self.id_column,
+            files = files_under(self.store, stats, is_parquet, exclude_prefix=exclude_prefix)
+            return iter_files(self.store, files, stats, id_column=self.id_column,
                               image_column=self.image_column)
         info = object_info(self.store, self.file_key)
         where = self.store.url_for(self.file_key)

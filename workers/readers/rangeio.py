@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from workers.storage import ObjectInfo, Store
@@ -88,6 +89,22 @@ def input_file_key(spec: Any, store: Store) -> str | None:
         raise ValueError(f"{url} is not under {store.url}: --base applies to manifests only; "
                          "leave it out")
     return url[len(store.url):]
+
+
+def files_under(store: Store, stats: Any, wanted: Callable[[str], bool], *,
+                exclude_prefix: str | None = None) -> Iterator[ObjectInfo]:
+    """The objects of ``store`` whose key is ``wanted`` (the ``.tar`` or ``.parquet`` files of
+    a prefix INPUT), in listing order; every other object is counted in ``stats``
+    (``ListingStats``) as listed and skipped. Keys under ``exclude_prefix`` (the run's OUTPUT
+    inside INPUT) are passed over."""
+    for obj in store.iter_objects():
+        if exclude_prefix and obj.key.startswith(exclude_prefix):
+            continue
+        if wanted(obj.key):
+            yield obj
+        else:
+            stats.listed += 1
+            stats.skip(obj.key)
 
 
 def object_info(store: Store, key: str) -> ObjectInfo | None:

@@ -32,7 +32,13 @@ from typing import Any
 from workers.lines import IMAGE_EXTENSIONS
 from workers.models import PlanItem
 from workers.readers import InputError, ListingStats
-from workers.readers.rangeio import DEFAULT_BLOCK, RangeFile, input_file_key, object_info
+from workers.readers.rangeio import (
+    DEFAULT_BLOCK,
+    RangeFile,
+    files_under,
+    input_file_key,
+    object_info,
+)
 from workers.storage import ObjectInfo, StorageError, Store
 
 # webdataset.tariterators: base_plus_ext's pattern, and the metadata members it skips.
@@ -78,17 +84,8 @@ class Reader:
                                  "INPUT")
             return iter_tars(self.store, [info], stats)
 
-        def tars() -> Iterator[ObjectInfo]:
-            for obj in self.store.iter_objects():
-                if exclude_prefix and obj.key.startswith(exclude_prefix):
-                    continue
-                if is_tar(obj.key):
-                    yield obj
-                else:
-                    stats.listed += 1
-                    stats.skip(obj.key)
-
-        return iter_tars(self.store, tars(), stats)
+        return iter_tars(self.store, files_under(self.store, stats, is_tar,
+                                                 exclude_prefix=exclude_prefix), stats)
 
 
 def iter_tars(store: Store, tars: Iterable[ObjectInfo], stats: ListingStats, *,

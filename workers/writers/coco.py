@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from workers import layout
-from workers.models import PlanItem, RunSpec
+from workers.models import PlanItem, RunSpec, id_text
 from workers.storage import NotFound, Store
 
 SKILLS = ("detect", "point")
@@ -91,7 +91,7 @@ def build(store: Store, spec: RunSpec, shards: int) -> bytes:
             if row.get("status") != "ok" or not _positive(w) or not _positive(h):
                 continue
             item_id = row["id"]
-            key = item_id if item_id.__class__ is str else dumps(item_id).decode()
+            key = id_text(item_id)
             own = objects.get(key)
             result = row.get("result")
             for opts in skills:

@@ -47,6 +47,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workers.models import id_text
+
 FORMAT = "parquet"
 SUFFIX = "parquet"
 
@@ -106,7 +108,7 @@ def _columns(row: dict[str, Any]) -> dict[str, Any]:
     err = row.get("error") if isinstance(row.get("error"), dict) else {}
     usage = row.get("usage") if isinstance(row.get("usage"), dict) else {}
     out: dict[str, Any] = {
-        "id": item_id if isinstance(item_id, str) else orjson.dumps(item_id).decode(),
+        "id": id_text(item_id),
         "id_json": orjson.dumps(item_id).decode(),
         "source": _text(row.get("source")),
         "status": _text(row.get("status")),
