@@ -450,6 +450,30 @@ class FalProvider:
                                 extra={"request_id": entry.get("request_id")})
         return cancelled
 
+    def abandon_unsent(self, ctx: RoundContext, error: dict[str, str]) -> int:
+        """End the round's lines not sent yet (resends, and those past the cursor) as error
+        lines with ``error``; if every line was sent, those still in flight (their requests
+        are left to fal). Called when a step keeps losing its worker (``workers.attempts``):
+        the next step sends nothing more. Returns the lines ended."""
+        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
+        if ledger is None or _done(ledger):
+            return 0
+        lines = [li for unit in ledger["resend"] for li in unit]
+        lines += range(ledger["cursor"], ledger["lines"])
+        ledger["resend"], ledger["cursor"] = [], ledger["lines"]
+        if not lines:  # the step dies polling or collecting: stop waiting for those requests
+            lines = [li for entry in ledger["inflight"].values() for li in entry["lines"]]
+            ledger["inflight"] = {}
+        build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
+        out: list[bytes] = []
+        for line in _error_lines(lines, error["code"], error["message"]):
+            _finish(ctx, build, ledger, out, line)
+        if out:
+            self._write_lines(ctx, ledger, out)
+            ledger["steps"] += 1
+        put_json(ctx.store, ctx.doc("requests"), ledger)
+        return len(lines)
+
     # -- the step --------------------------------------------------------------------------------
     def _step(self, ctx: RoundContext) -> dict[str, Any]:
         """Poll, collect, send; write the finished lines, then the ledger. Returns the ledger."""
