@@ -215,6 +215,7 @@ def test_a_build_that_keeps_killing_its_worker_ends_as_worker_lost_rows(
     # One image at a time: shard 1's build lasts seconds, long enough to be killed in.
     wenv = {**wenv, "MOONBATCH_FETCH_CONCURRENCY": "1", "MOONBATCH_LEASE_SECONDS": "3"}
     key = "out/_moonbatch/shards/00001/r0/attempts-build.json"
+    batch_key = "out/_moonbatch/shards/00001/r0/batch.json"
     kills: list[int] = []
     with Worker(wenv, queue, tmp_path / "worker.log", concurrency=2) as worker:
         cli = subprocess.Popen(
@@ -229,6 +230,8 @@ def test_a_build_that_keeps_killing_its_worker_ends_as_worker_lost_rows(
             while len(kills) < CAP:
                 doc = wait_for(lambda: (d := attempts_doc(s3, bucket, key)) and
                                d["starts"] > len(kills) and d, 240, "shard 1's build to start")
+                if provider == "fal":  # killed while preparing images, the round recorded
+                    wait_for(lambda: attempts_doc(s3, bucket, batch_key), 60, "the fal round")
                 pid = doc["last"]["pid"]
                 children = {p.pid for p in psutil.Process(worker.proc.pid).children(recursive=True)}
                 assert pid in children, (pid, children)  # one of our worker's pool processes
@@ -251,6 +254,13 @@ def test_a_build_that_keeps_killing_its_worker_ends_as_worker_lost_rows(
     assert alive and "WorkerLostError" in log
     assert summary["status"] == "completed"
     assert doc["starts"] >= CAP + 1 and doc["gave_up"] == 1 and doc["open"] == 0, doc
+    if provider == "fal":  # the round was recorded: its ledger ended the lines not sent
+        ledger = read_json(s3, bucket, "out/_moonbatch/shards/00001/r0/requests.json")
+        assert not doc["abandoned"] and ledger["requests"] == 0, ledger
+        assert ledger["cursor"] == ledger["lines"] == ledger["failed"] == 4, ledger
+    else:  # nothing was sent: the build holds every item's error
+        build = read_json(s3, bucket, "out/_moonbatch/shards/00001/r0/build.json")
+        assert doc["abandoned"] and build["lines"] == [] and len(build["errors"]) == 4
     for i in range(4):
         assert rows[f"a/{i}.jpg"]["status"] == "ok" and rows[f"c/{i}.jpg"]["status"] == "ok"
         b = rows[f"b/{i}.png"]
@@ -268,7 +278,7 @@ def test_a_build_past_the_soft_time_limit_retries_cleanly_then_is_capped(
     poison_inputs(s3, bucket, big_png, per_shard=10, n_big=9)
     uploads_before = set(emulator.emulator.uploads)
     wenv = {**wenv, "MOONBATCH_FETCH_CONCURRENCY": "1", "MOONBATCH_PART_SIZE": "1024",
-            "MOONBATCH_TASK_SOFT_TIME_LIMIT": "4", "MOONBATCH_TASK_TIME_LIMIT": "300",
+            "MOONBATCH_TASK_SOFT_TIME_LIMIT": "8", "MOONBATCH_TASK_TIME_LIMIT": "300",
             "MOONBATCH_TASK_RETRY_BACKOFF_MAX": "2"}
     with Worker(wenv, queue, tmp_path / "worker.log", concurrency=2):
         run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--workers", "0",

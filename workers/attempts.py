@@ -65,6 +65,7 @@ def counted(ctx: Any, kind: str, step: Callable[[Any], T], provider: Any) -> T |
         if not sent:
             _end(store, key)
             return None
+    _soft_deadline(ctx, kind)
     try:
         result = step(ctx)
     except SoftTimeLimitExceeded:
@@ -74,6 +75,24 @@ def counted(ctx: Any, kind: str, step: Callable[[Any], T], provider: Any) -> T |
         raise
     _end(store, key)
     return result
+
+
+def _soft_deadline(ctx: Any, kind: str) -> None:
+    """Make the round's heartbeat (called between lines and parts) raise
+    ``SoftTimeLimitExceeded`` once the step is past ``MOONBATCH_TASK_SOFT_TIME_LIMIT``: Celery
+    signals its soft limit, and a signal that lands in a finalizer (``__del__``) is ignored,
+    leaving the step to run until the hard limit kills it."""
+    limit = ctx.settings.task_soft_time_limit
+    deadline = time.monotonic() + limit
+    beat = ctx.heartbeat
+
+    def heartbeat() -> None:
+        beat()
+        if time.monotonic() > deadline:
+            raise SoftTimeLimitExceeded(f"the {kind} is past MOONBATCH_TASK_SOFT_TIME_LIMIT "
+                                        f"({limit:g}s)")
+
+    ctx.heartbeat = heartbeat
 
 
 def give_up(ctx: Any, kind: str, provider: Any, lost: int) -> bool:
