@@ -26,8 +26,10 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
+from config import Settings
 from tests.conftest import (
     Worker,
     moonbatch_cmd,
@@ -37,6 +39,9 @@ from tests.conftest import (
     run_cli,
     tiny_jpeg,
 )
+from workers import attempts, layout
+from workers.app import celery_config
+from workers.storage import open_store
 
 CAP = 3  # MOONBATCH_MAX_WORKER_LOSSES's default
 
@@ -117,6 +122,118 @@ def queue_env(env) -> Iterator[tuple[dict[str, str], str]]:
     yield {**env, "MOONBATCH_QUEUE": queue}, queue
 
 
+# -- the counting itself, over moto's S3 ------------------------------------------------------
+class Round:
+    """The parts of a ``RoundContext`` that counting uses, for round 0 of shard 0 of 3 items."""
+
+    def __init__(self, store, **settings) -> None:
+        self.store, self.shard, self.rnd, self.id_prefix = store, 0, 0, "p:"
+        self.settings = Settings(**settings)
+        self.run = type("Run", (), {"spec": type("Spec", (), {"run_id": "r1"})})
+        self.beats = 0
+
+    def heartbeat(self) -> None:
+        self.beats += 1
+
+    def doc(self, name: str) -> str:
+        return layout.round_doc(self.shard, self.rnd, name)
+
+    def indices(self) -> range:
+        return range(3)
+
+
+@pytest.fixture
+def store(env, bucket):
+    return open_store(f"s3://{bucket}/out/", endpoint_url=env["MOONBATCH_S3_ENDPOINT_URL"])
+
+
+def test_each_exit_but_a_lost_worker_ends_an_attempt(store):
+    ctx = Round(store)
+    key = layout.step_attempts(0, 0, "build")
+    assert attempts.counted(ctx, "build", lambda c: "sent", None) == "sent"
+    with pytest.raises(ValueError):
+        attempts.counted(ctx, "build", lambda c: (_ for _ in ()).throw(ValueError("x")), None)
+    doc = json.loads(store.get(key))
+    assert (doc["starts"], doc["ends"], doc["open"]) == (2, 2, 0)
+    with pytest.raises(SoftTimeLimitExceeded):  # out of time: counted as lost
+        attempts.counted(ctx, "build", lambda c: (_ for _ in ()).throw(SoftTimeLimitExceeded()),
+                         None)
+    doc = json.loads(store.get(key))
+    assert (doc["starts"], doc["ends"], doc["open"]) == (3, 2, 1)
+    assert doc["last"]["pid"] == os.getpid()
+
+
+def test_after_the_cap_a_build_gives_its_round_up_once_for_all(store):
+    ctx = Round(store, max_worker_losses=2)
+    key = layout.step_attempts(0, 0, "build")
+    ran = []
+    for _ in range(2):  # two attempts whose worker was killed: a start, no end
+        attempts._update(store, key, attempts._started)
+    assert attempts.counted(ctx, "build", ran.append, None) is None
+    assert ran == []  # not run a third time
+    build = json.loads(store.get(ctx.doc("build")))
+    assert build["lines"] == [] and sorted(build["errors"]) == ["0", "1", "2"]
+    assert {e["code"] for e in build["errors"].values()} == {"worker_lost"}
+    assert "lost its worker 2 times in a row" in build["errors"]["0"]["message"]
+    assert "moonbatch retry-failed r1 worker_lost" in build["errors"]["0"]["message"]
+    # A copy delivered later (a reconciler's, a redelivery) only merges: nothing is sent.
+    assert attempts.counted(ctx, "build", ran.append, None) is None and ran == []
+    doc = json.loads(store.get(key))
+    assert doc["gave_up"] == 1 and doc["abandoned"] and doc["open"] == 0 and doc["starts"] == 4
+
+
+def test_a_poll_that_loses_its_worker_runs_on_and_losses_need_to_be_in_a_row(store):
+    ctx = Round(store, max_worker_losses=2)
+    store.put(ctx.doc("batch"), b"{}")
+    key = layout.step_attempts(0, 0, "poll")
+    attempts._update(store, key, attempts._started)  # lost
+    assert attempts.counted(ctx, "poll", lambda c: "polled", None) == "polled"  # resets
+    attempts._update(store, key, attempts._started)  # lost
+    assert attempts.counted(ctx, "poll", lambda c: "polled", None) == "polled"
+    assert json.loads(store.get(key)).get("gave_up") is None
+    for _ in range(2):
+        attempts._update(store, key, attempts._started)
+    # At the cap with the round at the provider: the provider ends what is unsent (a Batch
+    # API round has nothing unsent), and the step runs on.
+    assert attempts.counted(ctx, "poll", lambda c: "polled", None) == "polled"
+    assert json.loads(store.get(key))["gave_up"] == 1 and not store.exists(ctx.doc("build"))
+
+
+def test_concurrent_counts_are_all_kept(store):
+    key = layout.step_attempts(0, 0, "build")
+    threads = [threading.Thread(target=lambda: [attempts._update(store, key, attempts._started)
+                                                for _ in range(5)]) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert json.loads(store.get(key))["starts"] == 30
+
+
+def test_the_heartbeat_enforces_the_soft_limit_when_celerys_signal_is_lost(store):
+    ctx = Round(store, task_soft_time_limit=0.2, task_time_limit=10)
+
+    def slow_step(c) -> None:
+        c.heartbeat()
+        time.sleep(0.3)
+        c.heartbeat()  # past the soft limit: raises
+
+    with pytest.raises(SoftTimeLimitExceeded, match="MOONBATCH_TASK_SOFT_TIME_LIMIT"):
+        attempts.counted(ctx, "build", slow_step, None)
+    assert ctx.beats == 2  # the round's own heartbeat still ran
+    assert json.loads(store.get(layout.step_attempts(0, 0, "build")))["open"] == 1
+
+
+def test_celery_time_limits_come_from_settings():
+    conf = celery_config(Settings(task_soft_time_limit=100, task_time_limit=130))
+    assert (conf["task_soft_time_limit"], conf["task_time_limit"]) == (100, 130)
+    defaults = Settings()
+    assert defaults.task_time_limit < defaults.visibility_timeout
+    with pytest.raises(ValueError, match="MOONBATCH_TASK_TIME_LIMIT must be above"):
+        Settings(task_soft_time_limit=100, task_time_limit=100)
+
+
+# -- runs on real workers ------------------------------------------------------------------------
 def rows_by_id(s3, bucket: str, prefix: str) -> dict[str, dict]:
     rows = read_results(s3, bucket, prefix)
     ids = [r["id"] for r in rows]
