@@ -4,7 +4,8 @@ A line is ``{"id": <item id>, <skill fields>, "image": "<plain base64>"}`` and m
 the API's 10 MB line limit. Images in a format the API documents (JPEG, PNG, GIF; FACTS.md
 "real-time API") pass through byte for byte; other formats Pillow reads (WebP, BMP, TIFF, ...)
 are converted; an image whose line would be too long is downscaled, keeping its aspect ratio,
-until it fits.
+until it fits. An image over the pixel limit (``MOONBATCH_MAX_IMAGE_PIXELS``) is refused from its
+header; decoding is bounded by the process's decode budget (``workers.budget``).
 """
 
 from __future__ import annotations
