@@ -182,21 +182,39 @@ def test_after_the_cap_a_build_gives_its_round_up_once_for_all(store):
     assert doc["gave_up"] == 1 and doc["abandoned"] and doc["open"] == 0 and doc["starts"] == 4
 
 
-def test_a_poll_that_loses_its_worker_runs_on_and_losses_need_to_be_in_a_row(store):
+class SendsInSteps:
+    """A provider that sends in steps (as fal does): what ``give_up`` asks it to end."""
+
+    def __init__(self) -> None:
+        self.abandoned: list[dict] = []
+
+    def abandon_unsent(self, ctx, error: dict) -> int:
+        self.abandoned.append(error)
+        return 2
+
+
+def test_a_poll_step_that_loses_its_worker_runs_on_and_losses_need_to_be_in_a_row(store):
     ctx = Round(store, max_worker_losses=2)
+    provider = SendsInSteps()
     store.put(ctx.doc("batch"), b"{}")
     key = layout.step_attempts(0, 0, "poll")
     attempts._update(store, key, attempts._started)  # lost
-    assert attempts.counted(ctx, "poll", lambda c: "polled", None) == "polled"  # resets
+    assert attempts.counted(ctx, "poll", lambda c: "polled", provider) == "polled"  # resets
     attempts._update(store, key, attempts._started)  # lost
-    assert attempts.counted(ctx, "poll", lambda c: "polled", None) == "polled"
-    assert json.loads(store.get(key)).get("gave_up") is None
+    assert attempts.counted(ctx, "poll", lambda c: "polled", provider) == "polled"
+    assert json.loads(store.get(key)).get("gave_up") is None and provider.abandoned == []
     for _ in range(2):
         attempts._update(store, key, attempts._started)
-    # At the cap with the round at the provider: the provider ends what is unsent (a Batch
-    # API round has nothing unsent), and the step runs on.
-    assert attempts.counted(ctx, "poll", lambda c: "polled", None) == "polled"
+    # At the cap with the round at the provider: the provider ends the lines it has not sent,
+    # and the step runs on (its requests in flight finish).
+    assert attempts.counted(ctx, "poll", lambda c: "polled", provider) == "polled"
+    assert [e["code"] for e in provider.abandoned] == ["worker_lost"]
     assert json.loads(store.get(key))["gave_up"] == 1 and not store.exists(ctx.doc("build"))
+    # A poll that only looks at a batch (the Batch API's) reads no item and is not counted.
+    other = Round(store)
+    other.rnd = 1
+    assert attempts.counted(other, "poll", lambda c: "looked", None) == "looked"
+    assert not store.exists(layout.step_attempts(0, 1, "poll"))
 
 
 def test_concurrent_counts_are_all_kept(store):

@@ -3,10 +3,11 @@
 A task whose worker dies (OOM-killed, SIGKILLed, past the hard time limit) is delivered again
 (late acks, reject on worker lost) or re-enqueued by the reconciler, and the input that killed
 it kills it again: without a cap, for ever. So each counted step of a round (its ``build``,
-and its ``poll`` steps, which on fal read and send images too) records its start in the run's
-storage before it works, and its end at every exit that is not a lost worker (returned, raised,
-retried, ``Later``, lease lost). A soft time limit is not an end: a step that keeps running out
-of time is poison the same way, and the cap is what bounds its retries.
+and its ``poll`` steps when the provider sends in steps, as fal does: they read and send images
+too) records its start in the run's storage before it works, and its end at every exit that
+is not a lost worker (returned, raised, retried, ``Later``, lease lost). A soft time limit is
+not an end: a step that keeps running out of time is poison the same way, and the cap is what
+bounds its retries.
 
 Starts since the last end are attempts that lost their worker. Once
 ``MOONBATCH_MAX_WORKER_LOSSES`` of them are in a row, the next attempt gives the round up
@@ -52,6 +53,8 @@ def counted(ctx: Any, kind: str, step: Callable[[Any], T], provider: Any) -> T |
     anything was sent (only error rows are left: merge the round). Raises what ``step``
     raises, and ``StorageError`` when the start cannot be recorded.
     """
+    if kind == "poll" and not hasattr(provider, "abandon_unsent"):
+        return step(ctx)  # a poll that only looks (the Batch API's) reads no item: not counted
     store, key = ctx.store, layout.step_attempts(ctx.shard, ctx.rnd, kind)
     doc = _update(store, key, _started)
     if doc.get("abandoned"):

@@ -21,7 +21,7 @@
     _moonbatch/shards/00000/r0/requests.json  fal: the round's requests (cursor, in flight, resends)
     _moonbatch/shards/00000/r0/results-000000.jsonl  fal: result lines finished in one step
     _moonbatch/shards/00000/r0/attempts-build.json   starts and ends of the round's build (and
-                                           attempts-poll.json of its polls; workers.attempts)
+                                           attempts-poll.json of its fal steps; workers.attempts)
     _moonbatch/shards/00000/done.json      merged: counts and usage
     _moonbatch/failed.json                 why the run cannot complete
     _moonbatch/cancelled.json              the run was cancelled
