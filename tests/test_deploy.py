@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import http.server
 import io
 import ipaddress
@@ -78,7 +79,7 @@ COMPOSE_SECRETS = {
     "beat": BROKER,
     "flower": BROKER | {"FLOWER_BASIC_AUTH"},
     "prometheus": set(),
-    "grafana": {"GF_SECURITY_ADMIN_PASSWORD"},
+    "grafana": {"GF_SECURITY_ADMIN_USER", "GF_SECURITY_ADMIN_PASSWORD"},
 }
 K8S_SECRETS = {
     ("Deployment", "moonbatch-worker-io"): WORKER_SECRETS,
@@ -202,7 +203,7 @@ def test_compose_secrets_are_interpolated_never_written(compose):
     example = env_file(DEPLOY / ".env.example")
     assert set().union(*COMPOSE_SECRETS.values()) <= set(example)
     for key, value in example.items():  # a template: no password or key has a value
-        if key in SECRET_KEYS and key not in ("AWS_ACCESS_KEY_ID", "MINIO_ROOT_USER"):
+        if key in SECRET_KEYS and not key.endswith(("_USER", "_KEY_ID")):
             assert value == "", key
     assert ".env" in (ROOT / ".gitignore").read_text().split()
     for name, service in compose["services"].items():
@@ -300,13 +301,19 @@ def test_compose_redis_minio_prometheus_grafana(compose):
 
 # ------------------------------------------------------------------------------- Kubernetes
 
-def k8s_documents() -> list[tuple[str, dict]]:
+@functools.cache
+def _k8s_parsed() -> list[tuple[str, dict]]:
     docs = []
     for path in sorted(K8S.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    """Every document of deploy/k8s/ (a copy: a test may change it)."""
+    return copy.deepcopy(_k8s_parsed())
 
 
 def by_kind(kind: str) -> dict[str, dict]:
@@ -328,7 +335,7 @@ def test_k8s_core_kinds_are_valid_for_kubernetes():
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "moonbatch", name
     assert checked >= {"Namespace", "ConfigMap", "Secret", "Deployment", "Service",
-                       "PodDisruptionBudget", "Job"}
+                       "PodDisruptionBudget", "Job", "NetworkPolicy", "StatefulSet"}
     broken = copy.deepcopy(by_kind("Deployment")["moonbatch-beat"])
     broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -372,23 +379,23 @@ def test_k8s_workers_queues_grace_metrics_and_scaling():
         assert "replicas" not in deployments[name]["spec"]  # KEDA owns it
         assert {"requests", "limits"} <= set(container["resources"])
         assert {c for r in container["resources"].values() for c in r} == {"cpu", "memory"}
-        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["PROMETHEUS_MULTIPROC_DIR"] == MULTIPROC_DIR
         mount = next(m for m in container["volumeMounts"] if m["mountPath"] == MULTIPROC_DIR)
         volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
         assert "emptyDir" in volume
         assert [p["containerPort"] for p in container["ports"]] == [METRICS_PORT]
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(METRICS_PORT)
-        assert {"configMapRef": {"name": "moonbatch-config"}} in container["envFrom"]
-        assert {"secretRef": {"name": "moonbatch-secrets"}} in container["envFrom"]
+        assert container["envFrom"] == [{"configMapRef": {"name": "moonbatch-config"}}]
         assert spec["securityContext"]["runAsNonRoot"] is True
 
         trigger = scaled[name]["spec"]["triggers"][0]
         assert scaled[name]["spec"]["scaleTargetRef"]["name"] == name
         assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == queue
         assert trigger["metadata"]["addressFromEnv"] in config
-        assert config["MOONBATCH_BROKER_URL"].startswith(
-            f"redis://{config[trigger['metadata']['addressFromEnv']]}/{trigger['metadata']['databaseIndex']}")
+        broker = next(e["value"] for e in container["env"] if e["name"] == "MOONBATCH_BROKER_URL")
+        assert broker.endswith(f"@$({trigger['metadata']['addressFromEnv']})/"
+                               f"{trigger['metadata']['databaseIndex']}")
 
         labels = pod["metadata"]["labels"]
         pdb = pdbs[name]["spec"]
@@ -410,21 +417,22 @@ def test_k8s_beat_flower_secret_and_producer():
     (container,) = flower["spec"]["containers"]
     assert container["args"] == ["moonbatch", "flower", "--address", "0.0.0.0", "--port", "5555"]
     auth = next(e for e in container["env"] if e["name"] == "FLOWER_BASIC_AUTH")
-    assert auth["valueFrom"]["secretKeyRef"] == {"name": "moonbatch-secrets", "key": "FLOWER_BASIC_AUTH"}
+    assert auth["valueFrom"]["secretKeyRef"] == {"name": "moonbatch-flower", "key": "FLOWER_BASIC_AUTH"}
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthcheck"
     service = by_kind("Service")["moonbatch-flower"]["spec"]
     assert service["type"] == "ClusterIP"
     assert service["selector"].items() <= flower["metadata"]["labels"].items()
 
-    secret = by_kind("Secret")["moonbatch-secrets"]["stringData"]
-    assert {"MOONDREAM_API_KEY", "FAL_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "FLOWER_BASIC_AUTH"} == set(secret)
-    assert all(re.fullmatch(r"<[^<>]+>(:<[^<>]+>)?", value) for value in secret.values())
+    stored = {name: set(doc["stringData"]) for name, doc in by_kind("Secret").items()}
+    assert stored == {"moonbatch-redis": {"REDIS_PASSWORD"}, "moonbatch-flower": {"FLOWER_BASIC_AUTH"},
+                      "moonbatch-workers": {"MOONDREAM_API_KEY", "FAL_KEY", "AWS_ACCESS_KEY_ID",
+                                            "AWS_SECRET_ACCESS_KEY"}}
     for name, doc in k8s_documents():  # no secret value written into any manifest
         pod = doc.get("spec", {}).get("template", {}).get("spec", {})
         for container in pod.get("containers", []):
             for env in container.get("env", []):
-                assert env["name"] not in SECRET_KEYS or "value" not in env, (name, env["name"])
+                assert (env["name"] not in SECRET_KEYS or "value" not in env  # or $(A_SECRET)
+                        or re.fullmatch(r"\$\([A-Z_]+\)", env["value"])), (name, env["name"])
 
     (job,) = by_kind("Job").values()
     (submit,) = job["spec"]["template"]["spec"]["containers"]
@@ -1047,12 +1055,14 @@ def test_k8s_redis_example_requires_the_password(tmp_path):
     bindir = tmp_path / "bin"  # the image's binaries, on a local port and directory
     bindir.mkdir()
     (bindir / "redis-server").write_text(
-        f'#!/bin/sh\nexec {server} "$@" --port {port} --bind 127.0.0.1 --dir {data} --save ""\n')
+        f'#!/bin/sh\nexec {server} "$@" --port {port} --bind 127.0.0.1 --save ""\n')
     (bindir / "redis-cli").write_text(f'#!/bin/sh\nexec {cli} -p {port} "$@"\n')
     for exe in bindir.iterdir():
         exe.chmod(0o755)
     path = f"{bindir}:/usr/bin:/bin"
-    proc = subprocess.Popen(container["command"] + container.get("args", []),
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "data")
+    assert container["workingDir"] == mount["mountPath"]  # data: the persistent volume
+    proc = subprocess.Popen(container["command"] + container.get("args", []), cwd=data,
                             env={**env, "PATH": path}, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
     try:
