@@ -727,8 +727,10 @@ def test_systemd_units_say_what_an_operator_needs():
                      "moonbatch-worker-control.service", "moonbatch-worker-io.service"]
     for name in UNITS:
         s = unit_settings(name)
-        assert s["EnvironmentFile"] == ["/etc/moonbatch/moonbatch.env"], name
-        assert s["User"] == ["moonbatch"] and s["KillSignal"] == ["SIGTERM"], name
+        assert s["EnvironmentFile"][:2] == ["/etc/moonbatch/moonbatch.env",
+                                            "/etc/moonbatch/broker.env"], name
+        assert s["User"] == ["moonbatch"] or s["DynamicUser"] == ["yes"], name
+        assert s["KillSignal"] == ["SIGTERM"], name
         assert s["Restart"] == ["on-failure"], name
         assert s["NoNewPrivileges"] == ["yes"] and s["ProtectSystem"] == ["strict"], name
         assert not any(SECRETISH.search(v) for v in s.get("Environment", [])), name
