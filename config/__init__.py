@@ -9,6 +9,7 @@ or moto.
 from __future__ import annotations
 
 import functools
+import ipaddress
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -106,6 +107,22 @@ class Settings(BaseSettings):
 
     # Prometheus metrics (workers.metrics): a worker serves /metrics on this port (None: off).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
+    # -- deploy (issue 16): where a worker's /metrics listens --
+    # An IP address of this machine: 0.0.0.0 every IPv4 interface (containers, where the pod or
+    # network is the boundary), 127.0.0.1 this machine only (the systemd units), :: every one.
+    metrics_address: str = "0.0.0.0"
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(f"MOONBATCH_METRICS_ADDRESS={value!r} is not an IP address: use one of "
+                             "this machine's, 0.0.0.0 for every interface or 127.0.0.1 for this "
+                             "machine only") from None
+    # -- end deploy --
 
     @field_validator("moondream_url", "fal_queue_url")
     @classmethod
