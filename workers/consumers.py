@@ -3,7 +3,8 @@
 A queue nobody consumes makes a run wait forever without a word (say, workers started with
 ``-Q moonbatch`` only: the polls on ``moonbatch-control`` are never taken). Celery's
 ``inspect().active_queues()`` broadcasts one request on the broker and gathers, for ``timeout``
-seconds, each worker's answer: the queues it consumes. A prefork worker's main process answers
+seconds, each worker's answer: the queues it consumes; a look stops early once every queue it
+asks about was seen, so it costs a round trip when all is well. A prefork worker's main process answers
 while every pool slot runs a long task (checked: ``-c 1`` running a 25 s CPU-bound task answered
 in time); a ``--pool solo`` worker busy in a task does not, and a worker with remote control
 disabled never does, so a look can miss a consumer that exists: ``ConsumerWatch`` reports a
@@ -19,13 +20,34 @@ from typing import Any
 LOOK_TIMEOUT = 2.0  # seconds workers get to answer a look
 
 
-def consumed_queues(app: Any, timeout: float = LOOK_TIMEOUT) -> set[str]:
+class _AllSeen(Exception):
+    """Raised from the reply callback to stop gathering once every wanted queue was seen."""
+
+
+def consumed_queues(app: Any, timeout: float = LOOK_TIMEOUT,
+                    wanted: Iterable[str] | None = None) -> set[str]:
     """The names of the queues consumed by the workers of ``app``'s broker that answer within
-    ``timeout`` seconds (an empty set when none answers). Takes ``timeout`` seconds, as every
-    worker may answer. Raises the broker's errors (kombu ``OperationalError``, after Celery's
-    connection retries: about 6 s for a refused connection)."""
-    replies = app.control.inspect(timeout=timeout).active_queues() or {}
-    return {q["name"] for queues in replies.values() for q in queues or () if q.get("name")}
+    ``timeout`` seconds (an empty set when none answers). Takes ``timeout`` seconds, as any
+    worker may still answer, unless every queue of ``wanted`` was seen before: then it returns
+    at once (the usual case costs a round trip, only a missing queue the whole ``timeout``).
+    Raises the broker's errors (kombu ``OperationalError``, after Celery's connection retries:
+    about 6 s for a refused connection)."""
+    want = set(wanted or ())
+    seen: set[str] = set()
+
+    def on_reply(reply: dict[str, Any]) -> None:  # {worker: [{"name": queue, ...}, ...]}
+        for queues in reply.values():
+            seen.update(q["name"] for q in queues or () if isinstance(q, dict) and q.get("name"))
+        if want and want <= seen:
+            # Celery gathers until its timeout; an exception from the callback ends the
+            # gathering (kombu closes the reply consumer in its finally blocks).
+            raise _AllSeen
+
+    try:
+        app.control.inspect(timeout=timeout, callback=on_reply).active_queues()
+    except _AllSeen:
+        pass
+    return seen
 
 
 def without_consumer(app: Any, queues: Iterable[str], timeout: float = LOOK_TIMEOUT,
@@ -35,7 +57,7 @@ def without_consumer(app: Any, queues: Iterable[str], timeout: float = LOOK_TIME
     look runs in a daemon thread, so an unreachable broker costs the caller at most that."""
     names = list(dict.fromkeys(queues))
     found: list[set[str]] = []
-    thread = threading.Thread(target=_look, args=(app, timeout, found), daemon=True,
+    thread = threading.Thread(target=_look, args=(app, names, timeout, found), daemon=True,
                               name="moonbatch-consumers")
     thread.start()
     thread.join(timeout + 3.0 if give_up is None else give_up)
@@ -44,9 +66,9 @@ def without_consumer(app: Any, queues: Iterable[str], timeout: float = LOOK_TIME
     return [name for name in names if name not in found[0]]
 
 
-def _look(app: Any, timeout: float, found: list[set[str]]) -> None:
+def _look(app: Any, names: list[str], timeout: float, found: list[set[str]]) -> None:
     try:
-        found.append(consumed_queues(app, timeout))
+        found.append(consumed_queues(app, timeout, names))
     except Exception:  # a broker out of reach means "unknown", not "no consumer"
         pass
 
@@ -99,7 +121,7 @@ class ConsumerWatch:
         wait = self.first
         while not self._stop.wait(wait):
             try:
-                consumed = consumed_queues(self.app, self.timeout)
+                consumed = consumed_queues(self.app, self.timeout, self.queues)
             except Exception:  # the broker is out of reach for now: look later
                 wait = self.every
                 continue
