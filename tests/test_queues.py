@@ -173,10 +173,10 @@ def test_wait_and_status_name_the_queue_nobody_consumes(s3, bucket, env, broker,
 
 def test_status_names_each_unserved_queue_and_none_when_all_are(s3, bucket, env, broker, emulator,
                                                                   tmp_path):
-    """``status --json`` of a running run lists the queues without a consumer: both with no
-    worker, the I/O queue with a control worker only, none (an empty list: the look was made)
-    with workers on both; null, and status still answers in bounded time, when the broker
-    cannot be asked."""
+    """``status --json`` of a running run lists the queues without a consumer (text ``status``
+    and ``resume`` without --workers name them): both with no worker, the I/O queue with a
+    control worker only, none (an empty list: the look was made) with workers on both; null,
+    and status still answers in bounded time, when the broker cannot be asked."""
     upload_photos(s3, bucket, "in/", names=NAMES[:1])
     renv = private_env(env, broker)
     queue, control = renv["MOONBATCH_QUEUE"], renv["MOONBATCH_QUEUE"] + "-control"
@@ -190,9 +190,10 @@ def test_status_names_each_unserved_queue_and_none_when_all_are(s3, bucket, env,
 
     try:
         assert unserved() == [queue, control]
-        text = run_cli(["status", run_id], renv).stdout
-        assert f"no worker consumes queues {queue} (its builds and merges wait there); {control}" \
-            in text
+        both = f"no worker consumes queues {queue} (its builds and merges wait there); {control}"
+        assert both in run_cli(["status", run_id], renv).stdout
+        # resume without --workers re-enqueues the run's work, and says nobody will take it.
+        assert both in run_cli(["resume", run_id], renv).stderr
         emulator.config.processing_seconds = 600  # the batch stays at the API: the run runs
         with Worker(renv, queue, tmp_path / "control.log", queues=("control",)):
             assert unserved() == [queue]
