@@ -107,6 +107,46 @@ class Settings(BaseSettings):
     # Prometheus metrics (workers.metrics): a worker serves /metrics on this port (None: off).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
+    # -- Item references (issue 16, untrusted inputs: workers.netguard, workers.readers.refs) --
+    # A manifest's or a Parquet file's image references are data written by others. Networks,
+    # addresses or host names (comma-separated, each with an optional :port) item URLs may
+    # reach although not public; empty: public addresses only.
+    allow_private_hosts: str = ""
+    # Folders (comma-separated absolute paths; "/" for any) whose files a manifest that is not
+    # on the workers' own disk may name; a local INPUT's own manifest may name any file.
+    allow_local_files: str = ""
+    # Buckets s3:// references may name besides INPUT's own (comma-separated); empty: any
+    # bucket the workers' credentials can read.
+    item_buckets: str = ""
+    # Bytes one item's read may hold (http bodies, S3 objects, local files, tar members).
+    item_max_bytes: int = Field(default=100_000_000, ge=1024)
+    # Seconds an item's http(s) read may take in all (connect, redirects, every read).
+    item_deadline: float = Field(default=120.0, gt=0)
+
+    @field_validator("allow_private_hosts")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        from workers.netguard import parse_rules
+
+        parse_rules(value)  # ValueError naming the entry
+        return value
+
+    @field_validator("allow_local_files")
+    @classmethod
+    def _check_folders(cls, value: str) -> str:
+        from workers.readers.refs import parse_folders
+
+        parse_folders(value)
+        return value
+
+    @field_validator("item_buckets")
+    @classmethod
+    def _check_buckets(cls, value: str) -> str:
+        from workers.readers.refs import parse_buckets
+
+        parse_buckets(value)
+        return value
+
     @field_validator("moondream_url", "fal_queue_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:

@@ -20,14 +20,12 @@ from __future__ import annotations
 import csv
 import http.server
 import io
-import ipaddress
 import json
-import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from PIL import Image
