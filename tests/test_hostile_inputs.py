@@ -459,6 +459,41 @@ def test_slow_drip_ends_within_the_deadline_and_bodies_are_capped(tmp_path, s3, 
     assert read(local, "tar:x.tar#512+3000000")[1] == "object_too_large"
 
 
+def test_item_fetches_ignore_proxies_and_refuse_compressed_bodies(monkeypatch, tmp_path):
+    """``HTTP_PROXY`` would let a proxy resolve (and reach) what the address check refused:
+    item fetches connect directly. A body the server compressed although identity was asked
+    is refused (it could inflate past the cap)."""
+    import gzip
+
+    from workers.storage import LocalStore
+
+    good = photo("coffee.png")
+
+    def gzipped(h):
+        body = gzip.compress(b"\0" * 5_000_000)
+        h.send_response(200)
+        h.send_header("Content-Encoding", "gzip")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    with LocalServer({}) as proxy, \
+            LocalServer({"/ok.png": serve_bytes(good), "/gz.png": gzipped}) as server:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+            monkeypatch.setenv(name, proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        fetcher = fetcher_for(LocalStore(tmp_path), item_max_bytes=2_000_000,
+                              allow_private_hosts=f"127.0.0.1:{server.port}")
+        assert read(fetcher, f"{server.url}/ok.png")[0] == good
+        _, code, message, _ = read(fetcher, f"{server.url}/gz.png")
+        assert code == "read_failed" and "Content-Encoding gzip" in message, message
+        # Refused addresses stay refused whatever the proxy could reach.
+        assert read(fetcher, f"http://127.0.0.2:{server.port}/ok.png")[1] == "reference_refused"
+    assert proxy.requests == []
+    assert server.requests == ["/ok.png", "/gz.png"]
+
+
 def test_slow_drip_and_oversize_rows_on_a_worker(s3, bucket, env, tmp_path):
     """On a fleet worker: a slow-drip URL holds its fetch slot no longer than the deadline
     (``read_timeout``), bodies and objects over the cap are ``object_too_large``, the rest of
