@@ -494,6 +494,46 @@ def test_item_fetches_ignore_proxies_and_refuse_compressed_bodies(monkeypatch, t
     assert server.requests == ["/ok.png", "/gz.png"]
 
 
+def test_local_files_and_buckets_open_only_what_settings_name(tmp_path, s3, bucket, env):
+    from workers.storage import open_store
+
+    endpoint = env["MOONBATCH_S3_ENDPOINT_URL"]
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "a.png").write_bytes(b"in")
+    (outside / "b.png").write_bytes(b"out")
+    (allowed / "link.png").symlink_to(outside / "b.png")  # inside by name, outside in fact
+    other, third = "o-" + uuid.uuid4().hex[:8], "x-" + uuid.uuid4().hex[:8]
+    for name in (other, third):
+        s3.create_bucket(Bucket=name)
+        s3.put_object(Bucket=name, Key="k.png", Body=name.encode())
+    s3.put_object(Bucket=bucket, Key="k.png", Body=b"own")
+
+    fetcher = fetcher_for(open_store(f"s3://{bucket}/", endpoint_url=endpoint),
+                          allow_local_files=str(allowed), item_buckets=other)
+    assert read(fetcher, "file://" + str(allowed / "a.png"))[0] == b"in"
+    for ref in (str(outside / "b.png"), str(allowed / "link.png"), "/etc/passwd"):
+        _, code, message, _ = read(fetcher, "file://" + ref)
+        assert code == "reference_refused" and "MOONBATCH_ALLOW_LOCAL_FILES" in message, ref
+    assert read(fetcher, f"s3://{bucket}/k.png")[0] == b"own"  # INPUT's own bucket
+    assert read(fetcher, f"s3://{other}/k.png")[0] == other.encode()
+    _, code, message, _ = read(fetcher, f"s3://{third}/k.png")
+    assert code == "reference_refused" and "MOONBATCH_ITEM_BUCKETS" in message
+    assert fetcher.presigned_url(_item(f"s3://{third}/k.png"), 60) is None  # nor presigned
+
+    # Without MOONBATCH_ITEM_BUCKETS any bucket is read (the credentials are the boundary).
+    open_fetcher = fetcher_for(open_store(f"s3://{bucket}/", endpoint_url=endpoint))
+    assert read(open_fetcher, f"s3://{third}/k.png")[0] == third.encode()
+    assert read(open_fetcher, "file://" + str(allowed / "a.png"))[1] == "reference_refused"
+
+
+def _item(ref: str):
+    from workers.models import PlanItem
+
+    return PlanItem("x", 0, ref)
+
+
 def test_slow_drip_and_oversize_rows_on_a_worker(s3, bucket, env, tmp_path):
     """On a fleet worker: a slow-drip URL holds its fetch slot no longer than the deadline
     (``read_timeout``), bodies and objects over the cap are ``object_too_large``, the rest of

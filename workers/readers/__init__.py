@@ -222,7 +222,7 @@ class ItemFetcher:
         try:
             refs.check_syntax(ref)
         except refs.InvalidReference as exc:
-            raise ItemError("invalid_reference", f"{refs.show(ref)!r} is not a valid image "
+            raise ItemError("invalid_reference", f"'{refs.show(ref)}' is not a valid image "
                             f"reference: {exc}: fix the row") from None
         scheme = scheme_of(ref)
         if scheme in ("s3", "file"):
@@ -397,9 +397,9 @@ def read_item(fetch: Callable[[PlanItem], bytes], item: PlanItem) -> bytes:
     except netguard.Refused as exc:
         raise ItemError("reference_refused", refs.show(str(exc), 500)) from None
     except (ValueError, UnicodeError) as exc:  # httpx.InvalidURL is a ValueError
-        raise ItemError("invalid_reference", f"{refs.show(str(item.ref), 200)!r} is not a valid "
-                        f"image reference ({type(exc).__name__}: {refs.show(str(exc), 200)}): "
-                        "fix the row") from None
+        raise ItemError("invalid_reference", f"'{refs.show(str(item.ref), 200)}' is not a "
+                        f"valid image reference ({type(exc).__name__}: "
+                        f"{refs.show(str(exc), 200)}): fix the row") from None
     except Exception as exc:
         raise unexpected_error(exc, "reading", "read_failed") from None
 
