@@ -299,6 +299,10 @@ class S3Store:
                 if len(data) > max_bytes:
                     raise TooLarge(f"{self.url_for(key)}: more than the {max_bytes} bytes "
                                    "allowed")
+                # A read of a given size skips botocore's length check: do it here.
+                if resp.get("ContentLength") not in (None, len(data)):
+                    raise StorageError(f"{self.url_for(key)}: cut short ({len(data)} of "
+                                       f"{resp['ContentLength']} bytes)")
                 return data
             finally:
                 body.close()  # unread bytes are dropped with the connection, not read
