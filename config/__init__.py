@@ -91,22 +91,6 @@ class Settings(BaseSettings):
     http_backoff_initial: float = Field(default=0.5, ge=0)
     http_backoff_max: float = Field(default=30.0, ge=0)
 
-    # Reliability.
-    # A silent shard builder loses its lease after this; leases are renewed every quarter of it
-    # from a background thread, so a short lease costs nothing and a dead builder's shard moves
-    # on within about a minute.
-    lease_seconds: float = Field(default=60.0, gt=0)
-    max_item_attempts: int = Field(default=3, ge=1)  # batches an item may be sent in
-    reconcile_interval: float = Field(default=60.0, gt=0)  # Celery beat: stale-work sweep
-    task_retry_backoff_max: float = Field(default=300.0, gt=0)  # seconds between task retries
-
-    # Polling a batch (seconds). The interval adapts between these bounds.
-    poll_min_interval: float = Field(default=5.0, gt=0)
-    poll_max_interval: float = Field(default=120.0, gt=0)
-
-    # Prometheus metrics (workers.metrics): a worker serves /metrics on this port (None: off).
-    metrics_port: int | None = Field(default=None, ge=1, le=65535)
-
     # -- Item references (issue 16, untrusted inputs: workers.netguard, workers.readers.refs) --
     # A manifest's or a Parquet file's image references are data written by others. Networks,
     # addresses or host names (comma-separated, each with an optional :port) item URLs may
@@ -146,6 +130,23 @@ class Settings(BaseSettings):
 
         parse_buckets(value)
         return value
+    # -- end item references --
+
+    # Reliability.
+    # A silent shard builder loses its lease after this; leases are renewed every quarter of it
+    # from a background thread, so a short lease costs nothing and a dead builder's shard moves
+    # on within about a minute.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    max_item_attempts: int = Field(default=3, ge=1)  # batches an item may be sent in
+    reconcile_interval: float = Field(default=60.0, gt=0)  # Celery beat: stale-work sweep
+    task_retry_backoff_max: float = Field(default=300.0, gt=0)  # seconds between task retries
+
+    # Polling a batch (seconds). The interval adapts between these bounds.
+    poll_min_interval: float = Field(default=5.0, gt=0)
+    poll_max_interval: float = Field(default=120.0, gt=0)
+
+    # Prometheus metrics (workers.metrics): a worker serves /metrics on this port (None: off).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("moondream_url", "fal_queue_url")
     @classmethod
