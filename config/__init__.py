@@ -92,6 +92,47 @@ class Settings(BaseSettings):
     http_backoff_initial: float = Field(default=0.5, ge=0)
     http_backoff_max: float = Field(default=30.0, ge=0)
 
+    # -- Item references (issue 16, untrusted inputs: workers.netguard, workers.readers.refs) --
+    # A manifest's or a Parquet file's image references are data written by others. Networks,
+    # addresses or host names (comma-separated, each with an optional :port) item URLs may
+    # reach although not public; empty: public addresses only.
+    allow_private_hosts: str = ""
+    # Folders (comma-separated absolute paths; "/" for any) whose files a manifest that is not
+    # on the workers' own disk may name; a local INPUT's own manifest may name any file.
+    allow_local_files: str = ""
+    # Buckets s3:// references may name besides INPUT's own (comma-separated); empty: any
+    # bucket the workers' credentials can read.
+    item_buckets: str = ""
+    # Bytes one item's read may hold (http bodies, S3 objects, local files, tar members).
+    item_max_bytes: int = Field(default=100_000_000, ge=1024)
+    # Seconds an item's http(s) read may take in all (connect, redirects, every read).
+    item_deadline: float = Field(default=120.0, gt=0)
+
+    @field_validator("allow_private_hosts")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        from workers.netguard import parse_rules
+
+        parse_rules(value)  # ValueError naming the entry
+        return value
+
+    @field_validator("allow_local_files")
+    @classmethod
+    def _check_folders(cls, value: str) -> str:
+        from workers.readers.refs import parse_folders
+
+        parse_folders(value)
+        return value
+
+    @field_validator("item_buckets")
+    @classmethod
+    def _check_buckets(cls, value: str) -> str:
+        from workers.readers.refs import parse_buckets
+
+        parse_buckets(value)
+        return value
+    # -- end item references --
+
     # Reliability.
     # A silent shard builder loses its lease after this; leases are renewed every quarter of it
     # from a background thread, so a short lease costs nothing and a dead builder's shard moves

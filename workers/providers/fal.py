@@ -71,7 +71,7 @@ from workers.providers.fal_queue import (
     FalTransient,
     Submitted,
 )
-from workers.readers import item_options, read_item
+from workers.readers import item_options, read_item, unexpected_error
 from workers.storage import NotFound, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
@@ -705,6 +705,8 @@ class FalProvider:
                 return i, prepare_image(data, limit=MAX_IMAGE_BYTES, max_pixels=spec.max_pixels)
             except ItemError as exc:
                 return i, exc
+            except Exception as exc:  # the per-item boundary: one item never fails the round
+                return i, unexpected_error(exc, "preparing", "image_decode_failed")
 
         n = ctx.settings.fetch_concurrency
         images = dict(ordered_map(load, items, workers=n, window=2 * n))
