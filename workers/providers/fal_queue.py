@@ -363,8 +363,7 @@ class FalQueueClient:
                     if size > cap:
                         raise FalRequestError(action, f"larger than {cap} bytes", status=status)
                     if time.monotonic() > deadline:
-                        raise FalTransient(action, f"not done within {self.timeout:g}s",
-                                           status=status)
+                        raise FalTransient(action, f"not done within {self.timeout:g}s")
                     chunks.append(chunk)
         except httpx.TooManyRedirects:
             raise FalRequestError(action, "too many redirects") from None
