@@ -376,6 +376,21 @@ def _api_error(response: httpx.Response) -> tuple[str | None, str]:
         return None, _phrase(response.status_code)
 
 
+def _download_error(response: httpx.Response) -> tuple[str | None, str]:
+    """(code, reason) of a failed presigned download: the error code of a JSON
+    ``{"error": {"code"}}`` or an S3/R2 XML ``<Code>`` body, reduced to a safe token, and the
+    status's standard reason. Nothing else of the body: S3's may quote the string it signed."""
+    code: object = None
+    try:
+        body = response.json()
+        err = body.get("error") if isinstance(body, dict) else None
+        code = err.get("code") if isinstance(err, dict) else None
+    except ValueError:
+        found = re.search(rb"<Code>([^<]{1,64})</Code>", response.content[:4096])
+        code = found.group(1).decode("ascii", "replace") if found else None
+    return (_token(code) if code else None), _phrase(response.status_code)
+
+
 def _new_batch(body: dict[str, Any]) -> dict[str, Any]:
     """An ``mpu-complete`` answer made a status: ``status`` defaults to ``chunking``."""
     status = body.get("status")
@@ -457,8 +472,8 @@ class BatchClient:
         on: with ``repeat_after_lost_answer=False`` that raises ``AnswerLost`` at once instead
         of repeating the request; otherwise ``lost_answer_note`` (if given) is logged before the
         retry, saying what the lost answer may have left behind. ``keyed=False`` (presigned
-        downloads): an error keeps the status and its standard reason only, and 401/403 is the
-        URL's signature, not the key (``RequestRejected``).
+        downloads): an error keeps the status, the storage service's error code and the
+        status's standard reason, never the body (``_download_error``).
         """
         last: MoondreamError | None = None
         for attempt in range(self.max_attempts):
@@ -490,8 +505,8 @@ class BatchClient:
                 if response.is_redirect:
                     raise RequestRejected(action, "answered a redirect, not followed" + (
                         " with the API key" if keyed else ""), status=status)
-                code, message = _api_error(response) if keyed else (None, _phrase(status))
-                if status in (401, 403) and keyed:
+                code, message = _api_error(response) if keyed else _download_error(response)
+                if status in (401, 403):
                     raise AuthenticationError(action, message or "unauthorised", status=status,
                                               code=code)
                 if status not in RETRY_STATUS:
