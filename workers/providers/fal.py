@@ -549,14 +549,14 @@ class FalProvider:
             # fields (OUTPUT may have been rewritten; earlier versions stored URLs there).
             ep = _entry_endpoint(entry, endpoint)
             try:
-                status = client.status(ep.id, entry["request_id"])
+                status = client.status(ep.id, entry.get("request_id"))
                 if not status.completed:
                     entry["queue_position"] = status.queue_position
                     entry["seen_running_at"] = time.time()
                     return "running", None
                 failed = bool(status.error or status.error_type)
                 try:
-                    output = client.result(ep.id, entry["request_id"])
+                    output = client.result(ep.id, entry.get("request_id"))
                 except FalTransient as exc:
                     if not failed:
                         raise

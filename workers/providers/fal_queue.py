@@ -175,6 +175,21 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+_noted_other_urls = False
+
+
+def _note_other_urls() -> None:
+    """Warn once per process that fal answered status URLs of another form than those built
+    here: a change of fal's protocol to notice (polls would answer 404), never to follow."""
+    global _noted_other_urls
+    if not _noted_other_urls:
+        _noted_other_urls = True
+        log.warning("fal's submit answer names a status URL other than "
+                    "{queue}/{owner}/{alias}/requests/{id}/status on MOONBATCH_FAL_QUEUE_URL; "
+                    "moonbatch builds its own and sends FAL_KEY nowhere else (if polls answer "
+                    "404, fal's URL scheme changed)")
+
+
 class FalQueueClient:
     """Calls fal's queue at ``queue_url`` with ``key``; thread-safe (pooled httpx clients).
 
@@ -281,6 +296,9 @@ class FalQueueClient:
             rid = None
         if rid is None:
             raise FalTransient("submit", "answer without a usable request_id", maybe_sent=True)
+        given = body.get("status_url")
+        if given and given != self.urls(endpoint, rid).status:
+            _note_other_urls()
         position = body.get("queue_position")
         return Submitted(request_id=rid,
                          queue_position=position if isinstance(position, int) else None)
