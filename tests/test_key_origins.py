@@ -363,6 +363,7 @@ def test_batch_api_key_never_follows_a_redirect_and_downloads_carry_none():
     from workers.downloader import fetch_results
     from workers.moondream import (
         BatchClient,
+        ForeignOrigin,
         InvalidId,
         MoondreamError,
         OutputFile,
@@ -409,6 +410,10 @@ def test_batch_api_key_never_follows_a_redirect_and_downloads_carry_none():
                 client.upload_part(forged, "u", 1, b"x")
             client.abort_upload(forged, "u")  # an upload that cannot be the API's: gone
         assert len(api.log) == seen and not store.carrying(key)
+        # The last check before any keyed request leaves: its origin is the API's.
+        with pytest.raises(ForeignOrigin):
+            client._http.get(store.url + "/elsewhere")
+        assert "/elsewhere" not in [p for _, p, _ in store.log]
 
         # A failed presigned download keeps the status and the error code, not the storage
         # service's body (S3's quotes the string it signed).
@@ -425,6 +430,7 @@ def test_fal_file_downloads_carry_no_key_and_are_bounded():
     from workers.providers.fal import archive_answers
     from workers.providers.fal_queue import (
         FalBadRequestId,
+        FalForeignOrigin,
         FalQueueClient,
         FalRequestError,
         FalTransient,
@@ -482,6 +488,9 @@ def test_fal_file_downloads_carry_no_key_and_are_bounded():
             with pytest.raises(FalBadRequestId):
                 client.cancel("fal-ai/moondream3-preview/caption", forged)
         assert len(queue.log) == seen
+        with pytest.raises(FalForeignOrigin):  # the last check before a keyed call leaves
+            client._send("status", "GET", files.url + "/elsewhere")
+        assert "/elsewhere" not in [p for _, p, _ in files.log]
         client.close()
 
 

@@ -94,6 +94,12 @@ class InvalidId(MoondreamError):
 class ForeignOrigin(MoondreamError):
     """A keyed request aimed at another origin than ``base_url``'s: nothing was sent."""
 
+    def __init__(self, expected: str) -> None:
+        self.action, self.status, self.code = "request", None, "foreign_origin"
+        ProviderError.__init__(
+            self, f"Moondream request not sent: its URL is not on MOONBATCH_MOONDREAM_URL's "
+            f"origin ({expected}), and MOONDREAM_API_KEY goes nowhere else")
+
 
 def _checked_id(value: object, action: str, what: str) -> str:
     rid = origins.path_id(value)
@@ -451,8 +457,7 @@ class BatchClient:
     def _check_origin(self, request: httpx.Request) -> None:
         """Refuse, before it is sent, a keyed request off ``base_url``'s origin."""
         if not origins.same_origin(request.url, self.origin):
-            raise ForeignOrigin("request", "the URL is not on MOONBATCH_MOONDREAM_URL's origin "
-                                f"({origins.describe(self.origin)}): the API key was not sent")
+            raise ForeignOrigin(origins.describe(self.origin))
 
     def close(self) -> None:
         """Close the connection pools."""

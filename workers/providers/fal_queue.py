@@ -73,11 +73,19 @@ class FalAuthError(FalError):
     """401/403: ``FAL_KEY`` is missing or wrong."""
 
 
-class FalBadRequestId(FalError):
+class FalNotSent(FalError):
+    """A call refused before anything was sent; ``status`` and ``error_type`` are None."""
+
+    def __init__(self, action: str, message: str) -> None:
+        self.action, self.status, self.error_type = action, None, None
+        ProviderError.__init__(self, f"fal {action} not sent: {message}")
+
+
+class FalBadRequestId(FalNotSent):
     """A request id that cannot be fal's (not one safe path segment): nothing was sent."""
 
 
-class FalForeignOrigin(FalError):
+class FalForeignOrigin(FalNotSent):
     """A keyed call aimed at another origin than the configured queue's: nothing was sent."""
 
 
@@ -226,8 +234,9 @@ class FalQueueClient:
         rid = origins.path_id(request_id)
         app = endpoint.split("/")[:2]
         if rid is None or len(app) < 2 or not all(origins.path_id(p) for p in app):
-            raise FalBadRequestId("request", "the request id is not a fal request id (one "
-                                  "path segment of letters, digits, '-', '_'): not sent")
+            raise FalBadRequestId("request", "the request id recorded in OUTPUT's requests.json "
+                                  "is not a fal request id (one path segment of letters, "
+                                  "digits, '-', '_'): the document was altered")
         root = f"{self.queue_url}/{app[0]}/{app[1]}/requests/{rid}"
         return RequestUrls(status=f"{root}/status", result=root, cancel=f"{root}/cancel")
 
@@ -236,7 +245,8 @@ class FalQueueClient:
         kinds. Refuses (``FalForeignOrigin``) a URL off the configured queue's origin."""
         if not origins.same_origin(url, self.origin):
             raise FalForeignOrigin(action, "the URL is not on MOONBATCH_FAL_QUEUE_URL's origin "
-                                   f"({origins.describe(self.origin)}): FAL_KEY not sent")
+                                   f"({origins.describe(self.origin)}), and FAL_KEY goes "
+                                   "nowhere else")
         started = time.monotonic()
         try:
             response = self._http.request(method, url, **kwargs)
