@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     # Prometheus metrics (workers.metrics): a worker serves /metrics on this port (None: off).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
+    # Preflight (issue 16, producer.preflight). Leases, batch claims and write-once documents
+    # need conditional writes (If-None-Match: *, If-Match) on OUTPUT and the state store; the
+    # preflight proves them with a probe object. True skips that proof for a store known to
+    # lack them: unsafe, two workers may then build one shard and bill two batches.
+    unsafe_skip_conditional_write_check: bool = False
+
     @field_validator("moondream_url", "fal_queue_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
