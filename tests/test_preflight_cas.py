@@ -34,8 +34,9 @@ class S3Proxy:
     """A reverse proxy on 127.0.0.1 in front of ``upstream`` (moto's server) that mistreats
     conditional writes: ``mode`` ``"drop"`` removes ``If-None-Match`` and ``If-Match`` from
     every request, ``"drop-if-match"`` only ``If-Match``, ``"reject"`` answers 501
-    NotImplemented to any request carrying one (a store that does not know them). ``seen``
-    counts the conditional headers it met."""
+    NotImplemented to any request carrying one (a store that does not know them);
+    ``"deny-get:<text>"`` answers 403 AccessDenied to reads of a path containing ``text`` and
+    forwards everything else as it is. ``seen`` counts the conditional headers it met."""
 
     def __init__(self, upstream: str, mode: str) -> None:
         self.upstream = urlsplit(upstream)
@@ -66,14 +67,12 @@ class S3Proxy:
                         continue
                     headers[name] = value
                 if conditional and proxy.mode == "reject":
-                    payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>"
-                               b"NotImplemented</Code><Message>A header you provided implies "
-                               b"functionality that is not implemented</Message></Error>")
-                    self.send_response(501)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
+                    self._error(501, b"NotImplemented", b"A header you provided implies "
+                                b"functionality that is not implemented")
+                    return
+                denied = proxy.mode.partition("deny-get:")[2]
+                if denied and self.command in ("GET", "HEAD") and denied in self.path:
+                    self._error(403, b"AccessDenied", b"Access Denied")
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port,
                                                   timeout=30)
@@ -91,6 +90,16 @@ class S3Proxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+
+            def _error(self, status: int, code: bytes, message: bytes) -> None:
+                payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>" + code +
+                           b"</Code><Message>" + message + b"</Message></Error>")
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
