@@ -251,7 +251,7 @@ def test_local_stores_pass_the_conditional_check(tmp_path):
     settings = Settings(state_url=str(tmp_path / "out"))
     assert check_output(str(tmp_path / "out"), settings) is None
     assert check_state(settings) is None
-    assert [p.name for p in (tmp_path / "out").rglob("*") if not p.name.startswith(".")] == []
+    assert list((tmp_path / "out").rglob("*")) == []  # no probe, no lock sidecar, no temp file
 
 
 # -- (10) safe_url never prints a piece of the password ---------------------------------------------
