@@ -294,7 +294,7 @@ def _check_writable(what: str, url: str, settings: Settings, probe_key: str) -> 
         finally:
             # LocalStore's compare-and-swap serialises on a sidecar lock file: not ours to keep.
             (path / f".{name}.lock").unlink(missing_ok=True)
-        return cause and _conditional_problem(what, url, url, cause)
+        return cause and _conditional_problem(what, url, cause)
     store = quick_store(url, settings)
     try:
         if skip:
@@ -306,7 +306,7 @@ def _check_writable(what: str, url: str, settings: Settings, probe_key: str) -> 
         cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
         code = _s3_code(cause)
         if code in _UNSUPPORTED:
-            return _conditional_problem(what, url, _s3_where(url, settings),
+            return _conditional_problem(what, _s3_where(url, settings),
                                         f"refused: {code}: {_s3_message(cause)}")
         return _s3_problem(what, url, cause, settings, write=True)
     try:
@@ -314,8 +314,10 @@ def _check_writable(what: str, url: str, settings: Settings, probe_key: str) -> 
     except Exception as exc:
         inner = exc.__context__ if isinstance(exc.__context__, Exception) else exc
         code = _s3_code(inner)
-        cause = f"refused: {code}: {_s3_message(inner)}" if code else "refused: " + _short(inner)
-    return cause and _conditional_problem(what, url, _s3_where(url, settings), cause)
+        if code not in _UNSUPPORTED:  # not about the conditions: denied, unreachable...
+            return _s3_problem(what, url, inner, settings, write=True)
+        cause = f"refused: {code}: {_s3_message(inner)}"
+    return cause and _conditional_problem(what, _s3_where(url, settings), cause)
 
 
 # S3 error codes of a store that does not know a conditional-write header.
@@ -354,7 +356,7 @@ def prove_conditional_writes(store: Store, key: str, *, created: bool | None = N
         store.delete(key)
 
 
-def _conditional_problem(what: str, url: str, where: str, cause: str) -> str:
+def _conditional_problem(what: str, where: str, cause: str) -> str:
     """One line: the store at ``where`` does not do conditional writes (``cause`` from
     ``prove_conditional_writes``), what that breaks, the fix and the unsafe override."""
     verb, _, why = cause.partition(": ")
