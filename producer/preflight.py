@@ -6,7 +6,10 @@ a command needs side by side and raises ``PreflightFailed`` with every failing l
 bounds its own time (Redis 2.5 s, HTTP 8 s, S3 3 s to connect and 5 s to read with two
 attempts), so a start that cannot work ends in a few seconds. ``moonbatch run``, ``submit`` and
 ``resume`` use them (exit code 3, see README "Command line"). The credentials checked are the
-run's provider's (``workers.providers``: the Batch API key or fal's key), never both.
+run's provider's (``workers.providers``: the Batch API key or fal's key), never both. OUTPUT
+and the state store must also honour conditional writes (``prove_conditional_writes``), which
+leases and write-once documents rest on; ``MOONBATCH_UNSAFE_SKIP_CONDITIONAL_WRITE_CHECK``
+skips that proof. URLs in messages go through ``safe_url``: no piece of a password shows.
 """
 
 from __future__ import annotations
