@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     http_backoff_initial: float = Field(default=0.5, ge=0)
     http_backoff_max: float = Field(default=30.0, ge=0)
 
-    # -- Item references (issue 16, untrusted inputs: workers.netguard, workers.readers.refs) --
+    # Item references (untrusted input: workers.netguard, workers.readers.refs).
     # A manifest's or a Parquet file's image references are data written by others. Networks,
     # addresses or host names (comma-separated, each with an optional :port) item URLs may
     # reach although not public; empty: public addresses only.
@@ -131,7 +131,6 @@ class Settings(BaseSettings):
 
         parse_buckets(value)
         return value
-    # -- end item references --
 
     # Reliability.
     # A silent shard builder loses its lease after this; leases are renewed every quarter of it
@@ -149,7 +148,7 @@ class Settings(BaseSettings):
     # Prometheus metrics (workers.metrics): a worker serves /metrics on this port (None: off).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
-    # -- deploy (issue 16): where a worker's /metrics listens --
+    # Where a worker's /metrics listens.
     # An IP address of this machine: 0.0.0.0 every IPv4 interface (containers, where the pod or
     # network is the boundary), 127.0.0.1 this machine only (the systemd units), :: every one.
     metrics_address: str = "0.0.0.0"
@@ -163,7 +162,12 @@ class Settings(BaseSettings):
             raise ValueError(f"MOONBATCH_METRICS_ADDRESS={value!r} is not an IP address: use one of "
                              "this machine's, 0.0.0.0 for every interface or 127.0.0.1 for this "
                              "machine only") from None
-    # -- end deploy --
+
+    # Preflight (producer.preflight). Leases, batch claims and write-once documents
+    # need conditional writes (If-None-Match: *, If-Match) on OUTPUT and the state store; the
+    # preflight proves them with a probe object. True skips that proof for a store known to
+    # lack them: unsafe, two workers may then build one shard and bill two batches.
+    unsafe_skip_conditional_write_check: bool = False
 
     @field_validator("moondream_url", "fal_queue_url")
     @classmethod

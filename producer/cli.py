@@ -949,7 +949,8 @@ def _open_snapshot(output: str, settings) -> dict[str, Any]:
 
 
 def _print_skipped(output: str, snap: dict[str, Any], settings) -> None:
-    """Every key skipped as not an image, one per line on stdout, streamed from storage."""
+    """Every key skipped, one per line on stdout, streamed from storage: a key skipped as not
+    an image alone, one that cannot be an item with its reason after a tab."""
     from workers import layout
     from workers.runstate import open_output
     from workers.storage import get_json_or_none
@@ -959,7 +960,8 @@ def _print_skipped(output: str, snap: dict[str, Any], settings) -> None:
     if plan is None:
         raise Fail(f"run {snap['run_id']} is still being planned: skipped objects are listed "
                    "once its plan is complete")
-    err.print(f"{plan['skipped']} object(s) under {snap['input']} skipped (not images):",
+    why = "not images, or for the reason after a tab" if plan.get("skipped_reasons") else "not images"
+    err.print(f"{plan['skipped']} object(s) under {snap['input']} skipped ({why}):",
               highlight=False, soft_wrap=True)
     if "skipped_parts" not in plan:  # a run planned before the full list was kept
         for key in plan.get("skipped_examples", []):
@@ -970,7 +972,8 @@ def _print_skipped(output: str, snap: dict[str, Any], settings) -> None:
     for part in range(plan["skipped_parts"]):
         for line in store.get(layout.skipped_part(part)).splitlines():
             if line.strip():
-                print(json.loads(line)["key"])
+                record = json.loads(line)  # a key that cannot be an item has its reason
+                print(record["key"] + (f"\t{record['reason']}" if record.get("reason") else ""))
 
 
 @app.command(epilog=_epilog("moonbatch status 20250101-120000-a1b2c3",

@@ -122,6 +122,10 @@ class LocalStore:
         return Path(real)
 
     def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """See ``Store.iter_objects``. A name that is not valid UTF-8 comes as Python's
+        ``surrogateescape`` str of it (``os.fsdecode``): ``get`` still reads it, but it cannot
+        be JSON text, so the planner skips it with its reason. An entry that cannot be
+        examined (a link loop, no permission to stat it) is left out, like a dangling link."""
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return
@@ -143,7 +147,7 @@ class LocalStore:
                         key = entry.path[len(root):]
                         yield ObjectInfo(key if os.sep == "/" else key.replace(os.sep, "/"),
                                          entry.stat().st_size)
-                except FileNotFoundError:
+                except OSError:  # deleted while listing, a link loop (ELOOP), no permission
                     continue
             stack.extend(reversed(subdirs))
 

@@ -56,22 +56,29 @@ INPUT_FORMATS = ("auto", *READERS)
 @dataclasses.dataclass
 class ListingStats:
     """What a reader saw: ``listed`` entries (objects, rows, tar members), ``items`` yielded,
-    ``skipped`` entries that are not images (with a few examples; ``on_skip``, if set, is
-    called with every skipped one, to record them all without holding them in memory)."""
+    ``skipped`` entries that are not images or cannot be items (with a few examples;
+    ``reasons`` counts the latter by reason code; ``on_skip``, if set, is called with every
+    skipped one as ``(key, reason, detail)``, to record them all without holding them in
+    memory)."""
 
     listed: int = 0
     items: int = 0
     skipped: int = 0
     skipped_examples: list[str] = dataclasses.field(default_factory=list)
-    on_skip: Callable[[str], None] | None = None
+    reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    on_skip: Callable[[str, str | None, str | None], None] | None = None
 
-    def skip(self, key: str) -> None:
-        """Count ``key`` as skipped (not an image)."""
+    def skip(self, key: str, reason: str | None = None, detail: str | None = None) -> None:
+        """Count ``key`` as skipped: not an image (``reason`` None), or an entry that cannot be
+        an item, with a ``reason`` code (e.g. ``name_not_utf8``, ``unreadable``) and a one-line
+        ``detail`` (no secret). ``key`` must be printable text (valid UTF-8)."""
         self.skipped += 1
+        if reason is not None:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
         if len(self.skipped_examples) < 10:
             self.skipped_examples.append(key)
         if self.on_skip is not None:
-            self.on_skip(key)
+            self.on_skip(key, reason, detail)
 
 
 class Reader(Protocol):
