@@ -56,7 +56,7 @@ def test_a_redelivered_build_waits_for_the_running_one(s3, bucket, env, tmp_path
     photos = upload_photos(s3, bucket, "in/")
     config = EmulatorConfig(api_key="one-" + uuid.uuid4().hex, chunking_seconds=0.1,
                             processing_seconds=0.2, min_part_size=0,
-                            faults=Faults(latency=0.15))  # slow parts: the build takes a while
+                            faults=Faults(latency=0.25))  # slow parts: the build takes a while
     with EmulatorServer(config) as emu:
         queue = "ob-" + uuid.uuid4().hex[:8]
         wenv = {**env, "MOONBATCH_QUEUE": queue, "MOONDREAM_API_KEY": config.api_key,
@@ -180,8 +180,12 @@ def test_two_builds_racing_on_one_round_bill_one_batch(batch_api):
         outcome[name] = build(batch_api)
     created = batch_api["client"].find_batches(t0 - 5)
     docs = round_docs(batch_api["state"])
-    print(f"\nracing builds: {len(created)} batch(es) created; losers that waited: {claimed}")
-    assert len(created) == 1, [b.id for b in created]
+    calls = batch_api["emu"].emulator.requests
+    print(f"\nracing builds: uploads opened {calls.get('mpu-create')}, mpu-complete calls "
+          f"{calls.get('mpu-complete')}, aborts {calls.get('mpu-abort')}; {len(created)} "
+          f"batch(es) created; executions told to look again later: {claimed}")
+    assert calls["mpu-create"] == 2  # both really built and uploaded
+    assert calls["mpu-complete"] == 1 and len(created) == 1, [b.id for b in created]
     assert {o[1].batch_id for o in outcome.values()} == {created[0].id}  # type: ignore[index]
     assert docs["batch"]["batch_id"] == created[0].id
     assert docs["build"]["attempt"] == docs["batch"]["attempt"] != ""
