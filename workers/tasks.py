@@ -184,7 +184,8 @@ def _context(run: Run, shard: int, rnd: int,
     return RoundContext(run=run, shard=shard, rnd=rnd, settings=settings,
                         id_prefix=line_id_prefix(run.spec.run_id, shard, rnd),
                         heartbeat=heartbeat,
-                        renew=(lambda: lease.renew(force=True)) if lease else lambda: None)
+                        renew=(lambda force=True: lease.renew(force=force)) if lease
+                        else lambda force=True: None)
 
 
 def _leased(store: Store, shard: int, task_id: str | None, settings: Settings) -> Lease:

@@ -484,7 +484,9 @@ class FalProvider:
         known = {e["request_id"] for e in kept.values()}
         if time.time() >= ledger["backoff_until"]:
             if ledger["resend"] or ledger["cursor"] < ledger["lines"]:
-                ctx.renew()  # sends bill: only while the lease is surely this execution's
+                # Sends bill: only while the lease is surely this execution's (renewed within
+                # a quarter of its life; a renewal per step would double a step's writes).
+                ctx.renew(force=False)
             self._send(ctx, endpoint, build, ledger, client, cap, out)
         written = self._write_lines(ctx, ledger, out) if out else None
         ledger["steps"] += 1
