@@ -9,6 +9,7 @@ or moto.
 from __future__ import annotations
 
 import functools
+import ipaddress
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -91,6 +92,46 @@ class Settings(BaseSettings):
     http_backoff_initial: float = Field(default=0.5, ge=0)
     http_backoff_max: float = Field(default=30.0, ge=0)
 
+    # Item references (untrusted input: workers.netguard, workers.readers.refs).
+    # A manifest's or a Parquet file's image references are data written by others. Networks,
+    # addresses or host names (comma-separated, each with an optional :port) item URLs may
+    # reach although not public; empty: public addresses only.
+    allow_private_hosts: str = ""
+    # Folders (comma-separated absolute paths; "/" for any) whose files a manifest that is not
+    # on the workers' own disk may name; a local INPUT's own manifest may name any file.
+    allow_local_files: str = ""
+    # Buckets s3:// references may name besides INPUT's own (comma-separated); empty: any
+    # bucket the workers' credentials can read.
+    item_buckets: str = ""
+    # Bytes one item's read may hold (http bodies, S3 objects, local files, tar members).
+    item_max_bytes: int = Field(default=100_000_000, ge=1024)
+    # Seconds an item's http(s) read may take in all (connect, redirects, every read).
+    item_deadline: float = Field(default=120.0, gt=0)
+
+    @field_validator("allow_private_hosts")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        from workers.netguard import parse_rules
+
+        parse_rules(value)  # ValueError naming the entry
+        return value
+
+    @field_validator("allow_local_files")
+    @classmethod
+    def _check_folders(cls, value: str) -> str:
+        from workers.readers.refs import parse_folders
+
+        parse_folders(value)
+        return value
+
+    @field_validator("item_buckets")
+    @classmethod
+    def _check_buckets(cls, value: str) -> str:
+        from workers.readers.refs import parse_buckets
+
+        parse_buckets(value)
+        return value
+
     # Reliability.
     # A silent shard builder loses its lease after this; leases are renewed every quarter of it
     # from a background thread, so a short lease costs nothing and a dead builder's shard moves
@@ -106,6 +147,27 @@ class Settings(BaseSettings):
 
     # Prometheus metrics (workers.metrics): a worker serves /metrics on this port (None: off).
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
+    # Where a worker's /metrics listens.
+    # An IP address of this machine: 0.0.0.0 every IPv4 interface (containers, where the pod or
+    # network is the boundary), 127.0.0.1 this machine only (the systemd units), :: every one.
+    metrics_address: str = "0.0.0.0"
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(f"MOONBATCH_METRICS_ADDRESS={value!r} is not an IP address: use one of "
+                             "this machine's, 0.0.0.0 for every interface or 127.0.0.1 for this "
+                             "machine only") from None
+
+    # Preflight (producer.preflight). Leases, batch claims and write-once documents
+    # need conditional writes (If-None-Match: *, If-Match) on OUTPUT and the state store; the
+    # preflight proves them with a probe object. True skips that proof for a store known to
+    # lack them: unsafe, two workers may then build one shard and bill two batches.
+    unsafe_skip_conditional_write_check: bool = False
 
     @field_validator("moondream_url", "fal_queue_url")
     @classmethod

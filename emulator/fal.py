@@ -536,7 +536,8 @@ class FalEmulation:
     ``owner.config`` is the live ``EmulatorConfig`` (its ``fal_key`` and ``fal``, a
     ``FalConfig``). ``register(app)`` adds the routes under ``/fal-ai/``. ``requests`` holds the
     requests by id, ``injected`` counts faults by kind (``FAL_FAULT_KINDS``), ``calls`` counts
-    calls by kind; ``clock`` is the time source.
+    calls by kind (downloads of produced files as ``file``, or ``file_with_key`` when they
+    carried an ``Authorization`` header); ``clock`` is the time source.
     """
 
     def __init__(self, owner: Any) -> None:
@@ -706,6 +707,8 @@ class FalEmulation:
         return fault if fault is not None else self._submit(endpoint, rid)
 
     def _file(self, fid: str) -> Response:
+        # fal's CDN needs no key: count downloads that carry one anyway (a client leaking it).
+        self._count("file_with_key" if request.headers.get("Authorization") else "file")
         with self.lock:
             found = self.files.get(fid)
         if found is None:

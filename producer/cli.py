@@ -434,12 +434,18 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
     progress = RunProgress(store)
     start = time.time()
     reconciled = start
+    # Without local workers a fleet must consume the run's queues: look, and say so if not.
+    watch = _consumer_watch(output, settings) if workers is None else None
+    announced: set[str] = set()
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[note]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=err, disable=not show, transient=False) as bar:
+    with Progress(*columns, console=err, disable=not show, transient=False) as bar, \
+            watch or contextlib.nullcontext():
         task = bar.add_task("planning", total=None, note="")
         while True:
             snap = progress.snapshot()
+            if watch is not None:
+                announced = _announce_consumers(watch, announced, snap["run_id"])
             c, s = snap["counts"], snap["shards"]
             bar.update(task, total=c["total"], completed=c["done"] + c["in_flight"],
                        description="planning" if s["total"] is None else "annotating",
@@ -466,6 +472,58 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
                            f"moonbatch wait {snap['run_id']}", code=4)
             age = time.time() - start  # each look lists the run's state: back off as it ages
             time.sleep(0.2 if age < 10 else 2.0 if age < 600 else 10.0)
+
+
+def _run_queues(output: str, settings) -> list[str]:
+    """The run's two broker queues: its queue (builds, merges) and its control queue (polls,
+    finalising). Raises ``RunNotFound`` and storage errors."""
+    from workers.runstate import control_queue, open_run, run_queue
+
+    queue = run_queue(open_run(output, settings).spec, settings)
+    return [queue, control_queue(queue, settings)]
+
+
+def _consumer_watch(output: str, settings):
+    """A ``workers.consumers.ConsumerWatch`` over the run's queues, not yet started; None when
+    there is no shared broker to ask (embedded) or the run's spec cannot be read."""
+    from workers.app import app as celery_app
+    from workers.consumers import ConsumerWatch
+    from workers.embedded import EMBEDDED
+
+    if settings.broker_url == EMBEDDED:
+        return None
+    try:
+        queues = _run_queues(output, settings)
+    except Exception:  # no spec to read: nothing to name; the run's state says the rest
+        return None
+    return ConsumerWatch(celery_app, queues, first=1.0, recheck=2.0, every=30.0)
+
+
+def _announce_consumers(watch, announced: set[str], run_id: str) -> set[str]:
+    """Print, once each time it happens, that a queue of the run lost (or found) its consumers;
+    returns the queues announced as without one (the next call's ``announced``)."""
+    missing = watch.unconsumed()
+    if set(missing) - announced:
+        err.print("[yellow]" + escape(_no_consumer_text(missing, watch.queues, run_id))
+                  + "; still waiting[/yellow]", highlight=False, soft_wrap=True)
+    back = [q for q in watch.queues if q in announced and q not in missing]
+    if back:
+        err.print(f"a worker now consumes {', '.join(back)}", highlight=False, soft_wrap=True)
+    return set(missing)
+
+
+def _no_consumer_text(missing: list[str], queues: list[str], run_id: str) -> str:
+    """One line: which of the run's ``queues`` (its queue and control queue) no worker
+    consumes, what waits there, and the command that serves them."""
+    from producer.runs import local_queue
+
+    what = dict(zip(queues, ("its builds and merges", "its polls and finalising"), strict=False))
+    names = "; ".join(f"{q} ({what.get(q, 'its work')} wait there)" for q in missing)
+    text = (f"no worker consumes {'queue' if len(missing) == 1 else 'queues'} {names} of run "
+            f"{run_id}: start workers with: celery -A workers worker -Q {','.join(queues)}")
+    if queues and queues[0] == local_queue(run_id):  # the private queues of `moonbatch run`
+        text += f" (or follow it with local workers: moonbatch wait {run_id} --workers N)"
+    return text
 
 
 def _reconcile(output: str, run_id: str) -> None:
@@ -891,7 +949,8 @@ def _open_snapshot(output: str, settings) -> dict[str, Any]:
 
 
 def _print_skipped(output: str, snap: dict[str, Any], settings) -> None:
-    """Every key skipped as not an image, one per line on stdout, streamed from storage."""
+    """Every key skipped, one per line on stdout, streamed from storage: a key skipped as not
+    an image alone, one that cannot be an item with its reason after a tab."""
     from workers import layout
     from workers.runstate import open_output
     from workers.storage import get_json_or_none
@@ -901,7 +960,8 @@ def _print_skipped(output: str, snap: dict[str, Any], settings) -> None:
     if plan is None:
         raise Fail(f"run {snap['run_id']} is still being planned: skipped objects are listed "
                    "once its plan is complete")
-    err.print(f"{plan['skipped']} object(s) under {snap['input']} skipped (not images):",
+    why = "not images, or for the reason after a tab" if plan.get("skipped_reasons") else "not images"
+    err.print(f"{plan['skipped']} object(s) under {snap['input']} skipped ({why}):",
               highlight=False, soft_wrap=True)
     if "skipped_parts" not in plan:  # a run planned before the full list was kept
         for key in plan.get("skipped_examples", []):
@@ -912,7 +972,8 @@ def _print_skipped(output: str, snap: dict[str, Any], settings) -> None:
     for part in range(plan["skipped_parts"]):
         for line in store.get(layout.skipped_part(part)).splitlines():
             if line.strip():
-                print(json.loads(line)["key"])
+                record = json.loads(line)  # a key that cannot be an item has its reason
+                print(record["key"] + (f"\t{record['reason']}" if record.get("reason") else ""))
 
 
 @app.command(epilog=_epilog("moonbatch status 20250101-120000-a1b2c3",
@@ -923,7 +984,7 @@ def status(run_ref: RunRefArg, as_json: JsonOpt = False,
                "--skipped", help="list every object of INPUT skipped as not an image, one key "
                "per line")] = False) -> None:
     """Print a run's progress: items done, its provider (and fal endpoint), batches at the
-    provider, shards merged.
+    provider, shards merged; for a running run, whether a worker consumes each of its queues.
 
     Exits 0 for a running or completed run, 1 for a failed or cancelled one.
     """
@@ -934,6 +995,8 @@ def status(run_ref: RunRefArg, as_json: JsonOpt = False,
         settings = get_settings()
         output = resolve_run(run_ref, settings)
         snap = _open_snapshot(output, settings)
+        if not skipped:
+            snap["queues_without_consumer"] = _unconsumed_now(output, snap, settings)
         if skipped:
             _print_skipped(output, snap, settings)
         elif as_json:
@@ -953,6 +1016,10 @@ def status(run_ref: RunRefArg, as_json: JsonOpt = False,
             if snap["failure"]:
                 out.print(f"[red]failure:[/red] {escape(snap['failure']['where'])}: "
                           f"{escape(str(snap['failure']['error']))}", soft_wrap=True)
+            if snap["queues_without_consumer"]:
+                out.print("[yellow]" + escape(_no_consumer_text(
+                    snap["queues_without_consumer"], _run_queues(output, settings),
+                    snap["run_id"])) + "[/yellow]", highlight=False, soft_wrap=True)
         if snap["status"] in ("failed", "cancelled"):
             raise typer.Exit(1)
 
@@ -1115,15 +1182,41 @@ def resume(run_ref: RunRefArg, workers: FollowWorkersOpt = None, timeout: Timeou
                 _say_where_the_work_is(output, settings)
 
 
+def _unconsumed_now(output: str, snap: dict[str, Any], settings) -> list[str] | None:
+    """The queues of a running run that no worker consumes now (one look, about
+    ``workers.consumers.LOOK_TIMEOUT`` seconds); None for a run that is not running, or when
+    the broker cannot be asked (embedded, out of reach)."""
+    from workers.app import app as celery_app
+    from workers.consumers import without_consumer
+    from workers.embedded import EMBEDDED
+
+    if snap["status"] != "running" or settings.broker_url == EMBEDDED:
+        return None
+    try:
+        queues = _run_queues(output, settings)
+    except Exception:  # no spec to read: nothing to name
+        return None
+    return without_consumer(celery_app, queues)
+
+
 def _say_where_the_work_is(output: str, settings) -> None:
-    """After a resume without workers: name the run's queue when no fleet consumes it."""
+    """After work was enqueued without local workers (resume, retry-failed): say so, naming
+    the queue and the way to serve it, when no worker consumes one of the run's queues."""
+    from workers.app import app as celery_app
+    from workers.consumers import without_consumer
     from workers.runstate import control_queue, open_run, run_queue
 
-    queue = run_queue(open_run(output, settings).spec, settings)
-    if queue != settings.queue:
-        err.print(f"its work is on its own queues {queue} and {control_queue(queue)} (its "
-                  "workers were `moonbatch run`'s): add --workers N, or start workers with "
-                  f"-Q {queue},{control_queue(queue)}", highlight=False)
+    spec = open_run(output, settings).spec
+    queue = run_queue(spec, settings)
+    queues = [queue, control_queue(queue, settings)]
+    missing = without_consumer(celery_app, queues)
+    if missing:
+        err.print("[yellow]" + escape(_no_consumer_text(missing, queues, spec.run_id))
+                  + "[/yellow]", highlight=False, soft_wrap=True)
+    elif missing is None and queue != settings.queue:  # no answer: say where the work is
+        err.print(f"its work is on its own queues {queue} and {queues[1]} (its workers were "
+                  "`moonbatch run`'s): add --workers N, or start workers with "
+                  f"-Q {queue},{queues[1]}", highlight=False)
 
 
 CodesArg = Annotated[Optional[list[str]], typer.Argument(

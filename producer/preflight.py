@@ -6,28 +6,33 @@ a command needs side by side and raises ``PreflightFailed`` with every failing l
 bounds its own time (Redis 2.5 s, HTTP 8 s, S3 3 s to connect and 5 s to read with two
 attempts), so a start that cannot work ends in a few seconds. ``moonbatch run``, ``submit`` and
 ``resume`` use them (exit code 3, see README "Command line"). The credentials checked are the
-run's provider's (``workers.providers``: the Batch API key or fal's key), never both.
+run's provider's (``workers.providers``: the Batch API key or fal's key), never both. OUTPUT
+and the state store must also honour conditional writes (``prove_conditional_writes``), which
+leases and write-once documents rest on; ``MOONBATCH_UNSAFE_SKIP_CONDITIONAL_WRITE_CHECK``
+skips that proof. URLs in messages go through ``safe_url``: no piece of a password shows.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import logging
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from config import Settings
 from workers import layout
-from workers.storage import LocalStore, S3Store, Store, normalize_url
+from workers.storage import LocalStore, S3Store, StorageError, Store, normalize_url
 
 REDIS_TIMEOUT = 2.5  # seconds, connect and read
 S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_ATTEMPTS = 3, 5, 2
 
 Check = Callable[[], "str | None"]
+log = logging.getLogger(__name__)
 
 
 class PreflightFailed(Exception):
@@ -38,33 +43,92 @@ class PreflightFailed(Exception):
         self.problems = problems
 
 
+# A URL's scheme; several URLs may be joined by ";" (kombu's failover list, Redis Sentinel).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+_NEXT_URL = re.compile(r";(?=\s*[A-Za-z][A-Za-z0-9+.\-]*://)")
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str] | None:
+    """``(scheme://, userinfo, rest after the @)`` of one URL, or None when it has no userinfo.
+
+    The userinfo is everything up to the URL's LAST ``@``: a password may hold ``#``, ``/``,
+    ``?``, ``@`` or ``%``, which ``urlsplit`` reads as the start of a path, query or fragment (an
+    ``@`` in a query string then hides more than needed, never less)."""
+    match = _SCHEME.match(url)
+    head = match.group(0) if match else ""
+    body = url[len(head):]
+    at = body.rfind("@")
+    if at < 0:
+        return None
+    return head, body[:at], body[at + 1:]
+
+
+def _hidden_userinfo(userinfo: str) -> str:
+    user, colon, _ = userinfo.partition(":")
+    if not colon and not re.search(r"[#/?@%\s]", userinfo):
+        return userinfo  # a user name alone is not a secret
+    return f"{user}:***" if colon and not re.search(r"[#/?@%\s]", user) else "***"
+
+
 def safe_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***`` (for messages)."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    """``url`` with every password replaced by ``***`` (for messages): ``redis://user:***@host:
+    6379/0``. Several URLs joined by ``;`` (failover, Sentinel) are each hidden; a password with
+    ``#``, ``/``, ``?``, ``@`` or ``%`` never shows a piece (see ``_split_userinfo``)."""
+    shown = []
+    for one in _NEXT_URL.split(url):
+        parts = _split_userinfo(one)
+        shown.append(one if parts is None else f"{parts[0]}{_hidden_userinfo(parts[1])}@{parts[2]}")
+    return ";".join(shown)
+
+
+def _passwords(url: str) -> list[str]:
+    """The password of every URL in ``url`` (see ``safe_url``), longest first."""
+    found = []
+    for one in _NEXT_URL.split(url):
+        parts = _split_userinfo(one)
+        if parts is not None:
+            found.append(parts[1].partition(":")[2] or parts[1])
+    return sorted((p for p in found if p), key=len, reverse=True)
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` (an error message) without any password of ``url``, whole or in pieces as a
+    parser may have cut it at ``#``, ``/``, ``?``, ``@``, ``%`` or ``:``."""
+    for password in _passwords(url):
+        for piece in sorted({password, *re.split(r"[#/?@%:;]", password)}, key=len, reverse=True):
+            if len(piece) >= 3:
+                text = text.replace(piece, "***")
+    return text
 
 
 # -- broker -------------------------------------------------------------------------------------
 def check_broker(url: str, timeout: float = REDIS_TIMEOUT) -> str | None:
     """Ping the Celery broker at ``url`` (Redis: one PING within ``timeout`` seconds, no retry;
-    ``filesystem://``: nothing to reach; anything else: one kombu connection attempt)."""
+    ``filesystem://``: nothing to reach; anything else: one kombu connection attempt). No
+    message carries a piece of the URL's password (``safe_url``, ``_scrub``)."""
+    try:
+        problem = _check_broker(url, timeout)
+    except ValueError:
+        # urllib's message quotes what it took for a port: a piece of the password.
+        return (f"broker: MOONBATCH_BROKER_URL ({safe_url(url)}) cannot be parsed: "
+                "percent-encode special characters of its password (# %23, / %2F, ? %3F, "
+                "@ %40, % %25)")
+    except Exception as exc:
+        problem = f"broker: {safe_url(url)}: {_short(exc)}: check MOONBATCH_BROKER_URL"
+    return problem and _scrub(problem, url)
+
+
+def _check_broker(url: str, timeout: float) -> str | None:
     shown = safe_url(url)
     if url.startswith("filesystem://"):
         return None
     if url.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
         import redis
 
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout,
+                                      socket_timeout=timeout, retry_on_timeout=False, retry=None)
         try:
-            client = redis.Redis.from_url(url, socket_connect_timeout=timeout,
-                                          socket_timeout=timeout, retry_on_timeout=False,
-                                          retry=None)
-            try:
-                client.ping()
-            finally:
-                client.close()
+            client.ping()
         except redis.AuthenticationError:
             return (f"broker: Redis at {shown} refused the credentials: fix the password in "
                     "MOONBATCH_BROKER_URL (redis://:PASSWORD@host:6379/0)")
@@ -74,12 +138,16 @@ def check_broker(url: str, timeout: float = REDIS_TIMEOUT) -> str | None:
                     "machine) pass --embedded-broker")
         except redis.RedisError as exc:
             return f"broker: Redis at {shown} answered an error ({_short(exc)}): check the server"
+        finally:
+            client.close()
         return None
     from kombu import Connection
 
     try:
         with Connection(url, connect_timeout=timeout) as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
+    except ValueError:
+        raise
     except Exception as exc:
         return (f"broker: cannot reach the broker at {shown} ({_short(exc)}): start it or fix "
                 "MOONBATCH_BROKER_URL")
@@ -195,10 +263,15 @@ def check_input_file(url: str, settings: Settings) -> str | None:
 
 
 def _check_writable(what: str, url: str, settings: Settings, probe_key: str) -> str | None:
-    """``url`` can take objects: a probe object is written there and deleted at once (S3, or a
-    local directory that exists); for a local directory yet to be created, its nearest existing
-    parent must be a writable directory. Nothing is left behind."""
+    """``url`` can take objects, and honours conditional writes (``prove_conditional_writes``,
+    unless ``settings.unsafe_skip_conditional_write_check``): a probe object is written there
+    and deleted at once (S3, or a local directory that exists); for a local directory yet to be
+    created, its nearest existing parent must be a writable directory. Nothing is left behind."""
     url = normalize_url(url)
+    skip = settings.unsafe_skip_conditional_write_check
+    if skip:
+        log.warning("%s: %s: conditional writes not checked (%s is set): leases and write-once "
+                    "records are unsafe there", what, url, UNSAFE_SETTING)
     if not url.startswith("s3://"):
         path = Path(url)
         parent = path
@@ -210,21 +283,108 @@ def _check_writable(what: str, url: str, settings: Settings, probe_key: str) -> 
             return f"{what}: {parent} is not writable (permission denied): check its permissions"
         if parent != path:
             return None  # created at the first write; nothing to probe without creating it
-        probe = path / f".moonbatch-probe-{secrets.token_hex(4)}"
+        name = f".moonbatch-probe-{secrets.token_hex(4)}"
         try:
-            probe.write_bytes(b"")
-            probe.unlink()
+            if skip:
+                (path / name).write_bytes(b"")
+                (path / name).unlink()
+                return None
+            cause = prove_conditional_writes(LocalStore(path), name)
         except OSError as exc:
             return f"{what}: {url} is not writable ({exc.strerror or _short(exc)}): check it"
-        return None
+        except StorageError as exc:
+            cause = "refused: " + _short(exc)
+        finally:
+            # LocalStore's compare-and-swap serialises on a sidecar lock file: not ours to keep.
+            (path / f".{name}.lock").unlink(missing_ok=True)
+        return cause and _conditional_problem(what, url, cause)
     store = quick_store(url, settings)
     try:
-        store.put(probe_key, b"")
-        store.delete(probe_key)
+        if skip:
+            store.put(probe_key, b"")
+            store.delete(probe_key)
+            return None
+        created = store.put(probe_key, b"1", if_absent=True)
     except Exception as exc:
         cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+        code = _s3_code(cause)
+        if code in _UNSUPPORTED:
+            return _conditional_problem(what, _s3_where(url, settings),
+                                        f"refused: {code}: {_s3_message(cause)}")
         return _s3_problem(what, url, cause, settings, write=True)
-    return None
+    try:
+        cause = prove_conditional_writes(store, probe_key, created=created)
+    except Exception as exc:
+        inner = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+        code = _s3_code(inner)
+        if code not in _UNSUPPORTED:  # not about the conditions: denied, unreachable...
+            return _s3_problem(what, url, inner, settings, write=True)
+        cause = f"refused: {code}: {_s3_message(inner)}"
+    return cause and _conditional_problem(what, _s3_where(url, settings), cause)
+
+
+# S3 error codes of a store that does not know a conditional-write header.
+_UNSUPPORTED = ("NotImplemented", "InvalidArgument", "InvalidRequest", "501")
+# An ETag no object has: a compare-and-swap against it must be refused.
+_WRONG_VERSION = '"' + "0" * 32 + '"'
+UNSAFE_SETTING = "MOONBATCH_UNSAFE_SKIP_CONDITIONAL_WRITE_CHECK"
+
+
+def prove_conditional_writes(store: Store, key: str, *, created: bool | None = None) -> str | None:
+    """Prove that ``store`` honours the conditional writes leases and write-once documents rest
+    on (FACTS.md "S3": ``If-None-Match: *`` fails with 412 when the key exists, ``If-Match:
+    <etag>`` is a compare-and-swap): a create-if-absent of the new probe ``key`` succeeds (or
+    ``created`` says how the caller's did), a second one is refused, a compare-and-swap with a
+    wrong version is refused and one with the right version succeeds; the probe is deleted.
+    Five requests after the first write (the plain writable check took two).
+
+    Returns None when all hold, else the cause: ``"ignored: ..."`` (a condition was not
+    enforced) or ``"refused: ..."`` (a legitimate conditional write was refused). Raises
+    storage errors (a store that fails a conditional request)."""
+    if created is None:
+        created = store.put(key, b"1", if_absent=True)
+    try:
+        if not created:
+            return "refused: a create with If-None-Match: * of a new probe object was refused"
+        if store.put(key, b"2", if_absent=True):
+            return ("ignored: a second create with If-None-Match: * of the same probe object "
+                    "succeeded")
+        if store.put_if_match(key, b"3", _WRONG_VERSION):
+            return "ignored: a compare-and-swap with If-Match and a wrong ETag succeeded"
+        _, version = store.get_versioned(key)
+        if not store.put_if_match(key, b"4", version):
+            return "refused: a compare-and-swap with If-Match and the object's own ETag was refused"
+        return None
+    finally:
+        store.delete(key)
+
+
+def _conditional_problem(what: str, where: str, cause: str) -> str:
+    """One line: the store at ``where`` does not do conditional writes (``cause`` from
+    ``prove_conditional_writes``), what that breaks, the fix and the unsafe override."""
+    verb, _, why = cause.partition(": ")
+    return (f"{what}: {where} {'ignores' if verb == 'ignored' else 'refuses'} conditional writes "
+            f"({why}): moonbatch's leases and write-once records need them; use a store that "
+            "honours If-None-Match and If-Match (AWS S3, MinIO, Cloudflare R2), or set "
+            f"{UNSAFE_SETTING}=1 to run without them (unsafe: two workers may build one shard "
+            "and bill two batches)")
+
+
+def _s3_where(url: str, settings: Settings) -> str:
+    return f"{url} (S3 at {settings.s3_endpoint_url or 'AWS'})"
+
+
+def _s3_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    code = response.get("Error", {}).get("Code", "")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code or (str(status) if status else "")
+
+
+def _s3_message(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    text = " ".join(str(response.get("Error", {}).get("Message", "")).split())
+    return text[:160] or type(exc).__name__
 
 
 def check_output(url: str, settings: Settings) -> str | None:

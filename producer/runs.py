@@ -1,7 +1,12 @@
 """Producer: record a run, plan it shard by shard while listing, and enqueue each shard's work.
 
-Planning streams: a shard is written to storage and enqueued as soon as it is full, so a
-10-million-object prefix never sits in memory, and workers start before the listing ends.
+Planning streams: a shard's plan file is written as soon as the shard is full, so a
+10-million-object prefix never sits in memory. Nothing is enqueued before the whole plan is
+durable (every shard's file, then ``plan.json``): a planning that stops part-way (a reader
+error, a crash) leaves no work in the queue and no batch billed, and the same command takes it
+over. Workers start once the listing ends; enqueueing the shards then takes milliseconds.
+A key that cannot be an item (a name that is not valid UTF-8, an id JSON cannot hold, an
+object whose type cannot be read) is skipped with its reason, never a failed plan.
 Run ids map to their OUTPUT location through the registry in the state store
 (``workers.registry``), so ``moonbatch status RUN_ID`` finds a run from any machine of the fleet
 even after Redis lost everything; the OUTPUT URL itself works everywhere too.
@@ -285,15 +290,35 @@ def submit_run(input_url: str, output_url: str, options: SkillOptions, settings:
     return start_run(spec, settings, on_shard=on_shard)
 
 
+def printable(key: str) -> str:
+    """``key`` as valid UTF-8 text: a local name that is not valid UTF-8 (Python's
+    ``surrogateescape`` str of it) shows its bad bytes as ``\\xff``; anything else as it is."""
+    try:
+        key.encode()
+        return key
+    except UnicodeEncodeError:
+        try:
+            return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate that no file name decoded to
+            return key.encode("utf-8", "backslashreplace").decode()
+
+
 class _SkippedKeys:
-    """Writes every skipped key to ``_moonbatch/skipped/part-NNNNN.jsonl``, a part per
-    ``layout.SKIPPED_PART_KEYS`` keys, so the list never sits in memory whole."""
+    """Writes every skipped key to ``_moonbatch/skipped/part-NNNNN.jsonl`` (``{"key"}`` for an
+    object that is not an image, ``{"key", "reason", "detail"}`` for one that cannot be an
+    item), a part per ``layout.SKIPPED_PART_KEYS`` keys, so the list never sits in memory
+    whole."""
 
     def __init__(self, store: Store) -> None:
         self.store, self.buffer, self.parts = store, [], 0
 
-    def add(self, key: str) -> None:
-        self.buffer.append(key)
+    def add(self, key: str, reason: str | None = None, detail: str | None = None) -> None:
+        record = {"key": printable(key)}
+        if reason is not None:
+            record["reason"] = reason
+            if detail:
+                record["detail"] = printable(detail)
+        self.buffer.append(record)
         if len(self.buffer) >= layout.SKIPPED_PART_KEYS:
             self.flush()
 
@@ -301,7 +326,7 @@ class _SkippedKeys:
         if self.buffer:
             import orjson
 
-            body = b"".join(orjson.dumps({"key": k}) + b"\n" for k in self.buffer)
+            body = b"".join(orjson.dumps(record) + b"\n" for record in self.buffer)
             self.store.put(layout.skipped_part(self.parts), body)
             self.parts += 1
             self.buffer = []
@@ -321,10 +346,12 @@ def start_run(spec: RunSpec, settings: Settings, *,
     """Start ``spec`` at its OUTPUT: write its spec, plan its INPUT into shards and enqueue them.
 
     The producer holds a planning lease (``_moonbatch/planning.json``, renewed in the
-    background) from before it writes the spec until the plan is written, so a start that died
-    (Ctrl-C, a crash, a broker that refused) is told apart from a live one: the same command
-    met again takes a dead start over, under its run id, and plans it again; plan files are
-    deterministic, so shards the dead start had enqueued carry on.
+    background) from before it writes the spec until its shards are enqueued, so a start that
+    died (Ctrl-C, a crash, a reader error) is told apart from a live one: the same command met
+    again takes a dead start over, under its run id, and plans it again. A start that died
+    before ``plan.json`` enqueued nothing (see ``_plan``), so the takeover plans from scratch
+    (plan files are deterministic: one it finds must match, ``_check_replan``); one that died
+    after it is a run whose shards ``moonbatch resume`` enqueues.
 
     Returns the plan document. Raises ``AlreadyComplete``, ``RunExists`` (see
     ``check_output_for``), storage errors.
@@ -363,7 +390,8 @@ def start_run(spec: RunSpec, settings: Settings, *,
 def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover: bool,
           on_shard: Callable[[Shard], None] | None, lease_check: Callable[[], None],
           build_shard: Any, finalize_run: Any) -> dict[str, Any]:
-    """List INPUT, write and enqueue each shard as it fills, then the plan document."""
+    """List INPUT and write each shard's plan file as it fills, then the plan document, and
+    only then enqueue every shard: a planning that raises part-way leaves nothing enqueued."""
     from workers.tasks import enqueue
 
     input_url, output_url = spec.input, spec.output
@@ -378,20 +406,23 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     for shard in iter_plan(spec, inp, stats, settings):
         lease_check()
         body = b"".join(item.to_json() + b"\n" for item in shard.items)
-        key = layout.plan_items(shard.index)
         if takeover:
             _check_replan(out, shard.index, body)
-        out.put(key, body)
-        enqueue(build_shard, (output_url, spec.run_id, shard.index), queue=spec.queue)
+        out.put(layout.plan_items(shard.index), body)
         n_shards += 1
         if on_shard:
             on_shard(shard)
     plan = {"run_id": spec.run_id, "shards": n_shards, "items": stats.items,
             "listed": stats.listed, "skipped": stats.skipped,
-            "skipped_examples": stats.skipped_examples, "skipped_parts": skipped.close(),
+            "skipped_examples": [printable(k) for k in stats.skipped_examples],
+            "skipped_reasons": stats.reasons, "skipped_parts": skipped.close(),
             "skipped_existing": stats.skipped_existing, "planned_at": time.time()}
+    lease_check()
     put_json(out, layout.PLAN, plan, if_absent=True)
-    # The last shard may have merged before the plan existed: let a worker check.
+    # The plan is durable: from here a stop is a run that `moonbatch resume` carries on.
+    for index in range(n_shards):
+        enqueue(build_shard, (output_url, spec.run_id, index), queue=spec.queue)
+    # The last shard may have merged before this message: let a worker check.
     enqueue(finalize_run, (output_url, spec.run_id), queue=spec.queue)
     return plan
 
@@ -413,6 +444,29 @@ class PlanStats(ListingStats):
     skipped_existing: int = 0
 
 
+def _plannable(items: Iterator[PlanItem], stats: PlanStats) -> Iterator[PlanItem]:
+    """``items`` without those a plan file cannot hold, each counted in ``stats`` as a
+    skipped key with its reason: ``name_not_utf8`` (a local name that is not valid UTF-8: no
+    JSON text, no row id can carry it) or ``not_serializable`` (e.g. an integer id beyond 64
+    bits). One odd key never stops the plan."""
+    for item in items:
+        try:
+            item.to_json()
+            item.key.encode()
+        except (TypeError, ValueError) as exc:  # orjson's JSONEncodeError, UnicodeEncodeError
+            stats.items -= 1
+            text = str(exc)
+            utf8 = isinstance(exc, UnicodeError) or "surrogates" in text or "UTF-8" in text
+            stats.skip(_shown_id(item.id), "name_not_utf8" if utf8 else "not_serializable",
+                       " ".join(text.split())[:200])
+            continue
+        yield item
+
+
+def _shown_id(item_id: Any) -> str:
+    return printable(item_id) if isinstance(item_id, str) else printable(repr(item_id))[:200]
+
+
 def _without_existing(items: Iterator[PlanItem], existing: ExistingOk, stats: PlanStats
                       ) -> Iterator[PlanItem]:
     """``items`` without those whose id has an ok row in ``existing`` (counted in ``stats``)."""
@@ -432,13 +486,14 @@ def iter_plan(spec: RunSpec, inp: Store, stats: PlanStats, settings: Settings | 
     ``producer.existing``), cut by ``plan_shards`` within the spec's shard size and the
     provider's limits. ``stats`` counts what the reader saw and what was left out. Raises
     storage errors, ``InputError`` for an INPUT its reader cannot read, and ``ValueError`` for
-    limits the provider refuses or a ``skip_existing`` location without a run."""
+    limits the provider refuses or a ``skip_existing`` location without a run. Items a plan
+    cannot hold are skipped with their reason (``_plannable``)."""
     from workers.providers import provider_for
 
     root, output_url = inp.url, spec.output
     exclude = output_url[len(root):] if output_url.startswith(root) else None
     reader = open_reader(spec, inp, settings)
-    items = reader.iter_items(stats, exclude_prefix=exclude)
+    items = _plannable(reader.iter_items(stats, exclude_prefix=exclude), stats)
     if spec.skip_existing:
         existing = ExistingOk.load(spec.skip_existing, settings or get_settings())
         items = _without_existing(items, existing, stats)
@@ -456,7 +511,8 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     broker, registry or provider, needs no credentials.
 
     Returns ``{"dry_run": True, "provider", "endpoint", "input", "output", "skill", "listed",
-    "items", "skipped", "skipped_examples", "skip_existing", "skipped_existing", "shards",
+    "items", "skipped", "skipped_examples", "skipped_reasons", "skip_existing",
+    "skipped_existing", "shards",
     "image_bytes", "requests", "upload_bytes", "input_tokens", "output_tokens",
     "compute_seconds", "cost_usd", "basis"}`` (``skipped_existing``: items left out for
     their ok row at ``skip_existing``; ``items`` counts the others).
@@ -481,7 +537,8 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     return {"dry_run": True, "provider": spec.provider, "endpoint": spec.endpoint,
             "input": spec.input, "output": spec.output, "skill": spec.skill_names,
             "listed": stats.listed, "items": stats.items, "skipped": stats.skipped,
-            "skipped_examples": stats.skipped_examples,
+            "skipped_examples": [printable(k) for k in stats.skipped_examples],
+            "skipped_reasons": stats.reasons,
             "skip_existing": spec.skip_existing, "skipped_existing": stats.skipped_existing,
             "shards": shards,
             "image_bytes": image_bytes, "requests": requests,

@@ -1,5 +1,5 @@
-"""Manifest INPUTs (CSV, JSONL, Parquet; local and on S3) end to end through the CLI and the
-session fleet, for both providers: every kind of image reference (a relative key against the
+"""Manifest INPUTs (CSV, JSONL, Parquet; local and on S3) end to end through the CLI and a
+worker of the module's own, for both providers: every kind of image reference (a relative key against the
 manifest's folder or ``--base``, an S3 URI in another bucket, a local path, an http URL of a
 real local HTTP server), ids of several JSON types, per-row overrides checked against the
 emulators' answers, and the errors a manifest can hold (duplicate ids before anything is
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import expected_result, photos_dir, read_results, run_cli
+from tests.conftest import Worker, expected_result, photos_dir, read_results, run_cli
 
 SECRET = "token=s3cr3t"
 
@@ -34,6 +34,20 @@ def http_photos():
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def trusted(env, http_photos, tmp_path_factory):
+    """The env of a worker of this module's own that trusts these manifests' references (the
+    defaults refuse them: a loopback URL, local files named by a manifest on S3): it may read
+    ``http_photos`` and the session's temporary files."""
+    queue = "manifest-" + uuid.uuid4().hex[:8]
+    port = http_photos.rsplit(":", 1)[1].strip("/")
+    wenv = {**env, "MOONBATCH_QUEUE": queue, "MOONBATCH_ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{port}",
+            "MOONBATCH_ALLOW_LOCAL_FILES": str(tmp_path_factory.getbasetemp())}
+    with Worker(wenv, queue, tmp_path_factory.mktemp("manifest-worker") / "worker.log",
+                concurrency=4):
+        yield {**env, "MOONBATCH_QUEUE": queue}
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -85,7 +99,8 @@ BAD = {"length": ("huge", "invalid_options"), "question": (5, "invalid_options")
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_manifest_run(case, tmp_path, s3, bucket, env, fleet, http_photos):
+def test_manifest_run(case, tmp_path, s3, bucket, trusted, http_photos):
+    env = trusted
     fmt, where, provider, skill, column, id_col, image_col = CASES[case]
     use_base = case.endswith("-base")
     other = "other-" + uuid.uuid4().hex[:8]

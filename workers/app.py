@@ -14,10 +14,20 @@ import logging
 from typing import Any
 
 from celery import Celery, signals
+from kombu import Exchange, Queue
 
 from config import Settings, get_settings
 from workers import logs, metrics
 from workers.runstate import control_queue
+
+
+def fleet_queues(settings: Settings) -> list[Queue]:
+    """The fleet's queues: ``settings.queue`` (heavy I/O steps) and its control queue (polls,
+    finalising, the reconciler), each bound as Celery binds a queue it creates on demand (a
+    direct exchange and routing key of the queue's name), so messages already queued and
+    every publisher agree. A worker started without ``-Q`` consumes exactly these."""
+    names = dict.fromkeys((settings.queue, control_queue(settings.queue, settings)))
+    return [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -32,6 +42,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": settings.queue,
+        # `celery -A workers worker` without -Q serves both fleet queues (Celery consumes every
+        # queue of task_queues by default); -Q still picks some. Run-private queues
+        # (moonbatch-run-<id>) stay out of it: only their own local workers consume them,
+        # and publishing to them (or -Q naming them) relies on queues created on demand.
+        "task_queues": fleet_queues(settings),
+        "task_create_missing_queues": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,

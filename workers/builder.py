@@ -25,7 +25,7 @@ from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, Subm
 from workers.moondream import BatchClient, Part, RequestRejected, TransientError
 from workers.pool import ordered_map
 from workers.providers import Later
-from workers.readers import item_options, read_item
+from workers.readers import item_options, read_item, unexpected_error
 from workers.registry import BatchClaims
 from workers.storage import NotFound, Store, get_json, get_json_or_none, put_json
 
@@ -115,7 +115,8 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
     once, then written as one line per skill (``skill``: 0 for ``options``, k for
     ``more[k-1]``; line ids ``skill_line_id(<id>, <skill>)``). Items that cannot be sent are
     recorded in ``errors`` (item index as a string → ``{"code", "message"}``) instead: missing
-    objects, unreadable ones, non-images, undecodable headers, invalid per-item options.
+    objects, unreadable ones, refused or malformed references, non-images, undecodable
+    headers, invalid per-item options, and anything else that goes wrong with one item.
     ``sizes`` (if given) gets each sent image's ``PreparedImage.dims()`` under its item index.
     """
     skills = [options, *more]
@@ -138,6 +139,8 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
                     prepared.transform is not None, None, prepared.dims())
         except ItemError as exc:
             return index, [], False, exc, None
+        except Exception as exc:  # the per-item boundary: one item never fails the round
+            return index, [], False, unexpected_error(exc, "preparing", "image_decode_failed"), None
 
     pairs = enumerate(items) if indices is None else ((i, items[i]) for i in indices)
     for index, lines, transformed, error, dims in ordered_map(

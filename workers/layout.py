@@ -25,7 +25,8 @@
     _moonbatch/cancelled.json              the run was cancelled
     _moonbatch/finalized                   guard: run.json was finalised
     _moonbatch/planning.json               lease of the producer planning the run (see runs.py)
-    _moonbatch/skipped/part-00000.jsonl    keys skipped as not images, {"key"} per line
+    _moonbatch/skipped/part-00000.jsonl    skipped keys: {"key"} (not an image) or
+                                           {"key", "reason", "detail"} per line
     _moonbatch/probe-<token>               written and deleted at once by the preflight check
     _moonbatch/retries/0001.json           a retry-failed pass: its codes and (shard, first
                                            round) pairs, written before the run is reopened

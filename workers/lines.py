@@ -41,7 +41,11 @@ class ItemError(Exception):
     """An item cannot be sent; ``code`` is a stable machine-readable reason.
 
     Codes: ``empty_object``, ``not_an_image``, ``image_decode_failed``, ``image_too_large``,
-    ``object_not_found``, ``read_failed``.
+    ``object_not_found``, ``read_failed``; reading an item (``workers.readers``):
+    ``invalid_reference`` (a malformed URL, bucket or path), ``reference_refused`` (a
+    non-public address, a local file, a bucket the workers' settings do not open),
+    ``object_too_large`` (over ``MOONBATCH_ITEM_MAX_BYTES``), ``read_timeout`` (past
+    ``MOONBATCH_ITEM_DEADLINE`` or the HTTP timeout); ``invalid_options``.
     """
 
     def __init__(self, code: str, message: str) -> None:

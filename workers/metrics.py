@@ -2,7 +2,8 @@
 calls, retries, per-run progress), served by the workers (README "Metrics").
 
 Off unless ``MOONBATCH_METRICS_PORT`` is set. Then a worker's main process serves ``/metrics``
-on that port, merging what every pool process recorded: prometheus_client's multiprocess mode,
+on that port (of ``MOONBATCH_METRICS_ADDRESS``: every IPv4 interface unless told otherwise),
+merging what every pool process recorded: prometheus_client's multiprocess mode,
 one set of files per process in ``PROMETHEUS_MULTIPROC_DIR`` (a private temporary directory
 when the variable is unset, made and set at ``worker_init``, before the pool forks and before
 any metric exists; removed at shutdown). ``connect_signals()`` (called by ``workers.app``) hooks
@@ -462,11 +463,15 @@ def prepare_worker() -> str | None:
 
 
 def serve() -> bool:
-    """Serve ``/metrics`` on ``MOONBATCH_METRICS_PORT`` from this (the worker's main) process:
-    every pool process's metrics merged. False (logged) when off or the port is taken."""
+    """Serve ``/metrics`` on ``MOONBATCH_METRICS_ADDRESS``:``MOONBATCH_METRICS_PORT`` from this
+    (the worker's main) process: every pool process's metrics merged. False (logged) when off,
+    the port is taken or the address is not this machine's."""
+    import errno
+
     from config import get_settings
 
-    port = get_settings().metrics_port
+    settings = get_settings()
+    port, address = settings.metrics_port, settings.metrics_address
     path = os.environ.get(ENV_DIR)
     if port is None or not path or _state.server is not None:
         return False
@@ -475,13 +480,15 @@ def serve() -> bool:
     registry = CollectorRegistry()
     registry.register(MergedCollector(path))
     try:
-        _state.server, _ = start_http_server(port, registry=registry)
+        _state.server, _ = start_http_server(port, addr=address, registry=registry)
     except OSError as exc:
-        log.error("metrics: cannot serve /metrics on port %d (%s): another process holds it; "
-                  "set MOONBATCH_METRICS_PORT to a free port (one per worker on a machine)",
-                  port, exc.strerror or type(exc).__name__)
+        fix = ("another process holds it; set MOONBATCH_METRICS_PORT to a free port (one per "
+               "worker on a machine)" if exc.errno == errno.EADDRINUSE else
+               "set MOONBATCH_METRICS_ADDRESS to an address of this machine")
+        log.error("metrics: cannot serve /metrics on %s port %d (%s): %s", address, port,
+                  exc.strerror or type(exc).__name__, fix)
         return False
-    log.info("metrics: serving /metrics on port %d", port)
+    log.info("metrics: serving /metrics on %s:%d", address, port)
     return True
 
 

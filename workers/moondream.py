@@ -3,7 +3,14 @@
 Every call retries 408, 425, 429, 5xx and network errors with full-jitter exponential backoff
 (0.5 s → 30 s, bounded attempts, the policy of Moondream's own fine-tuning client, FACTS.md), and
 honours ``Retry-After``. Errors raised never contain the API key or a presigned URL: they name the
-action, the HTTP status and the API's error code.
+action, the HTTP status and the API's error code; a failed result-file download keeps only the
+status and its standard reason (a storage service's error body may quote the signed request).
+
+The key (``X-Moondream-Auth``) goes only to the origin of ``base_url``: every keyed request is
+checked before it leaves (``ForeignOrigin``), redirects are never followed with it (httpx would
+carry a custom header to any host), and ids interpolated into paths (batch and file ids, read
+from OUTPUT's documents or from answers) must be one safe path segment (``InvalidId``). Result
+files are read from their presigned URLs by a second client that holds no key.
 
 Answers are read liberally (FACTS.md: "Treat every field as optional except `id` and `status`"):
 nulls, extra fields, floats or numeric strings for counts, plain URL strings as outputs and
@@ -12,6 +19,7 @@ statuses the seed does not name are tolerated; see ``BatchStatus``.
 
 from __future__ import annotations
 
+import http
 import json
 import logging
 import math
@@ -26,7 +34,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers import metrics
+from workers import metrics, origins
 from workers.providers import ProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,43 @@ class AnswerLost(TransientError):
     """The request reached the service but its answer did not come back (the connection broke
     after sending), and the call is not safe to repeat: the service may have acted on it
     (``mpu-complete`` consumes the upload and creates a batch; FACTS.md)."""
+
+
+class InvalidId(MoondreamError):
+    """A batch or file id that is not one path segment of the API's alphabet: nothing was sent.
+    Ids come from OUTPUT's documents, so one that is wrong means a document was altered."""
+
+    def __init__(self, action: str, what: str) -> None:
+        self.action, self.status, self.code = action, None, "invalid_id"
+        ProviderError.__init__(
+            self, f"Moondream {action} not sent: the {what} recorded in OUTPUT (batch.json or "
+            "upload.json) is not an id the Batch API gives (one path segment of letters, digits, "
+            "'.', '_', '-'): the document was altered; restore it, or run again into a new OUTPUT")
+
+
+class ForeignOrigin(MoondreamError):
+    """A keyed request aimed at another origin than ``base_url``'s: nothing was sent."""
+
+    def __init__(self, expected: str) -> None:
+        self.action, self.status, self.code = "request", None, "foreign_origin"
+        ProviderError.__init__(
+            self, f"Moondream request not sent: its URL is not on MOONBATCH_MOONDREAM_URL's "
+            f"origin ({expected}), and MOONDREAM_API_KEY goes nowhere else")
+
+
+def _checked_id(value: object, action: str, what: str) -> str:
+    rid = origins.path_id(value)
+    if rid is None:
+        raise InvalidId(action, what)
+    return rid
+
+
+def _phrase(status: int) -> str:
+    """The standard reason of an HTTP status (what a failed download keeps of the answer)."""
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
 
 
 # Network errors raised before the request left this machine: repeating it is always safe.
@@ -333,8 +378,23 @@ def _api_error(response: httpx.Response) -> tuple[str | None, str]:
         if isinstance(err, dict):
             return err.get("code") or err.get("type"), str(err.get("message") or "")[:300]
         return None, str(err)[:300]
+    except ValueError:  # an HTML page from a proxy, say: the status says enough
+        return None, _phrase(response.status_code)
+
+
+def _download_error(response: httpx.Response) -> tuple[str | None, str]:
+    """(code, reason) of a failed presigned download: the error code of a JSON
+    ``{"error": {"code"}}`` or an S3/R2 XML ``<Code>`` body, reduced to a safe token, and the
+    status's standard reason. Nothing else of the body: S3's may quote the string it signed."""
+    code: object = None
+    try:
+        body = response.json()
+        err = body.get("error") if isinstance(body, dict) else None
+        code = err.get("code") if isinstance(err, dict) else None
     except ValueError:
-        return None, response.text[:300]
+        found = re.search(rb"<Code>([^<]{1,64})</Code>", response.content[:4096])
+        code = found.group(1).decode("ascii", "replace") if found else None
+    return (_token(code) if code else None), _phrase(response.status_code)
 
 
 def _new_batch(body: dict[str, Any]) -> dict[str, Any]:
@@ -378,15 +438,26 @@ class BatchClient:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._sleep = sleep
+        self.origin = origins.origin(self.base_url)
         self._http = httpx.Client(
             headers={"X-Moondream-Auth": api_key, "User-Agent": "moonbatch"},
             timeout=httpx.Timeout(timeout, connect=10.0),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             transport=httpx.HTTPTransport(retries=2),  # connect errors, before any byte is sent
+            # httpx keeps custom headers such as X-Moondream-Auth on a redirect to any host.
+            follow_redirects=False,
+            event_hooks={"request": [self._check_origin]},
         )
-        # Presigned downloads carry their own auth: never send them our key.
+        # Presigned downloads carry their own auth: a client with no key to send. A storage
+        # service may redirect (a CDN): that is followed, keyless.
         self._plain = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0),
-                                   headers={"User-Agent": "moonbatch"})
+                                   headers={"User-Agent": "moonbatch"}, follow_redirects=True,
+                                   max_redirects=5)
+
+    def _check_origin(self, request: httpx.Request) -> None:
+        """Refuse, before it is sent, a keyed request off ``base_url``'s origin."""
+        if not origins.same_origin(request.url, self.origin):
+            raise ForeignOrigin(origins.describe(self.origin))
 
     def close(self) -> None:
         """Close the connection pools."""
@@ -399,19 +470,23 @@ class BatchClient:
 
     def _call(self, action: str, send: Callable[[], httpx.Response],
               parse: Callable[[httpx.Response], T], *, repeat_after_lost_answer: bool = True,
-              lost_answer_note: str | None = None) -> T:
+              lost_answer_note: str | None = None, keyed: bool = True) -> T:
         """Run ``send`` with retries; ``parse`` the first 2xx. Raises ``MoondreamError`` kinds.
 
         A network error after the request was sent may have lost an answer the service acted
         on: with ``repeat_after_lost_answer=False`` that raises ``AnswerLost`` at once instead
         of repeating the request; otherwise ``lost_answer_note`` (if given) is logged before the
-        retry, saying what the lost answer may have left behind.
+        retry, saying what the lost answer may have left behind. ``keyed=False`` (presigned
+        downloads): an error keeps the status, the storage service's error code and the
+        status's standard reason, never the body (``_download_error``).
         """
         last: MoondreamError | None = None
         for attempt in range(self.max_attempts):
             started = time.monotonic()
             try:
                 response = send()
+            except httpx.TooManyRedirects:
+                raise RequestRejected(action, "too many redirects") from None
             except httpx.TransportError as exc:
                 metrics.api_call("moondream", action, None, time.monotonic() - started)
                 retry_reason: int | BaseException = exc
@@ -431,8 +506,11 @@ class BatchClient:
                 retry_reason = response.status_code
                 if response.is_success:
                     return _parsed(action, parse, response)
-                code, message = _api_error(response)
                 status = response.status_code
+                if response.is_redirect:
+                    raise RequestRejected(action, "answered a redirect, not followed" + (
+                        " with the API key" if keyed else ""), status=status)
+                code, message = _api_error(response) if keyed else _download_error(response)
                 if status in (401, 403):
                     raise AuthenticationError(action, message or "unauthorised", status=status,
                                               code=code)
@@ -473,8 +551,10 @@ class BatchClient:
                                        "answer has no etag", status=r.status_code)
             return Part(partNumber=part_number, etag=etag)
 
+        action = f"mpu-uploadpart (part {part_number})"
+        file_id = _checked_id(file_id, action, "file id")
         return self._call(
-            f"mpu-uploadpart (part {part_number})",
+            action,
             lambda: self._http.put(
                 f"{self.base_url}/batch/{file_id}",
                 params={"action": "mpu-uploadpart", "uploadId": upload_id, "partNumber": part_number},
@@ -493,6 +573,7 @@ class BatchClient:
         404 while the batch it created runs on. Raises ``AnswerLost`` then (find the batch with
         ``find_batches``), ``RequestRejected`` with status 404 if the upload is gone.
         """
+        file_id = _checked_id(file_id, "mpu-complete", "file id")
         body: dict[str, Any] = {"parts": [p.model_dump(by_alias=True) for p in parts]}
         if model:
             body["model"] = model
@@ -506,7 +587,12 @@ class BatchClient:
         )
 
     def abort_upload(self, file_id: str, upload_id: str) -> None:
-        """``DELETE /batch/:fileId?action=mpu-abort``; an unknown upload counts as aborted."""
+        """``DELETE /batch/:fileId?action=mpu-abort``; an unknown upload counts as aborted, and
+        so does a file id that cannot be the API's (nothing is sent for it)."""
+        if origins.path_id(file_id) is None:
+            log.warning("mpu-abort not sent: the file id recorded in upload.json is not an id "
+                        "the Batch API gives (the document was altered)")
+            return
         try:
             self._call(
                 "mpu-abort",
@@ -519,7 +605,9 @@ class BatchClient:
                 raise
 
     def get_batch(self, batch_id: str) -> BatchStatus:
-        """``GET /batch/:id`` → status, progress, usage and (when completed) output URLs."""
+        """``GET /batch/:id`` → status, progress, usage and (when completed) output URLs.
+        Raises ``InvalidId`` (nothing sent) for an id that is not one safe path segment."""
+        batch_id = _checked_id(batch_id, "batch status", "batch id")
         return self._call(
             "batch status",
             lambda: self._http.get(f"{self.base_url}/batch/{batch_id}"),
@@ -584,6 +672,7 @@ class BatchClient:
         return ids
 
     def download(self, output: OutputFile) -> bytes:
-        """The bytes of one result file, from its presigned URL (no API key sent)."""
+        """The bytes of one result file, from its presigned URL (no API key sent; redirects
+        followed). An error keeps the HTTP status and its standard reason, never the body."""
         return self._call(f"download of output {output.index}",
-                          lambda: self._plain.get(output.url), lambda r: r.content)
+                          lambda: self._plain.get(output.url), lambda r: r.content, keyed=False)

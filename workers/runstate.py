@@ -42,7 +42,9 @@ class Run:
         if self._fetcher is None:
             from workers.readers import ItemFetcher
 
-            self._fetcher = ItemFetcher(self.input, self.settings)
+            # Local files are the run's own only when its INPUT is on this machine.
+            self._fetcher = ItemFetcher(self.input, self.settings,
+                                        local_input=not self.spec.input.startswith("s3://"))
         return self._fetcher
 
     def items(self, shard: int) -> list[PlanItem]:

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,10 @@ class StorageError(Exception):
 
 class NotFound(StorageError):
     """The object does not exist (deleted, or never written)."""
+
+
+class TooLarge(StorageError):
+    """The object is larger than the reader's ``max_bytes`` (nothing past it was read)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,8 +49,9 @@ class Store(Protocol):
         """Yield every object under ``prefix``, page by page (never the whole listing at once)."""
         ...
 
-    def get(self, key: str) -> bytes:
-        """Return the object's bytes; raise ``NotFound`` if it is missing."""
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """Return the object's bytes; raise ``NotFound`` if it is missing, ``TooLarge`` (having
+        read at most ``max_bytes + 1`` bytes) if it holds more than ``max_bytes``."""
         ...
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
@@ -116,6 +122,10 @@ class LocalStore:
         return Path(real)
 
     def iter_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """See ``Store.iter_objects``. A name that is not valid UTF-8 comes as Python's
+        ``surrogateescape`` str of it (``os.fsdecode``): ``get`` still reads it, but it cannot
+        be JSON text, so the planner skips it with its reason. An entry that cannot be
+        examined (a link loop, no permission to stat it) is left out, like a dangling link."""
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return
@@ -137,15 +147,35 @@ class LocalStore:
                         key = entry.path[len(root):]
                         yield ObjectInfo(key if os.sep == "/" else key.replace(os.sep, "/"),
                                          entry.stat().st_size)
-                except FileNotFoundError:
+                except OSError:  # deleted while listing, a link loop (ELOOP), no permission
                     continue
             stack.extend(reversed(subdirs))
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            try:
+                return self._path(key).read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise NotFound(f"{self.url_for(key)}: no such object") from None
+        # Capped (an item read): a regular file only (O_NONBLOCK: a FIFO must not block the
+        # open), its size checked by fstat before reading, and never more than the cap read.
         try:
-            return self._path(key).read_bytes()
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"{self.url_for(key)}: no such object") from None
+        except OSError as exc:
+            raise StorageError(f"{self.url_for(key)}: {exc.strerror or type(exc).__name__}") from None
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise StorageError(f"{self.url_for(key)}: not a regular file")
+            if info.st_size > max_bytes:
+                raise TooLarge(f"{self.url_for(key)}: {info.st_size} bytes, more than the "
+                               f"{max_bytes} allowed")
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:  # grew since fstat
+            raise TooLarge(f"{self.url_for(key)}: more than the {max_bytes} bytes allowed")
+        return data
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         try:
@@ -257,11 +287,29 @@ class S3Store:
                     continue  # a "folder" placeholder, not an object
                 yield ObjectInfo(obj["Key"][n:], obj["Size"])
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            body = resp["Body"]
+            if max_bytes is None:
+                return body.read()
+            try:
+                if resp.get("ContentLength", 0) > max_bytes:
+                    raise TooLarge(f"{self.url_for(key)}: {resp['ContentLength']} bytes, more "
+                                   f"than the {max_bytes} allowed")
+                data = body.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise TooLarge(f"{self.url_for(key)}: more than the {max_bytes} bytes "
+                                   "allowed")
+                # A read of a given size skips botocore's length check: do it here.
+                if resp.get("ContentLength") not in (None, len(data)):
+                    raise StorageError(f"{self.url_for(key)}: cut short ({len(data)} of "
+                                       f"{resp['ContentLength']} bytes)")
+                return data
+            finally:
+                body.close()  # unread bytes are dropped with the connection, not read
         except (ClientError, BotoCoreError) as exc:
             raise self._error(key, exc) from None
 

@@ -16,13 +16,17 @@ each under the shard's lease and none sleeping in a worker slot:
    queue ahead of it, so fal never waits for a step to start its next request) and send the
    next requests: the round's lines in order, resends first;
 3. write the finished lines (``results-NNNNN.jsonl``, write-once) and then the ledger
-   (``requests.json``: cursor, requests in flight with their ids and URLs, resends).
+   (``requests.json``: cursor, requests in flight with their ids, resends).
 
 A request id is in storage before anyone waits on it: the ledger is written in the step that
 sent it, before the next poll is scheduled. A request fal forgot (404: its result outlived the
 retention while workers were down) ends as ``result_expired``, one that COMPLETED with an error
 as ``request_failed``: both are retried in the next round (``MOONBATCH_MAX_ITEM_ATTEMPTS``).
 A 422 ends as ``invalid_input`` naming the field. 429 puts the request back and backs off.
+The ledger is in OUTPUT, which others may be able to write: its request ids are only ever
+used through ``FalQueueClient``, which builds the URLs on the configured queue's origin (URL
+fields that earlier versions stored are ignored); an id that cannot be fal's ends its lines as
+``request_failed``, sent again in the next round.
 
 Images reach fal as presigned GET URLs of the input store when the stored bytes are sent as they
 are (no upload through the worker, small request bodies); as data URIs when fal could not reach
@@ -40,11 +44,13 @@ import io
 import logging
 import math
 import posixpath
+import re
 import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -63,6 +69,7 @@ from workers.providers import (
 )
 from workers.providers.fal_queue import (
     FalAuthError,
+    FalBadRequestId,
     FalError,
     FalGone,
     FalLimited,
@@ -71,7 +78,7 @@ from workers.providers.fal_queue import (
     FalTransient,
     Submitted,
 )
-from workers.readers import item_options, read_item
+from workers.readers import item_options, read_item, unexpected_error
 from workers.storage import NotFound, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
@@ -230,7 +237,8 @@ def normalize_single(endpoint: FalEndpoint, skill: str, output: dict[str, Any]
                      ) -> tuple[dict[str, Any], dict[str, int]]:
     """One single-image request's output → ``(result, usage)``: the Moondream names
     (``caption``, ``answer``, ``reasoning`` as ``{"text"}``, ``objects``, ``points``) and the
-    output itself under ``raw``. Liberal: missing fields become None or empty lists."""
+    output itself under ``raw`` (``scrub_echoes``: without echoed inputs, presigned URLs or data
+    URIs). Liberal: missing fields become None or empty lists."""
     if skill in ("detect", "point"):
         key = "objects" if skill == "detect" else "points"
         found = output.get(key)
@@ -240,8 +248,42 @@ def normalize_single(endpoint: FalEndpoint, skill: str, output: dict[str, Any]
         reasoning = output.get("reasoning")
         if reasoning is not None:  # a string on fal, an object in Moondream's API
             result["reasoning"] = reasoning if isinstance(reasoning, dict) else {"text": reasoning}
-    raw = {k: v for k, v in output.items() if k != "usage_info"}
+    raw = scrub_echoes({k: v for k, v in output.items() if k != "usage_info"})
     return {**result, "raw": raw}, _usage(output)
+
+
+#: Output fields that echo a request's inputs: a presigned URL, a data URI, a ZIP of images.
+ECHOED_INPUTS = frozenset({"image_url", "image_urls", "images_data_url", "inputs"})
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _carries_secret(value: Any) -> bool:
+    """A ``data:`` URI, or a URL with a query, a fragment or credentials (a presigned URL's
+    signature lives there); a URL that does not even parse counts too."""
+    if not isinstance(value, str):
+        return False
+    if value[:5].lower() == "data:":
+        return True
+    if not _URL_SCHEME.match(value):
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return True
+    return bool(parts.query or parts.fragment or "@" in parts.netloc)
+
+
+def scrub_echoes(value: Any) -> Any:
+    """fal's output as a row may keep it (``result.raw``): objects lose the fields that echo
+    inputs (``ECHOED_INPUTS``) and every value that is a data URI or a URL with a query,
+    fragment or credentials; such a value in a list becomes None. Plain file URLs (fal's CDN,
+    e.g. a detect ``preview`` image) stay. Recursive; the input is not changed."""
+    if isinstance(value, dict):
+        return {k: scrub_echoes(v) for k, v in value.items()
+                if k not in ECHOED_INPUTS and not _carries_secret(v)}
+    if isinstance(value, list):
+        return [None if _carries_secret(v) else scrub_echoes(v) for v in value]
+    return value
 
 
 def archive_answers(output: dict[str, Any], names: Sequence[str],
@@ -340,8 +382,7 @@ class FalProvider:
                     "https://fal.ai/dashboard/keys)")
         client = FalQueueClient(settings.fal_queue_url, key, timeout=10, get_attempts=2)
         try:
-            client.status(f"{settings.fal_queue_url}/fal-ai/moondream3-preview/requests/"
-                          f"{uuid.uuid4()}/status")
+            client.status("fal-ai/moondream3-preview", str(uuid.uuid4()))
         except FalAuthError:
             return (f"FAL key: fal at {settings.fal_queue_url} refused the key in FAL_KEY: set "
                     "a valid key (https://fal.ai/dashboard/keys)")
@@ -435,20 +476,31 @@ class FalProvider:
             "expired_results": ledger["expired"]})
 
     def cancel_run(self, run: Any) -> int:
-        """PUT the cancel URL of every request in flight (latest round of every shard)."""
+        """Cancel every request in flight (latest round of every shard): a PUT to the cancel
+        URL built from the request id and endpoint on the configured queue (a ledger's own
+        URL fields, written by earlier versions, are never called)."""
         client = _client()
+        default = endpoint_of(run.spec)
         cancelled = 0
         for obj in run.output.iter_objects(layout.SHARDS):
             if not obj.key.endswith("/requests.json"):
                 continue
             ledger = get_json_or_none(run.output, obj.key) or {}
             for entry in (ledger.get("inflight") or {}).values():
+                if not isinstance(entry, dict):
+                    continue
+                endpoint = _entry_endpoint(entry, default)
                 try:
-                    if client.cancel(entry["cancel_url"]) == "CANCELLATION_REQUESTED":
+                    if client.cancel(endpoint.id, entry.get("request_id")) == \
+                            "CANCELLATION_REQUESTED":
                         cancelled += 1
+                except FalBadRequestId:
+                    log.warning("%s names a request id that is not fal's (the document was "
+                                "altered): that request was not cancelled", obj.key)
                 except FalError as exc:
-                    log.warning("could not cancel request %s: %s", entry.get("request_id"), exc,
-                                extra={"request_id": entry.get("request_id")})
+                    rid = entry.get("request_id")
+                    log.warning("could not cancel request %s: %s", rid, exc,
+                                extra={"request_id": rid})
         return cancelled
 
     # -- the step --------------------------------------------------------------------------------
@@ -481,7 +533,7 @@ class FalProvider:
         # Keep our slots alive, then send while the cap allows.
         cap.acquire([e["slot"] for e in kept.values() if e.get("slot")])
         ctx.heartbeat()
-        known = {e["request_id"] for e in kept.values()}
+        known = {e.get("request_id") for e in kept.values()}
         if time.time() >= ledger["backoff_until"]:
             if ledger["resend"] or ledger["cursor"] < ledger["lines"]:
                 # Sends bill: only while the lease is surely this execution's (renewed within
@@ -491,11 +543,11 @@ class FalProvider:
         written = self._write_lines(ctx, ledger, out) if out else None
         ledger["steps"] += 1
         if not ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
-            sent = [e for e in ledger["inflight"].values() if e["request_id"] not in known]
-            return self._lost_ledger_race(ctx, client, sent, written)
+            sent = [e for e in ledger["inflight"].values() if e.get("request_id") not in known]
+            return self._lost_ledger_race(ctx, endpoint, client, sent, written)
         return ledger
 
-    def _lost_ledger_race(self, ctx: RoundContext, client: FalQueueClient,
+    def _lost_ledger_race(self, ctx: RoundContext, endpoint: FalEndpoint, client: FalQueueClient,
                           sent: list[dict[str, Any]], written: str | None) -> dict[str, Any]:
         """Another step recorded the ledger since this one read it: this step's record is
         dropped, and nothing it did may vanish silently. Its finished lines are removed (every
@@ -507,12 +559,12 @@ class FalProvider:
                     ctx.shard, ctx.rnd, len(sent))
         if written is not None:
             ctx.store.delete(written)
-        for entry in sent:
+        for entry in sent:  # this step's own answers: their ids were checked when they came
             try:
-                client.cancel(entry["cancel_url"])
+                client.cancel(_entry_endpoint(entry, endpoint).id, entry.get("request_id"))
             except FalError as exc:
-                log.warning("could not cancel request %s: %s", entry["request_id"], exc,
-                            extra={"request_id": entry["request_id"]})
+                log.warning("could not cancel request %s: %s", entry.get("request_id"), exc,
+                            extra={"request_id": entry.get("request_id")})
         for _ in range(8):
             raw, version = ctx.store.get_versioned(ctx.doc("requests"))
             ledger = orjson.loads(raw)
@@ -536,15 +588,18 @@ class FalProvider:
         spec = ctx.run.spec
 
         def look(entry: dict[str, Any]) -> tuple[str, list[dict[str, Any]] | None]:
+            # The URLs come from the endpoint and the request id, never from the ledger's
+            # fields (OUTPUT may have been rewritten; earlier versions stored URLs there).
+            ep = _entry_endpoint(entry, endpoint)
             try:
-                status = client.status(entry["status_url"])
+                status = client.status(ep.id, entry.get("request_id"))
                 if not status.completed:
                     entry["queue_position"] = status.queue_position
                     entry["seen_running_at"] = time.time()
                     return "running", None
                 failed = bool(status.error or status.error_type)
                 try:
-                    output = client.result(entry["response_url"])
+                    output = client.result(ep.id, entry.get("request_id"))
                 except FalTransient as exc:
                     if not failed:
                         raise
@@ -553,8 +608,8 @@ class FalProvider:
                         entry["lines"], "request_failed", f"fal request {entry['request_id']} "
                         f"failed: {exc.error_type or status.error_type or status.error}")
                 k = build.skills[entry["lines"][0]] if build.skills else 0
-                return "ok", self._result_lines(ENDPOINTS.get(entry.get("endpoint", ""), endpoint),
-                                                spec.all_options[k].skill, entry, output, client)
+                return "ok", self._result_lines(ep, spec.all_options[k].skill, entry, output,
+                                                client)
             except FalGone:
                 return "expired", _error_lines(
                     entry["lines"], "result_expired",
@@ -569,6 +624,10 @@ class FalProvider:
                 return "failed", _error_lines(entry["lines"], code, str(exc))
             except FalTransient:
                 return "running", None  # look again next step
+            except FalBadRequestId:
+                return "failed", _error_lines(
+                    entry["lines"], "request_failed", "the round's requests.json names no fal "
+                    "request for this line (its request id was altered); it is sent again")
 
         now = time.time()
         entries = list(inflight.items())
@@ -619,7 +678,7 @@ class FalProvider:
             if li in answers:
                 out.append({"line_index": li, "status": "ok", "usage": {},
                             "result": {**_answer(skill, answers[li]["output"]),
-                                       "raw": answers[li]}})
+                                       "raw": scrub_echoes(answers[li])}})
             else:
                 out.append({"line_index": li, "status": "error", "error": {
                     "code": "missing_result",
@@ -697,10 +756,10 @@ class FalProvider:
         limited = False
         for (lines, token, _, names), (sub, exc) in zip(requests, answers, strict=True):
             if sub is not None:
+                # No URLs: they are built from the endpoint and the id at each use.
                 ledger["inflight"][str(lines[0])] = {
-                    "lines": lines, "request_id": sub.request_id, "status_url": sub.status_url,
-                    "response_url": sub.response_url, "cancel_url": sub.cancel_url,
-                    "sent_at": now, "slot": token, **({"names": names} if names else {}),
+                    "lines": lines, "request_id": sub.request_id, "sent_at": now, "slot": token,
+                    **({"names": names} if names else {}),
                     **({"endpoint": prepared[lines[0]].endpoint.id} if build.skills else {}),
                     "dims": [prepared[li].image.dims() for li in lines]}  # type: ignore[union-attr]
                 ledger["requests"] += 1
@@ -748,6 +807,8 @@ class FalProvider:
                 return i, prepare_image(data, limit=MAX_IMAGE_BYTES, max_pixels=spec.max_pixels)
             except ItemError as exc:
                 return i, exc
+            except Exception as exc:  # the per-item boundary: one item never fails the round
+                return i, unexpected_error(exc, "preparing", "image_decode_failed")
 
         n = ctx.settings.fetch_concurrency
         images = dict(ordered_map(load, items, workers=n, window=2 * n))
@@ -804,6 +865,13 @@ class FalProvider:
         return _results_key(ctx, n)
 
 
+def _entry_endpoint(entry: dict[str, Any], default: FalEndpoint) -> FalEndpoint:
+    """The endpoint a ledger entry's request went to: its ``endpoint`` (multi-skill rounds)
+    when that names a known one, else ``default`` (the run's)."""
+    name = entry.get("endpoint")
+    return ENDPOINTS.get(name, default) if isinstance(name, str) else default
+
+
 def _results_key(ctx: RoundContext, n: int) -> str:
     return f"{layout.round_prefix(ctx.shard, ctx.rnd)}results-{n:06d}.jsonl"
 
@@ -811,8 +879,6 @@ def _results_key(ctx: RoundContext, n: int) -> str:
 def _file_name(name: Any) -> str:
     """A file name as fal reports it, reduced to its last path segment: an echoed input URL
     must not carry a presigned query string into the results."""
-    from urllib.parse import urlsplit
-
     text = str(name)
     return posixpath.basename(urlsplit(text).path) if "://" in text else text
 

@@ -1,31 +1,43 @@
 """Client of fal.ai's queue API (FACTS.md "fal queue API"; seeds 000, 001, 003, 004).
 
-    POST {queue}/{endpoint_id}        → {request_id, status_url, response_url, cancel_url, ...}
-    GET  status_url                   → 202 IN_QUEUE | IN_PROGRESS, 200 COMPLETED
-    GET  response_url                 → 200 the output, or the request's error
-    PUT  cancel_url                   → 202 CANCELLATION_REQUESTED | 4xx ALREADY_COMPLETED, NOT_FOUND
+    POST {queue}/{endpoint_id}                       → {request_id, ...}
+    GET  {queue}/{owner}/{alias}/requests/{id}/status → 202 IN_QUEUE | IN_PROGRESS, 200 COMPLETED
+    GET  {queue}/{owner}/{alias}/requests/{id}        → 200 the output, or the request's error
+    PUT  {queue}/{owner}/{alias}/requests/{id}/cancel → 202 CANCELLATION_REQUESTED | 4xx ...
 
-Every call sends ``Authorization: Key <FAL_KEY>``. The URLs a submit answer returns are used as
-given (they drop the endpoint's sub-path). Calls are short and retried only a little here (GETs
-twice, on 5xx and network errors): the caller works in steps and tries again at its next step,
-so no worker slot sleeps. Errors carry the action, the HTTP status and fal's ``error_type`` or
-422 ``detail``; never the key, a presigned URL or a data URI.
+Every queue call sends ``Authorization: Key <FAL_KEY>``, and only to the origin of the
+configured ``queue_url``: status, result and cancel URLs are built from the endpoint and the
+request id at each use (the endpoint's sub-path dropped, as fal's own URLs do), never taken from
+a submit answer or from storage (a run's ledger is in OUTPUT, which others may be able to write),
+and a request id must be one safe path segment (``workers.origins.path_id``; fal's are UUIDs).
+Redirects are never followed with the key. Files an output points to (``captions_file``) are
+downloaded by a second client that holds no key, size-capped, within a deadline.
+
+Calls are short and retried only a little here (GETs twice, on 5xx and network errors): the
+caller works in steps and tries again at its next step, so no worker slot sleeps. Errors carry
+the action, the HTTP status and fal's ``error_type`` or 422 ``detail``; never the key, a
+presigned URL, a data URI or the body a file host answered.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import http
 import logging
 import time
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import httpx
 
-from workers import metrics
+from workers import metrics, origins
 from workers.providers import ProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs request URLs at INFO
+
+MAX_FILE_BYTES = 16_000_000  # an output file (captions of 32 images are a few KB)
 
 
 class FalError(ProviderError):
@@ -61,6 +73,22 @@ class FalAuthError(FalError):
     """401/403: ``FAL_KEY`` is missing or wrong."""
 
 
+class FalNotSent(FalError):
+    """A call refused before anything was sent; ``status`` and ``error_type`` are None."""
+
+    def __init__(self, action: str, message: str) -> None:
+        self.action, self.status, self.error_type = action, None, None
+        ProviderError.__init__(self, f"fal {action} not sent: {message}")
+
+
+class FalBadRequestId(FalNotSent):
+    """A request id that cannot be fal's (not one safe path segment): nothing was sent."""
+
+
+class FalForeignOrigin(FalNotSent):
+    """A keyed call aimed at another origin than the configured queue's: nothing was sent."""
+
+
 class FalGone(FalError):
     """404: fal no longer knows the request (its result outlived the retention, FACTS.md)."""
 
@@ -76,13 +104,19 @@ class FalRequestError(FalError):
 
 @dataclasses.dataclass(frozen=True)
 class Submitted:
-    """A queued request: its id and the URLs the submit answer gave."""
+    """A queued request: its id (the URLs are ``FalQueueClient.urls`` of it)."""
 
     request_id: str
-    status_url: str
-    response_url: str
-    cancel_url: str
     queue_position: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestUrls:
+    """The queue URLs of one request, on the configured queue's origin."""
+
+    status: str
+    result: str
+    cancel: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +167,15 @@ def _json_object(action: str, response: httpx.Response) -> dict[str, Any]:
     return body
 
 
+def _phrase(status: int) -> str:
+    """The standard reason of an HTTP status: what a file host's error keeps (never its body,
+    which may quote a signed URL)."""
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     try:
         return max(0.0, float(response.headers["retry-after"]))
@@ -140,27 +183,70 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+_noted_other_urls = False
+
+
+def _note_other_urls() -> None:
+    """Warn once per process that fal answered status URLs of another form than those built
+    here: a change of fal's protocol to notice (polls would answer 404), never to follow."""
+    global _noted_other_urls
+    if not _noted_other_urls:
+        _noted_other_urls = True
+        log.warning("fal's submit answer names a status URL other than "
+                    "{queue}/{owner}/{alias}/requests/{id}/status on MOONBATCH_FAL_QUEUE_URL; "
+                    "moonbatch builds its own and sends FAL_KEY nowhere else (if polls answer "
+                    "404, fal's URL scheme changed)")
+
+
 class FalQueueClient:
-    """Calls fal's queue at ``queue_url`` with ``key``; thread-safe (one pooled httpx client).
+    """Calls fal's queue at ``queue_url`` with ``key``; thread-safe (pooled httpx clients).
 
     ``timeout`` is per call in seconds; GETs are tried ``get_attempts`` times on 5xx and
-    network errors, ``backoff`` seconds apart (doubling)."""
+    network errors, ``backoff`` seconds apart (doubling). File downloads (``download``) read at
+    most ``max_file_bytes`` within ``timeout`` seconds in all, without the key."""
 
     def __init__(self, queue_url: str, key: str, *, timeout: float = 30.0,
-                 get_attempts: int = 2, backoff: float = 0.2, pool: int = 64) -> None:
+                 get_attempts: int = 2, backoff: float = 0.2, pool: int = 64,
+                 max_file_bytes: int = MAX_FILE_BYTES) -> None:
         self.queue_url = queue_url.rstrip("/")
+        self.origin = origins.origin(self.queue_url)
         self.get_attempts, self.backoff = get_attempts, backoff
+        self.timeout, self.max_file_bytes = timeout, max_file_bytes
         self._http = httpx.Client(
             timeout=timeout, headers={"Authorization": f"Key {key}", "User-Agent": "moonbatch"},
+            follow_redirects=False,  # httpx keeps Authorization on an http→https hop elsewhere
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
             transport=httpx.HTTPTransport(retries=1))  # retries failed connects only
+        # Output files live on fal's CDN, which needs no key: a client that has none to leak.
+        self._files = httpx.Client(timeout=timeout, headers={"User-Agent": "moonbatch"},
+                                   follow_redirects=True, max_redirects=5)
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         self._http.close()
+        self._files.close()
+
+    def urls(self, endpoint: str, request_id: object) -> RequestUrls:
+        """The status, result and cancel URLs of request ``request_id`` of ``endpoint`` (e.g.
+        ``fal-ai/moondream-next/batch`` → ``{queue}/fal-ai/moondream-next/requests/{id}``).
+        Raises ``FalBadRequestId`` when the id, or the endpoint's owner/alias, is not one
+        safe path segment each."""
+        rid = origins.path_id(request_id)
+        app = endpoint.split("/")[:2]
+        if rid is None or len(app) < 2 or not all(origins.path_id(p) for p in app):
+            raise FalBadRequestId("request", "the request id recorded in OUTPUT's requests.json "
+                                  "is not a fal request id (one path segment of letters, "
+                                  "digits, '-', '_'): the document was altered")
+        root = f"{self.queue_url}/{app[0]}/{app[1]}/requests/{rid}"
+        return RequestUrls(status=f"{root}/status", result=root, cancel=f"{root}/cancel")
 
     def _send(self, action: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """One call; turns transport failures and error statuses into ``FalError`` kinds."""
+        """One keyed call; turns transport failures and error statuses into ``FalError``
+        kinds. Refuses (``FalForeignOrigin``) a URL off the configured queue's origin."""
+        if not origins.same_origin(url, self.origin):
+            raise FalForeignOrigin(action, "the URL is not on MOONBATCH_FAL_QUEUE_URL's origin "
+                                   f"({origins.describe(self.origin)}), and FAL_KEY goes "
+                                   "nowhere else")
         started = time.monotonic()
         try:
             response = self._http.request(method, url, **kwargs)
@@ -170,8 +256,11 @@ class FalQueueClient:
             sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
             raise FalTransient(action, type(exc).__name__, maybe_sent=sent) from None
         metrics.api_call("fal", action, response.status_code, time.monotonic() - started)
-        if response.status_code < 400:
+        if response.status_code < 300:
             return response
+        if response.status_code < 400:  # a redirect: never followed with the key
+            raise FalRequestError(action, f"answered a redirect ({_phrase(response.status_code)})"
+                                  "; not followed", status=response.status_code)
         message, error_type, fields = _detail(response)
         status = response.status_code
         if status in (401, 403):
@@ -187,10 +276,11 @@ class FalQueueClient:
         raise FalTransient(action, message, status=status, error_type=error_type,
                            maybe_sent=True)
 
-    def _get(self, action: str, url: str, **kwargs: Any) -> httpx.Response:
+    def _retried(self, action: str, call: Any) -> Any:
+        """``call()``, tried ``get_attempts`` times on ``FalTransient``."""
         for attempt in range(self.get_attempts):
             try:
-                return self._send(action, "GET", url, **kwargs)
+                return call()
             except FalTransient as exc:
                 if attempt + 1 == self.get_attempts:
                     raise
@@ -198,30 +288,36 @@ class FalQueueClient:
                 time.sleep(self.backoff * 2 ** attempt)
         raise AssertionError("unreachable")
 
+    def _get(self, action: str, url: str, **kwargs: Any) -> httpx.Response:
+        return self._retried(action, lambda: self._send(action, "GET", url, **kwargs))
+
     def submit(self, endpoint: str, payload: dict[str, Any]) -> Submitted:
         """Queue a request on ``endpoint`` (e.g. ``fal-ai/moondream3-preview/caption``).
 
         Not retried here: a lost answer may have created a request (``FalTransient.maybe_sent``).
-        Raises ``FalLimited`` (429), ``FalTransient``, ``FalAuthError``, ``FalRequestError``.
+        An answer whose ``request_id`` is missing or not a safe id counts as lost. Raises
+        ``FalLimited`` (429), ``FalTransient``, ``FalAuthError``, ``FalRequestError``.
         """
         response = self._send("submit", "POST", f"{self.queue_url}/{endpoint}", json=payload)
         try:
             body = response.json()
-            rid = str(body["request_id"])
+            rid = origins.path_id(str(body["request_id"]))
         except (ValueError, KeyError, TypeError):
-            raise FalTransient("submit", "answer without a request_id", maybe_sent=True) from None
-        base = f"{self.queue_url}/{'/'.join(endpoint.split('/')[:2])}/requests/{rid}"
+            rid = None
+        if rid is None:
+            raise FalTransient("submit", "answer without a usable request_id", maybe_sent=True)
+        given = body.get("status_url")
+        if given and given != self.urls(endpoint, rid).status:
+            _note_other_urls()
         position = body.get("queue_position")
-        return Submitted(
-            request_id=rid,
-            status_url=body.get("status_url") or f"{base}/status",
-            response_url=body.get("response_url") or base,
-            cancel_url=body.get("cancel_url") or f"{base}/cancel",
-            queue_position=position if isinstance(position, int) else None)
+        return Submitted(request_id=rid,
+                         queue_position=position if isinstance(position, int) else None)
 
-    def status(self, status_url: str) -> QueueStatus:
-        """The request's status. Raises ``FalGone`` (404: forgotten), ``FalTransient``."""
-        body = _json_object("status", self._get("status", status_url))
+    def status(self, endpoint: str, request_id: object) -> QueueStatus:
+        """The request's status. Raises ``FalGone`` (404: forgotten), ``FalTransient``,
+        ``FalBadRequestId``."""
+        url = self.urls(endpoint, request_id).status
+        body = _json_object("status", self._get("status", url))
         status = str(body.get("status") or "").upper() or "IN_PROGRESS"
         position = body.get("queue_position")
         error = body.get("error")
@@ -230,29 +326,20 @@ class FalQueueClient:
                            error=str(error)[:500] if error else None,
                            error_type=body.get("error_type") or None)
 
-    def result(self, response_url: str) -> dict[str, Any]:
+    def result(self, endpoint: str, request_id: object) -> dict[str, Any]:
         """The request's output. Raises ``FalRequestError`` (the request failed: 422 with
         ``fields``, or its error), ``FalGone`` (404), ``FalTransient`` (5xx: a transient
-        failure, or the error of a request that COMPLETED with one)."""
-        return _json_object("result", self._get("result", response_url))
+        failure, or the error of a request that COMPLETED with one), ``FalBadRequestId``."""
+        url = self.urls(endpoint, request_id).result
+        return _json_object("result", self._get("result", url))
 
-    def download(self, url: str) -> bytes:
-        """The bytes of a File an output points to (e.g. ``captions_file``; ``data:`` URIs are
-        decoded). Raises ``FalGone``, ``FalTransient``, ``FalRequestError``."""
-        if url.startswith("data:"):
-            import base64
-            from urllib.parse import unquote_to_bytes
-
-            header, _, payload = url[5:].partition(",")
-            return base64.b64decode(payload) if header.endswith(";base64") \
-                else unquote_to_bytes(payload)
-        return self._get("file download", url).content
-
-    def cancel(self, cancel_url: str) -> str:
+    def cancel(self, endpoint: str, request_id: object) -> str:
         """Ask fal to cancel the request: ``CANCELLATION_REQUESTED``, ``ALREADY_COMPLETED`` or
-        ``NOT_FOUND`` (the last two are not errors here). Raises ``FalTransient``."""
+        ``NOT_FOUND`` (the last two are not errors here). Raises ``FalTransient``,
+        ``FalBadRequestId``."""
+        url = self.urls(endpoint, request_id).cancel
         try:
-            response = self._send("cancel", "PUT", cancel_url)
+            response = self._send("cancel", "PUT", url)
         except FalGone:
             return "NOT_FOUND"
         except FalRequestError:
@@ -261,3 +348,55 @@ class FalQueueClient:
             return str(response.json().get("status") or "CANCELLATION_REQUESTED")
         except (ValueError, AttributeError):
             return "CANCELLATION_REQUESTED"
+
+    def download(self, url: str) -> bytes:
+        """The bytes of a File an output points to (e.g. ``captions_file``), read without the
+        key; ``data:`` URIs are decoded. At most ``max_file_bytes``, within ``timeout`` seconds
+        in all. Raises ``FalGone`` (404/410), ``FalTransient`` (5xx, network, too slow),
+        ``FalRequestError`` (other answers, too large, not an http(s) URL); their messages keep
+        the status and its standard reason, never the body."""
+        if url[:5].lower() == "data:":
+            header, _, payload = url[5:].partition(",")
+            if len(payload) > 2 * self.max_file_bytes:
+                raise FalRequestError("file download", f"larger than {self.max_file_bytes} bytes")
+            try:
+                data = base64.b64decode(payload) if header.lower().endswith(";base64") \
+                    else unquote_to_bytes(payload)
+            except ValueError:
+                raise FalRequestError("file download", "data URI is not base64") from None
+            if len(data) > self.max_file_bytes:
+                raise FalRequestError("file download", f"larger than {self.max_file_bytes} bytes")
+            return data
+        if not url[:8].lower().startswith(("http://", "https://")):
+            raise FalRequestError("file download", "not an http(s) URL")
+        return self._retried("file download", lambda: self._fetch_file(url))
+
+    def _fetch_file(self, url: str) -> bytes:
+        action, cap = "file download", self.max_file_bytes
+        started = time.monotonic()
+        deadline = started + self.timeout
+        status: int | None = None
+        try:
+            with self._files.stream("GET", url) as response:
+                status = response.status_code
+                if status >= 400:
+                    kind = FalGone if status in (404, 410) else FalTransient \
+                        if status >= 500 or status in (408, 429) else FalRequestError
+                    raise kind(action, _phrase(status), status=status)
+                if int(response.headers.get("content-length") or 0) > cap:
+                    raise FalRequestError(action, f"larger than {cap} bytes", status=status)
+                chunks, size = [], 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > cap:
+                        raise FalRequestError(action, f"larger than {cap} bytes", status=status)
+                    if time.monotonic() > deadline:
+                        raise FalTransient(action, f"not done within {self.timeout:g}s")
+                    chunks.append(chunk)
+        except httpx.TooManyRedirects:
+            raise FalRequestError(action, "too many redirects") from None
+        except httpx.HTTPError as exc:  # str(exc) may quote the URL: the type says enough
+            raise FalTransient(action, type(exc).__name__) from None
+        finally:
+            metrics.api_call("fal", action, status, time.monotonic() - started)
+        return b"".join(chunks)

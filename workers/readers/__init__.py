@@ -22,18 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import posixpath
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from workers import netguard
 from workers.lines import ItemError
 from workers.models import PlanItem, SkillOptions
-from workers.storage import NotFound, StorageError, Store, normalize_url
+from workers.readers import refs
+from workers.storage import LocalStore, NotFound, StorageError, Store, TooLarge, normalize_url
 
 if TYPE_CHECKING:
     from workers.models import RunSpec
+
+log = logging.getLogger(__name__)
 
 # kind → (module, INPUT file suffixes it takes); ``kind_of_file``: first suffix match wins.
 READERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -50,22 +56,29 @@ INPUT_FORMATS = ("auto", *READERS)
 @dataclasses.dataclass
 class ListingStats:
     """What a reader saw: ``listed`` entries (objects, rows, tar members), ``items`` yielded,
-    ``skipped`` entries that are not images (with a few examples; ``on_skip``, if set, is
-    called with every skipped one, to record them all without holding them in memory)."""
+    ``skipped`` entries that are not images or cannot be items (with a few examples;
+    ``reasons`` counts the latter by reason code; ``on_skip``, if set, is called with every
+    skipped one as ``(key, reason, detail)``, to record them all without holding them in
+    memory)."""
 
     listed: int = 0
     items: int = 0
     skipped: int = 0
     skipped_examples: list[str] = dataclasses.field(default_factory=list)
-    on_skip: Callable[[str], None] | None = None
+    reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    on_skip: Callable[[str, str | None, str | None], None] | None = None
 
-    def skip(self, key: str) -> None:
-        """Count ``key`` as skipped (not an image)."""
+    def skip(self, key: str, reason: str | None = None, detail: str | None = None) -> None:
+        """Count ``key`` as skipped: not an image (``reason`` None), or an entry that cannot be
+        an item, with a ``reason`` code (e.g. ``name_not_utf8``, ``unreadable``) and a one-line
+        ``detail`` (no secret). ``key`` must be printable text (valid UTF-8)."""
         self.skipped += 1
+        if reason is not None:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
         if len(self.skipped_examples) < 10:
             self.skipped_examples.append(key)
         if self.on_skip is not None:
-            self.on_skip(key)
+            self.on_skip(key, reason, detail)
 
 
 class Reader(Protocol):
@@ -159,12 +172,9 @@ def open_reader(spec: RunSpec, store: Store, settings: Any) -> Reader:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its query string and fragment (a presigned URL's signature must not
-    reach rows, logs or metrics)."""
-    if url.startswith(("http://", "https://")):
-        parts = urlsplit(url)
-        return f"{parts.scheme}://{parts.netloc}{parts.path}"
-    return url
+    """``url`` without user info, query string and fragment (a presigned URL's signature must
+    not reach rows, logs or metrics). Never raises."""
+    return refs.show(url, limit=2000)
 
 
 class ItemFetcher:
@@ -173,48 +183,87 @@ class ItemFetcher:
 
     ``ref`` forms (``PlanItem.ref``): None (the INPUT store's key ``id``); a key relative to
     the INPUT store; ``s3://bucket/key`` or ``file:///path`` (another store, opened once per
-    bucket or folder with the settings' endpoint); ``http(s)://...`` (GET with the settings'
-    timeout; redirects followed); ``<scheme>:<rest>`` for a reader's own scheme (``tar:``,
-    ``parquet:``). Errors: ``NotFound`` (object or URL gone), ``StorageError`` (read failed).
+    bucket or folder with the settings' endpoint); ``http(s)://...``; ``<scheme>:<rest>`` for a
+    reader's own scheme (``tar:``, ``parquet:``).
+
+    References are data (``workers.readers.refs``, ``workers.netguard``): a malformed one is
+    never read; a local file is read only when ``local_input`` (the run's INPUT is on this
+    machine; default: ``input_store`` is a local folder) or in a folder of
+    ``MOONBATCH_ALLOW_LOCAL_FILES``; an ``s3://`` bucket must pass ``MOONBATCH_ITEM_BUCKETS``;
+    an http(s) URL connects only to public addresses or those of
+    ``MOONBATCH_ALLOW_PRIVATE_HOSTS`` (every redirect hop too). Every read is capped at
+    ``MOONBATCH_ITEM_MAX_BYTES``; an http(s) read must end within ``MOONBATCH_ITEM_DEADLINE``
+    seconds in all (connect, redirects, every read).
+
+    Errors: ``ItemError`` (``invalid_reference``, ``reference_refused``,
+    ``object_too_large``, ``read_timeout``), ``NotFound`` (object or URL gone),
+    ``StorageError`` (read failed); ``read_item`` turns anything else into an ``ItemError``.
     """
 
-    def __init__(self, input_store: Store, settings: Any = None) -> None:
+    def __init__(self, input_store: Store, settings: Any = None, *,
+                 local_input: bool | None = None) -> None:
         if settings is None:
             from config import get_settings
 
             settings = get_settings()
         self.input, self.settings = input_store, settings
+        self.local_input = isinstance(input_store, LocalStore) if local_input is None \
+            else local_input
+        self.max_bytes: int = settings.item_max_bytes
+        self._rules = netguard.parse_rules(settings.allow_private_hosts)
+        self._folders = refs.parse_folders(settings.allow_local_files)
+        self._buckets = refs.parse_buckets(settings.item_buckets)
+        input_url = getattr(input_store, "url", "")
+        self._input_bucket = input_url[5:].partition("/")[0] if input_url.startswith("s3://") \
+            else None
         self._stores: dict[str, Store] = {}
         self._http: Any = None
         self._lock = threading.Lock()
         self.cache: dict[str, Any] = {}  # per-reader caches (e.g. a Parquet row group)
 
     def get(self, item: PlanItem) -> bytes:
-        """The item's image bytes."""
+        """The item's image bytes (see the class docstring for the rules and errors)."""
         ref = item.ref
         if ref is None:
-            return self.input.get(item.id)
+            return self.input.get(item.id, max_bytes=self.max_bytes)
+        try:
+            refs.check_syntax(ref)
+        except refs.InvalidReference as exc:
+            raise ItemError("invalid_reference", f"'{refs.show(ref)}' is not a valid image "
+                            f"reference: {exc}: fix the row") from None
         scheme = scheme_of(ref)
         if scheme in ("s3", "file"):
             store, key = self.store_of(ref)
-            return store.get(key)
+            return store.get(key, max_bytes=self.max_bytes)
         if scheme in ("http", "https"):
             return self._get_http(ref)
         if scheme:
-            return _fetcher_of(scheme)(self, ref[len(scheme) + 1:])
-        return self.input.get(ref)
+            data = _fetcher_of(scheme)(self, ref[len(scheme) + 1:])
+            if len(data) > self.max_bytes:
+                raise ItemError("object_too_large", f"{self.source(item)}: {len(data)} bytes, "
+                                f"more than MOONBATCH_ITEM_MAX_BYTES ({self.max_bytes})")
+            return data
+        return self.input.get(ref, max_bytes=self.max_bytes)
 
     def store_of(self, url: str) -> tuple[Store, str]:
         """``(store, key)`` of an ``s3://`` or ``file://`` object URL, or of a key relative to
-        the INPUT store (the store is opened once and kept)."""
+        the INPUT store (the store is opened once and kept). Raises ``ItemError``
+        (``reference_refused``) for a local file or a bucket the rules refuse (see the class
+        docstring), ``ValueError`` for a malformed URL."""
         if not url.startswith(("s3://", "file://")):
             return self.input, url
         if url.startswith("s3://"):
             bucket, _, key = url[5:].partition("/")
+            why = refs.bucket_refusal(bucket, allowed=self._buckets,
+                                      input_bucket=self._input_bucket)
             root = f"s3://{bucket}/"
         else:
             path = url[len("file://"):]
+            why = refs.local_file_refusal(path, local_input=self.local_input,
+                                          folders=self._folders)
             root, key = "/", path.lstrip("/")
+        if why:
+            raise ItemError("reference_refused", why)
         with self._lock:
             store = self._stores.get(root)
             if store is None:
@@ -227,49 +276,93 @@ class ItemFetcher:
 
     def source(self, item: PlanItem) -> str:
         """The row's ``source``: where the image was read, with no secret (an http URL loses
-        its query string)."""
+        its user info and query string). Never raises, whatever the ref."""
         ref = item.ref
-        if ref is None:
-            return self.input.url_for(item.id)
-        if ref.startswith(("http://", "https://")):
-            return redact_url(ref)
-        if ref.startswith(("s3://", "file://")):
-            return ref
-        if scheme := scheme_of(ref):
-            key, _, where = ref[len(scheme) + 1:].partition("#")
-            return f"{self.input.url_for(key)}#{where}" if where else self.input.url_for(key)
-        return self.input.url_for(ref)
+        try:
+            if ref is None:
+                return self.input.url_for(item.id)
+            if ref.startswith(("http://", "https://", "s3://", "file://")):
+                return refs.show(ref, limit=2000)
+            if scheme := scheme_of(ref):
+                key, _, where = ref[len(scheme) + 1:].partition("#")
+                return f"{self.input.url_for(key)}#{where}" if where else self.input.url_for(key)
+            return self.input.url_for(ref)
+        except Exception:  # a ref no store can name: show it as it is
+            return refs.show(str(ref if ref is not None else item.id), limit=2000)
 
     def presigned_url(self, item: PlanItem, seconds: int) -> str | None:
         """A URL a remote service can GET the item's image from as stored: a public http(s)
         URL as it is, a presigned GET for an S3 object; None where there is none (local files,
-        tar members, Parquet cells: send the bytes)."""
+        tar members, Parquet cells, a ref the rules refuse or that is malformed: send the
+        bytes). Never raises."""
         ref = item.ref
-        if ref is not None and ref.startswith(("http://", "https://")):
-            return ref
-        if ref is not None and scheme_of(ref) not in ("", "s3"):
+        try:
+            if ref is not None and ref.startswith(("http://", "https://")):
+                return ref
+            if ref is not None and scheme_of(ref) not in ("", "s3"):
+                return None
+            if ref is not None:
+                refs.check_syntax(ref)
+            store, key = self.store_of(item.id if ref is None else ref)
+            presign = getattr(store, "presigned_get", None)
+            return presign(key, seconds) if presign is not None else None
+        except Exception:
             return None
-        store, key = self.store_of(item.id if ref is None else ref)
-        presign = getattr(store, "presigned_get", None)
-        return presign(key, seconds) if presign is not None else None
 
-    def _get_http(self, url: str) -> bytes:
-        import httpx
-
+    def _client(self) -> Any:
         with self._lock:
             if self._http is None:
-                self._http = httpx.Client(timeout=self.settings.http_timeout,
-                                          follow_redirects=True,
-                                          headers={"User-Agent": "moonbatch"})
+                self._http = netguard.guarded_client(
+                    self._rules, timeout=self.settings.http_timeout,
+                    connections=max(16, 2 * self.settings.fetch_concurrency))
+            return self._http
+
+    def _get_http(self, url: str) -> bytes:
+        """GET ``url`` under the address policy, streamed, at most ``max_bytes`` bytes and
+        ``item_deadline`` seconds in all. Raises ``ItemError`` (``reference_refused``,
+        ``object_too_large``, ``read_timeout``), ``NotFound`` (404, 410), ``StorageError``."""
+        import httpx
+
+        shown = refs.show(url)
+        client = self._client()
+        limit, seconds = self.max_bytes, self.settings.item_deadline
+        token = netguard.DEADLINE.set(time.monotonic() + seconds)
         try:
-            resp = self._http.get(url)
+            with client.stream("GET", url) as resp:
+                if resp.status_code in (404, 410):
+                    raise NotFound(f"GET {shown}: {resp.status_code}")
+                if not 200 <= resp.status_code < 300:
+                    raise StorageError(f"GET {shown}: HTTP {resp.status_code}")
+                encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise StorageError(f"GET {shown}: the server sent Content-Encoding "
+                                       f"{encoding[:20]} although identity was asked")
+                length = resp.headers.get("content-length", "")
+                if length.isdigit() and int(length) > limit:
+                    raise ItemError("object_too_large", f"GET {shown}: {length} bytes, more "
+                                    f"than MOONBATCH_ITEM_MAX_BYTES ({limit})")
+                body = bytearray()
+                for chunk in resp.iter_raw():
+                    body += chunk
+                    if len(body) > limit:
+                        raise ItemError("object_too_large", f"GET {shown}: more than "
+                                        f"MOONBATCH_ITEM_MAX_BYTES ({limit}) bytes")
+                return bytes(body)
+        except netguard.Refused as exc:
+            raise ItemError("reference_refused", f"GET {shown}: {exc}") from None
+        except httpx.TimeoutException:
+            if time.monotonic() >= (netguard.DEADLINE.get() or 0):
+                raise ItemError("read_timeout", f"GET {shown}: not read within "
+                                f"MOONBATCH_ITEM_DEADLINE ({seconds:g} s)") from None
+            raise ItemError("read_timeout", f"GET {shown}: no answer within "
+                            f"MOONBATCH_HTTP_TIMEOUT ({self.settings.http_timeout:g} s)") from None
+        except httpx.TooManyRedirects:
+            raise StorageError(f"GET {shown}: more than {netguard.MAX_REDIRECTS} "
+                               "redirects") from None
         except httpx.HTTPError as exc:
-            raise StorageError(f"GET {redact_url(url)} failed: {type(exc).__name__}") from None
-        if resp.status_code in (404, 410):
-            raise NotFound(f"GET {redact_url(url)}: {resp.status_code}")
-        if resp.status_code >= 400:
-            raise StorageError(f"GET {redact_url(url)}: HTTP {resp.status_code}")
-        return resp.content
+            raise StorageError(f"GET {shown} failed: {type(exc).__name__}") from None
+        finally:
+            netguard.DEADLINE.reset(token)
 
     def close(self) -> None:
         """Close the HTTP client (stores need no closing)."""
@@ -290,15 +383,46 @@ def item_options(options: SkillOptions, item: PlanItem) -> SkillOptions:
 
 
 def read_item(fetch: Callable[[PlanItem], bytes], item: PlanItem) -> bytes:
-    """``fetch(item)``, with storage errors as ``ItemError`` (``object_not_found``,
-    ``read_failed``), so every reader's failure becomes the item's error row."""
+    """``fetch(item)``, with whatever it raises as the item's ``ItemError`` (the per-item
+    boundary: nothing about one item's reference or bytes fails its round). Codes:
+    ``object_not_found`` (``NotFound``), ``object_too_large`` (``TooLarge``), ``read_failed``
+    (``StorageError``, other errors), ``invalid_reference`` (a malformed URL: ``ValueError``,
+    ``UnicodeError``, ``httpx.InvalidURL``), ``read_timeout``, ``reference_refused`` and any
+    code the fetch raised itself. Messages hold no query string."""
     try:
         return fetch(item)
+    except ItemError:
+        raise
     except NotFound:
         raise ItemError("object_not_found",
                         "object was deleted between listing and reading") from None
+    except TooLarge as exc:
+        raise ItemError("object_too_large", f"{refs.show(str(exc), 400)}: raise "
+                        "MOONBATCH_ITEM_MAX_BYTES on the workers to read it") from None
     except StorageError as exc:
-        raise ItemError("read_failed", str(exc)[:500]) from None
+        raise ItemError("read_failed", refs.show(str(exc), 500)) from None
+    except netguard.Refused as exc:
+        raise ItemError("reference_refused", refs.show(str(exc), 500)) from None
+    except (ValueError, UnicodeError) as exc:  # httpx.InvalidURL is a ValueError
+        raise ItemError("invalid_reference", f"'{refs.show(str(item.ref), 200)}' is not a "
+                        f"valid image reference ({type(exc).__name__}: "
+                        f"{refs.show(str(exc), 200)}): fix the row") from None
+    except Exception as exc:
+        raise unexpected_error(exc, "reading", "read_failed") from None
+
+
+def unexpected_error(exc: BaseException, doing: str, code: str) -> ItemError:
+    """An ``ItemError`` for an error nobody expected while ``doing`` something to one item
+    (``MemoryError``: ``image_too_large``); logged with where it was raised (type and line, no
+    message: it may hold a URL)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{posixpath.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
+    log.warning("unexpected %s while %s an item (at %s)", type(exc).__name__, doing, where)
+    if isinstance(exc, MemoryError):
+        return ItemError("image_too_large", f"out of memory while {doing} the image")
+    return ItemError(code, f"unexpected {type(exc).__name__} while {doing} the image")
 
 
 def scheme_of(ref: str) -> str:

@@ -39,6 +39,9 @@ from workers.storage import LocalStore, Store, open_store
 REMOTE_SIZE_ESTIMATE = 1_000_000
 OVERRIDE_COLUMNS = ("question", "object", "length")
 READ_BUFFER = 8 * 2**20  # bytes per read of the manifest (one ranged GET on S3)
+# A manifest row is an id, a reference and a few short options: a line longer than this is not
+# one, and is refused without reading it whole. CSV fields keep the csv module's own limit.
+MAX_LINE_BYTES = 2**20
 PARQUET_BATCH_ROWS = 8192
 _ID_TYPES = (str, int, float, bool)
 _TAKES = {"caption": ("length",), "query": ("question",), "detect": ("object",),
@@ -171,19 +174,38 @@ class Reader:
     def _csv_rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
         with self._open() as raw:
             text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-            reader = csv.DictReader(text)
+            # Characters, not bytes, once decoded: a line may hold 4 bytes per character.
+            reader = csv.DictReader(self._bounded(iter(lambda: text.readline(MAX_LINE_BYTES + 2),
+                                                       "")))
             try:
                 self._missing(list(reader.fieldnames or []))
                 for row in reader:
                     yield f"line {reader.line_num}", row
             except (csv.Error, UnicodeDecodeError) as exc:
+                if "field larger than field limit" in str(exc):
+                    raise InputError(f"{self.name} line {reader.line_num}: a field is longer "
+                                     f"than {csv.field_size_limit()} characters (an unclosed "
+                                     "quote?): fix the row") from None
                 raise InputError(f"{self.name} line {reader.line_num}: not CSV ({exc}): save "
                                  "it as UTF-8 CSV with a header row") from None
+
+    def _bounded(self, lines: Iterator[Any]) -> Iterator[Any]:
+        """``lines`` (read with ``readline(MAX_LINE_BYTES + 2)``), raising ``InputError``
+        naming the line at the first one longer than ``MAX_LINE_BYTES`` (its line break
+        aside): it is never read whole."""
+        for n, line in enumerate(lines, 1):
+            if len(line) > MAX_LINE_BYTES and \
+                    len(line.rstrip(b"\r\n" if isinstance(line, bytes) else "\r\n")) > MAX_LINE_BYTES:
+                raise InputError(f"{self.name} line {n}: longer than {MAX_LINE_BYTES} bytes: a "
+                                 "manifest row holds an id, an image reference and short "
+                                 "options; fix the line (a missing line break?)")
+            yield line
 
     def _jsonl_rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
         first = True
         with self._open() as raw:
-            for n, line in enumerate(raw, 1):
+            lines = self._bounded(iter(lambda: raw.readline(MAX_LINE_BYTES + 2), b""))
+            for n, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
@@ -253,9 +275,11 @@ class Reader:
         return key
 
     def _size(self, ref: str) -> int:
-        """A local image's bytes (``stat``; a missing file: the estimate, it becomes an
-        ``object_not_found`` row), else ``REMOTE_SIZE_ESTIMATE``."""
-        if ref.startswith("file://"):
+        """A local image's bytes (``stat``; a missing file or an unusable path: the estimate,
+        the worker makes it an error row), else ``REMOTE_SIZE_ESTIMATE``. A manifest on S3
+        gets no ``stat`` of local paths: its local files are not this machine's to look at
+        (workers refuse them by default)."""
+        if ref.startswith("file://") and not self.url.startswith("s3://"):
             path = ref[len("file://"):]
         elif self._local_root is not None and not scheme_of(ref):
             path = os.path.join(self._local_root, ref)
@@ -263,7 +287,7 @@ class Reader:
             return REMOTE_SIZE_ESTIMATE
         try:
             return os.stat(path).st_size
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the path
             return REMOTE_SIZE_ESTIMATE
 
 

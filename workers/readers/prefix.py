@@ -23,7 +23,7 @@ from typing import Any
 from workers.lines import SNIFF_BYTES, classify_key, sniff_format
 from workers.models import PlanItem
 from workers.readers import ListingStats
-from workers.storage import NotFound, ObjectInfo, Store
+from workers.storage import NotFound, ObjectInfo, StorageError, Store
 
 log = logging.getLogger(__name__)
 AUTO_HOLD = 100_000  # non-image objects held before the first image (~100 B each)
@@ -51,7 +51,8 @@ def iter_items(store: Store, stats: ListingStats, *, exclude_prefix: str | None 
 
     ``exclude_prefix`` (relative to the store root) hides the run's own output when OUTPUT lies
     inside INPUT. Objects that vanish between listing and sniffing are still yielded when their
-    extension names an image, so that they end as ``object_not_found`` error rows.
+    extension names an image, so that they end as ``object_not_found`` error rows; an object
+    without one whose first bytes cannot be read is skipped with the reason ``unreadable``.
     """
     held: list[ObjectInfo] | None = []  # non-image objects before the first image
     for obj in store.iter_objects():
@@ -64,6 +65,10 @@ def iter_items(store: Store, stats: ListingStats, *, exclude_prefix: str | None 
                 head = store.get_range(obj.key, 0, SNIFF_BYTES)
             except NotFound:
                 head = b""
+            except (StorageError, OSError) as exc:
+                # Its type cannot be told (denied, a link loop...): one key, not the plan.
+                stats.skip(obj.key, "unreadable", _one_line(exc))
+                continue
             kind = "image" if sniff_format(head) else "skip"
         if kind == "skip":
             if held is None:
@@ -79,6 +84,13 @@ def iter_items(store: Store, stats: ListingStats, *, exclude_prefix: str | None 
         yield PlanItem(id=obj.key, size=obj.size)
     if held:
         yield from _archives(store, held, stats, input_options or {})
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, at most 300 characters (storage errors name the object
+    and the cause, never a credential)."""
+    text = " ".join(str(exc).split())
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:300]
 
 
 def _skip_all(held: list[ObjectInfo], stats: ListingStats) -> None:

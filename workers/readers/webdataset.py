@@ -39,7 +39,7 @@ from workers.readers.rangeio import (
     input_file_key,
     object_info,
 )
-from workers.storage import ObjectInfo, StorageError, Store
+from workers.storage import ObjectInfo, StorageError, Store, TooLarge
 
 # webdataset.tariterators: base_plus_ext's pattern, and the metadata members it skips.
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -157,11 +157,15 @@ def iter_tar(store: Store, tar: ObjectInfo, stats: ListingStats, seen: set[str] 
 
 def fetch(fetcher: Any, rest: str) -> bytes:
     """The bytes of a ``tar:<key>#<offset>+<size>`` item: one ranged GET of the member's
-    data from the INPUT store. Raises ``NotFound`` (the tar is gone), ``StorageError`` (read
-    failed, or the tar is shorter than planned: it changed since listing)."""
+    data from the INPUT store. Raises ``NotFound`` (the tar is gone), ``TooLarge`` (a member
+    over ``fetcher.max_bytes``: a tar from the web may declare any size), ``StorageError``
+    (read failed, or the tar is shorter than planned: it changed since listing)."""
     key, _, where = rest.rpartition("#")
     offset, _, size = where.partition("+")
     start, length = int(offset), int(size)
+    if length > fetcher.max_bytes:
+        raise TooLarge(f"{fetcher.input.url_for(key)}: member at byte {start} has {length} "
+                       f"bytes, more than the {fetcher.max_bytes} allowed")
     data = fetcher.input.get_range(key, start, length)
     if len(data) != length:
         raise StorageError(f"{fetcher.input.url_for(key)}: member at byte {start} is cut short "
