@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import uuid
 
 import pytest
 
-from workers.lease import Lease, LeaseLost, lease_is_live
+from workers.lease import Lease, LeaseLost, execution_owner, lease_is_live, task_of
 from workers.storage import LocalStore, S3Store, s3_client
 
 
@@ -96,3 +97,29 @@ def test_kept_alive_renews_in_the_background(store):
         check()
         assert lease_is_live(store, "bg.json")
         assert not Lease(store, "bg.json", "other", 0.4).acquire()
+
+
+def test_two_executions_of_one_task_id_never_hold_the_lease_together(store):
+    """A broker redelivers a running task with its task id: the copy must find the lease held
+    (and by whom), not share it with the running execution."""
+    clock = Clock()
+    task_id = str(uuid.uuid4())
+    first = Lease(store, "task.json", execution_owner(task_id), 10, clock)
+    copy = Lease(store, "task.json", execution_owner(task_id), 10, clock)
+    assert first.owner != copy.owner and task_of(first.owner) == task_of(copy.owner) == task_id
+    assert first.acquire()
+    assert not copy.acquire()  # the redelivered copy waits
+    assert copy.holder == first.owner and task_of(copy.holder) == task_id
+    assert copy.holder_expires == clock.t + 10
+    copy.release()  # not its lease: left alone
+    assert lease_is_live(store, "task.json", clock.t)
+    with pytest.raises(LeaseLost):
+        copy.renew(force=True)
+    clock.t += 5
+    first.renew(force=True)
+    clock.t += 8
+    assert not copy.acquire()  # renewed: the running execution keeps it
+    first.release()
+    assert copy.acquire()
+    with pytest.raises(LeaseLost):  # the first execution, had it stalled, stops at its renewal
+        first.renew(force=True)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures as cf
+import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from workers import layout, metrics
 from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image, skill_line_id
@@ -24,7 +27,7 @@ from workers.pool import ordered_map
 from workers.providers import Later
 from workers.readers import item_options, read_item, unexpected_error
 from workers.registry import BatchClaims
-from workers.storage import Store, get_json_or_none, put_json
+from workers.storage import NotFound, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                      part_size: int, concurrency: int, max_pixels: int = 0,
                      upload_concurrency: int = 2, rnd: int = 0, todo: Sequence[int] | None = None,
                      heartbeat: Callable[[], None] | None = None,
+                     renew: Callable[[], None] | None = None,
                      claims: BatchClaims | None = None, id_prefix: str = "",
                      more: Sequence[SkillOptions] = ()) -> tuple[ShardBuild, BatchRecord | None]:
     """Build the JSONL of round ``rnd`` of a shard (items ``todo``, default all), upload it and
@@ -171,18 +175,34 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     ``mpu-complete`` answers. ``heartbeat`` is called between lines and parts: it renews the
     lease and may raise to stop the build (lease lost, run cancelled), which aborts the upload.
 
+    One execution at most bills a round, even if two run at once (a lease that expired under
+    a stalled holder): ``submit.json`` is the round's claim (``SubmitRecord``, with a token of
+    this execution, ``attempt``), created only if absent, after ``renew`` (the caller's lease,
+    renewed at once: it raises if another execution took the lease over). The claimant alone
+    then writes ``build.json`` (compare-and-swap, while the claim is still its own), calls
+    ``renew`` again right before ``mpu-complete``, and creates ``batch.json`` once; both name
+    its ``attempt``, so ``build.json`` always describes the batch recorded. An execution that
+    finds the round claimed by another aborts its own upload and returns the recorded batch,
+    or raises ``RoundClaimed`` (look again later). A claim whose ``build.json`` is not its own
+    is dropped: its execution died before it could bill (billing needs the lease the caller
+    holds now).
+
     A lost ``mpu-complete`` answer (or an attempt that died waiting for it) is recovered, not
-    paid twice: ``submit.json`` is written before the call, and the batch it created is found
+    paid twice: the claim is written before the call, and the batch it created is found
     in the batch list by its creation time and line count and claimed in ``claims`` (so two
     rounds never adopt one batch) after its results show the round's ``id_prefix`` (give each
     round its own, e.g. from the run id, shard and round: item ids alone repeat across runs of
     one dataset). Only when it cannot be found is the round sent again,
     counted in ``orphans.json``. Raises ``MoondreamError`` kinds (``AwaitingBatch`` while the
-    batch of a lost answer cannot be named yet: look again later) and ``StorageError``.
+    batch of a lost answer cannot be named yet, ``RoundClaimed``: both mean look again later),
+    ``StorageError``, and whatever ``renew`` or ``heartbeat`` raise.
     """
     def doc(name: str) -> str:
         return layout.round_doc(shard, rnd, name)
 
+    attempt = uuid.uuid4().hex[:12]
+    fence = renew or (lambda: None)
+    skill_names = [o.skill for o in (options, *more)]
     done_build = get_json_or_none(state, doc("build"))
     done_batch = get_json_or_none(state, doc("batch"))
     if done_build is not None and (done_batch is not None or not done_build["lines"]):
@@ -190,14 +210,23 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                 BatchRecord.model_validate(done_batch) if done_batch else None)
 
     pending = get_json_or_none(state, doc("submit"))
-    if pending is not None and done_build is not None:
-        built = ShardBuild.model_validate(done_build)
-        record = _recover_lost_submit(client, state, doc, SubmitRecord.model_validate(pending),
-                                      claims,
-                                      line_ids=built.line_ids(items, [o.skill for o in (options, *more)]),
-                                      shard=shard, rnd=rnd)
-        if record is not None:
-            return built, record
+    if pending is not None:
+        intent = SubmitRecord.model_validate(pending)
+        if done_build is not None and done_build.get("attempt", "") == intent.attempt:
+            # Its execution wrote the build: its mpu-complete may have created a batch.
+            built = ShardBuild.model_validate(done_build)
+            record = _recover_lost_submit(client, state, doc, intent, claims,
+                                          line_ids=built.line_ids(items, skill_names),
+                                          shard=shard, rnd=rnd)
+            if record is not None:
+                return built, record
+        else:
+            log.warning("shard %d round %d: dropping the claim of attempt %s, which stopped "
+                        "before writing its build (it never called mpu-complete)", shard, rnd,
+                        intent.attempt or "?")
+            if intent.upload_id:
+                client.abort_upload(intent.file_id, intent.upload_id)
+            _drop_claim(state, doc, intent.attempt)
 
     stale = get_json_or_none(state, doc("upload"))
     if stale is not None:
@@ -221,6 +250,18 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         part = client.upload_part(upload.file_id, upload.upload_id, part_number, data)
         metrics.upload_bytes("moondream", len(data))
         return part
+
+    def abandon() -> None:
+        """Abort this execution's upload (nothing billed) and forget it."""
+        with upload_lock:
+            opened = upload
+        if opened is None:
+            return
+        try:
+            client.abort_upload(opened.file_id, opened.upload_id)
+            _forget_upload(state, doc, opened.upload_id)
+        except Exception:  # the next attempt aborts it from upload.json
+            log.warning("shard %d: could not abort the upload", shard, exc_info=True)
 
     if fetch is None:
         from workers.readers import ItemFetcher
@@ -246,61 +287,194 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         beat()
     except BaseException:
         writer.abort()
-        with upload_lock:
-            opened = upload
-        if opened is not None:  # don't leave a half-sent upload behind
-            try:
-                client.abort_upload(opened.file_id, opened.upload_id)
-                state.delete(doc("upload"))
-            except Exception:  # the next attempt aborts it from upload.json
-                log.warning("shard %d: could not abort the upload", shard, exc_info=True)
+        abandon()  # don't leave a half-sent upload behind
         raise
 
     build = ShardBuild(lines=lines, errors=errors, id_prefix=id_prefix, bytes=writer.bytes,
                        parts=len(parts), part_size=part_size, transformed=transformed,
                        build_seconds=round(time.time() - started, 3), sizes=sizes,
-                       skills=line_skills)
-    put_json(state, doc("build"), build.model_dump())
+                       skills=line_skills, attempt=attempt)
     if upload is None:
-        return build, None
-    intent = SubmitRecord(file_id=upload.file_id, lines=len(lines), bytes=writer.bytes,
-                          sent_at=time.time())
-    put_json(state, doc("submit"), intent.model_dump())
+        return _record_unsent(state, doc, build)
+    intent = SubmitRecord(file_id=upload.file_id, upload_id=upload.upload_id, lines=len(lines),
+                          bytes=writer.bytes, sent_at=time.time(), attempt=attempt)
+    claimed = False
+    recorded = None
+    try:
+        fence()  # an execution whose lease was taken over stops before it claims
+        claimed = put_json(state, doc("submit"), intent.model_dump(), if_absent=True)
+        # A claim is dropped only after its batch is recorded (or found never made): looking
+        # after claiming sees the batch of any claim that came and went before ours.
+        recorded = _recorded(state, doc) if claimed else None
+        if claimed and recorded is None:
+            _write_build(state, doc, build)
+            fence()  # right before the call that bills
+    except BaseException:
+        abandon()
+        if claimed:
+            _drop_claim(state, doc, attempt)
+        raise
+    if recorded is not None:
+        abandon()
+        _drop_claim(state, doc, attempt)
+        log.info("shard %d round %d: another execution submitted the round; this one's "
+                 "upload is aborted", shard, rnd)
+        return recorded
+    if not claimed:
+        abandon()
+        recorded = _recorded(state, doc)
+        if recorded is not None:
+            log.info("shard %d round %d: another execution submitted the round; this one's "
+                     "upload is aborted", shard, rnd)
+            return recorded
+        raise RoundClaimed(f"shard {shard} round {rnd}: another execution claimed the round's "
+                           "submission and has not recorded its batch yet")
     try:
         batch = client.complete_upload(upload.file_id, upload.upload_id, parts, model=model)
     except (TransientError, RequestRejected) as exc:
         if isinstance(exc, RequestRejected) and exc.status != 404:
+            abandon()  # refused: nothing was billed; the next attempt may claim the round
+            _drop_claim(state, doc, attempt)
             raise
         # The answer was lost, or an earlier try consumed the upload: find the batch.
         log.warning("shard %d round %d: %s; looking for the batch it created", shard, rnd, exc)
-        state.delete(doc("upload"))
+        _forget_upload(state, doc, upload.upload_id)
         record = _recover_lost_submit(client, state, doc, intent, claims,
-                                      line_ids=build.line_ids(items, [o.skill for o in (options, *more)]),
+                                      line_ids=build.line_ids(items, skill_names),
                                       shard=shard, rnd=rnd)
         if record is None:  # no batch to adopt: the round is built and sent again
             raise TransientError("mpu-complete", "answer lost and no batch found; the round "
                                  "is sent again") from None
         return build, record
     record = _record_batch(state, doc, claims, batch.id, intent, recovered=False)
+    if record.attempt != attempt:  # another batch was recorded first (see _record_batch)
+        return _recorded(state, doc) or (build, record)
     log.info("shard %d round %d: batch %s submitted (%d lines, %d bytes, %d parts)",
              shard, rnd, batch.id, len(lines), writer.bytes, len(parts),
              extra={"batch_id": batch.id})
     return build, record
 
 
+# -- the round's documents: written once, or by compare-and-swap -------------------------------
+def _dumps(value: Any) -> bytes:
+    """JSON as ``put_json`` writes it."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _put_over(state: Store, key: str, data: bytes, version: str | None) -> bool:
+    """Write ``key`` if it is still at ``version`` (None: if it is still absent)."""
+    if version is None:
+        return state.put(key, data, if_absent=True)
+    return state.put_if_match(key, data, version)
+
+
+def _version(state: Store, key: str) -> str | None:
+    """The object's version token, or None if it does not exist."""
+    try:
+        return state.get_versioned(key)[1]
+    except NotFound:
+        return None
+
+
+def _recorded(state: Store, doc: Callable[[str], str]
+              ) -> tuple[ShardBuild, BatchRecord] | None:
+    """The round's recorded build and batch, or None while no batch is recorded."""
+    raw = get_json_or_none(state, doc("batch"))
+    if raw is None:
+        return None
+    return ShardBuild.model_validate(get_json(state, doc("build"))), BatchRecord.model_validate(raw)
+
+
+def _write_build(state: Store, doc: Callable[[str], str], build: ShardBuild) -> None:
+    """Write ``build.json`` for the claimant ``build.attempt``: compare-and-swap on the version
+    read while the claim is still its own, so a claimant whose claim was dropped (it stalled
+    and another execution took the round over) can never overwrite the new claimant's build.
+    Raises ``RoundClaimed`` when the claim is no longer this execution's."""
+    data = _dumps(build.model_dump())
+    for _ in range(8):
+        version = _version(state, doc("build"))
+        claim = get_json_or_none(state, doc("submit"))
+        if claim is None or claim.get("attempt", "") != build.attempt:
+            raise RoundClaimed(f"{doc('submit')}: this execution's claim on the round was "
+                               "dropped by another execution")
+        if _put_over(state, doc("build"), data, version):
+            return
+    raise RoundClaimed(f"{doc('build')} keeps changing under this execution")
+
+
+def _record_unsent(state: Store, doc: Callable[[str], str], build: ShardBuild
+                   ) -> tuple[ShardBuild, BatchRecord | None]:
+    """Record a build that has no sendable line (only error rows), unless the round was claimed
+    or submitted meanwhile by another execution: then return what it recorded, or raise
+    ``RoundClaimed`` while its batch is not recorded yet. The version of ``build.json`` is read
+    first, then the claim, then the batch (the reverse of a claimant's order: claim, build,
+    batch, claim dropped), so no claimant's build is ever overwritten: one written after the
+    version was read makes this write fail."""
+    data = _dumps(build.model_dump())
+    for _ in range(8):
+        version = _version(state, doc("build"))
+        # The claim before the batch: a claimant records its batch before it drops its claim.
+        claimed = state.exists(doc("submit"))
+        recorded = _recorded(state, doc)
+        if recorded is not None:
+            return recorded
+        if claimed:
+            raise RoundClaimed(f"{doc('submit')}: another execution claimed the round")
+        if _put_over(state, doc("build"), data, version):
+            return build, None
+    raise RoundClaimed(f"{doc('build')} keeps changing under this execution")
+
+
+def _drop_claim(state: Store, doc: Callable[[str], str], attempt: str) -> None:
+    """Delete the round's claim if it is ``attempt``'s (the caller holds the shard's lease)."""
+    claim = get_json_or_none(state, doc("submit"))
+    if claim is not None and claim.get("attempt", "") == attempt:
+        state.delete(doc("submit"))
+
+
+def _update_claim(state: Store, doc: Callable[[str], str], intent: SubmitRecord,
+                  changes: dict[str, Any]) -> None:
+    """Apply ``changes`` to the claim of ``intent.attempt`` by compare-and-swap; raises
+    ``RoundClaimed`` if the claim changed hands (another execution recovers the round)."""
+    try:
+        raw, version = state.get_versioned(doc("submit"))
+    except NotFound:
+        raw, version = b"null", ""
+    claim = json.loads(raw)
+    if not isinstance(claim, dict) or claim.get("attempt", "") != intent.attempt or \
+            not state.put_if_match(doc("submit"), _dumps({**claim, **changes}), version):
+        raise RoundClaimed(f"{doc('submit')}: the claim changed under this execution")
+
+
+def _forget_upload(state: Store, doc: Callable[[str], str], upload_id: str) -> None:
+    """Delete ``upload.json`` if it records ``upload_id`` (another execution's stays)."""
+    opened = get_json_or_none(state, doc("upload"))
+    if opened is not None and (not upload_id or opened.get("upload_id") == upload_id):
+        state.delete(doc("upload"))
+
+
 def _record_batch(state: Store, doc: Callable[[str], str], claims: BatchClaims | None,
                   batch_id: str, intent: SubmitRecord, *, recovered: bool) -> BatchRecord:
-    """Claim the batch, record it in ``batch.json`` and clear what led to it."""
+    """Claim the batch, record it in ``batch.json`` (created once) and clear what led to it.
+    Returns the recorded batch: another one if a batch was recorded first (then ours is
+    counted as a possible duplicate in ``orphans.json``)."""
     if claims is not None and not claims.claim(batch_id) and not recovered:
         # Another round adopted our batch by mistake while our answer was in flight; ours is
         # certain (the service answered), theirs is checked against result ids at merge.
         log.error("batch %s is claimed by another round; keeping it for this one", batch_id)
     record = BatchRecord(batch_id=batch_id, file_id=intent.file_id, submitted_at=time.time(),
-                         lines=intent.lines, recovered=recovered)
-    put_json(state, doc("batch"), record.model_dump())
-    metrics.batch("moondream", "submitted")
-    state.delete(doc("upload"))
-    state.delete(doc("submit"))
+                         lines=intent.lines, recovered=recovered, attempt=intent.attempt)
+    if put_json(state, doc("batch"), record.model_dump(), if_absent=True):
+        metrics.batch("moondream", "submitted")
+    else:
+        first = BatchRecord.model_validate(get_json(state, doc("batch")))
+        if first.batch_id != batch_id:
+            log.error("%s: batch %s is recorded already; batch %s of attempt %s is a duplicate",
+                      doc("batch"), first.batch_id, batch_id, intent.attempt)
+            _count_orphan(state, doc, f"batch {batch_id} submitted beside {first.batch_id}")
+        record = first
+    _forget_upload(state, doc, intent.upload_id)
+    _drop_claim(state, doc, intent.attempt)
     return record
 
 
@@ -310,6 +484,16 @@ class AwaitingBatch(TransientError, Later):
     build task re-enqueues itself, holding no worker slot meanwhile)."""
 
     def __init__(self, message: str, countdown: float) -> None:
+        TransientError.__init__(self, "mpu-complete", message)
+        self.countdown = countdown
+
+
+class RoundClaimed(TransientError, Later):
+    """Another execution claimed the round's submission (``submit.json``) and its batch is not
+    recorded yet, or took this execution's claim over: look again after ``countdown`` seconds
+    (the build task re-enqueues itself and then finds the batch, or a dead claim to drop)."""
+
+    def __init__(self, message: str, countdown: float = 5.0) -> None:
         TransientError.__init__(self, "mpu-complete", message)
         self.countdown = countdown
 
@@ -349,8 +533,8 @@ def _recover_lost_submit(client: BatchClient, state: Store, doc: Callable[[str],
         return _record_batch(state, doc, claims, adopt.id, intent, recovered=True)
     running = [b for b in candidates if not b.done]
     if running and intent.checks + 1 < MAX_LOST_ANSWER_CHECKS:
-        put_json(state, doc("submit"), {**intent.model_dump(), "checks": intent.checks + 1,
-                                        "rejected": sorted(rejected)})
+        _update_claim(state, doc, intent, {"checks": intent.checks + 1,
+                                           "rejected": sorted(rejected)})
         raise AwaitingBatch(f"answer lost; {len(running)} new batch(es) still running may be "
                             "this round's: their results will tell",
                             countdown=min(120.0, 2.0 * 1.5 ** intent.checks))
@@ -363,13 +547,21 @@ def _recover_lost_submit(client: BatchClient, state: Store, doc: Callable[[str],
     else:
         log.warning("shard %d round %d: the lost mpu-complete answer created no batch; "
                     "sending the round again", shard, rnd)
-    state.delete(doc("submit"))
+    _drop_claim(state, doc, intent.attempt)
     return None
 
 
 def _count_orphan(state: Store, doc: Callable[[str], str], reason: str) -> None:
-    """Add one to the round's possible duplicate batches (``orphans.json``)."""
-    orphans = get_json_or_none(state, doc("orphans")) or {"count": 0, "reasons": []}
-    orphans["count"] += 1
-    orphans["reasons"] = (orphans["reasons"] + [reason])[-10:]
-    put_json(state, doc("orphans"), orphans)
+    """Add one to the round's possible duplicate batches (``orphans.json``), by
+    compare-and-swap: two executions counting at once both count."""
+    for _ in range(8):
+        try:
+            raw, version = state.get_versioned(doc("orphans"))
+            orphans, current = json.loads(raw), version
+        except NotFound:
+            orphans, current = {"count": 0, "reasons": []}, None
+        orphans["count"] += 1
+        orphans["reasons"] = (orphans["reasons"] + [reason])[-10:]
+        if _put_over(state, doc("orphans"), _dumps(orphans), current):
+            return
+    log.error("%s: could not count a possible duplicate batch (%s)", doc("orphans"), reason)

@@ -4,6 +4,11 @@ A lease is a small JSON document ``{"owner", "heartbeat", "expires"}`` created w
 put (create-if-absent) and renewed or taken over with compare-and-swap on its ETag (``IfMatch``;
 FACTS.md, S3). A holder that stops renewing (killed, OOM, partitioned) loses the lease after
 ``ttl`` seconds, and the next attempt takes it over atomically: two takers cannot both win.
+
+An owner names one execution, not one message: a broker redelivers a running task with its
+task id (late acks after a lost connection, a task longer than the visibility timeout), so a
+task's leases are owned by ``execution_owner(task id)``, unique to each run of the task body;
+the redelivered copy then finds the lease held and waits instead of building beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 from workers.storage import NotFound, Store
@@ -19,6 +25,18 @@ from workers.storage import NotFound, Store
 
 class LeaseLost(Exception):
     """Another worker holds the lease now: stop without writing anything more."""
+
+
+def execution_owner(task_id: str | None) -> str:
+    """A lease owner unique to this execution of a task: ``<task id>/<12 hex>`` (a random
+    owner when there is no task id). Two deliveries of one message get two owners."""
+    return f"{task_id or 'task'}/{uuid.uuid4().hex[:12]}"
+
+
+def task_of(owner: str | None) -> str:
+    """The task id in an ``execution_owner`` (an owner of another shape: itself)."""
+    text = owner or ""
+    return text.rpartition("/")[0] or text
 
 
 class Lease:
@@ -30,6 +48,7 @@ class Lease:
         self._renewed = 0.0
         self._lock = threading.Lock()  # one renewal at a time from this process
         self.holder_expires = 0.0  # when ``acquire`` fails: when the holder's lease runs out
+        self.holder: str | None = None  # when ``acquire`` fails: the holder's owner
 
     def _doc(self) -> bytes:
         now = self.clock()
@@ -37,7 +56,8 @@ class Lease:
 
     def acquire(self) -> bool:
         """Take the lease if it is free, expired or already ours; False if someone else holds
-        it (``holder_expires`` then says until when). Raises storage errors."""
+        it (``holder`` and ``holder_expires`` then say who and until when). Raises storage
+        errors."""
         for _ in range(3):
             if self.store.put(self.key, self._doc(), if_absent=True):
                 self._remember()
@@ -48,7 +68,7 @@ class Lease:
                 continue  # released between our two calls: try to create it again
             doc = json.loads(data)
             if doc.get("owner") != self.owner and doc.get("expires", 0) > self.clock():
-                self.holder_expires = float(doc["expires"])
+                self.holder, self.holder_expires = doc.get("owner"), float(doc["expires"])
                 return False
             if self.store.put_if_match(self.key, self._doc(), version):
                 self._remember()

@@ -227,6 +227,9 @@ class ShardBuild(BaseModel):
     # Multi-skill runs: ``skills[line_index]`` is the index (in ``RunSpec.all_options``) of
     # the skill of that line; empty for a single-skill run.
     skills: list[int] = Field(default_factory=list)
+    # The execution that built and submitted these lines (``SubmitRecord.attempt``): the
+    # round's ``submit.json`` and ``batch.json`` name the same one (workers.builder).
+    attempt: str = ""
 
     def line_ids(self, items: list[PlanItem] | Any, skills: list[str]) -> set[str]:
         """The ids the round's lines were sent under (``skills``: the run's skill names)."""
@@ -251,7 +254,11 @@ class SubmitRecord(BaseModel):
     before the call, so that an attempt that lost the answer (or died waiting for it) can find
     the batch it created instead of paying for another. ``checks`` counts the searches;
     ``rejected`` lists completed batches whose results showed they are not this round's (so
-    later searches do not download them again)."""
+    later searches do not download them again).
+
+    It is also the round's **claim**: created only if absent, so at most one execution
+    (``attempt``, a token of its own) calls ``mpu-complete`` for the round; ``upload_id`` is
+    that execution's upload (aborted if the claim turns out dead)."""
 
     file_id: str
     lines: int
@@ -259,6 +266,8 @@ class SubmitRecord(BaseModel):
     sent_at: float  # unix seconds, this machine's clock
     checks: int = 0
     rejected: list[str] = Field(default_factory=list)
+    attempt: str = ""
+    upload_id: str = ""
 
 
 class BatchRecord(BaseModel):
@@ -272,6 +281,7 @@ class BatchRecord(BaseModel):
     submitted_at: float
     lines: int
     recovered: bool = False
+    attempt: str = ""  # the submitting execution (its build.json's ``attempt``)
 
 
 class ShardDone(BaseModel):
@@ -287,6 +297,10 @@ class ShardDone(BaseModel):
     output_tokens: int = 0
     duplicate_rows: int = 0
     missing_rows: int = 0
+    # Result lines the merge could not use: not JSON or without a valid ``line_index``
+    # (``malformed``), or carrying another id than the one sent (``id_mismatch``).
+    malformed_lines: int = 0
+    id_mismatch_lines: int = 0
     # Batches that may have been submitted twice: an mpu-complete answer was lost and the
     # batch it created could not be told apart from others, so the round was sent again.
     duplicate_batches: int = 0

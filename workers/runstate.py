@@ -16,6 +16,10 @@ from workers import layout
 from workers.models import PlanItem, RunSpec, ShardDone
 from workers.storage import NotFound, Store, get_json, get_json_or_none, open_store, put_json
 
+#: ``run.json`` ``counts`` field → the ``ShardDone`` field it sums over merged shards.
+RESULT_LINE_COUNTS = {"duplicate_lines": "duplicate_rows", "missing_lines": "missing_rows",
+                      "malformed_lines": "malformed_lines", "id_mismatch_lines": "id_mismatch_lines"}
+
 
 class RunNotFound(Exception):
     """No run at this output location (or with this id)."""
@@ -169,7 +173,10 @@ class Progress:
             "provider": spec.get("provider") or "moondream",
             "endpoint": spec.get("endpoint"),
             "counts": {"total": total, "ok": ok, "error": err, "done": ok + err,
-                       "in_flight": in_flight, "skipped": plan.get("skipped", 0) if plan else None},
+                       "in_flight": in_flight, "skipped": plan.get("skipped", 0) if plan else None,
+                       # Result lines of merged shards the merge could not use as sent.
+                       **{name: sum(getattr(d, field) for d in done.values()) for name, field in
+                          RESULT_LINE_COUNTS.items()}},
             "shards": {"total": shards_total, "merged": len(done), "submitted": len(submitted),
                        "in_flight": len(out),
                        "batches_submitted": batches,

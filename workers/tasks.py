@@ -29,7 +29,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from config import Settings, get_settings
 from workers import attempts, canary, layout, logs, metrics, registry, retries, writers
 from workers.app import app
-from workers.lease import Lease, LeaseLost, lease_is_live
+from workers.lease import Lease, LeaseLost, execution_owner, lease_is_live, task_of
 from workers.merge import compose, encode_round, merge_round
 from workers.models import BatchRecord, RunSpec, ShardBuild, ShardDone
 from workers.providers import (
@@ -174,9 +174,11 @@ def round_base(store: Store, shard: int, rnd: int) -> int:
 
 
 def _context(run: Run, shard: int, rnd: int,
-             heartbeat: Callable[[], None] = lambda: None, base: int = 0) -> RoundContext:
+             heartbeat: Callable[[], None] = lambda: None, base: int = 0,
+             lease: Lease | None = None) -> RoundContext:
     """The provider's view of round ``rnd`` of the shard (``base``: see ``round_base``; the
-    provider's settings count attempts from it)."""
+    provider's settings count attempts from it; ``lease``: the shard's, renewed at once by the
+    context's ``renew`` before a call that bills)."""
     logs.bind(provider=run.spec.provider)
     settings = get_settings()
     if base:
@@ -184,13 +186,30 @@ def _context(run: Run, shard: int, rnd: int,
             update={"max_item_attempts": settings.max_item_attempts + base})
     return RoundContext(run=run, shard=shard, rnd=rnd, settings=settings,
                         id_prefix=line_id_prefix(run.spec.run_id, shard, rnd),
-                        heartbeat=heartbeat)
+                        heartbeat=heartbeat,
+                        renew=(lambda force=True: lease.renew(force=force)) if lease
+                        else lambda force=True: None)
 
 
-def _leased(store: Store, shard: int, owner: str | None, settings: Settings) -> Lease:
-    """The shard's lease for this task (every build and poll of a shard holds it)."""
-    return Lease(store, layout.shard_doc(shard, "lease"), owner or uuid.uuid4().hex,
+def _leased(store: Store, shard: int, task_id: str | None, settings: Settings) -> Lease:
+    """The shard's lease for this execution of task ``task_id`` (every build and poll of a
+    shard holds it). Owned by the execution, not the task id: a redelivered copy of a running
+    task (same id) must not hold it beside the running one."""
+    return Lease(store, layout.shard_doc(shard, "lease"), execution_owner(task_id),
                  settings.lease_seconds)
+
+
+def _wait_note(lease: Lease, task_id: str | None, shard: int, rnd: int, step: str,
+               wait: float) -> None:
+    """Log why a step of the shard waits for its lease: loudly when the holder is another
+    execution of this very task (a redelivered copy of a running step)."""
+    if task_id and task_of(lease.holder) == task_id:
+        log.warning("shard %d round %d: another execution of this task holds the shard's lease "
+                    "(this %s is a redelivered copy of a running one): waiting %.0fs instead of "
+                    "running beside it", shard, rnd, step, wait)
+    else:
+        log.info("shard %d round %d: the shard's lease is held (%s): %s again in %.0fs", shard,
+                 rnd, lease.holder, step, wait)
 
 
 def _holder_done_in(lease: Lease, settings: Settings) -> float:
@@ -234,15 +253,18 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
         return
     lease = _leased(store, shard, self.request.id, settings)
     if not lease.acquire():
-        # Another worker builds it, or a dead one's lease has not expired yet: look again
-        # when it would expire (a live holder renews it, and this message waits again).
+        # Another execution builds it (maybe a copy of this very message), or a dead one's
+        # lease has not expired yet: look again when it would expire (a live holder renews it,
+        # and this message waits again).
         wait = _holder_done_in(lease, settings)
+        _wait_note(lease, self.request.id, shard, rnd, "build", wait)
         _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
         return
     provider = provider_for(run.spec)
     try:
         with lease.kept_alive() as lease_check:
-            ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings))
+            ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
+                           lease=lease)
             try:
                 sent = attempts.counted(ctx, "build", provider.submit_round, provider)
             except Later:
@@ -286,14 +308,21 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
     prev = get_json_or_none(store, layout.round_doc(shard, rnd, "progress"))
     if prev and prev.get("chain") != chain and prev.get("next_at", 0) + _grace(settings) > time.time():
         return
+    if prev and prev.get("chain") == chain and prev.get("polls", 0) > polls:
+        # This chain already made this poll: a redelivered copy of it must not fork the chain.
+        log.info("shard %d round %d: poll %d of this chain already ran; stopping", shard, rnd,
+                 polls + 1)
+        return
     lease = _leased(store, shard, self.request.id, settings)
     if not lease.acquire():  # a build, or another chain's poll, is at work: come back
         wait = _holder_done_in(lease, settings)
+        _wait_note(lease, self.request.id, shard, rnd, "poll", wait)
         _next(poll_round, (output, run_id, shard, rnd, chain, polls, last), countdown=wait)
         return
     try:
         with lease.kept_alive() as lease_check:
-            ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings))
+            ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
+                           lease=lease)
             provider = provider_for(run.spec)
             result = attempts.counted(ctx, "poll", lambda c: provider.poll_round(
                 c, (last[0], int(last[1])) if last else None), provider)
@@ -342,6 +371,16 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             # The build stopped between build.json and batch.json: it is not finished.
             _next(build_shard, (output, run_id, shard, rnd))
             return
+        if record is not None and record.attempt and build.attempt != record.attempt:
+            # build.json must describe the batch recorded (workers.builder writes both for one
+            # execution); merging lines against another build would give items others' results.
+            log.error("shard %d round %d: build.json (attempt %s) does not describe batch %s "
+                      "(attempt %s); sending the round again", shard, rnd, build.attempt,
+                      record.batch_id, record.attempt)
+            _next_round(store, output, run_id, shard, rnd,
+                        todo if todo is not None else list(range(len(items))),
+                        f"build.json does not describe batch {record.batch_id}", base)
+            return
         provider = provider_for(run.spec)
         collected = provider.collect_round(ctx) if record is not None else None
         if record is not None and collected is None:  # too early: back to polling
@@ -372,7 +411,8 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                   "batch_status": progress.get("status") if record else None, "polls": polls,
                   "ok": stats.ok, "error": stats.error, "input_tokens": stats.input_tokens,
                   "output_tokens": stats.output_tokens, "duplicate": stats.duplicate,
-                  "missing": stats.missing, "retryable": retryable,
+                  "missing": stats.missing, "malformed": stats.malformed,
+                  "id_mismatch": stats.id_mismatch, "retryable": retryable,
                   **(collected.stats if collected else {})}
         put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
         store.put(layout.round_doc(shard, rnd, "rows"), encode_round(rows), if_absent=True)
@@ -416,6 +456,8 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
         output_tokens=sum(m["output_tokens"] for m in merged),
         duplicate_rows=sum(m["duplicate"] for m in merged),
         missing_rows=sum(m["missing"] for m in merged), duplicate_batches=duplicates,
+        malformed_lines=sum(m.get("malformed", 0) for m in merged),
+        id_mismatch_lines=sum(m.get("id_mismatch", 0) for m in merged),
         polls=sum(m["polls"] for m in merged), requests=sum(m.get("requests", 0) for m in merged),
         rounds=last_round + 1, batch_ids=[b["batch_id"] for b in batches if b["batch_id"]],
         submitted_at=batches[0]["submitted_at"] if batches else None, completed_at=time.time(),

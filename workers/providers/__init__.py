@@ -87,7 +87,11 @@ class Limits:
 class RoundContext:
     """Everything a provider needs about one round of one shard: the run (spec and stores),
     ``id_prefix`` (prefix of every id the round sends; unique to the round), ``heartbeat``
-    (call it between slow steps: it renews the lease and raises to stop the round), and, read
+    (call it between slow steps: it renews the lease and raises to stop the round), ``renew``
+    (renews the shard's lease at once, raising ``LeaseLost`` if another execution holds it:
+    call it right before a call that bills; ``renew(force=False)`` skips the renewal when the
+    lease was renewed within the last quarter of its life, for calls made at every step), and,
+    read
     from storage on first use (a Batch API poll needs neither), the shard's ``items`` (plan
     order) and ``todo`` (this round's item indices; None: all)."""
 
@@ -97,6 +101,7 @@ class RoundContext:
     settings: Settings
     id_prefix: str
     heartbeat: Callable[[], None] = lambda: None
+    renew: Callable[..., None] = lambda force=True: None
 
     @functools.cached_property
     def items(self) -> Sequence[PlanItem]:

@@ -79,7 +79,7 @@ from workers.providers.fal_queue import (
     Submitted,
 )
 from workers.readers import item_options, read_item, unexpected_error
-from workers.storage import NotFound, get_json_or_none, put_json
+from workers.storage import NotFound, StorageError, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
@@ -424,19 +424,20 @@ class FalProvider:
 
     # -- a round ---------------------------------------------------------------------------------
     def submit_round(self, ctx: RoundContext) -> bool:
-        """Record the round (``build.json``: every item is a line; ``batch.json``; an empty
-        ledger) and run its first step. Idempotent: a recorded round only steps on."""
+        """Record the round (``build.json``: every item is a line; an empty ledger;
+        ``batch.json`` last) and run its first step. Idempotent: a recorded round only steps
+        on. Each document is created once (the build is the same from any execution of the
+        round): a second execution never resets a ledger that already records sends."""
         if get_json_or_none(ctx.store, ctx.doc("batch")) is None:
             k = len(ctx.run.spec.all_options)
             lines = [i for i in ctx.indices() for _ in range(k)]  # a line per item and skill
             skills = list(range(k)) * (len(lines) // k) if k > 1 else []
             put_json(ctx.store, ctx.doc("build"), ShardBuild(
-                lines=lines, skills=skills, id_prefix=ctx.id_prefix).model_dump())
-            if get_json_or_none(ctx.store, ctx.doc("requests")) is None:
-                put_json(ctx.store, ctx.doc("requests"), _new_ledger(len(lines)))
+                lines=lines, skills=skills, id_prefix=ctx.id_prefix).model_dump(), if_absent=True)
+            put_json(ctx.store, ctx.doc("requests"), _new_ledger(len(lines)), if_absent=True)
             put_json(ctx.store, ctx.doc("batch"), BatchRecord(
                 batch_id=None, file_id=None, submitted_at=time.time(),
-                lines=len(lines)).model_dump())
+                lines=len(lines)).model_dump(), if_absent=True)
         self._step(ctx)
         return True
 
@@ -506,32 +507,46 @@ class FalProvider:
         """End the round's lines not sent yet (resends, and those past the cursor) as error
         lines with ``error``; if every line was sent, those still in flight (their requests
         are left to fal). Called when a step keeps losing its worker (``workers.attempts``):
-        the next step sends nothing more. Returns the lines ended."""
-        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
-        if ledger is None or _done(ledger):
-            return 0
-        lines = [li for unit in ledger["resend"] for li in unit]
-        lines += range(ledger["cursor"], ledger["lines"])
-        ledger["resend"], ledger["cursor"] = [], ledger["lines"]
-        if not lines:  # the step dies polling or collecting: stop waiting for those requests
-            lines = [li for entry in ledger["inflight"].values() for li in entry["lines"]]
-            ledger["inflight"] = {}
+        the next step sends nothing more. The ledger is written by compare-and-swap, as a
+        step's is. Returns the lines ended; raises ``StorageError``."""
         build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
-        out: list[bytes] = []
-        for line in _error_lines(lines, error["code"], error["message"]):
-            _finish(ctx, build, ledger, out, line)
-        if out:
-            self._write_lines(ctx, ledger, out)
+        for _ in range(8):
+            try:
+                raw, version = ctx.store.get_versioned(ctx.doc("requests"))
+            except NotFound:
+                return 0
+            ledger = orjson.loads(raw)
+            if _done(ledger):
+                return 0
+            lines = [li for unit in ledger["resend"] for li in unit]
+            lines += range(ledger["cursor"], ledger["lines"])
+            ledger["resend"], ledger["cursor"] = [], ledger["lines"]
+            if not lines:  # the step dies polling or collecting: stop waiting for those
+                lines = [li for entry in ledger["inflight"].values() for li in entry["lines"]]
+                ledger["inflight"] = {}
+            out: list[bytes] = []
+            for line in _error_lines(lines, error["code"], error["message"]):
+                _finish(ctx, build, ledger, out, line)
+            written = self._write_lines(ctx, ledger, out) if out else None
             ledger["steps"] += 1
-        put_json(ctx.store, ctx.doc("requests"), ledger)
-        return len(lines)
+            if ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
+                return len(lines)
+            if written is not None:  # another step recorded first: end what is left then
+                ctx.store.delete(written)
+        raise StorageError(f"{ctx.doc('requests')}: changed by other steps 8 times in a row")
 
     # -- the step --------------------------------------------------------------------------------
     def _step(self, ctx: RoundContext) -> dict[str, Any]:
-        """Poll, collect, send; write the finished lines, then the ledger. Returns the ledger."""
-        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
-        if ledger is None:
-            raise NotFound(f"{ctx.doc('requests')}: the round has no ledger")
+        """Poll, collect, send; write the finished lines, then the ledger. Returns the ledger.
+
+        The ledger is written by compare-and-swap on the version read at the step's start, so
+        two steps that ran at once (a lease that expired under a stalled holder) never both
+        record: the loser's sends are cancelled and counted (``_lost_ledger_race``)."""
+        try:
+            raw, version = ctx.store.get_versioned(ctx.doc("requests"))
+        except NotFound:
+            raise NotFound(f"{ctx.doc('requests')}: the round has no ledger") from None
+        ledger = orjson.loads(raw)
         if _done(ledger):
             return ledger
         endpoint = endpoint_of(ctx.run.spec)
@@ -550,12 +565,48 @@ class FalProvider:
         # Keep our slots alive, then send while the cap allows.
         cap.acquire([e["slot"] for e in kept.values() if e.get("slot")])
         ctx.heartbeat()
+        known = {e.get("request_id") for e in kept.values()}
         if time.time() >= ledger["backoff_until"]:
+            if ledger["resend"] or ledger["cursor"] < ledger["lines"]:
+                # Sends bill: only while the lease is surely this execution's (renewed within
+                # a quarter of its life; a renewal per step would double a step's writes).
+                ctx.renew(force=False)
             self._send(ctx, endpoint, build, ledger, client, cap, out)
-        if out:
-            self._write_lines(ctx, ledger, out)
+        written = self._write_lines(ctx, ledger, out) if out else None
         ledger["steps"] += 1
-        put_json(ctx.store, ctx.doc("requests"), ledger)
+        if not ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
+            sent = [e for e in ledger["inflight"].values() if e.get("request_id") not in known]
+            return self._lost_ledger_race(ctx, endpoint, client, sent, written)
+        return ledger
+
+    def _lost_ledger_race(self, ctx: RoundContext, endpoint: FalEndpoint, client: FalQueueClient,
+                          sent: list[dict[str, Any]], written: str | None) -> dict[str, Any]:
+        """Another step recorded the ledger since this one read it: this step's record is
+        dropped, and nothing it did may vanish silently. Its finished lines are removed (every
+        one of them is finished or still tracked in the other step's ledger, which started from
+        the same state); the requests it sent are cancelled (best effort) and counted in the
+        ledger's ``possible_duplicates``. Returns the ledger as recorded."""
+        log.warning("shard %d round %d: another step recorded the round's ledger first; this "
+                    "step's %d request(s) are cancelled and counted as possible duplicates",
+                    ctx.shard, ctx.rnd, len(sent))
+        if written is not None:
+            ctx.store.delete(written)
+        for entry in sent:  # this step's own answers: their ids were checked when they came
+            try:
+                client.cancel(_entry_endpoint(entry, endpoint).id, entry.get("request_id"))
+            except FalError as exc:
+                log.warning("could not cancel request %s: %s", entry.get("request_id"), exc,
+                            extra={"request_id": entry.get("request_id")})
+        for _ in range(8):
+            raw, version = ctx.store.get_versioned(ctx.doc("requests"))
+            ledger = orjson.loads(raw)
+            if not sent:
+                return ledger
+            ledger["possible_duplicates"] += len(sent)
+            if ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
+                return ledger
+        log.error("shard %d round %d: could not count %d possible duplicate request(s)",
+                  ctx.shard, ctx.rnd, len(sent))
         return ledger
 
     def _poll(self, ctx: RoundContext, endpoint: FalEndpoint, build: ShardBuild,
@@ -835,13 +886,15 @@ class FalProvider:
             if image.transform is None else None
         return url or data_uri(image.data, f"image/{image.format.lower()}")
 
-    def _write_lines(self, ctx: RoundContext, ledger: dict[str, Any], out: list[bytes]) -> None:
-        """Write this step's finished lines to the next free ``results-NNNNN.jsonl``."""
+    def _write_lines(self, ctx: RoundContext, ledger: dict[str, Any], out: list[bytes]) -> str:
+        """Write this step's finished lines to the next free ``results-NNNNN.jsonl``; return
+        its key."""
         body = b"\n".join(out) + b"\n"
         n = ledger["steps"]
         while not ctx.store.put(_results_key(ctx, n), body, if_absent=True):
             n += 1  # a step that died after writing its lines left this one
         ledger["steps"] = n
+        return _results_key(ctx, n)
 
 
 def _entry_endpoint(entry: dict[str, Any], default: FalEndpoint) -> FalEndpoint:

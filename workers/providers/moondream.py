@@ -155,7 +155,7 @@ class MoondreamBatchProvider:
             fetch=ctx.run.fetcher.get, state=ctx.store, client=batch_client(),
             part_size=s.part_size, concurrency=s.fetch_concurrency, max_pixels=spec.max_pixels,
             upload_concurrency=s.upload_concurrency, rnd=ctx.rnd, todo=ctx.todo,
-            heartbeat=ctx.heartbeat,
+            heartbeat=ctx.heartbeat, renew=ctx.renew,
             claims=registry.BatchClaims(registry.open_state(s), output=spec.output,
                                         shard=ctx.shard, rnd=ctx.rnd),
             id_prefix=ctx.id_prefix, more=spec.more_options)
