@@ -12,7 +12,7 @@ import functools
 import ipaddress
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Limits of the Moondream Batch API (seed 002, "Limits"). We use the decimal reading of
@@ -168,6 +168,35 @@ class Settings(BaseSettings):
     # preflight proves them with a probe object. True skips that proof for a store known to
     # lack them: unsafe, two workers may then build one shard and bill two batches.
     unsafe_skip_conditional_write_check: bool = False
+
+    # -- Poison items (issue 16): an image or a step that would take a worker down ----------
+    # Images of more pixels than this (width x height, read from the header) are refused as
+    # image_too_large before any decoding (0: no limit). 120 MP takes a 100 MP camera frame
+    # (11648x8736) with room to spare; fal takes at most 7000x7000 and the Batch API's model
+    # sees ~2 MP, so larger sources (satellite mosaics, scans) want tiling first.
+    max_image_pixels: int = Field(default=120_000_000, ge=0)
+    # Bytes of decoded pixels a worker process holds at once across its fetch threads (0: no
+    # bound); an image needing more than this is decoded alone. An image at the pixel limit
+    # decodes into at most 4 bytes per pixel (480 MB).
+    decode_memory: int = Field(default=512 * 1024 * 1024, ge=0)
+    # Celery's soft and hard time limits of every task (s). The longest legitimate step is a
+    # 2 GB shard build: its images read and its JSONL uploaded at 10-20 MB/s take minutes;
+    # an hour leaves room for slow sources. A soft limit is a clean retry; keep the hard one
+    # below MOONBATCH_VISIBILITY_TIMEOUT, so Redis does not hand a running task out again.
+    task_soft_time_limit: float = Field(default=3600.0, gt=0)
+    task_time_limit: float = Field(default=4200.0, gt=0)
+    # A round's build, or a step of it, that lost its worker (killed, out of memory, over the
+    # soft time limit) this many times in a row is not run again: the round's items not sent
+    # yet become worker_lost error rows and the run goes on.
+    max_worker_losses: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _time_limits_ordered(self) -> Settings:
+        if self.task_time_limit <= self.task_soft_time_limit:
+            raise ValueError("MOONBATCH_TASK_TIME_LIMIT must be above MOONBATCH_TASK_SOFT_TIME_LIMIT "
+                             f"({self.task_time_limit:g} <= {self.task_soft_time_limit:g}): the "
+                             "soft limit is what lets a step stop cleanly")
+        return self
 
     @field_validator("moondream_url", "fal_queue_url")
     @classmethod

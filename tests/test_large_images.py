@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -56,3 +59,38 @@ def test_pixel_budget_and_line_limit(s3, bucket, env, fleet):
     build = read_json(s3, bucket, "full/_moonbatch/shards/00000/r0/build.json")
     assert build["transformed"] == 1
     # Every line the emulator accepted is within the API's 10 MB line limit (it enforces it).
+
+
+# Peak RSS from VmHWM: ru_maxrss of a child starts at its parent's high-water mark (Linux
+# records the forked address space's peak at exec), and pytest's may be large.
+MEASURE = """
+import re, sys, time
+
+
+def hwm():
+    status = open("/proc/self/status").read()
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
+
+
+data = open(sys.argv[1], "rb").read()
+from workers.lines import prepare_image
+base = hwm()
+started = time.perf_counter()
+p = prepare_image(data, limit=9_000_000, max_pixels=2_000_000)
+print(time.perf_counter() - started, hwm() - base, p.width, p.height, p.transform)
+"""
+
+
+def test_a_large_transparent_png_is_downscaled_with_one_decode_in_memory(tmp_path):
+    # 8000x8000 RGBA, 64 MP, under the pixel limit: decoded it is 256 MB. Flattening it onto
+    # white and reducing it used to take three more full-size copies.
+    path = tmp_path / "big.png"
+    Image.new("RGBA", (8000, 8000), (30, 120, 200, 128)).save(path)
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(path)], env=os.environ,
+                          capture_output=True, text=True, timeout=300, check=True)
+    seconds, growth, width, height, transform = proc.stdout.split()
+    decoded = 8000 * 8000 * 4
+    print(f"\n8000x8000 RGBA PNG: {float(seconds):.1f}s, peak RSS +{int(growth) / 1e6:.0f} MB "
+          f"({int(growth) / decoded:.2f}x the decoded image), sent {width}x{height}")
+    assert transform == "downscaled" and int(width) * int(height) <= 2_000_000
+    assert int(growth) < 1.3 * decoded

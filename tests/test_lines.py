@@ -6,6 +6,10 @@ import base64
 import functools
 import io
 import json
+import threading
+import time
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -13,10 +17,14 @@ from PIL import Image
 
 from config import API_MAX_LINE_BYTES
 from tests.conftest import jpeg_bytes, photos_dir
+from workers import lines
+from workers.budget import ByteBudget
 from workers.lines import (
     LINE_OVERHEAD,
     ItemError,
+    _flatten,
     classify_key,
+    decoded_bytes,
     encode_line,
     estimate_line_bytes,
     max_image_bytes,
@@ -327,6 +335,174 @@ def test_16bit_image_keeps_its_content_when_converted():
     px = np.asarray(decode(prepared.data).convert("L")).astype(float)
     left, right = px[:, :64].mean(), px[:, -64:].mean()
     assert right - left > 100  # the ramp from black to white survives
+
+
+# --------------------------------------------------------------------------------------------
+# prepare_image: the pixel limit and bounded decoding
+
+
+def forged_jpeg(width: int, height: int) -> bytes:
+    """A 16x16 JPEG whose header (SOF0) claims ``width`` x ``height``."""
+    data = bytearray(encode(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def forged_png(width: int, height: int) -> bytes:
+    """A 16x16 RGBA PNG whose IHDR (CRC fixed) claims ``width`` x ``height``."""
+    data = bytearray(encode(Image.new("RGBA", (16, 16), (1, 2, 3, 4)), "PNG"))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("forge, fmt", [(forged_jpeg, "JPEG"), (forged_png, "PNG")])
+def test_image_over_the_pixel_limit_is_refused_from_its_header(forge, fmt):
+    # 169 MP: Pillow's own check would raise only past 179 MP, and decode anything below.
+    started = time.perf_counter()
+    with pytest.raises(ItemError) as info:
+        prepare_image(forge(13000, 13000), limit=BIG, max_pixels=2_000_000)
+    assert time.perf_counter() - started < 1.0  # no decoding
+    assert info.value.code == "image_too_large"
+    assert info.value.message.startswith(f"{fmt} image of 13000x13000 pixels is over the limit of "
+                                         "120,000,000 pixels (MOONBATCH_MAX_IMAGE_PIXELS)")
+    with pytest.raises(ItemError) as info:  # an explicit limit; pass-through sizes too
+        prepare_image(encode(astronaut(), "PNG"), limit=BIG, max_image_pixels=512 * 511)
+    assert info.value.code == "image_too_large" and "512x512" in info.value.message
+    assert prepare_image(encode(astronaut(), "PNG"), limit=BIG,
+                         max_image_pixels=512 * 512).transform is None
+
+
+def test_between_pillows_limit_and_ours_no_bomb_warning_and_0_means_no_limit():
+    # 95 MP: over Pillow's default 89.5 MP (it would warn), under moonbatch's 120 MP.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(ItemError) as info:
+            prepare_image(forged_png(10000, 9500), limit=BIG, max_pixels=2_000_000)
+        assert info.value.code == "image_decode_failed"  # its pixels are not there
+        with pytest.raises(ItemError) as info:  # 0: no limit, even past Pillow's 179 MP
+            prepare_image(forged_png(20000, 10000), limit=BIG, max_pixels=2_000_000,
+                          max_image_pixels=0)
+        assert info.value.code == "image_decode_failed"
+
+
+def reference_flatten(img: Image.Image, factor: int) -> Image.Image:
+    """The whole image composited on white (16-bit scaled to 8), then box-reduced."""
+    if img.mode in ("I;16", "I"):
+        flat = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    elif img.mode in ("RGB", "L"):
+        flat = img
+    elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGB", img.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+    else:
+        flat = img.convert("RGB")
+    return flat.reduce(factor) if factor > 1 else flat
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P+transparency", "I;16", "CMYK", "1", "RGB"])
+@pytest.mark.parametrize("factor", [1, 3])
+def test_strip_flatten_matches_the_whole_image(mode, factor, monkeypatch):
+    monkeypatch.setattr(lines, "STRIP_PIXELS", 7_000)  # ~13 rows: dozens of strips, seams
+    if mode == "P+transparency":
+        img = astronaut().quantize(32)
+        img.info["transparency"] = 0
+    elif mode == "I;16":
+        img = sixteen_bit_gradient().resize((512, 512))
+    elif mode in ("RGBA", "LA"):
+        img = rgba_astronaut().convert(mode)
+    else:
+        img = astronaut().convert(mode)
+    out = _flatten(img, factor)
+    ref = reference_flatten(img, factor)
+    assert out.mode == ref.mode and out.size == ref.size == (-(-512 // factor),) * 2
+    diff = np.abs(np.asarray(out, dtype=np.int16) - np.asarray(ref, dtype=np.int16))
+    assert diff.max() <= 2, (mode, factor, diff.max())  # rounding of premultiplied alpha only
+
+
+def test_reduced_transparency_has_no_dark_fringe():
+    # Transparent black on the left, opaque red on the right, the boundary inside a 7x7 block:
+    # averaged without premultiplied alpha, that block's red would mix in the transparent
+    # pixels' black (red 224 over white); premultiplied it stays 255.
+    img = Image.new("RGBA", (4000, 2000), (0, 0, 0, 0))
+    img.paste((255, 0, 0, 255), (2001, 0, 4000, 2000))
+    img = decode(encode(img, "PNG"))
+    px = np.asarray(_flatten(img, 7)).astype(int)
+    assert px[:, :, 0].min() >= 254
+    edge = px[:, 2001 // 7]  # source columns 1995-2001: six transparent, one red
+    assert (np.abs(edge[:, 1:] - 255 * 6 / 7) <= 1).all()
+    assert (px[:, :285] == 255).all() and (px[:, 286:, 1:] == 0).all()
+    prepared = prepare_image(encode(img, "PNG"), limit=BIG, max_pixels=100_000)
+    assert prepared.transform == "downscaled" and prepared.width * prepared.height <= 100_000
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_downscaled_image_is_upright(fmt):
+    # Stored 3000x1000, red left and blue right, tagged "rotate 90 clockwise" (orientation 6).
+    img = Image.new("RGB", (3000, 1000), (255, 0, 0))
+    img.paste((0, 0, 255), (1500, 0, 3000, 1000))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    prepared = prepare_image(encode(img, fmt, exif=exif), limit=BIG, max_pixels=300_000)
+    assert prepared.transform == "downscaled" and prepared.height > prepared.width
+    px = np.asarray(decode(prepared.data).convert("RGB")).astype(int)
+    assert px[5, :, 0].mean() > 200 and px[-5, :, 2].mean() > 200  # red on top, blue below
+
+
+def test_decoded_bytes_follow_pillows_modes():
+    assert decoded_bytes(Image.new("RGB", (100, 10))) == 4000  # RGB is stored as 32-bit
+    assert decoded_bytes(Image.new("L", (100, 10))) == 1000
+    assert decoded_bytes(Image.new("I;16", (100, 10))) == 2000
+    jpeg = Image.open(io.BytesIO(jpeg_bytes((4000, 3000))))
+    jpeg.draft("RGB", (500, 375))  # the decoder's 1/8 scale
+    assert decoded_bytes(jpeg) == 500 * 375 * 4
+
+
+# --------------------------------------------------------------------------------------------
+# the decode budget (workers.budget)
+
+
+def test_budget_bounds_bytes_held_and_serves_in_arrival_order():
+    budget = ByteBudget(100)
+    order: list[str] = []
+    gates = {name: threading.Event() for name in ("a", "b", "c")}
+
+    def take(name: str, n: int) -> None:
+        with budget.hold(n):
+            order.append(name)
+            gates[name].wait(10)
+
+    threads = []
+    for name, n in (("a", 60), ("b", 60), ("c", 30)):  # c would fit beside a, but b came first
+        threads.append(threading.Thread(target=take, args=(name, n)))
+        threads[-1].start()
+        deadline = time.time() + 10
+        while len(budget._queue) + len(order) < len(threads) and time.time() < deadline:
+            time.sleep(0.01)
+    time.sleep(0.2)
+    assert order == ["a"] and budget.in_use == 60
+    gates["a"].set()
+    deadline = time.time() + 10
+    while order != ["a", "b", "c"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert order == ["a", "b", "c"] and budget.in_use == 90
+    gates["b"].set()
+    gates["c"].set()
+    for t in threads:
+        t.join(10)
+    assert budget.in_use == 0 and budget.peak == 90
+
+
+def test_budget_runs_an_oversized_request_alone_and_zero_is_unbounded():
+    budget = ByteBudget(100)
+    with budget.hold(10_000):
+        assert budget.in_use == 100
+    with ByteBudget(0).hold(10**12):
+        pass
+    assert budget.in_use == 0
 
 
 # --------------------------------------------------------------------------------------------

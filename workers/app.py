@@ -52,6 +52,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_ignore_result": True,
+        # A task past the soft limit gets SoftTimeLimitExceeded (a clean retry, see
+        # workers.tasks); past the hard one its process is killed (a lost attempt,
+        # workers.attempts).
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
         "result_expires": settings.run_registry_ttl,
         # Flower needs task events; arguments carry no secret (see workers.tasks). No
         # task-sent events: their sender is each publishing process ("gen<pid>@host": every

@@ -20,6 +20,8 @@
     _moonbatch/shards/00000/r0/rows.jsonl     the round's merged rows
     _moonbatch/shards/00000/r0/requests.json  fal: the round's requests (cursor, in flight, resends)
     _moonbatch/shards/00000/r0/results-000000.jsonl  fal: result lines finished in one step
+    _moonbatch/shards/00000/r0/attempts-build.json   starts and ends of the round's build (and
+                                           attempts-poll.json of its fal steps; workers.attempts)
     _moonbatch/shards/00000/done.json      merged: counts and usage
     _moonbatch/failed.json                 why the run cannot complete
     _moonbatch/cancelled.json              the run was cancelled
@@ -114,6 +116,12 @@ def round_doc(shard: int, rnd: int, name: str) -> str:
     (``.json``) or rows (``rows.jsonl``)."""
     ext = "jsonl" if name == "rows" else "json"
     return f"{SHARDS}{shard:05d}/r{rnd}/{name}.{ext}"
+
+
+def step_attempts(shard: int, rnd: int, kind: str) -> str:
+    """Key of the count of attempts of round ``rnd``'s ``build`` or ``poll`` steps
+    (``workers.attempts``)."""
+    return f"{SHARDS}{shard:05d}/r{rnd}/attempts-{kind}.json"
 
 
 def results(shard: int, suffix: str = "jsonl") -> str:

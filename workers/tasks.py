@@ -24,9 +24,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from config import Settings, get_settings
-from workers import canary, layout, logs, metrics, registry, retries, writers
+from workers import attempts, canary, layout, logs, metrics, registry, retries, writers
 from workers.app import app
 from workers.lease import Lease, LeaseLost, execution_owner, lease_is_live, task_of
 from workers.merge import compose, encode_round, merge_round
@@ -52,7 +53,9 @@ from workers.storage import NotFound, StorageError, Store, get_json, get_json_or
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (TransientProviderError, StorageError, ConnectionError, TimeoutError, OSError)
+# A soft time limit is a clean retry (the build aborts its upload); workers.attempts caps it.
+RETRYABLE = (TransientProviderError, StorageError, ConnectionError, TimeoutError, OSError,
+             SoftTimeLimitExceeded)
 
 
 class RunCancelled(Exception):
@@ -263,7 +266,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
                            lease=lease)
             try:
-                sent = provider.submit_round(ctx)
+                sent = attempts.counted(ctx, "build", provider.submit_round, provider)
             except Later:
                 raise
             except ProviderError:
@@ -320,8 +323,9 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
         with lease.kept_alive() as lease_check:
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
                            lease=lease)
-            result = provider_for(run.spec).poll_round(
-                ctx, (last[0], int(last[1])) if last else None)
+            provider = provider_for(run.spec)
+            result = attempts.counted(ctx, "poll", lambda c: provider.poll_round(
+                c, (last[0], int(last[1])) if last else None), provider)
             now = time.time()
             countdown = 0.0 if result.done else _later(settings, result.countdown)
             put_json(store, layout.round_doc(shard, rnd, "progress"), {

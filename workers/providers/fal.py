@@ -79,7 +79,7 @@ from workers.providers.fal_queue import (
     Submitted,
 )
 from workers.readers import item_options, read_item, unexpected_error
-from workers.storage import NotFound, get_json_or_none, put_json
+from workers.storage import NotFound, StorageError, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
@@ -502,6 +502,38 @@ class FalProvider:
                     log.warning("could not cancel request %s: %s", rid, exc,
                                 extra={"request_id": rid})
         return cancelled
+
+    def abandon_unsent(self, ctx: RoundContext, error: dict[str, str]) -> int:
+        """End the round's lines not sent yet (resends, and those past the cursor) as error
+        lines with ``error``; if every line was sent, those still in flight (their requests
+        are left to fal). Called when a step keeps losing its worker (``workers.attempts``):
+        the next step sends nothing more. The ledger is written by compare-and-swap, as a
+        step's is. Returns the lines ended; raises ``StorageError``."""
+        build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
+        for _ in range(8):
+            try:
+                raw, version = ctx.store.get_versioned(ctx.doc("requests"))
+            except NotFound:
+                return 0
+            ledger = orjson.loads(raw)
+            if _done(ledger):
+                return 0
+            lines = [li for unit in ledger["resend"] for li in unit]
+            lines += range(ledger["cursor"], ledger["lines"])
+            ledger["resend"], ledger["cursor"] = [], ledger["lines"]
+            if not lines:  # the step dies polling or collecting: stop waiting for those
+                lines = [li for entry in ledger["inflight"].values() for li in entry["lines"]]
+                ledger["inflight"] = {}
+            out: list[bytes] = []
+            for line in _error_lines(lines, error["code"], error["message"]):
+                _finish(ctx, build, ledger, out, line)
+            written = self._write_lines(ctx, ledger, out) if out else None
+            ledger["steps"] += 1
+            if ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
+                return len(lines)
+            if written is not None:  # another step recorded first: end what is left then
+                ctx.store.delete(written)
+        raise StorageError(f"{ctx.doc('requests')}: changed by other steps 8 times in a row")
 
     # -- the step --------------------------------------------------------------------------------
     def _step(self, ctx: RoundContext) -> dict[str, Any]:
