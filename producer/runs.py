@@ -424,6 +424,9 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
         enqueue(build_shard, (output_url, spec.run_id, index), queue=spec.queue)
     # The last shard may have merged before this message: let a worker check.
     enqueue(finalize_run, (output_url, spec.run_id), queue=spec.queue)
+    # A producer that dies before this marker (its planning lease then lapses) leaves shards
+    # nobody enqueued: the reconciler's next pass enqueues every step (workers.tasks).
+    out.put(layout.ENQUEUED, b"", if_absent=True)
     return plan
 
 

@@ -258,3 +258,42 @@ def test_an_id_json_cannot_hold_is_a_skipped_key():
     assert [i.id for i in kept] == [1, "x"]
     assert stats.items == 2 and stats.reasons == {"not_serializable": 1}
     assert stats.skipped_examples == [str(2 ** 70)]
+
+
+def test_a_producer_that_died_while_enqueueing_is_made_good_by_the_reconciler(
+        tmp_path, env, broker):
+    """plan.json written, the producer gone before it enqueued every shard (no ``enqueued``
+    marker, no planning lease): the reconciler's stale-work pass, which otherwise takes a
+    shard with no lease for a queued one, enqueues every shard's build, once."""
+    import subprocess
+    import sys
+
+    local_input(tmp_path / "in")
+    out = tmp_path / "out"
+    penv = private_env(env, broker)
+    submitted = run_cli(["submit", str(tmp_path / "in"), str(out), "--shard-size", "2"], penv)
+    run_id = submitted.stdout.strip().splitlines()[-1]
+    assert (out / layout.ENQUEUED).exists()
+    # What a producer killed between plan.json and its last enqueue leaves: no marker, and
+    # (here: none of) the shards' messages on the queue.
+    (out / layout.ENQUEUED).unlink()
+    broker.client().delete(penv["MOONBATCH_QUEUE"], penv["MOONBATCH_QUEUE"] + "-control")
+    shards = read_json_file(out / layout.PLAN)["shards"]
+
+    def reconcile() -> dict:
+        code = ("import json, sys; from workers.tasks import reconcile_run; "
+                "print(json.dumps(reconcile_run(sys.argv[1], sys.argv[2], full=False)))")
+        proc = subprocess.run([sys.executable, "-c", code, str(out), run_id], env=penv,
+                              capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = reconcile()
+    print(f"\nfirst pass: {first}; queued: {queue_messages(broker, penv['MOONBATCH_QUEUE'])}")
+    assert first == {"build": shards}
+    assert queue_messages(broker, penv["MOONBATCH_QUEUE"]).count("moonbatch.build_shard") == shards
+    assert (out / layout.ENQUEUED).exists()
+    assert reconcile() == {}  # announced now: the stale pass leaves queued shards alone
+
+
+def read_json_file(path: Path) -> dict:
+    return json.loads(path.read_bytes())

@@ -27,6 +27,7 @@
     _moonbatch/cancelled.json              the run was cancelled
     _moonbatch/finalized                   guard: run.json was finalised
     _moonbatch/planning.json               lease of the producer planning the run (see runs.py)
+    _moonbatch/enqueued                    the producer enqueued every shard of plan.json
     _moonbatch/skipped/part-00000.jsonl    skipped keys: {"key"} (not an image) or
                                            {"key", "reason", "detail"} per line
     _moonbatch/probe-<token>               written and deleted at once by the preflight check
@@ -61,6 +62,7 @@ ANNOTATIONS = "annotations/"
 COCO = ANNOTATIONS + "instances.json"
 SHARDS = STATE + "shards/"
 PLANNING = STATE + "planning.json"
+ENQUEUED = STATE + "enqueued"  # the producer enqueued every shard of the plan
 SKIPPED = STATE + "skipped/"
 RETRIES = STATE + "retries/"
 SKIPPED_PART_KEYS = 10_000  # keys per part: memory stays bounded while listing

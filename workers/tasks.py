@@ -566,6 +566,10 @@ def reconcile_run(output: str, run_id: str, *, full: bool) -> dict[str, int]:
     plan = get_json_or_none(store, layout.PLAN)
     if plan is None:
         return counts  # still listing (or the producer died: resume says so)
+    unannounced = not store.exists(layout.ENQUEUED)
+    if unannounced and lease_is_live(store, layout.PLANNING):
+        return counts  # the producer is enqueueing the plan's shards right now
+    full = full or unannounced  # it died while enqueueing: some shards were never queued
     run = open_run(output, settings, run_id)
     for shard in range(plan["shards"]):
         action = advance_shard(run, shard, only_stale=not full)
@@ -573,6 +577,8 @@ def reconcile_run(output: str, run_id: str, *, full: bool) -> dict[str, int]:
             counts[action] = counts.get(action, 0) + 1
     if full:
         enqueue(finalize_run, (output, run_id), queue=run_queue(run.spec, settings))
+        if unannounced:
+            store.put(layout.ENQUEUED, b"", if_absent=True)
     elif maybe_finalize(store):
         run_final(settings, run_id)
     return counts
