@@ -873,8 +873,9 @@ def test_dockerfile(dockerfile):
     health = [i["value"] for i in runtime if i["instruction"] == "HEALTHCHECK"]
     assert health and "CMD" in health[-1] and "NONE" not in health[-1]
     cmd = [i["value"] for i in runtime if i["instruction"] == "CMD"][-1]
-    assert yaml.safe_load(cmd) == ["celery", "-A", "workers", "worker", "-Q", IO_QUEUE,
-                                   "--concurrency", "4", "--loglevel", "INFO"]
+    # The image alone runs a worker of both fleet queues (no -Q); deployments split them.
+    assert yaml.safe_load(cmd) == ["celery", "-A", "workers", "worker", "--concurrency", "4",
+                                   "--loglevel", "INFO"]
     assert "tini" in [i["value"] for i in runtime if i["instruction"] == "ENTRYPOINT"][-1]
     for instruction in dockerfile.structure:  # no secret baked in
         if instruction["instruction"] in ("ENV", "ARG", "LABEL"):
