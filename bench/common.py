@@ -129,7 +129,7 @@ class Servers:
 def emulator(**config: Any) -> Iterator[Any]:
     """A Batch API emulator (``EmulatorServer``) with ``min_part_size=0`` and ``config``, serving in
     a thread of this process; its API key is random."""
-    from emulator.server import EmulatorConfig, EmulatorServer
+    from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 
     cfg = EmulatorConfig(api_key="bench-" + uuid.uuid4().hex, min_part_size=0, **config)
     with EmulatorServer(cfg) as server:
@@ -139,7 +139,7 @@ def emulator(**config: Any) -> Iterator[Any]:
 def worker_kwargs(build_and_submit: Any) -> dict[str, Any]:
     """The optional settings a worker passes to ``build_and_submit`` (``max_pixels``,
     ``upload_concurrency``), from this process's settings, for the ones the function takes."""
-    from config import get_settings
+    from moonbatch.config import get_settings
 
     settings, params = get_settings(), inspect.signature(build_and_submit).parameters
     return {name: getattr(settings, name) for name in ("max_pixels", "upload_concurrency")

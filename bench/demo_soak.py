@@ -85,7 +85,7 @@ def demo_env(home: Path, tmp: Path) -> dict[str, str]:
 def moonbatch_cmd() -> list[str]:
     """How to start the ``moonbatch`` command."""
     exe = shutil.which("moonbatch")
-    return [exe] if exe else [sys.executable, "-m", "producer"]
+    return [exe] if exe else [sys.executable, "-m", "moonbatch"]
 
 
 def soak(runs: int, burners: int | None = None, *, timeout: float = 300.0,

@@ -1,6 +1,6 @@
 """downscale: what a pixel budget saves on large photographs, and what it costs per image.
 
-Measures ``workers.lines.prepare_image(data, limit=..., max_pixels=2_000_000)`` on camera-sized
+Measures ``moonbatch.workers.lines.prepare_image(data, limit=..., max_pixels=2_000_000)`` on camera-sized
 JPEGs (quality 92): three of ~12 MP (4000x3000) and three of ~24 MP (6000x4000), made by
 upscaling scikit-image's photos with sharpening and sensor grain. Reported per size: the bytes
 that go into the line (base64 adds a third on top) and the time per image (best of 2).
@@ -50,8 +50,8 @@ def make_images() -> dict[str, list[bytes]]:
 
 def run(servers: Servers) -> Result:
     """Run the benchmark; see the module docstring."""
-    from workers.lines import max_image_bytes, prepare_image
-    from workers.models import SkillOptions
+    from moonbatch.workers.lines import max_image_bytes, prepare_image
+    from moonbatch.workers.models import SkillOptions
 
     result = Result("downscale")
     supported = "max_pixels" in inspect.signature(prepare_image).parameters
@@ -92,6 +92,6 @@ def run(servers: Servers) -> Result:
         result.notes.append(f"{label}: {len(blobs)} JPEGs, {before / len(blobs) / MB:.2f} MB/image "
                             f"on input; line limit {limit / MB:.2f} MB raw")
     if not supported:
-        result.skipped = ("workers.lines.prepare_image() does not accept max_pixels yet: only the "
+        result.skipped = ("moonbatch.workers.lines.prepare_image() does not accept max_pixels yet: only the "
                           "baseline (no pixel budget) was measured")
     return result

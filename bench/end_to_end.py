@@ -2,7 +2,7 @@
 
 Measures ``moonbatch run s3://…/in/ s3://…/out/ --shard-size 20 --workers 0`` (wall time of the
 command, and the run's own ``run.json`` wall time) on 4 shards x 20 small photographs in moto's S3,
-with a running fleet of one ``celery -A workers worker -c 4`` process (Redis databases 14 and 15),
+with a running fleet of one ``celery -A moonbatch.workers worker -c 4`` process (Redis databases 14 and 15),
 warmed up by a run of 4 one-image shards, and an emulator whose batches take a fixed 3 s to
 process (plus 0.2 s chunking).
 
@@ -80,13 +80,13 @@ def flush_redis() -> None:
 
 @contextlib.contextmanager
 def worker_fleet(env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """A ``celery -A workers worker -c 4`` process on ``env``'s queue, up and answering pings."""
+    """A ``celery -A moonbatch.workers worker -c 4`` process on ``env``'s queue, up and answering pings."""
     from celery import Celery
 
     name = f"bench-{uuid.uuid4().hex[:8]}@%h"
     log = tempfile.NamedTemporaryFile(prefix="moonbatch-bench-worker-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c", str(WORKER_SLOTS), "-Q",
+        [sys.executable, "-m", "celery", "-A", "moonbatch.workers", "worker", "-c", str(WORKER_SLOTS), "-Q",
          f"{env['MOONBATCH_QUEUE']},{env['MOONBATCH_QUEUE']}-control", "--loglevel", "WARNING",
          "-n", name, "--without-mingle", "--without-gossip"], env=env, cwd=REPO, stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True)
@@ -110,7 +110,7 @@ def worker_fleet(env: dict[str, str]) -> Iterator[subprocess.Popen]:
 
 def moonbatch(env: dict[str, str], *args: str) -> float:
     """Seconds the ``moonbatch ARGS`` command took; raises if it failed."""
-    cli = [shutil.which("moonbatch")] if shutil.which("moonbatch") else [sys.executable, "-m", "producer"]
+    cli = [shutil.which("moonbatch")] if shutil.which("moonbatch") else [sys.executable, "-m", "moonbatch"]
     start = time.perf_counter()
     proc = subprocess.run(cli + list(args), env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=180)

@@ -3,7 +3,7 @@
 Measures a fal run (``provider = "fal"``, endpoint ``fal-ai/moondream3-preview/caption``, started
 as ``producer.runs.start_run`` does for ``moonbatch run --provider fal``) of 240 small distinct
 photographs in moto's S3, in 4 shards of 60, through a running fleet of one
-``celery -A workers worker -c 4`` process (Redis databases 14 and 15), warmed up by a run of 4
+``celery -A moonbatch.workers worker -c 4`` process (Redis databases 14 and 15), warmed up by a run of 4
 one-image shards. The emulator's fal queue runs at most ``CAP`` = 8 requests at once for the key,
 each taking ``T`` seconds, and queues the rest. ``MOONBATCH_FAL_CONCURRENCY`` = 8 (fal's limit;
 the fleet's slots are shared by the 4 shards through Redis). Runs: T = 0.5 s with no queue ahead
@@ -130,8 +130,8 @@ def alone(emu: Any, image_url: str, runs: int, calls: CallLog) -> tuple[list[flo
 def applied(env: dict[str, str]) -> Iterator[None]:
     """``env`` in this process's environment, settings and Celery app (``start_run`` runs here);
     restored afterwards."""
-    from config import reload_settings
-    from workers.app import reconfigure
+    from moonbatch.config import reload_settings
+    from moonbatch.workers.app import reconfigure
 
     saved = dict(os.environ)
     os.environ.update(env)
@@ -146,9 +146,9 @@ def applied(env: dict[str, str]) -> Iterator[None]:
 
 def start(input_url: str, output_url: str, shard_size: int) -> str:
     """Start a fal caption run as ``moonbatch run --provider fal`` does (tests.test_fal_provider)."""
-    from config import get_settings
-    from producer.runs import new_spec, start_run
-    from workers.models import SkillOptions
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import new_spec, start_run
+    from moonbatch.workers.models import SkillOptions
 
     settings = get_settings()
     spec = new_spec(input_url, output_url, SkillOptions(skill="caption"), settings,

@@ -2,7 +2,7 @@
 
 Measures, in child processes (``bench.probe``), the peak resident set size (VmHWM):
 
-- planning: ``workers.readers.prefix.iter_items`` + ``producer.planner.plan_shards`` + writing every
+- planning: ``moonbatch.workers.readers.prefix.iter_items`` + ``producer.planner.plan_shards`` + writing every
   shard's plan file to a LocalStore (what ``submit_run`` does, less the queue) over a local tree of
   1,000,000 empty ``.jpg`` files in 1000 directories (target: a few hundred MB at most);
 - planning a manifest: ``Reader.check`` (the duplicate-id pre-pass) then the same planning, for a

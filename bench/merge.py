@@ -1,6 +1,6 @@
 """merge: how fast a worker merges a batch's result files back into one row per shard item.
 
-Measures ``workers.merge.merge_rows`` single-threaded on a synthetic 100,000-line shard: caption
+Measures ``moonbatch.workers.merge.merge_rows`` single-threaded on a synthetic 100,000-line shard: caption
 rows of ~200-400 bytes (1 % per-line errors), shuffled and split across 10 result files as the
 API returns them, merged against the matching ``ShardBuild`` and plan items into the results
 JSONL. Reported as result rows per second on one core (best of 3; target > 200,000).
@@ -33,7 +33,7 @@ WORDS = ("a", "the", "small", "large", "red", "wooden", "table", "with", "two", 
 def make_shard(n: int) -> tuple[list, object, list[bytes]]:
     """``(items, build, files)``: ``n`` plan items, a build that sent all of them in order, and
     their result lines shuffled into ``N_FILES`` JSONL files."""
-    from workers.models import PlanItem, ShardBuild
+    from moonbatch.workers.models import PlanItem, ShardBuild
 
     rng = random.Random(0)
     items = [PlanItem(id=f"photos/{i // 1000:03d}/IMG_{i:06d}.jpg", size=rng.randint(50_000, 900_000))
@@ -58,9 +58,9 @@ def make_shard(n: int) -> tuple[list, object, list[bytes]]:
 
 def run(servers: Servers) -> Result:
     """Run the benchmark; see the module docstring."""
-    from workers.merge import merge_rows
-    from workers.providers.moondream import iter_result_lines
-    from workers.storage import S3Store
+    from moonbatch.workers.merge import merge_rows
+    from moonbatch.workers.providers.moondream import iter_result_lines
+    from moonbatch.workers.storage import S3Store
 
     result = Result("merge")
     items, build, files = make_shard(N_LINES)

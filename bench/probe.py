@@ -22,11 +22,11 @@ from typing import Any
 
 from bench.common import worker_kwargs
 
-PLAN_MODULES = ("config", "workers.readers.prefix", "producer.planner", "workers.layout", "workers.models",
-                "workers.storage")
-MANIFEST_MODULES = (*PLAN_MODULES, "workers.readers.manifest", "producer.runs", "numpy")
-WORKER_MODULES = ("config", "workers.builder", "workers.lines", "workers.merge", "workers.models",
-                  "workers.moondream", "workers.storage", "PIL.Image", "PIL.PngImagePlugin")
+PLAN_MODULES = ("config", "moonbatch.workers.readers.prefix", "moonbatch.producer.planner", "moonbatch.workers.layout", "moonbatch.workers.models",
+                "moonbatch.workers.storage")
+MANIFEST_MODULES = (*PLAN_MODULES, "moonbatch.workers.readers.manifest", "moonbatch.producer.runs", "numpy")
+WORKER_MODULES = ("config", "moonbatch.workers.builder", "moonbatch.workers.lines", "moonbatch.workers.merge", "moonbatch.workers.models",
+                  "moonbatch.workers.moondream", "moonbatch.workers.storage", "PIL.Image", "PIL.PngImagePlugin")
 
 
 def peak_mb() -> float:
@@ -39,13 +39,13 @@ def peak_mb() -> float:
 def plan(tree: str, out: str) -> dict[str, Any]:
     """What ``producer.runs.submit_run`` does, less the queue: list TREE, plan shards of the
     default size, write each shard's plan file to OUT."""
-    from config import get_settings
-    from producer.planner import plan_shards
-    from workers import layout
-    from workers.models import SkillOptions
-    from workers.readers import ListingStats
-    from workers.readers.prefix import iter_items
-    from workers.storage import LocalStore
+    from moonbatch.config import get_settings
+    from moonbatch.producer.planner import plan_shards
+    from moonbatch.workers import layout
+    from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.readers import ListingStats
+    from moonbatch.workers.readers.prefix import iter_items
+    from moonbatch.workers.storage import LocalStore
 
     settings, stats, store = get_settings(), ListingStats(), LocalStore(out)
     start, shards = time.perf_counter(), 0
@@ -62,13 +62,13 @@ def plan_manifest(manifest: str, tree: str, out: str) -> dict[str, Any]:
     """What ``producer.runs.start_run`` does with a manifest, less the queue: the reader's
     pre-pass (``check``: valid rows, no duplicate id), then plan its rows (image keys relative
     to ``--base`` TREE) into shards of the default size, writing each shard's plan file to OUT."""
-    from config import get_settings
-    from producer.planner import plan_shards
-    from producer.runs import new_spec
-    from workers import layout
-    from workers.models import SkillOptions
-    from workers.readers import ListingStats, open_reader
-    from workers.storage import LocalStore
+    from moonbatch.config import get_settings
+    from moonbatch.producer.planner import plan_shards
+    from moonbatch.producer.runs import new_spec
+    from moonbatch.workers import layout
+    from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.readers import ListingStats, open_reader
+    from moonbatch.workers.storage import LocalStore
 
     settings, stats, store = get_settings(), ListingStats(), LocalStore(out)
     options = SkillOptions(skill="caption")
@@ -92,13 +92,13 @@ def plan_manifest(manifest: str, tree: str, out: str) -> dict[str, Any]:
 def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     """What a worker does for one shard of the first N objects of TREE: ``build_and_submit`` with
     the worker settings, wait for the batch, download its outputs, ``merge_rows``, write the rows."""
-    from config import get_settings
-    from workers.builder import build_and_submit
-    from workers.merge import merge_rows
-    from workers.models import PlanItem, SkillOptions
-    from workers.moondream import BatchClient
-    from workers.providers.moondream import iter_result_lines
-    from workers.storage import LocalStore
+    from moonbatch.config import get_settings
+    from moonbatch.workers.builder import build_and_submit
+    from moonbatch.workers.merge import merge_rows
+    from moonbatch.workers.models import PlanItem, SkillOptions
+    from moonbatch.workers.moondream import BatchClient
+    from moonbatch.workers.providers.moondream import iter_result_lines
+    from moonbatch.workers.storage import LocalStore
 
     settings, store, out = get_settings(), LocalStore(tree), LocalStore(state)
     items = [PlanItem(id=o.key, size=o.size) for o in itertools.islice(store.iter_objects(), int(n))]

@@ -6,7 +6,12 @@ standard way (environment, ``~/.aws``, instance roles); only the endpoint is our
 or moto.
 """
 
+
+
 from __future__ import annotations
+
+if __name__ != "moonbatch.config":  # one module, one name: never two Celery apps or two Settings
+    raise ImportError(f"import moonbatch.config, not {__name__}")
 
 import functools
 import ipaddress
@@ -111,7 +116,7 @@ class Settings(BaseSettings):
     @field_validator("allow_private_hosts")
     @classmethod
     def _check_hosts(cls, value: str) -> str:
-        from workers.netguard import parse_rules
+        from moonbatch.workers.netguard import parse_rules
 
         parse_rules(value)  # ValueError naming the entry
         return value
@@ -119,7 +124,7 @@ class Settings(BaseSettings):
     @field_validator("allow_local_files")
     @classmethod
     def _check_folders(cls, value: str) -> str:
-        from workers.readers.refs import parse_folders
+        from moonbatch.workers.readers.refs import parse_folders
 
         parse_folders(value)
         return value
@@ -127,7 +132,7 @@ class Settings(BaseSettings):
     @field_validator("item_buckets")
     @classmethod
     def _check_buckets(cls, value: str) -> str:
-        from workers.readers.refs import parse_buckets
+        from moonbatch.workers.readers.refs import parse_buckets
 
         parse_buckets(value)
         return value

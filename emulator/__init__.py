@@ -1,8 +1,12 @@
 """Emulators for tests, the demo and benchmarks: the Moondream Batch API (seed 002) and, on the
 same port, fal's queue API for the Moondream endpoints (``emulator.fal``)."""
 
-from emulator.fal import FAL_FAULT_KINDS, FalConfig, FalFaults
-from emulator.server import FAULT_KINDS, Emulator, EmulatorConfig, EmulatorServer, Faults
+if __name__ != "moonbatch.emulator":  # one module, one name: never two Celery apps or two Settings
+    raise ImportError(f"import moonbatch.emulator, not {__name__}")
+
+
+from moonbatch.emulator.fal import FAL_FAULT_KINDS, FalConfig, FalFaults
+from moonbatch.emulator.server import FAULT_KINDS, Emulator, EmulatorConfig, EmulatorServer, Faults
 
 __all__ = ["FAL_FAULT_KINDS", "FAULT_KINDS", "Emulator", "EmulatorConfig", "EmulatorServer",
            "FalConfig", "FalFaults", "Faults"]

@@ -63,7 +63,7 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 import httpx
 from flask import Flask, Response, request
 
-from emulator.inference import LineError, fingerprint_bytes, infer
+from moonbatch.emulator.inference import LineError, fingerprint_bytes, infer
 
 #: The endpoints served, with the kind of work each does.
 ENDPOINTS: dict[str, str] = {

@@ -42,8 +42,8 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.serving import make_server
 
-from emulator.fal import FalConfig, FalEmulation
-from emulator.inference import LineError, infer
+from moonbatch.emulator.fal import FalConfig, FalEmulation
+from moonbatch.emulator.inference import LineError, infer
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 

@@ -214,7 +214,7 @@ def _options(skills: list[str] | str | None, length: str | None, question: str |
     """The run's ``SkillOptions``, one per ``--skill`` (a list; default caption). Each skill
     gets the options it takes; ``Fail`` (exit 2) for a repeated skill, an option no chosen
     skill takes, or a missing required one."""
-    from workers.models import SkillOptions
+    from moonbatch.workers.models import SkillOptions
 
     names = [skills] if isinstance(skills, str) else list(skills or ["caption"])
     if len(set(names)) < len(names):
@@ -242,10 +242,10 @@ def _options(skills: list[str] | str | None, length: str | None, question: str |
 def _cli_errors() -> Iterator[None]:
     """Turn errors into one red line and an exit code (see EXIT_CODES); ``--debug`` shows the
     traceback of unexpected ones."""
-    from producer.preflight import PreflightFailed
-    from producer.runs import RunExists
-    from workers.runstate import RunNotFound
-    from workers.storage import StorageError
+    from moonbatch.producer.preflight import PreflightFailed
+    from moonbatch.producer.runs import RunExists
+    from moonbatch.workers.runstate import RunNotFound
+    from moonbatch.workers.storage import StorageError
 
     try:
         yield
@@ -281,7 +281,7 @@ _LOCAL_WORKERS: set[LocalWorkers] = set()
 
 
 class LocalWorkers:
-    """``N`` worker processes (one ``celery -A workers worker`` with concurrency N) for the
+    """``N`` worker processes (one ``celery -A moonbatch.workers worker`` with concurrency N) for the
     duration of a command, consuming only ``queue`` (the run's private one) and its control
     queue; they inherit
     this process's environment and, on Linux, get SIGTERM if this process dies. ``revive()`` starts them
@@ -292,9 +292,9 @@ class LocalWorkers:
 
     def __init__(self, n: int, queue: str, env: dict[str, str] | None = None) -> None:
         self.n = n
-        from workers.runstate import control_queue
+        from moonbatch.workers.runstate import control_queue
 
-        self.cmd = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--concurrency",
+        self.cmd = [sys.executable, "-m", "celery", "-A", "moonbatch.workers", "worker", "--concurrency",
                     str(n), "--queues", f"{queue},{control_queue(queue)}", "--loglevel",
                     "WARNING", "--without-mingle",
                     "--without-gossip", "--hostname", f"moonbatch-local-{uuid.uuid4().hex[:8]}@%h"]
@@ -310,7 +310,7 @@ class LocalWorkers:
         _LOCAL_WORKERS.add(self)  # a second Ctrl-C kills them before exiting
 
     def _spawn(self) -> subprocess.Popen:
-        from workers.embedded import child_setup
+        from moonbatch.workers.embedded import child_setup
 
         return subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=child_setup())
@@ -352,19 +352,19 @@ class LocalWorkers:
 
 def _check_fleet(settings) -> None:
     """Fail fast when ``--workers 0`` and no worker answers."""
-    from workers.app import app as celery_app
+    from moonbatch.workers.app import app as celery_app
 
     try:
         replies = celery_app.control.ping(timeout=2.0, limit=1)  # returns on the first reply
     except Exception as exc:
         raise Fail(f"cannot reach the broker at {_safe_url(settings.broker_url)}: {exc}") from None
     if not replies:
-        raise Fail("no worker answered: start a fleet (celery -A workers worker) or use --workers N")
+        raise Fail("no worker answered: start a fleet (celery -A moonbatch.workers worker) or use --workers N")
 
 
 def _check_broker(settings) -> None:
     """Fail fast, with the way out, when the configured broker cannot be reached."""
-    from workers.app import app as celery_app
+    from moonbatch.workers.app import app as celery_app
 
     try:
         with celery_app.connection_for_write() as conn:
@@ -377,7 +377,7 @@ def _check_broker(settings) -> None:
 
 def _no_embedded(settings, what: str) -> None:
     """``embedded`` names a broker private to one ``moonbatch run``: nothing else can use it."""
-    from workers.embedded import EMBEDDED
+    from moonbatch.workers.embedded import EMBEDDED
 
     if settings.broker_url == EMBEDDED:
         raise Fail(f"MOONBATCH_BROKER_URL=embedded is a broker private to one `moonbatch run` "
@@ -386,11 +386,11 @@ def _no_embedded(settings, what: str) -> None:
 
 @contextlib.contextmanager
 def _embedded_broker() -> Iterator[None]:
-    """Start a private ``redis-server`` (``workers.embedded``) and point this process's
+    """Start a private ``redis-server`` (``moonbatch.workers.embedded``) and point this process's
     settings, and the workers it starts, at it; stop it and delete its folder on exit."""
-    from config import reload_settings
-    from workers.app import reconfigure
-    from workers.embedded import EmbeddedRedis, NoRedisServer
+    from moonbatch.config import reload_settings
+    from moonbatch.workers.app import reconfigure
+    from moonbatch.workers.embedded import EmbeddedRedis, NoRedisServer
 
     saved = {k: os.environ.get(k) for k in ("MOONBATCH_BROKER_URL", "MOONBATCH_RESULT_BACKEND")}
     server = EmbeddedRedis()
@@ -413,7 +413,7 @@ def _embedded_broker() -> Iterator[None]:
 
 
 def _safe_url(url: str) -> str:
-    from producer.preflight import safe_url
+    from moonbatch.producer.preflight import safe_url
 
     return safe_url(url)
 
@@ -427,8 +427,8 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
     ``reconcile_interval`` seconds, as a fleet's beat does, so a run started from a laptop heals
     from lost messages and a broker that restarted empty the same way.
     """
-    from workers.runstate import Progress as RunProgress
-    from workers.runstate import open_output
+    from moonbatch.workers.runstate import Progress as RunProgress
+    from moonbatch.workers.runstate import open_output
 
     store = open_output(output, settings)
     progress = RunProgress(store)
@@ -477,18 +477,18 @@ def _watch(output: str, settings, *, workers: LocalWorkers | None, timeout: floa
 def _run_queues(output: str, settings) -> list[str]:
     """The run's two broker queues: its queue (builds, merges) and its control queue (polls,
     finalising). Raises ``RunNotFound`` and storage errors."""
-    from workers.runstate import control_queue, open_run, run_queue
+    from moonbatch.workers.runstate import control_queue, open_run, run_queue
 
     queue = run_queue(open_run(output, settings).spec, settings)
     return [queue, control_queue(queue, settings)]
 
 
 def _consumer_watch(output: str, settings):
-    """A ``workers.consumers.ConsumerWatch`` over the run's queues, not yet started; None when
+    """A ``moonbatch.workers.consumers.ConsumerWatch`` over the run's queues, not yet started; None when
     there is no shared broker to ask (embedded) or the run's spec cannot be read."""
-    from workers.app import app as celery_app
-    from workers.consumers import ConsumerWatch
-    from workers.embedded import EMBEDDED
+    from moonbatch.workers.app import app as celery_app
+    from moonbatch.workers.consumers import ConsumerWatch
+    from moonbatch.workers.embedded import EMBEDDED
 
     if settings.broker_url == EMBEDDED:
         return None
@@ -515,21 +515,21 @@ def _announce_consumers(watch, announced: set[str], run_id: str) -> set[str]:
 def _no_consumer_text(missing: list[str], queues: list[str], run_id: str) -> str:
     """One line: which of the run's ``queues`` (its queue and control queue) no worker
     consumes, what waits there, and the command that serves them."""
-    from producer.runs import local_queue
+    from moonbatch.producer.runs import local_queue
 
     what = dict(zip(queues, ("its builds and merges", "its polls and finalising"), strict=False))
     names = "; ".join(f"{q} ({what.get(q, 'its work')} wait there)" for q in missing)
     text = (f"no worker consumes {'queue' if len(missing) == 1 else 'queues'} {names} of run "
-            f"{run_id}: start workers with: celery -A workers worker -Q {','.join(queues)}")
+            f"{run_id}: start workers with: celery -A moonbatch.workers worker -Q {','.join(queues)}")
     if queues and queues[0] == local_queue(run_id):  # the private queues of `moonbatch run`
         text += f" (or follow it with local workers: moonbatch wait {run_id} --workers N)"
     return text
 
 
 def _reconcile(output: str, run_id: str) -> None:
-    """One reconciler pass over the run (see ``workers.tasks.reconcile``); a broker that is
+    """One reconciler pass over the run (see ``moonbatch.workers.tasks.reconcile``); a broker that is
     down for now is tried again at the next pass."""
-    from workers.tasks import reconcile_active_run
+    from moonbatch.workers.tasks import reconcile_active_run
 
     try:
         lost, counts = reconcile_active_run(output, run_id)
@@ -592,9 +592,9 @@ def _run(spec, *, workers: int | None, timeout: float | None, embedded: bool = F
     ``run``); with ``workers`` > 0 start that many local workers on the run's private queue,
     and with ``embedded`` (or ``MOONBATCH_BROKER_URL=embedded``) a private broker too. Raises
     ``Fail``."""
-    from config import get_settings
-    from producer.runs import local_queue, start_run
-    from workers.embedded import EMBEDDED
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import local_queue, start_run
+    from moonbatch.workers.embedded import EMBEDDED
 
     settings = get_settings()
     n = (os.cpu_count() or 1) if workers is None else workers
@@ -620,7 +620,7 @@ def _run(spec, *, workers: int | None, timeout: float | None, embedded: bool = F
                              settings)
             if local is not None and plan["run_id"] != run_id:
                 # A dead start of the same command was taken over: its spec names its queue.
-                from workers.runstate import open_run, run_queue
+                from moonbatch.workers.runstate import open_run, run_queue
 
                 local.stop()
                 local = LocalWorkers(n, run_queue(open_run(output_url, settings).spec, settings))
@@ -637,8 +637,8 @@ def _start_checks(settings, opts, input_url: str, output_url: str, *, spec_args:
     endpoint serve (``ValueError``/``Fail``, exit 2), what OUTPUT holds (``AlreadyComplete``;
     ``RunExists``, or with ``force`` a new OUTPUT/<run id>/) and the preflight, with the
     provider's credentials (``PreflightFailed``). Returns the ``RunSpec`` to start."""
-    from producer import preflight
-    from producer.runs import AlreadyComplete, RunExists, check_output_for, new_run_id, new_spec
+    from moonbatch.producer import preflight
+    from moonbatch.producer.runs import AlreadyComplete, RunExists, check_output_for, new_run_id, new_spec
 
     spec = new_spec(input_url, output_url, opts, settings, **spec_args)
     try:
@@ -664,8 +664,8 @@ def _dry_run(settings, opts, input_url: str, output_url: str, *, spec_args: dict
     """``--dry-run``: check the options and INPUT, list and plan INPUT as a run would
     (``producer.runs.dry_run``) and print what it would send and cost. Writes nothing, reaches
     no broker, registry or provider, needs no key."""
-    from producer import preflight
-    from producer.runs import dry_run, new_spec
+    from moonbatch.producer import preflight
+    from moonbatch.producer.runs import dry_run, new_spec
 
     spec = new_spec(input_url, output_url, opts, settings, **spec_args)
     preflight.preflight(settings, input_url=spec.input, allow_empty=allow_empty, broker=False,
@@ -723,8 +723,8 @@ def _already_complete(done, settings) -> None:
     err.print(str(done), highlight=False, soft_wrap=True)
     summary = done.summary if done.summary and "counts" in done.summary else None
     if summary is None:
-        from workers.runstate import Progress as RunProgress
-        from workers.runstate import open_output
+        from moonbatch.workers.runstate import Progress as RunProgress
+        from moonbatch.workers.runstate import open_output
 
         summary = RunProgress(open_output(done.summary["output"], settings)).snapshot()
     _print_summary(summary)
@@ -762,11 +762,11 @@ def _interruptible(where: dict[str, Any]) -> Iterator[None]:
 
 def _in_flight_note(where: dict[str, Any]) -> str:
     """What an interrupted command leaves behind, and the command that continues it."""
-    from config import get_settings
-    from workers import layout
-    from workers.runstate import Progress as RunProgress
-    from workers.runstate import open_output
-    from workers.storage import get_json_or_none
+    from moonbatch.config import get_settings
+    from moonbatch.workers import layout
+    from moonbatch.workers.runstate import Progress as RunProgress
+    from moonbatch.workers.runstate import open_output
+    from moonbatch.workers.storage import get_json_or_none
 
     output = where.get("output")
     if output is None:
@@ -851,9 +851,9 @@ def run(input: InputArg, output: OutputArg,
     starts again; for an unfinished run it says to `moonbatch resume RUN_ID`. With --dry-run,
     only lists and plans INPUT and prints what the run would send and cost.
     """
-    from config import get_settings
-    from producer.runs import AlreadyComplete
-    from workers.embedded import EMBEDDED
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import AlreadyComplete
+    from moonbatch.workers.embedded import EMBEDDED
 
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with _cli_errors(), _interruptible(where):
@@ -905,8 +905,8 @@ def submit(input: InputArg, output: OutputArg,
     0 and prints the run id again. With --dry-run, only lists and plans INPUT and prints what
     the run would send and cost.
     """
-    from config import get_settings
-    from producer.runs import AlreadyComplete, start_run
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import AlreadyComplete, start_run
 
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, temperature, top_p, max_tokens)
@@ -938,9 +938,9 @@ def submit(input: InputArg, output: OutputArg,
 
 def _open_snapshot(output: str, settings) -> dict[str, Any]:
     """The run's snapshot; ``Fail`` if no run is at ``output``."""
-    from workers.runstate import Progress as RunProgress
-    from workers.runstate import open_output
-    from workers.storage import NotFound
+    from moonbatch.workers.runstate import Progress as RunProgress
+    from moonbatch.workers.runstate import open_output
+    from moonbatch.workers.storage import NotFound
 
     try:
         return RunProgress(open_output(output, settings)).snapshot()
@@ -951,9 +951,9 @@ def _open_snapshot(output: str, settings) -> dict[str, Any]:
 def _print_skipped(output: str, snap: dict[str, Any], settings) -> None:
     """Every key skipped, one per line on stdout, streamed from storage: a key skipped as not
     an image alone, one that cannot be an item with its reason after a tab."""
-    from workers import layout
-    from workers.runstate import open_output
-    from workers.storage import get_json_or_none
+    from moonbatch.workers import layout
+    from moonbatch.workers.runstate import open_output
+    from moonbatch.workers.storage import get_json_or_none
 
     store = open_output(output, settings)
     plan = get_json_or_none(store, layout.PLAN)
@@ -988,8 +988,8 @@ def status(run_ref: RunRefArg, as_json: JsonOpt = False,
 
     Exits 0 for a running or completed run, 1 for a failed or cancelled one.
     """
-    from config import get_settings
-    from producer.runs import resolve_run
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import resolve_run
 
     with _cli_errors():
         settings = get_settings()
@@ -1031,10 +1031,10 @@ def runs(limit: Annotated[int, typer.Option("--limit", metavar="INTEGER",
          as_json: JsonOpt = False) -> None:
     """List runs from the registry (MOONBATCH_STATE_URL), newest first: run id, status, input,
     output, counts and start time."""
-    from config import get_settings
-    from workers import registry
-    from workers.runstate import Progress as RunProgress
-    from workers.runstate import open_output
+    from moonbatch.config import get_settings
+    from moonbatch.workers import registry
+    from moonbatch.workers.runstate import Progress as RunProgress
+    from moonbatch.workers.runstate import open_output
 
     with _cli_errors():
         settings = get_settings()
@@ -1068,7 +1068,7 @@ def _follow(output: str, settings, workers: int | None, timeout: float | None,
     """Follow the run at ``output`` to the end with ``workers`` local worker processes on the
     run's own queue (none: a fleet does the work) and print its summary. Raises ``Fail`` as
     ``_watch`` does."""
-    from workers.runstate import open_run, run_queue
+    from moonbatch.workers.runstate import open_run, run_queue
 
     if workers is not None and workers < 0:
         raise Fail("--workers must be >= 0", code=2)
@@ -1094,16 +1094,16 @@ def wait(run_ref: RunRefArg, timeout: TimeoutOpt = None,
          workers: FollowWorkersOpt = None) -> None:
     """Block until the run is complete (exit 0) or cannot complete (exit 1); print its
     summary."""
-    from config import get_settings
-    from producer import preflight
-    from producer.runs import resolve_run
+    from moonbatch.config import get_settings
+    from moonbatch.producer import preflight
+    from moonbatch.producer.runs import resolve_run
 
     where: dict[str, Any] = {"workers": workers}
     with _cli_errors(), _interruptible(where):
         settings = get_settings()
         output = resolve_run(run_ref, settings)
         if workers:
-            from workers.runstate import open_run
+            from moonbatch.workers.runstate import open_run
 
             preflight.preflight(settings, state=False,
                                 provider=open_run(output, settings).spec.provider)
@@ -1114,12 +1114,12 @@ def _requeue(run_ref: str, settings, where: dict[str, Any]) -> str | None:
     """Re-enqueue every unfinished step of a run on the run's own queue, or plan a start that
     stopped before its plan was complete again; print what was done. Returns the run's OUTPUT,
     or None when it is already complete. Raises ``Fail``, ``RunExists``, ``PreflightFailed``."""
-    from producer import preflight
-    from producer.runs import RunExists, describe_output, register_run, resolve_run, start_run
-    from workers import layout
-    from workers.runstate import open_run
-    from workers.storage import get_json_or_none
-    from workers.tasks import reconcile_run
+    from moonbatch.producer import preflight
+    from moonbatch.producer.runs import RunExists, describe_output, register_run, resolve_run, start_run
+    from moonbatch.workers import layout
+    from moonbatch.workers.runstate import open_run
+    from moonbatch.workers.storage import get_json_or_none
+    from moonbatch.workers.tasks import reconcile_run
 
     output = resolve_run(run_ref, settings)
     run = open_run(output, settings)
@@ -1161,8 +1161,8 @@ def resume(run_ref: RunRefArg, workers: FollowWorkersOpt = None, timeout: Timeou
     With --workers N, starts N local worker processes on the run's queue and follows the run to
     the end, as `run` does; without it, returns once the work is enqueued.
     """
-    from config import get_settings
-    from workers.embedded import EMBEDDED
+    from moonbatch.config import get_settings
+    from moonbatch.workers.embedded import EMBEDDED
 
     where: dict[str, Any] = {"workers": workers}
     with _cli_errors(), _interruptible(where):
@@ -1184,11 +1184,11 @@ def resume(run_ref: RunRefArg, workers: FollowWorkersOpt = None, timeout: Timeou
 
 def _unconsumed_now(output: str, snap: dict[str, Any], settings) -> list[str] | None:
     """The queues of a running run that no worker consumes now (one look, about
-    ``workers.consumers.LOOK_TIMEOUT`` seconds); None for a run that is not running, or when
+    ``moonbatch.workers.consumers.LOOK_TIMEOUT`` seconds); None for a run that is not running, or when
     the broker cannot be asked (embedded, out of reach)."""
-    from workers.app import app as celery_app
-    from workers.consumers import without_consumer
-    from workers.embedded import EMBEDDED
+    from moonbatch.workers.app import app as celery_app
+    from moonbatch.workers.consumers import without_consumer
+    from moonbatch.workers.embedded import EMBEDDED
 
     if snap["status"] != "running" or settings.broker_url == EMBEDDED:
         return None
@@ -1202,9 +1202,9 @@ def _unconsumed_now(output: str, snap: dict[str, Any], settings) -> list[str] | 
 def _say_where_the_work_is(output: str, settings) -> None:
     """After work was enqueued without local workers (resume, retry-failed): say so, naming
     the queue and the way to serve it, when no worker consumes one of the run's queues."""
-    from workers.app import app as celery_app
-    from workers.consumers import without_consumer
-    from workers.runstate import control_queue, open_run, run_queue
+    from moonbatch.workers.app import app as celery_app
+    from moonbatch.workers.consumers import without_consumer
+    from moonbatch.workers.runstate import control_queue, open_run, run_queue
 
     spec = open_run(output, settings).spec
     queue = run_queue(spec, settings)
@@ -1229,15 +1229,15 @@ RetryDryRunOpt = Annotated[bool, typer.Option(
 
 def _retry(run_ref: str, codes: list[str] | None, settings, where: dict[str, Any], *,
            dry_run: bool) -> str | None:
-    """Start (or continue) a retry pass of a finished run's error rows (``workers.retries``)
+    """Start (or continue) a retry pass of a finished run's error rows (``moonbatch.workers.retries``)
     and enqueue its work; print what was done. Returns the run's OUTPUT, or None when there is
     nothing to follow (nothing to retry, a dry run). Raises ``Fail``, ``PreflightFailed``."""
-    from producer import preflight
-    from producer.runs import register_run, resolve_run
-    from workers import layout, retries
-    from workers.runstate import open_run
-    from workers.storage import get_json_or_none
-    from workers.tasks import reconcile_run
+    from moonbatch.producer import preflight
+    from moonbatch.producer.runs import register_run, resolve_run
+    from moonbatch.workers import layout, retries
+    from moonbatch.workers.runstate import open_run
+    from moonbatch.workers.storage import get_json_or_none
+    from moonbatch.workers.tasks import reconcile_run
 
     output = resolve_run(run_ref, settings)
     run = open_run(output, settings)
@@ -1312,8 +1312,8 @@ def retry_failed(run_ref: RunRefArg, codes: CodesArg = None, workers: FollowWork
     With --workers N, starts N local worker processes on the run's queue and follows the run
     to the end; without it, returns once the work is enqueued (a fleet does it).
     """
-    from config import get_settings
-    from workers.embedded import EMBEDDED
+    from moonbatch.config import get_settings
+    from moonbatch.workers.embedded import EMBEDDED
 
     where: dict[str, Any] = {"workers": workers}
     with _cli_errors(), _interruptible(where):
@@ -1339,14 +1339,14 @@ def cancel(run_ref: RunRefArg) -> None:
     run.json says "cancelled". The provider's work in flight is cancelled where it can be
     (fal: every request in flight; the Batch API: open uploads are aborted, but submitted
     batches run on, as the API has no cancel); results not merged yet are not merged."""
-    from config import get_settings
-    from producer.runs import resolve_run
-    from workers import layout
-    from workers.providers import provider_for
-    from workers.runstate import Progress as RunProgress
-    from workers.runstate import open_output, open_run
-    from workers.storage import put_json
-    from workers.tasks import run_final
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import resolve_run
+    from moonbatch.workers import layout
+    from moonbatch.workers.providers import provider_for
+    from moonbatch.workers.runstate import Progress as RunProgress
+    from moonbatch.workers.runstate import open_output, open_run
+    from moonbatch.workers.storage import put_json
+    from moonbatch.workers.tasks import run_final
 
     with _cli_errors():
         settings = get_settings()
@@ -1378,12 +1378,12 @@ def clean(output: OutputArg,
     (or .parquet) and annotations/instances.json (nothing else), so OUTPUT can take a new run.
     Refuses a complete or running run without --force.
     """
-    from config import get_settings
-    from producer import runs as runs_mod
-    from workers import layout, registry, writers
-    from workers.runstate import open_output
-    from workers.storage import LocalStore, normalize_url, put_json
-    from workers.tasks import run_final
+    from moonbatch.config import get_settings
+    from moonbatch.producer import runs as runs_mod
+    from moonbatch.workers import layout, registry, writers
+    from moonbatch.workers.runstate import open_output
+    from moonbatch.workers.storage import LocalStore, normalize_url, put_json
+    from moonbatch.workers.tasks import run_final
 
     with _cli_errors():
         settings = get_settings()
@@ -1464,11 +1464,11 @@ def demo(output: Annotated[Path, typer.Option(
     """Annotate scikit-image's sample photographs with no account and no servers: an embedded
     broker (a private redis-server), local storage and the emulator of the Batch API or (with
     --provider fal) of fal's queue API."""
-    from config import get_settings, reload_settings
-    from emulator.fal import FalConfig
-    from emulator.server import EmulatorConfig, EmulatorServer
-    from producer.runs import new_run_id, new_spec
-    from workers.app import reconfigure
+    from moonbatch.config import get_settings, reload_settings
+    from moonbatch.emulator.fal import FalConfig
+    from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
+    from moonbatch.producer.runs import new_run_id, new_spec
+    from moonbatch.workers.app import reconfigure
 
     with _cli_errors():
         opts = _options(skill, length, question, object, reasoning, None, None, None)
@@ -1495,7 +1495,7 @@ def demo(output: Annotated[Path, typer.Option(
             err.print(f"demo: {source} → {target} ({what})")
             snap = _run(spec, workers=max(1, workers or 1), timeout=timeout, embedded=True)
         _print_summary(snap)
-        from workers import writers
+        from moonbatch.workers import writers
 
         writer = writers.module(spec.output_format)
         first = next(iter(sorted((target / "results").glob(f"*.{writer.SUFFIX}"))), None)
@@ -1523,7 +1523,7 @@ def emulator(port: Annotated[int, typer.Option(
                  "key, printed)")] = None) -> None:
     """Serve the Moondream Batch API emulator and the fal queue API emulator on one port (for
     tests, benchmarks and offline work)."""
-    from emulator.server import EmulatorConfig, EmulatorServer
+    from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 
     key = api_key or uuid.uuid4().hex
     fkey = fal_key or uuid.uuid4().hex
@@ -1554,7 +1554,7 @@ def flower(address: Annotated[str, typer.Option(
     """Start Flower on the fleet's broker, with basic auth (FLOWER_BASIC_AUTH=user:password,
     comma-separated for several users). Task arguments show only OUTPUT URLs, run ids and shard
     and round numbers; Flower's /healthcheck and /metrics stay open, as Flower serves them."""
-    from config import get_settings
+    from moonbatch.config import get_settings
 
     with _cli_errors():
         auth = os.environ.get("FLOWER_BASIC_AUTH", "")
@@ -1568,7 +1568,7 @@ def flower(address: Annotated[str, typer.Option(
                        code=2)
         if not 0 < port < 65536:
             raise Fail("--port must be within 1..65535", code=2)
-        from producer.preflight import check_broker
+        from moonbatch.producer.preflight import check_broker
 
         problem = check_broker(get_settings().broker_url)
         if problem:
@@ -1578,7 +1578,7 @@ def flower(address: Annotated[str, typer.Option(
         env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH" or not no_auth}
         # The task list shows each task's keyword arguments: run, shard, round.
         env.setdefault("FLOWER_TASKS_COLUMNS", "name,uuid,state,kwargs,received,runtime,worker")
-        cmd = [sys.executable, "-m", "celery", "-A", "workers", "flower",
+        cmd = [sys.executable, "-m", "celery", "-A", "moonbatch.workers", "flower",
                f"--address={address}", f"--port={port}"]
         err.print(f"Flower on http://{address}:{port}/ "
                   + ("(no auth)" if no_auth else "(basic auth from FLOWER_BASIC_AUTH)"))

@@ -16,11 +16,11 @@ from typing import Any
 
 import orjson
 
-from config import Settings
-from workers import layout, writers
-from workers.models import RunSpec
-from workers.runstate import open_output
-from workers.storage import get_json_or_none
+from moonbatch.config import Settings
+from moonbatch.workers import layout, writers
+from moonbatch.workers.models import RunSpec
+from moonbatch.workers.runstate import open_output
+from moonbatch.workers.storage import get_json_or_none
 
 
 def id_digest(item_id: Any) -> int:
@@ -37,7 +37,7 @@ class ExistingOk:
     @classmethod
     def load(cls, output_url: str, settings: Settings) -> ExistingOk:
         """Read every row of the run at ``output_url`` (any output format, through
-        ``workers.writers``), shard by shard, keeping the digests of ok rows' ids. Shards not
+        ``moonbatch.workers.writers``), shard by shard, keeping the digests of ok rows' ids. Shards not
         merged yet are passed over (their items count as without an ok row). Raises
         ``ValueError`` (one line with the fix) when no planned run is there, storage errors."""
         store = open_output(output_url, settings)

@@ -1,5 +1,5 @@
 """Planner: cut the item stream into shards that fit the provider's limits (by default the
-Moondream Batch API's; ``workers.providers.Provider.limits`` gives each provider's).
+Moondream Batch API's; ``moonbatch.workers.providers.Provider.limits`` gives each provider's).
 
 Pure and streaming: it holds one shard at a time. A shard closes at ``max_lines`` items or when
 its estimated JSONL size would pass ``max_bytes`` (seed 002, "Limits": 100,000 lines, 2 GB file,
@@ -13,12 +13,12 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from config import API_MAX_FILE_BYTES, API_MAX_LINES
-from workers.lines import estimate_line_bytes
-from workers.models import PlanItem
+from moonbatch.config import API_MAX_FILE_BYTES, API_MAX_LINES
+from moonbatch.workers.lines import estimate_line_bytes
+from moonbatch.workers.models import PlanItem
 
 if TYPE_CHECKING:
-    from workers.providers import Limits
+    from moonbatch.workers.providers import Limits
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ a command needs side by side and raises ``PreflightFailed`` with every failing l
 bounds its own time (Redis 2.5 s, HTTP 8 s, S3 3 s to connect and 5 s to read with two
 attempts), so a start that cannot work ends in a few seconds. ``moonbatch run``, ``submit`` and
 ``resume`` use them (exit code 3, see README "Command line"). The credentials checked are the
-run's provider's (``workers.providers``: the Batch API key or fal's key), never both. OUTPUT
+run's provider's (``moonbatch.workers.providers``: the Batch API key or fal's key), never both. OUTPUT
 and the state store must also honour conditional writes (``prove_conditional_writes``), which
 leases and write-once documents rest on; ``MOONBATCH_UNSAFE_SKIP_CONDITIONAL_WRITE_CHECK``
 skips that proof. URLs in messages go through ``safe_url``: no piece of a password shows.
@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from config import Settings
-from workers import layout
-from workers.storage import LocalStore, S3Store, StorageError, Store, normalize_url
+from moonbatch.config import Settings
+from moonbatch.workers import layout
+from moonbatch.workers.storage import LocalStore, S3Store, StorageError, Store, normalize_url
 
 REDIS_TIMEOUT = 2.5  # seconds, connect and read
 S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_ATTEMPTS = 3, 5, 2
@@ -212,9 +212,9 @@ def _s3_problem(what: str, url: str, exc: Exception, settings: Settings, *, writ
 
 def check_input(url: str, settings: Settings, *, allow_empty: bool = False) -> str | None:
     """INPUT exists, can be listed and holds at least one object (unless ``allow_empty``); a
-    file INPUT (a manifest, a ``.tar``, a ``.parquet``: ``workers.readers.kind_of_file``)
+    file INPUT (a manifest, a ``.tar``, a ``.parquet``: ``moonbatch.workers.readers.kind_of_file``)
     exists and can be read."""
-    from workers.readers import kind_of_file
+    from moonbatch.workers.readers import kind_of_file
 
     if kind_of_file(url) is not None:
         return check_input_file(url, settings)
@@ -428,7 +428,7 @@ def check_credentials(settings: Settings, provider: str) -> str | None:
     """The key of ``provider`` works: ``Provider.check_credentials`` (moondream:
     MOONDREAM_API_KEY with ``GET /batch?limit=1``; fal: FAL_KEY). Only that provider's key is
     needed. None when all is well, else one line."""
-    from workers.providers import get_provider
+    from moonbatch.workers.providers import get_provider
 
     return get_provider(provider).check_credentials(settings)
 

@@ -8,7 +8,7 @@ over. Workers start once the listing ends; enqueueing the shards then takes mill
 A key that cannot be an item (a name that is not valid UTF-8, an id JSON cannot hold, an
 object whose type cannot be read) is skipped with its reason, never a failed plan.
 Run ids map to their OUTPUT location through the registry in the state store
-(``workers.registry``), so ``moonbatch status RUN_ID`` finds a run from any machine of the fleet
+(``moonbatch.workers.registry``), so ``moonbatch status RUN_ID`` finds a run from any machine of the fleet
 even after Redis lost everything; the OUTPUT URL itself works everywhere too.
 """
 
@@ -22,15 +22,15 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from config import Settings, get_settings
-from producer.existing import ExistingOk
-from producer.planner import Shard, plan_shards
-from workers import canary, layout, registry
-from workers.lease import Lease, LeaseLost
-from workers.models import PlanItem, RunSpec, SkillOptions
-from workers.readers import ListingStats, input_root, normalize_input, open_reader
-from workers.runstate import RunNotFound, open_output
-from workers.storage import Store, get_json_or_none, normalize_url, put_json
+from moonbatch.config import Settings, get_settings
+from moonbatch.producer.existing import ExistingOk
+from moonbatch.producer.planner import Shard, plan_shards
+from moonbatch.workers import canary, layout, registry
+from moonbatch.workers.lease import Lease, LeaseLost
+from moonbatch.workers.models import PlanItem, RunSpec, SkillOptions
+from moonbatch.workers.readers import ListingStats, input_root, normalize_input, open_reader
+from moonbatch.workers.runstate import RunNotFound, open_output
+from moonbatch.workers.storage import Store, get_json_or_none, normalize_url, put_json
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
     without fal, or a shard size beyond the provider's limit; ``RunNotFound`` for a
     ``skip_existing`` run id the registry does not know (an OUTPUT URL is kept as given).
     """
-    from workers.providers import get_provider
+    from moonbatch.workers.providers import get_provider
 
     if not isinstance(options, SkillOptions):
         options, *more = options
@@ -242,7 +242,7 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
     name = provider or settings.provider
     chosen = get_provider(name)  # ValueError naming the known providers
     if name == "fal" and not endpoint:
-        from workers.providers.fal import default_endpoint
+        from moonbatch.workers.providers.fal import default_endpoint
 
         endpoint = default_endpoint(options.skill)
     spec = RunSpec(run_id=run_id or new_run_id(), input=input_url, output=output_url,
@@ -356,7 +356,7 @@ def start_run(spec: RunSpec, settings: Settings, *,
     Returns the plan document. Raises ``AlreadyComplete``, ``RunExists`` (see
     ``check_output_for``), storage errors.
     """
-    from workers.tasks import build_shard, finalize_run
+    from moonbatch.workers.tasks import build_shard, finalize_run
 
     out = open_output(spec.output, settings)
     inp = open_output(input_root(spec), settings)
@@ -392,7 +392,7 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
           build_shard: Any, finalize_run: Any) -> dict[str, Any]:
     """List INPUT and write each shard's plan file as it fills, then the plan document, and
     only then enqueue every shard: a planning that raises part-way leaves nothing enqueued."""
-    from workers.tasks import enqueue
+    from moonbatch.workers.tasks import enqueue
 
     input_url, output_url = spec.input, spec.output
     put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
@@ -483,7 +483,7 @@ def _without_existing(items: Iterator[PlanItem], existing: ExistingOk, stats: Pl
 
 def iter_plan(spec: RunSpec, inp: Store, stats: PlanStats, settings: Settings | None = None
               ) -> Iterator[Shard]:
-    """INPUT's shards as the run plans them: the reader's items (``workers.readers``; ``inp``
+    """INPUT's shards as the run plans them: the reader's items (``moonbatch.workers.readers``; ``inp``
     is the store at ``input_root(spec)``, and OUTPUT is hidden when it lies inside it), less
     those with an ok row in the run at ``spec.skip_existing`` (read first, see
     ``producer.existing``), cut by ``plan_shards`` within the spec's shard size and the
@@ -491,7 +491,7 @@ def iter_plan(spec: RunSpec, inp: Store, stats: PlanStats, settings: Settings | 
     storage errors, ``InputError`` for an INPUT its reader cannot read, and ``ValueError`` for
     limits the provider refuses or a ``skip_existing`` location without a run. Items a plan
     cannot hold are skipped with their reason (``_plannable``)."""
-    from workers.providers import provider_for
+    from moonbatch.workers.providers import provider_for
 
     root, output_url = inp.url, spec.output
     exclude = output_url[len(root):] if output_url.startswith(root) else None
@@ -523,7 +523,7 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     storage errors when INPUT cannot be listed, ``InputError`` when it cannot be run (see
     ``check_input_items``).
     """
-    from workers.providers import provider_for
+    from moonbatch.workers.providers import provider_for
 
     provider = provider_for(spec)
     stats = PlanStats()

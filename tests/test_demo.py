@@ -6,7 +6,7 @@ import json
 import os
 
 from tests.conftest import photos_dir, run_cli
-from workers.lines import classify_key, sniff_format
+from moonbatch.workers.lines import classify_key, sniff_format
 
 
 def test_demo_annotates_the_sample_photographs(tmp_path):

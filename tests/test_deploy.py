@@ -100,7 +100,7 @@ SYSTEMD_SECRETS = {
 
 def queue_of(command: list[str]) -> str:
     """The -Q argument of a celery worker command."""
-    assert command[:4] == ["celery", "-A", "workers", "worker"], command
+    assert command[:4] == ["celery", "-A", "moonbatch.workers", "worker"], command
     return command[command.index("-Q") + 1]
 
 
@@ -240,7 +240,7 @@ def test_compose_broker_requires_the_redis_password(compose):
 def test_compose_workers_queues_and_graceful_stop(compose):
     services = compose["services"]
     io_, control = services["worker-io"], services["worker-control"]
-    assert io_["command"] == ["celery", "-A", "workers", "worker", "-Q", IO_QUEUE, "--concurrency",
+    assert io_["command"] == ["celery", "-A", "moonbatch.workers", "worker", "-Q", IO_QUEUE, "--concurrency",
                               "4", "--loglevel", "INFO"]
     assert queue_of(control["command"]) == CONTROL_QUEUE
     assert control["command"][control["command"].index("--concurrency") + 1] == "8"
@@ -255,7 +255,7 @@ def test_compose_workers_queues_and_graceful_stop(compose):
         minutes = int(worker["stop_grace_period"].rstrip("m"))
         assert worker["stop_grace_period"].endswith("m") and minutes >= 5
         assert "deploy" not in worker and "container_name" not in worker  # --scale works
-    assert services["beat"]["command"][:4] == ["celery", "-A", "workers", "beat"]
+    assert services["beat"]["command"][:4] == ["celery", "-A", "moonbatch.workers", "beat"]
     assert services["beat"]["deploy"]["replicas"] == 1
     flower = services["flower"]
     assert flower["command"] == ["moonbatch", "flower", "--address", "0.0.0.0", "--port", "5555"]
@@ -411,7 +411,7 @@ def test_k8s_beat_flower_secret_and_producer():
     deployments = by_kind("Deployment")
     beat = deployments["moonbatch-beat"]["spec"]
     assert beat["replicas"] == 1 and beat["strategy"] == {"type": "Recreate"}
-    assert beat["template"]["spec"]["containers"][0]["args"][:4] == ["celery", "-A", "workers", "beat"]
+    assert beat["template"]["spec"]["containers"][0]["args"][:4] == ["celery", "-A", "moonbatch.workers", "beat"]
 
     flower = deployments["moonbatch-flower"]["spec"]["template"]
     (container,) = flower["spec"]["containers"]
@@ -874,7 +874,7 @@ def test_dockerfile(dockerfile):
     assert health and "CMD" in health[-1] and "NONE" not in health[-1]
     cmd = [i["value"] for i in runtime if i["instruction"] == "CMD"][-1]
     # The image alone runs a worker of both fleet queues (no -Q); deployments split them.
-    assert yaml.safe_load(cmd) == ["celery", "-A", "workers", "worker", "--concurrency", "4",
+    assert yaml.safe_load(cmd) == ["celery", "-A", "moonbatch.workers", "worker", "--concurrency", "4",
                                    "--loglevel", "INFO"]
     assert "tini" in [i["value"] for i in runtime if i["instruction"] == "ENTRYPOINT"][-1]
     for instruction in dockerfile.structure:  # no secret baked in
@@ -945,7 +945,7 @@ def test_entrypoint_and_healthcheck_scripts(tmp_path, broker):
 
 def redis_binaries() -> tuple[str, str | None]:
     """``redis-server`` (conftest's choice) and the ``redis-cli`` beside it or on PATH."""
-    from workers.embedded import find_redis_server
+    from moonbatch.workers.embedded import find_redis_server
 
     server = find_redis_server()
     if server is None:

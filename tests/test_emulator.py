@@ -1,7 +1,7 @@
 """The Moondream Batch API emulator (seed 002, FACTS.md "Moondream Batch API") over real HTTP.
 
 Every test starts its own ``EmulatorServer`` with a fast configuration and talks to it through
-``workers.moondream.BatchClient`` or, where the client hides the wire, raw httpx. Nothing is mocked.
+``moonbatch.workers.moondream.BatchClient`` or, where the client hides the wire, raw httpx. Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import httpx
 import pytest
 
-from emulator.inference import infer
-from emulator.server import EmulatorConfig, EmulatorServer
+from moonbatch.emulator.inference import infer
+from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 from tests.conftest import jpeg_bytes, photos_dir, stop_later
-from workers.lines import encode_line
-from workers.models import SkillOptions
-from workers.moondream import (
+from moonbatch.workers.lines import encode_line
+from moonbatch.workers.models import SkillOptions
+from moonbatch.workers.moondream import (
     AuthenticationError,
     BatchClient,
     BatchStatus,

@@ -2,7 +2,7 @@
 
 Every test starts its own ``EmulatorServer`` and sets ``config.faults``; what it injects is seen on
 the wire with raw httpx (status, ``Retry-After``, a dropped connection, a short or corrupted body)
-and through ``workers.moondream.BatchClient``'s retry loop. Exactness comes from rates of 0 or 1
+and through ``moonbatch.workers.moondream.BatchClient``'s retry loop. Exactness comes from rates of 0 or 1
 and seeded RNGs. Nothing is mocked.
 """
 
@@ -23,10 +23,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from emulator.inference import infer
-from emulator.server import FAULT_KINDS, EmulatorConfig, EmulatorServer, Faults
+from moonbatch.emulator.inference import infer
+from moonbatch.emulator.server import FAULT_KINDS, EmulatorConfig, EmulatorServer, Faults
 from tests.conftest import stop_later
-from workers.moondream import BatchClient, BatchStatus, Part, TransientError
+from moonbatch.workers.moondream import BatchClient, BatchStatus, Part, TransientError
 
 API_KEY = "test-key-" + uuid.uuid4().hex
 AUTH = {"X-Moondream-Auth": API_KEY}

@@ -240,8 +240,8 @@ def test_webp_is_sent_converted_and_annotated(s3, bucket, env, fleet):
     still or animated, reaches it converted, with the pixels the WebP decodes to."""
     from PIL import Image
 
-    from emulator.inference import fingerprint_bytes
-    from workers.lines import prepare_image
+    from moonbatch.emulator.inference import fingerprint_bytes
+    from moonbatch.workers.lines import prepare_image
 
     def encode(img, **kw) -> bytes:
         buf = io.BytesIO()

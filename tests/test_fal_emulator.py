@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from emulator.fal import (
+from moonbatch.emulator.fal import (
     FAL_FAULT_KINDS,
     RUNNER_ERROR_TYPES,
     FalConfig,
@@ -34,7 +34,7 @@ from emulator.fal import (
     source_name,
     without_urls,
 )
-from emulator.server import EmulatorConfig, EmulatorServer
+from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 from tests.conftest import jpeg_bytes, photos_dir, stop_later
 
 FAL_KEY = "fal-test-" + uuid.uuid4().hex

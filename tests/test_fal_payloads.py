@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from workers.models import RunSpec, SkillOptions
-from workers.providers.fal import (
+from moonbatch.workers.models import RunSpec, SkillOptions
+from moonbatch.workers.providers.fal import (
     ENDPOINTS,
     FalProvider,
     _next_step_in,
@@ -49,7 +49,7 @@ def spec(endpoint: str | None, **options) -> RunSpec:
      {"images_data_url": "U", "prompt": "Describe this image."}),
 ])
 def test_payloads_carry_only_what_the_endpoint_takes(endpoint, options, body):
-    from emulator.fal import validate_input
+    from moonbatch.emulator.fal import validate_input
 
     opts = SkillOptions(**options)
     images = ["U", "V"] if endpoint.endswith("batched") else ["U"]

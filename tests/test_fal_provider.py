@@ -38,7 +38,7 @@ def start(env, input_url: str, output_url: str, endpoint: str, options: dict, **
 
 def expected_row(endpoint: str, args: dict, image: bytes, skill: str) -> tuple[dict, dict]:
     """``(result without raw, usage)`` the emulator's answer for this image gives."""
-    from emulator.fal import expected_output
+    from moonbatch.emulator.fal import expected_output
 
     if endpoint.endswith("/batched"):
         out = expected_output(endpoint, {"inputs": [{"image_url": "x", "prompt": args["prompt"]}]},

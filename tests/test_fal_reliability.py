@@ -17,8 +17,8 @@ import uuid
 import pytest
 from PIL import Image
 
-from emulator.fal import FalConfig, FalFaults
-from emulator.server import EmulatorConfig, EmulatorServer
+from moonbatch.emulator.fal import FalConfig, FalFaults
+from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 from tests.conftest import (
     RedisServer,
     Worker,
@@ -133,7 +133,7 @@ def test_fal_chaos(s3, bucket, env, tmp_path):
         logs = tmp_path / "logs"
         logs.mkdir()
         beat = subprocess.Popen(  # the fleet's reconciler: it re-enqueues the killed work
-            [sys.executable, "-m", "celery", "-A", "workers", "beat", "-s",
+            [sys.executable, "-m", "celery", "-A", "moonbatch.workers", "beat", "-s",
              str(tmp_path / "beat-schedule"), "--loglevel", "WARNING"], env=cenv,
             stdout=open(logs / "beat.log", "wb"), stderr=subprocess.STDOUT,
             start_new_session=True)

@@ -285,7 +285,7 @@ def test_hostile_manifest_on_s3_with_default_settings(provider, s3, bucket, env,
 def test_address_classes(address, kind):
     import ipaddress
 
-    from workers.netguard import address_class
+    from moonbatch.workers.netguard import address_class
 
     assert address_class(ipaddress.ip_address(address)) == kind
 
@@ -293,7 +293,7 @@ def test_address_classes(address, kind):
 def test_allow_rules_open_exactly_what_they_name():
     import ipaddress
 
-    from workers.netguard import Refused, check_addresses, parse_rules
+    from moonbatch.workers.netguard import Refused, check_addresses, parse_rules
 
     def allowed(rules: str, host: str, address: str, port: int) -> bool:
         try:
@@ -329,7 +329,7 @@ def test_allow_rules_open_exactly_what_they_name():
     # Settings refuse them at start, naming the variable.
     from pydantic import ValidationError
 
-    from config import Settings
+    from moonbatch.config import Settings
 
     for field, value in (("allow_private_hosts", "127.0.0.1:x"), ("allow_local_files", "data"),
                          ("item_buckets", "a/b")):
@@ -343,7 +343,7 @@ def test_names_are_resolved_once_and_the_checked_address_is_the_one_connected(mo
     every address and connects to a checked one."""
     import socket
 
-    from workers.netguard import guarded_client
+    from moonbatch.workers.netguard import guarded_client
 
     real = socket.getaddrinfo
     answers: dict[str, list[list[str]]] = {}
@@ -362,7 +362,7 @@ def test_names_are_resolved_once_and_the_checked_address_is_the_one_connected(mo
             guarded_client((), timeout=10) as client:
         # First answer loopback only: refused before any connection.
         answers["rebind.test"] = [["127.0.0.1"], ["127.0.0.1"]]
-        from workers.netguard import Refused
+        from moonbatch.workers.netguard import Refused
 
         with pytest.raises(Refused, match="rebind.test resolves to 127.0.0.1, a loopback"):
             client.get(f"http://rebind.test:{server.port}/x.png")
@@ -375,7 +375,7 @@ def test_names_are_resolved_once_and_the_checked_address_is_the_one_connected(mo
 
         # Allowed by name: the connection goes to the address the check saw (127.0.0.1), not
         # to a second answer (which would be a public address the server is not on).
-        from workers.netguard import parse_rules
+        from moonbatch.workers.netguard import parse_rules
 
         with guarded_client(parse_rules(f"allowed.test:{server.port}"), timeout=10) as trusted:
             answers["allowed.test"] = [["127.0.0.1"], ["203.0.113.9"]]
@@ -385,17 +385,17 @@ def test_names_are_resolved_once_and_the_checked_address_is_the_one_connected(mo
 
 # -- reads are capped in size and time -----------------------------------------------------------
 def fetcher_for(store, local_input: bool = False, **settings):
-    from config import Settings
-    from workers.readers import ItemFetcher
+    from moonbatch.config import Settings
+    from moonbatch.workers.readers import ItemFetcher
 
     return ItemFetcher(store, Settings(**settings), local_input=local_input)
 
 
 def read(fetcher, ref: str):
     """``read_item`` of one ref: ``(bytes or None, error code or None, message, seconds)``."""
-    from workers.lines import ItemError
-    from workers.models import PlanItem
-    from workers.readers import read_item
+    from moonbatch.workers.lines import ItemError
+    from moonbatch.workers.models import PlanItem
+    from moonbatch.workers.readers import read_item
 
     started = time.monotonic()
     try:
@@ -406,7 +406,7 @@ def read(fetcher, ref: str):
 
 
 def test_slow_drip_ends_within_the_deadline_and_bodies_are_capped(tmp_path, s3, bucket, env):
-    from workers.storage import open_store
+    from moonbatch.workers.storage import open_store
 
     good = photo("coffee.png")
     with LocalServer({"/drip.png": slow_drip(0.2, size=1_000_000), "/big.png": serve_bytes(b"\0" * 3_000_000),
@@ -443,7 +443,7 @@ def test_slow_drip_ends_within_the_deadline_and_bodies_are_capped(tmp_path, s3, 
     assert read(fetcher, "big.bin")[1] == "object_too_large"  # a key of the INPUT store
 
     # Local files (a local INPUT): by stat; a device or a FIFO is not read at all.
-    from workers.storage import LocalStore
+    from moonbatch.workers.storage import LocalStore
 
     (tmp_path / "big.bin").write_bytes(b"\0" * 2_500_000)
     os.mkfifo(tmp_path / "fifo.png")
@@ -465,7 +465,7 @@ def test_item_fetches_ignore_proxies_and_refuse_compressed_bodies(monkeypatch, t
     is refused (it could inflate past the cap)."""
     import gzip
 
-    from workers.storage import LocalStore
+    from moonbatch.workers.storage import LocalStore
 
     good = photo("coffee.png")
 
@@ -495,7 +495,7 @@ def test_item_fetches_ignore_proxies_and_refuse_compressed_bodies(monkeypatch, t
 
 
 def test_local_files_and_buckets_open_only_what_settings_name(tmp_path, s3, bucket, env):
-    from workers.storage import open_store
+    from moonbatch.workers.storage import open_store
 
     endpoint = env["MOONBATCH_S3_ENDPOINT_URL"]
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
@@ -529,7 +529,7 @@ def test_local_files_and_buckets_open_only_what_settings_name(tmp_path, s3, buck
 
 
 def _item(ref: str):
-    from workers.models import PlanItem
+    from moonbatch.workers.models import PlanItem
 
     return PlanItem("x", 0, ref)
 
@@ -572,11 +572,11 @@ def test_slow_drip_and_oversize_rows_on_a_worker(s3, bucket, env, tmp_path):
 def test_every_failure_of_one_item_is_its_error_row(s3, bucket, env):
     """``read_item``, ``source`` and ``presigned_url`` never raise for any reference; the
     builder's per-item boundary turns whatever one item raises into that item's error."""
-    from workers.builder import iter_lines
-    from workers.lines import ItemError
-    from workers.models import PlanItem, SkillOptions
-    from workers.readers import read_item
-    from workers.storage import open_store
+    from moonbatch.workers.builder import iter_lines
+    from moonbatch.workers.lines import ItemError
+    from moonbatch.workers.models import PlanItem, SkillOptions
+    from moonbatch.workers.readers import read_item
+    from moonbatch.workers.storage import open_store
 
     fetcher = fetcher_for(open_store(f"s3://{bucket}/in/",
                                      endpoint_url=env["MOONBATCH_S3_ENDPOINT_URL"]))
@@ -648,11 +648,11 @@ class CountingStore:
 def test_manifest_lines_are_bounded(fmt, tmp_path, s3, bucket, env):
     import tracemalloc
 
-    from config import get_settings
-    from producer.runs import check_input_items, new_spec
-    from workers.models import SkillOptions
-    from workers.readers import InputError, input_root
-    from workers.storage import open_store
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import check_input_items, new_spec
+    from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.readers import InputError, input_root
+    from moonbatch.workers.storage import open_store
 
     long = "x" * 50_000_000  # one 50 MB line: no line break
     if fmt == "jsonl":

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from emulator.fal import FalConfig
+from moonbatch.emulator.fal import FalConfig
 from tests.conftest import (
     Worker,
     read_json,
@@ -360,8 +360,8 @@ STORAGE_ERROR = (b"<?xml version='1.0'?><Error><Code>SignatureDoesNotMatch</Code
 
 
 def test_batch_api_key_never_follows_a_redirect_and_downloads_carry_none():
-    from workers.downloader import fetch_results
-    from workers.moondream import (
+    from moonbatch.workers.downloader import fetch_results
+    from moonbatch.workers.moondream import (
         BatchClient,
         ForeignOrigin,
         InvalidId,
@@ -427,8 +427,8 @@ def test_batch_api_key_never_follows_a_redirect_and_downloads_carry_none():
 
 
 def test_fal_file_downloads_carry_no_key_and_are_bounded():
-    from workers.providers.fal import archive_answers
-    from workers.providers.fal_queue import (
+    from moonbatch.workers.providers.fal import archive_answers
+    from moonbatch.workers.providers.fal_queue import (
         FalBadRequestId,
         FalForeignOrigin,
         FalQueueClient,
@@ -495,7 +495,7 @@ def test_fal_file_downloads_carry_no_key_and_are_bounded():
 
 
 def test_fal_raw_outputs_keep_no_echoed_input():
-    from workers.providers.fal import ENDPOINTS, normalize_single, scrub_echoes
+    from moonbatch.workers.providers.fal import ENDPOINTS, normalize_single, scrub_echoes
 
     presigned = "https://bucket.s3.amazonaws.com/a.jpg?X-Amz-Signature=abc&X-Amz-Credential=k"
     output = {

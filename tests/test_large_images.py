@@ -73,7 +73,7 @@ def hwm():
 
 
 data = open(sys.argv[1], "rb").read()
-from workers.lines import prepare_image
+from moonbatch.workers.lines import prepare_image
 base = hwm()
 started = time.perf_counter()
 p = prepare_image(data, limit=9_000_000, max_pixels=2_000_000)

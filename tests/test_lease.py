@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from workers.lease import Lease, LeaseLost, execution_owner, lease_is_live, task_of
-from workers.storage import LocalStore, S3Store, s3_client
+from moonbatch.workers.lease import Lease, LeaseLost, execution_owner, lease_is_live, task_of
+from moonbatch.workers.storage import LocalStore, S3Store, s3_client
 
 
 @pytest.fixture(params=["local", "s3"])

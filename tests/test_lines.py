@@ -1,4 +1,4 @@
-"""workers.lines: signatures, key classification, image preparation and JSONL line encoding."""
+"""moonbatch.workers.lines: signatures, key classification, image preparation and JSONL line encoding."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from config import API_MAX_LINE_BYTES
+from moonbatch.config import API_MAX_LINE_BYTES
 from tests.conftest import jpeg_bytes, photos_dir
-from workers import lines
-from workers.budget import ByteBudget
-from workers.lines import (
+from moonbatch.workers import lines
+from moonbatch.workers.budget import ByteBudget
+from moonbatch.workers.lines import (
     LINE_OVERHEAD,
     ItemError,
     _flatten,
@@ -31,7 +31,7 @@ from workers.lines import (
     prepare_image,
     sniff_format,
 )
-from workers.models import SkillOptions
+from moonbatch.workers.models import SkillOptions
 
 BIG = 10**7
 

@@ -6,13 +6,13 @@ import json
 import logging
 
 from tests.conftest import Worker, private_env, run_cli, upload_photos
-from workers.logs import JsonFormatter, context, redact
+from moonbatch.workers.logs import JsonFormatter, context, redact
 
 
 def test_json_lines_carry_the_context_and_redact_secrets():
     token = context.set({"run": "r1", "shard": 3, "round": 0, "provider": "fal"})
     try:
-        record = logging.LogRecord("workers.x", logging.WARNING, __file__, 1,
+        record = logging.LogRecord("moonbatch.workers.x", logging.WARNING, __file__, 1,
                                    "fetched %s and %s", ("https://b/k?X-Amz-Signature=abc123&x=1",
                                                          "data:image/png;base64,iVBORw0KGgo="),
                                    None)

@@ -226,11 +226,11 @@ def test_missing_manifest_is_one_preflight_line(tmp_path, bucket, env):
      "m.parquet row 2: no 'image' for id '2'"),
 ])
 def test_bad_manifests_name_the_row_and_the_fix(fmt, rows, columns, message, tmp_path):
-    from config import get_settings
-    from producer.runs import check_input_items, new_spec
-    from workers.models import SkillOptions
-    from workers.readers import InputError, input_root
-    from workers.storage import open_store
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import check_input_items, new_spec
+    from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.readers import InputError, input_root
+    from moonbatch.workers.storage import open_store
 
     write_manifest(tmp_path / f"m.{fmt}", fmt, rows, columns)
     spec = new_spec(str(tmp_path / f"m.{fmt}"), str(tmp_path / "out"),

@@ -1,4 +1,4 @@
-"""workers.merge: result lines → one row per planned item, and the adaptive poll interval."""
+"""moonbatch.workers.merge: result lines → one row per planned item, and the adaptive poll interval."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from workers.merge import merge_rows as merge_lines
-from workers.merge import next_poll_interval
-from workers.models import PlanItem, ShardBuild
-from workers.providers.moondream import iter_result_lines
+from moonbatch.workers.merge import merge_rows as merge_lines
+from moonbatch.workers.merge import next_poll_interval
+from moonbatch.workers.models import PlanItem, ShardBuild
+from moonbatch.workers.providers.moondream import iter_result_lines
 
 SOURCE = "s3://bucket/in/"
 

@@ -83,7 +83,7 @@ def test_metric_names_of_promql():
 
 
 def test_dashboard_reads_only_metrics_the_workers_export():
-    from workers.metrics import METRICS, registered_names
+    from moonbatch.workers.metrics import METRICS, registered_names
 
     exprs = dashboard_exprs()
     assert len(exprs) >= 11
@@ -102,7 +102,7 @@ def test_dashboard_reads_only_metrics_the_workers_export():
 
 
 def test_endpoint_labels_are_a_closed_set():
-    from workers.metrics import endpoint_label
+    from moonbatch.workers.metrics import endpoint_label
 
     assert endpoint_label("mpu-uploadpart (part 12)") == "mpu-uploadpart"
     assert endpoint_label("batch status") == "batch-status"
@@ -115,7 +115,7 @@ def test_metrics_are_off_and_import_nothing_without_the_port():
     """Importing the instrumented modules starts nothing and, with no port, records nothing."""
     code = ("import sys, os; os.environ.pop('MOONBATCH_METRICS_PORT', None); "
             "os.environ['PROMETHEUS_MULTIPROC_DIR'] = sys.argv[1]; "
-            "import workers.metrics as m, workers.providers.fal, workers.moondream; "
+            "import moonbatch.workers.metrics as m, workers.providers.fal, workers.moondream; "
             "m.upload_bytes('fal', 10); m.batch('moondream', 'submitted'); "
             "print(m.enabled(), 'prometheus_client' in sys.modules, 'celery' in sys.modules)")
     with tempfile.TemporaryDirectory() as d:
@@ -133,7 +133,7 @@ def test_final_runs_leave_the_scrape_after_the_grace_period(tmp_path):
 import os, sys, time
 os.environ['PROMETHEUS_MULTIPROC_DIR'] = sys.argv[1]
 os.environ['MOONBATCH_METRICS_PORT'] = '1'
-import workers.metrics as m
+import moonbatch.workers.metrics as m
 from prometheus_client import CollectorRegistry, generate_latest
 gauges = m._metrics()
 for run in ('20260101-000000-aaaaaa', '20260101-000000-bbbbbb'):
@@ -195,7 +195,7 @@ def metrics_dirs(pid: int) -> set[str]:
 
 
 def test_live_worker_serves_metrics_of_both_providers(s3, bucket, env, emulator, tmp_path):
-    from emulator.server import Faults
+    from moonbatch.emulator.server import Faults
 
     port = free_port()
     queue = "t-metrics-" + uuid.uuid4().hex[:8]
@@ -292,8 +292,8 @@ os.environ['PROMETHEUS_MULTIPROC_DIR'] = sys.argv[1]
 os.environ['MOONBATCH_METRICS_PORT'] = '1'
 import httpx
 from celery.exceptions import Retry
-import workers.metrics as m
-from workers.storage import StorageError
+import moonbatch.workers.metrics as m
+from moonbatch.workers.storage import StorageError
 from prometheus_client import CollectorRegistry
 m.task_retry(Retry(exc=StorageError('s3://b/k?X-Amz-Signature=x failed')))
 m.http_retry(429)

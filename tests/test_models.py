@@ -1,4 +1,4 @@
-"""workers.models.SkillOptions: validation, request fields and the spliced line fragment."""
+"""moonbatch.workers.models.SkillOptions: validation, request fields and the spliced line fragment."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from workers.models import PlanItem, ShardBuild, SkillOptions
+from moonbatch.workers.models import PlanItem, ShardBuild, SkillOptions
 
 
 @pytest.mark.parametrize("kwargs, message", [

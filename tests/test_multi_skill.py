@@ -124,9 +124,9 @@ def test_multi_skill_parquet_rows_and_coco_from_the_detect_skill(s3, bucket, env
 
 
 def test_another_format_or_skill_set_is_another_command(tmp_path):
-    from config import get_settings
-    from producer.runs import command_differences, new_spec
-    from workers.models import SkillOptions
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import command_differences, new_spec
+    from moonbatch.workers.models import SkillOptions
 
     (tmp_path / "in").mkdir()
     caption, detect = SkillOptions(skill="caption"), SkillOptions(skill="detect", object="x")

@@ -17,7 +17,7 @@ import uuid
 import orjson
 import pytest
 
-from emulator.server import EmulatorConfig, EmulatorServer, Faults
+from moonbatch.emulator.server import EmulatorConfig, EmulatorServer, Faults
 from tests.conftest import (
     SKIMAGE_PHOTOS,
     Worker,
@@ -28,7 +28,7 @@ from tests.conftest import (
     upload_photos,
     wait_for_run,
 )
-from workers.moondream import BatchClient
+from moonbatch.workers.moondream import BatchClient
 
 RECEIVED = re.compile(r"Task moonbatch\.build_shard\[([0-9a-f-]{36})\] received")
 
@@ -74,7 +74,7 @@ def test_a_redelivered_build_waits_for_the_running_one(s3, bucket, env, tmp_path
                                "the build task's id")[0]
             assert r0 + "batch.json" not in keys(s3, bucket, r0), "the build ended too soon"
             spec = read_json(s3, bucket, "out/_moonbatch/spec.json")
-            from workers.tasks import build_shard
+            from moonbatch.workers.tasks import build_shard
 
             # What the broker redelivers: the same message, same task id, same arguments.
             build_shard.apply_async(task_id=task_id, queue=queue, kwargs={
@@ -105,8 +105,8 @@ R0 = "r0"
 
 def round_docs(state) -> dict[str, dict]:
     """The round's documents that exist: name → parsed JSON."""
-    from workers import layout
-    from workers.storage import get_json_or_none
+    from moonbatch.workers import layout
+    from moonbatch.workers.storage import get_json_or_none
 
     found = {}
     for name in ("build", "submit", "batch", "upload", "orphans"):
@@ -121,8 +121,8 @@ def batch_api(s3_endpoint, bucket):
     """A private emulator (so its batches and open uploads are this test's alone), a client
     of it, the OUTPUT state store on moto, and the round's items and their bytes."""
     from tests.conftest import photos_dir
-    from workers.models import PlanItem
-    from workers.storage import S3Store, s3_client
+    from moonbatch.workers.models import PlanItem
+    from moonbatch.workers.storage import S3Store, s3_client
 
     config = EmulatorConfig(api_key="race-" + uuid.uuid4().hex, chunking_seconds=0.1,
                             processing_seconds=0.2, min_part_size=0, faults=Faults(latency=0.05))
@@ -135,8 +135,8 @@ def batch_api(s3_endpoint, bucket):
 
 
 def build(api, *, heartbeat=None, renew=None, part_size=16 * 1024):
-    from workers.builder import build_and_submit
-    from workers.models import SkillOptions
+    from moonbatch.workers.builder import build_and_submit
+    from moonbatch.workers.models import SkillOptions
 
     return build_and_submit(shard=0, items=api["items"], options=SkillOptions(skill="caption"),
                             model=None, state=api["state"], client=api["client"],
@@ -151,7 +151,7 @@ def test_two_builds_racing_on_one_round_bill_one_batch(batch_api):
     then finds the recorded batch. build.json describes that batch."""
     import threading
 
-    from workers.builder import RoundClaimed
+    from moonbatch.workers.builder import RoundClaimed
 
     t0 = time.time()
     started = threading.Barrier(2, timeout=60)
@@ -200,8 +200,8 @@ def test_a_stalled_build_whose_lease_was_taken_over_bills_nothing(batch_api):
     fails: it aborts its upload and writes nothing."""
     import threading
 
-    from workers import layout
-    from workers.lease import Lease, LeaseLost, execution_owner
+    from moonbatch.workers import layout
+    from moonbatch.workers.lease import Lease, LeaseLost, execution_owner
 
     state = batch_api["state"]
     key = layout.shard_doc(0, "lease")
@@ -246,8 +246,8 @@ def test_a_claim_left_before_its_build_was_written_is_dropped(batch_api, caplog)
     never billed. The next execution aborts its upload, drops the claim, and bills once."""
     import logging
 
-    from workers import layout
-    from workers.storage import put_json
+    from moonbatch.workers import layout
+    from moonbatch.workers.storage import put_json
 
     state, client = batch_api["state"], batch_api["client"]
     dead = client.create_upload()
@@ -256,7 +256,7 @@ def test_a_claim_left_before_its_build_was_written_is_dropped(batch_api, caplog)
         "file_id": dead.file_id, "upload_id": dead.upload_id, "lines": 4, "bytes": 12,
         "sent_at": time.time(), "attempt": "deadbeef0000"}, if_absent=True)
     t0 = time.time()
-    with caplog.at_level(logging.WARNING, logger="workers.builder"):
+    with caplog.at_level(logging.WARNING, logger="moonbatch.workers.builder"):
         built, batch = build(batch_api)
     created = batch_api["client"].find_batches(t0 - 5)
     docs = round_docs(state)
@@ -270,10 +270,10 @@ def test_a_claim_left_before_its_build_was_written_is_dropped(batch_api, caplog)
 def test_a_claimant_whose_claim_was_dropped_never_writes_the_build(batch_api):
     """The claimant writes build.json only while the claim is its own: a stalled claimant
     whose claim another execution replaced cannot overwrite that execution's build."""
-    from workers import layout
-    from workers.builder import RoundClaimed, _write_build
-    from workers.models import ShardBuild
-    from workers.storage import get_json, put_json
+    from moonbatch.workers import layout
+    from moonbatch.workers.builder import RoundClaimed, _write_build
+    from moonbatch.workers.models import ShardBuild
+    from moonbatch.workers.storage import get_json, put_json
 
     state = batch_api["state"]
 
@@ -293,9 +293,9 @@ def test_a_claimant_whose_claim_was_dropped_never_writes_the_build(batch_api):
 def fal_run(s3, bucket, env, redis_server):
     """A fal run of 4 photos in one shard, planned onto a queue nobody consumes (its
     messages are removed afterwards), opened in this process."""
-    from config import get_settings
+    from moonbatch.config import get_settings
     from tests.conftest import BROKER_DB
-    from workers.runstate import open_run
+    from moonbatch.workers.runstate import open_run
 
     upload_photos(s3, bucket, "in/", names=NAMES)
     queue = "ledger-" + uuid.uuid4().hex[:8]
@@ -308,7 +308,7 @@ def fal_run(s3, bucket, env, redis_server):
 
 def drive(ctx, timeout: float = 90):
     """Step a fal round until every line is finished; return the last poll."""
-    from workers.providers.fal import FalProvider
+    from moonbatch.workers.providers.fal import FalProvider
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -324,10 +324,10 @@ def test_a_fal_step_that_loses_the_ledger_race_cancels_and_counts_its_sends(fal_
     moved nothing): this step's record must not land. The requests it sent are cancelled and
     counted as possible duplicates, its lines file is removed, and the round still finishes
     with every line once."""
-    from workers import layout
-    from workers.providers.fal import FalProvider
-    from workers.storage import get_json
-    from workers.tasks import _context
+    from moonbatch.workers import layout
+    from moonbatch.workers.providers.fal import FalProvider
+    from moonbatch.workers.storage import get_json
+    from moonbatch.workers.tasks import _context
 
     store = fal_run.output
     key = layout.round_doc(0, 0, "requests")
@@ -367,10 +367,10 @@ def test_merge_counts_malformed_and_foreign_lines_into_done_and_run_json(fal_run
     """(10) A round's result lines that are not usable (malformed: not an object, no valid
     line_index; id_mismatch: another id than the one sent) are counted in merged.json, summed
     into done.json and into run.json's counts."""
-    from workers import layout
-    from workers.providers.fal import FalProvider
-    from workers.storage import get_json
-    from workers.tasks import _context, merge_round_task
+    from moonbatch.workers import layout
+    from moonbatch.workers.providers.fal import FalProvider
+    from moonbatch.workers.storage import get_json
+    from moonbatch.workers.tasks import _context, merge_round_task
 
     store = fal_run.output
     FalProvider().submit_round(_context(fal_run, 0, 0))

@@ -1,4 +1,4 @@
-"""producer.planner.plan_shards and workers.readers.prefix.iter_items (on a real local directory)."""
+"""moonbatch.producer.planner.plan_shards and workers.readers.prefix.iter_items (on a real local directory)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import io
 
 import pytest
 
-from config import API_MAX_FILE_BYTES, API_MAX_LINE_BYTES, API_MAX_LINES
-from producer.planner import Shard, plan_shards
+from moonbatch.config import API_MAX_FILE_BYTES, API_MAX_LINE_BYTES, API_MAX_LINES
+from moonbatch.producer.planner import Shard, plan_shards
 from tests.conftest import jpeg_bytes, photos_dir
-from workers.lines import estimate_line_bytes
-from workers.models import PlanItem
-from workers.readers import ListingStats
-from workers.readers.prefix import iter_items
-from workers.storage import LocalStore
+from moonbatch.workers.lines import estimate_line_bytes
+from moonbatch.workers.models import PlanItem
+from moonbatch.workers.readers import ListingStats
+from moonbatch.workers.readers.prefix import iter_items
+from moonbatch.workers.storage import LocalStore
 
 # --------------------------------------------------------------------------------------------
 # plan_shards
@@ -235,9 +235,12 @@ def test_planning_and_listing_import_without_celery():
     import subprocess
     import sys
 
-    code = ("import sys, producer.planner, workers.readers.prefix, workers.lines, workers.merge, "
-            "workers.layout, workers.models, workers.storage, workers.registry, workers.providers, "
-            "workers.providers.moondream, workers.providers.fal, workers.slots; "
-            "print(sorted(m for m in ('celery', 'kombu', 'workers.app') if m in sys.modules))")
+    modules = ("moonbatch.producer.planner", "moonbatch.workers.readers.prefix", "moonbatch.workers.lines",
+               "moonbatch.workers.merge", "moonbatch.workers.layout", "moonbatch.workers.models",
+               "moonbatch.workers.storage", "moonbatch.workers.registry", "moonbatch.workers.providers",
+               "moonbatch.workers.providers.moondream", "moonbatch.workers.providers.fal",
+               "moonbatch.workers.slots")
+    code = (f"import sys, {', '.join(modules)}; "
+            "print(sorted(m for m in ('celery', 'kombu', 'moonbatch.workers.app') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

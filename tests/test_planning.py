@@ -31,7 +31,7 @@ from tests.conftest import (
     wait_for_completion,
 )
 from tests.test_preflight_cas import S3Proxy
-from workers import layout
+from moonbatch.workers import layout
 
 BAD = b"bad\xff\xfename.jpg"  # Latin-1 bytes: not valid UTF-8
 BAD_SHOWN = "bad\\xff\\xfename.jpg"
@@ -223,9 +223,9 @@ def test_listing_a_local_folder_survives_odd_entries(tmp_path):
     reason; a non-image's, skipped as such, shown escaped) and link loops (left out like a
     dangling link); the images are planned. On main the listing raised at the loop (ELOOP)
     and the planner at the name (UnicodeEncodeError)."""
-    from producer.runs import PlanStats, _plannable, printable
-    from workers.readers.prefix import iter_items
-    from workers.storage import LocalStore
+    from moonbatch.producer.runs import PlanStats, _plannable, printable
+    from moonbatch.workers.readers.prefix import iter_items
+    from moonbatch.workers.storage import LocalStore
 
     root = tmp_path / "in"
     root.mkdir()
@@ -249,8 +249,8 @@ def test_listing_a_local_folder_survives_odd_entries(tmp_path):
 def test_an_id_json_cannot_hold_is_a_skipped_key():
     """A manifest id beyond 64 bits (JSONL parses it; orjson cannot write it): skipped with
     ``not_serializable``, the other items planned."""
-    from producer.runs import PlanStats, _plannable
-    from workers.models import PlanItem
+    from moonbatch.producer.runs import PlanStats, _plannable
+    from moonbatch.workers.models import PlanItem
 
     stats = PlanStats(items=3)
     items = [PlanItem(id=1, size=10), PlanItem(id=2 ** 70, size=10), PlanItem(id="x", size=10)]
@@ -281,7 +281,7 @@ def test_a_producer_that_died_while_enqueueing_is_made_good_by_the_reconciler(
     shards = read_json_file(out / layout.PLAN)["shards"]
 
     def reconcile() -> dict:
-        code = ("import json, sys; from workers.tasks import reconcile_run; "
+        code = ("import json, sys; from moonbatch.workers.tasks import reconcile_run; "
                 "print(json.dumps(reconcile_run(sys.argv[1], sys.argv[2], full=False)))")
         proc = subprocess.run([sys.executable, "-c", code, str(out), run_id], env=penv,
                               capture_output=True, text=True, timeout=120, check=True)

@@ -29,7 +29,7 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
-from config import Settings
+from moonbatch.config import Settings
 from tests.conftest import (
     Worker,
     moonbatch_cmd,
@@ -39,9 +39,9 @@ from tests.conftest import (
     run_cli,
     tiny_jpeg,
 )
-from workers import attempts, layout
-from workers.app import celery_config
-from workers.storage import open_store
+from moonbatch.workers import attempts, layout
+from moonbatch.workers.app import celery_config
+from moonbatch.workers.storage import open_store
 
 CAP = 3  # MOONBATCH_MAX_WORKER_LOSSES's default
 

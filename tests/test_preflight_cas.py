@@ -244,8 +244,8 @@ def test_the_override_lets_a_store_without_conditional_writes_start(s3, bucket, 
 
 
 def test_local_stores_pass_the_conditional_check(tmp_path):
-    from config import Settings
-    from producer.preflight import check_output, check_state
+    from moonbatch.config import Settings
+    from moonbatch.producer.preflight import check_output, check_state
 
     (tmp_path / "out").mkdir()
     settings = Settings(state_url=str(tmp_path / "out"))
@@ -278,7 +278,7 @@ URLS = [
 
 @pytest.mark.parametrize("url", URLS)
 def test_safe_url_hides_every_piece_of_the_password(url):
-    from producer.preflight import safe_url
+    from moonbatch.producer.preflight import safe_url
 
     shown = safe_url(url)
     print(f"\n{url}  →  {shown}")
@@ -288,7 +288,7 @@ def test_safe_url_hides_every_piece_of_the_password(url):
 
 
 def test_safe_url_keeps_what_is_not_secret():
-    from producer.preflight import safe_url
+    from moonbatch.producer.preflight import safe_url
 
     assert safe_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert safe_url("redis://:pw@10.0.0.5:6379/2") == "redis://:***@10.0.0.5:6379/2"
@@ -302,7 +302,7 @@ def test_safe_url_keeps_what_is_not_secret():
 def test_broker_password_with_special_characters_never_printed(s3, bucket, env, tmp_path):
     """A real redis-server that requires a password; the CLI's broker check with URLs whose
     password holds #, /, ?, @, % (unparseable, or wrong): one line, no piece of it."""
-    from workers.embedded import find_redis_server
+    from moonbatch.workers.embedded import find_redis_server
 
     upload_photos(s3, bucket, "in/", names=("coffee.png",))
     port = free_port()

@@ -1,6 +1,6 @@
 """Issue 16 (1): every queue served by default, and a run whose queue nobody consumes says so.
 
-A worker started as Celery's docs start one (``celery -A workers worker``, no ``-Q``) serves
+A worker started as Celery's docs start one (``celery -A moonbatch.workers worker``, no ``-Q``) serves
 both fleet queues (the I/O queue and its control queue); ``-Q`` still picks; run-private queues
 stay out of a plain worker's. ``wait`` and ``status`` name a queue of the run that no worker
 consumes, with the command that serves it, and keep waiting.
@@ -34,7 +34,7 @@ NAMES = ("coffee.png", "rocket.jpg", "chelsea.png", "camera.png")
 
 
 class PlainWorker(Worker):
-    """``celery -A workers worker`` exactly as Celery's docs and README start one: no ``-Q``
+    """``celery -A moonbatch.workers worker`` exactly as Celery's docs and README start one: no ``-Q``
     (its ``MOONBATCH_QUEUE`` env, a queue of the test's own, keeps other tests' work away)."""
 
     def __init__(self, env: dict[str, str], queue: str, log_path: Path) -> None:
@@ -59,7 +59,7 @@ def queues_of_workers(broker_url: str, deadline: float = 60) -> dict[str, set[st
 
 
 def test_a_plain_worker_finishes_a_fleet_run(s3, bucket, env, broker, tmp_path):
-    """``celery -A workers worker`` with no ``-Q`` takes both the builds (the I/O queue) and
+    """``celery -A moonbatch.workers worker`` with no ``-Q`` takes both the builds (the I/O queue) and
     the polls and finalising (the control queue): ``run --workers 0`` completes, with no warning
     about queues. The worker consumes exactly the fleet's two queues (no run-private one)."""
     data = upload_photos(s3, bucket, "in/", names=NAMES)
@@ -152,7 +152,7 @@ def test_wait_and_status_name_the_queue_nobody_consumes(s3, bucket, env, broker,
         warnings = [line for _, line in lines if "no worker consumes" in line]
         assert len(warnings) == 1, text  # once
         assert f"queue {control} (its polls and finalising wait there)" in warnings[0]
-        assert f"start workers with: celery -A workers worker -Q {queue},{control}" in warnings[0]
+        assert f"start workers with: celery -A moonbatch.workers worker -Q {queue},{control}" in warnings[0]
         assert f"queue {queue} " not in warnings[0]  # the I/O queue has its worker
         assert f"not complete after {timeout}s" in text
 

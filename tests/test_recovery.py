@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from config import get_settings
+from moonbatch.config import get_settings
 from tests.conftest import (
     BROKER_DB,
     Worker,
@@ -23,11 +23,11 @@ from tests.conftest import (
     upload_photos,
     wait_for_run,
 )
-from workers import layout
-from workers.builder import build_and_submit
-from workers.moondream import BatchClient
-from workers.runstate import open_run
-from workers.storage import put_json
+from moonbatch.workers import layout
+from moonbatch.workers.builder import build_and_submit
+from moonbatch.workers.moondream import BatchClient
+from moonbatch.workers.runstate import open_run
+from moonbatch.workers.storage import put_json
 
 NAMES = ("coffee.png", "rocket.jpg", "chelsea.png", "camera.png")
 

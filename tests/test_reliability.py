@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from emulator.server import EmulatorConfig, EmulatorServer, Faults
+from moonbatch.emulator.server import EmulatorConfig, EmulatorServer, Faults
 from tests.conftest import (
     SKIMAGE_PHOTOS,
     Worker,
@@ -155,13 +155,13 @@ def _decoy_batch(client, lines: int) -> str:
 @pytest.fixture
 def one_round(s3, bucket, env, emulator):
     """``build()`` builds and submits round 0 of a 2-item shard in this process, with claims."""
-    from config import get_settings
-    from workers import registry
-    from workers.builder import build_and_submit
-    from workers.models import PlanItem, SkillOptions
-    from workers.moondream import BatchClient
-    from workers.runstate import open_output
-    from workers.tasks import line_id_prefix
+    from moonbatch.config import get_settings
+    from moonbatch.workers import registry
+    from moonbatch.workers.builder import build_and_submit
+    from moonbatch.workers.models import PlanItem, SkillOptions
+    from moonbatch.workers.moondream import BatchClient
+    from moonbatch.workers.runstate import open_output
+    from moonbatch.workers.tasks import line_id_prefix
 
     # The same item ids as other tests' unclaimed batches in the session emulator (test_recovery
     # builds without claims): only the round's id prefix tells this round's batch apart.
@@ -195,7 +195,7 @@ def test_a_lost_answer_is_told_apart_from_a_batch_of_the_same_size(one_round, em
     """A decoy batch of the same line count is created in the same moment as the lost answer's
     batch: the round waits for the results, adopts its own batch by the ids in them and never
     the decoy (no duplicate)."""
-    from workers.builder import AwaitingBatch
+    from moonbatch.workers.builder import AwaitingBatch
 
     client = one_round["client"]
     decoy = _decoy_batch(client, 2)
@@ -222,9 +222,9 @@ def test_a_lost_answer_that_created_no_batch_never_adopts_another(one_round, emu
     """A dead attempt sent mpu-complete (``submit.json``) but no batch came of it, while a
     decoy of the same size exists: the round sends itself again, counting one possible
     duplicate, and leaves the decoy alone."""
-    from workers import layout
-    from workers.models import ShardBuild, SubmitRecord
-    from workers.storage import get_json, put_json
+    from moonbatch.workers import layout
+    from moonbatch.workers.models import ShardBuild, SubmitRecord
+    from moonbatch.workers.storage import get_json, put_json
 
     client, state = one_round["client"], one_round["state"]
     decoy = _decoy_batch(client, 2)
@@ -251,7 +251,7 @@ def test_reconciler_recovers_a_run_after_redis_loss_without_resume(s3, bucket, e
     run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--shard-size", "2"], renv)
     broker.restart_empty()
     beat = subprocess.Popen(
-        ["celery", "-A", "workers", "beat", "-s", str(tmp_path / "beat-schedule"), "--loglevel",
+        ["celery", "-A", "moonbatch.workers", "beat", "-s", str(tmp_path / "beat-schedule"), "--loglevel",
          "WARNING"], env=renv, stdout=open(tmp_path / "beat.log", "wb"),
         stderr=subprocess.STDOUT, start_new_session=True)
     try:

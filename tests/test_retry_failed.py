@@ -118,11 +118,11 @@ def test_retry_failed_with_local_workers_after_objects_vanished(s3, bucket, env)
 
 def test_a_stopped_retry_pass_is_finished_by_the_reconciler(s3, bucket, env, fleet):
     """A retry-failed that died after recording its pass: the reconciler reopens the run."""
-    from config import get_settings
-    from producer.runs import register_run
-    from workers import retries
-    from workers.runstate import Progress, open_run
-    from workers.tasks import reconcile_run
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import register_run
+    from moonbatch.workers import retries
+    from moonbatch.workers.runstate import Progress, open_run
+    from moonbatch.workers.tasks import reconcile_run
 
     upload_photos(s3, bucket, "in/", PHOTOS[:2])
     s3.put_object(Bucket=bucket, Key="in/notes.jpg", Body=b"not an image")
@@ -184,9 +184,9 @@ def test_existing_ids_of_every_json_type(tmp_path):
     """Ids keep their JSON type: an ok row for id 7 does not skip id "7"."""
     import orjson
 
-    from config import get_settings
-    from producer.existing import ExistingOk
-    from workers.models import RunSpec, SkillOptions
+    from moonbatch.config import get_settings
+    from moonbatch.producer.existing import ExistingOk
+    from moonbatch.workers.models import RunSpec, SkillOptions
 
     spec = RunSpec(run_id="r", input=str(tmp_path / "in") + "/", output=str(tmp_path) + "/",
                    options=SkillOptions(skill="caption"), shard_size=10, max_shard_bytes=1 << 20,

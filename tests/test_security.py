@@ -18,7 +18,7 @@ PROVIDER_ARGS = {"moondream": [], "fal": ["--provider", "fal", "--max-pixels", "
 
 @pytest.mark.parametrize("provider", list(PROVIDER_ARGS))
 def test_no_secret_in_messages_events_logs_or_storage(provider, s3, bucket, env, fleet, emulator):
-    from workers.app import app
+    from moonbatch.workers.app import app
 
     emulator.config.lines_per_output_file = 1  # several presigned URLs per batch
     events: list[dict] = []

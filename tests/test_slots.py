@@ -1,4 +1,4 @@
-"""workers.slots: the fleet-wide concurrency cap, in a real (private) Redis."""
+"""moonbatch.workers.slots: the fleet-wide concurrency cap, in a real (private) Redis."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from config import Settings
-from workers.slots import Slots, SlotsUnavailable
+from moonbatch.config import Settings
+from moonbatch.workers.slots import Slots, SlotsUnavailable
 
 
 def test_the_cap_holds_across_holders_and_heals(redis_server):

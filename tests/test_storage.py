@@ -1,4 +1,4 @@
-"""workers.storage: LocalStore on a temp directory, S3Store on moto's real server, normalize_url."""
+"""moonbatch.workers.storage: LocalStore on a temp directory, S3Store on moto's real server, normalize_url."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import workers.storage
-from workers.storage import (
+import moonbatch.workers.storage as storage_module
+from moonbatch.workers.storage import (
     LocalStore,
     NotFound,
     ObjectInfo,
@@ -188,7 +188,7 @@ def test_open_store_local(tmp_path):
 
 @pytest.fixture
 def store(s3_endpoint, bucket) -> S3Store:
-    return S3Store(bucket, "pre/", workers.storage.s3_client(s3_endpoint))
+    return S3Store(bucket, "pre/", storage_module.s3_client(s3_endpoint))
 
 
 def test_s3_iter_objects_paginates(store, s3, bucket):
@@ -255,7 +255,7 @@ def test_s3_not_found(store):
 
 
 def test_s3_missing_bucket_is_a_storage_error(s3_endpoint):
-    store = S3Store("no-such-bucket-moonbatch", "", workers.storage.s3_client(s3_endpoint))
+    store = S3Store("no-such-bucket-moonbatch", "", storage_module.s3_client(s3_endpoint))
     with pytest.raises(StorageError):
         store.put("x", b"y")
 
@@ -296,4 +296,4 @@ def test_open_store_s3(s3_endpoint, bucket):
     assert (store.bucket, store.prefix, store.url) == (bucket, "some/prefix/", f"s3://{bucket}/some/prefix/")
     store.put("k", b"v")
     assert store.get("k") == b"v"
-    assert store.client is workers.storage.s3_client(s3_endpoint)  # shared per endpoint
+    assert store.client is storage_module.s3_client(s3_endpoint)  # shared per endpoint

@@ -21,8 +21,8 @@ from PIL import Image
 
 from tests.conftest import SKIMAGE_PHOTOS, expected_result, photos_dir, read_json, read_results, run_cli
 from tests.test_fal_provider import expected_row
-from workers.readers import InputError, ItemFetcher, ListingStats
-from workers.storage import LocalStore, ObjectInfo, open_store
+from moonbatch.workers.readers import InputError, ItemFetcher, ListingStats
+from moonbatch.workers.storage import LocalStore, ObjectInfo, open_store
 
 PHOTOS = {name: (photos_dir() / name).read_bytes() for name in SKIMAGE_PHOTOS}
 SIZES = {name: Image.open(io.BytesIO(data)).size for name, data in PHOTOS.items()}
@@ -258,8 +258,8 @@ def test_parquet_user_errors_are_one_line(env, tmp_path):
 
 def test_parquet_manifest_is_delegated(env, tmp_path):
     """A Parquet file whose image column holds strings is a manifest."""
-    from workers.models import RunSpec, SkillOptions
-    from workers.readers import open_reader
+    from moonbatch.workers.models import RunSpec, SkillOptions
+    from moonbatch.workers.readers import open_reader
 
     for name in ("horse.png", "camera.png"):
         (tmp_path / name).write_bytes(PHOTOS[name])
@@ -308,7 +308,7 @@ class CountingStore:
 
 
 def _settings():
-    from config import get_settings
+    from moonbatch.config import get_settings
 
     return get_settings()
 
@@ -316,7 +316,7 @@ def _settings():
 def test_tar_walk_matches_tarfile_and_webdataset_without_download(s3, bucket, env):
     import webdataset
 
-    from workers.readers.webdataset import iter_tar, key_and_suffix
+    from moonbatch.workers.readers.webdataset import iter_tar, key_and_suffix
 
     shards, photo_of = tar_shards()
     data = shards["00000.tar"]
@@ -361,7 +361,7 @@ def test_tar_walk_matches_tarfile_and_webdataset_without_download(s3, bucket, en
 
 
 def test_tar_that_is_not_a_tar_is_refused(tmp_path):
-    from workers.readers.webdataset import iter_tar
+    from moonbatch.workers.readers.webdataset import iter_tar
 
     (tmp_path / "x.tar").write_bytes(b"\x1f\x8b" + b"\x00" * 600)
     with pytest.raises(InputError, match="not an uncompressed tar"):
@@ -370,7 +370,7 @@ def test_tar_that_is_not_a_tar_is_refused(tmp_path):
 
 # -- unit: Parquet planning and the row-group cache ----------------------------------------------
 def test_parquet_planning_reads_no_image_bytes_and_cache_is_bounded(tmp_path):
-    from workers.readers.parquet import CACHED_ROW_GROUPS, iter_file
+    from moonbatch.workers.readers.parquet import CACHED_ROW_GROUPS, iter_file
 
     photos = list(SKIMAGE_PHOTOS) * 2  # 18 rows, 6 row groups of 3
     ids = list(range(len(photos)))

@@ -12,10 +12,10 @@ import orjson
 import pytest
 
 from tests.conftest import expected_result, read_json, read_results, run_cli, upload_photos, wait_for_run
-from workers import layout, writers
-from workers.models import RunSpec, SkillOptions
-from workers.storage import LocalStore
-from workers.writers import coco, jsonl, parquet
+from moonbatch.workers import layout, writers
+from moonbatch.workers.models import RunSpec, SkillOptions
+from moonbatch.workers.storage import LocalStore
+from moonbatch.workers.writers import coco, jsonl, parquet
 
 OK = {"id": "a/b.png", "source": "s3://in/a/b.png", "status": "ok",
       "result": {"caption": "A cat."}, "usage": {"input_tokens": 7, "output_tokens": 3},
@@ -180,7 +180,7 @@ def download(s3, bucket: str, prefix: str, folder: Path, suffix: str) -> list[Pa
 
 
 def fal_caption(image: bytes) -> str:
-    from emulator.fal import expected_output
+    from moonbatch.emulator.fal import expected_output
 
     return expected_output("fal-ai/moondream3-preview/caption", {"image_url": "x"}, [image])["output"]
 
@@ -340,7 +340,7 @@ def test_coco_export_detect_moondream(s3, bucket, env, fleet, tmp_path):
 
 
 def test_coco_export_point_fal_parquet(s3, bucket, env, fleet, tmp_path):
-    from emulator.fal import expected_output
+    from moonbatch.emulator.fal import expected_output
 
     photos = upload_photos(s3, bucket, "photos/")
     run_cli(["submit", f"s3://{bucket}/photos/", f"s3://{bucket}/out/", "--skill", "point",

@@ -3,5 +3,9 @@ pieces it is made of (storage, lines, Batch API client, merge).
 
 Importing this package (or its pure modules: lines, models, layout, merge, storage, ...) does not
 build the Celery app: the producer's planning and listing import them without Celery. The app is
-``workers.app.app``; ``celery -A workers`` finds it through ``workers.celery``.
+``moonbatch.workers.app.app``; ``celery -A moonbatch.workers`` finds it through ``moonbatch.workers.celery``.
 """
+
+if __name__ != "moonbatch.workers":  # one module, one name: never two Celery apps or two Settings
+    raise ImportError(f"import moonbatch.workers, not {__name__}")
+

@@ -1,7 +1,7 @@
-"""The Celery application of moonbatch workers (``celery -A workers worker``).
+"""The Celery application of moonbatch workers (``celery -A moonbatch.workers worker``).
 
 Broker and result backend come from settings (Redis). ``MOONBATCH_BROKER_URL=embedded`` asks
-``moonbatch run``/``demo`` for a private ``redis-server`` of their own (``workers.embedded``);
+``moonbatch run``/``demo`` for a private ``redis-server`` of their own (``moonbatch.workers.embedded``);
 they put its URL in the settings before any worker starts. Kombu's filesystem transport is not
 offered: a worker can read a message file before it is fully written.
 Delivery is at-least-once (FACTS.md, "Celery with Redis"): late acks, redelivery of a lost
@@ -16,9 +16,9 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
-from config import Settings, get_settings
-from workers import logs, metrics
-from workers.runstate import control_queue
+from moonbatch.config import Settings, get_settings
+from moonbatch.workers import logs, metrics
+from moonbatch.workers.runstate import control_queue
 
 
 def fleet_queues(settings: Settings) -> list[Queue]:
@@ -42,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": settings.queue,
-        # `celery -A workers worker` without -Q serves both fleet queues (Celery consumes every
+        # `celery -A moonbatch.workers worker` without -Q serves both fleet queues (Celery consumes every
         # queue of task_queues by default); -Q still picks some. Run-private queues
         # (moonbatch-run-<id>) stay out of it: only their own local workers consume them,
         # and publishing to them (or -Q naming them) relies on queues created on demand.
@@ -65,14 +65,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
-        # The reconciler: run a beat (celery -A workers beat, or a worker with -B) to use it.
+        # The reconciler: run a beat (celery -A moonbatch.workers beat, or a worker with -B) to use it.
         "beat_schedule": {"moonbatch-reconcile": {
             "task": "moonbatch.reconcile", "schedule": settings.reconcile_interval,
             "options": {"queue": control_queue(settings.queue, settings)}}},
     }
 
 
-app = Celery("moonbatch", include=["workers.tasks"])
+app = Celery("moonbatch", include=["moonbatch.workers.tasks"])
 app.conf.update(celery_config(get_settings()))
 metrics.connect_signals()  # /metrics when MOONBATCH_METRICS_PORT is set (workers.metrics)
 

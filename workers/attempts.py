@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from workers import layout
-from workers.models import ShardBuild
-from workers.storage import NotFound, StorageError, Store, put_json
+from moonbatch.workers import layout
+from moonbatch.workers.models import ShardBuild
+from moonbatch.workers.storage import NotFound, StorageError, Store, put_json
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ class ByteBudget:
 @functools.cache
 def decode_budget() -> ByteBudget:
     """This process's budget for decoded pixels (``MOONBATCH_DECODE_MEMORY``)."""
-    from config import get_settings
+    from moonbatch.config import get_settings
 
     return ByteBudget(get_settings().decode_memory)
 

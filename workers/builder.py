@@ -19,15 +19,15 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from workers import layout, metrics
-from workers.lines import ItemError, encode_line, max_image_bytes, prepare_image, skill_line_id
-from workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
-from workers.moondream import BatchClient, Part, RequestRejected, TransientError
-from workers.pool import ordered_map
-from workers.providers import Later
-from workers.readers import item_options, read_item, unexpected_error
-from workers.registry import BatchClaims
-from workers.storage import NotFound, Store, get_json, get_json_or_none, put_json
+from moonbatch.workers import layout, metrics
+from moonbatch.workers.lines import ItemError, encode_line, max_image_bytes, prepare_image, skill_line_id
+from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
+from moonbatch.workers.moondream import BatchClient, Part, RequestRejected, TransientError
+from moonbatch.workers.pool import ordered_map
+from moonbatch.workers.providers import Later
+from moonbatch.workers.readers import item_options, read_item, unexpected_error
+from moonbatch.workers.registry import BatchClaims
+from moonbatch.workers.storage import NotFound, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
                ) -> Iterator[tuple[int, bytes, bool, int]]:
     """Yield ``(item_index, line, transformed, skill)`` for every sendable item of
     ``indices`` (default: all), in plan order; each line's ``id`` is ``id_prefix`` + the
-    item's key. ``fetch(item)`` reads an item's image (``workers.readers.ItemFetcher.get``).
+    item's key. ``fetch(item)`` reads an item's image (``moonbatch.workers.readers.ItemFetcher.get``).
 
     ``more``: further skills of a multi-skill run: each image is read, checked and base64'd
     once, then written as one line per skill (``skill``: 0 for ``options``, k for
@@ -264,7 +264,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
             log.warning("shard %d: could not abort the upload", shard, exc_info=True)
 
     if fetch is None:
-        from workers.readers import ItemFetcher
+        from moonbatch.workers.readers import ItemFetcher
 
         fetch = ItemFetcher(input_store).get  # type: ignore[arg-type]
     writer = PartWriter(part_size, send, concurrency=upload_concurrency)

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from config import Settings
+from moonbatch.config import Settings
 
 log = logging.getLogger(__name__)
 PREFIX = "moonbatch:canary:"

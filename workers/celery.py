@@ -1,5 +1,5 @@
-"""Where ``celery -A workers`` finds the app (Celery looks up ``<package>.celery``)."""
+"""Where ``celery -A moonbatch.workers`` finds the app (Celery looks up ``<package>.celery``)."""
 
-from workers.app import app
+from moonbatch.workers.app import app
 
 __all__ = ["app"]

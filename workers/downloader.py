@@ -13,7 +13,7 @@ import logging
 
 import orjson
 
-from workers.moondream import BatchClient, BatchStatus, MoondreamError, TransientError
+from moonbatch.workers.moondream import BatchClient, BatchStatus, MoondreamError, TransientError
 
 log = logging.getLogger(__name__)
 

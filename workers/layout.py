@@ -122,13 +122,13 @@ def round_doc(shard: int, rnd: int, name: str) -> str:
 
 def step_attempts(shard: int, rnd: int, kind: str) -> str:
     """Key of the count of attempts of round ``rnd``'s ``build`` or ``poll`` steps
-    (``workers.attempts``)."""
+    (``moonbatch.workers.attempts``)."""
     return f"{SHARDS}{shard:05d}/r{rnd}/attempts-{kind}.json"
 
 
 def results(shard: int, suffix: str = "jsonl") -> str:
     """Key of the shard's merged result rows (``suffix``: the output format's, see
-    ``workers.writers``)."""
+    ``moonbatch.workers.writers``)."""
     return f"{RESULTS}shard-{shard:05d}.{suffix}"
 
 

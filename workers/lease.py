@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-from workers.storage import NotFound, Store
+from moonbatch.workers.storage import NotFound, Store
 
 
 class LeaseLost(Exception):

@@ -5,7 +5,7 @@ the API's 10 MB line limit. Images in a format the API documents (JPEG, PNG, GIF
 "real-time API") pass through byte for byte; other formats Pillow reads (WebP, BMP, TIFF, ...)
 are converted; an image whose line would be too long is downscaled, keeping its aspect ratio,
 until it fits. An image over the pixel limit (``MOONBATCH_MAX_IMAGE_PIXELS``) is refused from its
-header; decoding is bounded by the process's decode budget (``workers.budget``).
+header; decoding is bounded by the process's decode budget (``moonbatch.workers.budget``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import io
 import json
 import posixpath
 
-from config import API_MAX_LINE_BYTES
+from moonbatch.config import API_MAX_LINE_BYTES
 
 # Extensions that make an object an item without looking at it.
 IMAGE_EXTENSIONS = frozenset(
@@ -43,7 +43,7 @@ class ItemError(Exception):
     """An item cannot be sent; ``code`` is a stable machine-readable reason.
 
     Codes: ``empty_object``, ``not_an_image``, ``image_decode_failed``, ``image_too_large``,
-    ``object_not_found``, ``read_failed``; reading an item (``workers.readers``):
+    ``object_not_found``, ``read_failed``; reading an item (``moonbatch.workers.readers``):
     ``invalid_reference`` (a malformed URL, bucket or path), ``reference_refused`` (a
     non-public address, a local file, a bucket the workers' settings do not open),
     ``object_too_large`` (over ``MOONBATCH_ITEM_MAX_BYTES``), ``read_timeout`` (past
@@ -165,7 +165,7 @@ def prepare_image(data: bytes, *, limit: int, max_pixels: int = 0,
     what the model tiles add only upload bytes and cost (FACTS.md). An image within the budget
     and the limit, in a format the API documents (``API_FORMATS``), passes through byte for byte
     after a header parse (no full decode); any other format is converted (``_reencode``).
-    Decoding takes its bytes from the process's budget (``workers.budget``, default
+    Decoding takes its bytes from the process's budget (``moonbatch.workers.budget``, default
     ``MOONBATCH_DECODE_MEMORY``) and makes no full-size copy when downscaling.
     Raises ``ItemError`` (``empty_object``, ``not_an_image``, ``image_decode_failed``,
     ``image_too_large``).
@@ -176,7 +176,7 @@ def prepare_image(data: bytes, *, limit: int, max_pixels: int = 0,
     if not data:
         raise ItemError("empty_object", "object is empty (0 bytes)")
     if max_image_pixels is None:
-        from config import get_settings
+        from moonbatch.config import get_settings
 
         max_image_pixels = get_settings().max_image_pixels
     sniffed = sniff_format(data[:SNIFF_BYTES])
@@ -267,8 +267,8 @@ def _reencode(img, fmt: str, size: int, limit: int, max_pixels: int) -> Prepared
     otherwise JPEG, downscaled to ``max_pixels`` (if set) and further until within ``limit``.
 
     Holds the bytes of the decoded image and of its working copies from the process's
-    decode budget (``workers.budget``) while it works."""
-    from workers.budget import decode_budget
+    decode budget (``moonbatch.workers.budget``) while it works."""
+    from moonbatch.workers.budget import decode_budget
 
     mode = img.mode
     factor = 1

@@ -1,6 +1,6 @@
 """Merge: a round's result lines → one output row per shard item. Pure: no I/O; no provider.
 
-Result lines (``workers.providers``: the Batch API's output line shape, whatever the provider)
+Result lines (``moonbatch.workers.providers``: the Batch API's output line shape, whatever the provider)
 come in any order, so they are keyed on ``line_index`` (seed 002, "Output format"), and the
 ``id`` on each is cross-checked. Every item of the shard ends in exactly one row: its result,
 its own error, the pre-send error recorded by the build, the round's error if the whole
@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from workers.models import PlanItem, ShardBuild, id_text
+from moonbatch.workers.models import PlanItem, ShardBuild, id_text
 
 
 @dataclasses.dataclass
@@ -166,7 +166,7 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
     skill's ``{"code", "message", "skill"}`` (the other skills' results stay in ``result``),
     and the item is retryable when any failed skill's code is in ``retryable_codes`` (a retry
     sends every skill of the item again)."""
-    from workers.lines import skill_line_id
+    from moonbatch.workers.lines import skill_line_id
 
     stats = MergeStats()
     lines, line_skills, n_lines, k = build.lines, build.skills, len(build.lines), len(skills)

@@ -6,7 +6,7 @@ on that port (of ``MOONBATCH_METRICS_ADDRESS``: every IPv4 interface unless told
 merging what every pool process recorded: prometheus_client's multiprocess mode,
 one set of files per process in ``PROMETHEUS_MULTIPROC_DIR`` (a private temporary directory
 when the variable is unset, made and set at ``worker_init``, before the pool forks and before
-any metric exists; removed at shutdown). ``connect_signals()`` (called by ``workers.app``) hooks
+any metric exists; removed at shutdown). ``connect_signals()`` (called by ``moonbatch.workers.app``) hooks
 that into Celery; importing this module starts nothing and imports neither Celery nor
 prometheus_client, so the producer's planning stays light. Every recording function is a no-op
 when metrics are off and never raises: a metric cannot fail a task.
@@ -49,8 +49,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from workers.models import ShardDone
-    from workers.runstate import Run
+    from moonbatch.workers.models import ShardDone
+    from moonbatch.workers.runstate import Run
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _metrics() -> dict[str, Any] | None:
         return _state.metrics
     if not os.environ.get(ENV_DIR):
         return None
-    from config import get_settings
+    from moonbatch.config import get_settings
 
     if get_settings().metrics_port is None:
         return None
@@ -316,8 +316,8 @@ def run_progress(run: Run, *, force: bool = False) -> None:
     m = _metrics()
     if m is None:
         return
-    from workers import layout
-    from workers.storage import get_json, get_json_or_none
+    from moonbatch.workers import layout
+    from moonbatch.workers.storage import get_json, get_json_or_none
 
     run_id = run.spec.run_id
     with _lock:
@@ -442,7 +442,7 @@ def prepare_worker() -> str | None:
     multiprocess directory (a private temporary one unless ``PROMETHEUS_MULTIPROC_DIR`` names
     one; that one is emptied of stale files) and set the variable for the pool processes.
     Returns the directory, or None when metrics are off."""
-    from config import get_settings
+    from moonbatch.config import get_settings
 
     if get_settings().metrics_port is None:
         return None
@@ -468,7 +468,7 @@ def serve() -> bool:
     the port is taken or the address is not this machine's."""
     import errno
 
-    from config import get_settings
+    from moonbatch.config import get_settings
 
     settings = get_settings()
     port, address = settings.metrics_port, settings.metrics_address
@@ -505,7 +505,7 @@ def shutdown() -> None:
 
 def process_dead(pid: int | None) -> None:
     """A pool process exited (``worker_process_shutdown``): drop its ``live*`` gauge files."""
-    from config import get_settings
+    from moonbatch.config import get_settings
 
     path = os.environ.get(ENV_DIR)
     if not path or pid is None or get_settings().metrics_port is None:

@@ -1,6 +1,6 @@
 """Typed records of a run: the skill's options, the run spec, and the per-shard state documents.
 
-All of them are stored as JSON under the run's output prefix (see ``workers.layout``); none of
+All of them are stored as JSON under the run's output prefix (see ``moonbatch.workers.layout``); none of
 them ever holds a secret (API key or presigned URL).
 """
 
@@ -110,7 +110,7 @@ class RunSpec(BaseModel):
 
     run_id: str
     # INPUT: a normalised store URL (a prefix), or the URL of a file (a manifest, a
-    # WebDataset .tar, a Parquet file) for the readers that take one (``workers.readers``).
+    # WebDataset .tar, a Parquet file) for the readers that take one (``moonbatch.workers.readers``).
     input: str
     output: str  # normalised store URL
     options: SkillOptions
@@ -118,16 +118,16 @@ class RunSpec(BaseModel):
     # read and encoded once and every skill's result lands in its row under the skill's name.
     more_options: list[SkillOptions] = Field(default_factory=list)
     model: str | None = None
-    # Which service annotates (``workers.providers``) and, for fal, which endpoint. Specs
+    # Which service annotates (``moonbatch.workers.providers``) and, for fal, which endpoint. Specs
     # written before providers existed are Batch API runs.
     provider: str = "moondream"
     endpoint: str | None = None
-    # How INPUT is read (``workers.readers``): ``prefix`` (a listing of images; specs written
+    # How INPUT is read (``moonbatch.workers.readers``): ``prefix`` (a listing of images; specs written
     # before readers existed), ``manifest``, ``webdataset`` or ``parquet``, and that reader's
     # options (``id_column``, ``image_column``, ``base``).
     input_kind: str = "prefix"
     input_options: dict[str, str] = Field(default_factory=dict)
-    # How results are written (``workers.writers``): ``jsonl`` or ``parquet``.
+    # How results are written (``moonbatch.workers.writers``): ``jsonl`` or ``parquet``.
     output_format: Literal["jsonl", "parquet"] = "jsonl"
     # ``--skip-existing``: the OUTPUT of a previous run whose ok rows' items are not planned
     # again (``producer.existing``); recorded so a taken-over start plans the same.
@@ -171,7 +171,7 @@ class PlanItem:
     ``id``: the item's id as the output row carries it: the key relative to the input prefix,
     or a manifest's id of any JSON type (str, int, float, bool). ``size``: the image's bytes
     (an estimate where the reader cannot know it exactly). ``ref``: where the image is, when it
-    is not the INPUT store's key ``id`` (``workers.readers``: a key relative to the INPUT
+    is not the INPUT store's key ``id`` (``moonbatch.workers.readers``: a key relative to the INPUT
     store, an ``s3://``/``file://``/``http(s)://`` URL, ``tar:<key>#<offset>+<size>``,
     ``parquet:<key>#<row group>/<row>``). ``opts``: the item's own ``question``, ``object``
     or ``length`` (manifest columns), overriding the run's.
@@ -233,7 +233,7 @@ class ShardBuild(BaseModel):
 
     def line_ids(self, items: list[PlanItem] | Any, skills: list[str]) -> set[str]:
         """The ids the round's lines were sent under (``skills``: the run's skill names)."""
-        from workers.lines import skill_line_id
+        from moonbatch.workers.lines import skill_line_id
 
         if not self.skills:
             return {self.id_prefix + items[i].key for i in self.lines}

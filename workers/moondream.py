@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers import metrics, origins
-from workers.providers import ProviderError, TransientProviderError
+from moonbatch.workers import metrics, origins
+from moonbatch.workers.providers import ProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO; presigned URLs must not reach the logs.

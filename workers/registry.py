@@ -5,7 +5,7 @@ after the broker and the result backend lose everything, from any machine. So th
 OUTPUT lives in object storage next to the runs' own truth, never only in Redis. The same store
 lists the runs that are not final yet (what the reconciler sweeps) and records which run owns
 each submitted batch (so a batch found again after a lost ``mpu-complete`` answer is adopted by
-one round only). Keys are in ``workers.layout``.
+one round only). Keys are in ``moonbatch.workers.layout``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from config import Settings
-from workers import layout
-from workers.storage import Store, get_json_or_none, open_store, put_json
+from moonbatch.config import Settings
+from moonbatch.workers import layout
+from moonbatch.workers.storage import Store, get_json_or_none, open_store, put_json
 
 
 def open_state(settings: Settings) -> Store:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from workers import layout, writers
-from workers.runstate import Run
-from workers.storage import Store, get_json, get_json_or_none, put_json
+from moonbatch.workers import layout, writers
+from moonbatch.workers.runstate import Run
+from moonbatch.workers.storage import Store, get_json, get_json_or_none, put_json
 
 
 def error_rows(store: Store, fmt: str, shard: int, codes: set[str] | None

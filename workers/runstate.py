@@ -1,7 +1,7 @@
 """A run's durable state in object storage: loading it, summarising it, finalising it once.
 
 Object storage, not Redis, is the source of truth: every document here is written by a task
-before the next step is enqueued (layout in ``workers.layout``).
+before the next step is enqueued (layout in ``moonbatch.workers.layout``).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import json
 import time
 from typing import Any
 
-from config import Settings
-from workers import layout
-from workers.models import PlanItem, RunSpec, ShardDone
-from workers.storage import NotFound, Store, get_json, get_json_or_none, open_store, put_json
+from moonbatch.config import Settings
+from moonbatch.workers import layout
+from moonbatch.workers.models import PlanItem, RunSpec, ShardDone
+from moonbatch.workers.storage import NotFound, Store, get_json, get_json_or_none, open_store, put_json
 
 #: ``run.json`` ``counts`` field → the ``ShardDone`` field it sums over merged shards.
 RESULT_LINE_COUNTS = {"duplicate_lines": "duplicate_rows", "missing_lines": "missing_rows",
@@ -37,10 +37,10 @@ class Run:
 
     @property
     def fetcher(self) -> Any:
-        """The run's ``workers.readers.ItemFetcher`` (made on first use): reads an item's
+        """The run's ``moonbatch.workers.readers.ItemFetcher`` (made on first use): reads an item's
         image wherever its reader put it, and names its ``source``."""
         if self._fetcher is None:
-            from workers.readers import ItemFetcher
+            from moonbatch.workers.readers import ItemFetcher
 
             # Local files are the run's own only when its INPUT is on this machine.
             self._fetcher = ItemFetcher(self.input, self.settings,
@@ -71,7 +71,7 @@ def open_run(output_url: str, settings: Settings, run_id: str | None = None) -> 
         raise RunNotFound(f"no moonbatch run at {out.url}") from None
     if run_id is not None and spec.run_id != run_id:
         raise RunNotFound(f"{out.url} holds run {spec.run_id}, not {run_id}")
-    from workers.readers import input_root
+    from moonbatch.workers.readers import input_root
 
     return Run(spec, out, open_output(input_root(spec), settings), settings)
 
@@ -241,7 +241,7 @@ def maybe_finalize(store: Store) -> bool:
     if not progress.complete():
         return False
     summary = progress.snapshot()
-    from workers import writers
+    from moonbatch.workers import writers
 
     spec = RunSpec.model_validate(get_json(store, layout.SPEC))
     writers.finish_run(store, spec, summary["shards"]["total"])  # the plan's, read by complete()

@@ -17,9 +17,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-from config import Settings
-from workers.canary import broker_redis
-from workers.providers import TransientProviderError
+from moonbatch.config import Settings
+from moonbatch.workers.canary import broker_redis
+from moonbatch.workers.providers import TransientProviderError
 
 PREFIX = "moonbatch:slots:"
 

@@ -1,5 +1,5 @@
 """Celery tasks of the shard pipeline: thin wrappers that load state, call the provider and the
-pure pieces, save. Provider-blind: the run's provider (``workers.providers``) does the talking.
+pure pieces, save. Provider-blind: the run's provider (``moonbatch.workers.providers``) does the talking.
 
     build_shard(r) ──► poll_round(r) ──(countdown, re-enqueued)──► merge_round(r) ──► finish
         ▲                 (never sleeps in a worker slot)              │
@@ -26,13 +26,13 @@ from typing import Any
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from config import Settings, get_settings
-from workers import attempts, canary, layout, logs, metrics, registry, retries, writers
-from workers.app import app
-from workers.lease import Lease, LeaseLost, execution_owner, lease_is_live, task_of
-from workers.merge import compose, encode_round, merge_round
-from workers.models import BatchRecord, RunSpec, ShardBuild, ShardDone
-from workers.providers import (
+from moonbatch.config import Settings, get_settings
+from moonbatch.workers import attempts, canary, layout, logs, metrics, registry, retries, writers
+from moonbatch.workers.app import app
+from moonbatch.workers.lease import Lease, LeaseLost, execution_owner, lease_is_live, task_of
+from moonbatch.workers.merge import compose, encode_round, merge_round
+from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild, ShardDone
+from moonbatch.workers.providers import (
     Later,
     ProviderError,
     Resend,
@@ -40,7 +40,7 @@ from workers.providers import (
     TransientProviderError,
     provider_for,
 )
-from workers.runstate import (
+from moonbatch.workers.runstate import (
     Run,
     control_queue,
     maybe_finalize,
@@ -49,7 +49,7 @@ from workers.runstate import (
     record_failure,
     run_queue,
 )
-from workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
+from moonbatch.workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
@@ -550,7 +550,7 @@ def reconcile_run(output: str, run_id: str, *, full: bool) -> dict[str, int]:
     """One reconciler pass over one run: re-enqueue its stale work (every unfinished step when
     ``full``, after the broker lost its messages), finalise it if it is complete, and take it
     off the active list once it is final. A ``retry-failed`` pass recorded and not applied
-    yet (``workers.retries``) is applied first. Returns ``{action: shards}``."""
+    yet (``moonbatch.workers.retries``) is applied first. Returns ``{action: shards}``."""
     settings = get_settings()
     store = open_output(output, settings)
     counts: dict[str, int] = {}

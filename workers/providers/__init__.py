@@ -1,6 +1,6 @@
 """Providers: the services that annotate a round of a shard, behind one small interface.
 
-The shared pipeline (``workers.tasks``: planning, leases, rounds, merging, outputs, resume,
+The shared pipeline (``moonbatch.workers.tasks``: planning, leases, rounds, merging, outputs, resume,
 reconcile, cancel) never names a provider. It drives every round through four calls:
 
     submit_round(ctx)   under the shard's lease: send the round (or its first part); True when
@@ -13,7 +13,7 @@ A round's results are **result lines**: dicts of the Batch API's output line sha
 "Output format"), whatever the provider: ``{"line_index": int, "id": str | None, "status":
 "ok", "result": {...}, "usage": {...}}`` or ``{"line_index", "id", "status": "error", "error":
 {"code", "message"}}``. ``line_index`` indexes ``ShardBuild.lines`` (the round's sendable items
-in order). The shared merge (``workers.merge``) turns them into output rows.
+in order). The shared merge (``moonbatch.workers.merge``) turns them into output rows.
 
 A provider is one module with a class implementing ``Provider`` plus one entry in
 ``PROVIDERS``. Its own state documents live under the round's prefix (``ctx.doc(name)``).
@@ -27,20 +27,20 @@ import importlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from workers import layout
-from workers.storage import get_json
+from moonbatch.workers import layout
+from moonbatch.workers.storage import get_json
 
 if TYPE_CHECKING:
-    from config import Settings
-    from workers.models import PlanItem, RunSpec, SkillOptions
-    from workers.runstate import Run
-    from workers.storage import Store
+    from moonbatch.config import Settings
+    from moonbatch.workers.models import PlanItem, RunSpec, SkillOptions
+    from moonbatch.workers.runstate import Run
+    from moonbatch.workers.storage import Store
 
 #: Provider name → ``"module:Class"`` (imported on first use, so the producer's planning never
 #: imports a provider's HTTP stack it does not use).
 PROVIDERS: dict[str, str] = {
-    "moondream": "workers.providers.moondream:MoondreamBatchProvider",
-    "fal": "workers.providers.fal:FalProvider",
+    "moondream": "moonbatch.workers.providers.moondream:MoondreamBatchProvider",
+    "fal": "moonbatch.workers.providers.fal:FalProvider",
 }
 
 
@@ -77,7 +77,7 @@ class Later(TransientProviderError):
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What one shard may hold for a provider: ``max_lines`` items and ``max_bytes`` of
-    estimated request bytes (``workers.lines.estimate_line_bytes``)."""
+    estimated request bytes (``moonbatch.workers.lines.estimate_line_bytes``)."""
 
     max_lines: int
     max_bytes: int

@@ -12,7 +12,7 @@ each under the shard's lease and none sleeping in a worker slot:
 
 1. poll every request in flight; fetch a COMPLETED request's result at once (fal keeps results
    of 10 KB or more only 6 minutes) and turn it into result lines;
-2. take slots of the endpoint's fleet-wide cap (``workers.slots``: fal's concurrency plus a
+2. take slots of the endpoint's fleet-wide cap (``moonbatch.workers.slots``: fal's concurrency plus a
    queue ahead of it, so fal never waits for a step to start its next request) and send the
    next requests: the round's lines in order, resends first;
 3. write the finished lines (``results-NNNNN.jsonl``, write-once) and then the ledger
@@ -54,11 +54,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from workers import layout, metrics, slots
-from workers.lines import ItemError, PreparedImage, prepare_image, skill_line_id
-from workers.models import BatchRecord, PlanItem, RunSpec, ShardBuild, SkillOptions
-from workers.pool import ordered_map
-from workers.providers import (
+from moonbatch.workers import layout, metrics, slots
+from moonbatch.workers.lines import ItemError, PreparedImage, prepare_image, skill_line_id
+from moonbatch.workers.models import BatchRecord, PlanItem, RunSpec, ShardBuild, SkillOptions
+from moonbatch.workers.pool import ordered_map
+from moonbatch.workers.providers import (
     Estimate,
     Limits,
     Poll,
@@ -67,7 +67,7 @@ from workers.providers import (
     estimate_input_tokens,
     estimate_output_tokens,
 )
-from workers.providers.fal_queue import (
+from moonbatch.workers.providers.fal_queue import (
     FalAuthError,
     FalBadRequestId,
     FalError,
@@ -78,8 +78,8 @@ from workers.providers.fal_queue import (
     FalTransient,
     Submitted,
 )
-from workers.readers import item_options, read_item, unexpected_error
-from workers.storage import NotFound, StorageError, get_json_or_none, put_json
+from moonbatch.workers.readers import item_options, read_item, unexpected_error
+from moonbatch.workers.storage import NotFound, StorageError, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +506,7 @@ class FalProvider:
     def abandon_unsent(self, ctx: RoundContext, error: dict[str, str]) -> int:
         """End the round's lines not sent yet (resends, and those past the cursor) as error
         lines with ``error``; if every line was sent, those still in flight (their requests
-        are left to fal). Called when a step keeps losing its worker (``workers.attempts``):
+        are left to fal). Called when a step keeps losing its worker (``moonbatch.workers.attempts``):
         the next step sends nothing more. The ledger is written by compare-and-swap, as a
         step's is. Returns the lines ended; raises ``StorageError``."""
         build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
@@ -978,7 +978,7 @@ def _next_step_in(ledger: dict[str, Any], settings: Any) -> float:
 @functools.cache
 def _client() -> FalQueueClient:
     """This process's fal queue client (key and URL from settings)."""
-    from config import get_settings
+    from moonbatch.config import get_settings
 
     s = get_settings()
     return FalQueueClient(s.fal_queue_url, s.fal_api_key(), timeout=s.http_timeout)

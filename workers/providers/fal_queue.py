@@ -9,7 +9,7 @@ Every queue call sends ``Authorization: Key <FAL_KEY>``, and only to the origin 
 configured ``queue_url``: status, result and cancel URLs are built from the endpoint and the
 request id at each use (the endpoint's sub-path dropped, as fal's own URLs do), never taken from
 a submit answer or from storage (a run's ledger is in OUTPUT, which others may be able to write),
-and a request id must be one safe path segment (``workers.origins.path_id``; fal's are UUIDs).
+and a request id must be one safe path segment (``moonbatch.workers.origins.path_id``; fal's are UUIDs).
 Redirects are never followed with the key. Files an output points to (``captions_file``) are
 downloaded by a second client that holds no key, size-capped, within a deadline.
 
@@ -31,8 +31,8 @@ from urllib.parse import unquote_to_bytes
 
 import httpx
 
-from workers import metrics, origins
-from workers.providers import ProviderError, TransientProviderError
+from moonbatch.workers import metrics, origins
+from moonbatch.workers.providers import ProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs request URLs at INFO

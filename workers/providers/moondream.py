@@ -5,7 +5,7 @@
     collect_round  workers.downloader: the result files, verified → their result lines as sent
     cancel_run     abort the multipart uploads still open (the API cannot cancel a batch)
 
-The client is ``workers.moondream``; result lines are the API's own output lines.
+The client is ``moonbatch.workers.moondream``; result lines are the API's own output lines.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Any, ClassVar
 import httpx
 import orjson
 
-from config import API_MAX_FILE_BYTES, API_MAX_LINES, Settings, get_settings
-from workers import layout, metrics, registry
-from workers.builder import build_and_submit
-from workers.downloader import fetch_results
-from workers.merge import next_poll_interval
-from workers.models import BatchRecord, RunSpec
-from workers.moondream import BatchClient
-from workers.providers import (
+from moonbatch.config import API_MAX_FILE_BYTES, API_MAX_LINES, Settings, get_settings
+from moonbatch.workers import layout, metrics, registry
+from moonbatch.workers.builder import build_and_submit
+from moonbatch.workers.downloader import fetch_results
+from moonbatch.workers.merge import next_poll_interval
+from moonbatch.workers.models import BatchRecord, RunSpec
+from moonbatch.workers.moondream import BatchClient
+from moonbatch.workers.providers import (
     Estimate,
     Limits,
     Poll,
@@ -37,7 +37,7 @@ from workers.providers import (
     estimate_input_tokens,
     estimate_output_tokens,
 )
-from workers.storage import get_json, get_json_or_none
+from moonbatch.workers.storage import get_json, get_json_or_none
 
 log = logging.getLogger(__name__)
 

@@ -30,23 +30,23 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from workers import netguard
-from workers.lines import ItemError
-from workers.models import PlanItem, SkillOptions
-from workers.readers import refs
-from workers.storage import LocalStore, NotFound, StorageError, Store, TooLarge, normalize_url
+from moonbatch.workers import netguard
+from moonbatch.workers.lines import ItemError
+from moonbatch.workers.models import PlanItem, SkillOptions
+from moonbatch.workers.readers import refs
+from moonbatch.workers.storage import LocalStore, NotFound, StorageError, Store, TooLarge, normalize_url
 
 if TYPE_CHECKING:
-    from workers.models import RunSpec
+    from moonbatch.workers.models import RunSpec
 
 log = logging.getLogger(__name__)
 
 # kind → (module, INPUT file suffixes it takes); ``kind_of_file``: first suffix match wins.
 READERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "prefix": ("workers.readers.prefix", ()),
-    "manifest": ("workers.readers.manifest", (".csv", ".jsonl", ".ndjson")),
-    "webdataset": ("workers.readers.webdataset", (".tar",)),
-    "parquet": ("workers.readers.parquet", (".parquet",)),
+    "prefix": ("moonbatch.workers.readers.prefix", ()),
+    "manifest": ("moonbatch.workers.readers.manifest", (".csv", ".jsonl", ".ndjson")),
+    "webdataset": ("moonbatch.workers.readers.webdataset", (".tar",)),
+    "parquet": ("moonbatch.workers.readers.parquet", (".parquet",)),
 }
 # An item ref's own scheme → the reader whose module's ``fetch`` reads it.
 SCHEMES: dict[str, str] = {"tar": "webdataset", "parquet": "parquet"}
@@ -124,7 +124,7 @@ def kind_of_file(url: str) -> str | None:
 def normalize_input(url: str, input_format: str = "auto") -> tuple[str, str]:
     """``(INPUT URL as the spec records it, reader kind)``. A file INPUT (a manifest, a
     ``.tar``, a ``.parquet``) keeps its file URL (``s3://bucket/key`` or an absolute path); a
-    prefix is normalised (``workers.storage.normalize_url``). ``input_format`` other than
+    prefix is normalised (``moonbatch.workers.storage.normalize_url``). ``input_format`` other than
     ``auto`` chooses the reader (e.g. ``webdataset`` for a prefix of ``.tar`` shards).
 
     Raises ``ValueError`` for an unknown format or a URL the stores do not take."""
@@ -186,7 +186,7 @@ class ItemFetcher:
     bucket or folder with the settings' endpoint); ``http(s)://...``; ``<scheme>:<rest>`` for a
     reader's own scheme (``tar:``, ``parquet:``).
 
-    References are data (``workers.readers.refs``, ``workers.netguard``): a malformed one is
+    References are data (``moonbatch.workers.readers.refs``, ``moonbatch.workers.netguard``): a malformed one is
     never read; a local file is read only when ``local_input`` (the run's INPUT is on this
     machine; default: ``input_store`` is a local folder) or in a folder of
     ``MOONBATCH_ALLOW_LOCAL_FILES``; an ``s3://`` bucket must pass ``MOONBATCH_ITEM_BUCKETS``;
@@ -203,7 +203,7 @@ class ItemFetcher:
     def __init__(self, input_store: Store, settings: Any = None, *,
                  local_input: bool | None = None) -> None:
         if settings is None:
-            from config import get_settings
+            from moonbatch.config import get_settings
 
             settings = get_settings()
         self.input, self.settings = input_store, settings
@@ -267,7 +267,7 @@ class ItemFetcher:
         with self._lock:
             store = self._stores.get(root)
             if store is None:
-                from workers.storage import open_store
+                from moonbatch.workers.storage import open_store
 
                 store = self._stores[root] = open_store(
                     root, endpoint_url=self.settings.s3_endpoint_url,

@@ -27,10 +27,10 @@ from typing import IO, Any
 
 import orjson
 
-from workers.models import PlanItem, id_text
-from workers.readers import InputError, ListingStats, scheme_of, split_input
-from workers.readers.rangeio import RangeFile, object_info
-from workers.storage import LocalStore, Store, open_store
+from moonbatch.workers.models import PlanItem, id_text
+from moonbatch.workers.readers import InputError, ListingStats, scheme_of, split_input
+from moonbatch.workers.readers.rangeio import RangeFile, object_info
+from moonbatch.workers.storage import LocalStore, Store, open_store
 
 # Planning size of an image whose size is not known without a request (S3, http): the shard
 # byte limit (2 GB, the Batch API's) is what it bounds, so it errs on the large side. With the
@@ -55,7 +55,7 @@ class Reader:
 
     def __init__(self, spec: Any, store: Store, settings: Any = None) -> None:
         if settings is None:
-            from config import get_settings
+            from moonbatch.config import get_settings
 
             settings = get_settings()
         self.spec, self.store, self.settings = spec, store, settings

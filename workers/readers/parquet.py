@@ -6,7 +6,7 @@ reads a prefix as Parquet when it holds ``.parquet`` files and no image objects 
 files, see ``prefix``). The image column (``--image-column``, default ``image``) is a struct
 ``{bytes: binary, path: string}`` (``datasets.Image``) or plain binary. A single file whose
 image column holds strings is a manifest (references to images): it is handed to
-``workers.readers.manifest``.
+``moonbatch.workers.readers.manifest``.
 
 Ids: the ``--id-column`` (default ``id``; str, int, float or bool; null or duplicate ids are an
 ``InputError``); a file without that column gives each row the id ``"<file key>#<row>"`` (row:
@@ -29,11 +29,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import quote, unquote
 
-from workers.lines import ItemError
-from workers.models import PlanItem
-from workers.readers import InputError, ListingStats
-from workers.readers.rangeio import RangeFile, files_under, input_file_key, object_info
-from workers.storage import ObjectInfo, Store
+from moonbatch.workers.lines import ItemError
+from moonbatch.workers.models import PlanItem
+from moonbatch.workers.readers import InputError, ListingStats
+from moonbatch.workers.readers.rangeio import RangeFile, files_under, input_file_key, object_info
+from moonbatch.workers.storage import ObjectInfo, Store
 
 OVERRIDES = ("question", "object", "length")
 DEFAULT_IMAGE_COLUMN = "image"
@@ -103,7 +103,7 @@ class Reader:
 
     def check(self) -> None:
         """A single file whose image column holds references is a manifest: run the
-        manifest's pre-pass (valid rows, unique ids; ``workers.readers.manifest``). Files of
+        manifest's pre-pass (valid rows, unique ids; ``moonbatch.workers.readers.manifest``). Files of
         image bytes are checked while planning. Raises ``InputError``."""
         if self.file_key is None:
             return
@@ -111,13 +111,13 @@ class Reader:
         where = self.store.url_for(self.file_key)
         if info is not None and image_leaf(open_file(self.store, info), self.image_column,
                                            where) is None:
-            from workers.readers.manifest import Reader as Manifest
+            from moonbatch.workers.readers.manifest import Reader as Manifest
 
             Manifest(self.spec, self.store, self.settings).check()
 
     def iter_items(self, stats: ListingStats, *, exclude_prefix: str | None = None
                    ) -> Iterator[PlanItem]:
-        """See ``workers.readers.Reader.iter_items``. Raises ``InputError`` for a missing
+        """See ``moonbatch.workers.readers.Reader.iter_items``. Raises ``InputError`` for a missing
         file, a file that is not Parquet, a missing or mistyped image column, null or
         duplicate ids, references in a prefix's file."""
         if self.file_key is None:
@@ -129,7 +129,7 @@ class Reader:
         if info is None:
             raise InputError(f"{where}: no such file: check INPUT")
         if image_leaf(open_file(self.store, info), self.image_column, where) is None:
-            from workers.readers.manifest import Reader as Manifest  # references, not bytes
+            from moonbatch.workers.readers.manifest import Reader as Manifest  # references, not bytes
 
             return Manifest(self.spec, self.store, self.settings).iter_items(
                 stats, exclude_prefix=exclude_prefix)
@@ -228,7 +228,7 @@ class RowGroupCache:
         if pf is None:
             info = object_info(store, key)
             if info is None:
-                from workers.storage import NotFound
+                from moonbatch.workers.storage import NotFound
 
                 raise NotFound(f"{store.url_for(key)}: no such object")
             pf = self.files[key] = open_file(store, info)

@@ -1,15 +1,15 @@
 """Prefix reader: every image object under an S3 prefix or a local directory; the id is the
 object's key relative to INPUT.
 
-An object is an item if its extension names an image (``workers.lines.IMAGE_EXTENSIONS``), or if
+An object is an item if its extension names an image (``moonbatch.workers.lines.IMAGE_EXTENSIONS``), or if
 its extension says nothing and its first bytes carry an image signature. Known non-image types
 (sidecar ``.json``/``.txt``, ``.parquet``, ...) are skipped and counted. The listing is consumed
 page by page: memory does not grow with the size of the dataset.
 
 A prefix with no image object but ``.tar`` files (img2dataset's output: shards with
 ``.parquet`` and ``_stats.json`` sidecars) is read as WebDataset shards
-(``workers.readers.webdataset``); one with no image object and no ``.tar`` but ``.parquet``
-files as Parquet files of image bytes (``workers.readers.parquet``). Telling costs no request:
+(``moonbatch.workers.readers.webdataset``); one with no image object and no ``.tar`` but ``.parquet``
+files as Parquet files of image bytes (``moonbatch.workers.readers.parquet``). Telling costs no request:
 the non-image objects met before the first image are held (at most ``AUTO_HOLD``; past that
 they are skipped and the prefix stays a prefix of images).
 """
@@ -20,10 +20,10 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from workers.lines import SNIFF_BYTES, classify_key, sniff_format
-from workers.models import PlanItem
-from workers.readers import ListingStats
-from workers.storage import NotFound, ObjectInfo, StorageError, Store
+from moonbatch.workers.lines import SNIFF_BYTES, classify_key, sniff_format
+from moonbatch.workers.models import PlanItem
+from moonbatch.workers.readers import ListingStats
+from moonbatch.workers.storage import NotFound, ObjectInfo, StorageError, Store
 
 log = logging.getLogger(__name__)
 AUTO_HOLD = 100_000  # non-image objects held before the first image (~100 B each)
@@ -103,7 +103,7 @@ def _archives(store: Store, held: list[ObjectInfo], stats: ListingStats,
               input_options: dict[str, str]) -> Iterator[PlanItem]:
     """The items of a prefix with no image: its ``.tar`` shards, else its ``.parquet`` files
     (other objects skipped), else nothing (everything skipped)."""
-    from workers.readers import parquet, webdataset
+    from moonbatch.workers.readers import parquet, webdataset
 
     tars = [o for o in held if webdataset.is_tar(o.key)]
     files = [] if tars else [o for o in held if parquet.is_parquet(o.key)]

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from workers.storage import ObjectInfo, Store
+from moonbatch.workers.storage import ObjectInfo, Store
 
 # One ranged GET reads at least this much (readahead): the headers of a tar's small members
 # share a GET; a member larger than this is seeked over, not read.

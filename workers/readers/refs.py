@@ -13,7 +13,7 @@ a worker reads one:
   ``MOONBATCH_ALLOW_LOCAL_FILES`` (``local_file_refusal``);
 - an ``s3://`` URI may name any bucket, unless ``MOONBATCH_ITEM_BUCKETS`` lists the buckets
   allowed besides INPUT's own (``bucket_refusal``);
-- ``http(s)`` addresses are checked at connect time (``workers.netguard``).
+- ``http(s)`` addresses are checked at connect time (``moonbatch.workers.netguard``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ its suffix the rest, lower-cased; consecutive members with one key form a sample
 no dot, ``__*__`` metadata members and non-regular members belong to no sample.
 
 A sample's image is its first member whose suffix is an image extension (``jpg``, ``png``,
-``webp``, ... ``workers.lines.IMAGE_EXTENSIONS``), else its first member whose last extension is
+``webp``, ... ``moonbatch.workers.lines.IMAGE_EXTENSIONS``), else its first member whose last extension is
 one (``seg.png``). A sample without one is skipped (``ListingStats.skip("<tar>#<key>")``). A
 ``__key__`` met twice in a run (non-consecutive members of one tar, or two tars) is an
 ``InputError`` naming it and the tar: ids must be unique.
@@ -29,17 +29,17 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from workers.lines import IMAGE_EXTENSIONS
-from workers.models import PlanItem
-from workers.readers import InputError, ListingStats
-from workers.readers.rangeio import (
+from moonbatch.workers.lines import IMAGE_EXTENSIONS
+from moonbatch.workers.models import PlanItem
+from moonbatch.workers.readers import InputError, ListingStats
+from moonbatch.workers.readers.rangeio import (
     DEFAULT_BLOCK,
     RangeFile,
     files_under,
     input_file_key,
     object_info,
 )
-from workers.storage import ObjectInfo, StorageError, Store, TooLarge
+from moonbatch.workers.storage import ObjectInfo, StorageError, Store, TooLarge
 
 # webdataset.tariterators: base_plus_ext's pattern, and the metadata members it skips.
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -75,7 +75,7 @@ class Reader:
 
     def iter_items(self, stats: ListingStats, *, exclude_prefix: str | None = None
                    ) -> Iterator[PlanItem]:
-        """See ``workers.readers.Reader.iter_items``. Raises ``InputError`` for a missing
+        """See ``moonbatch.workers.readers.Reader.iter_items``. Raises ``InputError`` for a missing
         ``.tar``, one that is not an uncompressed tar, or a duplicate ``__key__``."""
         if self.tar_key is not None:
             info = object_info(self.store, self.tar_key)

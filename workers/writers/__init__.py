@@ -5,7 +5,7 @@ format, and a finished run's exports. One module per format, behind one small in
 - ``parquet``: one table row per item with a stable schema (pandas, polars, ``datasets``).
 
 A writer module defines ``FORMAT``, ``SUFFIX``, ``encode(rows) -> bytes`` (rows: the merged
-row documents as JSON bytes, ``workers.merge``) and ``decode(data) -> Iterator[dict]`` (the
+row documents as JSON bytes, ``moonbatch.workers.merge``) and ``decode(data) -> Iterator[dict]`` (the
 rows back as dicts, for commands that read a run's results: ``retry-failed``,
 ``--skip-existing``). Exports that need the whole run (COCO ``annotations/instances.json``)
 are written by ``finish_run`` once every shard is merged. Importing this package does not
@@ -18,12 +18,12 @@ import importlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from workers import layout
-from workers.storage import NotFound, Store
+from moonbatch.workers import layout
+from moonbatch.workers.storage import NotFound, Store
 
 WRITERS: dict[str, str] = {
-    "jsonl": "workers.writers.jsonl",
-    "parquet": "workers.writers.parquet",
+    "jsonl": "moonbatch.workers.writers.jsonl",
+    "parquet": "moonbatch.workers.writers.parquet",
 }
 OUTPUT_FORMATS = tuple(WRITERS)
 
@@ -67,8 +67,8 @@ def iter_results(store: Store, fmt: str, shards: int) -> Iterator[dict[str, Any]
 def finish_run(store: Store, spec: Any, shards: int) -> None:
     """Write the exports of a run whose shards are all merged (idempotent: a second call
     writes the same documents): for a run with a detect or point skill, the COCO
-    ``annotations/instances.json`` (``workers.writers.coco``)."""
-    from workers.writers import coco
+    ``annotations/instances.json`` (``moonbatch.workers.writers.coco``)."""
+    from moonbatch.workers.writers import coco
 
     if coco.wanted(spec):
         coco.write(store, spec, shards)

@@ -28,9 +28,9 @@ from typing import Any
 
 import orjson
 
-from workers import layout
-from workers.models import PlanItem, RunSpec, id_text
-from workers.storage import NotFound, Store
+from moonbatch.workers import layout
+from moonbatch.workers.models import PlanItem, RunSpec, id_text
+from moonbatch.workers.storage import NotFound, Store
 
 SKILLS = ("detect", "point")
 
@@ -71,7 +71,7 @@ def build(store: Store, spec: RunSpec, shards: int) -> bytes:
     Raises ``ValueError`` if the run has no detect or point skill."""
     if not wanted(spec):
         raise ValueError(f"run {spec.run_id} has no detect or point skill: no COCO export")
-    from workers import writers
+    from moonbatch.workers import writers
 
     skills = [o for o in spec.all_options if o.skill in SKILLS]
     cats = _Categories(spec)

@@ -1,4 +1,4 @@
-"""JSONL writer: one row per line, as ``workers.merge`` serialised it (the default format)."""
+"""JSONL writer: one row per line, as ``moonbatch.workers.merge`` serialised it (the default format)."""
 
 from __future__ import annotations
 

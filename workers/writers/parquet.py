@@ -47,7 +47,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.models import id_text
+from moonbatch.workers.models import id_text
 
 FORMAT = "parquet"
 SUFFIX = "parquet"
@@ -78,7 +78,7 @@ _DECODE_COLUMNS = ["id_json", "source", "status", *_SIZE_FIELDS, "result_json",
 
 
 def encode(rows: Sequence[bytes]) -> bytes:
-    """Rows (JSON bytes, ``workers.merge``) → the bytes of one Parquet file with ``SCHEMA``
+    """Rows (JSON bytes, ``moonbatch.workers.merge``) → the bytes of one Parquet file with ``SCHEMA``
     (zstd, one row group; no rows gives a file with the same schema and no row group)."""
     cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     for raw in rows:
@@ -142,7 +142,7 @@ def _parts(result: Any) -> list[dict[str, Any]]:
 
 
 def _row(rec: dict[str, Any]) -> dict[str, Any]:
-    """One decoded Parquet record → the row as merged (``workers.merge``)."""
+    """One decoded Parquet record → the row as merged (``moonbatch.workers.merge``)."""
     row: dict[str, Any] = {"id": orjson.loads(rec["id_json"]), "source": rec["source"],
                            "status": rec["status"]}
     if rec["result_json"] is not None:

@@ -1,0 +1,4 @@
+"""``python -m moonbatch``: the command line."""
+from moonbatch.producer.cli import main
+
+main()
