@@ -26,6 +26,7 @@ from moonbatch.config import Settings, get_settings
 from moonbatch.producer.existing import ExistingOk
 from moonbatch.producer.planner import Shard, plan_shards
 from moonbatch.workers import canary, layout, registry
+from moonbatch.workers.enqueue import BUILD_SHARD, FINALIZE_RUN, enqueue
 from moonbatch.workers.lease import Lease, LeaseLost
 from moonbatch.workers.models import PlanItem, RunSpec, SkillOptions
 from moonbatch.workers.readers import ListingStats, input_root, normalize_input, open_reader
@@ -356,8 +357,6 @@ def start_run(spec: RunSpec, settings: Settings, *,
     Returns the plan document. Raises ``AlreadyComplete``, ``RunExists`` (see
     ``check_output_for``), storage errors.
     """
-    from moonbatch.workers.tasks import build_shard, finalize_run
-
     out = open_output(spec.output, settings)
     inp = open_output(input_root(spec), settings)
     check_output_for(out, spec)  # read-only: say what OUTPUT holds before writing anything
@@ -378,8 +377,7 @@ def start_run(spec: RunSpec, settings: Settings, *,
                 log.warning("run %s: its start stopped before the plan was complete; planning "
                             "it again", spec.run_id)
             return _plan(spec, settings, out, inp, takeover=takeover, on_shard=on_shard,
-                         lease_check=lease_check, build_shard=build_shard,
-                         finalize_run=finalize_run)
+                         lease_check=lease_check)
     except LeaseLost:
         raise RunExists(f"{spec.output}: another producer took the planning of run "
                         f"{spec.run_id} over", run_id=spec.run_id, state="planning") from None
@@ -388,12 +386,10 @@ def start_run(spec: RunSpec, settings: Settings, *,
 
 
 def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover: bool,
-          on_shard: Callable[[Shard], None] | None, lease_check: Callable[[], None],
-          build_shard: Any, finalize_run: Any) -> dict[str, Any]:
+          on_shard: Callable[[Shard], None] | None, lease_check: Callable[[], None]
+          ) -> dict[str, Any]:
     """List INPUT and write each shard's plan file as it fills, then the plan document, and
     only then enqueue every shard: a planning that raises part-way leaves nothing enqueued."""
-    from moonbatch.workers.tasks import enqueue
-
     input_url, output_url = spec.input, spec.output
     put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
                                    "input": input_url, "output": output_url,
@@ -421,11 +417,11 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     put_json(out, layout.PLAN, plan, if_absent=True)
     # The plan is durable: from here a stop is a run that `moonbatch resume` carries on.
     for index in range(n_shards):
-        enqueue(build_shard, (output_url, spec.run_id, index), queue=spec.queue)
+        enqueue(BUILD_SHARD, (output_url, spec.run_id, index), queue=spec.queue)
     # The last shard may have merged before this message: let a worker check.
-    enqueue(finalize_run, (output_url, spec.run_id), queue=spec.queue)
+    enqueue(FINALIZE_RUN, (output_url, spec.run_id), queue=spec.queue)
     # A producer that dies before this marker (its planning lease then lapses) leaves shards
-    # nobody enqueued: the reconciler's next pass enqueues every step (workers.tasks).
+    # nobody enqueued: the reconciler's next pass enqueues every step (workers.reconcile).
     out.put(layout.ENQUEUED, b"", if_absent=True)
     return plan
 

@@ -105,7 +105,8 @@ def test_enqueues_go_to_the_runs_queues_and_old_specs_to_the_settings_queue(
     from moonbatch.workers.models import RunSpec, SkillOptions
     from moonbatch.workers.runstate import open_output
     from moonbatch.workers.storage import put_json
-    from moonbatch.workers.tasks import enqueue, finalize_run, poll_round, reconcile_run
+    from moonbatch.workers.enqueue import FINALIZE_RUN, POLL_ROUND, enqueue
+    from moonbatch.workers.reconcile import reconcile_run
 
     default_queue = "default-" + uuid.uuid4().hex[:8]
     monkeypatch.setenv("MOONBATCH_QUEUE", default_queue)
@@ -128,8 +129,8 @@ def test_enqueues_go_to_the_runs_queues_and_old_specs_to_the_settings_queue(
             put_json(store, layout.PLAN, {"run_id": spec.run_id, "shards": 1, "items": 1})
             outputs[name] = (output, spec.run_id, queue or default_queue)
         for output, run_id, queue in outputs.values():
-            enqueue(finalize_run, (output, run_id))
-            enqueue(poll_round, (output, run_id, 0, 0, "chain"))
+            enqueue(FINALIZE_RUN, (output, run_id))
+            enqueue(POLL_ROUND, (output, run_id, 0, 0, "chain"))
             assert (redis.llen(queue), redis.llen(queue + "-control")) == (0, 2)
             # The reconciler after a broker loss: the shard's build, and a finalize.
             assert reconcile_run(output, run_id, full=True) == {"build": 1}

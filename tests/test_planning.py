@@ -281,7 +281,7 @@ def test_a_producer_that_died_while_enqueueing_is_made_good_by_the_reconciler(
     shards = read_json_file(out / layout.PLAN)["shards"]
 
     def reconcile() -> dict:
-        code = ("import json, sys; from moonbatch.workers.tasks import reconcile_run; "
+        code = ("import json, sys; from moonbatch.workers.reconcile import reconcile_run; "
                 "print(json.dumps(reconcile_run(sys.argv[1], sys.argv[2], full=False)))")
         proc = subprocess.run([sys.executable, "-c", code, str(out), run_id], env=penv,
                               capture_output=True, text=True, timeout=120, check=True)

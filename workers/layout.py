@@ -39,6 +39,8 @@ A round is one batch for a set of the shard's items: round 0 sends every item; a
 failed transiently, or lines that came back ``processing_error``, go into the next round.
 
 Keys are deterministic, so a retried or redelivered task finds what an earlier attempt wrote.
+Every key of these is built here, and parsed back here (``parse_shard_key``, ``parse_results``,
+``parse_retry_pass``): no other module formats or splits them.
 
 The state store (``MOONBATCH_STATE_URL``), shared by every run of a fleet, holds the registry:
 
@@ -49,6 +51,10 @@ The state store (``MOONBATCH_STATE_URL``), shared by every run of a fleet, holds
 """
 
 from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
 
 STATE = "_moonbatch/"
 SPEC = STATE + "spec.json"
@@ -120,16 +126,65 @@ def round_doc(shard: int, rnd: int, name: str) -> str:
     return f"{SHARDS}{shard:05d}/r{rnd}/{name}.{ext}"
 
 
+def round_results_part(shard: int, rnd: int, number: int) -> str:
+    """Key of the ``number``-th part of a round's result lines written step by step (fal:
+    ``results-000000.jsonl``, write-once)."""
+    return f"{round_prefix(shard, rnd)}{RESULTS_PART}{number:06d}.jsonl"
+
+
 def step_attempts(shard: int, rnd: int, kind: str) -> str:
     """Key of the count of attempts of round ``rnd``'s ``build`` or ``poll`` steps
     (``moonbatch.workers.attempts``)."""
     return f"{SHARDS}{shard:05d}/r{rnd}/attempts-{kind}.json"
 
 
+RESULTS_PART = "results-"  # a round's result-line parts: see round_results_part
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardKey:
+    """A key under ``_moonbatch/shards/``, parsed (see ``parse_shard_key``): the ``shard``,
+    the ``round`` (None for a shard-level document: ``done``, ``lease``) and the document's
+    ``name`` without its extension (``batch``, ``rows``, ``results-000003``,
+    ``attempts-build``)."""
+
+    shard: int
+    round: int | None
+    name: str
+
+
+_SHARD_KEY = re.compile(re.escape(SHARDS) + r"(\d+)/(?:r(\d+)/)?([^/]+)\.jsonl?")
+
+
+def parse_shard_key(key: str) -> ShardKey | None:
+    """The shard, round and document name of a state key (the inverse of ``shard_doc``,
+    ``round_doc``, ``round_results_part`` and ``step_attempts``); None for a key that is not
+    a shard's document (another file under the folder, say)."""
+    m = _SHARD_KEY.fullmatch(key)
+    if m is None:
+        return None
+    return ShardKey(int(m[1]), int(m[2]) if m[2] is not None else None, m[3])
+
+
+def latest_round(keys: Iterable[ShardKey]) -> int | None:
+    """The highest round among parsed keys of one shard (None: no round document)."""
+    return max((k.round for k in keys if k.round is not None), default=None)
+
+
 def results(shard: int, suffix: str = "jsonl") -> str:
     """Key of the shard's merged result rows (``suffix``: the output format's, see
     ``moonbatch.workers.writers``)."""
     return f"{RESULTS}shard-{shard:05d}.{suffix}"
+
+
+_RESULTS_KEY = re.compile(re.escape(RESULTS) + r"shard-(\d{5,})\.([a-z0-9]+)")
+
+
+def parse_results(key: str) -> tuple[int, str] | None:
+    """``(shard, suffix)`` of a key ``results`` builds (``results/shard-00003.jsonl`` →
+    ``(3, "jsonl")``); None for any other key (a user's own file under ``results/``)."""
+    m = _RESULTS_KEY.fullmatch(key)
+    return (int(m[1]), m[2]) if m else None
 
 
 def skipped_part(index: int) -> str:
@@ -140,6 +195,13 @@ def skipped_part(index: int) -> str:
 def retry_pass(number: int, name: str = "json") -> str:
     """Key of retry pass ``number``'s document (``json``) or its ``applied`` marker."""
     return f"{RETRIES}{number:04d}.{name}"
+
+
+def parse_retry_pass(key: str) -> tuple[int, str] | None:
+    """``(number, name)`` of a key ``retry_pass`` builds (``_moonbatch/retries/0002.applied``
+    → ``(2, "applied")``); None for any other key."""
+    m = re.fullmatch(re.escape(RETRIES) + r"(\d+)\.(json|applied)", key)
+    return (int(m[1]), m[2]) if m else None
 
 
 def probe(token: str) -> str:

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from moonbatch.workers.storage import NotFound, Store
 
@@ -137,10 +138,16 @@ class Lease:
             pass
 
 
+def is_live(doc: dict[str, Any] | None, now: float) -> bool:
+    """True if the lease document ``doc`` (None: no lease) has not expired at ``now``
+    (epoch seconds)."""
+    return doc is not None and doc.get("expires", 0) > now
+
+
 def lease_is_live(store: Store, key: str, now: float | None = None) -> bool:
     """True if someone holds an unexpired lease at ``key``."""
     try:
         doc = json.loads(store.get(key))
     except NotFound:
         return False
-    return doc.get("expires", 0) > (time.time() if now is None else now)
+    return is_live(doc, time.time() if now is None else now)

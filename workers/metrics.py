@@ -338,16 +338,15 @@ def run_progress(run: Run, *, force: bool = False) -> None:
     latest: dict[int, int] = {}  # shard → highest round with any document
     rounds: dict[tuple[int, int], set[str]] = {}
     for obj in store.iter_objects(layout.SHARDS):
-        shard_s, _, name = obj.key[len(layout.SHARDS):].partition("/")
-        if not shard_s.isdigit():
+        key = layout.parse_shard_key(obj.key)
+        if key is None:
             continue
-        shard = int(shard_s)
-        if name == "done.json":
-            done_shards.add(shard)
-        elif name.startswith("r") and "/" in name and name[1:name.index("/")].isdigit():
-            rnd = int(name[1:name.index("/")])
-            latest[shard] = max(latest.get(shard, 0), rnd)
-            rounds.setdefault((shard, rnd), set()).add(name[name.index("/") + 1:])
+        if key.round is None:
+            if key.name == "done":
+                done_shards.add(key.shard)
+            continue
+        latest[key.shard] = max(latest.get(key.shard, 0), key.round)
+        rounds.setdefault((key.shard, key.round), set()).add(key.name)
     for shard in done_shards - tracker.done.keys():
         tracker.done[shard] = int(get_json(store, layout.shard_doc(shard, "done"))["total"])
     oldest: float | None = None
@@ -355,7 +354,7 @@ def run_progress(run: Run, *, force: bool = False) -> None:
         docs = rounds.get((shard, rnd), set())
         # A shard's latest round is at the provider from batch.json until merged.json (an
         # earlier round that was resubmitted has no merged.json, but a later round exists).
-        if shard in done_shards or "batch.json" not in docs or "merged.json" in docs:
+        if shard in done_shards or "batch" not in docs or "merged" in docs:
             continue
         at = tracker.submitted.get((shard, rnd))
         if at is None:

@@ -60,21 +60,20 @@ def find_errors(run: Run, codes: set[str] | None
 
 def next_round(store: Store, shard: int) -> int:
     """The shard's last round (any document under ``rK/``) + 1."""
-    prefix = layout.shard_prefix(shard)
-    rounds = [int(k[1:k.index("/")]) for k in (o.key[len(prefix):] for o in store.iter_objects(prefix))
-              if k.startswith("r") and "/" in k]
-    return max(rounds, default=-1) + 1
+    keys = (layout.parse_shard_key(o.key) for o in store.iter_objects(layout.shard_prefix(shard)))
+    last = layout.latest_round(k for k in keys if k is not None)
+    return 0 if last is None else last + 1
 
 
 def latest_pass(store: Store) -> tuple[dict[str, Any] | None, bool]:
     """The run's latest retry pass document (None: never retried) and whether it was
     applied."""
-    names = {o.key[len(layout.RETRIES):] for o in store.iter_objects(layout.RETRIES)}
-    numbers = [int(n.split(".")[0]) for n in names if n.endswith(".json")]
+    keys = {k for o in store.iter_objects(layout.RETRIES) if (k := layout.parse_retry_pass(o.key))}
+    numbers = [number for number, name in keys if name == "json"]
     if not numbers:
         return None, False
     number = max(numbers)
-    return get_json(store, layout.retry_pass(number)), f"{number:04d}.applied" in names
+    return get_json(store, layout.retry_pass(number)), (number, "applied") in keys
 
 
 def pending_pass(store: Store) -> dict[str, Any] | None:

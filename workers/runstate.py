@@ -128,20 +128,20 @@ class Progress:
         submitted: set[int] = set()
         batches = 0
         for obj in st.iter_objects(layout.SHARDS):
-            shard_s, _, name = obj.key[len(layout.SHARDS):].partition("/")
-            shard = int(shard_s)
-            if name == "done.json":
-                merged.add(shard)
-                if shard not in self._done:
-                    self._done[shard] = ShardDone.model_validate(get_json(st, obj.key))
+            key = layout.parse_shard_key(obj.key)
+            if key is None:
                 continue
-            if not name.startswith("r") or "/" not in name:
+            shard, rnd = key.shard, key.round
+            if rnd is None:
+                if key.name == "done":
+                    merged.add(shard)
+                    if shard not in self._done:
+                        self._done[shard] = ShardDone.model_validate(get_json(st, obj.key))
                 continue
-            rnd = int(name[1:name.index("/")])
             current[shard] = max(current.get(shard, 0), rnd)
-            if name.endswith("/progress.json"):
+            if key.name == "progress":
                 latest[shard] = max(latest.get(shard, 0), rnd)
-            elif name.endswith("/batch.json"):
+            elif key.name == "batch":
                 submitted.add(shard)
                 batches += 1
                 sent[shard] = max(sent.get(shard, 0), rnd)
@@ -224,7 +224,9 @@ class Progress:
         plan = get_json_or_none(self.store, layout.PLAN)
         if plan is None:
             return False
-        merged = sum(1 for o in self.store.iter_objects(layout.SHARDS) if o.key.endswith("/done.json"))
+        merged = sum(1 for o in self.store.iter_objects(layout.SHARDS)
+                     if (k := layout.parse_shard_key(o.key)) and k.round is None
+                     and k.name == "done")
         return merged >= plan["shards"]
 
 

@@ -6,17 +6,16 @@ pure pieces, save. Provider-blind: the run's provider (``moonbatch.workers.provi
         └──── round r+1: a failed submission, or items with retryable errors ─┘
 
 Arguments are keyword arguments ``output``, ``run`` (the run id), ``shard``, ``round`` and small
-values: no API key, no presigned URL, no payload (Flower shows them; FACTS.md). Delivery is at-least-once, so
-every task is idempotent: it first looks at what storage already holds. ``advance_shard`` derives
-a shard's next step from storage alone; ``moonbatch resume`` and the periodic ``reconcile`` task
-use it to re-enqueue work the broker lost.
+values: no API key, no presigned URL, no payload (Flower shows them). Delivery is at-least-once, so
+every task is idempotent: it first looks at what storage already holds. Decisions are the pure
+functions of ``moonbatch.workers.shard``; routing is ``moonbatch.workers.enqueue`` (by task name);
+recovery (``advance_shard``, ``reconcile_run``, ``run_final``) is ``moonbatch.workers.reconcile``,
+which ``moonbatch resume``, ``cancel`` and ``clean`` use without this module.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import logging
 import time
 import uuid
@@ -27,11 +26,13 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from moonbatch.config import Settings, get_settings
-from moonbatch.workers import attempts, canary, layout, logs, metrics, registry, retries, writers
+from moonbatch.workers import attempts, layout, logs, metrics, writers
+from moonbatch.workers import shard as shard_state
 from moonbatch.workers.app import app
-from moonbatch.workers.lease import Lease, LeaseLost, execution_owner, lease_is_live, task_of
+from moonbatch.workers.enqueue import PARAMS, enqueue
+from moonbatch.workers.lease import Lease, LeaseLost, execution_owner, task_of
 from moonbatch.workers.merge import compose, encode_round, merge_round
-from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild, ShardDone
+from moonbatch.workers.models import BatchRecord, ShardBuild, ShardDone
 from moonbatch.workers.providers import (
     Later,
     ProviderError,
@@ -40,15 +41,15 @@ from moonbatch.workers.providers import (
     TransientProviderError,
     provider_for,
 )
-from moonbatch.workers.runstate import (
-    Run,
-    control_queue,
-    maybe_finalize,
-    open_output,
-    open_run,
-    record_failure,
-    run_queue,
+# reconcile_run and reconcile_active_run are imported here by producer/cli.py too, until it
+# imports them from moonbatch.workers.reconcile.
+from moonbatch.workers.reconcile import (  # noqa: F401
+    reconcile_active_run,
+    reconcile_active_runs,
+    reconcile_run,
+    run_final,
 )
+from moonbatch.workers.runstate import Run, maybe_finalize, open_output, open_run, record_failure
 from moonbatch.workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class RunTask(Task):
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # noqa: ANN001
         try:
-            call = {**dict(zip(_params(self), args, strict=False)), **(kwargs or {})}
+            call = {**dict(zip(PARAMS.get(self.name, ()), args, strict=False)), **(kwargs or {})}
             shard = call.get("shard")
             where = f"{self.name} shard {shard}" if shard is not None else self.name
             store = open_output(call["output"], get_settings())
@@ -92,48 +93,13 @@ class RunTask(Task):
             log.exception("could not record the failure of %s", self.name)
 
 
-@functools.lru_cache(maxsize=4096)
-def _spec_queue(output: str, run_id: str) -> str:
-    # A run's spec never changes once written: one read per run and process. Keyed by run id
-    # too: a cleaned OUTPUT may hold a later run with another queue.
-    settings = get_settings()
-    spec = RunSpec.model_validate(get_json(open_output(output, settings), layout.SPEC))
-    return run_queue(spec, settings)
-
-
-# Light steps go to the run's control queue (``control_queue``); the rest, heavy on I/O, to
-# its queue itself.
-CONTROL_TASKS = frozenset({"moonbatch.poll_round", "moonbatch.finalize_run"})
-
-
-def enqueue(task: Task, args: tuple[Any, ...], *, countdown: float | None = None,
-            queue: str | None = None) -> None:
-    """Publish ``task(*args)`` on its run's queue, or for a light step (``CONTROL_TASKS``) on
-    the run's control queue: every enqueue of a run's work goes through here. ``args`` start
-    with the run's OUTPUT URL and run id; ``queue`` (when the caller holds the spec,
-    ``run_queue(spec, settings)``) saves reading the spec. Raises the broker's errors, and
-    ``NotFound`` if no spec is at ``args[0]``."""
-    queue = queue or _spec_queue(args[0], args[1])
-    if task.name in CONTROL_TASKS:
-        queue = control_queue(queue, get_settings())
-    # As keyword arguments (output, run, shard, round, ...): what Flower shows an operator.
-    task.apply_async(kwargs=dict(zip(_params(task), args, strict=False)), countdown=countdown,
-                     queue=queue)
-
-
-@functools.cache
-def _params(task: Task) -> tuple[str, ...]:
-    """The names of a task's parameters, in order (``self`` of bound tasks excluded)."""
-    return tuple(inspect.signature(task.run).parameters)
-
-
 def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None) -> None:
     """Enqueue the pipeline's next step on the run's queue. Storage already records what that
     step is, so a publish the broker refuses (restarting, unreachable) is logged and left to
     the reconciler instead of failing the run; kombu's own reconnect is tried a few times."""
     for attempt in range(3):
         try:
-            enqueue(task, args, countdown=countdown)
+            enqueue(task.name, args, countdown=countdown)
             return
         except Exception as exc:
             error = exc
@@ -164,13 +130,9 @@ def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, it
 
 
 def round_base(store: Store, shard: int, rnd: int) -> int:
-    """The first round of the pass round ``rnd`` belongs to: 0 for the run's own rounds, the
-    round a ``moonbatch retry-failed`` pass started with for its rounds (``todo.json``'s
-    ``base``). Item attempts (``max_item_attempts``) are counted from it: each pass gets a
-    fresh budget."""
-    if rnd == 0:
-        return 0
-    return int((get_json_or_none(store, layout.round_doc(shard, rnd, "todo")) or {}).get("base", 0))
+    """The first round of the pass round ``rnd`` belongs to (``shard.round_base``)."""
+    todo = get_json_or_none(store, layout.round_doc(shard, rnd, "todo")) if rnd else None
+    return shard_state.round_base(rnd, todo)
 
 
 def _context(run: Run, shard: int, rnd: int,
@@ -305,13 +267,11 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
     store = run.output
     if _stopped(store, shard):
         return
-    prev = get_json_or_none(store, layout.round_doc(shard, rnd, "progress"))
-    if prev and prev.get("chain") != chain and prev.get("next_at", 0) + _grace(settings) > time.time():
-        return
-    if prev and prev.get("chain") == chain and prev.get("polls", 0) > polls:
-        # This chain already made this poll: a redelivered copy of it must not fork the chain.
-        log.info("shard %d round %d: poll %d of this chain already ran; stopping", shard, rnd,
-                 polls + 1)
+    stop = shard_state.poll_turn(
+        get_json_or_none(store, layout.round_doc(shard, rnd, "progress")), chain=chain,
+        polls=polls, now=time.time(), poll_min_interval=settings.poll_min_interval)
+    if stop:
+        log.info("shard %d round %d: %s; stopping", shard, rnd, stop)
         return
     lease = _leased(store, shard, self.request.id, settings)
     if not lease.acquire():  # a build, or another chain's poll, is at work: come back
@@ -416,9 +376,10 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                   **(collected.stats if collected else {})}
         put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
         store.put(layout.round_doc(shard, rnd, "rows"), encode_round(rows), if_absent=True)
-    if merged["retryable"] and rnd - base + 1 < settings.max_item_attempts:
-        _next_round(store, output, run_id, shard, rnd, merged["retryable"], "retryable errors",
-                    base)
+    step = shard_state.after_merge(merged["retryable"], rnd=rnd, base=base,
+                                   max_item_attempts=settings.max_item_attempts)
+    if step.action is shard_state.Action.BUILD:
+        _next_round(store, output, run_id, shard, rnd, merged["retryable"], step.why, base)
         return
     _finish_shard(run, shard, rnd)
 
@@ -480,134 +441,10 @@ def finalize_run(self: Task, output: str, run: str) -> None:
         run_final(settings, run_id)
 
 
-def run_final(settings: Settings, run_id: str) -> None:
-    """Take a final (completed, failed or cancelled) run off the reconciler's list."""
-    registry.forget_active(registry.open_state(settings), run_id)
-    canary.disarm(settings, run_id)
-    metrics.run_final(run_id)
-
-
-# -- recovery -----------------------------------------------------------------------------------
-def _grace(settings: Any) -> float:
-    """How late a scheduled poll may be before its chain counts as lost."""
-    return max(3 * settings.poll_min_interval, 30.0 if settings.poll_min_interval >= 1 else 3.0)
-
-
-def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None = None) -> str | None:
-    """Look at the shard's state in storage and enqueue its next step; return what was done
-    (``"build"``, ``"poll"``, ``"merge"``) or None.
-
-    With ``only_stale`` (the periodic reconciler, while the broker still holds its messages),
-    only work that should have moved and did not is re-enqueued: a poll chain whose next poll
-    is overdue, a merge that never ran, a build whose lease expired. Without it (``moonbatch
-    resume``, or a reconciler that found the broker emptied), every unfinished shard gets its
-    next step, a build even under a live lease: a builder that was SIGKILLed leaves a lease
-    that looks live until it expires, and the build task itself waits for it. Duplicates are
-    harmless: leases, poll-chain ids and write-once results absorb them.
-    """
-    settings = get_settings()
-    store = run.output
-    now = time.time() if now is None else now
-    prefix = layout.shard_prefix(shard)
-    docs = {o.key[len(prefix):] for o in store.iter_objects(prefix)}
-    if "done.json" in docs:
-        return None
-    rounds = sorted({int(k[1:k.index("/")]) for k in docs if k.startswith("r") and "/" in k})
-    rnd = rounds[-1] if rounds else 0
-    args = (run.spec.output, run.spec.run_id, shard, rnd)
-    queue = run_queue(run.spec, settings)
-    if f"r{rnd}/rows.jsonl" in docs:
-        enqueue(merge_round_task, args, queue=queue)
-        return "merge"
-    if f"r{rnd}/build.json" in docs and f"r{rnd}/batch.json" not in docs:
-        build = get_json_or_none(store, layout.round_doc(shard, rnd, "build"))
-        if build is not None and not build["lines"]:  # nothing was sendable: only errors
-            enqueue(merge_round_task, args, queue=queue)
-            return "merge"
-        # Otherwise the build stopped before its batch was recorded: build again (below).
-    if f"r{rnd}/batch.json" in docs:
-        progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress"))
-        if only_stale:
-            if progress is None:
-                batch = get_json(store, layout.round_doc(shard, rnd, "batch"))
-                if batch["submitted_at"] + settings.poll_min_interval + _grace(settings) > now:
-                    return None
-            elif progress.get("next_at", 0) + _grace(settings) > now:
-                return None
-        if progress and progress.get("status") in ("completed", "failed"):
-            enqueue(merge_round_task, args, queue=queue)
-            return "merge"
-        enqueue(poll_round, (*args, uuid.uuid4().hex), queue=queue)
-        return "poll"
-    if only_stale and ("lease.json" not in docs  # never started: its message is queued
-                       or lease_is_live(store, layout.shard_doc(shard, "lease"), now)):
-        return None
-    enqueue(build_shard, args, queue=queue)
-    return "build"
-
-
-def reconcile_run(output: str, run_id: str, *, full: bool) -> dict[str, int]:
-    """One reconciler pass over one run: re-enqueue its stale work (every unfinished step when
-    ``full``, after the broker lost its messages), finalise it if it is complete, and take it
-    off the active list once it is final. A ``retry-failed`` pass recorded and not applied
-    yet (``moonbatch.workers.retries``) is applied first. Returns ``{action: shards}``."""
-    settings = get_settings()
-    store = open_output(output, settings)
-    counts: dict[str, int] = {}
-    pending = retries.pending_pass(store)
-    if pending is not None and not store.exists(layout.CANCELLED):
-        # A retry-failed that stopped before its pass reopened the run: finish reopening,
-        # then enqueue every step (none of the reopened shards' is queued yet).
-        retries.apply_pass(store, pending)
-        full = True
-    if store.exists(layout.FINALIZED) or store.exists(layout.CANCELLED):
-        run_final(settings, run_id)
-        return counts
-    plan = get_json_or_none(store, layout.PLAN)
-    if plan is None:
-        return counts  # still listing (or the producer died: resume says so)
-    unannounced = not store.exists(layout.ENQUEUED)
-    if unannounced and lease_is_live(store, layout.PLANNING):
-        return counts  # the producer is enqueueing the plan's shards right now
-    full = full or unannounced  # it died while enqueueing: some shards were never queued
-    run = open_run(output, settings, run_id)
-    for shard in range(plan["shards"]):
-        action = advance_shard(run, shard, only_stale=not full)
-        if action:
-            counts[action] = counts.get(action, 0) + 1
-    if full:
-        enqueue(finalize_run, (output, run_id), queue=run_queue(run.spec, settings))
-        if unannounced:
-            store.put(layout.ENQUEUED, b"", if_absent=True)
-    elif maybe_finalize(store):
-        run_final(settings, run_id)
-    return counts
-
-
-def reconcile_active_run(output: str, run_id: str) -> tuple[bool, dict[str, int]]:
-    """The reconciler's pass over one active run (the beat's, and ``moonbatch run``'s for its
-    own run): a full pass when the run's broker canary is gone, a stale-work pass otherwise.
-    Returns ``(broker lost its data, {action: shards})``; raises broker and storage errors."""
-    lost = canary.broker_lost(get_settings(), run_id)
-    return lost, reconcile_run(output, run_id, full=lost)
-
-
 @app.task(name="moonbatch.reconcile", ignore_result=True)
 def reconcile() -> dict[str, int]:
     """Periodic (Celery beat): for every active run of the registry, re-enqueue stale work —
     polls whose chain stopped (a lost ETA message), merges that never ran, builds whose worker
     died — or, when the run's broker canary is gone (the broker restarted empty), every
     unfinished step, so a run recovers from a broker loss with nobody calling ``resume``."""
-    settings = get_settings()
-    counts: dict[str, int] = {}
-    for run_id, output in registry.iter_active(registry.open_state(settings)):
-        try:
-            _, done = reconcile_active_run(output, run_id)
-        except Exception:
-            log.exception("reconcile of run %s failed", run_id)
-            continue
-        for action, n in done.items():
-            counts[action] = counts.get(action, 0) + n
-    if counts:
-        log.warning("reconcile re-enqueued %s", counts)
-    return counts
+    return reconcile_active_runs()

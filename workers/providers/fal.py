@@ -460,7 +460,8 @@ class FalProvider:
             return None
         folder = layout.round_prefix(ctx.shard, ctx.rnd)  # stores list folders, not name stems
         keys = sorted(o.key for o in ctx.store.iter_objects(folder)
-                      if o.key[len(folder):].startswith("results-"))
+                      if (k := layout.parse_shard_key(o.key))
+                      and k.name.startswith(layout.RESULTS_PART))
 
         def lines() -> Iterator[Any]:
             # A round writes a document per step that finished lines: read them concurrently.
@@ -483,7 +484,8 @@ class FalProvider:
         default = endpoint_of(run.spec)
         cancelled = 0
         for obj in run.output.iter_objects(layout.SHARDS):
-            if not obj.key.endswith("/requests.json"):
+            key = layout.parse_shard_key(obj.key)
+            if key is None or key.name != "requests":
                 continue
             ledger = get_json_or_none(run.output, obj.key) or {}
             for entry in (ledger.get("inflight") or {}).values():
@@ -905,7 +907,7 @@ def _entry_endpoint(entry: dict[str, Any], default: FalEndpoint) -> FalEndpoint:
 
 
 def _results_key(ctx: RoundContext, n: int) -> str:
-    return f"{layout.round_prefix(ctx.shard, ctx.rnd)}results-{n:06d}.jsonl"
+    return layout.round_results_part(ctx.shard, ctx.rnd, n)
 
 
 def _file_name(name: Any) -> str:

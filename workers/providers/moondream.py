@@ -209,7 +209,7 @@ class MoondreamBatchProvider:
             return 0
         aborted = 0
         for obj in run.output.iter_objects(layout.SHARDS):
-            if obj.key.endswith("/upload.json"):
+            if (key := layout.parse_shard_key(obj.key)) and key.name == "upload":
                 doc = get_json_or_none(run.output, obj.key)
                 if doc:
                     batch_client().abort_upload(doc["file_id"], doc["upload_id"])

@@ -1,0 +1,189 @@
+"""The shard's state machine (``moonbatch.workers.shard``) on plain dicts, branch by branch, and
+the key parsing of ``moonbatch.workers.layout`` it is fed by. No storage, broker or clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from moonbatch.workers import layout
+from moonbatch.workers.shard import (
+    Action,
+    Step,
+    after_merge,
+    grace,
+    latest_round,
+    next_step,
+    poll_turn,
+    round_base,
+)
+
+NOW = 1_000_000.0
+POLL = 5.0  # poll_min_interval
+LATE = grace(POLL)  # 15 s
+
+
+def step(docs: dict, *, only_stale: bool = False) -> Step:
+    return next_step(docs, only_stale=only_stale, now=NOW, poll_min_interval=POLL)
+
+
+# -- next_step -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("only_stale", [False, True])
+def test_a_merged_shard_is_done(only_stale):
+    docs = {(None, "done"): {"ok": 3}, (0, "rows"): True, (1, "todo"): {"items": [2]}}
+    assert step(docs, only_stale=only_stale) == Step(Action.DONE, 1, "merged")
+
+
+@pytest.mark.parametrize("only_stale", [False, True])
+def test_a_shard_with_nothing_yet_is_built_unless_its_first_message_is_queued(only_stale):
+    got = step({}, only_stale=only_stale)
+    # A shard with no lease never started: in a stale pass its queued message is left alone.
+    assert got.action is (Action.WAIT if only_stale else Action.BUILD)
+    assert got.round == 0
+
+
+def test_the_latest_round_is_the_one_acted_on():
+    docs = {(0, "build"): {"lines": [0]}, (0, "batch"): {"submitted_at": NOW},
+            (0, "merged"): {}, (0, "rows"): True, (2, "todo"): {"items": [1]}}
+    assert step(docs) == Step(Action.BUILD, 2, "round not sent")
+    assert latest_round(docs) == 2
+
+
+@pytest.mark.parametrize("only_stale", [False, True])
+def test_rows_written_means_merge(only_stale):
+    docs = {(0, "build"): {"lines": [0]}, (0, "batch"): {}, (0, "rows"): True}
+    assert step(docs, only_stale=only_stale).action is Action.MERGE
+
+
+@pytest.mark.parametrize("only_stale", [False, True])
+def test_a_build_with_no_sendable_line_is_merged(only_stale):
+    docs = {(None, "lease"): {"expires": NOW + 60}, (1, "todo"): {"items": [4]},
+            (1, "build"): {"lines": []}}
+    assert step(docs, only_stale=only_stale) == \
+        Step(Action.MERGE, 1, "nothing was sendable: only error rows")
+
+
+def test_a_build_that_stopped_before_its_batch_is_built_again():
+    docs = {(None, "lease"): {"expires": NOW - 1}, (0, "build"): {"lines": [0, 1]}}
+    assert step(docs) == Step(Action.BUILD, 0, "round not sent")
+    assert step(docs, only_stale=True) == Step(Action.BUILD, 0, "round not sent")
+
+
+def test_a_build_under_a_live_lease_waits_in_a_stale_pass_only():
+    docs = {(None, "lease"): {"expires": NOW + 1}, (0, "upload"): {"upload_id": "u"}}
+    assert step(docs, only_stale=True) == Step(Action.WAIT, 0, "a live builder holds the lease")
+    assert step(docs).action is Action.BUILD  # resume: the build task waits for the lease
+
+
+def test_a_lease_listed_and_released_since_counts_as_expired():
+    class Released(dict):
+        def __contains__(self, key):  # listed...
+            return key == (None, "lease") or super().__contains__(key)
+
+    docs = Released({(0, "todo"): {"items": [0]}})  # ...but gone when read
+    assert step(docs, only_stale=True).action is Action.BUILD
+
+
+def test_a_submitted_batch_is_polled():
+    docs = {(0, "build"): {"lines": [0]}, (0, "batch"): {"submitted_at": NOW - 100},
+            (0, "progress"): {"status": "in_progress", "next_at": NOW - 100}}
+    assert step(docs) == Step(Action.POLL, 0, "batch at the provider")
+    assert step(docs, only_stale=True).action is Action.POLL  # overdue
+
+
+@pytest.mark.parametrize("status", ["completed", "failed"])
+def test_a_finished_batch_is_merged(status):
+    docs = {(0, "batch"): {"submitted_at": NOW - 100},
+            (0, "progress"): {"status": status, "next_at": NOW - 100}}
+    assert step(docs) == Step(Action.MERGE, 0, f"batch {status}")
+    assert step(docs, only_stale=True) == Step(Action.MERGE, 0, f"batch {status}")
+
+
+def test_a_poll_chain_on_schedule_is_left_alone_in_a_stale_pass():
+    docs = {(0, "batch"): {"submitted_at": NOW - 100},
+            (0, "progress"): {"status": "completed", "next_at": NOW - LATE + 1}}
+    assert step(docs, only_stale=True) == Step(Action.WAIT, 0, "poll chain on schedule")
+    assert step(docs).action is Action.MERGE
+
+
+def test_a_first_poll_not_due_yet_is_left_alone_in_a_stale_pass():
+    docs = {(0, "batch"): {"submitted_at": NOW - POLL - LATE + 1}}
+    assert step(docs, only_stale=True) == Step(Action.WAIT, 0, "first poll not due yet")
+    overdue = {(0, "batch"): {"submitted_at": NOW - POLL - LATE - 1}}
+    assert step(overdue, only_stale=True) == Step(Action.POLL, 0, "batch at the provider")
+    assert step(docs) == Step(Action.POLL, 0, "batch at the provider")
+
+
+def test_grace_is_three_poll_intervals_with_a_floor():
+    assert grace(5.0) == 30.0
+    assert grace(20.0) == 60.0
+    assert grace(0.2) == 3.0  # the tests' sub-second polls
+
+
+# -- poll_turn -----------------------------------------------------------------------------------
+def test_a_first_poll_runs():
+    assert poll_turn(None, chain="a", polls=0, now=NOW, poll_min_interval=POLL) is None
+
+
+def test_a_poll_stops_when_another_chain_is_alive_and_runs_when_it_is_lost():
+    alive = {"chain": "b", "polls": 3, "next_at": NOW}
+    assert poll_turn(alive, chain="a", polls=0, now=NOW, poll_min_interval=POLL) == \
+        "another poll chain of the round is alive"
+    lost = {"chain": "b", "polls": 3, "next_at": NOW - LATE - 1}
+    assert poll_turn(lost, chain="a", polls=0, now=NOW, poll_min_interval=POLL) is None
+
+
+def test_a_redelivered_poll_of_the_same_chain_stops():
+    progress = {"chain": "a", "polls": 4, "next_at": NOW}
+    assert poll_turn(progress, chain="a", polls=3, now=NOW, poll_min_interval=POLL) == \
+        "poll 4 of this chain already ran"
+    assert poll_turn(progress, chain="a", polls=4, now=NOW, poll_min_interval=POLL) is None
+
+
+# -- after_merge and round_base ------------------------------------------------------------------
+def test_retryable_items_get_another_round_while_the_pass_has_attempts():
+    assert after_merge([3, 5], rnd=0, base=0, max_item_attempts=3) == \
+        Step(Action.BUILD, 1, "retryable errors")
+    assert after_merge([3], rnd=2, base=0, max_item_attempts=3).action is Action.FINISH
+    # A retry-failed pass that began at round 4 gets a fresh budget.
+    assert after_merge([3], rnd=5, base=4, max_item_attempts=3) == \
+        Step(Action.BUILD, 6, "retryable errors")
+    assert after_merge([], rnd=0, base=0, max_item_attempts=3) == \
+        Step(Action.FINISH, 0, "no round left to send")
+
+
+def test_round_base_reads_the_todo_of_later_rounds_only():
+    assert round_base(0, {"base": 7}) == 0
+    assert round_base(3, {"items": [1], "base": 3}) == 3
+    assert round_base(2, {"items": [1]}) == 0
+    assert round_base(2, None) == 0
+
+
+# -- layout: every key built is parsed back -------------------------------------------------------
+def test_shard_keys_parse_back():
+    cases = {
+        layout.shard_doc(7, "done"): (7, None, "done"),
+        layout.shard_doc(7, "lease"): (7, None, "lease"),
+        layout.round_doc(3, 12, "batch"): (3, 12, "batch"),
+        layout.round_doc(3, 0, "rows"): (3, 0, "rows"),
+        layout.round_results_part(1, 2, 5): (1, 2, "results-000005"),
+        layout.step_attempts(1, 1, "build"): (1, 1, "attempts-build"),
+        layout.round_doc(123_456, 0, "todo"): (123_456, 0, "todo"),
+    }
+    for key, (shard, rnd, name) in cases.items():
+        assert layout.parse_shard_key(key) == layout.ShardKey(shard, rnd, name), key
+    for other in (layout.PLAN, layout.plan_items(3), "_moonbatch/shards/abc/done.json",
+                  "_moonbatch/shards/00001/r0/sub/x.json", "_moonbatch/shards/00001/r0/x.txt"):
+        assert layout.parse_shard_key(other) is None, other
+    keys = [layout.parse_shard_key(layout.round_doc(0, r, "todo")) for r in (0, 4, 2)]
+    assert layout.latest_round(keys) == 4
+    assert layout.latest_round([layout.parse_shard_key(layout.shard_doc(0, "done"))]) is None
+
+
+def test_results_and_retry_keys_parse_back():
+    assert layout.parse_results(layout.results(3, "parquet")) == (3, "parquet")
+    assert layout.parse_results(layout.results(100_000)) == (100_000, "jsonl")
+    assert layout.parse_results("results/mine.jsonl") is None
+    assert layout.parse_results("results/shard-00001.jsonl.bak") is None
+    assert layout.parse_retry_pass(layout.retry_pass(2, "applied")) == (2, "applied")
+    assert layout.parse_retry_pass(layout.retry_pass(3)) == (3, "json")
+    assert layout.parse_retry_pass(layout.RETRIES + "notes.txt") is None
