@@ -191,12 +191,14 @@ def analyse(fal: Any, calls: CallLog, rids: list[str]) -> dict[str, float]:
 
 def ledgers(s3: Any, bucket: str, out: str) -> list[dict[str, Any]]:
     """Each shard's round-0 fal ledger (``requests.json``) with its ``polls`` (progress.json)."""
+    from moonbatch.workers import layout
+
     found = []
     for shard in range(SHARDS):
-        base = f"{out}_moonbatch/shards/{shard:05d}/r0/"
+        ledger, polled = (out + layout.round_doc(shard, 0, n) for n in ("requests", "progress"))
         with contextlib.suppress(s3.exceptions.NoSuchKey):
-            doc = json.loads(s3.get_object(Bucket=bucket, Key=base + "requests.json")["Body"].read())
-            progress = json.loads(s3.get_object(Bucket=bucket, Key=base + "progress.json")["Body"].read())
+            doc = json.loads(s3.get_object(Bucket=bucket, Key=ledger)["Body"].read())
+            progress = json.loads(s3.get_object(Bucket=bucket, Key=polled)["Body"].read())
             found.append({**doc, "polls": progress.get("polls")})
     return found
 
