@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 
 from moonbatch.workers import layout
+from moonbatch.workers.models import BatchRecord, ShardBuild
 from moonbatch.workers.shard import (
     Action,
     Step,
     after_merge,
     grace,
     latest_round,
+    merge_blocker,
     next_step,
     poll_turn,
     round_base,
@@ -20,6 +22,10 @@ from moonbatch.workers.shard import (
 NOW = 1_000_000.0
 POLL = 5.0  # poll_min_interval
 LATE = grace(POLL)  # 15 s
+
+
+def batch_record(attempt: str) -> BatchRecord:
+    return BatchRecord(batch_id="batch-1", file_id=None, submitted_at=NOW, lines=1, attempt=attempt)
 
 
 def step(docs: dict, *, only_stale: bool = False) -> Step:
@@ -137,6 +143,24 @@ def test_a_redelivered_poll_of_the_same_chain_stops():
     assert poll_turn(progress, chain="a", polls=3, now=NOW, poll_min_interval=POLL) == \
         "poll 4 of this chain already ran"
     assert poll_turn(progress, chain="a", polls=4, now=NOW, poll_min_interval=POLL) is None
+
+
+# -- merge_blocker --------------------------------------------------------------------------------
+def test_a_round_merges_when_its_build_and_batch_agree():
+    build = ShardBuild(lines=[0, 1], attempt="a")
+    assert merge_blocker(0, build, batch_record("a")) is None
+    assert merge_blocker(0, build, batch_record("")) is None  # recorded before attempts were
+    assert merge_blocker(0, ShardBuild(lines=[]), None) is None  # only error rows
+
+
+def test_a_build_that_stopped_before_its_batch_is_not_merged():
+    assert merge_blocker(2, ShardBuild(lines=[0], attempt="a"), None) == \
+        Step(Action.BUILD, 2, "the build stopped between build.json and batch.json")
+
+
+def test_a_batch_of_another_build_sends_the_round_again():
+    assert merge_blocker(1, ShardBuild(lines=[0], attempt="a"), batch_record("b")) == \
+        Step(Action.BUILD, 2, "build.json does not describe batch batch-1")
 
 
 # -- after_merge and round_base ------------------------------------------------------------------

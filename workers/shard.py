@@ -4,7 +4,9 @@
     round r:  todo? ─► build ─► batch ─► progress … (completed | failed) ─► merged + rows
                          │ (no line sendable)                                   │
                          └──────────────────────────► merge ◄───────────────────┘
-    after a merge: retryable items left and attempts left ─► round r+1, else finish ─► done
+    a merge waits for a build that stopped half-way, and sends the round again when build and
+    batch come from different executions (``merge_blocker``); after a merge: retryable items
+    left and attempts left ─► round r+1, else finish ─► done (``after_merge``)
 
 No function here reads storage, enqueues or looks at the clock: callers load the documents
 (a ``Mapping`` keyed ``(round, name)``, round None for the shard's own ``done`` and ``lease``;
@@ -110,6 +112,20 @@ def poll_turn(progress: Mapping[str, Any] | None, *, chain: str, polls: int, now
         return "another poll chain of the round is alive"
     if progress.get("chain") == chain and progress.get("polls", 0) > polls:
         return f"poll {polls + 1} of this chain already ran"
+    return None
+
+
+def merge_blocker(rnd: int, build: Any, batch: Any | None) -> Step | None:
+    """Why round ``rnd`` cannot be merged yet from its ``build`` (``ShardBuild``: ``lines``,
+    ``attempt``) and ``batch`` (``BatchRecord`` or None: ``batch_id``, ``attempt``), or None
+    if it can: lines built and no batch recorded is a build that stopped half-way (``BUILD``
+    the same round); a batch recorded by another execution than the build's cannot be merged
+    against it, as items would get others' results (``BUILD`` round ``rnd + 1``)."""
+    if batch is None and build.lines:
+        return Step(Action.BUILD, rnd, "the build stopped between build.json and batch.json")
+    if batch is not None and batch.attempt and build.attempt != batch.attempt:
+        # build.json must describe the batch recorded (the provider writes both in one execution).
+        return Step(Action.BUILD, rnd + 1, f"build.json does not describe batch {batch.batch_id}")
     return None
 
 

@@ -327,19 +327,15 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
         build = ShardBuild.model_validate(get_json(store, layout.round_doc(shard, rnd, "build")))
         raw = get_json_or_none(store, layout.round_doc(shard, rnd, "batch"))
         record = BatchRecord.model_validate(raw) if raw else None
-        if record is None and build.lines:
-            # The build stopped between build.json and batch.json: it is not finished.
+        blocked = shard_state.merge_blocker(rnd, build, record)
+        if blocked is not None and blocked.round == rnd:
             _next(build_shard, (output, run_id, shard, rnd))
             return
-        if record is not None and record.attempt and build.attempt != record.attempt:
-            # build.json must describe the batch recorded (workers.builder writes both for one
-            # execution); merging lines against another build would give items others' results.
-            log.error("shard %d round %d: build.json (attempt %s) does not describe batch %s "
-                      "(attempt %s); sending the round again", shard, rnd, build.attempt,
-                      record.batch_id, record.attempt)
+        if blocked is not None:
+            log.error("shard %d round %d: %s (build attempt %s, batch attempt %s); sending the "
+                      "round again", shard, rnd, blocked.why, build.attempt, record.attempt)
             _next_round(store, output, run_id, shard, rnd,
-                        todo if todo is not None else list(range(len(items))),
-                        f"build.json does not describe batch {record.batch_id}", base)
+                        todo if todo is not None else list(range(len(items))), blocked.why, base)
             return
         provider = provider_for(run.spec)
         collected = provider.collect_round(ctx) if record is not None else None
