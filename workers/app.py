@@ -18,6 +18,7 @@ from kombu import Exchange, Queue
 
 from moonbatch.config import Settings, get_settings
 from moonbatch.workers import logs, metrics
+from moonbatch.workers.enqueue import RECONCILE
 from moonbatch.workers.runstate import control_queue
 
 
@@ -67,7 +68,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         # The reconciler: run a beat (celery -A moonbatch.workers beat, or a worker with -B) to use it.
         "beat_schedule": {"moonbatch-reconcile": {
-            "task": "moonbatch.reconcile", "schedule": settings.reconcile_interval,
+            "task": RECONCILE, "schedule": settings.reconcile_interval,
             "options": {"queue": control_queue(settings.queue, settings)}}},
     }
 

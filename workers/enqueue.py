@@ -19,6 +19,8 @@ from moonbatch.workers.models import RunSpec
 from moonbatch.workers.runstate import control_queue, open_output, run_queue
 from moonbatch.workers.storage import get_json
 
+# The tasks' names (``workers.tasks`` registers them under these): never changed, so work
+# queued by an earlier version still runs.
 BUILD_SHARD = "moonbatch.build_shard"
 POLL_ROUND = "moonbatch.poll_round"
 MERGE_ROUND = "moonbatch.merge_round"

@@ -29,7 +29,15 @@ from moonbatch.config import Settings, get_settings
 from moonbatch.workers import attempts, layout, logs, metrics, writers
 from moonbatch.workers import shard as shard_state
 from moonbatch.workers.app import app
-from moonbatch.workers.enqueue import PARAMS, enqueue
+from moonbatch.workers.enqueue import (
+    BUILD_SHARD,
+    FINALIZE_RUN,
+    MERGE_ROUND,
+    PARAMS,
+    POLL_ROUND,
+    RECONCILE,
+    enqueue,
+)
 from moonbatch.workers.lease import Lease, LeaseLost, execution_owner, task_of
 from moonbatch.workers.merge import compose, encode_round, merge_round
 from moonbatch.workers.models import BatchRecord, ShardBuild, ShardDone
@@ -202,7 +210,7 @@ def _later(settings: Settings, countdown: float) -> float:
                                                settings.visibility_timeout / 4))
 
 
-@app.task(bind=True, base=RunTask, name="moonbatch.build_shard")
+@app.task(bind=True, base=RunTask, name=BUILD_SHARD)
 def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -> None:  # noqa: A002
     """Send round ``round`` of the shard (the provider builds, uploads, submits) under its
     lease, then schedule the first poll. If another live worker holds the lease, check back
@@ -251,7 +259,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
               countdown=settings.poll_min_interval)
 
 
-@app.task(bind=True, base=RunTask, name="moonbatch.poll_round")
+@app.task(bind=True, base=RunTask, name=POLL_ROUND)
 def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  # noqa: A002
                chain: str = "", polls: int = 0, last: list[float] | None = None) -> None:
     """Poll round ``round`` of run ``run`` once (the provider looks, and moves it on if it
@@ -305,7 +313,7 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
               countdown=countdown)
 
 
-@app.task(bind=True, base=RunTask, name="moonbatch.merge_round")
+@app.task(bind=True, base=RunTask, name=MERGE_ROUND)
 def merge_round_task(self: Task, output: str, run: str, shard: int, round: int = 0,  # noqa: A002
                      polls: int = 0) -> None:
     """Merge round ``round`` of run ``run``: collect its results from the provider, write the
@@ -428,7 +436,7 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
         run_final(get_settings(), run.spec.run_id)
 
 
-@app.task(bind=True, base=RunTask, name="moonbatch.finalize_run")
+@app.task(bind=True, base=RunTask, name=FINALIZE_RUN)
 def finalize_run(self: Task, output: str, run: str) -> None:
     """Finalise run ``run`` if every shard is merged (idempotent; see ``maybe_finalize``)."""
     run_id = run
@@ -437,7 +445,7 @@ def finalize_run(self: Task, output: str, run: str) -> None:
         run_final(settings, run_id)
 
 
-@app.task(name="moonbatch.reconcile", ignore_result=True)
+@app.task(name=RECONCILE, ignore_result=True)
 def reconcile() -> dict[str, int]:
     """Periodic (Celery beat): for every active run of the registry, re-enqueue stale work —
     polls whose chain stopped (a lost ETA message), merges that never ran, builds whose worker
