@@ -18,13 +18,18 @@ from pydantic import ValidationError
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-import moonbatch.workers.moondream as moondream
+import moonbatch.workers.providers.moondream.client as moondream
 from moonbatch.emulator.inference import infer
 from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
-from tests.conftest import jpeg_bytes
-from moonbatch.workers.lines import encode_line
 from moonbatch.workers.models import SkillOptions
-from moonbatch.workers.moondream import BatchClient, BatchStatus, TransientError, UnexpectedAnswer
+from moonbatch.workers.providers.moondream.client import (
+    BatchClient,
+    BatchStatus,
+    TransientError,
+    UnexpectedAnswer,
+)
+from moonbatch.workers.providers.moondream.lines import encode_line
+from tests.conftest import jpeg_bytes
 
 URL = "https://r2.example/out/0.jsonl?X-Amz-Signature=deadbeefsecret"
 
@@ -39,7 +44,7 @@ def _fresh_warnings() -> Iterator[None]:
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     messages = [r.getMessage() for r in caplog.records
-                if r.name == "moonbatch.workers.moondream" and r.levelno == logging.WARNING]
+                if r.name == "moonbatch.workers.providers.moondream.client" and r.levelno == logging.WARNING]
     for m in messages:  # output URLs are presigned secrets
         assert "http" not in m and "Signature" not in m and "secret" not in m, m
     return messages

@@ -10,7 +10,7 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from moonbatch.workers.moondream import (
+from moonbatch.workers.providers.moondream.client import (
     AuthenticationError,
     BatchClient,
     RequestRejected,
@@ -102,7 +102,7 @@ def test_downloads_do_not_send_the_api_key(serve):
     app = Script((200, {}, {"line_index": 0}))
     base = serve(app)
     client = BatchClient(base, SECRET, sleep=lambda s: None)
-    from moonbatch.workers.moondream import OutputFile
+    from moonbatch.workers.providers.moondream.client import OutputFile
 
     assert client.download(OutputFile(index=0, url=base + "/out?signature=x")).startswith(b"{")
     assert app.seen[0][2] is None

@@ -20,13 +20,19 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from moonbatch.workers import layout, metrics
-from moonbatch.workers.lines import ItemError, encode_line, max_image_bytes, prepare_image, skill_line_id
-from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
-from moonbatch.workers.moondream import BatchClient, Part, RequestRejected, TransientError
+from moonbatch.workers.lines import ItemError, prepare_image, skill_line_id
+from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions
 from moonbatch.workers.pool import ordered_map
 from moonbatch.workers.providers import Later
+from moonbatch.workers.providers.moondream.client import (
+    BatchClient,
+    Part,
+    RequestRejected,
+    TransientError,
+)
+from moonbatch.workers.providers.moondream.lines import encode_line, max_image_bytes
+from moonbatch.workers.providers.moondream.records import BatchClaims, SubmitRecord, UploadRecord
 from moonbatch.workers.readers import item_options, read_item, unexpected_error
-from moonbatch.workers.registry import BatchClaims
 from moonbatch.workers.storage import NotFound, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)

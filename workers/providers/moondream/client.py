@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 
+#: Client actions (``BatchClient._call``) → the ``endpoint`` label of its metrics.
+METRIC_ACTIONS = {"mpu-create": "mpu-create", "mpu-uploadpart": "mpu-uploadpart",
+                  "mpu-complete": "mpu-complete", "mpu-abort": "mpu-abort",
+                  "batch status": "batch-status", "list batches": "batch-list",
+                  "download of output": "download"}
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 T = TypeVar("T")
 
@@ -99,6 +104,12 @@ class ForeignOrigin(MoondreamError):
         ProviderError.__init__(
             self, f"Moondream request not sent: its URL is not on MOONBATCH_MOONDREAM_URL's "
             f"origin ({expected}), and MOONDREAM_API_KEY goes nowhere else")
+
+
+def _record_call(action: str, status: int | None, started: float) -> None:
+    """Metrics of one call: its action's label, HTTP status (None: no answer), duration."""
+    metrics.api_call("moondream", metrics.endpoint_label(action, METRIC_ACTIONS), status,
+                     time.monotonic() - started)
 
 
 def _checked_id(value: object, action: str, what: str) -> str:
@@ -488,7 +499,7 @@ class BatchClient:
             except httpx.TooManyRedirects:
                 raise RequestRejected(action, "too many redirects") from None
             except httpx.TransportError as exc:
-                metrics.api_call("moondream", action, None, time.monotonic() - started)
+                _record_call(action, None, started)
                 retry_reason: int | BaseException = exc
                 # str(exc) may quote the URL; keep only the exception type.
                 if not isinstance(exc, _NOT_SENT):
@@ -501,8 +512,7 @@ class BatchClient:
                 last = TransientError(action, type(exc).__name__)
                 wait = self._backoff(attempt)
             else:
-                metrics.api_call("moondream", action, response.status_code,
-                                 time.monotonic() - started)
+                _record_call(action, response.status_code, started)
                 retry_reason = response.status_code
                 if response.is_success:
                     return _parsed(action, parse, response)

@@ -13,7 +13,12 @@ import logging
 
 import orjson
 
-from moonbatch.workers.moondream import BatchClient, BatchStatus, MoondreamError, TransientError
+from moonbatch.workers.providers.moondream.client import (
+    BatchClient,
+    BatchStatus,
+    MoondreamError,
+    TransientError,
+)
 
 log = logging.getLogger(__name__)
 
