@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from moonbatch.workers.providers.moondream.client import Part
+from moonbatch.workers.providers.moondream.answers import Part
 from moonbatch.workers.providers.moondream.upload import PartWriter, ordered_map
 
 

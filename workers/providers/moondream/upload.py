@@ -24,12 +24,9 @@ from moonbatch.workers.lines import ItemError, prepare_image, skill_line_id
 from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions
 from moonbatch.workers.pool import ordered_map
 from moonbatch.workers.providers import Later
-from moonbatch.workers.providers.moondream.client import (
-    BatchClient,
-    Part,
-    RequestRejected,
-    TransientError,
-)
+from moonbatch.workers.providers.moondream.client import BatchClient
+from moonbatch.workers.providers.moondream.answers import Part
+from moonbatch.workers.providers.moondream.errors import RequestRejected, TransientError
 from moonbatch.workers.providers.moondream.lines import encode_line, max_image_bytes
 from moonbatch.workers.providers.moondream.records import BatchClaims, SubmitRecord, UploadRecord
 from moonbatch.workers.readers import item_options, read_item, unexpected_error
