@@ -151,7 +151,7 @@ def test_two_builds_racing_on_one_round_bill_one_batch(batch_api):
     then finds the recorded batch. build.json describes that batch."""
     import threading
 
-    from moonbatch.workers.providers.moondream.upload import RoundClaimed
+    from moonbatch.workers.providers.moondream.recovery import RoundClaimed
 
     t0 = time.time()
     started = threading.Barrier(2, timeout=60)
@@ -272,7 +272,7 @@ def test_a_claimant_whose_claim_was_dropped_never_writes_the_build(batch_api):
     whose claim another execution replaced cannot overwrite that execution's build."""
     from moonbatch.workers import layout
     from moonbatch.workers.models import ShardBuild
-    from moonbatch.workers.providers.moondream.upload import RoundClaimed, _write_build
+    from moonbatch.workers.providers.moondream.recovery import RoundClaimed, write_build
     from moonbatch.workers.storage import get_json, put_json
 
     state = batch_api["state"]
@@ -282,9 +282,9 @@ def test_a_claimant_whose_claim_was_dropped_never_writes_the_build(batch_api):
 
     put_json(state, doc("submit"), {"file_id": "f", "lines": 1, "bytes": 1, "sent_at": 1.0,
                                     "attempt": "new"}, if_absent=True)
-    _write_build(state, doc, ShardBuild(lines=[0, 1], attempt="new"))
+    write_build(state, doc, ShardBuild(lines=[0, 1], attempt="new"))
     with pytest.raises(RoundClaimed):
-        _write_build(state, doc, ShardBuild(lines=[0], attempt="old"))
+        write_build(state, doc, ShardBuild(lines=[0], attempt="old"))
     assert get_json(state, doc("build"))["attempt"] == "new"
 
 

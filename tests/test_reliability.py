@@ -196,7 +196,7 @@ def test_a_lost_answer_is_told_apart_from_a_batch_of_the_same_size(one_round, em
     """A decoy batch of the same line count is created in the same moment as the lost answer's
     batch: the round waits for the results, adopts its own batch by the ids in them and never
     the decoy (no duplicate)."""
-    from moonbatch.workers.providers.moondream.upload import AwaitingBatch
+    from moonbatch.workers.providers.moondream.recovery import AwaitingBatch
 
     client = one_round["client"]
     decoy = _decoy_batch(client, 2)
