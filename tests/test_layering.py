@@ -153,3 +153,29 @@ def test_every_provider_is_one_package_and_one_registry_line():
     for name, target in PROVIDERS.items():
         assert (ROOT / "workers" / "providers" / name / "__init__.py").is_file(), name
         assert target.startswith(f"{PACKAGE}.{name}:"), target
+
+
+def test_every_provider_answers_the_whole_interface():
+    """What shared code asks (``Provider``'s members) every registered provider answers, and
+    its text for the CLI is text: a third provider that forgets one fails here, not in a run."""
+    from moonbatch.workers.models import RunSpec, SkillOptions
+    from moonbatch.workers.providers import Provider, Wording, get_provider
+
+    members = {n for n in vars(Provider) if not n.startswith("_")} | set(
+        Provider.__annotations__)
+    spec = RunSpec(run_id="r", input="s3://b/in/", output="s3://b/out/",
+                   options=SkillOptions(skill="caption"), shard_size=10, max_shard_bytes=10**6,
+                   created_at=0.0)
+    for name in PROVIDERS:
+        provider = get_provider(name)
+        missing = sorted(m for m in members if not hasattr(provider, m))
+        assert not missing, f"{name} lacks {missing}"
+        assert provider.name == name and isinstance(provider.wording, Wording)
+        done = provider.complete_spec(spec.model_copy(update={"provider": name}))
+        provider.check_spec(done)
+        limits = provider.limits(done)
+        assert limits.item_bytes("a.jpg", 3000, 40) >= 4000 and limits.reason
+        assert name in provider.describe(done.model_dump())
+        assert isinstance(provider.upload_note({"upload_bytes": 0, "input": "s3://b/"}), str)
+        assert provider.count_units([]) == 0
+        assert provider.credential and provider.metric_actions

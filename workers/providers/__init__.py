@@ -231,6 +231,10 @@ class Provider(Protocol):
     def upload_note(self, report: Mapping[str, Any]) -> str:
         """A remark on a dry run's upload bytes (``""``: none), e.g. that images go as URLs."""
 
+    def count_units(self, shards: Sequence[Mapping[str, Any]]) -> int:
+        """How many units of work (``wording.units``) a run sent, from the shard entries of
+        its snapshot or ``run.json`` (``"batches"``: one per shard, with ``requests``)."""
+
     def check_spec(self, spec: RunSpec) -> None:
         """Refuse a run this provider cannot serve before anything is sent: ``ValueError`` with
         one line naming the cause and the fix (e.g. a skill the endpoint does not serve)."""

@@ -40,7 +40,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import orjson
@@ -294,6 +294,10 @@ class FalProvider(RoundSteps):
             if written is not None:  # another step recorded first: end what is left then
                 ctx.store.delete(written)
         raise StorageError(f"{ctx.doc('requests')}: changed by other steps 8 times in a row")
+
+    def count_units(self, shards: Sequence[Mapping[str, Any]]) -> int:
+        """The requests every shard sent (its ``requests`` count)."""
+        return sum(s.get("requests") or 0 for s in shards)
 
     # -- after a round ---------------------------------------------------------------------------
     def reject_merge(self, ctx: RoundContext, record: BatchRecord | None,

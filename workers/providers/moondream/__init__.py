@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
@@ -149,6 +149,10 @@ class MoondreamBatchProvider:
     def upload_note(self, report: Mapping[str, Any]) -> str:
         """Images always go inside the JSONL: nothing to add."""
         return ""
+
+    def count_units(self, shards: Sequence[Mapping[str, Any]]) -> int:
+        """One batch per shard entry."""
+        return len(shards)
 
     def check_spec(self, spec: RunSpec) -> None:
         """Every skill is served; ``--endpoint`` is fal's."""
