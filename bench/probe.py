@@ -25,8 +25,10 @@ from bench.common import worker_kwargs
 PLAN_MODULES = ("config", "moonbatch.workers.readers.prefix", "moonbatch.producer.planner", "moonbatch.workers.layout", "moonbatch.workers.models",
                 "moonbatch.workers.storage")
 MANIFEST_MODULES = (*PLAN_MODULES, "moonbatch.workers.readers.manifest", "moonbatch.producer.runs", "numpy")
-WORKER_MODULES = ("config", "moonbatch.workers.providers.moondream.upload", "moonbatch.workers.lines", "moonbatch.workers.merge", "moonbatch.workers.models",
-                  "moonbatch.workers.providers.moondream.client", "moonbatch.workers.storage", "PIL.Image", "PIL.PngImagePlugin")
+WORKER_MODULES = ("config", "moonbatch.workers.providers.moondream.upload", "moonbatch.workers.lines",
+                  "moonbatch.workers.merge", "moonbatch.workers.models",
+                  "moonbatch.workers.providers.moondream.client", "moonbatch.workers.storage",
+                  "PIL.Image", "PIL.PngImagePlugin")
 
 
 def peak_mb() -> float:

@@ -1,7 +1,7 @@
 """shard_build: how fast a worker turns a shard of S3 objects into an uploaded batch JSONL.
 
-Measures ``moonbatch.workers.providers.moondream.upload.build_and_submit`` on one shard of 200 distinct photographs (~95 MB,
-all under 2 MP so they pass through untouched) in moto's S3 server: fetch with 16 concurrent
+Measures ``moonbatch.workers.providers.moondream.upload.build_and_submit`` on one shard of 200
+distinct photographs (~95 MB, all under 2 MP so they pass through untouched) in moto's S3 server: fetch with 16 concurrent
 reads, check, base64 into JSONL lines, cut into 8 MiB parts, upload them to the emulator and
 complete the upload. Reported as images/s and source MB/s (median of 3 runs).
 

@@ -1,7 +1,8 @@
 """The Moondream Batch API emulator (seed 002, FACTS.md "Moondream Batch API") over real HTTP.
 
 Every test starts its own ``EmulatorServer`` with a fast configuration and talks to it through
-``moonbatch.workers.providers.moondream.client.BatchClient`` or, where the client hides the wire, raw httpx. Nothing is mocked.
+``moonbatch.workers.providers.moondream.client.BatchClient`` or, where the client hides the wire,
+raw httpx. Nothing is mocked.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Every test starts its own ``EmulatorServer`` and sets ``config.faults``; what it injects is seen on
 the wire with raw httpx (status, ``Retry-After``, a dropped connection, a short or corrupted body)
-and through ``moonbatch.workers.providers.moondream.client.BatchClient``'s retry loop. Exactness comes from rates of 0 or 1
-and seeded RNGs. Nothing is mocked.
+and through ``moonbatch.workers.providers.moondream.client.BatchClient``'s retry loop. Exactness
+comes from rates of 0 or 1 and seeded RNGs. Nothing is mocked.
 """
 
 from __future__ import annotations

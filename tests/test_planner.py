@@ -66,7 +66,8 @@ def test_empty_input_yields_no_shards():
 
 def test_shard_bytes_is_sum_of_line_estimates():
     items = [PlanItem(id=f"x{i}.png", size=100 * (i + 1)) for i in range(7)]
-    (shard,) = plan_shards(items, limits=BATCH_API, max_lines=100, max_bytes=API_MAX_FILE_BYTES, fragment_len=40)
+    (shard,) = plan_shards(items, limits=BATCH_API, max_lines=100, max_bytes=API_MAX_FILE_BYTES,
+                           fragment_len=40)
     assert shard.bytes == sum(estimate_line_bytes(it.id, it.size, 40) for it in items)
 
 
@@ -139,7 +140,8 @@ def test_out_of_range_limits_raise(max_lines, max_bytes):
 
 
 def test_limits_at_the_api_maximum_are_accepted():
-    shards = list(plan_shards(make_items(3), limits=BATCH_API, max_lines=API_MAX_LINES, max_bytes=API_MAX_FILE_BYTES))
+    shards = list(plan_shards(make_items(3), limits=BATCH_API, max_lines=API_MAX_LINES,
+                              max_bytes=API_MAX_FILE_BYTES))
     assert len(shards) == 1 and len(shards[0].items) == 3
 
 

@@ -1,11 +1,12 @@
 """Images made ready for a provider's request, whatever the provider. Pure: no I/O.
 
-Each request must stay within a byte limit the provider sets (``prepare_image``'s ``limit``; the
-Batch API's line limit: ``moonbatch.workers.providers.moondream.lines``). Images in a format the API documents (JPEG, PNG, GIF; FACTS.md
-"real-time API") pass through byte for byte; other formats Pillow reads (WebP, BMP, TIFF, ...)
-are converted; an image whose line would be too long is downscaled, keeping its aspect ratio,
-until it fits. An image over the pixel limit (``MOONBATCH_MAX_IMAGE_PIXELS``) is refused from its
-header; decoding is bounded by the process's decode budget (``moonbatch.workers.budget``).
+Each request must stay within a byte limit the provider sets (``prepare_image``'s ``limit``;
+the Batch API's line limit: ``moonbatch.workers.providers.moondream.lines``). Images in a format
+the API documents (JPEG, PNG, GIF; FACTS.md "real-time API") pass through byte for byte; other
+formats Pillow reads (WebP, BMP, TIFF, ...) are converted; an image whose request would be too
+long is downscaled, keeping its aspect ratio, until it fits. An image over the pixel limit
+(``MOONBATCH_MAX_IMAGE_PIXELS``) is refused from its header; decoding is bounded by the
+process's decode budget (``moonbatch.workers.budget``).
 """
 
 from __future__ import annotations

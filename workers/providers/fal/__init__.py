@@ -32,6 +32,10 @@ Images reach fal as presigned GET URLs of the input store when the stored bytes 
 are (no upload through the worker, small request bodies); as data URIs when fal could not reach
 the object (a local INPUT) or the bytes sent are not the stored object's (converted or
 downscaled images, and the ZIP archives moonbatch builds for ``moondream-next/batch``).
+
+Modules: ``client`` (the queue client), ``endpoints`` (the endpoint table), ``payloads``
+(request bodies, answers, archives), ``ledger`` (the round's ledger and results documents),
+``steps`` (a step of a round), ``settings`` (its environment variables).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class _Prepared:
 class RoundSteps:
     """The step machinery of ``FalProvider`` (its rounds move one step per poll)."""
 
-    name: ClassVar[str] = "fal"
+    name: ClassVar[str]  # the provider's (``FalProvider.name``): its metric label
 
     def _step(self, ctx: RoundContext) -> dict[str, Any]:
         """Poll, collect, send; write the finished lines, then the ledger. Returns the ledger.

@@ -1,11 +1,15 @@
 """The Moondream Batch API provider (seed ``002_b16f4baad5ce048b.txt``): a round is one batch.
 
-    submit_round   workers.builder: JSONL lines → a multipart upload → mpu-complete → batch.json
-    poll_round     GET /batch/{id}: status and progress, an adaptive countdown
-    collect_round  workers.downloader: the result files, verified → their result lines as sent
+    submit_round   upload: JSONL lines → a multipart upload → mpu-complete → batch.json
+    poll_round     GET /batch/{id}: status and progress, an adaptive countdown (polling)
+    collect_round  download: the result files, verified → their result lines as sent
     cancel_run     abort the multipart uploads still open (the API cannot cancel a batch)
 
-The client is ``moonbatch.workers.providers.moondream.client``; result lines are the API's own output lines.
+Modules: ``client`` (the HTTP client, with ``errors`` and ``answers``), ``upload`` (a round's
+lines and its multipart upload), ``recovery`` (the round's claim of ``mpu-complete`` and
+lost-answer recovery), ``download`` (result files), ``lines`` (JSONL lines and the API's
+limits), ``polling``, ``records`` (its round documents and batch claims), ``settings`` (its
+environment variables). Result lines are the API's own output lines.
 """
 
 from __future__ import annotations
