@@ -298,7 +298,7 @@ class RoundSteps:
         for li in range(new_from, new_to):
             p = prepared[li]
             if p.error is not None:  # bad input: its error line now, nothing sent
-                finish_line(ctx, build, ledger, out(p))
+                finish_line(ctx, build, ledger, out, pre_send_error(p))
             elif new_units and len(new_units[-1]) < endpoint.max_images and \
                     p.options == prepared[new_units[-1][0]].options and \
                     _payload_bytes(prepared, new_units[-1] + [li]) <= MAX_REQUEST_BYTES:
@@ -314,7 +314,7 @@ class RoundSteps:
             good = [li for li in unit if prepared[li].error is None]
             for li in unit:
                 if prepared[li].error is not None and unit in units:  # a resend gone bad
-                    finish_line(ctx, build, ledger, out(prepared[li]))
+                    finish_line(ctx, build, ledger, out, pre_send_error(prepared[li]))
             if good:
                 payload, names = self._payload(ctx, [prepared[li] for li in good])
                 requests.append((good, granted[len(requests)], payload, names))
