@@ -220,7 +220,7 @@ class ShardBuild(BaseModel):
     lines: list[int]
     errors: dict[str, dict[str, str]] = Field(default_factory=dict)
     # Each line's ``id`` is this prefix + the item id: unique to the round, so the results of
-    # a batch found again after a lost answer show whose it is (see workers.builder).
+    # a submission found again after a lost answer show whose it is (a provider's recovery).
     id_prefix: str = ""
     bytes: int = 0  # size of the JSONL file
     parts: int = 0
@@ -233,8 +233,8 @@ class ShardBuild(BaseModel):
     # Multi-skill runs: ``skills[line_index]`` is the index (in ``RunSpec.all_options``) of
     # the skill of that line; empty for a single-skill run.
     skills: list[int] = Field(default_factory=list)
-    # The execution that built and submitted these lines (``SubmitRecord.attempt``): the
-    # round's ``submit.json`` and ``batch.json`` name the same one (workers.builder).
+    # The execution that built and submitted these lines: the round's ``batch.json`` names the
+    # same one (a provider's ``submit_round`` writes both).
     attempt: str = ""
 
     def line_ids(self, items: list[PlanItem] | Any, skills: list[str]) -> set[str]:

@@ -372,8 +372,8 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             _next(build_shard, (output, run_id, shard, rnd))
             return
         if record is not None and record.attempt and build.attempt != record.attempt:
-            # build.json must describe the batch recorded (workers.builder writes both for one
-            # execution); merging lines against another build would give items others' results.
+            # build.json must describe the batch recorded (the provider's submit_round writes
+            # both for one execution); merging lines against another build would give items others' results.
             log.error("shard %d round %d: build.json (attempt %s) does not describe batch %s "
                       "(attempt %s); sending the round again", shard, rnd, build.attempt,
                       record.batch_id, record.attempt)
