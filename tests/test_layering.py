@@ -159,7 +159,13 @@ def test_every_provider_answers_the_whole_interface():
     """What shared code asks (``Provider``'s members) every registered provider answers, and
     its text for the CLI is text: a third provider that forgets one fails here, not in a run."""
     from moonbatch.workers.models import RunSpec, SkillOptions
-    from moonbatch.workers.providers import Provider, Wording, get_provider
+    from moonbatch.workers.providers import (
+        DEFAULT_PROVIDER,
+        Provider,
+        Wording,
+        get_provider,
+        provider_of,
+    )
 
     members = {n for n in vars(Provider) if not n.startswith("_")} | set(
         Provider.__annotations__)
@@ -179,3 +185,5 @@ def test_every_provider_answers_the_whole_interface():
         assert isinstance(provider.upload_note({"upload_bytes": 0, "input": "s3://b/"}), str)
         assert provider.count_units([]) == 0
         assert provider.credential and provider.metric_actions
+        assert provider_of({"provider": name}) is provider
+    assert provider_of({}) is get_provider(DEFAULT_PROVIDER)  # runs from before providers
