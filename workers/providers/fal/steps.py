@@ -5,20 +5,16 @@ ledger by compare-and-swap (see ``moonbatch.workers.providers.fal``)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import dataclasses
 import functools
 import logging
 import math
 import time
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import orjson
 
 from moonbatch.workers import metrics, slots
-from moonbatch.workers.lines import ItemError, PreparedImage, prepare_image
-from moonbatch.workers.models import PlanItem, ShardBuild, SkillOptions
-from moonbatch.workers.pool import ordered_map
+from moonbatch.workers.models import ShardBuild
 from moonbatch.workers.providers import (
     RoundContext,
 )
@@ -32,13 +28,7 @@ from moonbatch.workers.providers.fal.client import (
     FalTransient,
     Submitted,
 )
-from moonbatch.workers.providers.fal.endpoints import (
-    FalEndpoint,
-    check_options,
-    endpoint_of,
-    entry_endpoint,
-    skill_endpoints,
-)
+from moonbatch.workers.providers.fal.endpoints import FalEndpoint, endpoint_of, entry_endpoint
 from moonbatch.workers.providers.fal.ledger import (
     RESULT_LIFETIME,
     error_lines,
@@ -47,34 +37,24 @@ from moonbatch.workers.providers.fal.ledger import (
     results_key,
 )
 from moonbatch.workers.providers.fal.payloads import (
-    MAX_IMAGE_BYTES,
     MAX_REQUEST_BYTES,
-    PRESIGN_SECONDS,
     _answer,
     archive_answers,
-    build_archive,
-    data_uri,
     file_name,
-    member_name,
     normalize_single,
-    request_payload,
     scrub_echoes,
 )
+from moonbatch.workers.providers.fal.prepare import (
+    data_uri_bytes,
+    payload_bytes,
+    pre_send_error,
+    prepare_lines,
+    request_body,
+)
 from moonbatch.workers.providers.fal.settings import FalSettings
-from moonbatch.workers.readers import item_options, read_item, unexpected_error
 from moonbatch.workers.storage import NotFound
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class _Prepared:
-    line: int
-    item: PlanItem
-    endpoint: FalEndpoint  # the line's skill's
-    image: PreparedImage | None = None
-    options: SkillOptions | None = None  # the item's (the run's, with its own overrides)
-    error: dict[str, str] | None = None
 
 
 class RoundSteps:
@@ -288,7 +268,7 @@ class RoundSteps:
         new_from = ledger["cursor"]
         new_to = min(ledger["lines"], new_from + (len(granted) - len(units)) * endpoint.max_images)
         candidates = [li for u in units for li in u] + list(range(new_from, new_to))
-        prepared = self._prepare_lines(ctx, build, candidates)
+        prepared = prepare_lines(ctx, build, candidates)
         ctx.heartbeat()
         # Pack: resends as they were; new lines into requests of up to max_images images and
         # MAX_REQUEST_BYTES of data URIs. Lines past the last request are read again later.
@@ -301,7 +281,7 @@ class RoundSteps:
                 finish_line(ctx, build, ledger, out, pre_send_error(p))
             elif new_units and len(new_units[-1]) < endpoint.max_images and \
                     p.options == prepared[new_units[-1][0]].options and \
-                    _payload_bytes(prepared, new_units[-1] + [li]) <= MAX_REQUEST_BYTES:
+                    payload_bytes(prepared, new_units[-1] + [li]) <= MAX_REQUEST_BYTES:
                 new_units[-1].append(li)
             elif len(new_units) < free:
                 new_units.append([li])
@@ -316,13 +296,13 @@ class RoundSteps:
                 if prepared[li].error is not None and unit in units:  # a resend gone bad
                     finish_line(ctx, build, ledger, out, pre_send_error(prepared[li]))
             if good:
-                payload, names = self._payload(ctx, [prepared[li] for li in good])
+                payload, names = request_body(ctx, [prepared[li] for li in good])
                 requests.append((good, granted[len(requests)], payload, names))
         unused = granted[len(requests):]
 
         def submit(req: tuple[list[int], str, dict[str, Any], list[str]]
                    ) -> tuple[Submitted | None, Exception | None]:
-            metrics.upload_bytes(self.name, _data_uri_bytes(req[2]))
+            metrics.upload_bytes(self.name, data_uri_bytes(req[2]))
             try:
                 return client.submit(prepared[req[0][0]].endpoint.id, req[2]), None
             except FalError as exc:
@@ -372,67 +352,6 @@ class RoundSteps:
         elif requests:
             ledger["limited_streak"] = 0
 
-    def _prepare_lines(self, ctx: RoundContext, build: ShardBuild, lines: Sequence[int]
-                       ) -> dict[int, _Prepared]:
-        """Read and check the image of each of ``lines`` (once per item: a multi-skill run's
-        lines of one item share it) and each line's options; errors become the line's error."""
-        spec = ctx.run.spec
-        endpoints = skill_endpoints(spec)
-        items = sorted({build.lines[li] for li in lines})
-
-        def load(i: int) -> tuple[int, PreparedImage | ItemError]:
-            try:
-                data = read_item(ctx.run.fetcher.get, ctx.items[i])
-                return i, prepare_image(data, limit=MAX_IMAGE_BYTES, max_pixels=spec.max_pixels)
-            except ItemError as exc:
-                return i, exc
-            except Exception as exc:  # the per-item boundary: one item never fails the round
-                return i, unexpected_error(exc, "preparing", "image_decode_failed")
-
-        n = ctx.settings.fetch_concurrency
-        images = dict(ordered_map(load, items, workers=n, window=2 * n))
-        out: dict[int, _Prepared] = {}
-        for li in lines:
-            item = ctx.items[build.lines[li]]
-            k = build.skills[li] if build.skills else 0
-            endpoint, image = endpoints[k], images[build.lines[li]]
-            try:
-                options = item_options(spec.all_options[k], item)
-                if item.opts:
-                    check_options(endpoint, options)
-            except ItemError as exc:
-                out[li] = _Prepared(li, item, endpoint, error=exc.as_dict())
-                continue
-            except ValueError as exc:  # an override the endpoint cannot serve
-                out[li] = _Prepared(li, item, endpoint, error={"code": "invalid_options",
-                                                               "message": str(exc)})
-                continue
-            if isinstance(image, ItemError):
-                out[li] = _Prepared(li, item, endpoint, error=image.as_dict())
-            else:
-                out[li] = _Prepared(li, item, endpoint, image, options)
-        return out
-
-    def _payload(self, ctx: RoundContext, images: Sequence[_Prepared]
-                 ) -> tuple[dict[str, Any], list[str]]:
-        """The request body for prepared images, and the archive member names (if any)."""
-        # A request's lines share their endpoint and options (see the packing in _send).
-        endpoint, options = images[0].endpoint, images[0].options or ctx.run.spec.options
-        if endpoint.kind == "archive":
-            names = [member_name(p.line, p.image.format) for p in images]  # type: ignore[union-attr]
-            archive = build_archive([(n, p.image.data) for n, p in zip(names, images, strict=True)])  # type: ignore[union-attr]
-            return request_payload(endpoint, options, [data_uri(archive, "application/zip")]), names
-        return request_payload(endpoint, options, [self._image_url(ctx, p) for p in images]), []
-
-    def _image_url(self, ctx: RoundContext, p: _Prepared) -> str:
-        """A URL fal can GET (a presigned S3 URL, a manifest's http URL) when the stored bytes
-        go as they are, else a data URI."""
-        image = p.image
-        assert image is not None
-        url = ctx.run.fetcher.presigned_url(p.item, PRESIGN_SECONDS) \
-            if image.transform is None else None
-        return url or data_uri(image.data, f"image/{image.format.lower()}")
-
     def _write_lines(self, ctx: RoundContext, ledger: dict[str, Any], out: list[bytes]) -> str:
         """Write this step's finished lines to the next free ``results-NNNNN.jsonl``; return
         its key."""
@@ -442,24 +361,6 @@ class RoundSteps:
             n += 1  # a step that died after writing its lines left this one
         ledger["steps"] = n
         return results_key(ctx, n)
-
-
-def pre_send_error(p: _Prepared) -> dict[str, Any]:
-    """The error line of an item that could not be sent (unreadable, not an image...)."""
-    return {"line_index": p.line, "status": "error", "error": p.error}
-
-
-def _payload_bytes(prepared: dict[int, _Prepared], lines: Sequence[int]) -> int:
-    """Bytes the images of ``lines`` add to a request as data URIs (URLs are small)."""
-    return sum(len(prepared[li].image.data) * 4 // 3 for li in lines  # type: ignore[union-attr]
-               if prepared[li].image is not None)
-
-
-def _data_uri_bytes(payload: dict[str, Any]) -> int:
-    """Bytes of the data URIs in a request body (images sent inline, ZIP archives)."""
-    values = [payload.get("image_url"), payload.get("images_data_url")]
-    values += [i.get("image_url") for i in payload.get("inputs") or () if isinstance(i, dict)]
-    return sum(len(v) for v in values if isinstance(v, str) and v.startswith("data:"))
 
 
 @functools.cache
