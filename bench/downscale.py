@@ -50,8 +50,9 @@ def make_images() -> dict[str, list[bytes]]:
 
 def run(servers: Servers) -> Result:
     """Run the benchmark; see the module docstring."""
-    from moonbatch.workers.lines import max_image_bytes, prepare_image
+    from moonbatch.workers.lines import prepare_image
     from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.providers.moondream.lines import max_image_bytes
 
     result = Result("downscale")
     supported = "max_pixels" in inspect.signature(prepare_image).parameters

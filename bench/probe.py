@@ -25,8 +25,10 @@ from bench.common import worker_kwargs
 PLAN_MODULES = ("config", "moonbatch.workers.readers.prefix", "moonbatch.producer.planner", "moonbatch.workers.layout", "moonbatch.workers.models",
                 "moonbatch.workers.storage")
 MANIFEST_MODULES = (*PLAN_MODULES, "moonbatch.workers.readers.manifest", "moonbatch.producer.runs", "numpy")
-WORKER_MODULES = ("config", "moonbatch.workers.builder", "moonbatch.workers.lines", "moonbatch.workers.merge", "moonbatch.workers.models",
-                  "moonbatch.workers.moondream", "moonbatch.workers.storage", "PIL.Image", "PIL.PngImagePlugin")
+WORKER_MODULES = ("config", "moonbatch.workers.providers.moondream.upload", "moonbatch.workers.lines",
+                  "moonbatch.workers.merge", "moonbatch.workers.models",
+                  "moonbatch.workers.providers.moondream.client", "moonbatch.workers.storage",
+                  "PIL.Image", "PIL.PngImagePlugin")
 
 
 def peak_mb() -> float:
@@ -49,8 +51,11 @@ def plan(tree: str, out: str) -> dict[str, Any]:
 
     settings, stats, store = get_settings(), ListingStats(), LocalStore(out)
     start, shards = time.perf_counter(), 0
+    from moonbatch.workers.providers import get_provider
+
+    limits = get_provider(settings.provider).limits(None)  # type: ignore[arg-type]  # no spec needed
     for shard in plan_shards(iter_items(LocalStore(tree), stats), max_lines=settings.shard_size,
-                             max_bytes=settings.max_shard_bytes,
+                             max_bytes=settings.max_shard_bytes, limits=limits,
                              fragment_len=len(SkillOptions(skill="caption").line_fragment())):
         store.put(layout.plan_items(shard.index),
                   b"".join(item.to_json() + b"\n" for item in shard.items))
@@ -79,8 +84,10 @@ def plan_manifest(manifest: str, tree: str, out: str) -> dict[str, Any]:
     reader.check()
     checked, check_peak = time.perf_counter() - start, peak_mb()
     shards = 0
+    from moonbatch.workers.providers import provider_for
+
     for shard in plan_shards(reader.iter_items(stats), max_lines=settings.shard_size,
-                             max_bytes=settings.max_shard_bytes,
+                             max_bytes=settings.max_shard_bytes, limits=provider_for(spec).limits(spec),
                              fragment_len=len(options.line_fragment())):
         store.put(layout.plan_items(shard.index),
                   b"".join(item.to_json() + b"\n" for item in shard.items))
@@ -93,23 +100,25 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     """What a worker does for one shard of the first N objects of TREE: ``build_and_submit`` with
     the worker settings, wait for the batch, download its outputs, ``merge_rows``, write the rows."""
     from moonbatch.config import get_settings
-    from moonbatch.workers.builder import build_and_submit
     from moonbatch.workers.merge import merge_rows
     from moonbatch.workers.models import PlanItem, SkillOptions
-    from moonbatch.workers.moondream import BatchClient
     from moonbatch.workers.providers.moondream import iter_result_lines
+    from moonbatch.workers.providers.moondream.client import BatchClient
+    from moonbatch.workers.providers.moondream.settings import MoondreamSettings
+    from moonbatch.workers.providers.moondream.upload import build_and_submit
     from moonbatch.workers.storage import LocalStore
 
     settings, store, out = get_settings(), LocalStore(tree), LocalStore(state)
+    batch_api = settings.section(MoondreamSettings)
     items = [PlanItem(id=o.key, size=o.size) for o in itertools.islice(store.iter_objects(), int(n))]
-    client = BatchClient(os.environ["MOONBATCH_MOONDREAM_URL"], settings.api_key())
+    client = BatchClient(os.environ["MOONBATCH_MOONDREAM_URL"], batch_api.api_key())
     start = time.perf_counter()
     build, batch = build_and_submit(
         shard=0, items=items, options=SkillOptions(skill="caption"), model=None, input_store=store,
-        state=out, client=client, part_size=settings.part_size,
+        state=out, client=client, part_size=batch_api.part_size,
         concurrency=settings.fetch_concurrency, **worker_kwargs(build_and_submit))
     report: dict[str, Any] = {"lines": len(build.lines), "jsonl_bytes": build.bytes,
-                              "part_size": settings.part_size,
+                              "part_size": batch_api.part_size,
                               "build_seconds": time.perf_counter() - start, "build_peak_mb": peak_mb()}
     longest = 0.0
     while True:

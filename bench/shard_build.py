@@ -1,7 +1,7 @@
 """shard_build: how fast a worker turns a shard of S3 objects into an uploaded batch JSONL.
 
-Measures ``moonbatch.workers.builder.build_and_submit`` on one shard of 200 distinct photographs (~95 MB,
-all under 2 MP so they pass through untouched) in moto's S3 server: fetch with 16 concurrent
+Measures ``moonbatch.workers.providers.moondream.upload.build_and_submit`` on one shard of 200
+distinct photographs (~95 MB, all under 2 MP so they pass through untouched) in moto's S3 server: fetch with 16 concurrent
 reads, check, base64 into JSONL lines, cut into 8 MiB parts, upload them to the emulator and
 complete the upload. Reported as images/s and source MB/s (median of 3 runs).
 
@@ -122,7 +122,7 @@ def timed_client(url: str, api_key: str) -> Any:
     """A ``BatchClient`` that records in ``complete_seconds`` how long its last ``mpu-complete``
     took: the emulator concatenates the parts into one file before it answers, server-side work
     that runs in this process (a real API does it on its own machines)."""
-    from moonbatch.workers.moondream import BatchClient
+    from moonbatch.workers.providers.moondream.client import BatchClient
 
     class TimedClient(BatchClient):
         complete_seconds = 0.0
@@ -139,8 +139,8 @@ def timed_client(url: str, api_key: str) -> Any:
 
 def run(servers: Servers) -> Result:
     """Run the benchmark; see the module docstring."""
-    from moonbatch.workers.builder import build_and_submit
     from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.providers.moondream.upload import build_and_submit
     from moonbatch.workers.readers import ListingStats
     from moonbatch.workers.readers.prefix import iter_items
     from moonbatch.workers.storage import LocalStore, open_store

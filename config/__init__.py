@@ -1,12 +1,11 @@
 """moonbatch configuration, read from the environment (and a ``.env`` file) with pydantic-settings.
 
-Every setting is an environment variable ``MOONBATCH_<NAME>``, except the API key, which is the
-``MOONDREAM_API_KEY`` that Moondream's own tools read. AWS credentials are read by boto3 the
+Every setting is an environment variable ``MOONBATCH_<NAME>``. Settings only one provider reads
+(its key, its URL) are that provider's (``moonbatch.workers.providers.<name>.settings``), read
+through ``Settings.section``. AWS credentials are read by boto3 the
 standard way (environment, ``~/.aws``, instance roles); only the endpoint is ours, for MinIO, R2
 or moto.
 """
-
-
 
 from __future__ import annotations
 
@@ -15,17 +14,12 @@ if __name__ != "moonbatch.config":  # one module, one name: never two Celery app
 
 import functools
 import ipaddress
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Limits of the Moondream Batch API (seed 002, "Limits"). We use the decimal reading of
-# "2 GB", "100 MB" and "10 MB": it is the stricter one, so a file we accept the API accepts.
-API_MAX_LINES = 100_000
-API_MAX_FILE_BYTES = 2_000_000_000
-API_MAX_PART_BYTES = 100_000_000
-API_MAX_LINE_BYTES = 10_000_000
+S = TypeVar("S", bound=BaseSettings)
 
 
 class Settings(BaseSettings):
@@ -38,28 +32,33 @@ class Settings(BaseSettings):
         env_prefix="MOONBATCH_", env_file=".env", extra="ignore", populate_by_name=True
     )
 
-    moondream_api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("MOONDREAM_API_KEY", "MOONBATCH_API_KEY")
-    )
-    moondream_url: str = "https://api.moondream.ai/v1"
-    model: str | None = None  # None: the API's default model (moondream3-preview)
+    model: str | None = None  # None: the provider's default model
 
-    # Which service annotates (workers.providers): the Moondream Batch API or fal.ai's queue.
-    provider: Literal["moondream", "fal"] = "moondream"
-    fal_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("FAL_KEY", "MOONBATCH_FAL_KEY"))
-    fal_queue_url: str = "https://queue.fal.run"
-    # Requests fal runs at once per endpoint for this account, across the whole fleet (fal's
-    # concurrency limit; its default account limit is in this range).
-    fal_concurrency: int = Field(default=10, ge=1, le=1000)
-    # Requests kept queued at fal beyond that (None: as many again), so a runner that frees
-    # never waits for moonbatch's next poll to send it work; fal starts queued requests itself.
-    fal_queue_ahead: int | None = Field(default=None, ge=0, le=10000)
+    # Which service annotates: a name of ``moonbatch.workers.providers.PROVIDERS`` (empty: the
+    # registry's default). Each provider reads its own settings (``Settings.section``).
+    provider: str = Field(default="", validate_default=True)
 
-    def fal_in_flight(self) -> int:
-        """Most fal requests submitted and not yet collected, per endpoint, fleet-wide."""
-        ahead = self.fal_concurrency if self.fal_queue_ahead is None else self.fal_queue_ahead
-        return self.fal_concurrency + ahead
+    _sections: dict[type, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        from moonbatch.workers.providers import DEFAULT_PROVIDER, PROVIDERS
+
+        if not value:
+            return DEFAULT_PROVIDER
+        if value not in PROVIDERS:
+            raise ValueError(f"MOONBATCH_PROVIDER={value!r} is not a provider: choose one of "
+                             f"{', '.join(PROVIDERS)}")
+        return value
+
+    def section(self, cls: type[S]) -> S:
+        """The settings of one part that reads its own variables (a provider's
+        ``BaseSettings`` class), read from the environment once per ``Settings`` object, so
+        ``reload_settings()`` reads them again too. Raises ``pydantic.ValidationError``."""
+        if cls not in self._sections:
+            self._sections[cls] = cls()
+        return self._sections[cls]
 
     # Where run ids, active runs and batch claims are recorded (a store URL: a local directory
     # for one machine, s3://bucket/prefix/ shared by a fleet). Redis is never the only copy.
@@ -82,11 +81,11 @@ class Settings(BaseSettings):
     s3_region: str | None = None
 
     # Planning and building.
-    shard_size: int = Field(default=10_000, ge=1, le=API_MAX_LINES)
-    max_shard_bytes: int = Field(default=1_900_000_000, ge=1_000_000, le=API_MAX_FILE_BYTES)
-    part_size: int = Field(default=50 * 1024 * 1024, ge=1024, lt=API_MAX_PART_BYTES)
+    # Images per shard and estimated request bytes per shard; each provider's limits
+    # (``Provider.limits``) bound them when a run is made.
+    shard_size: int = Field(default=10_000, ge=1)
+    max_shard_bytes: int = Field(default=1_900_000_000, ge=1_000_000)
     fetch_concurrency: int = Field(default=16, ge=1, le=256)
-    upload_concurrency: int = Field(default=2, ge=1, le=16)  # parts in flight per shard
     # Images above this many pixels are downscaled before sending (0: never). FACTS.md: the
     # model sees at most ~1.9 MP.
     max_pixels: int = Field(default=2_000_000, ge=0)
@@ -202,29 +201,6 @@ class Settings(BaseSettings):
                              f"({self.task_time_limit:g} <= {self.task_soft_time_limit:g}): the "
                              "soft limit is what lets a step stop cleanly")
         return self
-
-    @field_validator("moondream_url", "fal_queue_url")
-    @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        return value.rstrip("/")
-
-    def api_key(self) -> str:
-        """The Moondream API key as plain text.
-
-        Raises ``RuntimeError`` when ``MOONDREAM_API_KEY`` is unset.
-        """
-        if self.moondream_api_key is None or not self.moondream_api_key.get_secret_value():
-            raise RuntimeError("MOONDREAM_API_KEY is not set: workers need it to call the Batch API")
-        return self.moondream_api_key.get_secret_value()
-
-    def fal_api_key(self) -> str:
-        """The fal.ai key (``FAL_KEY``) as plain text.
-
-        Raises ``RuntimeError`` when ``FAL_KEY`` is unset.
-        """
-        if self.fal_key is None or not self.fal_key.get_secret_value():
-            raise RuntimeError("FAL_KEY is not set: workers need it to call fal.ai")
-        return self.fal_key.get_secret_value()
 
 
 @functools.cache

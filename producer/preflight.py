@@ -6,7 +6,7 @@ a command needs side by side and raises ``PreflightFailed`` with every failing l
 bounds its own time (Redis 2.5 s, HTTP 8 s, S3 3 s to connect and 5 s to read with two
 attempts), so a start that cannot work ends in a few seconds. ``moonbatch run``, ``submit`` and
 ``resume`` use them (exit code 3, see README "Command line"). The credentials checked are the
-run's provider's (``moonbatch.workers.providers``: the Batch API key or fal's key), never both. OUTPUT
+run's provider's (``Provider.credential``, ``Provider.check_credentials``), never another's. OUTPUT
 and the state store must also honour conditional writes (``prove_conditional_writes``), which
 leases and write-once documents rest on; ``MOONBATCH_UNSAFE_SKIP_CONDITIONAL_WRITE_CHECK``
 skips that proof. URLs in messages go through ``safe_url``: no piece of a password shows.
@@ -420,14 +420,9 @@ def run_checks(checks: dict[str, Check]) -> list[str]:
     return problems
 
 
-#: The name of each provider's credentials check (what it checks).
-CREDENTIALS = {"moondream": "API key (MOONDREAM_API_KEY)", "fal": "FAL key (FAL_KEY)"}
-
-
 def check_credentials(settings: Settings, provider: str) -> str | None:
-    """The key of ``provider`` works: ``Provider.check_credentials`` (moondream:
-    MOONDREAM_API_KEY with ``GET /batch?limit=1``; fal: FAL_KEY). Only that provider's key is
-    needed. None when all is well, else one line."""
+    """The key of ``provider`` works: ``Provider.check_credentials`` (one cheap authenticated
+    call). Only that provider's key is needed. None when all is well, else one line."""
     from moonbatch.workers.providers import get_provider
 
     return get_provider(provider).check_credentials(settings)
@@ -443,8 +438,10 @@ def preflight(settings: Settings, *, input_url: str | None = None, output_url: s
     if broker:
         checks["broker"] = lambda: check_broker(settings.broker_url)
     if api_key:
+        from moonbatch.workers.providers import get_provider
+
         name = provider or settings.provider
-        checks[CREDENTIALS.get(name, f"{name} key")] = lambda: check_credentials(settings, name)
+        checks[get_provider(name).credential] = lambda: check_credentials(settings, name)
     if input_url is not None:
         checks["INPUT"] = lambda: check_input(input_url, settings, allow_empty=allow_empty)
     if output_url is not None:

@@ -219,8 +219,8 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
              input_format: str = "auto", **fields: Any) -> RunSpec:
     """The spec of a new run (URLs normalised, defaults from ``settings``; ``queue``: the broker
     queue of every step of the run, default ``settings.queue``, the fleet's; ``provider``:
-    default ``settings.provider``; ``endpoint``: fal's, default
-    ``fal-ai/moondream3-preview/<skill>``, stored resolved so the spec says what it calls).
+    default ``settings.provider``; ``endpoint``: the provider's, resolved by
+    ``Provider.complete_spec`` so the spec says what it calls).
 
     The provider checks the spec (``Provider.check_spec``) before it is returned, and the
     shard limits are the provider's (``Provider.limits``). Raises ``ValueError`` (one line
@@ -242,10 +242,6 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
         raise ValueError("INPUT and OUTPUT must be different locations")
     name = provider or settings.provider
     chosen = get_provider(name)  # ValueError naming the known providers
-    if name == "fal" and not endpoint:
-        from moonbatch.workers.providers.fal import default_endpoint
-
-        endpoint = default_endpoint(options.skill)
     spec = RunSpec(run_id=run_id or new_run_id(), input=input_url, output=output_url,
                    options=options, model=settings.model, provider=name, endpoint=endpoint,
                    shard_size=settings.shard_size if shard_size is None else shard_size,
@@ -253,21 +249,14 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
                    max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
                    created_at=time.time(), queue=queue or settings.queue,
                    input_kind=input_kind, **fields)
+    spec = chosen.complete_spec(spec)
     chosen.check_spec(spec)
     limits = chosen.limits(spec)
     if not 1 <= spec.shard_size <= limits.max_lines:
-        raise ValueError(f"--shard-size must be within 1..{limits.max_lines} "
-                         f"({shard_limit_reason(name)})")
+        raise ValueError(f"--shard-size must be within 1..{limits.max_lines} ({limits.reason})")
     if spec.max_shard_bytes > limits.max_bytes:
         spec = spec.model_copy(update={"max_shard_bytes": limits.max_bytes})
     return spec
-
-
-def shard_limit_reason(provider: str) -> str:
-    """Why a provider's shards hold at most so many images (for the ``--shard-size`` message)."""
-    if provider == "moondream":
-        return "the Batch API's line limit"
-    return f"the most images moonbatch puts in one shard for --provider {provider}"
 
 
 def submit_run(input_url: str, output_url: str, options: SkillOptions, settings: Settings, *,

@@ -18,13 +18,15 @@ from pydantic import ValidationError
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-import moonbatch.workers.moondream as moondream
+import moonbatch.workers.providers.moondream.answers as answers
 from moonbatch.emulator.inference import infer
 from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
-from tests.conftest import jpeg_bytes
-from moonbatch.workers.lines import encode_line
 from moonbatch.workers.models import SkillOptions
-from moonbatch.workers.moondream import BatchClient, BatchStatus, TransientError, UnexpectedAnswer
+from moonbatch.workers.providers.moondream.client import BatchClient
+from moonbatch.workers.providers.moondream.answers import BatchStatus
+from moonbatch.workers.providers.moondream.errors import TransientError, UnexpectedAnswer
+from moonbatch.workers.providers.moondream.lines import encode_line
+from tests.conftest import jpeg_bytes
 
 URL = "https://r2.example/out/0.jsonl?X-Amz-Signature=deadbeefsecret"
 
@@ -32,14 +34,14 @@ URL = "https://r2.example/out/0.jsonl?X-Amz-Signature=deadbeefsecret"
 @pytest.fixture(autouse=True)
 def _fresh_warnings() -> Iterator[None]:
     """Oddities are logged once per process: forget the ones earlier tests saw."""
-    with moondream._warned_lock:
-        moondream._warned.clear()
+    with answers._warned_lock:
+        answers._warned.clear()
     yield
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     messages = [r.getMessage() for r in caplog.records
-                if r.name == "moonbatch.workers.moondream" and r.levelno == logging.WARNING]
+                if r.name == "moonbatch.workers.providers.moondream.answers" and r.levelno == logging.WARNING]
     for m in messages:  # output URLs are presigned secrets
         assert "http" not in m and "Signature" not in m and "secret" not in m, m
     return messages
@@ -123,7 +125,7 @@ def test_only_completed_and_failed_are_done(name, done, caplog):
     for _ in range(2):
         assert status(status=name).done is done
     got = warnings(caplog)
-    if name in moondream.KNOWN_STATUSES:
+    if name in answers.KNOWN_STATUSES:
         assert got == []
     else:  # an unknown status: poll again, said once
         assert len(got) == 1 and name in got[0] and "polling again" in got[0]

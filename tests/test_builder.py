@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from moonbatch.workers.builder import PartWriter, ordered_map
-from moonbatch.workers.moondream import Part
+from moonbatch.workers.providers.moondream.answers import Part
+from moonbatch.workers.providers.moondream.upload import PartWriter, ordered_map
 
 
 class Recorder:

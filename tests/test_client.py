@@ -10,13 +10,12 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from moonbatch.workers.moondream import (
+from moonbatch.workers.providers.moondream.errors import (
     AuthenticationError,
-    BatchClient,
     RequestRejected,
     TransientError,
-    _retry_after,
 )
+from moonbatch.workers.providers.moondream.client import BatchClient, _retry_after
 
 SECRET = "sk-very-secret"
 
@@ -102,7 +101,7 @@ def test_downloads_do_not_send_the_api_key(serve):
     app = Script((200, {}, {"line_index": 0}))
     base = serve(app)
     client = BatchClient(base, SECRET, sleep=lambda s: None)
-    from moonbatch.workers.moondream import OutputFile
+    from moonbatch.workers.providers.moondream.answers import OutputFile
 
     assert client.download(OutputFile(index=0, url=base + "/out?signature=x")).startswith(b"{")
     assert app.seen[0][2] is None

@@ -1,7 +1,8 @@
 """The Moondream Batch API emulator (seed 002, FACTS.md "Moondream Batch API") over real HTTP.
 
 Every test starts its own ``EmulatorServer`` with a fast configuration and talks to it through
-``moonbatch.workers.moondream.BatchClient`` or, where the client hides the wire, raw httpx. Nothing is mocked.
+``moonbatch.workers.providers.moondream.client.BatchClient`` or, where the client hides the wire,
+raw httpx. Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -21,17 +22,12 @@ import pytest
 
 from moonbatch.emulator.inference import infer
 from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
-from tests.conftest import jpeg_bytes, photos_dir, stop_later
-from moonbatch.workers.lines import encode_line
 from moonbatch.workers.models import SkillOptions
-from moonbatch.workers.moondream import (
-    AuthenticationError,
-    BatchClient,
-    BatchStatus,
-    OutputFile,
-    Part,
-    RequestRejected,
-)
+from moonbatch.workers.providers.moondream.errors import AuthenticationError, RequestRejected
+from moonbatch.workers.providers.moondream.client import BatchClient
+from moonbatch.workers.providers.moondream.answers import BatchStatus, OutputFile, Part
+from moonbatch.workers.providers.moondream.lines import encode_line
+from tests.conftest import jpeg_bytes, photos_dir, stop_later
 
 API_KEY = "test-key-" + uuid.uuid4().hex
 ERROR_KEYS = {"message", "type", "param", "code"}

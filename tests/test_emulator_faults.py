@@ -2,8 +2,8 @@
 
 Every test starts its own ``EmulatorServer`` and sets ``config.faults``; what it injects is seen on
 the wire with raw httpx (status, ``Retry-After``, a dropped connection, a short or corrupted body)
-and through ``moonbatch.workers.moondream.BatchClient``'s retry loop. Exactness comes from rates of 0 or 1
-and seeded RNGs. Nothing is mocked.
+and through ``moonbatch.workers.providers.moondream.client.BatchClient``'s retry loop. Exactness
+comes from rates of 0 or 1 and seeded RNGs. Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from PIL import Image
 
 from moonbatch.emulator.inference import infer
 from moonbatch.emulator.server import FAULT_KINDS, EmulatorConfig, EmulatorServer, Faults
+from moonbatch.workers.providers.moondream.client import BatchClient
+from moonbatch.workers.providers.moondream.answers import BatchStatus, Part
+from moonbatch.workers.providers.moondream.errors import TransientError
 from tests.conftest import stop_later
-from moonbatch.workers.moondream import BatchClient, BatchStatus, Part, TransientError
 
 API_KEY = "test-key-" + uuid.uuid4().hex
 AUTH = {"X-Moondream-Auth": API_KEY}

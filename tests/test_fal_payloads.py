@@ -12,13 +12,12 @@ from types import SimpleNamespace
 import pytest
 
 from moonbatch.workers.models import RunSpec, SkillOptions
-from moonbatch.workers.providers.fal import (
-    ENDPOINTS,
-    FalProvider,
-    _next_step_in,
+from moonbatch.workers.providers.fal import FalProvider
+from moonbatch.workers.providers.fal.endpoints import ENDPOINTS, check_options
+from moonbatch.workers.providers.fal.ledger import next_step_in as _next_step_in
+from moonbatch.workers.providers.fal.payloads import (
     archive_answers,
     build_archive,
-    check_options,
     member_name,
     normalize_single,
     request_payload,

@@ -572,9 +572,9 @@ def test_slow_drip_and_oversize_rows_on_a_worker(s3, bucket, env, tmp_path):
 def test_every_failure_of_one_item_is_its_error_row(s3, bucket, env):
     """``read_item``, ``source`` and ``presigned_url`` never raise for any reference; the
     builder's per-item boundary turns whatever one item raises into that item's error."""
-    from moonbatch.workers.builder import iter_lines
     from moonbatch.workers.lines import ItemError
     from moonbatch.workers.models import PlanItem, SkillOptions
+    from moonbatch.workers.providers.moondream.upload import iter_lines
     from moonbatch.workers.readers import read_item
     from moonbatch.workers.storage import open_store
 

@@ -360,15 +360,15 @@ STORAGE_ERROR = (b"<?xml version='1.0'?><Error><Code>SignatureDoesNotMatch</Code
 
 
 def test_batch_api_key_never_follows_a_redirect_and_downloads_carry_none():
-    from moonbatch.workers.downloader import fetch_results
-    from moonbatch.workers.moondream import (
-        BatchClient,
+    from moonbatch.workers.providers.moondream.client import BatchClient
+    from moonbatch.workers.providers.moondream.errors import (
         ForeignOrigin,
         InvalidId,
         MoondreamError,
-        OutputFile,
         RequestRejected,
     )
+    from moonbatch.workers.providers.moondream.answers import OutputFile
+    from moonbatch.workers.providers.moondream.download import fetch_results
 
     key = "sk-" + uuid.uuid4().hex
     with Recorder(_routes({})) as store, Recorder(_routes({})) as hop, \
@@ -427,14 +427,14 @@ def test_batch_api_key_never_follows_a_redirect_and_downloads_carry_none():
 
 
 def test_fal_file_downloads_carry_no_key_and_are_bounded():
-    from moonbatch.workers.providers.fal import archive_answers
-    from moonbatch.workers.providers.fal_queue import (
+    from moonbatch.workers.providers.fal.client import (
         FalBadRequestId,
         FalForeignOrigin,
         FalQueueClient,
         FalRequestError,
         FalTransient,
     )
+    from moonbatch.workers.providers.fal.payloads import archive_answers
 
     key = "fal-" + uuid.uuid4().hex
     captions = json.dumps({"000000.png": "a cat"}).encode()
@@ -495,7 +495,8 @@ def test_fal_file_downloads_carry_no_key_and_are_bounded():
 
 
 def test_fal_raw_outputs_keep_no_echoed_input():
-    from moonbatch.workers.providers.fal import ENDPOINTS, normalize_single, scrub_echoes
+    from moonbatch.workers.providers.fal.endpoints import ENDPOINTS
+    from moonbatch.workers.providers.fal.payloads import normalize_single, scrub_echoes
 
     presigned = "https://bucket.s3.amazonaws.com/a.jpg?X-Amz-Signature=abc&X-Amz-Credential=k"
     output = {

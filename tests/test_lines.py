@@ -15,23 +15,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moonbatch.config import API_MAX_LINE_BYTES
-from tests.conftest import jpeg_bytes, photos_dir
 from moonbatch.workers import lines
 from moonbatch.workers.budget import ByteBudget
 from moonbatch.workers.lines import (
-    LINE_OVERHEAD,
     ItemError,
     _flatten,
     classify_key,
     decoded_bytes,
-    encode_line,
-    estimate_line_bytes,
-    max_image_bytes,
     prepare_image,
     sniff_format,
 )
 from moonbatch.workers.models import SkillOptions
+from moonbatch.workers.providers.moondream.lines import (
+    API_MAX_LINE_BYTES,
+    LINE_OVERHEAD,
+    encode_line,
+    estimate_line_bytes,
+    max_image_bytes,
+)
+from tests.conftest import jpeg_bytes, photos_dir
 
 BIG = 10**7
 

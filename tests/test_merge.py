@@ -8,9 +8,9 @@ import random
 import pytest
 
 from moonbatch.workers.merge import merge_rows as merge_lines
-from moonbatch.workers.merge import next_poll_interval
 from moonbatch.workers.models import PlanItem, ShardBuild
 from moonbatch.workers.providers.moondream import iter_result_lines
+from moonbatch.workers.providers.moondream.polling import next_poll_interval
 
 SOURCE = "s3://bucket/in/"
 

@@ -102,20 +102,27 @@ def test_dashboard_reads_only_metrics_the_workers_export():
 
 
 def test_endpoint_labels_are_a_closed_set():
+    """Each provider's client actions map onto its own closed table of labels."""
     from moonbatch.workers.metrics import endpoint_label
+    from moonbatch.workers.providers import get_provider
 
-    assert endpoint_label("mpu-uploadpart (part 12)") == "mpu-uploadpart"
-    assert endpoint_label("batch status") == "batch-status"
-    assert endpoint_label("download of output 3") == "download"
-    assert endpoint_label("file download") == "download"
-    assert endpoint_label("https://example.com/x?signature=1") == "other"
+    batch_api, fal = get_provider("moondream").metric_actions, get_provider("fal").metric_actions
+    assert endpoint_label("mpu-uploadpart (part 12)", batch_api) == "mpu-uploadpart"
+    assert endpoint_label("batch status", batch_api) == "batch-status"
+    assert endpoint_label("download of output 3", batch_api) == "download"
+    assert endpoint_label("file download", fal) == "download"
+    assert endpoint_label("status", fal) == "status"
+    assert endpoint_label("status", batch_api) == "other"  # not one of the Batch API's actions
+    for actions in (batch_api, fal):
+        assert endpoint_label("https://example.com/x?signature=1", actions) == "other"
 
 
 def test_metrics_are_off_and_import_nothing_without_the_port():
     """Importing the instrumented modules starts nothing and, with no port, records nothing."""
     code = ("import sys, os; os.environ.pop('MOONBATCH_METRICS_PORT', None); "
             "os.environ['PROMETHEUS_MULTIPROC_DIR'] = sys.argv[1]; "
-            "import moonbatch.workers.metrics as m, workers.providers.fal, workers.moondream; "
+            "import moonbatch.workers.metrics as m, moonbatch.workers.providers.fal, "
+            "moonbatch.workers.providers.moondream; "
             "m.upload_bytes('fal', 10); m.batch('moondream', 'submitted'); "
             "print(m.enabled(), 'prometheus_client' in sys.modules, 'celery' in sys.modules)")
     with tempfile.TemporaryDirectory() as d:

@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from moonbatch.emulator.server import EmulatorConfig, EmulatorServer, Faults
+from moonbatch.workers.providers.moondream.client import BatchClient
 from tests.conftest import (
     SKIMAGE_PHOTOS,
     Worker,
@@ -28,7 +29,6 @@ from tests.conftest import (
     upload_photos,
     wait_for_run,
 )
-from moonbatch.workers.moondream import BatchClient
 
 RECEIVED = re.compile(r"Task moonbatch\.build_shard\[([0-9a-f-]{36})\] received")
 
@@ -120,9 +120,9 @@ def round_docs(state) -> dict[str, dict]:
 def batch_api(s3_endpoint, bucket):
     """A private emulator (so its batches and open uploads are this test's alone), a client
     of it, the OUTPUT state store on moto, and the round's items and their bytes."""
-    from tests.conftest import photos_dir
     from moonbatch.workers.models import PlanItem
     from moonbatch.workers.storage import S3Store, s3_client
+    from tests.conftest import photos_dir
 
     config = EmulatorConfig(api_key="race-" + uuid.uuid4().hex, chunking_seconds=0.1,
                             processing_seconds=0.2, min_part_size=0, faults=Faults(latency=0.05))
@@ -135,8 +135,8 @@ def batch_api(s3_endpoint, bucket):
 
 
 def build(api, *, heartbeat=None, renew=None, part_size=16 * 1024):
-    from moonbatch.workers.builder import build_and_submit
     from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.providers.moondream.upload import build_and_submit
 
     return build_and_submit(shard=0, items=api["items"], options=SkillOptions(skill="caption"),
                             model=None, state=api["state"], client=api["client"],
@@ -151,7 +151,7 @@ def test_two_builds_racing_on_one_round_bill_one_batch(batch_api):
     then finds the recorded batch. build.json describes that batch."""
     import threading
 
-    from moonbatch.workers.builder import RoundClaimed
+    from moonbatch.workers.providers.moondream.recovery import RoundClaimed
 
     t0 = time.time()
     started = threading.Barrier(2, timeout=60)
@@ -256,7 +256,7 @@ def test_a_claim_left_before_its_build_was_written_is_dropped(batch_api, caplog)
         "file_id": dead.file_id, "upload_id": dead.upload_id, "lines": 4, "bytes": 12,
         "sent_at": time.time(), "attempt": "deadbeef0000"}, if_absent=True)
     t0 = time.time()
-    with caplog.at_level(logging.WARNING, logger="moonbatch.workers.builder"):
+    with caplog.at_level(logging.WARNING, logger="moonbatch.workers.providers.moondream.upload"):
         built, batch = build(batch_api)
     created = batch_api["client"].find_batches(t0 - 5)
     docs = round_docs(state)
@@ -271,8 +271,8 @@ def test_a_claimant_whose_claim_was_dropped_never_writes_the_build(batch_api):
     """The claimant writes build.json only while the claim is its own: a stalled claimant
     whose claim another execution replaced cannot overwrite that execution's build."""
     from moonbatch.workers import layout
-    from moonbatch.workers.builder import RoundClaimed, _write_build
     from moonbatch.workers.models import ShardBuild
+    from moonbatch.workers.providers.moondream.recovery import RoundClaimed, write_build
     from moonbatch.workers.storage import get_json, put_json
 
     state = batch_api["state"]
@@ -282,9 +282,9 @@ def test_a_claimant_whose_claim_was_dropped_never_writes_the_build(batch_api):
 
     put_json(state, doc("submit"), {"file_id": "f", "lines": 1, "bytes": 1, "sent_at": 1.0,
                                     "attempt": "new"}, if_absent=True)
-    _write_build(state, doc, ShardBuild(lines=[0, 1], attempt="new"))
+    write_build(state, doc, ShardBuild(lines=[0, 1], attempt="new"))
     with pytest.raises(RoundClaimed):
-        _write_build(state, doc, ShardBuild(lines=[0], attempt="old"))
+        write_build(state, doc, ShardBuild(lines=[0], attempt="old"))
     assert get_json(state, doc("build"))["attempt"] == "new"
 
 
@@ -294,8 +294,8 @@ def fal_run(s3, bucket, env, redis_server):
     """A fal run of 4 photos in one shard, planned onto a queue nobody consumes (its
     messages are removed afterwards), opened in this process."""
     from moonbatch.config import get_settings
-    from tests.conftest import BROKER_DB
     from moonbatch.workers.runstate import open_run
+    from tests.conftest import BROKER_DB
 
     upload_photos(s3, bucket, "in/", names=NAMES)
     queue = "ledger-" + uuid.uuid4().hex[:8]

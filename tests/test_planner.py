@@ -6,14 +6,21 @@ import io
 
 import pytest
 
-from moonbatch.config import API_MAX_FILE_BYTES, API_MAX_LINE_BYTES, API_MAX_LINES
 from moonbatch.producer.planner import Shard, plan_shards
-from tests.conftest import jpeg_bytes, photos_dir
-from moonbatch.workers.lines import estimate_line_bytes
 from moonbatch.workers.models import PlanItem
+from moonbatch.workers.providers import get_provider
+from moonbatch.workers.providers.moondream.lines import (
+    API_MAX_FILE_BYTES,
+    API_MAX_LINE_BYTES,
+    API_MAX_LINES,
+    estimate_line_bytes,
+)
 from moonbatch.workers.readers import ListingStats
 from moonbatch.workers.readers.prefix import iter_items
 from moonbatch.workers.storage import LocalStore
+from tests.conftest import jpeg_bytes, photos_dir
+
+BATCH_API = get_provider("moondream").limits(None)  # type: ignore[arg-type]  # no spec needed
 
 # --------------------------------------------------------------------------------------------
 # plan_shards
@@ -34,32 +41,33 @@ def assert_partition(shards: list[Shard], items: list[PlanItem]) -> None:
 
 def test_every_item_in_exactly_one_shard_in_order():
     items = make_items(1003)
-    shards = list(plan_shards(items, max_lines=100, max_bytes=API_MAX_FILE_BYTES))
+    shards = list(plan_shards(items, limits=BATCH_API, max_lines=100, max_bytes=API_MAX_FILE_BYTES))
     assert_partition(shards, items)
     assert [len(s.items) for s in shards] == [100] * 10 + [3]
 
 
 def test_closes_at_max_lines_exactly():
     items = make_items(30)
-    shards = list(plan_shards(items, max_lines=10, max_bytes=API_MAX_FILE_BYTES))
+    shards = list(plan_shards(items, limits=BATCH_API, max_lines=10, max_bytes=API_MAX_FILE_BYTES))
     assert_partition(shards, items)
     assert [len(s.items) for s in shards] == [10, 10, 10]
 
 
 def test_max_lines_one_gives_one_item_per_shard():
     items = make_items(5)
-    shards = list(plan_shards(items, max_lines=1, max_bytes=API_MAX_FILE_BYTES))
+    shards = list(plan_shards(items, limits=BATCH_API, max_lines=1, max_bytes=API_MAX_FILE_BYTES))
     assert_partition(shards, items)
     assert [len(s.items) for s in shards] == [1] * 5
 
 
 def test_empty_input_yields_no_shards():
-    assert list(plan_shards([], max_lines=10, max_bytes=1000)) == []
+    assert list(plan_shards([], limits=BATCH_API, max_lines=10, max_bytes=1000)) == []
 
 
 def test_shard_bytes_is_sum_of_line_estimates():
     items = [PlanItem(id=f"x{i}.png", size=100 * (i + 1)) for i in range(7)]
-    (shard,) = plan_shards(items, max_lines=100, max_bytes=API_MAX_FILE_BYTES, fragment_len=40)
+    (shard,) = plan_shards(items, limits=BATCH_API, max_lines=100, max_bytes=API_MAX_FILE_BYTES,
+                           fragment_len=40)
     assert shard.bytes == sum(estimate_line_bytes(it.id, it.size, 40) for it in items)
 
 
@@ -68,7 +76,7 @@ def test_closes_by_estimated_bytes():
     items = make_items(10, size=size)
     line = estimate_line_bytes(items[0].id, size)
     max_bytes = line * 3 + line // 2  # room for 3 lines, not 4
-    shards = list(plan_shards(items, max_lines=1000, max_bytes=max_bytes))
+    shards = list(plan_shards(items, limits=BATCH_API, max_lines=1000, max_bytes=max_bytes))
     assert_partition(shards, items)
     assert [len(s.items) for s in shards] == [3, 3, 3, 1]
     for s in shards:
@@ -80,7 +88,7 @@ def test_bytes_limit_with_mixed_sizes_never_exceeded_by_multi_item_shards():
     sizes = [10, 5_000_000, 200, 7_000_000, 1_000_000, 3, 6_000_000, 6_000_000, 50, 2_000_000]
     items = [PlanItem(id=f"m{i}.jpg", size=s) for i, s in enumerate(sizes)]
     max_bytes = 12_000_000
-    shards = list(plan_shards(items, max_lines=1000, max_bytes=max_bytes))
+    shards = list(plan_shards(items, limits=BATCH_API, max_lines=1000, max_bytes=max_bytes))
     assert_partition(shards, items)
     for s in shards:
         assert s.bytes <= max_bytes
@@ -95,7 +103,7 @@ def test_huge_item_alone_gets_its_own_shard():
     huge = PlanItem(id="huge.tif", size=50_000_000)  # estimate is capped at the line limit
     items = [small[0], small[1], huge, small[2]]
     max_bytes = 5_000_000  # smaller than the huge item's (capped) estimate
-    shards = list(plan_shards(items, max_lines=1000, max_bytes=max_bytes))
+    shards = list(plan_shards(items, limits=BATCH_API, max_lines=1000, max_bytes=max_bytes))
     assert_partition(shards, items)
     assert [s.items for s in shards] == [(small[0], small[1]), (huge,), (small[2],)]
     assert shards[1].bytes == API_MAX_LINE_BYTES > max_bytes
@@ -103,7 +111,7 @@ def test_huge_item_alone_gets_its_own_shard():
 
 def test_consecutive_huge_items_each_alone():
     items = [PlanItem(id=f"h{i}.png", size=40_000_000) for i in range(3)]
-    shards = list(plan_shards(items, max_lines=1000, max_bytes=1_000_000))
+    shards = list(plan_shards(items, limits=BATCH_API, max_lines=1000, max_bytes=1_000_000))
     assert_partition(shards, items)
     assert [len(s.items) for s in shards] == [1, 1, 1]
 
@@ -116,7 +124,7 @@ def test_is_lazy_over_its_input():
             consumed.append(item)
             yield item
 
-    shards = plan_shards(gen(), max_lines=10, max_bytes=API_MAX_FILE_BYTES)
+    shards = plan_shards(gen(), limits=BATCH_API, max_lines=10, max_bytes=API_MAX_FILE_BYTES)
     first = next(shards)
     assert len(first.items) == 10
     assert len(consumed) <= 11  # holds one shard (plus the item that closed it)
@@ -128,11 +136,12 @@ def test_is_lazy_over_its_input():
 ])
 def test_out_of_range_limits_raise(max_lines, max_bytes):
     with pytest.raises(ValueError):
-        list(plan_shards(make_items(2), max_lines=max_lines, max_bytes=max_bytes))
+        list(plan_shards(make_items(2), limits=BATCH_API, max_lines=max_lines, max_bytes=max_bytes))
 
 
 def test_limits_at_the_api_maximum_are_accepted():
-    shards = list(plan_shards(make_items(3), max_lines=API_MAX_LINES, max_bytes=API_MAX_FILE_BYTES))
+    shards = list(plan_shards(make_items(3), limits=BATCH_API, max_lines=API_MAX_LINES,
+                              max_bytes=API_MAX_FILE_BYTES))
     assert len(shards) == 1 and len(shards[0].items) == 3
 
 
@@ -223,7 +232,7 @@ def test_reader_feeds_planner(tmp_path):
         write(tmp_path, f"d{i % 3}/{i:03d}.jpg", jpeg_bytes(size=(8 + i, 8)))
     write(tmp_path, "d0/notes.txt", b"x")
     stats = ListingStats()
-    shards = list(plan_shards(iter_items(LocalStore(tmp_path), stats), max_lines=10,
+    shards = list(plan_shards(iter_items(LocalStore(tmp_path), stats), limits=BATCH_API, max_lines=10,
                               max_bytes=API_MAX_FILE_BYTES))
     assert [len(s.items) for s in shards] == [10, 10, 5]
     assert stats.items == 25 and stats.skipped == 1 and stats.listed == 26

@@ -14,6 +14,12 @@ import uuid
 import pytest
 
 from moonbatch.config import get_settings
+from moonbatch.workers import layout
+from moonbatch.workers.providers.moondream.client import BatchClient
+from moonbatch.workers.providers.moondream.settings import MoondreamSettings
+from moonbatch.workers.providers.moondream.upload import build_and_submit
+from moonbatch.workers.runstate import open_run
+from moonbatch.workers.storage import put_json
 from tests.conftest import (
     BROKER_DB,
     Worker,
@@ -23,11 +29,6 @@ from tests.conftest import (
     upload_photos,
     wait_for_run,
 )
-from moonbatch.workers import layout
-from moonbatch.workers.builder import build_and_submit
-from moonbatch.workers.moondream import BatchClient
-from moonbatch.workers.runstate import open_run
-from moonbatch.workers.storage import put_json
 
 NAMES = ("coffee.png", "rocket.jpg", "chelsea.png", "camera.png")
 
@@ -95,7 +96,7 @@ def test_resume_after_a_crash_mid_upload(planned, s3, bucket, emulator, tmp_path
 def test_resume_after_submit_before_polling(planned, s3, bucket, emulator, tmp_path):
     """Both batches were submitted and recorded, then the broker lost the poll messages."""
     run = open_run(planned["output"], get_settings())
-    s = get_settings()
+    s = get_settings().section(MoondreamSettings)
     for shard in (0, 1):
         build_and_submit(shard=shard, items=run.items(shard), options=run.spec.options,
                          model=None, input_store=run.input, state=run.output,
@@ -109,7 +110,7 @@ def test_resume_after_submit_before_polling(planned, s3, bucket, emulator, tmp_p
 def test_resume_after_completion_before_merge(planned, s3, bucket, emulator, tmp_path):
     """The last poll saw the batch completed, then the merge message was lost."""
     run = open_run(planned["output"], get_settings())
-    s = get_settings()
+    s = get_settings().section(MoondreamSettings)
     api = client(emulator)
     for shard in (0, 1):
         _, batch = build_and_submit(shard=shard, items=run.items(shard), options=run.spec.options,

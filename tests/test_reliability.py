@@ -157,9 +157,10 @@ def one_round(s3, bucket, env, emulator):
     """``build()`` builds and submits round 0 of a 2-item shard in this process, with claims."""
     from moonbatch.config import get_settings
     from moonbatch.workers import registry
-    from moonbatch.workers.builder import build_and_submit
     from moonbatch.workers.models import PlanItem, SkillOptions
-    from moonbatch.workers.moondream import BatchClient
+    from moonbatch.workers.providers.moondream import records
+    from moonbatch.workers.providers.moondream.client import BatchClient
+    from moonbatch.workers.providers.moondream.upload import build_and_submit
     from moonbatch.workers.runstate import open_output
     from moonbatch.workers.tasks import line_id_prefix
 
@@ -171,7 +172,7 @@ def one_round(s3, bucket, env, emulator):
     inputs = open_output(f"s3://{bucket}/in/", settings)
     client = BatchClient(emulator.url, emulator.config.api_key, max_attempts=2)
     items = [PlanItem(n, 0) for n in NAMES[:2]]
-    claims = registry.BatchClaims(registry.open_state(settings), output=state.url, shard=0, rnd=0)
+    claims = records.BatchClaims(registry.open_state(settings), output=state.url, shard=0, rnd=0)
 
     prefix = line_id_prefix("test-" + uuid.uuid4().hex, 0, 0)  # as the build task gives it
 
@@ -181,7 +182,7 @@ def one_round(s3, bucket, env, emulator):
                                 part_size=1 << 20, concurrency=2, claims=claims, id_prefix=prefix)
 
     return {"build": build, "client": client, "state": state, "prefix": prefix,
-            "owner": lambda bid: registry.batch_owner(registry.open_state(settings), bid)}
+            "owner": lambda bid: records.batch_owner(registry.open_state(settings), bid)}
 
 
 def wait_done(client, batch_id: str) -> None:
@@ -195,7 +196,7 @@ def test_a_lost_answer_is_told_apart_from_a_batch_of_the_same_size(one_round, em
     """A decoy batch of the same line count is created in the same moment as the lost answer's
     batch: the round waits for the results, adopts its own batch by the ids in them and never
     the decoy (no duplicate)."""
-    from moonbatch.workers.builder import AwaitingBatch
+    from moonbatch.workers.providers.moondream.recovery import AwaitingBatch
 
     client = one_round["client"]
     decoy = _decoy_batch(client, 2)
@@ -223,7 +224,8 @@ def test_a_lost_answer_that_created_no_batch_never_adopts_another(one_round, emu
     decoy of the same size exists: the round sends itself again, counting one possible
     duplicate, and leaves the decoy alone."""
     from moonbatch.workers import layout
-    from moonbatch.workers.models import ShardBuild, SubmitRecord
+    from moonbatch.workers.models import ShardBuild
+    from moonbatch.workers.providers.moondream.records import SubmitRecord
     from moonbatch.workers.storage import get_json, put_json
 
     client, state = one_round["client"], one_round["state"]

@@ -1,23 +1,20 @@
-"""Images → JSONL lines of a Moondream batch (seed 002, "Input format"). Pure: no I/O.
+"""Images made ready for a provider's request, whatever the provider. Pure: no I/O.
 
-A line is ``{"id": <item id>, <skill fields>, "image": "<plain base64>"}`` and must stay within
-the API's 10 MB line limit. Images in a format the API documents (JPEG, PNG, GIF; FACTS.md
-"real-time API") pass through byte for byte; other formats Pillow reads (WebP, BMP, TIFF, ...)
-are converted; an image whose line would be too long is downscaled, keeping its aspect ratio,
-until it fits. An image over the pixel limit (``MOONBATCH_MAX_IMAGE_PIXELS``) is refused from its
-header; decoding is bounded by the process's decode budget (``moonbatch.workers.budget``).
+Each request must stay within a byte limit the provider sets (``prepare_image``'s ``limit``;
+the Batch API's line limit: ``moonbatch.workers.providers.moondream.lines``). Images in a format
+the API documents (JPEG, PNG, GIF; FACTS.md "real-time API") pass through byte for byte; other
+formats Pillow reads (WebP, BMP, TIFF, ...) are converted; an image whose request would be too
+long is downscaled, keeping its aspect ratio, until it fits. An image over the pixel limit
+(``MOONBATCH_MAX_IMAGE_PIXELS``) is refused from its header; decoding is bounded by the
+process's decode budget (``moonbatch.workers.budget``).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import io
-import json
 import posixpath
-
-from moonbatch.config import API_MAX_LINE_BYTES
 
 # Extensions that make an object an item without looking at it.
 IMAGE_EXTENSIONS = frozenset(
@@ -34,10 +31,6 @@ NON_IMAGE_EXTENSIONS = frozenset(
 # camera JPEG with extra frames appended; JPEG readers see its first: it goes as a JPEG.
 API_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF"})
 SNIFF_BYTES = 32
-
-# Bytes of a line besides the id and the base64 image, with generous room for the options.
-LINE_OVERHEAD = 64
-
 
 class ItemError(Exception):
     """An item cannot be sent; ``code`` is a stable machine-readable reason.
@@ -88,19 +81,6 @@ def classify_key(key: str) -> str:
     if ext in NON_IMAGE_EXTENSIONS or posixpath.basename(key).startswith("."):
         return "skip"
     return "sniff"
-
-
-def max_image_bytes(id_: str, fragment: bytes, max_line_bytes: int = API_MAX_LINE_BYTES) -> int:
-    """The largest raw image (bytes before base64) whose line for this id and options fits."""
-    fixed = LINE_OVERHEAD + len(json.dumps(id_, ensure_ascii=False).encode()) + len(fragment)
-    return max(0, (max_line_bytes - fixed) // 4 * 3)
-
-
-def estimate_line_bytes(id_: str, size: int, fragment_len: int = 128) -> int:
-    """Planning estimate of a line's bytes for an image object of ``size`` bytes: exact for
-    pass-through images, capped at the line limit (larger images are downscaled to fit)."""
-    est = LINE_OVERHEAD + fragment_len + len(id_.encode()) * 2 + (size + 2) // 3 * 4
-    return min(est, API_MAX_LINE_BYTES)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -317,19 +297,6 @@ def _encode(img, fmt: str, mode: str, size: int, limit: int, max_pixels: int) ->
         scale *= min(0.9, (limit / buf.tell()) ** 0.5)
     raise ItemError("image_too_large", f"image of {size} bytes does not fit the line limit even "
                     "after downscaling")
-
-
-def encode_line(id_: str, image: bytes, fragment: bytes, *, b64: bytes | None = None) -> bytes:
-    """One JSONL line (with its ``\\n``): ``{"id": id_, <fragment>, "image": base64(image)}``.
-
-    ``fragment`` is ``SkillOptions.line_fragment()``; the base64 is plain (no ``data:`` prefix),
-    as in the seed's examples. ``b64``: the image's base64 if already encoded (a multi-skill
-    run encodes each image once for all its lines).
-    """
-    return b"".join((
-        b'{"id":', json.dumps(id_, ensure_ascii=False).encode(), b",", fragment,
-        b',"image":"', base64.b64encode(image) if b64 is None else b64, b'"}\n',
-    ))
 
 
 def skill_line_id(line_id: str, skill: str) -> str:

@@ -300,22 +300,3 @@ def compose(n_items: int, rounds: Sequence[bytes]) -> tuple[list[bytes], int]:
     # strings are escaped, so this marks exactly the ok rows.
     ok = sum(1 for row in final if b'"status":"ok","result":' in row)
     return final, ok  # type: ignore[return-value]
-
-
-def next_poll_interval(*, elapsed: float, total: int, completed: int,
-                       last: tuple[float, int] | None, now: float,
-                       min_interval: float, max_interval: float) -> float:
-    """Seconds until the next status poll of a batch.
-
-    Young batches are polled often and old ones rarely (a quarter of the batch's age, so the
-    delay in noticing completion stays under ~25% of its run time); once progress moves, the
-    interval aims at half the estimated time left, so the poll after completion comes soon.
-    Always within ``[min_interval, max_interval]``.
-    """
-    interval = elapsed * 0.25
-    if last is not None and total > 0:
-        t0, done0 = last
-        if now > t0 and completed > done0:
-            rate = (completed - done0) / (now - t0)
-            interval = min(interval, max(total - completed, 0) / rate * 0.5)
-    return max(min_interval, min(max_interval, interval))

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -98,12 +98,6 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
         "mostrecent"),
 }
 
-# Batch API client actions (``BatchClient._call``) and fal queue actions → endpoint label.
-_ACTIONS = {"mpu-create": "mpu-create", "mpu-uploadpart": "mpu-uploadpart",
-            "mpu-complete": "mpu-complete", "mpu-abort": "mpu-abort",
-            "batch status": "batch-status", "list batches": "batch-list",
-            "download of output": "download", "submit": "submit", "status": "status",
-            "result": "result", "file download": "download", "cancel": "cancel"}
 
 
 class _State:
@@ -188,23 +182,26 @@ def _word(value: object, limit: int = 48) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "", str(value))[:limit]
 
 
-def endpoint_label(action: str) -> str:
-    """The ``endpoint`` label of a provider action (``"mpu-uploadpart (part 3)"`` →
-    ``mpu-uploadpart``, ``"batch status"`` → ``batch-status``); unknown ones are ``other``."""
+def endpoint_label(action: str, actions: Mapping[str, str]) -> str:
+    """The ``endpoint`` label of a provider action, from the provider's table ``actions``
+    (``Provider.metric_actions``: action → label): the action without its parenthesised
+    detail, or a key it starts with followed by a word (``"mpu-uploadpart (part 3)"`` →
+    ``mpu-uploadpart``, ``"download of output 3"`` → ``download``); unknown ones are ``other``,
+    so labels stay a closed set."""
     base = action.split(" (")[0].strip()
-    if base.startswith("download of output"):
-        base = "download of output"
-    return _ACTIONS.get(base, "other")
+    if base in actions:
+        return actions[base]
+    return next((label for key, label in actions.items() if base.startswith(key + " ")), "other")
 
 
 # -- recording ------------------------------------------------------------------------------------
 @_safe
-def api_call(provider: str, action: str, status: int | None, seconds: float) -> None:
-    """One HTTP call to a provider: its action, HTTP status (None: no answer) and duration."""
+def api_call(provider: str, endpoint: str, status: int | None, seconds: float) -> None:
+    """One HTTP call to a provider: its ``endpoint`` label (``endpoint_label``), HTTP status
+    (None: no answer) and duration."""
     m = _metrics()
     if m is None:
         return
-    endpoint = endpoint_label(action)
     m["moonbatch_api_requests_total"].labels(provider, endpoint,
                                              str(status) if status else "error").inc()
     m["moonbatch_api_request_seconds"].labels(provider, endpoint).observe(max(0.0, seconds))
@@ -237,19 +234,21 @@ def task_retry(reason: Any) -> None:
 
 @_safe
 def batch(provider: str, state: str) -> None:
-    """A Batch API batch moved: ``submitted``, ``completed``, ``failed``, ``resubmitted``."""
+    """A batch (a round sent as one submission) moved: ``submitted``, ``completed``,
+    ``failed``, ``resubmitted``."""
     m = _metrics()
     if m is not None:
         m["moonbatch_batches_total"].labels(provider, state).inc()
 
 
 @_safe
-def requests(endpoint: str, state: str, n: int = 1) -> None:
-    """fal requests of ``endpoint`` (an id of fal's endpoint table) moved: ``sent``,
-    ``completed``, ``failed``, ``expired``, ``rate_limited``."""
+def requests(provider: str, endpoint: str, state: str, n: int = 1) -> None:
+    """Requests of a provider that sends a round as many requests (``endpoint``: an id of its
+    closed endpoint table) moved: ``sent``, ``completed``, ``failed``, ``expired``,
+    ``rate_limited``."""
     m = _metrics()
     if m is not None and n:
-        m["moonbatch_requests_total"].labels("fal", endpoint, state).inc(n)
+        m["moonbatch_requests_total"].labels(provider, endpoint, state).inc(n)
 
 
 @_safe

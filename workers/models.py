@@ -118,9 +118,9 @@ class RunSpec(BaseModel):
     # read and encoded once and every skill's result lands in its row under the skill's name.
     more_options: list[SkillOptions] = Field(default_factory=list)
     model: str | None = None
-    # Which service annotates (``moonbatch.workers.providers``) and, for fal, which endpoint. Specs
-    # written before providers existed are Batch API runs.
-    provider: str = "moondream"
+    # Which service annotates (a name of ``moonbatch.workers.providers.PROVIDERS``) and, for fal,
+    # which endpoint. Specs written before providers existed are the registry's default's runs.
+    provider: str = Field(default_factory=lambda: _default_provider())
     endpoint: str | None = None
     # How INPUT is read (``moonbatch.workers.readers``): ``prefix`` (a listing of images; specs written
     # before readers existed), ``manifest``, ``webdataset`` or ``parquet``, and that reader's
@@ -155,6 +155,12 @@ class RunSpec(BaseModel):
     # private one (``moonbatch-run-<run_id>``) for ``moonbatch run``'s local workers, so the
     # two never take each other's work. None (specs written before it): the settings' queue.
     queue: str | None = None
+
+
+def _default_provider() -> str:
+    from moonbatch.workers.providers import DEFAULT_PROVIDER
+
+    return DEFAULT_PROVIDER
 
 
 def id_text(item_id: Any) -> str:
@@ -214,7 +220,7 @@ class ShardBuild(BaseModel):
     lines: list[int]
     errors: dict[str, dict[str, str]] = Field(default_factory=dict)
     # Each line's ``id`` is this prefix + the item id: unique to the round, so the results of
-    # a batch found again after a lost answer show whose it is (see workers.builder).
+    # a submission found again after a lost answer show whose it is (a provider's recovery).
     id_prefix: str = ""
     bytes: int = 0  # size of the JSONL file
     parts: int = 0
@@ -227,8 +233,8 @@ class ShardBuild(BaseModel):
     # Multi-skill runs: ``skills[line_index]`` is the index (in ``RunSpec.all_options``) of
     # the skill of that line; empty for a single-skill run.
     skills: list[int] = Field(default_factory=list)
-    # The execution that built and submitted these lines (``SubmitRecord.attempt``): the
-    # round's ``submit.json`` and ``batch.json`` name the same one (workers.builder).
+    # The execution that built and submitted these lines: the round's ``batch.json`` names the
+    # same one (a provider's ``submit_round`` writes both).
     attempt: str = ""
 
     def line_ids(self, items: list[PlanItem] | Any, skills: list[str]) -> set[str]:
@@ -239,35 +245,6 @@ class ShardBuild(BaseModel):
             return {self.id_prefix + items[i].key for i in self.lines}
         return {skill_line_id(self.id_prefix + items[i].key, skills[k])
                 for i, k in zip(self.lines, self.skills, strict=True)}
-
-
-class UploadRecord(BaseModel):
-    """A multipart upload in flight (seed 002, "Initialize upload"): recorded before any part."""
-
-    file_id: str
-    upload_id: str
-    created_at: float
-
-
-class SubmitRecord(BaseModel):
-    """An ``mpu-complete`` sent for a round whose answer is not recorded yet: written just
-    before the call, so that an attempt that lost the answer (or died waiting for it) can find
-    the batch it created instead of paying for another. ``checks`` counts the searches;
-    ``rejected`` lists completed batches whose results showed they are not this round's (so
-    later searches do not download them again).
-
-    It is also the round's **claim**: created only if absent, so at most one execution
-    (``attempt``, a token of its own) calls ``mpu-complete`` for the round; ``upload_id`` is
-    that execution's upload (aborted if the claim turns out dead)."""
-
-    file_id: str
-    lines: int
-    bytes: int
-    sent_at: float  # unix seconds, this machine's clock
-    checks: int = 0
-    rejected: list[str] = Field(default_factory=list)
-    attempt: str = ""
-    upload_id: str = ""
 
 
 class BatchRecord(BaseModel):

@@ -3,9 +3,9 @@
 A run id is the user's handle on a run (``moonbatch submit`` prints it); it must keep working
 after the broker and the result backend lose everything, from any machine. So the map run id →
 OUTPUT lives in object storage next to the runs' own truth, never only in Redis. The same store
-lists the runs that are not final yet (what the reconciler sweeps) and records which run owns
-each submitted batch (so a batch found again after a lost ``mpu-complete`` answer is adopted by
-one round only). Keys are in ``moonbatch.workers.layout``.
+lists the runs that are not final yet (what the reconciler sweeps); a provider may keep its own
+claims there (the Batch API's: ``moonbatch.workers.providers.moondream.records``). Keys are in
+``moonbatch.workers.layout``.
 """
 
 from __future__ import annotations
@@ -80,44 +80,3 @@ def iter_active(state: Store) -> Iterator[tuple[str, str]]:
         doc = get_json_or_none(state, obj.key)  # None: taken off the list meanwhile
         if doc and doc.get("output"):
             yield layout.run_id_of(obj.key), doc["output"]
-
-
-def claim_batch(state: Store, batch_id: str, *, output: str, shard: int, rnd: int) -> bool:
-    """Record that round ``rnd`` of ``shard`` of the run at ``output`` owns ``batch_id``.
-
-    True if this call made the claim or the same round held it already; False if another
-    round owns the batch.
-    """
-    if put_json(state, layout.registry_batch(batch_id),
-                {"output": output, "shard": shard, "round": rnd, "at": time.time()},
-                if_absent=True):
-        return True
-    return _owned_by(batch_owner(state, batch_id), output, shard, rnd)
-
-
-def _owned_by(claim: dict[str, Any] | None, output: str, shard: int, rnd: int) -> bool:
-    """True if ``claim`` (a ``batches/`` document, or None) names this round."""
-    return claim is not None and (claim.get("output"), claim.get("shard"),
-                                  claim.get("round")) == (output, shard, rnd)
-
-
-def batch_owner(state: Store, batch_id: str) -> dict[str, Any] | None:
-    """The claim on ``batch_id`` (``{"output", "shard", "round", "at"}``), or None."""
-    return get_json_or_none(state, layout.registry_batch(batch_id))
-
-
-class BatchClaims:
-    """The claims of one round (run at ``output``, ``shard``, ``rnd``) in the state store."""
-
-    def __init__(self, state: Store, *, output: str, shard: int, rnd: int) -> None:
-        self.state, self.output, self.shard, self.rnd = state, output, shard, rnd
-
-    def claim(self, batch_id: str) -> bool:
-        """Claim ``batch_id`` for this round; False if another round owns it."""
-        return claim_batch(self.state, batch_id, output=self.output, shard=self.shard,
-                           rnd=self.rnd)
-
-    def taken(self, batch_id: str) -> bool:
-        """True if another round owns ``batch_id``."""
-        owner = batch_owner(self.state, batch_id)
-        return owner is not None and not _owned_by(owner, self.output, self.shard, self.rnd)

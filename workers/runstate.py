@@ -14,6 +14,7 @@ from typing import Any
 from moonbatch.config import Settings
 from moonbatch.workers import layout
 from moonbatch.workers.models import PlanItem, RunSpec, ShardDone
+from moonbatch.workers.providers import DEFAULT_PROVIDER
 from moonbatch.workers.storage import NotFound, Store, get_json, get_json_or_none, open_store, put_json
 
 #: ``run.json`` ``counts`` field → the ``ShardDone`` field it sums over merged shards.
@@ -170,7 +171,7 @@ class Progress:
             "skill": "+".join(o["skill"] for o in [spec["options"], *spec.get("more_options", ())]),
             "options": {k: v for k, v in spec["options"].items() if v is not None},
             "model": spec.get("model"),
-            "provider": spec.get("provider") or "moondream",
+            "provider": spec.get("provider") or DEFAULT_PROVIDER,
             "endpoint": spec.get("endpoint"),
             "counts": {"total": total, "ok": ok, "error": err, "done": ok + err,
                        "in_flight": in_flight, "skipped": plan.get("skipped", 0) if plan else None,

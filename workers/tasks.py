@@ -361,14 +361,10 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             batch_error=collected.batch_error if collected else None, todo=todo,
             retryable_codes=provider.retryable_codes,
             skills=[o.skill for o in run.spec.all_options])
-        if record is not None and record.recovered and stats.id_mismatch:
-            # A submission adopted after a lost answer carries other items' ids: it was not
-            # this round's. Send the round again rather than merge foreign results.
-            log.error("shard %d round %d: adopted batch %s returned %d foreign ids; sending the "
-                      "round again", shard, rnd, record.batch_id, stats.id_mismatch)
+        rejected = provider.reject_merge(ctx, record, stats)
+        if rejected is not None:  # e.g. foreign results: send the round again
             _next_round(store, output, run_id, shard, rnd,
-                        todo if todo is not None else list(range(len(items))),
-                        f"adopted batch {record.batch_id} was not this round's", base)
+                        todo if todo is not None else list(range(len(items))), rejected, base)
             return
         progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress")) or {}
         merged = {"batch_id": record.batch_id if record else None,
@@ -401,12 +397,12 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
     merged: list[dict[str, Any]] = []
     batches: list[dict[str, Any]] = []  # every batch sent, failed ones included
     duplicates = 0
+    provider = provider_for(run.spec)
     for r in range(last_round + 1):
         batch = get_json_or_none(store, layout.round_doc(shard, r, "batch"))
         if batch is not None:
             batches.append(batch)
-        duplicates += (get_json_or_none(store, layout.round_doc(shard, r, "orphans"))
-                       or {"count": 0})["count"]
+        duplicates += provider.duplicate_submissions(_context(run, shard, r))
         try:  # a round whose batch failed and was resubmitted has no rows
             rounds.append(store.get(layout.round_doc(shard, r, "rows")))
         except NotFound:

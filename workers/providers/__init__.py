@@ -9,14 +9,22 @@ reconcile, cancel) never names a provider. It drives every round through four ca
     collect_round(ctx)  the round's item-indexed results, or ``Resend`` / None (not ready)
     cancel_run(run)     stop what is in flight at the provider (``moonbatch cancel``)
 
+and answers what the shared code asks before and after: ``settings_class`` (its own variables,
+read through ``Settings.section``), ``credential`` and ``check_credentials`` (preflight),
+``complete_spec``/``check_spec``/``limits`` (a new run), ``estimate`` (a dry run), ``describe``
+and ``Wording`` (status, summary, dry-run and cancel text), ``reject_merge`` and
+``duplicate_submissions`` (a round's merge and a shard's counts). Its metric labels are its own:
+it passes them to ``moonbatch.workers.metrics`` (``api_call(name, label, ...)``).
+
 A round's results are **result lines**: dicts of the Batch API's output line shape (seed 002,
 "Output format"), whatever the provider: ``{"line_index": int, "id": str | None, "status":
 "ok", "result": {...}, "usage": {...}}`` or ``{"line_index", "id", "status": "error", "error":
 {"code", "message"}}``. ``line_index`` indexes ``ShardBuild.lines`` (the round's sendable items
 in order). The shared merge (``moonbatch.workers.merge``) turns them into output rows.
 
-A provider is one module with a class implementing ``Provider`` plus one entry in
-``PROVIDERS``. Its own state documents live under the round's prefix (``ctx.doc(name)``).
+A provider is one package under ``workers/providers/`` with a class implementing ``Provider``
+plus one entry in ``PROVIDERS``; shared code names no provider (``tests/test_layering.py``). Its
+own state documents live under the round's prefix (``ctx.doc(name)``).
 """
 
 from __future__ import annotations
@@ -24,15 +32,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from moonbatch.workers import layout
 from moonbatch.workers.storage import get_json
 
 if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
+
     from moonbatch.config import Settings
-    from moonbatch.workers.models import PlanItem, RunSpec, SkillOptions
+    from moonbatch.workers.merge import MergeStats
+    from moonbatch.workers.models import BatchRecord, PlanItem, RunSpec, SkillOptions
     from moonbatch.workers.runstate import Run
     from moonbatch.workers.storage import Store
 
@@ -42,6 +53,8 @@ PROVIDERS: dict[str, str] = {
     "moondream": "moonbatch.workers.providers.moondream:MoondreamBatchProvider",
     "fal": "moonbatch.workers.providers.fal:FalProvider",
 }
+#: The provider of ``MOONBATCH_PROVIDER`` unset, and of runs recorded before providers existed.
+DEFAULT_PROVIDER = "moondream"
 
 
 class ProviderError(Exception):
@@ -77,10 +90,27 @@ class Later(TransientProviderError):
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What one shard may hold for a provider: ``max_lines`` items and ``max_bytes`` of
-    estimated request bytes (``moonbatch.workers.lines.estimate_line_bytes``)."""
+    estimated request bytes, ``item_bytes(key, size, fragment_len)`` being the planning
+    estimate of one item's (an object of ``size`` bytes; ``fragment_len``: bytes of the skill's
+    options in the request); ``reason`` says where ``max_lines`` comes from (for the
+    ``--shard-size`` message)."""
 
     max_lines: int
     max_bytes: int
+    item_bytes: Callable[[str, int, int], int]
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Wording:
+    """How the CLI and status documents speak of a provider's work: ``unit``/``units`` (one
+    round's unit of work: a batch, a request), ``at`` (where work in flight is: "the API"),
+    ``cancelled`` (what ``cancel_run``'s count counts, plural form: "open upload(s) aborted")."""
+
+    unit: str
+    units: str
+    at: str
+    cancelled: str
 
 
 @dataclasses.dataclass
@@ -180,6 +210,30 @@ class Provider(Protocol):
     name: ClassVar[str]
     #: Per-item error codes a later round may fix (they go into the next round).
     retryable_codes: ClassVar[frozenset[str]]
+    #: Its own settings (a pydantic-settings class; ``settings.section(settings_class)``).
+    settings_class: ClassVar[type[BaseSettings]]
+    #: The credential the preflight checks, for messages: ``"API key (MOONDREAM_API_KEY)"``.
+    credential: ClassVar[str]
+    wording: ClassVar[Wording]
+    #: Its client's actions → the ``endpoint`` label of ``moonbatch_api_requests_total`` (a
+    #: closed set; ``metrics.endpoint_label``). Its calls record ``metrics.api_call(name, ...)``.
+    metric_actions: ClassVar[Mapping[str, str]]
+
+    def complete_spec(self, spec: RunSpec) -> RunSpec:
+        """``spec`` with this provider's defaults resolved (e.g. fal's endpoint for the skill),
+        so the stored spec says what the run calls. Pure."""
+
+    def describe(self, doc: Mapping[str, Any]) -> str:
+        """One phrase naming the provider and what it calls, for a snapshot, summary or dry
+        run (``doc``: a run's spec, ``run.json`` or dry-run report): ``"moondream (Batch
+        API)"``, ``"fal (fal-ai/moondream3-preview/caption)"``."""
+
+    def upload_note(self, report: Mapping[str, Any]) -> str:
+        """A remark on a dry run's upload bytes (``""``: none), e.g. that images go as URLs."""
+
+    def count_units(self, shards: Sequence[Mapping[str, Any]]) -> int:
+        """How many units of work (``wording.units``) a run sent, from the shard entries of
+        its snapshot or ``run.json`` (``"batches"``: one per shard, with ``requests``)."""
 
     def check_spec(self, spec: RunSpec) -> None:
         """Refuse a run this provider cannot serve before anything is sent: ``ValueError`` with
@@ -211,7 +265,17 @@ class Provider(Protocol):
 
     def cancel_run(self, run: Run) -> int:
         """Cancel what the run has in flight at the provider; returns how many things were
-        cancelled (uploads, requests). Best effort."""
+        cancelled (``wording.cancelled``). Best effort."""
+
+    def reject_merge(self, ctx: RoundContext, record: BatchRecord | None,
+                     stats: MergeStats) -> str | None:
+        """A reason to send the round again rather than keep its merge (``stats``: what the
+        merge counted), e.g. a submission adopted after a lost answer that returned other
+        items' ids; None: keep it."""
+
+    def duplicate_submissions(self, ctx: RoundContext) -> int:
+        """Submissions the round may have paid for twice (a lost answer sent again), counted
+        in the shard's ``duplicate_batches``."""
 
 
 _instances: dict[str, Provider] = {}
@@ -261,3 +325,9 @@ def get_provider(name: str) -> Provider:
 def provider_for(spec: RunSpec) -> Provider:
     """The provider of a run."""
     return get_provider(spec.provider)
+
+
+def provider_of(doc: Mapping[str, Any]) -> Provider:
+    """The provider of a recorded run's document (a spec, ``run.json``, a dry-run report):
+    its ``provider`` field, ``DEFAULT_PROVIDER`` for runs recorded before providers existed."""
+    return get_provider(doc.get("provider") or DEFAULT_PROVIDER)

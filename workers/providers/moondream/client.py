@@ -12,349 +12,66 @@ carry a custom header to any host), and ids interpolated into paths (batch and f
 from OUTPUT's documents or from answers) must be one safe path segment (``InvalidId``). Result
 files are read from their presigned URLs by a second client that holds no key.
 
-Answers are read liberally (FACTS.md: "Treat every field as optional except `id` and `status`"):
-nulls, extra fields, floats or numeric strings for counts, plain URL strings as outputs and
-statuses the seed does not name are tolerated; see ``BatchStatus``.
+Answers are read liberally (``answers``); errors are in ``errors``.
 """
 
 from __future__ import annotations
 
-import http
 import json
 import logging
-import math
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from moonbatch.workers import metrics, origins
-from moonbatch.workers.providers import ProviderError, TransientProviderError
+from moonbatch.workers.providers.moondream.answers import (
+    BatchStatus,
+    OutputFile,
+    Part,
+    Upload,
+    epoch_seconds,
+    safe_token,
+)
+from moonbatch.workers.providers.moondream.errors import (
+    AnswerLost,
+    AuthenticationError,
+    ForeignOrigin,
+    MoondreamError,
+    RequestRejected,
+    TransientError,
+    UnexpectedAnswer,
+    checked_id,
+    status_phrase,
+)
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO; presigned URLs must not reach the logs.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 
+#: Client actions (``BatchClient._call``) → the ``endpoint`` label of its metrics.
+METRIC_ACTIONS = {"mpu-create": "mpu-create", "mpu-uploadpart": "mpu-uploadpart",
+                  "mpu-complete": "mpu-complete", "mpu-abort": "mpu-abort",
+                  "batch status": "batch-status", "list batches": "batch-list",
+                  "download of output": "download"}
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 T = TypeVar("T")
 
 
-class MoondreamError(ProviderError):
-    """A Batch API call failed. ``status`` is the HTTP status (None for network errors), ``code``
-    the API's error code when it sent one; the message says which action failed and why."""
-
-    def __init__(self, action: str, message: str, *, status: int | None = None,
-                 code: str | None = None) -> None:
-        self.action = action
-        self.status = status
-        self.code = code
-        detail = f"HTTP {status}" if status else "network error"
-        if code:
-            detail += f" {code}"
-        super().__init__(f"Moondream {action} failed ({detail}): {message}")
-
-
-class AuthenticationError(MoondreamError):
-    """401/403: the API key is missing or wrong. Retrying cannot help."""
-
-
-class RequestRejected(MoondreamError):
-    """A 4xx other than 408/425/429: the request itself is wrong. Retrying cannot help."""
-
-
-class TransientError(MoondreamError, TransientProviderError):
-    """429, 5xx or a network error that outlasted every retry; a later attempt may succeed."""
-
-
-class AnswerLost(TransientError):
-    """The request reached the service but its answer did not come back (the connection broke
-    after sending), and the call is not safe to repeat: the service may have acted on it
-    (``mpu-complete`` consumes the upload and creates a batch; FACTS.md)."""
-
-
-class InvalidId(MoondreamError):
-    """A batch or file id that is not one path segment of the API's alphabet: nothing was sent.
-    Ids come from OUTPUT's documents, so one that is wrong means a document was altered."""
-
-    def __init__(self, action: str, what: str) -> None:
-        self.action, self.status, self.code = action, None, "invalid_id"
-        ProviderError.__init__(
-            self, f"Moondream {action} not sent: the {what} recorded in OUTPUT (batch.json or "
-            "upload.json) is not an id the Batch API gives (one path segment of letters, digits, "
-            "'.', '_', '-'): the document was altered; restore it, or run again into a new OUTPUT")
-
-
-class ForeignOrigin(MoondreamError):
-    """A keyed request aimed at another origin than ``base_url``'s: nothing was sent."""
-
-    def __init__(self, expected: str) -> None:
-        self.action, self.status, self.code = "request", None, "foreign_origin"
-        ProviderError.__init__(
-            self, f"Moondream request not sent: its URL is not on MOONBATCH_MOONDREAM_URL's "
-            f"origin ({expected}), and MOONDREAM_API_KEY goes nowhere else")
-
-
-def _checked_id(value: object, action: str, what: str) -> str:
-    rid = origins.path_id(value)
-    if rid is None:
-        raise InvalidId(action, what)
-    return rid
-
-
-def _phrase(status: int) -> str:
-    """The standard reason of an HTTP status (what a failed download keeps of the answer)."""
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "error"
+def _record_call(action: str, status: int | None, started: float) -> None:
+    """Metrics of one call: its action's label, HTTP status (None: no answer), duration."""
+    metrics.api_call("moondream", metrics.endpoint_label(action, METRIC_ACTIONS), status,
+                     time.monotonic() - started)
 
 
 # Network errors raised before the request left this machine: repeating it is always safe.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-class UnexpectedAnswer(TransientError):
-    """A 2xx answer without what the call needs (not JSON, no ``id``/``status``, no ETag). The
-    message names the missing field, never the body (it may hold presigned URLs)."""
-
-
-# -- liberal reading of answers ----------------------------------------------------------------
-# The seed shows one shape per answer; FACTS.md: "Treat every field as optional except `id` and
-# `status`". What is not understood is skipped and logged once per process and kind of oddity.
-KNOWN_STATUSES = frozenset({"chunking", "processing", "completed", "failed"})
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
-
-
-def _warn_once(key: str, message: str, *args: object) -> None:
-    """Log ``message`` at WARNING the first time ``key`` is seen in this process. Callers pass
-    field names, type names and sanitised tokens only: never a URL or a body."""
-    with _warned_lock:
-        if key in _warned or len(_warned) >= 256:  # bounded: keys may carry API-chosen tokens
-            return
-        _warned.add(key)
-    log.warning(message, *args)
-
-
-def _token(value: object) -> str:
-    """An API-chosen word made safe to log: letters, digits, ``_``/``-``, at most 40."""
-    return re.sub(r"[^A-Za-z0-9_-]", "", str(value))[:40] or "?"
-
-
-def as_count(value: object, where: str) -> int | None:
-    """A non-negative count read liberally: an int; a float truncated (``1500.5`` → 1500); a
-    numeric string parsed (``"12"``, ``"12.0"``). None for None/absent, and (with a warning
-    naming ``where``) for bools, negatives, NaN/inf and anything else."""
-    if value is None:
-        return None
-    number: float | int | None = None
-    if isinstance(value, bool):
-        number = None
-    elif isinstance(value, int):
-        number = value
-    elif isinstance(value, float):
-        number = value if math.isfinite(value) else None
-    elif isinstance(value, str):
-        try:
-            number = int(value.strip())
-        except ValueError:
-            try:
-                number = float(value.strip())
-            except ValueError:
-                number = None
-            if number is not None and not math.isfinite(number):
-                number = None
-    if number is None or number < 0:
-        _warn_once(f"count:{where}:{type(value).__name__}",
-                   "Batch API answer: %s is not a count (a %s); ignored", where, type(value).__name__)
-        return None
-    return int(number)
-
-
-def _usable_url(value: object) -> bool:
-    return isinstance(value, str) and value[:8].lower().startswith(("http://", "https://"))
-
-
-class Part(BaseModel):
-    """A part of a multipart upload, as ``mpu-complete`` wants it."""
-
-    model_config = ConfigDict(populate_by_name=True)
-    part_number: int = Field(alias="partNumber")
-    etag: str
-
-
-def _id_text(value: object) -> object:
-    """Ids given as numbers are read as text (bools are not ids)."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-class Upload(BaseModel):
-    """Answer of ``mpu-create`` (seed 002, "Initialize upload"): only ``fileId`` and ``uploadId``
-    are needed; ``key`` and any other field are kept as sent (possibly None)."""
-
-    model_config = ConfigDict(populate_by_name=True, extra="allow")
-    file_id: str = Field(alias="fileId", min_length=1)
-    upload_id: str = Field(alias="uploadId", min_length=1)
-    key: Any = None
-
-    _ids = field_validator("file_id", "upload_id", mode="before")(_id_text)
-
-
-class OutputFile(BaseModel):
-    """One result file of a completed batch; ``url`` is presigned and expires: never store or
-    log it (it is left out of the repr)."""
-
-    index: int
-    url: str = Field(repr=False)
-
-
-def _outputs(value: object) -> list[OutputFile]:
-    """``outputs`` as the seed shows it (``[{"index", "url"}]``) or liberally: plain URL strings
-    (index = position), dicts missing a usable ``index`` (index = position). Entries without a
-    usable http(s) URL are skipped with a warning; duplicate indices → every index = position."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        _warn_once(f"outputs:{type(value).__name__}",
-                   "Batch API answer: outputs is a %s, not a list; ignored", type(value).__name__)
-        return []
-    files: list[OutputFile] = []
-    for position, entry in enumerate(value):
-        if isinstance(entry, OutputFile):
-            files.append(entry)
-            continue
-        url = entry.get("url") if isinstance(entry, dict) else entry
-        if not _usable_url(url):
-            _warn_once(f"outputs-entry:{type(entry).__name__}:{type(url).__name__}",
-                       "Batch API answer: an outputs entry (a %s) has no usable URL; skipped",
-                       type(entry).__name__)
-            continue
-        index = None
-        if isinstance(entry, dict) and entry.get("index") is not None:
-            index = as_count(entry["index"], "outputs[].index")
-        files.append(OutputFile(index=position if index is None else index, url=url))
-    if len({f.index for f in files}) < len(files):
-        _warn_once("outputs:duplicate-index",
-                   "Batch API answer: output indices repeat; numbering the files by position")
-        files = [OutputFile(index=i, url=f.url) for i, f in enumerate(files)]
-    return files
-
-
-class BatchStatus(BaseModel):
-    """Answer of ``GET /v1/batch/:id`` and ``mpu-complete`` (seed 002, "Poll for completion",
-    "Get batch status"; FACTS.md "Moondream Batch API").
-
-    Only ``id`` and ``status`` are required; every other field may be absent, null or oddly
-    shaped and is kept as sent (``progress``, ``usage``, ``error``: raw JSON values). Read them
-    through the accessors, which never raise:
-
-    - ``total``: lines in the batch, int, or None when not known yet (no progress while
-      chunking); ``completed``, ``failed``: ints, 0 when absent (``failed`` appears only once a
-      line failed). Numbers may come as floats (truncated) or numeric strings (parsed).
-    - ``input_tokens``, ``output_tokens``: the batch's usage, int or None when absent.
-    - ``outputs``: normalised to ``[OutputFile(index, url)]`` (see ``_outputs``).
-    - ``done``: True only for ``completed`` and ``failed``; any other status (``chunking``,
-      ``processing``, or one the seed does not name) means "poll again".
-
-    What is not understood is logged at WARNING once per process, without values or URLs.
-    """
-
-    model_config = ConfigDict(extra="allow")
-    id: str = Field(min_length=1)
-    status: str = Field(min_length=1)  # chunking | processing | completed | failed | (unknown)
-    model: Any = None
-    progress: Any = None
-    usage: Any = None
-    outputs: list[OutputFile] = Field(default_factory=list)
-    error: Any = None
-    created_at: Any = None
-    completed_at: Any = None
-    expires_at: Any = None
-
-    _id = field_validator("id", mode="before")(_id_text)
-    _outputs = field_validator("outputs", mode="before")(_outputs)
-
-    @model_validator(mode="after")
-    def _note_odd_shapes(self) -> BatchStatus:
-        if self.status not in KNOWN_STATUSES:
-            _warn_once(f"status:{_token(self.status)}",
-                       "Batch API status %r is not one the seed names; polling again",
-                       _token(self.status))
-        for name in ("progress", "usage"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, dict):
-                _warn_once(f"{name}:{type(value).__name__}",
-                           "Batch API answer: %s is a %s, not an object; ignored", name,
-                           type(value).__name__)
-        return self
-
-    def _number(self, group: str, key: str) -> int | None:
-        values = getattr(self, group)
-        return as_count(values.get(key), f"{group}.{key}") if isinstance(values, dict) else None
-
-    @property
-    def total(self) -> int | None:
-        """``progress.total`` (lines in the batch), or None when the answer has none."""
-        return self._number("progress", "total")
-
-    @property
-    def completed(self) -> int:
-        """``progress.completed`` (lines done, failed ones excluded), 0 when absent."""
-        return self._number("progress", "completed") or 0
-
-    @property
-    def failed(self) -> int:
-        """``progress.failed`` (lines that ended in an error row), 0 when absent."""
-        return self._number("progress", "failed") or 0
-
-    @property
-    def input_tokens(self) -> int | None:
-        """``usage.input_tokens`` of the whole batch, or None when absent."""
-        return self._number("usage", "input_tokens")
-
-    @property
-    def output_tokens(self) -> int | None:
-        """``usage.output_tokens`` of the whole batch, or None when absent."""
-        return self._number("usage", "output_tokens")
-
-    @property
-    def done(self) -> bool:
-        """True once the batch is ``completed`` or ``failed``."""
-        return self.status in ("completed", "failed")
-
-    def error_code(self) -> str:
-        """The batch-level error code (``processing_failed`` if the API gave none)."""
-        if isinstance(self.error, dict):
-            return str(self.error.get("code") or "processing_failed")
-        return "processing_failed"
-
-    def error_message(self) -> str:
-        """The batch-level error message."""
-        if isinstance(self.error, dict):
-            return str(self.error.get("message") or self.error_code())
-        return str(self.error or "batch failed")
-
-
-def _epoch(iso: Any) -> float | None:
-    """Unix seconds of an ISO 8601 time (``2025-01-10T12:00:00Z``), or None if unreadable."""
-    import datetime
-
-    if not isinstance(iso, str):
-        return None
-    try:
-        value = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=datetime.timezone.utc)
-    return value.timestamp()
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -379,7 +96,7 @@ def _api_error(response: httpx.Response) -> tuple[str | None, str]:
             return err.get("code") or err.get("type"), str(err.get("message") or "")[:300]
         return None, str(err)[:300]
     except ValueError:  # an HTML page from a proxy, say: the status says enough
-        return None, _phrase(response.status_code)
+        return None, status_phrase(response.status_code)
 
 
 def _download_error(response: httpx.Response) -> tuple[str | None, str]:
@@ -394,7 +111,7 @@ def _download_error(response: httpx.Response) -> tuple[str | None, str]:
     except ValueError:
         found = re.search(rb"<Code>([^<]{1,64})</Code>", response.content[:4096])
         code = found.group(1).decode("ascii", "replace") if found else None
-    return (_token(code) if code else None), _phrase(response.status_code)
+    return (safe_token(code) if code else None), status_phrase(response.status_code)
 
 
 def _new_batch(body: dict[str, Any]) -> dict[str, Any]:
@@ -488,7 +205,7 @@ class BatchClient:
             except httpx.TooManyRedirects:
                 raise RequestRejected(action, "too many redirects") from None
             except httpx.TransportError as exc:
-                metrics.api_call("moondream", action, None, time.monotonic() - started)
+                _record_call(action, None, started)
                 retry_reason: int | BaseException = exc
                 # str(exc) may quote the URL; keep only the exception type.
                 if not isinstance(exc, _NOT_SENT):
@@ -501,8 +218,7 @@ class BatchClient:
                 last = TransientError(action, type(exc).__name__)
                 wait = self._backoff(attempt)
             else:
-                metrics.api_call("moondream", action, response.status_code,
-                                 time.monotonic() - started)
+                _record_call(action, response.status_code, started)
                 retry_reason = response.status_code
                 if response.is_success:
                     return _parsed(action, parse, response)
@@ -552,7 +268,7 @@ class BatchClient:
             return Part(partNumber=part_number, etag=etag)
 
         action = f"mpu-uploadpart (part {part_number})"
-        file_id = _checked_id(file_id, action, "file id")
+        file_id = checked_id(file_id, action, "file id")
         return self._call(
             action,
             lambda: self._http.put(
@@ -573,7 +289,7 @@ class BatchClient:
         404 while the batch it created runs on. Raises ``AnswerLost`` then (find the batch with
         ``find_batches``), ``RequestRejected`` with status 404 if the upload is gone.
         """
-        file_id = _checked_id(file_id, "mpu-complete", "file id")
+        file_id = checked_id(file_id, "mpu-complete", "file id")
         body: dict[str, Any] = {"parts": [p.model_dump(by_alias=True) for p in parts]}
         if model:
             body["model"] = model
@@ -607,7 +323,7 @@ class BatchClient:
     def get_batch(self, batch_id: str) -> BatchStatus:
         """``GET /batch/:id`` → status, progress, usage and (when completed) output URLs.
         Raises ``InvalidId`` (nothing sent) for an id that is not one safe path segment."""
-        batch_id = _checked_id(batch_id, "batch status", "batch id")
+        batch_id = checked_id(batch_id, "batch status", "batch id")
         return self._call(
             "batch status",
             lambda: self._http.get(f"{self.base_url}/batch/{batch_id}"),
@@ -648,7 +364,7 @@ class BatchClient:
             except ValueError:
                 log.warning("list batches: skipped an entry without id or status")
                 continue
-            created = _epoch(batch.created_at)
+            created = epoch_seconds(batch.created_at)
             if created is not None and created < since:
                 break
             found.append(batch)

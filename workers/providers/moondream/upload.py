@@ -11,33 +11,36 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures as cf
-import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 from moonbatch.workers import layout, metrics
-from moonbatch.workers.lines import ItemError, encode_line, max_image_bytes, prepare_image, skill_line_id
-from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions, SubmitRecord, UploadRecord
-from moonbatch.workers.moondream import BatchClient, Part, RequestRejected, TransientError
+from moonbatch.workers.lines import ItemError, prepare_image, skill_line_id
+from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions
 from moonbatch.workers.pool import ordered_map
-from moonbatch.workers.providers import Later
+from moonbatch.workers.providers.moondream.answers import Part
+from moonbatch.workers.providers.moondream.client import BatchClient
+from moonbatch.workers.providers.moondream.errors import RequestRejected, TransientError
+from moonbatch.workers.providers.moondream.lines import encode_line, max_image_bytes
+from moonbatch.workers.providers.moondream.records import BatchClaims, SubmitRecord, UploadRecord
+from moonbatch.workers.providers.moondream.recovery import (
+    RoundClaimed,
+    drop_claim,
+    forget_upload,
+    record_batch,
+    record_unsent,
+    recorded_round,
+    recover_lost_submit,
+    write_build,
+)
 from moonbatch.workers.readers import item_options, read_item, unexpected_error
-from moonbatch.workers.registry import BatchClaims
-from moonbatch.workers.storage import NotFound, Store, get_json, get_json_or_none, put_json
+from moonbatch.workers.storage import Store, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
 
-
-
-# Clock skew tolerated between this machine and the API when finding a batch by its time.
-CLOCK_SKEW = 300.0
-# Looks for the batch of a lost mpu-complete answer while candidates still run (about two
-# hours at the 120 s cap) before the round is sent again.
-MAX_LOST_ANSWER_CHECKS = 70
 
 
 class PartWriter:
@@ -215,7 +218,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         if done_build is not None and done_build.get("attempt", "") == intent.attempt:
             # Its execution wrote the build: its mpu-complete may have created a batch.
             built = ShardBuild.model_validate(done_build)
-            record = _recover_lost_submit(client, state, doc, intent, claims,
+            record = recover_lost_submit(client, state, doc, intent, claims,
                                           line_ids=built.line_ids(items, skill_names),
                                           shard=shard, rnd=rnd)
             if record is not None:
@@ -226,7 +229,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                         intent.attempt or "?")
             if intent.upload_id:
                 client.abort_upload(intent.file_id, intent.upload_id)
-            _drop_claim(state, doc, intent.attempt)
+            drop_claim(state, doc, intent.attempt)
 
     stale = get_json_or_none(state, doc("upload"))
     if stale is not None:
@@ -259,7 +262,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
             return
         try:
             client.abort_upload(opened.file_id, opened.upload_id)
-            _forget_upload(state, doc, opened.upload_id)
+            forget_upload(state, doc, opened.upload_id)
         except Exception:  # the next attempt aborts it from upload.json
             log.warning("shard %d: could not abort the upload", shard, exc_info=True)
 
@@ -295,7 +298,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                        build_seconds=round(time.time() - started, 3), sizes=sizes,
                        skills=line_skills, attempt=attempt)
     if upload is None:
-        return _record_unsent(state, doc, build)
+        return record_unsent(state, doc, build)
     intent = SubmitRecord(file_id=upload.file_id, upload_id=upload.upload_id, lines=len(lines),
                           bytes=writer.bytes, sent_at=time.time(), attempt=attempt)
     claimed = False
@@ -305,24 +308,24 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         claimed = put_json(state, doc("submit"), intent.model_dump(), if_absent=True)
         # A claim is dropped only after its batch is recorded (or found never made): looking
         # after claiming sees the batch of any claim that came and went before ours.
-        recorded = _recorded(state, doc) if claimed else None
+        recorded = recorded_round(state, doc) if claimed else None
         if claimed and recorded is None:
-            _write_build(state, doc, build)
+            write_build(state, doc, build)
             fence()  # right before the call that bills
     except BaseException:
         abandon()
         if claimed:
-            _drop_claim(state, doc, attempt)
+            drop_claim(state, doc, attempt)
         raise
     if recorded is not None:
         abandon()
-        _drop_claim(state, doc, attempt)
+        drop_claim(state, doc, attempt)
         log.info("shard %d round %d: another execution submitted the round; this one's "
                  "upload is aborted", shard, rnd)
         return recorded
     if not claimed:
         abandon()
-        recorded = _recorded(state, doc)
+        recorded = recorded_round(state, doc)
         if recorded is not None:
             log.info("shard %d round %d: another execution submitted the round; this one's "
                      "upload is aborted", shard, rnd)
@@ -334,21 +337,21 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     except (TransientError, RequestRejected) as exc:
         if isinstance(exc, RequestRejected) and exc.status != 404:
             abandon()  # refused: nothing was billed; the next attempt may claim the round
-            _drop_claim(state, doc, attempt)
+            drop_claim(state, doc, attempt)
             raise
         # The answer was lost, or an earlier try consumed the upload: find the batch.
         log.warning("shard %d round %d: %s; looking for the batch it created", shard, rnd, exc)
-        _forget_upload(state, doc, upload.upload_id)
-        record = _recover_lost_submit(client, state, doc, intent, claims,
+        forget_upload(state, doc, upload.upload_id)
+        record = recover_lost_submit(client, state, doc, intent, claims,
                                       line_ids=build.line_ids(items, skill_names),
                                       shard=shard, rnd=rnd)
         if record is None:  # no batch to adopt: the round is built and sent again
             raise TransientError("mpu-complete", "answer lost and no batch found; the round "
                                  "is sent again") from None
         return build, record
-    record = _record_batch(state, doc, claims, batch.id, intent, recovered=False)
-    if record.attempt != attempt:  # another batch was recorded first (see _record_batch)
-        return _recorded(state, doc) or (build, record)
+    record = record_batch(state, doc, claims, batch.id, intent, recovered=False)
+    if record.attempt != attempt:  # another batch was recorded first (see record_batch)
+        return recorded_round(state, doc) or (build, record)
     log.info("shard %d round %d: batch %s submitted (%d lines, %d bytes, %d parts)",
              shard, rnd, batch.id, len(lines), writer.bytes, len(parts),
              extra={"batch_id": batch.id})
@@ -356,212 +359,3 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
 
 
 # -- the round's documents: written once, or by compare-and-swap -------------------------------
-def _dumps(value: Any) -> bytes:
-    """JSON as ``put_json`` writes it."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _put_over(state: Store, key: str, data: bytes, version: str | None) -> bool:
-    """Write ``key`` if it is still at ``version`` (None: if it is still absent)."""
-    if version is None:
-        return state.put(key, data, if_absent=True)
-    return state.put_if_match(key, data, version)
-
-
-def _version(state: Store, key: str) -> str | None:
-    """The object's version token, or None if it does not exist."""
-    try:
-        return state.get_versioned(key)[1]
-    except NotFound:
-        return None
-
-
-def _recorded(state: Store, doc: Callable[[str], str]
-              ) -> tuple[ShardBuild, BatchRecord] | None:
-    """The round's recorded build and batch, or None while no batch is recorded."""
-    raw = get_json_or_none(state, doc("batch"))
-    if raw is None:
-        return None
-    return ShardBuild.model_validate(get_json(state, doc("build"))), BatchRecord.model_validate(raw)
-
-
-def _write_build(state: Store, doc: Callable[[str], str], build: ShardBuild) -> None:
-    """Write ``build.json`` for the claimant ``build.attempt``: compare-and-swap on the version
-    read while the claim is still its own, so a claimant whose claim was dropped (it stalled
-    and another execution took the round over) can never overwrite the new claimant's build.
-    Raises ``RoundClaimed`` when the claim is no longer this execution's."""
-    data = _dumps(build.model_dump())
-    for _ in range(8):
-        version = _version(state, doc("build"))
-        claim = get_json_or_none(state, doc("submit"))
-        if claim is None or claim.get("attempt", "") != build.attempt:
-            raise RoundClaimed(f"{doc('submit')}: this execution's claim on the round was "
-                               "dropped by another execution")
-        if _put_over(state, doc("build"), data, version):
-            return
-    raise RoundClaimed(f"{doc('build')} keeps changing under this execution")
-
-
-def _record_unsent(state: Store, doc: Callable[[str], str], build: ShardBuild
-                   ) -> tuple[ShardBuild, BatchRecord | None]:
-    """Record a build that has no sendable line (only error rows), unless the round was claimed
-    or submitted meanwhile by another execution: then return what it recorded, or raise
-    ``RoundClaimed`` while its batch is not recorded yet. The version of ``build.json`` is read
-    first, then the claim, then the batch (the reverse of a claimant's order: claim, build,
-    batch, claim dropped), so no claimant's build is ever overwritten: one written after the
-    version was read makes this write fail."""
-    data = _dumps(build.model_dump())
-    for _ in range(8):
-        version = _version(state, doc("build"))
-        # The claim before the batch: a claimant records its batch before it drops its claim.
-        claimed = state.exists(doc("submit"))
-        recorded = _recorded(state, doc)
-        if recorded is not None:
-            return recorded
-        if claimed:
-            raise RoundClaimed(f"{doc('submit')}: another execution claimed the round")
-        if _put_over(state, doc("build"), data, version):
-            return build, None
-    raise RoundClaimed(f"{doc('build')} keeps changing under this execution")
-
-
-def _drop_claim(state: Store, doc: Callable[[str], str], attempt: str) -> None:
-    """Delete the round's claim if it is ``attempt``'s (the caller holds the shard's lease)."""
-    claim = get_json_or_none(state, doc("submit"))
-    if claim is not None and claim.get("attempt", "") == attempt:
-        state.delete(doc("submit"))
-
-
-def _update_claim(state: Store, doc: Callable[[str], str], intent: SubmitRecord,
-                  changes: dict[str, Any]) -> None:
-    """Apply ``changes`` to the claim of ``intent.attempt`` by compare-and-swap; raises
-    ``RoundClaimed`` if the claim changed hands (another execution recovers the round)."""
-    try:
-        raw, version = state.get_versioned(doc("submit"))
-    except NotFound:
-        raw, version = b"null", ""
-    claim = json.loads(raw)
-    if not isinstance(claim, dict) or claim.get("attempt", "") != intent.attempt or \
-            not state.put_if_match(doc("submit"), _dumps({**claim, **changes}), version):
-        raise RoundClaimed(f"{doc('submit')}: the claim changed under this execution")
-
-
-def _forget_upload(state: Store, doc: Callable[[str], str], upload_id: str) -> None:
-    """Delete ``upload.json`` if it records ``upload_id`` (another execution's stays)."""
-    opened = get_json_or_none(state, doc("upload"))
-    if opened is not None and (not upload_id or opened.get("upload_id") == upload_id):
-        state.delete(doc("upload"))
-
-
-def _record_batch(state: Store, doc: Callable[[str], str], claims: BatchClaims | None,
-                  batch_id: str, intent: SubmitRecord, *, recovered: bool) -> BatchRecord:
-    """Claim the batch, record it in ``batch.json`` (created once) and clear what led to it.
-    Returns the recorded batch: another one if a batch was recorded first (then ours is
-    counted as a possible duplicate in ``orphans.json``)."""
-    if claims is not None and not claims.claim(batch_id) and not recovered:
-        # Another round adopted our batch by mistake while our answer was in flight; ours is
-        # certain (the service answered), theirs is checked against result ids at merge.
-        log.error("batch %s is claimed by another round; keeping it for this one", batch_id)
-    record = BatchRecord(batch_id=batch_id, file_id=intent.file_id, submitted_at=time.time(),
-                         lines=intent.lines, recovered=recovered, attempt=intent.attempt)
-    if put_json(state, doc("batch"), record.model_dump(), if_absent=True):
-        metrics.batch("moondream", "submitted")
-    else:
-        first = BatchRecord.model_validate(get_json(state, doc("batch")))
-        if first.batch_id != batch_id:
-            log.error("%s: batch %s is recorded already; batch %s of attempt %s is a duplicate",
-                      doc("batch"), first.batch_id, batch_id, intent.attempt)
-            _count_orphan(state, doc, f"batch {batch_id} submitted beside {first.batch_id}")
-        record = first
-    _forget_upload(state, doc, intent.upload_id)
-    _drop_claim(state, doc, intent.attempt)
-    return record
-
-
-class AwaitingBatch(TransientError, Later):
-    """The batch of a lost ``mpu-complete`` answer cannot be named yet: several new batches
-    could be this round's and some still run. Look again after ``countdown`` seconds (the
-    build task re-enqueues itself, holding no worker slot meanwhile)."""
-
-    def __init__(self, message: str, countdown: float) -> None:
-        TransientError.__init__(self, "mpu-complete", message)
-        self.countdown = countdown
-
-
-class RoundClaimed(TransientError, Later):
-    """Another execution claimed the round's submission (``submit.json``) and its batch is not
-    recorded yet, or took this execution's claim over: look again after ``countdown`` seconds
-    (the build task re-enqueues itself and then finds the batch, or a dead claim to drop)."""
-
-    def __init__(self, message: str, countdown: float = 5.0) -> None:
-        TransientError.__init__(self, "mpu-complete", message)
-        self.countdown = countdown
-
-
-def _recover_lost_submit(client: BatchClient, state: Store, doc: Callable[[str], str],
-                         intent: SubmitRecord, claims: BatchClaims | None, *,
-                         line_ids: set[str], shard: int, rnd: int) -> BatchRecord | None:
-    """Find and adopt the batch that the ``mpu-complete`` of ``intent`` created, whose answer
-    was lost (FACTS.md: "``GET /v1/batch`` ... is the only way to find that batch again").
-
-    Candidates are the unclaimed batches created since ``intent.sent_at`` (less the tolerated
-    clock skew) whose line count is ``intent.lines`` or not known yet (still chunking). Time and
-    size cannot tell them apart (a run's shards have one size and go out together; other users
-    of the key submit too), but their results can: they carry the ids of the items sent (seed
-    002, "Output format"), so the completed candidate whose results hold only ``line_ids`` is
-    this round's, and no other is ever adopted. Returns its record, or None
-    when no batch is this round's (then the round is sent again; if candidates existed, a
-    possible duplicate is counted in ``orphans.json``). Raises ``AwaitingBatch`` while
-    candidates still run, up to ``MAX_LOST_ANSWER_CHECKS`` looks.
-    """
-    rejected = set(intent.rejected)
-    candidates = [b for b in client.find_batches(intent.sent_at - CLOCK_SKEW)
-                  if (b.total == intent.lines or (not b.done and not b.total))
-                  and b.id not in rejected and not (claims and claims.taken(b.id))]
-    adopt = None
-    for batch in candidates:
-        if batch.status != "completed":
-            continue
-        ids = client.result_ids(batch)
-        if ids and ids <= line_ids:
-            adopt = batch
-            break
-        rejected.add(batch.id)
-    if adopt is not None and (claims is None or claims.claim(adopt.id)):
-        log.warning("shard %d round %d: adopted batch %s, created by the mpu-complete whose "
-                    "answer was lost", shard, rnd, adopt.id)
-        return _record_batch(state, doc, claims, adopt.id, intent, recovered=True)
-    running = [b for b in candidates if not b.done]
-    if running and intent.checks + 1 < MAX_LOST_ANSWER_CHECKS:
-        _update_claim(state, doc, intent, {"checks": intent.checks + 1,
-                                           "rejected": sorted(rejected)})
-        raise AwaitingBatch(f"answer lost; {len(running)} new batch(es) still running may be "
-                            "this round's: their results will tell",
-                            countdown=min(120.0, 2.0 * 1.5 ** intent.checks))
-    seen = rejected | {b.id for b in candidates}
-    if seen:
-        _count_orphan(state, doc, f"{len(seen)} batch(es) could be this round's")
-        log.warning("shard %d round %d: no batch of the lost mpu-complete answer can be shown "
-                    "to be this round's (%d candidate(s)); sending the round again", shard, rnd,
-                    len(seen))
-    else:
-        log.warning("shard %d round %d: the lost mpu-complete answer created no batch; "
-                    "sending the round again", shard, rnd)
-    _drop_claim(state, doc, intent.attempt)
-    return None
-
-
-def _count_orphan(state: Store, doc: Callable[[str], str], reason: str) -> None:
-    """Add one to the round's possible duplicate batches (``orphans.json``), by
-    compare-and-swap: two executions counting at once both count."""
-    for _ in range(8):
-        try:
-            raw, version = state.get_versioned(doc("orphans"))
-            orphans, current = json.loads(raw), version
-        except NotFound:
-            orphans, current = {"count": 0, "reasons": []}, None
-        orphans["count"] += 1
-        orphans["reasons"] = (orphans["reasons"] + [reason])[-10:]
-        if _put_over(state, doc("orphans"), _dumps(orphans), current):
-            return
-    log.error("%s: could not count a possible duplicate batch (%s)", doc("orphans"), reason)

@@ -35,8 +35,12 @@ from moonbatch.workers import metrics, origins
 from moonbatch.workers.providers import ProviderError, TransientProviderError
 
 log = logging.getLogger(__name__)
+
 logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs request URLs at INFO
 
+#: Client actions → the ``endpoint`` label of its metrics.
+METRIC_ACTIONS = {"submit": "submit", "status": "status", "result": "result",
+                  "file download": "download", "cancel": "cancel"}
 MAX_FILE_BYTES = 16_000_000  # an output file (captions of 32 images are a few KB)
 
 
@@ -156,6 +160,12 @@ def _detail(response: httpx.Response) -> tuple[str, str | None, list[str]]:
     return str(detail or body.get("error") or response.reason_phrase)[:300], error_type, fields
 
 
+def _record_call(action: str, status: int | None, started: float) -> None:
+    """Metrics of one call: its action's label, HTTP status (None: no answer), duration."""
+    metrics.api_call("fal", metrics.endpoint_label(action, METRIC_ACTIONS), status,
+                     time.monotonic() - started)
+
+
 def _json_object(action: str, response: httpx.Response) -> dict[str, Any]:
     """The JSON object of a 2xx answer; anything else is a garbled answer: ``FalTransient``."""
     try:
@@ -251,11 +261,11 @@ class FalQueueClient:
         try:
             response = self._http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
-            metrics.api_call("fal", action, None, time.monotonic() - started)
+            _record_call(action, None, started)
             # A request that was written may have arrived: only a failed connect proves not.
             sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
             raise FalTransient(action, type(exc).__name__, maybe_sent=sent) from None
-        metrics.api_call("fal", action, response.status_code, time.monotonic() - started)
+        _record_call(action, response.status_code, started)
         if response.status_code < 300:
             return response
         if response.status_code < 400:  # a redirect: never followed with the key
@@ -398,5 +408,5 @@ class FalQueueClient:
         except httpx.HTTPError as exc:  # str(exc) may quote the URL: the type says enough
             raise FalTransient(action, type(exc).__name__) from None
         finally:
-            metrics.api_call("fal", action, status, time.monotonic() - started)
+            _record_call(action, status, started)
         return b"".join(chunks)

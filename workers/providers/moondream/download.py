@@ -13,7 +13,9 @@ import logging
 
 import orjson
 
-from moonbatch.workers.moondream import BatchClient, BatchStatus, MoondreamError, TransientError
+from moonbatch.workers.providers.moondream.answers import BatchStatus
+from moonbatch.workers.providers.moondream.client import BatchClient
+from moonbatch.workers.providers.moondream.errors import MoondreamError, TransientError
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,15 @@
 """The Moondream Batch API provider (seed ``002_b16f4baad5ce048b.txt``): a round is one batch.
 
-    submit_round   workers.builder: JSONL lines → a multipart upload → mpu-complete → batch.json
-    poll_round     GET /batch/{id}: status and progress, an adaptive countdown
-    collect_round  workers.downloader: the result files, verified → their result lines as sent
+    submit_round   upload: JSONL lines → a multipart upload → mpu-complete → batch.json
+    poll_round     GET /batch/{id}: status and progress, an adaptive countdown (polling)
+    collect_round  download: the result files, verified → their result lines as sent
     cancel_run     abort the multipart uploads still open (the API cannot cancel a batch)
 
-The client is ``moonbatch.workers.moondream``; result lines are the API's own output lines.
+Modules: ``client`` (the HTTP client, with ``errors`` and ``answers``), ``upload`` (a round's
+lines and its multipart upload), ``recovery`` (the round's claim of ``mpu-complete`` and
+lost-answer recovery), ``download`` (result files), ``lines`` (JSONL lines and the API's
+limits), ``polling``, ``records`` (its round documents and batch claims), ``settings`` (its
+environment variables). Result lines are the API's own output lines.
 """
 
 from __future__ import annotations
@@ -14,19 +18,15 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 import orjson
 
-from moonbatch.config import API_MAX_FILE_BYTES, API_MAX_LINES, Settings, get_settings
+from moonbatch.config import Settings, get_settings
 from moonbatch.workers import layout, metrics, registry
-from moonbatch.workers.builder import build_and_submit
-from moonbatch.workers.downloader import fetch_results
-from moonbatch.workers.merge import next_poll_interval
 from moonbatch.workers.models import BatchRecord, RunSpec
-from moonbatch.workers.moondream import BatchClient
 from moonbatch.workers.providers import (
     Estimate,
     Limits,
@@ -34,10 +34,25 @@ from moonbatch.workers.providers import (
     Resend,
     RoundContext,
     RoundResults,
+    Wording,
     estimate_input_tokens,
     estimate_output_tokens,
 )
+from moonbatch.workers.providers.moondream import records
+from moonbatch.workers.providers.moondream.client import METRIC_ACTIONS, BatchClient
+from moonbatch.workers.providers.moondream.download import fetch_results
+from moonbatch.workers.providers.moondream.lines import (
+    API_MAX_FILE_BYTES,
+    API_MAX_LINES,
+    estimate_line_bytes,
+)
+from moonbatch.workers.providers.moondream.polling import next_poll_interval
+from moonbatch.workers.providers.moondream.settings import MoondreamSettings
+from moonbatch.workers.providers.moondream.upload import build_and_submit
 from moonbatch.workers.storage import get_json, get_json_or_none
+
+if TYPE_CHECKING:
+    from moonbatch.workers.merge import MergeStats
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +71,8 @@ API_KEYS_PAGE = "https://moondream.ai/c/cloud/api-keys"
 def batch_client() -> BatchClient:
     """This process's Batch API client (key and URL from settings)."""
     s = get_settings()
-    return BatchClient(s.moondream_url, s.api_key(), timeout=s.http_timeout,
+    own = s.section(MoondreamSettings)
+    return BatchClient(own.moondream_url, own.api_key(), timeout=s.http_timeout,
                        max_attempts=s.http_max_attempts, backoff_initial=s.http_backoff_initial,
                        backoff_max=s.http_backoff_max)
 
@@ -77,11 +93,12 @@ def iter_result_lines(files: Iterable[bytes]) -> Iterator[Any]:
 def check_api_key(settings: Settings, timeout: float = KEY_CHECK_SECONDS) -> str | None:
     """One authenticated call, ``GET /batch?limit=1``: 401/403 means the key is wrong. A 429 or
     5xx proves nothing either way and is let through (the run's own calls retry them)."""
-    key = settings.moondream_api_key.get_secret_value() if settings.moondream_api_key else ""
+    own = settings.section(MoondreamSettings)
+    key = own.moondream_api_key.get_secret_value() if own.moondream_api_key else ""
     if not key:
         return ("API key: MOONDREAM_API_KEY is not set: export MOONDREAM_API_KEY=<your key> "
                 f"(create one at {API_KEYS_PAGE})")
-    url = settings.moondream_url
+    url = own.moondream_url
     response = None
     with httpx.Client(timeout=httpx.Timeout(timeout / 3),
                       headers={"X-Moondream-Auth": key, "User-Agent": "moonbatch"}) as client:
@@ -119,6 +136,27 @@ class MoondreamBatchProvider:
 
     name: ClassVar[str] = "moondream"
     retryable_codes: ClassVar[frozenset[str]] = frozenset({"processing_error"})
+    settings_class: ClassVar[type[MoondreamSettings]] = MoondreamSettings
+    credential: ClassVar[str] = "API key (MOONDREAM_API_KEY)"
+    metric_actions: ClassVar[Mapping[str, str]] = METRIC_ACTIONS
+    wording: ClassVar[Wording] = Wording(unit="batch", units="batches", at="the API",
+                                         cancelled="open upload(s) aborted")
+
+    def complete_spec(self, spec: RunSpec) -> RunSpec:
+        """Nothing to resolve: the API's model is ``spec.model`` (None: its default)."""
+        return spec
+
+    def describe(self, doc: Mapping[str, Any]) -> str:
+        """``moondream (Batch API)``."""
+        return f"{self.name} (Batch API)"
+
+    def upload_note(self, report: Mapping[str, Any]) -> str:
+        """Images always go inside the JSONL: nothing to add."""
+        return ""
+
+    def count_units(self, shards: Sequence[Mapping[str, Any]]) -> int:
+        """One batch per shard entry."""
+        return len(shards)
 
     def check_spec(self, spec: RunSpec) -> None:
         """Every skill is served; ``--endpoint`` is fal's."""
@@ -127,8 +165,10 @@ class MoondreamBatchProvider:
                              "--provider fal")
 
     def limits(self, spec: RunSpec) -> Limits:
-        """Seed 002, "Limits": 100,000 lines and 2 GB per batch file."""
-        return Limits(max_lines=API_MAX_LINES, max_bytes=API_MAX_FILE_BYTES)
+        """Seed 002, "Limits": 100,000 lines and 2 GB per batch file; an item's bytes are its
+        line's (``estimate_line_bytes``)."""
+        return Limits(max_lines=API_MAX_LINES, max_bytes=API_MAX_FILE_BYTES,
+                      item_bytes=estimate_line_bytes, reason="the Batch API's line limit")
 
     def check_credentials(self, settings: Settings) -> str | None:
         """``GET /batch?limit=1`` with the key (see ``check_api_key``)."""
@@ -149,14 +189,15 @@ class MoondreamBatchProvider:
     def submit_round(self, ctx: RoundContext) -> bool:
         """Build the round's JSONL, upload it and submit the batch (``build_and_submit``)."""
         s = ctx.settings
+        own = s.section(MoondreamSettings)
         spec = ctx.run.spec
         _, batch = build_and_submit(
             shard=ctx.shard, items=ctx.items, options=spec.options, model=spec.model,
             fetch=ctx.run.fetcher.get, state=ctx.store, client=batch_client(),
-            part_size=s.part_size, concurrency=s.fetch_concurrency, max_pixels=spec.max_pixels,
-            upload_concurrency=s.upload_concurrency, rnd=ctx.rnd, todo=ctx.todo,
+            part_size=own.part_size, concurrency=s.fetch_concurrency, max_pixels=spec.max_pixels,
+            upload_concurrency=own.upload_concurrency, rnd=ctx.rnd, todo=ctx.todo,
             heartbeat=ctx.heartbeat, renew=ctx.renew,
-            claims=registry.BatchClaims(registry.open_state(s), output=spec.output,
+            claims=records.BatchClaims(registry.open_state(s), output=spec.output,
                                         shard=ctx.shard, rnd=ctx.rnd),
             id_prefix=ctx.id_prefix, more=spec.more_options)
         return batch is not None
@@ -205,7 +246,7 @@ class MoondreamBatchProvider:
 
     def cancel_run(self, run: Any) -> int:
         """Abort every multipart upload the run left open (``upload.json``)."""
-        if get_settings().moondream_api_key is None:
+        if get_settings().section(MoondreamSettings).moondream_api_key is None:
             return 0
         aborted = 0
         for obj in run.output.iter_objects(layout.SHARDS):
@@ -216,3 +257,19 @@ class MoondreamBatchProvider:
                     run.output.delete(obj.key)
                     aborted += 1
         return aborted
+
+    def reject_merge(self, ctx: RoundContext, record: BatchRecord | None,
+                     stats: MergeStats) -> str | None:
+        """A batch adopted after a lost ``mpu-complete`` answer (``record.recovered``) whose
+        results carry other items' ids was not this round's: send the round again rather
+        than merge foreign results."""
+        if record is not None and record.recovered and stats.id_mismatch:
+            log.error("shard %d round %d: adopted batch %s returned %d foreign ids; sending the "
+                      "round again", ctx.shard, ctx.rnd, record.batch_id, stats.id_mismatch)
+            return f"adopted batch {record.batch_id} was not this round's"
+        return None
+
+    def duplicate_submissions(self, ctx: RoundContext) -> int:
+        """Batches a lost answer may have made twice (``orphans.json``, written by
+        ``upload``)."""
+        return (get_json_or_none(ctx.store, ctx.doc("orphans")) or {"count": 0})["count"]

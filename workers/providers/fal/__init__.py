@@ -1,0 +1,325 @@
+"""The fal.ai provider: a round of a shard as many requests to one fal queue endpoint.
+
+Endpoints (seeds 000, 001, 003, 004; FACTS.md "fal queue API"):
+
+    fal-ai/moondream3-preview/{caption,query,detect,point}   one image per request
+    fal-ai/moondream2/visual-query                           one image, one prompt
+    fal-ai/moondream/batched                                 up to 32 {image_url, prompt}
+    fal-ai/moondream-next/batch                              a ZIP of up to 32 images, one prompt
+
+A round moves in **steps** (``submit_round`` runs the first, every ``poll_round`` one more),
+each under the shard's lease and none sleeping in a worker slot:
+
+1. poll every request in flight; fetch a COMPLETED request's result at once (fal keeps results
+   of 10 KB or more only 6 minutes) and turn it into result lines;
+2. take slots of the endpoint's fleet-wide cap (``moonbatch.workers.slots``: fal's concurrency plus a
+   queue ahead of it, so fal never waits for a step to start its next request) and send the
+   next requests: the round's lines in order, resends first;
+3. write the finished lines (``results-NNNNN.jsonl``, write-once) and then the ledger
+   (``requests.json``: cursor, requests in flight with their ids, resends).
+
+A request id is in storage before anyone waits on it: the ledger is written in the step that
+sent it, before the next poll is scheduled. A request fal forgot (404: its result outlived the
+retention while workers were down) ends as ``result_expired``, one that COMPLETED with an error
+as ``request_failed``: both are retried in the next round (``MOONBATCH_MAX_ITEM_ATTEMPTS``).
+A 422 ends as ``invalid_input`` naming the field. 429 puts the request back and backs off.
+The ledger is in OUTPUT, which others may be able to write: its request ids are only ever
+used through ``FalQueueClient``, which builds the URLs on the configured queue's origin (URL
+fields that earlier versions stored are ignored); an id that cannot be fal's ends its lines as
+``request_failed``, sent again in the next round.
+
+Images reach fal as presigned GET URLs of the input store when the stored bytes are sent as they
+are (no upload through the worker, small request bodies); as data URIs when fal could not reach
+the object (a local INPUT) or the bytes sent are not the stored object's (converted or
+downscaled images, and the ZIP archives moonbatch builds for ``moondream-next/batch``).
+
+Modules: ``client`` (the queue client), ``endpoints`` (the endpoint table), ``payloads``
+(request bodies, answers, archives), ``ledger`` (the round's ledger and results documents),
+``steps`` (a step of a round), ``settings`` (its environment variables).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import orjson
+
+from moonbatch.workers import layout
+from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild
+from moonbatch.workers.pool import ordered_map
+from moonbatch.workers.providers import (
+    Estimate,
+    Limits,
+    Poll,
+    RoundContext,
+    RoundResults,
+    Wording,
+    estimate_input_tokens,
+    estimate_output_tokens,
+)
+from moonbatch.workers.providers.fal.client import (
+    METRIC_ACTIONS,
+    FalAuthError,
+    FalBadRequestId,
+    FalError,
+    FalQueueClient,
+    FalTransient,
+)
+from moonbatch.workers.providers.fal.endpoints import (
+    check_options,
+    default_endpoint,
+    endpoint_of,
+    entry_endpoint,
+    skill_endpoints,
+)
+from moonbatch.workers.providers.fal.ledger import (
+    error_lines,
+    finish_line,
+    ledger_done,
+    new_ledger,
+    next_step_in,
+)
+from moonbatch.workers.providers.fal.payloads import estimate_request_bytes
+from moonbatch.workers.providers.fal.settings import FalSettings
+from moonbatch.workers.providers.fal.steps import RoundSteps, queue_client
+from moonbatch.workers.storage import NotFound, StorageError, get_json_or_none, put_json
+
+log = logging.getLogger(__name__)
+
+MAX_SHARD_LINES = 100_000  # the most images moonbatch puts in one shard for fal
+RETRYABLE_CODES = frozenset({"result_expired", "request_failed"})
+SECONDS_PER_IMAGE = 1.0  # for the dry run's compute estimate (an estimate)
+
+
+class FalProvider(RoundSteps):
+    """fal.ai's queue API as a provider (see the module docstring)."""
+
+    name: ClassVar[str] = "fal"
+    retryable_codes: ClassVar[frozenset[str]] = RETRYABLE_CODES
+    settings_class: ClassVar[type[FalSettings]] = FalSettings
+    credential: ClassVar[str] = "FAL key (FAL_KEY)"
+    metric_actions: ClassVar[Mapping[str, str]] = METRIC_ACTIONS
+    wording: ClassVar[Wording] = Wording(unit="request", units="requests", at="fal",
+                                         cancelled="request(s) in flight cancelled")
+
+    def complete_spec(self, spec: RunSpec) -> RunSpec:
+        """The endpoint, default ``fal-ai/moondream3-preview/<skill>``, stored resolved."""
+        if spec.endpoint:
+            return spec
+        return spec.model_copy(update={"endpoint": default_endpoint(spec.options.skill)})
+
+    def describe(self, doc: Mapping[str, Any]) -> str:
+        """``fal (<endpoint>)``."""
+        return f"{self.name} ({doc.get('endpoint') or 'default endpoint'})"
+
+    def upload_note(self, report: Mapping[str, Any]) -> str:
+        """S3 images that need no conversion go as presigned URLs: no upload bytes."""
+        if not report.get("upload_bytes") and str(report.get("input", "")).startswith("s3://"):
+            return "images go as presigned URLs"
+        return ""
+
+    # -- before the run --------------------------------------------------------------------------
+    def check_spec(self, spec: RunSpec) -> None:
+        """Unknown endpoint, or a skill or option it cannot serve: ``ValueError``."""
+        for endpoint, options in zip(skill_endpoints(spec), spec.all_options, strict=True):
+            check_options(endpoint, options)
+
+    def limits(self, spec: RunSpec) -> Limits:
+        """fal has no batch file: a shard is bounded by its line count only (the bytes bound
+        is far above what a shard of that many images sends in requests)."""
+        return Limits(max_lines=MAX_SHARD_LINES, max_bytes=2_000_000_000,
+                      item_bytes=estimate_request_bytes,
+                      reason=f"the most images moonbatch puts in one shard for --provider {self.name}")
+
+    def check_credentials(self, settings: Any) -> str | None:
+        """A status call on a request that cannot exist: 401/403 means the key is wrong; 404 (or
+        any other answer) means fal took the key."""
+        fal = settings.section(FalSettings)
+        key = fal.fal_key.get_secret_value() if fal.fal_key else ""
+        if not key:
+            return ("FAL key: FAL_KEY is not set: export FAL_KEY=<your key> (create one at "
+                    "https://fal.ai/dashboard/keys)")
+        client = FalQueueClient(fal.fal_queue_url, key, timeout=10, get_attempts=2)
+        try:
+            client.status("fal-ai/moondream3-preview", str(uuid.uuid4()))
+        except FalAuthError:
+            return (f"FAL key: fal at {fal.fal_queue_url} refused the key in FAL_KEY: set "
+                    "a valid key (https://fal.ai/dashboard/keys)")
+        except FalTransient as exc:
+            if exc.status is None and not exc.maybe_sent:
+                return (f"FAL key: cannot reach fal's queue at {fal.fal_queue_url}: check "
+                        "the network, or MOONBATCH_FAL_QUEUE_URL")
+        except FalError:
+            pass  # 404 and friends: the key was accepted
+        finally:
+            client.close()
+        return None
+
+    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
+        """Requests, bytes, tokens or seconds and dollars; prices from FACTS.md, token and
+        second counts are estimates."""
+        ep = endpoint_of(spec)
+        k = len(spec.all_options)  # a request per image and skill in a multi-skill run
+        requests = k * sum(math.ceil(n / ep.max_images) for n in _split(items, shards))
+        avg = image_bytes // items if items else 0
+        in_tok = k * items * estimate_input_tokens(avg, spec.max_pixels)
+        out_tok = items * sum(estimate_output_tokens(o) for o in spec.all_options)
+        # Data URIs for a local INPUT and for archives; S3 images go as presigned URLs.
+        presigned = spec.input.startswith("s3://") and spec.input_kind in ("prefix", "manifest")
+        upload = image_bytes if not presigned or ep.kind == "archive" else 0
+        if ep.usd_per_second is not None:
+            seconds = items * SECONDS_PER_IMAGE
+            return Estimate(items, requests, math.ceil(upload * 4 / 3), None, None, seconds,
+                            seconds * ep.usd_per_second,
+                            f"${ep.usd_per_second} per second of compute (fal); "
+                            f"~{SECONDS_PER_IMAGE:g} s per image is an estimate")
+        if ep.usd_per_m_input is not None:
+            cost = in_tok / 1e6 * ep.usd_per_m_input + out_tok / 1e6 * (ep.usd_per_m_output or 0)
+            return Estimate(items, requests, math.ceil(upload * 4 / 3), in_tok, out_tok, None,
+                            cost, f"${ep.usd_per_m_input}/M input and ${ep.usd_per_m_output}/M "
+                            "output tokens (fal); token counts are estimates")
+        return Estimate(items, requests, math.ceil(upload * 4 / 3), in_tok, out_tok, None, None,
+                        f"{ep.id} has no published price (FACTS.md)")
+
+    # -- a round ---------------------------------------------------------------------------------
+    def submit_round(self, ctx: RoundContext) -> bool:
+        """Record the round (``build.json``: every item is a line; an empty ledger;
+        ``batch.json`` last) and run its first step. Idempotent: a recorded round only steps
+        on. Each document is created once (the build is the same from any execution of the
+        round): a second execution never resets a ledger that already records sends."""
+        if get_json_or_none(ctx.store, ctx.doc("batch")) is None:
+            k = len(ctx.run.spec.all_options)
+            lines = [i for i in ctx.indices() for _ in range(k)]  # a line per item and skill
+            skills = list(range(k)) * (len(lines) // k) if k > 1 else []
+            put_json(ctx.store, ctx.doc("build"), ShardBuild(
+                lines=lines, skills=skills, id_prefix=ctx.id_prefix).model_dump(), if_absent=True)
+            put_json(ctx.store, ctx.doc("requests"), new_ledger(len(lines)), if_absent=True)
+            put_json(ctx.store, ctx.doc("batch"), BatchRecord(
+                batch_id=None, file_id=None, submitted_at=time.time(),
+                lines=len(lines)).model_dump(), if_absent=True)
+        self._step(ctx)
+        return True
+
+    def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:
+        """One step (see the module docstring)."""
+        ledger = self._step(ctx)
+        done = ledger_done(ledger)
+        countdown = 0.0 if done else next_step_in(ledger, ctx.settings)
+        finished = ledger["ok"] + ledger["failed"]
+        return Poll(done=done, countdown=countdown, progress={
+            "status": "completed" if done else "in_progress", "total": ledger["lines"],
+            "completed": ledger["ok"], "failed": ledger["failed"], "finished": finished,
+            "in_flight_requests": len(ledger["inflight"]), "requests": ledger["requests"]})
+
+    def collect_round(self, ctx: RoundContext) -> RoundResults | None:
+        """The round's result lines, from its ``results-*.jsonl`` documents; None until every
+        line is finished."""
+        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
+        if ledger is None or not ledger_done(ledger):
+            return None
+        folder = layout.round_prefix(ctx.shard, ctx.rnd)  # stores list folders, not name stems
+        keys = sorted(o.key for o in ctx.store.iter_objects(folder)
+                      if (k := layout.parse_shard_key(o.key))
+                      and k.name.startswith(layout.RESULTS_PART))
+
+        def lines() -> Iterator[Any]:
+            # A round writes a document per step that finished lines: read them concurrently.
+            n = ctx.settings.fetch_concurrency
+            for data in ordered_map(ctx.store.get, keys, workers=n, window=2 * n):
+                for raw in data.splitlines():
+                    if raw.strip():
+                        yield orjson.loads(raw)
+
+        return RoundResults(lines(), stats={
+            "requests": ledger["requests"], "possible_duplicate_requests":
+                ledger["possible_duplicates"], "rate_limited": ledger["rate_limited"],
+            "expired_results": ledger["expired"]})
+
+    def cancel_run(self, run: Any) -> int:
+        """Cancel every request in flight (latest round of every shard): a PUT to the cancel
+        URL built from the request id and endpoint on the configured queue (a ledger's own
+        URL fields, written by earlier versions, are never called)."""
+        client = queue_client()
+        default = endpoint_of(run.spec)
+        cancelled = 0
+        for obj in run.output.iter_objects(layout.SHARDS):
+            key = layout.parse_shard_key(obj.key)
+            if key is None or key.name != "requests":
+                continue
+            ledger = get_json_or_none(run.output, obj.key) or {}
+            for entry in (ledger.get("inflight") or {}).values():
+                if not isinstance(entry, dict):
+                    continue
+                endpoint = entry_endpoint(entry, default)
+                try:
+                    if client.cancel(endpoint.id, entry.get("request_id")) == \
+                            "CANCELLATION_REQUESTED":
+                        cancelled += 1
+                except FalBadRequestId:
+                    log.warning("%s names a request id that is not fal's (the document was "
+                                "altered): that request was not cancelled", obj.key)
+                except FalError as exc:
+                    rid = entry.get("request_id")
+                    log.warning("could not cancel request %s: %s", rid, exc,
+                                extra={"request_id": rid})
+        return cancelled
+
+    def abandon_unsent(self, ctx: RoundContext, error: dict[str, str]) -> int:
+        """End the round's lines not sent yet (resends, and those past the cursor) as error
+        lines with ``error``; if every line was sent, those still in flight (their requests
+        are left to fal). Called when a step keeps losing its worker (``moonbatch.workers.attempts``):
+        the next step sends nothing more. The ledger is written by compare-and-swap, as a
+        step's is. Returns the lines ended; raises ``StorageError``."""
+        build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
+        for _ in range(8):
+            try:
+                raw, version = ctx.store.get_versioned(ctx.doc("requests"))
+            except NotFound:
+                return 0
+            ledger = orjson.loads(raw)
+            if ledger_done(ledger):
+                return 0
+            lines = [li for unit in ledger["resend"] for li in unit]
+            lines += range(ledger["cursor"], ledger["lines"])
+            ledger["resend"], ledger["cursor"] = [], ledger["lines"]
+            if not lines:  # the step dies polling or collecting: stop waiting for those
+                lines = [li for entry in ledger["inflight"].values() for li in entry["lines"]]
+                ledger["inflight"] = {}
+            out: list[bytes] = []
+            for line in error_lines(lines, error["code"], error["message"]):
+                finish_line(ctx, build, ledger, out, line)
+            written = self._write_lines(ctx, ledger, out) if out else None
+            ledger["steps"] += 1
+            if ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
+                return len(lines)
+            if written is not None:  # another step recorded first: end what is left then
+                ctx.store.delete(written)
+        raise StorageError(f"{ctx.doc('requests')}: changed by other steps 8 times in a row")
+
+    def count_units(self, shards: Sequence[Mapping[str, Any]]) -> int:
+        """The requests every shard sent (its ``requests`` count)."""
+        return sum(s.get("requests") or 0 for s in shards)
+
+    # -- after a round ---------------------------------------------------------------------------
+    def reject_merge(self, ctx: RoundContext, record: BatchRecord | None,
+                     stats: Any) -> str | None:
+        """A round's requests are fal's answers to this round's own ids: always kept."""
+        return None
+
+    def duplicate_submissions(self, ctx: RoundContext) -> int:
+        """None counted here: possible duplicate requests are in the round's merged stats
+        (``possible_duplicate_requests``, from the ledger)."""
+        return 0
+
+
+def _split(items: int, shards: int) -> list[int]:
+    """``items`` spread over ``shards`` as the planner fills them (all full but the last)."""
+    if shards <= 0:
+        return []
+    per = math.ceil(items / shards)
+    return [min(per, items - i * per) for i in range(shards) if items - i * per > 0]

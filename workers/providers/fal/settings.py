@@ -1,0 +1,50 @@
+"""Settings only the fal provider reads, from the environment (and ``.env``) like
+``moonbatch.config.Settings``.
+
+Variables: ``FAL_KEY`` (also ``MOONBATCH_FAL_KEY``), ``MOONBATCH_FAL_QUEUE_URL``,
+``MOONBATCH_FAL_CONCURRENCY`` (requests fal runs at once per endpoint for this account, across
+the whole fleet: fal's concurrency limit), ``MOONBATCH_FAL_QUEUE_AHEAD`` (requests kept queued at
+fal beyond that; unset: as many again). A value out of range raises ``pydantic.ValidationError``
+naming the variable.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FalSettings(BaseSettings):
+    """The fal provider's settings (see the module docstring)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MOONBATCH_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    fal_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("FAL_KEY", "MOONBATCH_FAL_KEY"))
+    fal_queue_url: str = "https://queue.fal.run"
+    # fal's default account limit is in this range.
+    fal_concurrency: int = Field(default=10, ge=1, le=1000)
+    # So a runner that frees never waits for moonbatch's next poll to send it work; fal starts
+    # queued requests itself.
+    fal_queue_ahead: int | None = Field(default=None, ge=0, le=10000)
+
+    @field_validator("fal_queue_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    def fal_in_flight(self) -> int:
+        """Most fal requests submitted and not yet collected, per endpoint, fleet-wide."""
+        ahead = self.fal_concurrency if self.fal_queue_ahead is None else self.fal_queue_ahead
+        return self.fal_concurrency + ahead
+
+    def fal_api_key(self) -> str:
+        """The fal.ai key (``FAL_KEY``) as plain text.
+
+        Raises ``RuntimeError`` when ``FAL_KEY`` is unset.
+        """
+        if self.fal_key is None or not self.fal_key.get_secret_value():
+            raise RuntimeError("FAL_KEY is not set: workers need it to call fal.ai")
+        return self.fal_key.get_secret_value()
