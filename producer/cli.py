@@ -398,6 +398,8 @@ def _embedded_broker() -> Iterator[None]:
         server.start()
     except NoRedisServer as exc:
         raise Fail(str(exc)) from None
+    if server.note:  # the fallback broker, said in one line
+        err.print(server.note, highlight=False, markup=False)
     try:
         os.environ.update(MOONBATCH_BROKER_URL=server.url(0), MOONBATCH_RESULT_BACKEND=server.url(1))
         reconfigure(reload_settings())
@@ -1438,7 +1440,7 @@ def skimage_data_dir() -> Path:
 
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        raise Fail("scikit-image is not installed: pip install -e . installs it")
+        raise Fail("scikit-image is not installed: pip install 'moonbatch[demo]' installs it")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
