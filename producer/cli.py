@@ -1346,7 +1346,7 @@ def cancel(run_ref: RunRefArg) -> None:
     from moonbatch.workers import layout
     from moonbatch.workers.providers import provider_for
     from moonbatch.workers.runstate import Progress as RunProgress
-    from moonbatch.workers.runstate import open_output, open_run
+    from moonbatch.workers.runstate import iso_time, open_output, open_run
     from moonbatch.workers.storage import put_json
     from moonbatch.workers.tasks import run_final
 
@@ -1361,7 +1361,7 @@ def cancel(run_ref: RunRefArg) -> None:
         stopped = provider_for(run.spec).cancel_run(run)
         snap = RunProgress(store).snapshot()
         snap["status"] = "cancelled"
-        snap["timings"]["finished_at"] = time.time()
+        snap["timings"]["finished_at"] = iso_time(time.time())
         put_json(store, layout.SUMMARY, snap)
         run_final(settings, snap["run_id"])
         what = "open upload(s) aborted" if run.spec.provider == "moondream" \
