@@ -130,10 +130,12 @@ class EmbeddedRedis:
             else:
                 argv = [sys.executable, "-m", __name__, FAKEREDIS, str(self.port)]
                 config = self.password + "\n"
-            self.proc = subprocess.Popen(
-                argv, cwd=self.dir, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=open(Path(self.dir, "redis.log"), "ab") if exe is None else subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=child_setup())
+            # fakeredis' child logs its errors where redis-server's logfile would be.
+            with open(Path(self.dir, "redis.log"), "ab") as log:
+                self.proc = subprocess.Popen(
+                    argv, cwd=self.dir, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                    stderr=log if exe is None else subprocess.DEVNULL, start_new_session=True,
+                    preexec_fn=child_setup())
             try:
                 self.proc.stdin.write(config.encode())  # type: ignore[union-attr]
                 self.proc.stdin.close()  # type: ignore[union-attr]
