@@ -1,5 +1,7 @@
-"""``python -m bench [NAME ...] [--write]``: run the benchmarks (all by default), print each one's
-numbers and ratios, and with ``--write`` rewrite BENCHMARKS.md with them and the machine."""
+"""``python -m bench [NAME ...] [--write | --smoke]``: run the benchmarks (all by default), print
+each one's numbers and ratios, and with ``--write`` rewrite BENCHMARKS.md with them and the
+machine. ``--smoke`` runs each one once at tiny sizes (seconds): it checks that every benchmark
+still runs against today's code (tests/test_bench.py runs it), and its numbers mean nothing."""
 
 from __future__ import annotations
 
@@ -24,14 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
     parser.add_argument("--write", action="store_true", help=f"rewrite {REPORT.name} with the results")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, one repeat: check that every benchmark runs (numbers mean nothing)")
     args = parser.parse_args(argv)
+    if args.smoke and args.write:
+        parser.error("--smoke numbers mean nothing: they cannot --write the report")
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     names = [n for n in BENCHMARKS if n in args.names] if args.names else list(BENCHMARKS)
 
     load = os.getloadavg()[0]
-    if load > 0.5:
+    if load > 0.5 and not args.smoke:
         print(f"warning: the 1-minute load average is {load:.2f} before the benchmarks start: other "
               "processes use the CPU, so the numbers will be noisy")
     started = time.perf_counter()
@@ -43,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(f"bench.{name}")
             t0 = time.perf_counter()
             try:
-                result = module.run(servers)
+                result = module.run(servers, smoke=args.smoke)
             except Exception as exc:
                 traceback.print_exc()
                 result = Result(name, skipped=f"crashed: {type(exc).__name__}: {exc}")

@@ -80,7 +80,9 @@ def verdict(met: bool | None) -> str:
 
 
 class Servers:
-    """Local servers shared by the benchmarks of one run: moto's S3 server, started on first use.
+    """Local servers shared by the benchmarks of one run, each started on first use: moto's S3
+    server and a private ``redis-server`` (``moonbatch.workers.embedded``: never a shared Redis,
+    so flushing its databases harms nothing).
 
     Each benchmark starts its own emulator (``emulator()``) so that its config and request counters
     are its own.
@@ -88,7 +90,16 @@ class Servers:
 
     def __init__(self) -> None:
         self._moto: Any = None
+        self._redis: Any = None
         self.s3_endpoint = ""
+
+    def redis(self, db: int) -> str:
+        """The URL (with its password) of database ``db`` of the private redis-server."""
+        if self._redis is None:
+            from moonbatch.workers.embedded import EmbeddedRedis
+
+            self._redis = EmbeddedRedis().start()
+        return self._redis.url(db)
 
     def s3(self) -> str:
         """The endpoint URL of moto's S3 server (started on first call)."""
@@ -119,10 +130,13 @@ class Servers:
         return name
 
     def close(self) -> None:
-        """Stop moto's server if it was started."""
+        """Stop the servers that were started."""
         if self._moto is not None:
             self._moto.stop()
             self._moto = None
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
 
 
 @contextlib.contextmanager
@@ -213,11 +227,13 @@ def machine() -> dict[str, str]:
             "OS": f"{platform.system()} {platform.release()}",
             "Python": f"{platform.python_implementation()} {platform.python_version()}",
             "packages": ", ".join(versions)}
-    with contextlib.suppress(Exception):
-        import redis
+    from moonbatch.workers.embedded import find_redis_server
 
-        info["Redis server"] = redis.Redis("127.0.0.1", 6379, socket_connect_timeout=1).info()[
-            "redis_version"]
+    exe = find_redis_server()
+    if exe:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            info["Redis server"] = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                                                  timeout=10).stdout.strip()
     if shutil.which("s5cmd"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             info["s5cmd binary"] = subprocess.run(["s5cmd", "version"], capture_output=True,

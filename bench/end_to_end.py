@@ -2,7 +2,7 @@
 
 Measures ``moonbatch run s3://…/in/ s3://…/out/ --shard-size 20 --workers 0`` (wall time of the
 command, and the run's own ``run.json`` wall time) on 4 shards x 20 small photographs in moto's S3,
-with a running fleet of one ``celery -A moonbatch.workers worker -c 4`` process (Redis databases 14 and 15),
+with a running fleet of one ``celery -A moonbatch.workers worker -c 4`` process (a private redis-server),
 warmed up by a run of 4 one-image shards, and an emulator whose batches take a fixed 3 s to
 process (plus 0.2 s chunking).
 
@@ -46,8 +46,9 @@ PROCESSING_SECONDS = 3.0
 SCALE = 30.0  # real seconds per benchmark second
 SEED_POLL = 30.0 / SCALE
 POLL_MIN, POLL_MAX = 5.0 / SCALE, 120.0 / SCALE
-REDIS = "redis://127.0.0.1:6379"
 BROKER_DB, BACKEND_DB = 14, 15
+# --smoke: one shard of 2 images, a 0.2 s batch (checks that the benchmark runs, measures nothing)
+SMOKE_SHARDS, SMOKE_PER_SHARD, SMOKE_PROCESSING = 1, 2, 0.2
 SEED_CHUNK_SIZE = 50 * 1024 * 1024  # the seed's part size
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,12 +71,13 @@ def small_photos(n: int) -> list[bytes]:
     return out
 
 
-def flush_redis() -> None:
-    """Empty the benchmark's broker and result-backend databases."""
+def flush_redis(servers: Servers) -> None:
+    """Empty the broker and result-backend databases of the benchmarks' private redis-server."""
     import redis
 
     for db in (BROKER_DB, BACKEND_DB):
-        redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
+        with redis.Redis.from_url(servers.redis(db)) as client:
+            client.flushdb()
 
 
 @contextlib.contextmanager
@@ -119,7 +121,8 @@ def moonbatch(env: dict[str, str], *args: str) -> float:
     return time.perf_counter() - start
 
 
-def sequential(s3: Any, bucket: str, prefix: str, api_url: str, api_key: str) -> int:
+def sequential(s3: Any, bucket: str, prefix: str, api_url: str, api_key: str,
+               per_shard: int = PER_SHARD) -> int:
     """The seed's recipe, one shard after another; returns the result rows downloaded."""
     import requests
 
@@ -127,9 +130,9 @@ def sequential(s3: Any, bucket: str, prefix: str, api_url: str, api_key: str) ->
     base = f"{api_url}/batch"
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
     rows = 0
-    for start in range(0, len(keys), PER_SHARD):
+    for start in range(0, len(keys), per_shard):
         lines = []
-        for key in keys[start:start + PER_SHARD]:
+        for key in keys[start:start + per_shard]:
             image = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             lines.append(json.dumps({"id": key, "skill": "caption",
                                      "image": base64.b64encode(image).decode(), "length": "normal"}))
@@ -169,22 +172,24 @@ def polling_cost(emu: Any, before: set[str], status_requests: int
             [b.completed_at - b.created - t for b, t in zip(batches, least, strict=True)])
 
 
-def run(servers: Servers) -> Result:
-    """Run the benchmark; see the module docstring."""
+def run(servers: Servers, smoke: bool = False) -> Result:
+    """Run the benchmark (see the module docstring); ``smoke``: tiny sizes, to check it runs."""
+    shards, per_shard, processing = ((SMOKE_SHARDS, SMOKE_PER_SHARD, SMOKE_PROCESSING) if smoke
+                                     else (SHARDS, PER_SHARD, PROCESSING_SECONDS))
     result = Result("end_to_end")
-    flush_redis()
+    flush_redis(servers)
     s3 = servers.s3_client()
     bucket = servers.new_bucket("bench-e2e")
-    for i, body in enumerate(small_photos(SHARDS * PER_SHARD)):
+    for i, body in enumerate(small_photos(shards * per_shard)):
         s3.put_object(Bucket=bucket, Key=f"in/{i:03d}.jpg", Body=body)
         if i < WORKER_SLOTS:
             s3.put_object(Bucket=bucket, Key=f"warm/{i:03d}.jpg", Body=body)
 
-    with emulator(processing_seconds=PROCESSING_SECONDS, lines_per_second=1e6) as emu:
+    with emulator(processing_seconds=processing, lines_per_second=1e6) as emu:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1",
-               "MOONBATCH_BROKER_URL": f"{REDIS}/{BROKER_DB}",
-               "MOONBATCH_RESULT_BACKEND": f"{REDIS}/{BACKEND_DB}",
+               "MOONBATCH_BROKER_URL": servers.redis(BROKER_DB),
+               "MOONBATCH_RESULT_BACKEND": servers.redis(BACKEND_DB),
                "MOONBATCH_QUEUE": f"moonbatch-bench-{uuid.uuid4().hex[:8]}",
                "MOONDREAM_API_KEY": emu.config.api_key, "MOONBATCH_MOONDREAM_URL": emu.url,
                "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
@@ -194,28 +199,28 @@ def run(servers: Servers) -> Result:
             emu.config.processing_seconds = 0.0  # warm-up: one tiny shard per worker slot
             moonbatch(env, "run", f"s3://{bucket}/warm/", f"s3://{bucket}/warm-out/", "--shard-size",
                       "1", "--workers", "0")
-            emu.config.processing_seconds = PROCESSING_SECONDS
+            emu.config.processing_seconds = processing
             counted, known = emu.emulator.requests.get("status", 0), set(emu.emulator.batches)
             moonbatch_s = moonbatch(env, "run", f"s3://{bucket}/in/", f"s3://{bucket}/out/",
-                                    "--shard-size", str(PER_SHARD), "--workers", "0", "--timeout", "120")
+                                    "--shard-size", str(per_shard), "--workers", "0", "--timeout", "120")
             mb_requests, mb_delays, mb_latency = polling_cost(
                 emu, known, emu.emulator.requests.get("status", 0) - counted)
         summary = json.loads(s3.get_object(Bucket=bucket, Key="out/run.json")["Body"].read())
-        if summary["counts"]["ok"] != SHARDS * PER_SHARD:
+        if summary["counts"]["ok"] != shards * per_shard:
             raise RuntimeError(f"moonbatch run: {summary['counts']}")
 
         counted, known = emu.emulator.requests.get("status", 0), set(emu.emulator.batches)
         start = time.perf_counter()
-        rows = sequential(s3, bucket, "in/", emu.url, emu.config.api_key)
+        rows = sequential(s3, bucket, "in/", emu.url, emu.config.api_key, per_shard)
         sequential_s = time.perf_counter() - start
-        if rows != SHARDS * PER_SHARD:
+        if rows != shards * per_shard:
             raise RuntimeError(f"sequential recipe: {rows} result rows")
         seq_requests, seq_delays, seq_latency = polling_cost(
             emu, known, emu.emulator.requests.get("status", 0) - counted)
 
-    expected = f"expected {min(SHARDS, WORKER_SLOTS)}x (shards in parallel)"
+    expected = f"expected {min(shards, WORKER_SLOTS)}x (shards in parallel)"
     run_s = summary["timings"]["wall_seconds"]
-    result.add(f"{SHARDS} shards x {PER_SHARD} images, wall", f"{moonbatch_s:.1f} s (moonbatch run)",
+    result.add(f"{shards} shards x {per_shard} images, wall", f"{moonbatch_s:.1f} s (moonbatch run)",
                f"{sequential_s:.1f} s (sequential seed recipe)",
                f"{sequential_s / moonbatch_s:.2f}x faster", expected)
     result.add("run.json wall (recorded to finalised)", f"{run_s:.1f} s", f"{sequential_s:.1f} s",
@@ -233,7 +238,7 @@ def run(servers: Servers) -> Result:
     result.notes += [
         f"time scale 1/{SCALE:.0f}: seed poll sleep 30 s -> {SEED_POLL:.2f} s; moonbatch poll "
         f"interval bounds 5 s / 120 s -> {POLL_MIN:.2f} s / {POLL_MAX:.2f} s; a batch needs "
-        f"{PROCESSING_SECONDS:.1f} s of processing after 0.2 s of chunking",
+        f"{processing:.1f} s of processing after 0.2 s of chunking",
         f"the command took {moonbatch_s - run_s:.1f} s more than run.json's wall time: starting the "
         "CLI, the --workers 0 fleet check, and the progress loop noticing the end",
         "the emulator also leaves 'chunking' only when a status GET sees it is due, so with a fixed "

@@ -3,7 +3,7 @@
 Measures a fal run (``provider = "fal"``, endpoint ``fal-ai/moondream3-preview/caption``, started
 as ``producer.runs.start_run`` does for ``moonbatch run --provider fal``) of 240 small distinct
 photographs in moto's S3, in 4 shards of 60, through a running fleet of one
-``celery -A moonbatch.workers worker -c 4`` process (Redis databases 14 and 15), warmed up by a run of 4
+``celery -A moonbatch.workers worker -c 4`` process (a private redis-server), warmed up by a run of 4
 one-image shards. The emulator's fal queue runs at most ``CAP`` = 8 requests at once for the key,
 each taking ``T`` seconds, and queues the rest. ``MOONBATCH_FAL_CONCURRENCY`` = 8 (fal's limit;
 the fleet's slots are shared by the 4 shards through Redis). Runs: T = 0.5 s with no queue ahead
@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench.common import Result, Servers, emulator, median
-from bench.end_to_end import BACKEND_DB, BROKER_DB, REDIS, flush_redis, small_photos, worker_fleet
+from bench.end_to_end import BACKEND_DB, BROKER_DB, flush_redis, small_photos, worker_fleet
 
 CAP = 8
 SHARDS, PER_SHARD = 4, 60
@@ -47,6 +47,8 @@ RUNS = ((0.5, CAP), (0.5, 2 * CAP), (0.5, 3 * CAP), (1.0, 2 * CAP))
 POLL_MIN, POLL_MAX = 0.05, 2.0
 ENDPOINT = "fal-ai/moondream3-preview/caption"
 ALONE_RUNS = 5
+# --smoke: one run of 2 shards x 2 images at 0.05 s per request, 2 requests alone
+SMOKE_RUNS, SMOKE_SHARDS, SMOKE_PER_SHARD, SMOKE_ALONE = ((0.05, 2 * CAP),), 2, 2, 2
 ALONE_POLL = 0.005
 TARGET = 0.90
 
@@ -189,12 +191,12 @@ def analyse(fal: Any, calls: CallLog, rids: list[str]) -> dict[str, float]:
             "status_per_request": sum(calls.status_calls.get(r, 0) for r in rids) / len(rids)}
 
 
-def ledgers(s3: Any, bucket: str, out: str) -> list[dict[str, Any]]:
+def ledgers(s3: Any, bucket: str, out: str, shards: int) -> list[dict[str, Any]]:
     """Each shard's round-0 fal ledger (``requests.json``) with its ``polls`` (progress.json)."""
     from moonbatch.workers import layout
 
     found = []
-    for shard in range(SHARDS):
+    for shard in range(shards):
         ledger, polled = (out + layout.round_doc(shard, 0, n) for n in ("requests", "progress"))
         with contextlib.suppress(s3.exceptions.NoSuchKey):
             doc = json.loads(s3.get_object(Bucket=bucket, Key=ledger)["Body"].read())
@@ -203,15 +205,18 @@ def ledgers(s3: Any, bucket: str, out: str) -> list[dict[str, Any]]:
     return found
 
 
-def run(servers: Servers, keep: dict[Any, Any] | None = None) -> Result:
-    """Run the benchmark; see the module docstring. ``keep``, when given, receives each run's
-    call log, emulator requests and ledgers (for a closer look)."""
+def run(servers: Servers, smoke: bool = False, keep: dict[Any, Any] | None = None) -> Result:
+    """Run the benchmark; see the module docstring. ``smoke``: tiny sizes, to check it runs;
+    ``keep``, when given, receives each run's call log, emulator requests and ledgers (for a
+    closer look)."""
+    runs, shards, per_shard, alone_runs = ((SMOKE_RUNS, SMOKE_SHARDS, SMOKE_PER_SHARD, SMOKE_ALONE)
+                                           if smoke else (RUNS, SHARDS, PER_SHARD, ALONE_RUNS))
     result = Result("fal_throughput")
-    flush_redis()
+    flush_redis(servers)
     s3 = servers.s3_client()
     bucket = servers.new_bucket("bench-fal")
     state = servers.new_bucket("bench-fal-state")
-    n = SHARDS * PER_SHARD
+    n = shards * per_shard
     for i, body in enumerate(small_photos(n)):
         s3.put_object(Bucket=bucket, Key=f"in/{i:03d}.jpg", Body=body)
         if i < 4:
@@ -225,12 +230,12 @@ def run(servers: Servers, keep: dict[Any, Any] | None = None) -> Result:
         fal = emu.emulator.fal
         emu.config.fal.concurrency = CAP
         calls = CallLog(fal)
-        for fleet_cap in sorted({c for _, c in RUNS}):
-            flush_redis()
+        for fleet_cap in sorted({c for _, c in runs}):
+            flush_redis(servers)
             env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                    "AWS_DEFAULT_REGION": "us-east-1",
-                   "MOONBATCH_BROKER_URL": f"{REDIS}/{BROKER_DB}",
-                   "MOONBATCH_RESULT_BACKEND": f"{REDIS}/{BACKEND_DB}",
+                   "MOONBATCH_BROKER_URL": servers.redis(BROKER_DB),
+                   "MOONBATCH_RESULT_BACKEND": servers.redis(BACKEND_DB),
                    "MOONBATCH_QUEUE": f"moonbatch-bench-{uuid.uuid4().hex[:8]}",
                    "MOONBATCH_STATE_URL": f"s3://{state}/state/",
                    "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
@@ -244,18 +249,18 @@ def run(servers: Servers, keep: dict[Any, Any] | None = None) -> Result:
                 warm = f"warm-out-{fleet_cap}/"
                 start(f"s3://{bucket}/warm/", f"s3://{bucket}/{warm}", 1)
                 wait_for_run(s3, bucket, warm, 60)
-                for seconds in [t for t, c in RUNS if c == fleet_cap]:
+                for seconds in [t for t, c in runs if c == fleet_cap]:
                     emu.config.fal.processing_seconds = seconds
                     if seconds not in alone_s:
-                        alone_s[seconds] = alone(emu, image_url, ALONE_RUNS, calls)
+                        alone_s[seconds] = alone(emu, image_url, alone_runs, calls)
                     submit_s.append(measure(result, s3, bucket, fal, calls, seconds, fleet_cap,
-                                            median(alone_s[seconds][0]), keep))
+                                            median(alone_s[seconds][0]), keep, shards, per_shard))
     for seconds, (solo, _) in alone_s.items():
         result.notes.append(f"T = {seconds:g} s: requests alone took "
                             f"{', '.join(f'{t:.3f}' for t in solo)} s")
     lone = [t for _, subs in alone_s.values() for t in subs]
     result.notes += [
-        f"{SHARDS} shards x {PER_SHARD} images (320x240 JPEGs), one worker process with 4 slots; "
+        f"{shards} shards x {per_shard} images (320x240 JPEGs), one worker process with 4 slots; "
         f"the emulator runs {CAP} requests at once and queues the rest (as fal does: requests "
         "waiting IN_QUEUE do not count toward an account's concurrency limit and are never refused "
         f"for it, fal docs 'Concurrency limits'); poll bounds {POLL_MIN:g} s / {POLL_MAX:g} s",
@@ -277,21 +282,22 @@ def run(servers: Servers, keep: dict[Any, Any] | None = None) -> Result:
 
 
 def measure(result: Result, s3: Any, bucket: str, fal: Any, calls: CallLog, seconds: float,
-            fleet_cap: int, per_request: float, keep: dict[Any, Any] | None) -> float:
+            fleet_cap: int, per_request: float, keep: dict[Any, Any] | None,
+            shards: int = SHARDS, per_shard: int = PER_SHARD) -> float:
     """One run of every image at ``seconds`` per request; its rows into ``result``. Returns the
     mean seconds a submit took in the emulator."""
-    n = SHARDS * PER_SHARD
+    n = shards * per_shard
     ideal = CAP / per_request
     known = set(fal.requests)
     out = f"out-{seconds:g}-{fleet_cap}/"
-    start(f"s3://{bucket}/in/", f"s3://{bucket}/{out}", PER_SHARD)
+    start(f"s3://{bucket}/in/", f"s3://{bucket}/{out}", per_shard)
     summary = wait_for_run(s3, bucket, out, 120)
     if summary["status"] != "completed" or summary["counts"]["ok"] != n:
         raise RuntimeError(f"fal run (T = {seconds:g} s, fleet cap {fleet_cap}): "
                            f"{summary['status']}, {summary['counts']}")
     rids = [r for r in fal.requests if r not in known]
     m = analyse(fal, calls, rids)
-    books = ledgers(s3, bucket, out)
+    books = ledgers(s3, bucket, out, shards)
     if keep is not None:
         keep[(seconds, fleet_cap)] = {"calls": calls, "ledgers": books, "summary": summary,
                                       "requests": {r: fal.requests[r] for r in rids}}

@@ -39,20 +39,22 @@ from bench.common import Result, Servers, cached_dir, emulator, mark_complete
 PLAN_ITEMS, PLAN_DIRS = 1_000_000, 1000
 SHARD_SIZES = (20_000, 100_000)
 TINY_DIRS = 100
+# --smoke: 2,000 files in 10 directories, shards of 50 and 100 lines (checks that it runs)
+SMOKE_ITEMS, SMOKE_DIRS, SMOKE_SHARD_SIZES = 2000, 10, (50, 100)
 PLAN_TARGET_MB = 300.0
 GROWTH_TARGET = 1.25
 PART_SIZE = 8 * 2**20  # so that the larger shard spans several parts
 REPO = Path(__file__).resolve().parent.parent
 
 
-def empty_tree() -> tuple[Path, float | None]:
-    """1,000,000 empty ``.jpg`` files in 1000 directories (cached); seconds it took to make, or
-    None if it was cached."""
-    path, ready = cached_dir("tree-1m-v1")
+def empty_tree(items: int = PLAN_ITEMS, dirs: int = PLAN_DIRS) -> tuple[Path, float | None]:
+    """``items`` (1,000,000) empty ``.jpg`` files in ``dirs`` (1000) directories (cached); seconds
+    it took to make, or None if it was cached."""
+    path, ready = cached_dir("tree-1m-v1" if items == PLAN_ITEMS else f"tree-{items}-{dirs}-v1")
     if ready:
         return path, None
-    start, per_dir = time.perf_counter(), PLAN_ITEMS // PLAN_DIRS
-    for d in range(PLAN_DIRS):
+    start, per_dir = time.perf_counter(), items // dirs
+    for d in range(dirs):
         folder = path / f"d{d:04d}"
         folder.mkdir()
         for i in range(per_dir):
@@ -61,17 +63,17 @@ def empty_tree() -> tuple[Path, float | None]:
     return path, time.perf_counter() - start
 
 
-def tiny_tree() -> tuple[Path, float | None]:
-    """``max(SHARD_SIZES)`` distinct 8x8 PNGs in ``TINY_DIRS`` directories (cached); seconds it
-    took to make, or None if it was cached."""
+def tiny_tree(n: int = max(SHARD_SIZES)) -> tuple[Path, float | None]:
+    """``n`` distinct 8x8 PNGs in ``TINY_DIRS`` directories (cached); seconds it took to make, or
+    None if it was cached."""
     import io
 
     from PIL import Image
 
-    path, ready = cached_dir("tiny-100k-v1")
+    path, ready = cached_dir("tiny-100k-v1" if n == max(SHARD_SIZES) else f"tiny-{n}-v1")
     if ready:
         return path, None
-    start, n = time.perf_counter(), max(SHARD_SIZES)
+    start = time.perf_counter()
     rng = random.Random(0)
     for d in range(TINY_DIRS):
         (path / f"d{d:03d}").mkdir()
@@ -83,17 +85,18 @@ def tiny_tree() -> tuple[Path, float | None]:
     return path, time.perf_counter() - start
 
 
-def manifests(tree: Path) -> tuple[dict[str, Path], float | None]:
-    """``{"csv": ..., "jsonl": ...}``: 1,000,000-row manifests of ``tree``'s files (cached);
+def manifests(tree: Path, items: int = PLAN_ITEMS, dirs: int = PLAN_DIRS
+              ) -> tuple[dict[str, Path], float | None]:
+    """``{"csv": ..., "jsonl": ...}``: ``items``-row manifests of ``tree``'s files (cached);
     seconds it took to make them, or None if they were cached."""
-    path, ready = cached_dir("manifest-1m-v1")
+    path, ready = cached_dir("manifest-1m-v1" if items == PLAN_ITEMS else f"manifest-{items}-{dirs}-v1")
     files = {"csv": path / "m.csv", "jsonl": path / "m.jsonl"}
     if ready:
         return files, None
-    start, per_dir = time.perf_counter(), PLAN_ITEMS // PLAN_DIRS
+    start, per_dir = time.perf_counter(), items // dirs
     with open(files["csv"], "w") as c, open(files["jsonl"], "w") as j:
         c.write("id,image,length\n")
-        for i in range(PLAN_ITEMS):
+        for i in range(items):
             key = f"d{i // per_dir:04d}/IMG_{i:07d}.jpg"
             length = "long" if i % 10 == 0 else ""
             c.write(f"img-{i:07d},{key},{length}\n")
@@ -103,18 +106,19 @@ def manifests(tree: Path) -> tuple[dict[str, Path], float | None]:
     return files, time.perf_counter() - start
 
 
-def plan_manifests(result: Result, tree: Path, prefix_peak: float) -> None:
+def plan_manifests(result: Result, tree: Path, prefix_peak: float, items: int = PLAN_ITEMS,
+                   dirs: int = PLAN_DIRS) -> None:
     """Rows of the manifest planning probes, against the prefix planning's ``prefix_peak``."""
-    files, made = manifests(tree)
+    files, made = manifests(tree, items, dirs)
     if made is not None:
-        result.notes.append(f"made the 1,000,000-row manifests in {made:.0f} s (cached)")
+        result.notes.append(f"made the {items:,}-row manifests in {made:.0f} s (cached)")
     base = probe("imports-manifest")["peak_mb"]
     for fmt, path in files.items():
         with tempfile.TemporaryDirectory(prefix="moonbatch-bench-manifest-") as out:
             got = probe("plan-manifest", str(path), str(tree), out)
-        if got["items"] != PLAN_ITEMS:
-            raise RuntimeError(f"planned {got['items']} manifest rows, expected {PLAN_ITEMS}")
-        result.add(f"{fmt} manifest, {PLAN_ITEMS:,} rows: check + plan, peak RSS",
+        if got["items"] != items:
+            raise RuntimeError(f"planned {got['items']} manifest rows, expected {items}")
+        result.add(f"{fmt} manifest, {items:,} rows: check + plan, peak RSS",
                    f"{got['peak_mb']:.0f} MB (check {got['check_seconds']:.1f} s, peak "
                    f"{got['check_peak_mb']:.0f} MB; all {got['seconds']:.1f} s, "
                    f"{got['shards']} shards)",
@@ -133,33 +137,35 @@ def probe(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(servers: Servers) -> Result:
-    """Run the benchmark; see the module docstring."""
+def run(servers: Servers, smoke: bool = False) -> Result:
+    """Run the benchmark (see the module docstring); ``smoke``: tiny sizes, to check it runs."""
+    items, dirs, shard_sizes = ((SMOKE_ITEMS, SMOKE_DIRS, SMOKE_SHARD_SIZES) if smoke
+                                else (PLAN_ITEMS, PLAN_DIRS, SHARD_SIZES))
     result = Result("memory")
-    tree, made = empty_tree()
+    tree, made = empty_tree(items, dirs)
     if made is not None:
-        result.notes.append(f"made the 1,000,000-file tree in {made:.0f} s (cached for later runs)")
+        result.notes.append(f"made the {items:,}-file tree in {made:.0f} s (cached for later runs)")
     base = probe("imports-plan")["peak_mb"]
     with tempfile.TemporaryDirectory(prefix="moonbatch-bench-plan-") as out:
         got = probe("plan", str(tree), out)
-    if got["items"] != PLAN_ITEMS:
-        raise RuntimeError(f"planned {got['items']} items, expected {PLAN_ITEMS}")
-    result.add(f"planning {PLAN_ITEMS:,} items, peak RSS",
+    if got["items"] != items:
+        raise RuntimeError(f"planned {got['items']} items, expected {items}")
+    result.add(f"planning {items:,} items, peak RSS",
                f"{got['peak_mb']:.0f} MB ({got['shards']} shards, {got['seconds']:.1f} s, "
                f"{got['items'] / got['seconds']:,.0f} items/s)", f"imports only: {base:.0f} MB",
                f"{got['peak_mb'] / base:.2f}x", f"<= {PLAN_TARGET_MB:.0f} MB",
                got["peak_mb"] <= PLAN_TARGET_MB)
-    plan_manifests(result, tree, got["peak_mb"])
+    plan_manifests(result, tree, got["peak_mb"], items, dirs)
 
-    tiny, made = tiny_tree()
+    tiny, made = tiny_tree(max(shard_sizes))
     if made is not None:
-        result.notes.append(f"made the {max(SHARD_SIZES):,} tiny PNGs in {made:.0f} s (cached)")
+        result.notes.append(f"made the {max(shard_sizes):,} tiny PNGs in {made:.0f} s (cached)")
     base = probe("imports-worker")["peak_mb"]
     peaks = {}
     with emulator(chunking_seconds=0.0, processing_seconds=0.0, lines_per_second=1e7) as emu:
         env = {"MOONBATCH_MOONDREAM_URL": emu.url, "MOONDREAM_API_KEY": emu.config.api_key,
                "MOONBATCH_PART_SIZE": str(PART_SIZE)}
-        for n in SHARD_SIZES:
+        for n in shard_sizes:
             state = tempfile.mkdtemp(prefix="moonbatch-bench-worker-")
             try:
                 got = probe("worker", str(tiny), str(n), state, env=env)
@@ -178,7 +184,7 @@ def run(servers: Servers) -> Result:
             result.notes.append(f"{n:,}-line shard ({got['part_size'] / 2**20:.0f} MiB parts): the "
                                 f"emulator took {got['emulator_seconds']:.1f} s to decode and answer "
                                 f"its lines (in the benchmark process, not in the worker's RSS)")
-    small, large = SHARD_SIZES
+    small, large = shard_sizes
     growth = (peaks[large] - base) / max(peaks[small] - base, 1e-6)
     ratio = peaks[large] / peaks[small]
     result.add(f"worker peak growth, {small:,} -> {large:,} lines", f"{peaks[large]:.0f} MB",

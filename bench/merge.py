@@ -23,6 +23,7 @@ from bench.common import MB, Result, Servers
 N_LINES = 100_000
 N_FILES = 10
 REPEATS = 3
+SMOKE_LINES = 200  # --smoke: checks that the benchmark runs, measures nothing
 TARGET = 200_000
 WORDS = ("a", "the", "small", "large", "red", "wooden", "table", "with", "two", "cups", "of",
          "coffee", "cat", "sitting", "on", "sofa", "next", "to", "window", "astronaut", "in",
@@ -56,14 +57,15 @@ def make_shard(n: int) -> tuple[list, object, list[bytes]]:
     return items, ShardBuild(lines=list(range(n))), files
 
 
-def run(servers: Servers) -> Result:
-    """Run the benchmark; see the module docstring."""
+def run(servers: Servers, smoke: bool = False) -> Result:
+    """Run the benchmark (see the module docstring); ``smoke``: tiny sizes, to check it runs."""
+    n_lines, repeats = (SMOKE_LINES, 1) if smoke else (N_LINES, REPEATS)
     from moonbatch.workers.merge import merge_rows
     from moonbatch.workers.providers.moondream import iter_result_lines
     from moonbatch.workers.storage import S3Store
 
     result = Result("merge")
-    items, build, files = make_shard(N_LINES)
+    items, build, files = make_shard(n_lines)
     url_for = S3Store("bucket", "photos/", client=None).url_for
 
     def source_of(item: object) -> str:
@@ -78,7 +80,7 @@ def run(servers: Servers) -> Result:
 
     def merge() -> None:
         out, stats = merge_rows(items, build, iter_result_lines(files), source_of)
-        if stats.ok + stats.error != N_LINES or stats.missing:
+        if stats.ok + stats.error != n_lines or stats.missing:
             raise RuntimeError(f"merge lost rows: {stats}")
 
     passes = {"merge": merge, "json.loads": parse_only(json.loads)}
@@ -89,12 +91,12 @@ def run(servers: Servers) -> Result:
     best = {}
     for name, fn in passes.items():
         times = []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
         best[name] = min(times)
-    rate = {name: N_LINES / t for name, t in best.items()}
+    rate = {name: n_lines / t for name, t in best.items()}
     size = sum(map(len, files))
     for name in passes:
         if name != "merge":
@@ -102,6 +104,6 @@ def run(servers: Servers) -> Result:
                        f"{name} only: {rate[name]:,.0f} rows/s ({best[name]:.2f} s)",
                        f"{rate['merge'] / rate[name]:.2f}x parse-only", f"> {TARGET:,} rows/s",
                        rate["merge"] > TARGET)
-    result.notes.append(f"{N_LINES:,} result lines, {size / MB:.1f} MB ({size / N_LINES:.0f} B/line) "
+    result.notes.append(f"{n_lines:,} result lines, {size / MB:.1f} MB ({size / n_lines:.0f} B/line) "
                         f"in {len(files)} files")
     return result

@@ -22,11 +22,12 @@ from typing import Any
 
 from bench.common import worker_kwargs
 
-PLAN_MODULES = ("config", "moonbatch.workers.readers.prefix", "moonbatch.producer.planner", "moonbatch.workers.layout", "moonbatch.workers.models",
-                "moonbatch.workers.storage")
-MANIFEST_MODULES = (*PLAN_MODULES, "moonbatch.workers.readers.manifest", "moonbatch.producer.runs", "numpy")
-WORKER_MODULES = ("config", "moonbatch.workers.providers.moondream.upload", "moonbatch.workers.lines",
-                  "moonbatch.workers.merge", "moonbatch.workers.models",
+PLAN_MODULES = ("moonbatch.config", "moonbatch.workers.readers.prefix", "moonbatch.producer.planner",
+                "moonbatch.workers.layout", "moonbatch.workers.models", "moonbatch.workers.storage")
+MANIFEST_MODULES = (*PLAN_MODULES, "moonbatch.workers.readers.manifest", "moonbatch.producer.runs",
+                    "numpy")
+WORKER_MODULES = ("moonbatch.config", "moonbatch.workers.providers.moondream.upload",
+                  "moonbatch.workers.lines", "moonbatch.workers.merge", "moonbatch.workers.models",
                   "moonbatch.workers.providers.moondream.client", "moonbatch.workers.storage",
                   "PIL.Image", "PIL.PngImagePlugin")
 
@@ -131,7 +132,8 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     report["emulator_seconds"] = longest  # the status call that made the emulator process it
     start = time.perf_counter()
     files = [client.download(o) for o in sorted(status.outputs, key=lambda o: o.index)]
-    data, stats = merge_rows(items, build, iter_result_lines(files), store.url_for)
+    data, stats = merge_rows(items, build, iter_result_lines(files),
+                             lambda item: store.url_for(item.id))
     out.put("results.jsonl", data)
     report.update(merge_seconds=time.perf_counter() - start, ok=stats.ok, result_bytes=len(data))
     return report

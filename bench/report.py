@@ -24,7 +24,7 @@ def write_report(path: Path, results: list[Result], machine: dict[str, str], sec
         "Written by `python -m bench --write` (run `python -m bench [NAME ...]` to print the same "
         "numbers without writing). Every number is compared with a baseline measured in the same "
         "run, on the same local servers: moto's S3 server and the Batch API emulator in the "
-        "benchmark process, Redis on 127.0.0.1:6379 (databases 14 and 15), Celery workers and "
+        "benchmark process, a private redis-server (databases 14 and 15), Celery workers and "
         "probes in child processes. Generated inputs are cached under `/tmp/moonbatch-bench-cache` "
         "(`MOONBATCH_BENCH_CACHE`).",
         "",

@@ -43,18 +43,19 @@ CONCURRENCY = 16
 PART_SIZE = 8 * MiB
 REPEATS = 3
 TARGET_RATIO = 0.8
+SMOKE_IMAGES = 6  # --smoke: one run of 6 images, to check that the benchmark runs
 
 
-def make_dataset() -> Path:
-    """200 distinct photographs (cached): random crops, flips and upscales of scikit-image's
+def make_dataset(n: int = N_IMAGES) -> Path:
+    """``n`` distinct photographs (cached): random crops, flips and upscales of scikit-image's
     photos with a little sensor grain, mostly JPEG (quality 85-95), every 6th PNG."""
     from PIL import Image, ImageFilter, ImageOps
 
-    path, ready = cached_dir("shard_build-v1")
+    path, ready = cached_dir("shard_build-v1" if n == N_IMAGES else f"shard_build-{n}-v1")
     if ready:
         return path
     sources = photos()
-    for i in range(N_IMAGES):
+    for i in range(n):
         rng = random.Random(i)
         name = PHOTOS[i % len(PHOTOS)]
         img = sources[name]
@@ -137,8 +138,8 @@ def timed_client(url: str, api_key: str) -> Any:
     return TimedClient(url, api_key)
 
 
-def run(servers: Servers) -> Result:
-    """Run the benchmark; see the module docstring."""
+def run(servers: Servers, smoke: bool = False) -> Result:
+    """Run the benchmark (see the module docstring); ``smoke``: tiny sizes, to check it runs."""
     from moonbatch.workers.models import SkillOptions
     from moonbatch.workers.providers.moondream.upload import build_and_submit
     from moonbatch.workers.readers import ListingStats
@@ -146,7 +147,8 @@ def run(servers: Servers) -> Result:
     from moonbatch.workers.storage import LocalStore, open_store
 
     result = Result("shard_build")
-    files = dir_files(make_dataset())
+    files = dir_files(make_dataset(SMOKE_IMAGES if smoke else N_IMAGES))
+    repeats = 1 if smoke else REPEATS
     bucket, prefix = servers.new_bucket("bench-build"), "photos/"
     upload(servers, files, bucket, prefix)
     store = open_store(f"s3://{bucket}/{prefix}", endpoint_url=servers.s3())
@@ -159,7 +161,7 @@ def run(servers: Servers) -> Result:
     times: dict[str, list[float]] = {"build": [], "build to last part": [], "boto3": [], "s5cmd": []}
     with emulator() as emu:
         client = timed_client(emu.url, emu.config.api_key)
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             times["boto3"].append(boto3_fetch(servers, bucket, keys))
             state = tempfile.mkdtemp(prefix="moonbatch-bench-state-")
             start = time.perf_counter()

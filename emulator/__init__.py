@@ -4,6 +4,11 @@ same port, fal's queue API for the Moondream endpoints (``emulator.fal``)."""
 if __name__ != "moonbatch.emulator":  # one module, one name: never two Celery apps or two Settings
     raise ImportError(f"import moonbatch.emulator, not {__name__}")
 
+try:  # the demo extra's: workers never need it
+    import flask  # noqa: F401
+except ImportError as exc:
+    raise ImportError("the emulator (moonbatch demo, moonbatch emulator) needs Flask, in moonbatch's "
+                      "demo extra: pip install 'moonbatch[demo]'") from exc
 
 from moonbatch.emulator.fal import FAL_FAULT_KINDS, FalConfig, FalFaults
 from moonbatch.emulator.server import FAULT_KINDS, Emulator, EmulatorConfig, EmulatorServer, Faults

@@ -398,6 +398,8 @@ def _embedded_broker() -> Iterator[None]:
         server.start()
     except NoRedisServer as exc:
         raise Fail(str(exc)) from None
+    if server.note:  # the fallback broker, said in one line
+        err.print(server.note, highlight=False, markup=False)
     try:
         os.environ.update(MOONBATCH_BROKER_URL=server.url(0), MOONBATCH_RESULT_BACKEND=server.url(1))
         reconfigure(reload_settings())
@@ -1344,7 +1346,7 @@ def cancel(run_ref: RunRefArg) -> None:
     from moonbatch.workers import layout
     from moonbatch.workers.providers import provider_for
     from moonbatch.workers.runstate import Progress as RunProgress
-    from moonbatch.workers.runstate import open_output, open_run
+    from moonbatch.workers.runstate import iso_time, open_output, open_run
     from moonbatch.workers.storage import put_json
     from moonbatch.workers.tasks import run_final
 
@@ -1359,7 +1361,7 @@ def cancel(run_ref: RunRefArg) -> None:
         stopped = provider_for(run.spec).cancel_run(run)
         snap = RunProgress(store).snapshot()
         snap["status"] = "cancelled"
-        snap["timings"]["finished_at"] = time.time()
+        snap["timings"]["finished_at"] = iso_time(time.time())
         put_json(store, layout.SUMMARY, snap)
         run_final(settings, snap["run_id"])
         what = "open upload(s) aborted" if run.spec.provider == "moondream" \
@@ -1438,7 +1440,7 @@ def skimage_data_dir() -> Path:
 
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        raise Fail("scikit-image is not installed: pip install -e . installs it")
+        raise Fail("scikit-image is not installed: pip install 'moonbatch[demo]' installs it")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 

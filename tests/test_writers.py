@@ -204,6 +204,7 @@ def test_parquet_output_both_providers(s3, bucket, env, fleet, tmp_path, monkeyp
         paths = download(s3, bucket, out + "/results/", tmp_path / out, ".parquet")
         assert [p.name for p in paths] == [f"shard-0000{i}.parquet" for i in range(3)]
         files += paths
+        check_run_metadata(paths, summary, read_json(s3, bucket, out + "/_moonbatch/spec.json"))
         check_parquet_rows(paths, photos, caption_of)
         rows = read_results(s3, bucket, out + "/")  # parquet.decode: the JSONL row shape
         assert sorted(r["id"] for r in rows) == sorted([*photos, *BROKEN])
@@ -215,6 +216,31 @@ def test_parquet_output_both_providers(s3, bucket, env, fleet, tmp_path, monkeyp
     empty.parent.mkdir()
     empty.write_bytes(parquet.encode([]))
     check_datasets([*files, empty], tmp_path, monkeypatch, len(photos) + len(BROKEN))
+
+
+def check_run_metadata(paths: list[Path], summary: dict, spec: dict) -> None:
+    """Each Parquet file names its run, provider, model and options in its key-value metadata;
+    run.json has ISO 8601 times and its error rows per code."""
+    import datetime
+
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        meta = {k.decode(): v.decode() for k, v in pq.read_metadata(path).metadata.items()}
+        assert meta["moonbatch.run_id"] == summary["run_id"] == spec["run_id"]
+        assert meta["moonbatch.provider"] == spec["provider"]
+        assert meta["moonbatch.model"] == (spec["model"] or "")
+        assert meta["moonbatch.endpoint"] == (spec["endpoint"] or "")
+        assert json.loads(meta["moonbatch.options"]) == [
+            {k: v for k, v in spec["options"].items() if v is not None}]
+    times = [datetime.datetime.fromisoformat(summary["timings"][k])
+             for k in ("created_at", "planned_at", "finished_at")]
+    assert all(t.utcoffset() == datetime.timedelta(0) for t in times)
+    assert times == sorted(times)
+    assert summary["timings"]["wall_seconds"] == pytest.approx(
+        (times[2] - times[0]).total_seconds(), abs=0.01)
+    assert summary["errors_by_code"] and all(summary["errors_by_code"].values())
+    assert sum(summary["errors_by_code"].values()) == summary["counts"]["error"] == len(BROKEN)
 
 
 def check_parquet_rows(paths: list[Path], photos: dict[str, bytes], caption_of) -> None:

@@ -275,6 +275,26 @@ def join_rows(rows: Sequence[bytes]) -> bytes:
     return b"\n".join(rows) + b"\n" if rows else b""
 
 
+def error_codes(rows: Iterable[bytes]) -> dict[str, int]:
+    """Final rows (``compose``'s) → the number of error rows per error code, by code
+    (``"unknown"`` for an error row without a readable code); ok rows are not counted."""
+    codes: dict[str, int] = {}
+    for row in rows:
+        if b'"status":"ok","result":' in row:  # compose's ok rows: no parse needed
+            continue
+        try:
+            doc = orjson.loads(row)
+        except orjson.JSONDecodeError:
+            doc = {}
+        if isinstance(doc, dict) and doc.get("status") == "ok":
+            continue
+        error = doc.get("error") if isinstance(doc, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        code = code if isinstance(code, str) and code else "unknown"
+        codes[code] = codes.get(code, 0) + 1
+    return dict(sorted(codes.items()))
+
+
 def encode_round(rows: dict[int, bytes]) -> bytes:
     """A round's rows as stored between rounds: ``<item index>\t<row>`` per line."""
     return b"".join(b"%d\t%s\n" % (i, row) for i, row in sorted(rows.items()))

@@ -260,31 +260,17 @@ def upload_bytes(provider: str, n: int) -> None:
 
 
 @_safe
-def shard_merged(provider: str, rows: Sequence[bytes], done: ShardDone) -> None:
-    """A shard's final rows were written (once per shard): rows by status and error code,
-    tokens of its merged rounds."""
+def shard_merged(provider: str, done: ShardDone) -> None:
+    """A shard's final rows were written (once per shard): rows by status and error code
+    (``done.errors_by_code``), tokens of its merged rounds."""
     m = _metrics()
     if m is None:
         return
-    import orjson
-
-    codes: dict[str, int] = {}
-    ok = 0
-    for row in rows:
-        if b'"status":"ok","result":' in row:  # see workers.merge.compose
-            ok += 1
-            continue
-        try:
-            error = orjson.loads(row).get("error") or {}
-            code = _word(error.get("code") if isinstance(error, dict) else "") or "unknown"
-        except (orjson.JSONDecodeError, AttributeError):
-            code = "unknown"
-        codes[code] = codes.get(code, 0) + 1
     items = m["moonbatch_items_total"]
-    if ok:
-        items.labels(provider, "ok", "").inc(ok)
-    for code, n in codes.items():
-        items.labels(provider, "error", code).inc(n)
+    if done.ok:
+        items.labels(provider, "ok", "").inc(done.ok)
+    for code, n in done.errors_by_code.items():
+        items.labels(provider, "error", _word(code) or "unknown").inc(n)
     tokens = m["moonbatch_tokens_total"]
     if done.input_tokens:
         tokens.labels(provider, "input").inc(done.input_tokens)

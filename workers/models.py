@@ -278,6 +278,8 @@ class ShardDone(BaseModel):
     # (``malformed``), or carrying another id than the one sent (``id_mismatch``).
     malformed_lines: int = 0
     id_mismatch_lines: int = 0
+    # Error rows per error code (``merge.error_codes``); empty in documents written before it.
+    errors_by_code: dict[str, int] = Field(default_factory=dict)
     # Batches that may have been submitted twice: an mpu-complete answer was lost and the
     # batch it created could not be told apart from others, so the round was sent again.
     duplicate_batches: int = 0

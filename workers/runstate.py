@@ -7,6 +7,7 @@ before the next step is enqueued (layout in ``moonbatch.workers.layout``).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import time
 from typing import Any
@@ -22,8 +23,45 @@ RESULT_LINE_COUNTS = {"duplicate_lines": "duplicate_rows", "missing_lines": "mis
                       "malformed_lines": "malformed_lines", "id_mismatch_lines": "id_mismatch_lines"}
 
 
+#: ``run.json`` ``timings`` fields that are times (ISO 8601, UTC); ``wall_seconds`` is a duration.
+TIMES = ("created_at", "planned_at", "finished_at")
+
+
 class RunNotFound(Exception):
     """No run at this output location (or with this id)."""
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """Unix seconds → ISO 8601 in UTC with milliseconds (``2026-01-31T09:30:00.250+00:00``,
+    what ``datetime.fromisoformat`` reads back on every supported Python); None stays None."""
+    if epoch is None:
+        return None
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(
+        timespec="milliseconds")
+
+
+def epoch_seconds(value: float | int | str | None) -> float | None:
+    """A ``run.json`` time → Unix seconds: an ISO 8601 string (``iso_time``'s; without an
+    offset it is taken as UTC) or the epoch number that run.json held before; None stays None.
+    Raises ``ValueError`` for anything else."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value is None else float(value)
+    if isinstance(value, str):
+        when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return when.timestamp()
+    raise ValueError(f"not a time: {value!r}")
+
+
+def with_iso_times(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` (a run.json document) with its ``timings`` times as ISO 8601, whichever
+    way they were written (run.json of older versions held epoch numbers)."""
+    timings = summary.get("timings")
+    if not isinstance(timings, dict):
+        return summary
+    fixed = {k: iso_time(epoch_seconds(v)) if k in TIMES else v for k, v in timings.items()}
+    return {**summary, "timings": fixed}
 
 
 @dataclasses.dataclass
@@ -117,7 +155,7 @@ class Progress:
         st = self.store
         existing = get_json_or_none(st, layout.SUMMARY) or {}
         if existing.get("status") in ("completed", "failed", "cancelled") and "counts" in existing:
-            return existing  # final: written once by maybe_finalize
+            return with_iso_times(existing)  # final: written once by maybe_finalize
         spec = get_json(st, layout.SPEC)
         plan = get_json_or_none(st, layout.PLAN)
         failed = get_json_or_none(st, layout.FAILED)
@@ -182,10 +220,13 @@ class Progress:
                        "in_flight": len(out),
                        "batches_submitted": batches,
                        "duplicate_batches": sum(d.duplicate_batches for d in done.values())},
+            # Error rows of merged shards per error code (shards merged by an older version
+            # count in ``counts.error`` only).
+            "errors_by_code": _sum_codes(done.values()),
             "usage": {"input_tokens": sum(d.input_tokens for d in done.values()),
                       "output_tokens": sum(d.output_tokens for d in done.values())},
-            "timings": {"created_at": spec["created_at"],
-                        "planned_at": plan.get("planned_at") if plan else None,
+            "timings": {"created_at": iso_time(spec["created_at"]),
+                        "planned_at": iso_time(plan.get("planned_at")) if plan else None,
                         "finished_at": None},
             "batches": [{"shard": s, "batch_id": d.batch_id, "status": d.batch_status,
                          "merged": True, "items": d.total, "ok": d.ok, "error": d.error,
@@ -231,6 +272,14 @@ class Progress:
         return merged >= plan["shards"]
 
 
+def _sum_codes(done: Any) -> dict[str, int]:
+    codes: dict[str, int] = {}
+    for d in done:
+        for code, n in d.errors_by_code.items():
+            codes[code] = codes.get(code, 0) + n
+    return dict(sorted(codes.items()))
+
+
 def maybe_finalize(store: Store) -> bool:
     """Write the final ``run.json`` if every shard is merged and nobody did it yet.
 
@@ -249,9 +298,9 @@ def maybe_finalize(store: Store) -> bool:
     spec = RunSpec.model_validate(get_json(store, layout.SPEC))
     writers.finish_run(store, spec, summary["shards"]["total"])  # the plan's, read by complete()
     summary["status"] = "failed" if summary["failure"] else "completed"
-    summary["timings"]["finished_at"] = time.time()
-    summary["timings"]["wall_seconds"] = round(
-        summary["timings"]["finished_at"] - summary["timings"]["created_at"], 3)
+    finished = time.time()
+    summary["timings"]["finished_at"] = iso_time(finished)
+    summary["timings"]["wall_seconds"] = round(finished - spec.created_at, 3)
     summary["counts"]["in_flight"] = 0
     # Summary first, marker second: a crash in between leaves the run to be finalised again.
     put_json(store, layout.SUMMARY, summary)

@@ -39,7 +39,7 @@ from moonbatch.workers.enqueue import (
     enqueue,
 )
 from moonbatch.workers.lease import Lease, LeaseLost, execution_owner, task_of
-from moonbatch.workers.merge import compose, encode_round, merge_round
+from moonbatch.workers.merge import compose, encode_round, error_codes, merge_round
 from moonbatch.workers.models import BatchRecord, ShardBuild, ShardDone
 from moonbatch.workers.providers import (
     Later,
@@ -409,7 +409,8 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
             continue
         merged.append(get_json(store, layout.round_doc(shard, r, "merged")))
     final, ok = compose(len(items), rounds)
-    writers.write_shard(store, run.spec.output_format, shard, final)
+    writers.write_shard(store, run.spec.output_format, shard, final,
+                        metadata=writers.run_metadata(run.spec))
     done = ShardDone(
         shard=shard, batch_id=batches[0]["batch_id"] if batches else None,
         batch_status=merged[-1]["batch_status"] if merged else None, total=len(items), ok=ok,
@@ -419,12 +420,13 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
         missing_rows=sum(m["missing"] for m in merged), duplicate_batches=duplicates,
         malformed_lines=sum(m.get("malformed", 0) for m in merged),
         id_mismatch_lines=sum(m.get("id_mismatch", 0) for m in merged),
+        errors_by_code=error_codes(final),
         polls=sum(m["polls"] for m in merged), requests=sum(m.get("requests", 0) for m in merged),
         rounds=last_round + 1, batch_ids=[b["batch_id"] for b in batches if b["batch_id"]],
         submitted_at=batches[0]["submitted_at"] if batches else None, completed_at=time.time(),
         merged_at=time.time())
     if put_json(store, layout.shard_doc(shard, "done"), done.model_dump(), if_absent=True):
-        metrics.shard_merged(run.spec.provider, final, done)
+        metrics.shard_merged(run.spec.provider, done)
     metrics.run_progress(run, force=True)
     log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
              last_round + 1)

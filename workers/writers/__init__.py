@@ -4,9 +4,10 @@ format, and a finished run's exports. One module per format, behind one small in
 - ``jsonl``: one JSON object per line (the default);
 - ``parquet``: one table row per item with a stable schema (pandas, polars, ``datasets``).
 
-A writer module defines ``FORMAT``, ``SUFFIX``, ``encode(rows) -> bytes`` (rows: the merged
-row documents as JSON bytes, ``moonbatch.workers.merge``) and ``decode(data) -> Iterator[dict]`` (the
-rows back as dicts, for commands that read a run's results: ``retry-failed``,
+A writer module defines ``FORMAT``, ``SUFFIX``, ``encode(rows, metadata=None) -> bytes`` (rows:
+the merged row documents as JSON bytes, ``moonbatch.workers.merge``; metadata: ``run_metadata``,
+kept in the file where its format has a place for it) and ``decode(data) -> Iterator[dict]``
+(the rows back as dicts, for commands that read a run's results: ``retry-failed``,
 ``--skip-existing``). Exports that need the whole run (COCO ``annotations/instances.json``)
 are written by ``finish_run`` once every shard is merged. Importing this package does not
 import pyarrow.
@@ -15,8 +16,10 @@ import pyarrow.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+import orjson
 
 from moonbatch.workers import layout
 from moonbatch.workers.storage import NotFound, Store
@@ -42,11 +45,31 @@ def results_key(shard: int, fmt: str = "jsonl") -> str:
     return layout.results(shard, module(fmt).SUFFIX)
 
 
-def write_shard(store: Store, fmt: str, shard: int, rows: Sequence[bytes]) -> None:
+def run_metadata(spec: Any) -> dict[str, str]:
+    """What a results file says about the run that wrote it (Parquet key-value metadata):
+    ``moonbatch.run_id``, ``moonbatch.provider``, ``moonbatch.model`` (empty: the provider's
+    default), ``moonbatch.endpoint`` (empty when the provider has none), ``moonbatch.options``
+    (JSON: a list of each skill's options, as in spec.json) and ``moonbatch.version``. The same
+    spec always gives the same metadata, so a redelivered merge writes the same file."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("moonbatch")
+    except metadata.PackageNotFoundError:
+        version = ""
+    options = [o.model_dump(mode="json", exclude_none=True) for o in spec.all_options]
+    return {"moonbatch.run_id": spec.run_id, "moonbatch.provider": spec.provider,
+            "moonbatch.model": spec.model or "", "moonbatch.endpoint": spec.endpoint or "",
+            "moonbatch.options": orjson.dumps(options).decode(), "moonbatch.version": version}
+
+
+def write_shard(store: Store, fmt: str, shard: int, rows: Sequence[bytes],
+                metadata: Mapping[str, str] | None = None) -> None:
     """Write the shard's rows (plan order), replacing the file if one is there: the same rows
     give the same file (a redelivered merge), and a ``retry-failed`` pass writes a shard's
-    results again with its retried rows."""
-    store.put(results_key(shard, fmt), module(fmt).encode(rows))
+    results again with its retried rows. ``metadata`` (``run_metadata``) goes into the file
+    where the format has a place for it (Parquet)."""
+    store.put(results_key(shard, fmt), module(fmt).encode(rows, metadata=metadata))
 
 
 def read_shard(store: Store, fmt: str, shard: int) -> Iterator[dict[str, Any]]:

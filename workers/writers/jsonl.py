@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -11,8 +11,9 @@ FORMAT = "jsonl"
 SUFFIX = "jsonl"
 
 
-def encode(rows: Sequence[bytes]) -> bytes:
-    """Rows (JSON bytes) → JSONL bytes (empty for no rows)."""
+def encode(rows: Sequence[bytes], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Rows (JSON bytes) → JSONL bytes (empty for no rows). ``metadata`` is not kept: JSONL
+    has no place for it (the run's spec.json and run.json say the same)."""
     return b"\n".join(rows) + b"\n" if rows else b""
 
 

@@ -40,7 +40,7 @@ rows the JSONL writer gives from ``id_json``, ``result_json``, the error and tok
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -77,18 +77,22 @@ _DECODE_COLUMNS = ["id_json", "source", "status", *_SIZE_FIELDS, "result_json",
                    *("error_" + f for f in _ERROR_FIELDS), *_TOKENS]
 
 
-def encode(rows: Sequence[bytes]) -> bytes:
+def encode(rows: Sequence[bytes], metadata: Mapping[str, str] | None = None) -> bytes:
     """Rows (JSON bytes, ``moonbatch.workers.merge``) → the bytes of one Parquet file with ``SCHEMA``
-    (zstd, one row group; no rows gives a file with the same schema and no row group)."""
+    (zstd, one row group; no rows gives a file with the same schema and no row group).
+    ``metadata`` (``moonbatch.workers.writers.run_metadata``: the run id, provider, model and
+    options) goes into the file's key-value metadata, read by ``pq.read_metadata(f).metadata``
+    or ``pq.read_schema(f).metadata``."""
     cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     for raw in rows:
         for name, value in _columns(orjson.loads(raw)).items():
             cols[name].append(value)
     buf = io.BytesIO()
-    with pq.ParquetWriter(buf, SCHEMA, compression="zstd") as writer:
+    schema = SCHEMA.with_metadata(dict(metadata)) if metadata else SCHEMA
+    with pq.ParquetWriter(buf, schema, compression="zstd") as writer:
         # No rows: no row group at all (``datasets`` fails on a row group of 0 rows).
         if rows:
-            writer.write_table(pa.Table.from_pydict(cols, schema=SCHEMA),
+            writer.write_table(pa.Table.from_pydict(cols, schema=schema),
                                row_group_size=len(rows))
     return buf.getvalue()
 

@@ -1,0 +1,148 @@
+"""Run metadata: what a Parquet results file says about its run (key-value metadata), run.json's
+ISO 8601 times (run.json files of older versions, with epoch numbers, still read) and its error
+rows per code. End to end, over both providers: tests/test_writers.py
+(``test_parquet_output_both_providers``)."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from moonbatch.workers import layout, writers
+from moonbatch.workers.merge import error_codes
+from moonbatch.workers.models import RunSpec, ShardDone, SkillOptions
+from moonbatch.workers.runstate import Progress, epoch_seconds, iso_time, maybe_finalize, with_iso_times
+from moonbatch.workers.storage import LocalStore, put_json
+from moonbatch.workers.writers import jsonl, parquet
+
+CREATED = 1_700_000_000.25
+
+
+def spec(**extra) -> RunSpec:
+    return RunSpec(run_id="20260101-abc", input="s3://in/", output="s3://out/",
+                   options=SkillOptions(skill="query", question="How many cats?"),
+                   more_options=[SkillOptions(skill="detect", object="cat")], shard_size=10,
+                   max_shard_bytes=1 << 30, created_at=CREATED, **extra)
+
+
+def rows(*statuses: str) -> list[bytes]:
+    out = []
+    for i, status in enumerate(statuses):
+        if status == "ok":
+            out.append(orjson.dumps({"id": f"{i}.jpg", "status": "ok", "result": {"answer": "2"}}))
+        else:
+            code = None if status == "error" else status
+            out.append(orjson.dumps({"id": f"{i}.jpg", "status": "error",
+                                     "error": {"code": code, "message": "m"}}))
+    return out
+
+
+def test_parquet_files_carry_the_run_in_their_key_value_metadata():
+    fal = spec(provider="fal", endpoint="fal-ai/moondream3-preview/query", model="moondream-3")
+    meta = writers.run_metadata(fal)
+    data = parquet.encode(rows("ok", "not_an_image"), metadata=meta)
+    got = {k.decode(): v.decode() for k, v in pq.read_metadata(io.BytesIO(data)).metadata.items()}
+    assert got["moonbatch.run_id"] == "20260101-abc"
+    assert got["moonbatch.provider"] == "fal"
+    assert got["moonbatch.model"] == "moondream-3"
+    assert got["moonbatch.endpoint"] == "fal-ai/moondream3-preview/query"
+    assert json.loads(got["moonbatch.options"]) == [
+        {"skill": "query", "question": "How many cats?"}, {"skill": "detect", "object": "cat"}]
+    assert got["moonbatch.version"]
+    # The schema is still the one of every shard, and the rows read back unchanged.
+    assert pq.read_schema(io.BytesIO(data)) == parquet.SCHEMA
+    assert [r["id"] for r in parquet.decode(data)] == ["0.jpg", "1.jpg"]
+    # The same spec gives the same file: a redelivered merge rewrites identical bytes.
+    assert parquet.encode(rows("ok"), metadata=meta) == parquet.encode(rows("ok"), metadata=meta)
+    # Batch API run with the default model: empty model and endpoint, never missing keys.
+    plain = writers.run_metadata(spec())
+    assert plain["moonbatch.provider"] == "moondream"
+    assert plain["moonbatch.model"] == "" and plain["moonbatch.endpoint"] == ""
+    # JSONL has no place for it: the bytes are the rows alone.
+    assert jsonl.encode(rows("ok"), metadata=plain) == jsonl.encode(rows("ok"))
+
+
+def test_iso_times_round_trip_and_old_epoch_numbers_still_read():
+    text = iso_time(CREATED)
+    assert text == "2023-11-14T22:13:20.250+00:00"
+    assert datetime.datetime.fromisoformat(text).timestamp() == CREATED
+    assert epoch_seconds(text) == CREATED
+    assert epoch_seconds(CREATED) == CREATED and epoch_seconds(1_700_000_000) == 1_700_000_000.0
+    assert epoch_seconds("2023-11-14T22:13:20.250Z") == CREATED
+    assert epoch_seconds("2023-11-14T22:13:20.250") == CREATED  # no offset: UTC
+    assert iso_time(None) is None and epoch_seconds(None) is None
+    with pytest.raises(ValueError):
+        epoch_seconds("yesterday")
+    old = {"run_id": "r", "status": "completed",
+           "timings": {"created_at": CREATED, "planned_at": CREATED + 1, "finished_at": CREATED + 2,
+                       "wall_seconds": 2.0}}
+    new = with_iso_times(old)
+    assert new["timings"] == {"created_at": text, "planned_at": iso_time(CREATED + 1),
+                              "finished_at": iso_time(CREATED + 2), "wall_seconds": 2.0}
+    assert with_iso_times(new) == new
+
+
+def test_error_codes_count_error_rows_by_code():
+    assert error_codes(rows("ok", "not_an_image", "ok", "not_an_image", "timeout", "error")) == {
+        "not_an_image": 2, "timeout": 1, "unknown": 1}
+    assert error_codes([b"not json"]) == {"unknown": 1}
+    assert error_codes(rows("ok", "ok")) == {}
+
+
+def finished_run(tmp_path, done: list[ShardDone]) -> LocalStore:
+    store = LocalStore(str(tmp_path))
+    run = spec()
+    put_json(store, layout.SPEC, run.model_dump(mode="json"))
+    put_json(store, layout.PLAN, {"items": sum(d.total for d in done), "shards": len(done),
+                                  "planned_at": CREATED + 1})
+    for d in done:
+        store.put(layout.plan_items(d.shard), b"")
+        put_json(store, layout.shard_doc(d.shard, "done"), d.model_dump())
+    return store
+
+
+def test_run_json_has_iso_times_and_errors_by_code(tmp_path):
+    def done(shard: int, ok: int, codes: dict[str, int]) -> ShardDone:
+        n = sum(codes.values())
+        return ShardDone(shard=shard, batch_id=None, batch_status="completed", total=ok + n,
+                         ok=ok, error=n, errors_by_code=codes, merged_at=CREATED + 2)
+
+    # Shard 2 was merged by an older version: no errors_by_code in its done.json.
+    old = done(2, 1, {}).model_dump()
+    old.update(error=1, total=2)
+    old.pop("errors_by_code")
+    store = finished_run(tmp_path, [done(0, 3, {"not_an_image": 1, "timeout": 2}),
+                                    done(1, 4, {"not_an_image": 1})])
+    put_json(store, layout.shard_doc(2, "done"), old)
+    store.put(layout.plan_items(2), b"")
+    put_json(store, layout.PLAN, {"items": 14, "shards": 3, "planned_at": CREATED + 1})
+
+    running = Progress(store).snapshot()
+    assert running["errors_by_code"] == {"not_an_image": 2, "timeout": 2}
+    assert running["timings"]["created_at"] == iso_time(CREATED)
+    assert running["timings"]["planned_at"] == iso_time(CREATED + 1)
+    assert running["timings"]["finished_at"] is None
+
+    assert maybe_finalize(store)
+    summary = json.loads(store.get(layout.SUMMARY))
+    assert summary["status"] == "completed" and summary["counts"]["error"] == 5
+    assert summary["errors_by_code"] == {"not_an_image": 2, "timeout": 2}
+    finished = epoch_seconds(summary["timings"]["finished_at"])
+    assert summary["timings"]["finished_at"].endswith("+00:00")
+    assert summary["timings"]["wall_seconds"] == pytest.approx(finished - CREATED, abs=0.002)
+
+
+def test_a_final_run_json_with_epoch_numbers_reads_as_iso(tmp_path):
+    store = finished_run(tmp_path, [])
+    put_json(store, layout.SUMMARY, {
+        "run_id": "r", "status": "completed", "counts": {"total": 0},
+        "timings": {"created_at": CREATED, "planned_at": None, "finished_at": CREATED + 9.5,
+                    "wall_seconds": 9.5}})
+    timings = Progress(store).snapshot()["timings"]
+    assert timings == {"created_at": iso_time(CREATED), "planned_at": None,
+                       "finished_at": iso_time(CREATED + 9.5), "wall_seconds": 9.5}
