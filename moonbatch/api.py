@@ -21,6 +21,7 @@ from typing import Any
 from moonbatch.errors import translated
 
 ProgressFn = Callable[[dict[str, Any]], None]
+NoticeFn = Callable[[str, bool], None]
 
 
 def _settings():
@@ -33,13 +34,15 @@ class Run:
     """A run, found by its id or OUTPUT (``open_run``) or returned by ``submit``/``run``.
 
     ``id`` is the run id, ``output`` its OUTPUT URL (normalised, ending in ``/``), ``plan`` the
-    plan document when this process planned it (None when it was found, or already complete).
+    plan document when this process planned it (None when it was found, or already complete;
+    ``note`` then says so).
     Every method reads the run's state from storage: a ``Run`` may be rebuilt anywhere from
     its id (another Airflow task, another machine with the same ``MOONBATCH_STATE_URL``).
     """
 
-    def __init__(self, run_id: str, output: str, *, plan: dict[str, Any] | None = None) -> None:
-        self.id, self.output, self.plan = run_id, output, plan
+    def __init__(self, run_id: str, output: str, *, plan: dict[str, Any] | None = None,
+                 note: str | None = None) -> None:
+        self.id, self.output, self.plan, self.note = run_id, output, plan, note
 
     def __repr__(self) -> str:
         return f"Run({self.id!r}, {self.output!r})"
@@ -54,15 +57,17 @@ class Run:
         return ops.snapshot(self.output, _settings())
 
     def wait(self, timeout: float | None = None, *, workers: int | None = None,
-             on_progress: ProgressFn | None = None) -> dict[str, Any]:
+             on_progress: ProgressFn | None = None,
+             on_notice: NoticeFn | None = None) -> dict[str, Any]:
         """Block until the run is complete; return its final ``status()``. ``timeout`` in
         seconds (None: no limit); ``workers``: local worker processes on the run's own queue
         while waiting (default none: a fleet does the work); ``on_progress(status)`` after each
-        look. Raises ``RunFailed`` (failed or cancelled), ``Timeout`` (the run goes on)."""
+        look; ``on_notice(text, warning)`` for what a user should know (default: logged).
+        Raises ``RunFailed`` (failed or cancelled), ``Timeout`` (the run goes on)."""
         from moonbatch.producer.local import follow_with_workers
 
         return follow_with_workers(self.output, _settings(), workers, timeout=timeout,
-                                   on_progress=on_progress)
+                                   on_progress=on_progress, on_notice=on_notice)
 
     def cancel(self) -> dict[str, Any]:
         """Stop the run (queued work becomes a no-op; the provider cancels what it can).
@@ -173,17 +178,19 @@ def submit(input: str, output: str, *, skill: str | Sequence[str] = "caption",
         spec = starting.prepare(spec, settings, allow_empty=allow_empty, force=force)
         return Run(spec.run_id, spec.output, plan=starting.start(spec, settings))
     except AlreadyComplete as done:
-        return Run(done.run_id, spec.output)
+        return Run(done.run_id, spec.output, note=str(done))
 
 
 def run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
         provider: str | None = None, workers: int | None = None, timeout: float | None = None,
         embedded_broker: bool = False, allow_empty: bool = False, force: bool = False,
-        on_progress: ProgressFn | None = None, **options: Any) -> Run:
+        on_progress: ProgressFn | None = None, on_notice: NoticeFn | None = None,
+        on_plan: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> Run:
     """Check and start a run, with ``workers`` local worker processes on its own queue (default
     one per core; 0: a running fleet), and block until it is final (``moonbatch run``).
     ``embedded_broker``: a private broker for those workers (no Redis needed). Arguments as for
-    ``submit``; ``timeout`` in seconds; ``on_progress(status)`` after each look.
+    ``submit``; ``timeout`` in seconds; ``on_plan(plan)`` once planned, ``on_progress(status)``
+    after each look, ``on_notice(text, warning)`` as for ``Run.wait``.
 
     Returns the complete run (``Run.status()`` is its ``run.json``). Raises what ``submit``
     does, and ``RunFailed``, ``Timeout`` (the run goes on: ``Run.wait``/``Run.resume``).
@@ -201,9 +208,10 @@ def run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
         spec = starting.prepare(spec, settings, allow_empty=allow_empty, force=force,
                                 broker=not embedded)  # an embedded one is checked once started
         start_and_follow(spec, workers=workers, timeout=timeout, embedded=embedded,
-                         on_plan=plans.append, on_progress=on_progress)
+                         on_plan=lambda plan: (plans.append(plan), on_plan and on_plan(plan)),
+                         on_progress=on_progress, on_notice=on_notice)
     except AlreadyComplete as done:
-        return Run(done.run_id, spec.output)
+        return Run(done.run_id, spec.output, note=str(done))
     return Run(plans[0]["run_id"], spec.output, plan=plans[0])
 
 

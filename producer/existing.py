@@ -15,7 +15,6 @@ from array import array
 from typing import Any
 
 import orjson
-
 from moonbatch.config import Settings
 from moonbatch.workers import layout, writers
 from moonbatch.workers.models import RunSpec
