@@ -176,7 +176,8 @@ def submit(input: str, output: str, *, skill: str | Sequence[str] = "caption",
     no_embedded(settings, "submit")
     try:
         spec = starting.prepare(spec, settings, allow_empty=allow_empty, force=force)
-        return Run(spec.run_id, spec.output, plan=starting.start(spec, settings))
+        plan = starting.start(spec, settings)  # a dead start taken over keeps its run id
+        return Run(plan["run_id"], spec.output, plan=plan)
     except AlreadyComplete as done:
         return Run(done.run_id, spec.output, note=str(done))
 
