@@ -15,6 +15,7 @@ from array import array
 from typing import Any
 
 import orjson
+
 from moonbatch.config import Settings
 from moonbatch.workers import layout, writers
 from moonbatch.workers.models import RunSpec
