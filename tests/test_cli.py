@@ -424,21 +424,21 @@ def test_every_option_has_help():
 def test_summary_never_cuts_a_path():
     from rich.console import Console
 
-    from moonbatch.producer import cli
+    from moonbatch.producer.cli import render
 
     long_prefix = "s3://bucket/" + "/".join(f"very-long-folder-name-{i}" for i in range(8)) + "/"
     snap = {"run_id": "r", "status": "completed", "skill": "caption", "output": long_prefix,
             "counts": {"total": 1, "ok": 1, "error": 0, "skipped": 0, "done": 1, "in_flight": 0},
             "batches": [], "usage": {"input_tokens": 1, "output_tokens": 1},
             "timings": {"wall_seconds": 1.0}}
-    saved = cli.out
+    saved = render.out
     for width in (40, 100):
         buf = io.StringIO()
-        cli.out = Console(file=buf, width=width, force_terminal=True, color_system=None)
+        render.out = Console(file=buf, width=width, force_terminal=True, color_system=None)
         try:
-            cli._print_summary(snap)
+            render.print_summary(snap)
         finally:
-            cli.out = saved
+            render.out = saved
         text = buf.getvalue()
         assert "…" not in text
         joined = "".join(line.rstrip().split("  ")[-1].strip() for line in text.splitlines())

@@ -65,7 +65,7 @@ MULTIPROC_DIR = "/run/moonbatch/metrics"
 # Least privilege: what each service reads, worked out from the code. Workers call the
 # providers and S3 and talk to the broker; beat only publishes the reconcile task (importing
 # workers.app touches neither S3 nor a key: test_beat_and_flower_run_on_what_compose_gives_them);
-# Flower reads the broker and FLOWER_BASIC_AUTH (producer/cli.py flower); a producer Job lists
+# Flower reads the broker and FLOWER_BASIC_AUTH (producer/cli/tools.py flower); a producer Job lists
 # and plans on S3, enqueues and preflight-checks its provider's key.
 BROKER = {"REDIS_PASSWORD"}
 WORKER_SECRETS = BROKER | {"MOONDREAM_API_KEY", "FAL_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}

@@ -1,0 +1,193 @@
+"""Starting a run from options as a user gives them: check every option (naming the option,
+the bad value and the allowed values), build the run's spec, decide what OUTPUT may take, run
+the preflight, and start it or estimate it. The command line and the Python API
+(``moonbatch.api``) both start runs here.
+
+Options go by their Python names (``question``, ``object``, ``length``, ``shard_size``,
+``max_pixels``, ``input_format``, ``format``, ``endpoint``, ...); messages spell them as the
+command line does (``--format``), which is how README and ``moonbatch --help`` list them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, get_args
+
+from moonbatch.config import Settings
+from pydantic import ValidationError
+
+from moonbatch.errors import InvalidOption, OutputConflict, translated
+
+log = logging.getLogger(__name__)
+
+#: The skill options (``workers.models.SkillOptions``' fields) and the skills taking each.
+SKILL_OPTIONS = {"length": ("caption",), "question": ("query",), "reasoning": ("query",),
+                 "object": ("detect", "point"), "temperature": ("caption", "query"),
+                 "top_p": ("caption", "query"), "max_tokens": ("caption", "query")}
+#: The options that shape a run other than its skills (``new_spec``'s, by their Python names).
+RUN_OPTIONS = ("shard_size", "max_pixels", "provider", "endpoint", "input_format", "id_column",
+               "image_column", "base", "format", "skip_existing")
+#: Every option ``start``, ``prepare`` and ``estimate`` take besides INPUT, OUTPUT and skill.
+OPTIONS = (*SKILL_OPTIONS, *RUN_OPTIONS)
+
+
+def flag(name: str) -> str:
+    """The command line's spelling of an option: ``top_p`` → ``--top-p``."""
+    return "--" + name.replace("_", "-")
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    """``InvalidOption`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise InvalidOption(f"{flag(name)} {value}: not a choice: choose one of "
+                            f"{', '.join(allowed)}", option=flag(name), value=value,
+                            allowed=tuple(allowed))
+
+
+def skill_options(skill: str | Sequence[str] | None = None, **given: Any):
+    """The run's ``SkillOptions`` (one, or a list for several skills; default caption): each
+    skill gets the options it takes. ``given`` holds ``SKILL_OPTIONS`` by name (None: not
+    given). Raises ``InvalidOption`` for an unknown skill or option value, a repeated skill,
+    an option no chosen skill takes, or a missing required one."""
+    from moonbatch.workers.models import Skill, SkillOptions
+
+    names = [skill] if isinstance(skill, str) else list(skill or ["caption"])
+    for name in names:
+        _choice("skill", name, get_args(Skill))
+    if given.get("length") is not None:
+        _choice("length", given["length"], ("short", "normal", "long"))
+    if len(set(names)) < len(names):
+        raise InvalidOption(f"--skill {next(n for n in names if names.count(n) > 1)} is given "
+                            "twice: each skill once per run", option="--skill")
+    given = {k: given.get(k) for k in SKILL_OPTIONS}
+    try:
+        if len(names) == 1:
+            return SkillOptions(skill=names[0], **given)
+        for key, value in given.items():
+            if value is not None and not set(SKILL_OPTIONS[key]) & set(names):
+                raise InvalidOption(f"{flag(key)} applies to --skill "
+                                    f"{' and '.join(SKILL_OPTIONS[key])} only", option=flag(key))
+        return [SkillOptions(skill=n, **{k: v for k, v in given.items()
+                                         if v is not None and n in SKILL_OPTIONS[k]})
+                for n in names]
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidOption:
+    """pydantic's errors as one line per option: ``--temperature 3.0: must be <= 2`` (never
+    pydantic's wording or its documentation URL)."""
+    lines, option, value = [], None, None
+    for e in exc.errors(include_url=False):
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        ctx = e.get("ctx") or {}
+        if not e["loc"]:  # a rule across options: its message names them
+            lines.append(msg)
+            continue
+        option, value = flag(str(e["loc"][0])), e.get("input")
+        rule = {"greater_than_equal": f"must be >= {ctx.get('ge')}",
+                "greater_than": f"must be > {ctx.get('gt')}",
+                "less_than_equal": f"must be <= {ctx.get('le')}",
+                "less_than": f"must be < {ctx.get('lt')}"}.get(e["type"], msg.lower())
+        lines.append(f"{option} {value}: {rule}")
+    return InvalidOption("; ".join(lines), option=option if len(lines) == 1 else None,
+                         value=value if len(lines) == 1 else None)
+
+
+def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
+              provider: str | None = None, endpoint: str | None = None,
+              input_format: str = "auto", id_column: str | None = None,
+              image_column: str | None = None, base: str | None = None,
+              format: str = "jsonl", skip_existing: str | None = None) -> dict[str, Any]:
+    """The run-shaping options as ``producer.runs.new_spec`` takes them. Raises
+    ``InvalidOption`` for a format or input format that does not exist or a negative
+    ``max_pixels``."""
+    from moonbatch.workers.readers import INPUT_FORMATS
+    from moonbatch.workers.writers import OUTPUT_FORMATS
+
+    _choice("format", format, OUTPUT_FORMATS)
+    _choice("input_format", input_format, INPUT_FORMATS)
+    if max_pixels is not None and max_pixels < 0:
+        raise InvalidOption(f"--max-pixels {max_pixels}: must be >= 0 (0 turns downscaling off)",
+                            option="--max-pixels", value=max_pixels)
+    reader = {k: v for k, v in (("id_column", id_column), ("image_column", image_column),
+                                ("base", base)) if v is not None}
+    return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
+            "endpoint": endpoint, "input_format": input_format, "input_options": reader,
+            "output_format": format, "skip_existing": skip_existing}
+
+
+def new_spec(input_url: str, output_url: str, settings: Settings, *,
+             skill: str | Sequence[str] | None = None, run_id: str | None = None,
+             **options: Any):
+    """The ``RunSpec`` of a new run from options by their Python names (``OPTIONS``). Raises
+    ``InvalidOption`` (an unknown option name too, listing the known ones), ``RunNotFound``
+    for a ``skip_existing`` run id the registry does not know."""
+    from moonbatch.producer import runs
+
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise InvalidOption(f"unknown option {unknown[0]!r}: the options are "
+                            f"{', '.join(OPTIONS)}", option=unknown[0], allowed=OPTIONS)
+    opts = skill_options(skill, **{k: options.get(k) for k in SKILL_OPTIONS})
+    args = spec_args(**{k: v for k, v in options.items() if k in RUN_OPTIONS and v is not None})
+    with translated():
+        try:
+            return runs.new_spec(input_url, output_url, opts, settings, run_id=run_id, **args)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
+
+def prepare(spec, settings: Settings, *, allow_empty: bool = False, force: bool = False,
+            broker: bool = True):
+    """Everything a start checks before it writes: what OUTPUT holds and the preflight (with
+    the provider's credentials). Returns the spec to start: ``spec``, or with ``force`` and
+    OUTPUT holding another run, the same in OUTPUT/<new run id>/ (logged).
+
+    Raises ``AlreadyComplete`` (the same command completed there: nothing to do),
+    ``OutputConflict``, ``PreflightError``.
+    """
+    from moonbatch.producer import preflight
+    from moonbatch.producer.runs import AlreadyComplete, RunExists, check_output_for, new_run_id
+
+    try:
+        check_output_for(preflight.quick_store(spec.output, settings), spec)
+    except AlreadyComplete:
+        raise
+    except RunExists as exc:
+        if not force or exc.state == "planning":
+            raise OutputConflict(str(exc), run_id=exc.run_id, state=exc.state) from None
+        run_id = new_run_id()
+        log.warning("%s holds run %s (%s); --force: starting run %s in %s%s/", spec.output,
+                    exc.run_id, exc.state, run_id, spec.output, run_id)
+        spec = spec.model_copy(update={"output": spec.output + run_id + "/", "run_id": run_id})
+    except Exception:
+        pass  # OUTPUT cannot be read: the preflight below says why, in one line
+    with translated():
+        preflight.preflight(settings, input_url=spec.input, output_url=spec.output,
+                            allow_empty=allow_empty, broker=broker, provider=spec.provider)
+    return spec
+
+
+def start(spec, settings: Settings) -> dict[str, Any]:
+    """Record, plan and enqueue ``spec`` (``producer.runs.start_run``); returns the plan
+    document (``run_id``, ``items``, ``shards``, ``skipped``...). Raises ``AlreadyComplete``,
+    ``OutputConflict``, storage errors."""
+    from moonbatch.producer.runs import start_run
+
+    with translated():
+        return start_run(spec, settings)
+
+
+def estimate(spec, settings: Settings, *, allow_empty: bool = False) -> dict[str, Any]:
+    """What ``spec`` would do and cost (``producer.runs.dry_run``'s report) after checking
+    INPUT; writes nothing, reaches no broker, registry or provider, needs no key. Raises
+    ``PreflightError``, ``InvalidOption`` (INPUT cannot be run as its kind)."""
+    from moonbatch.producer import preflight
+    from moonbatch.producer.runs import dry_run
+
+    with translated():
+        preflight.preflight(settings, input_url=spec.input, allow_empty=allow_empty,
+                            broker=False, api_key=False, state=False)
+        return dry_run(spec, settings)
