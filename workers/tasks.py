@@ -49,14 +49,7 @@ from moonbatch.workers.providers import (
     TransientProviderError,
     provider_for,
 )
-# reconcile_run and reconcile_active_run are imported here by producer/cli.py too, until it
-# imports them from moonbatch.workers.reconcile.
-from moonbatch.workers.reconcile import (  # noqa: F401
-    reconcile_active_run,
-    reconcile_active_runs,
-    reconcile_run,
-    run_final,
-)
+from moonbatch.workers.reconcile import reconcile_active_runs, run_final
 from moonbatch.workers.runstate import Run, maybe_finalize, open_output, open_run, record_failure
 from moonbatch.workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
 
