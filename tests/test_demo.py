@@ -58,7 +58,7 @@ def test_demo_with_fal_annotates_the_sample_photographs(tmp_path):
     env["HOME"] = str(tmp_path)
     proc = run_cli(["demo", "--provider", "fal", "--output", str(tmp_path / "demo")], env,
                    timeout=300)
-    assert "emulated fal queue at http://127.0.0.1:" in proc.stderr
+    assert "emulated fal (fal-ai/moondream3-preview/caption) at http://127.0.0.1:" in proc.stderr
     assert "fal (fal-ai/moondream3-preview/caption)" in proc.stdout
     (run_dir,) = (tmp_path / "demo").iterdir()
     summary = json.loads((run_dir / "run.json").read_text())
