@@ -1,9 +1,9 @@
 """shard_build: how fast a worker turns a shard of S3 objects into an uploaded batch JSONL.
 
 Measures ``moonbatch.workers.providers.moondream.upload.build_and_submit`` on one shard of 200
-distinct photographs (~95 MB, all under 2 MP so they pass through untouched) in moto's S3 server: fetch with 16 concurrent
-reads, check, base64 into JSONL lines, cut into 8 MiB parts, upload them to the emulator and
-complete the upload. Reported as images/s and source MB/s (median of 3 runs).
+distinct photographs (~95 MB, all under 2 MP so they pass through untouched) in moto's S3
+server: fetch with 16 concurrent reads, check, base64 into JSONL lines, cut into 8 MiB parts,
+upload them to the emulator and complete the upload. Reported as images/s and source MB/s (median of 3 runs).
 
 Baselines, on the same objects and servers: the raw read throughput of boto3 ``get_object`` on a
 16-thread pool (what any Python fetcher can reach; target: build >= 80 % of it), and ``s5cmd cp``

@@ -12,10 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from moonbatch.config import Settings
+from moonbatch.errors import RunFailed, Timeout
 from moonbatch.producer import ops
 from moonbatch.producer.local import LocalWorkers
-
-from moonbatch.errors import RunFailed, Timeout
 
 log = logging.getLogger(__name__)
 

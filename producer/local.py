@@ -15,9 +15,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from moonbatch.producer.preflight import safe_url
-
 from moonbatch.errors import InvalidOption, MoonbatchError, PreflightError
+from moonbatch.producer.preflight import safe_url
 
 #: Every ``LocalWorkers`` running in this process: the command line's second Ctrl-C kills
 #: them before it exits at once.

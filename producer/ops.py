@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from moonbatch.config import Settings
-
 from moonbatch.errors import MoonbatchError, NoConsumer, OutputConflict, RunNotFound, translated
 
 

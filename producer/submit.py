@@ -14,9 +14,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any, get_args
 
-from moonbatch.config import Settings
 from pydantic import ValidationError
 
+from moonbatch.config import Settings
 from moonbatch.errors import InvalidOption, OutputConflict, translated
 
 log = logging.getLogger(__name__)

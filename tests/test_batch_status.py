@@ -22,8 +22,8 @@ import moonbatch.workers.providers.moondream.answers as answers
 from moonbatch.emulator.inference import infer
 from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 from moonbatch.workers.models import SkillOptions
-from moonbatch.workers.providers.moondream.client import BatchClient
 from moonbatch.workers.providers.moondream.answers import BatchStatus
+from moonbatch.workers.providers.moondream.client import BatchClient
 from moonbatch.workers.providers.moondream.errors import TransientError, UnexpectedAnswer
 from moonbatch.workers.providers.moondream.lines import encode_line
 from tests.conftest import jpeg_bytes

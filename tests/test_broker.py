@@ -102,11 +102,11 @@ def test_enqueues_go_to_the_runs_queues_and_old_specs_to_the_settings_queue(
     the session's Redis (no worker consumes them), deleted afterwards."""
     from moonbatch.config import reload_settings
     from moonbatch.workers import layout
+    from moonbatch.workers.enqueue import FINALIZE_RUN, POLL_ROUND, enqueue
     from moonbatch.workers.models import RunSpec, SkillOptions
+    from moonbatch.workers.reconcile import reconcile_run
     from moonbatch.workers.runstate import open_output
     from moonbatch.workers.storage import put_json
-    from moonbatch.workers.enqueue import FINALIZE_RUN, POLL_ROUND, enqueue
-    from moonbatch.workers.reconcile import reconcile_run
 
     default_queue = "default-" + uuid.uuid4().hex[:8]
     monkeypatch.setenv("MOONBATCH_QUEUE", default_queue)

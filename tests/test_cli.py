@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from tests.conftest import moonbatch_cmd, read_json, read_results, run_cli, upload_photos
 from moonbatch.workers import layout
+from tests.conftest import moonbatch_cmd, read_json, read_results, run_cli, upload_photos
 
 NAMES = ("coffee.png", "rocket.jpg", "chelsea.png", "camera.png")
 KEYS_PAGE = "https://moondream.ai/c/cloud/api-keys"

@@ -10,12 +10,12 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
+from moonbatch.workers.providers.moondream.client import BatchClient, _retry_after
 from moonbatch.workers.providers.moondream.errors import (
     AuthenticationError,
     RequestRejected,
     TransientError,
 )
-from moonbatch.workers.providers.moondream.client import BatchClient, _retry_after
 
 SECRET = "sk-very-secret"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from tests.conftest import photos_dir, run_cli
 from moonbatch.workers.lines import classify_key, sniff_format
+from tests.conftest import photos_dir, run_cli
 
 
 def test_demo_annotates_the_sample_photographs(tmp_path):

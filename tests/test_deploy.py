@@ -411,7 +411,8 @@ def test_k8s_beat_flower_secret_and_producer():
     deployments = by_kind("Deployment")
     beat = deployments["moonbatch-beat"]["spec"]
     assert beat["replicas"] == 1 and beat["strategy"] == {"type": "Recreate"}
-    assert beat["template"]["spec"]["containers"][0]["args"][:4] == ["celery", "-A", "moonbatch.workers", "beat"]
+    beat_args = beat["template"]["spec"]["containers"][0]["args"]
+    assert beat_args[:4] == ["celery", "-A", "moonbatch.workers", "beat"]
 
     flower = deployments["moonbatch-flower"]["spec"]["template"]
     (container,) = flower["spec"]["containers"]

@@ -23,9 +23,9 @@ import pytest
 from moonbatch.emulator.inference import infer
 from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 from moonbatch.workers.models import SkillOptions
-from moonbatch.workers.providers.moondream.errors import AuthenticationError, RequestRejected
-from moonbatch.workers.providers.moondream.client import BatchClient
 from moonbatch.workers.providers.moondream.answers import BatchStatus, OutputFile, Part
+from moonbatch.workers.providers.moondream.client import BatchClient
+from moonbatch.workers.providers.moondream.errors import AuthenticationError, RequestRejected
 from moonbatch.workers.providers.moondream.lines import encode_line
 from tests.conftest import jpeg_bytes, photos_dir, stop_later
 

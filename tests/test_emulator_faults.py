@@ -25,8 +25,8 @@ from PIL import Image
 
 from moonbatch.emulator.inference import infer
 from moonbatch.emulator.server import FAULT_KINDS, EmulatorConfig, EmulatorServer, Faults
-from moonbatch.workers.providers.moondream.client import BatchClient
 from moonbatch.workers.providers.moondream.answers import BatchStatus, Part
+from moonbatch.workers.providers.moondream.client import BatchClient
 from moonbatch.workers.providers.moondream.errors import TransientError
 from tests.conftest import stop_later
 

@@ -360,15 +360,15 @@ STORAGE_ERROR = (b"<?xml version='1.0'?><Error><Code>SignatureDoesNotMatch</Code
 
 
 def test_batch_api_key_never_follows_a_redirect_and_downloads_carry_none():
+    from moonbatch.workers.providers.moondream.answers import OutputFile
     from moonbatch.workers.providers.moondream.client import BatchClient
+    from moonbatch.workers.providers.moondream.download import fetch_results
     from moonbatch.workers.providers.moondream.errors import (
         ForeignOrigin,
         InvalidId,
         MoondreamError,
         RequestRejected,
     )
-    from moonbatch.workers.providers.moondream.answers import OutputFile
-    from moonbatch.workers.providers.moondream.download import fetch_results
 
     key = "sk-" + uuid.uuid4().hex
     with Recorder(_routes({})) as store, Recorder(_routes({})) as hop, \

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from tests.conftest import Worker, private_env, run_cli, upload_photos
 from moonbatch.workers.logs import JsonFormatter, context, redact
+from tests.conftest import Worker, private_env, run_cli, upload_photos
 
 
 def test_json_lines_carry_the_context_and_redact_secrets():

@@ -1,4 +1,5 @@
-"""moonbatch.producer.planner.plan_shards and workers.readers.prefix.iter_items (on a real local directory)."""
+"""moonbatch.producer.planner.plan_shards and workers.readers.prefix.iter_items (on a real local
+directory)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from moonbatch.workers import layout
 from tests.conftest import (
     Worker,
     private_env,
@@ -31,7 +32,6 @@ from tests.conftest import (
     wait_for_completion,
 )
 from tests.test_preflight_cas import S3Proxy
-from moonbatch.workers import layout
 
 BAD = b"bad\xff\xfename.jpg"  # Latin-1 bytes: not valid UTF-8
 BAD_SHOWN = "bad\\xff\\xfename.jpg"

@@ -30,6 +30,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
 from moonbatch.config import Settings
+from moonbatch.workers import attempts, layout
+from moonbatch.workers.app import celery_config
+from moonbatch.workers.storage import open_store
 from tests.conftest import (
     Worker,
     moonbatch_cmd,
@@ -39,9 +42,6 @@ from tests.conftest import (
     run_cli,
     tiny_jpeg,
 )
-from moonbatch.workers import attempts, layout
-from moonbatch.workers.app import celery_config
-from moonbatch.workers.storage import open_store
 
 CAP = 3  # MOONBATCH_MAX_WORKER_LOSSES's default
 

@@ -121,8 +121,8 @@ def test_a_stopped_retry_pass_is_finished_by_the_reconciler(s3, bucket, env, fle
     from moonbatch.config import get_settings
     from moonbatch.producer.runs import register_run
     from moonbatch.workers import retries
-    from moonbatch.workers.runstate import Progress, open_run
     from moonbatch.workers.reconcile import reconcile_run
+    from moonbatch.workers.runstate import Progress, open_run
 
     upload_photos(s3, bucket, "in/", PHOTOS[:2])
     s3.put_object(Bucket=bucket, Key="in/notes.jpg", Body=b"not an image")

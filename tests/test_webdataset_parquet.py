@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import SKIMAGE_PHOTOS, expected_result, photos_dir, read_json, read_results, run_cli
-from tests.test_fal_provider import expected_row
 from moonbatch.workers.readers import InputError, ItemFetcher, ListingStats
 from moonbatch.workers.storage import LocalStore, ObjectInfo, open_store
+from tests.conftest import SKIMAGE_PHOTOS, expected_result, photos_dir, read_json, read_results, run_cli
+from tests.test_fal_provider import expected_row
 
 PHOTOS = {name: (photos_dir() / name).read_bytes() for name in SKIMAGE_PHOTOS}
 SIZES = {name: Image.open(io.BytesIO(data)).size for name, data in PHOTOS.items()}

@@ -11,11 +11,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import expected_result, read_json, read_results, run_cli, upload_photos, wait_for_run
 from moonbatch.workers import layout, writers
 from moonbatch.workers.models import RunSpec, SkillOptions
 from moonbatch.workers.storage import LocalStore
 from moonbatch.workers.writers import coco, jsonl, parquet
+from tests.conftest import expected_result, read_json, read_results, run_cli, upload_photos, wait_for_run
 
 OK = {"id": "a/b.png", "source": "s3://in/a/b.png", "status": "ok",
       "result": {"caption": "A cat."}, "usage": {"input_tokens": 7, "output_tokens": 3},

@@ -11,6 +11,7 @@ import signal
 from typing import Annotated
 
 import typer
+
 from moonbatch.producer.cli.options import ENVIRONMENT, EXIT_CODES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -44,9 +44,8 @@ def notice(text: str, warning: bool = False) -> None:
 def cli_errors() -> Iterator[None]:
     """Turn errors into red lines and an exit code (see ``options.EXIT_CODES``; a
     ``MoonbatchError`` carries its own); ``--debug`` shows the traceback of unexpected ones."""
-    from moonbatch.workers.storage import StorageError
-
     from moonbatch.errors import MoonbatchError, PreflightError, translated
+    from moonbatch.workers.storage import StorageError
 
     try:
         with translated():  # the producer's own errors as the API's

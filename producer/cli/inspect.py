@@ -9,6 +9,9 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from rich.table import Table
+
 from moonbatch.producer.cli import app
 from moonbatch.producer.cli.console import cli_errors, interruptible, notice, out
 from moonbatch.producer.cli.options import (
@@ -19,8 +22,6 @@ from moonbatch.producer.cli.options import (
     epilog,
 )
 from moonbatch.producer.cli.render import ProgressView, print_skipped, print_summary, status_line
-from rich.markup import escape
-from rich.table import Table
 
 
 @app.command(epilog=epilog("moonbatch status                       # the newest run",

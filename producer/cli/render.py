@@ -9,10 +9,11 @@ import os
 import time
 from typing import Any
 
-from moonbatch.producer.cli.console import Fail, err, out
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from moonbatch.producer.cli.console import Fail, err, out
 
 #: Seconds between progress lines when stderr is not a terminal (Airflow's logs, CI, a pipe).
 PROGRESS_INTERVAL = float(os.environ.get("MOONBATCH_PROGRESS_INTERVAL", "30"))

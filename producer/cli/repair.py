@@ -7,6 +7,7 @@ import contextlib
 from typing import Annotated, Any
 
 import typer
+
 from moonbatch.producer.cli import app
 from moonbatch.producer.cli.console import Fail, cli_errors, err, interruptible, notice, out
 from moonbatch.producer.cli.inspect import follow

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
 from moonbatch.producer.cli import app
 from moonbatch.producer.cli.console import Fail, cli_errors, err, notice, out
 from moonbatch.producer.cli.options import (

@@ -186,8 +186,8 @@ class ItemFetcher:
     bucket or folder with the settings' endpoint); ``http(s)://...``; ``<scheme>:<rest>`` for a
     reader's own scheme (``tar:``, ``parquet:``).
 
-    References are data (``moonbatch.workers.readers.refs``, ``moonbatch.workers.netguard``): a malformed one is
-    never read; a local file is read only when ``local_input`` (the run's INPUT is on this
+    References are data (``moonbatch.workers.readers.refs``, ``moonbatch.workers.netguard``): a
+    malformed one is never read; a local file is read only when ``local_input`` (the run's INPUT is on this
     machine; default: ``input_store`` is a local folder) or in a folder of
     ``MOONBATCH_ALLOW_LOCAL_FILES``; an ``s3://`` bucket must pass ``MOONBATCH_ITEM_BUCKETS``;
     an http(s) URL connects only to public addresses or those of
