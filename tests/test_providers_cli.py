@@ -77,7 +77,7 @@ def test_dry_run_local_batch_api(env, tmp_path, local_input):
         size = sum(p.stat().st_size for p in local_input.rglob("*.jpg"))
         assert report["image_bytes"] == size and report["upload_bytes"] > size  # base64
         assert report["input_tokens"] > 0 and report["output_tokens"] > 0
-        assert report["cost_usd"] > 0 and "batch prices" in report["basis"]
+        assert report["cost_usd"] > 0 and "moondream3-preview batch: $0.15/M input" in report["basis"]
     # The text form names the figures and says nothing was written.
     proc = run_cli(["run", str(local_input), str(out), "--dry-run"], e)
     assert "nothing was written" in proc.stderr

@@ -49,6 +49,8 @@ from moonbatch.workers.providers.moondream.lines import (
 from moonbatch.workers.providers.moondream.polling import next_poll_interval
 from moonbatch.workers.providers.moondream.settings import MoondreamSettings
 from moonbatch.workers.providers.moondream.upload import build_and_submit
+from moonbatch.workers.providers.prices import SOURCE as PRICE_SOURCE
+from moonbatch.workers.providers.prices import model_price
 from moonbatch.workers.storage import get_json, get_json_or_none
 
 if TYPE_CHECKING:
@@ -59,9 +61,6 @@ log = logging.getLogger(__name__)
 # Batch-level codes worth a resubmission; the others (validation_error, limit_exceeded,
 # empty_batch, invalid_model) would fail the same way again (seed 002, "Batch-level errors").
 TRANSIENT_BATCH_CODES = frozenset({"processing_failed", "timeout"})
-# Batch pricing is half the real-time price (FACTS.md): $0.30 and $2.50 per million tokens.
-USD_PER_M_INPUT = 0.15
-USD_PER_M_OUTPUT = 1.25
 LINE_OVERHEAD_BYTES = 200  # id and skill fields of a line, besides the base64 image
 KEY_CHECK_SECONDS = 8.0  # the whole API-key check (three tries at most)
 API_KEYS_PAGE = "https://moondream.ai/c/cloud/api-keys"
@@ -175,16 +174,16 @@ class MoondreamBatchProvider:
         return check_api_key(settings)
 
     def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
-        """One batch per shard; upload = base64 images plus line overhead; batch prices (50%
-        of real-time, FACTS.md); token counts are estimates."""
+        """One batch per shard; upload = base64 images plus line overhead; the model's batch
+        price (``moonbatch.workers.providers.prices``); token counts are estimates."""
         avg = image_bytes // items if items else 0
         in_tok = items * estimate_input_tokens(avg, spec.max_pixels)
         out_tok = items * estimate_output_tokens(spec.options)
         upload = math.ceil(image_bytes * 4 / 3) + items * LINE_OVERHEAD_BYTES
-        cost = in_tok / 1e6 * USD_PER_M_INPUT + out_tok / 1e6 * USD_PER_M_OUTPUT
-        return Estimate(items, shards, upload, in_tok, out_tok, None, cost,
-                        f"batch prices ${USD_PER_M_INPUT}/M input and ${USD_PER_M_OUTPUT}/M "
-                        "output tokens (half the real-time price); token counts are estimates")
+        price = model_price(spec.model, "batch")
+        return Estimate(items, shards, upload, in_tok, out_tok, None,
+                        price.cost(in_tok, out_tok),
+                        f"{price.label()} ({PRICE_SOURCE}); token counts are estimates")
 
     def submit_round(self, ctx: RoundContext) -> bool:
         """Build the round's JSONL, upload it and submit the batch (``build_and_submit``)."""
