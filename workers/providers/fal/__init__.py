@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 import orjson
 
 from moonbatch.workers import layout
-from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild
+from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild, realtime_only_refusal
 from moonbatch.workers.pool import ordered_map
 from moonbatch.workers.providers import (
     Estimate,
@@ -125,7 +125,11 @@ class FalProvider(RoundSteps):
 
     # -- before the run --------------------------------------------------------------------------
     def check_spec(self, spec: RunSpec) -> None:
-        """Unknown endpoint, or a skill or option it cannot serve: ``ValueError``."""
+        """A skill or option only the real-time API serves (``realtime_only``), an unknown
+        endpoint, or a skill or option it cannot serve: ``ValueError``."""
+        refusal = realtime_only_refusal(spec, self.name)
+        if refusal:
+            raise ValueError(refusal)
         for endpoint, options in zip(skill_endpoints(spec), spec.all_options, strict=True):
             check_options(endpoint, options)
 
