@@ -33,10 +33,11 @@ slot frees go first); the others wait ``IN_QUEUE`` with a decreasing ``queue_pos
 sent with ``X-Fal-Request-Timeout: S`` that has not started S seconds after its submit completes
 then with 504 ``request_timeout``, never having run. Every request keeps the ``X-Fal-*`` headers
 of its submit (``_Req.headers``, lower-case names: ``x-fal-queue-priority``, ``x-fal-store-io``,
-``x-fal-request-timeout``), for tests to check. A request runs ``processing_seconds`` per image
-(one image for the single-image endpoints). Start and end times are computed from timestamps
-whenever the key's queue is observed, so a request starts when a slot frees whether or not anyone
-polls it. ``FalEmulation.clock`` is the time source (tests may swap in a manual clock).
+``x-fal-request-timeout``) and the ``model_id`` it ran (``_Req.model``), for tests to check. A
+request runs ``processing_seconds`` per image (one image for the single-image endpoints). Start
+and end times are computed from timestamps whenever the key's queue is observed, so a request
+starts when a slot frees whether or not anyone polls it. ``FalEmulation.clock`` is the time source
+(tests may swap in a manual clock).
 
 Answers are ``emulator.inference`` computed from the decoded pixels; ``expected_output`` gives
 what any endpoint answers for given arguments and image bytes, so a test can recompute it.
@@ -501,6 +502,7 @@ class _Req:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)  # X-Fal-* of the submit
     low: bool = False  # X-Fal-Queue-Priority: low
     timeout: float | None = None  # X-Fal-Request-Timeout: seconds it may wait to start
+    model: str | None = None  # the model_id it ran (fal-ai/moondream/batched; default filled)
 
     @property
     def urls(self) -> dict[str, str]:
@@ -800,8 +802,9 @@ class FalEmulation:
             timeout = float(headers["x-fal-request-timeout"])
         except (KeyError, ValueError):
             timeout = None  # absent or unreadable: no limit
+        given = request.get_json(silent=True)
         try:
-            status, body, units = self._prepare(endpoint, request.get_json(silent=True), base)
+            status, body, units = self._prepare(endpoint, given, base)
         finally:
             with self.lock:
                 self._admitting[key] -= 1
@@ -817,7 +820,7 @@ class FalEmulation:
                      base=base, submitted=now, duration=cfg.processing_seconds * units, units=units,
                      status_code=status, body=body, size=len(json.dumps(body)),
                      headers=headers, low=headers.get("x-fal-queue-priority") == "low",
-                     timeout=timeout)
+                     timeout=timeout, model=validate_input(endpoint, given)[0].get("model_id"))
             self.requests[rid] = r
             self._advance(key, now)
             self._lines[key].append(r)
