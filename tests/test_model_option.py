@@ -105,8 +105,8 @@ def test_dry_run_prices_each_model(env, tmp_path, images, caplog):
     expected = (v31["input_tokens"] * 0.15 + v31["output_tokens"] * 0.50) / 1e6
     assert v31["cost_usd"] == pytest.approx(expected)
     assert "model: moondream3.1, sent in each batch's mpu-complete" in v31["details"]
-    assert any("moondream3.1 batch: $0.15/M input, $0.5/M output tokens (source: "
-               "moondream.ai/pricing" in d for d in v31["details"])
+    assert v31["basis"].startswith("moondream3.1 batch: $0.15/M input, $0.5/M output tokens "
+                                   "(moondream.ai/pricing")
     assert "moondream3-preview (the API's default)" in default["details"][0]
     assert v31["warnings"] == [] and v31["provider_options"] == {}
     # A name the price table does not know is sent as given, with a warning and the dearest price.

@@ -101,10 +101,11 @@ def print_dry_run(report: dict[str, Any]) -> None:
     rows.append(("cost (USD, estimate)", "no published price" if cost is None
                  else f"${cost:,.4f}" if cost < 1 else f"${cost:,.2f}"))
     rows.append(("basis", report["basis"]))
-    # The provider's lines: "model: ...", "priority: ..." (older reports have none).
-    for line in report.get("details") or ():
-        key, sep, value = str(line).partition(": ")
-        rows.append((key, value) if sep else ("", line))
+    # The provider's lines ("model: ...", "priority: ..."; older reports have none) go after
+    # the skill: what the run asks for, before what it counts.
+    details = [(k, v) if sep else ("", k) for k, sep, v in
+               (str(line).partition(": ") for line in report.get("details") or ())]
+    rows[2:2] = details
     table = Table(show_header=False, box=None)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")

@@ -205,8 +205,7 @@ class MoondreamBatchProvider:
         return Estimate(items, shards, upload, in_tok, out_tok, None,
                         price.cost(in_tok, out_tok),
                         f"{price.label()} ({PRICE_SOURCE}); token counts are estimates",
-                        details=[f"model: {model}, sent in each batch's mpu-complete",
-                                 f"price: {price.label()} (source: {PRICE_SOURCE})"],
+                        details=[f"model: {model}, sent in each batch's mpu-complete"],
                         warnings=self.check_model(spec))
 
     def submit_round(self, ctx: RoundContext) -> bool:
