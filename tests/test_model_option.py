@@ -107,7 +107,7 @@ def test_dry_run_prices_each_model(env, tmp_path, images, caplog):
     assert "model: moondream3.1, sent in each batch's mpu-complete" in v31["details"]
     assert v31["basis"].startswith("moondream3.1 batch: $0.15/M input, $0.5/M output tokens "
                                    "(moondream.ai/pricing")
-    assert "moondream3-preview (the API's default)" in default["details"][0]
+    assert default["details"] == ["model: moondream3-preview (the API's default: no model is sent)"]
     assert v31["warnings"] == [] and v31["provider_options"] == {}
     # A name the price table does not know is sent as given, with a warning and the dearest price.
     odd = moonbatch.dry_run(str(images), out, model="moondream-9000")

@@ -201,11 +201,12 @@ class MoondreamBatchProvider:
         out_tok = items * estimate_output_tokens(spec.options)
         upload = math.ceil(image_bytes * 4 / 3) + items * LINE_OVERHEAD_BYTES
         price = model_price(spec.model, "batch")
-        model = spec.model or f"{DEFAULT_MODEL} (the API's default)"
+        model = f"{spec.model}, sent in each batch's mpu-complete" if spec.model else \
+            f"{DEFAULT_MODEL} (the API's default: no model is sent)"
         return Estimate(items, shards, upload, in_tok, out_tok, None,
                         price.cost(in_tok, out_tok),
                         f"{price.label()} ({PRICE_SOURCE}); token counts are estimates",
-                        details=[f"model: {model}, sent in each batch's mpu-complete"],
+                        details=[f"model: {model}"],
                         warnings=self.check_model(spec))
 
     def submit_round(self, ctx: RoundContext) -> bool:
