@@ -58,6 +58,8 @@ class AlreadyComplete(RunExists):
 # A producer renews its planning lease every quarter of this while it lists and plans; a
 # start whose lease expired (or was released) is dead and the same command takes it over.
 PLANNING_LEASE_SECONDS = 30.0
+# ``provider_options`` (fal's priority, payload retention, queue timeout) change how a run is
+# sent, not its rows: the same command with other ones is still the same command.
 _COMPARED = ("input", "output", "provider", "endpoint", "shard_size", "max_pixels", "model",
              "skip_existing", "input_kind", "input_options", "output_format", "more_options")
 
