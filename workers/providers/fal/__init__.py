@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 import orjson
 
 from moonbatch.workers import layout
-from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild
+from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild, realtime_only_refusal
 from moonbatch.workers.pool import ordered_map
 from moonbatch.workers.providers import (
     Estimate,
@@ -137,10 +137,14 @@ class FalProvider(RoundSteps):
 
     # -- before the run --------------------------------------------------------------------------
     def check_spec(self, spec: RunSpec) -> None:
-        """Unknown endpoint, a skill or option it cannot serve, a model it does not run
+        """A skill or option only the real-time API serves (``realtime_only``), an unknown
+        endpoint, a skill or option it cannot serve, a model it does not run
         (``check_model``), or a provider option fal does not take or a value out of range
         (``priority`` normal|low, ``store_io`` a bool, ``request_timeout`` seconds > 0):
         ``ValueError``."""
+        refusal = realtime_only_refusal(spec, self.name)
+        if refusal:
+            raise ValueError(refusal)
         for endpoint, options in zip(skill_endpoints(spec), spec.all_options, strict=True):
             check_options(endpoint, options)
         self.check_model(spec)
