@@ -208,3 +208,23 @@ def test_fal_headers_and_model_id_reach_the_queue(s3, bucket, env, fleet, emulat
     for prefix in ("f/low/", "f/plain/"):
         rows = read_results(s3, bucket, prefix)
         assert len(rows) == 3 and all(r["status"] == "ok" for r in rows), rows
+
+
+def test_every_provider_answers_check_model_and_refuses_foreign_options(tmp_path):
+    """Shared code asks every provider for ``check_model`` (``runs.new_spec``, the start's
+    warnings, the dry run): a provider added to ``PROVIDERS`` must answer it, and must refuse
+    provider options it does not take rather than ignore them."""
+    from moonbatch.config import get_settings
+    from moonbatch.producer.runs import new_spec
+    from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.providers import PROVIDERS, get_provider
+
+    for name in PROVIDERS:
+        provider = get_provider(name)
+        assert callable(getattr(provider, "check_model", None)), name
+        spec = new_spec(str(tmp_path / "in"), str(tmp_path / "out"),
+                        SkillOptions(skill="caption"), get_settings(), provider=name)
+        assert isinstance(provider.check_model(spec), list), name
+        odd = spec.model_copy(update={"provider_options": {"no_such_option": 1}})
+        with pytest.raises(ValueError):
+            provider.check_spec(odd)
