@@ -106,6 +106,7 @@ def demo(output: Annotated[Path, typer.Option(
 
 @app.command(epilog=epilog(
     "moonbatch emulator --port 8787 --api-key K",
+    "moonbatch emulator --port 2020 --realtime-no-key   # real-time routes like Moondream Station",
     "MOONBATCH_MOONDREAM_URL=http://127.0.0.1:8787/v1 MOONDREAM_API_KEY=K moonbatch run ..."))
 def emulator(port: Annotated[int, typer.Option(
                  "--port", metavar="INTEGER", help="TCP port to listen on (0: any free port)")] = 8787,
@@ -119,16 +120,26 @@ def emulator(port: Annotated[int, typer.Option(
              fal_key: Annotated[Optional[str], typer.Option(
                  "--fal-key", envvar="FAL_KEY", show_envvar=True, metavar="TEXT",
                  help="key fal clients must send (Authorization: Key <key>; default: a random "
-                 "key, printed)")] = None) -> None:
-    """Serve the Moondream Batch API emulator and the fal queue API emulator on one port (for
-    tests, benchmarks and offline work)."""
+                 "key, printed)")] = None,
+             realtime_no_key: Annotated[bool, typer.Option(
+                 "--realtime-no-key", help="serve the real-time routes (/v1/caption, /v1/query, "
+                 "/v1/detect, /v1/point, /v1/segment) without a key, as Moondream Station does "
+                 "(default: they need the API key, as Moondream Cloud does)")] = False) -> None:
+    """Serve the Moondream Batch API emulator, the Moondream real-time API emulator and the fal
+    queue API emulator on one port (for tests, benchmarks and offline work)."""
+    from moonbatch.emulator.realtime import RealtimeConfig
     from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 
     key = api_key or uuid.uuid4().hex
     fkey = fal_key or uuid.uuid4().hex
-    server = EmulatorServer(EmulatorConfig(api_key=key, fal_key=fkey), host=host, port=port)
+    config = EmulatorConfig(api_key=key, fal_key=fkey,
+                            realtime=RealtimeConfig(require_key=not realtime_no_key))
+    server = EmulatorServer(config, host=host, port=port)
     err.print(f"Moondream Batch API emulator on {server.url}"
               + ("" if api_key else f" (API key: {key})") + f"; files in {server.emulator.dir}")
+    err.print(f"Moondream real-time API emulator on {server.url} (MOONBATCH_REALTIME_URL="
+              f"{server.url}; " + ("no key needed, as Moondream Station)" if realtime_no_key
+                                   else "the same API key)"))
     err.print(f"fal queue emulator on {server.fal_url} (MOONBATCH_FAL_QUEUE_URL={server.fal_url})"
               + ("" if fal_key else f" (fal key: {fkey})"))
     try:
