@@ -212,6 +212,8 @@ def env(redis_server: RedisServer, s3_endpoint: str, state_bucket: str, emulator
         "MOONBATCH_MOONDREAM_URL": emulator.url,
         "FAL_KEY": emulator.config.fal_key,
         "MOONBATCH_FAL_QUEUE_URL": emulator.fal_url,
+        # The real-time provider: the emulator's /v1/<skill> routes (its key: MOONDREAM_API_KEY).
+        "MOONBATCH_REALTIME_URL": emulator.url, "MOONBATCH_REALTIME_RATE": "10",
         "MOONBATCH_POLL_MIN_INTERVAL": "0.2", "MOONBATCH_POLL_MAX_INTERVAL": "1",
         "MOONBATCH_PART_SIZE": str(256 * 1024),
         "MOONBATCH_HTTP_MAX_ATTEMPTS": "4", "MOONBATCH_HTTP_BACKOFF_MAX": "1",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from moonbatch.workers.models import SkillOptions
+from moonbatch.workers.models import SPATIAL_REFS_SKILLS, SkillOptions
 
 MAX_IMAGE_BYTES = 7_500_000  # a request over 10 MB is rejected (FACTS.md): ~7.5 MB of image
 REQUEST_OVERHEAD = 1_000  # bytes of a body besides the image's data URI
@@ -48,9 +48,8 @@ def request_payload(options: SkillOptions, image_url: str, model: str | None = N
             body["reasoning"] = options.reasoning
     else:
         body["object"] = fields["object"]
-    refs = getattr(options, "spatial_refs", None)
-    if refs and skill in ("query", "point", "segment"):
-        body["spatial_refs"] = refs
+    if fields.get("spatial_refs") and skill in SPATIAL_REFS_SKILLS:
+        body["spatial_refs"] = fields["spatial_refs"]
     if skill in ("caption", "query", "segment"):
         body["stream"] = False  # the whole answer at once (streaming is not needed)
     if fields.get("settings"):
