@@ -14,7 +14,6 @@ import io
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -224,8 +223,9 @@ def env(redis_server: RedisServer, s3_endpoint: str, state_bucket: str, emulator
 
 
 def moonbatch_cmd() -> list[str]:
-    exe = shutil.which("moonbatch")
-    return [exe] if exe else [sys.executable, "-m", "moonbatch"]
+    """The CLI of the checkout under test: ``python -m moonbatch`` from the checkout's root (the
+    ``moonbatch`` script on PATH imports whichever checkout was installed)."""
+    return [sys.executable, "-m", "moonbatch"]
 
 
 @pytest.fixture(scope="session")

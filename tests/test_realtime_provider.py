@@ -1,0 +1,218 @@
+"""The real-time provider (``--provider moondream-realtime``) end to end: S3 (moto) → producer →
+Redis → real Celery workers → the emulator's real-time routes over HTTP → merged rows in S3.
+
+All five skills in one run, each row checked against the answer the emulator computes from the
+photograph it came from; 429s and 5xx survived; a worker SIGKILLed and Redis emptied mid-run,
+then ``resume``, with every item exactly once; a Moondream Station URL with no key; a missing key
+for Moondream Cloud refused before anything is sent; cancel stops sending; the dry run's price."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+import uuid
+
+import pytest
+
+from moonbatch.emulator.realtime import RealtimeConfig, RealtimeFaults, expected_answer
+from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
+from tests.conftest import (
+    RedisServer,
+    Worker,
+    free_port,
+    private_env,
+    read_json,
+    read_results,
+    run_cli,
+    tiny_jpeg,
+    upload_photos,
+    wait_for_completion,
+    wait_for_run,
+)
+
+PROVIDER = ["--provider", "moondream-realtime"]
+# Every skill in one run; detect, point and segment share --object.
+SKILLS = {"caption": {"length": "short"}, "query": {"question": "What is shown?"},
+          "detect": {"object": "face"}, "point": {"object": "face"}, "segment": {"object": "face"}}
+ARGS = ["--skill", "caption", "--length", "short", "--skill", "query", "--question",
+        "What is shown?", "--skill", "detect", "--skill", "point", "--skill", "segment",
+        "--object", "face"]
+
+
+def put_tiny(s3, bucket: str, prefix: str, n: int) -> None:
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"{prefix}img{i:04d}.jpg",
+                                              Body=tiny_jpeg(i)), range(n)))
+
+
+def test_all_five_skills_with_faults(s3, bucket, env, fleet, emulator):
+    """One multi-skill run over real photographs while the API answers some requests 429 (with
+    Retry-After) and 5xx: every row holds every skill's answer for its own image."""
+    photos = upload_photos(s3, bucket, "photos/")
+    emulator.config.realtime = RealtimeConfig(faults=RealtimeFaults(
+        seed=5, rate_429=0.1, retry_after=0.2, rate_5xx=0.1))
+    realtime = emulator.emulator.realtime
+    before = dict(realtime.injected)
+    run_cli(["submit", f"s3://{bucket}/photos/", f"s3://{bucket}/out/", *PROVIDER,
+             "--shard-size", "5", *ARGS], env)
+    summary = wait_for_run(s3, bucket, "out/", timeout=120)
+    assert summary["status"] == "completed", summary
+    assert summary["skill"] == "caption+query+detect+point+segment"
+    rows = read_results(s3, bucket, "out/")
+    assert sorted(r["id"] for r in rows) == sorted(photos)  # each exactly once
+    for row in rows:
+        assert row["status"] == "ok", row
+        image = photos[row["id"]]
+        for skill, fields in SKILLS.items():
+            want = expected_answer(skill, fields, image)
+            assert row["result"][skill] == want, (row["id"], skill)
+        segment = row["result"]["segment"]
+        assert segment["path"].startswith("M ") and set(segment["bbox"]) == {
+            "x_min", "y_min", "x_max", "y_max"}
+        assert row["usage"]["input_tokens"] > 0 and row["usage"]["output_tokens"] > 0
+    injected = {k: realtime.injected[k] - before.get(k, 0) for k in realtime.injected}
+    assert injected["429"] > 0 and injected["5xx"] > 0, injected  # faults were met, and survived
+    merged = [read_json(s3, bucket, f"out/_moonbatch/shards/{s:05d}/r0/merged.json")
+              for s in range(summary["shards"]["total"])]
+    assert sum(m["rate_limited"] for m in merged) > 0
+    assert sum(m["transient_errors"] for m in merged) > 0
+    assert all(s["keyed"] for s in realtime.seen[-20:])  # the key went to the configured URL
+
+
+def test_a_refused_request_is_an_error_row_with_the_apis_code(s3, bucket, env, fleet, emulator):
+    """A 4xx other than 429 (here an unknown model) ends the item as an error row carrying the
+    API's code and message; nothing is retried."""
+    put_tiny(s3, bucket, "in/", 3)
+    run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", *PROVIDER],
+            {**env, "MOONBATCH_MODEL": "no-such-model"})
+    summary = wait_for_run(s3, bucket, "out/", timeout=60)
+    rows = read_results(s3, bucket, "out/")
+    assert len(rows) == 3 and summary["counts"]["error"] == 3
+    for row in rows:
+        assert row["error"]["code"] == "invalid_model", row
+        assert "no-such-model" in row["error"]["message"]
+
+
+def test_station_url_needs_no_key(s3, bucket, env, tmp_path):
+    """A Moondream Station (an emulator that takes no key) with MOONDREAM_API_KEY unset: the
+    run completes, no request carried a key, and the dry run says there is no token cost."""
+    put_tiny(s3, bucket, "in/", 6)
+    config = EmulatorConfig(api_key="unused-" + uuid.uuid4().hex,
+                            realtime=RealtimeConfig(require_key=False))
+    redis_server = RedisServer(free_port(), tmp_path)
+    redis_server.start()
+    queue = "station-" + uuid.uuid4().hex[:6]
+    with EmulatorServer(config) as station:
+        senv = {k: v for k, v in private_env(env, redis_server).items()
+                if k not in ("MOONDREAM_API_KEY", "MOONBATCH_API_KEY")}
+        senv.update({"MOONBATCH_QUEUE": queue, "MOONBATCH_REALTIME_URL": station.url})
+        dry = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", *PROVIDER,
+                       "--dry-run"], senv)
+        assert "no token cost" in dry.stdout + dry.stderr
+        try:
+            with Worker(senv, queue, tmp_path / "worker.log", concurrency=2):
+                run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", *PROVIDER,
+                         "--skill", "segment", "--object", "face"], senv)
+                summary = wait_for_completion(s3, bucket, "out/", senv, timeout=90)
+        finally:
+            redis_server.kill()
+        assert summary["counts"]["ok"] == 6
+        seen = [s for s in station.emulator.realtime.seen if s["skill"] == "segment"]
+        assert len(seen) == 6 and not any(s["keyed"] for s in seen)
+        rows = read_results(s3, bucket, "out/")
+        assert all(set(r["result"]) >= {"path", "bbox"} for r in rows)
+
+
+def test_missing_key_for_moondream_cloud_is_refused_in_preflight(s3, bucket, env):
+    put_tiny(s3, bucket, "in/", 1)
+    cenv = {k: v for k, v in env.items() if k not in ("MOONDREAM_API_KEY", "MOONBATCH_API_KEY")}
+    cenv["MOONBATCH_REALTIME_URL"] = "https://api.moondream.ai/v1"
+    proc = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", *PROVIDER], cenv,
+                   check=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "MOONDREAM_API_KEY is not set" in ln]
+    assert len(lines) == 1, proc.stderr
+    assert "MOONBATCH_REALTIME_URL" in lines[0]
+    assert not s3.list_objects_v2(Bucket=bucket, Prefix="out/_moonbatch/shards/").get("KeyCount")
+
+
+def test_dry_run_prices_the_model_at_real_time_rates(s3, bucket, env):
+    put_tiny(s3, bucket, "in/", 4)
+    cenv = {**env, "MOONBATCH_REALTIME_URL": "https://api.moondream.ai/v1"}
+    proc = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", *PROVIDER,
+                    "--dry-run"], cenv)
+    text = proc.stdout + proc.stderr
+    assert "moondream3-preview realtime: $0.3/M input, $2.5/M output tokens" in text, text
+    assert "requests/s" in text
+
+
+def test_cancel_stops_sending(s3, bucket, env, fleet, emulator):
+    put_tiny(s3, bucket, "in/", 60)
+    emulator.config.realtime = RealtimeConfig(processing_seconds=0.2)
+    realtime = emulator.emulator.realtime
+    before = realtime.calls.get("caption", 0)
+    run_id = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", *PROVIDER],
+                     env).stdout.strip().splitlines()[-1]
+    deadline = time.time() + 30
+    while time.time() < deadline and realtime.calls.get("caption", 0) - before < 5:
+        time.sleep(0.1)
+    proc = run_cli(["cancel", run_id], env)
+    assert "shard(s) stopped sending" in proc.stdout, proc.stdout
+    time.sleep(2.0)  # a step looks at the cancel marker every second; answers in flight land
+    stopped_at = realtime.calls.get("caption", 0)
+    time.sleep(2.0)
+    assert realtime.calls.get("caption", 0) == stopped_at  # nothing more is sent
+    assert stopped_at - before < 60
+    assert read_json(s3, bucket, "out/run.json")["status"] == "cancelled"
+
+
+@pytest.mark.timeout(300)
+def test_worker_kill_and_emptied_redis_resume_exactly_once(s3, bucket, env, tmp_path):
+    """A run on a private fleet: the worker is SIGKILLed mid-round, Redis restarted empty (queues
+    and rate windows gone), a new worker and ``resume``; then killed once more. Every item ends
+    exactly once."""
+    n_images, shard_size = 80, 20
+    config = EmulatorConfig(api_key="rt-" + uuid.uuid4().hex, realtime=RealtimeConfig(
+        processing_seconds=0.05, faults=RealtimeFaults(seed=9, rate_5xx=0.05, rate_429=0.03,
+                                                       retry_after=0.2)))
+    redis_server = RedisServer(free_port(), tmp_path)
+    redis_server.start()
+    queue = "rtchaos-" + uuid.uuid4().hex[:6]
+    put_tiny(s3, bucket, "in/", n_images)
+    with EmulatorServer(config) as emu:
+        cenv = {**private_env(env, redis_server), "MOONBATCH_QUEUE": queue,
+                "MOONDREAM_API_KEY": config.api_key, "MOONBATCH_REALTIME_URL": emu.url,
+                "MOONBATCH_REALTIME_RATE": "12", "MOONBATCH_VISIBILITY_TIMEOUT": "8",
+                "MOONBATCH_LEASE_SECONDS": "4", "MOONBATCH_RECONCILE_INTERVAL": "2",
+                "MOONBATCH_TASK_RETRY_BACKOFF_MAX": "2"}
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        worker = Worker(cenv, queue, logs / "worker.log", concurrency=3).start()
+        try:
+            run_id = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", *PROVIDER,
+                              "--shard-size", str(shard_size)], cenv).stdout.strip().splitlines()[-1]
+            realtime = emu.emulator.realtime
+            deadline = time.time() + 60
+            while time.time() < deadline and realtime.calls.get("caption", 0) < 10:
+                time.sleep(0.05)
+            worker.kill()  # SIGKILL mid-step: its lines are sent again by the next step
+            redis_server.restart_empty()  # queues, ETAs, slots and rate windows gone
+            worker = Worker(cenv, queue, logs / "worker.log", concurrency=3).start()
+            run_cli(["resume", run_id], cenv)
+            deadline = time.time() + 60
+            while time.time() < deadline and realtime.calls.get("caption", 0) < 40:
+                time.sleep(0.05)
+            worker.kill()  # and once more: its tasks come back after the visibility timeout
+            worker = Worker(cenv, queue, logs / "worker.log", concurrency=3).start()
+            run_cli(["resume", run_id], cenv)
+            summary = wait_for_completion(s3, bucket, "out/", cenv, timeout=180)
+        finally:
+            worker.stop()
+            redis_server.kill()
+        rows = read_results(s3, bucket, "out/")
+        ids = [r["id"] for r in rows]
+        assert len(ids) == len(set(ids)) == n_images  # every item exactly once
+        assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+        assert summary["counts"]["ok"] == n_images
+        log = (logs / "worker.log").read_text()
+        assert config.api_key not in log and "base64," not in log
