@@ -4,7 +4,8 @@ a notebook) as the ``moonbatch`` command line does, without a shell. README "Pyt
 Settings come from the environment as for the command line (``MOONBATCH_BROKER_URL``,
 ``MOONBATCH_STATE_URL``, ``MOONDREAM_API_KEY``, ``FAL_KEY``...; README "Configuration").
 Options go by the command line's names in Python spelling: ``question``, ``object``,
-``length``, ``reasoning``, ``temperature``, ``top_p``, ``max_tokens``, ``shard_size``,
+``length``, ``reasoning``, ``temperature``, ``top_p``, ``max_tokens``, ``spatial_refs`` (a list
+of ``[x, y]`` points and ``[x_min, y_min, x_max, y_max]`` boxes, normalised 0..1), ``shard_size``,
 ``max_pixels``, ``endpoint``, ``input_format``, ``id_column``, ``image_column``, ``base``,
 ``format`` (``jsonl`` or ``parquet``), ``skip_existing``.
 

@@ -10,6 +10,7 @@ command line does (``--format``), which is how README and ``moonbatch --help`` l
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any, get_args
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 
 #: The skill options (``workers.models.SkillOptions``' fields) and the skills taking each.
 SKILL_OPTIONS = {"length": ("caption",), "question": ("query",), "reasoning": ("query",),
-                 "object": ("detect", "point"), "temperature": ("caption", "query"),
-                 "top_p": ("caption", "query"), "max_tokens": ("caption", "query")}
+                 "object": ("detect", "point", "segment"), "temperature": ("caption", "query"),
+                 "top_p": ("caption", "query"), "max_tokens": ("caption", "query"),
+                 "spatial_refs": ("query", "point", "segment")}
 #: The options that shape a run other than its skills (``new_spec``'s, by their Python names).
 RUN_OPTIONS = ("shard_size", "max_pixels", "provider", "endpoint", "input_format", "id_column",
                "image_column", "base", "format", "skip_existing")
@@ -61,18 +63,49 @@ def skill_options(skill: str | Sequence[str] | None = None, **given: Any):
         raise InvalidOption(f"--skill {next(n for n in names if names.count(n) > 1)} is given "
                             "twice: each skill once per run", option="--skill")
     given = {k: given.get(k) for k in SKILL_OPTIONS}
+    given["spatial_refs"] = spatial_refs(given["spatial_refs"])
     try:
         if len(names) == 1:
             return SkillOptions(skill=names[0], **given)
         for key, value in given.items():
             if value is not None and not set(SKILL_OPTIONS[key]) & set(names):
-                raise InvalidOption(f"{flag(key)} applies to --skill "
-                                    f"{' and '.join(SKILL_OPTIONS[key])} only", option=flag(key))
+                takers = SKILL_OPTIONS[key]
+                names = " and ".join(takers) if len(takers) < 3 else \
+                    ", ".join(takers[:-1]) + " and " + takers[-1]
+                raise InvalidOption(f"{flag(key)} applies to --skill {names} only",
+                                    option=flag(key))
         return [SkillOptions(skill=n, **{k: v for k, v in given.items()
                                          if v is not None and n in SKILL_OPTIONS[k]})
                 for n in names]
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def spatial_refs(value: Any) -> list[list[float]] | None:
+    """``--spatial-refs`` as ``SkillOptions`` takes it: JSON text (the command line's) or a
+    list, of ``[x, y]`` points and ``[x_min, y_min, x_max, y_max]`` boxes normalised 0..1; a
+    single ref may be given bare (``[0.5, 0.5]``). None stays None. Raises ``InvalidOption``
+    for text that is not such JSON (the ranges are ``SkillOptions``' to check)."""
+    if value is None:
+        return None
+    text = value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if isinstance(value, list) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        value = [value]  # one ref, bare
+    if not isinstance(value, list) or not all(
+            isinstance(r, (list, tuple)) and all(isinstance(v, (int, float))
+                                                 and not isinstance(v, bool) for v in r)
+            for r in value):
+        raise InvalidOption(f"--spatial-refs {text}: not a JSON list of refs: give e.g. "
+                            "'[[0.5, 0.5], [0.1, 0.1, 0.4, 0.6]]' ([x, y] points, "
+                            "[x_min, y_min, x_max, y_max] boxes, normalised 0..1)",
+                            option="--spatial-refs", value=text)
+    return [list(r) for r in value]
 
 
 def _invalid(exc: ValidationError) -> InvalidOption:

@@ -27,7 +27,8 @@ Environment (README "Configuration" lists every variable):
   MOONBATCH_S3_ENDPOINT_URL  S3-compatible endpoint (MinIO, R2); AWS credentials as boto3 reads them"""
 
 SkillOpt = Annotated[Optional[list[str]], typer.Option(
-    "--skill", metavar="SKILL", help="caption | query | detect | point (default caption); "
+    "--skill", metavar="SKILL", help="caption | query | detect | point | segment (default "
+    "caption; segment: --provider moondream-realtime only); "
     "repeat it for several skills in one run: each image is sent once per skill and its row "
     "holds every skill's result under the skill's name")]
 LengthOpt = Annotated[Optional[str], typer.Option(
@@ -36,7 +37,12 @@ LengthOpt = Annotated[Optional[str], typer.Option(
 QuestionOpt = Annotated[Optional[str], typer.Option(
     "--question", metavar="TEXT", help="the question to ask of each image (query; required)")]
 ObjectOpt = Annotated[Optional[str], typer.Option(
-    "--object", metavar="TEXT", help="what to find, e.g. \"face\" (detect, point; required)")]
+    "--object", metavar="TEXT", help="what to find, e.g. \"face\" (detect, point, segment; "
+    "required)")]
+SpatialRefsOpt = Annotated[Optional[str], typer.Option(
+    "--spatial-refs", metavar="JSON", help="where to look: a JSON list of [x, y] points and "
+    "[x_min, y_min, x_max, y_max] boxes, normalised 0..1, e.g. '[[0.5, 0.5]]' (query, point, "
+    "segment; --provider moondream-realtime only)")]
 ReasoningOpt = Annotated[Optional[bool], typer.Option(
     "--reasoning/--no-reasoning", help="chain of thought before the answer (query; default: the "
     "API's, on)")]

@@ -286,8 +286,9 @@ _instances: dict[str, Provider] = {}
 # per-image token counts) ----------------------------------------------------------------------
 CROP_TOKENS = 729  # one 378x378 crop (27x27 patches); the model sees at most 12 crops + 1 global
 BYTES_TO_PIXELS = 5  # a photograph's JPEG holds about 1.6 bits per pixel
+# segment: an SVG path of a few dozen points and curves (docs.moondream.ai/skills/segment).
 OUTPUT_TOKENS = {"caption:short": 20, "caption:normal": 60, "caption:long": 150,
-                 "query": 40, "query+reasoning": 100, "detect": 30, "point": 30}
+                 "query": 40, "query+reasoning": 100, "detect": 30, "point": 30, "segment": 200}
 
 
 def estimate_input_tokens(image_bytes: int, max_pixels: int) -> int:

@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from moonbatch.workers import layout
-from moonbatch.workers.models import RunSpec
+from moonbatch.workers.models import RunSpec, realtime_only_refusal
 from moonbatch.workers.providers import (
     Estimate,
     Limits,
@@ -114,7 +114,11 @@ class FalProvider(RoundSteps):
 
     # -- before the run --------------------------------------------------------------------------
     def check_spec(self, spec: RunSpec) -> None:
-        """Unknown endpoint, or a skill or option it cannot serve: ``ValueError``."""
+        """A skill or option only the real-time API serves (``realtime_only``), an unknown
+        endpoint, or a skill or option it cannot serve: ``ValueError``."""
+        refusal = realtime_only_refusal(spec, self.name)
+        if refusal:
+            raise ValueError(refusal)
         for endpoint, options in zip(skill_endpoints(spec), spec.all_options, strict=True):
             check_options(endpoint, options)
 

@@ -26,7 +26,7 @@ import orjson
 
 from moonbatch.config import Settings, get_settings
 from moonbatch.workers import layout, metrics, registry
-from moonbatch.workers.models import BatchRecord, RunSpec
+from moonbatch.workers.models import BatchRecord, RunSpec, realtime_only_refusal
 from moonbatch.workers.providers import (
     Estimate,
     Limits,
@@ -158,7 +158,11 @@ class MoondreamBatchProvider:
         return len(shards)
 
     def check_spec(self, spec: RunSpec) -> None:
-        """Every skill is served; ``--endpoint`` is fal's."""
+        """Every skill of seed 002 is served, not what only the real-time API serves
+        (``realtime_only``: segment, spatial refs); ``--endpoint`` is fal's."""
+        refusal = realtime_only_refusal(spec, self.name)
+        if refusal:
+            raise ValueError(refusal)
         if spec.endpoint:
             raise ValueError("--endpoint applies to --provider fal only: leave it out, or add "
                              "--provider fal")
