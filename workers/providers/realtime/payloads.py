@@ -11,7 +11,8 @@ real-time API"; ``moondream/cloud_vl.py`` of the official client 2.6.1).
 ``model`` goes into every body when the run names one. Answers are read liberally (extra
 fields ignored, ``metrics`` or ``usage`` for token counts); an answer without its skill's field
 is a ``BadAnswer``. Results have the Batch API's result shape (seed 002 "Result fields by
-skill"); a segment result is ``{"path", "bbox"}`` as the API gives them.
+skill"); a segment result is ``{"path", "bbox"}`` as the API gives them (``bbox`` null when
+the answer has none).
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ def result_of(skill: str, answer: dict[str, Any]) -> tuple[dict[str, Any], dict[
     elif skill == "segment":
         if not isinstance(answer.get("path"), str):
             raise BadAnswer("the segment answer has no path")
-        result = {"path": answer["path"]}
-        if isinstance(answer.get("bbox"), dict):
-            result["bbox"] = answer["bbox"]
+        # Both kept: an object not found is an empty path and a null bbox.
+        bbox = answer.get("bbox")
+        result = {"path": answer["path"], "bbox": bbox if isinstance(bbox, dict) else None}
     else:
         raise BadAnswer(f"no result shape for skill {skill!r}")
     return result, _usage(answer)
