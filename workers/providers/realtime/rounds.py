@@ -16,8 +16,8 @@ one send of the fleet's rate window (``slots.Rate``, requests per second). Answe
 - any other 4xx: the line ends as an error row with the API's code and message.
 
 A step that dies before recording its ledger leaves its lines to be sent again by the next step
-(the results it wrote are never read: only a recorded step's count). A step that loses the
-ledger race counts what it sent as possible duplicates.
+(if it had written its results document, the merge keeps one row per line all the same). A
+step that loses the ledger race counts what it answered as possible duplicates.
 """
 
 from __future__ import annotations
@@ -169,7 +169,6 @@ class RealtimeSteps(SteppedRounds):
                 stop_sending = True
                 return
             except (RealtimeTransient, BadAnswer) as exc:
-                answered += isinstance(exc, BadAnswer)
                 ledger["transient"] = ledger.get("transient", 0) + 1
                 metrics.requests(PROVIDER, skill, "failed")
                 n = tries[str(li)] = tries.get(str(li), 0) + 1
