@@ -40,6 +40,61 @@ ARGS = ["--skill", "caption", "--length", "short", "--skill", "query", "--questi
         "--object", "face"]
 
 
+def test_request_bodies_follow_the_official_client():
+    """The body of each skill has the fields ``CloudVL`` sends (FACTS.md), ``stream: false``
+    where the client sends ``stream``, and ``spatial_refs`` only where the skill takes them."""
+    from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.providers.realtime.payloads import request_payload
+
+    uri = "data:image/jpeg;base64,AAAA"
+    cases = {
+        "caption": ({"length": "short", "temperature": 0.5},
+                    {"image_url", "length", "stream", "settings"}),
+        "query": ({"question": "q?", "reasoning": True, "spatial_refs": [[0.5, 0.5]]},
+                  {"image_url", "question", "stream", "reasoning", "spatial_refs"}),
+        "detect": ({"object": "cat"}, {"image_url", "object"}),
+        "point": ({"object": "cat", "spatial_refs": [[0.1, 0.1, 0.4, 0.4]]},
+                  {"image_url", "object", "spatial_refs"}),
+        "segment": ({"object": "cat"}, {"image_url", "object", "stream"}),
+    }
+    for skill, (fields, keys) in cases.items():
+        body = request_payload(SkillOptions(skill=skill, **fields), uri)
+        assert set(body) == keys, (skill, body)
+        assert body.get("stream", False) is False
+    body = request_payload(SkillOptions(skill="detect", object="x"), uri, "moondream3.1")
+    assert body["model"] == "moondream3.1"
+
+
+def test_the_key_is_needed_for_moondream_cloud_only(monkeypatch):
+    from moonbatch.workers.providers.realtime.settings import RealtimeSettings
+
+    monkeypatch.delenv("MOONDREAM_API_KEY", raising=False)
+    monkeypatch.delenv("MOONBATCH_API_KEY", raising=False)
+    cloud = RealtimeSettings(realtime_url="https://api.moondream.ai/v1/")
+    assert cloud.realtime_url == "https://api.moondream.ai/v1" and cloud.needs_key()
+    assert "MOONDREAM_API_KEY is not set" in cloud.missing_key()
+    assert "\n" not in cloud.missing_key()
+    station = RealtimeSettings(realtime_url="http://localhost:2020/v1")
+    assert not station.needs_key() and station.missing_key() is None
+    assert RealtimeSettings(realtime_url="https://api.moondream.ai.example.com/v1").needs_key() \
+        is False  # a look-alike host is not Moondream Cloud
+
+
+def test_the_rate_is_shared_by_every_holder(env):
+    """Two workers' ``Rate`` on the same broker share one window: at most the rate per second."""
+    from moonbatch.config import get_settings
+    from moonbatch.workers.slots import Rate
+
+    name = "test-" + uuid.uuid4().hex
+    a, b = Rate(get_settings(), name, 5), Rate(get_settings(), name, 5)
+    got_a, _ = a.take(4, "a")
+    got_b, wait = b.take(4, "b")
+    assert (got_a, got_b) == (4, 1) and 0 < wait <= 1.0
+    assert a.take(1, "c")[0] == 0
+    time.sleep(wait + 0.05)
+    assert b.take(9, "d")[0] >= 1  # the window slid on
+
+
 def put_tiny(s3, bucket: str, prefix: str, n: int) -> None:
     with cf.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"{prefix}img{i:04d}.jpg",
