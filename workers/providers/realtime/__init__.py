@@ -26,9 +26,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from moonbatch.workers import layout
-from moonbatch.workers.models import RunSpec, SkillOptions
+from moonbatch.workers.models import RunSpec
 from moonbatch.workers.providers import (
-    OUTPUT_TOKENS,
     Estimate,
     Limits,
     Poll,
@@ -55,15 +54,6 @@ from moonbatch.workers.storage import get_json_or_none
 
 MAX_SHARD_LINES = 10_000  # images per shard: a shard's ledger stays small, many shards share the rate
 RETRYABLE_CODES = frozenset({"request_failed"})
-SEGMENT_OUTPUT_TOKENS = 200  # an SVG path of a few dozen commands (an estimate)
-
-
-def _output_tokens(options: SkillOptions) -> int:
-    """``estimate_output_tokens``, with an estimate for skills the shared table lacks."""
-    try:
-        return estimate_output_tokens(options)
-    except KeyError:
-        return OUTPUT_TOKENS.get(options.skill, SEGMENT_OUTPUT_TOKENS)
 
 
 class RealtimeProvider(RealtimeSteps):
@@ -148,7 +138,7 @@ class RealtimeProvider(RealtimeSteps):
         requests = k * items
         avg = image_bytes // items if items else 0
         in_tok = k * items * estimate_input_tokens(avg, spec.max_pixels)
-        out_tok = items * sum(_output_tokens(o) for o in spec.all_options)
+        out_tok = items * sum(estimate_output_tokens(o) for o in spec.all_options)
         upload = k * math.ceil(image_bytes * 4 / 3)
         minutes = requests / rs.realtime_rate / 60
         pace = (f"at MOONBATCH_REALTIME_RATE={rs.realtime_rate:g} requests/s: at least "
