@@ -224,10 +224,13 @@ class RealtimeSteps(SteppedRounds):
                     granted = granted[:permits]
                     lines = take(len(granted))
                     cap.release(granted[len(lines):])
-                    self._send(ctx, build, lines, granted, images, running, pool, client,
-                               cap, out, ledger)
-                    if not granted and not running and wait > stop_at - time.monotonic():
-                        break  # the window opens after this step's time: the next step sends
+                    self._send(ctx, build, lines, granted[:len(lines)], images, running, pool,
+                               client, cap, out, ledger)
+                    if not granted and not running and (
+                            not wait or wait > stop_at - time.monotonic()):
+                        # The fleet's slots are all held, or the rate window opens after this
+                        # step's time: the next step sends (no worker slot waits meanwhile).
+                        break
                     wait = max(0.05, wait) if not granted else 0.0
                 elif not running:
                     if stop_sending or not later:
