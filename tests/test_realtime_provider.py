@@ -195,6 +195,30 @@ def test_cancel_stops_sending(s3, bucket, env, fleet, emulator):
     assert read_json(s3, bucket, "out/run.json")["status"] == "cancelled"
 
 
+def test_per_row_options_from_a_manifest(tmp_path, s3, bucket, env, fleet):
+    """A manifest's ``object`` column overrides the run's for that row (segment), and an empty
+    cell keeps the run's."""
+    import json
+
+    from tests.conftest import photos_dir
+
+    rows = [("astronaut.png", "wheel"), ("chelsea.png", ""), ("rocket.jpg", "sky")]
+    for name, _ in rows:
+        (tmp_path / name).write_bytes((photos_dir() / name).read_bytes())
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": n, "image": n, "object": o}) + "\n"
+                                for n, o in rows))
+    run_cli(["submit", str(manifest), f"s3://{bucket}/out/", *PROVIDER, "--skill", "segment",
+             "--object", "face"], env)
+    summary = wait_for_run(s3, bucket, "out/", timeout=60)
+    assert summary["counts"]["ok"] == 3
+    got = {r["id"]: r["result"] for r in read_results(s3, bucket, "out/")}
+    for name, obj in rows:
+        want = expected_answer("segment", {"object": obj or "face"},
+                               (photos_dir() / name).read_bytes())
+        assert got[name] == want, name
+
+
 @pytest.mark.timeout(300)
 def test_station_fleet_survives_kills_and_an_emptied_redis(s3, bucket, env, tmp_path):
     """A Moondream Station (the emulator taking no key) with MOONDREAM_API_KEY unset, answering
