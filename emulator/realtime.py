@@ -23,11 +23,12 @@ Usage: every answer carries ``metrics`` ``{input_tokens, output_tokens, prefill_
 decode_time_ms, ttft_ms}`` (FACTS.md: caption answers ``metrics``; the emulator reports them for
 every skill, timings derived from the token counts so they are deterministic).
 
-Streaming (``stream: true``; the client reads server-sent events ``data: <json>``): caption and
-query send ``{"chunk": "<text>"}`` events, then ``{"completed": true, "metrics", "finish_reason"}``;
-segment sends ``{"type": "bbox", "bbox"}``, ``{"type": "path_delta", "chunk", "completed": false}``
-events, then ``{"type": "final", "path", "bbox", "completed": true, "metrics"}``. Detect and point
-ignore ``stream``.
+Streaming (``stream: true``; the client reads server-sent events ``data: <json>``, each with
+``request_id``): caption and query send ``{"chunk": "<text>", "completed": false}`` events, then
+``{"chunk": "", "completed": true, "metrics", "finish_reason"}`` (docs "skills/caption");
+segment sends ``{"type": "bbox", "bbox"}``, ``{"type": "path_delta", "chunk", "completed":
+false}`` events, then ``{"type": "final", "path", "bbox", "completed": true, "metrics"}``.
+Detect and point ignore ``stream``.
 
 Errors: ``{"error": {"message", "type", "param", "code"}}`` with 400 (invalid request, an image
 that does not decode, an unknown model), 401 (``X-Moondream-Auth`` missing or wrong while
@@ -465,24 +466,30 @@ class RealtimeEmulation:
         request_id = str(uuid.uuid4())
         mx = metrics(usage)
         if payload.get("stream") is True and skill in ("caption", "query", "segment"):
-            return _sse(self._events(skill, result, mx))
+            return _sse(self._events(skill, result, mx, request_id))
         body: dict[str, Any] = {"request_id": request_id, **result, "metrics": mx}
         if skill in ("caption", "query"):
             body["finish_reason"] = "stop"
         return Response(json.dumps(body), mimetype="application/json")
 
     @staticmethod
-    def _events(skill: str, result: dict[str, Any], mx: dict[str, Any]) -> list[dict[str, Any]]:
+    def _events(skill: str, result: dict[str, Any], mx: dict[str, Any], request_id: str
+                ) -> list[dict[str, Any]]:
+        """The server-sent events of a streamed answer (docs "skills/caption" and
+        "skills/segment"; the client's ``_stream_response``/``_stream_segment_response``)."""
+        rid = {"request_id": request_id}
         if skill == "segment":
             path = result["path"]
             n = max(1, math.ceil(len(path) / 40))
-            deltas = [{"type": "path_delta", "chunk": path[i * 40:(i + 1) * 40], "completed": False}
+            deltas = [{"type": "path_delta", "chunk": path[i * 40:(i + 1) * 40],
+                       "completed": False, **rid}
                       for i in range(n) if path[i * 40:(i + 1) * 40]]
-            return [{"type": "bbox", "bbox": result["bbox"]}, *deltas,
+            return [{"type": "bbox", "bbox": result["bbox"], "completed": False, **rid}, *deltas,
                     {"type": "final", "path": path, "bbox": result["bbox"], "completed": True,
-                     "metrics": mx}]
+                     "metrics": mx, **rid}]
         text = result["caption"] if skill == "caption" else result["answer"]
-        final: dict[str, Any] = {"completed": True, "metrics": mx, "finish_reason": "stop"}
+        final: dict[str, Any] = {"chunk": "", "completed": True, "metrics": mx,
+                                 "finish_reason": "stop", **rid}
         if "reasoning" in result:
             final["reasoning"] = result["reasoning"]
-        return [*({"chunk": c} for c in _chunks(text)), final]
+        return [*({"chunk": c, "completed": False, **rid} for c in _chunks(text)), final]
