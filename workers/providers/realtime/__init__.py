@@ -56,6 +56,15 @@ MAX_SHARD_LINES = 10_000  # images per shard: a shard's ledger stays small, many
 RETRYABLE_CODES = frozenset({"request_failed"})
 
 
+def _duration(seconds: float) -> str:
+    """``"40 s"``, ``"12.5 min"``, ``"3.2 h"``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:,.1f} h"
+
+
 class RealtimeProvider(RealtimeSteps):
     """The real-time Moondream API (Moondream Cloud or a Moondream Station) as a provider."""
 
@@ -140,9 +149,8 @@ class RealtimeProvider(RealtimeSteps):
         in_tok = k * items * estimate_input_tokens(avg, spec.max_pixels)
         out_tok = items * sum(estimate_output_tokens(o) for o in spec.all_options)
         upload = k * math.ceil(image_bytes * 4 / 3)
-        minutes = requests / rs.realtime_rate / 60
         pace = (f"at MOONBATCH_REALTIME_RATE={rs.realtime_rate:g} requests/s: at least "
-                f"{minutes:,.1f} min")
+                f"{_duration(requests / rs.realtime_rate)}")
         if not rs.needs_key():
             return Estimate(items, requests, upload, in_tok, out_tok, None, 0.0,
                             f"no token cost: {rs.realtime_url} is not Moondream Cloud (a "
