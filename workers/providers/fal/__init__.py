@@ -34,8 +34,10 @@ the object (a local INPUT) or the bytes sent are not the stored object's (conver
 downscaled images, and the ZIP archives moonbatch builds for ``moondream-next/batch``).
 
 Modules: ``client`` (the queue client), ``endpoints`` (the endpoint table), ``payloads``
-(request bodies, answers, archives), ``ledger`` (the round's ledger and results documents),
-``steps`` (a step of a round), ``settings`` (its environment variables).
+(request bodies, answers, archives), ``ledger`` (fal's fields of the round's ledger, when the
+next step is due), ``steps`` (fal's part of a step), ``settings`` (its environment variables).
+The round-in-steps machinery itself (ledger, results documents, the compare-and-swap step,
+collect, abandon) is shared with the real-time provider: ``moonbatch.workers.stepped``.
 """
 
 from __future__ import annotations
