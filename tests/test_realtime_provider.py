@@ -259,6 +259,7 @@ def test_station_fleet_survives_kills_and_an_emptied_redis(s3, bucket, env, tmp_
             run_id = run_cli(args, cenv).stdout.strip().splitlines()[-1]
             wait_calls(10)
             worker.kill()  # SIGKILL mid-step: its lines are sent again by a later step
+            assert realtime.calls.get("segment", 0) < n_images  # killed mid-run
             redis_server.restart_empty()
             worker = Worker(cenv, queue, logs / "worker.log", concurrency=3).start()
             run_cli(["resume", run_id], cenv)
