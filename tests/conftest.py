@@ -14,7 +14,6 @@ import io
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -212,6 +211,8 @@ def env(redis_server: RedisServer, s3_endpoint: str, state_bucket: str, emulator
         "MOONBATCH_MOONDREAM_URL": emulator.url,
         "FAL_KEY": emulator.config.fal_key,
         "MOONBATCH_FAL_QUEUE_URL": emulator.fal_url,
+        # The real-time provider: the emulator's /v1/<skill> routes (its key: MOONDREAM_API_KEY).
+        "MOONBATCH_REALTIME_URL": emulator.url, "MOONBATCH_REALTIME_RATE": "10",
         "MOONBATCH_POLL_MIN_INTERVAL": "0.2", "MOONBATCH_POLL_MAX_INTERVAL": "1",
         "MOONBATCH_PART_SIZE": str(256 * 1024),
         "MOONBATCH_HTTP_MAX_ATTEMPTS": "4", "MOONBATCH_HTTP_BACKOFF_MAX": "1",
@@ -222,8 +223,9 @@ def env(redis_server: RedisServer, s3_endpoint: str, state_bucket: str, emulator
 
 
 def moonbatch_cmd() -> list[str]:
-    exe = shutil.which("moonbatch")
-    return [exe] if exe else [sys.executable, "-m", "moonbatch"]
+    """The CLI of the checkout under test: ``python -m moonbatch`` from the checkout's root (the
+    ``moonbatch`` script on PATH imports whichever checkout was installed)."""
+    return [sys.executable, "-m", "moonbatch"]
 
 
 @pytest.fixture(scope="session")

@@ -33,9 +33,18 @@ REGISTRY_NAMES = frozenset({"PROVIDERS", "DEFAULT_PROVIDER"})
 ALLOWED: dict[str, str] = {}
 
 
+def package_of(name: str) -> str:
+    """The package (folder under ``workers/providers/``) of provider ``name``, from its registry
+    line: ``"moondream-realtime"`` → ``"realtime"`` (a provider's name need not be a Python
+    identifier)."""
+    module = PROVIDERS[name].partition(":")[0]
+    assert module.startswith(PACKAGE + ".") and module.count(".") == PACKAGE.count(".") + 1, module
+    return module.rsplit(".", 1)[1]
+
+
 def shared_modules() -> list[str]:
     """Paths (relative to the checkout) of every shared module."""
-    provider_dirs = {f"workers/providers/{name}/" for name in PROVIDERS}
+    provider_dirs = {f"workers/providers/{package_of(name)}/" for name in PROVIDERS}
     found = []
     for top in SHARED:
         for path in sorted((ROOT / top).rglob("*.py")):
@@ -149,8 +158,9 @@ def test_every_provider_is_one_package_and_one_registry_line():
     """Each registered provider is a package under workers/providers/ whose class is named in
     its registry line."""
     for name, target in PROVIDERS.items():
-        assert (ROOT / "workers" / "providers" / name / "__init__.py").is_file(), name
-        assert target.startswith(f"{PACKAGE}.{name}:"), target
+        package = package_of(name)
+        assert (ROOT / "workers" / "providers" / package / "__init__.py").is_file(), name
+        assert target.startswith(f"{PACKAGE}.{package}:"), target
 
 
 def test_every_provider_answers_the_whole_interface():

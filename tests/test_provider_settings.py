@@ -10,6 +10,7 @@ from moonbatch.config import Settings
 from moonbatch.workers.providers import DEFAULT_PROVIDER, PROVIDERS, get_provider
 from moonbatch.workers.providers.fal.settings import FalSettings
 from moonbatch.workers.providers.moondream.settings import MoondreamSettings
+from moonbatch.workers.providers.realtime.settings import RealtimeSettings
 
 ENV = {
     "MOONDREAM_API_KEY": "md-key", "MOONBATCH_MOONDREAM_URL": "http://batch.test/v1/",
@@ -61,7 +62,8 @@ def test_the_provider_setting_takes_the_registry_names(env):
     for name in PROVIDERS:
         env.setenv("MOONBATCH_PROVIDER", name)
         assert Settings().provider == name
-        assert get_provider(name).settings_class in (MoondreamSettings, FalSettings)
+        assert get_provider(name).settings_class in (MoondreamSettings, FalSettings,
+                                                     RealtimeSettings)
     env.setenv("MOONBATCH_PROVIDER", "nobody")
     with pytest.raises(pydantic.ValidationError) as info:
         Settings()

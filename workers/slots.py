@@ -107,3 +107,66 @@ class Slots:
             return int(self._redis.zcount(self.key, f"({now}", "+inf"))
         with _local_lock:
             return sum(1 for e in _local.get(self.key, {}).values() if e > now)
+
+
+RATE_PREFIX = "moonbatch:rate:"
+
+# KEYS[1] the window's set; ARGV: now, window, cap, n, token. Drops sends older than the
+# window, grants up to n while fewer than cap were sent within it, records them. Returns
+# {granted, milliseconds until the oldest send leaves the window (0: room now)}.
+_RATE = """
+local key, now, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local cap, n, token = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+local used = redis.call('ZCARD', key)
+local granted = math.max(0, math.min(n, cap - used))
+for i = 1, granted do
+  redis.call('ZADD', key, now, token .. ':' .. i)
+end
+local wait = 0
+if used + granted >= cap then
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if oldest[2] then wait = math.max(0, tonumber(oldest[2]) + window - now) end
+end
+redis.call('PEXPIRE', key, math.ceil(window * 2000))
+return {granted, math.ceil(wait * 1000)}
+"""
+
+_local_rates: dict[str, list[float]] = {}
+
+
+class Rate:
+    """A fleet-wide rate limit of ``per_second`` sends per second on ``name`` (e.g. an API's
+    key): a sliding window (1 s, or ``1/per_second`` s below one send a second) of the sends
+    made, as a sorted set ``moonbatch:rate:<name>`` in the broker's Redis, taken by one Lua call
+    (atomic). Brokers that are not Redis get a per-process window (the service's 429 answers
+    are then backed off)."""
+
+    def __init__(self, settings: Settings, name: str, per_second: float) -> None:
+        self.key = RATE_PREFIX + name
+        self.window = 1.0 if per_second >= 1 else 1.0 / per_second
+        self.cap = max(1, round(per_second * self.window))
+        self._redis = broker_redis(settings)
+        self._script = self._redis.register_script(_RATE) if self._redis is not None else None
+
+    def take(self, n: int, token: str) -> tuple[int, float]:
+        """Take up to ``n`` sends now (``token``: unique to the caller, e.g. a uuid); returns
+        ``(granted, seconds until the window has room again: 0 when it has now)``. Raises
+        ``SlotsUnavailable`` when Redis cannot be reached."""
+        if n <= 0:
+            return 0, 0.0
+        now = time.time()
+        if self._script is not None:
+            try:
+                granted, wait_ms = self._script(
+                    keys=[self.key], args=[now, self.window, self.cap, n, token])
+            except Exception as exc:  # redis errors: retry the step, never fail the run
+                raise SlotsUnavailable(f"rate of {self.key}: {type(exc).__name__}") from None
+            return int(granted), int(wait_ms) / 1000
+        with _local_lock:
+            sent = [t for t in _local_rates.get(self.key, []) if t > now - self.window]
+            granted = max(0, min(n, self.cap - len(sent)))
+            sent += [now] * granted
+            _local_rates[self.key] = sent
+            wait = max(0.0, sent[0] + self.window - now) if len(sent) >= self.cap else 0.0
+            return granted, wait

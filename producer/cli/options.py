@@ -60,7 +60,9 @@ ShardSizeOpt = Annotated[Optional[int], typer.Option(
     "1 to 100000 (default 10000, or MOONBATCH_SHARD_SIZE)")]
 ProviderOpt = Annotated[Optional[str], typer.Option(
     "--provider", metavar="NAME", help="who annotates: moondream (the Moondream Batch API) | "
-    "fal (fal.ai's queue API) (default: MOONBATCH_PROVIDER, else moondream)")]
+    "fal (fal.ai's queue API) | moondream-realtime (the real-time Moondream API: Moondream "
+    "Cloud, or a Moondream Station at MOONBATCH_REALTIME_URL) (default: MOONBATCH_PROVIDER, "
+    "else moondream)")]
 EndpointOpt = Annotated[Optional[str], typer.Option(
     "--endpoint", metavar="ID", help="the fal endpoint (--provider fal only; default "
     "fal-ai/moondream3-preview/<skill>; README \"Providers\" lists them and their options)")]

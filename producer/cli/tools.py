@@ -88,6 +88,7 @@ def demo(output: Annotated[Path, typer.Option(
                 "MOONBATCH_PROVIDER": spec.provider,
                 "MOONBATCH_MOONDREAM_URL": emu.url, "MOONDREAM_API_KEY": key,
                 "MOONBATCH_FAL_QUEUE_URL": emu.fal_url, "FAL_KEY": fal_key,
+                "MOONBATCH_REALTIME_URL": emu.url, "MOONBATCH_REALTIME_RATE": "10",
                 "MOONBATCH_POLL_MIN_INTERVAL": "0.5", "MOONBATCH_POLL_MAX_INTERVAL": "2",
             })
             reconfigure(reload_settings())

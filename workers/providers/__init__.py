@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 PROVIDERS: dict[str, str] = {
     "moondream": "moonbatch.workers.providers.moondream:MoondreamBatchProvider",
     "fal": "moonbatch.workers.providers.fal:FalProvider",
+    "moondream-realtime": "moonbatch.workers.providers.realtime:RealtimeProvider",
 }
 #: The provider of ``MOONBATCH_PROVIDER`` unset, and of runs recorded before providers existed.
 DEFAULT_PROVIDER = "moondream"

@@ -34,8 +34,10 @@ the object (a local INPUT) or the bytes sent are not the stored object's (conver
 downscaled images, and the ZIP archives moonbatch builds for ``moondream-next/batch``).
 
 Modules: ``client`` (the queue client), ``endpoints`` (the endpoint table), ``payloads``
-(request bodies, answers, archives), ``ledger`` (the round's ledger and results documents),
-``steps`` (a step of a round), ``settings`` (its environment variables).
+(request bodies, answers, archives), ``ledger`` (fal's fields of the round's ledger, when the
+next step is due), ``steps`` (fal's part of a step), ``settings`` (its environment variables).
+The round-in-steps machinery itself (ledger, results documents, the compare-and-swap step,
+collect, abandon) is shared with the real-time provider: ``moonbatch.workers.stepped``.
 """
 
 from __future__ import annotations
@@ -43,22 +45,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import orjson
-
 from moonbatch.workers import layout
-from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild, realtime_only_refusal
-from moonbatch.workers.pool import ordered_map
+from moonbatch.workers.models import RunSpec, realtime_only_refusal
 from moonbatch.workers.providers import (
     Estimate,
     Limits,
     Poll,
     RoundContext,
-    RoundResults,
     Wording,
     estimate_input_tokens,
     estimate_output_tokens,
@@ -82,17 +79,11 @@ from moonbatch.workers.providers.fal.endpoints import (
     entry_endpoint,
     skill_endpoints,
 )
-from moonbatch.workers.providers.fal.ledger import (
-    error_lines,
-    finish_line,
-    ledger_done,
-    new_ledger,
-    next_step_in,
-)
 from moonbatch.workers.providers.fal.payloads import estimate_request_bytes
 from moonbatch.workers.providers.fal.settings import FalSettings
 from moonbatch.workers.providers.fal.steps import RoundSteps, queue_client
-from moonbatch.workers.storage import NotFound, StorageError, get_json_or_none, put_json
+from moonbatch.workers.stepped import ledger_done, progress
+from moonbatch.workers.storage import get_json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -254,59 +245,11 @@ class FalProvider(RoundSteps):
         return Estimate(items, requests, math.ceil(upload * 4 / 3), in_tok, out_tok, None, None,
                         f"{ep.id} has no published price (FACTS.md)")
 
-    # -- a round ---------------------------------------------------------------------------------
-    def submit_round(self, ctx: RoundContext) -> bool:
-        """Record the round (``build.json``: every item is a line; an empty ledger;
-        ``batch.json`` last) and run its first step. Idempotent: a recorded round only steps
-        on. Each document is created once (the build is the same from any execution of the
-        round): a second execution never resets a ledger that already records sends."""
-        if get_json_or_none(ctx.store, ctx.doc("batch")) is None:
-            k = len(ctx.run.spec.all_options)
-            lines = [i for i in ctx.indices() for _ in range(k)]  # a line per item and skill
-            skills = list(range(k)) * (len(lines) // k) if k > 1 else []
-            put_json(ctx.store, ctx.doc("build"), ShardBuild(
-                lines=lines, skills=skills, id_prefix=ctx.id_prefix).model_dump(), if_absent=True)
-            put_json(ctx.store, ctx.doc("requests"), new_ledger(len(lines)), if_absent=True)
-            put_json(ctx.store, ctx.doc("batch"), BatchRecord(
-                batch_id=None, file_id=None, submitted_at=time.time(),
-                lines=len(lines)).model_dump(), if_absent=True)
-        self._step(ctx)
-        return True
-
+    # -- a round (submit_round, collect_round, abandon_unsent: moonbatch.workers.stepped) ---------
     def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:
         """One step (see the module docstring)."""
-        ledger = self._step(ctx)
-        done = ledger_done(ledger)
-        countdown = 0.0 if done else next_step_in(ledger, ctx.settings)
-        finished = ledger["ok"] + ledger["failed"]
-        return Poll(done=done, countdown=countdown, progress={
-            "status": "completed" if done else "in_progress", "total": ledger["lines"],
-            "completed": ledger["ok"], "failed": ledger["failed"], "finished": finished,
-            "in_flight_requests": len(ledger["inflight"]), "requests": ledger["requests"]})
-
-    def collect_round(self, ctx: RoundContext) -> RoundResults | None:
-        """The round's result lines, from its ``results-*.jsonl`` documents; None until every
-        line is finished."""
-        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
-        if ledger is None or not ledger_done(ledger):
-            return None
-        folder = layout.round_prefix(ctx.shard, ctx.rnd)  # stores list folders, not name stems
-        keys = sorted(o.key for o in ctx.store.iter_objects(folder)
-                      if (k := layout.parse_shard_key(o.key))
-                      and k.name.startswith(layout.RESULTS_PART))
-
-        def lines() -> Iterator[Any]:
-            # A round writes a document per step that finished lines: read them concurrently.
-            n = ctx.settings.fetch_concurrency
-            for data in ordered_map(ctx.store.get, keys, workers=n, window=2 * n):
-                for raw in data.splitlines():
-                    if raw.strip():
-                        yield orjson.loads(raw)
-
-        return RoundResults(lines(), stats={
-            "requests": ledger["requests"], "possible_duplicate_requests":
-                ledger["possible_duplicates"], "rate_limited": ledger["rate_limited"],
-            "expired_results": ledger["expired"]})
+        ledger, countdown = self.step_poll(ctx)
+        return Poll(done=ledger_done(ledger), countdown=countdown, progress=progress(ledger))
 
     def cancel_run(self, run: Any) -> int:
         """Cancel every request in flight (latest round of every shard): a PUT to the cancel
@@ -336,53 +279,6 @@ class FalProvider(RoundSteps):
                     log.warning("could not cancel request %s: %s", rid, exc,
                                 extra={"request_id": rid})
         return cancelled
-
-    def abandon_unsent(self, ctx: RoundContext, error: dict[str, str]) -> int:
-        """End the round's lines not sent yet (resends, and those past the cursor) as error
-        lines with ``error``; if every line was sent, those still in flight (their requests
-        are left to fal). Called when a step keeps losing its worker (``moonbatch.workers.attempts``):
-        the next step sends nothing more. The ledger is written by compare-and-swap, as a
-        step's is. Returns the lines ended; raises ``StorageError``."""
-        build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
-        for _ in range(8):
-            try:
-                raw, version = ctx.store.get_versioned(ctx.doc("requests"))
-            except NotFound:
-                return 0
-            ledger = orjson.loads(raw)
-            if ledger_done(ledger):
-                return 0
-            lines = [li for unit in ledger["resend"] for li in unit]
-            lines += range(ledger["cursor"], ledger["lines"])
-            ledger["resend"], ledger["cursor"] = [], ledger["lines"]
-            if not lines:  # the step dies polling or collecting: stop waiting for those
-                lines = [li for entry in ledger["inflight"].values() for li in entry["lines"]]
-                ledger["inflight"] = {}
-            out: list[bytes] = []
-            for line in error_lines(lines, error["code"], error["message"]):
-                finish_line(ctx, build, ledger, out, line)
-            written = self._write_lines(ctx, ledger, out) if out else None
-            ledger["steps"] += 1
-            if ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
-                return len(lines)
-            if written is not None:  # another step recorded first: end what is left then
-                ctx.store.delete(written)
-        raise StorageError(f"{ctx.doc('requests')}: changed by other steps 8 times in a row")
-
-    def count_units(self, shards: Sequence[Mapping[str, Any]]) -> int:
-        """The requests every shard sent (its ``requests`` count)."""
-        return sum(s.get("requests") or 0 for s in shards)
-
-    # -- after a round ---------------------------------------------------------------------------
-    def reject_merge(self, ctx: RoundContext, record: BatchRecord | None,
-                     stats: Any) -> str | None:
-        """A round's requests are fal's answers to this round's own ids: always kept."""
-        return None
-
-    def duplicate_submissions(self, ctx: RoundContext) -> int:
-        """None counted here: possible duplicate requests are in the round's merged stats
-        (``possible_duplicate_requests``, from the ledger)."""
-        return 0
 
 
 def _split(items: int, shards: int) -> list[int]:

@@ -9,9 +9,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from moonbatch.workers.lines import ItemError, PreparedImage, prepare_image
+from moonbatch.workers.lines import ItemError, PreparedImage
 from moonbatch.workers.models import PlanItem, ShardBuild, SkillOptions
-from moonbatch.workers.pool import ordered_map
 from moonbatch.workers.providers import RoundContext
 from moonbatch.workers.providers.fal.endpoints import FalEndpoint, check_options, skill_endpoints
 from moonbatch.workers.providers.fal.payloads import (
@@ -22,7 +21,8 @@ from moonbatch.workers.providers.fal.payloads import (
     member_name,
     request_payload,
 )
-from moonbatch.workers.readers import item_options, read_item, unexpected_error
+from moonbatch.workers.readers import item_options
+from moonbatch.workers.stepped import load_images
 
 
 @dataclasses.dataclass
@@ -44,19 +44,7 @@ def prepare_lines(ctx: RoundContext, build: ShardBuild, lines: Sequence[int]
     lines of one item share it) and each line's options; errors become the line's error."""
     spec = ctx.run.spec
     endpoints = skill_endpoints(spec)
-    items = sorted({build.lines[li] for li in lines})
-
-    def load(i: int) -> tuple[int, PreparedImage | ItemError]:
-        try:
-            data = read_item(ctx.run.fetcher.get, ctx.items[i])
-            return i, prepare_image(data, limit=MAX_IMAGE_BYTES, max_pixels=spec.max_pixels)
-        except ItemError as exc:
-            return i, exc
-        except Exception as exc:  # the per-item boundary: one item never fails the round
-            return i, unexpected_error(exc, "preparing", "image_decode_failed")
-
-    n = ctx.settings.fetch_concurrency
-    images = dict(ordered_map(load, items, workers=n, window=2 * n))
+    images = load_images(ctx, build, lines, limit=MAX_IMAGE_BYTES)
     out: dict[int, Prepared] = {}
     for li in lines:
         item = ctx.items[build.lines[li]]

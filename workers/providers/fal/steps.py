@@ -9,9 +9,8 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import Any, ClassVar
-
-import orjson
 
 from moonbatch.workers import metrics, slots
 from moonbatch.workers.models import ShardBuild
@@ -30,13 +29,7 @@ from moonbatch.workers.providers.fal.client import (
     queue_headers,
 )
 from moonbatch.workers.providers.fal.endpoints import FalEndpoint, endpoint_of, entry_endpoint
-from moonbatch.workers.providers.fal.ledger import (
-    RESULT_LIFETIME,
-    error_lines,
-    finish_line,
-    ledger_done,
-    results_key,
-)
+from moonbatch.workers.providers.fal.ledger import LEDGER_EXTRA, RESULT_LIFETIME, next_step_in
 from moonbatch.workers.providers.fal.payloads import (
     MAX_REQUEST_BYTES,
     _answer,
@@ -53,29 +46,31 @@ from moonbatch.workers.providers.fal.prepare import (
     request_body,
 )
 from moonbatch.workers.providers.fal.settings import FalSettings
-from moonbatch.workers.storage import NotFound
+from moonbatch.workers.stepped import SteppedRounds, error_lines, finish_line
 
 log = logging.getLogger(__name__)
 
 
-class RoundSteps:
-    """The step machinery of ``FalProvider`` (its rounds move one step per poll)."""
+class RoundSteps(SteppedRounds):
+    """The step machinery of ``FalProvider`` (its rounds move one step per poll; the generic
+    part is ``moonbatch.workers.stepped``)."""
 
     name: ClassVar[str]  # the provider's (``FalProvider.name``): its metric label
 
-    def _step(self, ctx: RoundContext) -> dict[str, Any]:
-        """Poll, collect, send; write the finished lines, then the ledger. Returns the ledger.
+    ledger_extra: ClassVar[Mapping[str, Any]] = LEDGER_EXTRA
 
-        The ledger is written by compare-and-swap on the version read at the step's start, so
-        two steps that ran at once (a lease that expired under a stalled holder) never both
-        record: the loser's sends are cancelled and counted (``_lost_ledger_race``)."""
-        try:
-            raw, version = ctx.store.get_versioned(ctx.doc("requests"))
-        except NotFound:
-            raise NotFound(f"{ctx.doc('requests')}: the round has no ledger") from None
-        ledger = orjson.loads(raw)
-        if ledger_done(ledger):
-            return ledger
+    def next_step_in(self, ledger: Mapping[str, Any], settings: Any) -> float:
+        """When the round's next step is due (``ledger.next_step_in``)."""
+        return next_step_in(dict(ledger), settings)
+
+    def round_stats(self, ledger: Mapping[str, Any]) -> dict[str, int]:
+        """The stepped rounds' counts plus ``expired_results`` (results fal forgot)."""
+        return {**super().round_stats(ledger), "expired_results": ledger["expired"]}
+
+    def _advance(self, ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any],
+                 out: list[bytes]) -> list[dict[str, Any]]:
+        """Poll, collect, send (see ``moonbatch.workers.stepped``). Returns the entries of the
+        requests this step sent (cancelled if the step loses the ledger race)."""
         endpoint = endpoint_of(ctx.run.spec)
         settings = ctx.settings
         # Holders refresh their slots at every step, at most ``hi`` apart: a dead step's slots
@@ -83,9 +78,7 @@ class RoundSteps:
         hi = min(settings.poll_max_interval, RESULT_LIFETIME / 6)
         cap = slots.Slots(settings, endpoint.id, settings.section(FalSettings).fal_in_flight(),
                           ttl=max(10.0, 3 * hi))
-        build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
         client = queue_client()
-        out: list[bytes] = []
 
         finished, kept = self._poll(ctx, endpoint, build, ledger, client, out)
         cap.release([e["slot"] for e in finished if e.get("slot")])
@@ -100,42 +93,20 @@ class RoundSteps:
                 # a quarter of its life; a renewal per step would double a step's writes).
                 ctx.renew(force=False)
             self._send(ctx, endpoint, build, ledger, client, cap, out)
-        written = self._write_lines(ctx, ledger, out) if out else None
-        ledger["steps"] += 1
-        if not ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
-            sent = [e for e in ledger["inflight"].values() if e.get("request_id") not in known]
-            return self._lost_ledger_race(ctx, endpoint, client, sent, written)
-        return ledger
+        return [e for e in ledger["inflight"].values() if e.get("request_id") not in known]
 
-    def _lost_ledger_race(self, ctx: RoundContext, endpoint: FalEndpoint, client: FalQueueClient,
-                          sent: list[dict[str, Any]], written: str | None) -> dict[str, Any]:
-        """Another step recorded the ledger since this one read it: this step's record is
-        dropped, and nothing it did may vanish silently. Its finished lines are removed (every
-        one of them is finished or still tracked in the other step's ledger, which started from
-        the same state); the requests it sent are cancelled (best effort) and counted in the
-        ledger's ``possible_duplicates``. Returns the ledger as recorded."""
-        log.warning("shard %d round %d: another step recorded the round's ledger first; this "
-                    "step's %d request(s) are cancelled and counted as possible duplicates",
-                    ctx.shard, ctx.rnd, len(sent))
-        if written is not None:
-            ctx.store.delete(written)
+    def _lost_race(self, ctx: RoundContext, sent: list[dict[str, Any]]) -> int:
+        """The requests a step that lost the ledger race sent are cancelled (best effort)
+        and counted as possible duplicates."""
+        endpoint = endpoint_of(ctx.run.spec)
+        client = queue_client()
         for entry in sent:  # this step's own answers: their ids were checked when they came
             try:
                 client.cancel(entry_endpoint(entry, endpoint).id, entry.get("request_id"))
             except FalError as exc:
                 log.warning("could not cancel request %s: %s", entry.get("request_id"), exc,
                             extra={"request_id": entry.get("request_id")})
-        for _ in range(8):
-            raw, version = ctx.store.get_versioned(ctx.doc("requests"))
-            ledger = orjson.loads(raw)
-            if not sent:
-                return ledger
-            ledger["possible_duplicates"] += len(sent)
-            if ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
-                return ledger
-        log.error("shard %d round %d: could not count %d possible duplicate request(s)",
-                  ctx.shard, ctx.rnd, len(sent))
-        return ledger
+        return len(sent)
 
     def _poll(self, ctx: RoundContext, endpoint: FalEndpoint, build: ShardBuild,
               ledger: dict[str, Any], client: FalQueueClient, out: list[bytes]
@@ -353,16 +324,6 @@ class RoundSteps:
                         ctx.shard, ctx.rnd, wait)
         elif requests:
             ledger["limited_streak"] = 0
-
-    def _write_lines(self, ctx: RoundContext, ledger: dict[str, Any], out: list[bytes]) -> str:
-        """Write this step's finished lines to the next free ``results-NNNNN.jsonl``; return
-        its key."""
-        body = b"\n".join(out) + b"\n"
-        n = ledger["steps"]
-        while not ctx.store.put(results_key(ctx, n), body, if_absent=True):
-            n += 1  # a step that died after writing its lines left this one
-        ledger["steps"] = n
-        return results_key(ctx, n)
 
 
 @functools.cache

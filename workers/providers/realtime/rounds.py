@@ -1,0 +1,307 @@
+"""A step of a real-time round: send the round's next lines as fast as the fleet-wide rate and
+concurrency allow, for at most ``STEP_SECONDS``, and await every answer before the step ends
+(the API answers in seconds: nothing is in flight between steps).
+
+Each line is one ``POST {base}/<skill>``. Before a request leaves, the step takes one of the
+fleet's concurrency slots (``moonbatch.workers.slots.Slots``, named after the API's origin) and
+one send of the fleet's rate window (``slots.Rate``, requests per second). Answers:
+
+- 2xx: the line's result (``payloads.result_of``) with the answer's token usage;
+- 429: the line goes back, the step stops sending, and the round backs off (``Retry-After``
+  honoured, else full-jitter exponential back-off from 0.5 s up to 30 s);
+- 5xx, 408, network errors, an answer without its result: the line is sent again after a
+  full-jitter back-off (in this step when it fits, else a later one), at most ``MAX_TRIES``
+  times, then ends as ``request_failed`` (which a later round retries);
+- 401/403: the run cannot go on (``RealtimeAuthError`` fails the task);
+- any other 4xx: the line ends as an error row with the API's code and message.
+
+A step that dies before recording its ledger leaves its lines to be sent again by the next step
+(if it had written its results document, the merge keeps one row per line all the same). A
+step that loses the ledger race counts what it answered as possible duplicates.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from moonbatch.workers import layout, metrics, origins, slots
+from moonbatch.workers.lines import ItemError, PreparedImage
+from moonbatch.workers.models import ShardBuild
+from moonbatch.workers.providers import RoundContext
+from moonbatch.workers.providers.realtime.client import (
+    PROVIDER,
+    RealtimeAuthError,
+    RealtimeClient,
+    RealtimeError,
+    RealtimeLimited,
+    RealtimeTransient,
+)
+from moonbatch.workers.providers.realtime.payloads import (
+    MAX_IMAGE_BYTES,
+    BadAnswer,
+    data_uri,
+    request_payload,
+    result_of,
+)
+from moonbatch.workers.providers.realtime.settings import RealtimeSettings
+from moonbatch.workers.readers import item_options
+from moonbatch.workers.stepped import (
+    SteppedRounds,
+    error_lines,
+    finish_line,
+    load_images,
+    pending_lines,
+)
+
+log = logging.getLogger(__name__)
+
+STEP_SECONDS = 5.0  # a step sends for this long at most, then records what it has
+MAX_TRIES = 6  # sends of one line on transient errors before it ends as request_failed
+BACKOFF_BASE, BACKOFF_MAX = 0.5, 30.0  # the official fine-tuning client's policy (FACTS.md)
+CANCEL_LOOK = 1.0  # seconds between looks at the run's cancel marker while sending
+
+
+def backoff(tries: int) -> float:
+    """Full-jitter exponential back-off after the ``tries``-th failure (seconds)."""
+    return random.uniform(0, min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, tries - 1)))
+
+
+def fleet_name(settings: RealtimeSettings) -> str:
+    """The name of the API's fleet-wide slots and rate window: its origin (no secret)."""
+    scheme, host, port = origins.origin(settings.realtime_url)
+    return f"realtime:{scheme}://{host}:{port}"
+
+
+class RealtimeSteps(SteppedRounds):
+    """The step machinery of ``RealtimeProvider`` (see the module docstring)."""
+
+    #: ``tries``: line → transient failures so far; ``transient``: their count in the round.
+    ledger_extra: ClassVar[Mapping[str, Any]] = {"tries": {}, "transient": 0}
+
+    def next_step_in(self, ledger: Mapping[str, Any], settings: Any) -> float:
+        """Right away when lines wait (a step already spent its time sending), after a
+        back-off when one runs."""
+        now = time.time()
+        lo = min(settings.poll_min_interval, 1.0)  # the rate window refills every second
+        if ledger["backoff_until"] > now:
+            return max(lo, ledger["backoff_until"] - now)
+        return lo
+
+    def round_stats(self, ledger: Mapping[str, Any]) -> dict[str, int]:
+        """The stepped rounds' counts plus ``transient_errors`` (5xx and network errors)."""
+        return {**super().round_stats(ledger), "transient_errors": ledger.get("transient", 0)}
+
+    def _lost_race(self, ctx: RoundContext, sent: Any) -> int:
+        """Answered requests cannot be cancelled: they count as possible duplicates."""
+        return int(sent or 0)
+
+    def _advance(self, ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any],
+                 out: list[bytes]) -> int:
+        """Send for up to ``STEP_SECONDS``; returns how many requests were answered."""
+        now = time.time()
+        if now < ledger["backoff_until"] or not pending_lines(ledger):
+            return 0
+        settings = ctx.settings
+        rs = settings.section(RealtimeSettings)
+        ctx.renew(force=False)  # sends bill: only while the lease is surely ours
+        name = fleet_name(rs)
+        cap = slots.Slots(settings, name, rs.realtime_concurrency,
+                          ttl=settings.http_timeout + 2 * STEP_SECONDS)
+        rate = slots.Rate(settings, name, rs.realtime_rate)
+        client = realtime_client()
+        spec = ctx.run.spec
+        token = uuid.uuid4().hex
+        holder = f"{spec.run_id}/{ctx.shard}/{ctx.rnd}/{token}/"
+        serial = itertools.count()  # a slot per request: its holder name is never reused
+        tries: dict[str, int] = ledger.setdefault("tries", {})
+        later: list[tuple[float, int]] = []  # (not before, line) of transient failures
+        images: dict[int, PreparedImage | ItemError] = {}
+        running: dict[cf.Future, tuple[int, str]] = {}
+        answered = 0
+        stop_at = time.monotonic() + STEP_SECONDS
+        stop_sending = False
+        looked = time.monotonic()
+
+        def take(n: int) -> list[int]:
+            """Up to ``n`` lines to send now: due retries, resends, then new lines."""
+            got: list[int] = []
+            t = time.time()
+            for entry in sorted(later):
+                if len(got) < n and entry[0] <= t:
+                    later.remove(entry)
+                    got.append(entry[1])
+            while ledger["resend"] and len(got) < n:
+                got.extend(ledger["resend"].pop(0))
+            while ledger["cursor"] < ledger["lines"] and len(got) < n:
+                got.append(ledger["cursor"])
+                ledger["cursor"] += 1
+            return got
+
+        def wanted() -> int:
+            t = time.time()
+            due = sum(1 for nb, _ in later if nb <= t)
+            return due + sum(len(u) for u in ledger["resend"]) + ledger["lines"] - ledger["cursor"]
+
+        def finished(fut: cf.Future) -> None:
+            nonlocal answered, stop_sending
+            li, slot = running.pop(fut)
+            cap.release([slot])
+            skill = spec.all_options[build.skills[li] if build.skills else 0].skill
+            try:
+                answer = fut.result()
+                answered += 1
+                result, usage = result_of(skill, answer)
+            except RealtimeLimited as exc:
+                metrics.requests(PROVIDER, skill, "rate_limited")
+                ledger["rate_limited"] += 1
+                ledger["limited_streak"] += 1
+                wait = max(exc.retry_after or 0.0, backoff(ledger["limited_streak"]))
+                ledger["backoff_until"] = max(ledger["backoff_until"], time.time() + wait)
+                ledger["resend"].insert(0, [li])
+                stop_sending = True
+                return
+            except (RealtimeTransient, BadAnswer) as exc:
+                ledger["transient"] = ledger.get("transient", 0) + 1
+                metrics.requests(PROVIDER, skill, "failed")
+                n = tries[str(li)] = tries.get(str(li), 0) + 1
+                if n >= MAX_TRIES:
+                    tries.pop(str(li), None)
+                    message = (f"the real-time API failed {n} times: {exc}" if isinstance(
+                        exc, RealtimeError) else f"the real-time API answered {n} times "
+                        f"without a result ({exc})")
+                    for line in error_lines([li], "request_failed", message):
+                        finish_line(ctx, build, ledger, out, line)
+                else:
+                    later.append((time.time() + backoff(n), li))
+                return
+            except RealtimeAuthError:
+                raise
+            except RealtimeError as exc:  # the API refused this request
+                answered += 1
+                metrics.requests(PROVIDER, skill, "failed")
+                tries.pop(str(li), None)
+                code = exc.code or f"http_{exc.status}"
+                for line in error_lines([li], code, f"the real-time API refused the request "
+                                        f"(HTTP {exc.status}): {exc.detail}"):
+                    finish_line(ctx, build, ledger, out, line)
+                return
+            metrics.requests(PROVIDER, skill, "completed")
+            ledger["limited_streak"] = 0
+            tries.pop(str(li), None)
+            line = {"line_index": li, "status": "ok", "result": result, "usage": usage}
+            image = images.get(build.lines[li])
+            if isinstance(image, PreparedImage):
+                line["dims"] = image.dims()
+            finish_line(ctx, build, ledger, out, line)
+
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, min(32, rs.realtime_concurrency)),
+                                     thread_name_prefix="realtime")
+        try:
+            while True:
+                ctx.heartbeat()
+                if time.monotonic() - looked >= CANCEL_LOOK:
+                    looked = time.monotonic()
+                    if ctx.store.exists(layout.CANCELLED):
+                        stop_sending = True  # cancel stops sending at once
+                if time.monotonic() >= stop_at:
+                    stop_sending = True
+                want = 0 if stop_sending else min(wanted(), rs.realtime_concurrency - len(running))
+                wait = 0.5
+                if want > 0:
+                    # Slots and sends first: a line is only taken once it may go.
+                    holders = [f"{holder}{next(serial)}" for _ in range(want)]
+                    granted = cap.acquire(holders)
+                    permits, wait = rate.take(len(granted), token + uuid.uuid4().hex[:6])
+                    cap.release(granted[permits:])
+                    granted = granted[:permits]
+                    lines = take(len(granted))
+                    cap.release(granted[len(lines):])
+                    self._send(ctx, build, lines, granted[:len(lines)], images, running, pool,
+                               client, cap, out, ledger)
+                    if not granted and not running and (
+                            not wait or wait > stop_at - time.monotonic()):
+                        # The fleet's slots are all held, or the rate window opens after this
+                        # step's time: the next step sends (no worker slot waits meanwhile).
+                        break
+                    wait = max(0.05, wait) if not granted else 0.0
+                elif not running:
+                    if stop_sending or not later:
+                        break
+                    wait = max(0.05, min(nb for nb, _ in later) - time.time())
+                    if time.monotonic() + wait >= stop_at:
+                        break
+                if running:
+                    done, _ = cf.wait(list(running), timeout=max(0.05, min(wait or 0.5, 1.0)),
+                                      return_when=cf.FIRST_COMPLETED)
+                    for fut in done:
+                        finished(fut)
+                elif wait:
+                    time.sleep(min(wait, max(0.0, stop_at - time.monotonic()), 1.0))
+        finally:
+            # Await what was sent (answers bill); a step that raised leaves its lines to the
+            # next step, which sends them again.
+            for fut in cf.as_completed(list(running)):
+                try:
+                    finished(fut)
+                except RealtimeAuthError:
+                    pass
+            pool.shutdown(wait=True)
+        for _, li in sorted(later):
+            ledger["resend"].append([li])
+        if later and ledger["backoff_until"] < time.time():
+            ledger["backoff_until"] = min(nb for nb, _ in later)
+        return answered
+
+    def _send(self, ctx: RoundContext, build: ShardBuild, lines: list[int], granted: list[str],
+              images: dict[int, PreparedImage | ItemError],
+              running: dict[cf.Future, tuple[int, str]], pool: cf.ThreadPoolExecutor,
+              client: RealtimeClient, cap: slots.Slots, out: list[bytes],
+              ledger: dict[str, Any]) -> None:
+        """Read the lines' images (once per item) and send each line that can go, holding
+        its slot of ``granted``; a line that cannot (bad image, bad per-row options) ends as
+        its error row now and frees its slot."""
+        if not lines:
+            return
+        spec = ctx.run.spec
+        todo = [li for li in lines if build.lines[li] not in images]
+        if todo:
+            images.update(load_images(ctx, build, todo, limit=MAX_IMAGE_BYTES))
+        unused = []
+        for li, slot in zip(lines, granted, strict=True):
+            item = ctx.items[build.lines[li]]
+            k = build.skills[li] if build.skills else 0
+            image = images[build.lines[li]]
+            try:
+                options = item_options(spec.all_options[k], item)
+            except ItemError as exc:
+                image = exc
+            if isinstance(image, ItemError):
+                unused.append(slot)
+                finish_line(ctx, build, ledger, out, {"line_index": li, "status": "error",
+                                                      "error": image.as_dict()})
+                continue
+            uri = data_uri(image.data, image.format)
+            payload = request_payload(options, uri, spec.model)
+            metrics.upload_bytes(PROVIDER, len(uri))
+            metrics.requests(PROVIDER, options.skill, "sent")
+            ledger["requests"] += 1
+            running[pool.submit(client.call, options.skill, payload)] = (li, slot)
+        cap.release(unused)
+
+
+@functools.cache
+def realtime_client() -> RealtimeClient:
+    """This process's client (URL and key from settings; the key only when one is set)."""
+    from moonbatch.config import get_settings
+
+    s = get_settings()
+    rs = s.section(RealtimeSettings)
+    return RealtimeClient(rs.realtime_url, rs.key(), timeout=s.http_timeout)
