@@ -165,6 +165,22 @@ def realtime_only_refusal(spec: RunSpec, provider: str) -> str | None:
             "use --provider moondream-realtime")
 
 
+#: ``RunSpec.provider_options`` keys → the flags that set them (fal's queue controls), for the
+#: refusals of providers that take none of them.
+PROVIDER_OPTION_FLAGS = {"priority": "--priority", "store_io": "--fal-store-io",
+                         "request_timeout": "--queue-timeout"}
+
+
+def provider_options_refusal(spec: RunSpec, provider: str, why: str) -> str | None:
+    """The one-line refusal of a run whose ``provider_options`` ``provider`` does not take
+    (``why``: what the provider has instead), or None when there are none."""
+    if not spec.provider_options:
+        return None
+    names = ", ".join(PROVIDER_OPTION_FLAGS.get(k, k) for k in sorted(spec.provider_options))
+    return (f"{names} applies to --provider fal only ({why}): leave it out, or add "
+            "--provider fal")
+
+
 class RunSpec(BaseModel):
     """What a run is: written once by the producer to ``_moonbatch/spec.json``."""
 

@@ -26,7 +26,12 @@ import orjson
 
 from moonbatch.config import Settings, get_settings
 from moonbatch.workers import layout, metrics, registry
-from moonbatch.workers.models import BatchRecord, RunSpec, realtime_only_refusal
+from moonbatch.workers.models import (
+    BatchRecord,
+    RunSpec,
+    provider_options_refusal,
+    realtime_only_refusal,
+)
 from moonbatch.workers.providers import (
     Estimate,
     Limits,
@@ -65,9 +70,6 @@ LINE_OVERHEAD_BYTES = 200  # id and skill fields of a line, besides the base64 i
 KEY_CHECK_SECONDS = 8.0  # the whole API-key check (three tries at most)
 API_KEYS_PAGE = "https://moondream.ai/c/cloud/api-keys"
 KNOWN_MODELS = tuple(REALTIME_USD_PER_M)  # the models the price table knows
-#: fal's own options (``RunSpec.provider_options``) → their flags, for the refusal.
-OPTION_FLAGS = {"priority": "--priority", "store_io": "--fal-store-io",
-                "request_timeout": "--queue-timeout"}
 
 
 @functools.cache
@@ -171,10 +173,9 @@ class MoondreamBatchProvider:
         if spec.endpoint:
             raise ValueError("--endpoint applies to --provider fal only: leave it out, or add "
                              "--provider fal")
-        if spec.provider_options:
-            names = ", ".join(OPTION_FLAGS.get(k, k) for k in sorted(spec.provider_options))
-            raise ValueError(f"{names} applies to --provider fal only (the Batch API has no "
-                             "such control): leave it out, or add --provider fal")
+        refusal = provider_options_refusal(spec, self.name, "the Batch API has no such control")
+        if refusal:
+            raise ValueError(refusal)
 
     def check_model(self, spec: RunSpec) -> list[str]:
         """Any model is sent as given in ``mpu-complete``'s ``model`` (FACTS.md: the API's

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from moonbatch.workers import layout
-from moonbatch.workers.models import RunSpec
+from moonbatch.workers.models import RunSpec, provider_options_refusal
 from moonbatch.workers.providers import (
     Estimate,
     Limits,
@@ -99,6 +99,20 @@ class RealtimeProvider(RealtimeSteps):
         if spec.endpoint:
             raise ValueError("--endpoint applies to --provider fal only: leave it out (the "
                              "real-time API is MOONBATCH_REALTIME_URL)")
+        refusal = provider_options_refusal(spec, self.name,
+                                           "the real-time API has no such control")
+        if refusal:
+            raise ValueError(refusal)
+
+    def check_model(self, spec: RunSpec) -> list[str]:
+        """Any model is sent as given in each request's ``model`` (the API's list of models
+        is not published where we could read it, so none is refused); one not in the price
+        table (``prices.model_price``) gets a warning."""
+        if spec.model is None or model_price(spec.model, "realtime").known:
+            return []
+        return [f"--model {spec.model}: not in moonbatch's price table: sent as given (the "
+                "API answers invalid_model if it does not serve it) and priced as the dearest "
+                "known model"]
 
     def limits(self, spec: RunSpec) -> Limits:
         """No batch file: a shard is bounded by its line count (requests are sent one by
