@@ -59,7 +59,8 @@ class AlreadyComplete(RunExists):
 # start whose lease expired (or was released) is dead and the same command takes it over.
 PLANNING_LEASE_SECONDS = 30.0
 _COMPARED = ("input", "output", "provider", "endpoint", "shard_size", "max_pixels", "model",
-             "skip_existing", "input_kind", "input_options", "output_format", "more_options")
+             "skip_existing", "input_kind", "input_options", "output_format", "more_options",
+             "exports")
 
 
 def command_differences(held: RunSpec, wanted: RunSpec) -> list[str]:

@@ -16,6 +16,7 @@ from moonbatch.producer.cli.options import (
     DryRunOpt,
     EmbeddedBrokerOpt,
     EndpointOpt,
+    ExportOpt,
     ForceOpt,
     FormatOpt,
     IdColumnOpt,
@@ -61,6 +62,8 @@ def _dry_run(input: str, output: str, options: dict[str, Any], allow_empty: bool
     "moonbatch run ./images ./out --skill query --question \"Is there a dog?\" --workers 4",
     "moonbatch run s3://b/in/ s3://b/out/ --skill detect --object face --workers 0  # a fleet",
     "moonbatch run s3://b/in/ s3://b/out/ --timeout 3600 || moonbatch wait RUN_ID",
+    "moonbatch run s3://b/in/ s3://b/out/ --skill detect --object car --export label-studio "
+    "--export yolo",
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --endpoint fal-ai/moondream/batched "
     "--skill query --question \"Is it a cat?\"",
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost"))
@@ -74,7 +77,8 @@ def run(input: InputArg, output: OutputArg,
         endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
         id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
         base: BaseOpt = None, output_format: FormatOpt = "jsonl",
-        skip_existing: SkipExistingOpt = None, workers: WorkersOpt = None,
+        skip_existing: SkipExistingOpt = None, export: ExportOpt = None,
+        workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
         dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
@@ -95,7 +99,7 @@ def run(input: InputArg, output: OutputArg,
                    max_pixels=max_pixels,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
-                   format=output_format, skip_existing=skip_existing)
+                   format=output_format, skip_existing=skip_existing, exports=export)
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with cli_errors(), interruptible(where):
         if as_json and not dry_run:
@@ -136,7 +140,7 @@ def submit(input: InputArg, output: OutputArg,
            endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
            id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
            base: BaseOpt = None, output_format: FormatOpt = "jsonl",
-           skip_existing: SkipExistingOpt = None,
+           skip_existing: SkipExistingOpt = None, export: ExportOpt = None,
            allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
            dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
@@ -153,7 +157,7 @@ def submit(input: InputArg, output: OutputArg,
                    max_pixels=max_pixels,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
-                   format=output_format, skip_existing=skip_existing)
+                   format=output_format, skip_existing=skip_existing, exports=export)
     with cli_errors():
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",

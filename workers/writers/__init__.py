@@ -9,8 +9,8 @@ the merged row documents as JSON bytes, ``moonbatch.workers.merge``; metadata: `
 kept in the file where its format has a place for it) and ``decode(data) -> Iterator[dict]``
 (the rows back as dicts, for commands that read a run's results: ``retry-failed``,
 ``--skip-existing``). Exports that need the whole run (``--export``: COCO, Label Studio, YOLO
-under ``annotations/``; ``exports``) are written by ``finish_run`` once every shard is merged. Importing this package does not
-import pyarrow.
+under ``annotations/``; ``exports``) are written by ``finish_run`` once every shard is
+merged. Importing this package does not import pyarrow.
 """
 
 from __future__ import annotations

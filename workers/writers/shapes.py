@@ -74,7 +74,7 @@ def _samples(seg: Any, width: float, height: float) -> int:
     ctrl = [seg.start, *(getattr(seg, n) for n in ("control1", "control2", "control")
                          if hasattr(seg, n)), seg.end]
     length = sum(math.hypot((b - a).real * width, (b - a).imag * height)
-                 for a, b in zip(ctrl, ctrl[1:]))
+                 for a, b in zip(ctrl, ctrl[1:], strict=False))
     return max(MIN_SAMPLES, min(MAX_SAMPLES, math.ceil(length / STEP)))
 
 
