@@ -23,7 +23,7 @@ from moonbatch.workers.models import RunSpec, Skill, SkillOptions
 from moonbatch.workers.storage import LocalStore
 from moonbatch.workers.writers import parquet, shapes, yolo
 from tests.conftest import expected_result, read_json, run_cli, upload_photos
-from tests.test_writers import OK, download, encoded, pil_size, put_shard, self_eval, spec_of
+from tests.test_writers import OK, encoded, pil_size, put_shard, self_eval, spec_of
 
 # Label Studio's import format for pre-annotated image tasks, as documented at
 # labelstud.io/guide/predictions and labelstud.io/guide/task_format (Basic Label Studio JSON
