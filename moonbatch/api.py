@@ -9,7 +9,7 @@ of ``[x, y]`` points and ``[x_min, y_min, x_max, y_max]`` boxes, normalised 0..1
 ``max_pixels``, ``endpoint``, ``input_format``, ``id_column``, ``image_column``, ``base``,
 ``format`` (``jsonl`` or ``parquet``), ``skip_existing``, ``exports`` (a list of ``coco``,
 ``label-studio``, ``yolo``, written under OUTPUT/annotations/ when the run completes; default:
-``["coco"]`` for a detect or point run; ``[]``: none).
+``["coco"]`` for a detect, point or segment run; ``[]``: none).
 
 Nothing here prints, installs a signal handler or exits; failures raise
 ``moonbatch.errors`` classes (``InvalidOption``, ``PreflightError``, ``OutputConflict``,

@@ -12,14 +12,13 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import get_args
 
 import jsonschema
 import pytest
 import yaml
 
 from moonbatch.workers import layout, writers
-from moonbatch.workers.models import RunSpec, Skill, SkillOptions
+from moonbatch.workers.models import RunSpec, SkillOptions
 from moonbatch.workers.storage import LocalStore
 from moonbatch.workers.writers import parquet, shapes, yolo
 from tests.conftest import expected_result, read_json, run_cli, upload_photos
@@ -265,15 +264,6 @@ def test_exports_default_to_coco_for_spatial_runs_only():
 
 # -- segment rows, as the real-time API returns them ---------------------------------------------
 
-def segment_options(obj: str) -> SkillOptions:
-    """Segment skill options (built without validation, and put in a spec with
-    ``model_copy``, where this branch's ``Skill`` does not name ``segment`` yet: the skill
-    comes from another branch)."""
-    if "segment" in get_args(Skill):
-        return SkillOptions(skill="segment", object=obj)
-    return SkillOptions.model_construct(skill="segment", object=obj)
-
-
 def ellipse(cx: float, cy: float, rx: float, ry: float) -> str:
     """An SVG path of an ellipse in four cubic Béziers (the real-time API's M/C commands): each
     quarter from A to B has controls A + k(B - centre) and B + k(A - centre)."""
@@ -298,9 +288,8 @@ def test_segment_rows_export_coco_polygons_label_studio_and_yolo(tmp_path):
     from pycocotools.coco import COCO
 
     store = LocalStore(tmp_path / "out")
-    spec = spec_of(SkillOptions(skill="detect", object="cat"), output_format="parquet") \
-        .model_copy(update={"options": segment_options("cat"),
-                            "exports": ["coco", "label-studio", "yolo"]})
+    spec = spec_of(SkillOptions(skill="segment", object="cat"), output_format="parquet") \
+        .model_copy(update={"exports": ["coco", "label-studio", "yolo"]})
     rows = [{**OK, "id": "e.jpg", "result": ELLIPSE, "width": 200, "height": 100},
             {**OK, "id": "two.png", "result": TWO_PARTS, "width": 300, "height": 300},
             {**OK, "id": "bad.jpg", "result": {"path": "not a path", "bbox": None}},

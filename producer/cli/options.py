@@ -118,7 +118,7 @@ FormatOpt = Annotated[str, typer.Option(
 ExportOpt = Annotated[Optional[list[str]], typer.Option(
     "--export", metavar="FORMAT", help="annotations written under OUTPUT/annotations/ when the "
     "run completes: coco | label-studio | yolo | none; repeat it for several (default: coco "
-    "for a detect or point run, none otherwise)")]
+    "for a detect, point or segment run, none otherwise)")]
 
 
 class URL(str):
