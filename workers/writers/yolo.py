@@ -23,6 +23,7 @@ classes), under ``annotations/yolo/``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,6 +37,7 @@ from moonbatch.workers.writers.exports import Categories, items
 
 SKILLS = ("detect", "segment")
 UPLOADS = 16  # label files put at once
+CHUNK = 1000  # label files made before they are put
 _IMAGE_EXT = re.compile(r"\.(jpe?g|png|webp|gif|bmp|tiff?|avif|heic|heif)$", re.IGNORECASE)
 
 
@@ -47,58 +49,82 @@ def label_name(key: str) -> str:
     return _IMAGE_EXT.sub("", name) or name
 
 
-def build(store: Store, spec: RunSpec, shards: int) -> tuple[dict[str, bytes], bytes]:
-    """``({label key: file bytes}, data.yaml bytes)`` of the run's merged results."""
-    classes = Categories(spec, SKILLS, first=0, by_name=True)
-    labels: dict[str, bytes] = {}
-    points = 0
-    for item in items(store, spec, shards):
-        if not item.ok:
-            continue
-        lines = []
-        for opts, name, part in item.parts(spec):
-            if opts.skill == "point":
-                points += len(part.get("points") or ())
+class _Export:
+    """The label files of a run's rows (``files``: a generator, in plan order) and, once they
+    are all made, its ``data_yaml``."""
+
+    def __init__(self, store: Store, spec: RunSpec, shards: int) -> None:
+        self.store, self.spec, self.shards = store, spec, shards
+        self.classes = Categories(spec, SKILLS, first=0, by_name=True)
+        self.points = 0
+        self.keys: set[str] = set()
+
+    def files(self) -> Iterator[tuple[str, bytes]]:
+        """``(label key, file bytes)`` of each ok row."""
+        for item in items(self.store, self.spec, self.shards):
+            if not item.ok:
                 continue
-            if opts.skill not in SKILLS:
-                continue
-            cls = classes.id(opts.skill, name)
-            for x0, y0, x1, y1 in _boxes(opts.skill, part):
-                x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in (x0, y0, x1, y1))
-                if x1 > x0 and y1 > y0:
-                    lines.append(f"{cls} {(x0 + x1) / 2:.6f} {(y0 + y1) / 2:.6f} "
-                                 f"{x1 - x0:.6f} {y1 - y0:.6f}\n")
-        key = layout.yolo_label(label_name(item.key))
-        if key in labels:
-            key = layout.yolo_label(f"{label_name(item.key)}-{item.position}")
-        labels[key] = "".join(lines).encode()
-    names = {cid: name for (_, name), cid in classes.ids.items()}
-    head = [f"# YOLO detection labels of moonbatch run {spec.run_id}: labels/<name>.txt, one "
-            "'class cx cy w h' line per box (normalised 0..1).",
-            "# Put each image at images/<name>.<ext> next to labels/. Error rows have no "
-            "label file; an empty one: nothing found."]
-    if points:
-        head.append(f"# {points} point(s) left out: YOLO detection labels are boxes (the COCO "
-                    "and Label Studio exports keep points).")
-    body = ["path: .", "train: images", "val: images", f"nc: {len(names)}", "names:" +
-            ("" if names else " {}")]
-    body += [f"  {cid}: {orjson.dumps(name).decode()}" for cid, name in sorted(names.items())]
-    return labels, ("\n".join(head + body) + "\n").encode()
+            lines = []
+            for opts, name, part in item.parts(self.spec):
+                if opts.skill == "point":
+                    self.points += len(part.get("points") or ())
+                    continue
+                if opts.skill not in SKILLS:
+                    continue
+                cls = self.classes.id(opts.skill, name)
+                for box in _boxes(opts.skill, part):
+                    x0, y0, x1, y1 = (min(max(v, 0.0), 1.0) for v in box)
+                    if x1 > x0 and y1 > y0:
+                        lines.append(f"{cls} {(x0 + x1) / 2:.6f} {(y0 + y1) / 2:.6f} "
+                                     f"{x1 - x0:.6f} {y1 - y0:.6f}\n")
+            key = layout.yolo_label(label_name(item.key))
+            if key in self.keys:
+                key = layout.yolo_label(f"{label_name(item.key)}-{item.position}")
+            self.keys.add(key)
+            yield key, "".join(lines).encode()
+
+    def data_yaml(self) -> bytes:
+        """``data.yaml``: the classes, and a comment on what the labels hold."""
+        names = {cid: name for (_, name), cid in self.classes.ids.items()}
+        head = [f"# YOLO detection labels of moonbatch run {self.spec.run_id}: "
+                "labels/<name>.txt, one 'class cx cy w h' line per box (normalised 0..1).",
+                "# Put each image at images/<name>.<ext> next to labels/. Error rows have no "
+                "label file; an empty one: nothing found."]
+        if self.points:
+            head.append(f"# {self.points} point(s) left out: YOLO detection labels are boxes "
+                        "(the COCO and Label Studio exports keep points).")
+        body = ["path: .", "train: images", "val: images", f"nc: {len(names)}",
+                "names:" + ("" if names else " {}")]
+        body += [f"  {cid}: {orjson.dumps(name).decode()}" for cid, name in sorted(names.items())]
+        return ("\n".join(head + body) + "\n").encode()
 
 
 def write(store: Store, spec: RunSpec, shards: int) -> None:
-    """Put the run's label files (``UPLOADS`` at a time), delete label files of an earlier
-    export that this one does not write, then put ``data.yaml`` (last: it is there only when
-    every label file is)."""
-    labels, data = build(store, spec, shards)
-    stale = [o.key for o in store.iter_objects(layout.YOLO_LABELS)
-             if o.key not in labels and o.key.endswith(".txt")]
+    """Put the run's label files as the rows are read (``UPLOADS`` at a time, ``CHUNK`` held
+    at most), delete label files of an earlier export that this one did not write, then put
+    ``data.yaml`` (last: it is there only when every label file is). Idempotent: the same
+    rows give the same files."""
+    export = _Export(store, spec, shards)
     with ThreadPoolExecutor(UPLOADS) as pool:
-        for _ in pool.map(lambda kv: store.put(*kv), labels.items()):
-            pass
+        for chunk in _chunks(export.files(), CHUNK):
+            for _ in pool.map(lambda kv: store.put(*kv), chunk):
+                pass
+        stale = [o.key for o in store.iter_objects(layout.YOLO_LABELS)
+                 if o.key.endswith(".txt") and o.key not in export.keys]
         for _ in pool.map(store.delete, stale):
             pass
-    store.put(layout.YOLO_DATA, data)
+    store.put(layout.YOLO_DATA, export.data_yaml())
+
+
+def _chunks(pairs: Iterator[tuple[str, bytes]], size: int) -> Iterator[list[tuple[str, bytes]]]:
+    chunk: list[tuple[str, bytes]] = []
+    for pair in pairs:
+        chunk.append(pair)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _boxes(skill: str, part: dict[str, Any]) -> list[tuple[float, float, float, float]]:
