@@ -138,7 +138,10 @@ class EmulatorConfig:
     max_file_bytes: int = 2000 * MB
     max_lines: int = 100_000
     max_line_bytes: int = 10 * MB
-    models: tuple[str, ...] = ("moondream3-preview",)
+    # The models a batch may name (FACTS.md: 3 Preview, the default, and 3.1 in both spellings
+    # the price list uses); a finetune ``<model>/<id>@<step>`` of one of them too. Any other
+    # fails the batch with ``invalid_model``.
+    models: tuple[str, ...] = ("moondream3-preview", "moondream3.1", "moondream3.1-9B-A2B")
     faults: Faults = dataclasses.field(default_factory=Faults)
     # Answers in the thinner and odder shapes the contract allows (see Emulator._loose_view).
     loose_answers: bool = False

@@ -29,7 +29,12 @@ SKILL_OPTIONS = {"length": ("caption",), "question": ("query",), "reasoning": ("
                  "spatial_refs": ("query", "point", "segment")}
 #: The options that shape a run other than its skills (``new_spec``'s, by their Python names).
 RUN_OPTIONS = ("shard_size", "max_pixels", "provider", "endpoint", "input_format", "id_column",
-               "image_column", "base", "format", "skip_existing", "exports")
+               "image_column", "base", "format", "skip_existing", "model", "priority",
+               "fal_store_io", "queue_timeout", "exports")
+#: The options of one provider's own → their key in ``RunSpec.provider_options`` (the
+#: provider's ``check_spec`` refuses those it does not take).
+PROVIDER_OPTIONS = {"priority": "priority", "fal_store_io": "store_io",
+                    "queue_timeout": "request_timeout"}
 #: Every option ``start``, ``prepare`` and ``estimate`` take besides INPUT, OUTPUT and skill.
 OPTIONS = (*SKILL_OPTIONS, *RUN_OPTIONS)
 
@@ -133,11 +138,16 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               input_format: str = "auto", id_column: str | None = None,
               image_column: str | None = None, base: str | None = None,
               format: str = "jsonl", skip_existing: str | None = None,
+              model: str | None = None, priority: str | None = None,
+              fal_store_io: bool | None = None, queue_timeout: float | None = None,
               exports: str | Sequence[str] | None = None) -> dict[str, Any]:
-    """The run-shaping options as ``producer.runs.new_spec`` takes them. Raises
-    ``InvalidOption`` for a format, input format or export that does not exist or a negative
-    ``max_pixels``. ``exports``: names of ``writers.exports.EXPORTS`` (one, or a list; ``none``
-    alone: no export; None: the default, COCO for a detect, point or segment run)."""
+    """The run-shaping options as ``producer.runs.new_spec`` takes them (``priority``,
+    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``). Raises
+    ``InvalidOption`` for a format, input format or export that does not exist, a negative
+    ``max_pixels``, an empty ``model``, a ``priority`` other than normal or low, or a
+    ``queue_timeout`` that is not a number of seconds > 0. ``exports``: names of
+    ``writers.exports.EXPORTS`` (one, or a list; ``none`` alone: no export; None: the default,
+    COCO for a detect, point or segment run)."""
     from moonbatch.workers.readers import INPUT_FORMATS
     from moonbatch.workers.writers import OUTPUT_FORMATS
     from moonbatch.workers.writers.exports import EXPORTS
@@ -155,11 +165,27 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
     if max_pixels is not None and max_pixels < 0:
         raise InvalidOption(f"--max-pixels {max_pixels}: must be >= 0 (0 turns downscaling off)",
                             option="--max-pixels", value=max_pixels)
+    if model is not None and (not isinstance(model, str) or not model.strip()
+                              or model != model.strip()):
+        raise InvalidOption(f"--model {model!r}: a model name, e.g. moondream3.1 (no spaces)",
+                            option="--model", value=model)
+    if priority is not None:
+        _choice("priority", priority, ("normal", "low"))
+    if fal_store_io is not None and not isinstance(fal_store_io, bool):
+        raise InvalidOption(f"--fal-store-io {fal_store_io!r}: on or off (True or False)",
+                            option="--fal-store-io", value=fal_store_io)
+    if queue_timeout is not None and (isinstance(queue_timeout, bool) or not isinstance(
+            queue_timeout, (int, float)) or not queue_timeout > 0):
+        raise InvalidOption(f"--queue-timeout {queue_timeout}: must be a number of seconds > 0",
+                            option="--queue-timeout", value=queue_timeout)
     reader = {k: v for k, v in (("id_column", id_column), ("image_column", image_column),
                                 ("base", base)) if v is not None}
+    given = {"priority": priority, "fal_store_io": fal_store_io, "queue_timeout": queue_timeout}
+    provider_options = {PROVIDER_OPTIONS[k]: v for k, v in given.items() if v is not None}
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
             "endpoint": endpoint, "input_format": input_format, "input_options": reader,
-            "output_format": format, "skip_existing": skip_existing, "exports": exports}
+            "output_format": format, "skip_existing": skip_existing, "model": model,
+            "provider_options": provider_options, "exports": exports}
 
 
 def new_spec(input_url: str, output_url: str, settings: Settings, *,
@@ -224,6 +250,10 @@ def prepare(spec, settings: Settings, *, allow_empty: bool = False, force: bool 
     with translated():
         preflight.preflight(settings, input_url=spec.input, output_url=spec.output,
                             allow_empty=allow_empty, broker=broker, provider=spec.provider)
+    from moonbatch.workers.providers import provider_for
+
+    for warning in provider_for(spec).check_model(spec):  # a refusal was new_spec's
+        log.warning("%s", warning)
     return spec
 
 

@@ -179,7 +179,14 @@ class RunSpec(BaseModel):
     # Further skills of a multi-skill run (``--skill caption --skill detect``): each image is
     # read and encoded once and every skill's result lands in its row under the skill's name.
     more_options: list[SkillOptions] = Field(default_factory=list)
+    # The model to run (``--model``, default ``MOONBATCH_MODEL``; None: the provider's own
+    # default). Each provider sends it where its service takes it or refuses the run
+    # (``Provider.check_model``).
     model: str | None = None
+    # Options of one provider's own (``--priority``, ``--fal-store-io``, ``--queue-timeout``
+    # → ``priority``, ``store_io``, ``request_timeout``): the provider checks them
+    # (``Provider.check_spec``) and refuses those it does not take.
+    provider_options: dict[str, Any] = Field(default_factory=dict)
     # Which service annotates (a name of ``moonbatch.workers.providers.PROVIDERS``) and, for fal,
     # which endpoint. Specs written before providers existed are the registry's default's runs.
     provider: str = Field(default_factory=lambda: _default_provider())

@@ -64,6 +64,22 @@ ProviderOpt = Annotated[Optional[str], typer.Option(
 EndpointOpt = Annotated[Optional[str], typer.Option(
     "--endpoint", metavar="ID", help="the fal endpoint (--provider fal only; default "
     "fal-ai/moondream3-preview/<skill>; README \"Providers\" lists them and their options)")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", metavar="NAME", help="the model: for the Batch API e.g. moondream3.1 or "
+    "moondream3-preview or a finetune moondream3-preview/<id>@<step> (default: MOONBATCH_MODEL, "
+    "else the API's, moondream3-preview); fal's endpoints run a fixed model (--model only "
+    "picks fal-ai/moondream/batched's model_id: vikhyatk/moondream2 | fal-ai/moondream2-docci)")]
+PriorityOpt = Annotated[Optional[str], typer.Option(
+    "--priority", metavar="LEVEL", help="fal's queue priority: normal | low (a backfill that "
+    "may wait; X-Fal-Queue-Priority) (--provider fal only; default normal)")]
+FalStoreIoOpt = Annotated[Optional[bool], typer.Option(
+    "--fal-store-io/--no-fal-store-io", help="let fal keep each request's inputs and outputs "
+    "(30 days; the images included) (--provider fal only; default off, X-Fal-Store-IO: 0, or "
+    "MOONBATCH_FAL_STORE_IO)", show_default=False)]
+QueueTimeoutOpt = Annotated[Optional[float], typer.Option(
+    "--queue-timeout", metavar="SECONDS", help="a fal request that has not started after "
+    "SECONDS fails (X-Fal-Request-Timeout) and is retried in the next round (--provider fal "
+    "only; default: no limit)")]
 DryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", help="list and plan INPUT as a run would and print items, shards, requests, "
     "bytes, tokens and the estimated cost; write nothing, send nothing, need no key")]

@@ -17,6 +17,7 @@ from moonbatch.producer.cli.options import (
     EmbeddedBrokerOpt,
     EndpointOpt,
     ExportOpt,
+    FalStoreIoOpt,
     ForceOpt,
     FormatOpt,
     IdColumnOpt,
@@ -26,10 +27,13 @@ from moonbatch.producer.cli.options import (
     LengthOpt,
     MaxPixelsOpt,
     MaxTokensOpt,
+    ModelOpt,
     ObjectOpt,
     OutputArg,
+    PriorityOpt,
     ProviderOpt,
     QuestionOpt,
+    QueueTimeoutOpt,
     ReasoningOpt,
     ShardSizeOpt,
     SkillOpt,
@@ -66,7 +70,9 @@ def _dry_run(input: str, output: str, options: dict[str, Any], allow_empty: bool
     "--export yolo",
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --endpoint fal-ai/moondream/batched "
     "--skill query --question \"Is it a cat?\"",
-    "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost"))
+    "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost",
+    "moonbatch run s3://b/in/ s3://b/out/ --model moondream3.1 --dry-run  # its price",
+    "moonbatch run s3://b/in/ s3://b/out/ --provider fal --priority low --queue-timeout 600"))
 def run(input: InputArg, output: OutputArg,
         skill: SkillOpt = None, length: LengthOpt = None, question: QuestionOpt = None,
         object: ObjectOpt = None, reasoning: ReasoningOpt = None,
@@ -77,7 +83,9 @@ def run(input: InputArg, output: OutputArg,
         endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
         id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
         base: BaseOpt = None, output_format: FormatOpt = "jsonl",
-        skip_existing: SkipExistingOpt = None, export: ExportOpt = None,
+        skip_existing: SkipExistingOpt = None, model: ModelOpt = None,
+        priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
+        queue_timeout: QueueTimeoutOpt = None, export: ExportOpt = None,
         workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
@@ -99,7 +107,9 @@ def run(input: InputArg, output: OutputArg,
                    max_pixels=max_pixels,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
-                   format=output_format, skip_existing=skip_existing, exports=export)
+                   format=output_format, skip_existing=skip_existing, model=model,
+                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
+                   exports=export)
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with cli_errors(), interruptible(where):
         if as_json and not dry_run:
@@ -140,7 +150,9 @@ def submit(input: InputArg, output: OutputArg,
            endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
            id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
            base: BaseOpt = None, output_format: FormatOpt = "jsonl",
-           skip_existing: SkipExistingOpt = None, export: ExportOpt = None,
+           skip_existing: SkipExistingOpt = None, model: ModelOpt = None,
+           priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
+           queue_timeout: QueueTimeoutOpt = None, export: ExportOpt = None,
            allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
            dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
@@ -157,7 +169,9 @@ def submit(input: InputArg, output: OutputArg,
                    max_pixels=max_pixels,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
-                   format=output_format, skip_existing=skip_existing, exports=export)
+                   format=output_format, skip_existing=skip_existing, model=model,
+                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
+                   exports=export)
     with cli_errors():
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",

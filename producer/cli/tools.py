@@ -20,10 +20,14 @@ from moonbatch.producer.cli.options import (
     DemoTimeoutOpt,
     DemoWorkersOpt,
     EndpointOpt,
+    FalStoreIoOpt,
     LengthOpt,
+    ModelOpt,
     ObjectOpt,
+    PriorityOpt,
     ProviderOpt,
     QuestionOpt,
+    QueueTimeoutOpt,
     ReasoningOpt,
     SkillOpt,
     epilog,
@@ -43,14 +47,16 @@ def skimage_data_dir() -> Path:
 
 @app.command(epilog=epilog("moonbatch demo", "moonbatch demo --skill query --question "
                             "\"What is in the picture?\" --output /tmp/demo",
-                            "moonbatch demo --provider fal --endpoint fal-ai/moondream/batched"))
+                            "moonbatch demo --provider fal --endpoint fal-ai/moondream/batched",
+                            "moonbatch demo --model moondream3.1"))
 def demo(output: Annotated[Path, typer.Option(
              "--output", metavar="DIRECTORY",
              help="each run goes into DIRECTORY/<run id>/")] = Path("moonbatch-demo"),
          skill: SkillOpt = None, length: LengthOpt = None, question: QuestionOpt = None,
          object: ObjectOpt = None, reasoning: ReasoningOpt = None,
-         provider: ProviderOpt = None, endpoint: EndpointOpt = None,
-         shard_size: DemoShardSizeOpt = 8, workers: DemoWorkersOpt = 2,
+         provider: ProviderOpt = None, endpoint: EndpointOpt = None, model: ModelOpt = None,
+         priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
+         queue_timeout: QueueTimeoutOpt = None, shard_size: DemoShardSizeOpt = 8, workers: DemoWorkersOpt = 2,
          timeout: DemoTimeoutOpt = 300.0) -> None:
     """Annotate scikit-image's sample photographs with no account and no servers: an embedded
     broker (a private redis-server), local storage and the emulator of the Batch API or (with
@@ -70,7 +76,9 @@ def demo(output: Annotated[Path, typer.Option(
         # The skill, provider, endpoint and shard size are checked before anything starts.
         spec = new_spec(str(source), str(target), get_settings(), skill=skill, run_id=run_id,
                         length=length, question=question, object=object, reasoning=reasoning,
-                        shard_size=shard_size, provider=provider, endpoint=endpoint)
+                        shard_size=shard_size, provider=provider, endpoint=endpoint,
+                        model=model, priority=priority, fal_store_io=fal_store_io,
+                        queue_timeout=queue_timeout)
         key, fal_key = uuid.uuid4().hex, uuid.uuid4().hex
         config = EmulatorConfig(api_key=key, chunking_seconds=0.5, processing_seconds=1.0,
                                 lines_per_second=50, fal_key=fal_key,
