@@ -250,8 +250,12 @@ def test_export_refusals_name_the_fix(tmp_path, cli_env, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_exports_default_to_coco_for_spatial_runs_only():
+def test_exports_default_to_coco_for_spatial_runs_only(tmp_path):
+    import moonbatch
     from moonbatch.producer.submit import spec_args
+
+    with pytest.raises(moonbatch.InvalidOption, match="^--export yolo needs a detect or segment"):
+        moonbatch.dry_run(str(tmp_path), str(tmp_path / "out"), skill="caption", exports=["yolo"])
 
     assert spec_of(SkillOptions(skill="detect", object="x")).exports == ["coco"]
     assert spec_of(SkillOptions(skill="caption")).exports == []
