@@ -8,9 +8,12 @@ Options go by the command line's names in Python spelling: ``question``, ``objec
 of ``[x, y]`` points and ``[x_min, y_min, x_max, y_max]`` boxes, normalised 0..1), ``shard_size``,
 ``max_pixels``, ``endpoint``, ``input_format``, ``id_column``, ``image_column``, ``base``,
 ``format`` (``jsonl`` or ``parquet``), ``skip_existing``, ``model`` (default
-``MOONBATCH_MODEL``; refused where the provider cannot run it), and fal's queue controls
+``MOONBATCH_MODEL``; refused where the provider cannot run it), fal's queue controls
 ``priority`` (``"normal"``/``"low"``), ``fal_store_io`` (bool; default
-``MOONBATCH_FAL_STORE_IO``, off) and ``queue_timeout`` (seconds), which other providers refuse.
+``MOONBATCH_FAL_STORE_IO``, off) and ``queue_timeout`` (seconds), which other providers refuse,
+and ``exports`` (a list of ``coco``, ``label-studio``, ``yolo``, written under
+OUTPUT/annotations/ when the run completes; default: ``["coco"]`` for a detect, point or
+segment run; ``[]``: none).
 
 Nothing here prints, installs a signal handler or exits; failures raise
 ``moonbatch.errors`` classes (``InvalidOption``, ``PreflightError``, ``OutputConflict``,

@@ -153,9 +153,10 @@ def cancel(output: str, settings: Settings) -> dict[str, Any]:
 
 def clean(output: str, settings: Settings, *, force: bool = False) -> dict[str, Any]:
     """Delete what moonbatch wrote under OUTPUT (``_moonbatch/``, ``run.json``, its results
-    files and ``annotations/instances.json``; nothing else). Returns ``{"output", "run_id",
-    "state", "deleted": objects deleted}``. Raises ``OutputConflict`` for a complete, running
-    or planning run without ``force`` (a running one is cancelled first with it)."""
+    files and its exports under ``annotations/``: COCO, Label Studio, YOLO; nothing else).
+    Returns ``{"output", "run_id", "state", "deleted": objects deleted}``. Raises
+    ``OutputConflict`` for a complete, running or planning run without ``force`` (a running one
+    is cancelled first with it)."""
     from moonbatch.producer.runs import describe_output
     from moonbatch.workers import layout, registry, writers
     from moonbatch.workers.runstate import open_output
@@ -178,7 +179,8 @@ def clean(output: str, settings: Settings, *, force: bool = False) -> dict[str, 
     pattern = re.compile(r"results/shard-\d{5}\.(" + suffixes + ")")
     keys = [o.key for o in store.iter_objects(layout.STATE)]
     keys += [o.key for o in store.iter_objects(layout.RESULTS) if pattern.fullmatch(o.key)]
-    keys += [k for k in (layout.SUMMARY, layout.COCO) if store.exists(k)]
+    keys += layout.export_keys(o.key for o in store.iter_objects(layout.ANNOTATIONS))
+    keys += [k for k in (layout.SUMMARY,) if store.exists(k)]
     for key in sorted(keys, key=lambda k: k == layout.SPEC):  # the spec last
         store.delete(key)
     if keys and isinstance(store, LocalStore):  # folders left empty

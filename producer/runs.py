@@ -61,7 +61,8 @@ PLANNING_LEASE_SECONDS = 30.0
 # ``provider_options`` (fal's priority, payload retention, queue timeout) change how a run is
 # sent, not its rows: the same command with other ones is still the same command.
 _COMPARED = ("input", "output", "provider", "endpoint", "shard_size", "max_pixels", "model",
-             "skip_existing", "input_kind", "input_options", "output_format", "more_options")
+             "skip_existing", "input_kind", "input_options", "output_format", "more_options",
+             "exports")
 
 
 def command_differences(held: RunSpec, wanted: RunSpec) -> list[str]:
@@ -502,7 +503,8 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     requests). Writes nothing, reaches no
     broker, registry or provider, needs no credentials.
 
-    Returns ``{"dry_run": True, "provider", "endpoint", "model", "provider_options", "input",
+    Returns ``{"dry_run": True, "provider", "endpoint", "model", "provider_options", "exports",
+    "input",
     "output", "skill", "listed",
     "items", "skipped", "skipped_examples", "skipped_reasons", "skip_existing",
     "skipped_existing", "shards",
@@ -530,6 +532,7 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     whole = provider.estimate(spec, stats.items, image_bytes, shards)
     return {"dry_run": True, "provider": spec.provider, "endpoint": spec.endpoint,
             "model": spec.model, "provider_options": spec.provider_options,
+            "exports": spec.exports,
             "input": spec.input, "output": spec.output, "skill": spec.skill_names,
             "listed": stats.listed, "items": stats.items, "skipped": stats.skipped,
             "skipped_examples": [printable(k) for k in stats.skipped_examples],

@@ -30,7 +30,7 @@ SKILL_OPTIONS = {"length": ("caption",), "question": ("query",), "reasoning": ("
 #: The options that shape a run other than its skills (``new_spec``'s, by their Python names).
 RUN_OPTIONS = ("shard_size", "max_pixels", "provider", "endpoint", "input_format", "id_column",
                "image_column", "base", "format", "skip_existing", "model", "priority",
-               "fal_store_io", "queue_timeout")
+               "fal_store_io", "queue_timeout", "exports")
 #: The options of one provider's own → their key in ``RunSpec.provider_options`` (the
 #: provider's ``check_spec`` refuses those it does not take).
 PROVIDER_OPTIONS = {"priority": "priority", "fal_store_io": "store_io",
@@ -139,17 +139,28 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               image_column: str | None = None, base: str | None = None,
               format: str = "jsonl", skip_existing: str | None = None,
               model: str | None = None, priority: str | None = None,
-              fal_store_io: bool | None = None, queue_timeout: float | None = None
-              ) -> dict[str, Any]:
+              fal_store_io: bool | None = None, queue_timeout: float | None = None,
+              exports: str | Sequence[str] | None = None) -> dict[str, Any]:
     """The run-shaping options as ``producer.runs.new_spec`` takes them (``priority``,
     ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``). Raises
-    ``InvalidOption`` for a format or input format that does not exist, a negative
+    ``InvalidOption`` for a format, input format or export that does not exist, a negative
     ``max_pixels``, an empty ``model``, a ``priority`` other than normal or low, or a
-    ``queue_timeout`` that is not a number of seconds > 0."""
+    ``queue_timeout`` that is not a number of seconds > 0. ``exports``: names of
+    ``writers.exports.EXPORTS`` (one, or a list; ``none`` alone: no export; None: the default,
+    COCO for a detect, point or segment run)."""
     from moonbatch.workers.readers import INPUT_FORMATS
     from moonbatch.workers.writers import OUTPUT_FORMATS
+    from moonbatch.workers.writers.exports import EXPORTS
 
     _choice("format", format, OUTPUT_FORMATS)
+    if exports is not None:
+        exports = [exports] if isinstance(exports, str) else list(exports)
+        for name in exports:
+            _choice("export", name, (*EXPORTS, "none"))
+        if "none" in exports and len(exports) > 1:
+            raise InvalidOption("--export none means no export: give it alone, or leave it out",
+                                option="--export", value="none")
+        exports = list(dict.fromkeys(e for e in exports if e != "none"))
     _choice("input_format", input_format, INPUT_FORMATS)
     if max_pixels is not None and max_pixels < 0:
         raise InvalidOption(f"--max-pixels {max_pixels}: must be >= 0 (0 turns downscaling off)",
@@ -174,7 +185,7 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
             "endpoint": endpoint, "input_format": input_format, "input_options": reader,
             "output_format": format, "skip_existing": skip_existing, "model": model,
-            "provider_options": provider_options}
+            "provider_options": provider_options, "exports": exports}
 
 
 def new_spec(input_url: str, output_url: str, settings: Settings, *,
@@ -191,11 +202,24 @@ def new_spec(input_url: str, output_url: str, settings: Settings, *,
                             f"{', '.join(OPTIONS)}", option=unknown[0], allowed=OPTIONS)
     opts = skill_options(skill, **{k: options.get(k) for k in SKILL_OPTIONS})
     args = spec_args(**{k: v for k, v in options.items() if k in RUN_OPTIONS and v is not None})
+    _check_exports(args["exports"], opts)
     with translated():
         try:
             return runs.new_spec(input_url, output_url, opts, settings, run_id=run_id, **args)
         except ValidationError as exc:
             raise _invalid(exc) from None
+
+
+def _check_exports(exports: list[str] | None, opts: Any) -> None:
+    """``InvalidOption`` for an export the run's skills cannot make (``--export yolo`` of a
+    caption run)."""
+    from moonbatch.workers.writers.exports import refusal
+
+    skills = [o.skill for o in (opts if isinstance(opts, list) else [opts])]
+    for name in exports or ():
+        why = refusal(name, skills)
+        if why:
+            raise InvalidOption(why, option="--export", value=name)
 
 
 def prepare(spec, settings: Settings, *, allow_empty: bool = False, force: bool = False,

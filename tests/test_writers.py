@@ -152,7 +152,7 @@ def test_no_coco_for_runs_without_detect_or_point(tmp_path):
     put_shard(store, spec, 0, [OK])
     writers.finish_run(store, spec, 1)
     assert not store.exists(layout.COCO)
-    with pytest.raises(ValueError, match="no detect or point skill"):
+    with pytest.raises(ValueError, match="no detect, point or segment skill"):
         coco.build(store, spec, 1)
 
 

@@ -4,7 +4,12 @@
     results/shard-00000.jsonl              merged rows, one per input item (written again
                                            by a retry-failed pass)
                                            (.parquet with --format parquet; workers.writers)
-    annotations/instances.json             detect/point runs: COCO export (workers.writers.coco)
+    annotations/instances.json             --export coco (the default of detect/point/segment
+                                           runs): COCO export (workers.writers.coco)
+    annotations/label-studio/tasks.json    --export label-studio: pre-annotation import JSON
+    annotations/label-studio/config.xml    its labeling configuration (workers.writers.labelstudio)
+    annotations/yolo/data.yaml             --export yolo: class names (workers.writers.yolo)
+    annotations/yolo/labels/<name>.txt     one per ok image: class cx cy w h per box
     _moonbatch/spec.json                   the run spec (written once at submit)
     _moonbatch/plan.json                   {"shards": N, "items": M, ...} once listing is done
     _moonbatch/plan/shard-00000.jsonl      the shard's items: {"id", "size"} per line
@@ -66,6 +71,10 @@ SUMMARY = "run.json"
 RESULTS = "results/"
 ANNOTATIONS = "annotations/"
 COCO = ANNOTATIONS + "instances.json"
+LABEL_STUDIO = ANNOTATIONS + "label-studio/tasks.json"
+LABEL_STUDIO_CONFIG = ANNOTATIONS + "label-studio/config.xml"
+YOLO_DATA = ANNOTATIONS + "yolo/data.yaml"
+YOLO_LABELS = ANNOTATIONS + "yolo/labels/"
 SHARDS = STATE + "shards/"
 PLANNING = STATE + "planning.json"
 ENQUEUED = STATE + "enqueued"  # the producer enqueued every shard of the plan
@@ -185,6 +194,20 @@ def parse_results(key: str) -> tuple[int, str] | None:
     ``(3, "jsonl")``); None for any other key (a user's own file under ``results/``)."""
     m = _RESULTS_KEY.fullmatch(key)
     return (int(m[1]), m[2]) if m else None
+
+
+def yolo_label(name: str) -> str:
+    """Key of a YOLO label file: ``name`` is the image's relative name without its extension
+    (``a/b`` → ``annotations/yolo/labels/a/b.txt``)."""
+    return f"{YOLO_LABELS}{name}.txt"
+
+
+def export_keys(keys: Iterable[str]) -> list[str]:
+    """The keys among ``keys`` (a listing of OUTPUT's ``annotations/``) that an export wrote
+    (``--export``: COCO, Label Studio, YOLO), for ``moonbatch clean``; a user's own files
+    under ``annotations/`` are not among them."""
+    fixed = {COCO, LABEL_STUDIO, LABEL_STUDIO_CONFIG, YOLO_DATA}
+    return [k for k in keys if k in fixed or (k.startswith(YOLO_LABELS) and k.endswith(".txt"))]
 
 
 def skipped_part(index: int) -> str:

@@ -23,6 +23,8 @@ REALTIME_ONLY_SKILLS: tuple[str, ...] = ("segment",)
 SPATIAL_REFS_SKILLS: tuple[str, ...] = ("query", "point", "segment")
 #: Skills that take ``object`` (what to find).
 OBJECT_SKILLS: tuple[str, ...] = ("detect", "point", "segment")
+#: Skills whose results are shapes in the image (exports: COCO, YOLO, Label Studio regions).
+SPATIAL_SKILLS: tuple[str, ...] = ("detect", "point", "segment")
 
 
 class SkillOptions(BaseModel):
@@ -212,6 +214,10 @@ class RunSpec(BaseModel):
     input_options: dict[str, str] = Field(default_factory=dict)
     # How results are written (``moonbatch.workers.writers``): ``jsonl`` or ``parquet``.
     output_format: Literal["jsonl", "parquet"] = "jsonl"
+    # ``--export``: what ``writers.exports`` writes when the run completes (``coco``,
+    # ``label-studio``, ``yolo``). Not given (None; specs written before it): ``["coco"]`` for
+    # a run with a detect, point or segment skill, as before, else none.
+    exports: list[str] = Field(default_factory=list)
     # ``--skip-existing``: the OUTPUT of a previous run whose ok rows' items are not planned
     # again (``producer.existing``); recorded so a taken-over start plans the same.
     skip_existing: str | None = None
@@ -219,6 +225,16 @@ class RunSpec(BaseModel):
     max_shard_bytes: int
     max_pixels: int = 0  # downscale budget (0: send images at their own resolution)
     created_at: float  # unix seconds
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_exports(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("exports") is None:
+            opts = [data.get("options"), *(data.get("more_options") or ())]
+            skills = [o.skill if isinstance(o, SkillOptions) else (o or {}).get("skill")
+                      for o in opts]
+            data = {**data, "exports": default_exports(skills)}
+        return data
 
     @property
     def all_options(self) -> list[SkillOptions]:
@@ -238,6 +254,12 @@ class RunSpec(BaseModel):
     # private one (``moonbatch-run-<run_id>``) for ``moonbatch run``'s local workers, so the
     # two never take each other's work. None (specs written before it): the settings' queue.
     queue: str | None = None
+
+
+def default_exports(skills: Any) -> list[str]:
+    """The exports of a run that names none: COCO for a run with a detect, point or segment
+    skill, none otherwise."""
+    return ["coco"] if set(SPATIAL_SKILLS) & set(skills) else []
 
 
 def _default_provider() -> str:

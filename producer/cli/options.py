@@ -133,6 +133,11 @@ FormatOpt = Annotated[str, typer.Option(
     "--format", metavar="FORMAT", help="results format: jsonl | parquet (results/*.parquet, "
     "one row per item)")]
 
+ExportOpt = Annotated[Optional[list[str]], typer.Option(
+    "--export", metavar="FORMAT", help="annotations written under OUTPUT/annotations/ when the "
+    "run completes: coco | label-studio | yolo | none; repeat it for several (default: coco "
+    "for a detect, point or segment run, none otherwise)")]
+
 
 class URL(str):
     """A store URL argument (its type name is what help shows: ``<URL>``)."""

@@ -85,6 +85,7 @@ def print_dry_run(report: dict[str, Any]) -> None:
     cost = report["cost_usd"]
     rows: list[tuple[str, Any]] = [
         ("provider", provider_text(report)), ("skill", report["skill"]),
+        *([("exports", ", ".join(report["exports"]) or "none")] if "exports" in report else []),
         ("input", report["input"]), ("items", f"{report['items']:,}"),
         ("skipped (not images)", f"{report['skipped']:,}"),
         *([("skipped (ok in " + report["skip_existing"] + ")", f"{report['skipped_existing']:,}")]

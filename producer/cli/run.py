@@ -16,6 +16,7 @@ from moonbatch.producer.cli.options import (
     DryRunOpt,
     EmbeddedBrokerOpt,
     EndpointOpt,
+    ExportOpt,
     FalStoreIoOpt,
     ForceOpt,
     FormatOpt,
@@ -65,6 +66,8 @@ def _dry_run(input: str, output: str, options: dict[str, Any], allow_empty: bool
     "moonbatch run ./images ./out --skill query --question \"Is there a dog?\" --workers 4",
     "moonbatch run s3://b/in/ s3://b/out/ --skill detect --object face --workers 0  # a fleet",
     "moonbatch run s3://b/in/ s3://b/out/ --timeout 3600 || moonbatch wait RUN_ID",
+    "moonbatch run s3://b/in/ s3://b/out/ --skill detect --object car --export label-studio "
+    "--export yolo",
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --endpoint fal-ai/moondream/batched "
     "--skill query --question \"Is it a cat?\"",
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost",
@@ -82,7 +85,8 @@ def run(input: InputArg, output: OutputArg,
         base: BaseOpt = None, output_format: FormatOpt = "jsonl",
         skip_existing: SkipExistingOpt = None, model: ModelOpt = None,
         priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
-        queue_timeout: QueueTimeoutOpt = None, workers: WorkersOpt = None,
+        queue_timeout: QueueTimeoutOpt = None, export: ExportOpt = None,
+        workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
         dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
@@ -104,7 +108,8 @@ def run(input: InputArg, output: OutputArg,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
                    format=output_format, skip_existing=skip_existing, model=model,
-                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout)
+                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
+                   exports=export)
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with cli_errors(), interruptible(where):
         if as_json and not dry_run:
@@ -147,7 +152,7 @@ def submit(input: InputArg, output: OutputArg,
            base: BaseOpt = None, output_format: FormatOpt = "jsonl",
            skip_existing: SkipExistingOpt = None, model: ModelOpt = None,
            priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
-           queue_timeout: QueueTimeoutOpt = None,
+           queue_timeout: QueueTimeoutOpt = None, export: ExportOpt = None,
            allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
            dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
@@ -165,7 +170,8 @@ def submit(input: InputArg, output: OutputArg,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
                    format=output_format, skip_existing=skip_existing, model=model,
-                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout)
+                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
+                   exports=export)
     with cli_errors():
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",

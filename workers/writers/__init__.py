@@ -8,9 +8,9 @@ A writer module defines ``FORMAT``, ``SUFFIX``, ``encode(rows, metadata=None) ->
 the merged row documents as JSON bytes, ``moonbatch.workers.merge``; metadata: ``run_metadata``,
 kept in the file where its format has a place for it) and ``decode(data) -> Iterator[dict]``
 (the rows back as dicts, for commands that read a run's results: ``retry-failed``,
-``--skip-existing``). Exports that need the whole run (COCO ``annotations/instances.json``)
-are written by ``finish_run`` once every shard is merged. Importing this package does not
-import pyarrow.
+``--skip-existing``). Exports that need the whole run (``--export``: COCO, Label Studio, YOLO
+under ``annotations/``; ``exports``) are written by ``finish_run`` once every shard is
+merged. Importing this package does not import pyarrow.
 """
 
 from __future__ import annotations
@@ -89,9 +89,9 @@ def iter_results(store: Store, fmt: str, shards: int) -> Iterator[dict[str, Any]
 
 def finish_run(store: Store, spec: Any, shards: int) -> None:
     """Write the exports of a run whose shards are all merged (idempotent: a second call
-    writes the same documents): for a run with a detect or point skill, the COCO
-    ``annotations/instances.json`` (``moonbatch.workers.writers.coco``)."""
-    from moonbatch.workers.writers import coco
+    writes the same documents): each of ``spec.exports`` (``moonbatch.workers.writers.exports``;
+    by default the COCO ``annotations/instances.json`` of a run with a detect, point or segment
+    skill)."""
+    from moonbatch.workers.writers import exports
 
-    if coco.wanted(spec):
-        coco.write(store, spec, shards)
+    exports.write(store, spec, shards)

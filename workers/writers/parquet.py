@@ -22,6 +22,8 @@ answer              string                            query skill's answer
 objects             list<struct<x_min, y_min, x_max,  detect skill's boxes, normalised 0..1
                     y_max: double>>
 points              list<struct<x, y: double>>        point skill's points, normalised 0..1
+segments            list<struct<path: string, x_min,  segment skill's SVG path (normalised 0..1)
+                    y_min, x_max, y_max: double>>     and bbox: one entry per segment result
 result_json         string                            the row's whole ``result`` as JSON
                                                       (reasoning, fal ``raw``, multi-skill dict)
 error_code,         string                            the error of an error row
@@ -68,6 +70,8 @@ SCHEMA = pa.schema([
     ("answer", pa.string()),
     ("objects", pa.list_(pa.struct([(f, pa.float64()) for f in _BOX_FIELDS]))),
     ("points", pa.list_(pa.struct([(f, pa.float64()) for f in _POINT_FIELDS]))),
+    ("segments", pa.list_(pa.struct([("path", pa.string()),
+                                     *((f, pa.float64()) for f in _BOX_FIELDS)]))),
     ("result_json", pa.string()),
     *(("error_" + f, pa.string()) for f in _ERROR_FIELDS),
     *((name, pa.int64()) for name in _TOKENS),
@@ -117,7 +121,7 @@ def _columns(row: dict[str, Any]) -> dict[str, Any]:
         "source": _text(row.get("source")),
         "status": _text(row.get("status")),
         **{name: _int(row.get(name)) for name in _SIZE_FIELDS},
-        "caption": None, "answer": None, "objects": None, "points": None,
+        "caption": None, "answer": None, "objects": None, "points": None, "segments": None,
         "result_json": orjson.dumps(result).decode() if "result" in row else None,
         **{"error_" + f: _text(err.get(f)) for f in _ERROR_FIELDS},
         **{name: _int(usage.get(name)) for name in _TOKENS},
@@ -131,6 +135,8 @@ def _columns(row: dict[str, Any]) -> dict[str, Any]:
             out["objects"] = _structs(part.get("objects"), _BOX_FIELDS)
         if out["points"] is None:
             out["points"] = _structs(part.get("points"), _POINT_FIELDS)
+        if out["segments"] is None and "path" in part:
+            out["segments"] = _segments(part)
     return out
 
 
@@ -168,6 +174,15 @@ def _structs(value: Any, fields: tuple[str, ...]) -> list[dict[str, float | None
     if not isinstance(value, list):
         return None
     return [{f: _float(v.get(f)) for f in fields} for v in value if isinstance(v, dict)]
+
+
+def _segments(part: dict[str, Any]) -> list[dict[str, Any]]:
+    """A segment result ``{"path", "bbox"}`` → the ``segments`` column's one-entry list:
+    the SVG path (None when not a string) and the bbox's fields (None where absent)."""
+    box = part.get("bbox") if isinstance(part.get("bbox"), dict) else {}
+    path = part.get("path")
+    return [{"path": path if isinstance(path, str) else None,
+             **{f: _float(box.get(f)) for f in _BOX_FIELDS}}]
 
 
 def _float(value: Any) -> float | None:
