@@ -27,7 +27,10 @@ SKILL_OPTIONS = {"length": ("caption",), "question": ("query",), "reasoning": ("
                  "top_p": ("caption", "query"), "max_tokens": ("caption", "query")}
 #: The options that shape a run other than its skills (``new_spec``'s, by their Python names).
 RUN_OPTIONS = ("shard_size", "max_pixels", "provider", "endpoint", "input_format", "id_column",
-               "image_column", "base", "format", "skip_existing")
+               "image_column", "base", "format", "skip_existing", "max_cost", "max_error_rate",
+               "error_sample")
+#: ``--error-sample`` when ``--max-error-rate`` is given without it.
+DEFAULT_ERROR_SAMPLE = 20
 #: Every option ``start``, ``prepare`` and ``estimate`` take besides INPUT, OUTPUT and skill.
 OPTIONS = (*SKILL_OPTIONS, *RUN_OPTIONS)
 
@@ -99,10 +102,13 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               provider: str | None = None, endpoint: str | None = None,
               input_format: str = "auto", id_column: str | None = None,
               image_column: str | None = None, base: str | None = None,
-              format: str = "jsonl", skip_existing: str | None = None) -> dict[str, Any]:
+              format: str = "jsonl", skip_existing: str | None = None,
+              max_cost: float | None = None, max_error_rate: float | None = None,
+              error_sample: int | None = None) -> dict[str, Any]:
     """The run-shaping options as ``producer.runs.new_spec`` takes them. Raises
-    ``InvalidOption`` for a format or input format that does not exist or a negative
-    ``max_pixels``."""
+    ``InvalidOption`` for a format or input format that does not exist, a negative
+    ``max_pixels`` or ``max_cost``, a ``max_error_rate`` outside 0..1, an ``error_sample``
+    below 1 or without ``max_error_rate``."""
     from moonbatch.workers.readers import INPUT_FORMATS
     from moonbatch.workers.writers import OUTPUT_FORMATS
 
@@ -111,11 +117,24 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
     if max_pixels is not None and max_pixels < 0:
         raise InvalidOption(f"--max-pixels {max_pixels}: must be >= 0 (0 turns downscaling off)",
                             option="--max-pixels", value=max_pixels)
+    if max_cost is not None and max_cost < 0:
+        raise InvalidOption(f"--max-cost {max_cost}: must be >= 0 (dollars)",
+                            option="--max-cost", value=max_cost)
+    if max_error_rate is not None and not 0 <= max_error_rate <= 1:
+        raise InvalidOption(f"--max-error-rate {max_error_rate}: must be within 0..1 (a share "
+                            "of results, e.g. 0.5)", option="--max-error-rate",
+                            value=max_error_rate)
+    if error_sample is not None and (error_sample < 1 or max_error_rate is None):
+        raise InvalidOption(f"--error-sample {error_sample}: must be >= 1 and goes with "
+                            "--max-error-rate RATE", option="--error-sample", value=error_sample)
+    stop_fields: dict[str, Any] = {"max_cost": max_cost, "max_error_rate": max_error_rate}
+    if max_error_rate is not None:
+        stop_fields["error_sample"] = error_sample or DEFAULT_ERROR_SAMPLE
     reader = {k: v for k, v in (("id_column", id_column), ("image_column", image_column),
                                 ("base", base)) if v is not None}
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
             "endpoint": endpoint, "input_format": input_format, "input_options": reader,
-            "output_format": format, "skip_existing": skip_existing}
+            "output_format": format, "skip_existing": skip_existing, **stop_fields}
 
 
 def new_spec(input_url: str, output_url: str, settings: Settings, *,

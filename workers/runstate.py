@@ -23,6 +23,10 @@ RESULT_LINE_COUNTS = {"duplicate_lines": "duplicate_rows", "missing_lines": "mis
                       "malformed_lines": "malformed_lines", "id_mismatch_lines": "id_mismatch_lines"}
 
 
+#: The statuses of a final ``run.json`` (``stopped``: the run stopped sending, its unsent
+#: items are error rows with the stop's code; ``moonbatch.workers.stops``).
+FINAL = ("completed", "failed", "cancelled", "stopped")
+
 #: ``run.json`` ``timings`` fields that are times (ISO 8601, UTC); ``wall_seconds`` is a duration.
 TIMES = ("created_at", "planned_at", "finished_at")
 
@@ -154,12 +158,13 @@ class Progress:
         counts the latter: shards with a submitted batch and no ``done.json``."""
         st = self.store
         existing = get_json_or_none(st, layout.SUMMARY) or {}
-        if existing.get("status") in ("completed", "failed", "cancelled") and "counts" in existing:
+        if existing.get("status") in FINAL and "counts" in existing:
             return with_iso_times(existing)  # final: written once by maybe_finalize
         spec = get_json(st, layout.SPEC)
         plan = get_json_or_none(st, layout.PLAN)
         failed = get_json_or_none(st, layout.FAILED)
         cancelled = get_json_or_none(st, layout.CANCELLED)
+        halted = get_json_or_none(st, layout.STOPPED)
         latest: dict[int, int] = {}  # shard → latest round with a progress document
         sent: dict[int, int] = {}  # shard → latest round with a batch
         current: dict[int, int] = {}  # shard → latest round with any document
@@ -236,7 +241,17 @@ class Progress:
                         for s, d in sorted(done.items())] + out,
             "failure": failed,
             "cancelled": cancelled,
+            # The run stopped sending (``workers.stops``): final as ``stopped`` once merged.
+            "stop_reason": halted,
+            "spend": self._spend(spec),
         }
+
+    def _spend(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The run's spend (``stops.spend``) under its budget."""
+        from moonbatch.workers import stops
+
+        over = get_json_or_none(self.store, layout.LIMITS) or {}
+        return stops.spend(self.store, over.get("max_cost", spec.get("max_cost")))
 
     def _in_flight(self, shard: int, rnd: int, progress: dict[str, Any]) -> dict[str, Any]:
         """An entry of ``batches`` for the shard's batch at the API (round ``rnd``): its status
@@ -297,7 +312,8 @@ def maybe_finalize(store: Store) -> bool:
 
     spec = RunSpec.model_validate(get_json(store, layout.SPEC))
     writers.finish_run(store, spec, summary["shards"]["total"])  # the plan's, read by complete()
-    summary["status"] = "failed" if summary["failure"] else "completed"
+    summary["status"] = "failed" if summary["failure"] else \
+        "stopped" if summary.get("stop_reason") else "completed"
     finished = time.time()
     summary["timings"]["finished_at"] = iso_time(finished)
     summary["timings"]["wall_seconds"] = round(finished - spec.created_at, 3)

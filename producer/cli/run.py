@@ -16,6 +16,7 @@ from moonbatch.producer.cli.options import (
     DryRunOpt,
     EmbeddedBrokerOpt,
     EndpointOpt,
+    ErrorSampleOpt,
     ForceOpt,
     FormatOpt,
     IdColumnOpt,
@@ -23,6 +24,8 @@ from moonbatch.producer.cli.options import (
     InputArg,
     InputFormatOpt,
     LengthOpt,
+    MaxCostOpt,
+    MaxErrorRateOpt,
     MaxPixelsOpt,
     MaxTokensOpt,
     ObjectOpt,
@@ -62,7 +65,8 @@ def _dry_run(input: str, output: str, options: dict[str, Any], allow_empty: bool
     "moonbatch run s3://b/in/ s3://b/out/ --timeout 3600 || moonbatch wait RUN_ID",
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --endpoint fal-ai/moondream/batched "
     "--skill query --question \"Is it a cat?\"",
-    "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost"))
+    "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost",
+    "moonbatch run s3://b/in/ s3://b/out/ --max-cost 20 --max-error-rate 0.5  # exit 5: stopped"))
 def run(input: InputArg, output: OutputArg,
         skill: SkillOpt = None, length: LengthOpt = None, question: QuestionOpt = None,
         object: ObjectOpt = None, reasoning: ReasoningOpt = None,
@@ -72,7 +76,9 @@ def run(input: InputArg, output: OutputArg,
         endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
         id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
         base: BaseOpt = None, output_format: FormatOpt = "jsonl",
-        skip_existing: SkipExistingOpt = None, workers: WorkersOpt = None,
+        skip_existing: SkipExistingOpt = None, max_cost: MaxCostOpt = None,
+        max_error_rate: MaxErrorRateOpt = None, error_sample: ErrorSampleOpt = None,
+        workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
         dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
@@ -92,7 +98,8 @@ def run(input: InputArg, output: OutputArg,
                    max_tokens=max_tokens, shard_size=shard_size, max_pixels=max_pixels,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
-                   format=output_format, skip_existing=skip_existing)
+                   format=output_format, skip_existing=skip_existing, max_cost=max_cost,
+                   max_error_rate=max_error_rate, error_sample=error_sample)
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with cli_errors(), interruptible(where):
         if as_json and not dry_run:
@@ -132,7 +139,8 @@ def submit(input: InputArg, output: OutputArg,
            endpoint: EndpointOpt = None, input_format: InputFormatOpt = "auto",
            id_column: IdColumnOpt = None, image_column: ImageColumnOpt = None,
            base: BaseOpt = None, output_format: FormatOpt = "jsonl",
-           skip_existing: SkipExistingOpt = None,
+           skip_existing: SkipExistingOpt = None, max_cost: MaxCostOpt = None,
+           max_error_rate: MaxErrorRateOpt = None, error_sample: ErrorSampleOpt = None,
            allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
            dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
@@ -148,7 +156,8 @@ def submit(input: InputArg, output: OutputArg,
                    max_tokens=max_tokens, shard_size=shard_size, max_pixels=max_pixels,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
-                   format=output_format, skip_existing=skip_existing)
+                   format=output_format, skip_existing=skip_existing, max_cost=max_cost,
+                   max_error_rate=max_error_rate, error_sample=error_sample)
     with cli_errors():
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from moonbatch.workers import metrics, slots
+from moonbatch.workers import metrics, slots, stops
 from moonbatch.workers.models import ShardBuild
 from moonbatch.workers.providers import (
     RoundContext,
@@ -252,6 +252,10 @@ class RoundSteps:
             (ledger["lines"] - ledger["cursor"]) / endpoint.max_images)
         if not pending:
             return
+        halted = stops.stopped(ctx.store)
+        if halted is not None:  # the run stopped: nothing more is sent
+            self._end_unsent(ctx, build, ledger, out, [], stops.stop_error(halted))
+            return
         # Slots are named after the first line of the request they are for, so a step that
         # died after taking them leaves nothing behind: the step that sends those lines again
         # takes the same slots.
@@ -299,6 +303,16 @@ class RoundSteps:
                 payload, names = request_body(ctx, [prepared[li] for li in good])
                 requests.append((good, granted[len(requests)], payload, names))
         unused = granted[len(requests):]
+        if requests:  # reserve each request's estimate; none is sent past the budget
+            spec = ctx.run.spec
+            usd = [sum(self.item_estimate(spec, ctx.items[build.lines[li]].size)  # type: ignore[attr-defined]
+                       for li in req[0]) for req in requests]
+            n, refusal = stops.reserve_step(ctx, usd)
+            if refusal is not None:
+                unused += [req[1] for req in requests[n:]]
+                self._end_unsent(ctx, build, ledger, out,
+                                 [li for req in requests[n:] for li in req[0]], refusal)
+                requests = requests[:n]
 
         def submit(req: tuple[list[int], str, dict[str, Any], list[str]]
                    ) -> tuple[Submitted | None, Exception | None]:
@@ -351,6 +365,16 @@ class RoundSteps:
                         ctx.shard, ctx.rnd, wait)
         elif requests:
             ledger["limited_streak"] = 0
+
+    def _end_unsent(self, ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any],
+                    out: list[bytes], lines: list[int], error: dict[str, str]) -> None:
+        """End ``lines`` and every line not sent yet (resends, those past the cursor) as error
+        lines with ``error`` (a stopped run; ``moonbatch.workers.stops``)."""
+        lines = lines + [li for unit in ledger["resend"] for li in unit]
+        lines += range(ledger["cursor"], ledger["lines"])
+        ledger["resend"], ledger["cursor"] = [], ledger["lines"]
+        for line in error_lines(lines, error["code"], error["message"]):
+            finish_line(ctx, build, ledger, out, line)
 
     def _write_lines(self, ctx: RoundContext, ledger: dict[str, Any], out: list[bytes]) -> str:
         """Write this step's finished lines to the next free ``results-NNNNN.jsonl``; return
