@@ -1,0 +1,113 @@
+"""Budgets and stops (``moonbatch.workers.stops``, README "Budget and stops") end to end, for both
+providers: real photographs on moto's S3, the emulated Batch API and fal queue over HTTP, a real
+Celery worker serving ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+
+import pytest
+
+from tests.conftest import Worker, free_port, read_json, read_results, run_cli, upload_photos
+from tests.test_metrics import scrape, total, wait_for_metrics
+
+PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png", "horse.png")
+PROVIDERS = {"moondream": [], "fal": ["--provider", "fal"]}
+STOPPED_EXIT = 5
+
+
+@pytest.fixture(scope="module")
+def metered(env, tmp_path_factory):
+    """A worker with ``/metrics`` on a queue of this module: ``(env for commands, port)``."""
+    port = free_port()
+    queue = "t-budget-" + uuid.uuid4().hex[:8]
+    wenv = {**env, "MOONBATCH_METRICS_PORT": str(port)}
+    wenv.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    worker = Worker(wenv, queue, tmp_path_factory.mktemp("budget") / "worker.log",
+                    concurrency=2)
+    with worker:
+        wait_for_metrics(port, worker)
+        yield {**env, "MOONBATCH_QUEUE": queue}, port
+
+
+def _estimate(bucket: str, prefix: str, args: list[str], env: dict[str, str]) -> float:
+    """The dry run's dollars for the dataset."""
+    proc = run_cli(["run", f"s3://{bucket}/{prefix}", f"s3://{bucket}/dry/", "--dry-run",
+                    "--json", *args], env)
+    return json.loads(proc.stdout)["cost_usd"]
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_budget_stops_the_run_and_retry_with_more_completes_it(provider, s3, bucket, metered):
+    env, port = metered
+    upload_photos(s3, bucket, "in/", PHOTOS)
+    args = ["--shard-size", "2", *PROVIDERS[provider]]
+    estimate = _estimate(bucket, "in/", args, env)
+    assert estimate > 0
+    budget = round(estimate * 0.4, 6)
+    proc = run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--workers", "0",
+                    "--timeout", "120", "--max-cost", str(budget), *args], env, check=False)
+    assert proc.returncode == STOPPED_EXIT, proc.stderr
+    assert "budget" in proc.stderr and "retry-failed" in proc.stderr
+
+    summary = read_json(s3, bucket, "out/run.json")
+    run_id = summary["run_id"]
+    assert summary["status"] == "stopped"
+    assert summary["stop_reason"]["code"] == "budget_exceeded"
+    rows = read_results(s3, bucket, "out/")
+    assert sorted(r["id"] for r in rows) == sorted(PHOTOS)  # every item once
+    codes = Counter(r["error"]["code"] for r in rows if r["status"] == "error")
+    assert codes["budget_exceeded"] >= 1 and set(codes) == {"budget_exceeded"}
+    spend = summary["spend"]
+    assert spend["max_cost_usd"] == budget
+    assert 0 <= spend["actual_usd"] <= budget and spend["in_flight_usd"] == 0
+    # Nothing sent past the budget: what was sent was reserved at its estimate first.
+    assert spend["estimated_usd"] <= budget
+    status = run_cli(["status", run_id], env, check=False)
+    assert status.returncode == STOPPED_EXIT
+    assert "stopped" in status.stdout and "budget $" in status.stdout
+
+    proc = run_cli(["retry-failed", run_id, "--max-cost", str(round(estimate * 3, 6))], env)
+    assert "retry pass 1" in proc.stdout
+    assert "completed" in run_cli(["wait", run_id, "--timeout", "120"], env).stdout
+    summary = read_json(s3, bucket, "out/run.json")
+    assert summary["status"] == "completed" and summary["stop_reason"] is None
+    rows = read_results(s3, bucket, "out/")
+    assert sorted(r["id"] for r in rows) == sorted(PHOTOS)  # exactly once each
+    assert all(r["status"] == "ok" for r in rows), rows
+    spend = summary["spend"]
+    assert 0 < spend["actual_usd"] <= estimate * 3 and spend["in_flight_usd"] == 0
+    assert spend["max_cost_usd"] == round(estimate * 3, 6)
+    # The metric counts what the rounds' books settled (once per round).
+    samples = scrape(port)
+    assert total(samples, "moonbatch_cost_usd_total", provider=provider) >= \
+        spend["actual_usd"] - 1e-9
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_systematic_failure_stops_after_the_sample(provider, s3, bucket, metered, emulator):
+    from moonbatch.emulator.fal import FalFaults
+    from moonbatch.emulator.server import Faults
+
+    env, _ = metered
+    upload_photos(s3, bucket, "in/", PHOTOS)
+    if provider == "fal":
+        emulator.config.fal.faults = FalFaults(rate_error=1.0)
+    else:
+        emulator.config.faults = Faults(line_error_rate=1.0)
+    proc = run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--workers", "0",
+                    "--timeout", "120", "--shard-size", "2", "--max-error-rate", "0.5",
+                    "--error-sample", "2", *PROVIDERS[provider]], env, check=False)
+    assert proc.returncode == STOPPED_EXIT, proc.stderr
+    code = "request_failed" if provider == "fal" else "processing_error"
+    summary = read_json(s3, bucket, "out/run.json")
+    assert summary["status"] == "stopped"
+    assert summary["stop_reason"]["code"] == "error_rate_exceeded"
+    assert code in summary["stop_reason"]["reason"]
+    rows = read_results(s3, bucket, "out/")
+    assert sorted(r["id"] for r in rows) == sorted(PHOTOS)
+    codes = Counter(r["error"]["code"] for r in rows)
+    assert codes["error_rate_exceeded"] >= 2  # not sent again after the sample
+    assert set(codes) <= {code, "error_rate_exceeded"}
