@@ -83,7 +83,7 @@ def test_budget_stops_the_run_and_retry_with_more_completes_it(provider, s3, buc
     # The metric counts what the rounds' books settled (once per round).
     samples = scrape(port)
     assert total(samples, "moonbatch_cost_usd_total", provider=provider) >= \
-        spend["actual_usd"] - 1e-9
+        spend["actual_usd"] - 1e-6  # spend is rounded to 6 places
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
