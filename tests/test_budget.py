@@ -111,3 +111,61 @@ def test_systematic_failure_stops_after_the_sample(provider, s3, bucket, metered
     codes = Counter(r["error"]["code"] for r in rows)
     assert codes["error_rate_exceeded"] >= 2  # not sent again after the sample
     assert set(codes) <= {code, "error_rate_exceeded"}
+
+
+# -- the books: atomic across workers, durable across an emptied broker -------------------------
+def _books_run(tmp_path, broker):
+    """A run at a local OUTPUT and its settings on the private ``broker``."""
+    import time as _time
+
+    from moonbatch.config import get_settings
+    from moonbatch.workers.models import RunSpec, SkillOptions
+    from moonbatch.workers.runstate import Run
+    from moonbatch.workers.storage import open_store
+
+    store = open_store(str(tmp_path / "out"))
+    spec = RunSpec(run_id="books-" + uuid.uuid4().hex[:6], input=str(tmp_path / "in") + "/",
+                   output=store.url, options=SkillOptions(skill="caption"), shard_size=10,
+                   max_shard_bytes=10**9, created_at=_time.time(), max_cost=1.0)
+    settings = get_settings().model_copy(update={"broker_url": broker.url(0)})
+    return Run(spec, store, store, settings), settings
+
+
+def test_reservations_never_pass_the_budget_across_threads(tmp_path, broker):
+    import concurrent.futures as cf
+
+    from moonbatch.workers import stops
+
+    run, settings = _books_run(tmp_path, broker)
+
+    def reserve(shard: int) -> int:
+        return stops.Books(run, settings).reserve_many(shard, 0, [0.07] * 5, 1.0)
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        granted = sum(pool.map(reserve, range(8)))
+    assert granted == 14  # 14 x 0.07 = 0.98; a 15th would pass $1
+    spend = stops.spend(run.output, 1.0)
+    assert spend["in_flight_usd"] == pytest.approx(0.98) and spend["actual_usd"] == 0
+
+
+def test_an_emptied_broker_remembers_spend_from_storage(tmp_path, broker):
+    from moonbatch.workers import stops
+
+    run, settings = _books_run(tmp_path, broker)
+    books = stops.Books(run, settings)
+    assert books.reserve("0:0", 0.5, 1.0, once=True)
+    assert books.reserve("0:0", 0.5, 1.0, once=True)  # the same round: reserved once
+    assert not books.reserve("1:0", 0.6, 1.0, once=True)  # 0.5 + 0.6 > 1
+    now, results, errors, _ = books.settle(0, 0, 0.4, 3, {"processing_error": 1})
+    assert (now, results, errors) == (True, 3, 1)
+    assert books.settle(0, 0, 0.4, 3, {"processing_error": 1})[0] is False  # idempotent
+    assert books.reserve("2:0", 0.3, 1.0, once=True)  # 0.4 spent + 0.3 in flight
+
+    broker.restart_empty()
+    books = stops.Books(run, settings)
+    assert not books.reserve("3:0", 0.4, 1.0, once=True)  # 0.4 + 0.3 + 0.4 > 1: not forgotten
+    assert books.reserve("3:0", 0.25, 1.0, once=True)
+    assert books.codes() == {"processing_error": 1}
+    spend = stops.spend(run.output, 1.0)
+    assert spend == {"actual_usd": 0.4, "estimated_usd": 0.5, "in_flight_usd": 0.55,
+                     "max_cost_usd": 1.0}
