@@ -150,6 +150,7 @@ class Progress:
         self.store = store
         self._done: dict[int, ShardDone] = {}
         self._batch_ids: dict[tuple[int, int], str] = {}  # (shard, round) → batch id
+        self._settled: dict[str, dict[str, Any]] = {}  # spend.json of settled rounds
 
     def snapshot(self) -> dict[str, Any]:
         """The run's state as a dict: the shape of ``run.json`` (see README "Output").
@@ -171,6 +172,7 @@ class Progress:
         merged: set[int] = set()  # shards with a done.json now
         submitted: set[int] = set()
         batches = 0
+        spend_keys: list[str] = []
         for obj in st.iter_objects(layout.SHARDS):
             key = layout.parse_shard_key(obj.key)
             if key is None:
@@ -183,6 +185,8 @@ class Progress:
                         self._done[shard] = ShardDone.model_validate(get_json(st, obj.key))
                 continue
             current[shard] = max(current.get(shard, 0), rnd)
+            if key.name == "spend":
+                spend_keys.append(obj.key)
             if key.name == "progress":
                 latest[shard] = max(latest.get(shard, 0), rnd)
             elif key.name == "batch":
@@ -243,15 +247,23 @@ class Progress:
             "cancelled": cancelled,
             # The run stopped sending (``workers.stops``): final as ``stopped`` once merged.
             "stop_reason": halted,
-            "spend": self._spend(spec),
+            "spend": self._spend(spec, spend_keys),
         }
 
-    def _spend(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """The run's spend (``stops.spend``) under its budget."""
+    def _spend(self, spec: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+        """The run's spend (``stops.spend_of`` the rounds' ``spend.json`` at ``keys``; settled
+        ones are read once) under its budget."""
         from moonbatch.workers import stops
 
-        over = get_json_or_none(self.store, layout.LIMITS) or {}
-        return stops.spend(self.store, over.get("max_cost", spec.get("max_cost")))
+        over = get_json_or_none(self.store, layout.LIMITS) if spec.get("max_cost") is not None \
+            or keys else None
+        docs = []
+        for key in keys:
+            doc = self._settled.get(key) or get_json_or_none(self.store, key) or {}
+            if doc.get("actual") is not None:
+                self._settled[key] = doc
+            docs.append(doc)
+        return stops.spend_of(docs, (over or {}).get("max_cost", spec.get("max_cost")))
 
     def _in_flight(self, shard: int, rnd: int, progress: dict[str, Any]) -> dict[str, Any]:
         """An entry of ``batches`` for the shard's batch at the API (round ``rnd``): its status

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from moonbatch.workers import layout, metrics
@@ -316,7 +316,9 @@ def before_send(ctx: Any, provider: Any) -> dict[str, str] | None:
     if getattr(provider, "spends_in_steps", False):
         return None
     budget = limits(store, ctx.run.spec)["max_cost"]
-    usd = float(provider.round_estimate(ctx))
+    # A provider without the spend hooks (written before them) books nothing.
+    estimate = getattr(provider, "round_estimate", None)
+    usd = float(estimate(ctx)) if estimate is not None else 0.0
     try:
         ok = Books(ctx.run, ctx.settings).reserve(f"{ctx.shard}:{ctx.rnd}", usd, budget,
                                                    once=True)
@@ -390,7 +392,8 @@ def after_merge(ctx: Any, provider: Any, rows: Mapping[int, bytes], build: Any) 
         if code not in inputs:
             codes[code] = codes.get(code, 0) + 1
     spec = ctx.run.spec
-    actual = float(provider.cost(usage, spec)) if results else 0.0
+    priced = getattr(provider, "cost", None)
+    actual = float(priced(usage, spec)) if results and priced is not None else 0.0
     try:
         now, total, bad, by_code = Books(ctx.run, ctx.settings).settle(
             ctx.shard, ctx.rnd, actual, results, codes)
@@ -417,15 +420,22 @@ def spec_rate(spec: Any) -> float | None:
 
 
 def spend(store: Store, max_cost: float | None) -> dict[str, Any]:
-    """The run's spend as ``status`` and ``run.json`` show it, from the rounds' ``spend.json``:
-    ``actual_usd`` (settled rounds), ``estimated_usd`` (what those rounds were estimated at),
-    ``in_flight_usd`` (estimates of rounds not settled), ``max_cost_usd``."""
-    actual = estimated = in_flight = 0.0
+    """The run's spend as ``status`` and ``run.json`` show it, from the rounds' ``spend.json``
+    (see ``spend_of``)."""
+    docs = []
     for obj in store.iter_objects(layout.SHARDS):
         key = layout.parse_shard_key(obj.key)
-        if key is None or key.name != "spend":
-            continue
-        doc = get_json_or_none(store, obj.key) or {}
+        if key is not None and key.name == "spend":
+            docs.append(get_json_or_none(store, obj.key) or {})
+    return spend_of(docs, max_cost)
+
+
+def spend_of(docs: Iterable[Mapping[str, Any]], max_cost: float | None) -> dict[str, Any]:
+    """The spend of rounds' ``spend.json`` documents: ``actual_usd`` (settled rounds),
+    ``estimated_usd`` (what those rounds were estimated at), ``in_flight_usd`` (estimates of
+    rounds not settled), ``max_cost_usd`` (the budget, None: none). Dollars, 6 places."""
+    actual = estimated = in_flight = 0.0
+    for doc in docs:
         if doc.get("actual") is None:
             in_flight += float(doc.get("estimate") or 0.0)
         else:
