@@ -21,6 +21,7 @@ from moonbatch.errors import (
     NoConsumer,
     OutputConflict,
     RunNotFound,
+    RunStopped,
     translated,
 )
 
@@ -213,7 +214,8 @@ def requeue(output: str, settings: Settings) -> dict[str, Any]:
     """Re-enqueue every unfinished step of the run on its own queue, or plan again a start that
     stopped before its plan was complete. Returns ``{"run_id", "complete": True}`` for a
     complete run (nothing done), ``{"run_id", "replanned": plan}`` or ``{"run_id", "counts":
-    {action: shards}}``. Raises ``MoonbatchError`` for a cancelled run, ``OutputConflict`` for
+    {action: shards}}``. Raises ``RunStopped`` for a stopped run (``retry-failed`` carries it
+    on), ``MoonbatchError`` for a cancelled run, ``OutputConflict`` for
     one a live producer plans, ``PreflightError``."""
     from moonbatch.producer import preflight
     from moonbatch.producer.runs import describe_output, register_run, start_run
@@ -225,6 +227,12 @@ def requeue(output: str, settings: Settings) -> dict[str, Any]:
         run = open_run(output, settings)
     store, rid = run.output, run.spec.run_id
     if store.exists(layout.FINALIZED):
+        summary = get_json_or_none(store, layout.SUMMARY) or {}
+        if summary.get("status") == "stopped":  # final: only a retry pass sends more
+            why = summary.get("stop_reason") or {}
+            raise RunStopped(f"run {rid} stopped ({why.get('reason', '')}): carry on with "
+                             f"`moonbatch retry-failed {rid} --max-cost USD`", run_id=rid,
+                             stop_reason=why, status=summary)
         return {"run_id": rid, "complete": True}
     if store.exists(layout.CANCELLED):
         raise MoonbatchError(f"run {rid} was cancelled; start a new run instead")
