@@ -158,7 +158,7 @@ class RoundSteps:
                     return "running", None
                 failed = bool(status.error or status.error_type)
                 try:
-                    output = client.result(ep.id, entry.get("request_id"))
+                    output, units = client.result_billed(ep.id, entry.get("request_id"))
                 except FalTransient as exc:
                     if not failed:
                         raise
@@ -167,8 +167,13 @@ class RoundSteps:
                         entry["lines"], "request_failed", f"fal request {entry['request_id']} "
                         f"failed: {exc.error_type or status.error_type or status.error}")
                 k = build.skills[entry["lines"][0]] if build.skills else 0
-                return "ok", self._result_lines(ep, spec.all_options[k].skill, entry, output,
-                                                client)
+                lines = self._result_lines(ep, spec.all_options[k].skill, entry, output, client)
+                if units is not None:  # what fal bills for the request, spread over its lines
+                    for line in lines:
+                        if line["status"] == "ok":
+                            line["usage"] = {**(line.get("usage") or {}),
+                                             "billable_units": units / len(lines)}
+                return "ok", lines
             except FalGone:
                 return "expired", error_lines(
                     entry["lines"], "result_expired",
