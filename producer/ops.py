@@ -324,6 +324,7 @@ def retry(output: str, settings: Settings, codes: list[str] | None = None, *,
         preflight.preflight(settings, output_url=output, provider=run.spec.provider)
     if max_cost is not None:
         stops.set_max_cost(store, max_cost)  # before the run reopens: its sends see it
+    stops.new_sample(run, settings)  # --max-error-rate judges the pass's own results
     doc = retries.record_pass(store, found, set(wanted) if wanted else None, chosen)
     register_run(run.spec, settings)  # on the reconciler's list before the run reopens
     retries.apply_pass(store, doc, found)

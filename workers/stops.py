@@ -117,13 +117,40 @@ def limits(store: Store, spec: Any) -> dict[str, Any]:
     over = get_json_or_none(store, layout.LIMITS) or {}
     return {"max_cost": over.get("max_cost", getattr(spec, "max_cost", None)),
             "max_error_rate": getattr(spec, "max_error_rate", None),
-            "error_sample": getattr(spec, "error_sample", None) or 0}
+            "error_sample": getattr(spec, "error_sample", None) or 0,
+            "sample_base": over.get("sample_base") or {}}
 
 
 def set_max_cost(store: Store, usd: float) -> None:
     """Record a new budget for the run (``retry-failed --max-cost``): it replaces the spec's
     for every later reservation."""
-    put_json(store, layout.LIMITS, {"max_cost": float(usd), "at": time.time()})
+    doc = get_json_or_none(store, layout.LIMITS) or {}
+    put_json(store, layout.LIMITS, {**doc, "max_cost": float(usd), "at": time.time()})
+
+
+def new_sample(run: Any, settings: Any) -> None:
+    """A retry pass starts a new error sample: results and errors so far no longer count
+    towards ``--max-error-rate`` (their counts are recorded as the sample's base in
+    ``_moonbatch/limits.json``). Raises ``BooksUnavailable``."""
+    if getattr(run.spec, "max_error_rate", None) is None:
+        return
+    try:
+        base = Books(run, settings).counts()
+    except BooksUnavailable as exc:  # the pass then judges every result so far
+        log.warning("%s: the retry pass's error sample starts with the run's", exc)
+        return
+    doc = get_json_or_none(run.output, layout.LIMITS) or {}
+    put_json(run.output, layout.LIMITS, {**doc, "sample_base": base})
+
+
+def release(ctx: Any) -> None:
+    """A round that will not be merged (sent again as a new round): its reservation is
+    settled at nothing (a failed submission is not billed)."""
+    try:
+        Books(ctx.run, ctx.settings).settle(ctx.shard, ctx.rnd, 0.0, 0, {})
+    except BooksUnavailable:
+        if limits(ctx.store, ctx.run.spec)["max_cost"] is not None:
+            raise
 
 
 def stopped(store: Store) -> dict[str, Any] | None:
@@ -266,12 +293,24 @@ class Books:
 
     def codes(self) -> dict[str, int]:
         """Provider-side errors per code so far."""
+        return self.counts()["codes"]
+
+    def counts(self) -> dict[str, Any]:
+        """``{"results", "errors", "codes": {code: errors}}`` of settled rounds so far.
+        Raises ``BooksUnavailable``."""
         if self._redis is None:
             with _local_lock:
-                book = _local.get(self.hash, {})
-                return {k[5:]: int(v) for k, v in book.items() if k.startswith("code:")}
-        raw = self._redis.hgetall(self.hash)
-        return {k.decode()[5:]: int(v) for k, v in raw.items() if k.startswith(b"code:")}
+                raw = dict(_local.get(self.hash, {}))
+        else:
+            try:
+                if not self._redis.hexists(self.hash, "init"):
+                    self._load(keys=[self.hash], args=[TTL_SECONDS, *self._from_storage()])
+                raw = {k.decode(): v.decode() for k, v in self._redis.hgetall(self.hash).items()}
+            except Exception as exc:
+                raise BooksUnavailable(f"spend of run {self.run.spec.run_id}: "
+                                       f"{type(exc).__name__}") from None
+        return {"results": int(raw.get("results", 0)), "errors": int(raw.get("errors", 0)),
+                "codes": {k[5:]: int(v) for k, v in raw.items() if k.startswith("code:")}}
 
 
 def _local_call(name: str, key: str, args: list[Any]) -> list[Any]:
@@ -406,7 +445,11 @@ def after_merge(ctx: Any, provider: Any, rows: Mapping[int, bytes], build: Any) 
     if now and actual:
         metrics.cost(spec.provider, spec.model or "default", actual)
     lim = limits(ctx.store, spec)
-    rate, sample = lim["max_error_rate"], lim["error_sample"]
+    rate, sample, base = lim["max_error_rate"], lim["error_sample"], lim["sample_base"]
+    if base:  # a retry pass: its own sample
+        total -= int(base.get("results", 0))
+        bad -= int(base.get("errors", 0))
+        by_code = {c: n - int((base.get("codes") or {}).get(c, 0)) for c, n in by_code.items()}
     if rate is not None and total >= max(1, sample) and bad / total > rate:
         code = max(sorted(by_code), key=lambda c: by_code[c]) if by_code else "unknown_error"
         stop(ctx.store, ERROR_RATE_EXCEEDED,

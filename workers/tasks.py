@@ -346,6 +346,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             _next(build_shard, (output, run_id, shard, rnd))
             return
         if blocked is not None:
+            stops.release(ctx)
             log.error("shard %d round %d: %s (build attempt %s, batch attempt %s); sending the "
                       "round again", shard, rnd, blocked.why, build.attempt, record.attempt)
             _next_round(store, output, run_id, shard, rnd,
@@ -358,6 +359,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                   countdown=settings.poll_min_interval)
             return
         if isinstance(collected, Resend):
+            stops.release(ctx)
             _next_round(store, output, run_id, shard, rnd,
                         todo if todo is not None else list(range(len(items))), collected.reason,
                         base)
@@ -369,6 +371,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             skills=[o.skill for o in run.spec.all_options])
         rejected = provider.reject_merge(ctx, record, stats)
         if rejected is not None:  # e.g. foreign results: send the round again
+            stops.release(ctx)
             _next_round(store, output, run_id, shard, rnd,
                         todo if todo is not None else list(range(len(items))), rejected, base)
             return
