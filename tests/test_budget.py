@@ -112,6 +112,15 @@ def test_systematic_failure_stops_after_the_sample(provider, s3, bucket, metered
     assert codes["error_rate_exceeded"] >= 2  # not sent again after the sample
     assert set(codes) <= {code, "error_rate_exceeded"}
 
+    # The cause fixed, a retry pass judges its own results (a fresh sample) and completes.
+    emulator.config.fal.faults, emulator.config.faults = FalFaults(), Faults()
+    run_id = summary["run_id"]
+    run_cli(["retry-failed", run_id], env)
+    assert "completed" in run_cli(["wait", run_id, "--timeout", "120"], env).stdout
+    rows = read_results(s3, bucket, "out/")
+    assert sorted(r["id"] for r in rows) == sorted(PHOTOS)
+    assert all(r["status"] == "ok" for r in rows), rows
+
 
 # -- the books: atomic across workers, durable across an emptied broker -------------------------
 def _books_run(tmp_path, broker):
