@@ -47,7 +47,7 @@ ERROR_RATE_EXCEEDED = "error_rate_exceeded"
 #: them again); never counted as provider-side errors.
 STOP_CODES = frozenset({BUDGET_EXCEEDED, ERROR_RATE_EXCEEDED})
 #: Codes of an item's own input (the image or its options), never provider-side: the pre-send
-#: errors of ``moonbatch.workers.lines.ItemError`` and the per-line codes of seed 002 and fal
+#: errors of ``moonbatch.workers.lines.ItemError`` and the per-line codes of the providers
 #: that name the input (a provider adds its own in ``Provider.input_error_codes``).
 INPUT_CODES = frozenset({"empty_object", "not_an_image", "image_decode_failed",
                          "image_too_large", "read_failed", "object_not_found", "invalid_request",
