@@ -178,3 +178,28 @@ def test_an_emptied_broker_remembers_spend_from_storage(tmp_path, broker):
     spend = stops.spend(run.output, 1.0)
     assert spend == {"actual_usd": 0.4, "estimated_usd": 0.5, "in_flight_usd": 0.55,
                      "max_cost_usd": 1.0}
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"max_cost": -1.0}, "--max-cost -1.0: must be >= 0"),
+    ({"max_error_rate": 1.5}, "--max-error-rate 1.5: must be within 0..1"),
+    ({"error_sample": 5}, "--error-sample 5: must be >= 1 and goes with --max-error-rate"),
+])
+def test_stop_options_are_checked_in_one_line(tmp_path, options, words):
+    import moonbatch
+
+    (tmp_path / "in").mkdir()
+    with pytest.raises(moonbatch.InvalidOption) as caught:
+        moonbatch.dry_run(str(tmp_path / "in"), str(tmp_path / "out"), **options)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_stop_is_recorded_in_the_spec_and_the_default_sample(tmp_path):
+    from moonbatch.config import get_settings
+    from moonbatch.producer.submit import DEFAULT_ERROR_SAMPLE, new_spec
+
+    (tmp_path / "in").mkdir()
+    spec = new_spec(str(tmp_path / "in"), str(tmp_path / "out"), get_settings(),
+                    max_cost=2.5, max_error_rate=0.2)
+    assert (spec.max_cost, spec.max_error_rate, spec.error_sample) == \
+        (2.5, 0.2, DEFAULT_ERROR_SAMPLE)
