@@ -147,8 +147,8 @@ def follow(output: str, settings, workers: int | None, timeout: float | None,
                            "moonbatch wait s3://annotations/2024/ --workers 4"))
 def wait(run_ref: NewestRunRefArg = None, timeout: TimeoutOpt = None,
          workers: FollowWorkersOpt = None) -> None:
-    """Block until the run is complete (exit 0) or cannot complete (exit 1); print its
-    summary."""
+    """Block until the run is complete (exit 0), cannot complete (exit 1) or stopped (exit 5:
+    budget or error rate); print its summary."""
     from moonbatch.config import get_settings
     from moonbatch.producer import ops, preflight
     from moonbatch.workers.runstate import open_run
