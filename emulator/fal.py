@@ -27,12 +27,17 @@ the work at submit time (fetching ``http(s)``/``data:`` URLs, unzipping archives
 answer) and reveals it when the clock says the request completed: what a client observes is the
 same.
 
-Scheduling: per key at most ``FalConfig.concurrency`` requests run at once, in submit order; the
-others wait ``IN_QUEUE`` with a decreasing ``queue_position``. A request runs ``processing_seconds``
-per image (one image for the single-image endpoints). Start and end times are computed from
-timestamps whenever the key's queue is observed, so a request starts when a slot frees whether
-or not anyone polls it. ``FalEmulation.clock`` is the time source (tests may swap in a manual
-clock).
+Scheduling: per key at most ``FalConfig.concurrency`` requests run at once, in submit order (a
+request sent with ``X-Fal-Queue-Priority: low`` lets every ``normal`` one waiting at the time a
+slot frees go first); the others wait ``IN_QUEUE`` with a decreasing ``queue_position``. A request
+sent with ``X-Fal-Request-Timeout: S`` that has not started S seconds after its submit completes
+then with 504 ``request_timeout``, never having run. Every request keeps the ``X-Fal-*`` headers
+of its submit (``_Req.headers``, lower-case names: ``x-fal-queue-priority``, ``x-fal-store-io``,
+``x-fal-request-timeout``) and the ``model_id`` it ran (``_Req.model``), for tests to check. A
+request runs ``processing_seconds`` per image (one image for the single-image endpoints). Start
+and end times are computed from timestamps whenever the key's queue is observed, so a request
+starts when a slot frees whether or not anyone polls it. ``FalEmulation.clock`` is the time source
+(tests may swap in a manual clock).
 
 Answers are ``emulator.inference`` computed from the decoded pixels; ``expected_output`` gives
 what any endpoint answers for given arguments and image bytes, so a test can recompute it.
@@ -494,6 +499,10 @@ class _Req:
     cancelled: float | None = None
     expired_counted: bool = False
     size: int = 0  # bytes of the result body: picks the retention time
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)  # X-Fal-* of the submit
+    low: bool = False  # X-Fal-Queue-Priority: low
+    timeout: float | None = None  # X-Fal-Request-Timeout: seconds it may wait to start
+    model: str | None = None  # the model_id it ran (fal-ai/moondream/batched; default filled)
 
     @property
     def urls(self) -> dict[str, str]:
@@ -570,18 +579,32 @@ class FalEmulation:
         cap = max(1, self.config.concurrency)
         last_start = self._last_start.get(key, -math.inf)
         ends = [r.ends for r in line if r.started is not None]
-        queued = [r for r in line if r.started is None and r.cancelled is None]
+        queued = [r for r in line if r.started is None and r.ends is None]
         while queued:
-            head = queued[0]
-            t0 = max(head.submitted, last_start)
+            t0 = max(queued[0].submitted, last_start)
             busy = sorted(e for e in ends if e > t0)  # type: ignore[operator]
             t = t0 if len(busy) < cap else busy[len(busy) - cap]
+            # Whoever waited past its X-Fal-Request-Timeout before this slot frees times out.
+            late = [r for r in queued if r.timeout is not None and r.submitted + r.timeout < t]
+            if late:
+                r = min(late, key=lambda q: q.submitted + q.timeout)  # type: ignore[operator]
+                if r.submitted + r.timeout > now:  # type: ignore[operator]
+                    break
+                r.ends = r.submitted + r.timeout  # type: ignore[operator]
+                r.status_code, r.body = 504, {"detail": REQUEST_ERRORS["request_timeout"][1],
+                                              "error_type": "request_timeout"}
+                r.size = len(json.dumps(r.body))
+                queued.remove(r)
+                continue
             if t > now:
                 break
+            # Of those waiting when the slot frees, a normal-priority request goes first.
+            waiting = [r for r in queued if r.submitted <= t]
+            head = next((r for r in waiting if not r.low), waiting[0])
             head.started, head.ends = t, t + head.duration
             ends.append(head.ends)
             last_start = t
-            queued.pop(0)
+            queued.remove(head)
         self._last_start[key] = last_start
         # What ended by the last start can no longer hold a slot that a request waits for.
         waiting = {id(r) for r in queued}
@@ -773,8 +796,15 @@ class FalEmulation:
             request.get_data()
             return _json({"detail": "Too many concurrent requests for this key: retry later"}, 429, rid)
         base = request.host_url.rstrip("/")
+        headers = {k.lower(): v for k, v in request.headers.items()
+                   if k.lower().startswith("x-fal-")}
         try:
-            status, body, units = self._prepare(endpoint, request.get_json(silent=True), base)
+            timeout = float(headers["x-fal-request-timeout"])
+        except (KeyError, ValueError):
+            timeout = None  # absent or unreadable: no limit
+        given = request.get_json(silent=True)
+        try:
+            status, body, units = self._prepare(endpoint, given, base)
         finally:
             with self.lock:
                 self._admitting[key] -= 1
@@ -788,7 +818,9 @@ class FalEmulation:
             now = self.clock()
             r = _Req(id=rid, endpoint=endpoint, app="/".join(endpoint.split("/")[:2]), key=key,
                      base=base, submitted=now, duration=cfg.processing_seconds * units, units=units,
-                     status_code=status, body=body, size=len(json.dumps(body)))
+                     status_code=status, body=body, size=len(json.dumps(body)),
+                     headers=headers, low=headers.get("x-fal-queue-priority") == "low",
+                     timeout=timeout, model=validate_input(endpoint, given)[0].get("model_id"))
             self.requests[rid] = r
             self._advance(key, now)
             self._lines[key].append(r)

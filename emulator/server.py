@@ -1,4 +1,6 @@
-"""An emulator of the Moondream Batch API over real HTTP (seed ``002_b16f4baad5ce048b.txt``).
+"""An emulator of the Moondream Batch API over real HTTP (seed ``002_b16f4baad5ce048b.txt``),
+with fal's queue API (``emulator.fal``) and the Moondream real-time API (``emulator.realtime``,
+``/v1/caption|query|detect|point|segment``) on the same port.
 
 The whole protocol: ``mpu-create``, ``mpu-uploadpart``, ``mpu-complete``, ``mpu-abort``, list with
 cursor, status moving ``chunking`` → ``processing`` → ``completed``/``failed`` with progress and
@@ -44,6 +46,8 @@ from werkzeug.serving import make_server
 
 from moonbatch.emulator.fal import FalConfig, FalEmulation
 from moonbatch.emulator.inference import LineError, infer
+from moonbatch.emulator.realtime import PATHS as REALTIME_PATHS
+from moonbatch.emulator.realtime import RealtimeConfig, RealtimeEmulation
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
@@ -134,13 +138,19 @@ class EmulatorConfig:
     max_file_bytes: int = 2000 * MB
     max_lines: int = 100_000
     max_line_bytes: int = 10 * MB
-    models: tuple[str, ...] = ("moondream3-preview",)
+    # The models a batch may name (FACTS.md: 3 Preview, the default, and 3.1 in both spellings
+    # the price list uses); a finetune ``<model>/<id>@<step>`` of one of them too. Any other
+    # fails the batch with ``invalid_model``.
+    models: tuple[str, ...] = ("moondream3-preview", "moondream3.1", "moondream3.1-9B-A2B")
     faults: Faults = dataclasses.field(default_factory=Faults)
     # Answers in the thinner and odder shapes the contract allows (see Emulator._loose_view).
     loose_answers: bool = False
     # The fal queue API served on the same port (emulator.fal): its key and behaviour.
     fal_key: str = "emulator-fal-key"
     fal: FalConfig = dataclasses.field(default_factory=FalConfig)
+    # The real-time API (emulator.realtime) at /v1/<skill>, with ``api_key`` as its key unless
+    # ``realtime.require_key`` is False (Moondream Station). Assign a new RealtimeConfig to change it.
+    realtime: RealtimeConfig = dataclasses.field(default_factory=RealtimeConfig)
 
 
 @dataclasses.dataclass
@@ -529,10 +539,14 @@ class Emulator:
         app.config["MAX_CONTENT_LENGTH"] = None
         self.fal = FalEmulation(self)  # fal's queue API under /fal-ai/, with its own auth
         self.fal.register(app)
+        # The real-time API under /v1/<skill>, with its own auth, rate limit and faults.
+        self.realtime = RealtimeEmulation(self)
+        self.realtime.register(app)
 
         @app.before_request
         def _auth() -> Response | None:
-            if request.path == "/healthz" or request.path.startswith("/fal-ai/"):
+            if request.path == "/healthz" or request.path.startswith("/fal-ai/") or \
+                    request.path in REALTIME_PATHS:
                 return None
             faults = self.config.faults
             self._delay(faults)
@@ -742,7 +756,8 @@ class Emulator:
 class EmulatorServer:
     """An ``Emulator`` served over HTTP on ``host:port`` (port 0: any free port) in a thread.
 
-    ``url`` is the API base (``http://127.0.0.1:PORT/v1``); ``fal_url`` the fal queue base
+    ``url`` is the API base (``http://127.0.0.1:PORT/v1``, also the real-time API's, what
+    ``md.vl(endpoint=...)`` and ``MOONBATCH_REALTIME_URL`` name); ``fal_url`` the fal queue base
     (``http://127.0.0.1:PORT``, what ``MOONBATCH_FAL_QUEUE_URL`` names). Use as a context manager,
     or ``start()``/``stop()``.
     """

@@ -4,10 +4,14 @@ a notebook) as the ``moonbatch`` command line does, without a shell. README "Pyt
 Settings come from the environment as for the command line (``MOONBATCH_BROKER_URL``,
 ``MOONBATCH_STATE_URL``, ``MOONDREAM_API_KEY``, ``FAL_KEY``...; README "Configuration").
 Options go by the command line's names in Python spelling: ``question``, ``object``,
-``length``, ``reasoning``, ``temperature``, ``top_p``, ``max_tokens``, ``shard_size``,
+``length``, ``reasoning``, ``temperature``, ``top_p``, ``max_tokens``, ``spatial_refs`` (a list
+of ``[x, y]`` points and ``[x_min, y_min, x_max, y_max]`` boxes, normalised 0..1), ``shard_size``,
 ``max_pixels``, ``endpoint``, ``input_format``, ``id_column``, ``image_column``, ``base``,
-``format`` (``jsonl`` or ``parquet``), ``skip_existing``, ``max_cost`` (dollars),
-``max_error_rate`` (0..1) and ``error_sample``.
+``format`` (``jsonl`` or ``parquet``), ``skip_existing``, ``model`` (default
+``MOONBATCH_MODEL``; refused where the provider cannot run it), fal's queue controls
+``priority`` (``"normal"``/``"low"``), ``fal_store_io`` (bool; default
+``MOONBATCH_FAL_STORE_IO``, off) and ``queue_timeout`` (seconds), which other providers refuse,
+and the stops ``max_cost`` (dollars), ``max_error_rate`` (0..1) and ``error_sample``.
 
 Nothing here prints, installs a signal handler or exits; failures raise
 ``moonbatch.errors`` classes (``InvalidOption``, ``PreflightError``, ``OutputConflict``,
@@ -230,7 +234,9 @@ def dry_run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
     """List and plan INPUT as a run would and return the estimate (``moonbatch run
     --dry-run --json``): ``items``, ``skipped``, ``shards``, ``requests``, ``image_bytes``,
     ``upload_bytes``, ``input_tokens``, ``output_tokens``, ``compute_seconds``, ``cost_usd``
-    (None: no published price), ``basis``... Writes nothing, sends nothing, needs no key or
+    (None: no published price), ``basis``, ``model``, ``provider_options``, ``details`` (the
+    model and the provider's controls, one line each) and ``warnings``... Writes nothing,
+    sends nothing, needs no key or
     broker. Raises ``InvalidOption``, ``PreflightError`` (INPUT)."""
     from moonbatch.producer import submit as starting
 

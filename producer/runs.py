@@ -58,6 +58,8 @@ class AlreadyComplete(RunExists):
 # A producer renews its planning lease every quarter of this while it lists and plans; a
 # start whose lease expired (or was released) is dead and the same command takes it over.
 PLANNING_LEASE_SECONDS = 30.0
+# ``provider_options`` (fal's priority, payload retention, queue timeout) change how a run is
+# sent, not its rows: the same command with other ones is still the same command.
 _COMPARED = ("input", "output", "provider", "endpoint", "shard_size", "max_pixels", "model",
              "skip_existing", "input_kind", "input_options", "output_format", "more_options")
 
@@ -247,8 +249,9 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
         raise ValueError("INPUT and OUTPUT must be different locations")
     name = provider or settings.provider
     chosen = get_provider(name)  # ValueError naming the known providers
+    model = fields.pop("model", None) or settings.model
     spec = RunSpec(run_id=run_id or new_run_id(), input=input_url, output=output_url,
-                   options=options, model=settings.model, provider=name, endpoint=endpoint,
+                   options=options, model=model, provider=name, endpoint=endpoint,
                    shard_size=settings.shard_size if shard_size is None else shard_size,
                    max_shard_bytes=settings.max_shard_bytes,
                    max_pixels=settings.max_pixels if max_pixels is None else max_pixels,
@@ -256,6 +259,7 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
                    input_kind=input_kind, **fields)
     spec = chosen.complete_spec(spec)
     chosen.check_spec(spec)
+    chosen.check_model(spec)  # refusals here; its warnings are the start's and the dry run's
     limits = chosen.limits(spec)
     if not 1 <= spec.shard_size <= limits.max_lines:
         raise ValueError(f"--shard-size must be within 1..{limits.max_lines} ({limits.reason})")
@@ -503,11 +507,13 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     requests). Writes nothing, reaches no
     broker, registry or provider, needs no credentials.
 
-    Returns ``{"dry_run": True, "provider", "endpoint", "input", "output", "skill", "listed",
+    Returns ``{"dry_run": True, "provider", "endpoint", "model", "provider_options", "input",
+    "output", "skill", "listed",
     "items", "skipped", "skipped_examples", "skipped_reasons", "skip_existing",
     "skipped_existing", "shards",
     "image_bytes", "requests", "upload_bytes", "input_tokens", "output_tokens",
-    "compute_seconds", "cost_usd", "basis"}`` (``skipped_existing``: items left out for
+    "compute_seconds", "cost_usd", "basis", "details", "warnings"}`` (``details`` and
+    ``warnings``: the provider's lines, ``Estimate``; ``skipped_existing``: items left out for
     their ok row at ``skip_existing``; ``items`` counts the others).
     (token, second and cost fields are None where the provider has no such figure). Raises
     storage errors when INPUT cannot be listed, ``InputError`` when it cannot be run (see
@@ -528,6 +534,7 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
         requests += provider.estimate(spec, len(shard.items), size, 1).requests
     whole = provider.estimate(spec, stats.items, image_bytes, shards)
     return {"dry_run": True, "provider": spec.provider, "endpoint": spec.endpoint,
+            "model": spec.model, "provider_options": spec.provider_options,
             "input": spec.input, "output": spec.output, "skill": spec.skill_names,
             "listed": stats.listed, "items": stats.items, "skipped": stats.skipped,
             "skipped_examples": [printable(k) for k in stats.skipped_examples],
@@ -537,7 +544,8 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
             "image_bytes": image_bytes, "requests": requests,
             "upload_bytes": whole.upload_bytes, "input_tokens": whole.input_tokens,
             "output_tokens": whole.output_tokens, "compute_seconds": whole.seconds,
-            "cost_usd": whole.cost_usd, "basis": whole.basis}
+            "cost_usd": whole.cost_usd, "basis": whole.basis,
+            "details": list(whole.details), "warnings": list(whole.warnings)}
 
 
 def _check_replan(out: Store, shard: int, body: bytes) -> None:

@@ -10,6 +10,7 @@ command line does (``--format``), which is how README and ``moonbatch --help`` l
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any, get_args
@@ -23,14 +24,19 @@ log = logging.getLogger(__name__)
 
 #: The skill options (``workers.models.SkillOptions``' fields) and the skills taking each.
 SKILL_OPTIONS = {"length": ("caption",), "question": ("query",), "reasoning": ("query",),
-                 "object": ("detect", "point"), "temperature": ("caption", "query"),
-                 "top_p": ("caption", "query"), "max_tokens": ("caption", "query")}
+                 "object": ("detect", "point", "segment"), "temperature": ("caption", "query"),
+                 "top_p": ("caption", "query"), "max_tokens": ("caption", "query"),
+                 "spatial_refs": ("query", "point", "segment")}
 #: The options that shape a run other than its skills (``new_spec``'s, by their Python names).
 RUN_OPTIONS = ("shard_size", "max_pixels", "provider", "endpoint", "input_format", "id_column",
-               "image_column", "base", "format", "skip_existing", "max_cost", "max_error_rate",
-               "error_sample")
+               "image_column", "base", "format", "skip_existing", "model", "priority",
+               "fal_store_io", "queue_timeout", "max_cost", "max_error_rate", "error_sample")
 #: ``--error-sample`` when ``--max-error-rate`` is given without it.
 DEFAULT_ERROR_SAMPLE = 20
+#: The options of one provider's own → their key in ``RunSpec.provider_options`` (the
+#: provider's ``check_spec`` refuses those it does not take).
+PROVIDER_OPTIONS = {"priority": "priority", "fal_store_io": "store_io",
+                    "queue_timeout": "request_timeout"}
 #: Every option ``start``, ``prepare`` and ``estimate`` take besides INPUT, OUTPUT and skill.
 OPTIONS = (*SKILL_OPTIONS, *RUN_OPTIONS)
 
@@ -64,18 +70,49 @@ def skill_options(skill: str | Sequence[str] | None = None, **given: Any):
         raise InvalidOption(f"--skill {next(n for n in names if names.count(n) > 1)} is given "
                             "twice: each skill once per run", option="--skill")
     given = {k: given.get(k) for k in SKILL_OPTIONS}
+    given["spatial_refs"] = spatial_refs(given["spatial_refs"])
     try:
         if len(names) == 1:
             return SkillOptions(skill=names[0], **given)
         for key, value in given.items():
             if value is not None and not set(SKILL_OPTIONS[key]) & set(names):
-                raise InvalidOption(f"{flag(key)} applies to --skill "
-                                    f"{' and '.join(SKILL_OPTIONS[key])} only", option=flag(key))
+                takers = SKILL_OPTIONS[key]
+                names = " and ".join(takers) if len(takers) < 3 else \
+                    ", ".join(takers[:-1]) + " and " + takers[-1]
+                raise InvalidOption(f"{flag(key)} applies to --skill {names} only",
+                                    option=flag(key))
         return [SkillOptions(skill=n, **{k: v for k, v in given.items()
                                          if v is not None and n in SKILL_OPTIONS[k]})
                 for n in names]
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def spatial_refs(value: Any) -> list[list[float]] | None:
+    """``--spatial-refs`` as ``SkillOptions`` takes it: JSON text (the command line's) or a
+    list, of ``[x, y]`` points and ``[x_min, y_min, x_max, y_max]`` boxes normalised 0..1; a
+    single ref may be given bare (``[0.5, 0.5]``). None stays None. Raises ``InvalidOption``
+    for text that is not such JSON (the ranges are ``SkillOptions``' to check)."""
+    if value is None:
+        return None
+    text = value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if isinstance(value, list) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        value = [value]  # one ref, bare
+    if not isinstance(value, list) or not all(
+            isinstance(r, (list, tuple)) and all(isinstance(v, (int, float))
+                                                 and not isinstance(v, bool) for v in r)
+            for r in value):
+        raise InvalidOption(f"--spatial-refs {text}: not a JSON list of refs: give e.g. "
+                            "'[[0.5, 0.5], [0.1, 0.1, 0.4, 0.6]]' ([x, y] points, "
+                            "[x_min, y_min, x_max, y_max] boxes, normalised 0..1)",
+                            option="--spatial-refs", value=text)
+    return [list(r) for r in value]
 
 
 def _invalid(exc: ValidationError) -> InvalidOption:
@@ -103,12 +140,16 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               input_format: str = "auto", id_column: str | None = None,
               image_column: str | None = None, base: str | None = None,
               format: str = "jsonl", skip_existing: str | None = None,
+              model: str | None = None, priority: str | None = None,
+              fal_store_io: bool | None = None, queue_timeout: float | None = None,
               max_cost: float | None = None, max_error_rate: float | None = None,
               error_sample: int | None = None) -> dict[str, Any]:
-    """The run-shaping options as ``producer.runs.new_spec`` takes them. Raises
+    """The run-shaping options as ``producer.runs.new_spec`` takes them (``priority``,
+    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``). Raises
     ``InvalidOption`` for a format or input format that does not exist, a negative
-    ``max_pixels`` or ``max_cost``, a ``max_error_rate`` outside 0..1, an ``error_sample``
-    below 1 or without ``max_error_rate``."""
+    ``max_pixels`` or ``max_cost``, an empty ``model``, a ``priority`` other than normal or
+    low, a ``queue_timeout`` that is not a number of seconds > 0, a ``max_error_rate``
+    outside 0..1, an ``error_sample`` below 1 or without ``max_error_rate``."""
     from moonbatch.workers.readers import INPUT_FORMATS
     from moonbatch.workers.writers import OUTPUT_FORMATS
 
@@ -117,6 +158,19 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
     if max_pixels is not None and max_pixels < 0:
         raise InvalidOption(f"--max-pixels {max_pixels}: must be >= 0 (0 turns downscaling off)",
                             option="--max-pixels", value=max_pixels)
+    if model is not None and (not isinstance(model, str) or not model.strip()
+                              or model != model.strip()):
+        raise InvalidOption(f"--model {model!r}: a model name, e.g. moondream3.1 (no spaces)",
+                            option="--model", value=model)
+    if priority is not None:
+        _choice("priority", priority, ("normal", "low"))
+    if fal_store_io is not None and not isinstance(fal_store_io, bool):
+        raise InvalidOption(f"--fal-store-io {fal_store_io!r}: on or off (True or False)",
+                            option="--fal-store-io", value=fal_store_io)
+    if queue_timeout is not None and (isinstance(queue_timeout, bool) or not isinstance(
+            queue_timeout, (int, float)) or not queue_timeout > 0):
+        raise InvalidOption(f"--queue-timeout {queue_timeout}: must be a number of seconds > 0",
+                            option="--queue-timeout", value=queue_timeout)
     if max_cost is not None and max_cost < 0:
         raise InvalidOption(f"--max-cost {max_cost}: must be >= 0 (dollars)",
                             option="--max-cost", value=max_cost)
@@ -132,9 +186,12 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
         stop_fields["error_sample"] = error_sample or DEFAULT_ERROR_SAMPLE
     reader = {k: v for k, v in (("id_column", id_column), ("image_column", image_column),
                                 ("base", base)) if v is not None}
+    given = {"priority": priority, "fal_store_io": fal_store_io, "queue_timeout": queue_timeout}
+    provider_options = {PROVIDER_OPTIONS[k]: v for k, v in given.items() if v is not None}
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
             "endpoint": endpoint, "input_format": input_format, "input_options": reader,
-            "output_format": format, "skip_existing": skip_existing, **stop_fields}
+            "output_format": format, "skip_existing": skip_existing, "model": model,
+            "provider_options": provider_options, **stop_fields}
 
 
 def new_spec(input_url: str, output_url: str, settings: Settings, *,
@@ -186,6 +243,10 @@ def prepare(spec, settings: Settings, *, allow_empty: bool = False, force: bool 
     with translated():
         preflight.preflight(settings, input_url=spec.input, output_url=spec.output,
                             allow_empty=allow_empty, broker=broker, provider=spec.provider)
+    from moonbatch.workers.providers import provider_for
+
+    for warning in provider_for(spec).check_model(spec):  # a refusal was new_spec's
+        log.warning("%s", warning)
     return spec
 
 

@@ -144,7 +144,7 @@ def test_typed_errors(s3, bucket, env, tmp_path):
     assert str(bad.value) == "--format csv: not a choice: choose one of jsonl, parquet"
     assert (bad.value.option, bad.value.value, bad.value.exit_code) == ("--format", "csv", 2)
     with pytest.raises(moonbatch.InvalidOption, match="^--skill captoin: not a choice: choose "
-                       "one of caption, query, detect, point$"):
+                       "one of caption, query, detect, point, segment$"):
         moonbatch.dry_run(src, str(tmp_path / "o"), skill="captoin")
     with pytest.raises(moonbatch.InvalidOption, match=r"^--temperature 3\.0: must be <= 2\.0$"):
         moonbatch.dry_run(src, str(tmp_path / "o"), temperature=3.0)

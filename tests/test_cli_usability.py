@@ -20,7 +20,8 @@ BROKEN_PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 @pytest.mark.parametrize("args,line", [
     (["--format", "csv"], "error: --format csv: not a choice: choose one of jsonl, parquet"),
     (["--skill", "captoin"],
-     "error: --skill captoin: not a choice: choose one of caption, query, detect, point"),
+     "error: --skill captoin: not a choice: choose one of caption, query, detect, point, "
+     "segment"),
     (["--length", "huge"], "error: --length huge: not a choice: choose one of short, normal, long"),
     (["--input-format", "zip"], "error: --input-format zip: not a choice: choose one of auto, "
                                 "prefix, manifest, webdataset, parquet"),

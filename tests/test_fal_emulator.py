@@ -568,6 +568,50 @@ def test_fault_forced_result_expiry(start, http: httpx.Client) -> None:
     assert server.emulator.fal.injected["expired"] == 1
 
 
+def test_queue_headers_recorded_and_honoured(start, http: httpx.Client) -> None:
+    """moonbatch's fal client sends the run's queue headers (``queue_headers``) and the
+    emulation keeps them per request; ``X-Fal-Queue-Priority: low`` lets a later normal request
+    go first, and ``X-Fal-Request-Timeout`` ends a request that waited longer with 504
+    ``request_timeout`` without running it. Concurrency 1, 1 s per image, a manual clock."""
+    from moonbatch.workers.providers.fal.client import FalQueueClient, queue_headers
+
+    server = start()
+    clock = server.clock  # type: ignore[attr-defined]
+    client = FalQueueClient(server.fal_url, FAL_KEY)
+    try:
+        def send(**options: object) -> dict:
+            sub = client.submit(VISUAL_QUERY, {"image_url": tiny(), "prompt": "q"},
+                                queue_headers(options))
+            urls = client.urls(VISUAL_QUERY, sub.request_id)
+            return {"request_id": sub.request_id, "status_url": urls.status,
+                    "response_url": urls.result}
+
+        running = send()  # takes the only slot until T0 + 1
+        low = send(priority="low", store_io=True)
+        clock.advance(0.1)
+        normal = send(priority="normal", request_timeout=30)
+        late = send(request_timeout=0.5)  # the slot frees at T0 + 1: too late for it
+    finally:
+        client.close()
+    got = {rid: r.headers for rid, r in server.emulator.fal.requests.items()}
+    assert got[running["request_id"]] == {"x-fal-store-io": "0"}  # the default: not kept
+    assert got[low["request_id"]] == {"x-fal-store-io": "1", "x-fal-queue-priority": "low"}
+    assert got[normal["request_id"]] == {"x-fal-store-io": "0", "x-fal-queue-priority": "normal",
+                                         "x-fal-request-timeout": "30"}
+    assert got[late["request_id"]]["x-fal-request-timeout"] == "0.5"
+    clock.advance(1.0)  # T0 + 1.1: the slot freed at T0 + 1
+    assert status(http, running).json()["status"] == "COMPLETED"
+    assert status(http, normal).json()["status"] == "IN_PROGRESS"  # ahead of the low one
+    assert status(http, low).json()["status"] == "IN_QUEUE"
+    timed_out = status(http, late, logs=True).json()
+    assert timed_out["status"] == "COMPLETED" and timed_out["error_type"] == "request_timeout"
+    assert timed_out["logs"] == []  # it never ran
+    r = http.get(late["response_url"])
+    assert r.status_code == 504 and r.json()["error_type"] == "request_timeout"
+    clock.advance(1.0)
+    assert status(http, low).json()["status"] == "IN_PROGRESS"
+
+
 def test_fault_values_are_checked() -> None:
     for bad in ({"rate_503": 1.5}, {"rate_503": 0.6, "rate_drop": 0.6}, {"latency": -1},
                 {"error_types": ("nope",)}, {"result_ttl": -1}):

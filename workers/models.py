@@ -13,15 +13,28 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Skill = Literal["caption", "query", "detect", "point"]
+Skill = Literal["caption", "query", "detect", "point", "segment"]
+
+#: Skills only the Moondream real-time API serves (its ``POST /v1/segment``; FACTS.md "real-time
+#: API"): the Batch API's skill list (seed 002) and fal's endpoints have no segment.
+REALTIME_ONLY_SKILLS: tuple[str, ...] = ("segment",)
+#: Skills whose real-time request takes ``spatial_refs`` (the official client ``moondream``
+#: 2.6.1, ``cloud_vl.py``: query, point and segment send it; detect does not).
+SPATIAL_REFS_SKILLS: tuple[str, ...] = ("query", "point", "segment")
+#: Skills that take ``object`` (what to find).
+OBJECT_SKILLS: tuple[str, ...] = ("detect", "point", "segment")
 
 
 class SkillOptions(BaseModel):
     """The request every line of a run carries, as the Batch API defines it (seed 002,
-    "Skill-specific fields" and "Settings object").
+    "Skill-specific fields" and "Settings object"), plus what only the real-time API takes
+    (FACTS.md "real-time API"): the ``segment`` skill and ``spatial_refs``.
+
+    ``spatial_refs``: points ``[x, y]`` or boxes ``[x_min, y_min, x_max, y_max]``, normalised
+    0..1 with (0, 0) top-left, sent as the official client sends them (query, point, segment).
 
     Raises ``pydantic.ValidationError`` when a required field is missing (``question`` for query,
-    ``object`` for detect and point) or an option does not apply to the skill.
+    ``object`` for detect, point and segment) or an option does not apply to the skill.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -34,20 +47,25 @@ class SkillOptions(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
+    spatial_refs: list[list[float]] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SkillOptions:
         s = self.skill
         if s == "query" and not self.question:
             raise ValueError("--question is required for --skill query")
-        if s in ("detect", "point") and not self.object:
+        if s in OBJECT_SKILLS and not self.object:
             raise ValueError(f"--object is required for --skill {s}")
         if self.length is not None and s != "caption":
             raise ValueError("--length applies to --skill caption only")
         if self.question is not None and s != "query":
             raise ValueError("--question applies to --skill query only")
-        if self.object is not None and s not in ("detect", "point"):
-            raise ValueError("--object applies to --skill detect and point only")
+        if self.object is not None and s not in OBJECT_SKILLS:
+            raise ValueError("--object applies to --skill detect, point and segment only")
+        if self.spatial_refs is not None:
+            if s not in SPATIAL_REFS_SKILLS:
+                raise ValueError("--spatial-refs applies to --skill query, point and segment only")
+            _check_spatial_refs(self.spatial_refs)
         if self.reasoning is not None and s != "query":
             raise ValueError("--reasoning applies to --skill query only")
         has_settings = any(v is not None for v in (self.temperature, self.top_p, self.max_tokens))
@@ -57,7 +75,8 @@ class SkillOptions(BaseModel):
 
     def request_fields(self) -> dict[str, object]:
         """The line's fields other than ``id`` and ``image``, e.g.
-        ``{"skill": "caption", "length": "normal"}``."""
+        ``{"skill": "caption", "length": "normal"}`` or ``{"skill": "segment", "object":
+        "cat", "spatial_refs": [[0.5, 0.5]]}`` (the real-time API's field names, FACTS.md)."""
         out: dict[str, object] = {"skill": self.skill}
         if self.skill == "caption":
             out["length"] = self.length or "normal"
@@ -67,6 +86,8 @@ class SkillOptions(BaseModel):
                 out["reasoning"] = self.reasoning
         else:
             out["object"] = self.object
+        if self.spatial_refs is not None:
+            out["spatial_refs"] = [list(r) for r in self.spatial_refs]
         settings = {
             k: v
             for k, v in (("temperature", self.temperature), ("top_p", self.top_p),
@@ -85,7 +106,7 @@ class SkillOptions(BaseModel):
         if not overrides:
             return self
         takes = {"caption": ("length",), "query": ("question",), "detect": ("object",),
-                 "point": ("object",)}[self.skill]
+                 "point": ("object",), "segment": ("object",)}[self.skill]
         update = {k: v for k, v in overrides.items() if k in takes and v not in (None, "")}
         if not update:
             return self
@@ -105,6 +126,45 @@ class SkillOptions(BaseModel):
         return json.dumps(self.request_fields(), ensure_ascii=False, separators=(",", ":"))[1:-1].encode()
 
 
+def _check_spatial_refs(refs: list[list[float]]) -> None:
+    """``ValueError`` unless every ref is ``[x, y]`` or ``[x_min, y_min, x_max, y_max]`` within
+    0..1 (a box's min at most its max)."""
+    if not refs:
+        raise ValueError("--spatial-refs must hold at least one [x, y] point or "
+                         "[x_min, y_min, x_max, y_max] box")
+    for ref in refs:
+        if len(ref) not in (2, 4):
+            raise ValueError(f"--spatial-refs {ref}: each ref is [x, y] or "
+                             "[x_min, y_min, x_max, y_max]")
+        if any(not 0.0 <= v <= 1.0 for v in ref):
+            raise ValueError(f"--spatial-refs {ref}: coordinates are normalised, within 0..1")
+        if len(ref) == 4 and (ref[0] > ref[2] or ref[1] > ref[3]):
+            raise ValueError(f"--spatial-refs {ref}: a box is [x_min, y_min, x_max, y_max]")
+
+
+def realtime_only(spec: RunSpec) -> list[str]:
+    """What ``spec`` asks for that only the Moondream real-time API serves, as the command
+    line names it: its real-time-only skills (``"segment"``) and ``"--spatial-refs"`` when a
+    skill carries spatial refs; empty when the Batch API and fal can serve the run too.
+    Providers other than the real-time one refuse a run for which this is not empty."""
+    out = [o.skill for o in spec.all_options if o.skill in REALTIME_ONLY_SKILLS]
+    if any(o.spatial_refs is not None for o in spec.all_options):
+        out.append("--spatial-refs")
+    return out
+
+
+def realtime_only_refusal(spec: RunSpec, provider: str) -> str | None:
+    """One line refusing ``spec`` on ``provider`` (a name of ``PROVIDERS``) when
+    ``realtime_only(spec)`` is not empty, naming the fix; None when nothing is refused."""
+    only = realtime_only(spec)
+    if not only:
+        return None
+    what = " and ".join(("--skill " + n) if not n.startswith("--") else n for n in only)
+    return (f"{what}: only the Moondream real-time API serves "
+            f"{'it' if len(only) == 1 else 'them'}, not --provider {provider}: "
+            "use --provider moondream-realtime")
+
+
 class RunSpec(BaseModel):
     """What a run is: written once by the producer to ``_moonbatch/spec.json``."""
 
@@ -117,7 +177,14 @@ class RunSpec(BaseModel):
     # Further skills of a multi-skill run (``--skill caption --skill detect``): each image is
     # read and encoded once and every skill's result lands in its row under the skill's name.
     more_options: list[SkillOptions] = Field(default_factory=list)
+    # The model to run (``--model``, default ``MOONBATCH_MODEL``; None: the provider's own
+    # default). Each provider sends it where its service takes it or refuses the run
+    # (``Provider.check_model``).
     model: str | None = None
+    # Options of one provider's own (``--priority``, ``--fal-store-io``, ``--queue-timeout``
+    # → ``priority``, ``store_io``, ``request_timeout``): the provider checks them
+    # (``Provider.check_spec``) and refuses those it does not take.
+    provider_options: dict[str, Any] = Field(default_factory=dict)
     # Which service annotates (a name of ``moonbatch.workers.providers.PROVIDERS``) and, for fal,
     # which endpoint. Specs written before providers existed are the registry's default's runs.
     provider: str = Field(default_factory=lambda: _default_provider())

@@ -29,7 +29,8 @@ Environment (README "Configuration" lists every variable):
   MOONBATCH_S3_ENDPOINT_URL  S3-compatible endpoint (MinIO, R2); AWS credentials as boto3 reads them"""
 
 SkillOpt = Annotated[Optional[list[str]], typer.Option(
-    "--skill", metavar="SKILL", help="caption | query | detect | point (default caption); "
+    "--skill", metavar="SKILL", help="caption | query | detect | point | segment (default "
+    "caption; segment: --provider moondream-realtime only); "
     "repeat it for several skills in one run: each image is sent once per skill and its row "
     "holds every skill's result under the skill's name")]
 LengthOpt = Annotated[Optional[str], typer.Option(
@@ -38,7 +39,12 @@ LengthOpt = Annotated[Optional[str], typer.Option(
 QuestionOpt = Annotated[Optional[str], typer.Option(
     "--question", metavar="TEXT", help="the question to ask of each image (query; required)")]
 ObjectOpt = Annotated[Optional[str], typer.Option(
-    "--object", metavar="TEXT", help="what to find, e.g. \"face\" (detect, point; required)")]
+    "--object", metavar="TEXT", help="what to find, e.g. \"face\" (detect, point, segment; "
+    "required)")]
+SpatialRefsOpt = Annotated[Optional[str], typer.Option(
+    "--spatial-refs", metavar="JSON", help="where to look: a JSON list of [x, y] points and "
+    "[x_min, y_min, x_max, y_max] boxes, normalised 0..1, e.g. '[[0.5, 0.5]]' (query, point, "
+    "segment; --provider moondream-realtime only)")]
 ReasoningOpt = Annotated[Optional[bool], typer.Option(
     "--reasoning/--no-reasoning", help="chain of thought before the answer (query; default: the "
     "API's, on)")]
@@ -60,6 +66,22 @@ ProviderOpt = Annotated[Optional[str], typer.Option(
 EndpointOpt = Annotated[Optional[str], typer.Option(
     "--endpoint", metavar="ID", help="the fal endpoint (--provider fal only; default "
     "fal-ai/moondream3-preview/<skill>; README \"Providers\" lists them and their options)")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", metavar="NAME", help="the model: for the Batch API e.g. moondream3.1 or "
+    "moondream3-preview or a finetune moondream3-preview/<id>@<step> (default: MOONBATCH_MODEL, "
+    "else the API's, moondream3-preview); fal's endpoints run a fixed model (--model only "
+    "picks fal-ai/moondream/batched's model_id: vikhyatk/moondream2 | fal-ai/moondream2-docci)")]
+PriorityOpt = Annotated[Optional[str], typer.Option(
+    "--priority", metavar="LEVEL", help="fal's queue priority: normal | low (a backfill that "
+    "may wait; X-Fal-Queue-Priority) (--provider fal only; default normal)")]
+FalStoreIoOpt = Annotated[Optional[bool], typer.Option(
+    "--fal-store-io/--no-fal-store-io", help="let fal keep each request's inputs and outputs "
+    "(30 days; the images included) (--provider fal only; default off, X-Fal-Store-IO: 0, or "
+    "MOONBATCH_FAL_STORE_IO)", show_default=False)]
+QueueTimeoutOpt = Annotated[Optional[float], typer.Option(
+    "--queue-timeout", metavar="SECONDS", help="a fal request that has not started after "
+    "SECONDS fails (X-Fal-Request-Timeout) and is retried in the next round (--provider fal "
+    "only; default: no limit)")]
 DryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", help="list and plan INPUT as a run would and print items, shards, requests, "
     "bytes, tokens and the estimated cost; write nothing, send nothing, need no key")]

@@ -105,6 +105,11 @@ def print_dry_run(report: dict[str, Any]) -> None:
     rows.append(("cost (USD, estimate)", "no published price" if cost is None
                  else f"${cost:,.4f}" if cost < 1 else f"${cost:,.2f}"))
     rows.append(("basis", report["basis"]))
+    # The provider's lines ("model: ...", "priority: ..."; older reports have none) go after
+    # the skill: what the run asks for, before what it counts.
+    details = [(k, v) if sep else ("", k) for k, sep, v in
+               (str(line).partition(": ") for line in report.get("details") or ())]
+    rows[2:2] = details
     table = Table(show_header=False, box=None)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
@@ -112,6 +117,9 @@ def print_dry_run(report: dict[str, Any]) -> None:
         table.add_row(k, str(v))
     err.print("dry run: nothing was written and nothing was sent", highlight=False)
     out.print(table)
+    for warning in report.get("warnings") or ():
+        err.print(f"[yellow]warning:[/yellow] {escape(str(warning))}", highlight=False,
+                  soft_wrap=True)
 
 
 def print_skipped(output: str, snap: dict[str, Any], settings) -> None:

@@ -20,10 +20,14 @@ from moonbatch.producer.cli.options import (
     DemoTimeoutOpt,
     DemoWorkersOpt,
     EndpointOpt,
+    FalStoreIoOpt,
     LengthOpt,
+    ModelOpt,
     ObjectOpt,
+    PriorityOpt,
     ProviderOpt,
     QuestionOpt,
+    QueueTimeoutOpt,
     ReasoningOpt,
     SkillOpt,
     epilog,
@@ -43,14 +47,16 @@ def skimage_data_dir() -> Path:
 
 @app.command(epilog=epilog("moonbatch demo", "moonbatch demo --skill query --question "
                             "\"What is in the picture?\" --output /tmp/demo",
-                            "moonbatch demo --provider fal --endpoint fal-ai/moondream/batched"))
+                            "moonbatch demo --provider fal --endpoint fal-ai/moondream/batched",
+                            "moonbatch demo --model moondream3.1"))
 def demo(output: Annotated[Path, typer.Option(
              "--output", metavar="DIRECTORY",
              help="each run goes into DIRECTORY/<run id>/")] = Path("moonbatch-demo"),
          skill: SkillOpt = None, length: LengthOpt = None, question: QuestionOpt = None,
          object: ObjectOpt = None, reasoning: ReasoningOpt = None,
-         provider: ProviderOpt = None, endpoint: EndpointOpt = None,
-         shard_size: DemoShardSizeOpt = 8, workers: DemoWorkersOpt = 2,
+         provider: ProviderOpt = None, endpoint: EndpointOpt = None, model: ModelOpt = None,
+         priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
+         queue_timeout: QueueTimeoutOpt = None, shard_size: DemoShardSizeOpt = 8, workers: DemoWorkersOpt = 2,
          timeout: DemoTimeoutOpt = 300.0) -> None:
     """Annotate scikit-image's sample photographs with no account and no servers: an embedded
     broker (a private redis-server), local storage and the emulator of the Batch API or (with
@@ -70,7 +76,9 @@ def demo(output: Annotated[Path, typer.Option(
         # The skill, provider, endpoint and shard size are checked before anything starts.
         spec = new_spec(str(source), str(target), get_settings(), skill=skill, run_id=run_id,
                         length=length, question=question, object=object, reasoning=reasoning,
-                        shard_size=shard_size, provider=provider, endpoint=endpoint)
+                        shard_size=shard_size, provider=provider, endpoint=endpoint,
+                        model=model, priority=priority, fal_store_io=fal_store_io,
+                        queue_timeout=queue_timeout)
         key, fal_key = uuid.uuid4().hex, uuid.uuid4().hex
         config = EmulatorConfig(api_key=key, chunking_seconds=0.5, processing_seconds=1.0,
                                 lines_per_second=50, fal_key=fal_key,
@@ -106,6 +114,7 @@ def demo(output: Annotated[Path, typer.Option(
 
 @app.command(epilog=epilog(
     "moonbatch emulator --port 8787 --api-key K",
+    "moonbatch emulator --port 2020 --realtime-no-key   # real-time routes like Moondream Station",
     "MOONBATCH_MOONDREAM_URL=http://127.0.0.1:8787/v1 MOONDREAM_API_KEY=K moonbatch run ..."))
 def emulator(port: Annotated[int, typer.Option(
                  "--port", metavar="INTEGER", help="TCP port to listen on (0: any free port)")] = 8787,
@@ -119,16 +128,26 @@ def emulator(port: Annotated[int, typer.Option(
              fal_key: Annotated[Optional[str], typer.Option(
                  "--fal-key", envvar="FAL_KEY", show_envvar=True, metavar="TEXT",
                  help="key fal clients must send (Authorization: Key <key>; default: a random "
-                 "key, printed)")] = None) -> None:
-    """Serve the Moondream Batch API emulator and the fal queue API emulator on one port (for
-    tests, benchmarks and offline work)."""
+                 "key, printed)")] = None,
+             realtime_no_key: Annotated[bool, typer.Option(
+                 "--realtime-no-key", help="serve the real-time routes (/v1/caption, /v1/query, "
+                 "/v1/detect, /v1/point, /v1/segment) without a key, as Moondream Station does "
+                 "(default: they need the API key, as Moondream Cloud does)")] = False) -> None:
+    """Serve the Moondream Batch API emulator, the Moondream real-time API emulator and the fal
+    queue API emulator on one port (for tests, benchmarks and offline work)."""
+    from moonbatch.emulator.realtime import RealtimeConfig
     from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
 
     key = api_key or uuid.uuid4().hex
     fkey = fal_key or uuid.uuid4().hex
-    server = EmulatorServer(EmulatorConfig(api_key=key, fal_key=fkey), host=host, port=port)
+    config = EmulatorConfig(api_key=key, fal_key=fkey,
+                            realtime=RealtimeConfig(require_key=not realtime_no_key))
+    server = EmulatorServer(config, host=host, port=port)
     err.print(f"Moondream Batch API emulator on {server.url}"
               + ("" if api_key else f" (API key: {key})") + f"; files in {server.emulator.dir}")
+    err.print(f"Moondream real-time API emulator on {server.url} (MOONBATCH_REALTIME_URL="
+              f"{server.url}; " + ("no key needed, as Moondream Station)" if realtime_no_key
+                                   else "the same API key)"))
     err.print(f"fal queue emulator on {server.fal_url} (MOONBATCH_FAL_QUEUE_URL={server.fal_url})"
               + ("" if fal_key else f" (fal key: {fkey})"))
     try:

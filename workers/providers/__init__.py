@@ -11,8 +11,8 @@ reconcile, cancel) never names a provider. It drives every round through four ca
 
 and answers what the shared code asks before and after: ``settings_class`` (its own variables,
 read through ``Settings.section``), ``credential`` and ``check_credentials`` (preflight),
-``complete_spec``/``check_spec``/``limits`` (a new run), ``estimate`` (a dry run), ``describe``
-and ``Wording`` (status, summary, dry-run and cancel text), ``reject_merge`` and
+``complete_spec``/``check_spec``/``check_model``/``limits`` (a new run), ``estimate`` (a dry
+run), ``describe`` and ``Wording`` (status, summary, dry-run and cancel text), ``reject_merge`` and
 ``duplicate_submissions`` (a round's merge and a shard's counts). Its metric labels are its own:
 it passes them to ``moonbatch.workers.metrics`` (``api_call(name, label, ...)``).
 
@@ -192,7 +192,10 @@ class Resend:
 class Estimate:
     """A dry run's estimate for ``items`` images of ``image_bytes`` in all: ``requests``
     (batches or HTTP requests), ``upload_bytes`` sent, ``input_tokens``/``output_tokens`` or
-    ``seconds`` of compute, ``cost_usd``, and ``basis`` (how the price was reckoned)."""
+    ``seconds`` of compute, ``cost_usd``, ``basis`` (how the price was reckoned), ``details``
+    (one line each of what the run would send besides images: its model and price, its
+    provider's own options) and ``warnings`` (one line each of what a user should look at
+    before running it, e.g. a model name the price table does not know)."""
 
     items: int
     requests: int
@@ -202,6 +205,8 @@ class Estimate:
     seconds: float | None
     cost_usd: float | None
     basis: str
+    details: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 class Provider(Protocol):
@@ -238,6 +243,12 @@ class Provider(Protocol):
     def check_spec(self, spec: RunSpec) -> None:
         """Refuse a run this provider cannot serve before anything is sent: ``ValueError`` with
         one line naming the cause and the fix (e.g. a skill the endpoint does not serve)."""
+
+    def check_model(self, spec: RunSpec) -> list[str]:
+        """Refuse ``spec.model`` (``--model``/``MOONBATCH_MODEL``; None: the service's default)
+        where this provider cannot send it, before anything is sent: ``ValueError`` with one
+        line naming the models it can run. Returns warnings (one line each) about a model it
+        sends but cannot vouch for (e.g. a name missing from the price table)."""
 
     def limits(self, spec: RunSpec) -> Limits:
         """How big a shard may be."""
@@ -302,8 +313,9 @@ _instances: dict[str, Provider] = {}
 # per-image token counts) ----------------------------------------------------------------------
 CROP_TOKENS = 729  # one 378x378 crop (27x27 patches); the model sees at most 12 crops + 1 global
 BYTES_TO_PIXELS = 5  # a photograph's JPEG holds about 1.6 bits per pixel
+# segment: an SVG path of a few dozen points and curves (docs.moondream.ai/skills/segment).
 OUTPUT_TOKENS = {"caption:short": 20, "caption:normal": 60, "caption:long": 150,
-                 "query": 40, "query+reasoning": 100, "detect": 30, "point": 30}
+                 "query": 40, "query+reasoning": 100, "detect": 30, "point": 30, "segment": 200}
 
 
 def estimate_input_tokens(image_bytes: int, max_pixels: int) -> int:

@@ -45,7 +45,7 @@ MAX_LINE_BYTES = 2**20
 PARQUET_BATCH_ROWS = 8192
 _ID_TYPES = (str, int, float, bool)
 _TAKES = {"caption": ("length",), "query": ("question",), "detect": ("object",),
-          "point": ("object",)}
+          "point": ("object",), "segment": ("object",)}
 
 
 class Reader:

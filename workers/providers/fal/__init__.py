@@ -40,6 +40,7 @@ Modules: ``client`` (the queue client), ``endpoints`` (the endpoint table), ``pa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -50,7 +51,7 @@ from typing import Any, ClassVar
 import orjson
 
 from moonbatch.workers import layout
-from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild
+from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild, realtime_only_refusal
 from moonbatch.workers.pool import ordered_map
 from moonbatch.workers.providers import (
     Estimate,
@@ -64,13 +65,17 @@ from moonbatch.workers.providers import (
 )
 from moonbatch.workers.providers.fal.client import (
     METRIC_ACTIONS,
+    PRIORITIES,
     FalAuthError,
     FalBadRequestId,
     FalError,
     FalQueueClient,
     FalTransient,
+    queue_headers,
 )
+from moonbatch.workers.providers.fal.client import OPTIONS as QUEUE_OPTIONS
 from moonbatch.workers.providers.fal.endpoints import (
+    check_model,
     check_options,
     default_endpoint,
     endpoint_of,
@@ -111,10 +116,17 @@ class FalProvider(RoundSteps):
     input_error_codes: ClassVar[frozenset[str]] = frozenset({"invalid_input"})
 
     def complete_spec(self, spec: RunSpec) -> RunSpec:
-        """The endpoint, default ``fal-ai/moondream3-preview/<skill>``, stored resolved."""
-        if spec.endpoint:
-            return spec
-        return spec.model_copy(update={"endpoint": default_endpoint(spec.options.skill)})
+        """The endpoint, default ``fal-ai/moondream3-preview/<skill>``, and ``store_io``
+        (default ``MOONBATCH_FAL_STORE_IO``, off), stored resolved."""
+        update: dict[str, Any] = {}
+        if not spec.endpoint:
+            update["endpoint"] = default_endpoint(spec.options.skill)
+        if "store_io" not in spec.provider_options:
+            from moonbatch.config import get_settings
+
+            store = get_settings().section(FalSettings).fal_store_io
+            update["provider_options"] = {**spec.provider_options, "store_io": store}
+        return spec.model_copy(update=update) if update else spec
 
     def describe(self, doc: Mapping[str, Any]) -> str:
         """``fal (<endpoint>)``."""
@@ -128,9 +140,39 @@ class FalProvider(RoundSteps):
 
     # -- before the run --------------------------------------------------------------------------
     def check_spec(self, spec: RunSpec) -> None:
-        """Unknown endpoint, or a skill or option it cannot serve: ``ValueError``."""
+        """A skill or option only the real-time API serves (``realtime_only``), an unknown
+        endpoint, a skill or option it cannot serve, a model it does not run
+        (``check_model``), or a provider option fal does not take or a value out of range
+        (``priority`` normal|low, ``store_io`` a bool, ``request_timeout`` seconds > 0):
+        ``ValueError``."""
+        refusal = realtime_only_refusal(spec, self.name)
+        if refusal:
+            raise ValueError(refusal)
         for endpoint, options in zip(skill_endpoints(spec), spec.all_options, strict=True):
             check_options(endpoint, options)
+        self.check_model(spec)
+        opts = spec.provider_options
+        unknown = sorted(set(opts) - set(QUEUE_OPTIONS))
+        if unknown:
+            raise ValueError(f"provider option {unknown[0]!r} is not fal's: fal takes "
+                             f"{', '.join(QUEUE_OPTIONS)}")
+        if opts.get("priority") is not None and opts["priority"] not in PRIORITIES:
+            raise ValueError(f"--priority {opts['priority']}: choose one of "
+                             f"{', '.join(PRIORITIES)}")
+        if not isinstance(opts.get("store_io", False), bool):
+            raise ValueError("--fal-store-io is on or off (a bool)")
+        timeout = opts.get("request_timeout")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"--queue-timeout {timeout}: must be a number of seconds > 0")
+
+    def check_model(self, spec: RunSpec) -> list[str]:
+        """fal's endpoints run a fixed model (``fal-ai/moondream/batched`` one of two, named
+        in its ``model_id``, seed 001): ``--model`` is refused unless every endpoint of the
+        run runs it (``endpoints.check_model``). No warnings."""
+        for endpoint in skill_endpoints(spec):
+            check_model(endpoint, spec.model)
+        return []
 
     def limits(self, spec: RunSpec) -> Limits:
         """fal has no batch file: a shard is bounded by its line count only (the bytes bound
@@ -165,7 +207,33 @@ class FalProvider(RoundSteps):
 
     def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
         """Requests, bytes, tokens or seconds and dollars; prices from FACTS.md, token and
-        second counts are estimates."""
+        second counts are estimates; ``details`` name the model and the queue headers sent."""
+        return dataclasses.replace(self._estimate(spec, items, image_bytes, shards),
+                                   details=self.details(spec))
+
+    def details(self, spec: RunSpec) -> list[str]:
+        """What the run sends besides images: the endpoints' model and the queue headers."""
+        eps = skill_endpoints(spec)
+        model = spec.model or eps[0].models[0]
+        field = eps[0].model_field
+        out = [f"model: {model} " + (f"(sent as {field})" if field and spec.model else
+                                     f"(the model of {', '.join(e.id for e in eps)})")]
+        opts = spec.provider_options
+        headers = queue_headers(opts)
+        out.append("priority: " + (opts.get("priority") or "normal (fal's default)")
+                   + (f" (X-Fal-Queue-Priority: {headers['X-Fal-Queue-Priority']})"
+                      if "X-Fal-Queue-Priority" in headers else ""))
+        out.append("payload retention: " + (
+            "on: fal keeps inputs and outputs 30 days (X-Fal-Store-IO: 1)"
+            if opts.get("store_io") else "off (X-Fal-Store-IO: 0; MOONBATCH_FAL_STORE_IO or "
+            "--fal-store-io turns it on)"))
+        out.append("queue timeout: " + (
+            f"{headers['X-Fal-Request-Timeout']} s to start (X-Fal-Request-Timeout)"
+            if "X-Fal-Request-Timeout" in headers else "none (a request waits in fal's queue "
+            "until it starts)"))
+        return out
+
+    def _estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
         ep = endpoint_of(spec)
         k = len(spec.all_options)  # a request per image and skill in a multi-skill run
         requests = k * sum(math.ceil(n / ep.max_images) for n in _split(items, shards))

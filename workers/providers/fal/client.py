@@ -106,6 +106,25 @@ class FalRequestError(FalError):
         self.fields = fields or []
 
 
+#: The provider options (``RunSpec.provider_options``) fal takes, and their values.
+PRIORITIES = ("normal", "low")
+OPTIONS = ("priority", "store_io", "request_timeout")
+
+
+def queue_headers(options: dict[str, Any]) -> dict[str, str]:
+    """The queue headers of a run's provider options (docs.fal.ai "common parameters";
+    FACTS.md "fal queue API"), sent with every submit: ``priority`` → ``X-Fal-Queue-Priority``
+    (``normal``|``low``), ``store_io`` (default False) → ``X-Fal-Store-IO: 0`` unless True
+    (payloads kept 30 days otherwise), ``request_timeout`` (seconds a request may wait to start)
+    → ``X-Fal-Request-Timeout``. Options not set send no header, except ``X-Fal-Store-IO``."""
+    headers = {"X-Fal-Store-IO": "1" if options.get("store_io") else "0"}
+    if options.get("priority"):
+        headers["X-Fal-Queue-Priority"] = str(options["priority"])
+    if options.get("request_timeout") is not None:
+        headers["X-Fal-Request-Timeout"] = f"{float(options['request_timeout']):g}"
+    return headers
+
+
 @dataclasses.dataclass(frozen=True)
 class Submitted:
     """A queued request: its id (the URLs are ``FalQueueClient.urls`` of it)."""
@@ -301,14 +320,17 @@ class FalQueueClient:
     def _get(self, action: str, url: str, **kwargs: Any) -> httpx.Response:
         return self._retried(action, lambda: self._send(action, "GET", url, **kwargs))
 
-    def submit(self, endpoint: str, payload: dict[str, Any]) -> Submitted:
-        """Queue a request on ``endpoint`` (e.g. ``fal-ai/moondream3-preview/caption``).
+    def submit(self, endpoint: str, payload: dict[str, Any],
+               headers: dict[str, str] | None = None) -> Submitted:
+        """Queue a request on ``endpoint`` (e.g. ``fal-ai/moondream3-preview/caption``) with
+        the run's queue ``headers`` (``queue_headers``).
 
         Not retried here: a lost answer may have created a request (``FalTransient.maybe_sent``).
         An answer whose ``request_id`` is missing or not a safe id counts as lost. Raises
         ``FalLimited`` (429), ``FalTransient``, ``FalAuthError``, ``FalRequestError``.
         """
-        response = self._send("submit", "POST", f"{self.queue_url}/{endpoint}", json=payload)
+        response = self._send("submit", "POST", f"{self.queue_url}/{endpoint}", json=payload,
+                              headers=headers)
         try:
             body = response.json()
             rid = origins.path_id(str(body["request_id"]))

@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 class FalEndpoint:
     """One fal endpoint: the ``skills`` it serves, how it takes images (``"single"``: one
     ``image_url``; ``"inputs"``: a list of ``{image_url, prompt}``; ``"archive"``: a ZIP in
-    ``images_data_url``), images per request, the options it accepts, and its price."""
+    ``images_data_url``), images per request, the options it accepts, its price, and the
+    ``models`` it runs (the first is what it runs when none is named; ``model_field``: the
+    input field that names one, None when the endpoint's model is fixed)."""
 
     id: str
     skills: frozenset[str]
@@ -27,6 +29,8 @@ class FalEndpoint:
     usd_per_m_input: float | None = None
     usd_per_m_output: float | None = None
     usd_per_second: float | None = None
+    models: tuple[str, ...] = ("moondream3-preview",)
+    model_field: str | None = None
 
 
 _M3 = dict(usd_per_m_input=0.40, usd_per_m_output=3.50)  # FACTS.md prices
@@ -40,14 +44,17 @@ ENDPOINTS: dict[str, FalEndpoint] = {e.id: e for e in (
     FalEndpoint("fal-ai/moondream3-preview/point", frozenset({"point"}), "single",
                 options=frozenset({"object"}), **_M3),
     FalEndpoint("fal-ai/moondream2/visual-query", frozenset({"query", "caption"}), "single",
-                options=frozenset({"question", "length"})),
+                options=frozenset({"question", "length"}), models=("moondream2",)),
+    # Seed 001: ``model_id``, enum vikhyatk/moondream2 (default) | fal-ai/moondream2-docci.
     FalEndpoint("fal-ai/moondream/batched", frozenset({"query", "caption"}), "inputs",
                 max_images=32, options=frozenset({"question", "length", "max_tokens",
                                                   "temperature", "top_p"}),
-                max_tokens_range=(32, 1024)),
+                max_tokens_range=(32, 1024),
+                models=("vikhyatk/moondream2", "fal-ai/moondream2-docci"),
+                model_field="model_id"),
     FalEndpoint("fal-ai/moondream-next/batch", frozenset({"caption", "query"}), "archive",
                 max_images=32, options=frozenset({"question", "length", "max_tokens"}),
-                max_tokens_range=(1, 512), usd_per_second=0.0011),
+                max_tokens_range=(1, 512), usd_per_second=0.0011, models=("moondream-next",)),
 )}
 
 def default_endpoint(skill: str) -> str:
@@ -97,6 +104,20 @@ def check_options(endpoint: FalEndpoint, options: SkillOptions) -> None:
     if options.max_tokens is not None and lo_hi and not lo_hi[0] <= options.max_tokens <= lo_hi[1]:
         raise ValueError(f"fal endpoint {endpoint.id} takes --max-tokens within "
                          f"{lo_hi[0]}..{lo_hi[1]}")
+
+
+def check_model(endpoint: FalEndpoint, model: str | None) -> None:
+    """Refuse ``model`` (None: the endpoint's own) unless ``endpoint`` runs it: ``ValueError``
+    with one line naming the models it runs and the fix."""
+    if model is None or model in endpoint.models:
+        return
+    choices = " or ".join(endpoint.models)
+    serving = sorted(e.id for e in ENDPOINTS.values() if model in e.models)
+    where = f"use --endpoint {' or '.join(serving)}" if serving else \
+        "for Moondream's own models use --provider moondream"
+    raise ValueError(f"--model {model}: fal endpoint {endpoint.id} runs {choices} only (its "
+                     f"model is fixed): choose --model {choices}, leave --model (and "
+                     f"MOONBATCH_MODEL) out, or {where}")
 
 
 def entry_endpoint(entry: dict[str, Any], default: FalEndpoint) -> FalEndpoint:

@@ -41,12 +41,16 @@ def prompt_of(options: SkillOptions) -> str:
     return options.object or ""
 
 
-def request_payload(endpoint: FalEndpoint, options: SkillOptions, images: Sequence[str]
-                    ) -> dict[str, Any]:
+def request_payload(endpoint: FalEndpoint, options: SkillOptions, images: Sequence[str],
+                    model: str | None = None) -> dict[str, Any]:
     """The JSON body of one request for ``images`` (URLs or data URIs; for ``"archive"`` one
-    data URI of the ZIP). Strict: only fields the endpoint's schema names, only options set."""
+    data URI of the ZIP) with ``model`` (``--model``, checked by ``endpoints.check_model``) in
+    the endpoint's ``model_field`` when it has one. Strict: only fields the endpoint's schema
+    names, only options set."""
     tuning = {k: getattr(options, k) for k in ("temperature", "top_p", "max_tokens")
               if k in endpoint.options and getattr(options, k) is not None}
+    if model is not None and endpoint.model_field:
+        tuning[endpoint.model_field] = model
     if endpoint.kind == "inputs":
         prompt = prompt_of(options)
         return {"inputs": [{"image_url": url, "prompt": prompt} for url in images], **tuning}

@@ -88,8 +88,10 @@ def request_body(ctx: RoundContext, images: Sequence[Prepared]
     if endpoint.kind == "archive":
         names = [member_name(p.line, p.image.format) for p in images]  # type: ignore[union-attr]
         archive = build_archive([(n, p.image.data) for n, p in zip(names, images, strict=True)])  # type: ignore[union-attr]
-        return request_payload(endpoint, options, [data_uri(archive, "application/zip")]), names
-    return request_payload(endpoint, options, [image_url(ctx, p) for p in images]), []
+        return request_payload(endpoint, options, [data_uri(archive, "application/zip")],
+                               ctx.run.spec.model), names
+    return request_payload(endpoint, options, [image_url(ctx, p) for p in images],
+                           ctx.run.spec.model), []
 
 
 def image_url(ctx: RoundContext, p: Prepared) -> str:

@@ -4,8 +4,10 @@
 Variables: ``FAL_KEY`` (also ``MOONBATCH_FAL_KEY``), ``MOONBATCH_FAL_QUEUE_URL``,
 ``MOONBATCH_FAL_CONCURRENCY`` (requests fal runs at once per endpoint for this account, across
 the whole fleet: fal's concurrency limit), ``MOONBATCH_FAL_QUEUE_AHEAD`` (requests kept queued at
-fal beyond that; unset: as many again). A value out of range raises ``pydantic.ValidationError``
-naming the variable.
+fal beyond that; unset: as many again), ``MOONBATCH_FAL_STORE_IO`` (default off: every request
+asks fal not to keep its payloads, ``X-Fal-Store-IO: 0``; on: fal keeps them 30 days, as it
+does for requests without the header; ``--fal-store-io`` turns it on for one run). A value
+out of range raises ``pydantic.ValidationError`` naming the variable.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class FalSettings(BaseSettings):
     # So a runner that frees never waits for moonbatch's next poll to send it work; fal starts
     # queued requests itself.
     fal_queue_ahead: int | None = Field(default=None, ge=0, le=10000)
+    # Images go as data URIs or presigned URLs: fal should not keep them for 30 days.
+    fal_store_io: bool = False
 
     @field_validator("fal_queue_url")
     @classmethod

@@ -27,6 +27,7 @@ from moonbatch.workers.providers.fal.client import (
     FalRequestError,
     FalTransient,
     Submitted,
+    queue_headers,
 )
 from moonbatch.workers.providers.fal.endpoints import FalEndpoint, endpoint_of, entry_endpoint
 from moonbatch.workers.providers.fal.ledger import (
@@ -318,12 +319,13 @@ class RoundSteps:
                 self._end_unsent(ctx, build, ledger, out,
                                  [li for req in requests[n:] for li in req[0]], refusal)
                 requests = requests[:n]
+        headers = queue_headers(ctx.run.spec.provider_options)
 
         def submit(req: tuple[list[int], str, dict[str, Any], list[str]]
                    ) -> tuple[Submitted | None, Exception | None]:
             metrics.upload_bytes(self.name, data_uri_bytes(req[2]))
             try:
-                return client.submit(prepared[req[0][0]].endpoint.id, req[2]), None
+                return client.submit(prepared[req[0][0]].endpoint.id, req[2], headers), None
             except FalError as exc:
                 return None, exc
 

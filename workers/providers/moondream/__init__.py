@@ -26,7 +26,7 @@ import orjson
 
 from moonbatch.config import Settings, get_settings
 from moonbatch.workers import layout, metrics, registry
-from moonbatch.workers.models import BatchRecord, RunSpec
+from moonbatch.workers.models import BatchRecord, RunSpec, realtime_only_refusal
 from moonbatch.workers.providers import (
     Estimate,
     Limits,
@@ -49,8 +49,8 @@ from moonbatch.workers.providers.moondream.lines import (
 from moonbatch.workers.providers.moondream.polling import next_poll_interval
 from moonbatch.workers.providers.moondream.settings import MoondreamSettings
 from moonbatch.workers.providers.moondream.upload import build_and_submit
+from moonbatch.workers.providers.prices import DEFAULT_MODEL, REALTIME_USD_PER_M, model_price
 from moonbatch.workers.providers.prices import SOURCE as PRICE_SOURCE
-from moonbatch.workers.providers.prices import model_price
 from moonbatch.workers.storage import get_json, get_json_or_none
 
 if TYPE_CHECKING:
@@ -64,6 +64,10 @@ TRANSIENT_BATCH_CODES = frozenset({"processing_failed", "timeout"})
 LINE_OVERHEAD_BYTES = 200  # id and skill fields of a line, besides the base64 image
 KEY_CHECK_SECONDS = 8.0  # the whole API-key check (three tries at most)
 API_KEYS_PAGE = "https://moondream.ai/c/cloud/api-keys"
+KNOWN_MODELS = tuple(REALTIME_USD_PER_M)  # the models the price table knows
+#: fal's own options (``RunSpec.provider_options``) → their flags, for the refusal.
+OPTION_FLAGS = {"priority": "--priority", "store_io": "--fal-store-io",
+                "request_timeout": "--queue-timeout"}
 
 
 @functools.cache
@@ -162,10 +166,30 @@ class MoondreamBatchProvider:
         return len(shards)
 
     def check_spec(self, spec: RunSpec) -> None:
-        """Every skill is served; ``--endpoint`` is fal's."""
+        """Every skill of seed 002 is served, not what only the real-time API serves
+        (``realtime_only``: segment, spatial refs); ``--endpoint`` and the provider options
+        (``--priority``, ``--fal-store-io``, ``--queue-timeout``) are fal's."""
+        refusal = realtime_only_refusal(spec, self.name)
+        if refusal:
+            raise ValueError(refusal)
         if spec.endpoint:
             raise ValueError("--endpoint applies to --provider fal only: leave it out, or add "
                              "--provider fal")
+        if spec.provider_options:
+            names = ", ".join(OPTION_FLAGS.get(k, k) for k in sorted(spec.provider_options))
+            raise ValueError(f"{names} applies to --provider fal only (the Batch API has no "
+                             "such control): leave it out, or add --provider fal")
+
+    def check_model(self, spec: RunSpec) -> list[str]:
+        """Any model is sent as given in ``mpu-complete``'s ``model`` (FACTS.md: the API's
+        list of model identifiers is not published where we could read it, so none is
+        refused); one not in the price table (``prices.model_price``) gets a warning."""
+        if spec.model is None or model_price(spec.model, "batch").known:
+            return []
+        return [f"--model {spec.model}: not in moonbatch's price table (known: "
+                f"{', '.join(KNOWN_MODELS)}; a finetune is moondream3-preview/<finetune_id>@"
+                "<step>): sent as given (the Batch API fails the batch with invalid_model if "
+                "it does not serve it) and priced as the dearest known model"]
 
     def limits(self, spec: RunSpec) -> Limits:
         """Seed 002, "Limits": 100,000 lines and 2 GB per batch file; an item's bytes are its
@@ -185,9 +209,13 @@ class MoondreamBatchProvider:
         out_tok = items * estimate_output_tokens(spec.options)
         upload = math.ceil(image_bytes * 4 / 3) + items * LINE_OVERHEAD_BYTES
         price = model_price(spec.model, "batch")
+        model = f"{spec.model}, sent in each batch's mpu-complete" if spec.model else \
+            f"{DEFAULT_MODEL} (the API's default: no model is sent)"
         return Estimate(items, shards, upload, in_tok, out_tok, None,
                         price.cost(in_tok, out_tok),
-                        f"{price.label()} ({PRICE_SOURCE}); token counts are estimates")
+                        f"{price.label()} ({PRICE_SOURCE}); token counts are estimates",
+                        details=[f"model: {model}"],
+                        warnings=self.check_model(spec))
 
     def round_estimate(self, ctx: RoundContext) -> float:
         """The batch's dollars if every item of the round is sent: estimated tokens of each
