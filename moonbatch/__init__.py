@@ -23,7 +23,7 @@ if (_os.path.isfile(_os.path.join(_checkout, "pyproject.toml"))
 _API = {"submit": "api", "run": "api", "dry_run": "api", "open_run": "api", "Run": "api",
         "MoonbatchError": "errors", "InvalidOption": "errors", "PreflightError": "errors",
         "OutputConflict": "errors", "RunNotFound": "errors", "RunFailed": "errors",
-        "Timeout": "errors", "NoConsumer": "errors"}
+        "RunStopped": "errors", "Timeout": "errors", "NoConsumer": "errors"}
 __all__ = sorted(_API)
 
 

@@ -13,11 +13,13 @@ of ``[x, y]`` points and ``[x_min, y_min, x_max, y_max]`` boxes, normalised 0..1
 ``MOONBATCH_FAL_STORE_IO``, off) and ``queue_timeout`` (seconds), which other providers refuse,
 and ``exports`` (a list of ``coco``, ``label-studio``, ``yolo``, written under
 OUTPUT/annotations/ when the run completes; default: ``["coco"]`` for a detect, point or
-segment run; ``[]``: none).
+segment run; ``[]``: none),
+and the stops ``max_cost`` (dollars), ``max_error_rate`` (0..1) and ``error_sample``.
 
 Nothing here prints, installs a signal handler or exits; failures raise
 ``moonbatch.errors`` classes (``InvalidOption``, ``PreflightError``, ``OutputConflict``,
-``RunNotFound``, ``RunFailed``, ``Timeout``, ``NoConsumer``; all ``MoonbatchError``).
+``RunNotFound``, ``RunFailed``, ``RunStopped``, ``Timeout``, ``NoConsumer``; all
+``MoonbatchError``).
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ class Run:
 
     def status(self) -> dict[str, Any]:
         """The run's progress now, the shape of ``run.json``: ``status`` (``planning``,
-        ``running``, ``completed``, ``failed``, ``cancelled``), ``counts`` (``total``, ``done``,
-        ``ok``, ``error``, ``in_flight``, ``skipped``), ``shards``, ``failure``, ``usage``,
+        ``running``, ``completed``, ``failed``, ``cancelled``, ``stopped``), ``counts``
+        (``total``, ``done``, ``ok``, ``error``, ``in_flight``, ``skipped``), ``shards``,
+        ``failure``, ``stop_reason`` (``{"code", "reason"}`` of a stopped run), ``spend``
+        (``actual_usd``, ``estimated_usd``, ``in_flight_usd``, ``max_cost_usd``), ``usage``,
         ``timings``... One look at storage; no broker needed."""
         from moonbatch.producer import ops
 
@@ -70,7 +74,8 @@ class Run:
         seconds (None: no limit); ``workers``: local worker processes on the run's own queue
         while waiting (default none: a fleet does the work); ``on_progress(status)`` after each
         look; ``on_notice(text, warning)`` for what a user should know (default: logged).
-        Raises ``RunFailed`` (failed or cancelled), ``Timeout`` (the run goes on)."""
+        Raises ``RunFailed`` (failed or cancelled), ``RunStopped`` (stopped at its budget or
+        error rate), ``Timeout`` (the run goes on)."""
         from moonbatch.producer.local import follow_with_workers
 
         return follow_with_workers(self.output, _settings(), workers, timeout=timeout,
@@ -101,20 +106,22 @@ class Run:
         return done
 
     def retry_failed(self, codes: Sequence[str] | None = None, *, workers: int | None = None,
-                     timeout: float | None = None, dry_run: bool = False) -> dict[str, Any]:
+                     timeout: float | None = None, dry_run: bool = False,
+                     max_cost: float | None = None) -> dict[str, Any]:
         """Send the run's error rows again (only those with ``codes``, default all), into the
         same OUTPUT. Returns ``producer.ops.retry``'s dict (``action``: ``started``,
         ``continued``, ``nothing``, ``would_retry``, ``under_way``); with ``workers``, follows
         the run to the end with that many local workers and adds ``"final"``. Without
         ``workers``, a run whose queues no worker consumes is refused (``NoConsumer``) before
-        anything changes. Raises ``MoonbatchError``, ``PreflightError``, ``RunFailed``,
-        ``Timeout``."""
+        anything changes. ``max_cost``: the run's new budget in dollars (spend so far counts),
+        to carry on a run that stopped at its budget. Raises ``MoonbatchError``,
+        ``PreflightError``, ``RunFailed``, ``RunStopped``, ``Timeout``."""
         from moonbatch.producer import ops
         from moonbatch.producer.local import follow_with_workers
 
         settings = _settings()
         done = ops.retry(self.output, settings, list(codes) if codes else None,
-                         dry_run=dry_run, local_workers=bool(workers))
+                         dry_run=dry_run, local_workers=bool(workers), max_cost=max_cost)
         if workers and done["action"] in ("started", "continued"):
             done["final"] = follow_with_workers(self.output, settings, workers, timeout=timeout)
         return done
@@ -201,7 +208,8 @@ def run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
     after each look, ``on_notice(text, warning)`` as for ``Run.wait``.
 
     Returns the complete run (``Run.status()`` is its ``run.json``). Raises what ``submit``
-    does, and ``RunFailed``, ``Timeout`` (the run goes on: ``Run.wait``/``Run.resume``).
+    does, and ``RunFailed``, ``RunStopped`` (``--max-cost``/``--max-error-rate``),
+    ``Timeout`` (the run goes on: ``Run.wait``/``Run.resume``).
     """
     from moonbatch.producer import submit as starting
     from moonbatch.producer.local import start_and_follow

@@ -74,6 +74,20 @@ class RunFailed(MoonbatchError):
         self.run_id, self.status, self.failure = run_id, status, failure
 
 
+class RunStopped(MoonbatchError):
+    """The run stopped sending before it was done (exit 5): its budget (``--max-cost``) or
+    its error rate (``--max-error-rate``) stopped it; every item has a row, those not sent an
+    error row with the stop's code. ``stop_reason`` is run.json's ``{"code", "reason"}``;
+    ``moonbatch retry-failed RUN_ID --max-cost USD`` carries on."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, *, run_id: str, stop_reason: dict[str, Any],
+                 status: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.run_id, self.stop_reason, self.status = run_id, stop_reason, status
+
+
 class Timeout(MoonbatchError, TimeoutError):
     """Waiting stopped after the timeout (exit 4); the run goes on (``Run.wait`` again)."""
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moonbatch.config import Settings
-from moonbatch.errors import RunFailed, Timeout
+from moonbatch.errors import RunFailed, RunStopped, Timeout
 from moonbatch.producer import ops
 from moonbatch.producer.local import LocalWorkers
 
@@ -33,7 +33,8 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
            timeout: float | None = None, on_progress: ProgressFn | None = None,
            on_notice: NoticeFn | None = None) -> dict[str, Any]:
     """Block until the run at ``output`` is complete and return its final snapshot (the shape
-    of ``run.json``). ``timeout`` in seconds (None: no limit).
+    of ``run.json``). ``timeout`` in seconds (None: no limit). Raises ``RunStopped`` when the
+    run ended ``stopped`` (budget, error rate).
 
     With local ``workers`` this also revives them if they die (``LocalWorkers.max_revivals``
     times) and runs the reconciler for the run every ``settings.reconcile_interval`` seconds,
@@ -55,6 +56,12 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
                 on_progress(snap)
             if snap["status"] == "completed":
                 return snap
+            if snap["status"] == "stopped":
+                why = snap.get("stop_reason") or {}
+                raise RunStopped(f"run {rid} stopped: {why.get('reason', '')}; every item has "
+                                 f"a row (those not sent: {why.get('code')}); carry on with "
+                                 f"`moonbatch retry-failed {rid} --max-cost USD`", run_id=rid,
+                                 stop_reason=why, status=snap)
             if snap["status"] == "cancelled":
                 raise RunFailed(f"run {rid} was cancelled", run_id=rid, status="cancelled")
             if snap["failure"]:

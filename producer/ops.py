@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from moonbatch.config import Settings
-from moonbatch.errors import MoonbatchError, NoConsumer, OutputConflict, RunNotFound, translated
+from moonbatch.errors import (
+    InvalidOption,
+    MoonbatchError,
+    NoConsumer,
+    OutputConflict,
+    RunNotFound,
+    RunStopped,
+    translated,
+)
 
 
 # -- recovery (``run_final``, ``reconcile_run``, ``reconcile_active_run``), imported when used:
@@ -208,7 +216,8 @@ def requeue(output: str, settings: Settings) -> dict[str, Any]:
     """Re-enqueue every unfinished step of the run on its own queue, or plan again a start that
     stopped before its plan was complete. Returns ``{"run_id", "complete": True}`` for a
     complete run (nothing done), ``{"run_id", "replanned": plan}`` or ``{"run_id", "counts":
-    {action: shards}}``. Raises ``MoonbatchError`` for a cancelled run, ``OutputConflict`` for
+    {action: shards}}``. Raises ``RunStopped`` for a stopped run (``retry-failed`` carries it
+    on), ``MoonbatchError`` for a cancelled run, ``OutputConflict`` for
     one a live producer plans, ``PreflightError``."""
     from moonbatch.producer import preflight
     from moonbatch.producer.runs import describe_output, register_run, start_run
@@ -220,6 +229,12 @@ def requeue(output: str, settings: Settings) -> dict[str, Any]:
         run = open_run(output, settings)
     store, rid = run.output, run.spec.run_id
     if store.exists(layout.FINALIZED):
+        summary = get_json_or_none(store, layout.SUMMARY) or {}
+        if summary.get("status") == "stopped":  # final: only a retry pass sends more
+            why = summary.get("stop_reason") or {}
+            raise RunStopped(f"run {rid} stopped ({why.get('reason', '')}): carry on with "
+                             f"`moonbatch retry-failed {rid} --max-cost USD`", run_id=rid,
+                             stop_reason=why, status=summary)
         return {"run_id": rid, "complete": True}
     if store.exists(layout.CANCELLED):
         raise MoonbatchError(f"run {rid} was cancelled; start a new run instead")
@@ -240,12 +255,14 @@ def requeue(output: str, settings: Settings) -> dict[str, Any]:
 
 
 def retry(output: str, settings: Settings, codes: list[str] | None = None, *,
-          dry_run: bool = False, local_workers: bool = False) -> dict[str, Any]:
+          dry_run: bool = False, local_workers: bool = False,
+          max_cost: float | None = None) -> dict[str, Any]:
     """Start (or continue) a retry pass of a finished run's error rows
     (``moonbatch.workers.retries``) and enqueue its work. ``codes``: only error rows with these
     codes (default every one). ``local_workers``: the caller starts workers on the run's
     queues; without them, a run whose queues no worker consumes is refused (``NoConsumer``,
-    naming the command that works) before anything changes.
+    naming the command that works) before anything changes. ``max_cost``: the run's new
+    budget in dollars (spend so far counts; ``moonbatch.workers.stops``).
 
     Returns ``{"run_id", "action", ...}``: ``action`` is ``"continued"`` (a pass that stopped:
     ``pass``, ``items``, ``codes``, ``changed_codes``), ``"under_way"`` (dry run of a pass not
@@ -255,7 +272,7 @@ def retry(output: str, settings: Settings, codes: list[str] | None = None, *,
     ``NoConsumer``, ``PreflightError``."""
     from moonbatch.producer import preflight
     from moonbatch.producer.runs import register_run
-    from moonbatch.workers import layout, retries
+    from moonbatch.workers import layout, retries, stops
     from moonbatch.workers.runstate import open_run
     from moonbatch.workers.storage import get_json_or_none
 
@@ -266,6 +283,9 @@ def retry(output: str, settings: Settings, codes: list[str] | None = None, *,
         raise MoonbatchError(f"run {rid} was cancelled: its items cannot be retried; start a "
                              "new run")
     wanted = sorted(set(codes)) if codes else None
+    if max_cost is not None and max_cost < 0:
+        raise InvalidOption(f"--max-cost {max_cost}: must be >= 0 (dollars)",
+                            option="--max-cost", value=max_cost)
     doc, applied = retries.latest_pass(store)
     finalized = store.exists(layout.FINALIZED)
     if doc is not None and not (applied and finalized):  # a pass under way, or one that stopped
@@ -276,6 +296,9 @@ def retry(output: str, settings: Settings, codes: list[str] | None = None, *,
         with translated():
             preflight.preflight(settings, output_url=output, provider=run.spec.provider)
         register_run(run.spec, settings)
+        if max_cost is not None:
+            stops.set_max_cost(store, max_cost)
+            stops.clear_stop(store)
         if not applied:
             retries.apply_pass(store, doc)
         store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
@@ -301,6 +324,9 @@ def retry(output: str, settings: Settings, codes: list[str] | None = None, *,
     _need_consumer(output, settings, rid, local_workers)
     with translated():
         preflight.preflight(settings, output_url=output, provider=run.spec.provider)
+    if max_cost is not None:
+        stops.set_max_cost(store, max_cost)  # before the run reopens: its sends see it
+    stops.new_sample(run, settings)  # --max-error-rate judges the pass's own results
     doc = retries.record_pass(store, found, set(wanted) if wanted else None, chosen)
     register_run(run.spec, settings)  # on the reconciler's list before the run reopens
     retries.apply_pass(store, doc, found)

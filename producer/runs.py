@@ -104,7 +104,8 @@ def describe_output(store: Store, now: float | None = None, *, own_lease: bool =
     elif store.exists(layout.PLAN):
         summary = get_json_or_none(store, layout.SUMMARY) or {}
         info["summary"] = summary
-        final = store.exists(layout.FINALIZED) and summary.get("status") in ("completed", "failed")
+        final = store.exists(layout.FINALIZED) and summary.get("status") in ("completed", "failed",
+                                                                       "stopped")
         info["state"] = summary["status"] if final else "failed" if info["failure"] else "running"
     else:
         lease = get_json_or_none(store, layout.PLANNING)
@@ -159,6 +160,10 @@ def check_output_for(store: Store, spec: RunSpec, now: float | None = None, *,
                     f"{max(0.0, time.time() - (info['lease'] or {}).get('heartbeat', 0)):.0f}s "
                     f"ago): follow it with `moonbatch wait {rid}`",
     }
+    reason = ((info["summary"] or {}).get("stop_reason") or {}).get("reason", "")
+    messages["stopped"] = (f"{out} holds run {rid}, which stopped ({reason}): carry on with "
+                           f"`moonbatch retry-failed {rid} --max-cost USD --workers N`, or "
+                           f"{elsewhere}")
     if state == "failed" and info["summary"] and info["summary"].get("status") == "failed":
         messages["failed"] = (f"{out} holds run {rid}, which failed ({why}): `moonbatch clean "
                               f"{out}` to start again, or {elsewhere}")

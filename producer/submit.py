@@ -30,7 +30,10 @@ SKILL_OPTIONS = {"length": ("caption",), "question": ("query",), "reasoning": ("
 #: The options that shape a run other than its skills (``new_spec``'s, by their Python names).
 RUN_OPTIONS = ("shard_size", "max_pixels", "provider", "endpoint", "input_format", "id_column",
                "image_column", "base", "format", "skip_existing", "model", "priority",
-               "fal_store_io", "queue_timeout", "exports")
+               "fal_store_io", "queue_timeout", "exports", "max_cost", "max_error_rate",
+               "error_sample")
+#: ``--error-sample`` when ``--max-error-rate`` is given without it.
+DEFAULT_ERROR_SAMPLE = 20
 #: The options of one provider's own → their key in ``RunSpec.provider_options`` (the
 #: provider's ``check_spec`` refuses those it does not take).
 PROVIDER_OPTIONS = {"priority": "priority", "fal_store_io": "store_io",
@@ -140,14 +143,17 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               format: str = "jsonl", skip_existing: str | None = None,
               model: str | None = None, priority: str | None = None,
               fal_store_io: bool | None = None, queue_timeout: float | None = None,
-              exports: str | Sequence[str] | None = None) -> dict[str, Any]:
+              exports: str | Sequence[str] | None = None, max_cost: float | None = None,
+              max_error_rate: float | None = None,
+              error_sample: int | None = None) -> dict[str, Any]:
     """The run-shaping options as ``producer.runs.new_spec`` takes them (``priority``,
     ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``). Raises
     ``InvalidOption`` for a format, input format or export that does not exist, a negative
-    ``max_pixels``, an empty ``model``, a ``priority`` other than normal or low, or a
-    ``queue_timeout`` that is not a number of seconds > 0. ``exports``: names of
-    ``writers.exports.EXPORTS`` (one, or a list; ``none`` alone: no export; None: the default,
-    COCO for a detect, point or segment run)."""
+    ``max_pixels`` or ``max_cost``, an empty ``model``, a ``priority`` other than normal or
+    low, a ``queue_timeout`` that is not a number of seconds > 0, a ``max_error_rate``
+    outside 0..1, an ``error_sample`` below 1 or without ``max_error_rate``. ``exports``:
+    names of ``writers.exports.EXPORTS`` (one, or a list; ``none`` alone: no export; None: the
+    default, COCO for a detect, point or segment run)."""
     from moonbatch.workers.readers import INPUT_FORMATS
     from moonbatch.workers.writers import OUTPUT_FORMATS
     from moonbatch.workers.writers.exports import EXPORTS
@@ -178,6 +184,19 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
             queue_timeout, (int, float)) or not queue_timeout > 0):
         raise InvalidOption(f"--queue-timeout {queue_timeout}: must be a number of seconds > 0",
                             option="--queue-timeout", value=queue_timeout)
+    if max_cost is not None and max_cost < 0:
+        raise InvalidOption(f"--max-cost {max_cost}: must be >= 0 (dollars)",
+                            option="--max-cost", value=max_cost)
+    if max_error_rate is not None and not 0 <= max_error_rate <= 1:
+        raise InvalidOption(f"--max-error-rate {max_error_rate}: must be within 0..1 (a share "
+                            "of results, e.g. 0.5)", option="--max-error-rate",
+                            value=max_error_rate)
+    if error_sample is not None and (error_sample < 1 or max_error_rate is None):
+        raise InvalidOption(f"--error-sample {error_sample}: must be >= 1 and goes with "
+                            "--max-error-rate RATE", option="--error-sample", value=error_sample)
+    stop_fields: dict[str, Any] = {"max_cost": max_cost, "max_error_rate": max_error_rate}
+    if max_error_rate is not None:
+        stop_fields["error_sample"] = error_sample or DEFAULT_ERROR_SAMPLE
     reader = {k: v for k, v in (("id_column", id_column), ("image_column", image_column),
                                 ("base", base)) if v is not None}
     given = {"priority": priority, "fal_store_io": fal_store_io, "queue_timeout": queue_timeout}
@@ -185,7 +204,7 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
             "endpoint": endpoint, "input_format": input_format, "input_options": reader,
             "output_format": format, "skip_existing": skip_existing, "model": model,
-            "provider_options": provider_options, "exports": exports}
+            "provider_options": provider_options, "exports": exports, **stop_fields}
 
 
 def new_spec(input_url: str, output_url: str, settings: Settings, *,

@@ -395,7 +395,8 @@ def wait_for_run(s3, bucket: str, prefix: str, timeout: float = 120) -> dict:
     while time.time() < deadline:
         try:
             doc = read_json(s3, bucket, prefix + "run.json")
-            if doc.get("status") in ("completed", "failed", "cancelled") and "counts" in doc:
+            if doc.get("status") in ("completed", "failed", "cancelled", "stopped") \
+                    and "counts" in doc:
                 return doc
         except s3.exceptions.NoSuchKey:
             pass

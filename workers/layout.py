@@ -28,7 +28,10 @@
     _moonbatch/shards/00000/r0/attempts-build.json   starts and ends of the round's build (and
                                            attempts-poll.json of its fal steps; workers.attempts)
     _moonbatch/shards/00000/done.json      merged: counts and usage
+    _moonbatch/shards/00000/r0/spend.json     the round's estimated and actual cost (workers.stops)
     _moonbatch/failed.json                 why the run cannot complete
+    _moonbatch/stopped.json                the run stopped sending: {"code", "reason"} (workers.stops)
+    _moonbatch/limits.json                 {"max_cost"} given to retry-failed, over the spec's
     _moonbatch/cancelled.json              the run was cancelled
     _moonbatch/finalized                   guard: run.json was finalised
     _moonbatch/planning.json               lease of the producer planning the run (see runs.py)
@@ -66,6 +69,8 @@ SPEC = STATE + "spec.json"
 PLAN = STATE + "plan.json"
 FAILED = STATE + "failed.json"
 CANCELLED = STATE + "cancelled.json"
+STOPPED = STATE + "stopped.json"  # the run stopped sending (budget, error rate): workers.stops
+LIMITS = STATE + "limits.json"  # a later --max-cost (retry-failed) over the spec's
 FINALIZED = STATE + "finalized"
 SUMMARY = "run.json"
 RESULTS = "results/"

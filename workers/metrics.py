@@ -79,6 +79,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
         ("provider",), ""),
     "moonbatch_tokens_total": (
         "counter", "Input and output tokens of merged rows.", ("provider", "kind"), ""),
+    "moonbatch_cost_usd_total": (
+        "counter", "Dollars spent: merged rounds' usage at the model's price (README \"Budget "
+        "and stops\").", ("provider", "model"), ""),
     "moonbatch_api_requests_total": (
         "counter", "HTTP calls to a provider by action and HTTP status ('error': no answer).",
         ("provider", "endpoint", "status"), ""),
@@ -249,6 +252,16 @@ def requests(provider: str, endpoint: str, state: str, n: int = 1) -> None:
     m = _metrics()
     if m is not None and n:
         m["moonbatch_requests_total"].labels(provider, endpoint, state).inc(n)
+
+
+@_safe
+def cost(provider: str, model: str, usd: float) -> None:
+    """Dollars a merged round cost (``moonbatch.workers.stops``: once per round); ``model``:
+    the run's model name (a closed set of a price table, or the user's own string, shortened)."""
+    m = _metrics()
+    if m is not None and usd > 0:
+        m["moonbatch_cost_usd_total"].labels(
+            provider, re.sub(r"[^A-Za-z0-9_.@/-]", "", model)[:64] or "default").inc(usd)
 
 
 @_safe

@@ -225,6 +225,12 @@ class RunSpec(BaseModel):
     max_shard_bytes: int
     max_pixels: int = 0  # downscale budget (0: send images at their own resolution)
     created_at: float  # unix seconds
+    # Stops (``moonbatch.workers.stops``): the budget in dollars (``--max-cost``; a later
+    # ``retry-failed --max-cost`` overrides it), and the share of provider-side errors
+    # (``--max-error-rate``, 0..1) that stops the run once ``error_sample`` results are in.
+    max_cost: float | None = Field(default=None, ge=0)
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    error_sample: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -123,6 +123,7 @@ def apply_pass(store: Store, doc: dict[str, Any], found: dict[int, list[int]] | 
         put_json(store, layout.SUMMARY, {**summary, "status": "running",
                                          "retry_pass": doc["pass"]})
     store.delete(layout.FAILED)  # a recorded failure is retried, not inherited
+    store.delete(layout.STOPPED)  # a stopped run carries on (workers.stops)
     for shard, rnd in doc["shards"]:
         done = get_json_or_none(store, layout.shard_doc(shard, "done"))
         if done is not None and done.get("rounds", 1) <= rnd:  # merged before this pass

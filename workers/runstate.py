@@ -23,6 +23,10 @@ RESULT_LINE_COUNTS = {"duplicate_lines": "duplicate_rows", "missing_lines": "mis
                       "malformed_lines": "malformed_lines", "id_mismatch_lines": "id_mismatch_lines"}
 
 
+#: The statuses of a final ``run.json`` (``stopped``: the run stopped sending, its unsent
+#: items are error rows with the stop's code; ``moonbatch.workers.stops``).
+FINAL = ("completed", "failed", "cancelled", "stopped")
+
 #: ``run.json`` ``timings`` fields that are times (ISO 8601, UTC); ``wall_seconds`` is a duration.
 TIMES = ("created_at", "planned_at", "finished_at")
 
@@ -146,6 +150,7 @@ class Progress:
         self.store = store
         self._done: dict[int, ShardDone] = {}
         self._batch_ids: dict[tuple[int, int], str] = {}  # (shard, round) → batch id
+        self._settled: dict[str, dict[str, Any]] = {}  # spend.json of settled rounds
 
     def snapshot(self) -> dict[str, Any]:
         """The run's state as a dict: the shape of ``run.json`` (see README "Output").
@@ -154,18 +159,20 @@ class Progress:
         counts the latter: shards with a submitted batch and no ``done.json``."""
         st = self.store
         existing = get_json_or_none(st, layout.SUMMARY) or {}
-        if existing.get("status") in ("completed", "failed", "cancelled") and "counts" in existing:
+        if existing.get("status") in FINAL and "counts" in existing:
             return with_iso_times(existing)  # final: written once by maybe_finalize
         spec = get_json(st, layout.SPEC)
         plan = get_json_or_none(st, layout.PLAN)
         failed = get_json_or_none(st, layout.FAILED)
         cancelled = get_json_or_none(st, layout.CANCELLED)
+        halted = get_json_or_none(st, layout.STOPPED)
         latest: dict[int, int] = {}  # shard → latest round with a progress document
         sent: dict[int, int] = {}  # shard → latest round with a batch
         current: dict[int, int] = {}  # shard → latest round with any document
         merged: set[int] = set()  # shards with a done.json now
         submitted: set[int] = set()
         batches = 0
+        spend_keys: list[str] = []
         for obj in st.iter_objects(layout.SHARDS):
             key = layout.parse_shard_key(obj.key)
             if key is None:
@@ -178,6 +185,8 @@ class Progress:
                         self._done[shard] = ShardDone.model_validate(get_json(st, obj.key))
                 continue
             current[shard] = max(current.get(shard, 0), rnd)
+            if key.name == "spend":
+                spend_keys.append(obj.key)
             if key.name == "progress":
                 latest[shard] = max(latest.get(shard, 0), rnd)
             elif key.name == "batch":
@@ -236,7 +245,25 @@ class Progress:
                         for s, d in sorted(done.items())] + out,
             "failure": failed,
             "cancelled": cancelled,
+            # The run stopped sending (``workers.stops``): final as ``stopped`` once merged.
+            "stop_reason": halted,
+            "spend": self._spend(spec, spend_keys),
         }
+
+    def _spend(self, spec: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+        """The run's spend (``stops.spend_of`` the rounds' ``spend.json`` at ``keys``; settled
+        ones are read once) under its budget."""
+        from moonbatch.workers import stops
+
+        over = get_json_or_none(self.store, layout.LIMITS) if spec.get("max_cost") is not None \
+            or keys else None
+        docs = []
+        for key in keys:
+            doc = self._settled.get(key) or get_json_or_none(self.store, key) or {}
+            if doc.get("actual") is not None:
+                self._settled[key] = doc
+            docs.append(doc)
+        return stops.spend_of(docs, (over or {}).get("max_cost", spec.get("max_cost")))
 
     def _in_flight(self, shard: int, rnd: int, progress: dict[str, Any]) -> dict[str, Any]:
         """An entry of ``batches`` for the shard's batch at the API (round ``rnd``): its status
@@ -297,7 +324,8 @@ def maybe_finalize(store: Store) -> bool:
 
     spec = RunSpec.model_validate(get_json(store, layout.SPEC))
     writers.finish_run(store, spec, summary["shards"]["total"])  # the plan's, read by complete()
-    summary["status"] = "failed" if summary["failure"] else "completed"
+    summary["status"] = "failed" if summary["failure"] else \
+        "stopped" if summary.get("stop_reason") else "completed"
     finished = time.time()
     summary["timings"]["finished_at"] = iso_time(finished)
     summary["timings"]["wall_seconds"] = round(finished - spec.created_at, 3)

@@ -26,7 +26,7 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from moonbatch.config import Settings, get_settings
-from moonbatch.workers import attempts, layout, logs, metrics, writers
+from moonbatch.workers import attempts, layout, logs, metrics, stops, writers
 from moonbatch.workers import shard as shard_state
 from moonbatch.workers.app import app
 from moonbatch.workers.enqueue import (
@@ -108,6 +108,14 @@ def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None) -> 
     log.warning("shard %s round %s: could not enqueue %s (%s: %s); the reconciler will",
                 args[2], args[3] if len(args) > 3 else 0, task.name, type(error).__name__,
                 str(error)[:200])
+
+
+def _unsent(ctx: RoundContext, error: dict[str, str]) -> None:
+    """Record round ``ctx.rnd`` as built with nothing sent: every item of it gets ``error``
+    (a stopped run's code). Replaces a build that stopped before sending (held lease)."""
+    errors = {str(i): error for i in ctx.indices()}
+    put_json(ctx.store, ctx.doc("build"),
+             ShardBuild(lines=[], errors=errors, id_prefix=ctx.id_prefix).model_dump())
 
 
 def line_id_prefix(run_id: str, shard: int, rnd: int) -> str:
@@ -229,7 +237,12 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
                            lease=lease)
             try:
-                sent = attempts.counted(ctx, "build", provider.submit_round, provider)
+                refusal = stops.before_send(ctx, provider)
+                if refusal is not None:  # stopped (budget, error rate): nothing is sent
+                    _unsent(ctx, refusal)
+                    sent = False
+                else:
+                    sent = attempts.counted(ctx, "build", provider.submit_round, provider)
             except Later:
                 raise
             except ProviderError:
@@ -333,6 +346,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             _next(build_shard, (output, run_id, shard, rnd))
             return
         if blocked is not None:
+            stops.release(ctx)
             log.error("shard %d round %d: %s (build attempt %s, batch attempt %s); sending the "
                       "round again", shard, rnd, blocked.why, build.attempt, record.attempt)
             _next_round(store, output, run_id, shard, rnd,
@@ -345,6 +359,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                   countdown=settings.poll_min_interval)
             return
         if isinstance(collected, Resend):
+            stops.release(ctx)
             _next_round(store, output, run_id, shard, rnd,
                         todo if todo is not None else list(range(len(items))), collected.reason,
                         base)
@@ -356,9 +371,11 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             skills=[o.skill for o in run.spec.all_options])
         rejected = provider.reject_merge(ctx, record, stats)
         if rejected is not None:  # e.g. foreign results: send the round again
+            stops.release(ctx)
             _next_round(store, output, run_id, shard, rnd,
                         todo if todo is not None else list(range(len(items))), rejected, base)
             return
+        stops.after_merge(ctx, provider, rows, build)  # spend settled; maybe a stop
         progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress")) or {}
         merged = {"batch_id": record.batch_id if record else None,
                   "batch_status": progress.get("status") if record else None, "polls": polls,

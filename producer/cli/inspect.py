@@ -21,7 +21,13 @@ from moonbatch.producer.cli.options import (
     TimeoutOpt,
     epilog,
 )
-from moonbatch.producer.cli.render import ProgressView, print_skipped, print_summary, status_line
+from moonbatch.producer.cli.render import (
+    ProgressView,
+    print_skipped,
+    print_summary,
+    spend_text,
+    status_line,
+)
 
 
 @app.command(epilog=epilog("moonbatch status                       # the newest run",
@@ -35,7 +41,8 @@ def status(run_ref: NewestRunRefArg = None, as_json: JsonOpt = False,
     """Print a run's progress: items done, its provider (and fal endpoint), batches at the
     provider, shards merged; for a running run, whether a worker consumes each of its queues.
 
-    Exits 0 for a running or completed run, 1 for a failed or cancelled one.
+    Exits 0 for a running or completed run, 1 for a failed or cancelled one, 5 for a stopped
+    one (budget or error rate).
     """
     from moonbatch.config import get_settings
     from moonbatch.producer import ops
@@ -54,6 +61,8 @@ def status(run_ref: NewestRunRefArg = None, as_json: JsonOpt = False,
                 _print_status(output, snap, settings)
         if snap["status"] in ("failed", "cancelled"):
             raise typer.Exit(1)
+        if snap["status"] == "stopped":
+            raise typer.Exit(5)
 
 
 def _print_status(output: str, snap: dict[str, Any], settings) -> None:
@@ -66,6 +75,13 @@ def _print_status(output: str, snap: dict[str, Any], settings) -> None:
     if c.get("skipped"):
         out.print(f"{c['skipped']} object(s) skipped (not images): moonbatch status "
                   f"{snap['run_id']} --skipped", highlight=False, soft_wrap=True)
+    spend = snap.get("spend") or {}
+    if spend:
+        out.print(spend_text(spend), highlight=False, soft_wrap=True)
+    if snap.get("stop_reason"):
+        out.print(f"[yellow]stopped:[/yellow] {escape(snap['stop_reason'].get('reason', ''))} "
+                  f"(items not sent: {escape(str(snap['stop_reason'].get('code')))})",
+                  soft_wrap=True)
     if snap["failure"]:
         out.print(f"[red]failure:[/red] {escape(snap['failure']['where'])}: "
                   f"{escape(str(snap['failure']['error']))}", soft_wrap=True)
@@ -131,8 +147,8 @@ def follow(output: str, settings, workers: int | None, timeout: float | None,
                            "moonbatch wait s3://annotations/2024/ --workers 4"))
 def wait(run_ref: NewestRunRefArg = None, timeout: TimeoutOpt = None,
          workers: FollowWorkersOpt = None) -> None:
-    """Block until the run is complete (exit 0) or cannot complete (exit 1); print its
-    summary."""
+    """Block until the run is complete (exit 0), cannot complete (exit 1) or stopped (exit 5:
+    budget or error rate); print its summary."""
     from moonbatch.config import get_settings
     from moonbatch.producer import ops, preflight
     from moonbatch.workers.runstate import open_run

@@ -15,6 +15,8 @@ Exit codes:
   3    a check before work failed (broker, API key, INPUT, OUTPUT, state location),
        or OUTPUT holds another or an unfinished run; nothing was written
   4    --timeout reached; the run goes on (moonbatch wait RUN_ID)
+  5    the run stopped: --max-cost or --max-error-rate; every item has a row
+       (moonbatch retry-failed RUN_ID --max-cost USD carries on)
   130  interrupted (Ctrl-C); the run goes on (moonbatch resume RUN_ID --workers N)"""
 
 ENVIRONMENT = """\b
@@ -181,3 +183,17 @@ DemoWorkersOpt = Annotated[int, typer.Option(
     "--workers", metavar="INTEGER", help="local worker processes (at least 1)")]
 DemoTimeoutOpt = Annotated[float, typer.Option(
     "--timeout", metavar="SECONDS", help="stop waiting after SECONDS (exit 4)")]
+MaxCostOpt = Annotated[Optional[float], typer.Option(
+    "--max-cost", metavar="USD", help="budget in dollars: nothing is sent that would take the "
+    "run's spend (reported usage x price, plus estimates in flight) past it; items not sent "
+    "end as budget_exceeded error rows and the run ends stopped (exit 5)")]
+MaxErrorRateOpt = Annotated[Optional[float], typer.Option(
+    "--max-error-rate", metavar="RATE", help="stop sending once the share of provider-side "
+    "errors (0..1; not the items' own input errors) passes RATE after --error-sample results "
+    "(default off)")]
+ErrorSampleOpt = Annotated[Optional[int], typer.Option(
+    "--error-sample", metavar="N", help="results in before --max-error-rate is judged "
+    "(default 20)")]
+RetryMaxCostOpt = Annotated[Optional[float], typer.Option(
+    "--max-cost", metavar="USD", help="the run's new budget in dollars (spend so far counts): "
+    "carries on a run that stopped at its budget")]

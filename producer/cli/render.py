@@ -62,8 +62,12 @@ def print_summary(snap: dict[str, Any]) -> None:
                  (provider.wording.units, provider.count_units(snap["batches"]) if not out_of
                   else f"{provider.count_units(snap['batches'])} ({out_of} at {at(snap)})"),
                  ("tokens in/out", f"{snap['usage']['input_tokens']}/{snap['usage']['output_tokens']}"),
+                 ("spend", spend_text(snap["spend"]) if snap.get("spend") else None),
+                 ("stopped", (snap.get("stop_reason") or {}).get("reason")),
                  ("wall time", f"{snap['timings'].get('wall_seconds', 0):.1f}s"),
                  ("results", snap["output"] + "results/"), ("summary", snap["output"] + "run.json")):
+        if k in ("spend", "stopped") and v is None:
+            continue
         table.add_row(str(k), str(v))
     out.print(table)
 
@@ -145,6 +149,16 @@ def print_skipped(output: str, snap: dict[str, Any], settings) -> None:
             if line.strip():
                 record = json.loads(line)  # a key that cannot be an item has its reason
                 print(record["key"] + (f"\t{record['reason']}" if record.get("reason") else ""))
+
+
+def spend_text(spend: dict[str, Any]) -> str:
+    """``spend $0.0123 (estimated $0.0150), in flight ~$0.0040, budget $1`` (README "Budget
+    and stops")."""
+    text = (f"spend ${spend.get('actual_usd', 0):.4f} (estimated "
+            f"${spend.get('estimated_usd', 0):.4f}), in flight ~${spend.get('in_flight_usd', 0):.4f}")
+    if spend.get("max_cost_usd") is not None:
+        text += f", budget ${spend['max_cost_usd']:g}"
+    return text
 
 
 def status_line(snap: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from moonbatch.producer.cli.options import (
     FollowWorkersOpt,
     OutputArg,
     RetryDryRunOpt,
+    RetryMaxCostOpt,
     RunRefArg,
     TimeoutOpt,
     epilog,
@@ -73,14 +74,17 @@ def resume(run_ref: RunRefArg, workers: FollowWorkersOpt = None, timeout: Timeou
 @app.command("retry-failed", epilog=epilog(
     "moonbatch retry-failed RUN_ID --workers 4                      # every error row",
     "moonbatch retry-failed RUN_ID object_not_found read_failed     # only these codes",
-    "moonbatch retry-failed s3://annotations/2024/ --dry-run        # how many, per code"))
+    "moonbatch retry-failed s3://annotations/2024/ --dry-run        # how many, per code",
+    "moonbatch retry-failed RUN_ID --max-cost 50 --workers 4        # a stopped run, more budget"))
 def retry_failed(run_ref: RunRefArg, codes: CodesArg = None, workers: FollowWorkersOpt = None,
                  timeout: TimeoutOpt = None, dry_run: RetryDryRunOpt = False,
+                 max_cost: RetryMaxCostOpt = None,
                  embedded_broker: EmbeddedBrokerOpt = False) -> None:
     """Send the error rows of a finished run again, into the same OUTPUT: their rows in
     results/ are replaced by the new outcome (ok, or the new error), so results/ still holds
     exactly one row per item; run.json counts again. Fix the cause first (objects restored,
-    a key with quota). Run again after an interruption, it finishes the same pass.
+    a key with quota). Run again after an interruption, it finishes the same pass. A run that
+    stopped at its budget carries on with --max-cost USD (the new budget; spend so far counts).
 
     With --workers N, starts N local worker processes on the run's queue and follows the run
     to the end; without it, a fleet must consume the run's queues: when none does (a run of
@@ -97,7 +101,7 @@ def retry_failed(run_ref: RunRefArg, codes: CodesArg = None, workers: FollowWork
             output = ops.resolve(run_ref, settings)
             where["output"] = output
             done = ops.retry(output, settings, codes, dry_run=dry_run,
-                             local_workers=bool(workers))
+                             local_workers=bool(workers), max_cost=max_cost)
             if done.get("changed_codes"):
                 err.print(f"retry pass {done['pass']} of run {done['run_id']} "
                           f"({done['items']} item(s)) is not finished: continuing it (codes: "

@@ -16,6 +16,7 @@ from moonbatch.producer.cli.options import (
     DryRunOpt,
     EmbeddedBrokerOpt,
     EndpointOpt,
+    ErrorSampleOpt,
     ExportOpt,
     FalStoreIoOpt,
     ForceOpt,
@@ -25,6 +26,8 @@ from moonbatch.producer.cli.options import (
     InputArg,
     InputFormatOpt,
     LengthOpt,
+    MaxCostOpt,
+    MaxErrorRateOpt,
     MaxPixelsOpt,
     MaxTokensOpt,
     ModelOpt,
@@ -72,7 +75,8 @@ def _dry_run(input: str, output: str, options: dict[str, Any], allow_empty: bool
     "--skill query --question \"Is it a cat?\"",
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost",
     "moonbatch run s3://b/in/ s3://b/out/ --model moondream3.1 --dry-run  # its price",
-    "moonbatch run s3://b/in/ s3://b/out/ --provider fal --priority low --queue-timeout 600"))
+    "moonbatch run s3://b/in/ s3://b/out/ --provider fal --priority low --queue-timeout 600",
+    "moonbatch run s3://b/in/ s3://b/out/ --max-cost 20 --max-error-rate 0.5  # exit 5: stopped"))
 def run(input: InputArg, output: OutputArg,
         skill: SkillOpt = None, length: LengthOpt = None, question: QuestionOpt = None,
         object: ObjectOpt = None, reasoning: ReasoningOpt = None,
@@ -86,6 +90,8 @@ def run(input: InputArg, output: OutputArg,
         skip_existing: SkipExistingOpt = None, model: ModelOpt = None,
         priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
         queue_timeout: QueueTimeoutOpt = None, export: ExportOpt = None,
+        max_cost: MaxCostOpt = None, max_error_rate: MaxErrorRateOpt = None,
+        error_sample: ErrorSampleOpt = None,
         workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
@@ -109,7 +115,9 @@ def run(input: InputArg, output: OutputArg,
                    id_column=id_column, image_column=image_column, base=base,
                    format=output_format, skip_existing=skip_existing, model=model,
                    priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
-                   exports=export)
+                   exports=export,
+                   max_cost=max_cost, max_error_rate=max_error_rate,
+                   error_sample=error_sample)
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with cli_errors(), interruptible(where):
         if as_json and not dry_run:
@@ -153,6 +161,8 @@ def submit(input: InputArg, output: OutputArg,
            skip_existing: SkipExistingOpt = None, model: ModelOpt = None,
            priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
            queue_timeout: QueueTimeoutOpt = None, export: ExportOpt = None,
+           max_cost: MaxCostOpt = None, max_error_rate: MaxErrorRateOpt = None,
+           error_sample: ErrorSampleOpt = None,
            allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
            dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
@@ -171,7 +181,9 @@ def submit(input: InputArg, output: OutputArg,
                    id_column=id_column, image_column=image_column, base=base,
                    format=output_format, skip_existing=skip_existing, model=model,
                    priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
-                   exports=export)
+                   exports=export,
+                   max_cost=max_cost, max_error_rate=max_error_rate,
+                   error_sample=error_sample)
     with cli_errors():
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",

@@ -289,6 +289,23 @@ class Provider(Protocol):
         """Submissions the round may have paid for twice (a lost answer sent again), counted
         in the shard's ``duplicate_batches``."""
 
+    # -- spend (``moonbatch.workers.stops``) ---------------------------------------------------
+    #: True when a round is sent in steps that reserve their own spend
+    #: (``stops.reserve_step``); False: the whole round is reserved before it is sent.
+    spends_in_steps: ClassVar[bool]
+    #: Per-item error codes that are the item's own input's fault (never counted by
+    #: ``--max-error-rate``), besides ``stops.INPUT_CODES``.
+    input_error_codes: ClassVar[frozenset[str]]
+
+    def round_estimate(self, ctx: RoundContext) -> float:
+        """Dollars the round would cost if every item of it were sent (an upper estimate,
+        reserved against the budget before anything is sent)."""
+
+    def cost(self, usage: Mapping[str, float], spec: RunSpec) -> float:
+        """Dollars of results whose usage sums to ``usage`` (``input_tokens``,
+        ``output_tokens``, ``items``: ok results, and any other numeric usage field the
+        provider reports, e.g. ``billable_units``)."""
+
 
 _instances: dict[str, Provider] = {}
 

@@ -102,6 +102,9 @@ class FalProvider(RoundSteps):
     metric_actions: ClassVar[Mapping[str, str]] = METRIC_ACTIONS
     wording: ClassVar[Wording] = Wording(unit="request", units="requests", at="fal",
                                          cancelled="request(s) in flight cancelled")
+    spends_in_steps: ClassVar[bool] = True  # each step reserves what it sends
+    #: A 422 names the input's field (``invalid_input``); fal's other errors are its own.
+    input_error_codes: ClassVar[frozenset[str]] = frozenset({"invalid_input"})
 
     def complete_spec(self, spec: RunSpec) -> RunSpec:
         """The endpoint, default ``fal-ai/moondream3-preview/<skill>``, and ``store_io``
@@ -244,6 +247,38 @@ class FalProvider(RoundSteps):
                             "output tokens (fal); token counts are estimates")
         return Estimate(items, requests, math.ceil(upload * 4 / 3), in_tok, out_tok, None, None,
                         f"{ep.id} has no published price (FACTS.md)")
+
+    # -- spend -----------------------------------------------------------------------------------
+    def item_estimate(self, spec: RunSpec, size: int) -> float:
+        """Dollars of one image of ``size`` bytes sent for every skill of the run: tokens at
+        the endpoint's token price, or ``SECONDS_PER_IMAGE`` at its price per second; 0 for
+        an endpoint without a published price."""
+        ep = endpoint_of(spec)
+        if ep.usd_per_second is not None:
+            return SECONDS_PER_IMAGE * ep.usd_per_second * len(spec.all_options)
+        if ep.usd_per_m_input is None:
+            return 0.0
+        in_tok = estimate_input_tokens(size, spec.max_pixels) * len(spec.all_options)
+        out_tok = sum(estimate_output_tokens(o) for o in spec.all_options)
+        return (in_tok * ep.usd_per_m_input + out_tok * (ep.usd_per_m_output or 0)) / 1e6
+
+    def round_estimate(self, ctx: RoundContext) -> float:
+        """The dollars of every item of the round (``item_estimate`` of each)."""
+        spec, items = ctx.run.spec, ctx.items
+        return sum(self.item_estimate(spec, items[i].size) for i in ctx.indices())
+
+    def cost(self, usage: Mapping[str, float], spec: RunSpec) -> float:
+        """Reported tokens at the endpoint's token price; ``billable_units`` at its price per
+        unit (second) where fal reported them; else the estimate of ``items`` results (an
+        endpoint that reports no usage)."""
+        ep = endpoint_of(spec)
+        if ep.usd_per_second is not None and usage.get("billable_units"):
+            return float(usage["billable_units"]) * ep.usd_per_second
+        if ep.usd_per_m_input is not None and (usage.get("input_tokens")
+                                               or usage.get("output_tokens")):
+            return (usage.get("input_tokens", 0) * ep.usd_per_m_input
+                    + usage.get("output_tokens", 0) * (ep.usd_per_m_output or 0)) / 1e6
+        return usage.get("items", 0) * self.item_estimate(spec, 0)
 
     # -- a round (submit_round, collect_round, abandon_unsent: moonbatch.workers.stepped) ---------
     def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:

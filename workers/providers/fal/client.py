@@ -362,8 +362,19 @@ class FalQueueClient:
         """The request's output. Raises ``FalRequestError`` (the request failed: 422 with
         ``fields``, or its error), ``FalGone`` (404), ``FalTransient`` (5xx: a transient
         failure, or the error of a request that COMPLETED with one), ``FalBadRequestId``."""
+        return self.result_billed(endpoint, request_id)[0]
+
+    def result_billed(self, endpoint: str, request_id: object
+                      ) -> tuple[dict[str, Any], float | None]:
+        """``result`` and the request's ``X-Fal-Billable-Units`` (None when fal did not say;
+        FACTS.md "fal queue API"). Raises as ``result``."""
         url = self.urls(endpoint, request_id).result
-        return _json_object("result", self._get("result", url))
+        response = self._get("result", url)
+        try:
+            units: float | None = float(response.headers["x-fal-billable-units"])
+        except (KeyError, ValueError):
+            units = None
+        return _json_object("result", response), units
 
     def cancel(self, endpoint: str, request_id: object) -> str:
         """Ask fal to cancel the request: ``CANCELLATION_REQUESTED``, ``ALREADY_COMPLETED`` or

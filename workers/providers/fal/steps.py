@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from moonbatch.workers import metrics, slots
+from moonbatch.workers import metrics, slots, stops
 from moonbatch.workers.models import ShardBuild
 from moonbatch.workers.providers import (
     RoundContext,
@@ -130,7 +130,7 @@ class RoundSteps(SteppedRounds):
                     return "running", None
                 failed = bool(status.error or status.error_type)
                 try:
-                    output = client.result(ep.id, entry.get("request_id"))
+                    output, units = client.result_billed(ep.id, entry.get("request_id"))
                 except FalTransient as exc:
                     if not failed:
                         raise
@@ -139,8 +139,13 @@ class RoundSteps(SteppedRounds):
                         entry["lines"], "request_failed", f"fal request {entry['request_id']} "
                         f"failed: {exc.error_type or status.error_type or status.error}")
                 k = build.skills[entry["lines"][0]] if build.skills else 0
-                return "ok", self._result_lines(ep, spec.all_options[k].skill, entry, output,
-                                                client)
+                lines = self._result_lines(ep, spec.all_options[k].skill, entry, output, client)
+                if units is not None:  # what fal bills for the request, spread over its lines
+                    for line in lines:
+                        if line["status"] == "ok":
+                            line["usage"] = {**(line.get("usage") or {}),
+                                             "billable_units": units / len(lines)}
+                return "ok", lines
             except FalGone:
                 return "expired", error_lines(
                     entry["lines"], "result_expired",
@@ -224,6 +229,10 @@ class RoundSteps(SteppedRounds):
             (ledger["lines"] - ledger["cursor"]) / endpoint.max_images)
         if not pending:
             return
+        halted = stops.stopped(ctx.store)
+        if halted is not None:  # the run stopped: nothing more is sent
+            self._end_unsent(ctx, build, ledger, out, [], stops.stop_error(halted))
+            return
         # Slots are named after the first line of the request they are for, so a step that
         # died after taking them leaves nothing behind: the step that sends those lines again
         # takes the same slots.
@@ -271,6 +280,16 @@ class RoundSteps(SteppedRounds):
                 payload, names = request_body(ctx, [prepared[li] for li in good])
                 requests.append((good, granted[len(requests)], payload, names))
         unused = granted[len(requests):]
+        if requests:  # reserve each request's estimate; none is sent past the budget
+            spec = ctx.run.spec
+            usd = [sum(self.item_estimate(spec, ctx.items[build.lines[li]].size)  # type: ignore[attr-defined]
+                       for li in req[0]) for req in requests]
+            n, refusal = stops.reserve_step(ctx, usd)
+            if refusal is not None:
+                unused += [req[1] for req in requests[n:]]
+                self._end_unsent(ctx, build, ledger, out,
+                                 [li for req in requests[n:] for li in req[0]], refusal)
+                requests = requests[:n]
         headers = queue_headers(ctx.run.spec.provider_options)
 
         def submit(req: tuple[list[int], str, dict[str, Any], list[str]]
@@ -324,6 +343,16 @@ class RoundSteps(SteppedRounds):
                         ctx.shard, ctx.rnd, wait)
         elif requests:
             ledger["limited_streak"] = 0
+
+    def _end_unsent(self, ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any],
+                    out: list[bytes], lines: list[int], error: dict[str, str]) -> None:
+        """End ``lines`` and every line not sent yet (resends, those past the cursor) as error
+        lines with ``error`` (a stopped run; ``moonbatch.workers.stops``)."""
+        lines = lines + [li for unit in ledger["resend"] for li in unit]
+        lines += range(ledger["cursor"], ledger["lines"])
+        ledger["resend"], ledger["cursor"] = [], ledger["lines"]
+        for line in error_lines(lines, error["code"], error["message"]):
+            finish_line(ctx, build, ledger, out, line)
 
 
 @functools.cache

@@ -146,6 +146,10 @@ class MoondreamBatchProvider:
     metric_actions: ClassVar[Mapping[str, str]] = METRIC_ACTIONS
     wording: ClassVar[Wording] = Wording(unit="batch", units="batches", at="the API",
                                          cancelled="open upload(s) aborted")
+    spends_in_steps: ClassVar[bool] = False  # a round is one batch: reserved whole
+    #: Seed 002's per-line codes that name the line's own input.
+    input_error_codes: ClassVar[frozenset[str]] = frozenset(
+        {"invalid_request", "image_decode_failed", "unknown_skill"})
 
     def complete_spec(self, spec: RunSpec) -> RunSpec:
         """Nothing to resolve: the API's model is ``spec.model`` (None: its default)."""
@@ -213,6 +217,21 @@ class MoondreamBatchProvider:
                         f"{price.label()} ({PRICE_SOURCE}); token counts are estimates",
                         details=[f"model: {model}"],
                         warnings=self.check_model(spec))
+
+    def round_estimate(self, ctx: RoundContext) -> float:
+        """The batch's dollars if every item of the round is sent: estimated tokens of each
+        item (its own size) and skill at the model's batch price."""
+        spec = ctx.run.spec
+        items = ctx.items
+        in_tok = sum(estimate_input_tokens(items[i].size, spec.max_pixels)
+                     for i in ctx.indices()) * len(spec.all_options)
+        out_tok = len(ctx.indices()) * sum(estimate_output_tokens(o) for o in spec.all_options)
+        return model_price(spec.model, "batch").cost(in_tok, out_tok)
+
+    def cost(self, usage: Mapping[str, float], spec: RunSpec) -> float:
+        """Tokens the API reported (each result line's ``usage``) at the model's batch price."""
+        return model_price(spec.model, "batch").cost(int(usage.get("input_tokens", 0)),
+                                                     int(usage.get("output_tokens", 0)))
 
     def submit_round(self, ctx: RoundContext) -> bool:
         """Build the round's JSONL, upload it and submit the batch (``build_and_submit``)."""
