@@ -136,16 +136,17 @@ def _invalid(exc: ValidationError) -> InvalidOption:
 def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               provider: str | None = None, endpoint: str | None = None,
               input_format: str = "auto", id_column: str | None = None,
-              image_column: str | None = None, base: str | None = None,
+              image_column: str | Sequence[str] | None = None, base: str | None = None,
               format: str = "jsonl", skip_existing: str | None = None,
               model: str | None = None, priority: str | None = None,
               fal_store_io: bool | None = None, queue_timeout: float | None = None
               ) -> dict[str, Any]:
     """The run-shaping options as ``producer.runs.new_spec`` takes them (``priority``,
-    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``). Raises
+    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``; ``image_column``: one
+    column, or several naming each row's images for a multi-image query). Raises
     ``InvalidOption`` for a format or input format that does not exist, a negative
-    ``max_pixels``, an empty ``model``, a ``priority`` other than normal or low, or a
-    ``queue_timeout`` that is not a number of seconds > 0."""
+    ``max_pixels``, an empty ``model``, a ``priority`` other than normal or low, a
+    ``queue_timeout`` that is not a number of seconds > 0, or an image column given twice."""
     from moonbatch.workers.readers import INPUT_FORMATS
     from moonbatch.workers.writers import OUTPUT_FORMATS
 
@@ -167,8 +168,17 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
             queue_timeout, (int, float)) or not queue_timeout > 0):
         raise InvalidOption(f"--queue-timeout {queue_timeout}: must be a number of seconds > 0",
                             option="--queue-timeout", value=queue_timeout)
-    reader = {k: v for k, v in (("id_column", id_column), ("image_column", image_column),
-                                ("base", base)) if v is not None}
+    reader: dict[str, Any] = {k: v for k, v in (("id_column", id_column), ("base", base))
+                              if v is not None}
+    columns = [image_column] if isinstance(image_column, str) else list(image_column or [])
+    if len(set(columns)) < len(columns):
+        raise InvalidOption(f"--image-column {next(c for c in columns if columns.count(c) > 1)} "
+                            "is given twice: name each image column once",
+                            option="--image-column")
+    if columns:
+        reader["image_column"] = columns[0]
+    if len(columns) > 1:  # a multi-image row: one image per column, in this order
+        reader["image_columns"] = columns
     given = {"priority": priority, "fal_store_io": fal_store_io, "queue_timeout": queue_timeout}
     provider_options = {PROVIDER_OPTIONS[k]: v for k, v in given.items() if v is not None}
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
