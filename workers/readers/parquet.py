@@ -68,7 +68,8 @@ def open_file(store: Store, info: ObjectInfo) -> Any:
 
 def image_leaf(pf: Any, column: str, where: str) -> str | None:
     """The Parquet column path of the image bytes (``image.bytes`` for a ``datasets.Image``
-    struct, ``image`` for plain binary), or None when the column holds strings (a manifest).
+    struct, ``image`` for plain binary), or None when the column holds strings or lists of
+    strings (a manifest).
     Raises ``InputError`` naming the columns when it is missing or of another type."""
     import pyarrow as pa
 
@@ -85,6 +86,13 @@ def image_leaf(pf: Any, column: str, where: str) -> str | None:
         return f"{column}.bytes"
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
         return None
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        item = typ.value_type
+        if pa.types.is_string(item) or pa.types.is_large_string(item):
+            return None  # several references per row: a manifest's multi-image rows
+        raise InputError(f"{where}: column {column!r} is {typ}: a list of image bytes per row "
+                         "is not read; put each image in a column of its own and repeat "
+                         "--image-column (or list references: strings)")
     raise InputError(f"{where}: column {column!r} is {typ}, not image bytes (binary or a "
                      "{bytes, path} struct) nor references (strings): pass --image-column NAME")
 
