@@ -66,8 +66,9 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     them where the image was downscaled before sending: sizes in pixels from the result
     line's ``dims`` or the build's ``sizes`` (None where the image could not be read);
     ``batch_error`` (``{"code", "message"}``) marks every sent line of a failed
-    batch. A multi-image item's row adds ``images`` (``_with_images``). Each result line is turned into its row at once; only row bytes are kept. Of two
-    rows for one ``line_index`` the first wins.
+    batch. A multi-image item's row adds ``images`` (``_with_images``). Each result line
+    is turned into its row at once; only row bytes are kept. Of two rows for one
+    ``line_index`` the first wins.
 
     A multi-skill round (``build.skills`` set; ``skills``: the run's skill names) has a line
     per item and skill; see ``_merge_multi`` for its rows.

@@ -19,8 +19,9 @@ size is an estimate (the row group's uncompressed image bytes / its rows). The r
 ``parquet:<file key>#<row group>/<row in group>`` (``/<column>``, percent-encoded, appended
 when the image column is not ``image``). Several ``--image-column`` (a multi-image query;
 ``spec.input_options["image_columns"]``) make each row one item with an image per column: its
-``ref`` the first column's cell, its ``more`` the others' (``PlanItem``). A worker reads a row group's image column once
-(through ranged GETs) and keeps the last ``CACHED_ROW_GROUPS`` per process (``fetch``).
+``ref`` the first column's cell, its ``more`` the others' (``PlanItem``). A worker reads a
+row group's image column once (through ranged GETs) and keeps the last ``CACHED_ROW_GROUPS``
+per process (``fetch``).
 """
 
 from __future__ import annotations
