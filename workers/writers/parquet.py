@@ -104,7 +104,10 @@ def encode(rows: Sequence[bytes], metadata: Mapping[str, str] | None = None) -> 
 def decode(data: bytes) -> Iterator[dict[str, Any]]:
     """Parquet bytes (``encode``'s) → the rows as the JSONL writer gives them, in order, a
     record batch at a time."""
-    for batch in pq.ParquetFile(io.BytesIO(data)).iter_batches(columns=_DECODE_COLUMNS):
+    pf = pq.ParquetFile(io.BytesIO(data))
+    # Files written before a column existed (``images``) are read without it.
+    columns = [c for c in _DECODE_COLUMNS if c in pf.schema_arrow.names]
+    for batch in pf.iter_batches(columns=columns):
         for rec in batch.to_pylist():
             yield _row(rec)
 
