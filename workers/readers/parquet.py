@@ -167,10 +167,14 @@ def iter_files(store: Store, files: Iterable[ObjectInfo], stats: ListingStats, *
 
 
 def iter_file(store: Store, info: ObjectInfo, stats: ListingStats, seen: set[str], *,
-              id_column: str, image_columns: Sequence[str]) -> Iterator[PlanItem]:
+              id_column: str, image_column: str = DEFAULT_IMAGE_COLUMN,
+              image_columns: Sequence[str] | None = None) -> Iterator[PlanItem]:
     """The rows of one file, row group by row group, reading only the id and override
-    columns; ``seen`` holds the item keys of the run so far (updated)."""
+    columns; ``seen`` holds the item keys of the run so far (updated); ``image_columns``
+    (default ``[image_column]``): each row's images."""
     import pyarrow as pa
+
+    image_columns = image_columns or [image_column]
 
     where = store.url_for(info.key)
     pf = open_file(store, info)
