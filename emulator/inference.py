@@ -148,7 +148,10 @@ def infer(line: dict[str, Any], *, any_format: bool = False
         question = line.get("question")
         if not isinstance(question, str) or not question.strip():
             raise LineError("invalid_request", "Missing required field: question")
-        answer = f"{colour} ({fp}, {w}x{h}) answering: {question}"
+        # Every image's fingerprint and size, in order (a multi-image query's ``images``), so
+        # a test proves each image reached the model.
+        seen = "; ".join(f"{d[0]}, {d[1]}x{d[2]}" for d in decoded)
+        answer = f"{colour} ({seen}) answering: {question}"
         result = {"answer": answer}
         out_text = answer
         if line.get("reasoning", True):

@@ -6,7 +6,8 @@ Settings come from the environment as for the command line (``MOONBATCH_BROKER_U
 Options go by the command line's names in Python spelling: ``question``, ``object``,
 ``length``, ``reasoning``, ``temperature``, ``top_p``, ``max_tokens``, ``spatial_refs`` (a list
 of ``[x, y]`` points and ``[x_min, y_min, x_max, y_max]`` boxes, normalised 0..1), ``shard_size``,
-``max_pixels``, ``endpoint``, ``input_format``, ``id_column``, ``image_column``, ``base``,
+``max_pixels``, ``endpoint``, ``input_format``, ``id_column``, ``image_column`` (a name, or a list of
+names: several images per row, a multi-image query), ``base``,
 ``format`` (``jsonl`` or ``parquet``), ``skip_existing``, ``model`` (default
 ``MOONBATCH_MODEL``; refused where the provider cannot run it), fal's queue controls
 ``priority`` (``"normal"``/``"low"``), ``fal_store_io`` (bool; default

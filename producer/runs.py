@@ -237,7 +237,7 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
     without fal, or a shard size beyond the provider's limit; ``RunNotFound`` for a
     ``skip_existing`` run id the registry does not know (an OUTPUT URL is kept as given).
     """
-    from moonbatch.workers.providers import get_provider
+    from moonbatch.workers.providers import check_multi_image, get_provider
 
     if not isinstance(options, SkillOptions):
         options, *more = options
@@ -261,6 +261,7 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
     spec = chosen.complete_spec(spec)
     chosen.check_spec(spec)
     chosen.check_model(spec)  # refusals here; its warnings are the start's and the dry run's
+    check_multi_image(chosen, spec)  # several --image-column
     limits = chosen.limits(spec)
     if not 1 <= spec.shard_size <= limits.max_lines:
         raise ValueError(f"--shard-size must be within 1..{limits.max_lines} ({limits.reason})")
@@ -428,10 +429,17 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
 def check_input_items(spec: RunSpec, inp: Store, settings: Settings | None = None) -> None:
     """The reader's pre-pass, for readers that have one (``Reader.check()``, e.g. the
     manifest's: every row valid, no duplicate id), so an INPUT that cannot be run whole fails
-    before anything is written or enqueued. Raises ``InputError``, storage errors."""
-    check = getattr(open_reader(spec, inp, settings), "check", None)
+    before anything is written or enqueued; and rows naming several images on a provider or
+    skill that takes one (``check_multi_image``). Raises ``InputError``, ``ValueError``,
+    storage errors."""
+    from moonbatch.workers.providers import check_multi_image, provider_for
+
+    reader = open_reader(spec, inp, settings)
+    check = getattr(reader, "check", None)
     if check is not None:
         check()
+    if getattr(reader, "several_images", False):  # e.g. a list-valued image column
+        check_multi_image(provider_for(spec), spec, several=True)
 
 
 @dataclasses.dataclass
@@ -458,6 +466,20 @@ def _plannable(items: Iterator[PlanItem], stats: PlanStats) -> Iterator[PlanItem
             stats.skip(_shown_id(item.id), "name_not_utf8" if utf8 else "not_serializable",
                        " ".join(text.split())[:200])
             continue
+        yield item
+
+
+def _single_unless_allowed(items: Iterator[PlanItem], spec: RunSpec) -> Iterator[PlanItem]:
+    """``items``, raising ``ValueError`` (``check_multi_image``) at the first with several
+    images when the run's provider or skill cannot send them: a reader without a pre-pass
+    shows a list-valued image column only here, still before anything is sent."""
+    from moonbatch.workers.providers import check_multi_image, provider_for
+
+    checked = False
+    for item in items:
+        if item.more and not checked:
+            check_multi_image(provider_for(spec), spec, several=True)
+            checked = True
         yield item
 
 
@@ -492,6 +514,7 @@ def iter_plan(spec: RunSpec, inp: Store, stats: PlanStats, settings: Settings | 
     exclude = output_url[len(root):] if output_url.startswith(root) else None
     reader = open_reader(spec, inp, settings)
     items = _plannable(reader.iter_items(stats, exclude_prefix=exclude), stats)
+    items = _single_unless_allowed(items, spec)
     if spec.skip_existing:
         existing = ExistingOk.load(spec.skip_existing, settings or get_settings())
         items = _without_existing(items, existing, stats)
@@ -512,11 +535,13 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     "input",
     "output", "skill", "listed",
     "items", "skipped", "skipped_examples", "skipped_reasons", "skip_existing",
-    "skipped_existing", "shards",
+    "skipped_existing", "shards", "images", "images_per_item",
     "image_bytes", "requests", "upload_bytes", "input_tokens", "output_tokens",
     "compute_seconds", "cost_usd", "basis", "details", "warnings"}`` (``details`` and
     ``warnings``: the provider's lines, ``Estimate``; ``skipped_existing``: items left out for
-    their ok row at ``skip_existing``; ``items`` counts the others).
+    their ok row at ``skip_existing``; ``items`` counts the others; ``images``: the images of
+    all items, ``images_per_item``: ``{"<images in an item>": <items>}``, e.g. ``{"2": 40}``
+    for a manifest of pairs).
     (token, second and cost fields are None where the provider has no such figure). Raises
     storage errors when INPUT cannot be listed, ``InputError`` when it cannot be run (see
     ``check_input_items``).
@@ -528,8 +553,12 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     shards = image_bytes = requests = 0
     inp = open_output(input_root(spec), settings)
     check_input_items(spec, inp, settings)
+    per_item: dict[int, int] = {}  # images in an item → items
     for shard in iter_plan(spec, inp, stats, settings):
         size = sum(item.size for item in shard.items)
+        for item in shard.items:
+            n = 1 + len(item.more) if item.more else 1
+            per_item[n] = per_item.get(n, 0) + 1
         shards += 1
         image_bytes += size
         # Each shard packs its own requests (fal's batched endpoints: 32 images a request).
@@ -544,6 +573,8 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
             "skipped_reasons": stats.reasons,
             "skip_existing": spec.skip_existing, "skipped_existing": stats.skipped_existing,
             "shards": shards,
+            "images": sum(n * c for n, c in per_item.items()),
+            "images_per_item": {str(n): per_item[n] for n in sorted(per_item)},
             "image_bytes": image_bytes, "requests": requests,
             "upload_bytes": whole.upload_bytes, "input_tokens": whole.input_tokens,
             "output_tokens": whole.output_tokens, "compute_seconds": whole.seconds,

@@ -139,7 +139,7 @@ def _invalid(exc: ValidationError) -> InvalidOption:
 def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               provider: str | None = None, endpoint: str | None = None,
               input_format: str = "auto", id_column: str | None = None,
-              image_column: str | None = None, base: str | None = None,
+              image_column: str | Sequence[str] | None = None, base: str | None = None,
               format: str = "jsonl", skip_existing: str | None = None,
               model: str | None = None, priority: str | None = None,
               fal_store_io: bool | None = None, queue_timeout: float | None = None,
@@ -147,13 +147,14 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               max_error_rate: float | None = None,
               error_sample: int | None = None) -> dict[str, Any]:
     """The run-shaping options as ``producer.runs.new_spec`` takes them (``priority``,
-    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``). Raises
+    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``; ``image_column``: one
+    column, or several naming each row's images for a multi-image query). Raises
     ``InvalidOption`` for a format, input format or export that does not exist, a negative
     ``max_pixels`` or ``max_cost``, an empty ``model``, a ``priority`` other than normal or
     low, a ``queue_timeout`` that is not a number of seconds > 0, a ``max_error_rate``
-    outside 0..1, an ``error_sample`` below 1 or without ``max_error_rate``. ``exports``:
-    names of ``writers.exports.EXPORTS`` (one, or a list; ``none`` alone: no export; None: the
-    default, COCO for a detect, point or segment run)."""
+    outside 0..1, an ``error_sample`` below 1 or without ``max_error_rate``, or an image
+    column given twice. ``exports``: names of ``writers.exports.EXPORTS`` (one, or a list;
+    ``none`` alone: no export; None: the default, COCO for a detect, point or segment run)."""
     from moonbatch.workers.readers import INPUT_FORMATS
     from moonbatch.workers.writers import OUTPUT_FORMATS
     from moonbatch.workers.writers.exports import EXPORTS
@@ -197,8 +198,17 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
     stop_fields: dict[str, Any] = {"max_cost": max_cost, "max_error_rate": max_error_rate}
     if max_error_rate is not None:
         stop_fields["error_sample"] = error_sample or DEFAULT_ERROR_SAMPLE
-    reader = {k: v for k, v in (("id_column", id_column), ("image_column", image_column),
-                                ("base", base)) if v is not None}
+    reader: dict[str, Any] = {k: v for k, v in (("id_column", id_column), ("base", base))
+                              if v is not None}
+    columns = [image_column] if isinstance(image_column, str) else list(image_column or [])
+    if len(set(columns)) < len(columns):
+        raise InvalidOption(f"--image-column {next(c for c in columns if columns.count(c) > 1)} "
+                            "is given twice: name each image column once",
+                            option="--image-column")
+    if columns:
+        reader["image_column"] = columns[0]
+    if len(columns) > 1:  # a multi-image row: one image per column, in this order
+        reader["image_columns"] = columns
     given = {"priority": priority, "fal_store_io": fal_store_io, "queue_timeout": queue_timeout}
     provider_options = {PROVIDER_OPTIONS[k]: v for k, v in given.items() if v is not None}
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,

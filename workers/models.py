@@ -209,9 +209,10 @@ class RunSpec(BaseModel):
     endpoint: str | None = None
     # How INPUT is read (``moonbatch.workers.readers``): ``prefix`` (a listing of images; specs written
     # before readers existed), ``manifest``, ``webdataset`` or ``parquet``, and that reader's
-    # options (``id_column``, ``image_column``, ``base``).
+    # options (``id_column``, ``image_column``, ``base``; ``image_columns``: the list, when
+    # several ``--image-column`` name each row's images, ``image_column`` being the first).
     input_kind: str = "prefix"
-    input_options: dict[str, str] = Field(default_factory=dict)
+    input_options: dict[str, str | list[str]] = Field(default_factory=dict)
     # How results are written (``moonbatch.workers.writers``): ``jsonl`` or ``parquet``.
     output_format: Literal["jsonl", "parquet"] = "jsonl"
     # ``--export``: what ``writers.exports`` writes when the run completes (``coco``,
@@ -291,13 +292,31 @@ class PlanItem:
     is not the INPUT store's key ``id`` (``moonbatch.workers.readers``: a key relative to the INPUT
     store, an ``s3://``/``file://``/``http(s)://`` URL, ``tar:<key>#<offset>+<size>``,
     ``parquet:<key>#<row group>/<row>``). ``opts``: the item's own ``question``, ``object``
-    or ``length`` (manifest columns), overriding the run's.
+    or ``length`` (manifest columns), overriding the run's. ``more``: the refs (same forms) of
+    the further images of a multi-image item (a manifest row naming several images; seed 002,
+    "Common fields": a query's ``images``), None for a single image; ``size`` is then the
+    bytes of all its images.
     """
 
     id: Any
     size: int
     ref: str | None = None
     opts: dict[str, Any] | None = None
+    more: tuple[str, ...] | None = None
+
+    @property
+    def images(self) -> tuple[str | None, ...]:
+        """Every image's ref, the first one first (None: the INPUT store's key ``id``)."""
+        return (self.ref, *self.more) if self.more else (self.ref,)
+
+    def parts(self) -> tuple[PlanItem, ...]:
+        """One single-image item per image (same id and options; ``size`` split evenly), for
+        reading each image (``ItemFetcher.get``) and naming its ``source``; ``(self,)`` for a
+        single-image item."""
+        if not self.more:
+            return (self,)
+        n = 1 + len(self.more)
+        return tuple(PlanItem(self.id, self.size // n, ref, self.opts) for ref in self.images)
 
     @property
     def key(self) -> str:
@@ -311,6 +330,8 @@ class PlanItem:
             doc["ref"] = self.ref
         if self.opts:
             doc["opts"] = self.opts
+        if self.more:
+            doc["more"] = list(self.more)
         return orjson.dumps(doc)
 
     @classmethod
@@ -320,7 +341,12 @@ class PlanItem:
         item_id = doc["id"]
         if item_id is None or isinstance(item_id, (dict, list)):
             raise ValueError(f"plan line with an id that is not a scalar: {line[:200]!r}")
-        return cls(item_id, int(doc["size"]), doc.get("ref"), doc.get("opts"))
+        more = doc.get("more")
+        if more is not None and (not isinstance(more, list)
+                                 or not all(isinstance(r, str) for r in more)):
+            raise ValueError(f"plan line with a 'more' that is not a list of refs: {line[:200]!r}")
+        return cls(item_id, int(doc["size"]), doc.get("ref"), doc.get("opts"),
+                   tuple(more) if more else None)
 
 
 class ShardBuild(BaseModel):
@@ -341,6 +367,9 @@ class ShardBuild(BaseModel):
     # item index (as a string) → [width, height] of the source image in pixels, and
     # [width, height, sent width, sent height] when it was downscaled before sending.
     sizes: dict[str, list[int]] = Field(default_factory=dict)
+    # Multi-image items: item index (as a string) → every image's ``dims`` in order (as in
+    # ``sizes``; None for an image that was not read: the item's error names it).
+    image_sizes: dict[str, list[list[int] | None]] = Field(default_factory=dict)
     # Multi-skill runs: ``skills[line_index]`` is the index (in ``RunSpec.all_options``) of
     # the skill of that line; empty for a single-skill run.
     skills: list[int] = Field(default_factory=list)

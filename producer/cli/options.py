@@ -120,10 +120,11 @@ InputFormatOpt = Annotated[str, typer.Option(
 IdColumnOpt = Annotated[Optional[str], typer.Option(
     "--id-column", metavar="NAME", help="manifest or Parquet input: the column of item ids "
     "(default id)")]
-ImageColumnOpt = Annotated[Optional[str], typer.Option(
+ImageColumnOpt = Annotated[Optional[list[str]], typer.Option(
     "--image-column", metavar="NAME", help="manifest or Parquet input: the column of images "
-    "(default image): an s3:// URI, a key relative to --base, a local path or an http(s) URL; "
-    "for Parquet, the image bytes")]
+    "(default image): an s3:// URI, a key relative to --base, a local path or an http(s) URL "
+    "(or a list of them: a multi-image query); for Parquet, the image bytes. Repeat it for "
+    "several images per row (--skill query on the Batch API only)")]
 BaseOpt = Annotated[Optional[str], typer.Option(
     "--base", metavar="URL", help="manifest input: where relative image keys are (default: "
     "the manifest's folder)")]

@@ -94,6 +94,8 @@ def print_dry_run(report: dict[str, Any]) -> None:
         ("skipped (not images)", f"{report['skipped']:,}"),
         *([("skipped (ok in " + report["skip_existing"] + ")", f"{report['skipped_existing']:,}")]
           if report.get("skip_existing") else []),
+        *([("images per item", _images_per_item(report))]
+          if set(report.get("images_per_item") or {"1": 0}) != {"1"} else []),
         ("shards", f"{report['shards']:,}"),
         (provider.wording.units, f"{report['requests']:,}"),
         ("image bytes", size(report["image_bytes"])),
@@ -121,6 +123,13 @@ def print_dry_run(report: dict[str, Any]) -> None:
     for warning in report.get("warnings") or ():
         err.print(f"[yellow]warning:[/yellow] {escape(str(warning))}", highlight=False,
                   soft_wrap=True)
+
+
+def _images_per_item(report: dict[str, Any]) -> str:
+    """``"2 (40 items), 3 (2 items); 86 images"``: how many items have how many images."""
+    counts = report.get("images_per_item") or {}
+    parts = [f"{n} ({c:,} item{'s' if c != 1 else ''})" for n, c in counts.items()]
+    return f"{', '.join(parts)}; {report.get('images', 0):,} images"
 
 
 def print_skipped(output: str, snap: dict[str, Any], settings) -> None:

@@ -224,6 +224,9 @@ class Provider(Protocol):
     #: Its client's actions → the ``endpoint`` label of ``moonbatch_api_requests_total`` (a
     #: closed set; ``metrics.endpoint_label``). Its calls record ``metrics.api_call(name, ...)``.
     metric_actions: ClassVar[Mapping[str, str]]
+    #: Whether one request may carry several images (a query's ``images``; seed 002, "Common
+    #: fields"); ``check_multi_image`` refuses multi-image input on a provider without it.
+    multi_image: ClassVar[bool]
 
     def complete_spec(self, spec: RunSpec) -> RunSpec:
         """``spec`` with this provider's defaults resolved (e.g. fal's endpoint for the skill),
@@ -308,6 +311,33 @@ class Provider(Protocol):
 
 
 _instances: dict[str, Provider] = {}
+
+#: The skills whose request takes several images (seed 002, "Common fields": ``images``, for query).
+MULTI_IMAGE_SKILLS = frozenset({"query"})
+
+
+def check_multi_image(provider: Provider, spec: RunSpec, *, several: bool | None = None) -> None:
+    """Refuse a run whose items have several images (``several``; None: whether the spec names
+    several image columns, ``--image-column`` repeated) when ``provider`` cannot send several
+    images in one request (``Provider.multi_image``) or a skill of the run cannot take them
+    (only query can: seed 002, "Common fields"). Raises ``ValueError``: one line naming the
+    cause and the fix. Call it where specs are checked, and again once the input shows a
+    list-valued image column, before anything is sent."""
+    from moonbatch.workers.readers import image_columns
+
+    if several is None:
+        several = len(image_columns(spec.input_options)) > 1
+    if not several:
+        return
+    if not getattr(provider, "multi_image", False):
+        raise ValueError(f"--provider {provider.name} sends one image per request, and INPUT's "
+                         "rows name several images: use --provider moondream (the Batch API "
+                         "takes several images per query), or one --image-column")
+    others = [o.skill for o in spec.all_options if o.skill not in MULTI_IMAGE_SKILLS]
+    if others:
+        raise ValueError(f"--skill {others[0]} takes one image per request, and INPUT's rows "
+                         "name several images: use --skill query alone (only a query "
+                         "compares several images), or one --image-column")
 
 
 # -- estimates shared by the providers' dry runs (labelled estimates: no service publishes

@@ -97,6 +97,17 @@ class InputError(ValueError):
     a manifest): the message names the item or row and the fix."""
 
 
+def image_columns(input_options: Any) -> list[str]:
+    """The image columns a manifest or Parquet INPUT is read with (``RunSpec.input_options``):
+    ``image_columns`` (several ``--image-column``: each row's images, in that order), else
+    ``[image_column]``, default ``["image"]``."""
+    opts = input_options or {}
+    several = opts.get("image_columns")
+    if several:
+        return list(several)
+    return [opts.get("image_column") or "image"]
+
+
 def module(kind: str) -> Any:
     """The reader module of ``kind``; raises ``ValueError`` naming the known kinds."""
     try:

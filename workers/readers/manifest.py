@@ -3,6 +3,12 @@ with one row per item: an id column (``--id-column``, default ``id``) and an ima
 (``--image-column``, default ``image``), plus optional per-row ``question``, ``object`` and
 ``length`` columns that override the run's options for that row.
 
+A row may name several images (a multi-image query; seed 002, "Common fields"): a list-valued
+image column (a JSON array in JSONL, ``list<string>`` in Parquet), or several image columns
+(``--image-column`` repeated: ``spec.input_options["image_columns"]``), whose images are taken
+in column order (a list value's in its order). The item's first image is its ``ref``, the
+others its ``more`` (``PlanItem``).
+
 The image column holds an ``s3://`` URI, an ``http(s)://`` URL, an absolute local path (or a
 ``file://`` URL), or a key relative to the INPUT store (``--base``, else the manifest's folder).
 Ids keep their type: CSV ids are strings, JSONL and Parquet ids are str, int, float or bool.
@@ -28,7 +34,13 @@ from typing import IO, Any
 import orjson
 
 from moonbatch.workers.models import PlanItem, id_text
-from moonbatch.workers.readers import InputError, ListingStats, scheme_of, split_input
+from moonbatch.workers.readers import (
+    InputError,
+    ListingStats,
+    image_columns,
+    scheme_of,
+    split_input,
+)
 from moonbatch.workers.readers.rangeio import RangeFile, object_info
 from moonbatch.workers.storage import LocalStore, Store, open_store
 
@@ -62,7 +74,10 @@ class Reader:
         self.url = spec.input
         opts = spec.input_options or {}
         self.id_column = opts.get("id_column") or "id"
-        self.image_column = opts.get("image_column") or "image"
+        self.image_columns = image_columns(opts)
+        self.image_column = self.image_columns[0]
+        # Rows the last ``check()`` found with several images (``check_multi_image``).
+        self.several_images = len(self.image_columns) > 1
         takes = {f for o in spec.all_options for f in _TAKES.get(o.skill, ())}
         self.overrides = tuple(c for c in OVERRIDE_COLUMNS if c in takes)
         self.name = self.url.replace("\\", "/").rsplit("/", 1)[-1]
@@ -75,11 +90,12 @@ class Reader:
         a manifest names its images). Raises ``InputError`` naming the row for a missing or
         nested id, a missing image or a bad image reference; ``InputError`` when the manifest
         does not exist or lacks a column; storage errors."""
-        for where, item_id, image, opts in self._rows():
+        for where, item_id, images, opts in self._rows():
             stats.listed += 1
-            ref = self._ref(image, where)
+            refs = [self._ref(image, where) for image in images]
             stats.items += 1
-            yield PlanItem(item_id, self._size(ref), ref, opts)
+            yield PlanItem(item_id, sum(self._size(ref) for ref in refs), refs[0], opts,
+                           tuple(refs[1:]) or None)
 
     def check(self) -> None:
         """Read the whole manifest once before anything is written: every row is valid (see
@@ -92,8 +108,11 @@ class Reader:
         import numpy as np
 
         digests = array("Q")
-        for where, item_id, image, _ in self._rows():
-            self._ref(image, where)
+        for where, item_id, images, _ in self._rows():
+            for image in images:
+                self._ref(image, where)
+            if len(images) > 1:
+                self.several_images = True
             digests.append(int.from_bytes(hashlib.blake2b(
                 id_text(item_id).encode(), digest_size=8).digest(), "little"))
         if len(digests) < 2:
@@ -117,9 +136,10 @@ class Reader:
                                  "manifest")
             first[key] = where
 
-    def _rows(self) -> Iterator[tuple[str, Any, Any, dict[str, Any] | None]]:
-        """``(where, id, image value, overrides)`` per row; ``where`` is ``line N`` (CSV,
-        JSONL: the file's line) or ``row N`` (Parquet, 1-based)."""
+    def _rows(self) -> Iterator[tuple[str, Any, list[str], dict[str, Any] | None]]:
+        """``(where, id, image values, overrides)`` per row (one image value or more, in
+        column order); ``where`` is ``line N`` (CSV, JSONL: the file's line) or ``row N``
+        (Parquet, 1-based)."""
         lower = self.name.lower()
         if lower.endswith(".parquet"):
             rows = self._parquet_rows()
@@ -127,9 +147,9 @@ class Reader:
             rows = self._csv_rows()
         else:
             rows = self._jsonl_rows()
-        idc, imc = self.id_column, self.image_column
+        idc = self.id_column
         for where, row in rows:
-            item_id, image = row.get(idc), row.get(imc)
+            item_id = row.get(idc)
             if item_id is None or item_id == "" or (item_id.__class__ is float and item_id != item_id):
                 raise InputError(f"{self.name} {where}: no {idc!r}: every row needs an id; fill it "
                                  "in or drop the row")
@@ -137,14 +157,26 @@ class Reader:
                 raise InputError(f"{self.name} {where}: {idc!r} is a "
                                  f"{type(item_id).__name__}, not a string, number or boolean: "
                                  "use scalar ids")
-            if image is None or image == "":
-                raise InputError(f"{self.name} {where}: no {imc!r} for id {id_text(item_id)!r}: every "
-                                 "row needs an image; fill it in or drop the row")
-            if image.__class__ is not str:
-                raise InputError(f"{self.name} {where}: {imc!r} is a {type(image).__name__}, not "
-                                 "a string: give an s3:// URI, an http(s) URL, a path or a key")
+            images: list[str] = []
+            for imc in self.image_columns:
+                images.extend(self._images(row.get(imc), imc, where, item_id))
             opts = {c: v for c in self.overrides if (v := row.get(c)) is not None and v != ""}
-            yield where, item_id, image, opts or None
+            yield where, item_id, images, opts or None
+
+    def _images(self, value: Any, imc: str, where: str, item_id: Any) -> list[str]:
+        """The image values of column ``imc`` of a row: ``[value]``, or a list value's items.
+        Raises ``InputError`` naming the row for an empty or non-string value."""
+        if value is None or value == "" or value == []:
+            raise InputError(f"{self.name} {where}: no {imc!r} for id {id_text(item_id)!r}: every "
+                             "row needs an image; fill it in or drop the row")
+        values = value if value.__class__ in (list, tuple) else [value]
+        for image in values:
+            if image.__class__ is not str or not image:
+                raise InputError(f"{self.name} {where}: {imc!r} holds a "
+                                 f"{type(image).__name__ if image != '' else 'empty string'}, "
+                                 "not an image reference: give an s3:// URI, an http(s) URL, "
+                                 "a path or a key (or a list of them)")
+        return list(values)
 
     def _open(self) -> IO[bytes]:
         """The manifest as a buffered binary stream (local: the file; S3: ranged GETs of
@@ -165,7 +197,7 @@ class Reader:
                                  buffer_size=READ_BUFFER)
 
     def _missing(self, found: list[str]) -> None:
-        wanted = [c for c in (self.id_column, self.image_column) if c not in found]
+        wanted = [c for c in (self.id_column, *self.image_columns) if c not in found]
         if wanted:
             flag = "--id-column" if self.id_column in wanted else "--image-column"
             raise InputError(f"{self.name}: no column {', '.join(map(repr, wanted))} (columns: "
@@ -233,11 +265,12 @@ class Reader:
                                  "the file") from None
             found = pf.schema_arrow.names
             self._missing(found)
-            if pa.types.is_binary(pf.schema_arrow.field(self.image_column).type) or \
-                    pa.types.is_large_binary(pf.schema_arrow.field(self.image_column).type):
-                raise InputError(f"{self.name}: column {self.image_column!r} holds image bytes, "
-                                 "not references: pass --input-format parquet")
-            columns = [self.id_column, self.image_column,
+            for imc in self.image_columns:
+                typ = pf.schema_arrow.field(imc).type
+                if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+                    raise InputError(f"{self.name}: column {imc!r} holds image bytes, not "
+                                     "references: pass --input-format parquet")
+            columns = [self.id_column, *self.image_columns,
                        *(c for c in self.overrides if c in found)]
             n = 0
             for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):

@@ -17,21 +17,24 @@ run's options per row (``PlanItem.opts``).
 Planning reads only the footer and, per row group, the id and override columns; an item's
 size is an estimate (the row group's uncompressed image bytes / its rows). The ref is
 ``parquet:<file key>#<row group>/<row in group>`` (``/<column>``, percent-encoded, appended
-when the image column is not ``image``). A worker reads a row group's image column once
-(through ranged GETs) and keeps the last ``CACHED_ROW_GROUPS`` per process (``fetch``).
+when the image column is not ``image``). Several ``--image-column`` (a multi-image query;
+``spec.input_options["image_columns"]``) make each row one item with an image per column: its
+``ref`` the first column's cell, its ``more`` the others' (``PlanItem``). A worker reads a
+row group's image column once (through ranged GETs) and keeps the last ``CACHED_ROW_GROUPS``
+per process (``fetch``).
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import quote, unquote
 
 from moonbatch.workers.lines import ItemError
 from moonbatch.workers.models import PlanItem
-from moonbatch.workers.readers import InputError, ListingStats
+from moonbatch.workers.readers import InputError, ListingStats, image_columns
 from moonbatch.workers.readers.rangeio import RangeFile, files_under, input_file_key, object_info
 from moonbatch.workers.storage import ObjectInfo, Store
 
@@ -66,7 +69,8 @@ def open_file(store: Store, info: ObjectInfo) -> Any:
 
 def image_leaf(pf: Any, column: str, where: str) -> str | None:
     """The Parquet column path of the image bytes (``image.bytes`` for a ``datasets.Image``
-    struct, ``image`` for plain binary), or None when the column holds strings (a manifest).
+    struct, ``image`` for plain binary), or None when the column holds strings or lists of
+    strings (a manifest).
     Raises ``InputError`` naming the columns when it is missing or of another type."""
     import pyarrow as pa
 
@@ -83,6 +87,13 @@ def image_leaf(pf: Any, column: str, where: str) -> str | None:
         return f"{column}.bytes"
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
         return None
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        item = typ.value_type
+        if pa.types.is_string(item) or pa.types.is_large_string(item):
+            return None  # several references per row: a manifest's multi-image rows
+        raise InputError(f"{where}: column {column!r} is {typ}: a list of image bytes per row "
+                         "is not read; put each image in a column of its own and repeat "
+                         "--image-column (or list references: strings)")
     raise InputError(f"{where}: column {column!r} is {typ}, not image bytes (binary or a "
                      "{bytes, path} struct) nor references (strings): pass --image-column NAME")
 
@@ -99,7 +110,11 @@ class Reader:
             raise InputError(str(exc)) from None
         options = spec.input_options or {}
         self.id_column = options.get("id_column") or "id"
-        self.image_column = options.get("image_column") or DEFAULT_IMAGE_COLUMN
+        self.image_columns = image_columns(options)
+        self.image_column = self.image_columns[0]
+        # Whether rows name several images (``check_multi_image``): several image columns, or
+        # a manifest's list-valued column (set by ``check()``).
+        self.several_images = len(self.image_columns) > 1
 
     def check(self) -> None:
         """A single file whose image column holds references is a manifest: run the
@@ -113,7 +128,9 @@ class Reader:
                                            where) is None:
             from moonbatch.workers.readers.manifest import Reader as Manifest
 
-            Manifest(self.spec, self.store, self.settings).check()
+            manifest = Manifest(self.spec, self.store, self.settings)
+            manifest.check()
+            self.several_images = manifest.several_images
 
     def iter_items(self, stats: ListingStats, *, exclude_prefix: str | None = None
                    ) -> Iterator[PlanItem]:
@@ -123,7 +140,7 @@ class Reader:
         if self.file_key is None:
             files = files_under(self.store, stats, is_parquet, exclude_prefix=exclude_prefix)
             return iter_files(self.store, files, stats, id_column=self.id_column,
-                              image_column=self.image_column)
+                              image_columns=self.image_columns)
         info = object_info(self.store, self.file_key)
         where = self.store.url_for(self.file_key)
         if info is None:
@@ -134,34 +151,42 @@ class Reader:
             return Manifest(self.spec, self.store, self.settings).iter_items(
                 stats, exclude_prefix=exclude_prefix)
         return iter_files(self.store, [info], stats, id_column=self.id_column,
-                          image_column=self.image_column)
+                          image_columns=self.image_columns)
 
 
 def iter_files(store: Store, files: Iterable[ObjectInfo], stats: ListingStats, *,
-               id_column: str = "id", image_column: str = DEFAULT_IMAGE_COLUMN
-               ) -> Iterator[PlanItem]:
+               id_column: str = "id", image_column: str = DEFAULT_IMAGE_COLUMN,
+               image_columns: Sequence[str] | None = None) -> Iterator[PlanItem]:
     """The rows of every Parquet file in ``files`` (objects of ``store``) as items, ids unique
-    across them all (see the module docstring). ``stats.listed`` counts rows."""
+    across them all (see the module docstring); ``image_columns`` (default
+    ``[image_column]``): each row's images. ``stats.listed`` counts rows."""
     seen: set[str] = set()
     for info in files:
         yield from iter_file(store, info, stats, seen, id_column=id_column,
-                             image_column=image_column)
+                             image_columns=image_columns or [image_column])
 
 
 def iter_file(store: Store, info: ObjectInfo, stats: ListingStats, seen: set[str], *,
-              id_column: str, image_column: str) -> Iterator[PlanItem]:
+              id_column: str, image_column: str = DEFAULT_IMAGE_COLUMN,
+              image_columns: Sequence[str] | None = None) -> Iterator[PlanItem]:
     """The rows of one file, row group by row group, reading only the id and override
-    columns; ``seen`` holds the item keys of the run so far (updated)."""
+    columns; ``seen`` holds the item keys of the run so far (updated); ``image_columns``
+    (default ``[image_column]``): each row's images."""
     import pyarrow as pa
+
+    image_columns = image_columns or [image_column]
 
     where = store.url_for(info.key)
     pf = open_file(store, info)
-    leaf = image_leaf(pf, image_column, where)
-    if leaf is None:
-        raise InputError(f"{where}: column {image_column!r} holds strings (image references): "
-                         "a manifest is read as one file, not a prefix: pass the file as INPUT")
     schema = pf.metadata.schema
-    leaf_index = next(i for i in range(len(schema)) if schema.column(i).path == leaf)
+    leaf_indices = []
+    for image_column in image_columns:
+        leaf = image_leaf(pf, image_column, where)
+        if leaf is None:
+            raise InputError(f"{where}: column {image_column!r} holds strings (image "
+                             "references): a manifest is read as one file, not a prefix, and "
+                             "its image columns all hold references: pass the file as INPUT")
+        leaf_indices.append(next(i for i in range(len(schema)) if schema.column(i).path == leaf))
     names = pf.schema_arrow.names
     has_id = id_column in names
     if has_id:
@@ -170,14 +195,15 @@ def iter_file(store: Store, info: ObjectInfo, stats: ListingStats, seen: set[str
                 or pa.types.is_string(typ) or pa.types.is_large_string(typ)):
             raise InputError(f"{where}: id column {id_column!r} is {typ}: ids must be strings, "
                              "numbers or booleans (pass --id-column NAME)")
-    overrides = [c for c in OVERRIDES if c in names and c != image_column]
+    overrides = [c for c in OVERRIDES if c in names and c not in image_columns]
     columns = ([id_column] if has_id else []) + overrides
-    suffix = "" if image_column == DEFAULT_IMAGE_COLUMN else "/" + quote(image_column, safe="")
+    suffixes = ["" if c == DEFAULT_IMAGE_COLUMN else "/" + quote(c, safe="")
+                for c in image_columns]
     first_row = 0
     for rg in range(pf.num_row_groups):
         meta = pf.metadata.row_group(rg)
         n = meta.num_rows
-        size = meta.column(leaf_index).total_uncompressed_size // max(n, 1)
+        size = sum(meta.column(i).total_uncompressed_size for i in leaf_indices) // max(n, 1)
         table = pf.read_row_group(rg, columns=columns) if columns else None
         values = {c: table.column(c).to_pylist() for c in columns} if table is not None else {}
         for row in range(n):
@@ -187,7 +213,8 @@ def iter_file(store: Store, info: ObjectInfo, stats: ListingStats, seen: set[str
                 raise InputError(f"{where}: row {first_row + row} has no {id_column!r}: every "
                                  "row needs an id")
             opts = {c: v for c in overrides if (v := values[c][row]) not in (None, "")}
-            item = PlanItem(item_id, size, f"parquet:{info.key}#{rg}/{row}{suffix}", opts or None)
+            refs = [f"parquet:{info.key}#{rg}/{row}{suffix}" for suffix in suffixes]
+            item = PlanItem(item_id, size, refs[0], opts or None, tuple(refs[1:]) or None)
             if item.key in seen:
                 raise InputError(f"{where}: id {item.key} appears twice in INPUT (row "
                                  f"{first_row + row}): ids must be unique")

@@ -44,7 +44,7 @@ class Reader:
 
 
 def iter_items(store: Store, stats: ListingStats, *, exclude_prefix: str | None = None,
-               input_options: dict[str, str] | None = None) -> Iterator[PlanItem]:
+               input_options: dict[str, Any] | None = None) -> Iterator[PlanItem]:
     """Yield a ``PlanItem`` for every image object under the store's root, in listing order
     (or the samples of its ``.tar`` shards, or the rows of its ``.parquet`` files, when it
     holds no image: see the module docstring; ``input_options``: the Parquet reader's).
@@ -100,10 +100,10 @@ def _skip_all(held: list[ObjectInfo], stats: ListingStats) -> None:
 
 
 def _archives(store: Store, held: list[ObjectInfo], stats: ListingStats,
-              input_options: dict[str, str]) -> Iterator[PlanItem]:
+              input_options: dict[str, Any]) -> Iterator[PlanItem]:
     """The items of a prefix with no image: its ``.tar`` shards, else its ``.parquet`` files
     (other objects skipped), else nothing (everything skipped)."""
-    from moonbatch.workers.readers import parquet, webdataset
+    from moonbatch.workers.readers import image_columns, parquet, webdataset
 
     tars = [o for o in held if webdataset.is_tar(o.key)]
     files = [] if tars else [o for o in held if parquet.is_parquet(o.key)]
@@ -120,4 +120,4 @@ def _archives(store: Store, held: list[ObjectInfo], stats: ListingStats,
                  "files of image bytes", store.url, len(files))
         yield from parquet.iter_files(
             store, files, stats, id_column=input_options.get("id_column") or "id",
-            image_column=input_options.get("image_column") or parquet.DEFAULT_IMAGE_COLUMN)
+            image_columns=image_columns(input_options))

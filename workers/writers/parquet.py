@@ -31,6 +31,8 @@ error_message,
 error_skill
 input_tokens,       int64                             the row's token usage
 output_tokens
+images              list<struct<source: string,       every image of a multi-image query row, in
+                    width, height: int32>>            order (null for a single-image row)
 ==================  ================================  =============================================
 
 A typed column is null when no skill of the run fills it (``objects`` of a caption run); an
@@ -75,10 +77,12 @@ SCHEMA = pa.schema([
     ("result_json", pa.string()),
     *(("error_" + f, pa.string()) for f in _ERROR_FIELDS),
     *((name, pa.int64()) for name in _TOKENS),
+    ("images", pa.list_(pa.struct([("source", pa.string()), ("width", pa.int32()),
+                                   ("height", pa.int32())]))),
 ])
 # The columns ``decode`` needs (the typed result columns are copies of ``result_json``).
 _DECODE_COLUMNS = ["id_json", "source", "status", *_SIZE_FIELDS, "result_json",
-                   *("error_" + f for f in _ERROR_FIELDS), *_TOKENS]
+                   *("error_" + f for f in _ERROR_FIELDS), *_TOKENS, "images"]
 
 
 def encode(rows: Sequence[bytes], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -104,7 +108,10 @@ def encode(rows: Sequence[bytes], metadata: Mapping[str, str] | None = None) -> 
 def decode(data: bytes) -> Iterator[dict[str, Any]]:
     """Parquet bytes (``encode``'s) → the rows as the JSONL writer gives them, in order, a
     record batch at a time."""
-    for batch in pq.ParquetFile(io.BytesIO(data)).iter_batches(columns=_DECODE_COLUMNS):
+    pf = pq.ParquetFile(io.BytesIO(data))
+    # Files written before a column existed (``images``) are read without it.
+    columns = [c for c in _DECODE_COLUMNS if c in pf.schema_arrow.names]
+    for batch in pf.iter_batches(columns=columns):
         for rec in batch.to_pylist():
             yield _row(rec)
 
@@ -125,6 +132,7 @@ def _columns(row: dict[str, Any]) -> dict[str, Any]:
         "result_json": orjson.dumps(result).decode() if "result" in row else None,
         **{"error_" + f: _text(err.get(f)) for f in _ERROR_FIELDS},
         **{name: _int(usage.get(name)) for name in _TOKENS},
+        "images": _images(row.get("images")),
     }
     for part in _parts(result):
         if out["caption"] is None and isinstance(part.get("caption"), str):
@@ -165,7 +173,18 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
     row["width"], row["height"] = rec["width"], rec["height"]
     if rec["sent_width"] is not None:
         row["sent_width"], row["sent_height"] = rec["sent_width"], rec["sent_height"]
+    if rec.get("images") is not None:
+        row["images"] = rec["images"]
     return row
+
+
+def _images(value: Any) -> list[dict[str, Any]] | None:
+    """A row's ``images`` (``moonbatch.workers.merge``) as the column's structs; None when
+    the row has none (a single-image row)."""
+    if not isinstance(value, list):
+        return None
+    return [{"source": _text(v.get("source")), "width": _int(v.get("width")),
+             "height": _int(v.get("height"))} for v in value if isinstance(v, dict)]
 
 
 def _structs(value: Any, fields: tuple[str, ...]) -> list[dict[str, float | None]] | None:

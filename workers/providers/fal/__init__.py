@@ -100,6 +100,8 @@ class FalProvider(RoundSteps):
     settings_class: ClassVar[type[FalSettings]] = FalSettings
     credential: ClassVar[str] = "FAL key (FAL_KEY)"
     metric_actions: ClassVar[Mapping[str, str]] = METRIC_ACTIONS
+    # Every fal endpoint takes one image (or one image per entry) per prompt (seeds 000-004).
+    multi_image: ClassVar[bool] = False
     wording: ClassVar[Wording] = Wording(unit="request", units="requests", at="fal",
                                          cancelled="request(s) in flight cancelled")
     spends_in_steps: ClassVar[bool] = True  # each step reserves what it sends

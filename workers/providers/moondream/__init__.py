@@ -144,6 +144,8 @@ class MoondreamBatchProvider:
     settings_class: ClassVar[type[MoondreamSettings]] = MoondreamSettings
     credential: ClassVar[str] = "API key (MOONDREAM_API_KEY)"
     metric_actions: ClassVar[Mapping[str, str]] = METRIC_ACTIONS
+    # A query line may carry ``images`` (seed 002, "Common fields").
+    multi_image: ClassVar[bool] = True
     wording: ClassVar[Wording] = Wording(unit="batch", units="batches", at="the API",
                                          cancelled="open upload(s) aborted")
     spends_in_steps: ClassVar[bool] = False  # a round is one batch: reserved whole

@@ -1,7 +1,8 @@
 """JSONL lines of a Moondream batch and the Batch API's limits (seed 002, "Input format" and
 "Limits"). Pure: no I/O.
 
-A line is ``{"id": <item id>, <skill fields>, "image": "<plain base64>"}`` and must stay within
+A line is ``{"id": <item id>, <skill fields>, "image": "<plain base64>"}`` (a multi-image query:
+``"images": ["<plain base64>", ...]`` instead; seed 002, "Common fields") and must stay within
 the API's 10 MB line limit; images are made to fit by ``moonbatch.workers.lines.prepare_image``.
 """
 
@@ -27,6 +28,14 @@ def max_image_bytes(id_: str, fragment: bytes, max_line_bytes: int = API_MAX_LIN
     return max(0, (max_line_bytes - fixed) // 4 * 3)
 
 
+def max_images_bytes(id_: str, fragment: bytes, n: int,
+                     max_line_bytes: int = API_MAX_LINE_BYTES) -> int:
+    """The largest raw bytes of each of ``n`` images whose ``images`` line for this id and
+    options fits (the limit shared evenly; 3 bytes of quotes and comma per image)."""
+    fixed = LINE_OVERHEAD + len(json.dumps(id_, ensure_ascii=False).encode()) + len(fragment)
+    return max(0, (max_line_bytes - fixed - 3 * n) // n // 4 * 3)
+
+
 def estimate_line_bytes(id_: str, size: int, fragment_len: int = 128) -> int:
     """Planning estimate of a line's bytes for an image object of ``size`` bytes: exact for
     pass-through images, capped at the line limit (larger images are downscaled to fit)."""
@@ -44,4 +53,14 @@ def encode_line(id_: str, image: bytes, fragment: bytes, *, b64: bytes | None = 
     return b"".join((
         b'{"id":', json.dumps(id_, ensure_ascii=False).encode(), b",", fragment,
         b',"image":"', base64.b64encode(image) if b64 is None else b64, b'"}\n',
+    ))
+
+
+def encode_images_line(id_: str, b64s: list[bytes], fragment: bytes) -> bytes:
+    """One JSONL line (with its ``\\n``) of a multi-image query: ``{"id": id_, <fragment>,
+    "images": [base64, ...]}`` (seed 002, "Common fields": ``images`` instead of ``image``,
+    for query only); ``b64s``: each image's plain base64, in order."""
+    return b"".join((
+        b'{"id":', json.dumps(id_, ensure_ascii=False).encode(), b",", fragment,
+        b',"images":["', b'","'.join(b64s), b'"]}\n',
     ))

@@ -24,7 +24,12 @@ from moonbatch.workers.pool import ordered_map
 from moonbatch.workers.providers.moondream.answers import Part
 from moonbatch.workers.providers.moondream.client import BatchClient
 from moonbatch.workers.providers.moondream.errors import RequestRejected, TransientError
-from moonbatch.workers.providers.moondream.lines import encode_line, max_image_bytes
+from moonbatch.workers.providers.moondream.lines import (
+    encode_images_line,
+    encode_line,
+    max_image_bytes,
+    max_images_bytes,
+)
 from moonbatch.workers.providers.moondream.records import BatchClaims, SubmitRecord, UploadRecord
 from moonbatch.workers.providers.moondream.recovery import (
     RoundClaimed,
@@ -108,7 +113,8 @@ class PartWriter:
 def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
                options: SkillOptions, *, concurrency: int, errors: dict[str, dict[str, str]],
                max_pixels: int = 0, indices: Sequence[int] | None = None, id_prefix: str = "",
-               sizes: dict[str, list[int]] | None = None, more: Sequence[SkillOptions] = ()
+               sizes: dict[str, list[int]] | None = None, more: Sequence[SkillOptions] = (),
+               image_sizes: dict[str, list[list[int] | None]] | None = None
                ) -> Iterator[tuple[int, bytes, bool, int]]:
     """Yield ``(item_index, line, transformed, skill)`` for every sendable item of
     ``indices`` (default: all), in plan order; each line's ``id`` is ``id_prefix`` + the
@@ -121,41 +127,85 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
     objects, unreadable ones, refused or malformed references, non-images, undecodable
     headers, invalid per-item options, and anything else that goes wrong with one item.
     ``sizes`` (if given) gets each sent image's ``PreparedImage.dims()`` under its item index.
+
+    A multi-image item (``PlanItem.more``; query only) has every image read, checked and
+    downscaled like a single one, within an even share of the line limit, and goes as one
+    ``images`` line (``encode_images_line``); one bad image makes the item's error, its message
+    naming which image (``image 2 of 2 (<ref>): ...``). ``image_sizes`` (if given) gets every
+    image's dims (None for an image not read) under its item index; ``sizes`` the first's.
     """
     skills = [options, *more]
     fragments = [o.line_fragment() for o in skills]
 
-    def load(pair: tuple[int, PlanItem]
-             ) -> tuple[int, list[bytes], bool, ItemError | None, list[int] | None]:
+    def load(pair: tuple[int, PlanItem]) -> tuple[int, list[bytes], bool, ItemError | None,
+                                                  list[int] | None, list[list[int] | None] | None]:
         index, item = pair
+        dims: list[list[int] | None] | None = None
         try:
             frags = fragments if not item.opts else [
                 item_options(o, item).line_fragment() for o in skills]
-            data = read_item(fetch, item)
             line_id = id_prefix + item.key
             ids = [line_id] if not more else [skill_line_id(line_id, o.skill) for o in skills]
+            if item.more:
+                parts = item.parts()
+                dims = [None] * len(parts)
+                lines, changed = _images_lines(parts, fetch, ids, frags, skills, max_pixels, dims)
+                return index, lines, changed, None, dims[0], dims
+            data = read_item(fetch, item)
             limit = min(max_image_bytes(i, f) for i, f in zip(ids, frags, strict=True))
             prepared = prepare_image(data, limit=limit, max_pixels=max_pixels)
             b64 = base64.b64encode(prepared.data)
             return (index, [encode_line(i, prepared.data, f, b64=b64)
                             for i, f in zip(ids, frags, strict=True)],
-                    prepared.transform is not None, None, prepared.dims())
+                    prepared.transform is not None, None, prepared.dims(), None)
         except ItemError as exc:
-            return index, [], False, exc, None
+            return index, [], False, exc, None, dims
         except Exception as exc:  # the per-item boundary: one item never fails the round
-            return index, [], False, unexpected_error(exc, "preparing", "image_decode_failed"), None
+            return (index, [], False, unexpected_error(exc, "preparing", "image_decode_failed"),
+                    None, dims)
 
     pairs = enumerate(items) if indices is None else ((i, items[i]) for i in indices)
-    for index, lines, transformed, error, dims in ordered_map(
+    for index, lines, transformed, error, first, every in ordered_map(
         load, pairs, workers=concurrency, window=concurrency * 2
     ):
+        if image_sizes is not None and every is not None:
+            image_sizes[str(index)] = every
         if error is not None:
             errors[str(index)] = error.as_dict()
             continue
-        if sizes is not None and dims is not None:
-            sizes[str(index)] = dims
+        if sizes is not None and first is not None:
+            sizes[str(index)] = first
         for skill, line in enumerate(lines):
             yield index, line, transformed and skill == 0, skill
+
+
+def _images_lines(parts: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
+                  ids: list[str], frags: list[bytes], skills: Sequence[SkillOptions],
+                  max_pixels: int, dims: list[list[int] | None]) -> tuple[list[bytes], bool]:
+    """The ``images`` lines (one per skill) of a multi-image item whose images are ``parts``
+    (``PlanItem.parts()``), and whether any image was re-encoded; fills ``dims`` as each
+    image is prepared. Raises ``ItemError`` naming the image that cannot be sent, and
+    ``invalid_options`` for a skill other than query (seed 002: only a query takes
+    ``images``; the run's checks refuse it before, ``check_multi_image``)."""
+    from moonbatch.workers.readers import refs
+
+    if any(o.skill != "query" for o in skills):
+        raise ItemError("invalid_options", f"the row names {len(parts)} images and only "
+                        "--skill query takes several images: run it with --skill query alone")
+    limit = min(max_images_bytes(i, f, len(parts)) for i, f in zip(ids, frags, strict=True))
+    b64s: list[bytes] = []
+    changed = False
+    for k, part in enumerate(parts):
+        try:
+            prepared = prepare_image(read_item(fetch, part), limit=limit, max_pixels=max_pixels)
+        except ItemError as exc:
+            shown = refs.show(part.ref if part.ref is not None else part.key, limit=300)
+            raise ItemError(exc.code, f"image {k + 1} of {len(parts)} ({shown}): "
+                            f"{exc.message}") from None
+        dims[k] = prepared.dims()
+        changed = changed or prepared.transform is not None
+        b64s.append(base64.b64encode(prepared.data))
+    return [encode_images_line(i, b64s, f) for i, f in zip(ids, frags, strict=True)], changed
 
 
 def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOptions,
@@ -273,13 +323,15 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     writer = PartWriter(part_size, send, concurrency=upload_concurrency)
     errors: dict[str, dict[str, str]] = {}
     sizes: dict[str, list[int]] = {}
+    image_sizes: dict[str, list[list[int] | None]] = {}
     lines: list[int] = []
     line_skills: list[int] = []
     transformed = 0
     try:
         for index, line, changed, skill in iter_lines(
                 items, fetch, options, concurrency=concurrency, errors=errors,
-                max_pixels=max_pixels, indices=todo, id_prefix=id_prefix, sizes=sizes, more=more):
+                max_pixels=max_pixels, indices=todo, id_prefix=id_prefix, sizes=sizes, more=more,
+                image_sizes=image_sizes):
             beat()
             writer.write(line)
             lines.append(index)
@@ -296,7 +348,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     build = ShardBuild(lines=lines, errors=errors, id_prefix=id_prefix, bytes=writer.bytes,
                        parts=len(parts), part_size=part_size, transformed=transformed,
                        build_seconds=round(time.time() - started, 3), sizes=sizes,
-                       skills=line_skills, attempt=attempt)
+                       image_sizes=image_sizes, skills=line_skills, attempt=attempt)
     if upload is None:
         return record_unsent(state, doc, build)
     intent = SubmitRecord(file_id=upload.file_id, upload_id=upload.upload_id, lines=len(lines),
