@@ -1,9 +1,10 @@
-"""Budgets and stops (``moonbatch.workers.stops``, README "Budget and stops") end to end, for both
-providers: real photographs on moto's S3, the emulated Batch API and fal queue over HTTP, a real
+"""Budgets and stops (``moonbatch.workers.stops``, README "Budget and stops") end to end, for every
+provider: real photographs on moto's S3, the emulated Batch API, fal queue and real-time API over HTTP, a real
 Celery worker serving ``/metrics``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections import Counter
@@ -14,7 +15,8 @@ from tests.conftest import Worker, free_port, read_json, read_results, run_cli, 
 from tests.test_metrics import scrape, total, wait_for_metrics
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png", "horse.png")
-PROVIDERS = {"moondream": [], "fal": ["--provider", "fal"]}
+PROVIDERS = {"moondream": [], "fal": ["--provider", "fal"],
+             "moondream-realtime": ["--provider", "moondream-realtime"]}
 STOPPED_EXIT = 5
 
 
@@ -23,6 +25,8 @@ def metered(env, tmp_path_factory):
     """A worker with ``/metrics`` on a queue of this module: ``(env for commands, port)``."""
     port = free_port()
     queue = "t-budget-" + uuid.uuid4().hex[:8]
+    # The emulated real-time API bills like Moondream Cloud (a Station would cost nothing).
+    env = {**env, "MOONBATCH_REALTIME_BILLED": "1"}
     wenv = {**env, "MOONBATCH_METRICS_PORT": str(port)}
     wenv.pop("PROMETHEUS_MULTIPROC_DIR", None)
     worker = Worker(wenv, queue, tmp_path_factory.mktemp("budget") / "worker.log",
@@ -89,19 +93,23 @@ def test_budget_stops_the_run_and_retry_with_more_completes_it(provider, s3, buc
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_systematic_failure_stops_after_the_sample(provider, s3, bucket, metered, emulator):
     from moonbatch.emulator.fal import FalFaults
+    from moonbatch.emulator.realtime import RealtimeFaults
     from moonbatch.emulator.server import Faults
 
     env, _ = metered
     upload_photos(s3, bucket, "in/", PHOTOS)
     if provider == "fal":
         emulator.config.fal.faults = FalFaults(rate_error=1.0)
+    elif provider == "moondream-realtime":
+        emulator.config.realtime = dataclasses.replace(
+            emulator.config.realtime, faults=RealtimeFaults(rate_5xx=1.0))
     else:
         emulator.config.faults = Faults(line_error_rate=1.0)
     proc = run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--workers", "0",
                     "--timeout", "120", "--shard-size", "2", "--max-error-rate", "0.5",
                     "--error-sample", "2", *PROVIDERS[provider]], env, check=False)
     assert proc.returncode == STOPPED_EXIT, proc.stderr
-    code = "request_failed" if provider == "fal" else "processing_error"
+    code = "processing_error" if provider == "moondream" else "request_failed"
     summary = read_json(s3, bucket, "out/run.json")
     assert summary["status"] == "stopped"
     assert summary["stop_reason"]["code"] == "error_rate_exceeded"
@@ -114,6 +122,8 @@ def test_systematic_failure_stops_after_the_sample(provider, s3, bucket, metered
 
     # The cause fixed, a retry pass judges its own results (a fresh sample) and completes.
     emulator.config.fal.faults, emulator.config.faults = FalFaults(), Faults()
+    emulator.config.realtime = dataclasses.replace(emulator.config.realtime,
+                                                   faults=RealtimeFaults())
     run_id = summary["run_id"]
     run_cli(["retry-failed", run_id], env)
     assert "completed" in run_cli(["wait", run_id, "--timeout", "120"], env).stdout

@@ -75,6 +75,18 @@ def finish_line(ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any], ou
     out.append(orjson.dumps(line))
 
 
+def end_unsent(ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any], out: list[bytes],
+               lines: list[int], error: dict[str, str]) -> None:
+    """End ``lines`` and every line of the ledger not sent yet (resends, those past the
+    cursor) as error lines with ``error`` (``{"code", "message"}``: a stopped run,
+    ``moonbatch.workers.stops``)."""
+    lines = lines + [li for unit in ledger["resend"] for li in unit]
+    lines += range(ledger["cursor"], ledger["lines"])
+    ledger["resend"], ledger["cursor"] = [], ledger["lines"]
+    for line in error_lines(lines, error["code"], error["message"]):
+        finish_line(ctx, build, ledger, out, line)
+
+
 def error_lines(lines: Sequence[int], code: str, message: str) -> list[dict[str, Any]]:
     """Error result lines ``{"line_index", "status": "error", "error": {code, message}}``."""
     return [{"line_index": li, "status": "error", "error": {"code": code, "message": message}}

@@ -46,7 +46,7 @@ from moonbatch.workers.providers.fal.prepare import (
     request_body,
 )
 from moonbatch.workers.providers.fal.settings import FalSettings
-from moonbatch.workers.stepped import SteppedRounds, error_lines, finish_line
+from moonbatch.workers.stepped import SteppedRounds, end_unsent, error_lines, finish_line
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class RoundSteps(SteppedRounds):
             return
         halted = stops.stopped(ctx.store)
         if halted is not None:  # the run stopped: nothing more is sent
-            self._end_unsent(ctx, build, ledger, out, [], stops.stop_error(halted))
+            end_unsent(ctx, build, ledger, out, [], stops.stop_error(halted))
             return
         # Slots are named after the first line of the request they are for, so a step that
         # died after taking them leaves nothing behind: the step that sends those lines again
@@ -287,7 +287,7 @@ class RoundSteps(SteppedRounds):
             n, refusal = stops.reserve_step(ctx, usd)
             if refusal is not None:
                 unused += [req[1] for req in requests[n:]]
-                self._end_unsent(ctx, build, ledger, out,
+                end_unsent(ctx, build, ledger, out,
                                  [li for req in requests[n:] for li in req[0]], refusal)
                 requests = requests[:n]
         headers = queue_headers(ctx.run.spec.provider_options)
@@ -343,16 +343,6 @@ class RoundSteps(SteppedRounds):
                         ctx.shard, ctx.rnd, wait)
         elif requests:
             ledger["limited_streak"] = 0
-
-    def _end_unsent(self, ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any],
-                    out: list[bytes], lines: list[int], error: dict[str, str]) -> None:
-        """End ``lines`` and every line not sent yet (resends, those past the cursor) as error
-        lines with ``error`` (a stopped run; ``moonbatch.workers.stops``)."""
-        lines = lines + [li for unit in ledger["resend"] for li in unit]
-        lines += range(ledger["cursor"], ledger["lines"])
-        ledger["resend"], ledger["cursor"] = [], ledger["lines"]
-        for line in error_lines(lines, error["code"], error["message"]):
-            finish_line(ctx, build, ledger, out, line)
 
 
 @functools.cache

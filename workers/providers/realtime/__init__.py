@@ -70,6 +70,9 @@ class RealtimeProvider(RealtimeSteps):
 
     name: ClassVar[str] = PROVIDER
     multi_image: ClassVar[bool] = False
+    spends_in_steps: ClassVar[bool] = True  # each step reserves the requests it sends
+    #: The API's 4xx codes for a request it cannot take (its own fault, not the service's).
+    input_error_codes: ClassVar[frozenset[str]] = frozenset({"http_400", "http_413", "http_422"})
     retryable_codes: ClassVar[frozenset[str]] = RETRYABLE_CODES
     settings_class: ClassVar[type[RealtimeSettings]] = RealtimeSettings
     credential: ClassVar[str] = "Moondream API key (MOONDREAM_API_KEY)"
@@ -165,7 +168,7 @@ class RealtimeProvider(RealtimeSteps):
         upload = k * math.ceil(image_bytes * 4 / 3)
         pace = (f"at MOONBATCH_REALTIME_RATE={rs.realtime_rate:g} requests/s: at least "
                 f"{_duration(requests / rs.realtime_rate)}")
-        if not rs.needs_key():
+        if not rs.billed():
             return Estimate(items, requests, upload, in_tok, out_tok, None, 0.0,
                             f"no token cost: {rs.realtime_url} is not Moondream Cloud (a "
                             f"Moondream Station on your own GPUs); {pace}")
@@ -173,6 +176,34 @@ class RealtimeProvider(RealtimeSteps):
         return Estimate(items, requests, upload, in_tok, out_tok, None,
                         price.cost(in_tok, out_tok),
                         f"{price.label()} ({PRICE_SOURCE}); token counts are estimates; {pace}")
+
+    # -- spend -----------------------------------------------------------------------------------
+    def line_estimate(self, spec: RunSpec, size: int, skill: int = 0) -> float:
+        """Dollars of one request: an image of ``size`` bytes and the run's ``skill``-th
+        skill, at the model's real-time price; 0 for a Moondream Station (no token cost)."""
+        from moonbatch.config import get_settings
+
+        if not get_settings().section(RealtimeSettings).billed():
+            return 0.0
+        return model_price(spec.model, "realtime").cost(
+            estimate_input_tokens(size, spec.max_pixels),
+            estimate_output_tokens(spec.all_options[skill]))
+
+    def round_estimate(self, ctx: RoundContext) -> float:
+        """The dollars of every request of the round (``line_estimate`` per item and skill)."""
+        spec, items = ctx.run.spec, ctx.items
+        return sum(self.line_estimate(spec, items[i].size, k)
+                   for i in ctx.indices() for k in range(len(spec.all_options)))
+
+    def cost(self, usage: Mapping[str, float], spec: RunSpec) -> float:
+        """Tokens the API reported (each answer's ``metrics``) at the model's real-time price;
+        0 for a Moondream Station."""
+        from moonbatch.config import get_settings
+
+        if not get_settings().section(RealtimeSettings).billed():
+            return 0.0
+        return model_price(spec.model, "realtime").cost(int(usage.get("input_tokens", 0)),
+                                                        int(usage.get("output_tokens", 0)))
 
     # -- a round (submit_round, collect_round, abandon_unsent: moonbatch.workers.stepped) ---------
     def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:

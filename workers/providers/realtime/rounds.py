@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from moonbatch.workers import layout, metrics, origins, slots
+from moonbatch.workers import layout, metrics, origins, slots, stops
 from moonbatch.workers.lines import ItemError, PreparedImage
 from moonbatch.workers.models import ShardBuild
 from moonbatch.workers.providers import RoundContext
@@ -55,6 +55,7 @@ from moonbatch.workers.providers.realtime.settings import RealtimeSettings
 from moonbatch.workers.readers import item_options
 from moonbatch.workers.stepped import (
     SteppedRounds,
+    end_unsent,
     error_lines,
     finish_line,
     load_images,
@@ -275,6 +276,7 @@ class RealtimeSteps(SteppedRounds):
         if todo:
             images.update(load_images(ctx, build, todo, limit=MAX_IMAGE_BYTES))
         unused = []
+        sendable = []
         for li, slot in zip(lines, granted, strict=True):
             item = ctx.items[build.lines[li]]
             k = build.skills[li] if build.skills else 0
@@ -288,6 +290,16 @@ class RealtimeSteps(SteppedRounds):
                 finish_line(ctx, build, ledger, out, {"line_index": li, "status": "error",
                                                       "error": image.as_dict()})
                 continue
+            sendable.append((li, slot, options, image))
+        # Each request's estimate is reserved first: none is sent past the budget.
+        n, refusal = stops.reserve_step(ctx, [self.line_estimate(  # type: ignore[attr-defined]
+            spec, ctx.items[build.lines[li]].size, build.skills[li] if build.skills else 0)
+            for li, _, _, _ in sendable])
+        if refusal is not None:
+            unused += [slot for _, slot, _, _ in sendable[n:]]
+            end_unsent(ctx, build, ledger, out, [li for li, _, _, _ in sendable[n:]], refusal)
+            sendable = sendable[:n]
+        for li, slot, options, image in sendable:
             uri = data_uri(image.data, image.format)
             payload = request_payload(options, uri, spec.model)
             metrics.upload_bytes(PROVIDER, len(uri))

@@ -7,7 +7,8 @@ Variables: ``MOONBATCH_REALTIME_URL`` (the API's base, default Moondream Cloud's
 ``moondream.ai`` or under it, sent only to that URL's origin), ``MOONBATCH_REALTIME_RATE``
 (requests per second across the whole fleet: Moondream Cloud allows 2 per key, 10 for funded
 accounts, FACTS.md), ``MOONBATCH_REALTIME_CONCURRENCY`` (requests awaiting their answer at once,
-fleet-wide). A value out of range raises ``pydantic.ValidationError`` naming the variable.
+fleet-wide), ``MOONBATCH_REALTIME_BILLED`` (whether answers cost the real-time price; default:
+the URL is Moondream Cloud's). A value out of range raises ``pydantic.ValidationError`` naming the variable.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class RealtimeSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("MOONDREAM_API_KEY", "MOONBATCH_API_KEY"))
     realtime_rate: float = Field(default=2.0, gt=0, le=10_000)
     realtime_concurrency: int = Field(default=16, ge=1, le=1000)
+    # Whether answers cost tokens at Moondream's real-time price: unset, a Moondream Cloud URL
+    # bills and any other (a Station) does not; set it for a proxy in front of Moondream Cloud.
+    realtime_billed: bool | None = None
 
     @field_validator("realtime_url")
     @classmethod
@@ -45,6 +49,11 @@ class RealtimeSettings(BaseSettings):
         """True when the URL is Moondream Cloud's (its host is ``moondream.ai`` or under it)."""
         host = origins.origin(self.realtime_url)[1]
         return host == KEYED_DOMAIN or host.endswith("." + KEYED_DOMAIN)
+
+    def billed(self) -> bool:
+        """True when tokens cost the real-time price (``MOONBATCH_REALTIME_BILLED``, default:
+        the URL is Moondream Cloud's)."""
+        return self.needs_key() if self.realtime_billed is None else self.realtime_billed
 
     def key(self) -> str | None:
         """The key as plain text, None when none is set (a Station needs none)."""
