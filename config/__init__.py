@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # Where run ids, active runs and batch claims are recorded (a store URL: a local directory
     # for one machine, s3://bucket/prefix/ shared by a fleet). Redis is never the only copy.
     state_url: str = "~/.moonbatch/"
+    # The result cache (workers.cache): on for new runs unless MOONBATCH_CACHE=0 or --no-cache;
+    # its location (a store URL; None: cache/ in the state location).
+    cache: bool = True
+    cache_url: str | None = None
 
     # Worker logs: "text", or "json" (one object per line with run, shard, round, provider).
     log_format: Literal["text", "json"] = "text"

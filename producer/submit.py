@@ -30,7 +30,7 @@ SKILL_OPTIONS = {"length": ("caption",), "question": ("query",), "reasoning": ("
 #: The options that shape a run other than its skills (``new_spec``'s, by their Python names).
 RUN_OPTIONS = ("shard_size", "max_pixels", "provider", "endpoint", "input_format", "id_column",
                "image_column", "base", "format", "skip_existing", "model", "priority",
-               "fal_store_io", "queue_timeout")
+               "fal_store_io", "queue_timeout", "cache", "cache_sampled")
 #: The options of one provider's own → their key in ``RunSpec.provider_options`` (the
 #: provider's ``check_spec`` refuses those it does not take).
 PROVIDER_OPTIONS = {"priority": "priority", "fal_store_io": "store_io",
@@ -139,10 +139,10 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               image_column: str | None = None, base: str | None = None,
               format: str = "jsonl", skip_existing: str | None = None,
               model: str | None = None, priority: str | None = None,
-              fal_store_io: bool | None = None, queue_timeout: float | None = None
-              ) -> dict[str, Any]:
+              fal_store_io: bool | None = None, queue_timeout: float | None = None,
+              cache: bool | None = None, cache_sampled: bool = False) -> dict[str, Any]:
     """The run-shaping options as ``producer.runs.new_spec`` takes them (``priority``,
-    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``). Raises
+    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``; ``cache`` None: the settings' ``MOONBATCH_CACHE``). Raises
     ``InvalidOption`` for a format or input format that does not exist, a negative
     ``max_pixels``, an empty ``model``, a ``priority`` other than normal or low, or a
     ``queue_timeout`` that is not a number of seconds > 0."""
@@ -174,7 +174,8 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
             "endpoint": endpoint, "input_format": input_format, "input_options": reader,
             "output_format": format, "skip_existing": skip_existing, "model": model,
-            "provider_options": provider_options}
+            "provider_options": provider_options, "cache": cache,
+            "cache_sampled": bool(cache_sampled)}
 
 
 def new_spec(input_url: str, output_url: str, settings: Settings, *,
@@ -243,7 +244,8 @@ def start(spec, settings: Settings) -> dict[str, Any]:
         return start_run(spec, settings)
 
 
-def estimate(spec, settings: Settings, *, allow_empty: bool = False) -> dict[str, Any]:
+def estimate(spec, settings: Settings, *, allow_empty: bool = False,
+             cache_check: bool = False) -> dict[str, Any]:
     """What ``spec`` would do and cost (``producer.runs.dry_run``'s report) after checking
     INPUT; writes nothing, reaches no broker, registry or provider, needs no key. Raises
     ``PreflightError``, ``InvalidOption`` (INPUT cannot be run as its kind)."""
@@ -253,4 +255,4 @@ def estimate(spec, settings: Settings, *, allow_empty: bool = False) -> dict[str
     with translated():
         preflight.preflight(settings, input_url=spec.input, allow_empty=allow_empty,
                             broker=False, api_key=False, state=False)
-        return dry_run(spec, settings)
+        return dry_run(spec, settings, cache_check=cache_check)

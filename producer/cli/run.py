@@ -12,6 +12,8 @@ from moonbatch.producer.cli.console import Fail, cli_errors, err, interruptible,
 from moonbatch.producer.cli.options import (
     AllowEmptyOpt,
     BaseOpt,
+    CacheCheckOpt,
+    CacheSampledOpt,
     DryRunJsonOpt,
     DryRunOpt,
     EmbeddedBrokerOpt,
@@ -27,6 +29,7 @@ from moonbatch.producer.cli.options import (
     MaxPixelsOpt,
     MaxTokensOpt,
     ModelOpt,
+    NoCacheOpt,
     ObjectOpt,
     OutputArg,
     PriorityOpt,
@@ -48,11 +51,12 @@ from moonbatch.producer.cli.render import ProgressView, planned, print_dry_run, 
 
 
 def _dry_run(input: str, output: str, options: dict[str, Any], allow_empty: bool,
-             as_json: bool) -> None:
+             as_json: bool, cache_check: bool = False) -> None:
     """``--dry-run``: print ``moonbatch.dry_run``'s estimate (a table, or JSON)."""
     from moonbatch.api import dry_run
 
-    report = dry_run(input, output, allow_empty=allow_empty, **options)
+    report = dry_run(input, output, allow_empty=allow_empty, cache_check=cache_check,
+                     **options)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -85,6 +89,8 @@ def run(input: InputArg, output: OutputArg,
         queue_timeout: QueueTimeoutOpt = None, workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
+        no_cache: NoCacheOpt = False, cache_sampled: CacheSampledOpt = False,
+        cache_check: CacheCheckOpt = False,
         dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Annotate every image under INPUT and write the results under OUTPUT; exit 0 when every
     image has a result (ok or error).
@@ -104,14 +110,17 @@ def run(input: InputArg, output: OutputArg,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
                    format=output_format, skip_existing=skip_existing, model=model,
-                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout)
+                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
+                   cache=False if no_cache else None, cache_sampled=cache_sampled or None)
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with cli_errors(), interruptible(where):
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
                        code=2)
+        if cache_check and not dry_run:
+            raise Fail("--cache-check applies to --dry-run only: add --dry-run", code=2)
         if dry_run:
-            _dry_run(input, output, options, allow_empty, as_json)
+            _dry_run(input, output, options, allow_empty, as_json, cache_check)
             return
 
         from moonbatch.workers.storage import normalize_url
@@ -149,6 +158,8 @@ def submit(input: InputArg, output: OutputArg,
            priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
            queue_timeout: QueueTimeoutOpt = None,
            allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
+           no_cache: NoCacheOpt = False, cache_sampled: CacheSampledOpt = False,
+           cache_check: CacheCheckOpt = False,
            dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
 
@@ -165,13 +176,16 @@ def submit(input: InputArg, output: OutputArg,
                    provider=provider, endpoint=endpoint, input_format=input_format,
                    id_column=id_column, image_column=image_column, base=base,
                    format=output_format, skip_existing=skip_existing, model=model,
-                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout)
+                   priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
+                   cache=False if no_cache else None, cache_sampled=cache_sampled or None)
     with cli_errors():
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
                        code=2)
+        if cache_check and not dry_run:
+            raise Fail("--cache-check applies to --dry-run only: add --dry-run", code=2)
         if dry_run:
-            _dry_run(input, output, options, allow_empty, as_json)
+            _dry_run(input, output, options, allow_empty, as_json, cache_check)
             return
         done = start(input, output, allow_empty=allow_empty, force=force, **options)
         if done.note:

@@ -29,6 +29,10 @@ error_message,
 error_skill
 input_tokens,       int64                             the row's token usage
 output_tokens
+cached              bool                              true when the row was not bought for this item:
+                                                      served by the result cache, or copied from
+                                                      another item of the run with the same image
+cache_of            string                            then: the id of the item whose request answered
 ==================  ================================  =============================================
 
 A typed column is null when no skill of the run fills it (``objects`` of a caption run); an
@@ -71,10 +75,12 @@ SCHEMA = pa.schema([
     ("result_json", pa.string()),
     *(("error_" + f, pa.string()) for f in _ERROR_FIELDS),
     *((name, pa.int64()) for name in _TOKENS),
+    ("cached", pa.bool_()),
+    ("cache_of", pa.string()),
 ])
 # The columns ``decode`` needs (the typed result columns are copies of ``result_json``).
 _DECODE_COLUMNS = ["id_json", "source", "status", *_SIZE_FIELDS, "result_json",
-                   *("error_" + f for f in _ERROR_FIELDS), *_TOKENS]
+                   *("error_" + f for f in _ERROR_FIELDS), *_TOKENS, "cached", "cache_of"]
 
 
 def encode(rows: Sequence[bytes], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -121,6 +127,8 @@ def _columns(row: dict[str, Any]) -> dict[str, Any]:
         "result_json": orjson.dumps(result).decode() if "result" in row else None,
         **{"error_" + f: _text(err.get(f)) for f in _ERROR_FIELDS},
         **{name: _int(usage.get(name)) for name in _TOKENS},
+        "cached": row.get("cached") is True,
+        "cache_of": _text(row.get("cache_of")),
     }
     for part in _parts(result):
         if out["caption"] is None and isinstance(part.get("caption"), str):
@@ -159,6 +167,8 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
     row["width"], row["height"] = rec["width"], rec["height"]
     if rec["sent_width"] is not None:
         row["sent_width"], row["sent_height"] = rec["sent_width"], rec["sent_height"]
+    if rec["cached"]:
+        row["cached"], row["cache_of"] = True, rec["cache_of"]
     return row
 
 
