@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # its location (a store URL; None: cache/ in the state location).
     cache: bool = True
     cache_url: str | None = None
+    # Bytes of images the cache pass keeps per build for the build to send without reading
+    # them again (beyond it, images to send are read twice).
+    cache_read_memory: int = Field(default=128 * 1024 * 1024, ge=0)
 
     # Worker logs: "text", or "json" (one object per line with run, shard, round, provider).
     log_format: Literal["text", "json"] = "text"

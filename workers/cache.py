@@ -137,32 +137,35 @@ def scan(items: Sequence[PlanItem], spec: RunSpec, fetch: Callable[[PlanItem], b
             return None
 
     keys: list[str | None] = []
-    with ThreadPoolExecutor(max(1, concurrency)) as pool:
-        for n, key in enumerate(pool.map(key_of, range(len(items)))):
-            keys.append(key)
-            if n % 256 == 255:
-                heartbeat()
     first: dict[str, int] = {}
     send: list[int] = []
     copies: dict[str, int] = {}
-    for i, key in enumerate(keys):
-        if key is None or not dedup:
-            send.append(i)
-            continue
-        if key in first:
-            copies[str(i)] = first[key]
-        else:
+    looking = dedup and cache is not None
+    pending: dict[str, Any] = {}
+    # Lookups start as soon as a new key is known, so they overlap the reads of later items;
+    # they are small requests, so twice as many run at once as reads.
+    with ThreadPoolExecutor(max(1, concurrency)) as pool, \
+            ThreadPoolExecutor(max(1, 2 * concurrency)) as lookups:
+        for i, key in enumerate(pool.map(key_of, range(len(items)))):
+            keys.append(key)
+            if i % 256 == 255:
+                heartbeat()
+            if key is None or not dedup:
+                send.append(i)
+                continue
+            if key in first:
+                copies[str(i)] = first[key]
+                continue
             first[key] = i
             send.append(i)
-    entries: dict[str, Any] = {}
-    if dedup and cache is not None and first:
-        distinct = list(first)
-        with ThreadPoolExecutor(max(1, concurrency)) as pool:
-            for key, entry in zip(distinct, pool.map(lambda k: lookup(cache, k), distinct),
-                                  strict=True):
-                if entry is not None:
-                    entries[key] = entry
-        heartbeat()
+            if looking:
+                pending[key] = lookups.submit(lookup, cache, key)  # type: ignore[arg-type]
+        entries: dict[str, Any] = {}
+        for key, future in pending.items():
+            entry = future.result()
+            if entry is not None:
+                entries[key] = entry
+    heartbeat()
     hits: dict[str, str] = {}
     if entries:
         for i, key in enumerate(keys):
@@ -174,7 +177,7 @@ def scan(items: Sequence[PlanItem], spec: RunSpec, fetch: Callable[[PlanItem], b
     return {"send": send, "keys": {str(i): keys[i] for i in send if keys[i] is not None},
             "hits": hits, "entries": entries, "copies": copies,
             "counts": {"items": len(items), "unread": unread, "distinct": len(first),
-                       "lookups": len(first) if dedup and cache is not None else 0,
+                       "lookups": len(pending),
                        "hits": len(hits), "copies": len(copies), "send": len(send)}}
 
 

@@ -212,8 +212,15 @@ def _cache_pass(run: Run, ctx: RoundContext) -> bool:
     doc = get_json_or_none(store, key)
     if doc is None:
         t0 = time.monotonic()
-        reading = cache.reads(run.spec)
-        doc = cache.scan(ctx.items, run.spec, run.fetcher.get,
+        reading, fetcher = cache.reads(run.spec), run.fetcher
+        budget = run.settings.cache_read_memory
+
+        def fetch(item: Any) -> bytes:  # kept for the build, within the budget: read once
+            data = fetcher.get(item)
+            fetcher.keep(item, data, budget)
+            return data
+
+        doc = cache.scan(ctx.items, run.spec, fetch,
                          cache.open_cache(run.spec, run.settings) if reading else None,
                          concurrency=run.settings.fetch_concurrency, heartbeat=ctx.heartbeat)
         doc["counts"]["seconds"] = round(time.monotonic() - t0, 3)
@@ -224,6 +231,8 @@ def _cache_pass(run: Run, ctx: RoundContext) -> bool:
                  "send (%.1fs)", ctx.shard, counts["items"], counts["hits"], counts["copies"],
                  counts["send"], counts.get("seconds", 0))
     ctx.__dict__.pop("todo", None)  # the context's todo is cache.json's send from now on
+    items = ctx.items
+    run.fetcher.release({(items[i].key, items[i].ref) for i in doc["send"]})
     if doc["send"]:
         return True
     empty = ShardBuild(lines=[], id_prefix=ctx.id_prefix)
@@ -276,6 +285,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
         return
     finally:
         lease.release()
+        run.fetcher.release()  # what the cache pass kept and the build did not take
     if not sent:  # nothing sendable: only error rows to write
         _next(merge_round_task, (output, run_id, shard, rnd))
     else:
