@@ -202,7 +202,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
                    f"{fan['requests'] / n:.2f} requests/item",
                    f"flat v1/<k>.json: {flat['seconds']:.2f} s "
                    f"({n / flat['seconds']:,.0f} items/s)",
-                   f"{flat['seconds'] / fan['seconds']:.2f}x flat's time")
+                   f"{fan['seconds'] / flat['seconds']:.2f}x flat's time")
         result.add("entry writes, local", f"{fan['entries'] / fan['fill_seconds']:,.0f}/s "
                    "(create-if-absent)", f"flat: {flat['entries'] / flat['fill_seconds']:,.0f}/s")
         bucket = servers.new_bucket("cache")
