@@ -13,7 +13,7 @@ import os
 import orjson
 import pytest
 
-from tests.conftest import read_results, run_cli, upload_photos, wait_for_run
+from tests.conftest import read_json, read_results, run_cli, upload_photos, wait_for_run
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png")
 CAPTION = "fal-ai/moondream3-preview/caption"
@@ -111,6 +111,10 @@ def test_identical_images_are_bought_once_within_and_across_runs(provider, s3, b
         assert row["status"] == "ok" and row["cached"] is True, row
         assert row["cache_of"] == original["id"] and row["result"] == original["result"]
     assert summary["counts"]["cached"] == 2 * len(PHOTOS) and summary["counts"]["ok"] == 6
+    # the build's decision is the round's state (a resume repeats it, whatever the cache holds)
+    decided = read_json(s3, bucket, "out2/_moonbatch/shards/00000/r0/cache.json")
+    assert decided["send"] == [] and len(decided["hits"]) == 2 * len(PHOTOS)
+    assert len(decided["entries"]) == len(PHOTOS)
 
     # A changed option misses: short captions are bought again (once per photo).
     before = sent(emulator, provider)
@@ -276,3 +280,27 @@ def test_parquet_keeps_cached_and_cache_of():
     assert table.column("cached").to_pylist() == [True, False]
     assert str(table.schema.field("cache_of").type) == "string"
 
+
+
+def test_runs_record_the_cache_settings(tmp_path, monkeypatch):
+    """A new run's spec records whether it caches, where, and whether a sampling run reads:
+    MOONBATCH_CACHE and MOONBATCH_CACHE_URL, overridden by --no-cache (``cache=False``)."""
+    from moonbatch.config import reload_settings
+    from moonbatch.producer import submit as starting
+
+    def spec(**options):
+        return starting.new_spec(str(tmp_path / "in"), str(tmp_path / "out"), reload_settings(),
+                                 **options)
+
+    assert not spec().cache  # the suite's MOONBATCH_CACHE=0
+    monkeypatch.setenv("MOONBATCH_CACHE", "1")
+    monkeypatch.setenv("MOONBATCH_STATE_URL", str(tmp_path / "state"))
+    on = spec()
+    assert on.cache and on.cache_url == str(tmp_path / "state") + "/cache/"
+    assert not on.cache_sampled
+    assert not spec(cache=False).cache
+    assert spec(cache_sampled=True, temperature=0.7).cache_sampled
+    monkeypatch.setenv("MOONBATCH_CACHE_URL", "s3://bucket/answers")
+    assert spec().cache_url == "s3://bucket/answers/"
+    monkeypatch.undo()
+    reload_settings()  # the session's settings again
