@@ -118,13 +118,16 @@ def scan(items: Sequence[PlanItem], spec: RunSpec, fetch: Callable[[PlanItem], b
     Returns the round's ``cache.json``: ``{"send": [item indices to send, plan order],
     "keys": {index: key} of sent items, "hits": {index: key}, "entries": {key: entry},
     "copies": {index: index of the sent item it copies}, "counts": {COUNTS}}``. An item whose
-    read or override fails is sent (the provider's build writes its error row)."""
+    read or override fails is sent (the provider's build writes its error row), as is a
+    multi-image item (``PlanItem.more``), uncached (both counted ``unread``)."""
     fps: dict[Any, str] = {}
     base = fingerprint(spec)
     dedup = reads(spec)
 
     def key_of(i: int) -> str | None:
         item = items[i]
+        if getattr(item, "more", None):  # a multi-image row: its key would need every image
+            return None
         try:
             data = fetch(item)
             if item.opts:
