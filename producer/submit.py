@@ -142,7 +142,8 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               fal_store_io: bool | None = None, queue_timeout: float | None = None,
               cache: bool | None = None, cache_sampled: bool = False) -> dict[str, Any]:
     """The run-shaping options as ``producer.runs.new_spec`` takes them (``priority``,
-    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``; ``cache`` None: the settings' ``MOONBATCH_CACHE``). Raises
+    ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``; ``cache`` None: the
+    settings' ``MOONBATCH_CACHE``). Raises
     ``InvalidOption`` for a format or input format that does not exist, a negative
     ``max_pixels``, an empty ``model``, a ``priority`` other than normal or low, or a
     ``queue_timeout`` that is not a number of seconds > 0."""
