@@ -8,7 +8,6 @@ and give each its own cache location in the test's bucket."""
 from __future__ import annotations
 
 import json
-import os
 
 import orjson
 import pytest
@@ -17,14 +16,11 @@ from tests.conftest import read_json, read_results, run_cli, upload_photos, wait
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png")
 CAPTION = "fal-ai/moondream3-preview/caption"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cache_env(env: dict[str, str], bucket: str) -> dict[str, str]:
-    """The session environment with the cache on, at ``s3://<bucket>/cache/``; the CLI runs
-    this checkout's code (the ``moonbatch`` script alone would import the installed one's)."""
-    return {**env, "MOONBATCH_CACHE": "1", "MOONBATCH_CACHE_URL": f"s3://{bucket}/cache/",
-            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)}
+    """The session environment with the cache on, at ``s3://<bucket>/cache/``."""
+    return {**env, "MOONBATCH_CACHE": "1", "MOONBATCH_CACHE_URL": f"s3://{bucket}/cache/"}
 
 
 def sent(emulator, provider: str) -> int:
