@@ -1,6 +1,7 @@
 """The result cache (workers/cache.py) end to end: S3 (moto) → producer → Redis → the session's
-real Celery workers → the emulated Moondream Batch API and fal queue over HTTP. What each
-provider was sent is counted at the emulator (batch lines, fal requests).
+real Celery workers → the emulated Moondream Batch API, fal queue and real-time API over HTTP.
+What each provider was sent is counted at the emulator (batch lines, fal and real-time
+requests).
 
 The suite runs with ``MOONBATCH_CACHE=0`` (conftest); these tests turn it on for their own runs
 and give each its own cache location in the test's bucket."""
@@ -28,6 +29,8 @@ def sent(emulator, provider: str) -> int:
     each on the caption endpoint)."""
     if provider == "moondream":
         return sum(b.total for b in list(emulator.emulator.batches.values()))
+    if provider == "moondream-realtime":
+        return emulator.emulator.realtime.calls.get("caption", 0)
     return sum(1 for r in list(emulator.emulator.fal.requests.values()) if r.endpoint == CAPTION)
 
 
@@ -51,7 +54,7 @@ def entries(s3, bucket: str) -> list[str]:
     return [o["Key"] for o in resp.get("Contents", [])]
 
 
-@pytest.mark.parametrize("provider", ["moondream", "fal"])
+@pytest.mark.parametrize("provider", ["moondream", "fal", "moondream-realtime"])
 def test_identical_images_are_bought_once_within_and_across_runs(provider, s3, bucket, env,
                                                                  fleet, emulator):
     on = cache_env(env, bucket)
