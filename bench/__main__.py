@@ -16,7 +16,8 @@ from pathlib import Path
 from bench.common import Result, Servers, machine
 from bench.report import write_report
 
-BENCHMARKS = ("shard_build", "downscale", "end_to_end", "fal_throughput", "merge", "memory")
+BENCHMARKS = ("shard_build", "downscale", "end_to_end", "fal_throughput", "merge", "memory",
+              "cache")
 REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 

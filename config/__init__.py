@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     # Where run ids, active runs and batch claims are recorded (a store URL: a local directory
     # for one machine, s3://bucket/prefix/ shared by a fleet). Redis is never the only copy.
     state_url: str = "~/.moonbatch/"
+    # The result cache (workers.cache): on for new runs unless MOONBATCH_CACHE=0 or --no-cache;
+    # its location (a store URL; None: cache/ in the state location).
+    cache: bool = True
+    cache_url: str | None = None
+    # Bytes of images the cache pass keeps per build for the build to send without reading
+    # them again (beyond it, images to send are read twice).
+    cache_read_memory: int = Field(default=128 * 1024 * 1024, ge=0)
 
     # Worker logs: "text", or "json" (one object per line with run, shard, round, provider).
     log_format: Literal["text", "json"] = "text"

@@ -15,7 +15,9 @@ names: several images per row, a multi-image query), ``base``,
 and ``exports`` (a list of ``coco``, ``label-studio``, ``yolo``, written under
 OUTPUT/annotations/ when the run completes; default: ``["coco"]`` for a detect, point or
 segment run; ``[]``: none),
-and the stops ``max_cost`` (dollars), ``max_error_rate`` (0..1) and ``error_sample``.
+the stops ``max_cost`` (dollars), ``max_error_rate`` (0..1) and ``error_sample``;
+``cache`` (False: ``--no-cache``; default ``MOONBATCH_CACHE``), ``cache_sampled``
+(``--cache-sampled``).
 
 Nothing here prints, installs a signal handler or exits; failures raise
 ``moonbatch.errors`` classes (``InvalidOption``, ``PreflightError``, ``OutputConflict``,
@@ -233,16 +235,19 @@ def run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
 
 
 def dry_run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
-            provider: str | None = None, allow_empty: bool = False,
+            provider: str | None = None, allow_empty: bool = False, cache_check: bool = False,
             **options: Any) -> dict[str, Any]:
     """List and plan INPUT as a run would and return the estimate (``moonbatch run
     --dry-run --json``): ``items``, ``skipped``, ``shards``, ``requests``, ``image_bytes``,
     ``upload_bytes``, ``input_tokens``, ``output_tokens``, ``compute_seconds``, ``cost_usd``
     (None: no published price), ``basis``, ``model``, ``provider_options``, ``details`` (the
     model and the provider's controls, one line each) and ``warnings``... Writes nothing,
-    sends nothing, needs no key or
-    broker. Raises ``InvalidOption``, ``PreflightError`` (INPUT)."""
+    sends nothing, needs no key or broker. With ``cache_check`` it also reads every image and
+    looks it up in the result cache: ``cache`` tells how many items would not be sent and the
+    cost saved (``served``, ``hits``, ``copies``, ``saved_usd``). Raises ``InvalidOption``,
+    ``PreflightError`` (INPUT)."""
     from moonbatch.producer import submit as starting
 
     spec = _spec(input, output, skill, provider, options)
-    return starting.estimate(spec, _settings(), allow_empty=allow_empty)
+    return starting.estimate(spec, _settings(), allow_empty=allow_empty,
+                             cache_check=cache_check)

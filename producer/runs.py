@@ -25,7 +25,7 @@ from typing import Any
 from moonbatch.config import Settings, get_settings
 from moonbatch.producer.existing import ExistingOk
 from moonbatch.producer.planner import Shard, plan_shards
-from moonbatch.workers import canary, layout, registry
+from moonbatch.workers import cache, canary, layout, registry
 from moonbatch.workers.enqueue import BUILD_SHARD, FINALIZE_RUN, enqueue
 from moonbatch.workers.lease import Lease, LeaseLost
 from moonbatch.workers.models import PlanItem, RunSpec, SkillOptions
@@ -244,6 +244,12 @@ def new_spec(input_url: str, output_url: str, options: SkillOptions | Sequence[S
         fields["more_options"] = more
     if fields.get("skip_existing"):
         fields["skip_existing"] = resolve_run(fields["skip_existing"], settings)
+    if fields.get("cache") is None:
+        fields["cache"] = settings.cache
+    if fields["cache"]:
+        from moonbatch.workers.cache import resolve_url
+
+        fields["cache_url"] = resolve_url(settings)
     (input_url, input_kind), output_url = normalize_input(input_url, input_format), \
         normalize_url(output_url)
     if input_url == output_url:
@@ -524,7 +530,8 @@ def iter_plan(spec: RunSpec, inp: Store, stats: PlanStats, settings: Settings | 
                        limits=provider_for(spec).limits(spec))
 
 
-def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
+def dry_run(spec: RunSpec, settings: Settings, *, cache_check: bool = False
+            ) -> dict[str, Any]:
     """What ``spec`` would do, without doing any of it: list and plan INPUT exactly as a run
     does (``iter_plan``) and ask the provider for its estimate (``Provider.estimate``: for the
     whole run, and per planned shard for the request count, as each shard packs its own
@@ -541,7 +548,10 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     ``warnings``: the provider's lines, ``Estimate``; ``skipped_existing``: items left out for
     their ok row at ``skip_existing``; ``items`` counts the others; ``images``: the images of
     all items, ``images_per_item``: ``{"<images in an item>": <items>}``, e.g. ``{"2": 40}``
-    for a manifest of pairs).
+    for a manifest of pairs), and ``"cache"``: with ``cache_check`` (reads every image, looks
+    it up in the result cache, writes nothing) ``{"checked": True, "items", "served", "hits",
+    "copies", "saved_usd"}`` (``saved_usd``: the estimate's share of the served items; None
+    without a price), else ``{"checked": False, "note"}``.
     (token, second and cost fields are None where the provider has no such figure). Raises
     storage errors when INPUT cannot be listed, ``InputError`` when it cannot be run (see
     ``check_input_items``).
@@ -554,7 +564,17 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     inp = open_output(input_root(spec), settings)
     check_input_items(spec, inp, settings)
     per_item: dict[int, int] = {}  # images in an item → items
+    checking = cache_check and cache.reads(spec)
+    if checking:
+        from moonbatch.workers.readers import ItemFetcher
+
+        fetcher = ItemFetcher(inp, settings, local_input=not spec.input.startswith("s3://"))
+        store = cache.open_cache(spec, settings)
+        scans: list[dict[str, Any]] = []
     for shard in iter_plan(spec, inp, stats, settings):
+        if checking:
+            scans.append(cache.scan(shard.items, spec, fetcher.get, store,
+                                    concurrency=settings.fetch_concurrency))
         size = sum(item.size for item in shard.items)
         for item in shard.items:
             n = 1 + len(item.more) if item.more else 1
@@ -579,7 +599,24 @@ def dry_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
             "upload_bytes": whole.upload_bytes, "input_tokens": whole.input_tokens,
             "output_tokens": whole.output_tokens, "compute_seconds": whole.seconds,
             "cost_usd": whole.cost_usd, "basis": whole.basis,
-            "details": list(whole.details), "warnings": list(whole.warnings)}
+            "details": list(whole.details), "warnings": list(whole.warnings),
+            "cache": _cache_report(spec, cache_check, cache.summarize(scans) if checking
+                                   else None, whole.cost_usd)}
+
+
+def _cache_report(spec: RunSpec, checked: bool, counts: dict[str, int] | None,
+                  cost: float | None) -> dict[str, Any]:
+    """A dry run's ``cache`` entry (see ``dry_run``)."""
+    if counts is None:
+        note = ("off (--no-cache or MOONBATCH_CACHE=0)" if not spec.cache
+                else "not read: the run samples (temperature > 0); add --cache-sampled"
+                if checked else "not checked (add --cache-check: reads every image)")
+        return {"checked": False, "note": note}
+    served = counts["hits"] + counts["copies"]
+    items = counts["items"]
+    return {"checked": True, "items": items, "served": served, "hits": counts["hits"],
+            "copies": counts["copies"], "lookups": counts["lookups"],
+            "saved_usd": None if cost is None or not items else cost * served / items}
 
 
 def _check_replan(out: Store, shard: int, body: bytes) -> None:

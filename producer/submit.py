@@ -31,7 +31,7 @@ SKILL_OPTIONS = {"length": ("caption",), "question": ("query",), "reasoning": ("
 RUN_OPTIONS = ("shard_size", "max_pixels", "provider", "endpoint", "input_format", "id_column",
                "image_column", "base", "format", "skip_existing", "model", "priority",
                "fal_store_io", "queue_timeout", "exports", "max_cost", "max_error_rate",
-               "error_sample")
+               "error_sample", "cache", "cache_sampled")
 #: ``--error-sample`` when ``--max-error-rate`` is given without it.
 DEFAULT_ERROR_SAMPLE = 20
 #: The options of one provider's own → their key in ``RunSpec.provider_options`` (the
@@ -145,7 +145,8 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
               fal_store_io: bool | None = None, queue_timeout: float | None = None,
               exports: str | Sequence[str] | None = None, max_cost: float | None = None,
               max_error_rate: float | None = None,
-              error_sample: int | None = None) -> dict[str, Any]:
+              error_sample: int | None = None, cache: bool | None = None,
+              cache_sampled: bool = False) -> dict[str, Any]:
     """The run-shaping options as ``producer.runs.new_spec`` takes them (``priority``,
     ``fal_store_io`` and ``queue_timeout`` go into ``provider_options``; ``image_column``: one
     column, or several naming each row's images for a multi-image query). Raises
@@ -154,7 +155,8 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
     low, a ``queue_timeout`` that is not a number of seconds > 0, a ``max_error_rate``
     outside 0..1, an ``error_sample`` below 1 or without ``max_error_rate``, or an image
     column given twice. ``exports``: names of ``writers.exports.EXPORTS`` (one, or a list;
-    ``none`` alone: no export; None: the default, COCO for a detect, point or segment run)."""
+    ``none`` alone: no export; None: the default, COCO for a detect, point or segment run).
+    ``cache`` None: the settings' ``MOONBATCH_CACHE``."""
     from moonbatch.workers.readers import INPUT_FORMATS
     from moonbatch.workers.writers import OUTPUT_FORMATS
     from moonbatch.workers.writers.exports import EXPORTS
@@ -214,7 +216,8 @@ def spec_args(*, shard_size: int | None = None, max_pixels: int | None = None,
     return {"shard_size": shard_size, "max_pixels": max_pixels, "provider": provider,
             "endpoint": endpoint, "input_format": input_format, "input_options": reader,
             "output_format": format, "skip_existing": skip_existing, "model": model,
-            "provider_options": provider_options, "exports": exports, **stop_fields}
+            "provider_options": provider_options, "exports": exports, **stop_fields,
+            "cache": cache, "cache_sampled": bool(cache_sampled)}
 
 
 def new_spec(input_url: str, output_url: str, settings: Settings, *,
@@ -296,7 +299,8 @@ def start(spec, settings: Settings) -> dict[str, Any]:
         return start_run(spec, settings)
 
 
-def estimate(spec, settings: Settings, *, allow_empty: bool = False) -> dict[str, Any]:
+def estimate(spec, settings: Settings, *, allow_empty: bool = False,
+             cache_check: bool = False) -> dict[str, Any]:
     """What ``spec`` would do and cost (``producer.runs.dry_run``'s report) after checking
     INPUT; writes nothing, reaches no broker, registry or provider, needs no key. Raises
     ``PreflightError``, ``InvalidOption`` (INPUT cannot be run as its kind)."""
@@ -306,4 +310,4 @@ def estimate(spec, settings: Settings, *, allow_empty: bool = False) -> dict[str
     with translated():
         preflight.preflight(settings, input_url=spec.input, allow_empty=allow_empty,
                             broker=False, api_key=False, state=False)
-        return dry_run(spec, settings)
+        return dry_run(spec, settings, cache_check=cache_check)

@@ -27,6 +27,11 @@ import pytest
 import redis
 from PIL import Image
 
+# The result cache is off for the whole suite (contract 9: every test sends what it plans);
+# tests/test_cache.py turns it on for its own runs. Set before any Settings is read, and
+# inherited by every worker and CLI process the tests start.
+os.environ["MOONBATCH_CACHE"] = "0"
+
 BROKER_DB, BACKEND_DB = 0, 1
 SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
                   "camera.png", "horse.png", "motorcycle_left.png", "no_time_for_that_tiny.gif")

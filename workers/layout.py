@@ -15,6 +15,8 @@
     _moonbatch/plan/shard-00000.jsonl      the shard's items: {"id", "size"} per line
     _moonbatch/shards/00000/lease.json     who builds the shard now (see workers.lease)
     _moonbatch/shards/00000/r0/todo.json   items of round r (r > 0: those to retry)
+    _moonbatch/shards/00000/r0/cache.json  round 0's cache pass: items to send, their cache
+                                           keys, hits and in-run copies (workers.cache)
     _moonbatch/shards/00000/r0/upload.json    multipart upload in flight
     _moonbatch/shards/00000/r0/build.json     line_index → item mapping and pre-send errors
     _moonbatch/shards/00000/r0/submit.json    mpu-complete sent, answer not yet recorded

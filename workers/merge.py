@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
 
+from moonbatch.workers import cache
 from moonbatch.workers.models import PlanItem, ShardBuild, id_text
 
 
@@ -251,6 +252,32 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
             row.update(status="error", error=first_error, result=results, usage=usage)
         rows[i] = orjson.dumps(_with_images(_with_size(row, dims), item, i, build, source_of))
     return rows, stats, retryable
+
+
+def fill_cached(items: Sequence[PlanItem], rows: dict[int, bytes],
+                doc: Mapping[str, Any] | None, source_of: Callable[[PlanItem], str], *,
+                rnd: int) -> int:
+    """Add to a round's ``rows`` (item index → row bytes, from ``merge.merge_round``) the rows
+    ``doc`` (the shard's round-0 ``cache.json``) serves: round 0's hits, and in every round
+    the copies of the items merged in it (a copy that was itself merged keeps its own row).
+    Returns how many rows were added. Pure."""
+    if not doc:
+        return 0
+    added = 0
+    if rnd == 0:
+        entries = doc.get("entries") or {}
+        for i, key in (doc.get("hits") or {}).items():
+            idx = int(i)
+            if idx not in rows:
+                rows[idx] = cache.hit_row(items[idx].id, source_of(items[idx]), entries[key])
+                added += 1
+    merged = set(rows)
+    for c, o in (doc.get("copies") or {}).items():
+        idx = int(c)
+        if o in merged and idx not in merged:
+            rows[idx] = cache.copy_row(rows[o], items[idx].id, source_of(items[idx]), items[o].id)
+            added += 1
+    return added
 
 
 def _with_size(row: dict[str, Any], dims: Any) -> dict[str, Any]:

@@ -225,6 +225,13 @@ class RunSpec(BaseModel):
     shard_size: int
     max_shard_bytes: int
     max_pixels: int = 0  # downscale budget (0: send images at their own resolution)
+    # The result cache (``moonbatch.workers.cache``), decided at submit so every worker agrees:
+    # on or off (``MOONBATCH_CACHE``, ``--no-cache``; False for specs written before it), its
+    # location (``MOONBATCH_CACHE_URL``, default beside the state location) and whether a
+    # sampling run (temperature > 0) may read it (``--cache-sampled``).
+    cache: bool = False
+    cache_url: str | None = None
+    cache_sampled: bool = False
     created_at: float  # unix seconds
     # Stops (``moonbatch.workers.stops``): the budget in dollars (``--max-cost``; a later
     # ``retry-failed --max-cost`` overrides it), and the share of provider-side errors
@@ -425,6 +432,9 @@ class ShardDone(BaseModel):
     duplicate_batches: int = 0
     polls: int = 0
     requests: int = 0  # provider requests sent (fal), all rounds
+    # Rows not bought for this item: served by the result cache or copied from another item
+    # of the run with the same image and request (``"cached": true``; workers.cache).
+    cached: int = 0
     rounds: int = 1  # batches sent for this shard's items (retries included)
     batch_ids: list[str] = Field(default_factory=list)
     submitted_at: float | None = None

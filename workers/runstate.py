@@ -221,6 +221,8 @@ class Progress:
             "provider": spec.get("provider") or DEFAULT_PROVIDER,
             "endpoint": spec.get("endpoint"),
             "counts": {"total": total, "ok": ok, "error": err, "done": ok + err,
+                       # rows served by the result cache or copied within the run
+                       "cached": sum(d.cached for d in done.values()),
                        "in_flight": in_flight, "skipped": plan.get("skipped", 0) if plan else None,
                        # Result lines of merged shards the merge could not use as sent.
                        **{name: sum(getattr(d, field) for d in done.values()) for name, field in
@@ -240,7 +242,7 @@ class Progress:
             "batches": [{"shard": s, "batch_id": d.batch_id, "status": d.batch_status,
                          "merged": True, "items": d.total, "ok": d.ok, "error": d.error,
                          "polls": d.polls, "rounds": d.rounds, "batch_ids": d.batch_ids,
-                         "requests": d.requests,
+                         "requests": d.requests, "cached": d.cached,
                          "duplicate_batches": d.duplicate_batches}
                         for s, d in sorted(done.items())] + out,
             "failure": failed,

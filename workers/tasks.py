@@ -26,7 +26,7 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from moonbatch.config import Settings, get_settings
-from moonbatch.workers import attempts, layout, logs, metrics, stops, writers
+from moonbatch.workers import attempts, cache, layout, logs, metrics, stops, writers
 from moonbatch.workers import shard as shard_state
 from moonbatch.workers.app import app
 from moonbatch.workers.enqueue import (
@@ -39,7 +39,7 @@ from moonbatch.workers.enqueue import (
     enqueue,
 )
 from moonbatch.workers.lease import Lease, LeaseLost, execution_owner, task_of
-from moonbatch.workers.merge import compose, encode_round, error_codes, merge_round
+from moonbatch.workers.merge import compose, encode_round, error_codes, fill_cached, merge_round
 from moonbatch.workers.models import BatchRecord, ShardBuild, ShardDone
 from moonbatch.workers.providers import (
     Later,
@@ -211,6 +211,43 @@ def _later(settings: Settings, countdown: float) -> float:
                                                settings.visibility_timeout / 4))
 
 
+def _cache_pass(run: Run, ctx: RoundContext) -> bool:
+    """Round 0's cache pass (``cache.scan``), once per shard: its outcome is the round's
+    ``cache.json`` (kept, so a resume repeats it exactly; the provider sends ``ctx.todo``, its
+    ``send``). Returns False when nothing is left to send: then it records an empty build,
+    so the round goes to its merge (only served rows)."""
+    store, key = run.output, ctx.doc("cache")
+    doc = get_json_or_none(store, key)
+    if doc is None:
+        t0 = time.monotonic()
+        reading, fetcher = cache.reads(run.spec), run.fetcher
+        budget = run.settings.cache_read_memory
+
+        def fetch(item: Any) -> bytes:  # kept for the build, within the budget: read once
+            data = fetcher.get(item)
+            fetcher.keep(item, data, budget)
+            return data
+
+        doc = cache.scan(ctx.items, run.spec, fetch,
+                         cache.open_cache(run.spec, run.settings) if reading else None,
+                         concurrency=run.settings.fetch_concurrency, heartbeat=ctx.heartbeat)
+        doc["counts"]["seconds"] = round(time.monotonic() - t0, 3)
+        put_json(store, key, doc, if_absent=True)
+        doc = get_json(store, key)  # another execution's, if it wrote first
+        counts = doc["counts"]
+        log.info("shard %d: cache pass: %d item(s), %d served by the cache, %d copies, %d to "
+                 "send (%.1fs)", ctx.shard, counts["items"], counts["hits"], counts["copies"],
+                 counts["send"], counts.get("seconds", 0))
+    ctx.__dict__.pop("todo", None)  # the context's todo is cache.json's send from now on
+    items = ctx.items
+    run.fetcher.release({(items[i].key, items[i].ref) for i in doc["send"]})
+    if doc["send"]:
+        return True
+    empty = ShardBuild(lines=[], id_prefix=ctx.id_prefix)
+    put_json(store, ctx.doc("build"), empty.model_dump(), if_absent=True)
+    return False
+
+
 @app.task(bind=True, base=RunTask, name=BUILD_SHARD)
 def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -> None:  # noqa: A002
     """Send round ``round`` of the shard (the provider builds, uploads, submits) under its
@@ -237,9 +274,10 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
                            lease=lease)
             try:
-                refusal = stops.before_send(ctx, provider)
-                if refusal is not None:  # stopped (budget, error rate): nothing is sent
-                    _unsent(ctx, refusal)
+                if rnd == 0 and run.spec.cache and not _cache_pass(run, ctx):
+                    sent = False  # every item is served by the cache or copies one
+                elif (refusal := stops.before_send(ctx, provider)) is not None:
+                    _unsent(ctx, refusal)  # stopped (budget, error rate): nothing is sent
                     sent = False
                 else:
                     sent = attempts.counted(ctx, "build", provider.submit_round, provider)
@@ -258,6 +296,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
         return
     finally:
         lease.release()
+        run.fetcher.release()  # what the cache pass kept and the build did not take
     if not sent:  # nothing sendable: only error rows to write
         _next(merge_round_task, (output, run_id, shard, rnd))
     else:
@@ -384,14 +423,37 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                   "missing": stats.missing, "malformed": stats.malformed,
                   "id_mismatch": stats.id_mismatch, "retryable": retryable,
                   **(collected.stats if collected else {})}
+        cache_doc = get_json_or_none(store, layout.round_doc(shard, 0, "cache")) \
+            if run.spec.cache else None
+        if cache_doc is not None:
+            sent_rows = dict(rows)
+            merged["cached"] = fill_cached(items, rows, cache_doc, run.fetcher.source, rnd=rnd)
         put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
         store.put(layout.round_doc(shard, rnd, "rows"), encode_round(rows), if_absent=True)
+        if cache_doc is not None:  # after the merge is stored: only merged ok rows are cached
+            _write_cache(run, cache_doc, sent_rows, shard, rnd)
     step = shard_state.after_merge(merged["retryable"], rnd=rnd, base=base,
                                    max_item_attempts=settings.max_item_attempts)
     if step.action is shard_state.Action.BUILD:
         _next_round(store, output, run_id, shard, rnd, merged["retryable"], step.why, base)
         return
     _finish_shard(run, shard, rnd)
+
+
+def _write_cache(run: Run, doc: dict[str, Any], rows: dict[int, bytes], shard: int,
+                 rnd: int) -> None:
+    """Write the cache entries of a merged round's ok rows (``cache.write_entries``). A
+    failure is logged, not raised: a missing entry only costs a later run a request."""
+    try:
+        new = cache.write_entries(cache.open_cache(run.spec, run.settings), doc, rows,
+                                  run.spec.run_id, concurrency=run.settings.fetch_concurrency)
+    except (StorageError, OSError, ValueError) as exc:
+        log.warning("shard %d round %d: cache entries not written (%s: %s)", shard, rnd,
+                    type(exc).__name__, str(exc)[:200])
+        return
+    if new:
+        log.info("shard %d round %d: %d cache entr%s written", shard, rnd, new,
+                 "y" if new == 1 else "ies")
 
 
 def _finish_shard(run: Run, shard: int, last_round: int) -> None:
@@ -431,6 +493,7 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
         malformed_lines=sum(m.get("malformed", 0) for m in merged),
         id_mismatch_lines=sum(m.get("id_mismatch", 0) for m in merged),
         errors_by_code=error_codes(final),
+        cached=sum(1 for row in final if b'"cached":true' in row),
         polls=sum(m["polls"] for m in merged), requests=sum(m.get("requests", 0) for m in merged),
         rounds=last_round + 1, batch_ids=[b["batch_id"] for b in batches if b["batch_id"]],
         submitted_at=batches[0]["submitted_at"] if batches else None, completed_at=time.time(),

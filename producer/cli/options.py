@@ -87,6 +87,15 @@ QueueTimeoutOpt = Annotated[Optional[float], typer.Option(
 DryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", help="list and plan INPUT as a run would and print items, shards, requests, "
     "bytes, tokens and the estimated cost; write nothing, send nothing, need no key")]
+NoCacheOpt = Annotated[bool, typer.Option(
+    "--no-cache", help="neither read nor write the result cache: send every item, even "
+    "identical images (default: cache on, unless MOONBATCH_CACHE=0)")]
+CacheSampledOpt = Annotated[bool, typer.Option(
+    "--cache-sampled", help="let a sampling run (--temperature above 0) take answers from the "
+    "result cache and from identical images of the run")]
+CacheCheckOpt = Annotated[bool, typer.Option(
+    "--cache-check", help="with --dry-run: read every image and count how many the result "
+    "cache would serve, and the cost saved")]
 DryRunJsonOpt = Annotated[bool, typer.Option(
     "--json", help="with --dry-run: print the estimate as JSON")]
 MaxPixelsOpt = Annotated[Optional[int], typer.Option(

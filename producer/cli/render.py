@@ -58,6 +58,7 @@ def print_summary(snap: dict[str, Any]) -> None:
     for k, v in (("run", snap["run_id"]), ("status", snap["status"]),
                  ("provider", provider_text(snap)), ("skill", snap["skill"]),
                  ("items", c["total"]), ("ok", c["ok"]), ("error", c["error"]),
+                 *([("cached (not sent)", c["cached"])] if c.get("cached") else []),
                  ("skipped (not images)", skipped),
                  (provider.wording.units, provider.count_units(snap["batches"]) if not out_of
                   else f"{provider.count_units(snap['batches'])} ({out_of} at {at(snap)})"),
@@ -78,6 +79,16 @@ def size(n: int) -> str:
         if n >= scale:
             return f"{n:,} ({n / scale:.1f} {unit})"
     return f"{n:,}"
+
+
+def cache_text(c: dict[str, Any]) -> str:
+    """A dry run's cache check as one phrase: what the result cache would serve and save."""
+    if not c.get("checked"):
+        return c.get("note") or "not checked (add --cache-check)"
+    saved = c.get("saved_usd")
+    return (f"{c['served']:,} of {c['items']:,} item(s) served without sending "
+            f"({c['hits']:,} from the cache, {c['copies']:,} copies in the run); "
+            + ("saves no published price" if saved is None else f"saves ${saved:,.4f}"))
 
 
 def print_dry_run(report: dict[str, Any]) -> None:
@@ -113,6 +124,8 @@ def print_dry_run(report: dict[str, Any]) -> None:
     details = [(k, v) if sep else ("", k) for k, sep, v in
                (str(line).partition(": ") for line in report.get("details") or ())]
     rows[2:2] = details
+    if report.get("cache"):
+        rows.append(("cache", cache_text(report["cache"])))
     table = Table(show_header=False, box=None)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")

@@ -12,6 +12,8 @@ from moonbatch.producer.cli.console import Fail, cli_errors, err, interruptible,
 from moonbatch.producer.cli.options import (
     AllowEmptyOpt,
     BaseOpt,
+    CacheCheckOpt,
+    CacheSampledOpt,
     DryRunJsonOpt,
     DryRunOpt,
     EmbeddedBrokerOpt,
@@ -31,6 +33,7 @@ from moonbatch.producer.cli.options import (
     MaxPixelsOpt,
     MaxTokensOpt,
     ModelOpt,
+    NoCacheOpt,
     ObjectOpt,
     OutputArg,
     PriorityOpt,
@@ -52,11 +55,12 @@ from moonbatch.producer.cli.render import ProgressView, planned, print_dry_run, 
 
 
 def _dry_run(input: str, output: str, options: dict[str, Any], allow_empty: bool,
-             as_json: bool) -> None:
+             as_json: bool, cache_check: bool = False) -> None:
     """``--dry-run``: print ``moonbatch.dry_run``'s estimate (a table, or JSON)."""
     from moonbatch.api import dry_run
 
-    report = dry_run(input, output, allow_empty=allow_empty, **options)
+    report = dry_run(input, output, allow_empty=allow_empty, cache_check=cache_check,
+                     **options)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -95,6 +99,8 @@ def run(input: InputArg, output: OutputArg,
         workers: WorkersOpt = None,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
+        no_cache: NoCacheOpt = False, cache_sampled: CacheSampledOpt = False,
+        cache_check: CacheCheckOpt = False,
         dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Annotate every image under INPUT and write the results under OUTPUT; exit 0 when every
     image has a result (ok or error).
@@ -117,14 +123,17 @@ def run(input: InputArg, output: OutputArg,
                    priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
                    exports=export,
                    max_cost=max_cost, max_error_rate=max_error_rate,
-                   error_sample=error_sample)
+                   error_sample=error_sample, cache=False if no_cache else None,
+                   cache_sampled=cache_sampled or None)
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
     with cli_errors(), interruptible(where):
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
                        code=2)
+        if cache_check and not dry_run:
+            raise Fail("--cache-check applies to --dry-run only: add --dry-run", code=2)
         if dry_run:
-            _dry_run(input, output, options, allow_empty, as_json)
+            _dry_run(input, output, options, allow_empty, as_json, cache_check)
             return
 
         from moonbatch.workers.storage import normalize_url
@@ -164,6 +173,8 @@ def submit(input: InputArg, output: OutputArg,
            max_cost: MaxCostOpt = None, max_error_rate: MaxErrorRateOpt = None,
            error_sample: ErrorSampleOpt = None,
            allow_empty: AllowEmptyOpt = False, force: ForceOpt = False,
+           no_cache: NoCacheOpt = False, cache_sampled: CacheSampledOpt = False,
+           cache_check: CacheCheckOpt = False,
            dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Plan and enqueue a run for a worker fleet; print its run id on the last line of stdout.
 
@@ -183,13 +194,16 @@ def submit(input: InputArg, output: OutputArg,
                    priority=priority, fal_store_io=fal_store_io, queue_timeout=queue_timeout,
                    exports=export,
                    max_cost=max_cost, max_error_rate=max_error_rate,
-                   error_sample=error_sample)
+                   error_sample=error_sample, cache=False if no_cache else None,
+                   cache_sampled=cache_sampled or None)
     with cli_errors():
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
                        code=2)
+        if cache_check and not dry_run:
+            raise Fail("--cache-check applies to --dry-run only: add --dry-run", code=2)
         if dry_run:
-            _dry_run(input, output, options, allow_empty, as_json)
+            _dry_run(input, output, options, allow_empty, as_json, cache_check)
             return
         done = start(input, output, allow_empty=allow_empty, force=force, **options)
         if done.note:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from moonbatch.workers import layout
-from moonbatch.workers.storage import get_json
+from moonbatch.workers.storage import get_json, get_json_or_none
 
 if TYPE_CHECKING:
     from pydantic_settings import BaseSettings
@@ -141,9 +141,13 @@ class RoundContext:
 
     @functools.cached_property
     def todo(self) -> Sequence[int] | None:
-        """The item indices of this round (None: every item, round 0)."""
+        """The item indices of this round (None: every item, round 0; with the result cache
+        on, round 0's are those its cache pass left to send: ``cache.json``'s ``send``)."""
         if self.rnd == 0:
-            return None
+            if not self.run.spec.cache:
+                return None
+            doc = get_json_or_none(self.store, self.doc("cache"))
+            return None if doc is None else doc["send"]
         return get_json(self.store, self.doc("todo"))["items"]
 
     @property

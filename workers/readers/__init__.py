@@ -231,9 +231,36 @@ class ItemFetcher:
         self._http: Any = None
         self._lock = threading.Lock()
         self.cache: dict[str, Any] = {}  # per-reader caches (e.g. a Parquet row group)
+        # Bytes read ahead for a later ``get`` of the same item (``keep``): the result cache's
+        # pass reads each image once, and the build takes what it kept instead of reading again.
+        self._kept: dict[tuple[str, str | None], bytes] = {}
+        self._kept_bytes = 0
+
+    def keep(self, item: PlanItem, data: bytes, budget: int) -> bool:
+        """Hold ``data`` (the item's bytes, just read) for the next ``get`` of the item, while
+        everything held stays within ``budget`` bytes; True if it was kept."""
+        with self._lock:
+            if self._kept_bytes + len(data) > budget:
+                return False
+            self._kept[(item.key, item.ref)] = data
+            self._kept_bytes += len(data)
+            return True
+
+    def release(self, wanted: Any = None) -> None:
+        """Drop the bytes ``keep`` holds: all of them, or those of items not in ``wanted``
+        (a container of ``(item.key, item.ref)``)."""
+        with self._lock:
+            for k in [k for k in self._kept if wanted is None or k not in wanted]:
+                self._kept_bytes -= len(self._kept.pop(k))
 
     def get(self, item: PlanItem) -> bytes:
         """The item's image bytes (see the class docstring for the rules and errors)."""
+        if self._kept:
+            with self._lock:
+                data = self._kept.pop((item.key, item.ref), None)
+                if data is not None:
+                    self._kept_bytes -= len(data)
+                    return data
         ref = item.ref
         if ref is None:
             return self.input.get(item.id, max_bytes=self.max_bytes)

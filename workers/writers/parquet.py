@@ -33,6 +33,10 @@ input_tokens,       int64                             the row's token usage
 output_tokens
 images              list<struct<source: string,       every image of a multi-image query row, in
                     width, height: int32>>            order (null for a single-image row)
+cached              bool                              true when the row was not bought for this item:
+                                                      served by the result cache, or copied from
+                                                      another item of the run with the same image
+cache_of            string                            then: the id of the item whose request answered
 ==================  ================================  =============================================
 
 A typed column is null when no skill of the run fills it (``objects`` of a caption run); an
@@ -79,10 +83,13 @@ SCHEMA = pa.schema([
     *((name, pa.int64()) for name in _TOKENS),
     ("images", pa.list_(pa.struct([("source", pa.string()), ("width", pa.int32()),
                                    ("height", pa.int32())]))),
+    ("cached", pa.bool_()),
+    ("cache_of", pa.string()),
 ])
 # The columns ``decode`` needs (the typed result columns are copies of ``result_json``).
 _DECODE_COLUMNS = ["id_json", "source", "status", *_SIZE_FIELDS, "result_json",
-                   *("error_" + f for f in _ERROR_FIELDS), *_TOKENS, "images"]
+                   *("error_" + f for f in _ERROR_FIELDS), *_TOKENS, "images", "cached",
+                   "cache_of"]
 
 
 def encode(rows: Sequence[bytes], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -133,6 +140,8 @@ def _columns(row: dict[str, Any]) -> dict[str, Any]:
         **{"error_" + f: _text(err.get(f)) for f in _ERROR_FIELDS},
         **{name: _int(usage.get(name)) for name in _TOKENS},
         "images": _images(row.get("images")),
+        "cached": row.get("cached") is True,
+        "cache_of": _text(row.get("cache_of")),
     }
     for part in _parts(result):
         if out["caption"] is None and isinstance(part.get("caption"), str):
@@ -175,6 +184,8 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
         row["sent_width"], row["sent_height"] = rec["sent_width"], rec["sent_height"]
     if rec.get("images") is not None:
         row["images"] = rec["images"]
+    if rec.get("cached"):
+        row["cached"], row["cache_of"] = True, rec.get("cache_of")
     return row
 
 
