@@ -10,6 +10,7 @@ Moondream Cloud refused before anything is sent; cancel stops sending; the dry r
 from __future__ import annotations
 
 import concurrent.futures as cf
+import math
 import time
 import uuid
 
@@ -17,6 +18,7 @@ import pytest
 
 from moonbatch.emulator.realtime import RealtimeConfig, RealtimeFaults, expected_answer
 from moonbatch.emulator.server import EmulatorConfig, EmulatorServer
+from moonbatch.workers import layout
 from tests.conftest import (
     RedisServer,
     Worker,
@@ -101,7 +103,7 @@ def put_tiny(s3, bucket: str, prefix: str, n: int) -> None:
                                               Body=tiny_jpeg(i)), range(n)))
 
 
-def test_all_five_skills_with_faults(s3, bucket, env, fleet, emulator):
+def test_all_five_skills_with_faults(s3, bucket, env, fleet, emulator, tmp_path):
     """One multi-skill run over real photographs while the API answers some requests 429 (with
     Retry-After) and 5xx: every row holds every skill's answer for its own image."""
     photos = upload_photos(s3, bucket, "photos/")
@@ -130,11 +132,34 @@ def test_all_five_skills_with_faults(s3, bucket, env, fleet, emulator):
             "x_min", "y_min", "x_max", "y_max"}
     injected = {k: realtime.injected[k] - before.get(k, 0) for k in realtime.injected}
     assert injected["429"] > 0 and injected["5xx"] > 0, injected  # faults were met, and survived
+    check_coco_segments(s3, bucket, tmp_path, rows)
     merged = [read_json(s3, bucket, f"out/_moonbatch/shards/{s:05d}/r0/merged.json")
               for s in range(summary["shards"]["total"])]
     assert sum(m["rate_limited"] for m in merged) > 0
     assert sum(m["transient_errors"] for m in merged) > 0
     assert all(s["keyed"] for s in realtime.seen[-20:])  # the key went to the configured URL
+
+
+def check_coco_segments(s3, bucket: str, tmp_path, rows: list[dict]) -> None:
+    """The run's COCO export (the default of a spatial run): a segment annotation per row
+    that found the object, whose polygons (pycocotools' ``annToMask``) lie inside its bbox."""
+    import numpy as np
+    from pycocotools.coco import COCO
+
+    path = tmp_path / "instances.json"
+    path.write_bytes(s3.get_object(Bucket=bucket, Key="out/" + layout.COCO)["Body"].read())
+    coco = COCO(str(path))
+    (seg_cat,) = [c["id"] for c in coco.loadCats(coco.getCatIds()) if c["supercategory"] == "segment"]
+    anns = coco.loadAnns(coco.getAnnIds(catIds=[seg_cat]))
+    assert len(anns) == sum(1 for r in rows if r["result"]["segment"]["bbox"])
+    for ann in anns:
+        mask = coco.annToMask(ann)
+        assert mask.sum() > 0
+        ys, xs = np.nonzero(mask)
+        x, y, w, h = ann["bbox"]
+        assert xs.min() >= math.floor(x) and xs.max() <= math.ceil(x + w)
+        assert ys.min() >= math.floor(y) and ys.max() <= math.ceil(y + h)
+        assert ann["area"] == pytest.approx(float(mask.sum()), rel=0.1)
 
 
 def test_a_refused_request_is_an_error_row_with_the_apis_code(s3, bucket, env, fleet, emulator):
