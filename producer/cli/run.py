@@ -64,7 +64,6 @@ def _dry_run(input: str, output: str, options: dict[str, Any], allow_empty: bool
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    err.print("dry run: nothing was written and nothing was sent", highlight=False)
     print_dry_run(report)
 
 
