@@ -28,7 +28,7 @@ from moonbatch.producer.planner import Shard, plan_shards
 from moonbatch.workers import cache, canary, layout, registry
 from moonbatch.workers.enqueue import BUILD_SHARD, FINALIZE_RUN, enqueue
 from moonbatch.workers.lease import Lease, LeaseLost
-from moonbatch.workers.models import PlanItem, RunSpec, SkillOptions
+from moonbatch.workers.models import PlanItem, RunSpec, SkillOptions, default_exports
 from moonbatch.workers.readers import ListingStats, input_root, normalize_input, open_reader
 from moonbatch.workers.runstate import RunNotFound, open_output
 from moonbatch.workers.storage import Store, get_json_or_none, normalize_url, put_json
@@ -65,11 +65,19 @@ _COMPARED = ("input", "output", "provider", "endpoint", "shard_size", "max_pixel
              "exports")
 
 
+def _default_exports_of_both(held: RunSpec, wanted: RunSpec) -> bool:
+    """True when each spec's exports are its skills' default (``--export`` not given): then
+    a difference in exports only follows the skills', which is named on its own."""
+    return all(spec.exports == default_exports(o.skill for o in spec.all_options)
+               for spec in (held, wanted))
+
+
 def command_differences(held: RunSpec, wanted: RunSpec) -> list[str]:
     """What differs between the command that started ``held`` and ``wanted``, as
     ``"name: held → wanted"`` strings (empty: the same command)."""
     diffs = [f"{k}: {getattr(held, k)} → {getattr(wanted, k)}" for k in _COMPARED
-             if getattr(held, k) != getattr(wanted, k)]
+             if getattr(held, k) != getattr(wanted, k) and not (
+                 k == "exports" and _default_exports_of_both(held, wanted))]
     a, b = held.options.model_dump(), wanted.options.model_dump()
     diffs += [f"{k}: {a.get(k)} → {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return diffs
