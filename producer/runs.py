@@ -591,7 +591,8 @@ def dry_run(spec: RunSpec, settings: Settings, *, cache_check: bool = False
         image_bytes += size
         # Each shard packs its own requests (fal's batched endpoints: 32 images a request).
         requests += provider.estimate(spec, len(shard.items), size, 1).requests
-    whole = provider.estimate(spec, stats.items, image_bytes, shards)
+    whole = provider.estimate(spec, stats.items, image_bytes, shards,
+                              images=sum(n * k for n, k in per_item.items()))
     return {"dry_run": True, "provider": spec.provider, "endpoint": spec.endpoint,
             "model": spec.model, "provider_options": spec.provider_options,
             "exports": spec.exports,

@@ -183,10 +183,16 @@ def test_dry_run_reports_images_per_item(tmp_path, env):
         + json.dumps({"id": 2, "image": "img4.jpg"}) + "\n")
     args = ["--skill", "query", "--question", QUESTION, "--dry-run"]
     report = json.loads(run_cli(["submit", str(tmp_path / "m.csv"), str(tmp_path / "o"),
-                                 "--image-column", "a", "--image-column", "b", *args, "--json"],
+                                 "--image-column", "a", "--image-column", "b", *args, "--json",
+                                 "--max-pixels", "0"],
                                 env).stdout)
     assert report["items"] == 2 and report["images"] == 4
     assert report["images_per_item"] == {"2": 2}
+    # Tokens are estimated per image: each item's two images cost twice one image's.
+    from moonbatch.workers.providers import estimate_input_tokens
+
+    per_image = report["image_bytes"] // 4
+    assert report["input_tokens"] == 4 * estimate_input_tokens(per_image, 0)
     assert report["image_bytes"] == sum((tmp_path / f"img{k}.jpg").stat().st_size
                                         for k in range(4))
     text = run_cli(["submit", str(tmp_path / "m.jsonl"), str(tmp_path / "o"), *args], env).stdout

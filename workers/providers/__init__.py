@@ -265,8 +265,10 @@ class Provider(Protocol):
         """One cheap authenticated call: None when the key works (or the answer proves
         nothing), else one line naming the problem and the fix."""
 
-    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
-        """What the run would send and cost (``moonbatch submit --dry-run``)."""
+    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int,
+                 images: int | None = None) -> Estimate:
+        """What the run would send and cost (``moonbatch submit --dry-run``). ``images``: the
+        images of all items (None: one per item; more for multi-image items)."""
 
     def submit_round(self, ctx: RoundContext) -> bool:
         """Send round ``ctx.rnd`` (idempotent: a round already sent is not sent again). Writes

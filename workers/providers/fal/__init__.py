@@ -198,7 +198,8 @@ class FalProvider(RoundSteps):
             client.close()
         return None
 
-    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
+    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int,
+                 images: int | None = None) -> Estimate:
         """Requests, bytes, tokens or seconds and dollars; prices from FACTS.md, token and
         second counts are estimates; ``details`` name the model and the queue headers sent."""
         return dataclasses.replace(self._estimate(spec, items, image_bytes, shards),

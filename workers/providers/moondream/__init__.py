@@ -204,11 +204,13 @@ class MoondreamBatchProvider:
         """``GET /batch?limit=1`` with the key (see ``check_api_key``)."""
         return check_api_key(settings)
 
-    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
+    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int,
+                 images: int | None = None) -> Estimate:
         """One batch per shard; upload = base64 images plus line overhead; the model's batch
         price (``moonbatch.workers.providers.prices``); token counts are estimates."""
-        avg = image_bytes // items if items else 0
-        in_tok = items * estimate_input_tokens(avg, spec.max_pixels)
+        images = items if images is None else images  # a multi-image item: each image's tokens
+        avg = image_bytes // images if images else 0
+        in_tok = images * estimate_input_tokens(avg, spec.max_pixels)
         out_tok = items * estimate_output_tokens(spec.options)
         upload = math.ceil(image_bytes * 4 / 3) + items * LINE_OVERHEAD_BYTES
         price = model_price(spec.model, "batch")

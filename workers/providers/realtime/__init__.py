@@ -153,7 +153,8 @@ class RealtimeProvider(RealtimeSteps):
             client.close()
         return None
 
-    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int) -> Estimate:
+    def estimate(self, spec: RunSpec, items: int, image_bytes: int, shards: int,
+                 images: int | None = None) -> Estimate:
         """A request per image and skill; images go as data URIs; the model's real-time
         price (``moonbatch.workers.providers.prices``), none for a URL off moondream.ai (a
         Moondream Station runs on your own GPUs); the time at the fleet's rate."""
