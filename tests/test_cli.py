@@ -34,7 +34,9 @@ def closed_port() -> int:
 
 def preflight_fails(args: list[str], env: dict[str, str], label: str
                     ) -> subprocess.CompletedProcess:
-    """Run a command that must fail its checks: exit 3, one line, no traceback, < 10 s."""
+    """Run a command that must fail its checks: exit 3, one line, no traceback, and soon: the
+    checks are bounded (the key checks by ``KEY_CHECK_SECONDS``, 8 s); the 30 s bound leaves a
+    loaded machine room to start the interpreter and still catches a check that retries on."""
     t0 = time.monotonic()
     proc = run_cli(args, env, check=False, timeout=60)
     wall = time.monotonic() - t0
@@ -42,7 +44,7 @@ def preflight_fails(args: list[str], env: dict[str, str], label: str
     assert proc.returncode == 3, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert wall < 10, f"{label}: {wall:.1f}s"
+    assert wall < 30, f"{label}: {wall:.1f}s"
     return proc
 
 
