@@ -9,11 +9,19 @@ and give each its own cache location in the test's bucket."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import orjson
 import pytest
 
-from tests.conftest import read_json, read_results, run_cli, upload_photos, wait_for_run
+from tests.conftest import (
+    Worker,
+    read_json,
+    read_results,
+    run_cli,
+    upload_photos,
+    wait_for_run,
+)
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png")
 CAPTION = "fal-ai/moondream3-preview/caption"
@@ -122,6 +130,49 @@ def test_identical_images_are_bought_once_within_and_across_runs(provider, s3, b
     assert summary["status"] == "completed", summary
     assert sent(emulator, provider) - before == len(PHOTOS)
     assert summary["counts"]["cached"] == len(PHOTOS)  # the in-run copies only
+
+
+@pytest.fixture(scope="module")
+def serial(env, tmp_path_factory):
+    """A worker with one slot on a queue of this module (shards build one after another, so
+    which shard claims a key first is known): the environment to submit to it."""
+    queue = "t-cache-" + uuid.uuid4().hex[:8]
+    with Worker(env, queue, tmp_path_factory.mktemp("serial") / "worker.log", concurrency=1):
+        yield {**env, "MOONBATCH_QUEUE": queue}
+
+
+@pytest.mark.parametrize("provider", ["moondream", "fal"])
+def test_copies_in_other_shards_wait_for_the_row_of_the_shard_that_sends(provider, s3, bucket,
+                                                                         serial, emulator):
+    """Each photo in three shards (``a/``, ``b/``, ``c/``, a shard each): the first shard to
+    claim a photo's key sends it; the later shards' items copy its row once merged."""
+    on = cache_env(serial, bucket)
+    photos = triplicate(s3, bucket, "in/")
+    before = sent(emulator, provider)
+    submit(on, provider, f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--shard-size",
+           str(len(PHOTOS)))
+    summary = wait_for_run(s3, bucket, "out/")
+    assert summary["status"] == "completed", summary
+    assert summary["shards"]["total"] == 3
+    decided = [read_json(s3, bucket, f"out/_moonbatch/shards/{s:05d}/r0/cache.json")
+               for s in range(3)]
+    assert sent(emulator, provider) - before == len(PHOTOS), decided  # once per photo
+    rows = read_results(s3, bucket, "out/")
+    assert sorted(r["id"] for r in rows) == sorted(photos)
+    by_id = {r["id"]: r for r in rows}
+    for name in PHOTOS:
+        group = [by_id[s + name] for s in ("a/", "b/", "c/")]
+        bought = [r for r in group if not r.get("cached")]
+        assert len(bought) == 1 and bought[0]["status"] == "ok", group
+        for row in group:
+            assert row["status"] == "ok" and row["result"] == bought[0]["result"]
+            if row is not bought[0]:
+                assert row["cached"] is True and row["cache_of"] == bought[0]["id"]
+    assert sum(len(d["send"]) for d in decided) == len(PHOTOS)
+    assert sum(len(d["waits"]) for d in decided) == 2 * len(PHOTOS)
+    for shard, doc in enumerate(decided):  # a wait points to a lower shard only
+        assert all(holder[0] < shard for holder in doc["waits"].values())
+    assert summary["counts"]["cached"] == 2 * len(PHOTOS)
 
 
 def test_a_changed_model_misses_and_no_cache_sends_everything(s3, bucket, env, fleet, emulator):

@@ -7,6 +7,11 @@ fields with the item's own overrides (``PlanItem.opts``), and the pixel budget `
 - Within a run, round 0 of a shard sends each key once (the first item in plan order); the
   other items with that key (its *copies*) get its row with ``"cached": true`` and
   ``"cache_of": <its id>`` (``merge.fill_cached``), in every round the original is merged.
+  Across the run's shards, the shard that first claims a key (``layout.claim``,
+  create-if-absent) sends it; a later shard's items with that key *wait* for the claiming
+  shard's row of it (its first merged round) when that shard's index is lower, and are sent
+  by themselves otherwise (waits only point to lower shards, so no two shards wait for each
+  other).
 - Across runs, an entry per key in the cache store (``RunSpec.cache_url``, default
   ``<MOONBATCH_STATE_URL>/cache/``), written once (create-if-absent) after an ok row of a sent
   item was merged. Error rows are never written. A hit is not sent; its row carries the
@@ -36,12 +41,20 @@ from typing import Any
 
 import orjson
 
+from moonbatch.workers import layout
 from moonbatch.workers.models import PlanItem, RunSpec, SkillOptions, id_text
-from moonbatch.workers.storage import NotFound, Store, normalize_url, open_store
+from moonbatch.workers.storage import (
+    NotFound,
+    Store,
+    get_json_or_none,
+    normalize_url,
+    open_store,
+    put_json,
+)
 
 VERSION = "v1"
 #: Keys of ``cache.json``'s ``counts``.
-COUNTS = ("items", "unread", "distinct", "lookups", "hits", "copies", "send")
+COUNTS = ("items", "unread", "distinct", "lookups", "hits", "copies", "waits", "send")
 
 
 def default_url(state_url: str) -> str:
@@ -109,15 +122,21 @@ def lookup(cache: Store, key: str) -> dict[str, Any] | None:
 
 def scan(items: Sequence[PlanItem], spec: RunSpec, fetch: Callable[[PlanItem], bytes],
          cache: Store | None, *, concurrency: int = 16,
-         heartbeat: Callable[[], None] = lambda: None) -> dict[str, Any]:
+         heartbeat: Callable[[], None] = lambda: None,
+         claim: Callable[[str, int], list[int] | None] | None = None) -> dict[str, Any]:
     """The cache pass of a shard's round 0: read each item once (``fetch``, ``concurrency``
     threads), key it, send each key once and look every distinct key up in ``cache`` (None:
     no lookups, in-run copies only). Reads nothing from ``cache`` nor dedups when
     ``reads(spec)`` is False (the keys are still made, for writing).
 
+    ``claim(key, index)``: claims the key for this shard's item ``index`` across the run;
+    returns ``[shard, index]`` of a lower shard's item that sends it (this one then waits for
+    its row), or None when this shard sends it (None: no claims, a dry run).
+
     Returns the round's ``cache.json``: ``{"send": [item indices to send, plan order],
     "keys": {index: key} of sent items, "hits": {index: key}, "entries": {key: entry},
-    "copies": {index: index of the sent item it copies}, "counts": {COUNTS}}``. An item whose
+    "copies": {index: index of the sent item it copies}, "waits": {index: [shard, index] of
+    another shard's item it copies}, "counts": {COUNTS}}``. An item whose
     read or override fails is sent (the provider's build writes its error row), as is a
     multi-image item (``PlanItem.more``), uncached (both counted ``unread``)."""
     fps: dict[Any, str] = {}
@@ -176,12 +195,63 @@ def scan(items: Sequence[PlanItem], spec: RunSpec, fetch: Callable[[PlanItem], b
                 hits[str(i)] = key
         send = [i for i in send if keys[i] not in entries]
         copies = {c: o for c, o in copies.items() if keys[o] not in entries}
+    waits: dict[str, list[int]] = {}
+    if dedup and claim is not None:
+        mine = [i for i in send if keys[i] is not None]
+        with ThreadPoolExecutor(max(1, min(2 * concurrency, len(mine) or 1))) as pool:
+            for i, holder in zip(mine, pool.map(lambda i: claim(keys[i], i), mine), strict=True):
+                if holder is not None:
+                    waits[str(i)] = [int(holder[0]), int(holder[1])]
+        send = [i for i in send if str(i) not in waits]
+    heartbeat()
     unread = sum(1 for k in keys if k is None)
     return {"send": send, "keys": {str(i): keys[i] for i in send if keys[i] is not None},
-            "hits": hits, "entries": entries, "copies": copies,
+            "hits": hits, "entries": entries, "copies": copies, "waits": waits,
             "counts": {"items": len(items), "unread": unread, "distinct": len(first),
-                       "lookups": len(pending),
-                       "hits": len(hits), "copies": len(copies), "send": len(send)}}
+                       "lookups": len(pending), "hits": len(hits), "copies": len(copies),
+                       "waits": len(waits), "send": len(send)}}
+
+
+def run_claims(state: Store, shard: int) -> Callable[[str, int], list[int] | None]:
+    """``scan``'s ``claim`` for shard ``shard`` of the run whose state is ``state`` (OUTPUT):
+    the first shard to create ``layout.claim(key)`` sends the key for the whole run. Returns
+    the holder ``[shard, index]`` when a lower shard holds the claim, else None (this shard
+    holds it, e.g. a repeated pass, or a higher shard does and this one sends too)."""
+
+    def claim(key: str, index: int) -> list[int] | None:
+        mine = {"shard": shard, "index": index}
+        if put_json(state, layout.claim(key), mine, if_absent=True):
+            return None
+        held = get_json_or_none(state, layout.claim(key))
+        if not isinstance(held, dict):
+            return None
+        try:
+            holder = [int(held["shard"]), int(held["index"])]
+        except (KeyError, TypeError, ValueError):
+            return None
+        return holder if holder[0] < shard else None
+
+    return claim
+
+
+def original_row(state: Store, shard: int, index: int) -> bytes | None:
+    """The row of item ``index`` of shard ``shard`` from the first of its rounds that merged
+    one (``rows.jsonl``, ``merge.encode_round``), or None while none has: a later round is
+    looked at only once it exists (a round sent again without merging writes no rows)."""
+    want = b"%d\t" % index
+    rnd = 0
+    while True:
+        try:
+            data = state.get(layout.round_doc(shard, rnd, "rows"))
+        except NotFound:
+            if not state.exists(layout.round_doc(shard, rnd + 1, "todo")):
+                return None
+            rnd += 1
+            continue
+        for line in data.splitlines():
+            if line.startswith(want):
+                return line[len(want):]
+        rnd += 1
 
 
 def hit_row(item_id: Any, source: str, entry: Mapping[str, Any]) -> bytes:
@@ -250,7 +320,7 @@ def served(doc: Mapping[str, Any] | None) -> int:
     """How many items of a shard ``cache.json`` serves without sending them."""
     if not doc:
         return 0
-    return len(doc.get("hits") or {}) + len(doc.get("copies") or {})
+    return len(doc.get("hits") or {}) + len(doc.get("copies") or {}) + len(doc.get("waits") or {})
 
 
 def summarize(docs: Iterable[Mapping[str, Any]]) -> dict[str, int]:

@@ -35,6 +35,8 @@
     _moonbatch/stopped.json                the run stopped sending: {"code", "reason"} (workers.stops)
     _moonbatch/limits.json                 {"max_cost"} given to retry-failed, over the spec's
     _moonbatch/cancelled.json              the run was cancelled
+    _moonbatch/claims/ab/<cache key>.json  the shard that sends a cache key for the whole run:
+                                           {"shard", "index"} (workers.cache, create-if-absent)
     _moonbatch/finalized                   guard: run.json was finalised
     _moonbatch/planning.json               lease of the producer planning the run (see runs.py)
     _moonbatch/enqueued                    the producer enqueued every shard of plan.json
@@ -73,6 +75,7 @@ FAILED = STATE + "failed.json"
 CANCELLED = STATE + "cancelled.json"
 STOPPED = STATE + "stopped.json"  # the run stopped sending (budget, error rate): workers.stops
 LIMITS = STATE + "limits.json"  # a later --max-cost (retry-failed) over the spec's
+CLAIMS = STATE + "claims/"
 FINALIZED = STATE + "finalized"
 SUMMARY = "run.json"
 RESULTS = "results/"
@@ -133,6 +136,11 @@ def shard_doc(shard: int, name: str) -> str:
 def round_prefix(shard: int, rnd: int) -> str:
     """Prefix (a folder) of every document of a round."""
     return f"{SHARDS}{shard:05d}/r{rnd}/"
+
+
+def claim(key: str) -> str:
+    """Key of the run's claim of cache key ``key`` (64 hex): which shard sends it."""
+    return f"{CLAIMS}{key[0:2]}/{key}.json"
 
 
 def round_doc(shard: int, rnd: int, name: str) -> str:

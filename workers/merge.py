@@ -256,11 +256,12 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
 
 def fill_cached(items: Sequence[PlanItem], rows: dict[int, bytes],
                 doc: Mapping[str, Any] | None, source_of: Callable[[PlanItem], str], *,
-                rnd: int) -> int:
+                rnd: int, originals: Mapping[str, bytes] | None = None) -> int:
     """Add to a round's ``rows`` (item index → row bytes, from ``merge.merge_round``) the rows
-    ``doc`` (the shard's round-0 ``cache.json``) serves: round 0's hits, and in every round
-    the copies of the items merged in it (a copy that was itself merged keeps its own row).
-    Returns how many rows were added. Pure."""
+    ``doc`` (the shard's round-0 ``cache.json``) serves: round 0's hits and its waits (copies
+    of other shards' items, from ``originals``: item index → that item's row), and in every
+    round the copies of the items merged in it (a copy that was itself merged keeps its own
+    row). Returns how many rows were added. Pure."""
     if not doc:
         return 0
     added = 0
@@ -270,6 +271,12 @@ def fill_cached(items: Sequence[PlanItem], rows: dict[int, bytes],
             idx = int(i)
             if idx not in rows:
                 rows[idx] = cache.hit_row(items[idx].id, source_of(items[idx]), entries[key])
+                added += 1
+        for i, row in (originals or {}).items():
+            idx = int(i)
+            if idx not in rows:
+                of = orjson.loads(row).get("id")
+                rows[idx] = cache.copy_row(row, items[idx].id, source_of(items[idx]), of)
                 added += 1
     merged = set(rows)
     for c, o in (doc.get("copies") or {}).items():

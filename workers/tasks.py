@@ -230,14 +230,16 @@ def _cache_pass(run: Run, ctx: RoundContext) -> bool:
 
         doc = cache.scan(ctx.items, run.spec, fetch,
                          cache.open_cache(run.spec, run.settings) if reading else None,
-                         concurrency=run.settings.fetch_concurrency, heartbeat=ctx.heartbeat)
+                         concurrency=run.settings.fetch_concurrency, heartbeat=ctx.heartbeat,
+                         claim=cache.run_claims(store, ctx.shard) if reading else None)
         doc["counts"]["seconds"] = round(time.monotonic() - t0, 3)
         put_json(store, key, doc, if_absent=True)
         doc = get_json(store, key)  # another execution's, if it wrote first
         counts = doc["counts"]
-        log.info("shard %d: cache pass: %d item(s), %d served by the cache, %d copies, %d to "
-                 "send (%.1fs)", ctx.shard, counts["items"], counts["hits"], counts["copies"],
-                 counts["send"], counts.get("seconds", 0))
+        log.info("shard %d: cache pass: %d item(s), %d served by the cache, %d copies, %d "
+                 "copies of other shards, %d to send (%.1fs)", ctx.shard, counts["items"],
+                 counts["hits"], counts["copies"], counts.get("waits", 0), counts["send"],
+                 counts.get("seconds", 0))
     ctx.__dict__.pop("todo", None)  # the context's todo is cache.json's send from now on
     items = ctx.items
     run.fetcher.release({(items[i].key, items[i].ref) for i in doc["send"]})
@@ -391,6 +393,13 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             _next_round(store, output, run_id, shard, rnd,
                         todo if todo is not None else list(range(len(items))), blocked.why, base)
             return
+        cache_doc = get_json_or_none(store, layout.round_doc(shard, 0, "cache")) \
+            if run.spec.cache else None
+        originals = _originals(store, cache_doc) if rnd == 0 else {}
+        if originals is None:  # items that copy another shard's: its row is not merged yet
+            _next(merge_round_task, (output, run_id, shard, rnd, polls),
+                  countdown=settings.poll_min_interval)
+            return
         provider = provider_for(run.spec)
         collected = provider.collect_round(ctx) if record is not None else None
         if record is not None and collected is None:  # too early: back to polling
@@ -423,11 +432,10 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                   "missing": stats.missing, "malformed": stats.malformed,
                   "id_mismatch": stats.id_mismatch, "retryable": retryable,
                   **(collected.stats if collected else {})}
-        cache_doc = get_json_or_none(store, layout.round_doc(shard, 0, "cache")) \
-            if run.spec.cache else None
         if cache_doc is not None:
             sent_rows = dict(rows)
-            merged["cached"] = fill_cached(items, rows, cache_doc, run.fetcher.source, rnd=rnd)
+            merged["cached"] = fill_cached(items, rows, cache_doc, run.fetcher.source, rnd=rnd,
+                                           originals=originals)
         put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
         store.put(layout.round_doc(shard, rnd, "rows"), encode_round(rows), if_absent=True)
         if cache_doc is not None:  # after the merge is stored: only merged ok rows are cached
@@ -438,6 +446,18 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
         _next_round(store, output, run_id, shard, rnd, merged["retryable"], step.why, base)
         return
     _finish_shard(run, shard, rnd)
+
+
+def _originals(store: Store, doc: dict[str, Any] | None) -> dict[str, bytes] | None:
+    """The rows of the other shards' items that round 0's ``waits`` copy (``cache.json``:
+    item index → ``[shard, index]``), by item index; None while one is not merged yet."""
+    out: dict[str, bytes] = {}
+    for i, (other, j) in ((doc or {}).get("waits") or {}).items():
+        row = cache.original_row(store, int(other), int(j))
+        if row is None:
+            return None
+        out[i] = row
+    return out
 
 
 def _write_cache(run: Run, doc: dict[str, Any], rows: dict[int, bytes], shard: int,
