@@ -579,10 +579,18 @@ def dry_run(spec: RunSpec, settings: Settings, *, cache_check: bool = False
         fetcher = ItemFetcher(inp, settings, local_input=not spec.input.startswith("s3://"))
         store = cache.open_cache(spec, settings)
         scans: list[dict[str, Any]] = []
+        claimed: dict[str, list[int]] = {}  # key → [shard, index]: the run's claims, in memory
+
+        def claim_in(number: int) -> Any:
+            def claim(key: str, index: int) -> list[int] | None:
+                holder = claimed.setdefault(key, [number, index])
+                return holder if holder[0] < number else None
+            return claim
     for shard in iter_plan(spec, inp, stats, settings):
         if checking:
             scans.append(cache.scan(shard.items, spec, fetcher.get, store,
-                                    concurrency=settings.fetch_concurrency))
+                                    concurrency=settings.fetch_concurrency,
+                                    claim=claim_in(shards)))
         size = sum(item.size for item in shard.items)
         for item in shard.items:
             n = 1 + len(item.more) if item.more else 1
@@ -621,10 +629,11 @@ def _cache_report(spec: RunSpec, checked: bool, counts: dict[str, int] | None,
                 else "not read: the run samples (temperature > 0); add --cache-sampled"
                 if checked else "not checked (add --cache-check: reads every image)")
         return {"checked": False, "note": note}
-    served = counts["hits"] + counts["copies"]
+    copies = counts["copies"] + counts.get("waits", 0)  # in the shard, or in another one
+    served = counts["hits"] + copies
     items = counts["items"]
     return {"checked": True, "items": items, "served": served, "hits": counts["hits"],
-            "copies": counts["copies"], "lookups": counts["lookups"],
+            "copies": copies, "lookups": counts["lookups"],
             "saved_usd": None if cost is None or not items else cost * served / items}
 
 

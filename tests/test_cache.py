@@ -148,6 +148,11 @@ def test_copies_in_other_shards_wait_for_the_row_of_the_shard_that_sends(provide
     claim a photo's key sends it; the later shards' items copy its row once merged."""
     on = cache_env(serial, bucket)
     photos = triplicate(s3, bucket, "in/")
+    dry = run_cli(["run", f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--provider", provider,
+                   "--skill", "caption", *(["--endpoint", CAPTION] if provider == "fal" else []),
+                   "--shard-size", str(len(PHOTOS)), "--dry-run", "--cache-check", "--json"], on)
+    report = json.loads(dry.stdout)["cache"]  # the dry run counts copies across shards too
+    assert (report["items"], report["served"], report["copies"]) == (9, 6, 6), report
     before = sent(emulator, provider)
     submit(on, provider, f"s3://{bucket}/in/", f"s3://{bucket}/out/", "--shard-size",
            str(len(PHOTOS)))
