@@ -86,6 +86,8 @@ def test_identical_images_are_bought_once_within_and_across_runs(provider, s3, b
                 assert row["cached"] is True and row["cache_of"] == bought[0]["id"]
                 assert row["usage"] == {"input_tokens": 0, "output_tokens": 0}
     assert summary["counts"]["cached"] == 2 * len(PHOTOS)
+    # One shard: no other shard can share a key, so no run-wide claims are written.
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="out1/_moonbatch/claims/")
     keys = entries(s3, bucket)
     assert len(keys) == len(PHOTOS)  # one entry per distinct image and request
     assert all(k.startswith("cache/v1/") and k.count("/") == 4 for k in keys)

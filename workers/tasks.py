@@ -228,10 +228,14 @@ def _cache_pass(run: Run, ctx: RoundContext) -> bool:
             fetcher.keep(item, data, budget)
             return data
 
+        # Run-wide claims (a write per key sent) only where another shard could share a key:
+        # a plan of one shard needs none (no plan yet, while a producer still lists: claims).
+        plan = get_json_or_none(store, layout.PLAN) if reading else None
+        claims = reading and (plan is None or plan.get("shards", 2) > 1)
         doc = cache.scan(ctx.items, run.spec, fetch,
                          cache.open_cache(run.spec, run.settings) if reading else None,
                          concurrency=run.settings.fetch_concurrency, heartbeat=ctx.heartbeat,
-                         claim=cache.run_claims(store, ctx.shard) if reading else None)
+                         claim=cache.run_claims(store, ctx.shard) if claims else None)
         doc["counts"]["seconds"] = round(time.monotonic() - t0, 3)
         put_json(store, key, doc, if_absent=True)
         doc = get_json(store, key)  # another execution's, if it wrote first
