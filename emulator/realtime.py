@@ -76,11 +76,6 @@ DEFAULT_MODELS = ("moondream3-preview", "moondream3.1", "moondream3.1-9B-A2B")
 #: The API's documented image formats (md-docs ``docs/skills/caption.md``), as Pillow names them.
 _FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF"})
 
-_5XX = {500: ("internal_error", "Internal server error"),
-        502: ("bad_gateway", "Bad gateway"),
-        503: ("service_unavailable", "Service temporarily unavailable")}
-
-
 @dataclasses.dataclass(frozen=True)
 class RealtimeFaults:
     """Faults the real-time routes inject; the default injects none. Immutable, like
@@ -390,34 +385,9 @@ class RealtimeEmulation:
             return (1.0 - tokens) / cfg.rate_limit
 
     def _fault(self, faults: RealtimeFaults) -> Response | None:
-        total = faults.rate_429 + faults.rate_5xx + faults.rate_drop
-        if total <= 0:
-            return None
-        with self.lock:
-            rng = self._fault_rng(faults)
-            r = rng.random()
-            if r < faults.rate_429:
-                kind = "429"
-            elif r < faults.rate_429 + faults.rate_5xx:
-                kind, status = "5xx", rng.choice(sorted(_5XX))
-            elif r < total:
-                kind = "drop"
-            else:
-                return None
-            self.injected[kind] += 1
-        from moonbatch.emulator.server import _dropped
+        from moonbatch.emulator.server import request_fault  # server imports this module
 
-        if kind == "drop":
-            return _dropped(request.environ.get("werkzeug.socket"))
-        request.get_data()  # read the body so that the client reads our answer, not a reset
-        if kind == "429":
-            response = _error(429, "rate_limited", "Rate limit exceeded; retry later",
-                              type_="rate_limit_error")
-            if faults.retry_after is not None:
-                response.headers["Retry-After"] = f"{faults.retry_after:g}"
-            return response
-        code, message = _5XX[status]
-        return _error(status, code, message, type_="server_error")
+        return request_fault(self, faults, request.get_data)
 
     def _serve(self, skill: str) -> Response:
         cfg = self.config

@@ -37,7 +37,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, request
@@ -224,6 +224,41 @@ def _dropped(sock: socket.socket | None) -> Response:
     return Response(body(), status=500, mimetype="application/json")
 
 
+def request_fault(owner: Any, faults: Any, discard_body: Callable[[], object]
+                  ) -> Response | None:
+    """429, 5xx or a dropped connection for the current request, or None, drawn once from
+    ``owner._fault_rng(faults)`` by ``faults``' ``rate_429``, ``rate_5xx`` and ``rate_drop``
+    (a 429 carries ``Retry-After: retry_after`` unless None) and counted in
+    ``owner.injected`` under ``owner.lock``. ``discard_body`` reads the request's body before
+    an answer (so the client reads it, not a reset); a drop hangs up before."""
+    total = faults.rate_429 + faults.rate_5xx + faults.rate_drop
+    if total <= 0:
+        return None
+    with owner.lock:
+        rng = owner._fault_rng(faults)
+        r = rng.random()
+        if r < faults.rate_429:
+            kind = "429"
+        elif r < faults.rate_429 + faults.rate_5xx:
+            kind, status = "5xx", rng.choice(sorted(_5XX))
+        elif r < total:
+            kind = "drop"
+        else:
+            return None
+        owner.injected[kind] += 1
+    if kind == "drop":  # before the body is read: the client may still be sending it
+        return _dropped(request.environ.get("werkzeug.socket"))
+    discard_body()
+    if kind == "429":
+        response = _error(429, "rate_limited", "Rate limit exceeded; retry later",
+                          type_="rate_limit_error")
+        if faults.retry_after is not None:
+            response.headers["Retry-After"] = f"{faults.retry_after:g}"
+        return response
+    code, message = _5XX[status]
+    return _error(status, code, message, type_="server_error")
+
+
 def _truncated(data: bytes, sock: socket.socket | None) -> Response:
     """``data``'s full ``Content-Length``, then half of it, then the connection closes."""
     def body() -> Iterator[bytes]:
@@ -291,32 +326,7 @@ class Emulator:
 
     def _request_fault(self, faults: Faults) -> Response | None:
         """429, 5xx or a dropped connection for this API request, or None."""
-        total = faults.rate_429 + faults.rate_5xx + faults.rate_drop
-        if total <= 0:
-            return None
-        with self.lock:
-            rng = self._fault_rng(faults)
-            r = rng.random()
-            if r < faults.rate_429:
-                kind = "429"
-            elif r < faults.rate_429 + faults.rate_5xx:
-                kind, status = "5xx", rng.choice(sorted(_5XX))
-            elif r < total:
-                kind = "drop"
-            else:
-                return None
-            self.injected[kind] += 1
-        if kind == "drop":  # before the body is read: the client may still be sending it
-            return _dropped(request.environ.get("werkzeug.socket"))
-        self._discard_body()  # so that the client reads our answer, not a reset
-        if kind == "429":
-            response = _error(429, "rate_limited", "Rate limit exceeded; retry later",
-                              type_="rate_limit_error")
-            if faults.retry_after is not None:
-                response.headers["Retry-After"] = f"{faults.retry_after:g}"
-            return response
-        code, message = _5XX[status]
-        return _error(status, code, message, type_="server_error")
+        return request_fault(self, faults, self._discard_body)
 
     @staticmethod
     def _discard_body() -> None:
