@@ -57,6 +57,25 @@ def triplicate(s3, bucket: str, prefix: str, names=PHOTOS) -> dict[str, bytes]:
     return out
 
 
+def bought_once(rows: list[dict], photos: dict[str, bytes]) -> dict[str, dict]:
+    """Check the rows of a ``triplicate`` dataset: every item has its row; of each photo's
+    three items one was bought (ok) and the others carry its result and sizes, ``"cached":
+    true``, ``"cache_of"`` its id and usage zero. Returns the rows by id."""
+    assert sorted(r["id"] for r in rows) == sorted(photos)  # every copy has its row
+    by_id = {r["id"]: r for r in rows}
+    for name in PHOTOS:
+        group = [by_id[s + name] for s in ("a/", "b/", "c/")]
+        bought = [r for r in group if not r.get("cached")]
+        assert len(bought) == 1 and bought[0]["status"] == "ok", group
+        for row in group:
+            assert row["status"] == "ok" and row["result"] == bought[0]["result"]
+            assert (row["width"], row["height"]) == (bought[0]["width"], bought[0]["height"])
+            if row is not bought[0]:
+                assert row["cached"] is True and row["cache_of"] == bought[0]["id"]
+                assert row["usage"] == {"input_tokens": 0, "output_tokens": 0}
+    return by_id
+
+
 def entries(s3, bucket: str) -> list[str]:
     resp = s3.list_objects_v2(Bucket=bucket, Prefix="cache/")
     return [o["Key"] for o in resp.get("Contents", [])]
@@ -72,19 +91,7 @@ def test_identical_images_are_bought_once_within_and_across_runs(provider, s3, b
     summary = wait_for_run(s3, bucket, "out1/")
     assert summary["status"] == "completed", summary
     assert sent(emulator, provider) - before == len(PHOTOS)  # once per photo
-    rows = read_results(s3, bucket, "out1/")
-    assert sorted(r["id"] for r in rows) == sorted(photos)  # every copy has its row
-    by_id = {r["id"]: r for r in rows}
-    for name in PHOTOS:
-        group = [by_id[s + name] for s in ("a/", "b/", "c/")]
-        bought = [r for r in group if not r.get("cached")]
-        assert len(bought) == 1 and bought[0]["status"] == "ok", group
-        for row in group:
-            assert row["result"] == bought[0]["result"]
-            assert (row["width"], row["height"]) == (bought[0]["width"], bought[0]["height"])
-            if row is not bought[0]:
-                assert row["cached"] is True and row["cache_of"] == bought[0]["id"]
-                assert row["usage"] == {"input_tokens": 0, "output_tokens": 0}
+    by_id = bought_once(read_results(s3, bucket, "out1/"), photos)
     assert summary["counts"]["cached"] == 2 * len(PHOTOS)
     # One shard: no other shard can share a key, so no run-wide claims are written.
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="out1/_moonbatch/claims/")
@@ -164,17 +171,7 @@ def test_copies_in_other_shards_wait_for_the_row_of_the_shard_that_sends(provide
     decided = [read_json(s3, bucket, f"out/_moonbatch/shards/{s:05d}/r0/cache.json")
                for s in range(3)]
     assert sent(emulator, provider) - before == len(PHOTOS), decided  # once per photo
-    rows = read_results(s3, bucket, "out/")
-    assert sorted(r["id"] for r in rows) == sorted(photos)
-    by_id = {r["id"]: r for r in rows}
-    for name in PHOTOS:
-        group = [by_id[s + name] for s in ("a/", "b/", "c/")]
-        bought = [r for r in group if not r.get("cached")]
-        assert len(bought) == 1 and bought[0]["status"] == "ok", group
-        for row in group:
-            assert row["status"] == "ok" and row["result"] == bought[0]["result"]
-            if row is not bought[0]:
-                assert row["cached"] is True and row["cache_of"] == bought[0]["id"]
+    bought_once(read_results(s3, bucket, "out/"), photos)
     assert sum(len(d["send"]) for d in decided) == len(PHOTOS)
     assert sum(len(d["waits"]) for d in decided) == 2 * len(PHOTOS)
     for shard, doc in enumerate(decided):  # a wait points to a lower shard only
