@@ -15,6 +15,18 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _targets(results: list[Result]) -> list[str]:
+    """One line per measurement that has a target: met or MISSED at a glance."""
+    rows = [(r.name, row) for r in results for row in r.rows if row.met is not None]
+    if not rows:
+        return ["No measurement of this run has a target."]
+    missed = sum(1 for _, row in rows if not row.met)
+    return [f"{len(rows) - missed} of {len(rows)} targets met.", "",
+            "| benchmark | measurement | ratio | target | |", "|---|---|---|---|---|",
+            *(f"| {name} | {_cell(row.measurement)} | {_cell(row.ratio)} | {_cell(row.target)} | "
+              f"{verdict(row.met)} |" for name, row in rows)]
+
+
 def write_report(path: Path, results: list[Result], machine: dict[str, str], seconds: float,
                  complete: bool) -> None:
     """Rewrite ``path`` with ``results`` (``complete``: every benchmark ran)."""
@@ -38,6 +50,10 @@ def write_report(path: Path, results: list[Result], machine: dict[str, str], sec
         "| | |",
         "|---|---|",
         *(f"| {k} | {_cell(v)} |" for k, v in machine.items()),
+        "",
+        "## Targets",
+        "",
+        *_targets(results),
         "",
         "## Results",
         "",
