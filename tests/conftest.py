@@ -52,6 +52,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_healthz(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until ``GET http://127.0.0.1:port/healthz`` answers 200; fail with ``proc``'s stderr
+    if it exits first or ``timeout`` seconds pass."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"no /healthz on port {port}: {proc.communicate()[1]}")
+        time.sleep(0.1)
+
+
 class RedisServer:
     """A throwaway ``redis-server`` on 127.0.0.1:``port`` that keeps nothing on disk, so a
     restart comes back empty (what a broker loss looks like)."""

@@ -17,7 +17,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
@@ -31,6 +30,7 @@ from tests.conftest import (
     read_json,
     run_cli,
     upload_photos,
+    wait_for_healthz,
     wait_for_run,
 )
 
@@ -275,15 +275,7 @@ def test_emulator_deletes_its_folder_on_sigterm_and_sigint(tmp_path, sig):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, proc.stderr
-            time.sleep(0.1)
+        wait_for_healthz(port, proc)
         (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("moonbatch-emulator-")]
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=20)

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from moonbatch.emulator import RealtimeConfig, RealtimeFaults, expected_answer, expected_usage
-from tests.conftest import free_port, photos_dir
+from tests.conftest import free_port, photos_dir, wait_for_healthz
 
 md = pytest.importorskip("moondream")
 
@@ -207,15 +206,7 @@ def test_emulator_command_serves_station_without_key() -> None:
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, proc.communicate()[1]
-            time.sleep(0.1)
+        wait_for_healthz(port, proc)
         image, data = _encoded("coffee.png")
         station = md.vl(endpoint=f"http://127.0.0.1:{port}/v1")
         assert station.caption(image) == expected_answer("caption", {"length": "normal"}, data)
