@@ -147,6 +147,21 @@ class Run:
         for key in keys:
             yield from writer.decode(store.get(key))
 
+    def report(self, sample: int = 60, out: str | None = None) -> str:
+        """Write the run's report (``moonbatch report``): one self-contained HTML file a
+        browser opens with no server, showing the run (input, output, provider, model,
+        options, status, timings, counts, tokens and cost), every error code with its count
+        and examples, and ``sample`` rows (0 to 1000, chosen reproducibly, error rows
+        included) as thumbnails with each skill's answer drawn over the image. ``out``: a
+        local file path or an ``s3://`` URL (default ``OUTPUT/report.html``). Returns where
+        it was written (a path or an ``s3://`` URL). Works on a running run (the rows merged
+        so far). Raises ``InvalidOption`` (``sample``, ``out``), ``RunNotFound``; storage
+        errors of OUTPUT or ``out``. Images that cannot be read are tiles saying why."""
+        from moonbatch.producer import report
+
+        with translated():
+            return report.write(self.output, _settings(), sample=sample, out=out)
+
 
 def open_run(ref: str | None = None) -> Run:
     """The run ``ref`` names: a run id (looked up in the registry at ``MOONBATCH_STATE_URL``)

@@ -161,7 +161,8 @@ def cancel(output: str, settings: Settings) -> dict[str, Any]:
 
 def clean(output: str, settings: Settings, *, force: bool = False) -> dict[str, Any]:
     """Delete what moonbatch wrote under OUTPUT (``_moonbatch/``, ``run.json``, its results
-    files and its exports under ``annotations/``: COCO, Label Studio, YOLO; nothing else).
+    files, its exports under ``annotations/``: COCO, Label Studio, YOLO, and ``report.html``;
+    nothing else).
     Returns ``{"output", "run_id", "state", "deleted": objects deleted}``. Raises
     ``OutputConflict`` for a complete, running or planning run without ``force`` (a running one
     is cancelled first with it)."""
@@ -188,7 +189,7 @@ def clean(output: str, settings: Settings, *, force: bool = False) -> dict[str, 
     keys = [o.key for o in store.iter_objects(layout.STATE)]
     keys += [o.key for o in store.iter_objects(layout.RESULTS) if pattern.fullmatch(o.key)]
     keys += layout.export_keys(o.key for o in store.iter_objects(layout.ANNOTATIONS))
-    keys += [k for k in (layout.SUMMARY,) if store.exists(k)]
+    keys += [k for k in (layout.SUMMARY, layout.REPORT) if store.exists(k)]
     for key in sorted(keys, key=lambda k: k == layout.SPEC):  # the spec last
         store.delete(key)
     if keys and isinstance(store, LocalStore):  # folders left empty

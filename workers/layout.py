@@ -10,6 +10,8 @@
     annotations/label-studio/config.xml    its labeling configuration (workers.writers.labelstudio)
     annotations/yolo/data.yaml             --export yolo: class names (workers.writers.yolo)
     annotations/yolo/labels/<name>.txt     one per ok image: class cx cy w h per box
+    report.html                            moonbatch report / --report: the run in a browser
+                                           (producer.report)
     _moonbatch/spec.json                   the run spec (written once at submit)
     _moonbatch/plan.json                   {"shards": N, "items": M, ...} once listing is done
     _moonbatch/plan/shard-00000.jsonl      the shard's items: {"id", "size"} per line
@@ -78,6 +80,7 @@ LIMITS = STATE + "limits.json"  # a later --max-cost (retry-failed) over the spe
 CLAIMS = STATE + "claims/"
 FINALIZED = STATE + "finalized"
 SUMMARY = "run.json"
+REPORT = "report.html"  # moonbatch report's default place (producer.report)
 RESULTS = "results/"
 ANNOTATIONS = "annotations/"
 COCO = ANNOTATIONS + "instances.json"

@@ -4,8 +4,10 @@ registry."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -13,11 +15,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from moonbatch.producer.cli import app
-from moonbatch.producer.cli.console import cli_errors, interruptible, notice, out
+from moonbatch.producer.cli.console import cli_errors, err, interruptible, notice, out
 from moonbatch.producer.cli.options import (
     FollowWorkersOpt,
     JsonOpt,
     NewestRunRefArg,
+    ReportOpt,
+    ReportOutOpt,
+    SampleOpt,
     TimeoutOpt,
     epilog,
 )
@@ -28,6 +33,7 @@ from moonbatch.producer.cli.render import (
     spend_text,
     status_line,
 )
+from moonbatch.producer.report import DEFAULT_SAMPLE
 
 
 @app.command(epilog=epilog("moonbatch status                       # the newest run",
@@ -144,9 +150,9 @@ def follow(output: str, settings, workers: int | None, timeout: float | None,
 
 @app.command(epilog=epilog("moonbatch wait                         # the newest run",
                            "moonbatch wait RUN_ID --timeout 3600",
-                           "moonbatch wait s3://annotations/2024/ --workers 4"))
+                           "moonbatch wait s3://annotations/2024/ --workers 4 --report"))
 def wait(run_ref: NewestRunRefArg = None, timeout: TimeoutOpt = None,
-         workers: FollowWorkersOpt = None) -> None:
+         workers: FollowWorkersOpt = None, report: ReportOpt = False) -> None:
     """Block until the run is complete (exit 0), cannot complete (exit 1) or stopped (exit 5:
     budget or error rate); print its summary."""
     from moonbatch.config import get_settings
@@ -154,10 +160,73 @@ def wait(run_ref: NewestRunRefArg = None, timeout: TimeoutOpt = None,
     from moonbatch.workers.runstate import open_run
 
     where: dict[str, Any] = {"workers": workers}
-    with cli_errors(), interruptible(where):
+    with cli_errors(), interruptible(where), reporting(report, where):
         settings = get_settings()
         output = ops.resolve(run_ref, settings)
         if workers:
             preflight.preflight(settings, state=False,
                                 provider=open_run(output, settings).spec.provider)
         follow(output, settings, workers, timeout, where)
+
+
+@app.command(name="report", epilog=epilog(
+    "moonbatch report                      # the newest run: OUTPUT/report.html",
+    "moonbatch report RUN_ID --sample 200 --out run.html && xdg-open run.html",
+    "moonbatch report s3://annotations/2024/ --out s3://team-reports/2024.html"))
+def report_command(run_ref: NewestRunRefArg = None, sample: SampleOpt = DEFAULT_SAMPLE,
+                   out_file: ReportOutOpt = None) -> None:
+    """Write a run's report: one HTML file a browser opens from disk, with no server. It shows
+    the run (input, output, provider, model, options, status, timings, items ok, error and
+    skipped, tokens and cost), every error code with its count and examples, and a sample of
+    rows as thumbnails with each skill's answer: captions and answers, detect boxes, points and
+    segment masks drawn over the image. Prints where the report is.
+
+    Images are read as the run's workers read them (the same rules for local files, private
+    addresses and buckets); one that cannot be read is a tile saying why. Works on a running
+    run too (the rows merged so far).
+    """
+    from moonbatch.config import get_settings
+    from moonbatch.producer import ops
+    from moonbatch.producer import report as reports
+
+    with cli_errors():
+        settings = get_settings()
+        output = ops.resolve(run_ref, settings)
+        print(reports.write(output, settings, sample=sample, out=out_file))
+
+
+@contextlib.contextmanager
+def reporting(wanted: bool, where: dict[str, Any]) -> Iterator[None]:
+    """``--report`` of a command that follows a run: once the run is final (the block ends, or
+    raises ``RunFailed`` or ``RunStopped``), write its report to OUTPUT/report.html and say
+    where on stderr. The run's outcome decides the exit code: a report that cannot be
+    written is a warning naming the command that writes it. ``where["output"]`` is the run's
+    OUTPUT once known (a failed or stopped run is found by its id)."""
+    from moonbatch.errors import RunFailed, RunStopped
+
+    try:
+        yield
+    except (RunFailed, RunStopped) as exc:
+        if wanted:
+            write_report(exc.run_id)
+        raise
+    if wanted and where.get("output"):
+        write_report(where["output"])
+
+
+def write_report(ref: str) -> None:
+    """Write the report of the run ``ref`` names (run id or OUTPUT) where it goes by default
+    and print where; a failure is a warning line."""
+    from moonbatch.config import get_settings
+    from moonbatch.producer import ops
+    from moonbatch.producer import report as reports
+
+    try:
+        settings = get_settings()
+        where = reports.write(ops.resolve(ref, settings), settings)
+    except Exception as exc:  # the run's own outcome stands; say how to try again
+        notice(f"warning: the report could not be written ({type(exc).__name__}: "
+               f"{' '.join(str(exc).split())[:300]}): `moonbatch report {ref}` writes it",
+               warning=True)
+        return
+    err.print(f"report: {escape(where)}", highlight=False, soft_wrap=True)

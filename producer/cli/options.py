@@ -170,6 +170,16 @@ NewestRunRefArg = Annotated[Optional[TEXT], typer.Argument(
     metavar="[RUN_ID]", parser=TEXT, show_default=False, help="a run id (from the registry at "
     "MOONBATCH_STATE_URL) or the run's OUTPUT (default: the newest run in the registry)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
+ReportOpt = Annotated[bool, typer.Option(
+    "--report", help="once the run is final (completed, stopped, failed or cancelled), write its "
+    "report to OUTPUT/report.html: the run, its errors and a sample of rows with their images "
+    "and answers, one HTML file a browser opens with no server (as `moonbatch report RUN_ID`)")]
+SampleOpt = Annotated[int, typer.Option(
+    "--sample", metavar="N", help="rows shown with their image and answers, 0 to 1000, chosen "
+    "reproducibly (the same run shows the same rows), error rows included")]
+ReportOutOpt = Annotated[Optional[str], typer.Option(
+    "--out", metavar="FILE", help="where to write the report: a local file or an s3:// URL "
+    "(default: OUTPUT/report.html)")]
 
 
 def epilog(*examples: str) -> str:

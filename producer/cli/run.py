@@ -9,6 +9,7 @@ from typing import Any
 
 from moonbatch.producer.cli import app
 from moonbatch.producer.cli.console import Fail, cli_errors, err, interruptible, notice
+from moonbatch.producer.cli.inspect import reporting
 from moonbatch.producer.cli.options import (
     AllowEmptyOpt,
     BaseOpt,
@@ -41,6 +42,7 @@ from moonbatch.producer.cli.options import (
     QuestionOpt,
     QueueTimeoutOpt,
     ReasoningOpt,
+    ReportOpt,
     ShardSizeOpt,
     SkillOpt,
     SkipExistingOpt,
@@ -79,7 +81,8 @@ def _dry_run(input: str, output: str, options: dict[str, Any], allow_empty: bool
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --dry-run   # what it would cost",
     "moonbatch run s3://b/in/ s3://b/out/ --model moondream3.1 --dry-run  # its price",
     "moonbatch run s3://b/in/ s3://b/out/ --provider fal --priority low --queue-timeout 600",
-    "moonbatch run s3://b/in/ s3://b/out/ --max-cost 20 --max-error-rate 0.5  # exit 5: stopped"))
+    "moonbatch run s3://b/in/ s3://b/out/ --max-cost 20 --max-error-rate 0.5  # exit 5: stopped",
+    "moonbatch run ./images ./out --skill detect --object car --report  # ./out/report.html"))
 def run(input: InputArg, output: OutputArg,
         skill: SkillOpt = None, length: LengthOpt = None, question: QuestionOpt = None,
         object: ObjectOpt = None, reasoning: ReasoningOpt = None,
@@ -99,7 +102,7 @@ def run(input: InputArg, output: OutputArg,
         timeout: TimeoutOpt = None, allow_empty: AllowEmptyOpt = False,
         force: ForceOpt = False, embedded_broker: EmbeddedBrokerOpt = False,
         no_cache: NoCacheOpt = False, cache_sampled: CacheSampledOpt = False,
-        cache_check: CacheCheckOpt = False,
+        cache_check: CacheCheckOpt = False, report: ReportOpt = False,
         dry_run: DryRunOpt = False, as_json: DryRunJsonOpt = False) -> None:
     """Annotate every image under INPUT and write the results under OUTPUT; exit 0 when every
     image has a result (ok or error).
@@ -125,12 +128,15 @@ def run(input: InputArg, output: OutputArg,
                    error_sample=error_sample, cache=False if no_cache else None,
                    cache_sampled=cache_sampled or None)
     where: dict[str, Any] = {"workers": workers if workers is not None else os.cpu_count()}
-    with cli_errors(), interruptible(where):
+    finished: dict[str, Any] = {}  # the run's OUTPUT once it is final, for --report
+    with cli_errors(), interruptible(where), reporting(report, finished):
         if as_json and not dry_run:
             raise Fail("--json applies to --dry-run only: add --dry-run, or leave --json out",
                        code=2)
         if cache_check and not dry_run:
             raise Fail("--cache-check applies to --dry-run only: add --dry-run", code=2)
+        if report and dry_run:
+            raise Fail("--report applies to a run, not to --dry-run: leave one out", code=2)
         if dry_run:
             _dry_run(input, output, options, allow_empty, as_json, cache_check)
             return
@@ -150,6 +156,7 @@ def run(input: InputArg, output: OutputArg,
         if done.note:  # already complete: nothing was done
             err.print(done.note, highlight=False, soft_wrap=True)
         print_summary(done.status())
+        finished["output"] = done.output
 
 
 @app.command(epilog=epilog(
