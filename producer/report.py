@@ -38,17 +38,18 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
-import hashlib
 import heapq
 import io
 import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
 from moonbatch.errors import InvalidOption
+from moonbatch.workers.models import id_text
 
 #: Rows shown by default (``--sample``), and the most a report takes (its size grows with it).
 DEFAULT_SAMPLE = 60
@@ -75,11 +76,12 @@ COLOURS = {"detect": "#ff1f8e", "point": "#00e5ff", "segment": "#ffd400"}
 
 @dataclasses.dataclass
 class Pick:
-    """A sampled row: its 1-based ``position`` in the run (plan order), ``shard``, ``key``
-    (the id as text) and the row itself."""
+    """A sampled row: its 1-based ``position`` in the run (plan order), ``shard``, ``index``
+    (its line in the shard's results and plan, from 0), ``key`` (the id as text) and the row."""
 
     position: int
     shard: int
+    index: int
     key: str
     row: dict[str, Any]
 
@@ -118,55 +120,63 @@ class Rows:
         self.total = self.ok = self.error = self.cached = 0
         self.codes: dict[str, ErrorCode] = {}
         self.skills = {o.skill: SkillStats(o.skill) for o in spec.all_options}
+        self._multi = spec.multi_skill
         # Max-heaps (negated hash) of the ``size`` smallest hashes: ok rows and error rows.
         self._heaps: dict[bool, list[tuple[int, int, Pick]]] = {True: [], False: []}
         self.problems: list[str] = []  # results files that could not be read, for the page
 
-    def add(self, shard: int, row: Any) -> None:
-        """Count ``row`` (a decoded results row) of ``shard``."""
-        if not isinstance(row, dict):
+    def add(self, shard: int, index: int, row: Any) -> None:
+        """Count ``row`` (a decoded results row), the ``index``-th (from 0) of ``shard``."""
+        if row.__class__ is not dict:
             return
-        from moonbatch.workers.models import id_text
-
         self.total += 1
-        key = id_text(row.get("id"))
+        item_id = row.get("id")
+        key = item_id if item_id.__class__ is str else id_text(item_id)
         ok = row.get("status") == "ok"
         if ok:
             self.ok += 1
         else:
             self.error += 1
-            err = row.get("error") if isinstance(row.get("error"), dict) else {}
-            code = str(err.get("code") or "unknown")
-            entry = self.codes.get(code) or self.codes.setdefault(code, ErrorCode(code))
-            entry.count += 1
-            if len(entry.examples) < EXAMPLES:
-                skill = err.get("skill")
-                entry.examples.append((key, str(skill) if skill else None,
-                                       clip(err.get("message"), MESSAGE_LIMIT)))
+            self._count_error(row, key)
         if row.get("cached") is True:
             self.cached += 1
-        self._count_skills(row, key)
+        result = row.get("result")
+        if result.__class__ is dict:
+            self._count_skills(result)
         if self.size:
-            digest = hashlib.blake2b(self.salt + key.encode("utf-8", "surrogatepass"),
-                                     digest_size=8).digest()
+            digest = blake2b(self.salt + key.encode("utf-8", "surrogatepass"),
+                             digest_size=8).digest()
             rank = -int.from_bytes(digest, "big")
             heap = self._heaps[ok]
-            entry = (rank, -self.total, Pick(self.total, shard, key, row))
             if len(heap) < self.size:
-                heapq.heappush(heap, entry)
+                heapq.heappush(heap, (rank, -self.total, Pick(self.total, shard, index, key, row)))
             elif rank > heap[0][0]:
-                heapq.heapreplace(heap, entry)
+                heapq.heapreplace(heap, (rank, -self.total,
+                                         Pick(self.total, shard, index, key, row)))
 
-    def _count_skills(self, row: dict[str, Any], key: str) -> None:
-        for opts, _, part in skill_parts(self.spec, row, key, None):
-            stats = self.skills.get(opts.skill)
-            if stats is None:
+    def _count_error(self, row: dict[str, Any], key: str) -> None:
+        err = row.get("error") if isinstance(row.get("error"), dict) else {}
+        code = str(err.get("code") or "unknown")
+        entry = self.codes.get(code) or self.codes.setdefault(code, ErrorCode(code))
+        entry.count += 1
+        if len(entry.examples) < EXAMPLES:
+            skill = err.get("skill")
+            entry.examples.append((key, str(skill) if skill else None,
+                                   clip(err.get("message"), MESSAGE_LIMIT)))
+
+    def _count_skills(self, result: dict[str, Any]) -> None:
+        # The hot loop of a million rows: each skill's part of ``result`` as
+        # ``exports.Item.parts`` finds it (under its name in a multi-skill row), inlined.
+        for skill, stats in self.skills.items():
+            part = result.get(skill) if self._multi else result
+            if part.__class__ is not dict:
                 continue
             stats.answered += 1
-            n, chars = _measure(opts.skill, part)
-            stats.found += 1 if (n or chars) else 0
-            stats.shapes += n
-            stats.chars += chars
+            n, chars = _measure(skill, part)
+            if n or chars:
+                stats.found += 1
+                stats.shapes += n
+                stats.chars += chars
 
     def sample(self) -> list[Pick]:
         """The sample in plan order: the error rows with the smallest hashes (up to
@@ -186,8 +196,8 @@ def read_rows(store: Any, spec: Any, shards: int, rows: Rows) -> None:
 
     for shard in range(shards):
         try:
-            for row in writers.read_shard(store, spec.output_format, shard):
-                rows.add(shard, row)
+            for index, row in enumerate(writers.read_shard(store, spec.output_format, shard)):
+                rows.add(shard, index, row)
         except NotFound:
             continue
         except Exception as exc:  # a damaged results file: say so and go on with the others
@@ -358,29 +368,41 @@ def tiles(run: Any, picks: list[Pick], settings: Any) -> Iterator[dict[str, Any]
 
 def _plan_items(run: Any, picks: list[Pick]) -> dict[tuple[int, str], Any]:
     """``{(shard, key): PlanItem}`` of the picked rows, from their shards' plan files (each
-    read once); a row whose item is not in its shard's plan has none."""
+    read once). A shard's rows are in its plan's order, so a row's plan line is the line of its
+    index (checked: the whole plan is searched when it is not); a row whose item is not in
+    its shard's plan has none."""
     from moonbatch.workers import layout
     from moonbatch.workers.models import PlanItem
 
-    wanted: dict[int, set[str]] = {}
+    wanted: dict[int, list[Pick]] = {}
     for p in picks:
-        wanted.setdefault(p.shard, set()).add(p.key)
+        wanted.setdefault(p.shard, []).append(p)
     found: dict[tuple[int, str], Any] = {}
-    for shard, keys in wanted.items():
+    for shard, mine in wanted.items():
         try:
-            data = run.output.get(layout.plan_items(shard))
+            lines = [line for line in run.output.get(layout.plan_items(shard)).splitlines()
+                     if line.strip()]
         except Exception:  # no plan: the tiles say the image is not the run's
             continue
-        for line in data.splitlines():
-            if not line.strip():
-                continue
-            try:
-                item = PlanItem.from_json(line)
-            except ValueError:
-                continue
-            if item.key in keys:
+        missing = set()
+        for p in mine:
+            item = _parse(PlanItem, lines[p.index]) if p.index < len(lines) else None
+            if item is not None and item.key == p.key:
+                found[(shard, p.key)] = item
+            else:
+                missing.add(p.key)
+        for line in lines if missing else ():
+            item = _parse(PlanItem, line)
+            if item is not None and item.key in missing:
                 found[(shard, item.key)] = item
     return found
+
+
+def _parse(cls: Any, line: bytes) -> Any:
+    try:
+        return cls.from_json(line)
+    except ValueError:
+        return None
 
 
 def _tile(run: Any, pick: Pick, item: Any) -> dict[str, Any]:

@@ -3,35 +3,22 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
-import pytest
 
+from tests.browser import dump_dom, screenshot
 from tests.conftest import free_port, moonbatch_cmd, run_cli, upload_photos
-
-# Screenshots land here (CI keeps the folder as an artifact).
-ARTIFACTS = Path(os.environ.get("MOONBATCH_TEST_ARTIFACTS",
-                                Path(__file__).resolve().parent.parent / "test-artifacts"))
 
 
 def browse_tasks_page(url: str, run_id: str) -> None:
     """Log in to Flower with Debian's chromium (headless; basic auth in the URL), load the tasks
     page, save a screenshot (``flower-tasks.png``) and check the run's tasks are on it."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
-    args = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
-            "--disable-dev-shm-usage", "--window-size=1600,1000", "--virtual-time-budget=8000"]
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shot = ARTIFACTS / "flower-tasks.png"
-    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True,
-                         timeout=120).stdout
-    subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    budget = ["--virtual-time-budget=8000"]
+    dom = dump_dom(url, window=(1600, 1000), extra=budget)
+    shot = screenshot(url, "flower-tasks.png", window=(1600, 1000), extra=budget)
     assert "Tasks" in dom and run_id in dom, dom[-2000:]
     assert shot.stat().st_size > 10_000
 
