@@ -536,8 +536,8 @@ def context(run: Any, snap: dict[str, Any], rows: Rows, picks: list[Pick],
         "sample_errors": sum(1 for p in picks if p.row.get("status") != "ok"),
         "tiles": tile_iter,
         "legend": [(k, v) for k, v in COLOURS.items() if k in kinds], "colours": COLOURS,
-        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds").replace("+00:00", " UTC").replace("T", " "),
+        "generated": datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S UTC"),
         "version": _version(),
     }
 

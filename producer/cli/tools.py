@@ -15,6 +15,7 @@ import typer
 
 from moonbatch.producer.cli import app
 from moonbatch.producer.cli.console import Fail, cli_errors, err, notice, out
+from moonbatch.producer.cli.inspect import write_report
 from moonbatch.producer.cli.options import (
     DemoShardSizeOpt,
     DemoTimeoutOpt,
@@ -29,6 +30,7 @@ from moonbatch.producer.cli.options import (
     QuestionOpt,
     QueueTimeoutOpt,
     ReasoningOpt,
+    ReportOpt,
     SkillOpt,
     epilog,
 )
@@ -57,7 +59,7 @@ def demo(output: Annotated[Path, typer.Option(
          provider: ProviderOpt = None, endpoint: EndpointOpt = None, model: ModelOpt = None,
          priority: PriorityOpt = None, fal_store_io: FalStoreIoOpt = None,
          queue_timeout: QueueTimeoutOpt = None, shard_size: DemoShardSizeOpt = 8, workers: DemoWorkersOpt = 2,
-         timeout: DemoTimeoutOpt = 300.0) -> None:
+         timeout: DemoTimeoutOpt = 300.0, report: ReportOpt = False) -> None:
     """Annotate scikit-image's sample photographs with no account and no servers: an embedded
     broker (a private redis-server), local storage and the emulator of the Batch API or (with
     --provider fal) of fal's queue API."""
@@ -111,6 +113,8 @@ def demo(output: Annotated[Path, typer.Option(
         if row is not None:
             out.print(f"first row of {first.name}: {json.dumps(row, ensure_ascii=False)[:300]}")
         out.print(f"results are in {target / 'results'}")
+        if report:
+            write_report(str(target))
 
 
 @app.command(epilog=epilog(
