@@ -443,3 +443,23 @@ def test_python_api_writes_the_report(s3, bucket, env, fleet, tmp_path):
     local = run.report(sample=0, out=str(tmp_path / "r.html"))
     text = Path(local).read_text()
     assert run.id in text and 'class="tile' not in text
+
+
+def test_webdataset_input_shows_each_samples_image(s3, bucket, env, fleet, tmp_path):
+    """A run of a WebDataset ``.tar`` on S3: the report reads each thumbnail with a ranged GET
+    of its member, through the WebDataset reader, as the workers read the images."""
+    from tests.test_webdataset_parquet import make_tar
+
+    photos = {n: upload_photos(s3, bucket, "tmp/", names=(n,))[n] for n in PHOTOS[:3]}
+    tar = make_tar([(f"00000/{i:09d}", {name.rsplit(".", 1)[1]: data, "txt": b"caption"})
+                    for i, (name, data) in enumerate(photos.items())])
+    s3.put_object(Bucket=bucket, Key="wds/00000.tar", Body=tar)
+    run_cli(["run", f"s3://{bucket}/wds/00000.tar", f"s3://{bucket}/wds-out/", "--workers",
+             "0", "--timeout", "120", "--report"], env)
+    report = get_report(s3, bucket, "wds-out/report.html", tmp_path / "wds.html")
+    page = Elements(report.read_text())
+    assert sorted(t["data-id"] for t in page.of_class("article", "tile")) == [
+        f"00000/{i:09d}" for i in range(3)]
+    sizes = [(int(a["width"]), int(a["height"])) for t, a in page.elements if t == "img"]
+    assert len(sizes) == 3 and all(max(s) == 320 for s in sizes), sizes
+    assert sizes[0] == (320, 320) and sizes[1][1] < 320  # astronaut is square, chelsea is not
