@@ -345,8 +345,8 @@ def thumbnail(data: bytes, side: int) -> tuple[str, int, int]:
     try:
         img = Image.open(io.BytesIO(prepared.data))
         img.load()
-        if prepared.transform is None:  # passed through (small enough): flatten it here
-            img = lines._flatten(img)
+        if prepared.transform is None:  # passed through (small enough): flatten it here, as
+            img = lines._flatten(img)  # the workers do (alpha on white, 16-bit, EXIF upright)
         img.thumbnail((side, side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=True)
@@ -356,14 +356,25 @@ def thumbnail(data: bytes, side: int) -> tuple[str, int, int]:
     return uri, img.width, img.height
 
 
-def tiles(run: Any, picks: list[Pick], settings: Any) -> Iterator[dict[str, Any]]:
+def tiles(run: Any, picks: list[Pick]) -> Iterator[dict[str, Any]]:
     """Each sampled row as the template's tile (see ``_tile``), in ``picks``' order, its
-    images read ``FETCHES`` at a time."""
+    images read ``FETCHES`` at a time (through ``run.fetcher``, made here: once, not by
+    each thread)."""
     from moonbatch.workers.pool import ordered_map
 
-    planned = _plan_items(run, picks)
-    return ordered_map(lambda p: _tile(run, p, planned.get((p.shard, p.key))), picks,
-                       workers=FETCHES, window=2 * FETCHES)
+    planned = _plan_items(run, picks) if picks else {}
+    run.fetcher  # noqa: B018 - made before the threads share it
+
+    def tile(pick: Pick) -> dict[str, Any]:
+        try:
+            return _tile(run, pick, planned.get((pick.shard, pick.key)))
+        except Exception as exc:  # a row no tile can show: say so, never stop the page
+            return {"id": pick.key, "position": pick.position, "status": "?", "error": None,
+                    "cached": False, "cache_of": None, "size": None, "source": "",
+                    "images": [{"src": None, "why": f"row not shown ({type(exc).__name__})"}],
+                    "shapes": [], "answers": [], "tokens": None}
+
+    return ordered_map(tile, picks, workers=FETCHES, window=2 * FETCHES)
 
 
 def _plan_items(run: Any, picks: list[Pick]) -> dict[tuple[int, str], Any]:
@@ -416,8 +427,7 @@ def _tile(run: Any, pick: Pick, item: Any) -> dict[str, Any]:
     side = THUMB_SIDE if len(parts) <= 1 else MULTI_SIDE
     images = [_image(run, part, side) for part in parts]
     if item is None:
-        images.append({"source": "", "src": None, "why": "not in the run's plan: no image is "
-                       "read for it"})
+        images.append({"src": None, "why": "not in the run's plan: no image is read for it"})
     shapes: list[dict[str, Any]] = []
     first = images[0] if images else None
     if first is not None and first["src"] is not None:
@@ -551,7 +561,7 @@ def _version() -> str:
         return ""
 
 
-def render(run: Any, snap: dict[str, Any], sample: int, settings: Any) -> Iterator[str]:
+def render(run: Any, snap: dict[str, Any], sample: int) -> Iterator[str]:
     """The page of the run, as text chunks (``jinja2.Template.generate``): the rows are read
     first (one pass), then the page is written while the sample's images are read."""
     rows = Rows(run.spec, sample)
@@ -559,7 +569,7 @@ def render(run: Any, snap: dict[str, Any], sample: int, settings: Any) -> Iterat
     read_rows(run.output, run.spec, shards, rows)
     picks = rows.sample()
     template = _environment().get_template("report.html")
-    return template.generate(**context(run, snap, rows, picks, tiles(run, picks, settings)))
+    return template.generate(**context(run, snap, rows, picks, tiles(run, picks)))
 
 
 def _shards(run: Any, snap: dict[str, Any]) -> int:
@@ -624,10 +634,19 @@ def write(output: str, settings: Any, *, sample: int = DEFAULT_SAMPLE,
             if target.is_dir():
                 raise InvalidOption(f"--out {text}: is a folder: give a file name (e.g. "
                                     f"{Path(text) / 'report.html'})", option="--out", value=text)
-    chunks = render(run, snap, sample, settings)
-    if target is None:
-        store.put(where, "".join(chunks).encode())
-        return store.url_for(where)
+    try:
+        chunks = render(run, snap, sample)
+        if target is None:
+            store.put(where, "".join(chunks).encode())
+            return store.url_for(where)
+        _write_file(target, chunks)
+        return str(target)
+    finally:
+        run.fetcher.close()
+
+
+def _write_file(target: Path, chunks: Iterable[str]) -> None:
+    """Stream ``chunks`` into a temporary file beside ``target``, then rename it there."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=target.parent)
     try:
@@ -639,4 +658,3 @@ def write(output: str, settings: Any, *, sample: int = DEFAULT_SAMPLE,
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return str(target)
