@@ -8,8 +8,9 @@ the API's 10 MB line limit; images are made to fit by ``moonbatch.workers.lines.
 
 from __future__ import annotations
 
-import base64
 import json
+
+from pybase64 import b64encode  # SIMD: ~15x the stdlib's speed, which holds the GIL throughout
 
 # Limits of the Moondream Batch API (seed 002, "Limits"). We use the decimal reading of
 # "2 GB", "100 MB" and "10 MB": it is the stricter one, so a file we accept the API accepts.
@@ -52,7 +53,7 @@ def encode_line(id_: str, image: bytes, fragment: bytes, *, b64: bytes | None = 
     """
     return b"".join((
         b'{"id":', json.dumps(id_, ensure_ascii=False).encode(), b",", fragment,
-        b',"image":"', base64.b64encode(image) if b64 is None else b64, b'"}\n',
+        b',"image":"', b64encode(image) if b64 is None else b64, b'"}\n',
     ))
 
 

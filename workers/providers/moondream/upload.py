@@ -8,7 +8,6 @@ plus the fetch window, whatever the shard's size. Protocol: seed 002, "Upload an
 
 from __future__ import annotations
 
-import base64
 import collections
 import concurrent.futures as cf
 import logging
@@ -16,6 +15,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+
+from pybase64 import b64encode
 
 from moonbatch.workers import layout, metrics
 from moonbatch.workers.lines import ItemError, prepare_image, skill_line_id
@@ -64,7 +65,7 @@ class PartWriter:
             raise ValueError("part_size must be positive")
         self.part_size = part_size
         self._send = send
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._size = 0
         self._pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="part")
         self._concurrency = concurrency
@@ -74,17 +75,23 @@ class PartWriter:
         self.bytes = 0
 
     def write(self, data: bytes) -> None:
-        """Append ``data``; start sending every part that became full."""
-        self._chunks.append(data)
-        self._size += len(data)
+        """Append ``data``; start sending every part that became full.
+
+        Each part is joined once from the pieces written: a piece that crosses a part boundary
+        is split by reference (``memoryview``), not copied."""
         self.bytes += len(data)
-        if self._size >= self.part_size:
-            buf = b"".join(self._chunks)
-            cut = len(buf) - len(buf) % self.part_size
-            for start in range(0, cut, self.part_size):
-                self._submit(buf[start:start + self.part_size])
-            self._chunks = [buf[cut:]] if cut < len(buf) else []
-            self._size = len(buf) - cut
+        piece: bytes | memoryview = data
+        while self._size + len(piece) >= self.part_size:
+            need = self.part_size - self._size
+            if not isinstance(piece, memoryview):
+                piece = memoryview(piece)
+            self._chunks.append(piece[:need])
+            self._submit(b"".join(self._chunks))
+            self._chunks, self._size = [], 0
+            piece = piece[need:]
+        if len(piece):
+            self._chunks.append(piece)
+            self._size += len(piece)
 
     def close(self) -> list[Part]:
         """Send the last, shorter part (if any), wait for all, return the parts in order."""
@@ -154,7 +161,7 @@ def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
             data = read_item(fetch, item)
             limit = min(max_image_bytes(i, f) for i, f in zip(ids, frags, strict=True))
             prepared = prepare_image(data, limit=limit, max_pixels=max_pixels)
-            b64 = base64.b64encode(prepared.data)
+            b64 = b64encode(prepared.data)
             return (index, [encode_line(i, prepared.data, f, b64=b64)
                             for i, f in zip(ids, frags, strict=True)],
                     prepared.transform is not None, None, prepared.dims(), None)
@@ -204,7 +211,7 @@ def _images_lines(parts: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
                             f"{exc.message}") from None
         dims[k] = prepared.dims()
         changed = changed or prepared.transform is not None
-        b64s.append(base64.b64encode(prepared.data))
+        b64s.append(b64encode(prepared.data))
     return [encode_images_line(i, b64s, f) for i, f in zip(ids, frags, strict=True)], changed
 
 
