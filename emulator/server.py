@@ -215,31 +215,37 @@ def _hang_up(sock: socket.socket | None) -> None:
 
 def _save_body(path: str, limit: int) -> tuple[int, str] | None:
     """Write the current request's body to ``path`` as it arrives and return its size and
-    quoted MD5 (the part's ETag, as R2 gives it), or None (``path`` removed, the rest of the
-    body read and dropped) if it reaches ``limit`` bytes.
+    quoted MD5 (the part's ETag, as R2 gives it), or None (nothing written; the rest of the
+    body read and dropped) if it reaches ``limit`` bytes. The body goes to a file of its own
+    first: a part sent again and cut short never spoils the copy already received.
 
     1 MiB reads into one buffer: the socket read, the hash and the write each release the GIL,
     so receiving a part costs the process that hosts the emulator (a benchmark's, a test's)
-    almost no interpreter time, where a whole-body ``get_data`` held it for 64 KiB reads, two
+    little interpreter time, where a whole-body ``get_data`` held it for 64 KiB reads, two
     copies and the hash."""
     stream = request.stream
     buf = bytearray(1024 * 1024)
     view = memoryview(buf)
     md5 = hashlib.md5()
     size = 0
-    with open(path, "wb") as f:
-        while n := stream.readinto(buf):
-            size += n
-            if size >= limit:
-                break
-            md5.update(view[:n])
-            f.write(view[:n])
-    if size >= limit:
-        os.remove(path)
-        while stream.readinto(buf):
-            pass
-        return None
-    return size, '"' + md5.hexdigest() + '"'
+    partial = f"{path}.{secrets.token_hex(4)}"
+    try:
+        with open(partial, "wb") as f:
+            while n := stream.readinto(buf):
+                size += n
+                if size >= limit:
+                    break
+                md5.update(view[:n])
+                f.write(view[:n])
+        if size < limit:
+            os.replace(partial, path)
+            return size, '"' + md5.hexdigest() + '"'
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    while stream.readinto(buf):
+        pass
+    return None
 
 
 def _dropped(sock: socket.socket | None) -> Response:

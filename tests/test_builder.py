@@ -56,6 +56,25 @@ def test_parts_are_fixed_size_and_in_order(concurrency):
         assert rec.peak > 1  # uploads really overlapped
 
 
+@pytest.mark.parametrize("sizes", [[1000] * 5, [2500, 10, 3490], [999, 1, 1000, 4001], [1] * 2500])
+def test_writes_across_and_on_part_boundaries(sizes):
+    """A write that ends a part exactly, one that spans several parts, and byte-sized ones:
+    every part is whole bytes, exactly the part size but the last, and the stream is intact."""
+    rec = Recorder()
+    writer = PartWriter(1000, rec, concurrency=2)
+    stream = random.Random(3).randbytes(sum(sizes))
+    pos = 0
+    for n in sizes:
+        writer.write(stream[pos:pos + n])
+        pos += n
+    parts = writer.close()
+    sent = [rec.sent[p.part_number] for p in parts]
+    assert all(type(d) is bytes for d in sent)
+    assert [len(d) for d in sent] == [1000] * (len(stream) // 1000) + (
+        [len(stream) % 1000] if len(stream) % 1000 else [])
+    assert b"".join(sent) == stream and writer.bytes == len(stream)
+
+
 def test_empty_stream_sends_nothing():
     rec = Recorder()
     assert PartWriter(10, rec, concurrency=2).close() == [] and rec.sent == {}
