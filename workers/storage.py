@@ -296,9 +296,14 @@ class S3Store:
             if max_bytes is None:
                 return body.read()
             try:
-                if resp.get("ContentLength", 0) > max_bytes:
-                    raise TooLarge(f"{self.url_for(key)}: {resp['ContentLength']} bytes, more "
+                length = resp.get("ContentLength")
+                if length is not None and length > max_bytes:
+                    raise TooLarge(f"{self.url_for(key)}: {length} bytes, more "
                                    f"than the {max_bytes} allowed")
+                if length is not None:
+                    # HTTP reads exactly Content-Length bytes and botocore checks the count:
+                    # a plain read() spares urllib3's bounded read its extra buffer copy.
+                    return body.read()
                 data = body.read(max_bytes + 1)
                 if len(data) > max_bytes:
                     raise TooLarge(f"{self.url_for(key)}: more than the {max_bytes} bytes "
