@@ -18,6 +18,9 @@ from moonbatch.producer.local import LocalWorkers
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two looks for a run's end (a read of ``run.json``) while it is followed:
+#: the command returns this soon after the run's end (1 s once a run is an hour old).
+END_CHECK = 0.2
 #: ``on_progress(snapshot)``: called after each look at the run.
 ProgressFn = Callable[[dict[str, Any]], None]
 #: ``on_notice(text, warning)``: something the user should know (workers revived, a queue
@@ -46,9 +49,10 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
     start = reconciled = time.time()
     watch = _consumer_watch(output, settings) if workers is None else None
     announced: set[str] = set()
+    reader = ops.progress_reader(output, settings)
     with watch or contextlib.nullcontext():
         while True:
-            snap = ops.snapshot(output, settings)
+            snap = ops.snapshot(output, settings, reader)
             rid = snap["run_id"]
             if watch is not None:
                 announced = _announce(watch, announced, rid, notice)
@@ -82,7 +86,23 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
                 raise Timeout(f"run {rid} not complete after {timeout:.0f}s; it goes on: "
                               f"moonbatch wait {rid}", run_id=rid)
             age = time.time() - start  # each look lists the run's state: back off as it ages
-            time.sleep(0.2 if age < 10 else 2.0 if age < 600 else 10.0)
+            _await_end(reader, 0.2 if age < 10 else 2.0 if age < 600 else 10.0,
+                       END_CHECK if age < 3600 else 1.0)
+
+
+def _await_end(reader: Any, seconds: float, every: float) -> None:
+    """Sleep ``seconds``, looking for the run's end every ``every`` seconds (one read of
+    ``run.json``: the final summary is the next snapshot): a run's end is noticed within
+    ``every`` however long it ran and however slowly its progress is looked at. A read that
+    fails is left to the next snapshot."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(every, left))
+        try:
+            if reader.final() is not None:
+                return
+        except Exception:  # storage errors: the next full look raises or retries them
+            return
 
 
 def _consumer_watch(output: str, settings: Settings):

@@ -50,16 +50,24 @@ def resolve(ref: str | None, settings: Settings) -> str:
         return resolve_run(ref, settings)
 
 
-def snapshot(output: str, settings: Settings) -> dict[str, Any]:
-    """The run's progress: the shape of ``run.json`` (README "Output"). Raises ``RunNotFound``
-    when no run is at ``output``."""
-    from moonbatch.workers.runstate import Progress, open_output
+def snapshot(output: str, settings: Settings, reader: Any = None) -> dict[str, Any]:
+    """The run's progress: the shape of ``run.json`` (README "Output"). ``reader``: a
+    ``progress_reader`` of the run kept between looks (it caches what no longer changes).
+    Raises ``RunNotFound`` when no run is at ``output``."""
     from moonbatch.workers.storage import NotFound
 
     try:
-        return Progress(open_output(output, settings)).snapshot()
+        return (reader or progress_reader(output, settings)).snapshot()
     except NotFound:
         raise RunNotFound(f"no moonbatch run at {output}") from None
+
+
+def progress_reader(output: str, settings: Settings) -> Any:
+    """A ``workers.runstate.Progress`` of the run at ``output``: its ``snapshot()`` and its
+    ``final()`` (one read of ``run.json``: the run's final summary, or None)."""
+    from moonbatch.workers.runstate import Progress, open_output
+
+    return Progress(open_output(output, settings))
 
 
 def run_queues(output: str, settings: Settings) -> list[str]:

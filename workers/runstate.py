@@ -158,9 +158,9 @@ class Progress:
         still at the API (``"merged": false``, status as last polled); ``shards.in_flight``
         counts the latter: shards with a submitted batch and no ``done.json``."""
         st = self.store
-        existing = get_json_or_none(st, layout.SUMMARY) or {}
-        if existing.get("status") in FINAL and "counts" in existing:
-            return with_iso_times(existing)  # final: written once by maybe_finalize
+        final = self.final()
+        if final is not None:
+            return final
         spec = get_json(st, layout.SPEC)
         plan = get_json_or_none(st, layout.PLAN)
         failed = get_json_or_none(st, layout.FAILED)
@@ -251,6 +251,14 @@ class Progress:
             "stop_reason": halted,
             "spend": self._spend(spec, spend_keys),
         }
+
+    def final(self) -> dict[str, Any] | None:
+        """The run's final summary (``run.json`` once ``maybe_finalize`` or a cancel wrote
+        it, times as ISO 8601), or None while the run goes on: one read."""
+        existing = get_json_or_none(self.store, layout.SUMMARY) or {}
+        if existing.get("status") in FINAL and "counts" in existing:
+            return with_iso_times(existing)
+        return None
 
     def _spend(self, spec: dict[str, Any], keys: list[str]) -> dict[str, Any]:
         """The run's spend (``stops.spend_of`` the rounds' ``spend.json`` at ``keys``; settled

@@ -6,8 +6,13 @@ maps errors to exit codes. See README "Command line"."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
+import os
 import signal
+import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -71,11 +76,38 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Console-script entry point. SIGTERM and SIGHUP exit (code 128 + signal) through the
-    same clean-up as Ctrl-C."""
+    same clean-up as Ctrl-C. Exits without the interpreter's teardown (see ``_exit``)."""
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, _exit_on_signal)
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        _exit(exc.code)
+    _exit(0)
+
+
+def _exit(code: object) -> None:
+    """Exit with ``code`` (as ``SystemExit`` would: None is 0, text is printed and is 1) once
+    the command's own clean-up ran (its ``finally`` blocks, then the threads it left and the
+    ``atexit`` handlers, as the interpreter would), but without tearing the interpreter down:
+    freeing every module and object of boto3, Celery and pydantic took 0.4 s on a 2-core
+    machine, after the command's work was done and its output written."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    for thread in threading.enumerate():  # what the interpreter joins first
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # logging's flush among them
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
