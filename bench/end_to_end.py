@@ -204,8 +204,8 @@ def stages(s3: Any, bucket: str, out: str, batches: dict[str, Any], shards: int,
         noticed.append(batch.completed_at - batch.processing_end)
         merged.append(done["merged_at"] - batch.completed_at)
     ends = [planned + a + b + c + d for a, b, c, d in zip(sent, api, noticed, merged, strict=True)]
-    return [("CLI start-up and checks (start to spec written)", [created - cli[0]]),
-            ("listing and planning (spec to plan written)", [planned - created]),
+    return [("CLI start-up (start to the run's spec made)", [created - cli[0]]),
+            ("checks, listing, planning (spec made to plan written)", [planned - created]),
             ("enqueue, task start, build, upload, mpu-complete (plan to batch created)", sent),
             ("the API: chunking and processing (batch created to processing end)", api),
             ("completion noticed (processing end to the status GET that saw it)", noticed),
