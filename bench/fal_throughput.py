@@ -8,9 +8,10 @@ one-image shards. The emulator's fal queue runs at most ``CAP`` = 8 requests at 
 each taking ``T`` seconds, and queues the rest. ``MOONBATCH_FAL_CONCURRENCY`` = 8 (fal's limit;
 the fleet's slots are shared by the 4 shards through Redis). Runs: T = 0.5 s with no queue ahead
 (``MOONBATCH_FAL_QUEUE_AHEAD`` = 0: at most 8 in flight), then T = 0.5 s with the default queue
-ahead (8 more, waiting in fal's queue to start the moment a runner frees) and with 16, and
-T = 1.0 s with the default. Poll bounds: ``MOONBATCH_POLL_MIN_INTERVAL`` 0.05 s,
-``MOONBATCH_POLL_MAX_INTERVAL`` 2 s.
+ahead (unset: requests waiting in fal's queue to start the moment a runner frees, as many as
+the cap, or more when a request is shorter than the fleet's refill of a freed runner,
+``FalSettings.fal_in_flight``) and with 16, and T = 1.0 s with the default. Poll bounds:
+``MOONBATCH_POLL_MIN_INTERVAL`` 0.05 s, ``MOONBATCH_POLL_MAX_INTERVAL`` 2 s.
 
 Achieved: requests / (start of the first submit to the end of the last result GET), from the
 emulator's own record of every queue call (its ``_submit``/``_status``/``_result`` are wrapped in
@@ -42,13 +43,15 @@ from bench.end_to_end import BACKEND_DB, BROKER_DB, flush_redis, small_photos, w
 CAP = 8
 SHARDS, PER_SHARD = 4, 60
 # (seconds per request, requests in flight) of each run: fal's cap alone
-# (MOONBATCH_FAL_QUEUE_AHEAD=0), then the default queue ahead of it (as many again)
-RUNS = ((0.5, CAP), (0.5, 2 * CAP), (0.5, 3 * CAP), (1.0, 2 * CAP))
+# (MOONBATCH_FAL_QUEUE_AHEAD=0), the default queue ahead of it (unset: as many again, more
+# for requests shorter than a step's refill), and 2 x the cap ahead
+DEFAULT = 0  # a run's fleet cap when MOONBATCH_FAL_QUEUE_AHEAD is unset (moonbatch's default)
+RUNS = ((0.5, CAP), (0.5, DEFAULT), (0.5, 3 * CAP), (1.0, DEFAULT))
 POLL_MIN, POLL_MAX = 0.05, 2.0
 ENDPOINT = "fal-ai/moondream3-preview/caption"
 ALONE_RUNS = 5
 # --smoke: one run of 2 shards x 2 images at 0.05 s per request, 2 requests alone
-SMOKE_RUNS, SMOKE_SHARDS, SMOKE_PER_SHARD, SMOKE_ALONE = ((0.05, 2 * CAP),), 2, 2, 2
+SMOKE_RUNS, SMOKE_SHARDS, SMOKE_PER_SHARD, SMOKE_ALONE = ((0.05, DEFAULT),), 2, 2, 2
 ALONE_POLL = 0.005
 TARGET = 0.90
 
@@ -241,9 +244,10 @@ def run(servers: Servers, smoke: bool = False, keep: dict[Any, Any] | None = Non
                    "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
                    "FAL_KEY": emu.config.fal_key, "MOONBATCH_FAL_QUEUE_URL": emu.fal_url,
                    "MOONBATCH_FAL_CONCURRENCY": str(CAP),
-                   "MOONBATCH_FAL_QUEUE_AHEAD": str(fleet_cap - CAP),
                    "MOONBATCH_POLL_MIN_INTERVAL": f"{POLL_MIN}",
-                   "MOONBATCH_POLL_MAX_INTERVAL": f"{POLL_MAX}"}
+                   "MOONBATCH_POLL_MAX_INTERVAL": f"{POLL_MAX}",
+                   **({"MOONBATCH_FAL_QUEUE_AHEAD": str(fleet_cap - CAP)}
+                      if fleet_cap != DEFAULT else {})}
             with applied(env), worker_fleet({**os.environ, **env}):
                 emu.config.fal.processing_seconds = 0.05  # warm-up: one tiny shard per worker slot
                 warm = f"warm-out-{fleet_cap}/"
@@ -266,7 +270,9 @@ def run(servers: Servers, smoke: bool = False, keep: dict[Any, Any] | None = Non
         f"for it, fal docs 'Concurrency limits'); poll bounds {POLL_MIN:g} s / {POLL_MAX:g} s",
         f"in flight: MOONBATCH_FAL_CONCURRENCY ({CAP}) + MOONBATCH_FAL_QUEUE_AHEAD, the requests "
         "the fleet keeps submitted and not yet collected; the queue ahead waits in fal's queue "
-        "and starts the moment a running request ends, without waiting for a poll",
+        "and starts the moment a running request ends, without waiting for a poll; unset, it "
+        "is the cap times ceil((poll min interval + 0.5 s a step takes) / the measured seconds "
+        "per request), at least once",
         "fal slot cycle = CAP x wall / requests = processing + the time a fal slot idled per "
         "request; a request from submit to result = submit (the emulator fetches the image and "
         "computes the answer inside the call) + queued at fal + processing + noticed late (its "
@@ -303,9 +309,9 @@ def measure(result: Result, s3: Any, bucket: str, fal: Any, calls: CallLog, seco
                                       "requests": {r: fal.requests[r] for r in rids}}
     ratio = m["rate"] / ideal
     run_wall = summary["timings"]["wall_seconds"]
-    label = f"T = {seconds:g} s, queue ahead {fleet_cap - CAP}" + (
-        " (at most fal's cap in flight)" if fleet_cap == CAP
-        else " (the default)" if fleet_cap == 2 * CAP else "")
+    label = (f"T = {seconds:g} s, the default queue ahead" if fleet_cap == DEFAULT else
+             f"T = {seconds:g} s, queue ahead {fleet_cap - CAP}" + (
+                 " (at most fal's cap in flight)" if fleet_cap == CAP else ""))
     result.add(f"{label}: achieved requests/s",
                f"{m['rate']:.2f} req/s ({m['n']} requests, first submit to last result "
                f"{m['wall']:.1f} s)",
@@ -315,8 +321,10 @@ def measure(result: Result, s3: Any, bucket: str, fal: Any, calls: CallLog, seco
                f"{run_wall:.1f} s ({n / run_wall:.2f} items/s)",
                f"{n / ideal:.1f} s at the ideal rate", f"{n / run_wall / ideal:.2f}x ideal")
     result.add(f"{label}: mean slot occupancy",
-               f"{m['busy']:.0%} of fal's {CAP} running; {m['held'] * CAP / fleet_cap:.0%} of "
-               f"the fleet's {fleet_cap} held", "100 %", f"{m['busy']:.2f}x")
+               f"{m['busy']:.0%} of fal's {CAP} running; " + (
+                   f"{m['held'] * CAP / fleet_cap:.0%} of the fleet's {fleet_cap} held"
+                   if fleet_cap != DEFAULT else f"{m['held'] * CAP:.1f} held on average"),
+               "100 %", f"{m['busy']:.2f}x")
     whole = m["submit"] + m["queued"] + seconds + m["late"]
     result.add(f"{label}: per request",
                f"fal slot cycle {m['cycle']:.3f} s = processing {seconds:.3f} + idle "

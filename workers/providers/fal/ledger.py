@@ -9,12 +9,16 @@ import time
 from typing import Any
 
 from moonbatch.workers import stepped
+from moonbatch.workers.providers.fal.settings import FalSettings
 
 log = logging.getLogger(__name__)
 
 
 RESULT_LIFETIME = 360.0  # fal keeps results of 10 KB or more this long (FACTS.md)
 FIRST_ESTIMATE = 2.0  # seconds a request takes, until the round has measured it
+# A step's own time beyond its wait (the ledger's read and write, the status and result GETs,
+# the submits): 0.2-0.5 s measured on 2 cores (bench fal_throughput).
+STEP_SECONDS = 0.5
 LEDGER_EXTRA = {"expired": 0, "est": FIRST_ESTIMATE}
 
 
@@ -40,3 +44,12 @@ def next_step_in(ledger: dict[str, Any], settings: Any) -> float:
     elif ledger["resend"] or ledger["cursor"] < ledger["lines"]:
         waits.append(max(lo, ledger["est"] / 4))  # slots held elsewhere may free soon
     return max(lo, min(hi, min(waits) if waits else lo))
+
+
+def in_flight(ledger: dict[str, Any], settings: Any) -> int:
+    """Most requests the fleet keeps at fal for the round's endpoint (``fal_in_flight``): the
+    queue ahead must outlast the time the fleet takes to refill a freed runner, the next
+    step (at least ``poll_min_interval`` away) and its own calls, at the round's measured
+    seconds per request (``est``)."""
+    return settings.section(FalSettings).fal_in_flight(
+        ledger["est"], settings.poll_min_interval + STEP_SECONDS)

@@ -4,7 +4,8 @@
 Variables: ``FAL_KEY`` (also ``MOONBATCH_FAL_KEY``), ``MOONBATCH_FAL_QUEUE_URL``,
 ``MOONBATCH_FAL_CONCURRENCY`` (requests fal runs at once per endpoint for this account, across
 the whole fleet: fal's concurrency limit), ``MOONBATCH_FAL_QUEUE_AHEAD`` (requests kept queued at
-fal beyond that; unset: as many again), ``MOONBATCH_FAL_STORE_IO`` (default off: every request
+fal beyond that; unset: as many again, more for requests shorter than the fleet's step
+cadence: ``FalSettings.fal_in_flight``), ``MOONBATCH_FAL_STORE_IO`` (default off: every request
 asks fal not to keep its payloads, ``X-Fal-Store-IO: 0``; on: fal keeps them 30 days, as it
 does for requests without the header; ``--fal-store-io`` turns it on for one run). A value
 out of range raises ``pydantic.ValidationError`` naming the variable.
@@ -12,8 +13,13 @@ out of range raises ``pydantic.ValidationError`` naming the variable.
 
 from __future__ import annotations
 
+import math
+
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The unset queue ahead grows with short requests up to this many times fal's limit.
+MAX_AHEAD_TIMES = 8
 
 
 class FalSettings(BaseSettings):
@@ -39,9 +45,18 @@ class FalSettings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
-    def fal_in_flight(self) -> int:
-        """Most fal requests submitted and not yet collected, per endpoint, fleet-wide."""
-        ahead = self.fal_concurrency if self.fal_queue_ahead is None else self.fal_queue_ahead
+    def fal_in_flight(self, request_seconds: float | None = None,
+                      refill_seconds: float = 0.0) -> int:
+        """Most fal requests submitted and not yet collected, per endpoint, fleet-wide: the
+        concurrency limit plus the queue ahead. Unset, the queue ahead is as many again, or
+        more when a request (``request_seconds``, as measured) is shorter than the fleet takes
+        to send a freed runner its next one (``refill_seconds``: to the next step, plus the
+        step's own calls): fal's runners empty a queue of N x the limit in N requests' time,
+        so it must last until the fleet refills it (at most 8 x the limit)."""
+        ahead = self.fal_queue_ahead
+        if ahead is None:
+            times = math.ceil(refill_seconds / request_seconds) if request_seconds else 1
+            ahead = self.fal_concurrency * min(max(1, times), MAX_AHEAD_TIMES)
         return self.fal_concurrency + ahead
 
     def fal_api_key(self) -> str:

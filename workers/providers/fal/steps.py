@@ -29,7 +29,12 @@ from moonbatch.workers.providers.fal.client import (
     queue_headers,
 )
 from moonbatch.workers.providers.fal.endpoints import FalEndpoint, endpoint_of, entry_endpoint
-from moonbatch.workers.providers.fal.ledger import LEDGER_EXTRA, RESULT_LIFETIME, next_step_in
+from moonbatch.workers.providers.fal.ledger import (
+    LEDGER_EXTRA,
+    RESULT_LIFETIME,
+    in_flight,
+    next_step_in,
+)
 from moonbatch.workers.providers.fal.payloads import (
     MAX_REQUEST_BYTES,
     _answer,
@@ -76,8 +81,7 @@ class RoundSteps(SteppedRounds):
         # Holders refresh their slots at every step, at most ``hi`` apart: a dead step's slots
         # are free again within a few of them.
         hi = min(settings.poll_max_interval, RESULT_LIFETIME / 6)
-        cap = slots.Slots(settings, endpoint.id, settings.section(FalSettings).fal_in_flight(),
-                          ttl=max(10.0, 3 * hi))
+        cap = slots.Slots(settings, endpoint.id, in_flight(ledger, settings), ttl=max(10.0, 3 * hi))
         client = queue_client()
 
         finished, kept = self._poll(ctx, endpoint, build, ledger, client, out)
@@ -236,7 +240,7 @@ class RoundSteps(SteppedRounds):
         # Slots are named after the first line of the request they are for, so a step that
         # died after taking them leaves nothing behind: the step that sends those lines again
         # takes the same slots.
-        n = min(pending, ctx.settings.section(FalSettings).fal_in_flight())
+        n = min(pending, in_flight(ledger, ctx.settings))
         firsts = [u[0] for u in ledger["resend"][:n]]
         firsts += [ledger["cursor"] + k * endpoint.max_images for k in range(n - len(firsts))]
         prefix = f"{ctx.run.spec.run_id}/{ctx.shard}/{ctx.rnd}/"
