@@ -32,6 +32,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,20 @@ def worker_fleet(env: dict[str, str], slots: int = WORKER_SLOTS) -> Iterator[sub
             proc.wait()
         log.close()
         os.unlink(log.name)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` and its live descendants used so far
+    (``/proc``; 0 where it is not there)."""
+    tick, total, todo = os.sysconf("SC_CLK_TCK"), 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return total
 
 
 def moonbatch(env: dict[str, str], *args: str) -> float:
@@ -215,15 +230,24 @@ def stages(s3: Any, bucket: str, out: str, batches: dict[str, Any], shards: int,
 
 
 def one_size(emu: Any, env: dict[str, str], s3: Any, bucket: str, shards: int,
-             per_shard: int, result: Result, slots: int) -> None:
+             per_shard: int, result: Result, slots: int, fleet: int) -> None:
     """``moonbatch run`` and the sequential recipe on ``shards`` shards of ``per_shard`` images
-    (under ``in-<shards>/``); their rows and notes into ``result``."""
+    (under ``in-<shards>/``); their rows and notes into ``result``. ``fleet``: the worker's
+    process id (its CPU time is counted)."""
     prefix = f"in-{shards}/"
     counted, known = emu.emulator.requests.get("status", 0), set(emu.emulator.batches)
+    cpu0 = (cpu_seconds(fleet), resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN))
     t0 = time.time()
     moonbatch_s = moonbatch(env, "run", f"s3://{bucket}/{prefix}", f"s3://{bucket}/out-{shards}/",
                             "--shard-size", str(per_shard), "--workers", "0", "--timeout", "180")
     cli = (t0, time.time())
+    self_cpu, cli_cpu = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                               resource.RUSAGE_CHILDREN))
+    cpu = {"the fleet": cpu_seconds(fleet) - cpu0[0],
+           "the CLI": cli_cpu.ru_utime + cli_cpu.ru_stime - cpu0[2].ru_utime - cpu0[2].ru_stime,
+           "moto and the emulator (this process)": self_cpu.ru_utime + self_cpu.ru_stime
+           - cpu0[1].ru_utime - cpu0[1].ru_stime}
     mb_requests, mb_delays, mb_latency = polling_cost(
         emu, known, emu.emulator.requests.get("status", 0) - counted)
     out = f"out-{shards}/"
@@ -266,7 +290,12 @@ def one_size(emu: Any, env: dict[str, str], s3: Any, bucket: str, shards: int,
     parts = "; ".join(f"{name}: " + (f"{v[0]:.2f} s" if len(v) == 1 else
                                      f"median {median(v):.2f} s, max {max(v):.2f} s")
                       for name, v in breakdown)
+    cores = os.cpu_count() or 1
     result.notes += [
+        f"{label}: CPU time used during moonbatch's run: "
+        + ", ".join(f"{who} {sec:.1f} s" for who, sec in cpu.items())
+        + f"; {sum(cpu.values()):.1f} s in all is {sum(cpu.values()) / cores:.1f} s of wall "
+        f"time on this machine's {cores} cores at the least (shared with whatever else runs)",
         f"{label}: where moonbatch's {moonbatch_s:.1f} s went (run documents and the emulator's "
         f"batch times): {parts}",
         f"{label}: the target needs the command within {sequential_s / goal:.2f} s: one "
@@ -301,13 +330,13 @@ def run(servers: Servers, smoke: bool = False) -> Result:
                "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
                "MOONBATCH_POLL_MIN_INTERVAL": f"{POLL_MIN:.4f}",
                "MOONBATCH_POLL_MAX_INTERVAL": f"{POLL_MAX:.4f}"}
-        with worker_fleet(env, slots):
+        with worker_fleet(env, slots) as fleet:
             emu.config.processing_seconds = 0.0  # warm-up: one tiny shard per worker slot
             moonbatch(env, "run", f"s3://{bucket}/warm/", f"s3://{bucket}/warm-out/", "--shard-size",
                       "1", "--workers", "0")
             emu.config.processing_seconds = processing
             for shards in sizes:
-                one_size(emu, env, s3, bucket, shards, per_shard, result, slots)
+                one_size(emu, env, s3, bucket, shards, per_shard, result, slots, fleet.pid)
 
     result.notes += [
         f"one worker process with {slots} slots (celery -c {slots}): every shard of each size "

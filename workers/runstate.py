@@ -6,6 +6,7 @@ before the next step is enqueued (layout in ``moonbatch.workers.layout``).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import datetime
 import json
@@ -27,6 +28,8 @@ RESULT_LINE_COUNTS = {"duplicate_lines": "duplicate_rows", "missing_lines": "mis
 #: items are error rows with the stop's code; ``moonbatch.workers.stops``).
 FINAL = ("completed", "failed", "cancelled", "stopped")
 
+#: Documents a progress look reads at once (the shards' done and progress documents).
+READERS = 16
 #: ``run.json`` ``timings`` fields that are times (ISO 8601, UTC); ``wall_seconds`` is a duration.
 TIMES = ("created_at", "planned_at", "finished_at")
 
@@ -161,11 +164,20 @@ class Progress:
         final = self.final()
         if final is not None:
             return final
-        spec = get_json(st, layout.SPEC)
-        plan = get_json_or_none(st, layout.PLAN)
-        failed = get_json_or_none(st, layout.FAILED)
-        cancelled = get_json_or_none(st, layout.CANCELLED)
-        halted = get_json_or_none(st, layout.STOPPED)
+        with cf.ThreadPoolExecutor(READERS, thread_name_prefix="progress") as pool:
+            # One round trip for the run's documents and its listing, not six in a row.
+            listing = pool.submit(lambda: list(st.iter_objects(layout.SHARDS)))
+            spec, plan, failed, cancelled, halted = pool.map(
+                lambda key: get_json(st, key) if key == layout.SPEC else get_json_or_none(st, key),
+                (layout.SPEC, layout.PLAN, layout.FAILED, layout.CANCELLED, layout.STOPPED))
+            return self._snapshot(pool, spec, plan, failed, cancelled, halted, listing.result())
+
+    def _snapshot(self, pool: cf.ThreadPoolExecutor, spec: dict[str, Any],
+                  plan: dict[str, Any] | None, failed: Any, cancelled: Any, halted: Any,
+                  listing: list[Any]) -> dict[str, Any]:
+        """``snapshot`` from the run's documents and the listing of its shards' documents
+        (``pool`` reads the documents it needs, concurrently)."""
+        st = self.store
         latest: dict[int, int] = {}  # shard → latest round with a progress document
         sent: dict[int, int] = {}  # shard → latest round with a batch
         current: dict[int, int] = {}  # shard → latest round with any document
@@ -173,7 +185,8 @@ class Progress:
         submitted: set[int] = set()
         batches = 0
         spend_keys: list[str] = []
-        for obj in st.iter_objects(layout.SHARDS):
+        unread: dict[int, str] = {}  # shard → its done.json, not cached yet
+        for obj in listing:
             key = layout.parse_shard_key(obj.key)
             if key is None:
                 continue
@@ -182,7 +195,7 @@ class Progress:
                 if key.name == "done":
                     merged.add(shard)
                     if shard not in self._done:
-                        self._done[shard] = ShardDone.model_validate(get_json(st, obj.key))
+                        unread[shard] = obj.key
                 continue
             current[shard] = max(current.get(shard, 0), rnd)
             if key.name == "spend":
@@ -193,12 +206,17 @@ class Progress:
                 submitted.add(shard)
                 batches += 1
                 sent[shard] = max(sent.get(shard, 0), rnd)
+        for shard, doc in zip(unread, pool.map(lambda k: get_json(st, k), unread.values()),
+                              strict=True):
+            self._done[shard] = ShardDone.model_validate(doc)
         for shard in set(self._done) - merged:  # reopened by a retry-failed pass
             del self._done[shard]
         # Only the current round of an unmerged shard is in flight: a later round (items
         # retried, a retry-failed pass) supersedes its earlier rounds' batches.
-        progress = {s: get_json_or_none(st, layout.round_doc(s, r, "progress")) or {}
-                    for s, r in latest.items() if s not in merged and r == current[s]}
+        flying = [(s, r) for s, r in latest.items() if s not in merged and r == current[s]]
+        progress = {s: doc or {} for (s, _), doc in zip(flying, pool.map(
+            lambda sr: get_json_or_none(st, layout.round_doc(sr[0], sr[1], "progress")),
+            flying), strict=True)}
         out = [self._in_flight(s, r, progress.get(s, {}))
                if r == current[s] else self._queued(s, current[s])
                for s, r in sorted(sent.items()) if s not in merged]
@@ -249,7 +267,7 @@ class Progress:
             "cancelled": cancelled,
             # The run stopped sending (``workers.stops``): final as ``stopped`` once merged.
             "stop_reason": halted,
-            "spend": self._spend(spec, spend_keys),
+            "spend": self._spend(spec, spend_keys, pool),
         }
 
     def final(self) -> dict[str, Any] | None:
@@ -260,20 +278,21 @@ class Progress:
             return with_iso_times(existing)
         return None
 
-    def _spend(self, spec: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    def _spend(self, spec: dict[str, Any], keys: list[str],
+               pool: cf.ThreadPoolExecutor) -> dict[str, Any]:
         """The run's spend (``stops.spend_of`` the rounds' ``spend.json`` at ``keys``; settled
-        ones are read once) under its budget."""
+        ones are read once, the others by ``pool``, concurrently) under its budget."""
         from moonbatch.workers import stops
 
-        over = get_json_or_none(self.store, layout.LIMITS) if spec.get("max_cost") is not None \
-            or keys else None
-        docs = []
-        for key in keys:
-            doc = self._settled.get(key) or get_json_or_none(self.store, key) or {}
-            if doc.get("actual") is not None:
-                self._settled[key] = doc
-            docs.append(doc)
-        return stops.spend_of(docs, (over or {}).get("max_cost", spec.get("max_cost")))
+        over = pool.submit(get_json_or_none, self.store, layout.LIMITS) \
+            if spec.get("max_cost") is not None or keys else None
+        unread = [key for key in keys if key not in self._settled]
+        read = dict(zip(unread, pool.map(lambda k: get_json_or_none(self.store, k) or {},
+                                         unread), strict=True))
+        self._settled.update((k, doc) for k, doc in read.items() if doc.get("actual") is not None)
+        docs = [self._settled.get(k) or read[k] for k in keys]
+        limits = over.result() if over is not None else None
+        return stops.spend_of(docs, (limits or {}).get("max_cost", spec.get("max_cost")))
 
     def _in_flight(self, shard: int, rnd: int, progress: dict[str, Any]) -> dict[str, Any]:
         """An entry of ``batches`` for the shard's batch at the API (round ``rnd``): its status
