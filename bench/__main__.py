@@ -17,7 +17,7 @@ from bench.common import Result, Servers, machine
 from bench.report import write_report
 
 BENCHMARKS = ("shard_build", "downscale", "end_to_end", "fal_throughput", "merge", "memory",
-              "cache")
+              "cache", "realtime", "scale")
 REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 

@@ -86,6 +86,17 @@ def _log_format(logger: logging.Logger, **_: Any) -> None:
         logs.use_json(logger)
 
 
+@signals.worker_init.connect
+def _warm_storage(**_: Any) -> None:
+    """Build the S3 client the tasks use (``runstate.open_output``'s) once, in the worker's
+    main process before its pool forks: every child inherits it rather than spending a second
+    of CPU loading botocore's models in its first task. A client opens no connection until its
+    first request, so the children share none."""
+    from moonbatch.workers.runstate import open_output
+
+    open_output("s3://moonbatch-warm-up/", get_settings())
+
+
 @signals.task_prerun.connect
 def _log_context(task_id: str, task: Any, args: tuple[Any, ...] | None = None,
                  kwargs: dict[str, Any] | None = None, **_: Any) -> None:

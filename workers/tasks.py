@@ -205,10 +205,12 @@ def _watchful(lease_check: Callable[[], None], store: Store, run_id: str,
     return heartbeat
 
 
-def _later(settings: Settings, countdown: float) -> float:
-    """A provider's "look again in" within the poll bounds (and the visibility timeout)."""
-    return max(settings.poll_min_interval, min(countdown, settings.poll_max_interval,
-                                               settings.visibility_timeout / 4))
+def _later(settings: Settings, countdown: float, paced: bool = False) -> float:
+    """A provider's "look again in" within the poll bounds (and the visibility timeout); a
+    ``paced`` countdown (``Poll.paced``: the provider's own pace between steps) has no lower
+    bound."""
+    lo = 0.0 if paced else settings.poll_min_interval
+    return max(lo, min(countdown, settings.poll_max_interval, settings.visibility_timeout / 4))
 
 
 def _cache_pass(run: Run, ctx: RoundContext) -> bool:
@@ -306,8 +308,12 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
     if not sent:  # nothing sendable: only error rows to write
         _next(merge_round_task, (output, run_id, shard, rnd))
     else:
+        # A provider that steps at its own pace says when its first poll (its next step) is
+        # due; the others are looked at no sooner than the poll interval.
+        first = getattr(provider, "first_poll_in", None)
         _next(poll_round, (output, run_id, shard, rnd, uuid.uuid4().hex),
-              countdown=settings.poll_min_interval)
+              countdown=settings.poll_min_interval if first is None else
+              _later(settings, first(ctx), paced=True))
 
 
 @app.task(bind=True, base=RunTask, name=POLL_ROUND)
@@ -346,7 +352,8 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
             result = attempts.counted(ctx, "poll", lambda c: provider.poll_round(
                 c, (last[0], int(last[1])) if last else None), provider)
             now = time.time()
-            countdown = 0.0 if result.done else _later(settings, result.countdown)
+            countdown = 0.0 if result.done else _later(settings, result.countdown,
+                                                       result.paced)
             put_json(store, layout.round_doc(shard, rnd, "progress"), {
                 **result.progress, "chain": chain, "polls": polls + 1, "polled_at": now,
                 "next_at": now + countdown})

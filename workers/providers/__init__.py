@@ -168,11 +168,16 @@ class RoundContext:
 class Poll:
     """One poll of a round: ``done`` (results can be collected), ``countdown`` (seconds to the
     next poll when not done) and ``progress`` (``status``, ``total``, ``completed``, ``failed``
-    and provider fields, stored in ``progress.json``; no URLs)."""
+    and provider fields, stored in ``progress.json``; no URLs).
+
+    ``paced``: the countdown is the provider's own pace between steps that send (a real-time
+    round whose lines wait), not a look at work in flight at the service: it is kept as is (at
+    most ``poll_max_interval``), not raised to ``poll_min_interval``."""
 
     done: bool
     countdown: float
     progress: dict[str, Any]
+    paced: bool = False
 
 
 @dataclasses.dataclass

@@ -210,7 +210,8 @@ class RealtimeProvider(RealtimeSteps):
     def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:
         """One step (see ``rounds``)."""
         ledger, countdown = self.step_poll(ctx)
-        return Poll(done=ledger_done(ledger), countdown=countdown, progress=progress(ledger))
+        return Poll(done=ledger_done(ledger), countdown=countdown, progress=progress(ledger),
+                    paced=True)
 
     def cancel_run(self, run: Any) -> int:
         """Nothing waits at the API (every request is answered within its step), and the

@@ -23,6 +23,7 @@ step that loses the ledger race counts what it answered as possible duplicates.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import functools
 import itertools
 import logging
@@ -30,11 +31,11 @@ import random
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from moonbatch.workers import layout, metrics, origins, slots, stops
 from moonbatch.workers.lines import ItemError, PreparedImage
-from moonbatch.workers.models import ShardBuild
+from moonbatch.workers.models import ShardBuild, SkillOptions
 from moonbatch.workers.providers import RoundContext
 from moonbatch.workers.providers.realtime.client import (
     PROVIDER,
@@ -58,21 +59,50 @@ from moonbatch.workers.stepped import (
     end_unsent,
     error_lines,
     finish_line,
+    ledger_done,
     load_images,
     pending_lines,
 )
+from moonbatch.workers.storage import get_json_or_none
 
 log = logging.getLogger(__name__)
 
 STEP_SECONDS = 5.0  # a step sends for this long at most, then records what it has
 MAX_TRIES = 6  # sends of one line on transient errors before it ends as request_failed
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 30.0  # the official fine-tuning client's policy (FACTS.md)
+PREPARE_AHEAD = 64  # most lines read and reserved ahead of their slots
 CANCEL_LOOK = 1.0  # seconds between looks at the run's cancel marker while sending
 
 
 def backoff(tries: int) -> float:
     """Full-jitter exponential back-off after the ``tries``-th failure (seconds)."""
     return random.uniform(0, min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, tries - 1)))
+
+
+class Ready(NamedTuple):
+    """A line read and reserved, waiting for its slot: its ``options`` and ``image``."""
+
+    line: int
+    options: SkillOptions
+    image: PreparedImage
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A batch of lines prepared for sending: those ``ready``, those that cannot go
+    (``errors``: line, error ``{"code", "message"}``) and those ``refused`` by the budget with
+    the ``refusal`` (the error they end with)."""
+
+    ready: list[Ready] = dataclasses.field(default_factory=list)
+    errors: list[tuple[int, dict[str, str]]] = dataclasses.field(default_factory=list)
+    refused: list[int] = dataclasses.field(default_factory=list)
+    refusal: dict[str, str] | None = None
+
+
+def slot_look(settings: Any) -> float:
+    """Seconds to the next step of a round whose step found the fleet's slots all held: at
+    most the poll interval, at least every second (slots free within a step's time)."""
+    return min(settings.poll_min_interval, 1.0)
 
 
 def fleet_name(settings: RealtimeSettings) -> str:
@@ -84,17 +114,27 @@ def fleet_name(settings: RealtimeSettings) -> str:
 class RealtimeSteps(SteppedRounds):
     """The step machinery of ``RealtimeProvider`` (see the module docstring)."""
 
-    #: ``tries``: line → transient failures so far; ``transient``: their count in the round.
+    #: ``tries``: line → transient failures so far; ``transient``: their count in the round;
+    #: ``resume_at`` (unix s, written by every step that sends): when the next step is due.
     ledger_extra: ClassVar[Mapping[str, Any]] = {"tries": {}, "transient": 0}
 
     def next_step_in(self, ledger: Mapping[str, Any], settings: Any) -> float:
-        """Right away when lines wait (a step already spent its time sending), after a
-        back-off when one runs."""
+        """When the last step said to step again (``resume_at``: right away after a step that
+        spent its time sending, when the rate window reopens, or soon when the fleet's slots
+        were all held), or after a back-off when one runs."""
         now = time.time()
-        lo = min(settings.poll_min_interval, 1.0)  # the rate window refills every second
-        if ledger["backoff_until"] > now:
-            return max(lo, ledger["backoff_until"] - now)
-        return lo
+        resume = ledger.get("resume_at")
+        if resume is None:  # a ledger no step has recorded yet
+            resume = now + slot_look(settings)
+        return max(0.0, ledger["backoff_until"] - now, resume - now)
+
+    def first_poll_in(self, ctx: RoundContext) -> float:
+        """Seconds from the round's first step (``submit_round``) to its next one
+        (``next_step_in``); 0 when the round is done."""
+        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
+        if ledger is None or ledger_done(ledger):
+            return 0.0
+        return self.next_step_in(ledger, ctx.settings)
 
     def round_stats(self, ledger: Mapping[str, Any]) -> dict[str, int]:
         """The stepped rounds' counts plus ``transient_errors`` (5xx and network errors)."""
@@ -126,10 +166,18 @@ class RealtimeSteps(SteppedRounds):
         later: list[tuple[float, int]] = []  # (not before, line) of transient failures
         images: dict[int, PreparedImage | ItemError] = {}
         running: dict[cf.Future, tuple[int, str]] = {}
+        # Lines read and reserved ahead of their slots by a thread of their own
+        # (``_prepare``), so that a freed slot sends at once and the reads and the budget's
+        # books are paid once per batch, while the requests sent are answered.
+        ready: list[Ready] = []
+        ahead = min(2 * rs.realtime_concurrency, PREPARE_AHEAD)
+        prepaid: set[int] = set(ledger.pop("prepaid", []))  # reserved by an earlier step
+        preparing: list[Any] = [None, 0]  # the batch's future and its line count
         answered = 0
         stop_at = time.monotonic() + STEP_SECONDS
         stop_sending = False
         looked = time.monotonic()
+        resume_in = 0.0  # to the next step: right away, unless slots or the rate say later
 
         def take(n: int) -> list[int]:
             """Up to ``n`` lines to send now: due retries, resends, then new lines."""
@@ -149,7 +197,29 @@ class RealtimeSteps(SteppedRounds):
         def wanted() -> int:
             t = time.time()
             due = sum(1 for nb, _ in later if nb <= t)
-            return due + sum(len(u) for u in ledger["resend"]) + ledger["lines"] - ledger["cursor"]
+            return (len(ready) + preparing[1] + due + sum(len(u) for u in ledger["resend"])
+                    + ledger["lines"] - ledger["cursor"])
+
+        def prepare(n: int) -> None:
+            """Start preparing the next ``n`` lines (one batch at a time)."""
+            lines = take(n)
+            if lines:
+                preparing[:] = [prep_pool.submit(self._prepare, ctx, build, lines, images,
+                                                 frozenset(prepaid)), len(lines)]
+
+        def prepared() -> None:
+            """Take the finished batch in: its lines to ``ready``, its errors to ``out``."""
+            batch: Prepared = preparing[0].result()
+            preparing[:] = [None, 0]
+            for li, error in batch.errors:
+                prepaid.discard(li)
+                finish_line(ctx, build, ledger, out, {"line_index": li, "status": "error",
+                                                      "error": error})
+            if batch.refusal is not None:
+                prepaid.difference_update(batch.refused)
+                end_unsent(ctx, build, ledger, out, batch.refused, batch.refusal)
+            prepaid.difference_update(r.line for r in batch.ready)
+            ready.extend(batch.ready)
 
         def finished(fut: cf.Future) -> None:
             nonlocal answered, stop_sending
@@ -205,9 +275,12 @@ class RealtimeSteps(SteppedRounds):
 
         pool = cf.ThreadPoolExecutor(max_workers=max(1, min(32, rs.realtime_concurrency)),
                                      thread_name_prefix="realtime")
+        prep_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="realtime-prepare")
         try:
             while True:
                 ctx.heartbeat()
+                if preparing[0] is not None and preparing[0].done():
+                    prepared()
                 if time.monotonic() - looked >= CANCEL_LOOK:
                     looked = time.monotonic()
                     if ctx.store.exists(layout.CANCELLED):
@@ -223,27 +296,38 @@ class RealtimeSteps(SteppedRounds):
                     permits, wait = rate.take(len(granted), token + uuid.uuid4().hex[:6])
                     cap.release(granted[permits:])
                     granted = granted[:permits]
-                    lines = take(len(granted))
-                    cap.release(granted[len(lines):])
-                    self._send(ctx, build, lines, granted[:len(lines)], images, running, pool,
-                               client, cap, out, ledger)
-                    if not granted and not running and (
+                    if len(ready) < len(granted) and preparing[0] is None:
+                        prepare(max(len(granted), ahead) - len(ready))
+                        if not ready:  # the first batch of the step: nothing else to do
+                            cf.wait([preparing[0]])
+                            prepared()
+                    go = min(len(granted), len(ready))
+                    cap.release(granted[go:])
+                    self._send(ctx, ready[:go], granted[:go], running, pool, client, ledger)
+                    del ready[:go]
+                    if not granted and not running and preparing[0] is None and (
                             not wait or wait > stop_at - time.monotonic()):
                         # The fleet's slots are all held, or the rate window opens after this
                         # step's time: the next step sends (no worker slot waits meanwhile).
+                        resume_in = wait or slot_look(settings)
                         break
                     wait = max(0.05, wait) if not granted else 0.0
-                elif not running:
+                elif not running and preparing[0] is None:
                     if stop_sending or not later:
                         break
                     wait = max(0.05, min(nb for nb, _ in later) - time.time())
                     if time.monotonic() + wait >= stop_at:
                         break
-                if running:
-                    done, _ = cf.wait(list(running), timeout=max(0.05, min(wait or 0.5, 1.0)),
+                if (not stop_sending and preparing[0] is None and len(ready) <= ahead // 2
+                        and wanted() > len(ready)):
+                    prepare(ahead - len(ready))  # while the requests sent are answered
+                if running or preparing[0] is not None:
+                    done, _ = cf.wait([*running, *preparing[:1]] if preparing[0] else
+                                      list(running), timeout=max(0.05, min(wait or 0.5, 1.0)),
                                       return_when=cf.FIRST_COMPLETED)
                     for fut in done:
-                        finished(fut)
+                        if fut in running:
+                            finished(fut)
                 elif wait:
                     time.sleep(min(wait, max(0.0, stop_at - time.monotonic()), 1.0))
         finally:
@@ -255,29 +339,35 @@ class RealtimeSteps(SteppedRounds):
                 except RealtimeAuthError:
                     pass
             pool.shutdown(wait=True)
+            prep_pool.shutdown(wait=True)
+        if preparing[0] is not None:
+            prepared()  # its lines go back below, reserved
+        ledger["resume_at"] = time.time() + resume_in
+        # Lines read but not sent go first to the next step, which does not reserve them again.
+        ledger["resend"][:0] = [[r.line] for r in ready]
+        prepaid.update(r.line for r in ready)
+        if prepaid:
+            ledger["prepaid"] = sorted(prepaid)
         for _, li in sorted(later):
             ledger["resend"].append([li])
         if later and ledger["backoff_until"] < time.time():
             ledger["backoff_until"] = min(nb for nb, _ in later)
         return answered
 
-    def _send(self, ctx: RoundContext, build: ShardBuild, lines: list[int], granted: list[str],
-              images: dict[int, PreparedImage | ItemError],
-              running: dict[cf.Future, tuple[int, str]], pool: cf.ThreadPoolExecutor,
-              client: RealtimeClient, cap: slots.Slots, out: list[bytes],
-              ledger: dict[str, Any]) -> None:
-        """Read the lines' images (once per item) and send each line that can go, holding
-        its slot of ``granted``; a line that cannot (bad image, bad per-row options) ends as
-        its error row now and frees its slot."""
-        if not lines:
-            return
+    def _prepare(self, ctx: RoundContext, build: ShardBuild, lines: list[int],
+                 images: dict[int, PreparedImage | ItemError], prepaid: frozenset[int]
+                 ) -> Prepared:
+        """Read the images of ``lines`` (once per item, into ``images``) and reserve the
+        estimates of those that can go and are not in ``prepaid`` (reserved by an earlier
+        step that did not send them). A line that cannot go (bad image, bad per-row options)
+        is among the errors; the lines past the budget are ``refused`` (``stops.reserve_step``:
+        the run stops). Runs in the step's preparing thread: it changes no ledger."""
         spec = ctx.run.spec
         todo = [li for li in lines if build.lines[li] not in images]
         if todo:
             images.update(load_images(ctx, build, todo, limit=MAX_IMAGE_BYTES))
-        unused = []
-        sendable = []
-        for li, slot in zip(lines, granted, strict=True):
+        batch = Prepared()
+        for li in lines:
             item = ctx.items[build.lines[li]]
             k = build.skills[li] if build.skills else 0
             image = images[build.lines[li]]
@@ -286,27 +376,30 @@ class RealtimeSteps(SteppedRounds):
             except ItemError as exc:
                 image = exc
             if isinstance(image, ItemError):
-                unused.append(slot)
-                finish_line(ctx, build, ledger, out, {"line_index": li, "status": "error",
-                                                      "error": image.as_dict()})
-                continue
-            sendable.append((li, slot, options, image))
-        # Each request's estimate is reserved first: none is sent past the budget.
-        n, refusal = stops.reserve_step(ctx, [self.line_estimate(  # type: ignore[attr-defined]
-            spec, ctx.items[build.lines[li]].size, build.skills[li] if build.skills else 0)
-            for li, _, _, _ in sendable])
-        if refusal is not None:
-            unused += [slot for _, slot, _, _ in sendable[n:]]
-            end_unsent(ctx, build, ledger, out, [li for li, _, _, _ in sendable[n:]], refusal)
-            sendable = sendable[:n]
-        for li, slot, options, image in sendable:
-            uri = data_uri(image.data, image.format)
-            payload = request_payload(options, uri, spec.model)
+                batch.errors.append((li, image.as_dict()))
+            else:
+                batch.ready.append(Ready(li, options, image))
+        # Each request's estimate is reserved before it is sent: none goes past the budget.
+        fresh = [r for r in batch.ready if r.line not in prepaid]
+        n, batch.refusal = stops.reserve_step(ctx, [self.line_estimate(  # type: ignore[attr-defined]
+            spec, ctx.items[build.lines[r.line]].size, build.skills[r.line] if build.skills
+            else 0) for r in fresh]) if fresh else (0, None)
+        if batch.refusal is not None:
+            batch.refused = [r.line for r in fresh[n:]]
+            batch.ready = [r for r in batch.ready if r.line not in set(batch.refused)]
+        return batch
+
+    def _send(self, ctx: RoundContext, lines: list[Ready], granted: list[str],
+              running: dict[cf.Future, tuple[int, str]], pool: cf.ThreadPoolExecutor,
+              client: RealtimeClient, ledger: dict[str, Any]) -> None:
+        """Send each of ``lines`` (prepared and reserved), holding its slot of ``granted``."""
+        for r, slot in zip(lines, granted, strict=True):
+            uri = data_uri(r.image.data, r.image.format)
+            payload = request_payload(r.options, uri, ctx.run.spec.model)
             metrics.upload_bytes(PROVIDER, len(uri))
-            metrics.requests(PROVIDER, options.skill, "sent")
+            metrics.requests(PROVIDER, r.options.skill, "sent")
             ledger["requests"] += 1
-            running[pool.submit(client.call, options.skill, payload)] = (li, slot)
-        cap.release(unused)
+            running[pool.submit(client.call, r.options.skill, payload)] = (r.line, slot)
 
 
 @functools.cache

@@ -1,0 +1,184 @@
+"""realtime: moonbatch's real-time provider against a user's script on the official client.
+
+The same ``N`` = 400 small distinct photographs (320x240 JPEGs, ``end_to_end.small_photos``) in
+moto's S3; the emulator's real-time routes answer every caption after a fixed ``LATENCY`` = 0.2 s
+(``RealtimeConfig.processing_seconds``), with no rate limit; both sides keep at most ``C`` = 8
+requests in flight.
+
+Baseline, in the same run: what a user writes without moonbatch: the official ``moondream``
+client (2.6.1, ``md.vl(endpoint=..., api_key=...)``) in a ``ThreadPoolExecutor(max_workers=C)``,
+each task downloading its image with boto3, opening it with Pillow and calling
+``model.caption(image)``; the rows written as one JSONL object to S3 at the end.
+
+moonbatch: ``moonbatch run s3://…/in/ s3://…/out/ --provider moondream-realtime --workers 0``
+with ``MOONBATCH_REALTIME_CONCURRENCY`` = C and a rate far above what C requests of LATENCY can
+use, through a running fleet of one ``celery -A moonbatch.workers worker -c 4`` process (a
+private redis-server, warmed up by a run of 4 images), with durability on: the run registry in
+S3 (``MOONBATCH_STATE_URL``), every step's ledger and results in the output, as always.
+
+Measured: items/s both ways (wall time of the script, and of the ``moonbatch run`` command:
+starting the CLI, planning, every step, the merge); target: moonbatch >= 1.0x the client's.
+Also reported: the run's own ``run.json`` wall time, the ideal ``C / LATENCY`` items/s, and where
+moonbatch's time went (the CLI's start and end around the run, the steps and the gaps between
+them, the API's concurrency kept busy), from the emulator's record of when each request was
+answered.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import io
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+from bench.common import Result, Servers, emulator, median
+from bench.end_to_end import BACKEND_DB, BROKER_DB, flush_redis, moonbatch, small_photos, worker_fleet
+
+N, C, LATENCY = 400, 8, 0.2
+# --smoke: a few images at a tiny latency (checks that the benchmark runs, measures nothing)
+SMOKE_N, SMOKE_LATENCY = 8, 0.01
+WARM = 4
+TARGET = 1.0
+
+
+def client_script(s3: Any, bucket: str, prefix: str, out_key: str, url: str, key: str,
+                  concurrency: int) -> int:
+    """A user's script: caption every image under ``prefix`` with the official client in a
+    thread pool of ``concurrency``, write the rows as JSONL to ``out_key``; returns the rows."""
+    import moondream as md
+    from PIL import Image
+
+    model = md.vl(endpoint=url, api_key=key)
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix) for o in page.get("Contents", [])]
+
+    def caption(k: str) -> dict[str, Any]:
+        image = Image.open(io.BytesIO(s3.get_object(Bucket=bucket, Key=k)["Body"].read()))
+        return {"id": k, **model.caption(image)}
+
+    with cf.ThreadPoolExecutor(max_workers=concurrency) as pool:
+        rows = list(pool.map(caption, keys))
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    s3.put_object(Bucket=bucket, Key=out_key, Body=body)
+    return len(rows)
+
+
+class Answers:
+    """When each real-time request was answered (``time.time()`` at the end of the emulator's
+    handler), in order; wraps ``RealtimeEmulation._serve`` of this process's emulator."""
+
+    def __init__(self, realtime: Any) -> None:
+        self.at: list[float] = []
+        serve = realtime._serve
+
+        @functools.wraps(serve)
+        def timed(skill: str) -> Any:
+            resp = serve(skill)
+            self.at.append(time.time())
+            return resp
+
+        realtime._serve = timed
+
+    def since(self, t0: float) -> list[float]:
+        """Answer times after ``t0``, sorted."""
+        return sorted(t for t in self.at if t >= t0)
+
+
+def gaps(times: list[float], latency: float) -> tuple[float, int]:
+    """Seconds and count of the pauses in ``times`` longer than ``3 x latency`` (no answer for
+    that long while requests were due: a step ending and the next one starting)."""
+    pauses = [b - a for a, b in zip(times, times[1:], strict=False) if b - a > 3 * latency]
+    return sum(pauses), len(pauses)
+
+
+def run(servers: Servers, smoke: bool = False) -> Result:
+    """Run the benchmark (see the module docstring); ``smoke``: tiny sizes, to check it runs."""
+    from moonbatch.emulator.realtime import RealtimeConfig
+
+    n, latency = (SMOKE_N, SMOKE_LATENCY) if smoke else (N, LATENCY)
+    result = Result("realtime")
+    flush_redis(servers)
+    s3 = servers.s3_client()
+    bucket = servers.new_bucket("bench-rt")
+    state = servers.new_bucket("bench-rt-state")
+    bodies = small_photos(n)
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda ib: s3.put_object(Bucket=bucket, Key=f"in/{ib[0]:04d}.jpg",
+                                               Body=ib[1]), enumerate(bodies)))
+        list(pool.map(lambda ib: s3.put_object(Bucket=bucket, Key=f"warm/{ib[0]:04d}.jpg",
+                                               Body=ib[1]), enumerate(bodies[:WARM])))
+
+    with emulator() as emu:
+        emu.config.realtime = RealtimeConfig(processing_seconds=latency)
+        answers = Answers(emu.emulator.realtime)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1",
+               "MOONBATCH_BROKER_URL": servers.redis(BROKER_DB),
+               "MOONBATCH_RESULT_BACKEND": servers.redis(BACKEND_DB),
+               "MOONBATCH_QUEUE": f"moonbatch-bench-{uuid.uuid4().hex[:8]}",
+               "MOONBATCH_STATE_URL": f"s3://{state}/state/",
+               "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
+               "MOONDREAM_API_KEY": emu.config.api_key, "MOONBATCH_REALTIME_URL": emu.url,
+               "MOONBATCH_REALTIME_CONCURRENCY": str(C),
+               "MOONBATCH_REALTIME_RATE": str(10 * C / latency)}  # never the bound
+        with worker_fleet(env):
+            moonbatch(env, "run", f"s3://{bucket}/warm/", f"s3://{bucket}/warm-out/",
+                      "--provider", "moondream-realtime", "--workers", "0")
+            t0 = time.time()
+            moonbatch_s = moonbatch(env, "run", f"s3://{bucket}/in/", f"s3://{bucket}/out/",
+                                    "--provider", "moondream-realtime", "--workers", "0",
+                                    "--timeout", "300")
+            mb_answers = answers.since(t0)
+        summary = json.loads(s3.get_object(Bucket=bucket, Key="out/run.json")["Body"].read())
+        if summary["counts"]["ok"] != n:
+            raise RuntimeError(f"moonbatch run: {summary['counts']}")
+
+        t1 = time.time()
+        rows = client_script(s3, bucket, "in/", "client-out/rows.jsonl", emu.url,
+                             emu.config.api_key, C)
+        client_s = time.time() - t1
+        cl_answers = answers.since(t1)
+        if rows != n:
+            raise RuntimeError(f"client script: {rows} rows")
+
+    ideal = C / latency
+    mb_rate, cl_rate = n / moonbatch_s, n / client_s
+    ratio = mb_rate / cl_rate
+    result.add(f"{n} captions, C = {C}, {latency:g} s each: items/s (wall)",
+               f"{mb_rate:.1f} items/s ({moonbatch_s:.1f} s, moonbatch run)",
+               f"{cl_rate:.1f} items/s ({client_s:.1f} s, official client x {C} threads)",
+               f"{ratio:.2f}x the client's", f">= {TARGET:.1f}x", ratio >= TARGET)
+    run_s = summary["timings"]["wall_seconds"]
+    result.add("run.json wall (recorded to finalised)", f"{run_s:.1f} s ({n / run_s:.1f} items/s)",
+               f"{client_s:.1f} s", f"{client_s / run_s:.2f}x faster")
+    result.add("ideal (C / latency)", f"{ideal:.1f} items/s", "",
+               f"moonbatch {mb_rate / ideal:.2f}x, client {cl_rate / ideal:.2f}x")
+    rows_out = []
+    for who, start, wall, times in (("moonbatch", t0, moonbatch_s, mb_answers),
+                                    ("client", t1, client_s, cl_answers)):
+        first, last = times[0] - start, start + wall - times[-1]
+        pause, count = gaps(times, latency)
+        span = times[-1] - times[0]
+        rows_out.append(f"{who}: first answer after {first:.2f} s, last answer to the end "
+                        f"{last:.2f} s; answering {span:.1f} s at {len(times) / span:.1f} "
+                        f"answers/s ({len(times) / span / ideal:.0%} of the ideal), of which "
+                        f"{pause:.1f} s in {count} pause(s) > {3 * latency:g} s")
+    result.notes += rows_out
+    mb_pause = median([b - a for a, b in zip(mb_answers, mb_answers[1:], strict=False)] or [0])
+    cl_pause = median([b - a for a, b in zip(cl_answers, cl_answers[1:], strict=False)] or [0])
+    result.notes += [
+        f"{n} distinct 320x240 JPEGs in moto's S3; the emulator's real-time routes answer each "
+        f"caption after {latency:g} s, no rate limit; moonbatch: one worker process with 4 slots "
+        f"(warmed up by a {WARM}-image run), MOONBATCH_REALTIME_CONCURRENCY={C}, the default "
+        "shard size and poll interval, run registry in S3",
+        "moto, the emulator and the client's threads run in the benchmark process; moonbatch's "
+        "worker is its own process: both share the machine's cores",
+        f"moonbatch's steps per shard: {summary.get('timings', {}).get('steps', '?')}; the "
+        "median pause between answers while answering: "
+        f"moonbatch {mb_pause:.3f} s, client {cl_pause:.3f} s",
+    ]
+    return result
