@@ -302,3 +302,46 @@ def test_station_fleet_survives_kills_and_an_emptied_redis(s3, bucket, env, tmp_
         assert not any(s["keyed"] for s in realtime.seen)  # no key was configured or sent
         log = (logs / "worker.log").read_text()
         assert "base64," not in log
+
+
+def test_steps_come_at_their_own_pace_not_the_poll_interval(s3, bucket, env, emulator, tmp_path):
+    """A real-time round's next step is due when its step says (at once after a step that
+    spent its time sending, within a second when the fleet's slots were all held), not after
+    the Batch API's poll interval: with MOONBATCH_POLL_MIN_INTERVAL=30, a run whose first step
+    finds every slot held elsewhere sends once they are freed and ends within seconds."""
+    from moonbatch.config import Settings
+    from moonbatch.workers.providers.realtime.rounds import fleet_name
+    from moonbatch.workers.providers.realtime.settings import RealtimeSettings
+    from moonbatch.workers.slots import Slots
+
+    n = 6
+    put_tiny(s3, bucket, "in/", n)
+    emulator.config.realtime = RealtimeConfig()
+    redis_server = RedisServer(free_port(), tmp_path)
+    redis_server.start()
+    cenv = private_env(env, redis_server, MOONBATCH_POLL_MIN_INTERVAL="30",
+                       MOONBATCH_REALTIME_CONCURRENCY="2")
+    slots = Slots(Settings(broker_url=cenv["MOONBATCH_BROKER_URL"]),
+                  fleet_name(RealtimeSettings(realtime_url=emulator.url)), 2, ttl=120)
+    held = slots.acquire(["other-run/1", "other-run/2"])
+    assert len(held) == 2
+    before = emulator.emulator.realtime.calls.get("caption", 0)
+    worker = Worker(cenv, cenv["MOONBATCH_QUEUE"], tmp_path / "worker.log").start()
+    try:
+        run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", *PROVIDER], cenv)
+        deadline = time.time() + 60
+        while not s3.list_objects_v2(Bucket=bucket, Prefix="out/_moonbatch/shards/00000/r0/"
+                                     "requests.json").get("KeyCount"):
+            assert time.time() < deadline, "the round was never recorded"
+            time.sleep(0.1)
+        time.sleep(1.5)  # the first step found no slot: nothing was sent
+        assert emulator.emulator.realtime.calls.get("caption", 0) == before
+        slots.release(held)
+        freed = time.time()
+        summary = wait_for_run(s3, bucket, "out/", timeout=60)
+        took = time.time() - freed
+    finally:
+        worker.stop()
+        redis_server.kill()
+    assert summary["status"] == "completed" and summary["counts"]["ok"] == n, summary
+    assert took < 15, f"the run ended {took:.1f} s after the slots were freed (poll interval 30 s)"
