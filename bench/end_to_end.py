@@ -131,12 +131,13 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def moonbatch(env: dict[str, str], *args: str) -> float:
-    """Seconds the ``moonbatch ARGS`` command took; raises if it failed."""
+def moonbatch(env: dict[str, str], *args: str, timeout: float = 180) -> float:
+    """Seconds the ``moonbatch ARGS`` command took; raises if it failed or took over
+    ``timeout`` seconds."""
     cli = [shutil.which("moonbatch")] if shutil.which("moonbatch") else [sys.executable, "-m", "moonbatch"]
     start = time.perf_counter()
     proc = subprocess.run(cli + list(args), env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=180)
+                          timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"moonbatch {args[0]} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     return time.perf_counter() - start

@@ -1,6 +1,6 @@
 """realtime: moonbatch's real-time provider against a user's script on the official client.
 
-The same ``N`` = 400 small distinct photographs (320x240 JPEGs, ``end_to_end.small_photos``) in
+The same ``N`` = 1000 small distinct photographs (320x240 JPEGs, ``end_to_end.small_photos``) in
 moto's S3; the emulator's real-time routes answer every caption after a fixed ``LATENCY`` = 0.2 s
 (``RealtimeConfig.processing_seconds``), with no rate limit; both sides keep at most ``C`` = 8
 requests in flight.
@@ -38,7 +38,7 @@ from typing import Any
 from bench.common import Result, Servers, emulator, median
 from bench.end_to_end import BACKEND_DB, BROKER_DB, flush_redis, moonbatch, small_photos, worker_fleet
 
-N, C, LATENCY = 400, 8, 0.2
+N, C, LATENCY = 1000, 8, 0.2
 # --smoke: a few images at a tiny latency (checks that the benchmark runs, measures nothing)
 SMOKE_N, SMOKE_LATENCY = 8, 0.01
 WARM = 4
@@ -137,6 +137,9 @@ def run(servers: Servers, smoke: bool = False) -> Result:
         summary = json.loads(s3.get_object(Bucket=bucket, Key="out/run.json")["Body"].read())
         if summary["counts"]["ok"] != n:
             raise RuntimeError(f"moonbatch run: {summary['counts']}")
+        steps = [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read())["steps"]
+                 for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/_moonbatch/shards/")[
+                     "Contents"] if o["Key"].endswith("/requests.json")]
 
         t1 = time.time()
         rows = client_script(s3, bucket, "in/", "client-out/rows.jsonl", emu.url,
@@ -178,7 +181,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
         "shard size and poll interval, run registry in S3",
         "moto, the emulator and the client's threads run in the benchmark process; moonbatch's "
         "worker is its own process: both share the machine's cores",
-        f"moonbatch's steps per shard: {summary.get('timings', {}).get('steps', '?')}; the "
+        f"moonbatch's steps per shard (ledgers' 'steps'): {', '.join(map(str, steps))}; the "
         "median pause between answers while answering: "
         f"moonbatch {mb_pause:.3f} s, client {cl_pause:.3f} s",
     ]

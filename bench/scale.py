@@ -69,16 +69,16 @@ SET = "scale-photos-v1"
 
 
 def scale_photos(n: int) -> list[Path]:
-    """The first ``n`` of the benchmark's 10,000 small JPEGs (files under the bench cache,
-    built once): random crops (a fixed seed) of scikit-image's photographs, 192-480 px wide,
-    JPEG quality 75-90."""
+    """``n`` small JPEGs (files under the bench cache, built once per ``n``; the first ``n``
+    of any larger set): random crops (a fixed seed) of scikit-image's photographs, 192-480 px
+    wide, JPEG quality 75-90."""
     from PIL import Image
 
-    path, complete = cached_dir(SET)
+    path, complete = cached_dir(f"{SET}-{n}")
     if not complete:
         sources = photos()
         rng = random.Random(20)
-        for i in range(N):
+        for i in range(n):
             img = sources[PHOTOS[i % len(PHOTOS)]]
             w = rng.randint(min(160, img.width), img.width)
             h = rng.randint(min(120, img.height), img.height)
@@ -91,7 +91,7 @@ def scale_photos(n: int) -> list[Path]:
                 buf, "JPEG", quality=rng.randint(75, 90))
             (path / f"{i:05d}.jpg").write_bytes(buf.getvalue())
         mark_complete(path)
-    return dir_files(path)[:n]
+    return dir_files(path)
 
 
 def upload(s3: Any, bucket: str, prefix: str, files: list[Path]) -> int:
@@ -154,7 +154,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
         known = set(emu.emulator.batches)
         moonbatch_s = moonbatch(env, "run", f"s3://{bucket}/in/", f"s3://{bucket}/out/",
                                 "--shard-size", str(shard_size), "--workers", str(WORKERS),
-                                "--timeout", "1200")
+                                "--timeout", "1200", timeout=1300)
         batches = [b for i, b in emu.emulator.batches.items() if i not in known]
         summary = json.loads(s3.get_object(Bucket=bucket, Key="out/run.json")["Body"].read())
         if summary["counts"]["ok"] != n:
@@ -209,6 +209,6 @@ def run(servers: Servers, smoke: bool = False) -> Result:
         "command) and the CLI in their own: all on the machine's cores",
         f"time scale 1/30 as in end_to_end: moonbatch's poll bounds {POLL_MIN:.2f} s / "
         f"{POLL_MAX:.2f} s, the seed recipe's poll sleep {SEED_POLL:.2f} s",
-        f"photo set cached at {CACHE / SET}",
+        f"photo set cached at {CACHE / SET}-{n}",
     ]
     return result
