@@ -150,7 +150,8 @@ def sequential(s3: Any, bucket: str, prefix: str, api_url: str, api_key: str,
 
     headers = {"X-Moondream-Auth": api_key}
     base = f"{api_url}/batch"
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix) for o in page.get("Contents", [])]
     rows = 0
     for start in range(0, len(keys), per_shard):
         lines = []

@@ -11,9 +11,9 @@ cost): ``MOONBATCH_REALTIME_URL`` chooses.
 
 A round moves in steps like fal's (``moonbatch.workers.stepped``; ``rounds`` has the step):
 each step sends the next lines within the fleet-wide rate (``MOONBATCH_REALTIME_RATE``
-requests/s) and concurrency (``MOONBATCH_REALTIME_CONCURRENCY``), for a few seconds, and
-records the finished lines and its ledger. Every skill the API serves works here, ``segment``
-included; each line carries one image (``multi_image = False``).
+requests/s) and concurrency (``MOONBATCH_REALTIME_CONCURRENCY``), for up to 15 s
+(``rounds.STEP_SECONDS``), and records the finished lines and its ledger. Every skill the API
+serves works here, ``segment`` included; each line carries one image (``multi_image = False``).
 
 Modules: ``settings`` (its variables), ``client`` (the HTTP client), ``payloads`` (bodies and
 answers), ``rounds`` (a step of a round).

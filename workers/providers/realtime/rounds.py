@@ -67,7 +67,11 @@ from moonbatch.workers.storage import get_json_or_none
 
 log = logging.getLogger(__name__)
 
-STEP_SECONDS = 5.0  # a step sends for this long at most, then records what it has
+# A step sends for this long at most, then records what it has. Between two steps the round
+# pays a dozen storage round trips (results, ledger, progress, lease, the next task's reads)
+# while no request is in flight: longer steps spend less of the API's time on them, and a
+# worker lost mid-step costs at most this long of answers, sent again by the next step.
+STEP_SECONDS = 15.0
 MAX_TRIES = 6  # sends of one line on transient errors before it ends as request_failed
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 30.0  # the official fine-tuning client's policy (FACTS.md)
 PREPARE_AHEAD = 64  # most lines read and reserved ahead of their slots
