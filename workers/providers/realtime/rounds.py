@@ -174,7 +174,7 @@ class RealtimeSteps(SteppedRounds):
         # (``_prepare``), so that a freed slot sends at once and the reads and the budget's
         # books are paid once per batch, while the requests sent are answered.
         ready: list[Ready] = []
-        ahead = min(2 * rs.realtime_concurrency, PREPARE_AHEAD)
+        ahead = min(4 * rs.realtime_concurrency, PREPARE_AHEAD)
         prepaid: set[int] = set(ledger.pop("prepaid", []))  # reserved by an earlier step
         preparing: list[Any] = [None, 0]  # the batch's future and its line count
         answered = 0
@@ -322,9 +322,11 @@ class RealtimeSteps(SteppedRounds):
                     wait = max(0.05, min(nb for nb, _ in later) - time.time())
                     if time.monotonic() + wait >= stop_at:
                         break
-                if (not stop_sending and preparing[0] is None and len(ready) <= ahead // 2
+                if (not stop_sending and preparing[0] is None and len(ready) <= 3 * ahead // 4
                         and wanted() > len(ready)):
-                    prepare(ahead - len(ready))  # while the requests sent are answered
+                    # While the requests sent are answered; early enough that the lines left
+                    # ready outlast a batch's reads and reservations on a busy store.
+                    prepare(ahead - len(ready))
                 if running or preparing[0] is not None:
                     done, _ = cf.wait([*running, *preparing[:1]] if preparing[0] else
                                       list(running), timeout=max(0.05, min(wait or 0.5, 1.0)),
