@@ -3,28 +3,30 @@
 Measures ``moonbatch.workers.merge.merge_rows`` single-threaded on a synthetic 100,000-line shard: caption
 rows of ~200-400 bytes (1 % per-line errors), shuffled and split across 10 result files as the
 API returns them, merged against the matching ``ShardBuild`` and plan items into the results
-JSONL. Reported as result rows per second on one core (best of 3; target > 200,000).
+JSONL. Reported as result rows per second on one core (best of 5).
 
-Baseline: a parse-only pass over the same bytes (``json.loads`` of every line), the least any
-merge that reads the rows must do; the ratio says what the merge costs on top of parsing. When
-orjson is installed, a parse-only pass with ``orjson.loads`` is shown too.
+Baseline: a parse-only pass over the same bytes (``orjson.loads`` of every line, what a user
+would write instead, and the least any merge that reads the rows must do); the ratio says what
+the merge costs on top of parsing. Target: at least half the parse-only rate (0.5x). A
+``json.loads`` parse-only pass is shown too, for scale.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import time
 from collections.abc import Callable
 
+import orjson
+
 from bench.common import MB, Result, Servers
 
 N_LINES = 100_000
 N_FILES = 10
-REPEATS = 3
+REPEATS = 5
 SMOKE_LINES = 200  # --smoke: checks that the benchmark runs, measures nothing
-TARGET = 200_000
+TARGET = 0.5  # merge rows/s over orjson.loads-only rows/s
 WORDS = ("a", "the", "small", "large", "red", "wooden", "table", "with", "two", "cups", "of",
          "coffee", "cat", "sitting", "on", "sofa", "next", "to", "window", "astronaut", "in",
          "white", "suit", "holding", "flag", "rocket", "launch", "pad", "under", "clear", "blue",
@@ -83,27 +85,23 @@ def run(servers: Servers, smoke: bool = False) -> Result:
         if stats.ok + stats.error != n_lines or stats.missing:
             raise RuntimeError(f"merge lost rows: {stats}")
 
-    passes = {"merge": merge, "json.loads": parse_only(json.loads)}
-    if importlib.util.find_spec("orjson"):
-        import orjson
-
-        passes["orjson.loads"] = parse_only(orjson.loads)
-    best = {}
-    for name, fn in passes.items():
-        times = []
-        for _ in range(repeats):
+    passes = {"merge": merge, "orjson.loads": parse_only(orjson.loads),
+              "json.loads": parse_only(json.loads)}
+    best = dict.fromkeys(passes, float("inf"))
+    for _ in range(repeats):  # interleaved, so that a burst of load hits every pass alike
+        for name, fn in passes.items():
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-        best[name] = min(times)
+            best[name] = min(best[name], time.perf_counter() - start)
     rate = {name: n_lines / t for name, t in best.items()}
     size = sum(map(len, files))
     for name in passes:
         if name != "merge":
             result.add("merge_rows, 1 core", f"{rate['merge']:,.0f} rows/s ({best['merge']:.2f} s)",
                        f"{name} only: {rate[name]:,.0f} rows/s ({best[name]:.2f} s)",
-                       f"{rate['merge'] / rate[name]:.2f}x parse-only", f"> {TARGET:,} rows/s",
-                       rate["merge"] > TARGET)
+                       f"{rate['merge'] / rate[name]:.2f}x parse-only",
+                       *((f">= {TARGET}x orjson.loads only", rate["merge"] >= TARGET * rate[name])
+                         if name == "orjson.loads" else ()))
     result.notes.append(f"{n_lines:,} result lines, {size / MB:.1f} MB ({size / n_lines:.0f} B/line) "
                         f"in {len(files)} files")
     return result

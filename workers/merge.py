@@ -77,65 +77,91 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     if build.skills:
         return _merge_multi(items, build, result_lines, source_of, skills,
                             batch_error=batch_error, todo=todo, retryable_codes=retryable_codes)
+    slots, stats, retryable = _merge_single(items, build, result_lines, source_of,
+                                            batch_error=batch_error, todo=todo,
+                                            retryable_codes=retryable_codes)
+    if todo is None:
+        return dict(enumerate(slots)), stats, retryable  # type: ignore[arg-type]
+    return {i: slots[i] for i in todo}, stats, retryable  # type: ignore[misc]
+
+
+def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
+                  source_of: Callable[[PlanItem], str], *, batch_error: dict[str, str] | None,
+                  todo: Sequence[int] | None, retryable_codes: frozenset[str]
+                  ) -> tuple[list[bytes | None], MergeStats, list[int]]:
+    """``merge_round`` for a single-skill round, rows as a list by item index (None for the
+    items not in ``todo``)."""
     stats = MergeStats()
     lines = build.lines
     n_lines = len(lines)
     slots: list[bytes | None] = [None] * len(items)
     retryable: list[int] = []
     dumps = orjson.dumps
-    ok = in_tok = out_tok = 0
-    ids = [item.id for item in items]  # one sequential pass; the loop below jumps around
+    ok = in_tok = out_tok = error = duplicate = malformed = mismatch = 0
     prefix = build.id_prefix
     sizes = build.sizes
-    # The hot loop: one parse and one serialisation per row, counters in locals.
+    # Multi-image items add ``images``: a per-row check only when the shard has one.
+    multi = any(item.more for item in items)
+    # The hot loop: one parse (the caller's) and one serialisation per row, everything else
+    # inlined, counters in locals (measured: ``bench.merge``).
     with _gc_paused():
         for res in () if batch_error else result_lines:
             try:
                 li = res["line_index"]
             except (KeyError, TypeError, IndexError):
-                stats.malformed += 1
+                malformed += 1
                 continue
             if li.__class__ is not int or not 0 <= li < n_lines:
-                stats.malformed += 1
+                malformed += 1
                 continue
             i = lines[li]
             if slots[i] is not None:
-                stats.duplicate += 1
+                duplicate += 1
                 continue
-            item_id = ids[i]
+            item = items[i]
+            item_id = item.id
             sent_id = res.get("id")
-            if sent_id is not None and sent_id != prefix + id_text(item_id):
-                stats.id_mismatch += 1
-            dims = res.get("dims") or sizes.get(str(i))
+            if sent_id is not None and sent_id != prefix + (
+                    item_id if item_id.__class__ is str else id_text(item_id)):
+                mismatch += 1
+            dims = res.get("dims") or (sizes.get(str(i)) if sizes else None)
             if res.get("status") == "ok":
                 usage = res.get("usage") or {}
                 ok += 1
                 in_tok += usage.get("input_tokens") or 0
                 out_tok += usage.get("output_tokens") or 0
-                # bytes(memoryview()): an exact-size copy; orjson's own result keeps a
-                # 4 KB allocation per row (measured: 412 MB vs 30 MB for 100k rows).
-                slots[i] = bytes(memoryview(dumps(_with_images(_with_size({
-                    "id": item_id, "source": source_of(items[i]), "status": "ok",
-                    "result": res.get("result"), "usage": usage}, dims), items[i], i, build,
-                    source_of))))
+                row = {"id": item_id, "source": source_of(item), "status": "ok",
+                       "result": res.get("result"), "usage": usage}
             else:
                 err = res.get("error") or {}
                 code = str(err.get("code") or "unknown_error")
-                stats.error += 1
+                error += 1
                 if code in retryable_codes:
                     retryable.append(i)
-                slots[i] = bytes(memoryview(dumps(_with_images(_with_size({
-                    "id": item_id, "source": source_of(items[i]), "status": "error",
-                    "error": {"code": code, "message": str(err.get("message") or "")}}, dims),
-                    items[i], i, build, source_of))))
+                row = {"id": item_id, "source": source_of(item), "status": "error",
+                       "error": {"code": code, "message": str(err.get("message") or "")}}
+            if dims.__class__ is list and len(dims) >= 2:
+                row["width"], row["height"] = dims[0], dims[1]
+                if len(dims) >= 4:
+                    row["sent_width"], row["sent_height"] = dims[2], dims[3]
+            else:
+                row["width"] = row["height"] = None
+            if multi:
+                _with_images(row, item, i, build, source_of)
+            # b"%b" %: an exact-size copy (the cheapest measured: half bytes(memoryview())'s
+            # cost); orjson's own result keeps a 4 KB allocation per row (412 MB vs 30 MB
+            # for 100k rows).
+            slots[i] = b"%b" % dumps(row)
         stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
+        stats.error, stats.duplicate, stats.malformed, stats.id_mismatch = (
+            error, duplicate, malformed, mismatch)
         wanted = range(len(items)) if todo is None else todo
         sent: set[int] | None = None
         line_of: dict[int, int] | None = None
         for i in wanted:
             if slots[i] is not None:
                 continue
-            item_id = ids[i]
+            item_id = items[i].id
             if sent is None:
                 sent = set(lines)
             if (pre := build.errors.get(str(i))) is not None:
@@ -151,12 +177,10 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
                 error = {"code": "missing_result",
                          "message": f"the batch returned no result for line_index {line_of[i]}"}
             stats.error += 1
-            slots[i] = bytes(memoryview(dumps(_with_images(_with_size(
+            slots[i] = b"%b" % dumps(_with_images(_with_size(
                 {"id": item_id, "source": source_of(items[i]), "status": "error",
-                 "error": error}, sizes.get(str(i))), items[i], i, build, source_of))))
-    if todo is None:
-        return dict(enumerate(slots)), stats, retryable  # type: ignore[arg-type]
-    return {i: slots[i] for i in todo}, stats, retryable  # type: ignore[misc]
+                 "error": error}, sizes.get(str(i))), items[i], i, build, source_of))
+    return slots, stats, retryable
 
 
 def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
@@ -323,8 +347,14 @@ def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_lines: Itera
                batch_error: dict[str, str] | None = None) -> tuple[bytes, MergeStats]:
     """Merge a single-round shard into its results JSONL (rows in plan order) and its stats;
     see ``merge_round``."""
-    rows, stats, _ = merge_round(items, build, result_lines, source_of, batch_error=batch_error)
-    return join_rows(list(rows.values())), stats  # dict order is item order here
+    if build.skills:  # a multi-skill shard's rows: one per item, in item order
+        rows, stats, _ = merge_round(items, build, result_lines, source_of,
+                                     batch_error=batch_error)
+        return join_rows(list(rows.values())), stats
+    slots, stats, _ = _merge_single(items, build, result_lines, source_of,
+                                    batch_error=batch_error, todo=None,
+                                    retryable_codes=frozenset())
+    return join_rows(slots), stats  # type: ignore[arg-type]  # every item has its row
 
 
 def join_rows(rows: Sequence[bytes]) -> bytes:
