@@ -9,6 +9,9 @@ Measures, in child processes (``bench.probe``), the peak resident set size (VmHW
   1,000,000-row CSV (string ids) and JSONL (int ids, a per-row ``length`` on every 10th row)
   local manifest whose image column holds keys of that tree (``--base``; each size read with
   ``stat``), compared with the prefix planning's peak measured in the same run;
+- planning at scale: the same planning and plan files over 1,000,000 and 10,000,000 generated
+  keys (no listing: the planner's own share, ``probe plan-stream``); the 10M peak must stay
+  within 1.25x the 1M one (flat: nothing held per key), items/s reported;
 - a worker: ``build_and_submit`` of a shard of tiny PNGs (8x8, local files) to the emulator with
   the worker settings (fetch concurrency, ...; 8 MiB parts so that the JSONL of the larger shard,
   ~43 MB, spans several parts), then waiting for the batch, downloading
@@ -37,6 +40,8 @@ from typing import Any
 from bench.common import Result, Servers, cached_dir, emulator, mark_complete
 
 PLAN_ITEMS, PLAN_DIRS = 1_000_000, 1000
+STREAM_SIZES = (1_000_000, 10_000_000)
+SMOKE_STREAM_SIZES = (2_000, 20_000)
 SHARD_SIZES = (20_000, 100_000)
 TINY_DIRS = 100
 # --smoke: 2,000 files in 10 directories, shards of 50 and 100 lines (checks that it runs)
@@ -127,6 +132,27 @@ def plan_manifests(result: Result, tree: Path, prefix_peak: float, items: int = 
                    got["peak_mb"] <= PLAN_TARGET_MB)
 
 
+def plan_at_scale(result: Result, sizes: tuple[int, int], base: float) -> None:
+    """Rows of the planner's own share at two sizes (``probe plan-stream``): each one's peak
+    RSS and items/s, and the larger's peak against the smaller's (target: flat)."""
+    peaks = {}
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="moonbatch-bench-plan-") as out:
+            got = probe("plan-stream", str(n), out)
+        if got["items"] != n:
+            raise RuntimeError(f"planned {got['items']} generated keys, expected {n}")
+        peaks[n] = got["peak_mb"]
+        result.add(f"planning {n:,} generated keys (planner + plan files, no listing), peak RSS",
+                   f"{got['peak_mb']:.0f} MB ({got['shards']:,} shards, {got['seconds']:.1f} s, "
+                   f"{n / got['seconds']:,.0f} items/s)", f"imports only: {base:.0f} MB",
+                   f"{got['peak_mb'] / base:.2f}x")
+    small, large = sizes
+    ratio = peaks[large] / peaks[small]
+    result.add(f"planning peak growth, {small:,} -> {large:,} keys", f"{peaks[large]:.0f} MB",
+               f"{peaks[small]:.0f} MB", f"{ratio:.2f}x", f"<= {GROWTH_TARGET}x",
+               ratio <= GROWTH_TARGET)
+
+
 def probe(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -m bench.probe ARGS`` and return its JSON report."""
     proc = subprocess.run([sys.executable, "-m", "bench.probe", *args], cwd=REPO,
@@ -156,6 +182,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
                f"{got['peak_mb'] / base:.2f}x", f"<= {PLAN_TARGET_MB:.0f} MB",
                got["peak_mb"] <= PLAN_TARGET_MB)
     plan_manifests(result, tree, got["peak_mb"], items, dirs)
+    plan_at_scale(result, SMOKE_STREAM_SIZES if smoke else STREAM_SIZES, base)
 
     tiny, made = tiny_tree(max(shard_sizes))
     if made is not None:

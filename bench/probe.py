@@ -2,6 +2,7 @@
 
     python -m bench.probe imports-plan | imports-worker      import the modules, nothing else
     python -m bench.probe plan TREE OUT                      plan TREE's items, write plan files
+    python -m bench.probe plan-stream N OUT                  plan N generated keys, write plan files
     python -m bench.probe plan-manifest MANIFEST TREE OUT    check, then plan a manifest of TREE
     python -m bench.probe worker TREE N STATE                build, submit, wait and merge a shard
 
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from bench.common import worker_kwargs
@@ -42,26 +44,48 @@ def peak_mb() -> float:
 def plan(tree: str, out: str) -> dict[str, Any]:
     """What ``producer.runs.submit_run`` does, less the queue: list TREE, plan shards of the
     default size, write each shard's plan file to OUT."""
-    from moonbatch.config import get_settings
-    from moonbatch.producer.planner import plan_shards
-    from moonbatch.workers import layout
-    from moonbatch.workers.models import SkillOptions
     from moonbatch.workers.readers import ListingStats
     from moonbatch.workers.readers.prefix import iter_items
     from moonbatch.workers.storage import LocalStore
 
-    settings, stats, store = get_settings(), ListingStats(), LocalStore(out)
-    start, shards = time.perf_counter(), 0
-    from moonbatch.workers.providers import get_provider
+    stats = ListingStats()
+    return {**_plan_items(iter_items(LocalStore(tree), stats), out), "items": stats.items}
 
+
+def _plan_items(items: Iterator[Any], out: str) -> dict[str, Any]:
+    """Plan ``items`` into shards of the default size, writing each shard's plan file to OUT:
+    ``{"items", "shards", "seconds"}``."""
+    from moonbatch.config import get_settings
+    from moonbatch.producer.planner import plan_shards
+    from moonbatch.workers import layout
+    from moonbatch.workers.models import SkillOptions
+    from moonbatch.workers.providers import get_provider
+    from moonbatch.workers.storage import LocalStore
+
+    settings, store = get_settings(), LocalStore(out)
+    start, shards, planned = time.perf_counter(), 0, 0
     limits = get_provider(settings.provider).limits(None)  # type: ignore[arg-type]  # no spec needed
-    for shard in plan_shards(iter_items(LocalStore(tree), stats), max_lines=settings.shard_size,
+    for shard in plan_shards(items, max_lines=settings.shard_size,
                              max_bytes=settings.max_shard_bytes, limits=limits,
                              fragment_len=len(SkillOptions(skill="caption").line_fragment())):
         store.put(layout.plan_items(shard.index),
                   b"".join(item.to_json() + b"\n" for item in shard.items))
         shards += 1
-    return {"items": stats.items, "shards": shards, "seconds": time.perf_counter() - start}
+        planned += len(shard.items)
+    return {"items": planned, "shards": shards, "seconds": time.perf_counter() - start}
+
+
+def plan_stream(n: str, out: str) -> dict[str, Any]:
+    """``plan`` over N generated keys (``d<dir>/IMG_<i>.jpg``, 1000 per directory, sizes
+    varying) instead of a listing: the planner's own share (``plan_shards`` and the plan
+    files), without the cost of listing N objects."""
+    from moonbatch.workers.models import PlanItem
+
+    def keys() -> Iterator[PlanItem]:
+        for i in range(int(n)):
+            yield PlanItem(id=f"d{i // 1000:05d}/IMG_{i:08d}.jpg", size=50_000 + i % 900_000)
+
+    return _plan_items(keys(), out)
 
 
 def plan_manifest(manifest: str, tree: str, out: str) -> dict[str, Any]:
@@ -142,11 +166,13 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     """Run the probe named by ``argv[0]``; print its report as one JSON line."""
     kind, args = argv[0], argv[1:]
-    modules = {"plan": PLAN_MODULES, "imports-plan": PLAN_MODULES, "plan-manifest": MANIFEST_MODULES,
-               "imports-manifest": MANIFEST_MODULES}.get(kind, WORKER_MODULES)
+    modules = {"plan": PLAN_MODULES, "imports-plan": PLAN_MODULES, "plan-stream": PLAN_MODULES,
+               "plan-manifest": MANIFEST_MODULES, "imports-manifest": MANIFEST_MODULES
+               }.get(kind, WORKER_MODULES)
     for module in modules:
         importlib.import_module(module)
-    probes = {"plan": plan, "plan-manifest": plan_manifest, "worker": worker}
+    probes = {"plan": plan, "plan-stream": plan_stream, "plan-manifest": plan_manifest,
+              "worker": worker}
     report = probes[kind](*args) if not kind.startswith("imports") else {}
     report["peak_mb"] = peak_mb()
     print(json.dumps(report))
