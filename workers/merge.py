@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -359,7 +360,9 @@ def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_lines: Itera
 
 def join_rows(rows: Sequence[bytes]) -> bytes:
     """Rows → JSONL bytes (empty for no rows)."""
-    return b"\n".join(rows) + b"\n" if rows else b""
+    # One copy: a trailing empty row gives the last newline (``join(...) + b"\n"`` would copy
+    # the whole output a second time, at the moment the rows are held too).
+    return b"\n".join(itertools.chain(rows, (b"",))) if rows else b""
 
 
 def error_codes(rows: Iterable[bytes]) -> dict[str, int]:
