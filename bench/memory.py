@@ -41,7 +41,7 @@ from bench.common import Result, Servers, cached_dir, emulator, mark_complete
 
 PLAN_ITEMS, PLAN_DIRS = 1_000_000, 1000
 STREAM_SIZES = (1_000_000, 10_000_000)
-SMOKE_STREAM_SIZES = (2_000, 20_000)
+SMOKE_STREAM_SIZES = (200, 2_000)
 SHARD_SIZES = (20_000, 100_000)
 TINY_DIRS = 100
 # --smoke: 2,000 files in 10 directories, shards of 50 and 100 lines (checks that it runs)
