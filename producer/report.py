@@ -35,7 +35,6 @@ script, font or stylesheet from anywhere).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import heapq
@@ -352,7 +351,7 @@ def thumbnail(data: bytes, side: int) -> tuple[str, int, int]:
         img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     except Exception as exc:
         raise lines.ItemError("image_decode_failed", f"cannot be shown: {exc}") from None
-    uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    uri = lines.data_uri(buf.getvalue(), "image/jpeg")
     return uri, img.width, img.height
 
 

@@ -44,9 +44,9 @@ def test_every_provider_variable_keeps_its_name(env):
 def test_the_default_queue_ahead_outlasts_the_refill_of_a_freed_runner(env):
     env.setenv("MOONBATCH_FAL_CONCURRENCY", "8")
     fal = Settings().section(FalSettings)
-    assert fal.fal_in_flight() == 16  # unmeasured: as many again
-    assert fal.fal_in_flight(1.0, 0.55) == 16  # a request outlasts the refill
-    assert fal.fal_in_flight(0.5, 0.55) == 24  # the queue ahead must last two requests
+    assert fal.fal_in_flight() == 24  # unmeasured: twice as many again
+    assert fal.fal_in_flight(1.0, 0.55) == 24  # a request outlasts the refill: still twice
+    assert fal.fal_in_flight(0.2, 0.55) == 32  # the queue ahead must last three requests
     assert fal.fal_in_flight(2.0, 5.5) == 32  # 5 s between steps: three 2 s requests
     assert fal.fal_in_flight(0.01, 5.5) == 8 + 8 * 8  # at most 8 x the cap ahead
     env.setenv("MOONBATCH_FAL_QUEUE_AHEAD", "3")

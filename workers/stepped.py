@@ -194,6 +194,11 @@ class SteppedRounds:
         """Seconds to the round's next step."""
         raise NotImplementedError
 
+    def first_poll_in(self, ctx: RoundContext) -> float | None:
+        """Seconds to the round's first poll (``Provider.first_poll_in``); None: the poll
+        interval."""
+        return None
+
     def round_stats(self, ledger: Mapping[str, Any]) -> dict[str, int]:
         """The provider's counts for ``merged.json``, from the finished round's ledger."""
         return {"requests": ledger["requests"],

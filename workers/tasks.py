@@ -310,10 +310,10 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
     else:
         # A provider that steps at its own pace says when its first poll (its next step) is
         # due; the others are looked at no sooner than the poll interval.
-        first = getattr(provider, "first_poll_in", None)
+        first = provider.first_poll_in(ctx)
         _next(poll_round, (output, run_id, shard, rnd, uuid.uuid4().hex),
               countdown=settings.poll_min_interval if first is None else
-              _later(settings, first(ctx), paced=True))
+              _later(settings, first, paced=True))
 
 
 @app.task(bind=True, base=RunTask, name=POLL_ROUND)

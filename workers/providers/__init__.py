@@ -285,6 +285,11 @@ class Provider(Protocol):
         """Look at the round once (and move it on, for providers that send in steps); ``last``
         is ``(time, finished)`` of the previous poll. Raises ``ProviderError`` kinds."""
 
+    def first_poll_in(self, ctx: RoundContext) -> float | None:
+        """Seconds from ``submit_round`` to the round's first poll when the provider keeps its
+        own pace (a round sent in steps says when its next step is due); None: the fleet's poll
+        interval (``poll_min_interval``)."""
+
     def collect_round(self, ctx: RoundContext) -> RoundResults | Resend | None:
         """The finished round's results; ``Resend`` when the round must be sent again; None
         when it is not finished (poll again)."""

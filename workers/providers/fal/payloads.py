@@ -4,7 +4,6 @@ ZIP archives and data URIs moonbatch sends (seeds 000, 001, 003, 004)."""
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import posixpath
@@ -180,11 +179,6 @@ def build_archive(members: Sequence[tuple[str, bytes]]) -> bytes:
         for name, data in members:
             zf.writestr(name, data)
     return buf.getvalue()
-
-
-def data_uri(data: bytes, mime: str) -> str:
-    """``data:<mime>;base64,...``: a payload, never to be logged."""
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def file_name(name: Any) -> str:

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from moonbatch.workers.lines import ItemError, PreparedImage
+from moonbatch.workers.lines import ItemError, PreparedImage, data_uri
 from moonbatch.workers.models import PlanItem, ShardBuild, SkillOptions
 from moonbatch.workers.providers import RoundContext
 from moonbatch.workers.providers.fal.endpoints import FalEndpoint, check_options, skill_endpoints
@@ -17,7 +17,6 @@ from moonbatch.workers.providers.fal.payloads import (
     MAX_IMAGE_BYTES,
     PRESIGN_SECONDS,
     build_archive,
-    data_uri,
     member_name,
     request_payload,
 )

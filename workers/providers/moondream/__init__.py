@@ -320,6 +320,11 @@ class MoondreamBatchProvider:
             return f"adopted batch {record.batch_id} was not this round's"
         return None
 
+    def first_poll_in(self, ctx: RoundContext) -> float | None:
+        """None: a batch is first looked at after the poll interval (it needs chunking and
+        processing time at the service)."""
+        return None
+
     def duplicate_submissions(self, ctx: RoundContext) -> int:
         """Batches a lost answer may have made twice (``orphans.json``, written by
         ``upload``)."""

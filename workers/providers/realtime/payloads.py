@@ -17,7 +17,6 @@ the answer has none).
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from moonbatch.workers.models import SPATIAL_REFS_SKILLS, SkillOptions
@@ -28,11 +27,6 @@ REQUEST_OVERHEAD = 1_000  # bytes of a body besides the image's data URI
 
 class BadAnswer(ValueError):
     """A 2xx answer without what its skill returns."""
-
-
-def data_uri(data: bytes, fmt: str) -> str:
-    """``data:image/<fmt>;base64,...`` of an image's bytes (the API's ``image_url``)."""
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(data).decode()}"
 
 
 def request_payload(options: SkillOptions, image_url: str, model: str | None = None

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 from moonbatch.workers import layout, metrics, origins, slots, stops
-from moonbatch.workers.lines import ItemError, PreparedImage
+from moonbatch.workers.lines import ItemError, PreparedImage, data_uri
 from moonbatch.workers.models import ShardBuild, SkillOptions
 from moonbatch.workers.providers import RoundContext
 from moonbatch.workers.providers.realtime.client import (
@@ -48,7 +48,6 @@ from moonbatch.workers.providers.realtime.client import (
 from moonbatch.workers.providers.realtime.payloads import (
     MAX_IMAGE_BYTES,
     BadAnswer,
-    data_uri,
     request_payload,
     result_of,
 )
@@ -400,7 +399,7 @@ class RealtimeSteps(SteppedRounds):
               client: RealtimeClient, ledger: dict[str, Any]) -> None:
         """Send each of ``lines`` (prepared and reserved), holding its slot of ``granted``."""
         for r, slot in zip(lines, granted, strict=True):
-            uri = data_uri(r.image.data, r.image.format)
+            uri = data_uri(r.image.data, f"image/{r.image.format.lower()}")
             payload = request_payload(r.options, uri, ctx.run.spec.model)
             metrics.upload_bytes(PROVIDER, len(uri))
             metrics.requests(PROVIDER, r.options.skill, "sent")
