@@ -317,7 +317,9 @@ def measure(result: Result, s3: Any, bucket: str, fal: Any, calls: CallLog, seco
                f"{m['rate']:.2f} req/s ({m['n']} requests, first submit to last result "
                f"{m['wall']:.1f} s)",
                f"ideal {CAP} / {per_request:.3f} s alone = {ideal:.2f} req/s",
-               f"{ratio:.2f}x ideal", f">= {TARGET:.2f}x", ratio >= TARGET)
+               f"{ratio:.2f}x ideal",
+               # the target is the default's; other queue depths are there to compare with it
+               *((f">= {TARGET:.2f}x", ratio >= TARGET) if fleet_cap == DEFAULT else ()))
     result.add(f"{label}: run.json wall (recorded to finalised)",
                f"{run_wall:.1f} s ({n / run_wall:.2f} items/s)",
                f"{n / ideal:.1f} s at the ideal rate", f"{n / run_wall / ideal:.2f}x ideal")
