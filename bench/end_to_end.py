@@ -77,6 +77,19 @@ def small_photos(n: int) -> list[bytes]:
     return out
 
 
+def fleet_env(servers: Servers, state: str | None = None) -> dict[str, str]:
+    """The settings a benchmark's fleet and CLI share: moto's credentials and endpoint, the
+    private redis-server's broker and result-backend databases, a queue of its own, and the run
+    registry in ``s3://<state>/state/`` (None: the default)."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "MOONBATCH_BROKER_URL": servers.redis(BROKER_DB),
+            "MOONBATCH_RESULT_BACKEND": servers.redis(BACKEND_DB),
+            "MOONBATCH_QUEUE": f"moonbatch-bench-{uuid.uuid4().hex[:8]}",
+            "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
+            **({"MOONBATCH_STATE_URL": f"s3://{state}/state/"} if state else {})}
+
+
 def flush_redis(servers: Servers) -> None:
     """Empty the broker and result-backend databases of the benchmarks' private redis-server."""
     import redis
@@ -323,13 +336,8 @@ def run(servers: Servers, smoke: bool = False) -> Result:
         s3.put_object(Bucket=bucket, Key=f"warm/{i:03d}.jpg", Body=bodies[i % len(bodies)])
 
     with emulator(processing_seconds=processing, lines_per_second=1e6) as emu:
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1",
-               "MOONBATCH_BROKER_URL": servers.redis(BROKER_DB),
-               "MOONBATCH_RESULT_BACKEND": servers.redis(BACKEND_DB),
-               "MOONBATCH_QUEUE": f"moonbatch-bench-{uuid.uuid4().hex[:8]}",
+        env = {**os.environ, **fleet_env(servers),
                "MOONDREAM_API_KEY": emu.config.api_key, "MOONBATCH_MOONDREAM_URL": emu.url,
-               "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
                "MOONBATCH_POLL_MIN_INTERVAL": f"{POLL_MIN:.4f}",
                "MOONBATCH_POLL_MAX_INTERVAL": f"{POLL_MAX:.4f}"}
         with worker_fleet(env, slots) as fleet:

@@ -33,13 +33,12 @@ import functools
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from bench.common import Result, Servers, emulator, median
-from bench.end_to_end import BACKEND_DB, BROKER_DB, flush_redis, small_photos, worker_fleet
+from bench.end_to_end import fleet_env, flush_redis, small_photos, worker_fleet
 
 CAP = 8
 SHARDS, PER_SHARD = 4, 60
@@ -236,13 +235,7 @@ def run(servers: Servers, smoke: bool = False, keep: dict[Any, Any] | None = Non
         calls = CallLog(fal)
         for fleet_cap in sorted({c for _, c in runs}):
             flush_redis(servers)
-            env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                   "AWS_DEFAULT_REGION": "us-east-1",
-                   "MOONBATCH_BROKER_URL": servers.redis(BROKER_DB),
-                   "MOONBATCH_RESULT_BACKEND": servers.redis(BACKEND_DB),
-                   "MOONBATCH_QUEUE": f"moonbatch-bench-{uuid.uuid4().hex[:8]}",
-                   "MOONBATCH_STATE_URL": f"s3://{state}/state/",
-                   "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
+            env = {**fleet_env(servers, state),
                    "FAL_KEY": emu.config.fal_key, "MOONBATCH_FAL_QUEUE_URL": emu.fal_url,
                    "MOONBATCH_FAL_CONCURRENCY": str(CAP),
                    "MOONBATCH_POLL_MIN_INTERVAL": f"{POLL_MIN}",

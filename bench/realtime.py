@@ -32,11 +32,10 @@ import io
 import json
 import os
 import time
-import uuid
 from typing import Any
 
 from bench.common import Result, Servers, emulator, median
-from bench.end_to_end import BACKEND_DB, BROKER_DB, flush_redis, moonbatch, small_photos, worker_fleet
+from bench.end_to_end import fleet_env, flush_redis, moonbatch, small_photos, worker_fleet
 
 N, C, LATENCY = 1000, 8, 0.2
 # --smoke: a few images at a tiny latency (checks that the benchmark runs, measures nothing)
@@ -115,13 +114,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
     with emulator() as emu:
         emu.config.realtime = RealtimeConfig(processing_seconds=latency)
         answers = Answers(emu.emulator.realtime)
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1",
-               "MOONBATCH_BROKER_URL": servers.redis(BROKER_DB),
-               "MOONBATCH_RESULT_BACKEND": servers.redis(BACKEND_DB),
-               "MOONBATCH_QUEUE": f"moonbatch-bench-{uuid.uuid4().hex[:8]}",
-               "MOONBATCH_STATE_URL": f"s3://{state}/state/",
-               "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
+        env = {**os.environ, **fleet_env(servers, state),
                "MOONDREAM_API_KEY": emu.config.api_key, "MOONBATCH_REALTIME_URL": emu.url,
                "MOONBATCH_REALTIME_CONCURRENCY": str(C),
                "MOONBATCH_REALTIME_RATE": str(10 * C / latency)}  # never the bound

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,10 @@ from bench.common import (
     photos,
 )
 from bench.end_to_end import (
-    BACKEND_DB,
-    BROKER_DB,
     POLL_MAX,
     POLL_MIN,
     SEED_POLL,
+    fleet_env,
     flush_redis,
     moonbatch,
     sequential,
@@ -141,14 +139,8 @@ def run(servers: Servers, smoke: bool = False) -> Result:
     size = upload(s3, bucket, "in/", files)
 
     with emulator(processing_seconds=processing, lines_per_second=1e6) as emu:
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1",
-               "MOONBATCH_BROKER_URL": servers.redis(BROKER_DB),
-               "MOONBATCH_RESULT_BACKEND": servers.redis(BACKEND_DB),
-               "MOONBATCH_QUEUE": f"moonbatch-bench-{uuid.uuid4().hex[:8]}",
-               "MOONBATCH_STATE_URL": f"s3://{state}/state/",
+        env = {**os.environ, **fleet_env(servers, state),
                "MOONDREAM_API_KEY": emu.config.api_key, "MOONBATCH_MOONDREAM_URL": emu.url,
-               "MOONBATCH_S3_ENDPOINT_URL": servers.s3(),
                "MOONBATCH_POLL_MIN_INTERVAL": f"{POLL_MIN:.4f}",
                "MOONBATCH_POLL_MAX_INTERVAL": f"{POLL_MAX:.4f}"}
         known = set(emu.emulator.batches)
