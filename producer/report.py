@@ -636,7 +636,8 @@ def write(output: str, settings: Any, *, sample: int = DEFAULT_SAMPLE,
     try:
         chunks = render(run, snap, sample)
         if target is None:
-            store.put(where, "".join(chunks).encode())
+            # text/html: opened through a presigned URL, the page shows rather than downloads
+            store.put(where, "".join(chunks).encode(), content_type="text/html; charset=utf-8")
             return store.url_for(where)
         _write_file(target, chunks)
         return str(target)

@@ -440,6 +440,9 @@ def test_python_api_writes_the_report(s3, bucket, env, fleet, tmp_path):
     run = moonbatch.submit(f"s3://{bucket}/api-in/", f"s3://{bucket}/api-out/")
     wait_for_run(s3, bucket, "api-out/")
     assert run.report() == f"s3://{bucket}/api-out/report.html"
+    # a browser opening it through a presigned URL shows the page
+    head = s3.head_object(Bucket=bucket, Key="api-out/report.html")
+    assert head["ContentType"] == "text/html; charset=utf-8"
     local = run.report(sample=0, out=str(tmp_path / "r.html"))
     text = Path(local).read_text()
     assert run.id in text and 'class="tile' not in text

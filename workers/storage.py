@@ -58,9 +58,13 @@ class Store(Protocol):
         """Return up to ``length`` bytes from offset ``start``; raise ``NotFound`` if missing."""
         ...
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, if_absent: bool = False,
+            content_type: str | None = None) -> bool:
         """Write the object. With ``if_absent``, write only if no object exists at ``key`` and
-        return False (writing nothing) when one does; otherwise always write and return True."""
+        return False (writing nothing) when one does; otherwise always write and return True.
+        ``content_type``: the object's media type where the store keeps one (S3's
+        ``Content-Type``, what a browser opening a presigned URL goes by; None: the store's
+        default, ``binary/octet-stream`` on S3)."""
         ...
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
@@ -185,8 +189,9 @@ class LocalStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"{self.url_for(key)}: no such object") from None
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        path = self._path(key)
+    def put(self, key: str, data: bytes, *, if_absent: bool = False,
+            content_type: str | None = None) -> bool:
+        path = self._path(key)  # a file has no media type: ``content_type`` is not kept
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
@@ -334,10 +339,13 @@ class S3Store:
                 return b""
             raise self._error(key, exc) from None
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, if_absent: bool = False,
+            content_type: str | None = None) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.prefix + key, "Body": data}
+        if content_type:
+            kwargs["ContentType"] = content_type
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
         try:
