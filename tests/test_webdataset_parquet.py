@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from moonbatch.workers.readers import InputError, ItemFetcher, ListingStats
+from moonbatch.workers.readers.unique import UniqueKeys
 from moonbatch.workers.storage import LocalStore, ObjectInfo, open_store
 from tests.conftest import SKIMAGE_PHOTOS, expected_result, photos_dir, read_json, read_results, run_cli
 from tests.test_fal_provider import expected_row
@@ -377,7 +378,7 @@ def test_parquet_planning_reads_no_image_bytes_and_cache_is_bounded(tmp_path):
     (tmp_path / "p.parquet").write_bytes(hf_parquet(photos, ids=ids, row_group_size=3))
     store = CountingStore(LocalStore(tmp_path))
     info = ObjectInfo("p.parquet", (tmp_path / "p.parquet").stat().st_size)
-    items = list(iter_file(store, info, ListingStats(), set(), id_column="id",
+    items = list(iter_file(store, info, ListingStats(), UniqueKeys(), id_column="id",
                            image_column="image"))
     assert [i.id for i in items] == ids
     assert store.bytes < info.size / 20, (store.bytes, info.size)  # footer and ids only
@@ -400,8 +401,30 @@ def test_parquet_planning_reads_no_image_bytes_and_cache_is_bounded(tmp_path):
     assert got == [PHOTOS[p] for p in photos]
     assert len(fetcher.cache["parquet"].groups) <= CACHED_ROW_GROUPS
 
-    # An evicted group is read again; the cache stays within its bound.
+    # An evicted group is read again; the cache stays within its bound. (Which groups the
+    # threads left cached depends on their order: the last two groups, read in turn, evict
+    # the first for certain.)
     cache = fetcher.cache["parquet"]
+    fetcher.get(items[-4]), fetcher.get(items[-1])
     loads = cache.loads
     assert fetcher.get(items[0]) == PHOTOS[photos[0]]
     assert cache.loads == loads + 1 and len(cache.groups) <= CACHED_ROW_GROUPS
+
+
+def test_unique_keys_keep_8_bytes_a_key_and_name_a_repeat_in_a_second_pass():
+    """``UniqueKeys``: the first pass keeps digests (no key), the second names the repeat and
+    where its first occurrence stood, keeping only suspects' keys."""
+    keys = UniqueKeys()
+    listing = [f"shard-{i:06d}/sample" for i in range(50_000)] + ["shard-000123/sample"]
+    assert all(keys.seen_at(k) is None for k in listing)
+    assert keys._digests.itemsize == 8 and len(keys._digests) == len(listing)
+    suspects = keys.suspects()
+    assert len(suspects) == 1
+    named = UniqueKeys(suspects)
+    found = [(k, first) for i, k in enumerate(listing) if (first := named.seen_at(k, i)) is not None]
+    assert found == [("shard-000123/sample", 123)]
+    assert list(named._first) == ["shard-000123/sample"]  # only the suspect's key was kept
+    unique = UniqueKeys()
+    for k in listing[:-1]:
+        unique.seen_at(k)
+    assert unique.suspects() == frozenset()

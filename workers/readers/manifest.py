@@ -42,6 +42,7 @@ from moonbatch.workers.readers import (
     split_input,
 )
 from moonbatch.workers.readers.rangeio import RangeFile, object_info
+from moonbatch.workers.readers.unique import UniqueKeys
 from moonbatch.workers.storage import LocalStore, Store, open_store
 
 # Planning size of an image whose size is not known without a request (S3, http): the shard
@@ -102,39 +103,22 @@ class Reader:
         ``iter_items``) and ids are unique, where ids that print the same (``1`` and ``"1"``,
         ``PlanItem.key``) count as the same. Raises ``InputError`` naming the duplicate id and
         both rows. Memory: 8 bytes per row."""
-        import hashlib
-        from array import array
-
-        import numpy as np
-
-        digests = array("Q")
+        keys = UniqueKeys()
         for where, item_id, images, _ in self._rows():
             for image in images:
                 self._ref(image, where)
             if len(images) > 1:
                 self.several_images = True
-            digests.append(int.from_bytes(hashlib.blake2b(
-                id_text(item_id).encode(), digest_size=8).digest(), "little"))
-        if len(digests) < 2:
+            keys.seen_at(id_text(item_id))
+        if not (suspects := keys.suspects()):
             return
-        ordered = np.sort(np.frombuffer(digests, dtype=np.uint64))
-        del digests
-        dup = ordered[1:][ordered[1:] == ordered[:-1]]
-        if not len(dup):
-            return
-        suspects = set(dup.tolist())
-        del ordered, dup
-        first: dict[str, str] = {}  # only the ids whose digest repeats (a digest collision too)
+        named = UniqueKeys(suspects)
         for where, item_id, _, _ in self._rows():
             key = id_text(item_id)
-            if int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(),
-                              "little") not in suspects:
-                continue
-            if key in first:
+            if (first := named.seen_at(key, where)) is not None:
                 raise InputError(f"{self.name}: duplicate id {key!r} ({self.id_column} at "
-                                 f"{first[key]} and {where}): ids must be unique; fix the "
+                                 f"{first} and {where}): ids must be unique; fix the "
                                  "manifest")
-            first[key] = where
 
     def _rows(self) -> Iterator[tuple[str, Any, list[str], dict[str, Any] | None]]:
         """``(where, id, image values, overrides)`` per row (one image value or more, in

@@ -36,6 +36,7 @@ from moonbatch.workers.lines import ItemError
 from moonbatch.workers.models import PlanItem
 from moonbatch.workers.readers import InputError, ListingStats, image_columns
 from moonbatch.workers.readers.rangeio import RangeFile, files_under, input_file_key, object_info
+from moonbatch.workers.readers.unique import UniqueKeys
 from moonbatch.workers.storage import ObjectInfo, Store
 
 OVERRIDES = ("question", "object", "length")
@@ -159,19 +160,30 @@ def iter_files(store: Store, files: Iterable[ObjectInfo], stats: ListingStats, *
                image_columns: Sequence[str] | None = None) -> Iterator[PlanItem]:
     """The rows of every Parquet file in ``files`` (objects of ``store``) as items, ids unique
     across them all (see the module docstring); ``image_columns`` (default
-    ``[image_column]``): each row's images. ``stats.listed`` counts rows."""
-    seen: set[str] = set()
+    ``[image_column]``): each row's images. ``stats.listed`` counts rows. A duplicate id
+    raises ``InputError`` once every row has been read (8 bytes per row: ``UniqueKeys``; a
+    second pass over the files names it)."""
+    files = list(files)  # the second pass reads them again
+    image_columns = image_columns or [image_column]
+    keys = UniqueKeys()
     for info in files:
-        yield from iter_file(store, info, stats, seen, id_column=id_column,
-                             image_columns=image_columns or [image_column])
+        yield from iter_file(store, info, stats, keys, id_column=id_column,
+                             image_columns=image_columns)
+    if suspects := keys.suspects():
+        named = UniqueKeys(suspects)
+        for info in files:  # raises at the second occurrence
+            for _ in iter_file(store, info, ListingStats(), named, id_column=id_column,
+                               image_columns=image_columns):
+                pass
 
 
-def iter_file(store: Store, info: ObjectInfo, stats: ListingStats, seen: set[str], *,
+def iter_file(store: Store, info: ObjectInfo, stats: ListingStats, keys: UniqueKeys, *,
               id_column: str, image_column: str = DEFAULT_IMAGE_COLUMN,
               image_columns: Sequence[str] | None = None) -> Iterator[PlanItem]:
     """The rows of one file, row group by row group, reading only the id and override
-    columns; ``seen`` holds the item keys of the run so far (updated); ``image_columns``
-    (default ``[image_column]``): each row's images."""
+    columns; ``keys``: the item keys of the run so far (``UniqueKeys.seen_at``: an
+    ``InputError`` for a key it says is repeated); ``image_columns`` (default
+    ``[image_column]``): each row's images."""
     import pyarrow as pa
 
     image_columns = image_columns or [image_column]
@@ -215,10 +227,9 @@ def iter_file(store: Store, info: ObjectInfo, stats: ListingStats, seen: set[str
             opts = {c: v for c in overrides if (v := values[c][row]) not in (None, "")}
             refs = [f"parquet:{info.key}#{rg}/{row}{suffix}" for suffix in suffixes]
             item = PlanItem(item_id, size, refs[0], opts or None, tuple(refs[1:]) or None)
-            if item.key in seen:
+            if keys.seen_at(item.key) is not None:
                 raise InputError(f"{where}: id {item.key} appears twice in INPUT (row "
                                  f"{first_row + row}): ids must be unique")
-            seen.add(item.key)
             stats.items += 1
             yield item
         first_row += n

@@ -39,6 +39,7 @@ from moonbatch.workers.readers.rangeio import (
     input_file_key,
     object_info,
 )
+from moonbatch.workers.readers.unique import UniqueKeys
 from moonbatch.workers.storage import ObjectInfo, StorageError, Store, TooLarge
 
 # webdataset.tariterators: base_plus_ext's pattern, and the metadata members it skips.
@@ -91,19 +92,29 @@ class Reader:
 def iter_tars(store: Store, tars: Iterable[ObjectInfo], stats: ListingStats, *,
               block: int = DEFAULT_BLOCK) -> Iterator[PlanItem]:
     """The samples of every tar in ``tars`` (objects of ``store``), in order, ``__key__``
-    unique across them all (an ``InputError`` otherwise). ``stats.listed`` counts tar
-    members."""
-    seen: set[str] = set()
+    unique across them all (an ``InputError`` once every sample has been read otherwise: 8
+    bytes per sample, ``UniqueKeys``; a second pass over the tars' headers names the key).
+    ``stats.listed`` counts tar members."""
+    tars = list(tars)  # the second pass reads them again
+    keys = UniqueKeys()
     for tar in tars:
-        yield from iter_tar(store, tar, stats, seen, block=block)
+        yield from iter_tar(store, tar, stats, keys, block=block)
+    if suspects := keys.suspects():
+        named = UniqueKeys(suspects)
+        for tar in tars:  # raises at the second occurrence
+            for _ in iter_tar(store, tar, ListingStats(), named, block=block):
+                pass
 
 
-def iter_tar(store: Store, tar: ObjectInfo, stats: ListingStats, seen: set[str] | None = None,
+def iter_tar(store: Store, tar: ObjectInfo, stats: ListingStats, keys: UniqueKeys | None = None,
              *, block: int = DEFAULT_BLOCK) -> Iterator[PlanItem]:
-    """The samples of one tar (see the module docstring), reading only its headers; ``seen``:
-    the keys of the run so far (updated). Raises ``InputError`` for a file that is not an
-    uncompressed tar, a duplicate key or member, storage errors."""
-    seen = set() if seen is None else seen
+    """The samples of one tar (see the module docstring), reading only its headers; ``keys``:
+    the keys of the run so far (None: this tar alone, through ``iter_tars``). Raises
+    ``InputError`` for a file that is not an uncompressed tar, a duplicate key or member,
+    storage errors."""
+    if keys is None:
+        yield from iter_tars(store, [tar], stats, block=block)
+        return
     where = store.url_for(tar.key)
     f = RangeFile(store, tar.key, tar.size, block)
     try:
@@ -136,11 +147,10 @@ def iter_tar(store: Store, tar: ObjectInfo, stats: ListingStats, seen: set[str] 
             suffix = suffix.lower()
             if name != key:
                 yield from finish()
-                if name in seen:
+                if keys.seen_at(name) is not None:
                     raise InputError(f"{where}: sample key {name!r} appears twice in INPUT "
                                      "(__key__ must be unique: a sample's members must be "
                                      "consecutive and keys unique across shards)")
-                seen.add(name)
                 key, suffixes, image = name, set(), None
             if suffix in suffixes:
                 raise InputError(f"{where}: member {member.name!r} appears twice in sample "
