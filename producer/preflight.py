@@ -26,7 +26,14 @@ from typing import Any
 
 from moonbatch.config import Settings
 from moonbatch.workers import layout
-from moonbatch.workers.storage import LocalStore, S3Store, StorageError, Store, normalize_url
+from moonbatch.workers.storage import (
+    LocalStore,
+    S3Store,
+    StorageError,
+    Store,
+    normalize_url,
+    s3_session,
+)
 
 REDIS_TIMEOUT = 2.5  # seconds, connect and read
 S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_ATTEMPTS = 3, 5, 2
@@ -158,13 +165,12 @@ def _check_broker(url: str, timeout: float) -> str | None:
 @functools.cache
 def _s3_client(endpoint_url: str | None, region: str | None) -> Any:
     """An S3 client with short timeouts and few attempts: a preflight answers in seconds."""
-    import boto3
     from botocore.config import Config
 
     config = Config(connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT,
                     retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"})
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url,
-                                          region_name=region or "us-east-1", config=config)
+    return s3_session().client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1",
+                               config=config)
 
 
 def quick_store(url: str, settings: Settings) -> Store:

@@ -297,3 +297,15 @@ def test_open_store_s3(s3_endpoint, bucket):
     store.put("k", b"v")
     assert store.get("k") == b"v"
     assert store.client is storage_module.s3_client(s3_endpoint)  # shared per endpoint
+
+
+def test_s3_client_reads_timestamps_as_boto3_does(store, s3, bucket):
+    """The shared client reads S3's timestamps without dateutil (``_timestamp``): the listing's
+    ``LastModified`` (ISO 8601) and a HEAD's (an HTTP date) are the datetimes boto3 gives."""
+    store.put("a.jpg", b"data")
+    ours = store.client.list_objects_v2(Bucket=bucket, Prefix="pre/")["Contents"][0]
+    theirs = s3.list_objects_v2(Bucket=bucket, Prefix="pre/")["Contents"][0]
+    assert ours["LastModified"] == theirs["LastModified"]
+    assert ours["LastModified"].utcoffset() is not None  # aware, as boto3's
+    head = store.client.head_object(Bucket=bucket, Key="pre/a.jpg")["LastModified"]
+    assert head == s3.head_object(Bucket=bucket, Key="pre/a.jpg")["LastModified"]
