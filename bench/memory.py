@@ -38,10 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Result, Servers, cached_dir, emulator, mark_complete
+from bench.s3list import listing_server
 
 PLAN_ITEMS, PLAN_DIRS = 1_000_000, 1000
 STREAM_SIZES = (1_000_000, 10_000_000)
 SMOKE_STREAM_SIZES = (200, 2_000)
+# listed S3 keys (bench.s3list), the larger 10x the smaller; MOONBATCH_BENCH_LIST_KEYS sets the larger
+LIST_KEYS = int(os.environ.get("MOONBATCH_BENCH_LIST_KEYS", 1_000_000))
+SMOKE_LIST_KEYS = 2_000
+LIST_TARGET = 0.9  # moonbatch's listing + planning against a bare boto3 listing, keys/s
 SHARD_SIZES = (20_000, 100_000)
 TINY_DIRS = 100
 # --smoke: 2,000 files in 10 directories, shards of 50 and 100 lines (checks that it runs)
@@ -153,11 +158,65 @@ def plan_at_scale(result: Result, sizes: tuple[int, int], base: float) -> None:
                ratio <= GROWTH_TARGET)
 
 
-def probe(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``python -m bench.probe ARGS`` and return its JSON report."""
+def plan_listed(result: Result, large: int, base: float) -> None:
+    """Rows of planning listed S3 keys (``probe plan-s3`` against ``bench.s3list``'s server, in
+    its own process) at ``large // 10`` and ``large`` keys: peak RSS, time and keys/s, the peak's
+    growth (target: flat), and the keys/s of the smaller against bare boto3 paginators' over the
+    same server in the same run."""
+    sizes, peaks, rates = (large // 10, large), {}, {}
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1"}  # the server checks no signature
+    for n in sizes:
+        with listing_server(n) as server, \
+                tempfile.TemporaryDirectory(prefix="moonbatch-bench-plan-") as out:
+            before = server.cpu_seconds()
+            got = probe("plan-s3", str(n), server.url, out, env=env, timeout=max(600, n // 5000))
+            served = server.cpu_seconds() - before
+            if n == sizes[0]:  # the baselines: the rate per key does not depend on n
+                bare = probe("list-boto3", str(n), server.url, "plain", env=env)
+                floor = probe("list-boto3", str(n), server.url, "moonbatch", env=env)
+        peaks[n], rates[n] = got["peak_mb"], n / got["seconds"]
+        result.add(f"planning {n:,} listed S3 keys (S3Store listing + planner + plan files), "
+                   "peak RSS",
+                   f"{got['peak_mb']:.0f} MB ({got['shards']:,} shards, {got['seconds']:.1f} s, "
+                   f"{rates[n]:,.0f} keys/s)", f"imports only: {base:.0f} MB",
+                   f"{got['peak_mb'] / base:.2f}x")
+        result.notes.append(f"{n:,} listed keys: the listing server (its own process) used "
+                            f"{served:.1f} CPU s making its {-(-n // 1000):,} pages, "
+                            f"{served / got['seconds']:.0%} of the probe's wall time")
+        if n != sizes[0]:
+            continue
+        bare_rate, floor_rate = n / bare["seconds"], n / floor["seconds"]
+        result.add(f"listing + planning {n:,} S3 keys, keys/s",
+                   f"{rates[n]:,.0f} keys/s ({got['seconds']:.1f} s)",
+                   f"bare boto3 paginator, listing only: {bare_rate:,.0f} keys/s "
+                   f"({bare['seconds']:.1f} s)", f"{rates[n] / bare_rate:.2f}x boto3",
+                   f">= {LIST_TARGET}x boto3", rates[n] / bare_rate >= LIST_TARGET)
+        result.add(f"listing + planning {n:,} S3 keys vs botocore's share",
+                   f"{rates[n]:,.0f} keys/s",
+                   f"the same paginator on moonbatch's client (s3_session): {floor_rate:,.0f} keys/s",
+                   f"{rates[n] / floor_rate:.2f}x")
+    small, large = sizes
+    ratio = peaks[large] / peaks[small]
+    result.add(f"listed-keys planning peak growth, {small:,} -> {large:,} keys",
+               f"{peaks[large]:.0f} MB", f"{peaks[small]:.0f} MB", f"{ratio:.2f}x",
+               f"<= {GROWTH_TARGET}x", ratio <= GROWTH_TARGET)
+    per_key = (peaks[large] - peaks[small]) * 1e6 / (large - small)
+    note = f"the listed-keys planning peak grows by {per_key:.1f} B per key"
+    if large < 10_000_000:
+        at_10m = peaks[large] + per_key * (10_000_000 - large) / 1e6
+        note += (f"; at that slope and the {large:,}-key rate, 10,000,000 listed keys: "
+                 f"~{at_10m:.0f} MB, ~{10_000_000 / rates[large]:.0f} s "
+                 "(MOONBATCH_BENCH_LIST_KEYS=10000000 measures it)")
+    result.notes.append(note)
+
+
+def probe(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> dict[str, Any]:
+    """Run ``python -m bench.probe ARGS`` (at most ``timeout`` seconds) and return its JSON
+    report."""
     proc = subprocess.run([sys.executable, "-m", "bench.probe", *args], cwd=REPO,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"probe {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -183,6 +242,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
                got["peak_mb"] <= PLAN_TARGET_MB)
     plan_manifests(result, tree, got["peak_mb"], items, dirs)
     plan_at_scale(result, SMOKE_STREAM_SIZES if smoke else STREAM_SIZES, base)
+    plan_listed(result, SMOKE_LIST_KEYS if smoke else LIST_KEYS, probe("imports-s3")["peak_mb"])
 
     tiny, made = tiny_tree(max(shard_sizes))
     if made is not None:

@@ -1,13 +1,16 @@
 """Memory probes, run by ``bench.memory`` in child processes so that each peak RSS is its own:
 
-    python -m bench.probe imports-plan | imports-worker      import the modules, nothing else
+    python -m bench.probe imports-plan | imports-s3 | imports-worker   import the modules only
     python -m bench.probe plan TREE OUT                      plan TREE's items, write plan files
     python -m bench.probe plan-stream N OUT                  plan N generated keys, write plan files
+    python -m bench.probe plan-s3 N URL OUT                  list bench.s3list's N keys, plan them
+    python -m bench.probe list-boto3 N URL [CLIENT]          list them with a bare boto3 paginator
     python -m bench.probe plan-manifest MANIFEST TREE OUT    check, then plan a manifest of TREE
     python -m bench.probe worker TREE N STATE                build, submit, wait and merge a shard
 
-Each prints one JSON line: ``peak_mb`` (VmHWM from /proc/self/status) and what it measured. The
-worker probe reads the emulator's URL and key from ``MOONBATCH_MOONDREAM_URL`` and
+Each prints one JSON line: ``peak_mb`` (VmHWM from /proc/self/status) and what it measured.
+``plan-s3`` and ``list-boto3`` talk to the listing server at URL (``bench.s3list``) with dummy
+credentials. The worker probe reads the emulator's URL and key from ``MOONBATCH_MOONDREAM_URL`` and
 ``MOONDREAM_API_KEY``.
 """
 
@@ -26,6 +29,7 @@ from bench.common import worker_kwargs
 
 PLAN_MODULES = ("moonbatch.config", "moonbatch.workers.readers.prefix", "moonbatch.producer.planner",
                 "moonbatch.workers.layout", "moonbatch.workers.models", "moonbatch.workers.storage")
+S3_PLAN_MODULES = (*PLAN_MODULES, "boto3")
 MANIFEST_MODULES = (*PLAN_MODULES, "moonbatch.workers.readers.manifest", "moonbatch.producer.runs",
                     "numpy")
 WORKER_MODULES = ("moonbatch.config", "moonbatch.workers.providers.moondream.upload",
@@ -86,6 +90,44 @@ def plan_stream(n: str, out: str) -> dict[str, Any]:
             yield PlanItem(id=f"d{i // 1000:05d}/IMG_{i:08d}.jpg", size=50_000 + i % 900_000)
 
     return _plan_items(keys(), out)
+
+
+def plan_s3(n: str, url: str, out: str) -> dict[str, Any]:
+    """``plan`` over the N keys of ``bench.s3list``'s server at URL: moonbatch's own S3 listing
+    (``open_store`` with that endpoint, ``iter_items``), the planner and the plan files."""
+    from bench.s3list import ROOT
+    from moonbatch.workers.readers import ListingStats
+    from moonbatch.workers.readers.prefix import iter_items
+    from moonbatch.workers.storage import open_store
+
+    stats = ListingStats()
+    store = open_store(f"s3://bench/{ROOT}", endpoint_url=url)
+    report = _plan_items(iter_items(store, stats), out)
+    if stats.items != int(n):
+        raise RuntimeError(f"listed {stats.items} keys, expected {n}")
+    return {**report, "items": stats.items}
+
+
+def list_boto3(n: str, url: str, client: str = "plain") -> dict[str, Any]:
+    """The baselines of ``plan-s3``: a boto3 ``list_objects_v2`` paginator over the same keys,
+    counting keys and summing sizes (nothing planned). ``client``: ``plain`` (``boto3.client``,
+    what a user writes) or ``moonbatch`` (a client of ``storage.s3_session``, with its
+    timestamp parser: botocore's own share of moonbatch's listing)."""
+    import boto3
+
+    from bench.s3list import ROOT
+    from moonbatch.workers.storage import s3_session
+
+    session = boto3.session.Session() if client == "plain" else s3_session()
+    s3 = session.client("s3", endpoint_url=url, region_name="us-east-1")
+    start, keys, total = time.perf_counter(), 0, 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=ROOT):
+        for obj in page.get("Contents", ()):
+            keys += 1
+            total += obj["Size"]
+    if keys != int(n):
+        raise RuntimeError(f"listed {keys} keys, expected {n}")
+    return {"items": keys, "bytes": total, "seconds": time.perf_counter() - start}
 
 
 def plan_manifest(manifest: str, tree: str, out: str) -> dict[str, Any]:
@@ -167,12 +209,13 @@ def main(argv: list[str]) -> None:
     """Run the probe named by ``argv[0]``; print its report as one JSON line."""
     kind, args = argv[0], argv[1:]
     modules = {"plan": PLAN_MODULES, "imports-plan": PLAN_MODULES, "plan-stream": PLAN_MODULES,
+               "plan-s3": S3_PLAN_MODULES, "imports-s3": S3_PLAN_MODULES, "list-boto3": S3_PLAN_MODULES,
                "plan-manifest": MANIFEST_MODULES, "imports-manifest": MANIFEST_MODULES
                }.get(kind, WORKER_MODULES)
     for module in modules:
         importlib.import_module(module)
-    probes = {"plan": plan, "plan-stream": plan_stream, "plan-manifest": plan_manifest,
-              "worker": worker}
+    probes = {"plan": plan, "plan-stream": plan_stream, "plan-s3": plan_s3,
+              "list-boto3": list_boto3, "plan-manifest": plan_manifest, "worker": worker}
     report = probes[kind](*args) if not kind.startswith("imports") else {}
     report["peak_mb"] = peak_mb()
     print(json.dumps(report))
