@@ -12,6 +12,22 @@ Measures, in child processes (``bench.probe``), the peak resident set size (VmHW
 - planning at scale: the same planning and plan files over 1,000,000 and 10,000,000 generated
   keys (no listing: the planner's own share, ``probe plan-stream``); the 10M peak must stay
   within 1.25x the 1M one (flat: nothing held per key), items/s reported;
+- planning listed S3 keys: the same planning and plan files over keys listed from
+  ``bench.s3list`` (a ListObjectsV2 server in its own process that makes its keys up per page:
+  moto cannot hold millions of objects) through moonbatch's own ``S3Store`` and ``iter_items``
+  (``probe plan-s3``), at 100,000 and 1,000,000 keys: peak RSS, time, keys/s, and the larger
+  peak within 1.25x the smaller (flat), with the bytes per key it grows by and what that slope
+  and rate give at 10,000,000. Against, in the same run over the same server at 100,000 keys:
+  a bare boto3 ``list_objects_v2`` paginator (what a user writes; target: moonbatch's listing
+  *and* planning at least 0.9x its keys/s), and the same paginator on moonbatch's client
+  (botocore's share: what is left is moonbatch's). The server's CPU seconds are noted (a few %
+  of the wall: it is not what is measured). Why not 10,000,000 by default: the client side is
+  botocore's XML parse, ~25-45 us a key on this machine (~100 with botocore's default dateutil
+  timestamps, which moonbatch's client skips), so 10,000,000 keys take minutes (~7 quiet, 20
+  under load) and its boto3 baseline three times that: too long for a ~20-minute bench, and
+  neither the peak (one page and one shard at a time) nor the rate per key depends on the
+  count. ``MOONBATCH_BENCH_LIST_KEYS=10000000 python -m bench memory`` measures 1,000,000 and
+  10,000,000 (the baselines stay at 100,000);
 - a worker: ``build_and_submit`` of a shard of tiny PNGs (8x8, local files) to the emulator with
   the worker settings (fetch concurrency, ...; 8 MiB parts so that the JSONL of the larger shard,
   ~43 MB, spans several parts), then waiting for the batch, downloading
@@ -46,6 +62,7 @@ SMOKE_STREAM_SIZES = (200, 2_000)
 # listed S3 keys (bench.s3list), the larger 10x the smaller; MOONBATCH_BENCH_LIST_KEYS sets the larger
 LIST_KEYS = int(os.environ.get("MOONBATCH_BENCH_LIST_KEYS", 1_000_000))
 SMOKE_LIST_KEYS = 2_000
+BASELINE_KEYS = 100_000  # the boto3 baselines list at most this many
 LIST_TARGET = 0.9  # moonbatch's listing + planning against a bare boto3 listing, keys/s
 SHARD_SIZES = (20_000, 100_000)
 TINY_DIRS = 100
@@ -172,9 +189,6 @@ def plan_listed(result: Result, large: int, base: float) -> None:
             before = server.cpu_seconds()
             got = probe("plan-s3", str(n), server.url, out, env=env, timeout=max(600, n // 5000))
             served = server.cpu_seconds() - before
-            if n == sizes[0]:  # the baselines: the rate per key does not depend on n
-                bare = probe("list-boto3", str(n), server.url, "plain", env=env)
-                floor = probe("list-boto3", str(n), server.url, "moonbatch", env=env)
         peaks[n], rates[n] = got["peak_mb"], n / got["seconds"]
         result.add(f"planning {n:,} listed S3 keys (S3Store listing + planner + plan files), "
                    "peak RSS",
@@ -184,18 +198,20 @@ def plan_listed(result: Result, large: int, base: float) -> None:
         result.notes.append(f"{n:,} listed keys: the listing server (its own process) used "
                             f"{served:.1f} CPU s making its {-(-n // 1000):,} pages, "
                             f"{served / got['seconds']:.0%} of the probe's wall time")
-        if n != sizes[0]:
-            continue
-        bare_rate, floor_rate = n / bare["seconds"], n / floor["seconds"]
-        result.add(f"listing + planning {n:,} S3 keys, keys/s",
-                   f"{rates[n]:,.0f} keys/s ({got['seconds']:.1f} s)",
-                   f"bare boto3 paginator, listing only: {bare_rate:,.0f} keys/s "
-                   f"({bare['seconds']:.1f} s)", f"{rates[n] / bare_rate:.2f}x boto3",
-                   f">= {LIST_TARGET}x boto3", rates[n] / bare_rate >= LIST_TARGET)
-        result.add(f"listing + planning {n:,} S3 keys vs botocore's share",
-                   f"{rates[n]:,.0f} keys/s",
-                   f"the same paginator on moonbatch's client (s3_session): {floor_rate:,.0f} keys/s",
-                   f"{rates[n] / floor_rate:.2f}x")
+    # The baselines: a rate per key, which does not depend on the count (pages of 1000).
+    n, small = min(sizes[0], BASELINE_KEYS), sizes[0]
+    with listing_server(n) as server:
+        bare = probe("list-boto3", str(n), server.url, "plain", env=env)
+        floor = probe("list-boto3", str(n), server.url, "moonbatch", env=env)
+    bare_rate, floor_rate = n / bare["seconds"], n / floor["seconds"]
+    result.add("listing + planning S3 keys, keys/s", f"{rates[small]:,.0f} keys/s ({small:,} keys)",
+               f"bare boto3 paginator, listing only: {bare_rate:,.0f} keys/s ({n:,} keys, "
+               f"{bare['seconds']:.1f} s)", f"{rates[small] / bare_rate:.2f}x boto3",
+               f">= {LIST_TARGET}x boto3", rates[small] / bare_rate >= LIST_TARGET)
+    result.add("listing + planning S3 keys vs botocore's share",
+               f"{rates[small]:,.0f} keys/s ({small:,} keys)",
+               f"the same paginator on moonbatch's client (s3_session): {floor_rate:,.0f} keys/s "
+               f"({n:,} keys)", f"{rates[small] / floor_rate:.2f}x")
     small, large = sizes
     ratio = peaks[large] / peaks[small]
     result.add(f"listed-keys planning peak growth, {small:,} -> {large:,} keys",
@@ -203,7 +219,7 @@ def plan_listed(result: Result, large: int, base: float) -> None:
                f"<= {GROWTH_TARGET}x", ratio <= GROWTH_TARGET)
     per_key = (peaks[large] - peaks[small]) * 1e6 / (large - small)
     note = f"the listed-keys planning peak grows by {per_key:.1f} B per key"
-    if large < 10_000_000:
+    if 1_000_000 <= large < 10_000_000:  # (smoke sizes are too small to extrapolate)
         at_10m = peaks[large] + per_key * (10_000_000 - large) / 1e6
         note += (f"; at that slope and the {large:,}-key rate, 10,000,000 listed keys: "
                  f"~{at_10m:.0f} MB, ~{10_000_000 / rates[large]:.0f} s "
