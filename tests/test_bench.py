@@ -45,3 +45,28 @@ def test_smoke_runs_every_benchmark(tmp_path):
     assert "skipped:" not in proc.stdout, out[-4000:]
     assert f"== suite: {len(BENCHMARKS)} benchmark(s)" in proc.stdout
     print(f"python -m bench --smoke: {len(ran)} benchmarks in {seconds:.1f} s")
+
+
+def test_listing_server_speaks_list_objects_v2(monkeypatch):
+    """``bench.s3list`` (memory's listing at scale) answers boto3 and moonbatch's S3Store as S3
+    would: pages of at most 1000 in key order, a prefix, start-after, the sizes it promises."""
+    import boto3
+
+    from bench.s3list import ROOT, key, listing_server, size
+    from moonbatch.workers.storage import S3Store
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "bench")
+    with listing_server(2_500) as server:
+        s3 = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1")
+        pages = list(s3.get_paginator("list_objects_v2").paginate(Bucket="b", Prefix=ROOT))
+        assert [p["KeyCount"] for p in pages] == [1000, 1000, 500]
+        assert [o["Key"] for p in pages for o in p["Contents"]] == [key(i) for i in range(2_500)]
+        got = s3.list_objects_v2(Bucket="b", Prefix=ROOT + "d00001/", StartAfter=key(1_100),
+                                 MaxKeys=50)
+        assert [o["Key"] for o in got["Contents"]] == [key(i) for i in range(1_101, 1_151)]
+        assert got["IsTruncated"] is True
+        assert s3.list_objects_v2(Bucket="b", Prefix="elsewhere/")["KeyCount"] == 0
+        listed = list(S3Store("b", ROOT, s3).iter_objects())
+        assert [(o.key, o.size) for o in listed[:2]] == [(key(i)[len(ROOT):], size(i)) for i in (0, 1)]
+        assert len(listed) == 2_500
