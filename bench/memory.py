@@ -180,7 +180,7 @@ def plan_listed(result: Result, large: int, base: float) -> None:
     its own process) at ``large // 10`` and ``large`` keys: peak RSS, time and keys/s, the peak's
     growth (target: flat), and the keys/s of the smaller against bare boto3 paginators' over the
     same server in the same run."""
-    sizes, peaks, rates = (large // 10, large), {}, {}
+    sizes, peaks, rates, cpu = (large // 10, large), {}, {}, {}
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_DEFAULT_REGION": "us-east-1"}  # the server checks no signature
     for n in sizes:
@@ -189,7 +189,7 @@ def plan_listed(result: Result, large: int, base: float) -> None:
             before = server.cpu_seconds()
             got = probe("plan-s3", str(n), server.url, out, env=env, timeout=max(600, n // 5000))
             served = server.cpu_seconds() - before
-        peaks[n], rates[n] = got["peak_mb"], n / got["seconds"]
+        peaks[n], rates[n], cpu[n] = got["peak_mb"], n / got["seconds"], got["cpu_seconds"]
         result.add(f"planning {n:,} listed S3 keys (S3Store listing + planner + plan files), "
                    "peak RSS",
                    f"{got['peak_mb']:.0f} MB ({got['shards']:,} shards, {got['seconds']:.1f} s, "
@@ -212,6 +212,12 @@ def plan_listed(result: Result, large: int, base: float) -> None:
                f"{rates[small]:,.0f} keys/s ({small:,} keys)",
                f"the same paginator on moonbatch's client (s3_session): {floor_rate:,.0f} keys/s "
                f"({n:,} keys)", f"{rates[small] / floor_rate:.2f}x")
+    us = {k: got_cpu * 1e6 / keys for k, (got_cpu, keys) in
+          {"ours": (cpu[small], small), "bare": (bare["cpu_seconds"], n),
+           "floor": (floor["cpu_seconds"], n)}.items()}
+    result.notes.append(f"CPU per key (less sensitive to load than keys/s): moonbatch's listing + "
+                        f"planning {us['ours']:.1f} us, bare boto3 {us['bare']:.1f} us, the paginator "
+                        f"on moonbatch's client {us['floor']:.1f} us (botocore's parse)")
     small, large = sizes
     ratio = peaks[large] / peaks[small]
     result.add(f"listed-keys planning peak growth, {small:,} -> {large:,} keys",

@@ -58,7 +58,7 @@ def plan(tree: str, out: str) -> dict[str, Any]:
 
 def _plan_items(items: Iterator[Any], out: str) -> dict[str, Any]:
     """Plan ``items`` into shards of the default size, writing each shard's plan file to OUT:
-    ``{"items", "shards", "seconds"}``."""
+    ``{"items", "shards", "seconds", "cpu_seconds"}`` (wall and this process's CPU)."""
     from moonbatch.config import get_settings
     from moonbatch.producer.planner import plan_shards
     from moonbatch.workers import layout
@@ -67,7 +67,7 @@ def _plan_items(items: Iterator[Any], out: str) -> dict[str, Any]:
     from moonbatch.workers.storage import LocalStore
 
     settings, store = get_settings(), LocalStore(out)
-    start, shards, planned = time.perf_counter(), 0, 0
+    start, cpu, shards, planned = time.perf_counter(), time.process_time(), 0, 0
     limits = get_provider(settings.provider).limits(None)  # type: ignore[arg-type]  # no spec needed
     for shard in plan_shards(items, max_lines=settings.shard_size,
                              max_bytes=settings.max_shard_bytes, limits=limits,
@@ -76,7 +76,8 @@ def _plan_items(items: Iterator[Any], out: str) -> dict[str, Any]:
                   b"".join(item.to_json() + b"\n" for item in shard.items))
         shards += 1
         planned += len(shard.items)
-    return {"items": planned, "shards": shards, "seconds": time.perf_counter() - start}
+    return {"items": planned, "shards": shards, "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu}
 
 
 def plan_stream(n: str, out: str) -> dict[str, Any]:
@@ -120,14 +121,15 @@ def list_boto3(n: str, url: str, client: str = "plain") -> dict[str, Any]:
 
     session = boto3.session.Session() if client == "plain" else s3_session()
     s3 = session.client("s3", endpoint_url=url, region_name="us-east-1")
-    start, keys, total = time.perf_counter(), 0, 0
+    start, cpu, keys, total = time.perf_counter(), time.process_time(), 0, 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=ROOT):
         for obj in page.get("Contents", ()):
             keys += 1
             total += obj["Size"]
     if keys != int(n):
         raise RuntimeError(f"listed {keys} keys, expected {n}")
-    return {"items": keys, "bytes": total, "seconds": time.perf_counter() - start}
+    return {"items": keys, "bytes": total, "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu}
 
 
 def plan_manifest(manifest: str, tree: str, out: str) -> dict[str, Any]:
