@@ -40,7 +40,8 @@ XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 
 
 def key(i: int) -> str:
-    """The ``i``-th key (0-based) in listing order: ``data/d<dir:05>/IMG_<i:08>.jpg``."""
+    """The ``i``-th key (0-based) in listing order: ``data/d<dir:05>/IMG_<i:08>.jpg`` (the
+    order holds for ``i`` below 100,000,000)."""
     return f"{ROOT}d{i // PER_DIR:05d}/IMG_{i:08d}.jpg"
 
 
@@ -142,7 +143,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(n: int, port: int = 0) -> None:
-    """Serve ``n`` keys on 127.0.0.1:``port`` (0: any free port) until killed; print the URL."""
+    """Serve ``n`` (at most 100,000,000) keys on 127.0.0.1:``port`` (0: any free port) until
+    killed; print the URL."""
+    if not 0 <= n <= 100_000_000:
+        raise ValueError(f"{n} keys: the generated keys sort by index up to 100,000,000")
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     server.n = n  # type: ignore[attr-defined]
