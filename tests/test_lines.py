@@ -115,6 +115,25 @@ def test_classify_key(key, kind):
     assert classify_key(key) == kind
 
 
+def test_classify_key_reads_the_extension_as_splitext_does():
+    """classify_key's shortcut for ``name.ext`` gives splitext's extension on awkward keys."""
+    import itertools
+    import posixpath
+
+    def reference(key):
+        ext = posixpath.splitext(key)[1].lower()
+        if ext in lines.IMAGE_EXTENSIONS:
+            return "image"
+        if ext in lines.NON_IMAGE_EXTENSIONS or posixpath.basename(key).startswith("."):
+            return "skip"
+        return "sniff"
+
+    parts = ["", ".", "..", "a", "a.", ".jpg", "a.jpg", "a..jpg", "/", "d.jpg/", "x.JSON", "..png"]
+    keys = ["".join(p) for n in (1, 2, 3) for p in itertools.product(parts, repeat=n)]
+    assert {k: classify_key(k) for k in keys} == {k: reference(k) for k in keys}
+    assert {classify_key(k) for k in keys} == {"image", "skip", "sniff"}
+
+
 # --------------------------------------------------------------------------------------------
 # prepare_image: pass-through
 

@@ -313,9 +313,10 @@ class S3Store:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix,
                                        PaginationConfig={"PageSize": self.page_size}):
             for obj in page.get("Contents", ()):
-                if obj["Key"].endswith("/") and obj["Size"] == 0:
+                key, size = obj["Key"], obj["Size"]
+                if size == 0 and key.endswith("/"):
                     continue  # a "folder" placeholder, not an object
-                yield ObjectInfo(obj["Key"][n:], obj["Size"])
+                yield ObjectInfo(key[n:], size)
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
