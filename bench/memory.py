@@ -22,11 +22,11 @@ Measures, in child processes (``bench.probe``), the peak resident set size (VmHW
   *and* planning at least 0.9x its keys/s), and the same paginator on moonbatch's client
   (botocore's share: what is left is moonbatch's). The server's CPU seconds are noted (a few %
   of the wall: it is not what is measured). Why not 10,000,000 by default: the client side is
-  botocore's XML parse, ~25-45 us a key on this machine (~100 with botocore's default dateutil
-  timestamps, which moonbatch's client skips), so 10,000,000 keys take minutes (~7 quiet, 20
-  under load) and its boto3 baseline three times that: too long for a ~20-minute bench, and
-  neither the peak (one page and one shard at a time) nor the rate per key depends on the
-  count. ``MOONBATCH_BENCH_LIST_KEYS=10000000 python -m bench memory`` measures 1,000,000 and
+  botocore's XML parse, ~40 us of CPU a key on this machine (~120 with botocore's default
+  dateutil timestamps, which moonbatch's client skips), so 10,000,000 keys take many minutes
+  (30 under a load of 10 here) and a boto3 baseline three times that: too long for a
+  ~20-minute bench, and neither the peak (one page and one shard at a time) nor the rate per
+  key depends on the count. ``MOONBATCH_BENCH_LIST_KEYS=10000000 python -m bench memory`` measures 1,000,000 and
   10,000,000 (the baselines stay at 100,000);
 - a worker: ``build_and_submit`` of a shard of tiny PNGs (8x8, local files) to the emulator with
   the worker settings (fetch concurrency, ...; 8 MiB parts so that the JSONL of the larger shard,
