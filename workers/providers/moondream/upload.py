@@ -21,7 +21,7 @@ from pybase64 import b64encode
 
 from moonbatch.workers import layout, metrics
 from moonbatch.workers.lines import ItemError, prepare_image, skill_line_id
-from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions
+from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, Sizes, SkillOptions
 from moonbatch.workers.pool import ordered_map
 from moonbatch.workers.providers.moondream.answers import Part
 from moonbatch.workers.providers.moondream.client import BatchClient
@@ -129,7 +129,8 @@ class PartWriter:
 def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
                options: SkillOptions, *, concurrency: int, errors: dict[str, dict[str, str]],
                max_pixels: int = 0, indices: Sequence[int] | None = None, id_prefix: str = "",
-               sizes: dict[str, list[int]] | None = None, more: Sequence[SkillOptions] = (),
+               sizes: Sizes | dict[str, list[int]] | None = None,
+               more: Sequence[SkillOptions] = (),
                image_sizes: dict[str, list[list[int] | None]] | None = None
                ) -> Iterator[tuple[int, bytes, bool, int]]:
     """Yield ``(item_index, line, transformed, skill)`` for every sendable item of
@@ -338,7 +339,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         fetch = ItemFetcher(input_store).get  # type: ignore[arg-type]
     writer = PartWriter(part_size, send, concurrency=upload_concurrency)
     errors: dict[str, dict[str, str]] = {}
-    sizes: dict[str, list[int]] = {}
+    sizes = Sizes()  # 16 bytes per item
     image_sizes: dict[str, list[list[int] | None]] = {}
     lines: list[int] = []
     line_skills: list[int] = []
