@@ -30,8 +30,10 @@ Measures, in child processes (``bench.probe``), the peak resident set size (VmHW
   10,000,000 (the baselines stay at 100,000);
 - a worker: ``build_and_submit`` of a shard of tiny PNGs (8x8, local files) to the emulator with
   the worker settings (fetch concurrency, ...; 8 MiB parts so that the JSONL of the larger shard,
-  ~43 MB, spans several parts), then waiting for the batch, downloading
-  its outputs with ``BatchClient`` and ``merge_rows``; for shards of 20,000 and of 100,000 lines,
+  ~43 MB, spans several parts), then waiting for the batch and what the merge task calls:
+  downloading and verifying its outputs (``fetch_results``), ``merge_round``, storing the round's
+  rows, composing and writing the JSONL results (``write_rounds``); for shards of 20,000 and of
+  100,000 lines,
   so that growth with the shard shows (target: the 100,000-line shard's peak within 1.25x the
   20,000-line one's, i.e. bounded rather than growing with the shard).
 
@@ -287,7 +289,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
             result.add(f"worker, {n:,}-line shard: build_and_submit, peak RSS",
                        f"{got['build_peak_mb']:.0f} MB (JSONL {mb:.0f} MB, {got['build_seconds']:.1f} s)",
                        f"imports only: {base:.0f} MB", f"{got['build_peak_mb'] / base:.2f}x")
-            result.add(f"worker, {n:,}-line shard: + wait, download, merge_rows, peak RSS",
+            result.add(f"worker, {n:,}-line shard: + wait, download, merge, write, peak RSS",
                        f"{got['peak_mb']:.0f} MB (merge {got['merge_seconds']:.1f} s)",
                        f"imports only: {base:.0f} MB", f"{got['peak_mb'] / base:.2f}x")
             result.notes.append(f"{n:,}-line shard ({got['part_size'] / 2**20:.0f} MiB parts): the "

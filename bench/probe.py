@@ -35,6 +35,8 @@ MANIFEST_MODULES = (*PLAN_MODULES, "moonbatch.workers.readers.manifest", "moonba
 WORKER_MODULES = ("moonbatch.config", "moonbatch.workers.providers.moondream.upload",
                   "moonbatch.workers.lines", "moonbatch.workers.merge", "moonbatch.workers.models",
                   "moonbatch.workers.providers.moondream.client", "moonbatch.workers.storage",
+                  "moonbatch.workers.providers.moondream.download", "moonbatch.workers.rowspool",
+                  "moonbatch.workers.writers", "moonbatch.workers.writers.jsonl",
                   "PIL.Image", "PIL.PngImagePlugin")
 
 
@@ -167,15 +169,22 @@ def plan_manifest(manifest: str, tree: str, out: str) -> dict[str, Any]:
 
 def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     """What a worker does for one shard of the first N objects of TREE: ``build_and_submit`` with
-    the worker settings, wait for the batch, download its outputs, ``merge_rows``, write the rows."""
+    the worker settings, wait for the batch, then the functions ``merge_round`` (the task) calls:
+    read the round's ``build.json``, download and verify its outputs (``fetch_results``, as
+    the provider's ``collect_round``), ``merge_round``, store the round's rows
+    (``put_round_rows``), then ``_finish_shard``'s ``write_rounds`` (compose the final rows
+    from the stored round, write the JSONL results)."""
     from moonbatch.config import get_settings
-    from moonbatch.workers.merge import merge_rows
-    from moonbatch.workers.models import PlanItem, SkillOptions
+    from moonbatch.workers import layout, writers
+    from moonbatch.workers.merge import merge_round
+    from moonbatch.workers.models import PlanItem, ShardBuild, SkillOptions
     from moonbatch.workers.providers.moondream import iter_result_lines
     from moonbatch.workers.providers.moondream.client import BatchClient
+    from moonbatch.workers.providers.moondream.download import fetch_results
     from moonbatch.workers.providers.moondream.settings import MoondreamSettings
     from moonbatch.workers.providers.moondream.upload import build_and_submit
-    from moonbatch.workers.storage import LocalStore
+    from moonbatch.workers.rowspool import iter_stored_lines, put_round_rows
+    from moonbatch.workers.storage import LocalStore, get_json
 
     settings, store, out = get_settings(), LocalStore(tree), LocalStore(state)
     batch_api = settings.section(MoondreamSettings)
@@ -199,11 +208,21 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
         time.sleep(0.2)
     report["emulator_seconds"] = longest  # the status call that made the emulator process it
     start = time.perf_counter()
-    files = [client.download(o) for o in sorted(status.outputs, key=lambda o: o.index)]
-    data, stats = merge_rows(items, build, iter_result_lines(files),
-                             lambda item: store.url_for(item.id))
-    out.put("results.jsonl", data)
-    report.update(merge_seconds=time.perf_counter() - start, ok=stats.ok, result_bytes=len(data))
+    del build  # the merge task reads the round's build.json, as here
+    build = ShardBuild.model_validate(get_json(out, layout.round_doc(0, 0, "build")))
+    files, _ = fetch_results(client, status)
+    rows, stats, _ = merge_round(items, build, iter_result_lines(files),
+                                 lambda item: store.url_for(item.id))
+    with rows:
+        files.close()
+        put_round_rows(out, layout.round_doc(0, 0, "rows"), rows, if_absent=True)
+    del files, rows
+    ok, _, _ = writers.write_rounds(out, "jsonl", 0, len(items),
+                                    [iter_stored_lines(out, layout.round_doc(0, 0, "rows"))])
+    if ok != stats.ok:
+        raise RuntimeError(f"{ok} ok rows written, {stats.ok} merged")
+    report.update(merge_seconds=time.perf_counter() - start, ok=ok,
+                  result_bytes=os.path.getsize(out.url_for(writers.results_key(0))))
     return report
 
 

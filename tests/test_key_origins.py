@@ -389,7 +389,7 @@ def test_batch_api_key_never_follows_a_redirect_and_downloads_carry_none():
 
         # A result URL that redirects to another host: followed, with no key anywhere.
         files, _ = fetch_results(client, client.get_batch("b1"))
-        assert files == [rows]
+        assert list(files) == [rows]
         assert [p for _, p, _ in store.log] == ["/results/0.jsonl"]
         assert not store.carrying(key) and not hop.carrying(key)
         assert api.carrying(key)  # the API itself got it

@@ -122,3 +122,24 @@ def test_plan_item_and_shard_build_round_trip():
     build = ShardBuild(lines=[0, 2], errors={"1": {"code": "not_an_image", "message": "x"}})
     again = ShardBuild.model_validate_json(build.model_dump_json())
     assert again.lines == [0, 2] and again.errors == build.errors and again.bytes == 0
+
+
+def test_shard_build_sizes_are_compact_and_round_trip_as_a_dict():
+    from moonbatch.workers.models import Sizes
+
+    sizes = {"0": [640, 480], "7": [4000, 3000, 1000, 750], "3": [1, 2]}
+    build = ShardBuild(lines=[0, 3, 7], sizes=sizes)
+    assert isinstance(build.sizes, Sizes) and len(build.sizes) == 3
+    assert build.sizes.get("7") == [4000, 3000, 1000, 750] and build.sizes.get("1") is None
+    assert build.sizes.get("x") is None and "3" in build.sizes and "4" not in build.sizes
+    assert list(build.sizes) == ["0", "3", "7"] and build.sizes == sizes
+    assert build.model_dump()["sizes"] == sizes
+    for data in (build.model_dump_json().encode(), build.json_bytes()):
+        assert json.loads(data) == json.loads(build.model_dump_json())
+        again = ShardBuild.model_validate_json(data)
+        assert again.sizes == sizes and again.lines == [0, 3, 7]
+    assert not ShardBuild(lines=[]).sizes and ShardBuild(lines=[]).json_bytes().endswith(
+        b'"sizes":{}}')
+    for bad in ({"0": [1, 2, 3]}, {"0": [-1, 2]}, {"0": [1.5, 2]}, {"-1": [1, 2]}, [[1, 2]]):
+        with pytest.raises(ValueError):
+            ShardBuild(lines=[], sizes=bad)

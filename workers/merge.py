@@ -1,4 +1,5 @@
-"""Merge: a round's result lines → one output row per shard item. Pure: no I/O; no provider.
+"""Merge: a round's result lines → one output row per shard item. No provider; no store I/O
+(rows go to a ``RowSpool``, a local temporary file, so that memory does not grow with a shard).
 
 Result lines (``moonbatch.workers.providers``: the Batch API's output line shape, whatever the provider)
 come in any order, so they are keyed on ``line_index`` (seed 002, "Output format"), and the
@@ -13,13 +14,14 @@ import contextlib
 import dataclasses
 import gc
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import orjson
 
 from moonbatch.workers import cache
 from moonbatch.workers.models import PlanItem, ShardBuild, id_text
+from moonbatch.workers.rowspool import RowSpool, ShardRows
 
 
 @dataclasses.dataclass
@@ -55,8 +57,9 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
                 source_of: Callable[[PlanItem], str], *, batch_error: dict[str, str] | None = None,
                 todo: Sequence[int] | None = None,
                 retryable_codes: frozenset[str] = frozenset(), skills: Sequence[str] = ()
-                ) -> tuple[dict[int, bytes], MergeStats, list[int]]:
-    """Merge one round of a shard: ``({item index: row bytes}, stats, retryable)``.
+                ) -> tuple[RowSpool, MergeStats, list[int]]:
+    """Merge one round of a shard: ``(rows, stats, retryable)``, ``rows`` a ``RowSpool`` (a
+    mapping item index → row bytes, kept in a temporary file: the caller closes it).
 
     ``result_lines`` are parsed result lines (anything else, e.g. None for a line that was not
     JSON, counts as malformed). ``todo`` are the item indices this round was for (default:
@@ -69,33 +72,42 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     line's ``dims`` or the build's ``sizes`` (None where the image could not be read);
     ``batch_error`` (``{"code", "message"}``) marks every sent line of a failed
     batch. A multi-image item's row adds ``images`` (``_with_images``). Each result line
-    is turned into its row at once; only row bytes are kept. Of two rows for one
+    is turned into its row at once and written to the spool. Of two rows for one
     ``line_index`` the first wins.
 
     A multi-skill round (``build.skills`` set; ``skills``: the run's skill names) has a line
     per item and skill; see ``_merge_multi`` for its rows.
     """
-    if build.skills:
-        return _merge_multi(items, build, result_lines, source_of, skills,
-                            batch_error=batch_error, todo=todo, retryable_codes=retryable_codes)
-    slots, stats, retryable = _merge_single(items, build, result_lines, source_of,
+    rows = RowSpool(len(items))
+    try:
+        if build.skills:
+            stats, retryable = _merge_multi(items, build, result_lines, source_of, skills, rows,
                                             batch_error=batch_error, todo=todo,
                                             retryable_codes=retryable_codes)
-    if todo is None:
-        return dict(enumerate(slots)), stats, retryable  # type: ignore[arg-type]
-    return {i: slots[i] for i in todo}, stats, retryable  # type: ignore[misc]
+        else:
+            stats, retryable = _merge_single(items, build, result_lines, source_of, rows,
+                                             batch_error=batch_error, todo=todo,
+                                             retryable_codes=retryable_codes)
+            if todo is not None and len(rows) > len(todo):  # lines of items not in the round
+                rows.keep_only(todo)
+    except BaseException:
+        rows.close()
+        raise
+    return rows, stats, retryable
 
 
 def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
-                  source_of: Callable[[PlanItem], str], *, batch_error: dict[str, str] | None,
-                  todo: Sequence[int] | None, retryable_codes: frozenset[str]
-                  ) -> tuple[list[bytes | None], MergeStats, list[int]]:
-    """``merge_round`` for a single-skill round, rows as a list by item index (None for the
-    items not in ``todo``)."""
+                  source_of: Callable[[PlanItem], str], rows: RowSpool, *,
+                  batch_error: dict[str, str] | None, todo: Sequence[int] | None,
+                  retryable_codes: frozenset[str]) -> tuple[MergeStats, list[int]]:
+    """``merge_round`` for a single-skill round: writes the rows into ``rows`` (every item of
+    ``todo``)."""
     stats = MergeStats()
     lines = build.lines
     n_lines = len(lines)
-    slots: list[bytes | None] = [None] * len(items)
+    # True where the item has its row (in ``rows``): the duplicate check stays a list lookup.
+    slots: list[bool | None] = [None] * len(items)
+    keep = rows.add
     retryable: list[int] = []
     dumps = orjson.dumps
     ok = in_tok = out_tok = error = duplicate = malformed = mismatch = 0
@@ -144,10 +156,9 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
             _with_size(row, dims)
             if multi:
                 _with_images(row, item, i, build, source_of)
-            # b"%b" %: an exact-size copy (the cheapest measured: half bytes(memoryview())'s
-            # cost); orjson's own result keeps a 4 KB allocation per row (412 MB vs 30 MB
-            # for 100k rows).
-            slots[i] = b"%b" % dumps(row)
+            # Written out at once: no row is held, so no exact-size copy either (orjson's
+            # result keeps a 4 KB allocation per row: 412 MB if 100k of them were held).
+            slots[i] = keep(i, dumps(row))
         stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
         stats.error, stats.duplicate, stats.malformed, stats.id_mismatch = (
             error, duplicate, malformed, mismatch)
@@ -173,18 +184,19 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                 error = {"code": "missing_result",
                          "message": f"the batch returned no result for line_index {line_of[i]}"}
             stats.error += 1
-            slots[i] = b"%b" % dumps(_with_images(_with_size(
+            slots[i] = keep(i, dumps(_with_images(_with_size(
                 {"id": item_id, "source": source_of(items[i]), "status": "error",
-                 "error": error}, sizes.get(str(i))), items[i], i, build, source_of))
-    return slots, stats, retryable
+                 "error": error}, sizes.get(str(i))), items[i], i, build, source_of)))
+    return stats, retryable
 
 
 def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
-                 source_of: Callable[[PlanItem], str], skills: Sequence[str], *,
-                 batch_error: dict[str, str] | None, todo: Sequence[int] | None,
-                 retryable_codes: frozenset[str]
-                 ) -> tuple[dict[int, bytes], MergeStats, list[int]]:
-    """``merge_round`` for a multi-skill round: one row per item with ``result`` =
+                 source_of: Callable[[PlanItem], str], skills: Sequence[str],
+                 rows: MutableMapping[int, bytes], *, batch_error: dict[str, str] | None,
+                 todo: Sequence[int] | None, retryable_codes: frozenset[str]
+                 ) -> tuple[MergeStats, list[int]]:
+    """``merge_round`` for a multi-skill round, its rows written into ``rows``: one row per
+    item with ``result`` =
     ``{<skill>: <that skill's result, or None if it failed>}`` and ``usage`` summed over its
     lines. The row is ``ok`` when every skill is; otherwise ``error`` holds the first failed
     skill's ``{"code", "message", "skill"}`` (the other skills' results stay in ``result``),
@@ -222,7 +234,6 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
             err = res.get("error") or {}
             slot[s] = (False, {"code": str(err.get("code") or "unknown_error"),
                                "message": str(err.get("message") or "")})
-    rows: dict[int, bytes] = {}
     retryable: list[int] = []
     sent = set(lines)
     for i in range(len(items)) if todo is None else todo:
@@ -271,10 +282,10 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
             stats.error += 1
             row.update(status="error", error=first_error, result=results, usage=usage)
         rows[i] = orjson.dumps(_with_images(_with_size(row, dims), item, i, build, source_of))
-    return rows, stats, retryable
+    return stats, retryable
 
 
-def fill_cached(items: Sequence[PlanItem], rows: dict[int, bytes],
+def fill_cached(items: Sequence[PlanItem], rows: MutableMapping[int, bytes],
                 doc: Mapping[str, Any] | None, source_of: Callable[[PlanItem], str], *,
                 rnd: int, originals: Mapping[str, bytes] | None = None) -> int:
     """Add to a round's ``rows`` (item index → row bytes, from ``merge.merge_round``) the rows
@@ -343,14 +354,9 @@ def merge_rows(items: Sequence[PlanItem], build: ShardBuild, result_lines: Itera
                batch_error: dict[str, str] | None = None) -> tuple[bytes, MergeStats]:
     """Merge a single-round shard into its results JSONL (rows in plan order) and its stats;
     see ``merge_round``."""
-    if build.skills:  # a multi-skill shard's rows: one per item, in item order
-        rows, stats, _ = merge_round(items, build, result_lines, source_of,
-                                     batch_error=batch_error)
+    rows, stats, _ = merge_round(items, build, result_lines, source_of, batch_error=batch_error)
+    with rows:
         return join_rows(list(rows.values())), stats
-    slots, stats, _ = _merge_single(items, build, result_lines, source_of,
-                                    batch_error=batch_error, todo=None,
-                                    retryable_codes=frozenset())
-    return join_rows(slots), stats  # type: ignore[arg-type]  # every item has its row
 
 
 def join_rows(rows: Sequence[bytes]) -> bytes:
@@ -380,28 +386,41 @@ def error_codes(rows: Iterable[bytes]) -> dict[str, int]:
     return dict(sorted(codes.items()))
 
 
-def encode_round(rows: dict[int, bytes]) -> bytes:
-    """A round's rows as stored between rounds: ``<item index>\t<row>`` per line."""
+def encode_round(rows: Mapping[int, bytes]) -> bytes:
+    """A round's rows as stored between rounds: ``<item index>\t<row>`` per line, in item
+    order (``rowspool.put_round_rows`` stores a spool's without joining them in memory)."""
     return b"".join(b"%d\t%s\n" % (i, row) for i, row in sorted(rows.items()))
 
 
-def compose(n_items: int, rounds: Sequence[bytes]) -> tuple[list[bytes], int]:
-    """Final rows of a shard from its rounds' stored rows (``encode_round``), later rounds
-    overriding earlier ones: ``(rows in plan order, number of ok rows)``.
+def compose(n_items: int, rounds: Iterable[Iterable[bytes]]) -> tuple[ShardRows, int]:
+    """Final rows of a shard from its rounds' stored rows (each round: the lines of its
+    ``encode_round`` bytes, e.g. ``rowspool.iter_stored_lines``), later rounds overriding
+    earlier ones: ``(rows in plan order, number of ok rows)``; the rows are a ``ShardRows``
+    (a temporary JSONL file: the caller closes it).
 
     Raises ``ValueError`` naming the first item without a row (a bug: every round writes a row
     for each of its items).
     """
-    final: list[bytes | None] = [None] * n_items
-    for data in rounds:
-        for line in data.splitlines():
-            if line:
-                i, _, row = line.partition(b"\t")
-                final[int(i)] = row
-    missing = [i for i, row in enumerate(final) if row is None]
-    if missing:
-        raise ValueError(f"item {missing[0]} of the shard has no row ({len(missing)} missing)")
-    # Rows are serialised id, source, status, result/error in that order and quotes inside
-    # strings are escaped, so this marks exactly the ok rows.
-    ok = sum(1 for row in final if b'"status":"ok","result":' in row)
-    return final, ok  # type: ignore[return-value]
+    with RowSpool(n_items) as final:
+        for lines in rounds:
+            for line in lines:
+                if line:
+                    i, _, row = line.partition(b"\t")
+                    final[int(i)] = row
+        if len(final) < n_items:
+            missing = [i for i in range(n_items) if i not in final]
+            raise ValueError(f"item {missing[0]} of the shard has no row ({len(missing)} "
+                             "missing)")
+        out = ShardRows()
+        ok = 0
+        try:
+            for row in final.values():  # item order: every item has its row
+                # Rows are serialised id, source, status, result/error in that order and
+                # quotes inside strings are escaped, so this marks exactly the ok rows.
+                if b'"status":"ok","result":' in row:
+                    ok += 1
+                out.append(row)
+        except BaseException:
+            out.close()
+            raise
+    return out, ok

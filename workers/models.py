@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, model_validator
+from pydantic_core import core_schema
 
 Skill = Literal["caption", "query", "detect", "point", "segment"]
 
@@ -356,6 +359,110 @@ class PlanItem:
                    tuple(more) if more else None)
 
 
+class Sizes(Mapping[str, list[int]]):
+    """``ShardBuild.sizes`` in 16 bytes per item (four int32: width, height, sent width, sent
+    height; -1 where absent) instead of a dict of lists (~190 bytes per item): item index (a
+    string, as in JSON) → ``[width, height]``, or ``[width, height, sent width, sent height]``
+    for an image downscaled before sending. ``get`` returns a new list each time; its JSON
+    (and ``model_dump``) is the dict it stands for. Raises ``ValueError`` for dims that are not
+    two or four integers in 0..2**31-1."""
+
+    __slots__ = ("_a", "_n")
+
+    def __init__(self, data: Mapping[str, Sequence[int]] | None = None) -> None:
+        self._a = array("i")
+        self._n = 0
+        for key, dims in (data or {}).items():
+            self[key] = dims
+
+    def __setitem__(self, key: str | int, dims: Sequence[int]) -> None:
+        i = int(key)
+        if i < 0 or len(dims) not in (2, 4) or any(
+                d.__class__ is not int or not 0 <= d < 2**31 for d in dims):
+            raise ValueError(f"sizes[{key!r}]: {dims!r} is not 2 or 4 sizes in pixels")
+        a = self._a
+        if len(a) < 4 * i + 4:
+            a.extend(array("i", [-1]) * (4 * i + 4 - len(a)))
+        if a[4 * i] < 0:
+            self._n += 1
+        a[4 * i:4 * i + 4] = array("i", dims if len(dims) == 4 else (*dims, -1, -1))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        try:
+            k = 4 * int(key)
+            if k < 0:
+                return default
+            a = self._a
+            w = a[k]
+        except (ValueError, TypeError, IndexError):
+            return default
+        if w < 0:
+            return default
+        sw = a[k + 2]
+        return [w, a[k + 1]] if sw < 0 else [w, a[k + 1], sw, a[k + 3]]
+
+    def __getitem__(self, key: str) -> list[int]:
+        dims = self.get(key)
+        if dims is None:
+            raise KeyError(key)
+        return dims  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        a = self._a
+        return (str(k // 4) for k in range(0, len(a), 4) if a[k] >= 0)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Sizes({len(self)} items)"
+
+    def to_dict(self) -> dict[str, list[int]]:
+        """The dict it stands for (item index → dims)."""
+        return dict(self.items())
+
+    def json_bytes(self) -> bytes:
+        """``to_dict()``'s compact JSON, made without the dict (a few thousand items at a
+        time)."""
+        a, out, batch = self._a, [b"{"], []
+        for k in range(0, len(a), 4):
+            w = a[k]
+            if w < 0:
+                continue
+            sw = a[k + 2]
+            batch.append(b'"%d":[%d,%d]' % (k // 4, w, a[k + 1]) if sw < 0 else
+                         b'"%d":[%d,%d,%d,%d]' % (k // 4, w, a[k + 1], sw, a[k + 3]))
+            if len(batch) == 4096:
+                out.append(b",".join(batch))
+                batch = []
+        if batch:
+            out.append(b",".join(batch))
+        return out[0] + b",".join(out[1:]) + b"}"
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler
+                                     ) -> core_schema.CoreSchema:
+        def validate(value: Any) -> Sizes:
+            if isinstance(value, Sizes):
+                return value
+            if not isinstance(value, Mapping):
+                raise ValueError("sizes must be an object of item index → sizes")
+            return cls(value)
+
+        return core_schema.no_info_plain_validator_function(
+            validate, serialization=core_schema.plain_serializer_function_ser_schema(
+                lambda v: v.to_dict(), return_schema=core_schema.dict_schema(
+                    core_schema.str_schema(), core_schema.list_schema(core_schema.int_schema()))))
+
+
 class ShardBuild(BaseModel):
     """The result of building a shard's JSONL: which items became which line, and which could not
     be sent. ``lines[line_index]`` is the index of the item (in the shard's plan) on that line;
@@ -372,8 +479,9 @@ class ShardBuild(BaseModel):
     transformed: int = 0  # images re-encoded (converted or downscaled) before sending
     build_seconds: float = 0.0
     # item index (as a string) → [width, height] of the source image in pixels, and
-    # [width, height, sent width, sent height] when it was downscaled before sending.
-    sizes: dict[str, list[int]] = Field(default_factory=dict)
+    # [width, height, sent width, sent height] when it was downscaled before sending
+    # (``Sizes``: 16 bytes per item; JSON: that dict).
+    sizes: Sizes = Field(default_factory=Sizes)
     # Multi-image items: item index (as a string) → every image's ``dims`` in order (as in
     # ``sizes``; None for an image that was not read: the item's error names it).
     image_sizes: dict[str, list[list[int] | None]] = Field(default_factory=dict)
@@ -383,6 +491,12 @@ class ShardBuild(BaseModel):
     # The execution that built and submitted these lines: the round's ``batch.json`` names the
     # same one (a provider's ``submit_round`` writes both).
     attempt: str = ""
+
+    def json_bytes(self) -> bytes:
+        """``model_dump_json()``'s document as UTF-8 (``sizes`` last), without the copy of
+        ``sizes`` as a dict that ``model_dump_json`` makes."""
+        head = self.model_dump_json(exclude={"sizes"}).encode()
+        return head[:-1] + b',"sizes":' + self.sizes.json_bytes() + b"}"
 
     def line_ids(self, items: list[PlanItem] | Any, skills: list[str]) -> set[str]:
         """The ids the round's lines were sent under (``skills``: the run's skill names)."""

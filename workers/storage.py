@@ -12,12 +12,13 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import urlparse
 
 
@@ -59,9 +60,11 @@ class Store(Protocol):
         """Return up to ``length`` bytes from offset ``start``; raise ``NotFound`` if missing."""
         ...
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False,
+    def put(self, key: str, data: bytes | IO[bytes], *, if_absent: bool = False,
             content_type: str | None = None) -> bool:
-        """Write the object. With ``if_absent``, write only if no object exists at ``key`` and
+        """Write the object: ``data``'s bytes, or a binary file's from its position to its end
+        (a seekable file: read in chunks, rewound to that position where a retry needs it;
+        never held whole). With ``if_absent``, write only if no object exists at ``key`` and
         return False (writing nothing) when one does; otherwise always write and return True.
         ``content_type``: the object's media type where the store keeps one (S3's
         ``Content-Type``, what a browser opening a presigned URL goes by; None: the store's
@@ -190,14 +193,17 @@ class LocalStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"{self.url_for(key)}: no such object") from None
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False,
+    def put(self, key: str, data: bytes | IO[bytes], *, if_absent: bool = False,
             content_type: str | None = None) -> bool:
         path = self._path(key)  # a file has no media type: ``content_type`` is not kept
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    f.write(data)
+                else:
+                    shutil.copyfileobj(data, f, 2**20)
             if if_absent:
                 try:
                     os.link(tmp, path)  # atomic, and fails if the target exists
@@ -365,7 +371,7 @@ class S3Store:
                 return b""
             raise self._error(key, exc) from None
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False,
+    def put(self, key: str, data: bytes | IO[bytes], *, if_absent: bool = False,
             content_type: str | None = None) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Task
@@ -39,7 +39,7 @@ from moonbatch.workers.enqueue import (
     enqueue,
 )
 from moonbatch.workers.lease import Lease, LeaseLost, execution_owner, task_of
-from moonbatch.workers.merge import compose, encode_round, error_codes, fill_cached, merge_round
+from moonbatch.workers.merge import fill_cached, merge_round
 from moonbatch.workers.models import BatchRecord, ShardBuild, ShardDone
 from moonbatch.workers.providers import (
     Later,
@@ -50,6 +50,7 @@ from moonbatch.workers.providers import (
     provider_for,
 )
 from moonbatch.workers.reconcile import reconcile_active_runs, run_final
+from moonbatch.workers.rowspool import iter_stored_lines, put_round_rows
 from moonbatch.workers.runstate import Run, maybe_finalize, open_output, open_run, record_failure
 from moonbatch.workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
 
@@ -428,29 +429,31 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             batch_error=collected.batch_error if collected else None, todo=todo,
             retryable_codes=provider.retryable_codes,
             skills=[o.skill for o in run.spec.all_options])
-        rejected = provider.reject_merge(ctx, record, stats)
-        if rejected is not None:  # e.g. foreign results: send the round again
-            stops.release(ctx)
-            _next_round(store, output, run_id, shard, rnd,
-                        todo if todo is not None else list(range(len(items))), rejected, base)
-            return
-        stops.after_merge(ctx, provider, rows, build)  # spend settled; maybe a stop
-        progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress")) or {}
-        merged = {"batch_id": record.batch_id if record else None,
-                  "batch_status": progress.get("status") if record else None, "polls": polls,
-                  "ok": stats.ok, "error": stats.error, "input_tokens": stats.input_tokens,
-                  "output_tokens": stats.output_tokens, "duplicate": stats.duplicate,
-                  "missing": stats.missing, "malformed": stats.malformed,
-                  "id_mismatch": stats.id_mismatch, "retryable": retryable,
-                  **(collected.stats if collected else {})}
-        if cache_doc is not None:
-            sent_rows = dict(rows)
-            merged["cached"] = fill_cached(items, rows, cache_doc, run.fetcher.source, rnd=rnd,
-                                           originals=originals)
-        put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
-        store.put(layout.round_doc(shard, rnd, "rows"), encode_round(rows), if_absent=True)
-        if cache_doc is not None:  # after the merge is stored: only merged ok rows are cached
-            _write_cache(run, cache_doc, sent_rows, shard, rnd)
+        with rows:  # a temporary file: the round's rows are not held in memory
+            rejected = provider.reject_merge(ctx, record, stats)
+            if rejected is not None:  # e.g. foreign results: send the round again
+                stops.release(ctx)
+                _next_round(store, output, run_id, shard, rnd,
+                            todo if todo is not None else list(range(len(items))), rejected,
+                            base)
+                return
+            stops.after_merge(ctx, provider, rows, build)  # spend settled; maybe a stop
+            progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress")) or {}
+            merged = {"batch_id": record.batch_id if record else None,
+                      "batch_status": progress.get("status") if record else None,
+                      "polls": polls, "ok": stats.ok, "error": stats.error,
+                      "input_tokens": stats.input_tokens, "output_tokens": stats.output_tokens,
+                      "duplicate": stats.duplicate, "missing": stats.missing,
+                      "malformed": stats.malformed, "id_mismatch": stats.id_mismatch,
+                      "retryable": retryable, **(collected.stats if collected else {})}
+            if cache_doc is not None:
+                sent_rows = rows.snapshot()  # the merged rows, before the cache's are added
+                merged["cached"] = fill_cached(items, rows, cache_doc, run.fetcher.source,
+                                               rnd=rnd, originals=originals)
+            put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
+            put_round_rows(store, layout.round_doc(shard, rnd, "rows"), rows, if_absent=True)
+            if cache_doc is not None:  # after the merge is stored: only merged ok rows are cached
+                _write_cache(run, cache_doc, sent_rows, shard, rnd)
     step = shard_state.after_merge(merged["retryable"], rnd=rnd, base=base,
                                    max_item_attempts=settings.max_item_attempts)
     if step.action is shard_state.Action.BUILD:
@@ -471,7 +474,7 @@ def _originals(store: Store, doc: dict[str, Any] | None) -> dict[str, bytes] | N
     return out
 
 
-def _write_cache(run: Run, doc: dict[str, Any], rows: dict[int, bytes], shard: int,
+def _write_cache(run: Run, doc: dict[str, Any], rows: Mapping[int, bytes], shard: int,
                  rnd: int) -> None:
     """Write the cache entries of a merged round's ok rows (``cache.write_entries``). A
     failure is logged, not raised: a missing entry only costs a later run a request."""
@@ -496,7 +499,7 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
         # latest round finishes the shard.
         return
     items = run.items(shard)
-    rounds: list[bytes] = []
+    rounds: list[Any] = []  # each round's stored rows, as lines read in chunks
     merged: list[dict[str, Any]] = []
     batches: list[dict[str, Any]] = []  # every batch sent, failed ones included
     duplicates = 0
@@ -507,13 +510,12 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
             batches.append(batch)
         duplicates += provider.duplicate_submissions(_context(run, shard, r))
         try:  # a round whose batch failed and was resubmitted has no rows
-            rounds.append(store.get(layout.round_doc(shard, r, "rows")))
+            rounds.append(iter_stored_lines(store, layout.round_doc(shard, r, "rows")))
         except NotFound:
             continue
         merged.append(get_json(store, layout.round_doc(shard, r, "merged")))
-    final, ok = compose(len(items), rounds)
-    writers.write_shard(store, run.spec.output_format, shard, final,
-                        metadata=writers.run_metadata(run.spec))
+    ok, by_code, cached = writers.write_rounds(store, run.spec.output_format, shard, len(items),
+                                               rounds, metadata=writers.run_metadata(run.spec))
     done = ShardDone(
         shard=shard, batch_id=batches[0]["batch_id"] if batches else None,
         batch_status=merged[-1]["batch_status"] if merged else None, total=len(items), ok=ok,
@@ -523,8 +525,7 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
         missing_rows=sum(m["missing"] for m in merged), duplicate_batches=duplicates,
         malformed_lines=sum(m.get("malformed", 0) for m in merged),
         id_mismatch_lines=sum(m.get("id_mismatch", 0) for m in merged),
-        errors_by_code=error_codes(final),
-        cached=sum(1 for row in final if b'"cached":true' in row),
+        errors_by_code=by_code, cached=cached,
         polls=sum(m["polls"] for m in merged), requests=sum(m.get("requests", 0) for m in merged),
         rounds=last_round + 1, batch_ids=[b["batch_id"] for b in batches if b["batch_id"]],
         submitted_at=batches[0]["submitted_at"] if batches else None, completed_at=time.time(),

@@ -5,8 +5,11 @@ format, and a finished run's exports. One module per format, behind one small in
 - ``parquet``: one table row per item with a stable schema (pandas, polars, ``datasets``).
 
 A writer module defines ``FORMAT``, ``SUFFIX``, ``encode(rows, metadata=None) -> bytes`` (rows:
-the merged row documents as JSON bytes, ``moonbatch.workers.merge``; metadata: ``run_metadata``,
-kept in the file where its format has a place for it) and ``decode(data) -> Iterator[dict]``
+the merged row documents as JSON bytes, ``moonbatch.workers.merge``, a sequence or a
+``ShardRows``: only ``len`` and one pass over them are used; metadata: ``run_metadata``,
+kept in the file where its format has a place for it), optionally ``encode_file(rows,
+metadata=None) -> file`` (the same bytes as a file to upload, from a ``ShardRows``, never
+joined in memory) and ``decode(data) -> Iterator[dict]``
 (the rows back as dicts, for commands that read a run's results: ``retry-failed``,
 ``--skip-existing``). Exports that need the whole run (``--export``: COCO, Label Studio, YOLO
 under ``annotations/``; ``exports``) are written by ``finish_run`` once every shard is
@@ -16,12 +19,13 @@ merged. Importing this package does not import pyarrow.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from moonbatch.workers import layout
+from moonbatch.workers.rowspool import ShardRows
 from moonbatch.workers.storage import NotFound, Store
 
 WRITERS: dict[str, str] = {
@@ -63,13 +67,35 @@ def run_metadata(spec: Any) -> dict[str, str]:
             "moonbatch.options": orjson.dumps(options).decode(), "moonbatch.version": version}
 
 
-def write_shard(store: Store, fmt: str, shard: int, rows: Sequence[bytes],
+def write_shard(store: Store, fmt: str, shard: int, rows: Sequence[bytes] | ShardRows,
                 metadata: Mapping[str, str] | None = None) -> None:
-    """Write the shard's rows (plan order), replacing the file if one is there: the same rows
-    give the same file (a redelivered merge), and a ``retry-failed`` pass writes a shard's
-    results again with its retried rows. ``metadata`` (``run_metadata``) goes into the file
-    where the format has a place for it (Parquet)."""
-    store.put(results_key(shard, fmt), module(fmt).encode(rows, metadata=metadata))
+    """Write the shard's rows (plan order; a sequence of row bytes, or ``merge.compose``'s
+    ``ShardRows``, streamed where the format's writer can), replacing the file if one is there:
+    the same rows give the same file (a redelivered merge), and a ``retry-failed`` pass writes
+    a shard's results again with its retried rows. ``metadata`` (``run_metadata``) goes into
+    the file where the format has a place for it (Parquet)."""
+    writer = module(fmt)
+    if isinstance(rows, ShardRows) and hasattr(writer, "encode_file"):
+        store.put(results_key(shard, fmt), writer.encode_file(rows, metadata=metadata))
+    else:
+        store.put(results_key(shard, fmt), writer.encode(rows, metadata=metadata))
+
+
+def write_rounds(store: Store, fmt: str, shard: int, n_items: int,
+                 rounds: Iterable[Iterable[bytes]], metadata: Mapping[str, str] | None = None
+                 ) -> tuple[int, dict[str, int], int]:
+    """Compose the shard's final rows from its rounds' stored rows (``merge.compose``: each
+    round its lines, e.g. ``rowspool.iter_stored_lines``) and write them (``write_shard``),
+    through a temporary file: ``(ok rows, errors by code (merge.error_codes), cached rows)``.
+    Raises ``ValueError`` if an item has no row (see ``compose``)."""
+    from moonbatch.workers.merge import compose, error_codes
+
+    final, ok = compose(n_items, rounds)
+    with final:
+        write_shard(store, fmt, shard, final, metadata=metadata)
+        by_code = error_codes(final)
+        cached = sum(1 for row in final if b'"cached":true' in row)
+    return ok, by_code, cached
 
 
 def read_shard(store: Store, fmt: str, shard: int) -> Iterator[dict[str, Any]]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import orjson
+
+from moonbatch.workers.rowspool import ShardRows
 
 FORMAT = "jsonl"
 SUFFIX = "jsonl"
@@ -15,6 +17,12 @@ def encode(rows: Sequence[bytes], metadata: Mapping[str, str] | None = None) -> 
     """Rows (JSON bytes) → JSONL bytes (empty for no rows). ``metadata`` is not kept: JSONL
     has no place for it (the run's spec.json and run.json say the same)."""
     return b"\n".join(rows) + b"\n" if rows else b""
+
+
+def encode_file(rows: ShardRows, metadata: Mapping[str, str] | None = None) -> IO[bytes]:
+    """``encode``'s bytes for ``rows`` as a file to upload: ``rows``' own JSONL file, rewound
+    (valid while ``rows`` is open)."""
+    return rows.file()
 
 
 def decode(data: bytes) -> Iterator[dict[str, Any]]:

@@ -4,12 +4,17 @@ Output files sit behind presigned URLs that expire (seed 002, "Download results"
 download can be cut short or arrive garbled. Every file is checked after reading (each line a
 JSON object with an integer ``line_index``); a file that fails is fetched again, and URLs that
 stopped working (403/404/410) are renewed from a fresh status call. Nothing unverified is merged.
+Verified files wait in a local temporary file (``ResultFiles``), so only the file being read is
+in memory, whatever the batch's size.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
 
 import orjson
 
@@ -27,6 +32,57 @@ class DownloadStats:
     fetched: int = 0
     corrupt: int = 0
     refreshes: int = 0
+
+
+class ResultFiles:
+    """A batch's verified result files, in output-index order, in an unnamed temporary file
+    (deleted when closed or collected). Iterating yields each file's bytes in pieces of about
+    ``chunk`` bytes cut after a newline (a small file: in one piece), read back one at a time;
+    ``len()`` is the number of files."""
+
+    def __init__(self, chunk: int = 2**20) -> None:
+        self._file = tempfile.TemporaryFile()
+        self._spans: dict[int, tuple[int, int]] = {}  # output index → (offset, length)
+        self._end = 0
+        self.chunk = chunk
+
+    def add(self, index: int, data: bytes) -> None:
+        """Keep output ``index``'s bytes (replacing any kept before)."""
+        os.pwrite(self._file.fileno(), data, self._end)
+        self._spans[index] = (self._end, len(data))
+        self._end += len(data)
+
+    def clear(self) -> None:
+        """Forget every file (to read them all again)."""
+        self._spans.clear()
+        self._file.truncate(0)
+        self._end = 0
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __iter__(self) -> Iterator[bytes]:
+        fd = self._file.fileno()
+        for index in sorted(self._spans):
+            offset, left = self._spans[index]
+            rest = b""
+            while left > 0:
+                data = os.pread(fd, min(self.chunk, left), offset)
+                if not data:
+                    break
+                offset += len(data)
+                left -= len(data)
+                data = rest + data if rest else data
+                cut = data.rfind(b"\n") + 1 if left > 0 else len(data)
+                rest = data[cut:]
+                if cut:
+                    yield data[:cut]
+            if rest:
+                yield rest
+
+    def close(self) -> None:
+        """Delete the temporary file."""
+        self._file.close()
 
 
 def verify_result_file(data: bytes) -> tuple[int, str | None]:
@@ -47,8 +103,9 @@ def verify_result_file(data: bytes) -> tuple[int, str | None]:
 
 
 def fetch_results(client: BatchClient, status: BatchStatus, *, max_tries: int = 6
-                  ) -> tuple[list[bytes], DownloadStats]:
-    """Download and verify every output file of the completed batch ``status``.
+                  ) -> tuple[ResultFiles, DownloadStats]:
+    """Download and verify every output file of the completed batch ``status``, one at a time
+    (each kept in a temporary file once verified: ``ResultFiles``).
 
     A file cut exactly at a line boundary still parses, so the rows are also counted against
     the batch's ``progress.total`` (``BatchStatus.total``; no check when the answer has none);
@@ -59,7 +116,7 @@ def fetch_results(client: BatchClient, status: BatchStatus, *, max_tries: int = 
     expected = status.total or 0
     stats = DownloadStats()
     pending = {o.index for o in status.outputs}
-    files: dict[int, bytes] = {}
+    files = ResultFiles()
     rows: dict[int, int] = {}  # output index → verified rows
     tries: dict[int, int] = {}
     while pending:
@@ -86,7 +143,9 @@ def fetch_results(client: BatchClient, status: BatchStatus, *, max_tries: int = 
                 stats.corrupt += 1
                 log.warning("batch %s output %d: %s; fetching it again", status.id, index, problem)
                 continue
-            files[index], rows[index] = data, count
+            files.add(index, data)
+            rows[index] = count
+            del data  # the next download is not held beside it
             pending.discard(index)
         if not pending and sum(rows.values()) < expected:
             if max(tries.values(), default=0) >= max_tries:
@@ -94,10 +153,10 @@ def fetch_results(client: BatchClient, status: BatchStatus, *, max_tries: int = 
                             sum(rows.values()), expected)
                 break
             stats.corrupt += 1
-            pending = set(files)
+            pending = set(rows)
             files.clear()
             rows.clear()
         if refresh or pending:
             stats.refreshes += refresh
             status = client.get_batch(status.id)
-    return [files[i] for i in sorted(files)], stats
+    return files, stats

@@ -63,7 +63,7 @@ def write_build(state: Store, doc: Callable[[str], str], build: ShardBuild) -> N
     read while the claim is still its own, so a claimant whose claim was dropped (it stalled
     and another execution took the round over) can never overwrite the new claimant's build.
     Raises ``RoundClaimed`` when the claim is no longer this execution's."""
-    data = dumps(build.model_dump())
+    data = build.json_bytes()  # no copy of its lists and dicts (as dumps() would make)
     for _ in range(8):
         version = version_of(state, doc("build"))
         claim = get_json_or_none(state, doc("submit"))
@@ -83,7 +83,7 @@ def record_unsent(state: Store, doc: Callable[[str], str], build: ShardBuild
     first, then the claim, then the batch (the reverse of a claimant's order: claim, build,
     batch, claim dropped), so no claimant's build is ever overwritten: one written after the
     version was read makes this write fail."""
-    data = dumps(build.model_dump())
+    data = build.json_bytes()  # no copy of its lists and dicts (as dumps() would make)
     for _ in range(8):
         version = version_of(state, doc("build"))
         # The claim before the batch: a claimant records its batch before it drops its claim.

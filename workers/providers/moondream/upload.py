@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import io
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ from pybase64 import b64encode
 
 from moonbatch.workers import layout, metrics
 from moonbatch.workers.lines import ItemError, prepare_image, skill_line_id
-from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, SkillOptions
+from moonbatch.workers.models import BatchRecord, PlanItem, ShardBuild, Sizes, SkillOptions
 from moonbatch.workers.pool import ordered_map
 from moonbatch.workers.providers.moondream.answers import Part
 from moonbatch.workers.providers.moondream.client import BatchClient
@@ -65,7 +66,10 @@ class PartWriter:
             raise ValueError("part_size must be positive")
         self.part_size = part_size
         self._send = send
-        self._chunks: list[bytes | memoryview] = []
+        # The part being filled: each line is copied in at once rather than kept until the
+        # part is full (a part's worth of small line objects, freed together, left their
+        # allocator's arenas pinned by what was allocated meanwhile: RSS grew with the shard).
+        self._buf = io.BytesIO()
         self._size = 0
         self._pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="part")
         self._concurrency = concurrency
@@ -77,28 +81,33 @@ class PartWriter:
     def write(self, data: bytes) -> None:
         """Append ``data``; start sending every part that became full.
 
-        Each part is joined once from the pieces written: a piece that crosses a part boundary
-        is split by reference (``memoryview``), not copied."""
+        Each piece is copied once, into the part's buffer, which becomes the part's bytes
+        without a second copy (``BytesIO.getvalue``); a piece that crosses a part boundary is
+        split by reference (``memoryview``)."""
         self.bytes += len(data)
         piece: bytes | memoryview = data
         while self._size + len(piece) >= self.part_size:
             need = self.part_size - self._size
             if not isinstance(piece, memoryview):
                 piece = memoryview(piece)
-            self._chunks.append(piece[:need])
-            self._submit(b"".join(self._chunks))
-            self._chunks, self._size = [], 0
+            self._buf.write(piece[:need])
+            self._submit(self._take())
             piece = piece[need:]
         if len(piece):
-            self._chunks.append(piece)
+            self._buf.write(piece)
             self._size += len(piece)
+
+    def _take(self) -> bytes:
+        """The part filled so far, as bytes; the next part starts empty."""
+        data = self._buf.getvalue()
+        self._buf, self._size = io.BytesIO(), 0
+        return data
 
     def close(self) -> list[Part]:
         """Send the last, shorter part (if any), wait for all, return the parts in order."""
         try:
             if self._size:
-                self._submit(b"".join(self._chunks))
-                self._chunks, self._size = [], 0
+                self._submit(self._take())
             while self._inflight:
                 self.parts.append(self._inflight.popleft().result())
             return self.parts
@@ -107,7 +116,7 @@ class PartWriter:
 
     def abort(self) -> None:
         """Stop: drop buffered bytes and wait for parts in flight (their errors are ignored)."""
-        self._chunks, self._size = [], 0
+        self._buf, self._size = io.BytesIO(), 0
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, chunk: bytes) -> None:
@@ -120,7 +129,8 @@ class PartWriter:
 def iter_lines(items: Sequence[PlanItem], fetch: Callable[[PlanItem], bytes],
                options: SkillOptions, *, concurrency: int, errors: dict[str, dict[str, str]],
                max_pixels: int = 0, indices: Sequence[int] | None = None, id_prefix: str = "",
-               sizes: dict[str, list[int]] | None = None, more: Sequence[SkillOptions] = (),
+               sizes: Sizes | dict[str, list[int]] | None = None,
+               more: Sequence[SkillOptions] = (),
                image_sizes: dict[str, list[list[int] | None]] | None = None
                ) -> Iterator[tuple[int, bytes, bool, int]]:
     """Yield ``(item_index, line, transformed, skill)`` for every sendable item of
@@ -329,7 +339,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
         fetch = ItemFetcher(input_store).get  # type: ignore[arg-type]
     writer = PartWriter(part_size, send, concurrency=upload_concurrency)
     errors: dict[str, dict[str, str]] = {}
-    sizes: dict[str, list[int]] = {}
+    sizes = Sizes()  # 16 bytes per item
     image_sizes: dict[str, list[list[int] | None]] = {}
     lines: list[int] = []
     line_skills: list[int] = []

@@ -1,0 +1,246 @@
+"""Row spools: a shard's rows (item index → row bytes) kept in a local temporary file instead of
+memory, so that a worker's peak memory does not grow with the shard (``bench memory``).
+
+- ``RowSpool``: a round's rows, as ``merge.merge_round`` makes them and ``merge.fill_cached``
+  adds to them: a mapping backed by an unnamed temporary file (rows appended as they come,
+  in any order) and 12 bytes per item (an 8-byte offset, a 4-byte length);
+- ``ShardRows``: a shard's final rows in plan order, one JSONL temporary file
+  (``merge.compose``), read back in chunks and uploaded as a file (``write_shard``);
+- ``put_round_rows`` / ``iter_stored_lines``: a round's stored rows (``rows.jsonl``,
+  ``<index>\\t<row>`` lines, ``merge.encode_round``'s format) written from a spool and read back
+  in chunks, never as one bytes object.
+
+Local files only (the system's temporary directory); the stores are written through ``Store``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from array import array
+from collections.abc import ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from typing import IO, Any
+
+from moonbatch.workers.storage import Store
+
+CHUNK = 2**20  # bytes read (or fetched with one ranged GET) at a time
+
+
+class RowSpool(MutableMapping[int, bytes]):
+    """Rows of items ``0 .. n - 1`` in an unnamed temporary file (deleted when closed or
+    collected); ``spool[i]`` reads item ``i``'s row back (one ``pread``). Setting a row again
+    appends the new bytes (the old ones stay in the file, unreferenced). Iteration is in item
+    order. Memory: 12 bytes per item, whatever the rows' size."""
+
+    def __init__(self, n: int) -> None:
+        self._file: IO[bytes] = tempfile.TemporaryFile(buffering=2**20)
+        self._fd = self._file.fileno()
+        self._offset = array("q", [-1]) * n
+        self._length = array("i", [0]) * n
+        self._end = 0
+        self._count = 0
+        self._flushed = 0  # the file's bytes up to here can be read with pread
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, i: int, row: bytes) -> bool:
+        """Set item ``i``'s row (``spool[i] = row``); returns True (the merge's slot marker)."""
+        if self._offset[i] < 0:
+            self._count += 1
+        self._offset[i] = self._end
+        self._length[i] = n = len(row)
+        self._file.write(row)
+        self._end += n
+        return True
+
+    __setitem__ = add  # type: ignore[assignment]
+
+    def __getitem__(self, i: int) -> bytes:
+        try:
+            off = self._offset[i] if i >= 0 else -1
+        except (IndexError, TypeError):
+            raise KeyError(i) from None
+        if off < 0:
+            raise KeyError(i)
+        n = self._length[i]
+        if off + n > self._flushed:
+            self._file.flush()
+            self._flushed = self._end
+        return os.pread(self._fd, n, off)
+
+    def __contains__(self, i: object) -> bool:
+        return i.__class__ is int and 0 <= i < len(self._offset) and self._offset[i] >= 0  # type: ignore[operator]
+
+    def __delitem__(self, i: int) -> None:
+        if i not in self:
+            raise KeyError(i)
+        self._offset[i] = -1
+        self._count -= 1
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for i, off in enumerate(self._offset) if off >= 0)
+
+    def items(self) -> ItemsView[int, bytes]:
+        """``(item index, row)`` in item order, each row read with one ``pread`` (a map of the
+        file would keep every page it touched resident: the rows are in arrival order)."""
+        return _Items(self)
+
+    def values(self) -> ValuesView[bytes]:
+        """The rows in item order (see ``items``)."""
+        return _Values(self)
+
+    def _iter_items(self) -> Iterator[tuple[int, bytes]]:
+        self._file.flush()
+        self._flushed = self._end
+        fd, lengths, pread = self._fd, self._length, os.pread
+        for i, off in enumerate(self._offset):
+            if off >= 0:
+                yield i, pread(fd, lengths[i], off)
+
+    def keep_only(self, keep: Iterable[int]) -> None:
+        """Drop every row whose item is not in ``keep``."""
+        wanted = set(keep)
+        for i in [i for i in self if i not in wanted]:
+            del self[i]
+
+    def snapshot(self) -> RowSpool:
+        """A read-only copy of the rows as they are now, sharing the file (rows added or
+        replaced later do not show in it: the file is only appended to). Valid while this
+        spool is open."""
+        self._file.flush()
+        self._flushed = self._end
+        copy = RowSpool.__new__(RowSpool)
+        copy._file, copy._fd = self._file, self._fd
+        copy._offset, copy._length = array("q", self._offset), array("i", self._length)
+        copy._end = copy._flushed = self._end
+        copy._count = self._count
+        return copy
+
+    def write_stored(self, out: IO[bytes]) -> None:
+        """Write the rows in item order to ``out`` as a round's stored rows (``<index>\\t<row>``
+        lines: ``merge.encode_round``'s bytes for the same rows)."""
+        buf: list[bytes] = []
+        size = 0
+        for i, row in self._iter_items():
+            line = b"%d\t%b\n" % (i, row)
+            buf.append(line)
+            size += len(line)
+            if size >= CHUNK:
+                out.write(b"".join(buf))
+                buf, size = [], 0
+        out.write(b"".join(buf))
+
+    def close(self) -> None:
+        """Delete the file (a snapshot's file is its spool's: closing it closes both)."""
+        self._file.close()
+
+    def __enter__(self) -> RowSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Items(ItemsView):  # type: ignore[type-arg]
+    def __iter__(self) -> Iterator[Any]:
+        return self._mapping._iter_items()  # type: ignore[attr-defined, no-any-return]
+
+
+class _Values(ValuesView):  # type: ignore[type-arg]
+    def __iter__(self) -> Iterator[Any]:
+        return (row for _, row in self._mapping._iter_items())  # type: ignore[attr-defined]
+
+
+class ShardRows:
+    """A shard's final rows in plan order: one JSONL temporary file (a row per line) and its
+    number of rows. ``len()`` and iteration (row bytes, without the newline, read in chunks)
+    let a writer take it where it takes a sequence of rows; ``file()`` is the JSONL itself,
+    rewound, for an upload."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] = tempfile.TemporaryFile(buffering=2**20)
+        self._n = 0
+
+    def append(self, row: bytes) -> None:
+        """Add the next row (JSON bytes, no newline)."""
+        self._file.write(row)
+        self._file.write(b"\n")
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._file.flush()
+        fd = self._file.fileno()
+
+        def chunks() -> Iterator[bytes]:  # its own offset: iterations do not move the file
+            offset = 0
+            while data := os.pread(fd, CHUNK, offset):
+                offset += len(data)
+                yield data
+
+        return _lines(chunks())
+
+    def file(self) -> IO[bytes]:
+        """The JSONL file (``len(self)`` lines), positioned at its start."""
+        self._file.flush()
+        self._file.seek(0)
+        return self._file
+
+    def close(self) -> None:
+        """Delete the file."""
+        self._file.close()
+
+    def __enter__(self) -> ShardRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The non-empty lines of a byte stream given in chunks (cut anywhere)."""
+    rest = b""
+    for chunk in chunks:
+        data = rest + chunk if rest else chunk
+        lines = data.splitlines()
+        # A chunk cut inside a line: its start waits for the next chunk.
+        rest = lines.pop() if lines and not data.endswith(b"\n") else b""
+        del data
+        for line in lines:
+            if line:
+                yield line
+    if rest.strip():
+        yield rest
+
+
+def put_round_rows(store: Store, key: str, rows: RowSpool, *, if_absent: bool = False) -> bool:
+    """Store a round's rows at ``key`` in the stored-rows format (``RowSpool.write_stored``),
+    through a temporary file; see ``Store.put`` for ``if_absent`` and the result."""
+    with tempfile.TemporaryFile(buffering=2**20) as f:
+        rows.write_stored(f)
+        f.flush()
+        f.seek(0)
+        return store.put(key, f, if_absent=if_absent)
+
+
+def iter_stored_lines(store: Store, key: str) -> Iterator[bytes]:
+    """The lines of the object at ``key`` (a round's stored rows), fetched ``CHUNK`` bytes at a
+    time. Raises ``NotFound`` (before yielding anything) if it does not exist."""
+    first = store.get_range(key, 0, CHUNK)
+
+    def chunks() -> Iterator[bytes]:
+        data, offset = first, 0
+        while data:
+            yield data
+            if len(data) < CHUNK:
+                return
+            offset += len(data)
+            data = store.get_range(key, offset, CHUNK)
+
+    return _lines(chunks())
+
+
+__all__ = ["CHUNK", "RowSpool", "ShardRows", "iter_stored_lines", "put_round_rows"]
