@@ -363,3 +363,69 @@ def test_rows_carry_the_source_size_and_the_sent_size_where_downscaled():
     assert (out[1]["width"], out[1]["height"], out[1]["sent_width"], out[1]["sent_height"]) == (
         4000, 3000, 1000, 750)
     assert out[2]["status"] == "error" and out[2]["width"] is None and out[2]["height"] is None
+
+
+def _deep(levels: int) -> dict:
+    value: dict = {"caption": "x"}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+def test_odd_but_parseable_lines_still_give_every_item_its_row():
+    """A remote service's extra shapes never stop a shard: usage that is not an object (or
+    token counts that are not numbers) counts no tokens, an error that is not an object is
+    ``unknown_error`` with its text, a result nested too deep to write is ``malformed_result``."""
+    from moonbatch.workers.merge import merge_round
+
+    items = plan(6)
+    build = ShardBuild(lines=list(range(6)))
+    lines = [
+        {**ok_line(0, items[0].id), "usage": "n/a"},
+        {**ok_line(1, items[1].id), "usage": {"input_tokens": "7", "output_tokens": True}},
+        {"line_index": 2, "id": items[2].id, "status": "error", "error": "boom"},
+        {"line_index": 3, "id": items[3].id, "status": "error", "error": None},
+        {**ok_line(4, items[4].id), "result": _deep(300)},
+        {**ok_line(5, items[5].id, inp=5, out=2), "usage": {"input_tokens": 5.0,
+                                                          "output_tokens": 2, "extra": [1]}},
+    ]
+    rows, stats, retryable = merge_round(items, build, lines, source_of,
+                                         retryable_codes=frozenset({"unknown_error"}))
+    with rows:
+        out = {i: json.loads(row) for i, row in rows.items()}
+    assert sorted(out) == list(range(6))
+    assert out[0]["status"] == "ok" and out[0]["usage"] == {}
+    assert out[1]["status"] == "ok"
+    assert out[2]["error"] == {"code": "unknown_error", "message": "boom"}
+    assert out[3]["error"] == {"code": "unknown_error", "message": ""}
+    assert out[4]["status"] == "error" and out[4]["error"]["code"] == "malformed_result"
+    assert out[4]["id"] == items[4].id and "result" not in out[4]
+    assert out[5]["usage"] == {"input_tokens": 5.0, "output_tokens": 2, "extra": [1]}
+    assert (stats.ok, stats.error, stats.input_tokens, stats.output_tokens) == (3, 3, 5, 2)
+    assert retryable == [2, 3]
+
+
+def test_odd_lines_in_a_multi_skill_round():
+    from moonbatch.workers.lines import skill_line_id
+    from moonbatch.workers.merge import merge_round
+
+    items = plan(2)
+    skills = ["caption", "query"]
+    build = ShardBuild(lines=[0, 0, 1, 1], skills=[0, 1, 0, 1])
+    lines = [
+        {"line_index": 0, "id": skill_line_id(items[0].id, "caption"), "status": "ok",
+         "result": {"caption": "c"}, "usage": ["not", "an", "object"]},
+        {"line_index": 1, "id": skill_line_id(items[0].id, "query"), "status": "ok",
+         "result": {"answer": "a"}, "usage": {"input_tokens": "x", "output_tokens": 4}},
+        {"line_index": 2, "id": skill_line_id(items[1].id, "caption"), "status": "error",
+         "error": 42},
+        {"line_index": 3, "id": skill_line_id(items[1].id, "query"), "status": "ok",
+         "result": _deep(300), "usage": {"input_tokens": 1, "output_tokens": 1}},
+    ]
+    rows, stats, _ = merge_round(items, build, lines, source_of, skills=skills)
+    with rows:
+        out = {i: json.loads(row) for i, row in rows.items()}
+    assert out[0]["status"] == "ok" and out[0]["usage"] == {"input_tokens": 0, "output_tokens": 4}
+    assert out[1]["status"] == "error" and out[1]["error"]["code"] in {"unknown_error",
+                                                                       "malformed_result"}
+    assert (stats.ok, stats.error) == (1, 1)

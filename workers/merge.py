@@ -139,26 +139,38 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                 mismatch += 1
             dims = res.get("dims") or (sizes.get(str(i)) if sizes else None)
             if res.get("status") == "ok":
-                usage = res.get("usage") or {}
-                ok += 1
-                in_tok += usage.get("input_tokens") or 0
-                out_tok += usage.get("output_tokens") or 0
+                usage = res.get("usage")
+                if usage.__class__ is not dict:  # null or not an object: no usage
+                    usage = {}
                 row = {"id": item_id, "source": source_of(item), "status": "ok",
                        "result": res.get("result"), "usage": usage}
             else:
-                err = res.get("error") or {}
-                code = str(err.get("code") or "unknown_error")
-                error += 1
-                if code in retryable_codes:
-                    retryable.append(i)
+                err = _error(res.get("error"))
                 row = {"id": item_id, "source": source_of(item), "status": "error",
-                       "error": {"code": code, "message": str(err.get("message") or "")}}
+                       "error": err}
             _with_size(row, dims)
             if multi:
                 _with_images(row, item, i, build, source_of)
             # Written out at once: no row is held, so no exact-size copy either (orjson's
             # result keeps a 4 KB allocation per row: 412 MB if 100k of them were held).
-            slots[i] = keep(i, dumps(row))
+            try:
+                data = dumps(row)
+            except orjson.JSONEncodeError as exc:  # e.g. a result nested deeper than 255
+                row = _unwritable(row, exc)
+                data = dumps(row)
+            if row["status"] == "ok":
+                ok += 1
+                t = usage.get("input_tokens")
+                if t.__class__ is int or t.__class__ is float:
+                    in_tok += t
+                t = usage.get("output_tokens")
+                if t.__class__ is int or t.__class__ is float:
+                    out_tok += t
+            else:
+                error += 1
+                if row["error"]["code"] in retryable_codes:
+                    retryable.append(i)
+            slots[i] = keep(i, data)
         stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
         stats.error, stats.duplicate, stats.malformed, stats.id_mismatch = (
             error, duplicate, malformed, mismatch)
@@ -229,11 +241,10 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
         if res.get("dims"):
             dims_of[i] = res["dims"]
         if res.get("status") == "ok":
-            slot[s] = (True, res.get("result"), res.get("usage") or {})
+            usage = res.get("usage")
+            slot[s] = (True, res.get("result"), usage if usage.__class__ is dict else {})
         else:
-            err = res.get("error") or {}
-            slot[s] = (False, {"code": str(err.get("code") or "unknown_error"),
-                               "message": str(err.get("message") or "")})
+            slot[s] = (False, _error(res.get("error")))
     retryable: list[int] = []
     sent = set(lines)
     for i in range(len(items)) if todo is None else todo:
@@ -266,7 +277,7 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
             if outcome[0]:
                 results[name] = outcome[1]
                 for t in usage:
-                    usage[t] += int(outcome[2].get(t) or 0)
+                    usage[t] += _tokens(outcome[2].get(t))
             else:
                 results[name] = None
                 if first_error is None:
@@ -281,8 +292,41 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
         else:
             stats.error += 1
             row.update(status="error", error=first_error, result=results, usage=usage)
-        rows[i] = orjson.dumps(_with_images(_with_size(row, dims), item, i, build, source_of))
+        _with_images(_with_size(row, dims), item, i, build, source_of)
+        try:
+            rows[i] = orjson.dumps(row)
+        except orjson.JSONEncodeError as exc:  # e.g. a result nested deeper than 255
+            if row["status"] == "ok":
+                stats.ok -= 1
+                stats.error += 1
+            rows[i] = orjson.dumps(_unwritable(row, exc))
     return stats, retryable
+
+
+def _error(value: Any) -> dict[str, str]:
+    """A result line's ``error`` as a row keeps it: ``{"code", "message"}`` strings, whatever
+    the line held (an object with other fields, a bare string, null: be liberal in what is
+    accepted, every row still gets a code)."""
+    if value.__class__ is dict:
+        return {"code": str(value.get("code") or "unknown_error"),
+                "message": str(value.get("message") or "")}
+    return {"code": "unknown_error", "message": "" if value is None else str(value)[:1000]}
+
+
+def _tokens(value: Any) -> int:
+    """A usage field as a token count: a non-bool number, else 0."""
+    return int(value) if value.__class__ is int or value.__class__ is float else 0
+
+
+def _unwritable(row: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    """An error row in place of ``row`` when its result cannot be serialised (orjson limits
+    nesting to 255 levels): the item gets its row, the shard goes on."""
+    keep = {k: row[k] for k in ("id", "source", "width", "height", "sent_width", "sent_height",
+                                "images") if k in row}
+    return {"id": keep.pop("id"), "source": keep.pop("source"), "status": "error",
+            "error": {"code": "malformed_result",
+                      "message": f"the result could not be written as JSON: {exc}"[:500]},
+            **keep}
 
 
 def fill_cached(items: Sequence[PlanItem], rows: MutableMapping[int, bytes],
