@@ -429,3 +429,34 @@ def test_odd_lines_in_a_multi_skill_round():
     assert out[1]["status"] == "error" and out[1]["error"]["code"] in {"unknown_error",
                                                                        "malformed_result"}
     assert (stats.ok, stats.error) == (1, 1)
+
+
+def test_rows_are_compact_json_with_keys_in_row_order():
+    # Each row reads as orjson writes the row dict, keys in row order (compose and error_codes
+    # find ok rows by ``"status":"ok","result":``).
+    import orjson
+
+    items = plan(4) + [PlanItem(id=7, size=1, more=("s3://b/x.jpg",))]
+    build = ShardBuild(lines=[0, 1, 2, 4], sizes={"1": [8, 6], "2": [8, 6, 4, 3]},
+                       image_sizes={"4": [[5, 5], None]},
+                       errors={"3": {"code": "not_an_image", "message": "text"}})
+    lines = [ok_line(0, items[0].id, text='quote " and \\ and \n'), ok_line(1, items[1].id),
+             {"line_index": 2, "id": items[2].id, "status": "error",
+              "error": {"code": "rate_limited"}},
+             {**ok_line(3, "7"), "dims": [9, 9], "usage": None, "result": None}]
+    data, stats = merge_rows(items, build, to_files(lines, 2),
+                             lambda item: SOURCE + (item.ref or item.key))
+    rows = data.splitlines()
+    assert [orjson.dumps(orjson.loads(r)) for r in rows] == rows
+    keys = [list(orjson.loads(r)) for r in rows]
+    base = ["id", "source", "status"]
+    assert keys == [base + ["result", "usage", "width", "height"],
+                    base + ["result", "usage", "width", "height"],
+                    base + ["error", "width", "height", "sent_width", "sent_height"],
+                    base + ["error", "width", "height"],
+                    base + ["result", "usage", "width", "height", "images"]]
+    assert [b'"status":"ok","result":' in r for r in rows] == [True, True, False, False, True]
+    assert orjson.loads(rows[4])["images"] == [
+        {"source": SOURCE + "7", "width": 5, "height": 5},
+        {"source": SOURCE + "s3://b/x.jpg", "width": None, "height": None}]
+    assert (stats.ok, stats.error) == (3, 2)
