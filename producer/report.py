@@ -272,7 +272,7 @@ def overlays(spec: Any, pick: Pick, opts: dict[str, Any] | None, size: tuple[int
     for o, name, part in skill_parts(spec, pick.row, pick.key, opts):
         label = f"{o.skill} {name}".strip()
         if o.skill == "detect":
-            for box in part.get("objects") or ():
+            for box in shapes.entries(part, "objects"):
                 b = _box(box)
                 if b is not None:
                     out.append({"kind": "box", "skill": o.skill, "label": label, "x": b[0],
@@ -280,7 +280,7 @@ def overlays(spec: Any, pick: Pick, opts: dict[str, Any] | None, size: tuple[int
                                 "title": f"{label}: ({_fmt(b[0])}, {_fmt(b[1])}) – "
                                          f"({_fmt(b[2])}, {_fmt(b[3])})"})
         elif o.skill == "point":
-            for point in part.get("points") or ():
+            for point in shapes.entries(part, "points"):
                 x, y = (_number(point.get(k)) if isinstance(point, dict) else None
                         for k in ("x", "y"))
                 if x is not None and y is not None:

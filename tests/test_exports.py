@@ -364,3 +364,19 @@ def test_shapes_flatten_lines_and_curves():
     assert shapes.polygons("M 0 0 L 1 1", 5, 5) == []  # encloses nothing
     assert shapes.polygons("M 0.5 -0.2 L 1.3 0.5 L 0.5 0.5 Z", 10, 10) == [
         [5, 0, 10, 5, 5, 5]]  # clipped to the image
+
+
+@pytest.mark.parametrize("part", [{"objects": 5}, {"points": 5}, {"objects": "boxes"},
+                                  {"points": {"x": 0.5}}, {"objects": None, "points": None},
+                                  {"objects": [5, None, {"x_min": "a"}], "points": [[1, 2]]}])
+def test_an_odd_result_shape_is_passed_over_by_every_writer(part):
+    """A result field that is not the list the API documents (a number, a string, an object)
+    gives no annotation: no exporter crashes on it (the report reads them through the same
+    ``shapes.entries``)."""
+    from moonbatch.workers.writers import coco, labelstudio, yolo
+
+    for skill in ("detect", "point", "segment"):
+        assert list(coco._annotations(skill, part, 10, 10)) == []
+        assert labelstudio._values(skill, part, "x") == []
+        if skill != "point":
+            assert yolo._boxes(skill, part) == []

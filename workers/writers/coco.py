@@ -102,12 +102,12 @@ def _annotations(skill: str, part: dict[str, Any], w: int, h: int) -> Iterator[d
     ``h`` image; entries without numeric coordinates, and a segment whose path encloses no
     polygon, are passed over."""
     if skill == "detect":
-        for box in part.get("objects") or ():
+        for box in shapes.entries(part, "objects"):
             bbox = _box(box, w, h)
             if bbox is not None:
                 yield {"bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0}
     elif skill == "point":
-        for point in part.get("points") or ():
+        for point in shapes.entries(part, "points"):
             try:
                 x, y = float(point["x"]) * w, float(point["y"]) * h
             except (KeyError, TypeError, ValueError):

@@ -97,7 +97,7 @@ def _values(skill: str, part: dict[str, Any], name: str) -> list[dict[str, Any]]
     """A skill's result → the ``value`` of each of its Label Studio results (percent)."""
     out: list[dict[str, Any]] = []
     if skill == "detect":
-        for box in part.get("objects") or ():
+        for box in shapes.entries(part, "objects"):
             try:
                 x0, y0 = float(box["x_min"]) * 100, float(box["y_min"]) * 100
                 bw, bh = float(box["x_max"]) * 100 - x0, float(box["y_max"]) * 100 - y0
@@ -106,7 +106,7 @@ def _values(skill: str, part: dict[str, Any], name: str) -> list[dict[str, Any]]
             out.append({"x": x0, "y": y0, "width": bw, "height": bh, "rotation": 0,
                         "rectanglelabels": [name]})
     elif skill == "point":
-        for point in part.get("points") or ():
+        for point in shapes.entries(part, "points"):
             try:
                 x, y = float(point["x"]) * 100, float(point["y"]) * 100
             except (KeyError, TypeError, ValueError):

@@ -20,6 +20,14 @@ STEP = 4.0
 MIN_SAMPLES, MAX_SAMPLES = 2, 64
 
 
+def entries(part: dict[str, Any], key: str) -> list[Any]:
+    """A result's list field ``key`` (``objects``, ``points``): the list as the service sent
+    it, or ``[]`` when it is missing, null or not a list (a remote answer's odd shape is
+    passed over, never a writer's crash)."""
+    value = part.get(key)
+    return value if isinstance(value, list) else []
+
+
 def polygons(d: Any, width: float, height: float) -> list[list[float]]:
     """The polygons of the SVG path ``d`` (normalised 0..1 coordinates) in a ``width`` ×
     ``height`` image, each ``[x1, y1, ..., xn, yn]`` in pixels, clipped to the image, with at

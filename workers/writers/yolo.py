@@ -67,7 +67,7 @@ class _Export:
             lines = []
             for opts, name, part in item.parts(self.spec):
                 if opts.skill == "point":
-                    self.points += len(part.get("points") or ())
+                    self.points += len(shapes.entries(part, "points"))
                     continue
                 if opts.skill not in SKILLS:
                     continue
@@ -130,7 +130,7 @@ def _chunks(pairs: Iterator[tuple[str, bytes]], size: int) -> Iterator[list[tupl
 def _boxes(skill: str, part: dict[str, Any]) -> list[tuple[float, float, float, float]]:
     """A detect or segment result's boxes, normalised ``(x_min, y_min, x_max, y_max)``;
     entries without numeric coordinates are passed over."""
-    found = part.get("objects") or () if skill == "detect" else [part.get("bbox")]
+    found = shapes.entries(part, "objects") if skill == "detect" else [part.get("bbox")]
     out = []
     for box in found:
         try:
