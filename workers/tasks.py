@@ -146,10 +146,12 @@ def round_base(store: Store, shard: int, rnd: int) -> int:
 
 def _context(run: Run, shard: int, rnd: int,
              heartbeat: Callable[[], None] = lambda: None, base: int = 0,
-             lease: Lease | None = None) -> RoundContext:
+             lease: Lease | None = None,
+             checkpointed: Callable[[dict[str, Any], float], None] | None = None
+             ) -> RoundContext:
     """The provider's view of round ``rnd`` of the shard (``base``: see ``round_base``; the
     provider's settings count attempts from it; ``lease``: the shard's, renewed at once by the
-    context's ``renew`` before a call that bills)."""
+    context's ``renew`` before a call that bills; ``checkpointed``: see ``_progress``)."""
     logs.bind(provider=run.spec.provider)
     settings = get_settings()
     if base:
@@ -159,7 +161,23 @@ def _context(run: Run, shard: int, rnd: int,
                         id_prefix=line_id_prefix(run.spec.run_id, shard, rnd),
                         heartbeat=heartbeat,
                         renew=(lambda force=True: lease.renew(force=force)) if lease
-                        else lambda force=True: None)
+                        else lambda force=True: None,
+                        **({"checkpointed": checkpointed} if checkpointed else {}))
+
+
+def _progress(store: Store, shard: int, rnd: int, chain: str, polls: int
+              ) -> Callable[[dict[str, Any], float], None]:
+    """Writes round ``rnd``'s ``progress.json`` for chain ``chain`` after ``polls`` polls (0:
+    the build's, before the chain's first poll): the poll's ``fields`` (``Poll.progress``), the
+    next look due in ``next_in`` seconds. A step that records the round as it goes calls it at each
+    record (``RoundContext.checkpointed``), so the chain shows alive to ``poll_turn`` and the
+    reconciler while it runs."""
+    def write(fields: dict[str, Any], next_in: float) -> None:
+        now = time.time()
+        put_json(store, layout.round_doc(shard, rnd, "progress"), {
+            **fields, "chain": chain, "polls": polls, "polled_at": now, "next_at": now + next_in})
+
+    return write
 
 
 def _leased(store: Store, shard: int, task_id: str | None, settings: Settings) -> Lease:
@@ -277,10 +295,11 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
         _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
         return
     provider = provider_for(run.spec)
+    chain = uuid.uuid4().hex  # the round's poll chain, alive from the build's checkpoints on
     try:
         with lease.kept_alive() as lease_check:
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
-                           lease=lease)
+                           lease=lease, checkpointed=_progress(store, shard, rnd, chain, 0))
             try:
                 if rnd == 0 and run.spec.cache and not _cache_pass(run, ctx):
                     sent = False  # every item is served by the cache or copies one
@@ -311,7 +330,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
         # A provider that steps at its own pace says when its first poll (its next step) is
         # due; the others are looked at no sooner than the poll interval.
         first = provider.first_poll_in(ctx)
-        _next(poll_round, (output, run_id, shard, rnd, uuid.uuid4().hex),
+        _next(poll_round, (output, run_id, shard, rnd, chain),
               countdown=settings.poll_min_interval if first is None else
               _later(settings, first, paced=True))
 
@@ -346,17 +365,17 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
         return
     try:
         with lease.kept_alive() as lease_check:
+            # Checkpoints record this poll as still running (``polls``): a redelivered copy of
+            # a poll killed mid-step still runs (and waits for the lease).
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
-                           lease=lease)
+                           lease=lease, checkpointed=_progress(store, shard, rnd, chain, polls))
             provider = provider_for(run.spec)
             result = attempts.counted(ctx, "poll", lambda c: provider.poll_round(
                 c, (last[0], int(last[1])) if last else None), provider)
-            now = time.time()
             countdown = 0.0 if result.done else _later(settings, result.countdown,
                                                        result.paced)
-            put_json(store, layout.round_doc(shard, rnd, "progress"), {
-                **result.progress, "chain": chain, "polls": polls + 1, "polled_at": now,
-                "next_at": now + countdown})
+            _progress(store, shard, rnd, chain, polls + 1)(result.progress, countdown)
+            now = time.time()
     except (LeaseLost, RunCancelled) as exc:
         log.info("shard %d: poll stopped: %s", shard, exc)
         return
