@@ -15,6 +15,7 @@ which ``moonbatch resume``, ``cancel`` and ``clean`` use without this module.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import logging
 import time
@@ -124,9 +125,17 @@ def line_id_prefix(run_id: str, shard: int, rnd: int) -> str:
     return hashlib.sha256(f"{run_id}/{shard}/{rnd}".encode()).hexdigest()[:10] + ":"
 
 
-def _stopped(store: Store, shard: int) -> bool:
-    """True if the run was cancelled or the shard is already merged."""
-    return store.exists(layout.CANCELLED) or store.exists(layout.shard_doc(shard, "done"))
+def _stopped(store: Store, shard: int, doc: str | None = None) -> tuple[bool, Any]:
+    """Whether the run was cancelled or the shard is already merged, and the JSON document at
+    ``doc`` (None: missing, or no ``doc``): looked at concurrently, one round trip's wait
+    instead of two or three in a row. Raises storage errors."""
+    looks: list[Callable[[], Any]] = [lambda: store.exists(layout.CANCELLED),
+                                      lambda: store.exists(layout.shard_doc(shard, "done"))]
+    if doc is not None:
+        looks.append(lambda: get_json_or_none(store, doc))
+    with cf.ThreadPoolExecutor(len(looks), thread_name_prefix="looks") as pool:
+        cancelled, done, *read = [f.result() for f in [pool.submit(look) for look in looks]]
+    return cancelled or done, read[0] if read else None
 
 
 def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, items: list[int],
@@ -283,7 +292,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
     settings = get_settings()
     run = open_run(output, settings, run_id)
     store = run.output
-    if _stopped(store, shard):
+    if _stopped(store, shard)[0]:
         return
     lease = _leased(store, shard, self.request.id, settings)
     if not lease.acquire():
@@ -349,11 +358,11 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
     settings = get_settings()
     run = open_run(output, settings, run_id)
     store = run.output
-    if _stopped(store, shard):
+    stopped, progress = _stopped(store, shard, layout.round_doc(shard, rnd, "progress"))
+    if stopped:
         return
-    stop = shard_state.poll_turn(
-        get_json_or_none(store, layout.round_doc(shard, rnd, "progress")), chain=chain,
-        polls=polls, now=time.time(), poll_min_interval=settings.poll_min_interval)
+    stop = shard_state.poll_turn(progress, chain=chain, polls=polls, now=time.time(),
+                                 poll_min_interval=settings.poll_min_interval)
     if stop:
         log.info("shard %d round %d: %s; stopping", shard, rnd, stop)
         return
