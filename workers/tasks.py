@@ -125,17 +125,22 @@ def line_id_prefix(run_id: str, shard: int, rnd: int) -> str:
     return hashlib.sha256(f"{run_id}/{shard}/{rnd}".encode()).hexdigest()[:10] + ":"
 
 
+def _at_once(*looks: Callable[[], Any]) -> list[Any]:
+    """What each of ``looks`` (storage reads) returns, read concurrently: one round trip's
+    wait instead of one per look. Raises what a look raises."""
+    with cf.ThreadPoolExecutor(len(looks), thread_name_prefix="looks") as pool:
+        return [f.result() for f in [pool.submit(look) for look in looks]]
+
+
 def _stopped(store: Store, shard: int, doc: str | None = None) -> tuple[bool, Any]:
     """Whether the run was cancelled or the shard is already merged, and the JSON document at
-    ``doc`` (None: missing, or no ``doc``): looked at concurrently, one round trip's wait
-    instead of two or three in a row. Raises storage errors."""
-    looks: list[Callable[[], Any]] = [lambda: store.exists(layout.CANCELLED),
-                                      lambda: store.exists(layout.shard_doc(shard, "done"))]
-    if doc is not None:
-        looks.append(lambda: get_json_or_none(store, doc))
-    with cf.ThreadPoolExecutor(len(looks), thread_name_prefix="looks") as pool:
-        cancelled, done, *read = [f.result() for f in [pool.submit(look) for look in looks]]
-    return cancelled or done, read[0] if read else None
+    ``doc`` (None: missing, or no ``doc``), read at once (``_at_once``). Raises storage
+    errors."""
+    cancelled, done, read = _at_once(
+        lambda: store.exists(layout.CANCELLED),
+        lambda: store.exists(layout.shard_doc(shard, "done")),
+        lambda: None if doc is None else get_json_or_none(store, doc))
+    return cancelled or done, read
 
 
 def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, items: list[int],
@@ -147,18 +152,12 @@ def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, it
     _next(build_shard, (output, run_id, shard, rnd + 1))
 
 
-def round_base(store: Store, shard: int, rnd: int) -> int:
-    """The first round of the pass round ``rnd`` belongs to (``shard.round_base``)."""
-    todo = get_json_or_none(store, layout.round_doc(shard, rnd, "todo")) if rnd else None
-    return shard_state.round_base(rnd, todo)
-
-
 def _context(run: Run, shard: int, rnd: int,
              heartbeat: Callable[[], None] = lambda: None, base: int = 0,
              lease: Lease | None = None,
              checkpointed: Callable[[dict[str, Any], float], None] | None = None
              ) -> RoundContext:
-    """The provider's view of round ``rnd`` of the shard (``base``: see ``round_base``; the
+    """The provider's view of round ``rnd`` of the shard (``base``: see ``shard.round_base``; the
     provider's settings count attempts from it; ``lease``: the shard's, renewed at once by the
     context's ``renew`` before a call that bills; ``checkpointed``: see ``_progress``)."""
     logs.bind(provider=run.spec.provider)
@@ -408,13 +407,17 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     settings = get_settings()
     run = open_run(output, settings, run_id)
     store = run.output
-    if store.exists(layout.CANCELLED):
+    cancelled, done, todo, merged = _at_once(
+        lambda: store.exists(layout.CANCELLED),
+        lambda: store.exists(layout.shard_doc(shard, "done")),
+        lambda: get_json_or_none(store, layout.round_doc(shard, rnd, "todo")) if rnd else None,
+        lambda: get_json_or_none(store, layout.round_doc(shard, rnd, "merged")))
+    if cancelled:
         return
-    if store.exists(layout.shard_doc(shard, "done")):
+    if done:
         maybe_finalize(store)
         return
-    base = round_base(store, shard, rnd)
-    merged = get_json_or_none(store, layout.round_doc(shard, rnd, "merged"))
+    base = shard_state.round_base(rnd, todo)
     if merged is None or not store.exists(layout.round_doc(shard, rnd, "rows")):
         ctx = _context(run, shard, rnd, base=base)
         todo, items = ctx.todo, ctx.items

@@ -201,6 +201,7 @@ class RealtimeSteps(SteppedRounds):
         later: list[tuple[float, int]] = []  # (not before, line) of transient failures
         images: dict[int, PreparedImage | ItemError] = {}
         running: dict[cf.Future, tuple[int, str]] = {}
+        freed: list[str] = []  # slots of answered requests, not given back yet
         # Lines read and reserved ahead of their slots by a thread of their own
         # (``_prepare``), so that a freed slot sends at once and the reads and the budget's
         # books are paid once per batch, while the requests sent are answered.
@@ -277,7 +278,7 @@ class RealtimeSteps(SteppedRounds):
         def finished(fut: cf.Future) -> None:
             nonlocal answered, stop_sending
             li, slot = running.pop(fut)
-            cap.release([slot])
+            freed.append(slot)  # given back with the next take (one Redis call for both)
             skill = spec.all_options[build.skills[li] if build.skills else 0].skill
             try:
                 answer = fut.result()
@@ -345,13 +346,15 @@ class RealtimeSteps(SteppedRounds):
                         stop_sending = True
                 want = 0 if stop_sending else min(wanted(), rs.realtime_concurrency - len(running))
                 wait = 0.5
+                if want <= 0 and freed:
+                    cap.release(freed)
+                    freed.clear()
                 if want > 0:
                     # Slots and sends first: a line is only taken once it may go.
                     holders = [f"{holder}{next(serial)}" for _ in range(want)]
-                    granted = cap.acquire(holders)
-                    permits, wait = rate.take(len(granted), token + uuid.uuid4().hex[:6])
-                    cap.release(granted[permits:])
-                    granted = granted[:permits]
+                    granted, wait = slots.take_paced(cap, rate, holders,
+                                                     token + uuid.uuid4().hex[:6], freed)
+                    freed.clear()
                     if granted and not ready and preparing[0] is None:
                         # The step's first batch: only what goes now (the rest is read
                         # ahead below, while these are answered).
@@ -361,7 +364,7 @@ class RealtimeSteps(SteppedRounds):
                     elif len(ready) < len(granted) and preparing[0] is None:
                         prepare(max(len(granted), ahead) - len(ready))
                     go = min(len(granted), len(ready))
-                    cap.release(granted[go:])
+                    freed.extend(granted[go:])
                     self._send(ctx, ready[:go], granted[:go], running, pool, client, ledger)
                     del ready[:go]
                     if not granted and not running and preparing[0] is None and (
@@ -399,6 +402,10 @@ class RealtimeSteps(SteppedRounds):
                     finished(fut)
                 except RealtimeAuthError:
                     pass
+            try:
+                cap.release(freed)
+            except slots.SlotsUnavailable:
+                pass  # they expire after their ttl
             pool.shutdown(wait=True)
             prep_pool.shutdown(wait=True)
         if preparing[0] is not None:
