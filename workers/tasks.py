@@ -15,7 +15,6 @@ which ``moonbatch resume``, ``cancel`` and ``clean`` use without this module.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import logging
 import time
@@ -51,7 +50,13 @@ from moonbatch.workers.providers import (
     provider_for,
 )
 from moonbatch.workers.reconcile import reconcile_active_runs, run_final
-from moonbatch.workers.runstate import Run, maybe_finalize, open_output, open_run, record_failure
+from moonbatch.workers.runstate import (
+    Run,
+    maybe_finalize,
+    open_output,
+    open_run_reading,
+    record_failure,
+)
 from moonbatch.workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
@@ -125,22 +130,17 @@ def line_id_prefix(run_id: str, shard: int, rnd: int) -> str:
     return hashlib.sha256(f"{run_id}/{shard}/{rnd}".encode()).hexdigest()[:10] + ":"
 
 
-def _at_once(*looks: Callable[[], Any]) -> list[Any]:
-    """What each of ``looks`` (storage reads) returns, read concurrently: one round trip's
-    wait instead of one per look. Raises what a look raises."""
-    with cf.ThreadPoolExecutor(len(looks), thread_name_prefix="looks") as pool:
-        return [f.result() for f in [pool.submit(look) for look in looks]]
-
-
-def _stopped(store: Store, shard: int, doc: str | None = None) -> tuple[bool, Any]:
-    """Whether the run was cancelled or the shard is already merged, and the JSON document at
-    ``doc`` (None: missing, or no ``doc``), read at once (``_at_once``). Raises storage
-    errors."""
-    cancelled, done, read = _at_once(
-        lambda: store.exists(layout.CANCELLED),
-        lambda: store.exists(layout.shard_doc(shard, "done")),
-        lambda: None if doc is None else get_json_or_none(store, doc))
-    return cancelled or done, read
+def _open(output: str, settings: Settings, run_id: str, shard: int, *docs: str
+          ) -> tuple[Run, bool, list[Any]]:
+    """Open the run (``open_run``), and look whether it was cancelled or the shard is already
+    merged, and read the JSON documents at ``docs`` (None: missing), all at once: one round
+    trip's wait instead of one per look. Returns ``(run, stopped, docs)``. Raises
+    ``RunNotFound`` and storage errors."""
+    run, (cancelled, done, *read) = open_run_reading(
+        output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
+        lambda st: st.exists(layout.shard_doc(shard, "done")),
+        *[lambda st, doc=doc: get_json_or_none(st, doc) for doc in docs])
+    return run, cancelled or done, read
 
 
 def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, items: list[int],
@@ -289,9 +289,9 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
     later. ``run`` is the run id."""
     run_id, rnd = run, round
     settings = get_settings()
-    run = open_run(output, settings, run_id)
+    run, stopped, _ = _open(output, settings, run_id, shard)
     store = run.output
-    if _stopped(store, shard)[0]:
+    if stopped:
         return
     lease = _leased(store, shard, self.request.id, settings)
     if not lease.acquire():
@@ -355,9 +355,9 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
     """
     run_id, rnd = run, round
     settings = get_settings()
-    run = open_run(output, settings, run_id)
+    run, stopped, (progress,) = _open(output, settings, run_id, shard,
+                                      layout.round_doc(shard, rnd, "progress"))
     store = run.output
-    stopped, progress = _stopped(store, shard, layout.round_doc(shard, rnd, "progress"))
     if stopped:
         return
     stop = shard_state.poll_turn(progress, chain=chain, polls=polls, now=time.time(),
@@ -405,13 +405,12 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     round's rows, then start the next round for what can be retried, or finish the shard."""
     run_id, rnd = run, round
     settings = get_settings()
-    run = open_run(output, settings, run_id)
+    run, (cancelled, done, todo, merged) = open_run_reading(
+        output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
+        lambda st: st.exists(layout.shard_doc(shard, "done")),
+        lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "todo")) if rnd else None,
+        lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "merged")))
     store = run.output
-    cancelled, done, todo, merged = _at_once(
-        lambda: store.exists(layout.CANCELLED),
-        lambda: store.exists(layout.shard_doc(shard, "done")),
-        lambda: get_json_or_none(store, layout.round_doc(shard, rnd, "todo")) if rnd else None,
-        lambda: get_json_or_none(store, layout.round_doc(shard, rnd, "merged")))
     if cancelled:
         return
     if done:
