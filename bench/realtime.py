@@ -67,8 +67,9 @@ def client_script(s3: Any, bucket: str, prefix: str, out_key: str, url: str, key
 
 
 class Answers:
-    """When each real-time request was answered (``time.time()`` at the end of the emulator's
-    handler), in order; wraps ``RealtimeEmulation._serve`` of this process's emulator."""
+    """When each real-time request was answered with a result (``time.time()`` at the end of
+    the emulator's handler, status 200: not the CLI's key check, which sends no image), in
+    order; wraps ``RealtimeEmulation._serve`` of this process's emulator."""
 
     def __init__(self, realtime: Any) -> None:
         self.at: list[float] = []
@@ -77,7 +78,8 @@ class Answers:
         @functools.wraps(serve)
         def timed(skill: str) -> Any:
             resp = serve(skill)
-            self.at.append(time.time())
+            if resp.status_code == 200:
+                self.at.append(time.time())
             return resp
 
         realtime._serve = timed

@@ -123,3 +123,28 @@ def test_two_executions_of_one_task_id_never_hold_the_lease_together(store):
     assert copy.acquire()
     with pytest.raises(LeaseLost):  # the first execution, had it stalled, stops at its renewal
         first.renew(force=True)
+
+
+def test_a_release_never_frees_a_lease_taken_over_from_a_stalled_holder(store):
+    """A holder that renewed recently releases at once (one delete, no look: nobody could have
+    taken it over); one that stalled past its lease looks first and leaves the new holder's
+    lease alone, whichever the order of their releases."""
+    clock = Clock()
+    a = Lease(store, "stall.json", "a", 10, clock)
+    b = Lease(store, "stall.json", "b", 10, clock)
+    assert a.acquire()
+    clock.t += 7  # renewed 7 s ago, under 3/4 of its 10 s: surely still a's
+    a.release()
+    assert not lease_is_live(store, "stall.json", clock.t) and b.acquire()
+    b.release()
+    assert a.acquire()
+    clock.t += 11  # a stalled: its lease expired and b takes it over
+    assert b.acquire()
+    a.release()  # looks, finds b's lease, leaves it
+    assert lease_is_live(store, "stall.json", clock.t)
+    with pytest.raises(LeaseLost):
+        a.renew(force=True)
+    a.release()
+    assert lease_is_live(store, "stall.json", clock.t)
+    b.release()
+    assert not lease_is_live(store, "stall.json", clock.t)

@@ -14,6 +14,7 @@ import math
 import time
 import uuid
 
+import orjson
 import pytest
 
 from moonbatch.emulator.realtime import RealtimeConfig, RealtimeFaults, expected_answer
@@ -345,3 +346,103 @@ def test_steps_come_at_their_own_pace_not_the_poll_interval(s3, bucket, env, emu
         redis_server.kill()
     assert summary["status"] == "completed" and summary["counts"]["ok"] == n, summary
     assert took < 15, f"the run ended {took:.1f} s after the slots were freed (poll interval 30 s)"
+
+
+# -- checkpoints: a long step records the round as it goes --------------------------------------
+@pytest.fixture
+def realtime_run(s3, bucket, env, redis_server, emulator, monkeypatch):
+    """A real-time run of 24 tiny images in one shard, planned onto a queue nobody consumes
+    (its messages are removed afterwards) and opened in this process; steps of 0.3 s that
+    checkpoint for up to 30 s, 4 requests at a time, each answered after 0.1 s (the rate
+    never the bound)."""
+    from moonbatch.config import get_settings, reload_settings
+    from moonbatch.workers.providers.realtime import rounds
+    from moonbatch.workers.runstate import open_run
+    from tests.conftest import BROKER_DB
+
+    monkeypatch.setattr(rounds, "STEP_SECONDS", 0.3)
+    monkeypatch.setattr(rounds, "CHECKPOINT_SECONDS", 30.0)
+    monkeypatch.setenv("MOONBATCH_REALTIME_RATE", "1000")
+    monkeypatch.setenv("MOONBATCH_REALTIME_CONCURRENCY", "4")
+    reload_settings()
+    emulator.config.realtime = RealtimeConfig(processing_seconds=0.1)
+    put_tiny(s3, bucket, "in/", 24)
+    queue = "checkpoints-" + uuid.uuid4().hex[:8]
+    qenv = {**env, "MOONBATCH_QUEUE": queue}
+    run_id = run_cli(["submit", f"s3://{bucket}/in/", f"s3://{bucket}/out/", *PROVIDER],
+                     qenv).stdout.strip().splitlines()[-1]
+    yield open_run(f"s3://{bucket}/out/", get_settings(), run_id)
+    redis_server.client(BROKER_DB).delete(queue, queue + "-control")
+    monkeypatch.undo()
+    reload_settings()
+
+
+def results_files(store) -> list[str]:
+    return [o.key for o in store.iter_objects(layout.round_prefix(0, 0)) if "/results-" in o.key]
+
+
+def test_a_long_step_records_the_round_at_each_checkpoint(realtime_run, emulator):
+    """One step (the build's) sends the whole round without ending: every 0.3 s it records its
+    finished lines and its ledger (a next step would start there, the requests in flight sent
+    again) and the round's progress under the build's poll chain, then sends on. The round
+    ends with every line once, in several results documents, and no request twice."""
+    from moonbatch.workers.providers.realtime import RealtimeProvider
+    from moonbatch.workers.storage import get_json
+    from moonbatch.workers.tasks import _context, _progress
+
+    store = realtime_run.output
+    seen: list[dict] = []
+
+    def checkpointed(fields: dict, next_in: float) -> None:
+        _progress(store, 0, 0, "chain-a", 0)(fields, next_in)
+        seen.append(get_json(store, layout.round_doc(0, 0, "progress")))
+
+    before = emulator.emulator.realtime.calls.get("caption", 0)
+    provider = RealtimeProvider()
+    provider.submit_round(_context(realtime_run, 0, 0, checkpointed=checkpointed))
+    ledger = get_json(store, layout.round_doc(0, 0, "requests"))
+    assert ledger["cursor"] == ledger["lines"] == 24 and not ledger["resend"]  # one step sent all
+    assert len(seen) >= 2 and ledger["steps"] == len(seen) + 1  # a record per checkpoint
+    assert all(p["chain"] == "chain-a" and p["status"] == "in_progress" for p in seen)
+    assert [p["finished"] for p in seen] == sorted(p["finished"] for p in seen)
+    assert len(results_files(store)) == len(seen) + 1
+    results = provider.collect_round(_context(realtime_run, 0, 0))
+    assert sorted(line["line_index"] for line in results.lines) == list(range(24))
+    assert emulator.emulator.realtime.calls.get("caption", 0) - before == 24
+    assert results.stats["requests"] == 24 and results.stats["possible_duplicate_requests"] == 0
+
+
+def test_a_step_that_loses_the_ledger_race_at_a_checkpoint_stops_sending(realtime_run):
+    """Another step records the ledger after this step's first checkpoint (it moved nothing):
+    this step's next checkpoint must not land. It stops sending, the lines it finished since
+    its first checkpoint are dropped (their documents removed) and its answers since then count
+    as possible duplicates; the next steps finish the round with every line once."""
+    from moonbatch.workers.providers.realtime import RealtimeProvider
+    from moonbatch.workers.storage import get_json
+    from moonbatch.workers.tasks import _context
+
+    store = realtime_run.output
+    key = layout.round_doc(0, 0, "requests")
+    recorded: list[dict] = []
+
+    def other_step_records(fields: dict, next_in: float) -> None:
+        if not recorded:
+            ledger = get_json(store, key)
+            recorded.append(ledger)
+            store.put(key, orjson.dumps({**ledger, "rate_limited": 1}))
+
+    provider = RealtimeProvider()
+    provider.submit_round(_context(realtime_run, 0, 0, checkpointed=other_step_records))
+    ledger = get_json(store, key)
+    first = recorded[0]
+    assert first["ok"] < 24  # lines were left to send at the first checkpoint
+    # The other step's record stands, with this step's answers since counted as duplicates.
+    assert {**ledger, "possible_duplicates": 0} == {**first, "rate_limited": 1}
+    assert ledger["possible_duplicates"] > 0  # answered after the first checkpoint
+    assert len(results_files(store)) == 1  # the first checkpoint's lines only
+    deadline = time.time() + 60
+    while not provider.poll_round(_context(realtime_run, 0, 0), None).done:
+        assert time.time() < deadline, "the round did not finish"
+    results = provider.collect_round(_context(realtime_run, 0, 0))
+    assert sorted(line["line_index"] for line in results.lines) == list(range(24))
+    assert results.stats["possible_duplicate_requests"] == ledger["possible_duplicates"]

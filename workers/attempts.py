@@ -56,17 +56,18 @@ def counted(ctx: Any, kind: str, step: Callable[[Any], T], provider: Any) -> T |
     if kind == "poll" and not hasattr(provider, "abandon_unsent"):
         return step(ctx)  # a poll that only looks (the Batch API's) reads no item: not counted
     store, key = ctx.store, layout.step_attempts(ctx.shard, ctx.rnd, kind)
-    doc = _update(store, key, _started)
+    doc, version = _update(store, key, _started)
     if doc.get("abandoned"):
-        _end(store, key)
+        _end(store, key, doc, version)
         return None
     lost = doc["open"] - 1  # attempts before this one that never ended
     if lost >= ctx.settings.max_worker_losses:
         sent = give_up(ctx, kind, provider, lost)
-        _update(store, key, lambda d: {**d, "open": 1, "gave_up": d.get("gave_up", 0) + 1,
-                                       "abandoned": d.get("abandoned", False) or not sent})
+        doc, version = _update(store, key, lambda d: {
+            **d, "open": 1, "gave_up": d.get("gave_up", 0) + 1,
+            "abandoned": d.get("abandoned", False) or not sent})
         if not sent:
-            _end(store, key)
+            _end(store, key, doc, version)
             return None
     _soft_deadline(ctx, kind)
     try:
@@ -74,9 +75,9 @@ def counted(ctx: Any, kind: str, step: Callable[[Any], T], provider: Any) -> T |
     except SoftTimeLimitExceeded:
         raise  # not an end: it counts as a lost attempt (the task retries it)
     except BaseException:
-        _end(store, key)
+        _end(store, key, doc, version)
         raise
-    _end(store, key)
+    _end(store, key, doc, version)
     return result
 
 
@@ -135,27 +136,32 @@ def _ended(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "ends": doc.get("ends", 0) + 1, "open": 0}
 
 
-def _end(store: Store, key: str) -> None:
-    """Record an end; a failure to write it is logged (it then counts as one loss)."""
+def _end(store: Store, key: str, doc: dict[str, Any], version: str | None) -> None:
+    """Record an end, on ``doc`` (what this attempt wrote, at ``version``) without reading
+    it again when nobody wrote it since; a failure to write it is logged (it then counts as
+    one loss)."""
     try:
-        _update(store, key, _ended)
+        if version is None or store.swap(key, json.dumps(_ended(doc)).encode(), version) is None:
+            _update(store, key, _ended)
     except Exception:
         log.warning("could not record the end of a step in %s", key, exc_info=True)
 
 
 def _update(store: Store, key: str, change: Callable[[dict[str, Any]], dict[str, Any]]
-            ) -> dict[str, Any]:
+            ) -> tuple[dict[str, Any], str | None]:
     """Apply ``change`` to the document at ``key`` by compare-and-swap (created when
-    missing); return the document written. Raises ``StorageError``."""
+    missing); return the document written and its version (None when it was created).
+    Raises ``StorageError``."""
     for _ in range(CAS_TRIES):
         try:
             data, version = store.get_versioned(key)
         except NotFound:
             doc = change({})
             if store.put(key, json.dumps(doc).encode(), if_absent=True):
-                return doc
+                return doc, None
             continue
         doc = change(json.loads(data))
-        if store.put_if_match(key, json.dumps(doc).encode(), version):
-            return doc
+        written = store.swap(key, json.dumps(doc).encode(), version)
+        if written is not None:
+            return doc, written
     raise StorageError(f"{key}: changed by others {CAS_TRIES} times in a row")

@@ -47,6 +47,7 @@ class Lease:
                  clock: Callable[[], float] = time.time) -> None:
         self.store, self.key, self.owner, self.ttl, self.clock = store, key, owner, ttl, clock
         self._renewed = 0.0
+        self._held = False  # acquired (or renewed) by this object, not released or lost since
         self._lock = threading.Lock()  # one renewal at a time from this process
         self.holder_expires = 0.0  # when ``acquire`` fails: when the holder's lease runs out
         self.holder: str | None = None  # when ``acquire`` fails: the holder's owner
@@ -78,6 +79,7 @@ class Lease:
 
     def _remember(self) -> None:
         self._renewed = self.clock()
+        self._held = True
 
     def renew(self, *, force: bool = False) -> None:
         """Extend the lease (at most every ``ttl / 4`` unless ``force``). Raises ``LeaseLost``
@@ -89,8 +91,10 @@ class Lease:
                 try:
                     data, version = self.store.get_versioned(self.key)
                 except NotFound:
+                    self._held = False
                     raise LeaseLost(f"lease {self.key} vanished") from None
                 if json.loads(data).get("owner") != self.owner:
+                    self._held = False
                     raise LeaseLost(f"lease {self.key} was taken over")
                 if self.store.put_if_match(self.key, self._doc(), version):
                     self._remember()
@@ -129,13 +133,21 @@ class Lease:
             thread.join()
 
     def release(self) -> None:
-        """Give the lease up if it is still ours (best effort)."""
-        try:
-            data, _ = self.store.get_versioned(self.key)
-            if json.loads(data).get("owner") == self.owner:
+        """Give the lease up if it is still ours (best effort). One this object took or renewed
+        within the first three quarters of its ``ttl`` is deleted without a look (another owner
+        takes a lease over only once it has expired; clocks agree within a quarter ``ttl``);
+        otherwise it is read first, and deleted only if it is still ours."""
+        held, self._held = self._held, False
+        with self._lock:  # not while the keep-alive thread renews it
+            if held and self.clock() - self._renewed < self.ttl * 3 / 4:
                 self.store.delete(self.key)
-        except NotFound:
-            pass
+                return
+            try:
+                data, _ = self.store.get_versioned(self.key)
+                if json.loads(data).get("owner") == self.owner:
+                    self.store.delete(self.key)
+            except NotFound:
+                pass
 
 
 def is_live(doc: dict[str, Any] | None, now: float) -> bool:

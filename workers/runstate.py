@@ -11,13 +11,14 @@ import dataclasses
 import datetime
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from moonbatch.config import Settings
 from moonbatch.workers import layout
 from moonbatch.workers.models import PlanItem, RunSpec, ShardDone
 from moonbatch.workers.providers import DEFAULT_PROVIDER
-from moonbatch.workers.storage import NotFound, Store, get_json, get_json_or_none, open_store, put_json
+from moonbatch.workers.storage import Store, get_json, get_json_or_none, open_store, put_json
 
 #: ``run.json`` ``counts`` field → the ``ShardDone`` field it sums over merged shards.
 RESULT_LINE_COUNTS = {"duplicate_lines": "duplicate_rows", "missing_lines": "missing_rows",
@@ -110,16 +111,32 @@ def open_run(output_url: str, settings: Settings, run_id: str | None = None) -> 
 
     Raises ``RunNotFound`` if no run is there, or if ``run_id`` is given and another run is.
     """
+    return open_run_reading(output_url, settings, run_id)[0]
+
+
+def open_run_reading(output_url: str, settings: Settings, run_id: str | None,
+                     *looks: Callable[[Store], Any]) -> tuple[Run, list[Any]]:
+    """``open_run``, and what each of ``looks`` returns given the run's OUTPUT store (storage
+    reads), read concurrently with the run's spec: one round trip's wait for them all. Raises
+    as ``open_run`` does (before anything a look raises)."""
     out = open_output(output_url, settings)
-    try:
-        spec = RunSpec.model_validate(get_json(out, layout.SPEC))
-    except NotFound:
-        raise RunNotFound(f"no moonbatch run at {out.url}") from None
+    if looks:
+        with cf.ThreadPoolExecutor(len(looks) + 1, thread_name_prefix="looks") as pool:
+            spec_doc = pool.submit(get_json_or_none, out, layout.SPEC)
+            futures = [pool.submit(look, out) for look in looks]
+            cf.wait([spec_doc, *futures])
+        raw = spec_doc.result()
+    else:
+        raw = get_json_or_none(out, layout.SPEC)
+    if raw is None:
+        raise RunNotFound(f"no moonbatch run at {out.url}")
+    spec = RunSpec.model_validate(raw)
     if run_id is not None and spec.run_id != run_id:
         raise RunNotFound(f"{out.url} holds run {spec.run_id}, not {run_id}")
     from moonbatch.workers.readers import input_root
 
-    return Run(spec, out, open_output(input_root(spec), settings), settings)
+    run = Run(spec, out, open_output(input_root(spec), settings), settings)
+    return run, [f.result() for f in futures] if looks else []
 
 
 def run_queue(spec: RunSpec, settings: Settings) -> str:

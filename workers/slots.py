@@ -60,6 +60,7 @@ class Slots:
         self.key, self.cap, self.ttl = PREFIX + name, cap, ttl
         self._redis = broker_redis(settings)
         self._script = self._redis.register_script(_ACQUIRE) if self._redis is not None else None
+        self._paced = self._redis.register_script(_PACED) if self._redis is not None else None
 
     def acquire(self, holders: Sequence[str]) -> list[str]:
         """Take (or refresh) a slot for each holder, in order, while the cap allows; returns
@@ -170,3 +171,72 @@ class Rate:
             _local_rates[self.key] = sent
             wait = max(0.0, sent[0] + self.window - now) if len(sent) >= self.cap else 0.0
             return granted, wait
+
+
+# KEYS[1] the slots' set, KEYS[2] the rate window's; ARGV: now, ttl, cap, window, rate cap,
+# token, r, r holders to release, then the holders that want a slot and a send. ``Slots``'s
+# acquire and ``Rate``'s take in one call: a holder gets a slot (as _ACQUIRE) only while the
+# window has room for its send. Returns {milliseconds until the window has room (as _RATE,
+# 0 when no slot was free), granted holders...}.
+_PACED = """
+local skey, rkey = KEYS[1], KEYS[2]
+local now, ttl, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local window, rcap, token, r = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+for i = 8, 7 + r do
+  redis.call('ZREM', skey, ARGV[i])
+end
+redis.call('ZREMRANGEBYSCORE', skey, '-inf', now)
+redis.call('ZREMRANGEBYSCORE', rkey, '-inf', now - window)
+local used = redis.call('ZCARD', rkey)
+local n = redis.call('ZCARD', skey)
+local out = {0}
+local free = 0
+for i = 8 + r, #ARGV do
+  local holds = redis.call('ZSCORE', skey, ARGV[i])
+  if holds or n < cap then
+    free = free + 1
+    if used + #out - 1 < rcap then
+      redis.call('ZADD', skey, now + ttl, ARGV[i])
+      if not holds then n = n + 1 end
+      table.insert(out, ARGV[i])
+    end
+  end
+end
+local granted = #out - 1
+for i = 1, granted do
+  redis.call('ZADD', rkey, now, token .. ':' .. i)
+end
+if free > 0 and used + granted >= rcap then
+  local oldest = redis.call('ZRANGE', rkey, 0, 0, 'WITHSCORES')
+  if oldest[2] then out[1] = math.ceil(math.max(0, tonumber(oldest[2]) + window - now) * 1000) end
+end
+redis.call('EXPIRE', skey, math.ceil(ttl * 2))
+redis.call('PEXPIRE', rkey, math.ceil(window * 2000))
+return out
+"""
+
+
+def take_paced(slots: Slots, rate: Rate, holders: Sequence[str], token: str,
+               release: Sequence[str] = ()) -> tuple[list[str], float]:
+    """Free the ``release`` holders' slots, then give each of ``holders`` in order a slot of
+    ``slots`` and a send of ``rate`` while both allow: one Redis call for what
+    ``Slots.release``, ``Slots.acquire``, ``Rate.take`` and the release of the slots beyond the
+    sends would take four. ``token``: unique to the caller. Returns ``(the holders granted,
+    seconds until the rate window has room again: 0 when it has now or no slot was free)``.
+    Raises ``SlotsUnavailable`` when Redis cannot be reached."""
+    if slots._redis is None or rate._redis is None:
+        slots.release(release)
+        granted = slots.acquire(holders)
+        permits, wait = rate.take(len(granted), token)
+        slots.release(granted[permits:])
+        return granted[:permits], wait
+    if not holders and not release:
+        return [], 0.0
+    script = slots._paced
+    try:
+        out = script(keys=[slots.key, rate.key], args=[
+            time.time(), slots.ttl, slots.cap, rate.window, rate.cap, token, len(release),
+            *release, *holders])
+    except Exception as exc:  # redis errors: retry the step, never fail the run
+        raise SlotsUnavailable(f"slots of {slots.key}: {type(exc).__name__}") from None
+    return [g.decode() if isinstance(g, bytes) else g for g in out[1:]], int(out[0]) / 1000

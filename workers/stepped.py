@@ -8,7 +8,8 @@ in a worker slot. A step reads the ledger with its version, does the provider's 
 it finished to the next free write-once ``results-NNNNNN.jsonl`` and then the ledger by
 compare-and-swap on the version it read: two executions of a step (a lease that expired under a
 stalled holder) never both record; the loser's lines are deleted and its sends handed to
-``SteppedRounds._lost_race``.
+``SteppedRounds._lost_race``. A provider whose steps run long (``checkpoints``) records the
+same way mid-step (``Checkpoint``), the compare-and-swap going on from the version it wrote.
 
 The ledger (a JSON object): ``lines`` (the round's line count), ``cursor`` (lines before it
 were taken), ``resend`` (units of lines to send again, resends first), ``inflight`` (unit →
@@ -167,6 +168,32 @@ def progress(ledger: Mapping[str, Any]) -> dict[str, Any]:
             "in_flight_requests": len(ledger["inflight"]), "requests": ledger["requests"]}
 
 
+class Checkpoint:
+    """Records a round in the middle of a long step, as a step's end would (its finished
+    lines, then its ledger by compare-and-swap), keeping the ledger's version for the next
+    record: a step that checkpoints every few seconds loses no more to a killed worker than a
+    short step would, without the storage round trips and the idle API between two steps."""
+
+    def __init__(self, ctx: RoundContext, version: str) -> None:
+        self.ctx, self.version = ctx, version
+
+    def __call__(self, ledger: dict[str, Any], out: list[bytes]) -> bool:
+        """Record ``ledger`` (what a next step starts from if this one dies now: its ``steps``
+        counted on) and the lines of ``out``. False (nothing recorded, the lines' document
+        removed) when another step recorded the ledger since: this step has lost the race
+        and must stop sending. Raises ``StorageError``."""
+        ctx = self.ctx
+        written = write_lines(ctx, ledger, out) if out else None
+        ledger["steps"] += 1
+        version = ctx.store.swap(ctx.doc("requests"), orjson.dumps(ledger), self.version)
+        if version is None:
+            if written is not None:
+                ctx.store.delete(written)
+            return False
+        self.version = version
+        return True
+
+
 class SteppedRounds:
     """The round-in-steps half of a provider (see the module docstring). A provider subclasses
     it and implements ``_advance`` (one step's work), ``_lost_race`` (what its sends of a step
@@ -177,6 +204,9 @@ class SteppedRounds:
     name: ClassVar[str]
     #: Fields the provider adds to a new ledger.
     ledger_extra: ClassVar[Mapping[str, Any]] = {}
+    #: The provider's ``_advance`` takes ``record`` (a ``Checkpoint``): it records the round
+    #: mid-step and goes on sending.
+    checkpoints: ClassVar[bool] = False
 
     # -- what the provider implements ------------------------------------------------------------
     def _advance(self, ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any],
@@ -224,7 +254,12 @@ class SteppedRounds:
             return ledger
         build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
         out: list[bytes] = []
-        sent = self._advance(ctx, build, ledger, out)
+        if self.checkpoints:
+            record = Checkpoint(ctx, version)
+            sent = self._advance(ctx, build, ledger, out, record=record)  # type: ignore[call-arg]
+            version = record.version
+        else:
+            sent = self._advance(ctx, build, ledger, out)
         written = write_lines(ctx, ledger, out) if out else None
         ledger["steps"] += 1
         if not ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):

@@ -80,6 +80,12 @@ class Store(Protocol):
         False (writing nothing) if it changed or vanished."""
         ...
 
+    def swap(self, key: str, data: bytes, version: str) -> str | None:
+        """``put_if_match`` that returns the version it wrote (the token the next
+        compare-and-swap of this writer needs, without reading the object again), or None
+        (writing nothing) if the object changed or vanished."""
+        ...
+
     def exists(self, key: str) -> bool:
         """True if an object exists at ``key``."""
         ...
@@ -222,6 +228,9 @@ class LocalStore:
         return data, hashlib.md5(data).hexdigest()
 
     def put_if_match(self, key: str, data: bytes, version: str) -> bool:
+        return self.swap(key, data, version) is not None
+
+    def swap(self, key: str, data: bytes, version: str) -> str | None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # An exclusive lock on a sidecar serialises CAS between processes of this machine.
@@ -230,10 +239,11 @@ class LocalStore:
             try:
                 current = hashlib.md5(path.read_bytes()).hexdigest()
             except FileNotFoundError:
-                return False
+                return None
             if current != version:
-                return False
-            return self.put(key, data)
+                return None
+            self.put(key, data)
+            return hashlib.md5(data).hexdigest()
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -401,17 +411,20 @@ class S3Store:
             raise self._error(key, exc) from None
 
     def put_if_match(self, key: str, data: bytes, version: str) -> bool:
+        return self.swap(key, data, version) is not None
+
+    def swap(self, key: str, data: bytes, version: str) -> str | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
-                                   IfMatch=version)
-            return True
+            resp = self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                                          IfMatch=version)
+            return resp["ETag"]  # not always the body's MD5 (SSE-KMS): S3's answer
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status in (404, 409, 412) or exc.response["Error"]["Code"] in (
                     "PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict"):
-                return False
+                return None
             raise self._error(key, exc) from None
         except BotoCoreError as exc:
             raise self._error(key, exc) from None

@@ -51,7 +51,13 @@ from moonbatch.workers.providers import (
 )
 from moonbatch.workers.reconcile import reconcile_active_runs, run_final
 from moonbatch.workers.rowspool import iter_stored_lines, put_round_rows
-from moonbatch.workers.runstate import Run, maybe_finalize, open_output, open_run, record_failure
+from moonbatch.workers.runstate import (
+    Run,
+    maybe_finalize,
+    open_output,
+    open_run_reading,
+    record_failure,
+)
 from moonbatch.workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
 
 log = logging.getLogger(__name__)
@@ -125,9 +131,17 @@ def line_id_prefix(run_id: str, shard: int, rnd: int) -> str:
     return hashlib.sha256(f"{run_id}/{shard}/{rnd}".encode()).hexdigest()[:10] + ":"
 
 
-def _stopped(store: Store, shard: int) -> bool:
-    """True if the run was cancelled or the shard is already merged."""
-    return store.exists(layout.CANCELLED) or store.exists(layout.shard_doc(shard, "done"))
+def _open(output: str, settings: Settings, run_id: str, shard: int, *docs: str
+          ) -> tuple[Run, bool, list[Any]]:
+    """Open the run (``open_run``), and look whether it was cancelled or the shard is already
+    merged, and read the JSON documents at ``docs`` (None: missing), all at once: one round
+    trip's wait instead of one per look. Returns ``(run, stopped, docs)``. Raises
+    ``RunNotFound`` and storage errors."""
+    run, (cancelled, done, *read) = open_run_reading(
+        output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
+        lambda st: st.exists(layout.shard_doc(shard, "done")),
+        *[lambda st, doc=doc: get_json_or_none(st, doc) for doc in docs])
+    return run, cancelled or done, read
 
 
 def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, items: list[int],
@@ -139,18 +153,14 @@ def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, it
     _next(build_shard, (output, run_id, shard, rnd + 1))
 
 
-def round_base(store: Store, shard: int, rnd: int) -> int:
-    """The first round of the pass round ``rnd`` belongs to (``shard.round_base``)."""
-    todo = get_json_or_none(store, layout.round_doc(shard, rnd, "todo")) if rnd else None
-    return shard_state.round_base(rnd, todo)
-
-
 def _context(run: Run, shard: int, rnd: int,
              heartbeat: Callable[[], None] = lambda: None, base: int = 0,
-             lease: Lease | None = None) -> RoundContext:
-    """The provider's view of round ``rnd`` of the shard (``base``: see ``round_base``; the
+             lease: Lease | None = None,
+             checkpointed: Callable[[dict[str, Any], float], None] | None = None
+             ) -> RoundContext:
+    """The provider's view of round ``rnd`` of the shard (``base``: see ``shard.round_base``; the
     provider's settings count attempts from it; ``lease``: the shard's, renewed at once by the
-    context's ``renew`` before a call that bills)."""
+    context's ``renew`` before a call that bills; ``checkpointed``: see ``_progress``)."""
     logs.bind(provider=run.spec.provider)
     settings = get_settings()
     if base:
@@ -160,7 +170,23 @@ def _context(run: Run, shard: int, rnd: int,
                         id_prefix=line_id_prefix(run.spec.run_id, shard, rnd),
                         heartbeat=heartbeat,
                         renew=(lambda force=True: lease.renew(force=force)) if lease
-                        else lambda force=True: None)
+                        else lambda force=True: None,
+                        **({"checkpointed": checkpointed} if checkpointed else {}))
+
+
+def _progress(store: Store, shard: int, rnd: int, chain: str, polls: int
+              ) -> Callable[[dict[str, Any], float], None]:
+    """Writes round ``rnd``'s ``progress.json`` for chain ``chain`` after ``polls`` polls (0:
+    the build's, before the chain's first poll): the poll's ``fields`` (``Poll.progress``), the
+    next look due in ``next_in`` seconds. A step that records the round as it goes calls it at each
+    record (``RoundContext.checkpointed``), so the chain shows alive to ``poll_turn`` and the
+    reconciler while it runs."""
+    def write(fields: dict[str, Any], next_in: float) -> None:
+        now = time.time()
+        put_json(store, layout.round_doc(shard, rnd, "progress"), {
+            **fields, "chain": chain, "polls": polls, "polled_at": now, "next_at": now + next_in})
+
+    return write
 
 
 def _leased(store: Store, shard: int, task_id: str | None, settings: Settings) -> Lease:
@@ -264,9 +290,9 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
     later. ``run`` is the run id."""
     run_id, rnd = run, round
     settings = get_settings()
-    run = open_run(output, settings, run_id)
+    run, stopped, _ = _open(output, settings, run_id, shard)
     store = run.output
-    if _stopped(store, shard):
+    if stopped:
         return
     lease = _leased(store, shard, self.request.id, settings)
     if not lease.acquire():
@@ -278,10 +304,11 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
         _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
         return
     provider = provider_for(run.spec)
+    chain = uuid.uuid4().hex  # the round's poll chain, alive from the build's checkpoints on
     try:
         with lease.kept_alive() as lease_check:
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
-                           lease=lease)
+                           lease=lease, checkpointed=_progress(store, shard, rnd, chain, 0))
             try:
                 if rnd == 0 and run.spec.cache and not _cache_pass(run, ctx):
                     sent = False  # every item is served by the cache or copies one
@@ -312,7 +339,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
         # A provider that steps at its own pace says when its first poll (its next step) is
         # due; the others are looked at no sooner than the poll interval.
         first = provider.first_poll_in(ctx)
-        _next(poll_round, (output, run_id, shard, rnd, uuid.uuid4().hex),
+        _next(poll_round, (output, run_id, shard, rnd, chain),
               countdown=settings.poll_min_interval if first is None else
               _later(settings, first, paced=True))
 
@@ -329,13 +356,13 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
     """
     run_id, rnd = run, round
     settings = get_settings()
-    run = open_run(output, settings, run_id)
+    run, stopped, (progress,) = _open(output, settings, run_id, shard,
+                                      layout.round_doc(shard, rnd, "progress"))
     store = run.output
-    if _stopped(store, shard):
+    if stopped:
         return
-    stop = shard_state.poll_turn(
-        get_json_or_none(store, layout.round_doc(shard, rnd, "progress")), chain=chain,
-        polls=polls, now=time.time(), poll_min_interval=settings.poll_min_interval)
+    stop = shard_state.poll_turn(progress, chain=chain, polls=polls, now=time.time(),
+                                 poll_min_interval=settings.poll_min_interval)
     if stop:
         log.info("shard %d round %d: %s; stopping", shard, rnd, stop)
         return
@@ -347,17 +374,17 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
         return
     try:
         with lease.kept_alive() as lease_check:
+            # Checkpoints record this poll as still running (``polls``): a redelivered copy of
+            # a poll killed mid-step still runs (and waits for the lease).
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
-                           lease=lease)
+                           lease=lease, checkpointed=_progress(store, shard, rnd, chain, polls))
             provider = provider_for(run.spec)
             result = attempts.counted(ctx, "poll", lambda c: provider.poll_round(
                 c, (last[0], int(last[1])) if last else None), provider)
-            now = time.time()
             countdown = 0.0 if result.done else _later(settings, result.countdown,
                                                        result.paced)
-            put_json(store, layout.round_doc(shard, rnd, "progress"), {
-                **result.progress, "chain": chain, "polls": polls + 1, "polled_at": now,
-                "next_at": now + countdown})
+            _progress(store, shard, rnd, chain, polls + 1)(result.progress, countdown)
+            now = time.time()
     except (LeaseLost, RunCancelled) as exc:
         log.info("shard %d: poll stopped: %s", shard, exc)
         return
@@ -379,15 +406,18 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     round's rows, then start the next round for what can be retried, or finish the shard."""
     run_id, rnd = run, round
     settings = get_settings()
-    run = open_run(output, settings, run_id)
+    run, (cancelled, done, todo, merged) = open_run_reading(
+        output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
+        lambda st: st.exists(layout.shard_doc(shard, "done")),
+        lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "todo")) if rnd else None,
+        lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "merged")))
     store = run.output
-    if store.exists(layout.CANCELLED):
+    if cancelled:
         return
-    if store.exists(layout.shard_doc(shard, "done")):
+    if done:
         maybe_finalize(store)
         return
-    base = round_base(store, shard, rnd)
-    merged = get_json_or_none(store, layout.round_doc(shard, rnd, "merged"))
+    base = shard_state.round_base(rnd, todo)
     if merged is None or not store.exists(layout.round_doc(shard, rnd, "rows")):
         ctx = _context(run, shard, rnd, base=base)
         todo, items = ctx.todo, ctx.items

@@ -121,7 +121,10 @@ class RoundContext:
     (call it between slow steps: it renews the lease and raises to stop the round), ``renew``
     (renews the shard's lease at once, raising ``LeaseLost`` if another execution holds it:
     call it right before a call that bills; ``renew(force=False)`` skips the renewal when the
-    lease was renewed within the last quarter of its life, for calls made at every step), and,
+    lease was renewed within the last quarter of its life, for calls made at every step),
+    ``checkpointed(progress, next_in)`` (a poll that runs long and records the round as it goes
+    calls it at each record: ``Poll.progress``'s fields, its next record due in ``next_in``
+    seconds, so the round's poll chain shows alive meanwhile; raises storage errors), and,
     read
     from storage on first use (a Batch API poll needs neither), the shard's ``items`` (plan
     order) and ``todo`` (this round's item indices; None: all)."""
@@ -133,6 +136,7 @@ class RoundContext:
     id_prefix: str
     heartbeat: Callable[[], None] = lambda: None
     renew: Callable[..., None] = lambda force=True: None
+    checkpointed: Callable[[dict[str, Any], float], None] = lambda progress, next_in: None
 
     @functools.cached_property
     def items(self) -> Sequence[PlanItem]:

@@ -1,6 +1,10 @@
 """A step of a real-time round: send the round's next lines as fast as the fleet-wide rate and
-concurrency allow, for at most ``STEP_SECONDS``, and await every answer before the step ends
-(the API answers in seconds: nothing is in flight between steps).
+concurrency allow, and await every answer before the step ends (the API answers in seconds:
+nothing is in flight between steps). Every ``STEP_SECONDS`` a step with lines left to send
+records the round (a checkpoint, ``stepped.Checkpoint``: its finished lines, and its ledger
+with the requests in flight and the lines read ahead to send again) and sends on, without
+draining, for up to ``CHECKPOINT_SECONDS`` in all: a worker lost mid-step costs at most
+``STEP_SECONDS`` of answers, and the API's concurrency does not idle between steps.
 
 Each line is one ``POST {base}/<skill>``. Before a request leaves, the step takes one of the
 fleet's concurrency slots (``moonbatch.workers.slots.Slots``, named after the API's origin) and
@@ -15,9 +19,10 @@ one send of the fleet's rate window (``slots.Rate``, requests per second). Answe
 - 401/403: the run cannot go on (``RealtimeAuthError`` fails the task);
 - any other 4xx: the line ends as an error row with the API's code and message.
 
-A step that dies before recording its ledger leaves its lines to be sent again by the next step
-(if it had written its results document, the merge keeps one row per line all the same). A
-step that loses the ledger race counts what it answered as possible duplicates.
+A step that dies before recording its ledger leaves its lines (since its last checkpoint) to be
+sent again by the next step (if it had written its results document, the merge keeps one row
+per line all the same). A step that loses the ledger race (at a checkpoint or at its end) stops
+sending and counts what it answered since its last record as possible duplicates.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
+
+import orjson
 
 from moonbatch.workers import layout, metrics, origins, slots, stops
 from moonbatch.workers.lines import ItemError, PreparedImage, data_uri
@@ -54,6 +61,7 @@ from moonbatch.workers.providers.realtime.payloads import (
 from moonbatch.workers.providers.realtime.settings import RealtimeSettings
 from moonbatch.workers.readers import item_options
 from moonbatch.workers.stepped import (
+    Checkpoint,
     SteppedRounds,
     end_unsent,
     error_lines,
@@ -61,16 +69,20 @@ from moonbatch.workers.stepped import (
     ledger_done,
     load_images,
     pending_lines,
+    progress,
 )
 from moonbatch.workers.storage import get_json_or_none
 
 log = logging.getLogger(__name__)
 
-# A step sends for this long at most, then records what it has. Between two steps the round
-# pays a dozen storage round trips (results, ledger, progress, lease, the next task's reads)
-# while no request is in flight: longer steps spend less of the API's time on them, and a
-# worker lost mid-step costs at most this long of answers, sent again by the next step.
+# A step records what it has every this long (a checkpoint, or its end): a worker lost mid-step
+# costs at most this long of answers, sent again by the next step. A checkpoint is three
+# storage writes (results, ledger, progress) while requests stay in flight.
 STEP_SECONDS = 15.0
+# A step that still has lines to send sends on through checkpoints up to this long in all, then
+# ends (its worker slot goes back to the queue, to other shards' work). Between two steps the
+# round pays a dozen storage round trips and a queue hop while no request is in flight.
+CHECKPOINT_SECONDS = 60.0
 MAX_TRIES = 6  # sends of one line on transient errors before it ends as request_failed
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 30.0  # the official fine-tuning client's policy (FACTS.md)
 PREPARE_AHEAD = 64  # most lines read and reserved ahead of their slots
@@ -102,6 +114,22 @@ class Prepared:
     refusal: dict[str, str] | None = None
 
 
+def leave(ledger: dict[str, Any], unsent: list[int], prepaid: set[int],
+          later: list[tuple[float, int]], resume_in: float) -> None:
+    """What a step leaves in ``ledger`` for the next one: ``unsent`` lines first (taken and
+    not answered), of which ``prepaid`` are reserved already (the next step does not reserve
+    them again), the transient failures (``later``: (not before, line)) last, with the
+    back-off to the first of them; the next step due in ``resume_in`` seconds."""
+    ledger["resume_at"] = time.time() + resume_in
+    ledger["resend"][:0] = [[li] for li in unsent]
+    if prepaid:
+        ledger["prepaid"] = sorted(prepaid)
+    for _, li in sorted(later):
+        ledger["resend"].append([li])
+    if later and ledger["backoff_until"] < time.time():
+        ledger["backoff_until"] = min(nb for nb, _ in later)
+
+
 def slot_look(settings: Any) -> float:
     """Seconds to the next step of a round whose step found the fleet's slots all held: at
     most the poll interval, at least every second (slots free within a step's time)."""
@@ -120,6 +148,7 @@ class RealtimeSteps(SteppedRounds):
     #: ``tries``: line → transient failures so far; ``transient``: their count in the round;
     #: ``resume_at`` (unix s, written by every step that sends): when the next step is due.
     ledger_extra: ClassVar[Mapping[str, Any]] = {"tries": {}, "transient": 0}
+    checkpoints: ClassVar[bool] = True
 
     def next_step_in(self, ledger: Mapping[str, Any], settings: Any) -> float:
         """When the last step said to step again (``resume_at``: right away after a step that
@@ -148,8 +177,11 @@ class RealtimeSteps(SteppedRounds):
         return int(sent or 0)
 
     def _advance(self, ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any],
-                 out: list[bytes]) -> int:
-        """Send for up to ``STEP_SECONDS``; returns how many requests were answered."""
+                 out: list[bytes], record: Checkpoint | None = None) -> int:
+        """Send for up to ``STEP_SECONDS``, then, with ``record`` and lines still to send,
+        record the round (``record``, ``ctx.checkpointed``) and send on without waiting for
+        the requests in flight, up to ``CHECKPOINT_SECONDS`` in all; returns how many requests
+        were answered since the last record."""
         now = time.time()
         if now < ledger["backoff_until"] or not pending_lines(ledger):
             return 0
@@ -169,15 +201,17 @@ class RealtimeSteps(SteppedRounds):
         later: list[tuple[float, int]] = []  # (not before, line) of transient failures
         images: dict[int, PreparedImage | ItemError] = {}
         running: dict[cf.Future, tuple[int, str]] = {}
+        freed: list[str] = []  # slots of answered requests, not given back yet
         # Lines read and reserved ahead of their slots by a thread of their own
         # (``_prepare``), so that a freed slot sends at once and the reads and the budget's
         # books are paid once per batch, while the requests sent are answered.
         ready: list[Ready] = []
         ahead = min(4 * rs.realtime_concurrency, PREPARE_AHEAD)
         prepaid: set[int] = set(ledger.pop("prepaid", []))  # reserved by an earlier step
-        preparing: list[Any] = [None, 0]  # the batch's future and its line count
+        preparing: list[Any] = [None, 0, []]  # the batch's future, its line count, its lines
         answered = 0
         stop_at = time.monotonic() + STEP_SECONDS
+        last_at = time.monotonic() + (CHECKPOINT_SECONDS if record is not None else 0.0)
         stop_sending = False
         looked = time.monotonic()
         resume_in = 0.0  # to the next step: right away, unless slots or the rate say later
@@ -208,12 +242,12 @@ class RealtimeSteps(SteppedRounds):
             lines = take(n)
             if lines:
                 preparing[:] = [prep_pool.submit(self._prepare, ctx, build, lines, images,
-                                                 frozenset(prepaid)), len(lines)]
+                                                 frozenset(prepaid)), len(lines), lines]
 
         def prepared() -> None:
             """Take the finished batch in: its lines to ``ready``, its errors to ``out``."""
             batch: Prepared = preparing[0].result()
-            preparing[:] = [None, 0]
+            preparing[:] = [None, 0, []]
             for li, error in batch.errors:
                 prepaid.discard(li)
                 finish_line(ctx, build, ledger, out, {"line_index": li, "status": "error",
@@ -224,10 +258,27 @@ class RealtimeSteps(SteppedRounds):
             prepaid.difference_update(r.line for r in batch.ready)
             ready.extend(batch.ready)
 
+        def checkpoint() -> bool:
+            """Record the round as a step ending now would leave it, with the lines in flight
+            and being prepared to send again, and go on: False when another step recorded
+            the ledger first (this one must stop sending)."""
+            nonlocal answered
+            snapshot = orjson.loads(orjson.dumps(ledger))
+            unsent = [li for li, _ in running.values()] + [r.line for r in ready] + preparing[2]
+            leave(snapshot, unsent, prepaid | {r.line for r in ready}, later, 0.0)
+            if not record(snapshot, out):
+                return False
+            ledger["steps"] = snapshot["steps"]
+            out.clear()
+            answered = 0
+            ctx.checkpointed(progress(snapshot), STEP_SECONDS)
+            ctx.renew(force=False)  # sends bill: only while the lease is surely ours
+            return True
+
         def finished(fut: cf.Future) -> None:
             nonlocal answered, stop_sending
             li, slot = running.pop(fut)
-            cap.release([slot])
+            freed.append(slot)  # given back with the next take (one Redis call for both)
             skill = spec.all_options[build.skills[li] if build.skills else 0].skill
             try:
                 answer = fut.result()
@@ -288,24 +339,32 @@ class RealtimeSteps(SteppedRounds):
                     looked = time.monotonic()
                     if ctx.store.exists(layout.CANCELLED):
                         stop_sending = True  # cancel stops sending at once
-                if time.monotonic() >= stop_at:
-                    stop_sending = True
+                if not stop_sending and time.monotonic() >= stop_at:
+                    if time.monotonic() < last_at and wanted() and checkpoint():
+                        stop_at = time.monotonic() + STEP_SECONDS
+                    else:
+                        stop_sending = True
                 want = 0 if stop_sending else min(wanted(), rs.realtime_concurrency - len(running))
                 wait = 0.5
+                if want <= 0 and freed:
+                    cap.release(freed)
+                    freed.clear()
                 if want > 0:
                     # Slots and sends first: a line is only taken once it may go.
                     holders = [f"{holder}{next(serial)}" for _ in range(want)]
-                    granted = cap.acquire(holders)
-                    permits, wait = rate.take(len(granted), token + uuid.uuid4().hex[:6])
-                    cap.release(granted[permits:])
-                    granted = granted[:permits]
-                    if len(ready) < len(granted) and preparing[0] is None:
+                    granted, wait = slots.take_paced(cap, rate, holders,
+                                                     token + uuid.uuid4().hex[:6], freed)
+                    freed.clear()
+                    if granted and not ready and preparing[0] is None:
+                        # The step's first batch: only what goes now (the rest is read
+                        # ahead below, while these are answered).
+                        prepare(len(granted))
+                        cf.wait([preparing[0]])
+                        prepared()
+                    elif len(ready) < len(granted) and preparing[0] is None:
                         prepare(max(len(granted), ahead) - len(ready))
-                        if not ready:  # the first batch of the step: nothing else to do
-                            cf.wait([preparing[0]])
-                            prepared()
                     go = min(len(granted), len(ready))
-                    cap.release(granted[go:])
+                    freed.extend(granted[go:])
                     self._send(ctx, ready[:go], granted[:go], running, pool, client, ledger)
                     del ready[:go]
                     if not granted and not running and preparing[0] is None and (
@@ -343,20 +402,16 @@ class RealtimeSteps(SteppedRounds):
                     finished(fut)
                 except RealtimeAuthError:
                     pass
+            try:
+                cap.release(freed)
+            except slots.SlotsUnavailable:
+                pass  # they expire after their ttl
             pool.shutdown(wait=True)
             prep_pool.shutdown(wait=True)
         if preparing[0] is not None:
             prepared()  # its lines go back below, reserved
-        ledger["resume_at"] = time.time() + resume_in
-        # Lines read but not sent go first to the next step, which does not reserve them again.
-        ledger["resend"][:0] = [[r.line] for r in ready]
-        prepaid.update(r.line for r in ready)
-        if prepaid:
-            ledger["prepaid"] = sorted(prepaid)
-        for _, li in sorted(later):
-            ledger["resend"].append([li])
-        if later and ledger["backoff_until"] < time.time():
-            ledger["backoff_until"] = min(nb for nb, _ in later)
+        leave(ledger, [r.line for r in ready], prepaid | {r.line for r in ready}, later,
+              resume_in)
         return answered
 
     def _prepare(self, ctx: RoundContext, build: ShardBuild, lines: list[int],
