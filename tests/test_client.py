@@ -145,9 +145,16 @@ def test_upload_part_sends_the_part_with_its_length_without_copying_it():
                 conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
+    def accept():
+        while True:
+            try:
+                conn = listener.accept()[0]
+            except OSError:  # closed: the test is over
+                return
+            serve_one(conn)
+
     listener = socket.create_server(("127.0.0.1", 0))
-    threading.Thread(target=lambda: [serve_one(listener.accept()[0]) for _ in range(2)],
-                     daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
     data = bytes(range(256)) * (8 * 4096)  # 8 MiB
     client = BatchClient(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", SECRET,
                          max_attempts=3, sleep=lambda s: None)
