@@ -164,3 +164,25 @@ def test_shard_build_sizes_are_compact_and_round_trip():
                 pack(5, 6, -2, -2), {"int32le": "not base64!"}, {"int32le": 7}):
         with pytest.raises(ValueError):
             ShardBuild(lines=[], sizes=bad)
+
+
+def test_plan_items_parse_the_plan_file_on_access():
+    """``PlanItems`` (what ``Run.items`` returns) reads as the list of the plan's items would:
+    indexing (negative too), slices, iteration, length, equality; blank lines skipped; a bad
+    line refused up front."""
+    from moonbatch.workers.models import PlanItems
+
+    items = [PlanItem(id="a.jpg", size=10), PlanItem(id=7, size=20, opts={"length": "long"}),
+             PlanItem(id="m", size=30, ref="s3://b/x.png", more=("s3://b/y.png",))]
+    data = b"".join(i.to_json() + b"\n" for i in items)
+    for text in (data, data[:-1], b"\n" + data.replace(b"\n", b"\n\n", 1) + b"  \n"):
+        plan = PlanItems(text)
+        assert len(plan) == 3 and list(plan) == items and plan == items
+        assert plan[0] == items[0] and plan[-1] == items[2] and plan[1:] == items[1:]
+        assert [plan[i] for i in range(3)] == items
+        with pytest.raises(IndexError):
+            plan[3]
+    assert len(PlanItems(b"")) == 0 and PlanItems(b"") == [] and plan != items[:2]
+    for bad in (b'{"id": "a"}\n', b'{"id": [1], "size": 1}\n', b"not json\n"):
+        with pytest.raises(ValueError):
+            PlanItems(data + bad)

@@ -350,6 +350,8 @@ class PlanItem:
     def from_json(cls, line: bytes) -> PlanItem:
         """Parse a plan line; raises ``ValueError`` on a malformed one."""
         doc = orjson.loads(line)
+        if not isinstance(doc, dict) or "id" not in doc or "size" not in doc:
+            raise ValueError(f"plan line without an id and a size: {line[:200]!r}")
         item_id = doc["id"]
         if item_id is None or isinstance(item_id, (dict, list)):
             raise ValueError(f"plan line with an id that is not a scalar: {line[:200]!r}")
@@ -359,6 +361,55 @@ class PlanItem:
             raise ValueError(f"plan line with a 'more' that is not a list of refs: {line[:200]!r}")
         return cls(item_id, int(doc["size"]), doc.get("ref"), doc.get("opts"),
                    tuple(more) if more else None)
+
+
+class PlanItems(Sequence[PlanItem]):
+    """A shard's plan file as a sequence of ``PlanItem``: the file's bytes and where each line
+    starts (~8 bytes per item beside the text), each item parsed when it is asked for (a new
+    ``PlanItem`` each time), instead of a list of them (~180 bytes per item held for the
+    whole build or merge). Blank lines are skipped. Raises ``ValueError`` (at construction)
+    for a line ``PlanItem.from_json`` refuses."""
+
+    __slots__ = ("_data", "_starts")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        starts = array("q")
+        pos, end = 0, len(data)
+        while pos < end:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                nl = end
+            if data[pos:nl].strip():
+                PlanItem.from_json(data[pos:nl])  # every line checked once, up front
+                starts.append(pos)
+            pos = nl + 1
+        self._starts = starts
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        start = self._starts[index]
+        nl = self._data.find(b"\n", start)
+        return PlanItem.from_json(self._data[start:nl if nl >= 0 else len(self._data)])
+
+    def __iter__(self) -> Iterator[PlanItem]:
+        data, n = self._data, len(self._data)
+        for start in self._starts:
+            nl = data.find(b"\n", start)
+            yield PlanItem.from_json(data[start:nl if nl >= 0 else n])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(
+            a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PlanItems({len(self)} items)"
 
 
 class Sizes(Mapping[str, list[int]]):

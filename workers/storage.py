@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import urlparse
 
-
 _READ_CHUNK = 1 << 20  # bytes per read of a body of unknown length
 
 
