@@ -168,7 +168,8 @@ def plan_manifest(manifest: str, tree: str, out: str) -> dict[str, Any]:
 
 
 def worker(tree: str, n: str, state: str) -> dict[str, Any]:
-    """What a worker does for one shard of the first N objects of TREE: ``build_and_submit`` with
+    """What a worker does for one shard of the first N objects of TREE (its plan file written to
+    STATE and read back as the task does, ``PlanItems``): ``build_and_submit`` with
     the worker settings, wait for the batch, then the functions ``merge_round`` (the task) calls:
     read the round's ``build.json``, download and verify its outputs (``fetch_results``, as
     the provider's ``collect_round``), ``merge_round``, store the round's rows
@@ -177,7 +178,7 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     from moonbatch.config import get_settings
     from moonbatch.workers import layout, writers
     from moonbatch.workers.merge import merge_round
-    from moonbatch.workers.models import PlanItem, ShardBuild, SkillOptions
+    from moonbatch.workers.models import PlanItem, PlanItems, ShardBuild, SkillOptions
     from moonbatch.workers.providers.moondream import iter_result_lines
     from moonbatch.workers.providers.moondream.client import BatchClient
     from moonbatch.workers.providers.moondream.download import fetch_results
@@ -188,7 +189,11 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
 
     settings, store, out = get_settings(), LocalStore(tree), LocalStore(state)
     batch_api = settings.section(MoondreamSettings)
-    items = [PlanItem(id=o.key, size=o.size) for o in itertools.islice(store.iter_objects(), int(n))]
+    # The shard's plan file, read back as the task reads it (``Run.items``).
+    out.put(layout.plan_items(0), b"".join(
+        PlanItem(id=o.key, size=o.size).to_json() + b"\n"
+        for o in itertools.islice(store.iter_objects(), int(n))))
+    items = PlanItems(out.get(layout.plan_items(0)))
     client = BatchClient(os.environ["MOONBATCH_MOONDREAM_URL"], batch_api.api_key())
     start = time.perf_counter()
     build, batch = build_and_submit(

@@ -115,3 +115,57 @@ def test_retry_after_forms():
     assert _retry_after(httpx.Response(429, headers={"Retry-After": "soon"})) is None
     date = _retry_after(httpx.Response(429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}))
     assert date == 0  # a date in the past: retry now
+
+
+def test_upload_part_sends_the_part_with_its_length_without_copying_it():
+    """A part goes out with a Content-Length (not chunked: R2 wants exact part sizes), whole on
+    a retry too, and without a copy of it made to send it (httpcore copies what is left of
+    a buffer after each partial send: 1 MiB slices bound that)."""
+    import tracemalloc
+
+    seen = []
+
+    def serve_one(conn):  # a bare HTTP/1.1 server: counts the body in small reads, keeps none
+        with conn, conn.makefile("rb", buffering=0) as f:
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    byte = f.read(1)
+                    if not byte:
+                        return
+                    head += byte
+                fields = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if line)
+                left, got = int(fields.get("Content-Length", 0)), 0
+                while left:
+                    chunk = conn.recv(min(left, 1 << 16))
+                    got, left = got + len(chunk), left - len(chunk)
+                seen.append((got, fields.get("Content-Length"), fields.get("Transfer-Encoding")))
+                status, body = ((b"503 Busy", b"{}") if len(seen) == 1 else
+                                (b"200 OK", b'{"etag": "e1"}'))
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    def accept():
+        while True:
+            try:
+                conn = listener.accept()[0]
+            except OSError:  # closed: the test is over
+                return
+            serve_one(conn)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=accept, daemon=True).start()
+    data = bytes(range(256)) * (8 * 4096)  # 8 MiB
+    client = BatchClient(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", SECRET,
+                         max_attempts=3, sleep=lambda s: None)
+    tracemalloc.start()
+    try:
+        part = client.upload_part("f1", "u1", 3, data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        client.close()
+        listener.close()
+    assert (part.part_number, part.etag) == (3, "e1")
+    assert seen == [(len(data), str(len(data)), None)] * 2
+    assert peak < len(data) // 3, peak  # sent whole: 4-6 MB of copies of its rest

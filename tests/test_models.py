@@ -124,7 +124,13 @@ def test_plan_item_and_shard_build_round_trip():
     assert again.lines == [0, 2] and again.errors == build.errors and again.bytes == 0
 
 
-def test_shard_build_sizes_are_compact_and_round_trip_as_a_dict():
+def test_shard_build_sizes_are_compact_and_round_trip():
+    """``sizes`` in memory: int32 quads; in build.json: base64 of them (``json_bytes``);
+    ``model_dump`` and ``model_dump_json``: the dict form, which files written before the
+    compact form hold and which still loads."""
+    import base64
+    from array import array
+
     from moonbatch.workers.models import Sizes
 
     sizes = {"0": [640, 480], "7": [4000, 3000, 1000, 750], "3": [1, 2]}
@@ -134,12 +140,49 @@ def test_shard_build_sizes_are_compact_and_round_trip_as_a_dict():
     assert build.sizes.get("x") is None and "3" in build.sizes and "4" not in build.sizes
     assert list(build.sizes) == ["0", "3", "7"] and build.sizes == sizes
     assert build.model_dump()["sizes"] == sizes
+    assert json.loads(build.model_dump_json())["sizes"] == sizes  # the dict form
+    packed = json.loads(build.json_bytes())
+    assert {k: v for k, v in packed.items() if k != "sizes"} == build.model_dump(exclude={"sizes"})
+    quads = array("i", base64.b64decode(packed["sizes"]["int32le"]))
+    assert quads.tolist() == [640, 480, -1, -1, *[-1] * 8, 1, 2, -1, -1, *[-1] * 12,
+                              4000, 3000, 1000, 750]
     for data in (build.model_dump_json().encode(), build.json_bytes()):
-        assert json.loads(data) == json.loads(build.model_dump_json())
         again = ShardBuild.model_validate_json(data)
-        assert again.sizes == sizes and again.lines == [0, 3, 7]
-    assert not ShardBuild(lines=[]).sizes and ShardBuild(lines=[]).json_bytes().endswith(
-        b'"sizes":{}}')
+        assert again.sizes == sizes and len(again.sizes) == 3 and again.lines == [0, 3, 7]
+        assert ShardBuild.model_validate(json.loads(data)) == build
+    empty = ShardBuild(lines=[])
+    assert not empty.sizes and ShardBuild.model_validate_json(empty.json_bytes()) == empty
     for bad in ({"0": [1, 2, 3]}, {"0": [-1, 2]}, {"0": [1.5, 2]}, {"-1": [1, 2]}, [[1, 2]]):
         with pytest.raises(ValueError):
             ShardBuild(lines=[], sizes=bad)
+
+    def pack(*values):
+        return {"int32le": base64.b64encode(array("i", values).tobytes()).decode()}
+
+    assert ShardBuild(lines=[], sizes=pack(-1, -1, -1, -1, 5, 6, -1, -1)).sizes == {"1": [5, 6]}
+    for bad in (pack(1, 2, 3), pack(5, -1, -1, -1), pack(-1, 6, -1, -1), pack(5, 6, 7, -1),
+                pack(5, 6, -2, -2), {"int32le": "not base64!"}, {"int32le": 7}):
+        with pytest.raises(ValueError):
+            ShardBuild(lines=[], sizes=bad)
+
+
+def test_plan_items_parse_the_plan_file_on_access():
+    """``PlanItems`` (what ``Run.items`` returns) reads as the list of the plan's items would:
+    indexing (negative too), slices, iteration, length, equality; blank lines skipped; a bad
+    line refused up front."""
+    from moonbatch.workers.models import PlanItems
+
+    items = [PlanItem(id="a.jpg", size=10), PlanItem(id=7, size=20, opts={"length": "long"}),
+             PlanItem(id="m", size=30, ref="s3://b/x.png", more=("s3://b/y.png",))]
+    data = b"".join(i.to_json() + b"\n" for i in items)
+    for text in (data, data[:-1], b"\n" + data.replace(b"\n", b"\n\n", 1) + b"  \n"):
+        plan = PlanItems(text)
+        assert len(plan) == 3 and list(plan) == items and plan == items
+        assert plan[0] == items[0] and plan[-1] == items[2] and plan[1:] == items[1:]
+        assert [plan[i] for i in range(3)] == items
+        with pytest.raises(IndexError):
+            plan[3]
+    assert len(PlanItems(b"")) == 0 and PlanItems(b"") == [] and plan != items[:2]
+    for bad in (b'{"id": "a"}\n', b'{"id": [1], "size": 1}\n', b"not json\n"):
+        with pytest.raises(ValueError):
+            PlanItems(data + bad)

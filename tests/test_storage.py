@@ -106,6 +106,30 @@ def test_local_not_found(tmp_path):
     assert get_json_or_none(store, "nope.json") is None
 
 
+def test_local_capped_get_reads_the_file_not_the_cap(tmp_path):
+    """A capped read of a small file allocates about its size, not the cap (a worker reads
+    thousands of tiny images under a 100 MB cap); the cap still holds at its boundary."""
+    import tracemalloc
+
+    from moonbatch.workers.storage import TooLarge
+
+    store = LocalStore(tmp_path)
+    store.put("small.png", b"x" * 300)
+    store.put("edge.bin", b"y" * 4096)
+    tracemalloc.start()
+    try:
+        assert store.get("small.png", max_bytes=200_000_000) == b"x" * 300
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+    assert store.get("edge.bin", max_bytes=4096) == b"y" * 4096
+    with pytest.raises(TooLarge):
+        store.get("edge.bin", max_bytes=4095)
+    store.put("empty", b"")
+    assert store.get("empty", max_bytes=10) == b""
+
+
 def test_local_iter_objects(tmp_path):
     store = LocalStore(tmp_path)
     data = {"b.jpg": b"12", "a/z.png": b"123", "a/b/c.gif": b"", "ü dir/x y.jpg": b"1"}

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
+from pybase64 import b64decode, b64encode
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, model_validator
 from pydantic_core import core_schema
 
@@ -348,6 +350,8 @@ class PlanItem:
     def from_json(cls, line: bytes) -> PlanItem:
         """Parse a plan line; raises ``ValueError`` on a malformed one."""
         doc = orjson.loads(line)
+        if not isinstance(doc, dict) or "id" not in doc or "size" not in doc:
+            raise ValueError(f"plan line without an id and a size: {line[:200]!r}")
         item_id = doc["id"]
         if item_id is None or isinstance(item_id, (dict, list)):
             raise ValueError(f"plan line with an id that is not a scalar: {line[:200]!r}")
@@ -359,13 +363,65 @@ class PlanItem:
                    tuple(more) if more else None)
 
 
+class PlanItems(Sequence[PlanItem]):
+    """A shard's plan file as a sequence of ``PlanItem``: the file's bytes and where each line
+    starts (~8 bytes per item beside the text), each item parsed when it is asked for (a new
+    ``PlanItem`` each time), instead of a list of them (~180 bytes per item held for the
+    whole build or merge). Blank lines are skipped. Raises ``ValueError`` (at construction)
+    for a line ``PlanItem.from_json`` refuses."""
+
+    __slots__ = ("_data", "_starts")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        starts = array("q")
+        pos, end = 0, len(data)
+        while pos < end:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                nl = end
+            if data[pos:nl].strip():
+                PlanItem.from_json(data[pos:nl])  # every line checked once, up front
+                starts.append(pos)
+            pos = nl + 1
+        self._starts = starts
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        start = self._starts[index]
+        nl = self._data.find(b"\n", start)
+        return PlanItem.from_json(self._data[start:nl if nl >= 0 else len(self._data)])
+
+    def __iter__(self) -> Iterator[PlanItem]:
+        data, n = self._data, len(self._data)
+        for start in self._starts:
+            nl = data.find(b"\n", start)
+            yield PlanItem.from_json(data[start:nl if nl >= 0 else n])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(
+            a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PlanItems({len(self)} items)"
+
+
 class Sizes(Mapping[str, list[int]]):
     """``ShardBuild.sizes`` in 16 bytes per item (four int32: width, height, sent width, sent
     height; -1 where absent) instead of a dict of lists (~190 bytes per item): item index (a
     string, as in JSON) → ``[width, height]``, or ``[width, height, sent width, sent height]``
-    for an image downscaled before sending. ``get`` returns a new list each time; its JSON
-    (and ``model_dump``) is the dict it stands for. Raises ``ValueError`` for dims that are not
-    two or four integers in 0..2**31-1."""
+    for an image downscaled before sending. ``get`` returns a new list each time;
+    ``model_dump`` gives the dict it stands for. Its JSON (``json_bytes``, what ``build.json``
+    holds) is ``{"int32le": <base64 of the int32 array, little-endian>}``; the dict form of
+    earlier files still loads. Raises ``ValueError`` for dims that are not two or four
+    integers in 0..2**31-1, or a packed form that is not whole quads of int32 in that range
+    (-1: absent)."""
 
     __slots__ = ("_a", "_n")
 
@@ -430,22 +486,39 @@ class Sizes(Mapping[str, list[int]]):
         return dict(self.items())
 
     def json_bytes(self) -> bytes:
-        """``to_dict()``'s compact JSON, made without the dict (a few thousand items at a
-        time)."""
-        a, out, batch = self._a, [b"{"], []
+        """The compact JSON form, ``{"int32le":"<base64>"}`` (4/3 bytes of text per byte of
+        the array; reading it back builds no object per item, as the dict form did)."""
+        a = self._a
+        if sys.byteorder != "little":
+            a = array("i", a)
+            a.byteswap()
+        return b'{"int32le":"' + b64encode(a.tobytes()) + b'"}'
+
+    @classmethod
+    def from_packed(cls, text: str | bytes) -> Sizes:
+        """``Sizes`` from ``json_bytes``'s base64 text. Raises ``ValueError`` if it is not
+        whole quads of int32, each all -1 (absent) or two or four sizes (-1 for the rest)."""
+        try:
+            raw = b64decode(text, validate=True)
+        except (ValueError, TypeError):
+            raise ValueError("sizes: int32le is not base64") from None
+        if len(raw) % 16:
+            raise ValueError("sizes: int32le is not whole quads of int32")
+        a = array("i")
+        a.frombytes(raw)
+        if sys.byteorder != "little":
+            a.byteswap()
+        n = 0
         for k in range(0, len(a), 4):
-            w = a[k]
-            if w < 0:
-                continue
-            sw = a[k + 2]
-            batch.append(b'"%d":[%d,%d]' % (k // 4, w, a[k + 1]) if sw < 0 else
-                         b'"%d":[%d,%d,%d,%d]' % (k // 4, w, a[k + 1], sw, a[k + 3]))
-            if len(batch) == 4096:
-                out.append(b",".join(batch))
-                batch = []
-        if batch:
-            out.append(b",".join(batch))
-        return out[0] + b",".join(out[1:]) + b"}"
+            w, h, sw, sh = a[k:k + 4]
+            if w < 0 and (w, h, sw, sh) != (-1, -1, -1, -1) or w >= 0 and (
+                    h < 0 or min(sw, sh) < -1 or (sw < 0) != (sh < 0)):
+                raise ValueError(f"sizes[{k // 4}]: {[w, h, sw, sh]!r} is not 2 or 4 sizes "
+                                 "in pixels")
+            n += w >= 0
+        self = cls()
+        self._a, self._n = a, n
+        return self
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler
@@ -455,6 +528,8 @@ class Sizes(Mapping[str, list[int]]):
                 return value
             if not isinstance(value, Mapping):
                 raise ValueError("sizes must be an object of item index → sizes")
+            if len(value) == 1 and "int32le" in value:  # json_bytes's form
+                return cls.from_packed(value["int32le"])
             return cls(value)
 
         return core_schema.no_info_plain_validator_function(
@@ -493,8 +568,8 @@ class ShardBuild(BaseModel):
     attempt: str = ""
 
     def json_bytes(self) -> bytes:
-        """``model_dump_json()``'s document as UTF-8 (``sizes`` last), without the copy of
-        ``sizes`` as a dict that ``model_dump_json`` makes."""
+        """The ``build.json`` document as UTF-8: ``model_dump_json()``'s but for ``sizes``
+        (last), in ``Sizes.json_bytes``'s compact form, made without a copy of it as a dict."""
         head = self.model_dump_json(exclude={"sizes"}).encode()
         return head[:-1] + b',"sizes":' + self.sizes.json_bytes() + b"}"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from moonbatch.config import Settings
 from moonbatch.workers import layout
-from moonbatch.workers.models import PlanItem, RunSpec, ShardDone
+from moonbatch.workers.models import PlanItems, RunSpec, ShardDone
 from moonbatch.workers.providers import DEFAULT_PROVIDER
 from moonbatch.workers.storage import Store, get_json, get_json_or_none, open_store, put_json
 
@@ -94,10 +94,9 @@ class Run:
                                         local_input=not self.spec.input.startswith("s3://"))
         return self._fetcher
 
-    def items(self, shard: int) -> list[PlanItem]:
-        """The shard's planned items, in line order."""
-        data = self.output.get(layout.plan_items(shard))
-        return [PlanItem.from_json(line) for line in data.splitlines() if line.strip()]
+    def items(self, shard: int) -> PlanItems:
+        """The shard's planned items, in line order (parsed on access: ``PlanItems``)."""
+        return PlanItems(self.output.get(layout.plan_items(shard)))
 
 
 def open_output(url: str, settings: Settings) -> Store:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import urlparse
 
+_READ_CHUNK = 1 << 20  # bytes per read of a body of unknown length
+
 
 class StorageError(Exception):
     """A storage operation failed; the message names the URL and the reason."""
@@ -186,7 +188,11 @@ class LocalStore:
             if info.st_size > max_bytes:
                 raise TooLarge(f"{self.url_for(key)}: {info.st_size} bytes, more than the "
                                f"{max_bytes} allowed")
-            data = f.read(max_bytes + 1)
+            # st_size + 1, not max_bytes + 1: a read of n allocates n bytes up front (a tiny
+            # file would cost the whole cap); the extra byte shows a file that grew since.
+            data = f.read(info.st_size + 1)
+            if len(data) > info.st_size:
+                data += f.read(max_bytes + 1 - len(data))
         if len(data) > max_bytes:  # grew since fstat
             raise TooLarge(f"{self.url_for(key)}: more than the {max_bytes} bytes allowed")
         return data
@@ -351,10 +357,15 @@ class S3Store:
                     # HTTP reads exactly Content-Length bytes and botocore checks the count:
                     # a plain read() spares urllib3's bounded read its extra buffer copy.
                     return body.read()
-                data = body.read(max_bytes + 1)
-                if len(data) > max_bytes:
-                    raise TooLarge(f"{self.url_for(key)}: more than the {max_bytes} bytes "
-                                   "allowed")
+                # No length (a chunked answer): read in chunks, as a read of n would
+                # allocate n bytes up front whatever the object's size.
+                got = bytearray()
+                for chunk in body.iter_chunks(_READ_CHUNK):
+                    got += chunk
+                    if len(got) > max_bytes:
+                        raise TooLarge(f"{self.url_for(key)}: more than the {max_bytes} "
+                                       "bytes allowed")
+                data = bytes(got)
                 # A read of a given size skips botocore's length check: do it here.
                 if resp.get("ContentLength") not in (None, len(data)):
                     raise StorageError(f"{self.url_for(key)}: cut short ({len(data)} of "

@@ -62,6 +62,7 @@ METRIC_ACTIONS = {"mpu-create": "mpu-create", "mpu-uploadpart": "mpu-uploadpart"
                   "download of output": "download"}
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 T = TypeVar("T")
+SEND_SLICE = 1 << 20  # bytes of a part handed to the HTTP client at a time
 
 
 def _record_call(action: str, status: int | None, started: float) -> None:
@@ -267,6 +268,14 @@ class BatchClient:
                                        "answer has no etag", status=r.status_code)
             return Part(partNumber=part_number, etag=etag)
 
+        def body() -> Iterator[memoryview]:
+            # Sent in slices (a new generator per try): httpcore's write loop copies what is
+            # left of a buffer after each partial send (``buffer[n:]``), so a part handed over
+            # whole was copied again and again, up to a second part per upload in flight.
+            view = memoryview(data)
+            for start in range(0, len(view), SEND_SLICE):
+                yield view[start:start + SEND_SLICE]
+
         action = f"mpu-uploadpart (part {part_number})"
         file_id = checked_id(file_id, action, "file id")
         return self._call(
@@ -274,7 +283,9 @@ class BatchClient:
             lambda: self._http.put(
                 f"{self.base_url}/batch/{file_id}",
                 params={"action": "mpu-uploadpart", "uploadId": upload_id, "partNumber": part_number},
-                content=data, headers={"Content-Type": "application/octet-stream"},
+                # An explicit length: httpx then sends the iterator as is, not chunked.
+                content=body(), headers={"Content-Type": "application/octet-stream",
+                                         "Content-Length": str(len(data))},
             ),
             parse,
         )
