@@ -26,8 +26,8 @@ Measures, in child processes (``bench.probe``), the peak resident set size (VmHW
   dateutil timestamps, which moonbatch's client skips), so 10,000,000 keys take many minutes
   (30 under a load of 10 here) and a boto3 baseline three times that: too long for a
   ~20-minute bench, and neither the peak (one page and one shard at a time) nor the rate per
-  key depends on the count. ``MOONBATCH_BENCH_LIST_KEYS=10000000 python -m bench memory`` measures 1,000,000 and
-  10,000,000 (the baselines stay at 100,000);
+  key depends on the count. ``MOONBATCH_BENCH_LIST_KEYS=10000000 python -m bench memory``
+  measures 1,000,000 and 10,000,000 (the baselines stay at 100,000);
 - a worker: ``build_and_submit`` of a shard of tiny PNGs (8x8, local files) to the emulator with
   the worker settings (fetch concurrency, ...; 8 MiB parts so that the JSONL of the larger shard,
   ~43 MB, spans several parts), then waiting for the batch and what the merge task calls:
