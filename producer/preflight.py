@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,18 @@ def _check_broker(url: str, timeout: float) -> str | None:
 
 
 # -- storage ------------------------------------------------------------------------------------
-@functools.cache
+_client_lock = threading.Lock()
+
+
 def _s3_client(endpoint_url: str | None, region: str | None) -> Any:
-    """An S3 client with short timeouts and few attempts: a preflight answers in seconds."""
+    """An S3 client with short timeouts and few attempts: a preflight answers in seconds. One
+    per endpoint and region, built once even when the checks ask for it side by side."""
+    with _client_lock:
+        return _new_s3_client(endpoint_url, region)
+
+
+@functools.cache
+def _new_s3_client(endpoint_url: str | None, region: str | None) -> Any:
     from botocore.config import Config
 
     config = Config(connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT,

@@ -229,6 +229,12 @@ class SteppedRounds:
         interval."""
         return None
 
+    def done_at_submit(self, ctx: RoundContext) -> dict[str, Any] | None:
+        """The round's ``progress`` when its ledger is done (the first step answered every
+        line), else None (``Provider.done_at_submit``)."""
+        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
+        return progress(ledger) if ledger is not None and ledger_done(ledger) else None
+
     def round_stats(self, ledger: Mapping[str, Any]) -> dict[str, int]:
         """The provider's counts for ``merged.json``, from the finished round's ledger."""
         return {"requests": ledger["requests"],

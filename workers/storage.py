@@ -266,6 +266,8 @@ class LocalStore:
 
 _s3_clients: dict[tuple[str | None, str | None, int], Any] = {}
 _s3_lock = threading.Lock()
+_loader: Any = None  # botocore's data loader, shared by every session (``s3_session``)
+_loader_lock = threading.Lock()
 
 
 def _timestamp(value: Any) -> Any:
@@ -288,8 +290,16 @@ def s3_session() -> Any:
     import boto3
     import botocore.session
 
+    global _loader
     core = botocore.session.get_session()
     core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
+    # One loader for the process: each new session would read and parse S3's service model
+    # again (~0.1 s of CPU per client; a CLI start builds several).
+    with _loader_lock:
+        if _loader is None:
+            _loader = core.get_component("data_loader")
+        else:
+            core.register_component("data_loader", _loader)
     return boto3.session.Session(botocore_session=core)
 
 

@@ -294,6 +294,12 @@ class Provider(Protocol):
         own pace (a round sent in steps says when its next step is due); None: the fleet's poll
         interval (``poll_min_interval``)."""
 
+    def done_at_submit(self, ctx: RoundContext) -> dict[str, Any] | None:
+        """The round's progress (``progress.json``'s fields, as ``Poll.progress``) when
+        ``submit_round`` finished it (every line answered within the build): the build then
+        goes straight to the merge, with no poll. None: the round goes on, or is looked at by
+        polls."""
+
     def collect_round(self, ctx: RoundContext) -> RoundResults | Resend | None:
         """The finished round's results; ``Resend`` when the round must be sent again; None
         when it is not finished (poll again)."""

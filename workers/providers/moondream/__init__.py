@@ -325,6 +325,10 @@ class MoondreamBatchProvider:
         processing time at the service)."""
         return None
 
+    def done_at_submit(self, ctx: RoundContext) -> None:
+        """None: a batch submitted is never finished yet; polls look at it."""
+        return None
+
     def duplicate_submissions(self, ctx: RoundContext) -> int:
         """Batches a lost answer may have made twice (``orphans.json``, written by
         ``upload``)."""
