@@ -8,7 +8,9 @@ memory, so that a worker's peak memory does not grow with the shard (``bench mem
   (``merge.compose``), read back in chunks and uploaded as a file (``write_shard``);
 - ``put_round_rows`` / ``iter_stored_lines``: a round's stored rows (``rows.jsonl``,
   ``<index>\\t<row>`` lines, ``merge.encode_round``'s format) written from a spool and read back
-  in chunks, never as one bytes object.
+  in chunks, never as one bytes object;
+- ``read_chunks`` / ``newline_pieces``: a local file read in chunks, and chunks cut into pieces
+  that end at a newline (the lines above, and the Batch API's spooled result files).
 
 Local files only (the system's temporary directory); the stores are written through ``Store``.
 """
@@ -19,21 +21,41 @@ import os
 import tempfile
 from array import array
 from collections.abc import ItemsView, Iterable, Iterator, MutableMapping, ValuesView
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from moonbatch.workers.storage import Store
 
 CHUNK = 2**20  # bytes read (or fetched with one ranged GET) at a time
 
+_Self = TypeVar("_Self", bound="_TempFileBacked")
 
-class RowSpool(MutableMapping[int, bytes]):
+
+class _TempFileBacked:
+    """Owner of ``self._file``, an unnamed temporary file (deleted when closed or collected);
+    a context manager that closes it."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] = tempfile.TemporaryFile(buffering=2**20)
+
+    def close(self) -> None:
+        """Delete the file."""
+        self._file.close()
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RowSpool(_TempFileBacked, MutableMapping[int, bytes]):
     """Rows of items ``0 .. n - 1`` in an unnamed temporary file (deleted when closed or
     collected); ``spool[i]`` reads item ``i``'s row back (one ``pread``). Setting a row again
     appends the new bytes (the old ones stay in the file, unreferenced). Iteration is in item
     order. Memory: 12 bytes per item, whatever the rows' size."""
 
     def __init__(self, n: int) -> None:
-        self._file: IO[bytes] = tempfile.TemporaryFile(buffering=2**20)
+        super().__init__()
         self._fd = self._file.fileno()
         self._offset = array("q", [-1]) * n
         self._length = array("i", [0]) * n
@@ -107,7 +129,7 @@ class RowSpool(MutableMapping[int, bytes]):
     def snapshot(self) -> RowSpool:
         """A read-only copy of the rows as they are now, sharing the file (rows added or
         replaced later do not show in it: the file is only appended to). Valid while this
-        spool is open."""
+        spool is open; closing either closes both."""
         self._file.flush()
         self._flushed = self._end
         copy = RowSpool.__new__(RowSpool)
@@ -131,16 +153,6 @@ class RowSpool(MutableMapping[int, bytes]):
                 buf, size = [], 0
         out.write(b"".join(buf))
 
-    def close(self) -> None:
-        """Delete the file (a snapshot's file is its spool's: closing it closes both)."""
-        self._file.close()
-
-    def __enter__(self) -> RowSpool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class _Items(ItemsView):  # type: ignore[type-arg]
     def __iter__(self) -> Iterator[Any]:
@@ -152,14 +164,14 @@ class _Values(ValuesView):  # type: ignore[type-arg]
         return (row for _, row in self._mapping._iter_items())  # type: ignore[attr-defined]
 
 
-class ShardRows:
+class ShardRows(_TempFileBacked):
     """A shard's final rows in plan order: one JSONL temporary file (a row per line) and its
     number of rows. ``len()`` and iteration (row bytes, without the newline, read in chunks)
     let a writer take it where it takes a sequence of rows; ``file()`` is the JSONL itself,
     rewound, for an upload."""
 
     def __init__(self) -> None:
-        self._file: IO[bytes] = tempfile.TemporaryFile(buffering=2**20)
+        super().__init__()
         self._n = 0
 
     def append(self, row: bytes) -> None:
@@ -173,15 +185,7 @@ class ShardRows:
 
     def __iter__(self) -> Iterator[bytes]:
         self._file.flush()
-        fd = self._file.fileno()
-
-        def chunks() -> Iterator[bytes]:  # its own offset: iterations do not move the file
-            offset = 0
-            while data := os.pread(fd, CHUNK, offset):
-                offset += len(data)
-                yield data
-
-        return _lines(chunks())
+        return _lines(read_chunks(self._file.fileno(), CHUNK))  # pread: the file does not move
 
     def file(self) -> IO[bytes]:
         """The JSONL file (``len(self)`` lines), positioned at its start."""
@@ -189,31 +193,55 @@ class ShardRows:
         self._file.seek(0)
         return self._file
 
-    def close(self) -> None:
-        """Delete the file."""
-        self._file.close()
 
-    def __enter__(self) -> ShardRows:
-        return self
+def read_chunks(fd: int, size: int, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+    """The bytes of the file open as ``fd`` from ``offset`` for ``length`` bytes (None: to its
+    end), ``size`` bytes at a time (the last chunk shorter), read with ``pread``: the file's
+    position does not move. Stops early at the end of the file. Raises ``OSError``."""
+    end = None if length is None else offset + length
+    while end is None or offset < end:
+        data = os.pread(fd, size if end is None else min(size, end - offset), offset)
+        if not data:
+            return
+        offset += len(data)
+        yield data
+        del data  # not held while the next chunk is read (nor below: memory stays ~ 3 chunks)
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+
+def newline_pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """A byte stream given in chunks (cut anywhere) → the same bytes in pieces that each end
+    with ``\\n`` (about a chunk's size: one chunk's bytes up to its last newline, after what
+    the chunk before left over), but the last piece, which is what follows the stream's last
+    newline (if anything). Holds at most a chunk and the line it was cut in."""
+    rest = b""
+    for data in chunks:
+        cut = data.rfind(b"\n") + 1
+        if not cut:  # inside a line longer than a chunk
+            rest += data
+            continue
+        # One copy at most (a chunk that ends at its newline, after none left over: none).
+        piece = b"".join((rest, memoryview(data)[:cut])) if rest or cut < len(data) else data
+        # A chunk cut inside a line: the line's start waits for the next chunk.
+        rest = data[cut:]
+        del data
+        yield piece
+        del piece
+    if rest:
+        yield rest
 
 
 def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """The non-empty lines of a byte stream given in chunks (cut anywhere)."""
-    rest = b""
-    for chunk in chunks:
-        data = rest + chunk if rest else chunk
-        lines = data.splitlines()
-        # A chunk cut inside a line: its start waits for the next chunk.
-        rest = lines.pop() if lines and not data.endswith(b"\n") else b""
-        del data
+    """The non-empty lines of a byte stream given in chunks (cut anywhere), without their line
+    ends; the stream's last line, after its last ``\\n``, only if it is not blank."""
+    for piece in newline_pieces(chunks):
+        lines = piece.splitlines()
+        if not piece.endswith(b"\n") and not lines[-1].strip():  # the stream's end
+            lines.pop()
+        del piece
         for line in lines:
             if line:
                 yield line
-    if rest.strip():
-        yield rest
+        del lines
 
 
 def put_round_rows(store: Store, key: str, rows: RowSpool, *, if_absent: bool = False) -> bool:
@@ -243,4 +271,5 @@ def iter_stored_lines(store: Store, key: str) -> Iterator[bytes]:
     return _lines(chunks())
 
 
-__all__ = ["CHUNK", "RowSpool", "ShardRows", "iter_stored_lines", "put_round_rows"]
+__all__ = ["CHUNK", "RowSpool", "ShardRows", "iter_stored_lines", "newline_pieces", "put_round_rows",
+           "read_chunks"]

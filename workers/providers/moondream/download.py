@@ -21,6 +21,7 @@ import orjson
 from moonbatch.workers.providers.moondream.answers import BatchStatus
 from moonbatch.workers.providers.moondream.client import BatchClient
 from moonbatch.workers.providers.moondream.errors import MoondreamError, TransientError
+from moonbatch.workers.rowspool import newline_pieces, read_chunks
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class DownloadStats:
 class ResultFiles:
     """A batch's verified result files, in output-index order, in an unnamed temporary file
     (deleted when closed or collected). Iterating yields each file's bytes in pieces of about
-    ``chunk`` bytes cut after a newline (a small file: in one piece), read back one at a time;
-    ``len()`` is the number of files."""
+    ``chunk`` bytes cut after a newline (``rowspool.newline_pieces``: a small file ending with a
+    newline in one piece), read back one at a time; ``len()`` is the number of files."""
 
     def __init__(self, chunk: int = 2**20) -> None:
         self._file = tempfile.TemporaryFile()
@@ -64,21 +65,8 @@ class ResultFiles:
     def __iter__(self) -> Iterator[bytes]:
         fd = self._file.fileno()
         for index in sorted(self._spans):
-            offset, left = self._spans[index]
-            rest = b""
-            while left > 0:
-                data = os.pread(fd, min(self.chunk, left), offset)
-                if not data:
-                    break
-                offset += len(data)
-                left -= len(data)
-                data = rest + data if rest else data
-                cut = data.rfind(b"\n") + 1 if left > 0 else len(data)
-                rest = data[cut:]
-                if cut:
-                    yield data[:cut]
-            if rest:
-                yield rest
+            offset, length = self._spans[index]
+            yield from newline_pieces(read_chunks(fd, self.chunk, offset, length))
 
     def close(self) -> None:
         """Delete the temporary file."""
