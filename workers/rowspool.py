@@ -61,7 +61,9 @@ class RowSpool(_TempFileBacked, MutableMapping[int, bytes]):
         self._length = array("i", [0]) * n
         self._end = 0
         self._count = 0
-        self._flushed = 0  # the file's bytes up to here can be read with pread
+        # The file's bytes up to here can be read with pread. Not a flush before every read:
+        # fill_cached reads a row, adds one, reads... (a write per row, twice the time).
+        self._flushed = 0
 
     def __len__(self) -> int:
         return self._count
@@ -87,8 +89,7 @@ class RowSpool(_TempFileBacked, MutableMapping[int, bytes]):
             raise KeyError(i)
         n = self._length[i]
         if off + n > self._flushed:
-            self._file.flush()
-            self._flushed = self._end
+            self._flush()
         return os.pread(self._fd, n, off)
 
     def __contains__(self, i: object) -> bool:
@@ -112,9 +113,12 @@ class RowSpool(_TempFileBacked, MutableMapping[int, bytes]):
         """The rows in item order (see ``items``)."""
         return _Values(self)
 
-    def _iter_items(self) -> Iterator[tuple[int, bytes]]:
+    def _flush(self) -> None:
         self._file.flush()
         self._flushed = self._end
+
+    def _iter_items(self) -> Iterator[tuple[int, bytes]]:
+        self._flush()
         fd, lengths, pread = self._fd, self._length, os.pread
         for i, off in enumerate(self._offset):
             if off >= 0:
@@ -130,8 +134,7 @@ class RowSpool(_TempFileBacked, MutableMapping[int, bytes]):
         """A read-only copy of the rows as they are now, sharing the file (rows added or
         replaced later do not show in it: the file is only appended to). Valid while this
         spool is open; closing either closes both."""
-        self._file.flush()
-        self._flushed = self._end
+        self._flush()  # the copy only reads: it never flushes
         copy = RowSpool.__new__(RowSpool)
         copy._file, copy._fd = self._file, self._fd
         copy._offset, copy._length = array("q", self._offset), array("i", self._length)
