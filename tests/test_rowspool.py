@@ -15,7 +15,14 @@ from moonbatch.workers.merge import compose, encode_round, merge_round
 from moonbatch.workers.models import PlanItem, ShardBuild
 from moonbatch.workers.providers.moondream import iter_result_lines
 from moonbatch.workers.providers.moondream.download import ResultFiles
-from moonbatch.workers.rowspool import RowSpool, ShardRows, iter_stored_lines, put_round_rows
+from moonbatch.workers.rowspool import (
+    RowSpool,
+    ShardRows,
+    iter_stored_lines,
+    newline_pieces,
+    put_round_rows,
+    read_chunks,
+)
 from moonbatch.workers.storage import LocalStore, NotFound, S3Store
 
 
@@ -135,6 +142,24 @@ def test_result_files_come_back_in_index_order_cut_at_line_ends():
     assert [r["line_index"] for r in iter_result_lines(files)] == [
         i * 10 + k for i in range(3) for k in range(8)]
     files.close()
+
+
+def test_newline_pieces_and_lines_do_not_depend_on_where_chunks_are_cut(tmp_path):
+    rng = random.Random(5)
+    stream = b"".join(rng.choice([b"ab", b"\n", b"\n\n", b" ", b"\r", b"\r\n", b"x" * 30])
+                      for _ in range(400)) + b"\n  "
+    whole = list(rowspool._lines([stream]))
+    assert whole[-1] != b"  " and b"\r" not in b"".join(whole)  # a blank unterminated end is dropped
+    path = tmp_path / "s"
+    path.write_bytes(stream)
+    with open(path, "rb") as f:
+        for size in (1, 2, 7, 64, 5000):
+            chunks = list(read_chunks(f.fileno(), size, 3, len(stream) - 5))
+            assert b"".join(chunks) == stream[3:-2] and max(map(len, chunks)) <= size
+            chunks = list(read_chunks(f.fileno(), size))
+            pieces = list(newline_pieces(chunks))
+            assert b"".join(pieces) == stream and all(p.endswith(b"\n") for p in pieces[:-1])
+            assert list(rowspool._lines(chunks)) == whole
 
 
 def test_put_of_a_file_streams_it_to_local_and_s3(tmp_path, s3_endpoint, bucket, monkeypatch):
