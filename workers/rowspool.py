@@ -208,7 +208,7 @@ def read_chunks(fd: int, size: int, offset: int = 0, length: int | None = None) 
             return
         offset += len(data)
         yield data
-        del data  # not held while the next chunk is read (nor below: memory stays ~ 3 chunks)
+        del data  # not held while the next chunk is read
 
 
 def newline_pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -226,7 +226,7 @@ def newline_pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
         piece = b"".join((rest, memoryview(data)[:cut])) if rest or cut < len(data) else data
         # A chunk cut inside a line: the line's start waits for the next chunk.
         rest = data[cut:]
-        del data
+        del data  # the dels: no chunk held past its use (peak ~ 3 chunks)
         yield piece
         del piece
     if rest:
