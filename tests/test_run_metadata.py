@@ -8,12 +8,14 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import time
 
 import orjson
 import pyarrow.parquet as pq
 import pytest
 
 from moonbatch.workers import layout, writers
+from moonbatch.workers.lease import Lease
 from moonbatch.workers.merge import error_codes
 from moonbatch.workers.models import RunSpec, ShardDone, SkillOptions
 from moonbatch.workers.runstate import Progress, epoch_seconds, iso_time, maybe_finalize, with_iso_times
@@ -186,3 +188,30 @@ def test_progress_reads_again_only_the_shard_documents_that_changed(s3_endpoint,
                                    layout.round_doc(1, 0, "spend")]
     assert third["spend"]["actual_usd"] == 0.25 and third["spend"]["in_flight_usd"] == 0.5
     assert third["counts"]["in_flight"] == 4
+
+
+def test_one_caller_at_a_time_finalises_and_the_others_are_told_when_to_look_again(tmp_path):
+    store = finished_run(tmp_path, [ShardDone(shard=0, batch_id=None, batch_status="completed",
+                                              total=1, ok=1, error=0, merged_at=CREATED + 2)])
+    holder = Lease(store, layout.FINALIZING, "another task", ttl=30)
+    assert holder.acquire()  # another merge of the run's last shards finalises now
+    waits: list[float] = []
+    assert not maybe_finalize(store, waits.append)
+    assert not store.exists(layout.SUMMARY) and len(waits) == 1 and 29 < waits[0] <= 30.5
+    holder.release()
+    assert maybe_finalize(store, waits.append)
+    assert json.loads(store.get(layout.SUMMARY))["status"] == "completed"
+    assert not store.exists(layout.FINALIZING) and len(waits) == 1
+    assert not maybe_finalize(store, waits.append)  # finalised: nothing more, nobody told
+
+
+def test_a_dead_finalisers_lease_is_taken_over_once_it_runs_out(tmp_path):
+    store = finished_run(tmp_path, [ShardDone(shard=0, batch_id=None, batch_status="completed",
+                                              total=1, ok=1, error=0, merged_at=CREATED + 2)])
+    dead = Lease(store, layout.FINALIZING, "a killed task", ttl=0.2)
+    assert dead.acquire()
+    waits: list[float] = []
+    assert not maybe_finalize(store, waits.append) and waits[0] <= 0.7
+    time.sleep(waits[0])
+    assert maybe_finalize(store, waits.append)
+    assert json.loads(store.get(layout.SUMMARY))["status"] == "completed"

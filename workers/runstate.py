@@ -38,6 +38,8 @@ FINAL = ("completed", "failed", "cancelled", "stopped")
 
 #: Documents a progress look reads at once (the shards' done and progress documents).
 READERS = 16
+#: Seconds of ``maybe_finalize``'s lease (renewed while its holder works).
+FINALIZE_CLAIM_SECONDS = 30.0
 #: ``run.json`` ``timings`` fields that are times (ISO 8601, UTC); ``wall_seconds`` is a duration.
 TIMES = ("created_at", "planned_at", "finished_at")
 
@@ -387,17 +389,44 @@ def _sum_codes(done: Any) -> dict[str, int]:
     return dict(sorted(codes.items()))
 
 
-def maybe_finalize(store: Store) -> bool:
+def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = None, *,
+                   claim_seconds: float = FINALIZE_CLAIM_SECONDS) -> bool:
     """Write the final ``run.json`` if every shard is merged and nobody did it yet.
 
     Safe to call from any number of tasks at once: the summary is deterministic but for its
     ``finished_at``, and the ``finalized`` marker is written with a conditional put, so one
     caller wins. Returns True if this call wrote the marker.
+
+    The merges of a run's last shards end together and each finds the run complete: one of
+    them at a time finalises, holding the ``finalizing.json`` lease (``claim_seconds``,
+    renewed while it works), so the others do not each read every shard's documents again.
+    A caller that finds the lease held returns False and, when given ``on_claimed``, calls it
+    with the seconds until that lease runs out: a holder that died leaves the run to be
+    finalised then (or by the reconciler's pass).
     """
     if store.exists(layout.FINALIZED) or store.exists(layout.CANCELLED):
         return False
     progress = Progress(store)
     if not progress.complete():
+        return False
+    from moonbatch.workers.lease import Lease, execution_owner
+
+    claim = Lease(store, layout.FINALIZING, execution_owner(None), claim_seconds)
+    if not claim.acquire():
+        if on_claimed is not None:
+            on_claimed(max(claim.holder_expires - time.time(), 0.0) + 0.5)
+        return False
+    try:
+        with claim.kept_alive():
+            return _finalize(store, progress)
+    finally:
+        claim.release()
+
+
+def _finalize(store: Store, progress: Progress) -> bool:
+    """``maybe_finalize``'s writes, once the run is complete and this caller holds the
+    lease: the summary, then the marker (True if this call wrote it)."""
+    if store.exists(layout.FINALIZED):  # the last holder finished just before
         return False
     summary = progress.snapshot()
     from moonbatch.workers import writers

@@ -428,7 +428,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     if cancelled:
         return
     if done:
-        maybe_finalize(store)
+        maybe_finalize(store, _finalize_later(output, run_id, run.spec))
         return
     base = shard_state.round_base(rnd, todo)
     held: dict[str, Any] = {}  # documents of the round this task holds: _finish_shard's
@@ -587,8 +587,15 @@ def _finish_shard(run: Run, shard: int, last_round: int,
     metrics.run_progress(run, force=True)
     log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
              last_round + 1)
-    if maybe_finalize(store):
+    if maybe_finalize(store, _finalize_later(run.spec.output, run.spec.run_id, run.spec)):
         run_final(get_settings(), run.spec.run_id)
+
+
+def _finalize_later(output: str, run_id: str, spec: RunSpec | None = None
+                    ) -> Callable[[float], None]:
+    """``maybe_finalize``'s ``on_claimed``: another task finalises the run now; look again
+    (``finalize_run``) once its lease would have run out, in case it died."""
+    return lambda wait: _next(finalize_run, (output, run_id), countdown=wait, spec=spec)
 
 
 @app.task(bind=True, base=RunTask, name=FINALIZE_RUN)
@@ -596,7 +603,7 @@ def finalize_run(self: Task, output: str, run: str) -> None:
     """Finalise run ``run`` if every shard is merged (idempotent; see ``maybe_finalize``)."""
     run_id = run
     settings = get_settings()
-    if maybe_finalize(open_output(output, settings)):
+    if maybe_finalize(open_output(output, settings), _finalize_later(output, run_id)):
         run_final(settings, run_id)
 
 
