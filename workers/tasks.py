@@ -160,11 +160,12 @@ def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, it
 def _context(run: Run, shard: int, rnd: int,
              heartbeat: Callable[[], None] = lambda: None, base: int = 0,
              lease: Lease | None = None,
-             checkpointed: Callable[[dict[str, Any], float], None] | None = None
-             ) -> RoundContext:
+             checkpointed: Callable[[dict[str, Any], float], None] | None = None,
+             progress: Mapping[str, Any] | None = None) -> RoundContext:
     """The provider's view of round ``rnd`` of the shard (``base``: see ``shard.round_base``; the
     provider's settings count attempts from it; ``lease``: the shard's, renewed at once by the
-    context's ``renew`` before a call that bills; ``checkpointed``: see ``_progress``)."""
+    context's ``renew`` before a call that bills; ``checkpointed``: see ``_progress``;
+    ``progress``: the round's progress document a poll read)."""
     logs.bind(provider=run.spec.provider)
     settings = get_settings()
     if base:
@@ -175,6 +176,7 @@ def _context(run: Run, shard: int, rnd: int,
                         heartbeat=heartbeat,
                         renew=(lambda force=True: lease.renew(force=force)) if lease
                         else lambda force=True: None,
+                        progress=progress,
                         **({"checkpointed": checkpointed} if checkpointed else {}))
 
 
@@ -390,7 +392,8 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
             # Checkpoints record this poll as still running (``polls``): a redelivered copy of
             # a poll killed mid-step still runs (and waits for the lease).
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
-                           lease=lease, checkpointed=_progress(store, shard, rnd, chain, polls))
+                           lease=lease, checkpointed=_progress(store, shard, rnd, chain, polls),
+                           progress=progress)
             provider = provider_for(run.spec)
             result = attempts.counted(ctx, "poll", lambda c: provider.poll_round(
                 c, (last[0], int(last[1])) if last else None), provider)
