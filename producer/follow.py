@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 #: Seconds between two looks for a run's end (a read of ``run.json``) while it is followed:
 #: the command returns this soon after the run's end (1 s once a run is an hour old).
 END_CHECK = 0.2
+#: Seconds between two looks at a young run's progress (a listing of its state and a read of
+#: each document that changed: a few dozen requests): its end is looked for every
+#: ``END_CHECK`` in between, so looking more often would only show progress sooner.
+LOOK_YOUNG = 1.0
 #: ``on_progress(snapshot)``: called after each look at the run.
 ProgressFn = Callable[[dict[str, Any]], None]
 #: ``on_notice(text, warning)``: something the user should know (workers revived, a queue
@@ -86,7 +90,7 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
                 raise Timeout(f"run {rid} not complete after {timeout:.0f}s; it goes on: "
                               f"moonbatch wait {rid}", run_id=rid)
             age = time.time() - start  # each look lists the run's state: back off as it ages
-            _await_end(reader, 0.2 if age < 10 else 2.0 if age < 600 else 10.0,
+            _await_end(reader, LOOK_YOUNG if age < 10 else 2.0 if age < 600 else 10.0,
                        END_CHECK if age < 3600 else 1.0)
 
 

@@ -229,6 +229,8 @@ def test_loose_status_answers_do_not_stop_a_run(s3, bucket, env, fleet, emulator
         assert progress["status"] == "completed"
         assert progress["total"] == progress["completed"] == batch["items"]
         assert progress["failed"] == 0
+        # What the chain's next poll needs of batch.json, kept for it (no read of batch.json)
+        assert progress["record"]["batch_id"] == batch["batch_id"]
     deadline = time.monotonic() + 10
     while "is not one the seed names; polling again" not in fleet.log_path.read_text():
         assert time.monotonic() < deadline, "the unknown status was not logged"

@@ -148,3 +148,31 @@ def test_a_release_never_frees_a_lease_taken_over_from_a_stalled_holder(store):
     assert lease_is_live(store, "stall.json", clock.t)
     b.release()
     assert not lease_is_live(store, "stall.json", clock.t)
+
+
+def test_a_renewal_after_its_own_write_reads_nothing_and_still_sees_a_takeover(store):
+    reads: list[str] = []
+    get_versioned = store.get_versioned
+
+    def counted(key: str) -> tuple[bytes, str]:
+        reads.append(key)
+        return get_versioned(key)
+
+    store.get_versioned = counted  # the real store, its reads counted
+    clock = Clock()
+    a = Lease(store, "lease.json", "a", ttl=10, clock=clock)
+    assert a.acquire()
+    a.renew(force=True)  # created without a version: read once to learn it
+    assert len(reads) == 1
+    a.renew(force=True)
+    clock.t += 3
+    a.renew()
+    assert len(reads) == 1  # each renewal swapped against the version it wrote last
+    clock.t += 11  # expired: another owner takes it over
+    b = Lease(store, "lease.json", "b", ttl=10, clock=clock)
+    assert b.acquire()
+    with pytest.raises(LeaseLost):
+        a.renew(force=True)  # the swap fails, the read shows the new owner
+    reads.clear()
+    b.renew(force=True)  # a takeover writes by compare-and-swap: its version is known
+    assert reads == []

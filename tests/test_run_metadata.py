@@ -8,16 +8,18 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import time
 
 import orjson
 import pyarrow.parquet as pq
 import pytest
 
 from moonbatch.workers import layout, writers
+from moonbatch.workers.lease import Lease
 from moonbatch.workers.merge import error_codes
 from moonbatch.workers.models import RunSpec, ShardDone, SkillOptions
 from moonbatch.workers.runstate import Progress, epoch_seconds, iso_time, maybe_finalize, with_iso_times
-from moonbatch.workers.storage import LocalStore, put_json
+from moonbatch.workers.storage import LocalStore, S3Store, put_json, s3_client
 from moonbatch.workers.writers import jsonl, parquet
 
 CREATED = 1_700_000_000.25
@@ -146,3 +148,70 @@ def test_a_final_run_json_with_epoch_numbers_reads_as_iso(tmp_path):
     timings = Progress(store).snapshot()["timings"]
     assert timings == {"created_at": iso_time(CREATED), "planned_at": None,
                        "finished_at": iso_time(CREATED + 9.5), "wall_seconds": 9.5}
+
+
+class CountingStore(S3Store):
+    """moto's S3 through a store that counts its versioned reads by key."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[str] = []
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        self.reads.append(key)
+        return super().get_versioned(key)
+
+
+def test_progress_reads_again_only_the_shard_documents_that_changed(s3_endpoint, bucket):
+    store = CountingStore(bucket, "out/", s3_client(s3_endpoint))
+    put_json(store, layout.SPEC, spec().model_dump(mode="json"))
+    put_json(store, layout.PLAN, {"items": 20, "shards": 2, "planned_at": CREATED + 1})
+    for shard in (0, 1):
+        put_json(store, layout.round_doc(shard, 0, "batch"), {"batch_id": f"b{shard}"})
+        put_json(store, layout.round_doc(shard, 0, "spend"), {"estimate": 0.5, "actual": None})
+        put_json(store, layout.round_doc(shard, 0, "progress"),
+                 {"batch_id": f"b{shard}", "status": "processing", "total": 10, "completed": 0})
+    assert all(o.version for o in store.iter_objects(layout.SHARDS))  # S3 lists ETags
+    progress = Progress(store)
+    first = progress.snapshot()
+    assert first["spend"]["in_flight_usd"] == 1.0 and first["counts"]["in_flight"] == 0
+    assert len(store.reads) == 4  # each shard's progress and spend
+    store.reads.clear()
+    assert progress.snapshot() == first
+    assert store.reads == []  # nothing changed: nothing read again
+    put_json(store, layout.round_doc(1, 0, "spend"), {"estimate": 0.5, "actual": 0.25,
+                                                      "results": 10, "errors": 0, "codes": {}})
+    put_json(store, layout.round_doc(0, 0, "progress"),
+             {"batch_id": "b0", "status": "processing", "total": 10, "completed": 4})
+    third = progress.snapshot()
+    assert sorted(store.reads) == [layout.round_doc(0, 0, "progress"),
+                                   layout.round_doc(1, 0, "spend")]
+    assert third["spend"]["actual_usd"] == 0.25 and third["spend"]["in_flight_usd"] == 0.5
+    assert third["counts"]["in_flight"] == 4
+
+
+def test_one_caller_at_a_time_finalises_and_the_others_are_told_when_to_look_again(tmp_path):
+    store = finished_run(tmp_path, [ShardDone(shard=0, batch_id=None, batch_status="completed",
+                                              total=1, ok=1, error=0, merged_at=CREATED + 2)])
+    holder = Lease(store, layout.FINALIZING, "another task", ttl=30)
+    assert holder.acquire()  # another merge of the run's last shards finalises now
+    waits: list[float] = []
+    assert not maybe_finalize(store, waits.append)
+    assert not store.exists(layout.SUMMARY) and len(waits) == 1 and 29 < waits[0] <= 30.5
+    holder.release()
+    assert maybe_finalize(store, waits.append)
+    assert json.loads(store.get(layout.SUMMARY))["status"] == "completed"
+    assert not store.exists(layout.FINALIZING) and len(waits) == 1
+    assert not maybe_finalize(store, waits.append)  # finalised: nothing more, nobody told
+
+
+def test_a_dead_finalisers_lease_is_taken_over_once_it_runs_out(tmp_path):
+    store = finished_run(tmp_path, [ShardDone(shard=0, batch_id=None, batch_status="completed",
+                                              total=1, ok=1, error=0, merged_at=CREATED + 2)])
+    dead = Lease(store, layout.FINALIZING, "a killed task", ttl=0.2)
+    assert dead.acquire()
+    waits: list[float] = []
+    assert not maybe_finalize(store, waits.append) and waits[0] <= 0.7
+    time.sleep(waits[0])
+    assert maybe_finalize(store, waits.append)
+    assert json.loads(store.get(layout.SUMMARY))["status"] == "completed"

@@ -79,6 +79,7 @@ STOPPED = STATE + "stopped.json"  # the run stopped sending (budget, error rate)
 LIMITS = STATE + "limits.json"  # a later --max-cost (retry-failed) over the spec's
 CLAIMS = STATE + "claims/"
 FINALIZED = STATE + "finalized"
+FINALIZING = STATE + "finalizing.json"  # the lease of the caller writing the final run.json
 SUMMARY = "run.json"
 REPORT = "report.html"  # moonbatch report's default place (producer.report)
 RESULTS = "results/"

@@ -48,6 +48,7 @@ class Lease:
         self.store, self.key, self.owner, self.ttl, self.clock = store, key, owner, ttl, clock
         self._renewed = 0.0
         self._held = False  # acquired (or renewed) by this object, not released or lost since
+        self._version: str | None = None  # the version this object last wrote (None: unknown)
         self._lock = threading.Lock()  # one renewal at a time from this process
         self.holder_expires = 0.0  # when ``acquire`` fails: when the holder's lease runs out
         self.holder: str | None = None  # when ``acquire`` fails: the holder's owner
@@ -62,7 +63,7 @@ class Lease:
         errors."""
         for _ in range(3):
             if self.store.put(self.key, self._doc(), if_absent=True):
-                self._remember()
+                self._remember(None)
                 return True
             try:
                 data, version = self.store.get_versioned(self.key)
@@ -72,20 +73,27 @@ class Lease:
             if doc.get("owner") != self.owner and doc.get("expires", 0) > self.clock():
                 self.holder, self.holder_expires = doc.get("owner"), float(doc["expires"])
                 return False
-            if self.store.put_if_match(self.key, self._doc(), version):
-                self._remember()
+            if (written := self.store.swap(self.key, self._doc(), version)) is not None:
+                self._remember(written)
                 return True
         return False
 
-    def _remember(self) -> None:
+    def _remember(self, version: str | None) -> None:
         self._renewed = self.clock()
         self._held = True
+        self._version = version
 
     def renew(self, *, force: bool = False) -> None:
         """Extend the lease (at most every ``ttl / 4`` unless ``force``). Raises ``LeaseLost``
         if another owner took it over."""
         with self._lock:
             if not force and self.clock() - self._renewed < self.ttl / 4:
+                return
+            # Still at the version this object wrote: nobody took it over since, so it is
+            # extended without a read (compare-and-swap); else it is read to see who holds it.
+            if self._version is not None and (
+                    written := self.store.swap(self.key, self._doc(), self._version)) is not None:
+                self._remember(written)
                 return
             for _ in range(3):
                 try:
@@ -96,8 +104,8 @@ class Lease:
                 if json.loads(data).get("owner") != self.owner:
                     self._held = False
                     raise LeaseLost(f"lease {self.key} was taken over")
-                if self.store.put_if_match(self.key, self._doc(), version):
-                    self._remember()
+                if (written := self.store.swap(self.key, self._doc(), version)) is not None:
+                    self._remember(written)
                     return
                 # Changed between read and write: look again at who holds it.
             raise LeaseLost(f"lease {self.key} keeps changing under its owner")

@@ -18,7 +18,14 @@ from moonbatch.config import Settings
 from moonbatch.workers import layout
 from moonbatch.workers.models import PlanItems, RunSpec, ShardDone
 from moonbatch.workers.providers import DEFAULT_PROVIDER
-from moonbatch.workers.storage import Store, get_json, get_json_or_none, open_store, put_json
+from moonbatch.workers.storage import (
+    NotFound,
+    Store,
+    get_json,
+    get_json_or_none,
+    open_store,
+    put_json,
+)
 
 #: ``run.json`` ``counts`` field → the ``ShardDone`` field it sums over merged shards.
 RESULT_LINE_COUNTS = {"duplicate_lines": "duplicate_rows", "missing_lines": "missing_rows",
@@ -31,6 +38,8 @@ FINAL = ("completed", "failed", "cancelled", "stopped")
 
 #: Documents a progress look reads at once (the shards' done and progress documents).
 READERS = 16
+#: Seconds of ``maybe_finalize``'s lease (renewed while its holder works).
+FINALIZE_CLAIM_SECONDS = 30.0
 #: ``run.json`` ``timings`` fields that are times (ISO 8601, UTC); ``wall_seconds`` is a duration.
 TIMES = ("created_at", "planned_at", "finished_at")
 
@@ -81,6 +90,7 @@ class Run:
     input: Store
     settings: Any = None
     _fetcher: Any = dataclasses.field(default=None, repr=False)
+    _items: tuple[int, PlanItems] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def fetcher(self) -> Any:
@@ -95,8 +105,12 @@ class Run:
         return self._fetcher
 
     def items(self, shard: int) -> PlanItems:
-        """The shard's planned items, in line order (parsed on access: ``PlanItems``)."""
-        return PlanItems(self.output.get(layout.plan_items(shard)))
+        """The shard's planned items, in line order (parsed on access: ``PlanItems``). The
+        last shard asked for is kept (a task asks for its shard's more than once; a shard's
+        plan never changes once written): one shard's plan in memory at most."""
+        if self._items is None or self._items[0] != shard:
+            self._items = (shard, PlanItems(self.output.get(layout.plan_items(shard))))
+        return self._items[1]
 
 
 def open_output(url: str, settings: Settings) -> Store:
@@ -170,6 +184,8 @@ class Progress:
         self._done: dict[int, ShardDone] = {}
         self._batch_ids: dict[tuple[int, int], str] = {}  # (shard, round) → batch id
         self._settled: dict[str, dict[str, Any]] = {}  # spend.json of settled rounds
+        # Shard documents as last read, with the version read: key → (version, doc).
+        self._read: dict[str, tuple[str, Any]] = {}
 
     def snapshot(self) -> dict[str, Any]:
         """The run's state as a dict: the shape of ``run.json`` (see README "Output").
@@ -194,6 +210,7 @@ class Progress:
         """``snapshot`` from the run's documents and the listing of its shards' documents
         (``pool`` reads the documents it needs, concurrently)."""
         st = self.store
+        versions = {obj.key: obj.version for obj in listing}
         latest: dict[int, int] = {}  # shard → latest round with a progress document
         sent: dict[int, int] = {}  # shard → latest round with a batch
         current: dict[int, int] = {}  # shard → latest round with any document
@@ -230,9 +247,9 @@ class Progress:
         # Only the current round of an unmerged shard is in flight: a later round (items
         # retried, a retry-failed pass) supersedes its earlier rounds' batches.
         flying = [(s, r) for s, r in latest.items() if s not in merged and r == current[s]]
-        progress = {s: doc or {} for (s, _), doc in zip(flying, pool.map(
-            lambda sr: get_json_or_none(st, layout.round_doc(sr[0], sr[1], "progress")),
-            flying), strict=True)}
+        progress = {s: doc or {} for (s, _), doc in zip(flying, self._listed(
+            pool, [layout.round_doc(s, r, "progress") for s, r in flying], versions),
+            strict=True)}
         out = [self._in_flight(s, r, progress.get(s, {}))
                if r == current[s] else self._queued(s, current[s])
                for s, r in sorted(sent.items()) if s not in merged]
@@ -283,8 +300,27 @@ class Progress:
             "cancelled": cancelled,
             # The run stopped sending (``workers.stops``): final as ``stopped`` once merged.
             "stop_reason": halted,
-            "spend": self._spend(spec, spend_keys, pool),
+            "spend": self._spend(spec, spend_keys, pool, versions),
         }
+
+    def _listed(self, pool: cf.ThreadPoolExecutor, keys: list[str],
+                versions: dict[str, str | None]) -> list[Any]:
+        """The JSON documents at ``keys`` (None: missing), read by ``pool``: one whose listed
+        version (``versions``: the listing's, key → ``ObjectInfo.version``) is the version it
+        had when last read is not read again (a store that lists no version: always read)."""
+        def read(key: str) -> Any:
+            held = self._read.get(key)
+            if held is not None and versions.get(key) is not None and held[0] == versions[key]:
+                return held[1]
+            try:
+                data, version = self.store.get_versioned(key)
+            except NotFound:
+                return None
+            doc = json.loads(data)
+            self._read[key] = (version, doc)
+            return doc
+
+        return list(pool.map(read, keys))
 
     def final(self) -> dict[str, Any] | None:
         """The run's final summary (``run.json`` once ``maybe_finalize`` or a cancel wrote
@@ -294,17 +330,18 @@ class Progress:
             return with_iso_times(existing)
         return None
 
-    def _spend(self, spec: dict[str, Any], keys: list[str],
-               pool: cf.ThreadPoolExecutor) -> dict[str, Any]:
+    def _spend(self, spec: dict[str, Any], keys: list[str], pool: cf.ThreadPoolExecutor,
+               versions: dict[str, str | None]) -> dict[str, Any]:
         """The run's spend (``stops.spend_of`` the rounds' ``spend.json`` at ``keys``; settled
-        ones are read once, the others by ``pool``, concurrently) under its budget."""
+        ones are read once, the others by ``pool``, concurrently, when their listed version
+        changed: ``_listed``) under its budget."""
         from moonbatch.workers import stops
 
         over = pool.submit(get_json_or_none, self.store, layout.LIMITS) \
             if spec.get("max_cost") is not None or keys else None
         unread = [key for key in keys if key not in self._settled]
-        read = dict(zip(unread, pool.map(lambda k: get_json_or_none(self.store, k) or {},
-                                         unread), strict=True))
+        read = {k: doc or {} for k, doc in zip(unread, self._listed(pool, unread, versions),
+                                               strict=True)}
         self._settled.update((k, doc) for k, doc in read.items() if doc.get("actual") is not None)
         docs = [self._settled.get(k) or read[k] for k in keys]
         limits = over.result() if over is not None else None
@@ -352,17 +389,44 @@ def _sum_codes(done: Any) -> dict[str, int]:
     return dict(sorted(codes.items()))
 
 
-def maybe_finalize(store: Store) -> bool:
+def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = None, *,
+                   claim_seconds: float = FINALIZE_CLAIM_SECONDS) -> bool:
     """Write the final ``run.json`` if every shard is merged and nobody did it yet.
 
     Safe to call from any number of tasks at once: the summary is deterministic but for its
     ``finished_at``, and the ``finalized`` marker is written with a conditional put, so one
     caller wins. Returns True if this call wrote the marker.
+
+    The merges of a run's last shards end together and each finds the run complete: one of
+    them at a time finalises, holding the ``finalizing.json`` lease (``claim_seconds``,
+    renewed while it works), so the others do not each read every shard's documents again.
+    A caller that finds the lease held returns False and, when given ``on_claimed``, calls it
+    with the seconds until that lease runs out: a holder that died leaves the run to be
+    finalised then (or by the reconciler's pass).
     """
     if store.exists(layout.FINALIZED) or store.exists(layout.CANCELLED):
         return False
     progress = Progress(store)
     if not progress.complete():
+        return False
+    from moonbatch.workers.lease import Lease, execution_owner
+
+    claim = Lease(store, layout.FINALIZING, execution_owner(None), claim_seconds)
+    if not claim.acquire():
+        if on_claimed is not None:
+            on_claimed(max(claim.holder_expires - time.time(), 0.0) + 0.5)
+        return False
+    try:
+        with claim.kept_alive():
+            return _finalize(store, progress)
+    finally:
+        claim.release()
+
+
+def _finalize(store: Store, progress: Progress) -> bool:
+    """``maybe_finalize``'s writes, once the run is complete and this caller holds the
+    lease: the summary, then the marker (True if this call wrote it)."""
+    if store.exists(layout.FINALIZED):  # the last holder finished just before
         return False
     summary = progress.snapshot()
     from moonbatch.workers import writers

@@ -38,10 +38,14 @@ class TooLarge(StorageError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ObjectInfo:
-    """One listed object: ``key`` relative to the store root, ``size`` in bytes."""
+    """One listed object: ``key`` relative to the store root, ``size`` in bytes, ``version``
+    a token that differs whenever the object's bytes do (S3: its listed ETag), or None when
+    the store does not say (then a reader cannot tell a rewrite: it reads again). Two
+    ``ObjectInfo`` compare by key and size only."""
 
     key: str
     size: int
+    version: str | None = dataclasses.field(default=None, compare=False)
 
 
 class Store(Protocol):
@@ -348,7 +352,7 @@ class S3Store:
                 key, size = obj["Key"], obj["Size"]
                 if size == 0 and key.endswith("/"):
                     continue  # a "folder" placeholder, not an object
-                yield ObjectInfo(key[n:], size)
+                yield ObjectInfo(key[n:], size, obj.get("ETag") or None)
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError

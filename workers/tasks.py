@@ -40,7 +40,7 @@ from moonbatch.workers.enqueue import (
 )
 from moonbatch.workers.lease import Lease, LeaseLost, execution_owner, task_of
 from moonbatch.workers.merge import fill_cached, merge_round
-from moonbatch.workers.models import BatchRecord, ShardBuild, ShardDone
+from moonbatch.workers.models import BatchRecord, RunSpec, ShardBuild, ShardDone
 from moonbatch.workers.providers import (
     Later,
     ProviderError,
@@ -57,6 +57,7 @@ from moonbatch.workers.runstate import (
     open_output,
     open_run_reading,
     record_failure,
+    run_queue,
 )
 from moonbatch.workers.storage import NotFound, StorageError, Store, get_json, get_json_or_none, put_json
 
@@ -101,13 +102,16 @@ class RunTask(Task):
             log.exception("could not record the failure of %s", self.name)
 
 
-def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None) -> None:
-    """Enqueue the pipeline's next step on the run's queue. Storage already records what that
-    step is, so a publish the broker refuses (restarting, unreachable) is logged and left to
-    the reconciler instead of failing the run; kombu's own reconnect is tried a few times."""
+def _next(task: Task, args: tuple[Any, ...], countdown: float | None = None, *,
+          spec: RunSpec | None = None) -> None:
+    """Enqueue the pipeline's next step on the run's queue (``spec``: the run's, when the
+    caller holds it, saves a read of it). Storage already records what that step is, so a
+    publish the broker refuses (restarting, unreachable) is logged and left to the reconciler
+    instead of failing the run; kombu's own reconnect is tried a few times."""
+    queue = run_queue(spec, get_settings()) if spec is not None else None
     for attempt in range(3):
         try:
-            enqueue(task.name, args, countdown=countdown)
+            enqueue(task.name, args, countdown=countdown, queue=queue)
             return
         except Exception as exc:
             error = exc
@@ -156,11 +160,12 @@ def _next_round(store: Store, output: str, run_id: str, shard: int, rnd: int, it
 def _context(run: Run, shard: int, rnd: int,
              heartbeat: Callable[[], None] = lambda: None, base: int = 0,
              lease: Lease | None = None,
-             checkpointed: Callable[[dict[str, Any], float], None] | None = None
-             ) -> RoundContext:
+             checkpointed: Callable[[dict[str, Any], float], None] | None = None,
+             progress: Mapping[str, Any] | None = None) -> RoundContext:
     """The provider's view of round ``rnd`` of the shard (``base``: see ``shard.round_base``; the
     provider's settings count attempts from it; ``lease``: the shard's, renewed at once by the
-    context's ``renew`` before a call that bills; ``checkpointed``: see ``_progress``)."""
+    context's ``renew`` before a call that bills; ``checkpointed``: see ``_progress``;
+    ``progress``: the round's progress document a poll read)."""
     logs.bind(provider=run.spec.provider)
     settings = get_settings()
     if base:
@@ -171,6 +176,7 @@ def _context(run: Run, shard: int, rnd: int,
                         heartbeat=heartbeat,
                         renew=(lambda force=True: lease.renew(force=force)) if lease
                         else lambda force=True: None,
+                        progress=progress,
                         **({"checkpointed": checkpointed} if checkpointed else {}))
 
 
@@ -301,7 +307,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
         # and this message waits again).
         wait = _holder_done_in(lease, settings)
         _wait_note(lease, self.request.id, shard, rnd, "build", wait)
-        _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
+        _next(build_shard, (output, run_id, shard, rnd), countdown=wait, spec=run.spec)
         return
     provider = provider_for(run.spec)
     chain = uuid.uuid4().hex  # the round's poll chain, alive from the build's checkpoints on
@@ -334,22 +340,22 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
     except Later as exc:
         wait = _later(settings, exc.countdown)
         log.info("shard %d round %d: %s; looking again in %.0fs", shard, rnd, exc, wait)
-        _next(build_shard, (output, run_id, shard, rnd), countdown=wait)
+        _next(build_shard, (output, run_id, shard, rnd), countdown=wait, spec=run.spec)
         return
     finally:
         lease.release()
         run.fetcher.release()  # what the cache pass kept and the build did not take
     if not sent:  # nothing sendable: only error rows to write
-        _next(merge_round_task, (output, run_id, shard, rnd))
+        _next(merge_round_task, (output, run_id, shard, rnd), spec=run.spec)
     elif done is not None:
-        _next(merge_round_task, (output, run_id, shard, rnd, 0))
+        _next(merge_round_task, (output, run_id, shard, rnd, 0), spec=run.spec)
     else:
         # A provider that steps at its own pace says when its first poll (its next step) is
         # due; the others are looked at no sooner than the poll interval.
         first = provider.first_poll_in(ctx)
         _next(poll_round, (output, run_id, shard, rnd, chain),
               countdown=settings.poll_min_interval if first is None else
-              _later(settings, first, paced=True))
+              _later(settings, first, paced=True), spec=run.spec)
 
 
 @app.task(bind=True, base=RunTask, name=POLL_ROUND)
@@ -378,14 +384,16 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
     if not lease.acquire():  # a build, or another chain's poll, is at work: come back
         wait = _holder_done_in(lease, settings)
         _wait_note(lease, self.request.id, shard, rnd, "poll", wait)
-        _next(poll_round, (output, run_id, shard, rnd, chain, polls, last), countdown=wait)
+        _next(poll_round, (output, run_id, shard, rnd, chain, polls, last), countdown=wait,
+              spec=run.spec)
         return
     try:
         with lease.kept_alive() as lease_check:
             # Checkpoints record this poll as still running (``polls``): a redelivered copy of
             # a poll killed mid-step still runs (and waits for the lease).
             ctx = _context(run, shard, rnd, _watchful(lease_check, store, run_id, settings),
-                           lease=lease, checkpointed=_progress(store, shard, rnd, chain, polls))
+                           lease=lease, checkpointed=_progress(store, shard, rnd, chain, polls),
+                           progress=progress)
             provider = provider_for(run.spec)
             result = attempts.counted(ctx, "poll", lambda c: provider.poll_round(
                 c, (last[0], int(last[1])) if last else None), provider)
@@ -400,11 +408,11 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
         lease.release()
     metrics.run_progress(run)
     if result.done:
-        _next(merge_round_task, (output, run_id, shard, rnd, polls + 1))
+        _next(merge_round_task, (output, run_id, shard, rnd, polls + 1), spec=run.spec)
     else:
         finished = result.progress.get("finished", 0)
         _next(poll_round, (output, run_id, shard, rnd, chain, polls + 1, [now, finished]),
-              countdown=countdown)
+              countdown=countdown, spec=run.spec)
 
 
 @app.task(bind=True, base=RunTask, name=MERGE_ROUND)
@@ -423,18 +431,21 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     if cancelled:
         return
     if done:
-        maybe_finalize(store)
+        maybe_finalize(store, _finalize_later(output, run_id, run.spec))
         return
     base = shard_state.round_base(rnd, todo)
+    held: dict[str, Any] = {}  # documents of the round this task holds: _finish_shard's
     if merged is None or not store.exists(layout.round_doc(shard, rnd, "rows")):
         ctx = _context(run, shard, rnd, base=base)
         todo, items = ctx.todo, ctx.items
         build = ShardBuild.model_validate(get_json(store, layout.round_doc(shard, rnd, "build")))
         raw = get_json_or_none(store, layout.round_doc(shard, rnd, "batch"))
+        if raw is not None:  # written once (create-if-absent), never changed
+            held[layout.round_doc(shard, rnd, "batch")] = raw
         record = BatchRecord.model_validate(raw) if raw else None
         blocked = shard_state.merge_blocker(rnd, build, record)
         if blocked is not None and blocked.round == rnd:
-            _next(build_shard, (output, run_id, shard, rnd))
+            _next(build_shard, (output, run_id, shard, rnd), spec=run.spec)
             return
         if blocked is not None:
             stops.release(ctx)
@@ -448,13 +459,13 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
         originals = _originals(store, cache_doc) if rnd == 0 else {}
         if originals is None:  # items that copy another shard's: its row is not merged yet
             _next(merge_round_task, (output, run_id, shard, rnd, polls),
-                  countdown=settings.poll_min_interval)
+                  countdown=settings.poll_min_interval, spec=run.spec)
             return
         provider = provider_for(run.spec)
         collected = provider.collect_round(ctx) if record is not None else None
         if record is not None and collected is None:  # too early: back to polling
             _next(poll_round, (output, run_id, shard, rnd, uuid.uuid4().hex),
-                  countdown=settings.poll_min_interval)
+                  countdown=settings.poll_min_interval, spec=run.spec)
             return
         if isinstance(collected, Resend):
             stops.release(ctx)
@@ -497,7 +508,8 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     if step.action is shard_state.Action.BUILD:
         _next_round(store, output, run_id, shard, rnd, merged["retryable"], step.why, base)
         return
-    _finish_shard(run, shard, rnd)
+    held[layout.round_doc(shard, rnd, "merged")] = merged
+    _finish_shard(run, shard, rnd, held)
 
 
 def _originals(store: Store, doc: dict[str, Any] | None) -> dict[str, bytes] | None:
@@ -528,10 +540,13 @@ def _write_cache(run: Run, doc: dict[str, Any], rows: Mapping[int, bytes], shard
                  "y" if new == 1 else "ies")
 
 
-def _finish_shard(run: Run, shard: int, last_round: int) -> None:
+def _finish_shard(run: Run, shard: int, last_round: int,
+                  held: Mapping[str, Any] | None = None) -> None:
     """Compose the shard's final rows from its rounds (later rounds override earlier ones),
-    write them (a ``retry-failed`` pass writes a shard's results again), record it done."""
+    write them (a ``retry-failed`` pass writes a shard's results again), record it done.
+    ``held``: round documents the caller already holds (key → document), not read again."""
     store = run.output
+    held = held or {}
     if store.exists(layout.round_doc(shard, last_round + 1, "todo")):
         # A stale merge of an earlier round (a retry pass reopened the shard since): the
         # latest round finishes the shard.
@@ -543,7 +558,8 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
     duplicates = 0
     provider = provider_for(run.spec)
     for r in range(last_round + 1):
-        batch = get_json_or_none(store, layout.round_doc(shard, r, "batch"))
+        key = layout.round_doc(shard, r, "batch")
+        batch = held[key] if key in held else get_json_or_none(store, key)
         if batch is not None:
             batches.append(batch)
         duplicates += provider.duplicate_submissions(_context(run, shard, r))
@@ -551,7 +567,8 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
             rounds.append(iter_stored_lines(store, layout.round_doc(shard, r, "rows")))
         except NotFound:
             continue
-        merged.append(get_json(store, layout.round_doc(shard, r, "merged")))
+        key = layout.round_doc(shard, r, "merged")
+        merged.append(held[key] if key in held else get_json(store, key))
     ok, by_code, cached = writers.write_rounds(store, run.spec.output_format, shard, len(items),
                                                rounds, metadata=writers.run_metadata(run.spec))
     done = ShardDone(
@@ -573,8 +590,15 @@ def _finish_shard(run: Run, shard: int, last_round: int) -> None:
     metrics.run_progress(run, force=True)
     log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
              last_round + 1)
-    if maybe_finalize(store):
+    if maybe_finalize(store, _finalize_later(run.spec.output, run.spec.run_id, run.spec)):
         run_final(get_settings(), run.spec.run_id)
+
+
+def _finalize_later(output: str, run_id: str, spec: RunSpec | None = None
+                    ) -> Callable[[float], None]:
+    """``maybe_finalize``'s ``on_claimed``: another task finalises the run now; look again
+    (``finalize_run``) once its lease would have run out, in case it died."""
+    return lambda wait: _next(finalize_run, (output, run_id), countdown=wait, spec=spec)
 
 
 @app.task(bind=True, base=RunTask, name=FINALIZE_RUN)
@@ -582,7 +606,7 @@ def finalize_run(self: Task, output: str, run: str) -> None:
     """Finalise run ``run`` if every shard is merged (idempotent; see ``maybe_finalize``)."""
     run_id = run
     settings = get_settings()
-    if maybe_finalize(open_output(output, settings)):
+    if maybe_finalize(open_output(output, settings), _finalize_later(output, run_id)):
         run_final(settings, run_id)
 
 

@@ -124,10 +124,11 @@ class RoundContext:
     lease was renewed within the last quarter of its life, for calls made at every step),
     ``checkpointed(progress, next_in)`` (a poll that runs long and records the round as it goes
     calls it at each record: ``Poll.progress``'s fields, its next record due in ``next_in``
-    seconds, so the round's poll chain shows alive meanwhile; raises storage errors), and,
-    read
-    from storage on first use (a Batch API poll needs neither), the shard's ``items`` (plan
-    order) and ``todo`` (this round's item indices; None: all)."""
+    seconds, so the round's poll chain shows alive meanwhile; raises storage errors),
+    ``progress`` (a poll's: the round's ``progress.json`` as the poll read it, holding what
+    the chain's last poll recorded; None: not read), and, read from storage on first use (a
+    Batch API poll needs neither), the shard's ``items`` (plan order) and ``todo`` (this
+    round's item indices; None: all)."""
 
     run: Run
     shard: int
@@ -137,6 +138,7 @@ class RoundContext:
     heartbeat: Callable[[], None] = lambda: None
     renew: Callable[..., None] = lambda force=True: None
     checkpointed: Callable[[dict[str, Any], float], None] = lambda progress, next_in: None
+    progress: Mapping[str, Any] | None = None
 
     @functools.cached_property
     def items(self) -> Sequence[PlanItem]:

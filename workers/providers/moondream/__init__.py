@@ -136,6 +136,23 @@ def check_api_key(settings: Settings, timeout: float = KEY_CHECK_SECONDS) -> str
     return None
 
 
+#: The ``progress.json`` field where a poll keeps the round's batch record for the next poll.
+RECORD = "record"
+
+
+def _polled_record(progress: Mapping[str, Any] | None) -> BatchRecord | None:
+    """The round's batch record as a poll kept it in ``progress`` (``RECORD``), or None when
+    it holds none (or one not understood: then batch.json is read)."""
+    kept = (progress or {}).get(RECORD)
+    if not isinstance(kept, dict) or not kept.get("batch_id"):
+        return None
+    try:
+        return BatchRecord(batch_id=kept["batch_id"], file_id=None,
+                           submitted_at=kept["submitted_at"], lines=kept["lines"])
+    except (KeyError, ValueError):
+        return None
+
+
 class MoondreamBatchProvider:
     """The Moondream Batch API as a provider (see the module docstring)."""
 
@@ -257,7 +274,9 @@ class MoondreamBatchProvider:
         """One status call; the next poll comes sooner as progress moves (see
         ``next_poll_interval``)."""
         s = ctx.settings
-        record = BatchRecord.model_validate(get_json(ctx.store, ctx.doc("batch")))
+        record = _polled_record(ctx.progress)
+        if record is None:  # the chain's first poll: the round's batch.json
+            record = BatchRecord.model_validate(get_json(ctx.store, ctx.doc("batch")))
         status = batch_client().get_batch(record.batch_id or "")
         now = time.time()
         total = record.lines if status.total is None else status.total  # none while chunking
@@ -268,7 +287,10 @@ class MoondreamBatchProvider:
             max_interval=min(s.poll_max_interval, s.visibility_timeout / 4))
         return Poll(done=status.done, countdown=countdown, progress={
             "batch_id": status.id, "status": status.status, "total": total,
-            "completed": status.completed, "failed": status.failed, "finished": finished})
+            "completed": status.completed, "failed": status.failed, "finished": finished,
+            # batch.json's fields a poll needs, for the chain's next poll (write-once there)
+            RECORD: {"batch_id": record.batch_id, "submitted_at": record.submitted_at,
+                     "lines": record.lines}})
 
     def collect_round(self, ctx: RoundContext) -> RoundResults | Resend | None:
         """Download and verify the batch's result files (fresh URLs); a batch that failed
