@@ -151,7 +151,7 @@ def test_boolean_line_index_is_malformed():
     items = [PlanItem(id=f"i{n}", size=1) for n in range(3)]
     data, stats = merge_rows(items, ShardBuild(lines=[0, 1, 2]),
                              [b'{"line_index": true, "status": "ok", "result": {}}\n'],
-                             lambda k: k)
+                             lambda k: k.id)
     assert stats.malformed == 1 and stats.missing == 3 and stats.ok == 0
     assert all(json.loads(r)["error"]["code"] == "missing_result" for r in data.splitlines())
 

@@ -132,7 +132,7 @@ def test_result_files_come_back_in_index_order_cut_at_line_ends():
     pieces = list(files)
     assert all(p.endswith(b"\n") for p in pieces) and len(pieces) > 3
     assert b"".join(pieces) == data[0] + data[1] + data[2]
-    assert [r["line_index"] for r in iter_result_lines(files)] == [
+    assert [orjson.loads(r)["line_index"] for r in iter_result_lines(files)] == [
         i * 10 + k for i in range(3) for k in range(8)]
     files.close()
 

@@ -6,13 +6,13 @@ them ever holds a secret (API key or presigned URL).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+import msgspec
 import orjson
 from pybase64 import b64decode, b64encode
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, model_validator
@@ -293,10 +293,10 @@ def id_text(item_id: Any) -> str:
     return item_id if item_id.__class__ is str else orjson.dumps(item_id).decode()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PlanItem:
-    """One item of a shard's plan. A slotted dataclass, not a pydantic model: a worker holds
-    100,000 of them (~100 B each instead of ~600).
+class PlanItem(msgspec.Struct, frozen=True, gc=False):
+    """One item of a shard's plan. A frozen ``msgspec.Struct`` (56 B, not tracked by the
+    cyclic GC), not a pydantic model: a worker holds 100,000 of them, and builds one per plan
+    line it reads (``PlanItems``: msgspec decodes a line straight into one).
 
     ``id``: the item's id as the output row carries it: the key relative to the input prefix,
     or a manifest's id of any JSON type (str, int, float, bool). ``size``: the image's bytes
@@ -365,26 +365,31 @@ class PlanItem:
 
 class PlanItems(Sequence[PlanItem]):
     """A shard's plan file as a sequence of ``PlanItem``: the file's bytes and where each line
-    starts (~8 bytes per item beside the text), each item parsed when it is asked for (a new
-    ``PlanItem`` each time), instead of a list of them (~180 bytes per item held for the
-    whole build or merge). Blank lines are skipped. Raises ``ValueError`` (at construction)
-    for a line ``PlanItem.from_json`` refuses."""
+    starts (~8 bytes per item beside the text), each item decoded when it is asked for (a new
+    ``PlanItem`` each time, ~0.3 µs: ``_plan_item``), instead of a list of them (~130 bytes
+    per item held for the whole build or merge). Blank lines are skipped. ``multi_image``:
+    whether any item has several images (``PlanItem.more``), known without reading the items
+    again. Raises ``ValueError`` (at construction) for a line ``PlanItem.from_json``
+    refuses."""
 
-    __slots__ = ("_data", "_starts")
+    __slots__ = ("_data", "_starts", "multi_image")
 
     def __init__(self, data: bytes) -> None:
         self._data = data
         starts = array("q")
+        multi = False
         pos, end = 0, len(data)
         while pos < end:
             nl = data.find(b"\n", pos)
             if nl < 0:
                 nl = end
             if data[pos:nl].strip():
-                PlanItem.from_json(data[pos:nl])  # every line checked once, up front
+                # Every line checked once, up front: later reads may take the fast decoder.
+                multi = PlanItem.from_json(data[pos:nl]).more is not None or multi
                 starts.append(pos)
             pos = nl + 1
         self._starts = starts
+        self.multi_image: bool = multi
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -392,15 +397,16 @@ class PlanItems(Sequence[PlanItem]):
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        data = self._data
         start = self._starts[index]
-        nl = self._data.find(b"\n", start)
-        return PlanItem.from_json(self._data[start:nl if nl >= 0 else len(self._data)])
+        nl = data.find(b"\n", start)
+        return _plan_item(data[start:nl] if nl >= 0 else data[start:])
 
     def __iter__(self) -> Iterator[PlanItem]:
-        data, n = self._data, len(self._data)
+        data = self._data
         for start in self._starts:
             nl = data.find(b"\n", start)
-            yield PlanItem.from_json(data[start:nl if nl >= 0 else n])
+            yield _plan_item(data[start:nl] if nl >= 0 else data[start:])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(
@@ -410,6 +416,37 @@ class PlanItems(Sequence[PlanItem]):
 
     def __repr__(self) -> str:
         return f"PlanItems({len(self)} items)"
+
+
+def any_multi_image(items: Sequence[PlanItem]) -> bool:
+    """Whether any of ``items`` has several images (``PlanItem.more``); a ``PlanItems`` knows
+    without decoding its items again."""
+    if isinstance(items, PlanItems):
+        return items.multi_image
+    return any(item.more for item in items)
+
+
+_plan_line = msgspec.json.Decoder(PlanItem)
+_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1  # orjson reads integers beyond these as floats
+
+
+def _plan_item(line: bytes) -> PlanItem:
+    """``PlanItem.from_json(line)`` for a line that method accepts (``PlanItems`` checked it),
+    decoded by msgspec straight into the item (~5x faster than orjson's dict and the
+    checks); the few shapes where msgspec would read the line otherwise (integers beyond 64
+    bits, an empty ``more``, ``opts`` with values that are not strings) and anything it
+    refuses go through ``from_json``."""
+    try:
+        item = _plan_line.decode(line)
+    except msgspec.MsgspecError:
+        return PlanItem.from_json(line)
+    item_id, opts = item.id, item.opts
+    if (item_id.__class__ is int and not _I64_MIN <= item_id <= _U64_MAX
+            or item_id is None or item_id.__class__ is dict or item_id.__class__ is list
+            or not _I64_MIN <= item.size <= _U64_MAX or item.more == ()
+            or opts is not None and any(v.__class__ is not str for v in opts.values())):
+        return PlanItem.from_json(line)
+    return item
 
 
 class Sizes(Mapping[str, list[int]]):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 from array import array
-from collections.abc import ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from collections.abc import ItemsView, Iterable, Iterator, MutableMapping, Sequence, ValuesView
 from typing import IO, Any
 
 from moonbatch.workers.storage import Store
@@ -55,6 +55,21 @@ class RowSpool(MutableMapping[int, bytes]):
         return True
 
     __setitem__ = add  # type: ignore[assignment]
+
+    def add_all(self, indices: Sequence[int], rows: Sequence[bytes]) -> None:
+        """``add(i, row)`` for each pair of ``indices`` and ``rows`` (same length), in one
+        write (the merge's rows come by the thousand: a call and a write per row would cost
+        a fifth of it)."""
+        offset, length, end, count = self._offset, self._length, self._end, 0
+        for i, row in zip(indices, rows, strict=True):
+            if offset[i] < 0:
+                count += 1
+            offset[i] = end
+            length[i] = n = len(row)
+            end += n
+        self._file.write(b"".join(rows))
+        self._end = end
+        self._count += count
 
     def __getitem__(self, i: int) -> bytes:
         try:
