@@ -137,7 +137,7 @@ class _OkRow(msgspec.Struct, gc=False):
 
 
 _decode_line = msgspec.json.Decoder(_Line).decode
-_encode = msgspec.json.Encoder().encode
+_encode_into = msgspec.json.Encoder().encode_into
 _NO_USAGE = _Usage()
 _I64_MIN, _U64_MAX = -(2**63), 2**64 - 1  # orjson reads integers beyond these as floats
 # A line shorter than this can hold neither a number orjson reads as infinity (309 digits or
@@ -145,6 +145,17 @@ _I64_MIN, _U64_MAX = -(2**63), 2**64 - 1  # orjson reads integers beyond these a
 _SHORT_LINE = 340
 _DIGITS = bytes.maketrans(b"123456789", b"000000000")
 _FLUSH = 1024  # rows written to the spool at a time
+
+
+def _flat(value: Any) -> bool:
+    """True for a result without numbers or nesting: a string, or an object of strings (a
+    caption, an answer)."""
+    if value.__class__ is dict:
+        for v in value.values():
+            if v.__class__ is not str:
+                return False
+        return True
+    return value.__class__ is str
 
 
 def _plain(line: bytes) -> bool:
@@ -171,10 +182,13 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
     n_lines = len(lines)
     # True where the item has its row (in ``rows``): the duplicate check stays a list lookup.
     slots: list[bool | None] = [None] * len(items)
-    pending_i: list[int] = []  # rows not written to the spool yet
-    pending: list[bytes] = []
+    # Rows not written to the spool yet: packed in ``pending``, item ``pending_i[k]``'s row
+    # ending at ``pending_end[k]`` (no bytes object per row: the encoder appends to it).
+    pending = bytearray()
+    pending_i: list[int] = []
+    pending_end: list[int] = []
     retryable: list[int] = []
-    dumps, loads, decode, encode = orjson.dumps, orjson.loads, _decode_line, _encode
+    dumps, loads, decode, encode_into = orjson.dumps, orjson.loads, _decode_line, _encode_into
     ok = in_tok = out_tok = error = duplicate = malformed = mismatch = 0
     prefix = build.id_prefix
     sizes = build.sizes
@@ -191,7 +205,7 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                 except msgspec.MsgspecError:
                     r = None
                 if (r is not None and r.status == "ok" and r.error is None
-                        and (len(res) < _SHORT_LINE or _plain(res))):
+                        and (len(res) < _SHORT_LINE or _flat(r.result) or _plain(res))):
                     usage = r.usage
                     if usage is None:
                         usage = _NO_USAGE
@@ -221,10 +235,11 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                         else:
                             w = h = None
                             sw = sh = UNSET
-                        pending.append(encode(_OkRow(
+                        encode_into(_OkRow(
                             item_id, source_of(item), "ok", r.result, usage, w, h, sw, sh,
                             _with_images({}, item, i, build, source_of).get("images", UNSET)
-                            if multi else UNSET)))
+                            if multi else UNSET), pending, -1)
+                        pending_end.append(len(pending))
                         pending_i.append(i)
                         slots[i] = True
                         ok += 1
@@ -232,10 +247,11 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                             in_tok += it
                         if ot.__class__ is int or ot.__class__ is float:
                             out_tok += ot
-                        if len(pending) >= _FLUSH:
-                            rows.add_all(pending_i, pending)
+                        if ok % _FLUSH == 0:
+                            rows.add_packed(pending_i, pending_end, pending)
                             pending_i.clear()
-                            pending.clear()
+                            pending_end.clear()
+                            del pending[:]
                         continue
                 try:
                     res = loads(res)
@@ -294,12 +310,12 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                 error += 1
                 if row["error"]["code"] in retryable_codes:
                     retryable.append(i)
-            pending.append(data)
+            pending += data
+            pending_end.append(len(pending))
             pending_i.append(i)
             slots[i] = True
-        if pending:
-            rows.add_all(pending_i, pending)
-        del pending, pending_i
+        rows.add_packed(pending_i, pending_end, pending)
+        del pending, pending_i, pending_end
         stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
         stats.error, stats.duplicate, stats.malformed, stats.id_mismatch = (
             error, duplicate, malformed, mismatch)

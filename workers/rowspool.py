@@ -56,20 +56,30 @@ class RowSpool(MutableMapping[int, bytes]):
 
     __setitem__ = add  # type: ignore[assignment]
 
-    def add_all(self, indices: Sequence[int], rows: Sequence[bytes]) -> None:
-        """``add(i, row)`` for each pair of ``indices`` and ``rows`` (same length), in one
-        write (the merge's rows come by the thousand: a call and a write per row would cost
-        a fifth of it)."""
-        offset, length, end, count = self._offset, self._length, self._end, 0
-        for i, row in zip(indices, rows, strict=True):
-            if offset[i] < 0:
-                count += 1
-            offset[i] = end
-            length[i] = n = len(row)
-            end += n
-        self._file.write(b"".join(rows))
-        self._end = end
-        self._count += count
+    def add_packed(self, indices: Sequence[int], ends: Sequence[int], data: bytes | bytearray
+                   ) -> None:
+        """Set the rows of items ``indices`` (distinct) to the rows packed back to back in
+        ``data``: row ``k`` is ``data[ends[k - 1]:ends[k]]`` (from 0 for the first), in one
+        write, the offsets set by numpy (the merge's rows come by the thousand: a Python call
+        and write per row would cost a fifth of the merge)."""
+        import numpy as np
+
+        n = len(indices)
+        if len(ends) != n or (n and ends[-1] != len(data)):
+            raise ValueError("ends do not match the indices and the data")
+        if not n:
+            return
+        idx = np.fromiter(indices, np.int64, n)
+        stop = np.fromiter(ends, np.int64, n)
+        start = np.empty_like(stop)
+        start[0] = 0
+        start[1:] = stop[:-1]
+        offset = np.frombuffer(self._offset, np.int64)
+        self._count += int(np.count_nonzero(offset[idx] < 0))
+        offset[idx] = start + self._end
+        np.frombuffer(self._length, np.int32)[idx] = stop - start
+        self._file.write(data)
+        self._end += len(data)
 
     def __getitem__(self, i: int) -> bytes:
         try:
