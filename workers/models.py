@@ -7,6 +7,7 @@ them ever holds a secret (API key or presigned URL).
 from __future__ import annotations
 
 import json
+import operator
 import sys
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
@@ -293,7 +294,7 @@ def id_text(item_id: Any) -> str:
     return item_id if item_id.__class__ is str else orjson.dumps(item_id).decode()
 
 
-class PlanItem(msgspec.Struct, frozen=True, gc=False):
+class PlanItem(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """One item of a shard's plan. A frozen ``msgspec.Struct`` (56 B, not tracked by the
     cyclic GC), not a pydantic model: a worker holds 100,000 of them, and builds one per plan
     line it reads (``PlanItems``: msgspec decodes a line straight into one).
@@ -366,47 +367,56 @@ class PlanItem(msgspec.Struct, frozen=True, gc=False):
 class PlanItems(Sequence[PlanItem]):
     """A shard's plan file as a sequence of ``PlanItem``: the file's bytes and where each line
     starts (~8 bytes per item beside the text), each item decoded when it is asked for (a new
-    ``PlanItem`` each time, ~0.3 µs: ``_plan_item``), instead of a list of them (~130 bytes
-    per item held for the whole build or merge). Blank lines are skipped. ``multi_image``:
-    whether any item has several images (``PlanItem.more``), known without reading the items
-    again. Raises ``ValueError`` (at construction) for a line ``PlanItem.from_json``
-    refuses."""
+    ``PlanItem`` each time, msgspec's decoding straight into it), instead of a list of them
+    (~130 bytes per item held for the whole build or merge). Blank lines are skipped.
+    ``multi_image``: whether any item has several images (``PlanItem.more``), known without
+    reading the items again. Raises ``ValueError`` (at construction) for a line
+    ``PlanItem.from_json`` refuses."""
 
-    __slots__ = ("_data", "_starts", "multi_image")
+    __slots__ = ("_data", "_starts", "_plain", "multi_image")
 
     def __init__(self, data: bytes) -> None:
         self._data = data
         starts = array("q")
         multi = False
+        plain = True  # every line read alike by msgspec and by from_json
         pos, end = 0, len(data)
         while pos < end:
             nl = data.find(b"\n", pos)
             if nl < 0:
                 nl = end
             if data[pos:nl].strip():
-                # Every line checked once, up front: later reads may take the fast decoder.
-                multi = PlanItem.from_json(data[pos:nl]).more is not None or multi
+                # Every line checked once, up front (``from_json`` raises for a bad one).
+                item = _plain_plan_item(data[pos:nl])
+                if item is None:
+                    plain = False
+                    item = PlanItem.from_json(data[pos:nl])
+                multi = multi or item.more is not None
                 starts.append(pos)
             pos = nl + 1
         self._starts = starts
+        self._plain = plain
         self.multi_image: bool = multi
 
     def __len__(self) -> int:
         return len(self._starts)
 
     def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+        if index.__class__ is not int:
+            if isinstance(index, slice):
+                return [self[i] for i in range(*index.indices(len(self)))]
+            index = operator.index(index)
         data = self._data
         start = self._starts[index]
         nl = data.find(b"\n", start)
-        return _plan_item(data[start:nl] if nl >= 0 else data[start:])
+        line = data[start:nl] if nl >= 0 else data[start:]
+        return _plan_line.decode(line) if self._plain else _plan_item(line)
 
     def __iter__(self) -> Iterator[PlanItem]:
-        data = self._data
+        data, decode = self._data, _plan_line.decode if self._plain else _plan_item
         for start in self._starts:
             nl = data.find(b"\n", start)
-            yield _plan_item(data[start:nl] if nl >= 0 else data[start:])
+            yield decode(data[start:nl] if nl >= 0 else data[start:])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(
@@ -430,23 +440,29 @@ _plan_line = msgspec.json.Decoder(PlanItem)
 _I64_MIN, _U64_MAX = -(2**63), 2**64 - 1  # orjson reads integers beyond these as floats
 
 
-def _plan_item(line: bytes) -> PlanItem:
-    """``PlanItem.from_json(line)`` for a line that method accepts (``PlanItems`` checked it),
-    decoded by msgspec straight into the item (~5x faster than orjson's dict and the
-    checks); the few shapes where msgspec would read the line otherwise (integers beyond 64
-    bits, an empty ``more``, ``opts`` with values that are not strings) and anything it
-    refuses go through ``from_json``."""
+def _plain_plan_item(line: bytes) -> PlanItem | None:
+    """The item ``PlanItem.from_json(line)`` gives, decoded by msgspec straight into it (~5x
+    faster than orjson's dict and the checks), or None where the two could differ: a line
+    msgspec refuses (not JSON, a field ``PlanItem`` does not have, a type it does not take),
+    integers beyond 64 bits (orjson reads them as floats), an id that is not a scalar, an
+    empty ``more`` (``from_json``: None), ``opts`` values that are not strings."""
     try:
         item = _plan_line.decode(line)
     except msgspec.MsgspecError:
-        return PlanItem.from_json(line)
+        return None
     item_id, opts = item.id, item.opts
     if (item_id.__class__ is int and not _I64_MIN <= item_id <= _U64_MAX
             or item_id is None or item_id.__class__ is dict or item_id.__class__ is list
             or not _I64_MIN <= item.size <= _U64_MAX or item.more == ()
             or opts is not None and any(v.__class__ is not str for v in opts.values())):
-        return PlanItem.from_json(line)
+        return None
     return item
+
+
+def _plan_item(line: bytes) -> PlanItem:
+    """``PlanItem.from_json(line)``, by msgspec where that gives the same item."""
+    item = _plain_plan_item(line)
+    return PlanItem.from_json(line) if item is None else item
 
 
 class Sizes(Mapping[str, list[int]]):
