@@ -243,9 +243,9 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                         pending_i.append(i)
                         slots[i] = True
                         ok += 1
-                        if it.__class__ is int or it.__class__ is float:
+                        if it is not UNSET:
                             in_tok += it
-                        if ot.__class__ is int or ot.__class__ is float:
+                        if ot is not UNSET:
                             out_tok += ot
                         if ok % _FLUSH == 0:
                             rows.add_packed(pending_i, pending_end, pending)

@@ -15,6 +15,7 @@ environment variables). Result lines are the API's own output lines.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import time
@@ -84,10 +85,8 @@ def batch_client() -> BatchClient:
 def iter_result_lines(files: Iterable[bytes]) -> Iterator[bytes]:
     """The lines of result files, as bytes (empty lines skipped): the merge parses them
     (``merge.merge_round``: a line that is not JSON counts as malformed there)."""
-    for data in files:
-        for raw in data.splitlines():
-            if raw:
-                yield raw
+    # Iterated in C (no Python frame per line: a tenth of the merge's time otherwise).
+    return filter(None, itertools.chain.from_iterable(data.splitlines() for data in files))
 
 
 def check_api_key(settings: Settings, timeout: float = KEY_CHECK_SECONDS) -> str | None:
