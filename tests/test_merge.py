@@ -561,3 +561,26 @@ def test_fast_path_rows_equal_the_dict_path_rows():
                                     retryable))
             assert results[1] == results[0], (case, raw)
             assert results[2] == results[0], (case, raw)
+
+
+def test_rows_reach_the_spool_as_the_merge_goes(monkeypatch):
+    """Rows are written to the spool by the thousand, whichever path made them: parsed lines
+    (as the stepped providers hand them) hold no more than a batch in memory."""
+    from moonbatch.workers import merge as merge_module
+    from moonbatch.workers.merge import merge_round
+    from moonbatch.workers.rowspool import RowSpool
+
+    items = plan(50)
+    build = ShardBuild(lines=list(range(50)))
+    sizes: list[int] = []
+    real = RowSpool.add_packed
+    monkeypatch.setattr(merge_module, "_FLUSH", 8)
+    monkeypatch.setattr(RowSpool, "add_packed",
+                        lambda self, i, e, d: (sizes.append(len(i)), real(self, i, e, d)))
+    for lines in ([ok_line(li, items[li].id) for li in range(50)],
+                  [json.dumps(ok_line(li, items[li].id)).encode() for li in range(50)]):
+        sizes.clear()
+        rows, stats, _ = merge_round(items, build, lines, source_of)
+        with rows:
+            assert len(rows) == 50 and stats.ok == 50
+        assert max(sizes) <= 8 and sum(sizes) == 50

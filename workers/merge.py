@@ -247,7 +247,7 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                             in_tok += it
                         if ot is not UNSET:
                             out_tok += ot
-                        if ok % _FLUSH == 0:
+                        if len(pending_i) >= _FLUSH:
                             rows.add_packed(pending_i, pending_end, pending)
                             pending_i.clear()
                             pending_end.clear()
@@ -314,6 +314,11 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
             pending_end.append(len(pending))
             pending_i.append(i)
             slots[i] = True
+            if len(pending_i) >= _FLUSH:
+                rows.add_packed(pending_i, pending_end, pending)
+                pending_i.clear()
+                pending_end.clear()
+                del pending[:]
         rows.add_packed(pending_i, pending_end, pending)
         del pending, pending_i, pending_end
         stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
