@@ -366,18 +366,18 @@ class PlanItem(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True
 
 class PlanItems(Sequence[PlanItem]):
     """A shard's plan file as a sequence of ``PlanItem``: the file's bytes and where each line
-    starts (~8 bytes per item beside the text), each item decoded when it is asked for (a new
+    starts and ends (~16 bytes per item beside the text), each item decoded when it is asked for (a new
     ``PlanItem`` each time, msgspec's decoding straight into it), instead of a list of them
     (~130 bytes per item held for the whole build or merge). Blank lines are skipped.
     ``multi_image``: whether any item has several images (``PlanItem.more``), known without
     reading the items again. Raises ``ValueError`` (at construction) for a line
     ``PlanItem.from_json`` refuses."""
 
-    __slots__ = ("_data", "_starts", "_plain", "multi_image")
+    __slots__ = ("_data", "_starts", "_ends", "_plain", "multi_image")
 
     def __init__(self, data: bytes) -> None:
         self._data = data
-        starts = array("q")
+        starts, ends = array("q"), array("q")
         multi = False
         plain = True  # every line read alike by msgspec and by from_json
         pos, end = 0, len(data)
@@ -393,8 +393,9 @@ class PlanItems(Sequence[PlanItem]):
                     item = PlanItem.from_json(data[pos:nl])
                 multi = multi or item.more is not None
                 starts.append(pos)
+                ends.append(nl)
             pos = nl + 1
-        self._starts = starts
+        self._starts, self._ends = starts, ends
         self._plain = plain
         self.multi_image: bool = multi
 
@@ -406,17 +407,13 @@ class PlanItems(Sequence[PlanItem]):
             if isinstance(index, slice):
                 return [self[i] for i in range(*index.indices(len(self)))]
             index = operator.index(index)
-        data = self._data
-        start = self._starts[index]
-        nl = data.find(b"\n", start)
-        line = data[start:nl] if nl >= 0 else data[start:]
+        line = self._data[self._starts[index]:self._ends[index]]
         return _plan_line.decode(line) if self._plain else _plan_item(line)
 
     def __iter__(self) -> Iterator[PlanItem]:
         data, decode = self._data, _plan_line.decode if self._plain else _plan_item
-        for start in self._starts:
-            nl = data.find(b"\n", start)
-            yield decode(data[start:nl] if nl >= 0 else data[start:])
+        for start, end in zip(self._starts, self._ends, strict=True):
+            yield decode(data[start:end])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(
