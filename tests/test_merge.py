@@ -484,7 +484,8 @@ _VALUES = {
     "error": [b'{"code": "processing_error", "message": "try again"}', b'{"code": "rate_limited"}',
               b'"boom"', b"null", b"42", b'{"code": 7, "message": ["x"]}', b"{}"],
     "dims": [b"[640, 480]", b"[4000, 3000, 1000, 750]", b"[]", b"[1]", b"[1.5, 2]", b'"x"',
-             b"null", b"[true, 1]", b"[18446744073709551616, 1]", b"[640, 480, 320]"],
+             b"null", b"[true, 1]", b"[18446744073709551616, 1]", b"[640, 480, 320]",
+             b"[1" + b"0" * 400 + b", 5]"],
     "status": [b'"ok"'] * 6 + [b'"error"', b'"weird"', b"null", b"1"],
     "extra": [b"1", b'{"a": [1e400]}', b'"x"', b'"\xff"'],
 }
@@ -524,7 +525,7 @@ def test_fast_path_rows_equal_the_dict_path_rows():
     from moonbatch.workers.models import PlanItems
 
     rng = random.Random(5)
-    for case in range(60):
+    for case in range(80):
         n = rng.randint(1, 40)
         items = [PlanItem(id=rng.choice([f"img/{k}.jpg", k, f"x{k}é"]), size=k,
                           more=("s3://b/more.jpg",) if rng.random() < 0.1 else None)
@@ -584,3 +585,15 @@ def test_rows_reach_the_spool_as_the_merge_goes(monkeypatch):
         with rows:
             assert len(rows) == 50 and stats.ok == 50
         assert max(sizes) <= 8 and sum(sizes) == 50
+
+
+def test_a_long_line_with_a_huge_number_is_malformed_on_both_paths():
+    """orjson reads a number of 309 digits or more as infinity and refuses the line; msgspec
+    reads it: the fast path must not take such a line (here in ``dims``, beside a result long
+    enough that the line is not short)."""
+    items = plan(1)
+    line = (b'{"line_index": 0, "status": "ok", "result": {"caption": "' + b"x" * 300
+            + b'"}, "dims": [1' + b"0" * 400 + b", 5]}")
+    data, stats = merge_rows(items, ShardBuild(lines=[0]), [line + b"\n"], source_of)
+    assert stats.malformed == 1 and stats.missing == 1
+    assert json.loads(data)["error"]["code"] == "missing_result"

@@ -212,7 +212,8 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                     it, ot = usage.input_tokens, usage.output_tokens
                     dims = r.dims
                     if not (it.__class__ is int and not _I64_MIN <= it <= _U64_MAX
-                            or ot.__class__ is int and not _I64_MIN <= ot <= _U64_MAX):
+                            or ot.__class__ is int and not _I64_MIN <= ot <= _U64_MAX
+                            or dims and (max(dims) > _U64_MAX or min(dims) < _I64_MIN)):
                         li = r.line_index
                         if not 0 <= li < n_lines:
                             malformed += 1
