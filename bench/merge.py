@@ -3,8 +3,10 @@
 Measures ``moonbatch.workers.merge.merge_round`` (what the worker's merge task calls: every row
 written to the round's local spool file, ``workers.rowspool.RowSpool``) single-threaded on a
 synthetic 100,000-line shard: caption rows of ~200-400 bytes (1 % per-line errors), shuffled and
-split across 10 result files as the API returns them, merged against the matching ``ShardBuild``
-and plan items. Reported as result rows per second on one core (best of 5). Also shown, with no
+split across 10 result files as the API returns them (the lines handed over as bytes, as the
+Batch API provider's ``iter_result_lines`` does), merged against the matching ``ShardBuild``
+and plan items as the task has them (``PlanItems`` of the plan file: each item decoded when the
+merge asks for it). Reported as result rows per second on one core (best of 5). Also shown, with no
 target: ``merge_rows``, the same merge read back from the spool into one results JSONL in memory.
 
 Baseline: a parse-only pass over the same bytes (``orjson.loads`` of every line, what a user
@@ -69,7 +71,16 @@ def run(servers: Servers, smoke: bool = False) -> Result:
     from moonbatch.workers.storage import S3Store
 
     result = Result("merge")
-    items, build, files = make_shard(n_lines)
+    from moonbatch.workers.models import PlanItems
+
+    listed, build, files = make_shard(n_lines)
+    # What the worker's task hands the merge: the shard's plan file (``Run.items``), its items
+    # decoded on access; made once, as the task does before it merges.
+    plan = b"".join(item.to_json() + b"\n" for item in listed)
+    start = time.perf_counter()
+    items = PlanItems(plan)
+    plan_seconds = time.perf_counter() - start
+    del listed
     url_for = S3Store("bucket", "photos/", client=None).url_for
 
     def source_of(item: object) -> str:
@@ -115,5 +126,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
                f"orjson.loads only: {rate['orjson.loads']:,.0f} rows/s",
                f"{rate['merge_rows'] / rate['orjson.loads']:.2f}x parse-only")
     result.notes.append(f"{n_lines:,} result lines, {size / MB:.1f} MB ({size / n_lines:.0f} B/line) "
-                        f"in {len(files)} files")
+                        f"in {len(files)} files; plan items as the task gets them (PlanItems of "
+                        f"the plan file, {len(plan) / MB:.1f} MB, read and checked in "
+                        f"{plan_seconds:.2f} s, not counted in the merge)")
     return result

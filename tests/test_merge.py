@@ -151,7 +151,7 @@ def test_boolean_line_index_is_malformed():
     items = [PlanItem(id=f"i{n}", size=1) for n in range(3)]
     data, stats = merge_rows(items, ShardBuild(lines=[0, 1, 2]),
                              [b'{"line_index": true, "status": "ok", "result": {}}\n'],
-                             lambda k: k)
+                             lambda k: k.id)
     assert stats.malformed == 1 and stats.missing == 3 and stats.ok == 0
     assert all(json.loads(r)["error"]["code"] == "missing_result" for r in data.splitlines())
 
@@ -460,3 +460,140 @@ def test_rows_are_compact_json_with_keys_in_row_order():
         {"source": SOURCE + "7", "width": 5, "height": 5},
         {"source": SOURCE + "s3://b/x.jpg", "width": None, "height": None}]
     assert (stats.ok, stats.error) == (3, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path (result lines as bytes) against the dict path (the same lines parsed first)
+
+_VALUES = {
+    "result": [b'{"caption": "a cat"}', b'{"caption":"x\\u00e9\\ud83d\\ude00 \\" \\\\ \\n"}',
+               '{"caption": "一只猫"}'.encode(), b'{"objects": [{"x_min": 0.1, "y_min": 1e-7}]}',
+               b'{"answer": "yes", "reasoning": true}', b'"bare"', b"null", b"[]", b"7",
+               b'{"a": 1, "a": 2}', b'{"n": 123456789012345678901234567890}',
+               b'{"n": 18446744073709551615}', b'{"n": -0}', b'{"n": -0.0}', b'{"n": 1e-400}',
+               b'{"n": 1e400}', b'{"n": 1' + b"0" * 400 + b"}", b'{"n": 0.30000000000000004}',
+               b'{"s": "\\ud800"}', b'{"s": "\xff"}', b'{"s": "\xed\xa0\x80"}', b'{"s": "a\x7fb"}',
+               b'{"caption": "' + b"long words " * 40 + b'"}',
+               b"[" * 300 + b"]" * 300, b"[" * 250 + b"]" * 250, b"[" * 253 + b"]" * 253,
+               b"[" * 254 + b"]" * 254, b"[" * 255 + b"]" * 255, b'{"x": [1, 2.5, "3"]}'],
+    "usage": [b'{"input_tokens": 10, "output_tokens": 3}', b'{"output_tokens": 3}', b"{}",
+              b"null", b'"n/a"', b"[1]", b'{"input_tokens": "7", "output_tokens": true}',
+              b'{"input_tokens": 5.5, "output_tokens": null}', b'{"input_tokens": 1, "extra": [1]}',
+              b'{"input_tokens": 18446744073709551616}', b'{"input_tokens": 1e400}',
+              b'{"input_tokens": 1, "input_tokens": 2}', b'{"input_tokens": 9223372036854775808}'],
+    "error": [b'{"code": "processing_error", "message": "try again"}', b'{"code": "rate_limited"}',
+              b'"boom"', b"null", b"42", b'{"code": 7, "message": ["x"]}', b"{}"],
+    "dims": [b"[640, 480]", b"[4000, 3000, 1000, 750]", b"[]", b"[1]", b"[1.5, 2]", b'"x"',
+             b"null", b"[true, 1]", b"[18446744073709551616, 1]", b"[640, 480, 320]",
+             b"[1" + b"0" * 400 + b", 5]"],
+    "status": [b'"ok"'] * 6 + [b'"error"', b'"weird"', b"null", b"1"],
+    "extra": [b"1", b'{"a": [1e400]}', b'"x"', b'"\xff"'],
+}
+
+
+def _random_line(rng, n_lines: int, ids: list[str]) -> bytes:
+    """A result line's bytes: mostly the usual shape, with odd fields, types and values."""
+    if rng.random() < 0.03:
+        return rng.choice([b"not json", b"", b"   ", b'{"line_index": 0', b"[1, 2]", b"42",
+                           b'{"line_index": 0} x', b"\xef\xbb\xbf{}"])
+    fields = []
+    li = rng.randrange(n_lines + 2) if rng.random() < 0.95 else None
+    if li is not None:
+        fields.append(("line_index", rng.choice([b"%d" % li] * 8 + [
+            b"-1", b"true", b"1.0", b'"1"', b"null", b"18446744073709551616", b"1e400"])))
+    if li is not None and li < n_lines and rng.random() < 0.9:
+        good = ids[li].encode()
+        fields.append(("id", rng.choice([b'"' + good + b'"'] * 6 + [b'"P:' + good + b'"',
+                                                                      b'"other"', b"null", b"7"])))
+    fields.append(("status", rng.choice(_VALUES["status"])))
+    for key, p in (("result", 0.9), ("usage", 0.8), ("error", 0.15), ("dims", 0.15),
+                   ("extra", 0.05)):
+        if rng.random() < p:
+            fields.append((key, rng.choice(_VALUES[key])))
+    rng.shuffle(fields) if rng.random() < 0.1 else None
+    sep = rng.choice([(b",", b":"), (b", ", b": ")])
+    return b"{" + sep[0].join(b'"%s"%s%s' % (k.encode(), sep[1], v) for k, v in fields) + b"}"
+
+
+def test_fast_path_rows_equal_the_dict_path_rows():
+    """For random and odd result lines, the rows of lines given as bytes (the fast path, or
+    its fallback) parse to exactly the rows of the same lines parsed first (the dict path:
+    what ``merge_round`` did before the fast path), with the same stats and retryable items."""
+    import orjson
+
+    from moonbatch.workers.merge import merge_round
+    from moonbatch.workers.models import PlanItems
+
+    rng = random.Random(5)
+    for case in range(80):
+        n = rng.randint(1, 40)
+        items = [PlanItem(id=rng.choice([f"img/{k}.jpg", k, f"x{k}é"]), size=k,
+                          more=("s3://b/more.jpg",) if rng.random() < 0.1 else None)
+                 for k in range(n)]
+        sent = sorted(rng.sample(range(n), rng.randint(0, n)))
+        sizes = {str(i): rng.choice([[640, 480], [4000, 3000, 1000, 750]])
+                 for i in sent if rng.random() < 0.5}
+        build = ShardBuild(lines=sent, id_prefix=rng.choice(["", "P:"]), sizes=sizes,
+                           image_sizes={str(i): [[5, 5], None] for i in range(n)
+                                        if items[i].more},
+                           errors={str(i): {"code": "not_an_image", "message": "x"}
+                                   for i in range(n) if i not in sent and rng.random() < 0.5})
+        ids = [build.id_prefix + PlanItem(items[i].id, 0).key for i in sent]
+        raw = [_random_line(rng, len(sent), ids) for _ in range(rng.randint(0, 2 * n + 5))]
+
+        def parsed(line: bytes):
+            try:
+                return orjson.loads(line)
+            except orjson.JSONDecodeError:
+                return None
+
+        old_lines = [parsed(line) for line in raw if line.strip()]  # the old iter_result_lines
+        todo = sorted(rng.sample(range(n), rng.randint(0, n))) if rng.random() < 0.2 else None
+        plan = PlanItems(b"".join(item.to_json() + b"\n" for item in items))
+        kwargs = {"todo": todo, "retryable_codes": frozenset({"processing_error", "unknown_error"})}
+        for batch_error in (None, {"code": "timeout", "message": "t"}) if case % 10 == 0 else (None,):
+            results = []
+            for its, lines in ((items, old_lines), (plan, raw), (items, raw)):
+                rows, stats, retryable = merge_round(its, build, lines,
+                                                     lambda item: SOURCE + item.key,
+                                                     batch_error=batch_error, **kwargs)
+                with rows:
+                    results.append(({i: orjson.loads(r) for i, r in rows.items()}, stats,
+                                    retryable))
+            assert results[1] == results[0], (case, raw)
+            assert results[2] == results[0], (case, raw)
+
+
+def test_rows_reach_the_spool_as_the_merge_goes(monkeypatch):
+    """Rows are written to the spool by the thousand, whichever path made them: parsed lines
+    (as the stepped providers hand them) hold no more than a batch in memory."""
+    from moonbatch.workers import merge as merge_module
+    from moonbatch.workers.merge import merge_round
+    from moonbatch.workers.rowspool import RowSpool
+
+    items = plan(50)
+    build = ShardBuild(lines=list(range(50)))
+    sizes: list[int] = []
+    real = RowSpool.add_packed
+    monkeypatch.setattr(merge_module, "_FLUSH", 8)
+    monkeypatch.setattr(RowSpool, "add_packed",
+                        lambda self, i, e, d: (sizes.append(len(i)), real(self, i, e, d)))
+    for lines in ([ok_line(li, items[li].id) for li in range(50)],
+                  [json.dumps(ok_line(li, items[li].id)).encode() for li in range(50)]):
+        sizes.clear()
+        rows, stats, _ = merge_round(items, build, lines, source_of)
+        with rows:
+            assert len(rows) == 50 and stats.ok == 50
+        assert max(sizes) <= 8 and sum(sizes) == 50
+
+
+def test_a_long_line_with_a_huge_number_is_malformed_on_both_paths():
+    """orjson reads a number of 309 digits or more as infinity and refuses the line; msgspec
+    reads it: the fast path must not take such a line (here in ``dims``, beside a result long
+    enough that the line is not short)."""
+    items = plan(1)
+    line = (b'{"line_index": 0, "status": "ok", "result": {"caption": "' + b"x" * 300
+            + b'"}, "dims": [1' + b"0" * 400 + b", 5]}")
+    data, stats = merge_rows(items, ShardBuild(lines=[0]), [line + b"\n"], source_of)
+    assert stats.malformed == 1 and stats.missing == 1
+    assert json.loads(data)["error"]["code"] == "missing_result"

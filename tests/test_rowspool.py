@@ -139,7 +139,7 @@ def test_result_files_come_back_in_index_order_cut_at_line_ends():
     pieces = list(files)
     assert all(p.endswith(b"\n") for p in pieces) and len(pieces) > 3
     assert b"".join(pieces) == data[0] + data[1] + data[2]
-    assert [r["line_index"] for r in iter_result_lines(files)] == [
+    assert [orjson.loads(r)["line_index"] for r in iter_result_lines(files)] == [
         i * 10 + k for i in range(3) for k in range(8)]
     files.close()
 
@@ -178,3 +178,17 @@ def test_put_of_a_file_streams_it_to_local_and_s3(tmp_path, s3_endpoint, bucket,
             assert store.put("rows.jsonl", f, if_absent=True) is False
         assert store.get("rows.jsonl") == body
         assert b"\n".join(iter_stored_lines(store, "rows.jsonl")) + b"\n" == body
+
+
+def test_add_packed_sets_rows_as_add_does():
+    with RowSpool(6) as spool:
+        spool[4] = b"old"
+        rows = [b'{"a":1}', b"", b'{"c":"\\u00e9"}', b"x" * 3000]
+        spool.add_packed([5, 0, 4, 2], [7, 7, 21, 3021], b"".join(rows))
+        assert len(spool) == 4 and dict(spool.items()) == {0: b"", 2: b"x" * 3000,
+                                                           4: rows[2], 5: rows[0]}
+        spool.add_packed([], [], b"")
+        spool[1] = b"later"
+        assert spool[1] == b"later" and spool[5] == rows[0] and len(spool) == 5
+        with pytest.raises(ValueError):
+            spool.add_packed([3], [2], b"abc")

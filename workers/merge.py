@@ -17,10 +17,12 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
+import msgspec
 import orjson
+from msgspec import UNSET, UnsetType
 
 from moonbatch.workers import cache
-from moonbatch.workers.models import PlanItem, ShardBuild, id_text
+from moonbatch.workers.models import PlanItem, ShardBuild, any_multi_image, id_text
 from moonbatch.workers.rowspool import RowSpool, ShardRows
 
 
@@ -61,8 +63,9 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     """Merge one round of a shard: ``(rows, stats, retryable)``, ``rows`` a ``RowSpool`` (a
     mapping item index → row bytes, kept in a temporary file: the caller closes it).
 
-    ``result_lines`` are parsed result lines (anything else, e.g. None for a line that was not
-    JSON, counts as malformed). ``todo`` are the item indices this round was for (default:
+    ``result_lines`` are result lines, each the bytes of one JSON line (a line of a result
+    file; blank ones are skipped) or the parsed line (a dict); anything else (e.g. None, or
+    bytes that are not JSON) counts as malformed. ``todo`` are the item indices this round was for (default:
     every item); each gets exactly one row. ``retryable`` lists the items whose error code is
     in ``retryable_codes`` (the provider's transient per-item errors) that a later round may
     fix. ``source_of(item)`` gives a row's ``source``. Rows: ``{"id", "source", "status": "ok",
@@ -96,29 +99,167 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     return rows, stats, retryable
 
 
+class _Usage(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """A result line's ``usage`` as the fast path takes it: token counts (numbers), nothing
+    else; written back as it came (an absent count stays absent)."""
+
+    input_tokens: int | float | UnsetType = UNSET
+    output_tokens: int | float | UnsetType = UNSET
+
+
+class _Line(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """A result line as the fast path takes it (``_decode_line``): the Batch API's fields and
+    ``dims``, typed; any other field or type is the dict path's."""
+
+    line_index: int
+    id: str | None = None
+    status: str | None = None
+    result: Any = None
+    usage: _Usage | None = None
+    error: Any = None
+    dims: list[int] | None = None
+
+
+class _OkRow(msgspec.Struct, gc=False):
+    """An ok row as ``_merge_single`` writes it, fields in the dict path's order (unset ones
+    are left out)."""
+
+    id: Any
+    source: str
+    status: str
+    result: Any
+    usage: _Usage
+    width: Any
+    height: Any
+    sent_width: Any = UNSET
+    sent_height: Any = UNSET
+    images: Any = UNSET
+
+
+_decode_line = msgspec.json.Decoder(_Line).decode
+_encode_into = msgspec.json.Encoder().encode_into
+_NO_USAGE = _Usage()
+_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1  # orjson reads integers beyond these as floats
+# A line shorter than this can hold neither a number orjson reads as infinity (309 digits or
+# more) nor a result nested deep enough (254 levels) that orjson would refuse to write it.
+_SHORT_LINE = 340
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_FLUSH = 1024  # rows written to the spool at a time
+
+
+def _flat(value: Any) -> bool:
+    """True for a result without numbers or nesting: a string, or an object of strings (a
+    caption, an answer)."""
+    if value.__class__ is dict:
+        for v in value.values():
+            if v.__class__ is not str:
+                return False
+        return True
+    return value.__class__ is str
+
+
+def _plain(line: bytes) -> bool:
+    """True if ``line`` (a long result line) has no number of 309 digits or more and fewer
+    than 250 brackets (so no value nested 250 deep): msgspec and orjson read it alike."""
+    return (line.count(b"[") + line.count(b"{") < 250
+            and b"0" * 309 not in line.translate(_DIGITS))
+
+
 def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
                   source_of: Callable[[PlanItem], str], rows: RowSpool, *,
                   batch_error: dict[str, str] | None, todo: Sequence[int] | None,
                   retryable_codes: frozenset[str]) -> tuple[MergeStats, list[int]]:
     """``merge_round`` for a single-skill round: writes the rows into ``rows`` (every item of
-    ``todo``)."""
+    ``todo``).
+
+    A result line given as bytes takes the fast path when it is an ok line of the usual shape
+    (msgspec decodes it into ``_Line``, ``_OkRow`` writes its row); any other line (an
+    error, an odd field or type, not JSON) is parsed with orjson and takes the dict path, so
+    that every shape gets the row it always got (``tests/test_merge.py``: the two paths agree
+    on random and odd lines)."""
     stats = MergeStats()
     lines = build.lines
     n_lines = len(lines)
     # True where the item has its row (in ``rows``): the duplicate check stays a list lookup.
     slots: list[bool | None] = [None] * len(items)
-    keep = rows.add
+    # Rows not written to the spool yet: packed in ``pending``, item ``pending_i[k]``'s row
+    # ending at ``pending_end[k]`` (no bytes object per row: the encoder appends to it).
+    pending = bytearray()
+    pending_i: list[int] = []
+    pending_end: list[int] = []
     retryable: list[int] = []
-    dumps = orjson.dumps
+    dumps, loads, decode, encode_into = orjson.dumps, orjson.loads, _decode_line, _encode_into
     ok = in_tok = out_tok = error = duplicate = malformed = mismatch = 0
     prefix = build.id_prefix
     sizes = build.sizes
+    has_sizes = bool(sizes)
     # Multi-image items add ``images``: a per-row check only when the shard has one.
-    multi = any(item.more for item in items)
-    # The hot loop: one parse (the caller's) and one serialisation per row, the checks inlined,
-    # counters in locals (measured: ``bench.merge``; ``_with_size``'s call is within its noise).
+    multi = any_multi_image(items)
+    # The hot loop: one parse and one serialisation per row, the checks inlined, counters in
+    # locals (measured: ``bench.merge``).
     with _gc_paused():
         for res in () if batch_error else result_lines:
+            if res.__class__ is bytes:
+                try:
+                    r = decode(res)
+                except msgspec.MsgspecError:
+                    r = None
+                if (r is not None and r.status == "ok" and r.error is None
+                        and (len(res) < _SHORT_LINE or _flat(r.result) or _plain(res))):
+                    usage = r.usage
+                    if usage is None:
+                        usage = _NO_USAGE
+                    it, ot = usage.input_tokens, usage.output_tokens
+                    dims = r.dims
+                    if not (it.__class__ is int and not _I64_MIN <= it <= _U64_MAX
+                            or ot.__class__ is int and not _I64_MIN <= ot <= _U64_MAX
+                            or dims and (max(dims) > _U64_MAX or min(dims) < _I64_MIN)):
+                        li = r.line_index
+                        if not 0 <= li < n_lines:
+                            malformed += 1
+                            continue
+                        i = lines[li]
+                        if slots[i] is not None:
+                            duplicate += 1
+                            continue
+                        item = items[i]
+                        item_id = item.id
+                        sent_id = r.id
+                        if sent_id is not None and sent_id != prefix + (
+                                item_id if item_id.__class__ is str else id_text(item_id)):
+                            mismatch += 1
+                        if not dims and has_sizes:
+                            dims = sizes.get(str(i))
+                        if dims and len(dims) >= 2:
+                            w, h = dims[0], dims[1]
+                            sw, sh = (dims[2], dims[3]) if len(dims) >= 4 else (UNSET, UNSET)
+                        else:
+                            w = h = None
+                            sw = sh = UNSET
+                        encode_into(_OkRow(
+                            item_id, source_of(item), "ok", r.result, usage, w, h, sw, sh,
+                            _with_images({}, item, i, build, source_of).get("images", UNSET)
+                            if multi else UNSET), pending, -1)
+                        pending_end.append(len(pending))
+                        pending_i.append(i)
+                        slots[i] = True
+                        ok += 1
+                        if it is not UNSET:
+                            in_tok += it
+                        if ot is not UNSET:
+                            out_tok += ot
+                        if len(pending_i) >= _FLUSH:
+                            rows.add_packed(pending_i, pending_end, pending)
+                            pending_i.clear()
+                            pending_end.clear()
+                            del pending[:]
+                        continue
+                try:
+                    res = loads(res)
+                except orjson.JSONDecodeError:
+                    if res.strip():  # blank lines are no lines
+                        malformed += 1
+                    continue
             try:
                 li = res["line_index"]
             except (KeyError, TypeError, IndexError):
@@ -137,7 +278,7 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
             if sent_id is not None and sent_id != prefix + (
                     item_id if item_id.__class__ is str else id_text(item_id)):
                 mismatch += 1
-            dims = res.get("dims") or (sizes.get(str(i)) if sizes else None)
+            dims = res.get("dims") or (sizes.get(str(i)) if has_sizes else None)
             if res.get("status") == "ok":
                 usage = res.get("usage")
                 if usage.__class__ is not dict:  # null or not an object: no usage
@@ -170,7 +311,17 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                 error += 1
                 if row["error"]["code"] in retryable_codes:
                     retryable.append(i)
-            slots[i] = keep(i, data)
+            pending += data
+            pending_end.append(len(pending))
+            pending_i.append(i)
+            slots[i] = True
+            if len(pending_i) >= _FLUSH:
+                rows.add_packed(pending_i, pending_end, pending)
+                pending_i.clear()
+                pending_end.clear()
+                del pending[:]
+        rows.add_packed(pending_i, pending_end, pending)
+        del pending, pending_i, pending_end
         stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
         stats.error, stats.duplicate, stats.malformed, stats.id_mismatch = (
             error, duplicate, malformed, mismatch)
@@ -180,7 +331,7 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
         for i in wanted:
             if slots[i] is not None:
                 continue
-            item_id = items[i].id
+            item = items[i]
             if sent is None:
                 sent = set(lines)
             if (pre := build.errors.get(str(i))) is not None:
@@ -192,13 +343,13 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
             else:
                 stats.missing += 1
                 if line_of is None:
-                    line_of = {item: li for li, item in enumerate(lines)}
+                    line_of = {k: li for li, k in enumerate(lines)}
                 error = {"code": "missing_result",
                          "message": f"the batch returned no result for line_index {line_of[i]}"}
             stats.error += 1
-            slots[i] = keep(i, dumps(_with_images(_with_size(
-                {"id": item_id, "source": source_of(items[i]), "status": "error",
-                 "error": error}, sizes.get(str(i))), items[i], i, build, source_of)))
+            slots[i] = rows.add(i, dumps(_with_images(_with_size(
+                {"id": item.id, "source": source_of(item), "status": "error",
+                 "error": error}, sizes.get(str(i))), item, i, build, source_of)))
     return stats, retryable
 
 
@@ -221,6 +372,13 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
     outcomes: dict[int, list[Any]] = {}
     dims_of: dict[int, Any] = {}
     for res in () if batch_error else result_lines:
+        if res.__class__ is bytes:  # a line's JSON text: parsed here (no fast path)
+            try:
+                res = orjson.loads(res)
+            except orjson.JSONDecodeError:
+                if res.strip():  # blank lines are no lines
+                    stats.malformed += 1
+                continue
         try:
             li = res["line_index"]
         except (KeyError, TypeError, IndexError):

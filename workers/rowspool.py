@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 from array import array
-from collections.abc import ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from collections.abc import ItemsView, Iterable, Iterator, MutableMapping, Sequence, ValuesView
 from typing import IO, Any, TypeVar
 
 from moonbatch.workers.storage import Store
@@ -79,6 +79,31 @@ class RowSpool(_TempFileBacked, MutableMapping[int, bytes]):
         return True
 
     __setitem__ = add  # type: ignore[assignment]
+
+    def add_packed(self, indices: Sequence[int], ends: Sequence[int], data: bytes | bytearray
+                   ) -> None:
+        """Set the rows of items ``indices`` (distinct) to the rows packed back to back in
+        ``data``: row ``k`` is ``data[ends[k - 1]:ends[k]]`` (from 0 for the first), in one
+        write, the offsets set by numpy (the merge's rows come by the thousand: a Python call
+        and write per row would cost a fifth of the merge)."""
+        import numpy as np
+
+        n = len(indices)
+        if len(ends) != n or (n and ends[-1] != len(data)):
+            raise ValueError("ends do not match the indices and the data")
+        if not n:
+            return
+        idx = np.fromiter(indices, np.int64, n)
+        stop = np.fromiter(ends, np.int64, n)
+        start = np.empty_like(stop)
+        start[0] = 0
+        start[1:] = stop[:-1]
+        offset = np.frombuffer(self._offset, np.int64)
+        self._count += int(np.count_nonzero(offset[idx] < 0))
+        offset[idx] = start + self._end
+        np.frombuffer(self._length, np.int32)[idx] = stop - start
+        self._file.write(data)
+        self._end += len(data)
 
     def __getitem__(self, i: int) -> bytes:
         try:

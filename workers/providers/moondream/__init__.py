@@ -15,6 +15,7 @@ environment variables). Result lines are the API's own output lines.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import time
@@ -22,7 +23,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
-import orjson
 
 from moonbatch.config import Settings, get_settings
 from moonbatch.workers import layout, metrics, registry
@@ -82,17 +82,11 @@ def batch_client() -> BatchClient:
                        backoff_max=s.http_backoff_max)
 
 
-def iter_result_lines(files: Iterable[bytes]) -> Iterator[Any]:
-    """The parsed lines of result files (blank lines skipped; a line that is not JSON yields
-    None, which the merge counts as malformed)."""
-    loads = orjson.loads
-    for data in files:
-        for raw in data.splitlines():
-            try:
-                yield loads(raw)
-            except orjson.JSONDecodeError:
-                if raw.strip():
-                    yield None
+def iter_result_lines(files: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of result files, as bytes (empty lines skipped): the merge parses them
+    (``merge.merge_round``: a line that is not JSON counts as malformed there)."""
+    # Iterated in C (no Python frame per line: a tenth of the merge's time otherwise).
+    return filter(None, itertools.chain.from_iterable(data.splitlines() for data in files))
 
 
 def check_api_key(settings: Settings, timeout: float = KEY_CHECK_SECONDS) -> str | None:
