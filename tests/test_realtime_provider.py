@@ -353,8 +353,9 @@ def test_steps_come_at_their_own_pace_not_the_poll_interval(s3, bucket, env, emu
 def realtime_run(s3, bucket, env, redis_server, emulator, monkeypatch):
     """A real-time run of 24 tiny images in one shard, planned onto a queue nobody consumes
     (its messages are removed afterwards) and opened in this process; steps of 0.3 s that
-    checkpoint for up to 30 s, 4 requests at a time, each answered after 0.1 s (the rate
-    never the bound)."""
+    checkpoint for up to 30 s, 4 requests at a time, each answered after 0.25 s (the rate
+    never the bound): sending takes ~1.5 s, so a step checkpoints several times even when a
+    checkpoint's own writes are slow on a loaded machine."""
     from moonbatch.config import get_settings, reload_settings
     from moonbatch.workers.providers.realtime import rounds
     from moonbatch.workers.runstate import open_run
@@ -365,7 +366,7 @@ def realtime_run(s3, bucket, env, redis_server, emulator, monkeypatch):
     monkeypatch.setenv("MOONBATCH_REALTIME_RATE", "1000")
     monkeypatch.setenv("MOONBATCH_REALTIME_CONCURRENCY", "4")
     reload_settings()
-    emulator.config.realtime = RealtimeConfig(processing_seconds=0.1)
+    emulator.config.realtime = RealtimeConfig(processing_seconds=0.25)
     put_tiny(s3, bucket, "in/", 24)
     queue = "checkpoints-" + uuid.uuid4().hex[:8]
     qenv = {**env, "MOONBATCH_QUEUE": queue}
@@ -404,8 +405,12 @@ def test_a_long_step_records_the_round_at_each_checkpoint(realtime_run, emulator
     assert ledger["cursor"] == ledger["lines"] == 24 and not ledger["resend"]  # one step sent all
     assert len(seen) >= 2 and ledger["steps"] == len(seen) + 1  # a record per checkpoint
     assert all(p["chain"] == "chain-a" and p["status"] == "in_progress" for p in seen)
-    assert [p["finished"] for p in seen] == sorted(p["finished"] for p in seen)
-    assert len(results_files(store)) == len(seen) + 1
+    finished = [p["finished"] for p in seen]
+    assert finished == sorted(finished) and finished[-1] < 24
+    # A results document per checkpoint that finished lines (one that found none on a loaded
+    # machine writes none), and the step's last record's.
+    grew = sum(1 for a, b in zip([0, *finished], finished, strict=False) if b > a)
+    assert grew >= 1 and len(results_files(store)) == grew + 1
     results = provider.collect_round(_context(realtime_run, 0, 0))
     assert sorted(line["line_index"] for line in results.lines) == list(range(24))
     assert emulator.emulator.realtime.calls.get("caption", 0) - before == 24
@@ -426,7 +431,9 @@ def test_a_step_that_loses_the_ledger_race_at_a_checkpoint_stops_sending(realtim
     recorded: list[dict] = []
 
     def other_step_records(fields: dict, next_in: float) -> None:
-        if not recorded:
+        # At this step's first checkpoint that finished lines (on a loaded machine an earlier
+        # one may find none answered yet: it writes no results document).
+        if not recorded and fields["finished"]:
             ledger = get_json(store, key)
             recorded.append(ledger)
             store.put(key, orjson.dumps({**ledger, "rate_limited": 1}))
