@@ -22,6 +22,10 @@ with ``MOONBATCH_REALTIME_CONCURRENCY`` = C and a rate far above what C requests
 use, through a running fleet of one ``celery -A moonbatch.workers worker -c 4`` process (a
 private redis-server, warmed up by a run of 4 images), with durability on: the run registry in
 S3 (``MOONBATCH_STATE_URL``), every step's ledger and results in the output, as always.
+moonbatch's modules have their bytecode written first (``end_to_end.compile_moonbatch``), as
+installing it would and as the script's packages (moondream, boto3, Pillow) have theirs: this
+machine's ``PYTHONDONTWRITEBYTECODE=1`` would otherwise have each command compile moonbatch's
+source at its start.
 
 Measured: items/s both ways (wall time of each command: for ``moonbatch run`` starting the CLI,
 the checks, planning, every step, the merge; for the script starting the interpreter, its
@@ -46,7 +50,14 @@ import time
 from typing import Any
 
 from bench.common import Result, Servers, emulator, median
-from bench.end_to_end import fleet_env, flush_redis, moonbatch, small_photos, worker_fleet
+from bench.end_to_end import (
+    compile_moonbatch,
+    fleet_env,
+    flush_redis,
+    moonbatch,
+    small_photos,
+    worker_fleet,
+)
 
 N, C, LATENCY = 1000, 8, 0.2
 # --smoke: a few images at a tiny latency (checks that the benchmark runs, measures nothing)
@@ -165,6 +176,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
         list(pool.map(lambda ib: s3.put_object(Bucket=bucket, Key=f"warm/{ib[0]:04d}.jpg",
                                                Body=ib[1]), enumerate(bodies[:WARM])))
 
+    compile_moonbatch()
     with emulator() as emu:
         emu.config.realtime = RealtimeConfig(processing_seconds=latency)
         answers = Answers(emu.emulator.realtime)
