@@ -168,25 +168,34 @@ class Progress:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._done: dict[int, ShardDone] = {}
-        self._batch_ids: dict[tuple[int, int], str] = {}  # (shard, round) → batch id
+        self._batch_ids: dict[tuple[int, int], str | None] = {}  # (shard, round) → batch id
         self._settled: dict[str, dict[str, Any]] = {}  # spend.json of settled rounds
+        self._plan: dict[str, Any] | None = None  # plan.json once written (write-once)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, look_final: bool = True) -> dict[str, Any]:
         """The run's state as a dict: the shape of ``run.json`` (see README "Output").
         ``batches`` lists merged shards' batches (``"merged": true``) and then the batches
         still at the API (``"merged": false``, status as last polled); ``shards.in_flight``
-        counts the latter: shards with a submitted batch and no ``done.json``."""
+        counts the latter: shards with a submitted batch and no ``done.json``.
+        ``look_final`` False: the caller has just found no final summary (``final()``), so
+        it is not read again (a run that ends meanwhile is final at the next look)."""
         st = self.store
-        final = self.final()
+        final = self.final() if look_final else None
         if final is not None:
             return final
         with cf.ThreadPoolExecutor(READERS, thread_name_prefix="progress") as pool:
-            # One round trip for the run's documents and its listing, not six in a row.
+            # One round trip for the run's documents and its listing, not six in a row;
+            # plan.json is written once: read until it is there.
             listing = pool.submit(lambda: list(st.iter_objects(layout.SHARDS)))
-            spec, plan, failed, cancelled, halted = pool.map(
+            keys = (layout.SPEC, layout.FAILED, layout.CANCELLED, layout.STOPPED) + (
+                () if self._plan is not None else (layout.PLAN,))
+            spec, failed, cancelled, halted, *plan = pool.map(
                 lambda key: get_json(st, key) if key == layout.SPEC else get_json_or_none(st, key),
-                (layout.SPEC, layout.PLAN, layout.FAILED, layout.CANCELLED, layout.STOPPED))
-            return self._snapshot(pool, spec, plan, failed, cancelled, halted, listing.result())
+                keys)
+            if plan:
+                self._plan = plan[0]
+            return self._snapshot(pool, spec, self._plan, failed, cancelled, halted,
+                                  listing.result())
 
     def _snapshot(self, pool: cf.ThreadPoolExecutor, spec: dict[str, Any],
                   plan: dict[str, Any] | None, failed: Any, cancelled: Any, halted: Any,
@@ -314,11 +323,13 @@ class Progress:
         """An entry of ``batches`` for the shard's batch at the API (round ``rnd``): its status
         as last polled (``submitted`` before the first poll) and progress."""
         batch_id = self._batch_ids.get((shard, rnd)) or progress.get("batch_id")
-        if batch_id is None:
-            batch_id = (get_json_or_none(self.store, layout.round_doc(shard, rnd, "batch")) or {}
-                        ).get("batch_id")
+        if batch_id is None and (shard, rnd) not in self._batch_ids:
+            doc = get_json_or_none(self.store, layout.round_doc(shard, rnd, "batch"))
+            batch_id = (doc or {}).get("batch_id")
+            if doc is not None:  # a round's batch never changes (an id of None too)
+                self._batch_ids[(shard, rnd)] = batch_id
         if batch_id is not None:
-            self._batch_ids[(shard, rnd)] = batch_id  # a round's batch never changes
+            self._batch_ids[(shard, rnd)] = batch_id
         return {"shard": shard, "batch_id": batch_id,
                 "status": progress.get("status") or "submitted", "merged": False,
                 "round": rnd, "items": progress.get("total"),
