@@ -346,9 +346,10 @@ class Progress:
 
     def complete(self) -> bool:
         """True when the plan is written and every shard is merged."""
-        plan = get_json_or_none(self.store, layout.PLAN)
+        plan = self._plan or get_json_or_none(self.store, layout.PLAN)
         if plan is None:
             return False
+        self._plan = plan  # write-once: the snapshot that follows needs it too
         merged = sum(1 for o in self.store.iter_objects(layout.SHARDS)
                      if (k := layout.parse_shard_key(o.key)) and k.round is None
                      and k.name == "done")
@@ -375,7 +376,9 @@ def maybe_finalize(store: Store) -> bool:
     progress = Progress(store)
     if not progress.complete():
         return False
-    summary = progress.snapshot()
+    # From the run's documents, not an earlier run.json: what a finaliser that stopped
+    # between the summary and the marker wrote is the same but for its finished_at.
+    summary = progress.snapshot(look_final=False)
     from moonbatch.workers import writers
 
     spec = RunSpec.model_validate(get_json(store, layout.SPEC))
