@@ -54,9 +54,10 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
     watch = _consumer_watch(output, settings) if workers is None else None
     announced: set[str] = set()
     reader = ops.progress_reader(output, settings)
+    looked = False  # the last end check found no final summary just now
     with watch or contextlib.nullcontext():
         while True:
-            snap = ops.snapshot(output, settings, reader)
+            snap = ops.snapshot(output, settings, reader, look_final=not looked)
             rid = snap["run_id"]
             if watch is not None:
                 announced = _announce(watch, announced, rid, notice)
@@ -90,23 +91,27 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
                 raise Timeout(f"run {rid} not complete after {timeout:.0f}s; it goes on: "
                               f"moonbatch wait {rid}", run_id=rid)
             age = time.time() - start  # each look lists the run's state: back off as it ages
-            _await_end(reader, LOOK_YOUNG if age < 10 else 2.0 if age < 600 else 10.0,
-                       END_CHECK if age < 3600 else 1.0)
+            looked = _await_end(reader, LOOK_YOUNG if age < 10 else 2.0 if age < 600 else 10.0,
+                                END_CHECK if age < 3600 else 1.0)
 
 
-def _await_end(reader: Any, seconds: float, every: float) -> None:
+def _await_end(reader: Any, seconds: float, every: float) -> bool:
     """Sleep ``seconds``, looking for the run's end every ``every`` seconds (one read of
     ``run.json``: the final summary is the next snapshot): a run's end is noticed within
     ``every`` however long it ran and however slowly its progress is looked at. A read that
-    fails is left to the next snapshot."""
+    fails is left to the next snapshot. True when the last look, just now, found the run
+    not final (the next snapshot need not read ``run.json`` again)."""
     deadline = time.monotonic() + seconds
+    looked = False
     while (left := deadline - time.monotonic()) > 0:
         time.sleep(min(every, left))
         try:
             if reader.final() is not None:
-                return
+                return False
+            looked = True
         except Exception:  # storage errors: the next full look raises or retries them
-            return
+            return False
+    return looked
 
 
 def _consumer_watch(output: str, settings: Settings):

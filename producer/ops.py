@@ -50,14 +50,16 @@ def resolve(ref: str | None, settings: Settings) -> str:
         return resolve_run(ref, settings)
 
 
-def snapshot(output: str, settings: Settings, reader: Any = None) -> dict[str, Any]:
+def snapshot(output: str, settings: Settings, reader: Any = None, *,
+             look_final: bool = True) -> dict[str, Any]:
     """The run's progress: the shape of ``run.json`` (README "Output"). ``reader``: a
-    ``progress_reader`` of the run kept between looks (it caches what no longer changes).
-    Raises ``RunNotFound`` when no run is at ``output``."""
+    ``progress_reader`` of the run kept between looks (it caches what no longer changes);
+    ``look_final`` as ``Progress.snapshot`` takes it. Raises ``RunNotFound`` when no run is at
+    ``output``."""
     from moonbatch.workers.storage import NotFound
 
     try:
-        return (reader or progress_reader(output, settings)).snapshot()
+        return (reader or progress_reader(output, settings)).snapshot(look_final=look_final)
     except NotFound:
         raise RunNotFound(f"no moonbatch run at {output}") from None
 

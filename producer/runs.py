@@ -346,11 +346,13 @@ class _SkippedKeys:
             self.parts += 1
             self.buffer = []
 
-    def close(self) -> int:
-        """Write what is buffered, drop parts a previous start left beyond ours; the parts."""
+    def close(self, takeover: bool) -> int:
+        """Write what is buffered and, when this start took a dead one's over
+        (``takeover``), drop the parts it left beyond ours; returns the parts. (A new start
+        wrote the spec to an OUTPUT without one: no earlier start's parts are there.)"""
         self.flush()
         extra = self.parts
-        while self.store.exists(layout.skipped_part(extra)):
+        while takeover and self.store.exists(layout.skipped_part(extra)):
             self.store.delete(layout.skipped_part(extra))
             extra += 1
         return self.parts
@@ -425,7 +427,7 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     plan = {"run_id": spec.run_id, "shards": n_shards, "items": stats.items,
             "listed": stats.listed, "skipped": stats.skipped,
             "skipped_examples": [printable(k) for k in stats.skipped_examples],
-            "skipped_reasons": stats.reasons, "skipped_parts": skipped.close(),
+            "skipped_reasons": stats.reasons, "skipped_parts": skipped.close(takeover),
             "skipped_existing": stats.skipped_existing, "planned_at": time.time()}
     lease_check()
     put_json(out, layout.PLAN, plan, if_absent=True)

@@ -182,27 +182,36 @@ class Progress:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._done: dict[int, ShardDone] = {}
-        self._batch_ids: dict[tuple[int, int], str] = {}  # (shard, round) → batch id
+        self._batch_ids: dict[tuple[int, int], str | None] = {}  # (shard, round) → batch id
         self._settled: dict[str, dict[str, Any]] = {}  # spend.json of settled rounds
         # Shard documents as last read, with the version read: key → (version, doc).
         self._read: dict[str, tuple[str, Any]] = {}
+        self._plan: dict[str, Any] | None = None  # plan.json once written (write-once)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, look_final: bool = True) -> dict[str, Any]:
         """The run's state as a dict: the shape of ``run.json`` (see README "Output").
         ``batches`` lists merged shards' batches (``"merged": true``) and then the batches
         still at the API (``"merged": false``, status as last polled); ``shards.in_flight``
-        counts the latter: shards with a submitted batch and no ``done.json``."""
+        counts the latter: shards with a submitted batch and no ``done.json``.
+        ``look_final`` False: the caller has just found no final summary (``final()``), so
+        it is not read again (a run that ends meanwhile is final at the next look)."""
         st = self.store
-        final = self.final()
+        final = self.final() if look_final else None
         if final is not None:
             return final
         with cf.ThreadPoolExecutor(READERS, thread_name_prefix="progress") as pool:
-            # One round trip for the run's documents and its listing, not six in a row.
+            # One round trip for the run's documents and its listing, not six in a row;
+            # plan.json is written once: read until it is there.
             listing = pool.submit(lambda: list(st.iter_objects(layout.SHARDS)))
-            spec, plan, failed, cancelled, halted = pool.map(
+            keys = (layout.SPEC, layout.FAILED, layout.CANCELLED, layout.STOPPED) + (
+                () if self._plan is not None else (layout.PLAN,))
+            spec, failed, cancelled, halted, *plan = pool.map(
                 lambda key: get_json(st, key) if key == layout.SPEC else get_json_or_none(st, key),
-                (layout.SPEC, layout.PLAN, layout.FAILED, layout.CANCELLED, layout.STOPPED))
-            return self._snapshot(pool, spec, plan, failed, cancelled, halted, listing.result())
+                keys)
+            if plan:
+                self._plan = plan[0]
+            return self._snapshot(pool, spec, self._plan, failed, cancelled, halted,
+                                  listing.result())
 
     def _snapshot(self, pool: cf.ThreadPoolExecutor, spec: dict[str, Any],
                   plan: dict[str, Any] | None, failed: Any, cancelled: Any, halted: Any,
@@ -351,11 +360,13 @@ class Progress:
         """An entry of ``batches`` for the shard's batch at the API (round ``rnd``): its status
         as last polled (``submitted`` before the first poll) and progress."""
         batch_id = self._batch_ids.get((shard, rnd)) or progress.get("batch_id")
-        if batch_id is None:
-            batch_id = (get_json_or_none(self.store, layout.round_doc(shard, rnd, "batch")) or {}
-                        ).get("batch_id")
+        if batch_id is None and (shard, rnd) not in self._batch_ids:
+            doc = get_json_or_none(self.store, layout.round_doc(shard, rnd, "batch"))
+            batch_id = (doc or {}).get("batch_id")
+            if doc is not None:  # a round's batch never changes (an id of None too)
+                self._batch_ids[(shard, rnd)] = batch_id
         if batch_id is not None:
-            self._batch_ids[(shard, rnd)] = batch_id  # a round's batch never changes
+            self._batch_ids[(shard, rnd)] = batch_id
         return {"shard": shard, "batch_id": batch_id,
                 "status": progress.get("status") or "submitted", "merged": False,
                 "round": rnd, "items": progress.get("total"),
@@ -372,9 +383,10 @@ class Progress:
 
     def complete(self) -> bool:
         """True when the plan is written and every shard is merged."""
-        plan = get_json_or_none(self.store, layout.PLAN)
+        plan = self._plan or get_json_or_none(self.store, layout.PLAN)
         if plan is None:
             return False
+        self._plan = plan  # write-once: the snapshot that follows needs it too
         merged = sum(1 for o in self.store.iter_objects(layout.SHARDS)
                      if (k := layout.parse_shard_key(o.key)) and k.round is None
                      and k.name == "done")
@@ -428,7 +440,9 @@ def _finalize(store: Store, progress: Progress) -> bool:
     lease: the summary, then the marker (True if this call wrote it)."""
     if store.exists(layout.FINALIZED):  # the last holder finished just before
         return False
-    summary = progress.snapshot()
+    # From the run's documents, not an earlier run.json: what a finaliser that stopped
+    # between the summary and the marker wrote is the same but for its finished_at.
+    summary = progress.snapshot(look_final=False)
     from moonbatch.workers import writers
 
     spec = RunSpec.model_validate(get_json(store, layout.SPEC))
