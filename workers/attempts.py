@@ -150,15 +150,15 @@ def _end(store: Store, key: str, doc: dict[str, Any], version: str | None) -> No
 def _update(store: Store, key: str, change: Callable[[dict[str, Any]], dict[str, Any]]
             ) -> tuple[dict[str, Any], str | None]:
     """Apply ``change`` to the document at ``key`` by compare-and-swap (created when
-    missing); return the document written and its version (None when it was created).
-    Raises ``StorageError``."""
+    missing); return the document written and its version. Raises ``StorageError``."""
     for _ in range(CAS_TRIES):
         try:
             data, version = store.get_versioned(key)
         except NotFound:
             doc = change({})
-            if store.put(key, json.dumps(doc).encode(), if_absent=True):
-                return doc, None
+            created = store.put_new(key, json.dumps(doc).encode())
+            if created is not None:
+                return doc, created
             continue
         doc = change(json.loads(data))
         written = store.swap(key, json.dumps(doc).encode(), version)
