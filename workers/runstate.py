@@ -457,11 +457,14 @@ def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = No
 def _finalize(store: Store, progress: Progress) -> bool:
     """``maybe_finalize``'s writes, once the run is complete and this caller holds the
     lease: the summary, then the marker (True if this call wrote it)."""
-    if store.exists(layout.FINALIZED):  # the last holder finished just before
-        return False
     # From the run's documents, not an earlier run.json: what a finaliser that stopped
-    # between the summary and the marker wrote is the same but for its finished_at.
-    summary = progress.snapshot(look_final=False)
+    # between the summary and the marker wrote is the same but for its finished_at. Read
+    # beside the look whether the last holder finished just before (then it is dropped).
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="finalized") as pool:
+        finalized = pool.submit(store.exists, layout.FINALIZED)
+        summary = progress.snapshot(look_final=False)
+    if finalized.result():
+        return False
     from moonbatch.workers import writers
 
     spec = RunSpec.model_validate(progress.spec if progress.spec is not None

@@ -23,6 +23,7 @@ Shared code: it names no provider (``tests/test_layering.py``).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import logging
 import time
@@ -128,9 +129,14 @@ def record_round(ctx: RoundContext, ledger_extra: Mapping[str, Any] | None = Non
     lines = [i for i in ctx.indices() for _ in range(k)]  # a line per item and skill
     skills = list(range(k)) * (len(lines) // k) if k > 1 else []
     build = ShardBuild(lines=lines, skills=skills, id_prefix=ctx.id_prefix)
-    wrote = put_json(ctx.store, ctx.doc("build"), build.model_dump(), if_absent=True)
     ledger = new_ledger(len(lines), **(ledger_extra or {}))
-    version = ctx.store.put_new(ctx.doc("requests"), orjson.dumps(ledger))
+    # The build and the ledger at once (one round trip's wait): either without the other is
+    # no record yet (``batch.json`` is), and an execution that finds one creates the other.
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="record") as pool:
+        wrote = pool.submit(put_json, ctx.store, ctx.doc("build"), build.model_dump(),
+                            if_absent=True)
+        version = ctx.store.put_new(ctx.doc("requests"), orjson.dumps(ledger))
+        wrote = wrote.result()
     put_json(ctx.store, ctx.doc("batch"), BatchRecord(
         batch_id=None, file_id=None, submitted_at=time.time(), lines=len(lines)).model_dump(),
         if_absent=True)
@@ -174,8 +180,8 @@ def read_results(ctx: RoundContext) -> Iterator[Any]:
 
 
 def recorded_ledger(ctx: RoundContext) -> dict[str, Any] | None:
-    """The round's ledger: as this task's step recorded it (``ctx.ledger``), else read (None:
-    the round has none yet). Raises ``StorageError``."""
+    """The round's ledger: as this task recorded or read it (``ctx.ledger``), else read
+    (None: the round has none yet). Raises ``StorageError``."""
     if ctx.ledger is not None:
         return ctx.ledger
     return get_json_or_none(ctx.store, ctx.doc("requests"))
@@ -331,7 +337,7 @@ class SteppedRounds:
     def collect_round(self, ctx: RoundContext) -> RoundResults | None:
         """The round's result lines, from its ``results-*.jsonl`` documents; None until every
         line is finished."""
-        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
+        ledger = recorded_ledger(ctx)
         if ledger is None or not ledger_done(ledger):
             return None
         return RoundResults(read_results(ctx), stats=self.round_stats(ledger))

@@ -129,8 +129,8 @@ class RoundContext:
     seconds, so the round's poll chain shows alive meanwhile; raises storage errors),
     ``progress`` (a poll's: the round's ``progress.json`` as the poll read it, holding what
     the chain's last poll recorded; None: not read), ``ledger`` (a provider that moves in
-    steps, ``moonbatch.workers.stepped``: the round's ledger as this task's step recorded it,
-    so a look right after the step need not read it back; None: not known), and, read from
+    steps, ``moonbatch.workers.stepped``: the round's ledger as this task's step recorded it or
+    its merge read it, so a look right after need not read it again; None: not known), and, read from
     storage on first use (a Batch API poll needs neither), the shard's ``items`` (plan order)
     and ``todo`` (this round's item indices; None: all)."""
 
