@@ -382,10 +382,12 @@ def reserve_step(ctx: Any, costs: list[float]) -> tuple[int, dict[str, str] | No
     ``n`` may be sent; ``(n, error)`` when only the first ``n`` fit the budget (or the run
     is stopped: 0), ``error`` being what the rest and every unsent item get (the run is then
     stopped). One reservation per request; the round's ``spend.json`` is written once."""
-    doc = stopped(ctx.store)
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="reserve") as pool:
+        lim = pool.submit(limits, ctx.store, ctx.run.spec)  # beside the stop's look
+        doc = stopped(ctx.store)
+        budget = lim.result()["max_cost"]
     if doc is not None:
         return 0, stop_error(doc)
-    budget = limits(ctx.store, ctx.run.spec)["max_cost"]
     try:
         n = Books(ctx.run, ctx.settings).reserve_many(ctx.shard, ctx.rnd, costs, budget)
     except BooksUnavailable:
