@@ -269,6 +269,16 @@ def test_s3_put_if_absent(store):
     assert store.get("lock.json") == b"third"
 
 
+def test_put_new_returns_the_version_a_swap_takes(store, tmp_path):
+    for st in (store, LocalStore(tmp_path)):
+        version = st.put_new("ledger.json", b"first")
+        assert version is not None
+        assert st.put_new("ledger.json", b"second") is None  # exists: nothing written
+        assert st.get_versioned("ledger.json") == (b"first", version)
+        assert st.swap("ledger.json", b"third", version) is not None
+        assert st.get("ledger.json") == b"third"
+
+
 def test_s3_not_found(store):
     with pytest.raises(NotFound) as info:
         store.get("missing.jpg")

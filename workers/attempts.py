@@ -56,7 +56,9 @@ def counted(ctx: Any, kind: str, step: Callable[[Any], T], provider: Any) -> T |
     if kind == "poll" and not hasattr(provider, "abandon_unsent"):
         return step(ctx)  # a poll that only looks (the Batch API's) reads no item: not counted
     store, key = ctx.store, layout.step_attempts(ctx.shard, ctx.rnd, kind)
-    doc, version = _update(store, key, _started)
+    # A round's build counter is new at its first build (a poll's exists after the first
+    # poll): created without a look first.
+    doc, version = _update(store, key, _started, fresh=kind == "build")
     if doc.get("abandoned"):
         _end(store, key, doc, version)
         return None
@@ -147,18 +149,24 @@ def _end(store: Store, key: str, doc: dict[str, Any], version: str | None) -> No
         log.warning("could not record the end of a step in %s", key, exc_info=True)
 
 
-def _update(store: Store, key: str, change: Callable[[dict[str, Any]], dict[str, Any]]
-            ) -> tuple[dict[str, Any], str | None]:
+def _update(store: Store, key: str, change: Callable[[dict[str, Any]], dict[str, Any]], *,
+            fresh: bool = False) -> tuple[dict[str, Any], str | None]:
     """Apply ``change`` to the document at ``key`` by compare-and-swap (created when
-    missing); return the document written and its version (None when it was created).
-    Raises ``StorageError``."""
+    missing; ``fresh``: most likely missing, so created before any read); return the
+    document written and its version. Raises ``StorageError``."""
+    if fresh:
+        doc = change({})
+        created = store.put_new(key, json.dumps(doc).encode())
+        if created is not None:
+            return doc, created
     for _ in range(CAS_TRIES):
         try:
             data, version = store.get_versioned(key)
         except NotFound:
             doc = change({})
-            if store.put(key, json.dumps(doc).encode(), if_absent=True):
-                return doc, None
+            created = store.put_new(key, json.dumps(doc).encode())
+            if created is not None:
+                return doc, created
             continue
         doc = change(json.loads(data))
         written = store.swap(key, json.dumps(doc).encode(), version)

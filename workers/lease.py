@@ -62,8 +62,8 @@ class Lease:
         it (``holder`` and ``holder_expires`` then say who and until when). Raises storage
         errors."""
         for _ in range(3):
-            if self.store.put(self.key, self._doc(), if_absent=True):
-                self._remember(None)
+            if (created := self.store.put_new(self.key, self._doc())) is not None:
+                self._remember(created)
                 return True
             try:
                 data, version = self.store.get_versioned(self.key)

@@ -112,6 +112,13 @@ class Run:
             self._items = (shard, PlanItems(self.output.get(layout.plan_items(shard))))
         return self._items[1]
 
+    def hold_items(self, shard: int, data: bytes | None) -> None:
+        """Keep the shard's plan (``plan/shard-NNNNN.jsonl``'s bytes) that a caller read
+        alongside other documents: ``items`` parses it instead of reading it. None: not read
+        (``items`` reads it)."""
+        if data is not None:
+            self._items = (shard, PlanItems(data))
+
 
 def open_output(url: str, settings: Settings) -> Store:
     """The store at a run's OUTPUT URL, with the settings' S3 endpoint."""
@@ -187,6 +194,8 @@ class Progress:
         # Shard documents as last read, with the version read: key → (version, doc).
         self._read: dict[str, tuple[str, Any]] = {}
         self._plan: dict[str, Any] | None = None  # plan.json once written (write-once)
+        #: The run's spec document as the last snapshot read it (None: not read yet).
+        self.spec: dict[str, Any] | None = None
 
     def snapshot(self, *, look_final: bool = True) -> dict[str, Any]:
         """The run's state as a dict: the shape of ``run.json`` (see README "Output").
@@ -208,6 +217,7 @@ class Progress:
             spec, failed, cancelled, halted, *plan = pool.map(
                 lambda key: get_json(st, key) if key == layout.SPEC else get_json_or_none(st, key),
                 keys)
+            self.spec = spec
             if plan:
                 self._plan = plan[0]
             return self._snapshot(pool, spec, self._plan, failed, cancelled, halted,
@@ -383,14 +393,20 @@ class Progress:
 
     def complete(self) -> bool:
         """True when the plan is written and every shard is merged."""
-        plan = self._plan or get_json_or_none(self.store, layout.PLAN)
+        def count() -> int:
+            return sum(1 for o in self.store.iter_objects(layout.SHARDS)
+                       if (k := layout.parse_shard_key(o.key)) and k.round is None
+                       and k.name == "done")
+
+        if self._plan is not None:
+            return count() >= self._plan["shards"]
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="complete") as pool:
+            merged = pool.submit(count)  # beside the plan's read: one round trip's wait
+            plan = get_json_or_none(self.store, layout.PLAN)
         if plan is None:
             return False
         self._plan = plan  # write-once: the snapshot that follows needs it too
-        merged = sum(1 for o in self.store.iter_objects(layout.SHARDS)
-                     if (k := layout.parse_shard_key(o.key)) and k.round is None
-                     and k.name == "done")
-        return merged >= plan["shards"]
+        return merged.result() >= plan["shards"]
 
 
 def _sum_codes(done: Any) -> dict[str, int]:
@@ -416,10 +432,13 @@ def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = No
     with the seconds until that lease runs out: a holder that died leaves the run to be
     finalised then (or by the reconciler's pass).
     """
-    if store.exists(layout.FINALIZED) or store.exists(layout.CANCELLED):
-        return False
     progress = Progress(store)
-    if not progress.complete():
+    with cf.ThreadPoolExecutor(3, thread_name_prefix="finalize") as pool:
+        # The three looks at once: one round trip's wait, not four in a row.
+        looks = [pool.submit(store.exists, layout.FINALIZED),
+                 pool.submit(store.exists, layout.CANCELLED), pool.submit(progress.complete)]
+    finalized, cancelled, complete = (f.result() for f in looks)
+    if finalized or cancelled or not complete:
         return False
     from moonbatch.workers.lease import Lease, execution_owner
 
@@ -438,14 +457,18 @@ def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = No
 def _finalize(store: Store, progress: Progress) -> bool:
     """``maybe_finalize``'s writes, once the run is complete and this caller holds the
     lease: the summary, then the marker (True if this call wrote it)."""
-    if store.exists(layout.FINALIZED):  # the last holder finished just before
-        return False
     # From the run's documents, not an earlier run.json: what a finaliser that stopped
-    # between the summary and the marker wrote is the same but for its finished_at.
-    summary = progress.snapshot(look_final=False)
+    # between the summary and the marker wrote is the same but for its finished_at. Read
+    # beside the look whether the last holder finished just before (then it is dropped).
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="finalized") as pool:
+        finalized = pool.submit(store.exists, layout.FINALIZED)
+        summary = progress.snapshot(look_final=False)
+    if finalized.result():
+        return False
     from moonbatch.workers import writers
 
-    spec = RunSpec.model_validate(get_json(store, layout.SPEC))
+    spec = RunSpec.model_validate(progress.spec if progress.spec is not None
+                                  else get_json(store, layout.SPEC))
     writers.finish_run(store, spec, summary["shards"]["total"])  # the plan's, read by complete()
     summary["status"] = "failed" if summary["failure"] else \
         "stopped" if summary.get("stop_reason") else "completed"

@@ -23,6 +23,8 @@ Shared code: it names no provider (``tests/test_layering.py``).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -105,22 +107,40 @@ def write_lines(ctx: RoundContext, ledger: dict[str, Any], out: list[bytes]) -> 
     return results_key(ctx, n)
 
 
-def record_round(ctx: RoundContext, ledger_extra: Mapping[str, Any] | None = None) -> None:
+@dataclasses.dataclass
+class Recorded:
+    """What ``record_round`` created: the empty ``ledger`` at its ``version``, and ``build``
+    when this call wrote it too (None: an earlier execution's build stands)."""
+
+    ledger: dict[str, Any]
+    version: str
+    build: ShardBuild | None
+
+
+def record_round(ctx: RoundContext, ledger_extra: Mapping[str, Any] | None = None
+                 ) -> Recorded | None:
     """Record round ``ctx.rnd`` once: ``build.json`` (a line per item and skill), an empty
-    ledger and ``batch.json`` last. Each document is created only if absent, so a second
-    execution never resets a ledger that already records sends."""
-    if get_json_or_none(ctx.store, ctx.doc("batch")) is not None:
-        return
+    ledger and ``batch.json`` last. Each document is created only if absent (the creates are
+    the look whether an execution recorded it before: no read first), so a second execution
+    never resets a ledger that already records sends. Returns what this call created, for the
+    first step to go on from without reading it back; None when the ledger existed. Raises
+    ``StorageError``."""
     k = len(ctx.run.spec.all_options)
     lines = [i for i in ctx.indices() for _ in range(k)]  # a line per item and skill
     skills = list(range(k)) * (len(lines) // k) if k > 1 else []
-    put_json(ctx.store, ctx.doc("build"), ShardBuild(
-        lines=lines, skills=skills, id_prefix=ctx.id_prefix).model_dump(), if_absent=True)
-    put_json(ctx.store, ctx.doc("requests"), new_ledger(len(lines), **(ledger_extra or {})),
-             if_absent=True)
+    build = ShardBuild(lines=lines, skills=skills, id_prefix=ctx.id_prefix)
+    ledger = new_ledger(len(lines), **(ledger_extra or {}))
+    # The build and the ledger at once (one round trip's wait): either without the other is
+    # no record yet (``batch.json`` is), and an execution that finds one creates the other.
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="record") as pool:
+        wrote = pool.submit(put_json, ctx.store, ctx.doc("build"), build.model_dump(),
+                            if_absent=True)
+        version = ctx.store.put_new(ctx.doc("requests"), orjson.dumps(ledger))
+        wrote = wrote.result()
     put_json(ctx.store, ctx.doc("batch"), BatchRecord(
         batch_id=None, file_id=None, submitted_at=time.time(), lines=len(lines)).model_dump(),
         if_absent=True)
+    return None if version is None else Recorded(ledger, version, build if wrote else None)
 
 
 def load_images(ctx: RoundContext, build: ShardBuild, lines: Sequence[int], *, limit: int
@@ -157,6 +177,14 @@ def read_results(ctx: RoundContext) -> Iterator[Any]:
         for raw in data.splitlines():
             if raw.strip():
                 yield orjson.loads(raw)
+
+
+def recorded_ledger(ctx: RoundContext) -> dict[str, Any] | None:
+    """The round's ledger: as this task recorded or read it (``ctx.ledger``), else read
+    (None: the round has none yet). Raises ``StorageError``."""
+    if ctx.ledger is not None:
+        return ctx.ledger
+    return get_json_or_none(ctx.store, ctx.doc("requests"))
 
 
 def progress(ledger: Mapping[str, Any]) -> dict[str, Any]:
@@ -232,7 +260,7 @@ class SteppedRounds:
     def done_at_submit(self, ctx: RoundContext) -> dict[str, Any] | None:
         """The round's ``progress`` when its ledger is done (the first step answered every
         line), else None (``Provider.done_at_submit``)."""
-        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
+        ledger = recorded_ledger(ctx)
         return progress(ledger) if ledger is not None and ledger_done(ledger) else None
 
     def round_stats(self, ledger: Mapping[str, Any]) -> dict[str, int]:
@@ -244,21 +272,25 @@ class SteppedRounds:
     # -- the machinery ---------------------------------------------------------------------------
     def submit_round(self, ctx: RoundContext) -> bool:
         """Record the round (``record_round``) and run its first step. Idempotent."""
-        record_round(ctx, self.ledger_extra)
-        self._step(ctx)
+        ctx.ledger = self._step(ctx, record_round(ctx, self.ledger_extra))
         return True
 
-    def _step(self, ctx: RoundContext) -> dict[str, Any]:
-        """Read the ledger, advance, write the finished lines and then the ledger by
-        compare-and-swap (see the module docstring). Returns the ledger as recorded."""
-        try:
-            raw, version = ctx.store.get_versioned(ctx.doc("requests"))
-        except NotFound:
-            raise NotFound(f"{ctx.doc('requests')}: the round has no ledger") from None
-        ledger = orjson.loads(raw)
+    def _step(self, ctx: RoundContext, recorded: Recorded | None = None) -> dict[str, Any]:
+        """Read the ledger (``recorded``: what ``record_round`` just created, not read back),
+        advance, write the finished lines and then the ledger by compare-and-swap (see the
+        module docstring). Returns the ledger as recorded."""
+        if recorded is not None:
+            ledger, version = recorded.ledger, recorded.version
+        else:
+            try:
+                raw, version = ctx.store.get_versioned(ctx.doc("requests"))
+            except NotFound:
+                raise NotFound(f"{ctx.doc('requests')}: the round has no ledger") from None
+            ledger = orjson.loads(raw)
         if ledger_done(ledger):
             return ledger
-        build = ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
+        build = recorded.build if recorded is not None and recorded.build is not None else \
+            ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
         out: list[bytes] = []
         if self.checkpoints:
             record = Checkpoint(ctx, version)
@@ -305,7 +337,7 @@ class SteppedRounds:
     def collect_round(self, ctx: RoundContext) -> RoundResults | None:
         """The round's result lines, from its ``results-*.jsonl`` documents; None until every
         line is finished."""
-        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
+        ledger = recorded_ledger(ctx)
         if ledger is None or not ledger_done(ledger):
             return None
         return RoundResults(read_results(ctx), stats=self.round_stats(ledger))

@@ -29,6 +29,7 @@ higher ``--max-cost``) removes the record and sends those items again.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import threading
 import time
@@ -347,9 +348,12 @@ def before_send(ctx: Any, provider: Any) -> dict[str, str] | None:
     refusal stops the run with ``budget_exceeded``. Without a budget the estimate is still
     booked (best effort), for the spend in flight that ``status`` shows."""
     store = ctx.store
-    if store.exists(ctx.doc("batch")):
+    with cf.ThreadPoolExecutor(2, thread_name_prefix="before-send") as pool:
+        # Both looks at once: one round trip's wait at the start of every build.
+        sent, doc = pool.submit(store.exists, ctx.doc("batch")), pool.submit(stopped, store)
+    if sent.result():
         return None  # already sent: the round only goes on
-    doc = stopped(store)
+    doc = doc.result()
     if doc is not None:
         return stop_error(doc)
     if getattr(provider, "spends_in_steps", False):
@@ -378,10 +382,12 @@ def reserve_step(ctx: Any, costs: list[float]) -> tuple[int, dict[str, str] | No
     ``n`` may be sent; ``(n, error)`` when only the first ``n`` fit the budget (or the run
     is stopped: 0), ``error`` being what the rest and every unsent item get (the run is then
     stopped). One reservation per request; the round's ``spend.json`` is written once."""
-    doc = stopped(ctx.store)
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="reserve") as pool:
+        lim = pool.submit(limits, ctx.store, ctx.run.spec)  # beside the stop's look
+        doc = stopped(ctx.store)
+        budget = lim.result()["max_cost"]
     if doc is not None:
         return 0, stop_error(doc)
-    budget = limits(ctx.store, ctx.run.spec)["max_cost"]
     try:
         n = Books(ctx.run, ctx.settings).reserve_many(ctx.shard, ctx.rnd, costs, budget)
     except BooksUnavailable:
@@ -444,6 +450,8 @@ def after_merge(ctx: Any, provider: Any, rows: Mapping[int, bytes], build: Any) 
         raise
     if now and actual:
         metrics.cost(spec.provider, spec.model or "default", actual)
+    if getattr(spec, "max_error_rate", None) is None:
+        return  # no error rate to judge (a retry pass's limits.json changes only the budget)
     lim = limits(ctx.store, spec)
     rate, sample, base = lim["max_error_rate"], lim["error_sample"], lim["sample_base"]
     if base:  # a retry pass: its own sample

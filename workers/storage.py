@@ -81,6 +81,12 @@ class Store(Protocol):
         """Return the object's bytes and a version token (its ETag); raise ``NotFound``."""
         ...
 
+    def put_new(self, key: str, data: bytes) -> str | None:
+        """``put`` with ``if_absent`` that returns the version it wrote (what the writer's
+        first compare-and-swap needs, without reading the object back), or None (writing
+        nothing) when an object exists at ``key``."""
+        ...
+
     def put_if_match(self, key: str, data: bytes, version: str) -> bool:
         """Compare-and-swap: write only if the object's version is still ``version``; return
         False (writing nothing) if it changed or vanished."""
@@ -236,6 +242,9 @@ class LocalStore:
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         data = self.get(key)
         return data, hashlib.md5(data).hexdigest()
+
+    def put_new(self, key: str, data: bytes) -> str | None:
+        return hashlib.md5(data).hexdigest() if self.put(key, data, if_absent=True) else None
 
     def put_if_match(self, key: str, data: bytes, version: str) -> bool:
         return self.swap(key, data, version) is not None
@@ -433,6 +442,21 @@ class S3Store:
             resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
             return resp["Body"].read(), resp["ETag"]
         except (ClientError, BotoCoreError) as exc:
+            raise self._error(key, exc) from None
+
+    def put_new(self, key: str, data: bytes) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                                          IfNoneMatch="*")
+            return resp["ETag"]  # S3's answer, as ``swap`` keeps it
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412 or exc.response["Error"]["Code"] == "PreconditionFailed":
+                return None
+            raise self._error(key, exc) from None
+        except BotoCoreError as exc:
             raise self._error(key, exc) from None
 
     def put_if_match(self, key: str, data: bytes, version: str) -> bool:

@@ -135,16 +135,19 @@ def line_id_prefix(run_id: str, shard: int, rnd: int) -> str:
     return hashlib.sha256(f"{run_id}/{shard}/{rnd}".encode()).hexdigest()[:10] + ":"
 
 
-def _open(output: str, settings: Settings, run_id: str, shard: int, *docs: str
-          ) -> tuple[Run, bool, list[Any]]:
+def _open(output: str, settings: Settings, run_id: str, shard: int, *docs: str,
+          items: bool = False) -> tuple[Run, bool, list[Any]]:
     """Open the run (``open_run``), and look whether it was cancelled or the shard is already
-    merged, and read the JSON documents at ``docs`` (None: missing), all at once: one round
-    trip's wait instead of one per look. Returns ``(run, stopped, docs)``. Raises
-    ``RunNotFound`` and storage errors."""
+    merged, and read the JSON documents at ``docs`` (None: missing) and, with ``items``, the
+    shard's plan (``Run.hold_items``), all at once: one round trip's wait instead of one per
+    look. Returns ``(run, stopped, docs)``. Raises ``RunNotFound`` and storage errors."""
+    plan = [lambda st: _get_or_none(st, layout.plan_items(shard))] if items else []
     run, (cancelled, done, *read) = open_run_reading(
         output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
         lambda st: st.exists(layout.shard_doc(shard, "done")),
-        *[lambda st, doc=doc: get_json_or_none(st, doc) for doc in docs])
+        *[lambda st, doc=doc: get_json_or_none(st, doc) for doc in docs], *plan)
+    if items:
+        run.hold_items(shard, read.pop())
     return run, cancelled or done, read
 
 
@@ -296,7 +299,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
     later. ``run`` is the run id."""
     run_id, rnd = run, round
     settings = get_settings()
-    run, stopped, _ = _open(output, settings, run_id, shard)
+    run, stopped, _ = _open(output, settings, run_id, shard, items=True)
     store = run.output
     if stopped:
         return
@@ -422,12 +425,18 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     round's rows, then start the next round for what can be retried, or finish the shard."""
     run_id, rnd = run, round
     settings = get_settings()
-    run, (cancelled, done, todo, merged) = open_run_reading(
+    # The round's documents a merge reads are read with the looks, at once: one round
+    # trip's wait instead of one per document (wasted only by a merge that stops early).
+    run, (cancelled, done, todo, merged, plan, build, raw, progress, ledger) = open_run_reading(
         output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
         lambda st: st.exists(layout.shard_doc(shard, "done")),
         lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "todo")) if rnd else None,
-        lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "merged")))
+        lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "merged")),
+        lambda st: _get_or_none(st, layout.plan_items(shard)),
+        *[lambda st, name=name: get_json_or_none(st, layout.round_doc(shard, rnd, name))
+          for name in ("build", "batch", "progress", "requests")])
     store = run.output
+    run.hold_items(shard, plan)
     if cancelled:
         return
     if done:
@@ -437,9 +446,12 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     held: dict[str, Any] = {}  # documents of the round this task holds: _finish_shard's
     if merged is None or not store.exists(layout.round_doc(shard, rnd, "rows")):
         ctx = _context(run, shard, rnd, base=base)
+        ctx.ledger = ledger  # a provider that moves in steps: its round's ledger, as read
         todo, items = ctx.todo, ctx.items
-        build = ShardBuild.model_validate(get_json(store, layout.round_doc(shard, rnd, "build")))
-        raw = get_json_or_none(store, layout.round_doc(shard, rnd, "batch"))
+        if build is None:
+            raise NotFound(f"{store.url_for(layout.round_doc(shard, rnd, 'build'))}: no such "
+                           "object")
+        build = ShardBuild.model_validate(build)
         if raw is not None:  # written once (create-if-absent), never changed
             held[layout.round_doc(shard, rnd, "batch")] = raw
         record = BatchRecord.model_validate(raw) if raw else None
@@ -487,7 +499,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                             base)
                 return
             stops.after_merge(ctx, provider, rows, build)  # spend settled; maybe a stop
-            progress = get_json_or_none(store, layout.round_doc(shard, rnd, "progress")) or {}
+            progress = progress or {}
             merged = {"batch_id": record.batch_id if record else None,
                       "batch_status": progress.get("status") if record else None,
                       "polls": polls, "ok": stats.ok, "error": stats.error,
@@ -510,6 +522,14 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
         return
     held[layout.round_doc(shard, rnd, "merged")] = merged
     _finish_shard(run, shard, rnd, held)
+
+
+def _get_or_none(store: Store, key: str) -> bytes | None:
+    """The object's bytes, or None if it does not exist. Raises ``StorageError``."""
+    try:
+        return store.get(key)
+    except NotFound:
+        return None
 
 
 def _originals(store: Store, doc: dict[str, Any] | None) -> dict[str, bytes] | None:

@@ -128,9 +128,11 @@ class RoundContext:
     calls it at each record: ``Poll.progress``'s fields, its next record due in ``next_in``
     seconds, so the round's poll chain shows alive meanwhile; raises storage errors),
     ``progress`` (a poll's: the round's ``progress.json`` as the poll read it, holding what
-    the chain's last poll recorded; None: not read), and, read from storage on first use (a
-    Batch API poll needs neither), the shard's ``items`` (plan order) and ``todo`` (this
-    round's item indices; None: all)."""
+    the chain's last poll recorded; None: not read), ``ledger`` (a provider that moves in
+    steps, ``moonbatch.workers.stepped``: the round's ledger as this task's step recorded it or
+    its merge read it, so a look right after need not read it again; None: not known), and, read from
+    storage on first use (a Batch API poll needs neither), the shard's ``items`` (plan order)
+    and ``todo`` (this round's item indices; None: all)."""
 
     run: Run
     shard: int
@@ -141,6 +143,7 @@ class RoundContext:
     renew: Callable[..., None] = lambda force=True: None
     checkpointed: Callable[[dict[str, Any], float], None] = lambda progress, next_in: None
     progress: Mapping[str, Any] | None = None
+    ledger: dict[str, Any] | None = None
 
     @functools.cached_property
     def items(self) -> Sequence[PlanItem]:

@@ -70,8 +70,8 @@ from moonbatch.workers.stepped import (
     load_images,
     pending_lines,
     progress,
+    recorded_ledger,
 )
-from moonbatch.workers.storage import get_json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class RealtimeSteps(SteppedRounds):
     def first_poll_in(self, ctx: RoundContext) -> float:
         """Seconds from the round's first step (``submit_round``) to its next one
         (``next_step_in``); 0 when the round is done."""
-        ledger = get_json_or_none(ctx.store, ctx.doc("requests"))
+        ledger = recorded_ledger(ctx)
         if ledger is None or ledger_done(ledger):
             return 0.0
         return self.next_step_in(ledger, ctx.settings)
