@@ -199,72 +199,41 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
     # locals (measured: ``bench.merge``).
     with _gc_paused():
         for res in () if batch_error else result_lines:
+            r = None  # the line as the fast path takes it, else None: the dict path
             if res.__class__ is bytes:
                 try:
                     r = decode(res)
                 except msgspec.MsgspecError:
-                    r = None
-                if (r is not None and r.status == "ok" and r.error is None
-                        and (len(res) < _SHORT_LINE or _flat(r.result) or _plain(res))):
+                    pass
+                if r is not None and r.status == "ok" and r.error is None and (
+                        len(res) < _SHORT_LINE or _flat(r.result) or _plain(res)):
                     usage = r.usage
                     if usage is None:
                         usage = _NO_USAGE
                     it, ot = usage.input_tokens, usage.output_tokens
                     dims = r.dims
-                    if not (it.__class__ is int and not _I64_MIN <= it <= _U64_MAX
+                    if (it.__class__ is int and not _I64_MIN <= it <= _U64_MAX
                             or ot.__class__ is int and not _I64_MIN <= ot <= _U64_MAX
                             or dims and (max(dims) > _U64_MAX or min(dims) < _I64_MIN)):
-                        li = r.line_index
-                        if not 0 <= li < n_lines:
+                        r = None
+                else:
+                    r = None
+                if r is None:
+                    try:
+                        res = loads(res)
+                    except orjson.JSONDecodeError:
+                        if res.strip():  # blank lines are no lines
                             malformed += 1
-                            continue
-                        i = lines[li]
-                        if slots[i] is not None:
-                            duplicate += 1
-                            continue
-                        item = items[i]
-                        item_id = item.id
-                        sent_id = r.id
-                        if sent_id is not None and sent_id != prefix + (
-                                item_id if item_id.__class__ is str else id_text(item_id)):
-                            mismatch += 1
-                        if not dims and has_sizes:
-                            dims = sizes.get(str(i))
-                        if dims and len(dims) >= 2:
-                            w, h = dims[0], dims[1]
-                            sw, sh = (dims[2], dims[3]) if len(dims) >= 4 else (UNSET, UNSET)
-                        else:
-                            w = h = None
-                            sw = sh = UNSET
-                        encode_into(_OkRow(
-                            item_id, source_of(item), "ok", r.result, usage, w, h, sw, sh,
-                            _with_images({}, item, i, build, source_of).get("images", UNSET)
-                            if multi else UNSET), pending, -1)
-                        pending_end.append(len(pending))
-                        pending_i.append(i)
-                        slots[i] = True
-                        ok += 1
-                        if it is not UNSET:
-                            in_tok += it
-                        if ot is not UNSET:
-                            out_tok += ot
-                        if len(pending_i) >= _FLUSH:
-                            rows.add_packed(pending_i, pending_end, pending)
-                            pending_i.clear()
-                            pending_end.clear()
-                            del pending[:]
                         continue
+            if r is not None:
+                li, sent_id = r.line_index, r.id
+            else:
                 try:
-                    res = loads(res)
-                except orjson.JSONDecodeError:
-                    if res.strip():  # blank lines are no lines
-                        malformed += 1
+                    li = res["line_index"]
+                except (KeyError, TypeError, IndexError):
+                    malformed += 1
                     continue
-            try:
-                li = res["line_index"]
-            except (KeyError, TypeError, IndexError):
-                malformed += 1
-                continue
+                sent_id = None
             if li.__class__ is not int or not 0 <= li < n_lines:
                 malformed += 1
                 continue
@@ -274,44 +243,62 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                 continue
             item = items[i]
             item_id = item.id
-            sent_id = res.get("id")
+            if r is None:
+                sent_id = res.get("id")
             if sent_id is not None and sent_id != prefix + (
                     item_id if item_id.__class__ is str else id_text(item_id)):
                 mismatch += 1
-            dims = res.get("dims") or (sizes.get(str(i)) if has_sizes else None)
-            if res.get("status") == "ok":
-                usage = res.get("usage")
-                if usage.__class__ is not dict:  # null or not an object: no usage
-                    usage = {}
-                row = {"id": item_id, "source": source_of(item), "status": "ok",
-                       "result": res.get("result"), "usage": usage}
-            else:
-                err = _error(res.get("error"))
-                row = {"id": item_id, "source": source_of(item), "status": "error",
-                       "error": err}
-            _with_size(row, dims)
-            if multi:
-                _with_images(row, item, i, build, source_of)
-            # Written out at once: no row is held, so no exact-size copy either (orjson's
-            # result keeps a 4 KB allocation per row: 412 MB if 100k of them were held).
-            try:
-                data = dumps(row)
-            except orjson.JSONEncodeError as exc:  # e.g. a result nested deeper than 255
-                row = _unwritable(row, exc)
-                data = dumps(row)
-            if row["status"] == "ok":
+            if r is not None:  # the fast path: the row encoded straight into ``pending``
+                if not dims and has_sizes:
+                    dims = sizes.get(str(i))
+                if dims and len(dims) >= 2:
+                    w, h = dims[0], dims[1]
+                    sw, sh = (dims[2], dims[3]) if len(dims) >= 4 else (UNSET, UNSET)
+                else:
+                    w = h = None
+                    sw = sh = UNSET
+                encode_into(_OkRow(
+                    item_id, source_of(item), "ok", r.result, usage, w, h, sw, sh,
+                    _with_images({}, item, i, build, source_of).get("images", UNSET)
+                    if multi else UNSET), pending, -1)
                 ok += 1
-                t = usage.get("input_tokens")
-                if t.__class__ is int or t.__class__ is float:
-                    in_tok += t
-                t = usage.get("output_tokens")
-                if t.__class__ is int or t.__class__ is float:
-                    out_tok += t
+                if it is not UNSET:
+                    in_tok += it
+                if ot is not UNSET:
+                    out_tok += ot
             else:
-                error += 1
-                if row["error"]["code"] in retryable_codes:
-                    retryable.append(i)
-            pending += data
+                dims = res.get("dims") or (sizes.get(str(i)) if has_sizes else None)
+                if res.get("status") == "ok":
+                    usage = res.get("usage")
+                    if usage.__class__ is not dict:  # null or not an object: no usage
+                        usage = {}
+                    row = {"id": item_id, "source": source_of(item), "status": "ok",
+                           "result": res.get("result"), "usage": usage}
+                else:
+                    err = _error(res.get("error"))
+                    row = {"id": item_id, "source": source_of(item), "status": "error",
+                           "error": err}
+                _with_size(row, dims)
+                if multi:
+                    _with_images(row, item, i, build, source_of)
+                try:
+                    pending += dumps(row)
+                except orjson.JSONEncodeError as exc:  # e.g. a result nested deeper than 255
+                    row = _unwritable(row, exc)
+                    pending += dumps(row)
+                if row["status"] == "ok":
+                    ok += 1
+                    t = usage.get("input_tokens")
+                    if t.__class__ is int or t.__class__ is float:
+                        in_tok += t
+                    t = usage.get("output_tokens")
+                    if t.__class__ is int or t.__class__ is float:
+                        out_tok += t
+                else:
+                    error += 1
+                    if row["error"]["code"] in retryable_codes:
+                        retryable.append(i)
+            # Rows go to the spool by the thousand: no bytes object held per row.
             pending_end.append(len(pending))
             pending_i.append(i)
             slots[i] = True
