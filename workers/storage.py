@@ -417,20 +417,26 @@ class S3Store:
 
     def put(self, key: str, data: bytes | IO[bytes], *, if_absent: bool = False,
             content_type: str | None = None) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.prefix + key, "Body": data}
         if content_type:
             kwargs["ContentType"] = content_type
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
+        return self._put_object(key, kwargs) is not None
+
+    def _put_object(self, key: str, kwargs: dict[str, Any]) -> str | None:
+        """``put_object(**kwargs)``: the ETag S3 answered ("" from a store that sends none),
+        or None when a create-if-absent (``IfNoneMatch``) found the key taken. Raises
+        ``StorageError`` naming ``key``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
-            self.client.put_object(**kwargs)
-            return True
+            return self.client.put_object(**kwargs).get("ETag", "")
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if if_absent and (status == 412 or exc.response["Error"]["Code"] == "PreconditionFailed"):
-                return False
+            if "IfNoneMatch" in kwargs and (
+                    status == 412 or exc.response["Error"]["Code"] == "PreconditionFailed"):
+                return None
             raise self._error(key, exc) from None
         except BotoCoreError as exc:
             raise self._error(key, exc) from None
@@ -445,19 +451,9 @@ class S3Store:
             raise self._error(key, exc) from None
 
     def put_new(self, key: str, data: bytes) -> str | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            resp = self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
-                                          IfNoneMatch="*")
-            return resp["ETag"]  # S3's answer, as ``swap`` keeps it
-        except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 412 or exc.response["Error"]["Code"] == "PreconditionFailed":
-                return None
-            raise self._error(key, exc) from None
-        except BotoCoreError as exc:
-            raise self._error(key, exc) from None
+        # S3's ETag answer, as ``swap`` keeps it.
+        return self._put_object(key, {"Bucket": self.bucket, "Key": self.prefix + key,
+                                      "Body": data, "IfNoneMatch": "*"})
 
     def put_if_match(self, key: str, data: bytes, version: str) -> bool:
         return self.swap(key, data, version) is not None
