@@ -292,27 +292,22 @@ class SteppedRounds:
         build = recorded.build if recorded is not None and recorded.build is not None else \
             ShardBuild.model_validate(orjson.loads(ctx.store.get(ctx.doc("build"))))
         out: list[bytes] = []
+        # The step's end records the round as its checkpoints do (lines, then the ledger).
+        record = Checkpoint(ctx, version)
         if self.checkpoints:
-            record = Checkpoint(ctx, version)
             sent = self._advance(ctx, build, ledger, out, record=record)  # type: ignore[call-arg]
-            version = record.version
         else:
             sent = self._advance(ctx, build, ledger, out)
-        written = write_lines(ctx, ledger, out) if out else None
-        ledger["steps"] += 1
-        if not ctx.store.put_if_match(ctx.doc("requests"), orjson.dumps(ledger), version):
-            return self._record_lost_race(ctx, sent, written)
+        if not record(ledger, out):
+            return self._record_lost_race(ctx, sent)
         return ledger
 
-    def _record_lost_race(self, ctx: RoundContext, sent: Any, written: str | None
-                          ) -> dict[str, Any]:
+    def _record_lost_race(self, ctx: RoundContext, sent: Any) -> dict[str, Any]:
         """Another step recorded the ledger since this one read it: this step's record is
-        dropped, and nothing it did may vanish silently. Its finished lines are removed (every
-        one of them is finished or still tracked in the other step's ledger, which started
-        from the same state); its sends go to ``_lost_race`` and are counted in the ledger's
-        ``possible_duplicates``. Returns the ledger as recorded."""
-        if written is not None:
-            ctx.store.delete(written)
+        dropped (``Checkpoint`` removed its finished lines: every one of them is finished or
+        still tracked in the other step's ledger, which started from the same state), and
+        nothing it did may vanish silently: its sends go to ``_lost_race`` and are counted in
+        the ledger's ``possible_duplicates``. Returns the ledger as recorded."""
         duplicates = self._lost_race(ctx, sent)
         log.warning("shard %d round %d: another step recorded the round's ledger first; this "
                     "step's %d request(s) count as possible duplicates", ctx.shard, ctx.rnd,
