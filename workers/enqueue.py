@@ -31,7 +31,7 @@ RECONCILE = "moonbatch.reconcile"
 #: keyword arguments (tests check them against the tasks' signatures in ``workers.tasks``).
 PARAMS: dict[str, tuple[str, ...]] = {
     BUILD_SHARD: ("output", "run", "shard", "round"),
-    POLL_ROUND: ("output", "run", "shard", "round", "chain", "polls", "last"),
+    POLL_ROUND: ("output", "run", "shard", "round", "chain", "polls", "last", "held"),
     MERGE_ROUND: ("output", "run", "shard", "round", "polls"),
     FINALIZE_RUN: ("output", "run"),
 }

@@ -272,14 +272,32 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         del lines
 
 
-def put_round_rows(store: Store, key: str, rows: RowSpool, *, if_absent: bool = False) -> bool:
+def put_round_rows(store: Store, key: str, rows: RowSpool, *, if_absent: bool = False,
+                   keep: bool = False) -> IO[bytes] | bool:
     """Store a round's rows at ``key`` in the stored-rows format (``RowSpool.write_stored``),
-    through a temporary file; see ``Store.put`` for ``if_absent`` and the result."""
-    with tempfile.TemporaryFile(buffering=2**20) as f:
+    through a temporary file; see ``Store.put`` for ``if_absent`` and the result. ``keep``:
+    return that file instead, at its start, when this call stored it (what the object holds
+    now, for ``iter_kept_lines``; the caller closes it), else False."""
+    f = tempfile.TemporaryFile(buffering=2**20)
+    try:
         rows.write_stored(f)
         f.flush()
         f.seek(0)
-        return store.put(key, f, if_absent=if_absent)
+        stored = store.put(key, f, if_absent=if_absent)
+        if keep and stored:
+            f.seek(0)
+            kept, f = f, None
+            return kept
+        return stored
+    finally:
+        if f is not None:
+            f.close()
+
+
+def iter_kept_lines(f: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a round's stored rows kept by ``put_round_rows`` (as ``iter_stored_lines``
+    gives the stored object's), read ``CHUNK`` bytes at a time."""
+    return _lines(iter(lambda: f.read(CHUNK), b""))
 
 
 def iter_stored_lines(store: Store, key: str) -> Iterator[bytes]:
@@ -299,5 +317,5 @@ def iter_stored_lines(store: Store, key: str) -> Iterator[bytes]:
     return _lines(chunks())
 
 
-__all__ = ["CHUNK", "RowSpool", "ShardRows", "iter_stored_lines", "newline_pieces", "put_round_rows",
-           "read_chunks"]
+__all__ = ["CHUNK", "RowSpool", "ShardRows", "iter_kept_lines", "iter_stored_lines", "newline_pieces",
+           "put_round_rows", "read_chunks"]

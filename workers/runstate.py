@@ -134,12 +134,41 @@ def open_run(output_url: str, settings: Settings, run_id: str | None = None) -> 
     return open_run_reading(output_url, settings, run_id)[0]
 
 
+#: Specs this process read, by (OUTPUT URL, run id): a run's spec is written once and never
+#: changed (a cleaned OUTPUT may hold a later run, under another id). Insertion-ordered.
+_specs: dict[tuple[str, str], RunSpec] = {}
+SPECS_KEPT = 64
+
+
+def known_spec(output_url: str, run_id: str) -> RunSpec | None:
+    """The spec of run ``run_id`` at ``output_url`` if this process read it already, else
+    None. It tells nothing about whether the run is still there (``moonbatch clean``)."""
+    return _specs.get((output_url, run_id))
+
+
+def _keep_spec(output_url: str, spec: RunSpec) -> None:
+    if len(_specs) >= SPECS_KEPT:
+        _specs.pop(next(iter(_specs)), None)
+    _specs[(output_url, spec.run_id)] = spec
+
+
 def open_run_reading(output_url: str, settings: Settings, run_id: str | None,
-                     *looks: Callable[[Store], Any]) -> tuple[Run, list[Any]]:
+                     *looks: Callable[[Store], Any], known: bool = False) -> tuple[Run, list[Any]]:
     """``open_run``, and what each of ``looks`` returns given the run's OUTPUT store (storage
     reads), read concurrently with the run's spec: one round trip's wait for them all. Raises
-    as ``open_run`` does (before anything a look raises)."""
+    as ``open_run`` does (before anything a look raises). ``known``: a spec this process read
+    already (``known_spec``) is not read again; the caller's looks must then tell whether the
+    run is still there (a document of this run that only the run's own steps write)."""
     out = open_output(output_url, settings)
+    held = known_spec(output_url, run_id) if known and run_id is not None else None
+    if held is not None:
+        from moonbatch.workers.readers import input_root
+
+        run = Run(held, out, open_output(input_root(held), settings), settings)
+        if len(looks) < 2:
+            return run, [look(out) for look in looks]
+        with cf.ThreadPoolExecutor(len(looks), thread_name_prefix="looks") as pool:
+            return run, list(pool.map(lambda look: look(out), looks))
     if looks:
         with cf.ThreadPoolExecutor(len(looks) + 1, thread_name_prefix="looks") as pool:
             spec_doc = pool.submit(get_json_or_none, out, layout.SPEC)
@@ -153,6 +182,7 @@ def open_run_reading(output_url: str, settings: Settings, run_id: str | None,
     spec = RunSpec.model_validate(raw)
     if run_id is not None and spec.run_id != run_id:
         raise RunNotFound(f"{out.url} holds run {spec.run_id}, not {run_id}")
+    _keep_spec(output_url, spec)
     from moonbatch.workers.readers import input_root
 
     run = Run(spec, out, open_output(input_root(spec), settings), settings)

@@ -115,6 +115,24 @@ def poll_turn(progress: Mapping[str, Any] | None, *, chain: str, polls: int, now
     return None
 
 
+def chain_goes_on(progress: Mapping[str, Any] | None, *, run_id: str, chain: str,
+                  polls: int) -> bool:
+    """Whether the round's ``progress`` is what poll ``polls`` of chain ``chain`` of run
+    ``run_id`` wrote (``run``, ``chain``, ``polls``), so that poll ``polls + 1`` needs no other
+    look: the run is still there (a clean removes its documents), the chain is the round's
+    (no other poll wrote since) and the round is not merged (a merge follows only a progress
+    that says the round ended, or written rows, never this chain's going on)."""
+    return bool(progress) and progress.get("run") == run_id and \
+        progress.get("chain") == chain and progress.get("polls") == polls and \
+        progress.get("status") not in ("completed", "failed")
+
+
+def cancel_look_due(progress: Mapping[str, Any] | None, *, now: float, every: float) -> bool:
+    """Whether a chain's next poll looks whether the run was cancelled: its last look
+    (``progress``'s ``looked_at``) is ``every`` seconds old or more (or unknown)."""
+    return now - float((progress or {}).get("looked_at") or 0.0) >= every
+
+
 def merge_blocker(rnd: int, build: Any, batch: Any | None) -> Step | None:
     """Why round ``rnd`` cannot be merged yet from its ``build`` (``ShardBuild``: ``lines``,
     ``attempt``) and ``batch`` (``BatchRecord`` or None: ``batch_id``, ``attempt``), or None

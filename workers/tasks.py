@@ -16,10 +16,11 @@ which ``moonbatch resume``, ``cancel`` and ``clean`` use without this module.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from celery import Task
@@ -50,9 +51,10 @@ from moonbatch.workers.providers import (
     provider_for,
 )
 from moonbatch.workers.reconcile import reconcile_active_runs, run_final
-from moonbatch.workers.rowspool import iter_stored_lines, put_round_rows
+from moonbatch.workers.rowspool import iter_kept_lines, iter_stored_lines, put_round_rows
 from moonbatch.workers.runstate import (
     Run,
+    known_spec,
     maybe_finalize,
     open_output,
     open_run_reading,
@@ -136,16 +138,18 @@ def line_id_prefix(run_id: str, shard: int, rnd: int) -> str:
 
 
 def _open(output: str, settings: Settings, run_id: str, shard: int, *docs: str,
-          items: bool = False) -> tuple[Run, bool, list[Any]]:
+          items: bool = False, reads: Sequence[Callable[[Store], Any]] = ()
+          ) -> tuple[Run, bool, list[Any]]:
     """Open the run (``open_run``), and look whether it was cancelled or the shard is already
-    merged, and read the JSON documents at ``docs`` (None: missing) and, with ``items``, the
-    shard's plan (``Run.hold_items``), all at once: one round trip's wait instead of one per
-    look. Returns ``(run, stopped, docs)``. Raises ``RunNotFound`` and storage errors."""
+    merged, and read the JSON documents at ``docs`` (None: missing), what ``reads`` return,
+    and, with ``items``, the shard's plan (``Run.hold_items``), all at once: one round trip's
+    wait instead of one per look. Returns ``(run, stopped, docs + reads)``. Raises
+    ``RunNotFound`` and storage errors."""
     plan = [lambda st: _get_or_none(st, layout.plan_items(shard))] if items else []
     run, (cancelled, done, *read) = open_run_reading(
         output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
         lambda st: st.exists(layout.shard_doc(shard, "done")),
-        *[lambda st, doc=doc: get_json_or_none(st, doc) for doc in docs], *plan)
+        *[lambda st, doc=doc: get_json_or_none(st, doc) for doc in docs], *reads, *plan)
     if items:
         run.hold_items(shard, read.pop())
     return run, cancelled or done, read
@@ -363,25 +367,64 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
 
 @app.task(bind=True, base=RunTask, name=POLL_ROUND)
 def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  # noqa: A002
-               chain: str = "", polls: int = 0, last: list[float] | None = None) -> None:
+               chain: str = "", polls: int = 0, last: list[float] | None = None,
+               held: list[Any] | None = None) -> None:
     """Poll round ``round`` of run ``run`` once (the provider looks, and moves it on if it
-    sends in steps) under the shard's lease; re-enqueue itself with the provider's countdown
-    until the round is done, then hand over to ``merge_round``.
+    sends in steps: then under the shard's lease); re-enqueue itself with the provider's
+    countdown until the round is done, then hand over to ``merge_round``.
 
     Each chain of polls has an id; a chain that finds another one alive (its next poll is due
-    soon) stops, so resumes and reconciles never leave two chains polling one round.
+    soon) stops, so resumes and reconciles never leave two chains polling one round. A
+    provider whose polls only look (``polls_only_look``) is polled without the lease: the
+    progress is written by compare-and-swap (``_look``), and a chain's next poll reads only
+    the progress while it shows the chain's own last poll (``shard.chain_goes_on``; the
+    spec as this process read it, the cancel looked at every quarter lease), or none at all
+    when it is handed what its last poll wrote, ``held`` (``[progress, version]``: the
+    compare-and-swap of the poll's own write shows whether it is still the round's).
     """
     run_id, rnd = run, round
     settings = get_settings()
-    run, stopped, (progress,) = _open(output, settings, run_id, shard,
-                                      layout.round_doc(shard, rnd, "progress"))
+    key = layout.round_doc(shard, rnd, "progress")
+    spec = known_spec(output, run_id)
+    provider = provider_for(spec) if spec is not None else None
+    now = time.time()
+    progress = version = None
+    goes_on = False
+    if polls and held and (provider is None or getattr(provider, "polls_only_look", False)):
+        # What the chain's last poll wrote, and its version: no read (the spec, once per
+        # process); the write's compare-and-swap tells whether it is still the round's.
+        run = open_run_reading(output, settings, run_id, known=True)[0]
+        provider = provider_for(run.spec)
+        if getattr(provider, "polls_only_look", False):
+            progress, version = held
+            goes_on = shard_state.chain_goes_on(progress, run_id=run_id, chain=chain,
+                                                polls=polls)
+    elif polls and getattr(provider, "polls_only_look", False):
+        # A chain's next poll of a provider that only looks: the round's progress alone,
+        # unless it shows another writer (see shard.chain_goes_on).
+        run, ((progress, version),) = open_run_reading(
+            output, settings, run_id, lambda st: _versioned_json(st, key), known=True)
+        goes_on = shard_state.chain_goes_on(progress, run_id=run_id, chain=chain, polls=polls)
+    if goes_on:
+        looked = float(progress.get("looked_at") or 0.0)
+        if shard_state.cancel_look_due(progress, now=now, every=settings.lease_seconds / 4):
+            if run.output.exists(layout.CANCELLED):
+                return
+            looked = now
+    else:
+        run, stopped, ((progress, version),) = _open(
+            output, settings, run_id, shard, reads=[lambda st: _versioned_json(st, key)])
+        if stopped:
+            return
+        stop = shard_state.poll_turn(progress, chain=chain, polls=polls, now=now,
+                                     poll_min_interval=settings.poll_min_interval)
+        if stop:
+            log.info("shard %d round %d: %s; stopping", shard, rnd, stop)
+            return
+        provider, looked = provider_for(run.spec), now
     store = run.output
-    if stopped:
-        return
-    stop = shard_state.poll_turn(progress, chain=chain, polls=polls, now=time.time(),
-                                 poll_min_interval=settings.poll_min_interval)
-    if stop:
-        log.info("shard %d round %d: %s; stopping", shard, rnd, stop)
+    if getattr(provider, "polls_only_look", False):
+        _look(run, provider, shard, rnd, chain, polls, last, progress, version, looked)
         return
     lease = _leased(store, shard, self.request.id, settings)
     if not lease.acquire():  # a build, or another chain's poll, is at work: come back
@@ -418,6 +461,48 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
               countdown=countdown, spec=run.spec)
 
 
+def _versioned_json(store: Store, key: str) -> tuple[Any, str | None]:
+    """The JSON document at ``key`` and its version, or ``(None, None)`` when it is missing."""
+    try:
+        data, version = store.get_versioned(key)
+    except NotFound:
+        return None, None
+    return json.loads(data), version
+
+
+def _look(run: Run, provider: Any, shard: int, rnd: int, chain: str, polls: int,
+          last: list[float] | None, progress: dict[str, Any] | None, version: str | None,
+          looked: float) -> None:
+    """Poll ``polls + 1`` of chain ``chain`` for a provider whose polls only look
+    (``Provider.polls_only_look``): no lease (nothing is sent, nothing but the progress is
+    written). The round's progress (read at ``version``; None: absent) is written by
+    compare-and-swap on that version: a poll that loses it (another chain, or a redelivered
+    copy of this poll, wrote since; or the run was cleaned) stops, so one chain goes on.
+    ``looked``: when the run was last seen not cancelled."""
+    settings, store = get_settings(), run.output
+    run_id, output = run.spec.run_id, run.spec.output
+    ctx = _context(run, shard, rnd, progress=progress)
+    result = provider.poll_round(ctx, (last[0], int(last[1])) if last else None)
+    countdown = 0.0 if result.done else _later(settings, result.countdown, result.paced)
+    now = time.time()
+    doc = {**result.progress, "chain": chain, "polls": polls + 1, "polled_at": now,
+           "next_at": now + countdown, "run": run_id, "looked_at": looked}
+    data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    key = layout.round_doc(shard, rnd, "progress")
+    written = store.put_new(key, data) if version is None else store.swap(key, data, version)
+    if written is None:
+        log.info("shard %d round %d: another poll wrote the round's progress since this one "
+                 "read it; this chain stops", shard, rnd)
+        return
+    metrics.run_progress(run)
+    if result.done:
+        _next(merge_round_task, (output, run_id, shard, rnd, polls + 1), spec=run.spec)
+    else:
+        _next(poll_round, (output, run_id, shard, rnd, chain, polls + 1,
+                           [now, result.progress.get("finished", 0)], [doc, written]),
+              countdown=countdown, spec=run.spec)
+
+
 @app.task(bind=True, base=RunTask, name=MERGE_ROUND)
 def merge_round_task(self: Task, output: str, run: str, shard: int, round: int = 0,  # noqa: A002
                      polls: int = 0) -> None:
@@ -427,6 +512,9 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     settings = get_settings()
     # The round's documents a merge reads are read with the looks, at once: one round
     # trip's wait instead of one per document (wasted only by a merge that stops early).
+    # The ledger only of a provider that moves in steps (one known to only look keeps none).
+    known = known_spec(output, run_id)
+    stepped = known is None or not getattr(provider_for(known), "polls_only_look", False)
     run, (cancelled, done, todo, merged, plan, build, raw, progress, ledger) = open_run_reading(
         output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
         lambda st: st.exists(layout.shard_doc(shard, "done")),
@@ -434,7 +522,9 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
         lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "merged")),
         lambda st: _get_or_none(st, layout.plan_items(shard)),
         *[lambda st, name=name: get_json_or_none(st, layout.round_doc(shard, rnd, name))
-          for name in ("build", "batch", "progress", "requests")])
+          for name in ("build", "batch", "progress")],
+        lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "requests"))
+        if stepped else None)
     store = run.output
     run.hold_items(shard, plan)
     if cancelled:
@@ -444,9 +534,11 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
         return
     base = shard_state.round_base(rnd, todo)
     held: dict[str, Any] = {}  # documents of the round this task holds: _finish_shard's
+    kept: Any = None  # the round's rows as this task stored them (a temporary file)
     if merged is None or not store.exists(layout.round_doc(shard, rnd, "rows")):
         ctx = _context(run, shard, rnd, base=base)
         ctx.ledger = ledger  # a provider that moves in steps: its round's ledger, as read
+        ctx.batch = raw  # written once: its collect need not read it again
         todo, items = ctx.todo, ctx.items
         if build is None:
             raise NotFound(f"{store.url_for(layout.round_doc(shard, rnd, 'build'))}: no such "
@@ -512,16 +604,21 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                 merged["cached"] = fill_cached(items, rows, cache_doc, run.fetcher.source,
                                                rnd=rnd, originals=originals)
             put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
-            put_round_rows(store, layout.round_doc(shard, rnd, "rows"), rows, if_absent=True)
+            kept = put_round_rows(store, layout.round_doc(shard, rnd, "rows"), rows,
+                                  if_absent=True, keep=True) or None
             if cache_doc is not None:  # after the merge is stored: only merged ok rows are cached
                 _write_cache(run, cache_doc, sent_rows, shard, rnd)
-    step = shard_state.after_merge(merged["retryable"], rnd=rnd, base=base,
-                                   max_item_attempts=settings.max_item_attempts)
-    if step.action is shard_state.Action.BUILD:
-        _next_round(store, output, run_id, shard, rnd, merged["retryable"], step.why, base)
-        return
-    held[layout.round_doc(shard, rnd, "merged")] = merged
-    _finish_shard(run, shard, rnd, held)
+    try:
+        step = shard_state.after_merge(merged["retryable"], rnd=rnd, base=base,
+                                       max_item_attempts=settings.max_item_attempts)
+        if step.action is shard_state.Action.BUILD:
+            _next_round(store, output, run_id, shard, rnd, merged["retryable"], step.why, base)
+            return
+        held[layout.round_doc(shard, rnd, "merged")] = merged
+        _finish_shard(run, shard, rnd, held, kept)
+    finally:
+        if kept is not None:
+            kept.close()
 
 
 def _get_or_none(store: Store, key: str) -> bytes | None:
@@ -561,10 +658,12 @@ def _write_cache(run: Run, doc: dict[str, Any], rows: Mapping[int, bytes], shard
 
 
 def _finish_shard(run: Run, shard: int, last_round: int,
-                  held: Mapping[str, Any] | None = None) -> None:
+                  held: Mapping[str, Any] | None = None, kept: Any = None) -> None:
     """Compose the shard's final rows from its rounds (later rounds override earlier ones),
     write them (a ``retry-failed`` pass writes a shard's results again), record it done.
-    ``held``: round documents the caller already holds (key → document), not read again."""
+    ``held``: round documents the caller already holds (key → document), not read again;
+    ``kept``: the last round's stored rows as the caller stored them (``put_round_rows``'s
+    kept file), not read again."""
     store = run.output
     held = held or {}
     if store.exists(layout.round_doc(shard, last_round + 1, "todo")):
@@ -584,7 +683,8 @@ def _finish_shard(run: Run, shard: int, last_round: int,
             batches.append(batch)
         duplicates += provider.duplicate_submissions(_context(run, shard, r))
         try:  # a round whose batch failed and was resubmitted has no rows
-            rounds.append(iter_stored_lines(store, layout.round_doc(shard, r, "rows")))
+            rounds.append(iter_kept_lines(kept) if kept is not None and r == last_round
+                          else iter_stored_lines(store, layout.round_doc(shard, r, "rows")))
         except NotFound:
             continue
         key = layout.round_doc(shard, r, "merged")

@@ -5,7 +5,8 @@ reconcile, cancel) never names a provider. It drives every round through four ca
 
     submit_round(ctx)   under the shard's lease: send the round (or its first part); True when
                         something is now at the provider, False when no item was sendable
-    poll_round(ctx)     once per poll, under the lease: ``Poll(done, countdown, progress)``
+    poll_round(ctx)     once per poll (under the lease unless ``polls_only_look``):
+                        ``Poll(done, countdown, progress)``
     collect_round(ctx)  the round's item-indexed results, or ``Resend`` / None (not ready)
     cancel_run(run)     stop what is in flight at the provider (``moonbatch cancel``)
 
@@ -130,7 +131,9 @@ class RoundContext:
     ``progress`` (a poll's: the round's ``progress.json`` as the poll read it, holding what
     the chain's last poll recorded; None: not read), ``ledger`` (a provider that moves in
     steps, ``moonbatch.workers.stepped``: the round's ledger as this task's step recorded it or
-    its merge read it, so a look right after need not read it again; None: not known), and, read from
+    its merge read it, so a look right after need not read it again; None: not known),
+    ``batch`` (the round's ``batch.json`` as the task read it, written once: a collect need
+    not read it again; None: not read), and, read from
     storage on first use (a Batch API poll needs neither), the shard's ``items`` (plan order)
     and ``todo`` (this round's item indices; None: all)."""
 
@@ -144,6 +147,7 @@ class RoundContext:
     checkpointed: Callable[[dict[str, Any], float], None] = lambda progress, next_in: None
     progress: Mapping[str, Any] | None = None
     ledger: dict[str, Any] | None = None
+    batch: Mapping[str, Any] | None = None
 
     @functools.cached_property
     def items(self) -> Sequence[PlanItem]:
@@ -244,6 +248,11 @@ class Provider(Protocol):
     #: Its client's actions → the ``endpoint`` label of ``moonbatch_api_requests_total`` (a
     #: closed set; ``metrics.endpoint_label``). Its calls record ``metrics.api_call(name, ...)``.
     metric_actions: ClassVar[Mapping[str, str]]
+    #: True when ``poll_round`` only looks (one status call: nothing sent, no document
+    #: written but the progress the task writes): the task polls without the shard's lease
+    #: and keeps one chain by compare-and-swap on ``progress.json``. False: each poll is a
+    #: step under the lease (it may send, and record as it goes).
+    polls_only_look: ClassVar[bool]
     #: Whether one request may carry several images (a query's ``images``; seed 002, "Common
     #: fields"); ``check_multi_image`` refuses multi-image input on a provider without it.
     multi_image: ClassVar[bool]

@@ -104,6 +104,7 @@ class FalProvider(RoundSteps):
     multi_image: ClassVar[bool] = False
     wording: ClassVar[Wording] = Wording(unit="request", units="requests", at="fal",
                                          cancelled="request(s) in flight cancelled")
+    polls_only_look: ClassVar[bool] = False  # a poll step sends and records
     spends_in_steps: ClassVar[bool] = True  # each step reserves what it sends
     #: A 422 names the input's field (``invalid_input``); fal's other errors are its own.
     input_error_codes: ClassVar[frozenset[str]] = frozenset({"invalid_input"})

@@ -159,6 +159,7 @@ class MoondreamBatchProvider:
     multi_image: ClassVar[bool] = True
     wording: ClassVar[Wording] = Wording(unit="batch", units="batches", at="the API",
                                          cancelled="open upload(s) aborted")
+    polls_only_look: ClassVar[bool] = True  # a poll is one status GET
     spends_in_steps: ClassVar[bool] = False  # a round is one batch: reserved whole
     #: Seed 002's per-line codes that name the line's own input.
     input_error_codes: ClassVar[frozenset[str]] = frozenset(
@@ -289,7 +290,8 @@ class MoondreamBatchProvider:
     def collect_round(self, ctx: RoundContext) -> RoundResults | Resend | None:
         """Download and verify the batch's result files (fresh URLs); a batch that failed
         transiently is sent again while attempts remain, else its error marks every line."""
-        raw = get_json_or_none(ctx.store, ctx.doc("batch"))
+        raw = ctx.batch if ctx.batch is not None else get_json_or_none(ctx.store,
+                                                                        ctx.doc("batch"))
         if raw is None:
             return RoundResults(lines=())
         record = BatchRecord.model_validate(raw)

@@ -17,6 +17,7 @@ import time
 import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from pybase64 import b64encode
 
@@ -274,13 +275,21 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     attempt = uuid.uuid4().hex[:12]
     fence = renew or (lambda: None)
     skill_names = [o.skill for o in (options, *more)]
-    done_build = get_json_or_none(state, doc("build"))
-    done_batch = get_json_or_none(state, doc("batch"))
+    # What an earlier attempt left, from one listing of the round's documents: only those
+    # there are read (a round's first build reads none).
+    present = {k.name for o in state.iter_objects(layout.round_prefix(shard, rnd))
+               if (k := layout.parse_shard_key(o.key)) is not None}
+
+    def left(name: str) -> Any:
+        return get_json_or_none(state, doc(name)) if name in present else None
+
+    done_build = left("build")
+    done_batch = left("batch")
     if done_build is not None and (done_batch is not None or not done_build["lines"]):
         return (ShardBuild.model_validate(done_build),
                 BatchRecord.model_validate(done_batch) if done_batch else None)
 
-    pending = get_json_or_none(state, doc("submit"))
+    pending = left("submit")
     if pending is not None:
         intent = SubmitRecord.model_validate(pending)
         if done_build is not None and done_build.get("attempt", "") == intent.attempt:
@@ -299,7 +308,7 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
                 client.abort_upload(intent.file_id, intent.upload_id)
             drop_claim(state, doc, intent.attempt)
 
-    stale = get_json_or_none(state, doc("upload"))
+    stale = left("upload")
     if stale is not None:
         log.warning("shard %d round %d: aborting the upload a dead attempt left open", shard, rnd)
         client.abort_upload(stale["file_id"], stale["upload_id"])

@@ -70,6 +70,7 @@ class RealtimeProvider(RealtimeSteps):
 
     name: ClassVar[str] = PROVIDER
     multi_image: ClassVar[bool] = False
+    polls_only_look: ClassVar[bool] = False  # a poll step sends and records
     spends_in_steps: ClassVar[bool] = True  # each step reserves the requests it sends
     #: The API's 4xx codes for a request it cannot take (its own fault, not the service's).
     input_error_codes: ClassVar[frozenset[str]] = frozenset({"http_400", "http_413", "http_422"})
