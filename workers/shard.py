@@ -133,6 +133,25 @@ def cancel_look_due(progress: Mapping[str, Any] | None, *, now: float, every: fl
     return now - float((progress or {}).get("looked_at") or 0.0) >= every
 
 
+#: ``Poll.progress`` fields that count work done: a change in them alone is written with the
+#: chain's next write that is due anyway (``progress_write_due``), not at once.
+COUNTS = frozenset({"completed", "failed", "finished"})
+
+
+def progress_write_due(stored: Mapping[str, Any] | None, fields: Mapping[str, Any], *,
+                       next_poll: float) -> bool:
+    """Whether a poll of a provider whose polls only look writes the round's progress: when
+    what it records (``fields``, ``Poll.progress``) differs from the progress as the chain
+    last wrote it (``stored``) in more than its counts (``COUNTS``: a status, a batch), or
+    when its next poll (``next_poll``, epoch seconds) would come after the write that
+    progress promises by its ``next_at``. A round that only counts on is written at most
+    once per promise (``grace``), to show its chain alive (``next_step`` and ``poll_turn``
+    go by ``next_at``) and its counts a little late."""
+    if not stored or any(stored.get(k) != v for k, v in fields.items() if k not in COUNTS):
+        return True
+    return next_poll > float(stored.get("next_at") or 0.0)
+
+
 def merge_blocker(rnd: int, build: Any, batch: Any | None) -> Step | None:
     """Why round ``rnd`` cannot be merged yet from its ``build`` (``ShardBuild``: ``lines``,
     ``attempt``) and ``batch`` (``BatchRecord`` or None: ``batch_id``, ``attempt``), or None

@@ -257,6 +257,11 @@ class SteppedRounds:
         interval."""
         return None
 
+    def progress_at_submit(self, ctx: RoundContext) -> dict[str, Any] | None:
+        """None: a round sent in steps is polled under the lease (``polls_only_look``
+        False), never handed its start."""
+        return None
+
     def done_at_submit(self, ctx: RoundContext) -> dict[str, Any] | None:
         """The round's ``progress`` when its ledger is done (the first step answered every
         line), else None (``Provider.done_at_submit``)."""

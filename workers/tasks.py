@@ -303,6 +303,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
     later. ``run`` is the run id."""
     run_id, rnd = run, round
     settings = get_settings()
+    opened = time.time()  # the run seen not cancelled (the progress' looked_at)
     run, stopped, _ = _open(output, settings, run_id, shard, items=True)
     store = run.output
     if stopped:
@@ -360,9 +361,17 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
         # A provider that steps at its own pace says when its first poll (its next step) is
         # due; the others are looked at no sooner than the poll interval.
         first = provider.first_poll_in(ctx)
-        _next(poll_round, (output, run_id, shard, rnd, chain),
-              countdown=settings.poll_min_interval if first is None else
-              _later(settings, first, paced=True), spec=run.spec)
+        countdown = settings.poll_min_interval if first is None else \
+            _later(settings, first, paced=True)
+        held = None  # a provider that only looks: the chain's start, handed to its first poll
+        fields = provider.progress_at_submit(ctx) \
+            if getattr(provider, "polls_only_look", False) else None
+        if fields is not None:
+            doc, written = _chain_progress(store, shard, rnd, run_id, chain, 0, fields,
+                                           countdown, opened, None)
+            held = [doc, written] if written is not None else None
+        _next(poll_round, (output, run_id, shard, rnd, chain, 0, None, held),
+              countdown=countdown, spec=run.spec)
 
 
 @app.task(bind=True, base=RunTask, name=POLL_ROUND)
@@ -390,7 +399,7 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
     now = time.time()
     progress = version = None
     goes_on = False
-    if polls and held and (provider is None or getattr(provider, "polls_only_look", False)):
+    if held and (provider is None or getattr(provider, "polls_only_look", False)):
         # What the chain's last poll wrote, and its version: no read (the spec, once per
         # process); the write's compare-and-swap tells whether it is still the round's.
         run = open_run_reading(output, settings, run_id, known=True)[0]
@@ -470,6 +479,22 @@ def _versioned_json(store: Store, key: str) -> tuple[Any, str | None]:
     return json.loads(data), version
 
 
+def _chain_progress(store: Store, shard: int, rnd: int, run_id: str, chain: str, polls: int,
+                    fields: Mapping[str, Any], next_in: float, looked: float,
+                    version: str | None) -> tuple[dict[str, Any], str | None]:
+    """Write round ``rnd``'s ``progress.json`` for poll ``polls`` of chain ``chain`` (0: the
+    chain's start, written by the build) of a provider whose polls only look: ``fields``
+    (``Poll.progress``), the next poll due in ``next_in`` seconds, the run seen not cancelled
+    at ``looked``; by compare-and-swap on ``version`` (None: created, if absent). Returns the
+    document and the version written (None: another writer came first; nothing written)."""
+    now = time.time()
+    doc = {**fields, "chain": chain, "polls": polls, "polled_at": now, "next_at": now + next_in,
+           "run": run_id, "looked_at": looked}
+    data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    key = layout.round_doc(shard, rnd, "progress")
+    return doc, store.put_new(key, data) if version is None else store.swap(key, data, version)
+
+
 def _look(run: Run, provider: Any, shard: int, rnd: int, chain: str, polls: int,
           last: list[float] | None, progress: dict[str, Any] | None, version: str | None,
           looked: float) -> None:
@@ -478,28 +503,38 @@ def _look(run: Run, provider: Any, shard: int, rnd: int, chain: str, polls: int,
     written). The round's progress (read at ``version``; None: absent) is written by
     compare-and-swap on that version: a poll that loses it (another chain, or a redelivered
     copy of this poll, wrote since; or the run was cleaned) stops, so one chain goes on.
-    ``looked``: when the run was last seen not cancelled."""
+    ``looked``: when the run was last seen not cancelled.
+
+    A poll that finds only counts moved writes nothing while the stored progress still
+    promises the chain's next write (``shard.progress_write_due``); a write promises the next one
+    within ``shard.grace`` (or the next poll, if later), so the chain shows alive to the
+    reconciler throughout. The next poll is handed the chain's progress as this poll left
+    it, with the version stored (``held``)."""
     settings, store = get_settings(), run.output
     run_id, output = run.spec.run_id, run.spec.output
     ctx = _context(run, shard, rnd, progress=progress)
     result = provider.poll_round(ctx, (last[0], int(last[1])) if last else None)
     countdown = 0.0 if result.done else _later(settings, result.countdown, result.paced)
     now = time.time()
-    doc = {**result.progress, "chain": chain, "polls": polls + 1, "polled_at": now,
-           "next_at": now + countdown, "run": run_id, "looked_at": looked}
-    data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
-    key = layout.round_doc(shard, rnd, "progress")
-    written = store.put_new(key, data) if version is None else store.swap(key, data, version)
-    if written is None:
-        log.info("shard %d round %d: another poll wrote the round's progress since this one "
-                 "read it; this chain stops", shard, rnd)
-        return
+    if result.done or shard_state.progress_write_due(progress, result.progress,
+                                                     next_poll=now + countdown):
+        promise = countdown if result.done else \
+            max(countdown, shard_state.grace(settings.poll_min_interval))
+        doc, version = _chain_progress(store, shard, rnd, run_id, chain, polls + 1,
+                                       result.progress, promise, looked, version)
+        if version is None:
+            log.info("shard %d round %d: another poll wrote the round's progress since this "
+                     "one read it; this chain stops", shard, rnd)
+            return
+        now = doc["polled_at"]
+    else:  # only counts moved: the stored progress (at ``version``) stands until it is due
+        doc = {**(progress or {}), "polls": polls + 1, "polled_at": now, "looked_at": looked}
     metrics.run_progress(run)
     if result.done:
         _next(merge_round_task, (output, run_id, shard, rnd, polls + 1), spec=run.spec)
     else:
         _next(poll_round, (output, run_id, shard, rnd, chain, polls + 1,
-                           [now, result.progress.get("finished", 0)], [doc, written]),
+                           [now, result.progress.get("finished", 0)], [doc, version]),
               countdown=countdown, spec=run.spec)
 
 

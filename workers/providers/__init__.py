@@ -316,6 +316,12 @@ class Provider(Protocol):
         goes straight to the merge, with no poll. None: the round goes on, or is looked at by
         polls."""
 
+    def progress_at_submit(self, ctx: RoundContext) -> dict[str, Any] | None:
+        """Asked of a provider whose polls only look (``polls_only_look``), after
+        ``submit_round`` sent the round: its progress then (``Poll.progress``'s fields, what
+        the first poll needs, e.g. the batch's id), recorded as its poll chain's start, so
+        that poll reads nothing. None: the first poll reads what it needs."""
+
     def collect_round(self, ctx: RoundContext) -> RoundResults | Resend | None:
         """The finished round's results; ``Resend`` when the round must be sent again; None
         when it is not finished (poll again)."""

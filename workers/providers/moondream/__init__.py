@@ -263,6 +263,8 @@ class MoondreamBatchProvider:
             claims=records.BatchClaims(registry.open_state(s), output=spec.output,
                                         shard=ctx.shard, rnd=ctx.rnd),
             id_prefix=ctx.id_prefix, more=spec.more_options)
+        if batch is not None:
+            ctx.batch = batch.model_dump()  # batch.json as recorded: progress_at_submit's
         return batch is not None
 
     def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:
@@ -342,6 +344,17 @@ class MoondreamBatchProvider:
         """None: a batch is first looked at after the poll interval (it needs chunking and
         processing time at the service)."""
         return None
+
+    def progress_at_submit(self, ctx: RoundContext) -> dict[str, Any] | None:
+        """The batch just recorded (``ctx.batch``, set by ``submit_round``), as a poll keeps
+        it (``RECORD``): the chain's first poll then reads no batch.json."""
+        raw = ctx.batch
+        if not raw or not raw.get("batch_id"):
+            return None
+        return {"batch_id": raw["batch_id"], "status": "submitted", "total": raw["lines"],
+                "completed": 0, "failed": 0, "finished": 0,
+                RECORD: {"batch_id": raw["batch_id"], "submitted_at": raw["submitted_at"],
+                         "lines": raw["lines"]}}
 
     def done_at_submit(self, ctx: RoundContext) -> None:
         """None: a batch submitted is never finished yet; polls look at it."""
