@@ -216,14 +216,14 @@ class Progress:
     a ``retry-failed`` pass reopens their shard, which removes them first), so repeated calls
     cost one listing plus the in-flight shards' progress documents."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, plan: dict[str, Any] | None = None) -> None:
         self.store = store
         self._done: dict[int, ShardDone] = {}
         self._batch_ids: dict[tuple[int, int], str | None] = {}  # (shard, round) → batch id
         self._settled: dict[str, dict[str, Any]] = {}  # spend.json of settled rounds
         # Shard documents as last read, with the version read: key → (version, doc).
         self._read: dict[str, tuple[str, Any]] = {}
-        self._plan: dict[str, Any] | None = None  # plan.json once written (write-once)
+        self._plan: dict[str, Any] | None = plan  # plan.json once written (write-once)
         #: The run's spec document as the last snapshot read it (None: not read yet).
         self.spec: dict[str, Any] | None = None
 
@@ -447,8 +447,13 @@ def _sum_codes(done: Any) -> dict[str, int]:
     return dict(sorted(codes.items()))
 
 
+#: plan.json as this process read it, by (OUTPUT URL, run id): written once per run.
+_plans: dict[tuple[str, str], dict[str, Any]] = {}
+
+
 def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = None, *,
-                   claim_seconds: float = FINALIZE_CLAIM_SECONDS) -> bool:
+                   claim_seconds: float = FINALIZE_CLAIM_SECONDS,
+                   run_id: str | None = None) -> bool:
     """Write the final ``run.json`` if every shard is merged and nobody did it yet.
 
     Safe to call from any number of tasks at once: the summary is deterministic but for its
@@ -461,13 +466,21 @@ def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = No
     A caller that finds the lease held returns False and, when given ``on_claimed``, calls it
     with the seconds until that lease runs out: a holder that died leaves the run to be
     finalised then (or by the reconciler's pass).
+
+    ``run_id``: the run's id, when the caller knows it: its plan.json, once this process read
+    it, is not read again (a merge of each shard looks whether the run is complete).
     """
-    progress = Progress(store)
+    held = (store.url, run_id) if run_id is not None else None
+    progress = Progress(store, plan=_plans.get(held) if held else None)
     with cf.ThreadPoolExecutor(3, thread_name_prefix="finalize") as pool:
         # The three looks at once: one round trip's wait, not four in a row.
         looks = [pool.submit(store.exists, layout.FINALIZED),
                  pool.submit(store.exists, layout.CANCELLED), pool.submit(progress.complete)]
     finalized, cancelled, complete = (f.result() for f in looks)
+    if held is not None and progress._plan is not None:
+        if len(_plans) >= SPECS_KEPT:
+            _plans.pop(next(iter(_plans)), None)
+        _plans[held] = progress._plan
     if finalized or cancelled or not complete:
         return False
     from moonbatch.workers.lease import Lease, execution_owner

@@ -548,6 +548,8 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     # The round's documents a merge reads are read with the looks, at once: one round
     # trip's wait instead of one per document (wasted only by a merge that stops early).
     # The ledger only of a provider that moves in steps (one known to only look keeps none).
+    # A spec this process read already is not read again when the round's progress shows
+    # the run (``run``, written by its polls): it is still there, and it is this run.
     known = known_spec(output, run_id)
     stepped = known is None or not getattr(provider_for(known), "polls_only_look", False)
     run, (cancelled, done, todo, merged, plan, build, raw, progress, ledger) = open_run_reading(
@@ -559,13 +561,15 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
         *[lambda st, name=name: get_json_or_none(st, layout.round_doc(shard, rnd, name))
           for name in ("build", "batch", "progress")],
         lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "requests"))
-        if stepped else None)
+        if stepped else None, known=known is not None)
+    if known is not None and (progress or {}).get("run") != run_id:
+        run = open_run_reading(output, settings, run_id)[0]  # is the run still there?
     store = run.output
     run.hold_items(shard, plan)
     if cancelled:
         return
     if done:
-        maybe_finalize(store, _finalize_later(output, run_id, run.spec))
+        maybe_finalize(store, _finalize_later(output, run_id, run.spec), run_id=run_id)
         return
     base = shard_state.round_base(rnd, todo)
     held: dict[str, Any] = {}  # documents of the round this task holds: _finish_shard's
@@ -745,7 +749,8 @@ def _finish_shard(run: Run, shard: int, last_round: int,
     metrics.run_progress(run, force=True)
     log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
              last_round + 1)
-    if maybe_finalize(store, _finalize_later(run.spec.output, run.spec.run_id, run.spec)):
+    if maybe_finalize(store, _finalize_later(run.spec.output, run.spec.run_id, run.spec),
+                      run_id=run.spec.run_id):
         run_final(get_settings(), run.spec.run_id)
 
 
