@@ -151,3 +151,38 @@ def test_cancel_stops_a_run_cleanly(planned, s3, bucket, tmp_path, emulator):
     assert again.returncode == 1 and "cancelled" in again.stderr
     assert json.loads(s3.get_object(Bucket=bucket, Key="out/_moonbatch/cancelled.json")["Body"]
                       .read())["at"] >= t0
+
+
+def test_a_redelivered_poll_goes_on_as_one_chain_without_the_lease(planned, emulator,
+                                                                   monkeypatch):
+    """Two executions of one Batch API poll (a copy the broker delivered again), handed the
+    same chain start by the build: both look, one writes the round's progress by
+    compare-and-swap and goes on, the other stops. Neither takes the shard's lease."""
+    from moonbatch.workers import tasks
+    from moonbatch.workers.providers.moondream import RECORD
+
+    run = open_run(planned["output"], get_settings())
+    s = get_settings().section(MoondreamSettings)
+    _, batch = build_and_submit(shard=0, items=run.items(0), options=run.spec.options,
+                                model=None, input_store=run.input, state=run.output,
+                                client=client(emulator), part_size=s.part_size, concurrency=4)
+    sent: list[tuple[str, tuple]] = []
+    monkeypatch.setattr(tasks, "_next", lambda task, args, countdown=None, spec=None:
+                        sent.append((task.name, args)))
+    fields = {"batch_id": batch.batch_id, "status": "submitted", "total": batch.lines,
+              RECORD: {"batch_id": batch.batch_id, "submitted_at": batch.submitted_at,
+                       "lines": batch.lines}}
+    doc, version = tasks._chain_progress(run.output, 0, 0, run.spec.run_id, "c", 0, fields, 0.2,
+                                         time.time(), None)
+    for _ in range(2):
+        tasks.poll_round(planned["output"], run.spec.run_id, 0, 0, "c", 0, None, [doc, version])
+    assert len(sent) == 1, sent  # one chain goes on
+    name, args = sent[0]
+    assert name in ("moonbatch.poll_round", "moonbatch.merge_round")
+    stored = json.loads(run.output.get(layout.round_doc(0, 0, "progress")))
+    assert stored["chain"] == "c" and stored["polls"] == 1 and stored["run"] == run.spec.run_id
+    assert stored["status"] != "submitted"
+    assert not run.output.exists(layout.shard_doc(0, "lease"))
+    if name == "moonbatch.poll_round":  # handed what it wrote: the next poll reads nothing
+        held_doc, held_version = args[7]
+        assert held_doc["polls"] == 1 and held_version

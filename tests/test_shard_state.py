@@ -11,11 +11,14 @@ from moonbatch.workers.shard import (
     Action,
     Step,
     after_merge,
+    cancel_look_due,
+    chain_goes_on,
     grace,
     latest_round,
     merge_blocker,
     next_step,
     poll_turn,
+    progress_write_due,
     round_base,
 )
 
@@ -143,6 +146,36 @@ def test_a_redelivered_poll_of_the_same_chain_stops():
     assert poll_turn(progress, chain="a", polls=3, now=NOW, poll_min_interval=POLL) == \
         "poll 4 of this chain already ran"
     assert poll_turn(progress, chain="a", polls=4, now=NOW, poll_min_interval=POLL) is None
+
+
+# -- a chain of polls that only look -----------------------------------------------------------
+def test_a_chain_goes_on_only_from_its_own_last_poll_of_this_run():
+    mine = {"run": "r1", "chain": "a", "polls": 3, "status": "processing", "next_at": NOW}
+    assert chain_goes_on(mine, run_id="r1", chain="a", polls=3)
+    assert not chain_goes_on(None, run_id="r1", chain="a", polls=3)  # cleaned, or never written
+    assert not chain_goes_on(mine, run_id="r2", chain="a", polls=3)  # another run at OUTPUT
+    assert not chain_goes_on(mine, run_id="r1", chain="b", polls=3)  # another chain wrote
+    assert not chain_goes_on(mine, run_id="r1", chain="a", polls=2)  # a redelivered copy
+    assert not chain_goes_on({**mine, "status": "completed"}, run_id="r1", chain="a", polls=3)
+    assert not chain_goes_on({k: v for k, v in mine.items() if k != "run"}, run_id="r1",
+                             chain="a", polls=3)  # written by an older version: look again
+
+
+def test_a_chain_looks_at_the_cancel_once_per_period():
+    assert cancel_look_due(None, now=NOW, every=15.0)
+    assert cancel_look_due({"looked_at": NOW - 15.0}, now=NOW, every=15.0)
+    assert not cancel_look_due({"looked_at": NOW - 14.0}, now=NOW, every=15.0)
+
+
+def test_a_poll_writes_what_moved_and_otherwise_only_to_keep_its_promise():
+    stored = {"status": "processing", "total": 20, "completed": 3, "batch_id": "b",
+              "next_at": NOW + 3}
+    fields = {"status": "processing", "total": 20, "completed": 9, "batch_id": "b"}
+    assert progress_write_due(None, fields, next_poll=NOW)
+    assert not progress_write_due(stored, fields, next_poll=NOW + 2)  # counts only, promise held
+    assert progress_write_due(stored, fields, next_poll=NOW + 4)  # the promise would lapse
+    assert progress_write_due(stored, {**fields, "status": "completed"}, next_poll=NOW)
+    assert progress_write_due(stored, {**fields, "total": 21}, next_poll=NOW)
 
 
 # -- merge_blocker --------------------------------------------------------------------------------
