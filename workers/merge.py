@@ -16,7 +16,7 @@ import gc
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from itertools import islice, repeat
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import orjson
@@ -132,7 +132,7 @@ class _Line(msgspec.Struct, gc=False, forbid_unknown_fields=True):
 
     line_index: _Int
     id: str | None = None
-    status: str | None = None
+    status: Literal["ok", "error"] | None = None  # no new string per line
     result: _Result = None
     usage: _Usage | None = None
     error: Any = None
@@ -158,6 +158,7 @@ class _OkRow(msgspec.Struct, gc=False):
 _decode_lines = msgspec.json.Decoder(_Line).decode_lines
 _encode_lines = msgspec.json.Encoder().encode_lines
 _NO_USAGE = _Usage()
+_NO_LINE = 2**62  # the bulk path's "no line of the piece yet" (above any position)
 _FLUSH = 1024  # dict-path rows written to the spool at a time
 _PIECE = 2**20  # bytes of result text decoded at a time (their lines are held decoded at once)
 # A piece of at most this many lines takes the dict path, line by line: the bulk path's
@@ -205,8 +206,9 @@ class _Single:
         # Multi-image items add ``images``: a per-row step only when the shard has one.
         self.multi = any_multi_image(items)
         self.taken = bytearray(len(items))  # 1 where the item has its row (in ``rows``)
-        self.np_lines: Any = None  # numpy views, made on the bulk path's first use
+        self.np_lines: Any = None  # numpy arrays, made on the bulk path's first use
         self.np_taken: Any = None
+        self.np_first: Any = None
         # Dict-path rows not written to the spool yet: packed in ``pending``, item
         # ``pending_i[k]``'s row ending at ``pending_end[k]``.
         self.pending = bytearray()
@@ -368,20 +370,23 @@ class _Single:
         if self.np_lines is None:
             self.np_lines = np.asarray(self.lines, np.int64)
             self.np_taken = np.frombuffer(self.taken, np.uint8)
+            self.np_first = np.full(len(self.taken), _NO_LINE, np.int64)
         valid = np.flatnonzero((claim >= 0) & (claim < self.n_lines))
         self.malformed += n - len(valid)
-        # Each item's first line in the piece, if the item has no row yet.
-        item, first = np.unique(self.np_lines[claim[valid]], return_index=True)
-        new = self.np_taken[item] == 0
-        pos, item = valid[first[new]], item[new]
+        # Each item's first line in the piece (its position, in np_first: all _NO_LINE again
+        # after), if the item has no row yet; in line order (the lines are read in memory order).
+        item = self.np_lines[claim[valid]]
+        at = np.arange(len(valid))
+        np.minimum.at(self.np_first, item, at)
+        new = (self.np_first[item] == at) & (self.np_taken[item] == 0)
+        self.np_first[item] = _NO_LINE
+        pos, item = valid[new], item[new]
         self.duplicate += len(valid) - len(pos)
         if odd:
             is_odd = np.zeros(n, bool)
             is_odd[odd] = True
             by_dict = is_odd[pos]
-            order = np.argsort(pos[by_dict])
-            for k, i in zip(pos[by_dict][order].tolist(), item[by_dict][order].tolist(),
-                            strict=True):
+            for k, i in zip(pos[by_dict].tolist(), item[by_dict].tolist(), strict=True):
                 self._dict_row(parsed[k], i)
             pos, item = pos[~by_dict], item[~by_dict]
         if len(pos):
