@@ -430,6 +430,29 @@ def test_odd_lines_in_a_multi_skill_round():
     assert (stats.ok, stats.error) == (1, 1)
 
 
+def test_a_multi_skill_round_takes_result_text_line_by_line():
+    """A multi-skill round's lines as the Batch API provider hands them over (pieces of JSONL
+    text, CRLF too, a blank and a bad line among them) give the rows of the same lines parsed."""
+    from moonbatch.workers.lines import skill_line_id
+    from moonbatch.workers.merge import merge_round
+
+    items = plan(3)
+    skills = ["caption", "query"]
+    build = ShardBuild(lines=[0, 0, 1, 1, 2, 2], skills=[0, 1, 0, 1, 0, 1])
+    lines = [{"line_index": li, "id": skill_line_id(items[li // 2].id, skills[li % 2]),
+              "status": "ok", "result": {"text": str(li)},
+              "usage": {"input_tokens": li, "output_tokens": 1}} for li in range(6)]
+    raw = [json.dumps(line).encode() for line in lines]
+    text = [b"\n".join(raw[:3]) + b"\n\nnot json\n", b"\r\n".join(raw[3:])]
+    got = []
+    for given in (lines, text):
+        rows, stats, _ = merge_round(items, build, given, source_of, skills=skills)
+        with rows:
+            got.append(({i: json.loads(r) for i, r in rows.items()}, stats.ok, stats.error))
+        assert stats.malformed == (given is text)
+    assert got[0] == got[1] and got[0][1:] == (3, 0)
+
+
 def test_rows_are_compact_json_with_keys_in_row_order():
     # Each row reads as orjson writes the row dict, keys in row order (compose and error_codes
     # find ok rows by ``"status":"ok","result":``).
@@ -462,7 +485,7 @@ def test_rows_are_compact_json_with_keys_in_row_order():
 
 
 # --------------------------------------------------------------------------------------------
-# The fast path (result lines as bytes) against the dict path (the same lines parsed first)
+# The bulk path (result lines as text) against the dict path (the same lines parsed first)
 
 _VALUES = {
     "result": [b'{"caption": "a cat"}', b'{"caption":"x\\u00e9\\ud83d\\ude00 \\" \\\\ \\n"}',
@@ -669,8 +692,9 @@ def test_odd_lines_inside_pieces_of_text(monkeypatch):
 
 
 def test_rows_reach_the_spool_as_the_merge_goes(monkeypatch):
-    """Rows are written to the spool by the thousand, whichever path made them: parsed lines
-    (as the stepped providers hand them) hold no more than a batch in memory."""
+    """Rows are written to the spool as the merge goes, whichever path made them: parsed lines
+    (as the stepped providers hand them) and single lines by the thousand (``_FLUSH``), text
+    a piece (``_PIECE`` bytes) at a time: no more than a batch or a piece held in memory."""
     from moonbatch.workers import merge as merge_module
     from moonbatch.workers.merge import merge_round
     from moonbatch.workers.rowspool import RowSpool
@@ -678,22 +702,27 @@ def test_rows_reach_the_spool_as_the_merge_goes(monkeypatch):
     items = plan(50)
     build = ShardBuild(lines=list(range(50)))
     sizes: list[int] = []
-    real = RowSpool.add_packed
+    real, real_lines = RowSpool.add_packed, RowSpool.add_lines
     monkeypatch.setattr(merge_module, "_FLUSH", 8)
+    monkeypatch.setattr(merge_module, "_PIECE", 1000)  # ~9 lines of ~110 bytes
+    monkeypatch.setattr(merge_module, "_SMALL", 2)
     monkeypatch.setattr(RowSpool, "add_packed",
                         lambda self, i, e, d: (sizes.append(len(i)), real(self, i, e, d)))
-    for lines in ([ok_line(li, items[li].id) for li in range(50)],
-                  [json.dumps(ok_line(li, items[li].id)).encode() for li in range(50)]):
+    monkeypatch.setattr(RowSpool, "add_lines",
+                        lambda self, i, d: (sizes.append(len(i)), real_lines(self, i, d)))
+    text = [json.dumps(ok_line(li, items[li].id)).encode() for li in range(50)]
+    for lines, most in (([ok_line(li, items[li].id) for li in range(50)], 8), (text, 8),
+                        ([b"\n".join(text)], 10)):
         sizes.clear()
         rows, stats, _ = merge_round(items, build, lines, source_of)
         with rows:
             assert len(rows) == 50 and stats.ok == 50
-        assert max(sizes) <= 8 and sum(sizes) == 50
+        assert max(sizes) <= most and sum(sizes) == 50 and len(sizes) >= 5
 
 
 def test_a_long_line_with_a_huge_number_is_malformed_on_both_paths():
     """orjson reads a number of 309 digits or more as infinity and refuses the line; msgspec
-    reads it: the fast path must not take such a line (here in ``dims``, beside a result long
+    reads it: the bulk path must not take such a line (here in ``dims``, beside a result long
     enough that the line is not short)."""
     items = plan(1)
     line = (b'{"line_index": 0, "status": "ok", "result": {"caption": "' + b"x" * 300

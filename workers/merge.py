@@ -389,7 +389,9 @@ class _Single:
             for k, i in zip(pos[by_dict].tolist(), item[by_dict].tolist(), strict=True):
                 self._dict_row(parsed[k], i)
             pos, item = pos[~by_dict], item[~by_dict]
-        if len(pos):
+        if len(pos) == n:  # every line is an ok line of an item without a row yet
+            self._ok_rows(decoded, item)
+        elif len(pos):
             self._ok_rows([decoded[k] for k in pos.tolist()], item)
 
     def _halves(self, text: bytes, lo: int, hi: int, ends: Any) -> None:
@@ -539,8 +541,8 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
     lines, line_skills, n_lines, k = build.lines, build.skills, len(build.lines), len(skills)
     outcomes: dict[int, list[Any]] = {}
     dims_of: dict[int, Any] = {}
-    for res in () if batch_error else result_lines:
-        if res.__class__ is bytes:  # a line's JSON text: parsed here (no fast path)
+    for res in () if batch_error else _one_by_one(result_lines):
+        if res.__class__ is bytes:  # a line's JSON text: parsed here (no bulk path)
             try:
                 res = orjson.loads(res)
             except orjson.JSONDecodeError:
@@ -627,6 +629,16 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
                 stats.error += 1
             rows[i] = orjson.dumps(_unwritable(row, exc))
     return stats, retryable
+
+
+def _one_by_one(result_lines: Iterable[Any]) -> Iterator[Any]:
+    """``result_lines`` a line at a time: JSONL text (bytes) cut into its lines (bytes, blank
+    ones skipped), parsed lines as they are."""
+    for res in result_lines:
+        if res.__class__ is bytes:
+            yield from filter(None, res.splitlines())
+        else:
+            yield res
 
 
 def _error(value: Any) -> dict[str, str]:
