@@ -160,7 +160,7 @@ class _OkRow(msgspec.Struct, gc=False):
 _decode_lines = msgspec.json.Decoder(_Line).decode_lines
 _encode_lines = msgspec.json.Encoder().encode_lines
 _NO_USAGE = _Usage()
-_NO_LINE = 2**62  # the bulk path's "no line of the piece yet" (above any position)
+_NO_LINE = 2**31 - 1  # the bulk path's "no line of the piece yet" (above any position)
 _FLUSH = 1024  # dict-path rows written to the spool at a time
 _PIECE = 2**20  # bytes of result text decoded at a time (their lines are held decoded at once)
 # A piece of at most this many lines takes the dict path, line by line: the bulk path's
@@ -224,7 +224,8 @@ class _Single:
     # -- the dict path: one line at a time ---------------------------------------------------
 
     def add_line(self, line: bytes) -> None:
-        """One result line's JSON text (not blank-skipped: a blank line is no line)."""
+        """One result line's JSON text (a blank line is no line; text that is not JSON is
+        malformed)."""
         try:
             res = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -372,13 +373,13 @@ class _Single:
         if self.np_lines is None:
             self.np_lines = np.asarray(self.lines, np.int64)
             self.np_taken = np.frombuffer(self.taken, np.uint8)
-            self.np_first = np.full(len(self.taken), _NO_LINE, np.int64)
+            self.np_first = np.full(len(self.taken), _NO_LINE, np.int32)
         valid = np.flatnonzero((claim >= 0) & (claim < self.n_lines))
         self.malformed += n - len(valid)
         # Each item's first line in the piece (its position, in np_first: all _NO_LINE again
         # after), if the item has no row yet; in line order (the lines are read in memory order).
         item = self.np_lines[claim[valid]]
-        at = np.arange(len(valid))
+        at = np.arange(len(valid), dtype=np.int32)
         np.minimum.at(self.np_first, item, at)
         new = (self.np_first[item] == at) & (self.np_taken[item] == 0)
         self.np_first[item] = _NO_LINE
