@@ -704,7 +704,7 @@ def test_rows_reach_the_spool_as_the_merge_goes(monkeypatch):
     sizes: list[int] = []
     real, real_lines = RowSpool.add_packed, RowSpool.add_lines
     monkeypatch.setattr(merge_module, "_FLUSH", 8)
-    monkeypatch.setattr(merge_module, "_PIECE", 1000)  # ~9 lines of ~110 bytes
+    monkeypatch.setattr(merge_module, "_PIECE", 1000)  # pieces of 6 to 11 lines of ~170 bytes
     monkeypatch.setattr(merge_module, "_SMALL", 2)
     monkeypatch.setattr(RowSpool, "add_packed",
                         lambda self, i, e, d: (sizes.append(len(i)), real(self, i, e, d)))
@@ -712,7 +712,7 @@ def test_rows_reach_the_spool_as_the_merge_goes(monkeypatch):
                         lambda self, i, d: (sizes.append(len(i)), real_lines(self, i, d)))
     text = [json.dumps(ok_line(li, items[li].id)).encode() for li in range(50)]
     for lines, most in (([ok_line(li, items[li].id) for li in range(50)], 8), (text, 8),
-                        ([b"\n".join(text)], 10)):
+                        ([b"\n".join(text)], 12)):
         sizes.clear()
         rows, stats, _ = merge_round(items, build, lines, source_of)
         with rows:

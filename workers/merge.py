@@ -310,10 +310,11 @@ class _Single:
 
     def add_text(self, text: bytes) -> None:
         """Result lines as JSONL text (whole lines; blank lines are no lines), in pieces of
-        about ``_PIECE`` bytes cut after a newline."""
+        ``_PIECE`` to ``2 * _PIECE`` bytes cut after a newline (a piece of a result file, about
+        ``_PIECE`` bytes, is one)."""
         lo, end = 0, len(text)
         while lo < end:
-            hi = end if end - lo <= _PIECE else (text.find(b"\n", lo + _PIECE - 1) + 1 or end)
+            hi = end if end - lo < 2 * _PIECE else (text.find(b"\n", lo + _PIECE - 1) + 1 or end)
             self._bulk(text, lo, hi, clean=False)
             lo = hi
 
