@@ -208,7 +208,8 @@ def submit(input: str, output: str, *, skill: str | Sequence[str] = "caption",
     no_embedded(settings, "submit")
     try:
         spec = starting.prepare(spec, settings, allow_empty=allow_empty, force=force)
-        plan = starting.start(spec, settings)  # a dead start taken over keeps its run id
+        # A dead start taken over keeps its run id; prepare checked OUTPUT.
+        plan = starting.start(spec, settings, output_checked=True)
         return Run(plan["run_id"], spec.output, plan=plan)
     except AlreadyComplete as done:
         return Run(done.run_id, spec.output, note=str(done))
@@ -243,7 +244,7 @@ def run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
                                 broker=not embedded)  # an embedded one is checked once started
         start_and_follow(spec, workers=workers, timeout=timeout, embedded=embedded,
                          on_plan=lambda plan: (plans.append(plan), on_plan and on_plan(plan)),
-                         on_progress=on_progress, on_notice=on_notice)
+                         on_progress=on_progress, on_notice=on_notice, output_checked=True)
     except AlreadyComplete as done:
         return Run(done.run_id, spec.output, note=str(done))
     return Run(plans[0]["run_id"], spec.output, plan=plans[0])

@@ -359,7 +359,8 @@ class _SkippedKeys:
 
 
 def start_run(spec: RunSpec, settings: Settings, *,
-              on_shard: Callable[[Shard], None] | None = None) -> dict[str, Any]:
+              on_shard: Callable[[Shard], None] | None = None,
+              output_checked: bool = False) -> dict[str, Any]:
     """Start ``spec`` at its OUTPUT: write its spec, plan its INPUT into shards and enqueue them.
 
     The producer holds a planning lease (``_moonbatch/planning.json``, renewed in the
@@ -370,12 +371,18 @@ def start_run(spec: RunSpec, settings: Settings, *,
     (plan files are deterministic: one it finds must match, ``_check_replan``); one that died
     after it is a run whose shards ``moonbatch resume`` enqueues.
 
+    ``output_checked``: the caller ran ``check_output_for`` on this OUTPUT just before
+    (``producer.submit.prepare``), so it is not read again here; what changed since is met
+    under the lease, where the spec's create-if-absent fails and ``check_output_for`` says
+    what OUTPUT holds, with the same errors.
+
     Returns the plan document. Raises ``AlreadyComplete``, ``RunExists`` (see
     ``check_output_for``), storage errors.
     """
     out = open_output(spec.output, settings)
     inp = open_output(input_root(spec), settings)
-    check_output_for(out, spec)  # read-only: say what OUTPUT holds before writing anything
+    if not output_checked:
+        check_output_for(out, spec)  # read-only: say what OUTPUT holds before writing anything
     check_input_items(spec, inp, settings)  # e.g. duplicate manifest ids: before any write
     lease = Lease(out, layout.PLANNING, f"{spec.run_id}-{uuid.uuid4().hex[:8]}",
                   PLANNING_LEASE_SECONDS)
