@@ -14,6 +14,7 @@ even after Redis lost everything; the OUTPUT URL itself works everywhere too.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import logging
 import secrets
@@ -411,26 +412,36 @@ def start_run(spec: RunSpec, settings: Settings, *,
 def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover: bool,
           on_shard: Callable[[Shard], None] | None, lease_check: Callable[[], None]
           ) -> dict[str, Any]:
-    """List INPUT and write each shard's plan file as it fills, then the plan document, and
-    only then enqueue every shard: a planning that raises part-way leaves nothing enqueued."""
+    """Record the run (its summary, then the registry: ``register_run``) while listing INPUT
+    and writing each shard's plan file as it fills, then the plan document, and only then
+    enqueue every shard: a planning that raises part-way leaves nothing enqueued."""
     input_url, output_url = spec.input, spec.output
-    put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
-                                   "input": input_url, "output": output_url,
-                                   "skill": spec.skill_names})
-    register_run(spec, settings)
+
+    def record() -> None:
+        put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
+                                       "input": input_url, "output": output_url,
+                                       "skill": spec.skill_names})
+        register_run(spec, settings)
 
     skipped = _SkippedKeys(out)
     stats = PlanStats(on_skip=skipped.add)
     n_shards = 0
-    for shard in iter_plan(spec, inp, stats, settings):
-        lease_check()
-        body = b"".join(item.to_json() + b"\n" for item in shard.items)
-        if takeover:
-            _check_replan(out, shard.index, body)
-        out.put(layout.plan_items(shard.index), body)
-        n_shards += 1
-        if on_shard:
-            on_shard(shard)
+    # The records' round trips overlap the listing's (four in a row, before the first LIST
+    # on their own); a record that failed stops the planning at its next shard.
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="record") as pool:
+        recorded = pool.submit(record)
+        for shard in iter_plan(spec, inp, stats, settings):
+            lease_check()
+            if recorded.done():
+                recorded.result()  # raises its storage error
+            body = b"".join(item.to_json() + b"\n" for item in shard.items)
+            if takeover:
+                _check_replan(out, shard.index, body)
+            out.put(layout.plan_items(shard.index), body)
+            n_shards += 1
+            if on_shard:
+                on_shard(shard)
+        recorded.result()  # recorded before the plan is
     plan = {"run_id": spec.run_id, "shards": n_shards, "items": stats.items,
             "listed": stats.listed, "skipped": stats.skipped,
             "skipped_examples": [printable(k) for k in stats.skipped_examples],
