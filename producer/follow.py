@@ -40,10 +40,12 @@ def _log_notice(text: str, warning: bool) -> None:
 
 def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = None,
            timeout: float | None = None, on_progress: ProgressFn | None = None,
-           on_notice: NoticeFn | None = None) -> dict[str, Any]:
+           on_notice: NoticeFn | None = None, started: str | None = None) -> dict[str, Any]:
     """Block until the run at ``output`` is complete and return its final snapshot (the shape
     of ``run.json``). ``timeout`` in seconds (None: no limit). Raises ``RunStopped`` when the
-    run ended ``stopped`` (budget, error rate).
+    run ended ``stopped`` (budget, error rate). ``started``: the run's id when the caller has
+    just enqueued it: its first look is ``LOOK_YOUNG`` from now (or at its announced end),
+    not at once, when there is nothing to see yet and the run's first steps need the store.
 
     With local ``workers`` this also revives them if they die (``LocalWorkers.max_revivals``
     times) and runs the reconciler for the run every ``settings.reconcile_interval`` seconds,
@@ -62,6 +64,11 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
     tried = False  # to subscribe (once)
     look_first = False  # subscribed since the last look: the next wait looks once first
     with watch or contextlib.nullcontext(), contextlib.ExitStack() as stack:
+        if started is not None:
+            tried, ending = True, EndWatch.open(settings, started)
+            if ending is not None:
+                stack.callback(ending.close)
+            looked, final = _await_end(reader, LOOK_YOUNG, END_CHECK, ending)
         while True:
             snap = final or ops.snapshot(output, settings, reader, look_final=not looked)
             rid = snap["run_id"]

@@ -216,7 +216,8 @@ def start_and_follow(spec, *, workers: int | None = None, timeout: float | None 
             if on_plan is not None:
                 on_plan(plan)
             return follow(spec.output, settings, workers=local, timeout=timeout,
-                          on_progress=on_progress, on_notice=on_notice)
+                          on_progress=on_progress, on_notice=on_notice,
+                          started=plan["run_id"])
         finally:
             if local is not None:
                 local.stop()
