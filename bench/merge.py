@@ -3,8 +3,8 @@
 Measures ``moonbatch.workers.merge.merge_round`` (what the worker's merge task calls: every row
 written to the round's local spool file, ``workers.rowspool.RowSpool``) single-threaded on a
 synthetic 100,000-line shard: caption rows of ~200-400 bytes (1 % per-line errors), shuffled and
-split across 10 result files as the API returns them (the lines handed over as bytes, as the
-Batch API provider's ``iter_result_lines`` does), merged against the matching ``ShardBuild``
+split across 10 result files as the API returns them (the files' text handed over as it is, as
+the Batch API provider's ``collect_round`` does), merged against the matching ``ShardBuild``
 and plan items as the task has them (``PlanItems`` of the plan file: each item decoded when the
 merge asks for it). Reported as result rows per second on one core (best of 5). Also shown, with no
 target: ``merge_rows``, the same merge read back from the spool into one results JSONL in memory.
@@ -67,7 +67,6 @@ def run(servers: Servers, smoke: bool = False) -> Result:
     """Run the benchmark (see the module docstring); ``smoke``: tiny sizes, to check it runs."""
     n_lines, repeats = (SMOKE_LINES, 1) if smoke else (N_LINES, REPEATS)
     from moonbatch.workers.merge import merge_round, merge_rows
-    from moonbatch.workers.providers.moondream import iter_result_lines
     from moonbatch.workers.storage import S3Store
 
     result = Result("merge")
@@ -98,12 +97,12 @@ def run(servers: Servers, smoke: bool = False) -> Result:
             raise RuntimeError(f"merge lost rows: {stats}")
 
     def merge() -> None:
-        rows, stats, _ = merge_round(items, build, iter_result_lines(files), source_of)
+        rows, stats, _ = merge_round(items, build, files, source_of)
         rows.close()
         check(stats)
 
     def merge_joined() -> None:
-        check(merge_rows(items, build, iter_result_lines(files), source_of)[1])
+        check(merge_rows(items, build, files, source_of)[1])
 
     passes = {"merge": merge, "merge_rows": merge_joined, "orjson.loads": parse_only(orjson.loads),
               "json.loads": parse_only(json.loads)}

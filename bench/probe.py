@@ -179,7 +179,6 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     from moonbatch.workers import layout, writers
     from moonbatch.workers.merge import merge_round
     from moonbatch.workers.models import PlanItem, PlanItems, ShardBuild, SkillOptions
-    from moonbatch.workers.providers.moondream import iter_result_lines
     from moonbatch.workers.providers.moondream.client import BatchClient
     from moonbatch.workers.providers.moondream.download import fetch_results
     from moonbatch.workers.providers.moondream.settings import MoondreamSettings
@@ -216,7 +215,7 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     del build  # the merge task reads the round's build.json, as here
     build = ShardBuild.model_validate(get_json(out, layout.round_doc(0, 0, "build")))
     files, _ = fetch_results(client, status)
-    rows, stats, _ = merge_round(items, build, iter_result_lines(files),
+    rows, stats, _ = merge_round(items, build, files,
                                  lambda item: store.url_for(item.id))
     with rows:
         files.close()

@@ -47,14 +47,16 @@ class Run:
 
     ``id`` is the run id, ``output`` its OUTPUT URL (normalised, ending in ``/``), ``plan`` the
     plan document when this process planned it (None when it was found, or already complete;
-    ``note`` then says so).
+    ``note`` then says so), ``final`` its final ``status()`` when ``run`` followed it to its
+    end (None otherwise: ask ``status()``).
     Every method reads the run's state from storage: a ``Run`` may be rebuilt anywhere from
     its id (another Airflow task, another machine with the same ``MOONBATCH_STATE_URL``).
     """
 
     def __init__(self, run_id: str, output: str, *, plan: dict[str, Any] | None = None,
-                 note: str | None = None) -> None:
+                 note: str | None = None, final: dict[str, Any] | None = None) -> None:
         self.id, self.output, self.plan, self.note = run_id, output, plan, note
+        self.final = final
 
     def __repr__(self) -> str:
         return f"Run({self.id!r}, {self.output!r})"
@@ -208,7 +210,8 @@ def submit(input: str, output: str, *, skill: str | Sequence[str] = "caption",
     no_embedded(settings, "submit")
     try:
         spec = starting.prepare(spec, settings, allow_empty=allow_empty, force=force)
-        plan = starting.start(spec, settings)  # a dead start taken over keeps its run id
+        # A dead start taken over keeps its run id; prepare checked OUTPUT.
+        plan = starting.start(spec, settings, output_checked=True)
         return Run(plan["run_id"], spec.output, plan=plan)
     except AlreadyComplete as done:
         return Run(done.run_id, spec.output, note=str(done))
@@ -241,12 +244,13 @@ def run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
     try:
         spec = starting.prepare(spec, settings, allow_empty=allow_empty, force=force,
                                 broker=not embedded)  # an embedded one is checked once started
-        start_and_follow(spec, workers=workers, timeout=timeout, embedded=embedded,
-                         on_plan=lambda plan: (plans.append(plan), on_plan and on_plan(plan)),
-                         on_progress=on_progress, on_notice=on_notice)
+        final = start_and_follow(
+            spec, workers=workers, timeout=timeout, embedded=embedded,
+            on_plan=lambda plan: (plans.append(plan), on_plan and on_plan(plan)),
+            on_progress=on_progress, on_notice=on_notice, output_checked=True)
     except AlreadyComplete as done:
         return Run(done.run_id, spec.output, note=str(done))
-    return Run(plans[0]["run_id"], spec.output, plan=plans[0])
+    return Run(plans[0]["run_id"], spec.output, plan=plans[0], final=final)
 
 
 def dry_run(input: str, output: str, *, skill: str | Sequence[str] = "caption",

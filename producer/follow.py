@@ -15,6 +15,8 @@ from moonbatch.config import Settings
 from moonbatch.errors import RunFailed, RunStopped, Timeout
 from moonbatch.producer import ops
 from moonbatch.producer.local import LocalWorkers
+from moonbatch.workers.ends import FALLBACK_SECONDS, EndWatch
+from moonbatch.workers.runstate import FINAL
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,12 @@ def _log_notice(text: str, warning: bool) -> None:
 
 def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = None,
            timeout: float | None = None, on_progress: ProgressFn | None = None,
-           on_notice: NoticeFn | None = None) -> dict[str, Any]:
+           on_notice: NoticeFn | None = None, started: str | None = None) -> dict[str, Any]:
     """Block until the run at ``output`` is complete and return its final snapshot (the shape
     of ``run.json``). ``timeout`` in seconds (None: no limit). Raises ``RunStopped`` when the
-    run ended ``stopped`` (budget, error rate).
+    run ended ``stopped`` (budget, error rate). ``started``: the run's id when the caller has
+    just enqueued it: its first look is ``LOOK_YOUNG`` from now (or at its announced end),
+    not at once, when there is nothing to see yet and the run's first steps need the store.
 
     With local ``workers`` this also revives them if they die (``LocalWorkers.max_revivals``
     times) and runs the reconciler for the run every ``settings.reconcile_interval`` seconds,
@@ -55,10 +59,24 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
     announced: set[str] = set()
     reader = ops.progress_reader(output, settings)
     looked = False  # the last end check found no final summary just now
-    with watch or contextlib.nullcontext():
+    final = None  # the final summary the last end check found
+    ending: EndWatch | None = None  # the run's end announcement (ends), once subscribed
+    tried = False  # to subscribe (once)
+    look_first = False  # subscribed since the last look: the next wait looks once first
+    with watch or contextlib.nullcontext(), contextlib.ExitStack() as stack:
+        if started is not None:
+            tried, ending = True, EndWatch.open(settings, started)
+            if ending is not None:
+                stack.callback(ending.close)
+            looked, final = _await_end(reader, LOOK_YOUNG, END_CHECK, ending)
         while True:
-            snap = ops.snapshot(output, settings, reader, look_final=not looked)
+            snap = final or ops.snapshot(output, settings, reader, look_final=not looked)
             rid = snap["run_id"]
+            if not tried and snap["status"] not in FINAL:
+                tried, ending = True, EndWatch.open(settings, rid)
+                if ending is not None:
+                    stack.callback(ending.close)
+                    look_first = True
             if watch is not None:
                 announced = _announce(watch, announced, rid, notice)
             if on_progress is not None:
@@ -91,27 +109,39 @@ def follow(output: str, settings: Settings, *, workers: LocalWorkers | None = No
                 raise Timeout(f"run {rid} not complete after {timeout:.0f}s; it goes on: "
                               f"moonbatch wait {rid}", run_id=rid)
             age = time.time() - start  # each look lists the run's state: back off as it ages
-            looked = _await_end(reader, LOOK_YOUNG if age < 10 else 2.0 if age < 600 else 10.0,
-                                END_CHECK if age < 3600 else 1.0)
+            looked, final = _await_end(
+                reader, LOOK_YOUNG if age < 10 else 2.0 if age < 600 else 10.0,
+                END_CHECK if age < 3600 else 1.0, ending, first=look_first)
+            look_first = False
 
 
-def _await_end(reader: Any, seconds: float, every: float) -> bool:
-    """Sleep ``seconds``, looking for the run's end every ``every`` seconds (one read of
-    ``run.json``: the final summary is the next snapshot): a run's end is noticed within
-    ``every`` however long it ran and however slowly its progress is looked at. A read that
-    fails is left to the next snapshot. True when the last look, just now, found the run
-    not final (the next snapshot need not read ``run.json`` again)."""
+def _await_end(reader: Any, seconds: float, every: float, ending: EndWatch | None = None, *,
+               first: bool = False) -> tuple[bool, dict[str, Any] | None]:
+    """Wait ``seconds``, looking for the run's end (one read of ``run.json``) every ``every``
+    seconds, or, while ``ending`` is subscribed, when the end is announced and at least every
+    ``ends.FALLBACK_SECONDS``: a run's end is noticed at once (or within ``every``) however
+    long it ran and however slowly its progress is looked at. ``first``: look once before
+    waiting. A read that fails is left to the next snapshot. Returns ``(looked, final)``:
+    ``final`` the final summary found (the next snapshot), else ``looked`` True when the last
+    look, just now, found the run not final (the next snapshot need not read ``run.json``)."""
     deadline = time.monotonic() + seconds
     looked = False
     while (left := deadline - time.monotonic()) > 0:
-        time.sleep(min(every, left))
+        if first:
+            first = False
+        elif ending is not None and ending.alive:
+            if not ending.wait(min(FALLBACK_SECONDS, left)) and deadline <= time.monotonic():
+                break  # the next snapshot looks
+        else:
+            time.sleep(min(every, left))
         try:
-            if reader.final() is not None:
-                return False
-            looked = True
+            final = reader.final()
         except Exception:  # storage errors: the next full look raises or retries them
-            return False
-    return looked
+            return False, None
+        if final is not None:
+            return False, final
+        looked = True
+    return looked, None
 
 
 def _consumer_watch(output: str, settings: Settings):

@@ -168,13 +168,14 @@ def embedded_broker(on_notice=None) -> Iterator[None]:
 
 def start_and_follow(spec, *, workers: int | None = None, timeout: float | None = None,
                      embedded: bool = False, on_plan=None, on_progress=None,
-                     on_notice=None) -> dict[str, Any]:
+                     on_notice=None, output_checked: bool = False) -> dict[str, Any]:
     """Start ``spec`` (checked by ``producer.submit.prepare``) and follow it to its end, as
     ``moonbatch run`` does: with ``workers`` > 0 (default: one per core) start that many local
     worker processes on the run's private queue, and with ``embedded`` (or
     ``MOONBATCH_BROKER_URL=embedded``) a private broker for them; 0 uses a running fleet.
     ``on_plan(plan)`` is called once the run is planned and enqueued; ``on_progress`` and
-    ``on_notice`` as ``producer.follow.follow`` takes them.
+    ``on_notice`` as ``producer.follow.follow`` takes them. ``output_checked``: as
+    ``producer.submit.start`` takes it.
 
     Returns the final snapshot. Raises ``InvalidOption`` (negative ``workers``, an embedded
     broker without workers), ``PreflightError`` (broker out of reach), ``MoonbatchError`` (no
@@ -207,7 +208,7 @@ def start_and_follow(spec, *, workers: int | None = None, timeout: float | None 
         local = LocalWorkers(n, queue) if queue else None
         try:
             plan = submit.start(spec.model_copy(update={"queue": queue}) if queue else spec,
-                                settings)
+                                settings, output_checked=output_checked)
             if local is not None and plan["run_id"] != spec.run_id:
                 # A dead start of the same command was taken over: its spec names its queue.
                 local.stop()
@@ -215,7 +216,8 @@ def start_and_follow(spec, *, workers: int | None = None, timeout: float | None 
             if on_plan is not None:
                 on_plan(plan)
             return follow(spec.output, settings, workers=local, timeout=timeout,
-                          on_progress=on_progress, on_notice=on_notice)
+                          on_progress=on_progress, on_notice=on_notice,
+                          started=plan["run_id"])
         finally:
             if local is not None:
                 local.stop()

@@ -323,16 +323,7 @@ def _check_writable(what: str, url: str, settings: Settings, probe_key: str) -> 
             store.put(probe_key, b"")
             store.delete(probe_key)
             return None
-        created = store.put(probe_key, b"1", if_absent=True)
-    except Exception as exc:
-        cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
-        code = _s3_code(cause)
-        if code in _UNSUPPORTED:
-            return _conditional_problem(what, _s3_where(url, settings),
-                                        f"refused: {code}: {_s3_message(cause)}")
-        return _s3_problem(what, url, cause, settings, write=True)
-    try:
-        cause = prove_conditional_writes(store, probe_key, created=created)
+        cause = prove_conditional_writes(store, probe_key)
     except Exception as exc:
         inner = exc.__context__ if isinstance(exc.__context__, Exception) else exc
         code = _s3_code(inner)
@@ -349,28 +340,33 @@ _WRONG_VERSION = '"' + "0" * 32 + '"'
 UNSAFE_SETTING = "MOONBATCH_UNSAFE_SKIP_CONDITIONAL_WRITE_CHECK"
 
 
-def prove_conditional_writes(store: Store, key: str, *, created: bool | None = None) -> str | None:
+def prove_conditional_writes(store: Store, key: str) -> str | None:
     """Prove that ``store`` honours the conditional writes leases and write-once documents rest
     on (FACTS.md "S3": ``If-None-Match: *`` fails with 412 when the key exists, ``If-Match:
-    <etag>`` is a compare-and-swap): a create-if-absent of the new probe ``key`` succeeds (or
-    ``created`` says how the caller's did), a second one is refused, a compare-and-swap with a
-    wrong version is refused and one with the right version succeeds; the probe is deleted.
-    Five requests after the first write (the plain writable check took two).
+    <etag>`` is a compare-and-swap): a create-if-absent of the new probe ``key`` succeeds, a
+    second one is refused, a compare-and-swap with a wrong version is refused and one with the
+    version the create answered (as a lease's first swap uses it) succeeds; the probe is
+    deleted. Four round trips in a row: the two that must be refused go side by side (neither
+    changes the probe); a store that answers a create without an ETag costs a read of it.
 
     Returns None when all hold, else the cause: ``"ignored: ..."`` (a condition was not
     enforced) or ``"refused: ..."`` (a legitimate conditional write was refused). Raises
-    storage errors (a store that fails a conditional request)."""
-    if created is None:
-        created = store.put(key, b"1", if_absent=True)
+    storage errors (a store that fails a conditional request; the first create's, before
+    anything was written)."""
+    version = store.put_new(key, b"1")
     try:
-        if not created:
+        if version is None:
             return "refused: a create with If-None-Match: * of a new probe object was refused"
-        if store.put(key, b"2", if_absent=True):
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="probe") as pool:
+            again = pool.submit(store.put, key, b"2", if_absent=True)
+            wrong = pool.submit(store.put_if_match, key, b"3", _WRONG_VERSION)
+        if again.result():
             return ("ignored: a second create with If-None-Match: * of the same probe object "
                     "succeeded")
-        if store.put_if_match(key, b"3", _WRONG_VERSION):
+        if wrong.result():
             return "ignored: a compare-and-swap with If-Match and a wrong ETag succeeded"
-        _, version = store.get_versioned(key)
+        if not version:  # the create answered no ETag
+            _, version = store.get_versioned(key)
         if not store.put_if_match(key, b"4", version):
             return "refused: a compare-and-swap with If-Match and the object's own ETag was refused"
         return None

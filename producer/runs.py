@@ -14,6 +14,7 @@ even after Redis lost everything; the OUTPUT URL itself works everywhere too.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import logging
 import secrets
@@ -359,7 +360,8 @@ class _SkippedKeys:
 
 
 def start_run(spec: RunSpec, settings: Settings, *,
-              on_shard: Callable[[Shard], None] | None = None) -> dict[str, Any]:
+              on_shard: Callable[[Shard], None] | None = None,
+              output_checked: bool = False) -> dict[str, Any]:
     """Start ``spec`` at its OUTPUT: write its spec, plan its INPUT into shards and enqueue them.
 
     The producer holds a planning lease (``_moonbatch/planning.json``, renewed in the
@@ -370,12 +372,18 @@ def start_run(spec: RunSpec, settings: Settings, *,
     (plan files are deterministic: one it finds must match, ``_check_replan``); one that died
     after it is a run whose shards ``moonbatch resume`` enqueues.
 
+    ``output_checked``: the caller ran ``check_output_for`` on this OUTPUT just before
+    (``producer.submit.prepare``), so it is not read again here; what changed since is met
+    under the lease, where the spec's create-if-absent fails and ``check_output_for`` says
+    what OUTPUT holds, with the same errors.
+
     Returns the plan document. Raises ``AlreadyComplete``, ``RunExists`` (see
     ``check_output_for``), storage errors.
     """
     out = open_output(spec.output, settings)
     inp = open_output(input_root(spec), settings)
-    check_output_for(out, spec)  # read-only: say what OUTPUT holds before writing anything
+    if not output_checked:
+        check_output_for(out, spec)  # read-only: say what OUTPUT holds before writing anything
     check_input_items(spec, inp, settings)  # e.g. duplicate manifest ids: before any write
     lease = Lease(out, layout.PLANNING, f"{spec.run_id}-{uuid.uuid4().hex[:8]}",
                   PLANNING_LEASE_SECONDS)
@@ -404,26 +412,36 @@ def start_run(spec: RunSpec, settings: Settings, *,
 def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover: bool,
           on_shard: Callable[[Shard], None] | None, lease_check: Callable[[], None]
           ) -> dict[str, Any]:
-    """List INPUT and write each shard's plan file as it fills, then the plan document, and
-    only then enqueue every shard: a planning that raises part-way leaves nothing enqueued."""
+    """Record the run (its summary, then the registry: ``register_run``) while listing INPUT
+    and writing each shard's plan file as it fills, then the plan document, and only then
+    enqueue every shard: a planning that raises part-way leaves nothing enqueued."""
     input_url, output_url = spec.input, spec.output
-    put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
-                                   "input": input_url, "output": output_url,
-                                   "skill": spec.skill_names})
-    register_run(spec, settings)
+
+    def record() -> None:
+        put_json(out, layout.SUMMARY, {"run_id": spec.run_id, "status": "running",
+                                       "input": input_url, "output": output_url,
+                                       "skill": spec.skill_names})
+        register_run(spec, settings)
 
     skipped = _SkippedKeys(out)
     stats = PlanStats(on_skip=skipped.add)
     n_shards = 0
-    for shard in iter_plan(spec, inp, stats, settings):
-        lease_check()
-        body = b"".join(item.to_json() + b"\n" for item in shard.items)
-        if takeover:
-            _check_replan(out, shard.index, body)
-        out.put(layout.plan_items(shard.index), body)
-        n_shards += 1
-        if on_shard:
-            on_shard(shard)
+    # The records' round trips overlap the listing's (four in a row, before the first LIST
+    # on their own); a record that failed stops the planning at its next shard.
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="record") as pool:
+        recorded = pool.submit(record)
+        for shard in iter_plan(spec, inp, stats, settings):
+            lease_check()
+            if recorded.done():
+                recorded.result()  # raises its storage error
+            body = b"".join(item.to_json() + b"\n" for item in shard.items)
+            if takeover:
+                _check_replan(out, shard.index, body)
+            out.put(layout.plan_items(shard.index), body)
+            n_shards += 1
+            if on_shard:
+                on_shard(shard)
+        recorded.result()  # recorded before the plan is
     plan = {"run_id": spec.run_id, "shards": n_shards, "items": stats.items,
             "listed": stats.listed, "skipped": stats.skipped,
             "skipped_examples": [printable(k) for k in stats.skipped_examples],

@@ -258,7 +258,9 @@ def prepare(spec, settings: Settings, *, allow_empty: bool = False, force: bool 
             broker: bool = True):
     """Everything a start checks before it writes: what OUTPUT holds and the preflight (with
     the provider's credentials). Returns the spec to start: ``spec``, or with ``force`` and
-    OUTPUT holding another run, the same in OUTPUT/<new run id>/ (logged).
+    OUTPUT holding another run, the same in OUTPUT/<new run id>/ (logged). On return OUTPUT
+    was checked (``check_output_for``): ``start(..., output_checked=True)`` need not read it
+    again.
 
     Raises ``AlreadyComplete`` (the same command completed there: nothing to do),
     ``OutputConflict``, ``PreflightError``.
@@ -266,22 +268,32 @@ def prepare(spec, settings: Settings, *, allow_empty: bool = False, force: bool 
     from moonbatch.producer import preflight
     from moonbatch.producer.runs import AlreadyComplete, RunExists, check_output_for, new_run_id
 
+    def check(spec):  # the spec to start, or raises what OUTPUT holds
+        try:
+            check_output_for(preflight.quick_store(spec.output, settings), spec)
+        except AlreadyComplete:
+            raise
+        except RunExists as exc:
+            if not force or exc.state == "planning":
+                raise OutputConflict(str(exc), run_id=exc.run_id, state=exc.state) from None
+            run_id = new_run_id()
+            log.warning("%s holds run %s (%s); --force: starting run %s in %s%s/", spec.output,
+                        exc.run_id, exc.state, run_id, spec.output, run_id)
+            return spec.model_copy(update={"output": spec.output + run_id + "/",
+                                           "run_id": run_id})
+        return spec
+
     try:
-        check_output_for(preflight.quick_store(spec.output, settings), spec)
-    except AlreadyComplete:
+        spec, checked = check(spec), True
+    except (AlreadyComplete, OutputConflict):
         raise
-    except RunExists as exc:
-        if not force or exc.state == "planning":
-            raise OutputConflict(str(exc), run_id=exc.run_id, state=exc.state) from None
-        run_id = new_run_id()
-        log.warning("%s holds run %s (%s); --force: starting run %s in %s%s/", spec.output,
-                    exc.run_id, exc.state, run_id, spec.output, run_id)
-        spec = spec.model_copy(update={"output": spec.output + run_id + "/", "run_id": run_id})
     except Exception:
-        pass  # OUTPUT cannot be read: the preflight below says why, in one line
+        checked = False  # OUTPUT cannot be read: the preflight below says why, in one line
     with translated():
         preflight.preflight(settings, input_url=spec.input, output_url=spec.output,
                             allow_empty=allow_empty, broker=broker, provider=spec.provider)
+    if not checked:  # it can be read after all: check it now (or raise why not)
+        spec = check(spec)
     from moonbatch.workers.providers import provider_for
 
     for warning in provider_for(spec).check_model(spec):  # a refusal was new_spec's
@@ -289,14 +301,15 @@ def prepare(spec, settings: Settings, *, allow_empty: bool = False, force: bool 
     return spec
 
 
-def start(spec, settings: Settings) -> dict[str, Any]:
+def start(spec, settings: Settings, *, output_checked: bool = False) -> dict[str, Any]:
     """Record, plan and enqueue ``spec`` (``producer.runs.start_run``); returns the plan
-    document (``run_id``, ``items``, ``shards``, ``skipped``...). Raises ``AlreadyComplete``,
+    document (``run_id``, ``items``, ``shards``, ``skipped``...). ``output_checked``: ``spec``
+    comes from ``prepare``, which checked OUTPUT. Raises ``AlreadyComplete``,
     ``OutputConflict``, storage errors."""
     from moonbatch.producer.runs import start_run
 
     with translated():
-        return start_run(spec, settings)
+        return start_run(spec, settings, output_checked=output_checked)
 
 
 def estimate(spec, settings: Settings, *, allow_empty: bool = False,

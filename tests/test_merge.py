@@ -9,7 +9,6 @@ import pytest
 
 from moonbatch.workers.merge import merge_rows as merge_lines
 from moonbatch.workers.models import PlanItem, ShardBuild
-from moonbatch.workers.providers.moondream import iter_result_lines
 from moonbatch.workers.providers.moondream.polling import next_poll_interval
 
 SOURCE = "s3://bucket/in/"
@@ -17,7 +16,7 @@ SOURCE = "s3://bucket/in/"
 
 def merge_rows(items, build, files, *args, **kwargs):
     """Merge Batch API result files (their bytes), as the Batch API provider hands them over."""
-    return merge_lines(items, build, iter_result_lines(files), *args, **kwargs)
+    return merge_lines(items, build, files, *args, **kwargs)
 
 
 def source_of(item) -> str:
@@ -431,6 +430,29 @@ def test_odd_lines_in_a_multi_skill_round():
     assert (stats.ok, stats.error) == (1, 1)
 
 
+def test_a_multi_skill_round_takes_result_text_line_by_line():
+    """A multi-skill round's lines as the Batch API provider hands them over (pieces of JSONL
+    text, CRLF too, a blank and a bad line among them) give the rows of the same lines parsed."""
+    from moonbatch.workers.lines import skill_line_id
+    from moonbatch.workers.merge import merge_round
+
+    items = plan(3)
+    skills = ["caption", "query"]
+    build = ShardBuild(lines=[0, 0, 1, 1, 2, 2], skills=[0, 1, 0, 1, 0, 1])
+    lines = [{"line_index": li, "id": skill_line_id(items[li // 2].id, skills[li % 2]),
+              "status": "ok", "result": {"text": str(li)},
+              "usage": {"input_tokens": li, "output_tokens": 1}} for li in range(6)]
+    raw = [json.dumps(line).encode() for line in lines]
+    text = [b"\n".join(raw[:3]) + b"\n\nnot json\n", b"\r\n".join(raw[3:])]
+    got = []
+    for given in (lines, text):
+        rows, stats, _ = merge_round(items, build, given, source_of, skills=skills)
+        with rows:
+            got.append(({i: json.loads(r) for i, r in rows.items()}, stats.ok, stats.error))
+        assert stats.malformed == (given is text)
+    assert got[0] == got[1] and got[0][1:] == (3, 0)
+
+
 def test_rows_are_compact_json_with_keys_in_row_order():
     # Each row reads as orjson writes the row dict, keys in row order (compose and error_codes
     # find ok rows by ``"status":"ok","result":``).
@@ -463,7 +485,7 @@ def test_rows_are_compact_json_with_keys_in_row_order():
 
 
 # --------------------------------------------------------------------------------------------
-# The fast path (result lines as bytes) against the dict path (the same lines parsed first)
+# The bulk path (result lines as text) against the dict path (the same lines parsed first)
 
 _VALUES = {
     "result": [b'{"caption": "a cat"}', b'{"caption":"x\\u00e9\\ud83d\\ude00 \\" \\\\ \\n"}',
@@ -515,18 +537,68 @@ def _random_line(rng, n_lines: int, ids: list[str]) -> bytes:
     return b"{" + sep[0].join(b'"%s"%s%s' % (k.encode(), sep[1], v) for k, v in fields) + b"}"
 
 
-def test_fast_path_rows_equal_the_dict_path_rows():
-    """For random and odd result lines, the rows of lines given as bytes (the fast path, or
-    its fallback) parse to exactly the rows of the same lines parsed first (the dict path:
-    what ``merge_round`` did before the fast path), with the same stats and retryable items."""
+_RESULTS = [{"caption": "a red cup"}, {"answer": "yes"}, {"caption": 'quote " \\ \n é 😀 \u2028'},
+            {"objects": [{"x_min": 0.1, "y_min": 0.2, "x_max": 0.5, "y_max": 1}]},
+            {"points": [{"x": 0.5, "y": 0.25}]}, {"objects": []}, {"caption": ""}, None,
+            {"caption": "long " * 80}, {"n": -(2**63)}, {"n": 2**63 - 1}, {"deep": _deep(15)}]
+
+
+def _usual_line(rng, li: int, ids: list[str]) -> bytes:
+    """A result line's bytes, of the usual shape (an ok line, or an error line) most of the
+    time, an odd one (``_random_line``) now and then."""
+    if rng.random() < 0.05:
+        return _random_line(rng, len(ids), ids)
+    line: dict = {"line_index": li}
+    if rng.random() < 0.95:
+        good = ids[li] if 0 <= li < len(ids) else "nobody"
+        line["id"] = rng.choice([good] * 10 + ["P:" + good, "other", None])
+    if rng.random() < 0.9:
+        line["status"] = "ok"
+        line["result"] = rng.choice(_RESULTS)
+        usage = rng.choice([{"input_tokens": rng.randint(0, 10**6), "output_tokens": 5},
+                            {"output_tokens": 7}, {}, None, "absent"])
+        if usage != "absent":
+            line["usage"] = usage
+    else:
+        line["status"] = "error"
+        line["error"] = rng.choice([{"code": "processing_error", "message": "try again"},
+                                    {"code": "image_too_large", "message": "big"}])
+    if rng.random() < 0.05:
+        line["dims"] = rng.choice([[64, 48], [4000, 3000, 1000, 750], [], [5]])
+    items = list(line.items())
+    if rng.random() < 0.1:
+        rng.shuffle(items)
+    return json.dumps(dict(items), ensure_ascii=rng.random() < 0.5,
+                      separators=rng.choice([(",", ":"), (", ", ": ")])).encode()
+
+
+def _text_pieces(rng, raw: list[bytes]) -> list[bytes]:
+    """The lines ``raw`` as JSONL text, cut into pieces of whole lines (LF or CRLF line ends,
+    the last line's end sometimes left off), as a result file's text is handed over."""
+    pieces, k = [], 0
+    while k < len(raw):
+        m = rng.choice([1, 2, rng.randint(1, 80)])
+        end = b"\r\n" if rng.random() < 0.1 else b"\n"
+        pieces.append(end.join(raw[k:k + m]) + (end if rng.random() < 0.8 else b""))
+        k += m
+    return pieces
+
+
+@pytest.mark.parametrize("shape", ["odd", "usual"])
+def test_bulk_and_fast_paths_give_the_dict_path_rows(shape, monkeypatch):
+    """For random and odd result lines, the rows of lines given as text (one line at a time,
+    or many lines at once: the bulk path, its halving and its dict-path lines) parse to
+    exactly the rows of the same lines parsed first (the dict path: what ``merge_round`` did
+    before the fast paths), with the same stats and retryable items (in the same order)."""
     import orjson
 
+    from moonbatch.workers import merge as merge_module
     from moonbatch.workers.merge import merge_round
     from moonbatch.workers.models import PlanItems
 
-    rng = random.Random(5)
-    for case in range(80):
-        n = rng.randint(1, 40)
+    rng = random.Random(5 if shape == "odd" else 6)
+    for case in range(80 if shape == "odd" else 60):
+        n = rng.randint(1, 40) if shape == "odd" else rng.choice([rng.randint(1, 40), 300])
         items = [PlanItem(id=rng.choice([f"img/{k}.jpg", k, f"x{k}é"]), size=k,
                           more=("s3://b/more.jpg",) if rng.random() < 0.1 else None)
                  for k in range(n)]
@@ -539,7 +611,13 @@ def test_fast_path_rows_equal_the_dict_path_rows():
                            errors={str(i): {"code": "not_an_image", "message": "x"}
                                    for i in range(n) if i not in sent and rng.random() < 0.5})
         ids = [build.id_prefix + PlanItem(items[i].id, 0).key for i in sent]
-        raw = [_random_line(rng, len(sent), ids) for _ in range(rng.randint(0, 2 * n + 5))]
+        if shape == "odd":
+            raw = [_random_line(rng, len(sent), ids) for _ in range(rng.randint(0, 2 * n + 5))]
+        else:  # every line once, shuffled, some twice, some out of range
+            order = list(range(len(sent))) + [rng.randrange(len(sent) + 3) - 1
+                                              for _ in range(rng.randint(0, n // 5 + 2))]
+            rng.shuffle(order)
+            raw = [_usual_line(rng, li, ids) for li in order]
 
         def parsed(line: bytes):
             try:
@@ -548,25 +626,75 @@ def test_fast_path_rows_equal_the_dict_path_rows():
                 return None
 
         old_lines = [parsed(line) for line in raw if line.strip()]  # the old iter_result_lines
+        text = _text_pieces(rng, raw)
         todo = sorted(rng.sample(range(n), rng.randint(0, n))) if rng.random() < 0.2 else None
         plan = PlanItems(b"".join(item.to_json() + b"\n" for item in items))
         kwargs = {"todo": todo, "retryable_codes": frozenset({"processing_error", "unknown_error"})}
+        # (items, lines, _SMALL, _PIECE): pieces of text take the bulk path above _SMALL lines
+        # and are cut into pieces of _PIECE bytes.
+        runs = [(items, old_lines, 16, 2**20), (plan, raw, 16, 2**20), (items, raw, 16, 2**20),
+                (plan, text, 1, 2**20), (items, text, 16, 2**20), (plan, text, 1, 700)]
         for batch_error in (None, {"code": "timeout", "message": "t"}) if case % 10 == 0 else (None,):
             results = []
-            for its, lines in ((items, old_lines), (plan, raw), (items, raw)):
+            for its, lines, small, piece in runs:
+                monkeypatch.setattr(merge_module, "_SMALL", small)
+                monkeypatch.setattr(merge_module, "_PIECE", piece)
                 rows, stats, retryable = merge_round(its, build, lines,
                                                      lambda item: SOURCE + item.key,
                                                      batch_error=batch_error, **kwargs)
                 with rows:
                     results.append(({i: orjson.loads(r) for i, r in rows.items()}, stats,
                                     retryable))
-            assert results[1] == results[0], (case, raw)
-            assert results[2] == results[0], (case, raw)
+            for k, got in enumerate(results[1:], 1):
+                assert got == results[0], (case, k, raw)
+
+
+def test_odd_lines_inside_pieces_of_text(monkeypatch):
+    """The bulk path's edges, in pieces of text: a line that is not JSON, a blank line and a
+    CRLF piece among usual lines, an error line, a duplicate across pieces (the first wins),
+    an out-of-range line_index, an id mismatch, a multi-image item, an item without sizes."""
+    from moonbatch.workers import merge as merge_module
+    from moonbatch.workers.merge import merge_round
+
+    monkeypatch.setattr(merge_module, "_SMALL", 1)
+    items = plan(40)
+    items[5] = PlanItem(id=items[5].id, size=1, more=("s3://b/two.jpg",))
+    build = ShardBuild(lines=list(range(40)), sizes={str(i): [8, 6] for i in range(40) if i != 7},
+                       image_sizes={"5": [[8, 6], [3, 2]]})
+    lines = [json.dumps(ok_line(li, items[li].id, inp=li, out=1)).encode() for li in range(40)]
+    lines[3] = json.dumps({"line_index": 3, "id": items[3].id, "status": "error",
+                           "error": {"code": "processing_error", "message": "again"}}).encode()
+    lines[9] = json.dumps(ok_line(9, "someone-else.jpg", inp=9, out=1)).encode()
+    first = b"\n".join(lines[:20] + [b"not json", b"", b'{"line_index": 40, "status": "ok"}'])
+    again = json.dumps(ok_line(2, items[2].id, text="second", inp=1000, out=1000)).encode()
+    second = b"\r\n".join([again] + lines[20:]) + b"\r\n"
+    rows, stats, retryable = merge_round(items, build, [first, second], source_of,
+                                         retryable_codes=frozenset({"processing_error"}))
+    with rows:
+        out = {i: json.loads(r) for i, r in rows.items()}
+    assert sorted(out) == list(range(40))
+    assert (stats.ok, stats.error, stats.duplicate, stats.malformed, stats.id_mismatch,
+            stats.missing) == (39, 1, 1, 2, 1, 0)
+    assert stats.input_tokens == sum(range(40)) - 3 and stats.output_tokens == 39
+    assert retryable == [3] and out[3]["error"]["code"] == "processing_error"
+    assert out[2]["result"] == {"caption": f"caption of {items[2].id}"}  # the first line wins
+    assert out[9]["id"] == items[9].id
+    assert out[5]["images"] == [{"source": SOURCE + items[5].id, "width": 8, "height": 6},
+                                {"source": SOURCE + items[5].id, "width": 3, "height": 2}]
+    assert (out[7]["width"], out[7]["height"]) == (None, None)
+    assert (out[8]["width"], out[8]["height"]) == (8, 6) and "sent_width" not in out[8]
+    dict_rows, dict_stats, _ = merge_round(
+        items, build, [json.loads(x) for x in lines[:20] + [again] + lines[20:]], source_of,
+        retryable_codes=frozenset({"processing_error"}))
+    with dict_rows:
+        assert {i: json.loads(r) for i, r in dict_rows.items()} == out
+    assert (dict_stats.ok, dict_stats.error, dict_stats.duplicate) == (39, 1, 1)
 
 
 def test_rows_reach_the_spool_as_the_merge_goes(monkeypatch):
-    """Rows are written to the spool by the thousand, whichever path made them: parsed lines
-    (as the stepped providers hand them) hold no more than a batch in memory."""
+    """Rows are written to the spool as the merge goes, whichever path made them: parsed lines
+    (as the stepped providers hand them) and single lines by the thousand (``_FLUSH``), text
+    a piece (``_PIECE`` bytes) at a time: no more than a batch or a piece held in memory."""
     from moonbatch.workers import merge as merge_module
     from moonbatch.workers.merge import merge_round
     from moonbatch.workers.rowspool import RowSpool
@@ -574,22 +702,27 @@ def test_rows_reach_the_spool_as_the_merge_goes(monkeypatch):
     items = plan(50)
     build = ShardBuild(lines=list(range(50)))
     sizes: list[int] = []
-    real = RowSpool.add_packed
+    real, real_lines = RowSpool.add_packed, RowSpool.add_lines
     monkeypatch.setattr(merge_module, "_FLUSH", 8)
+    monkeypatch.setattr(merge_module, "_PIECE", 1000)  # pieces of 6 to 11 lines of ~170 bytes
+    monkeypatch.setattr(merge_module, "_SMALL", 2)
     monkeypatch.setattr(RowSpool, "add_packed",
                         lambda self, i, e, d: (sizes.append(len(i)), real(self, i, e, d)))
-    for lines in ([ok_line(li, items[li].id) for li in range(50)],
-                  [json.dumps(ok_line(li, items[li].id)).encode() for li in range(50)]):
+    monkeypatch.setattr(RowSpool, "add_lines",
+                        lambda self, i, d: (sizes.append(len(i)), real_lines(self, i, d)))
+    text = [json.dumps(ok_line(li, items[li].id)).encode() for li in range(50)]
+    for lines, most in (([ok_line(li, items[li].id) for li in range(50)], 8), (text, 8),
+                        ([b"\n".join(text)], 12)):
         sizes.clear()
         rows, stats, _ = merge_round(items, build, lines, source_of)
         with rows:
             assert len(rows) == 50 and stats.ok == 50
-        assert max(sizes) <= 8 and sum(sizes) == 50
+        assert max(sizes) <= most and sum(sizes) == 50 and len(sizes) >= 5
 
 
 def test_a_long_line_with_a_huge_number_is_malformed_on_both_paths():
     """orjson reads a number of 309 digits or more as infinity and refuses the line; msgspec
-    reads it: the fast path must not take such a line (here in ``dims``, beside a result long
+    reads it: the bulk path must not take such a line (here in ``dims``, beside a result long
     enough that the line is not short)."""
     items = plan(1)
     line = (b'{"line_index": 0, "status": "ok", "result": {"caption": "' + b"x" * 300

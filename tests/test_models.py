@@ -164,6 +164,10 @@ def test_shard_build_sizes_are_compact_and_round_trip():
                 pack(5, 6, -2, -2), {"int32le": "not base64!"}, {"int32le": 7}):
         with pytest.raises(ValueError):
             ShardBuild(lines=[], sizes=bad)
+    # quads: many items' sizes at once, -1 where absent (also beyond the last known item)
+    assert build.sizes.quads([7, 1, 0, 99, 3]).tolist() == [
+        [4000, 3000, 1000, 750], [-1] * 4, [640, 480, -1, -1], [-1] * 4, [1, 2, -1, -1]]
+    assert build.sizes.quads([]).shape == (0, 4) and empty.sizes.quads([2]).tolist() == [[-1] * 4]
 
 
 def test_plan_items_parse_the_plan_file_on_access():
@@ -182,7 +186,11 @@ def test_plan_items_parse_the_plan_file_on_access():
         assert [plan[i] for i in range(3)] == items
         with pytest.raises(IndexError):
             plan[3]
+        assert plan.take([2, 0, 2]) == [items[2], items[0], items[2]] and plan.take([]) == []
     assert len(PlanItems(b"")) == 0 and PlanItems(b"") == [] and plan != items[:2]
     for bad in (b'{"id": "a"}\n', b'{"id": [1], "size": 1}\n', b"not json\n"):
         with pytest.raises(ValueError):
             PlanItems(data + bad)
+    # an id msgspec does not read as from_json does (orjson: a float): decoded one by one
+    mixed = PlanItems(data + b'{"id": 1180591620717411303424, "size": 1}\n')
+    assert mixed.take([3, 1]) == [mixed[3], items[1]] and mixed[3].id == float(2**70)

@@ -297,3 +297,29 @@ def test_a_producer_that_died_while_enqueueing_is_made_good_by_the_reconciler(
 
 def read_json_file(path: Path) -> dict:
     return json.loads(path.read_bytes())
+
+
+def test_a_run_the_state_store_cannot_record_plans_nothing_and_enqueues_nothing(
+        tmp_path, broker):
+    """The run's records (its summary, the registry) are written while INPUT is listed; one
+    that fails fails the start before plan.json and before any message, its lease released."""
+    import pytest
+
+    from moonbatch.config import Settings
+    from moonbatch.producer import runs
+    from moonbatch.workers.models import SkillOptions
+
+    local_input(tmp_path / "in")
+    (tmp_path / "state").write_text("a file, not a directory: no registry can be written here")
+    queue = "t-" + os.urandom(4).hex()
+    settings = Settings(broker_url=broker.url(0), result_backend=broker.url(1), queue=queue,
+                        state_url=str(tmp_path / "state" / "registry"))
+    out = tmp_path / "out"
+    spec = runs.new_spec(str(tmp_path / "in"), str(out), SkillOptions(skill="caption"),
+                         settings, shard_size=1)
+    with pytest.raises(Exception) as raised:
+        runs.start_run(spec, settings)
+    print(f"\nstart: {type(raised.value).__name__}: {raised.value}")
+    assert not (out / layout.PLAN).exists()
+    assert not (out / layout.PLANNING).exists()  # the planning lease was released
+    assert queue_messages(broker, queue) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import orjson
 import pytest
 
@@ -13,7 +14,6 @@ import moonbatch.workers.storage as storage_module
 from moonbatch.workers import writers
 from moonbatch.workers.merge import compose, encode_round, merge_round
 from moonbatch.workers.models import PlanItem, ShardBuild
-from moonbatch.workers.providers.moondream import iter_result_lines
 from moonbatch.workers.providers.moondream.download import ResultFiles
 from moonbatch.workers.rowspool import (
     RowSpool,
@@ -139,7 +139,7 @@ def test_result_files_come_back_in_index_order_cut_at_line_ends():
     pieces = list(files)
     assert all(p.endswith(b"\n") for p in pieces) and len(pieces) > 3
     assert b"".join(pieces) == data[0] + data[1] + data[2]
-    assert [orjson.loads(r)["line_index"] for r in iter_result_lines(files)] == [
+    assert [orjson.loads(r)["line_index"] for p in files for r in p.splitlines()] == [
         i * 10 + k for i in range(3) for k in range(8)]
     files.close()
 
@@ -192,3 +192,18 @@ def test_add_packed_sets_rows_as_add_does():
         assert spool[1] == b"later" and spool[5] == rows[0] and len(spool) == 5
         with pytest.raises(ValueError):
             spool.add_packed([3], [2], b"abc")
+
+
+def test_add_lines_sets_one_row_per_line():
+    with RowSpool(6) as spool:
+        spool[4] = b"old"
+        rows = [b'{"a":1}', b"", b'{"c":"\\n\\u00e9"}', b"x" * 3000]
+        spool.add_lines(np.array([5, 0, 4, 2]), b"\n".join(rows) + b"\n")
+        assert len(spool) == 4 and dict(spool.items()) == {0: b"", 2: b"x" * 3000,
+                                                           4: rows[2], 5: rows[0]}
+        spool.add_lines([], b"")
+        spool.add_lines([1], b"later\n")
+        assert spool[1] == b"later" and spool[5] == rows[0] and len(spool) == 5
+        for indices, data in (([3], b"abc"), ([3], b"a\nb\n"), ([3, 0], b"a\n"), ([], b"a\n")):
+            with pytest.raises(ValueError):
+                spool.add_lines(indices, data)

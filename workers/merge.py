@@ -15,14 +15,15 @@ import dataclasses
 import gc
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
-from typing import Any
+from itertools import islice, repeat
+from typing import Annotated, Any, Literal
 
 import msgspec
 import orjson
 from msgspec import UNSET, UnsetType
 
 from moonbatch.workers import cache
-from moonbatch.workers.models import PlanItem, ShardBuild, any_multi_image, id_text
+from moonbatch.workers.models import PlanItem, PlanItems, ShardBuild, Sizes, any_multi_image, id_text
 from moonbatch.workers.rowspool import RowSpool, ShardRows
 
 
@@ -63,9 +64,10 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     """Merge one round of a shard: ``(rows, stats, retryable)``, ``rows`` a ``RowSpool`` (a
     mapping item index → row bytes, kept in a temporary file: the caller closes it).
 
-    ``result_lines`` are result lines, each the bytes of one JSON line (a line of a result
-    file; blank ones are skipped) or the parsed line (a dict); anything else (e.g. None, or
-    bytes that are not JSON) counts as malformed. ``todo`` are the item indices this round was for (default:
+    ``result_lines`` are result lines, each given parsed (a dict) or as JSONL text: bytes of
+    one or more whole lines (of a result file, e.g. a piece of it cut after a newline; blank
+    lines are skipped); anything else (e.g. None), or a line that is not JSON, counts as
+    malformed. ``todo`` are the item indices this round was for (default:
     every item); each gets exactly one row. ``retryable`` lists the items whose error code is
     in ``retryable_codes`` (the provider's transient per-item errors) that a later round may
     fix. ``source_of(item)`` gives a row's ``source``. Rows: ``{"id", "source", "status": "ok",
@@ -75,8 +77,8 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     line's ``dims`` or the build's ``sizes`` (None where the image could not be read);
     ``batch_error`` (``{"code", "message"}``) marks every sent line of a failed
     batch. A multi-image item's row adds ``images`` (``_with_images``). Each result line
-    is turned into its row at once and written to the spool. Of two rows for one
-    ``line_index`` the first wins.
+    is turned into its row as it comes (text: a piece at a time) and written to the spool. Of
+    two rows for one ``line_index`` the first wins.
 
     A multi-skill round (``build.skills`` set; ``skills``: the run's skill names) has a line
     per item and skill; see ``_merge_multi`` for its rows.
@@ -99,30 +101,49 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     return rows, stats, retryable
 
 
+_Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # orjson reads it as an int too
+
+
+def _json_type(depth: int) -> Any:
+    """The type of any JSON value nested at most ``depth`` levels deep whose integers are
+    ``_Int``: what msgspec decodes into the value orjson reads, and writes as orjson would
+    (orjson refuses to write a value nested 255 deep; the dict path makes that an error row)."""
+    value: Any = str | _Int | float | bool | None
+    for _ in range(depth):
+        value = str | _Int | float | bool | None | list[value] | dict[str, value]
+    return value
+
+
+# Deeper results take the dict path. msgspec's decoder holds the type unshared: 2**depth
+# nodes (a depth of 16 cost 8 MB at import, measured: bench.probe imports-worker).
+_Result = _json_type(8)
+
+
 class _Usage(msgspec.Struct, gc=False, forbid_unknown_fields=True):
-    """A result line's ``usage`` as the fast path takes it: token counts (numbers), nothing
+    """A result line's ``usage`` as the bulk path takes it: integer token counts, nothing
     else; written back as it came (an absent count stays absent)."""
 
-    input_tokens: int | float | UnsetType = UNSET
-    output_tokens: int | float | UnsetType = UNSET
+    input_tokens: _Int | UnsetType = UNSET
+    output_tokens: _Int | UnsetType = UNSET
 
 
 class _Line(msgspec.Struct, gc=False, forbid_unknown_fields=True):
-    """A result line as the fast path takes it (``_decode_line``): the Batch API's fields and
-    ``dims``, typed; any other field or type is the dict path's."""
+    """A result line as the bulk path decodes it: the Batch API's fields and ``dims``, typed
+    (``_Result``, ``_Usage``); a line with any other field or type sends the lines around it
+    to the dict path."""
 
-    line_index: int
+    line_index: _Int
     id: str | None = None
-    status: str | None = None
-    result: Any = None
+    status: Literal["ok", "error"] | None = None  # no new string per line
+    result: _Result = None
     usage: _Usage | None = None
     error: Any = None
-    dims: list[int] | None = None
+    dims: list[_Int] | None = None
 
 
 class _OkRow(msgspec.Struct, gc=False):
-    """An ok row as ``_merge_single`` writes it, fields in the dict path's order (unset ones
-    are left out)."""
+    """An ok row as the bulk path writes it, fields in the dict path's order (unset ones are
+    left out)."""
 
     id: Any
     source: str
@@ -136,33 +157,15 @@ class _OkRow(msgspec.Struct, gc=False):
     images: Any = UNSET
 
 
-_decode_line = msgspec.json.Decoder(_Line).decode
-_encode_into = msgspec.json.Encoder().encode_into
+_decode_lines = msgspec.json.Decoder(_Line).decode_lines
+_encode_lines = msgspec.json.Encoder().encode_lines
 _NO_USAGE = _Usage()
-_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1  # orjson reads integers beyond these as floats
-# A line shorter than this can hold neither a number orjson reads as infinity (309 digits or
-# more) nor a result nested deep enough (254 levels) that orjson would refuse to write it.
-_SHORT_LINE = 340
-_DIGITS = bytes.maketrans(b"123456789", b"000000000")
-_FLUSH = 1024  # rows written to the spool at a time
-
-
-def _flat(value: Any) -> bool:
-    """True for a result without numbers or nesting: a string, or an object of strings (a
-    caption, an answer)."""
-    if value.__class__ is dict:
-        for v in value.values():
-            if v.__class__ is not str:
-                return False
-        return True
-    return value.__class__ is str
-
-
-def _plain(line: bytes) -> bool:
-    """True if ``line`` (a long result line) has no number of 309 digits or more and fewer
-    than 250 brackets (so no value nested 250 deep): msgspec and orjson read it alike."""
-    return (line.count(b"[") + line.count(b"{") < 250
-            and b"0" * 309 not in line.translate(_DIGITS))
+_NO_LINE = 2**31 - 1  # the bulk path's "no line of the piece yet" (above any position)
+_FLUSH = 1024  # dict-path rows written to the spool at a time
+_PIECE = 2**20  # bytes of result text decoded at a time (their lines are held decoded at once)
+# A piece of at most this many lines takes the dict path, line by line: the bulk path's
+# fixed cost (a dozen numpy calls) is that of ~10 lines of the dict path.
+_SMALL = 16
 
 
 def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
@@ -172,151 +175,294 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
     """``merge_round`` for a single-skill round: writes the rows into ``rows`` (every item of
     ``todo``).
 
-    A result line given as bytes takes the fast path when it is an ok line of the usual shape
-    (msgspec decodes it into ``_Line``, ``_OkRow`` writes its row); any other line (an
-    error, an odd field or type, not JSON) is parsed with orjson and takes the dict path, so
-    that every shape gets the row it always got (``tests/test_merge.py``: the two paths agree
-    on random and odd lines)."""
-    stats = MergeStats()
-    lines = build.lines
-    n_lines = len(lines)
-    # True where the item has its row (in ``rows``): the duplicate check stays a list lookup.
-    slots: list[bool | None] = [None] * len(items)
-    # Rows not written to the spool yet: packed in ``pending``, item ``pending_i[k]``'s row
-    # ending at ``pending_end[k]`` (no bytes object per row: the encoder appends to it).
-    pending = bytearray()
-    pending_i: list[int] = []
-    pending_end: list[int] = []
-    retryable: list[int] = []
-    dumps, loads, decode, encode_into = orjson.dumps, orjson.loads, _decode_line, _encode_into
-    ok = in_tok = out_tok = error = duplicate = malformed = mismatch = 0
-    prefix = build.id_prefix
-    sizes = build.sizes
-    has_sizes = bool(sizes)
-    # Multi-image items add ``images``: a per-row check only when the shard has one.
-    multi = any_multi_image(items)
-    # The hot loop: one parse and one serialisation per row, the checks inlined, counters in
-    # locals (measured: ``bench.merge``).
+    Result text (bytes of whole lines) takes the bulk path (``_Single.add_text``): its usual
+    lines are decoded, checked and written a piece of text at a time; a parsed line (a dict),
+    and any line of the text the bulk path does not take, takes the dict path, one line at a
+    time, so that every shape gets the row it always got (``tests/test_merge.py``: the two
+    paths agree on random and odd lines)."""
+    merge = _Single(items, build, source_of, rows, retryable_codes)
     with _gc_paused():
-        for res in () if batch_error else result_lines:
-            r = None  # the line as the fast path takes it, else None: the dict path
-            if res.__class__ is bytes:
-                try:
-                    r = decode(res)
-                except msgspec.MsgspecError:
-                    pass
-                if r is not None and r.status == "ok" and r.error is None and (
-                        len(res) < _SHORT_LINE or _flat(r.result) or _plain(res)):
-                    usage = r.usage
-                    if usage is None:
-                        usage = _NO_USAGE
-                    it, ot = usage.input_tokens, usage.output_tokens
-                    dims = r.dims
-                    if (it.__class__ is int and not _I64_MIN <= it <= _U64_MAX
-                            or ot.__class__ is int and not _I64_MIN <= ot <= _U64_MAX
-                            or dims and (max(dims) > _U64_MAX or min(dims) < _I64_MIN)):
-                        r = None
+        if not batch_error:
+            for res in result_lines:
+                if res.__class__ is bytes:
+                    merge.add_text(res)
                 else:
-                    r = None
-                if r is None:
-                    try:
-                        res = loads(res)
-                    except orjson.JSONDecodeError:
-                        if res.strip():  # blank lines are no lines
-                            malformed += 1
-                        continue
-            if r is not None:
-                li, sent_id = r.line_index, r.id
-            else:
-                try:
-                    li = res["line_index"]
-                except (KeyError, TypeError, IndexError):
-                    malformed += 1
-                    continue
-                sent_id = None
-            if li.__class__ is not int or not 0 <= li < n_lines:
-                malformed += 1
-                continue
-            i = lines[li]
-            if slots[i] is not None:
-                duplicate += 1
-                continue
-            item = items[i]
-            item_id = item.id
-            if r is None:
-                sent_id = res.get("id")
-            if sent_id is not None and sent_id != prefix + (
-                    item_id if item_id.__class__ is str else id_text(item_id)):
-                mismatch += 1
-            if r is not None:  # the fast path: the row encoded straight into ``pending``
-                if not dims and has_sizes:
-                    dims = sizes.get(str(i))
-                if dims and len(dims) >= 2:
-                    w, h = dims[0], dims[1]
-                    sw, sh = (dims[2], dims[3]) if len(dims) >= 4 else (UNSET, UNSET)
-                else:
-                    w = h = None
-                    sw = sh = UNSET
-                encode_into(_OkRow(
-                    item_id, source_of(item), "ok", r.result, usage, w, h, sw, sh,
-                    _with_images({}, item, i, build, source_of).get("images", UNSET)
-                    if multi else UNSET), pending, -1)
-                ok += 1
-                if it is not UNSET:
-                    in_tok += it
-                if ot is not UNSET:
-                    out_tok += ot
-            else:
-                dims = res.get("dims") or (sizes.get(str(i)) if has_sizes else None)
-                if res.get("status") == "ok":
-                    usage = res.get("usage")
-                    if usage.__class__ is not dict:  # null or not an object: no usage
-                        usage = {}
-                    row = {"id": item_id, "source": source_of(item), "status": "ok",
-                           "result": res.get("result"), "usage": usage}
-                else:
-                    err = _error(res.get("error"))
-                    row = {"id": item_id, "source": source_of(item), "status": "error",
-                           "error": err}
-                _with_size(row, dims)
-                if multi:
-                    _with_images(row, item, i, build, source_of)
-                try:
-                    pending += dumps(row)
-                except orjson.JSONEncodeError as exc:  # e.g. a result nested deeper than 255
-                    row = _unwritable(row, exc)
-                    pending += dumps(row)
-                if row["status"] == "ok":
-                    ok += 1
-                    t = usage.get("input_tokens")
-                    if t.__class__ is int or t.__class__ is float:
-                        in_tok += t
-                    t = usage.get("output_tokens")
-                    if t.__class__ is int or t.__class__ is float:
-                        out_tok += t
-                else:
-                    error += 1
-                    if row["error"]["code"] in retryable_codes:
-                        retryable.append(i)
-            # Rows go to the spool by the thousand: no bytes object held per row.
-            pending_end.append(len(pending))
-            pending_i.append(i)
-            slots[i] = True
-            if len(pending_i) >= _FLUSH:
-                rows.add_packed(pending_i, pending_end, pending)
-                pending_i.clear()
-                pending_end.clear()
-                del pending[:]
-        rows.add_packed(pending_i, pending_end, pending)
-        del pending, pending_i, pending_end
-        stats.ok, stats.input_tokens, stats.output_tokens = ok, int(in_tok), int(out_tok)
-        stats.error, stats.duplicate, stats.malformed, stats.id_mismatch = (
-            error, duplicate, malformed, mismatch)
+                    merge.add_parsed(res)
+        return merge.finish(todo, batch_error)
+
+
+class _Single:
+    """One single-skill merge under way: its counts, which items have their row (``taken``),
+    the dict path's rows not written yet (``pending``)."""
+
+    def __init__(self, items: Sequence[PlanItem], build: ShardBuild,
+                 source_of: Callable[[PlanItem], str], rows: RowSpool,
+                 retryable_codes: frozenset[str]) -> None:
+        self.items, self.build, self.source_of, self.rows = items, build, source_of, rows
+        self.retryable_codes = retryable_codes
+        self.lines = build.lines
+        self.n_lines = len(build.lines)
+        self.prefix = build.id_prefix
+        self.sizes = build.sizes
+        self.has_sizes = bool(build.sizes)
+        # Multi-image items add ``images``: a per-row step only when the shard has one.
+        self.multi = any_multi_image(items)
+        self.taken = bytearray(len(items))  # 1 where the item has its row (in ``rows``)
+        self.np_lines: Any = None  # numpy arrays, made on the bulk path's first use
+        self.np_taken: Any = None
+        self.np_first: Any = None
+        # Dict-path rows not written to the spool yet: packed in ``pending``, item
+        # ``pending_i[k]``'s row ending at ``pending_end[k]``.
+        self.pending = bytearray()
+        self.pending_i: list[int] = []
+        self.pending_end: list[int] = []
+        self.retryable: list[int] = []
+        self.ok = self.error = self.duplicate = self.malformed = self.mismatch = 0
+        self.in_tok: int | float = 0
+        self.out_tok: int | float = 0
+
+    # -- the dict path: one line at a time ---------------------------------------------------
+
+    def add_line(self, line: bytes) -> None:
+        """One result line's JSON text (a blank line is no line; text that is not JSON is
+        malformed)."""
+        try:
+            res = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            if line.strip():  # blank lines are no lines
+                self.malformed += 1
+            return
+        self.add_parsed(res)
+
+    def add_parsed(self, res: Any) -> None:
+        """One parsed result line (a dict; anything else is malformed)."""
+        li = self._line_index(res)
+        if li < 0:
+            self.malformed += 1
+            return
+        i = self.lines[li]
+        if self.taken[i]:
+            self.duplicate += 1
+            return
+        self._dict_row(res, i)
+
+    def _line_index(self, res: Any) -> int:
+        """A parsed line's ``line_index``, or -1 if it has none that is in range."""
+        try:
+            li = res["line_index"]
+        except (KeyError, TypeError, IndexError):
+            return -1
+        if li.__class__ is not int or not 0 <= li < self.n_lines:
+            return -1
+        return li  # type: ignore[no-any-return]
+
+    def _dict_row(self, res: dict[str, Any], i: int) -> None:
+        """Item ``i``'s row from its parsed line ``res`` (the line's first for the item)."""
+        item = self.items[i]
+        sent_id = res.get("id")
+        if sent_id is not None and sent_id != self.prefix + id_text(item.id):
+            self.mismatch += 1
+        dims = res.get("dims") or (self.sizes.get(str(i)) if self.has_sizes else None)
+        if res.get("status") == "ok":
+            usage = res.get("usage")
+            if usage.__class__ is not dict:  # null or not an object: no usage
+                usage = {}
+            row = {"id": item.id, "source": self.source_of(item), "status": "ok",
+                   "result": res.get("result"), "usage": usage}
+        else:
+            row = {"id": item.id, "source": self.source_of(item), "status": "error",
+                   "error": _error(res.get("error"))}
+        _with_size(row, dims)
+        if self.multi:
+            _with_images(row, item, i, self.build, self.source_of)
+        pending = self.pending
+        try:
+            pending += orjson.dumps(row)
+        except orjson.JSONEncodeError as exc:  # e.g. a result nested deeper than 255
+            row = _unwritable(row, exc)
+            pending += orjson.dumps(row)
+        if row["status"] == "ok":
+            self.ok += 1
+            t = usage.get("input_tokens")
+            if t.__class__ is int or t.__class__ is float:
+                self.in_tok += t
+            t = usage.get("output_tokens")
+            if t.__class__ is int or t.__class__ is float:
+                self.out_tok += t
+        else:
+            self.error += 1
+            if row["error"]["code"] in self.retryable_codes:
+                self.retryable.append(i)
+        # Rows go to the spool by the thousand: no bytes object held per row.
+        self.pending_end.append(len(pending))
+        self.pending_i.append(i)
+        self.taken[i] = 1
+        if len(self.pending_i) >= _FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.rows.add_packed(self.pending_i, self.pending_end, self.pending)
+        self.pending_i.clear()
+        self.pending_end.clear()
+        del self.pending[:]
+
+    # -- the bulk path: a piece of text at a time --------------------------------------------
+
+    def add_text(self, text: bytes) -> None:
+        """Result lines as JSONL text (whole lines; blank lines are no lines), in pieces of
+        ``_PIECE`` to ``2 * _PIECE`` bytes cut after a newline (a piece of a result file, about
+        ``_PIECE`` bytes, is one)."""
+        lo, end = 0, len(text)
+        while lo < end:
+            hi = end if end - lo < 2 * _PIECE else (text.find(b"\n", lo + _PIECE - 1) + 1 or end)
+            self._bulk(text, lo, hi, clean=False)
+            lo = hi
+
+    def _bulk(self, text: bytes, lo: int, hi: int, *, clean: bool) -> None:
+        """The lines of ``text[lo:hi]``: every line decoded as a ``_Line`` by one call, the
+        line_index, duplicate and id checks by numpy and list comparisons, the ok rows
+        encoded by one call and written to the spool by one. Lines whose row the dict path
+        makes (an error, an odd shape) are parsed again by orjson and take it, in their
+        order. Text msgspec does not read line for line as ``splitlines`` cuts it (blank
+        lines, a lone CR: ``clean`` once they are removed) is tidied first; a piece that does
+        not decode whole is halved, down to ``_SMALL`` lines that take the dict path."""
+        import numpy as np
+
+        a = np.frombuffer(text, np.uint8, hi - lo, lo)
+        ends = np.flatnonzero(a == 10)  # line k is text[lo + starts[k]:lo + ends[k]]
+        if len(a) and a[-1] != 10:
+            ends = np.append(ends, len(a))
+        n = len(ends)
+        if n <= max(_SMALL, 1):
+            for line in text[lo:hi].splitlines():
+                if line:
+                    self.add_line(line)
+            return
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        if not clean:
+            first = a[starts].tobytes()  # a blank line starts with white space or is empty
+            if text.find(b"\r", lo, hi) >= 0 or any(c in first for c in (b" ", b"\t", b"\n")):
+                kept = b"\n".join([line for line in text[lo:hi].splitlines() if line.strip()])
+                if kept:
+                    self._bulk(kept, 0, len(kept), clean=True)
+                return
+        try:
+            decoded = _decode_lines(memoryview(text)[lo:hi])
+        except msgspec.MsgspecError:
+            decoded = None
+        if decoded is None or len(decoded) != n:  # a line not read, or read as several values
+            self._halves(text, lo, hi, ends)
+            return
+        claim = np.fromiter([r.line_index for r in decoded], np.int64, n)
+        odd = [k for k, r in enumerate(decoded) if r.status != "ok" or r.error is not None]
+        parsed: dict[int, Any] = {}
+        for k in odd:  # the dict path's lines: parsed as it parses them
+            line = text[lo + int(starts[k]):lo + int(ends[k])]
+            try:
+                res = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                res = None
+            if res.__class__ is dict and res.get("status") == "ok":
+                # An ok row counts tokens: the dict path, line by line, keeps their order.
+                self._halves(text, lo, hi, ends)
+                return
+            parsed[k] = res
+            claim[k] = self._line_index(res)
+        # Everything from here on changes the merge's state.
+        if self.np_lines is None:
+            self.np_lines = np.asarray(self.lines, np.int64)
+            self.np_taken = np.frombuffer(self.taken, np.uint8)
+            self.np_first = np.full(len(self.taken), _NO_LINE, np.int32)
+        valid = np.flatnonzero((claim >= 0) & (claim < self.n_lines))
+        self.malformed += n - len(valid)
+        # Each item's first line in the piece (its position, in np_first: all _NO_LINE again
+        # after), if the item has no row yet; in line order (the lines are read in memory order).
+        item = self.np_lines[claim[valid]]
+        at = np.arange(len(valid), dtype=np.int32)
+        np.minimum.at(self.np_first, item, at)
+        new = (self.np_first[item] == at) & (self.np_taken[item] == 0)
+        self.np_first[item] = _NO_LINE
+        pos, item = valid[new], item[new]
+        self.duplicate += len(valid) - len(pos)
+        if odd:
+            is_odd = np.zeros(n, bool)
+            is_odd[odd] = True
+            by_dict = is_odd[pos]
+            for k, i in zip(pos[by_dict].tolist(), item[by_dict].tolist(), strict=True):
+                self._dict_row(parsed[k], i)
+            pos, item = pos[~by_dict], item[~by_dict]
+        if len(pos) == n:  # every line is an ok line of an item without a row yet
+            self._ok_rows(decoded, item)
+        elif len(pos):
+            self._ok_rows([decoded[k] for k in pos.tolist()], item)
+
+    def _halves(self, text: bytes, lo: int, hi: int, ends: Any) -> None:
+        """``_bulk`` of each half of ``text[lo:hi]`` (its lines ``ends``), in order."""
+        cut = lo + int(ends[len(ends) // 2 - 1]) + 1
+        self._bulk(text, lo, cut, clean=True)
+        self._bulk(text, cut, hi, clean=True)
+
+    def _ok_rows(self, lines: list[_Line], indices: Any) -> None:
+        """The rows of items ``indices`` (a numpy array) from their ok ``lines``."""
+        self.np_taken[indices] = 1
+        index_list = indices.tolist()
+        items = self.items.take(index_list) if isinstance(self.items, PlanItems) else [
+            self.items[i] for i in index_list]
+        ids = [item.id for item in items]
+        sent = [r.id for r in lines]
+        if self.prefix or sent != ids:
+            self.mismatch += _mismatches(sent, ids, self.prefix)
+        usages = [_NO_USAGE if r.usage is None else r.usage for r in lines]
+        self.in_tok = _add_tokens(self.in_tok, [u.input_tokens for u in usages])
+        self.out_tok = _add_tokens(self.out_tok, [u.output_tokens for u in usages])
+        n = len(lines)
+        width: Any = repeat(None)
+        height: Any = repeat(None)
+        sent_width: Any = repeat(UNSET)
+        sent_height: Any = repeat(UNSET)
+        if self.has_sizes:
+            width, height, sent_width, sent_height = _sizes_of(self.sizes, indices)
+        dims = [r.dims for r in lines]
+        if dims.count(None) < n:  # sizes on the lines (a line's non-empty dims win)
+            width, height, sent_width, sent_height = (
+                list(islice(c, n)) for c in (width, height, sent_width, sent_height))
+            for k, d in enumerate(dims):
+                if d:
+                    width[k], height[k] = (d[0], d[1]) if len(d) >= 2 else (None, None)
+                    sent_width[k], sent_height[k] = (d[2], d[3]) if len(d) >= 4 else (
+                        UNSET, UNSET)
+        columns = [ids, map(self.source_of, items), repeat("ok"), [r.result for r in lines],
+                   usages, width, height, sent_width, sent_height]
+        if self.multi:
+            columns.append([_with_images({}, item, i, self.build, self.source_of).get(
+                "images", UNSET) for item, i in zip(items, index_list, strict=True)])
+        self.rows.add_lines(indices, _encode_lines(list(map(_OkRow, *columns))))
+        self.ok += n
+
+    # -- the end: every item of the round gets its row ---------------------------------------
+
+    def finish(self, todo: Sequence[int] | None, batch_error: dict[str, str] | None
+               ) -> tuple[MergeStats, list[int]]:
+        """Write what is pending, then the rows of the items of ``todo`` (default: all) that
+        have none (pre-send errors, not sent, ``batch_error``, missing results)."""
+        self._flush()
+        stats = MergeStats(ok=self.ok, error=self.error, input_tokens=int(self.in_tok),
+                           output_tokens=int(self.out_tok), duplicate=self.duplicate,
+                           malformed=self.malformed, id_mismatch=self.mismatch)
+        items, build, taken, lines = self.items, self.build, self.taken, self.lines
         wanted = range(len(items)) if todo is None else todo
+        if self.ok + self.error:  # only the items without a row (in numpy: no loop over all)
+            import numpy as np
+
+            want = np.arange(len(items)) if todo is None else np.asarray(todo, np.int64)
+            if len(want):
+                wanted = want[np.frombuffer(taken, np.uint8)[want] == 0].tolist()
         sent: set[int] | None = None
         line_of: dict[int, int] | None = None
         for i in wanted:
-            if slots[i] is not None:
+            if taken[i]:  # todo named it twice
                 continue
             item = items[i]
             if sent is None:
@@ -334,10 +480,51 @@ def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: It
                 error = {"code": "missing_result",
                          "message": f"the batch returned no result for line_index {line_of[i]}"}
             stats.error += 1
-            slots[i] = rows.add(i, dumps(_with_images(_with_size(
-                {"id": item.id, "source": source_of(item), "status": "error",
-                 "error": error}, sizes.get(str(i))), item, i, build, source_of)))
-    return stats, retryable
+            taken[i] = self.rows.add(i, orjson.dumps(_with_images(_with_size(
+                {"id": item.id, "source": self.source_of(item), "status": "error",
+                 "error": error}, self.sizes.get(str(i))), item, i, build, self.source_of)))
+        return stats, self.retryable
+
+
+def _mismatches(sent: list[str | None], ids: list[Any], prefix: str) -> int:
+    """How many of the ``sent`` ids (None: no id) are not ``prefix`` + the matching item id."""
+    try:
+        want = [prefix + i for i in ids]  # str ids ("" + i is i)
+    except TypeError:
+        want = [prefix + id_text(i) for i in ids]
+    if sent == want:
+        return 0
+    return sum(s is not None and s != w for s, w in zip(sent, want, strict=True))
+
+
+def _add_tokens(total: int | float, counts: list[Any]) -> int | float:
+    """``total`` plus the token ``counts`` (ints, or UNSET: absent), added in order as the
+    dict path adds them (once a float count made ``total`` a float, the order matters)."""
+    try:
+        part = sum(counts)
+    except TypeError:  # an absent count
+        counts = [c for c in counts if c is not UNSET]
+        part = sum(counts)
+    if total.__class__ is int:
+        return total + part
+    for c in counts:
+        total += c
+    return total
+
+
+def _sizes_of(sizes: Sizes, indices: Any) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """The row fields ``width``, ``height``, ``sent_width``, ``sent_height`` of items
+    ``indices`` (a numpy array) from the build's ``sizes`` (None, None, UNSET, UNSET where
+    it has none; UNSET sent sizes where the image was not downscaled)."""
+    quads = sizes.quads(indices)
+    w, h, sw, sh = (quads[:, k].tolist() for k in range(4))
+    if (quads[:, 0] < 0).any():
+        w = [None if x < 0 else x for x in w]
+        h = [None if x < 0 else x for x in h]
+    if (quads[:, 2] < 0).any():
+        sw = [UNSET if x < 0 else x for x in sw]
+        sh = [UNSET if x < 0 else x for x in sh]
+    return w, h, sw, sh
 
 
 def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
@@ -358,8 +545,8 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
     lines, line_skills, n_lines, k = build.lines, build.skills, len(build.lines), len(skills)
     outcomes: dict[int, list[Any]] = {}
     dims_of: dict[int, Any] = {}
-    for res in () if batch_error else result_lines:
-        if res.__class__ is bytes:  # a line's JSON text: parsed here (no fast path)
+    for res in () if batch_error else _one_by_one(result_lines):
+        if res.__class__ is bytes:  # a line's JSON text: parsed here (no bulk path)
             try:
                 res = orjson.loads(res)
             except orjson.JSONDecodeError:
@@ -446,6 +633,16 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
                 stats.error += 1
             rows[i] = orjson.dumps(_unwritable(row, exc))
     return stats, retryable
+
+
+def _one_by_one(result_lines: Iterable[Any]) -> Iterator[Any]:
+    """``result_lines`` a line at a time: JSONL text (bytes) cut into its lines (bytes, blank
+    ones skipped), parsed lines as they are."""
+    for res in result_lines:
+        if res.__class__ is bytes:
+            yield from filter(None, res.splitlines())
+        else:
+            yield res
 
 
 def _error(value: Any) -> dict[str, str]:

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from moonbatch.config import Settings, get_settings
-from moonbatch.workers import canary, layout, metrics, registry, retries
+from moonbatch.workers import canary, ends, layout, metrics, registry, retries
 from moonbatch.workers.enqueue import BUILD_SHARD, FINALIZE_RUN, MERGE_ROUND, POLL_ROUND, enqueue
 from moonbatch.workers.lease import lease_is_live
 from moonbatch.workers.runstate import Run, maybe_finalize, open_output, open_run, run_queue
@@ -85,8 +85,9 @@ def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None =
 
 def run_final(settings: Settings, run_id: str) -> None:
     """Take a final (completed, failed or cancelled) run off the reconciler's list: its
-    active marker, its broker canary, its metric series. Raises state-store and broker
-    errors."""
+    active marker, its broker canary, its metric series; first tell the commands following
+    it (``ends.announce``, best effort). Raises state-store and broker errors."""
+    ends.announce(settings, run_id)  # its run.json is final: the followers read it now
     registry.forget_active(registry.open_state(settings), run_id)
     canary.disarm(settings, run_id)
     metrics.run_final(run_id)

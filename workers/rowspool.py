@@ -93,11 +93,34 @@ class RowSpool(_TempFileBacked, MutableMapping[int, bytes]):
             raise ValueError("ends do not match the indices and the data")
         if not n:
             return
-        idx = np.fromiter(indices, np.int64, n)
         stop = np.fromiter(ends, np.int64, n)
         start = np.empty_like(stop)
         start[0] = 0
         start[1:] = stop[:-1]
+        self._add_spans(np.fromiter(indices, np.int64, n), start, stop, data)
+
+    def add_lines(self, indices: Any, data: bytes) -> None:
+        """Set the rows of items ``indices`` (distinct; a sequence or a numpy array of ints) to
+        the lines of ``data``, one row per line, each line ending with ``\n`` (not part of the
+        row; e.g. ``msgspec``'s ``encode_lines``), in one write."""
+        import numpy as np
+
+        idx = np.asarray(indices, np.int64)
+        stop = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+        if len(stop) != len(idx) or (len(data) and (not len(stop) or stop[-1] != len(data) - 1)):
+            raise ValueError("the lines do not match the indices")
+        if not len(idx):
+            return
+        start = np.empty_like(stop)
+        start[0] = 0
+        start[1:] = stop[:-1] + 1
+        self._add_spans(idx, start, stop, data)
+
+    def _add_spans(self, idx: Any, start: Any, stop: Any, data: bytes | bytearray) -> None:
+        """Items ``idx``'s rows are ``data[start[k]:stop[k]]`` (numpy arrays); ``data`` is
+        appended to the file."""
+        import numpy as np
+
         offset = np.frombuffer(self._offset, np.int64)
         self._count += int(np.count_nonzero(offset[idx] < 0))
         offset[idx] = start + self._end

@@ -155,7 +155,7 @@ def run(input: InputArg, output: OutputArg,
                          **options)
         if done.note:  # already complete: nothing was done
             err.print(done.note, highlight=False, soft_wrap=True)
-        print_summary(done.status())
+        print_summary(done.final or done.status())  # final: as followed, not read again
         finished["output"] = done.output
 
 

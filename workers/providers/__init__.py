@@ -20,10 +20,11 @@ it passes them to ``moonbatch.workers.metrics`` (``api_call(name, label, ...)``)
 A round's results are **result lines** of the Batch API's output line shape (seed 002,
 "Output format"), whatever the provider: ``{"line_index": int, "id": str | None, "status":
 "ok", "result": {...}, "usage": {...}}`` or ``{"line_index", "id", "status": "error", "error":
-{"code", "message"}}``, each given as a dict or as the bytes of its JSON text (the Batch API
-provider hands over its result files' lines unparsed: the merge decodes the usual ones
-faster than a dict could be built). ``line_index`` indexes ``ShardBuild.lines`` (the round's sendable items
-in order). The shared merge (``moonbatch.workers.merge``) turns them into output rows.
+{"code", "message"}}``, each given as a dict, or as JSONL text: bytes of one or more whole
+lines (the Batch API provider hands over its result files' text unparsed, a piece at a time:
+the merge decodes the usual lines in bulk, faster than a dict per line could be built).
+``line_index`` indexes ``ShardBuild.lines`` (the round's sendable items in order). The shared
+merge (``moonbatch.workers.merge``) turns them into output rows.
 
 A provider is one package under ``workers/providers/`` with a class implementing ``Provider``
 plus one entry in ``PROVIDERS``; shared code names no provider (``tests/test_layering.py``). Its
