@@ -204,8 +204,9 @@ def _progress(store: Store, shard: int, rnd: int, chain: str, polls: int
 
 def _leased(store: Store, shard: int, task_id: str | None, settings: Settings) -> Lease:
     """The shard's lease for this execution of task ``task_id`` (every build of a shard holds
-    it, and every poll of a provider whose polls send: ``polls_only_look`` False). Owned by the execution, not the task id: a redelivered copy of a running
-    task (same id) must not hold it beside the running one."""
+    it, and every poll of a provider whose polls send: ``polls_only_look`` False). Owned by
+    the execution, not the task id: a redelivered copy of a running task (same id) must not
+    hold it beside the running one."""
     return Lease(store, layout.shard_doc(shard, "lease"), execution_owner(task_id),
                  settings.lease_seconds)
 
