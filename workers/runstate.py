@@ -227,6 +227,11 @@ class Progress:
         #: The run's spec document as the last snapshot read it (None: not read yet).
         self.spec: dict[str, Any] | None = None
 
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        """plan.json as read so far (None: not read yet, or not written yet)."""
+        return self._plan
+
     def snapshot(self, *, look_final: bool = True) -> dict[str, Any]:
         """The run's state as a dict: the shape of ``run.json`` (see README "Output").
         ``batches`` lists merged shards' batches (``"merged": true``) and then the batches
@@ -477,10 +482,10 @@ def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = No
         looks = [pool.submit(store.exists, layout.FINALIZED),
                  pool.submit(store.exists, layout.CANCELLED), pool.submit(progress.complete)]
     finalized, cancelled, complete = (f.result() for f in looks)
-    if held is not None and progress._plan is not None:
+    if held is not None and progress.plan is not None:
         if len(_plans) >= SPECS_KEPT:
             _plans.pop(next(iter(_plans)), None)
-        _plans[held] = progress._plan
+        _plans[held] = progress.plan
     if finalized or cancelled or not complete:
         return False
     from moonbatch.workers.lease import Lease, execution_owner

@@ -366,7 +366,7 @@ def build_shard(self: Task, output: str, run: str, shard: int, round: int = 0) -
             _later(settings, first, paced=True)
         held = None  # a provider that only looks: the chain's start, handed to its first poll
         fields = provider.progress_at_submit(ctx) \
-            if getattr(provider, "polls_only_look", False) else None
+            if provider.polls_only_look else None
         if fields is not None:
             doc, written = _chain_progress(store, shard, rnd, run_id, chain, 0, fields,
                                            countdown, opened, None)
@@ -400,16 +400,16 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
     now = time.time()
     progress = version = None
     goes_on = False
-    if held and (provider is None or getattr(provider, "polls_only_look", False)):
+    if held and (provider is None or provider.polls_only_look):
         # What the chain's last poll wrote, and its version: no read (the spec, once per
         # process); the write's compare-and-swap tells whether it is still the round's.
         run = open_run_reading(output, settings, run_id, known=True)[0]
         provider = provider_for(run.spec)
-        if getattr(provider, "polls_only_look", False):
+        if provider.polls_only_look:
             progress, version = held
             goes_on = shard_state.chain_goes_on(progress, run_id=run_id, chain=chain,
                                                 polls=polls)
-    elif polls and getattr(provider, "polls_only_look", False):
+    elif polls and provider is not None and provider.polls_only_look:
         # A chain's next poll of a provider that only looks: the round's progress alone,
         # unless it shows another writer (see shard.chain_goes_on).
         run, ((progress, version),) = open_run_reading(
@@ -433,7 +433,7 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
             return
         provider, looked = provider_for(run.spec), now
     store = run.output
-    if getattr(provider, "polls_only_look", False):
+    if provider.polls_only_look:
         _look(run, provider, shard, rnd, chain, polls, last, progress, version, looked)
         return
     lease = _leased(store, shard, self.request.id, settings)
@@ -552,7 +552,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     # A spec this process read already is not read again when the round's progress shows
     # the run (``run``, written by its polls): it is still there, and it is this run.
     known = known_spec(output, run_id)
-    stepped = known is None or not getattr(provider_for(known), "polls_only_look", False)
+    stepped = known is None or not provider_for(known).polls_only_look
     run, (cancelled, done, todo, merged, plan, build, raw, progress, ledger) = open_run_reading(
         output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
         lambda st: st.exists(layout.shard_doc(shard, "done")),
