@@ -168,6 +168,30 @@ _PIECE = 2**20  # bytes of result text decoded at a time (their lines are held d
 _SMALL = 16
 
 
+#: ``_loads_line``'s answer for a blank line: no line at all (not a malformed one).
+_BLANK = object()
+
+
+def _loads_line(line: bytes) -> Any:
+    """One result line's JSON value; ``_BLANK`` for a blank line, None for text that is not
+    JSON (which ``_line_index`` then finds malformed)."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None if line.strip() else _BLANK
+
+
+def _line_index(res: Any, n_lines: int) -> int:
+    """A parsed result line's ``line_index``, or -1 if it has none in ``range(n_lines)``."""
+    try:
+        li = res["line_index"]
+    except (KeyError, TypeError, IndexError):
+        return -1
+    if li.__class__ is not int or not 0 <= li < n_lines:
+        return -1
+    return li  # type: ignore[no-any-return]
+
+
 def _merge_single(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iterable[Any],
                   source_of: Callable[[PlanItem], str], rows: RowSpool, *,
                   batch_error: dict[str, str] | None, todo: Sequence[int] | None,
@@ -226,17 +250,13 @@ class _Single:
     def add_line(self, line: bytes) -> None:
         """One result line's JSON text (a blank line is no line; text that is not JSON is
         malformed)."""
-        try:
-            res = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            if line.strip():  # blank lines are no lines
-                self.malformed += 1
-            return
-        self.add_parsed(res)
+        res = _loads_line(line)
+        if res is not _BLANK:
+            self.add_parsed(res)
 
     def add_parsed(self, res: Any) -> None:
         """One parsed result line (a dict; anything else is malformed)."""
-        li = self._line_index(res)
+        li = _line_index(res, self.n_lines)
         if li < 0:
             self.malformed += 1
             return
@@ -245,16 +265,6 @@ class _Single:
             self.duplicate += 1
             return
         self._dict_row(res, i)
-
-    def _line_index(self, res: Any) -> int:
-        """A parsed line's ``line_index``, or -1 if it has none that is in range."""
-        try:
-            li = res["line_index"]
-        except (KeyError, TypeError, IndexError):
-            return -1
-        if li.__class__ is not int or not 0 <= li < self.n_lines:
-            return -1
-        return li  # type: ignore[no-any-return]
 
     def _dict_row(self, res: dict[str, Any], i: int) -> None:
         """Item ``i``'s row from its parsed line ``res`` (the line's first for the item)."""
@@ -369,7 +379,7 @@ class _Single:
                 self._halves(text, lo, hi, ends)
                 return
             parsed[k] = res
-            claim[k] = self._line_index(res)
+            claim[k] = _line_index(res, self.n_lines)
         # Everything from here on changes the merge's state.
         if self.np_lines is None:
             self.np_lines = np.asarray(self.lines, np.int64)
@@ -547,18 +557,11 @@ def _merge_multi(items: Sequence[PlanItem], build: ShardBuild, result_lines: Ite
     dims_of: dict[int, Any] = {}
     for res in () if batch_error else _one_by_one(result_lines):
         if res.__class__ is bytes:  # a line's JSON text: parsed here (no bulk path)
-            try:
-                res = orjson.loads(res)
-            except orjson.JSONDecodeError:
-                if res.strip():  # blank lines are no lines
-                    stats.malformed += 1
+            res = _loads_line(res)
+            if res is _BLANK:
                 continue
-        try:
-            li = res["line_index"]
-        except (KeyError, TypeError, IndexError):
-            stats.malformed += 1
-            continue
-        if li.__class__ is not int or not 0 <= li < n_lines:
+        li = _line_index(res, n_lines)
+        if li < 0:
             stats.malformed += 1
             continue
         i, s = lines[li], line_skills[li]
