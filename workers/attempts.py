@@ -154,22 +154,26 @@ def _update(store: Store, key: str, change: Callable[[dict[str, Any]], dict[str,
     """Apply ``change`` to the document at ``key`` by compare-and-swap (created when
     missing; ``fresh``: most likely missing, so created before any read); return the
     document written and its version. Raises ``StorageError``."""
-    if fresh:
-        doc = change({})
-        created = store.put_new(key, json.dumps(doc).encode())
-        if created is not None:
-            return doc, created
+    if fresh and (made := _create(store, key, change)) is not None:
+        return made
     for _ in range(CAS_TRIES):
         try:
             data, version = store.get_versioned(key)
         except NotFound:
-            doc = change({})
-            created = store.put_new(key, json.dumps(doc).encode())
-            if created is not None:
-                return doc, created
+            if (made := _create(store, key, change)) is not None:
+                return made
             continue
         doc = change(json.loads(data))
         written = store.swap(key, json.dumps(doc).encode(), version)
         if written is not None:
             return doc, written
     raise StorageError(f"{key}: changed by others {CAS_TRIES} times in a row")
+
+
+def _create(store: Store, key: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+            ) -> tuple[dict[str, Any], str] | None:
+    """``change({})`` written to ``key`` if nothing is there: the document and its version,
+    or None (nothing written) when an object exists."""
+    doc = change({})
+    created = store.put_new(key, json.dumps(doc).encode())
+    return None if created is None else (doc, created)
