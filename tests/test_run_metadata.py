@@ -215,3 +215,82 @@ def test_a_dead_finalisers_lease_is_taken_over_once_it_runs_out(tmp_path):
     time.sleep(waits[0])
     assert maybe_finalize(store, waits.append)
     assert json.loads(store.get(layout.SUMMARY))["status"] == "completed"
+
+
+class LookingStore(LocalStore):
+    """A local store that counts its listings and existence looks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.listings = 0
+        self.looks: list[str] = []
+
+    def iter_objects(self, prefix: str = ""):
+        self.listings += 1
+        return super().iter_objects(prefix)
+
+    def exists(self, key: str) -> bool:
+        self.looks.append(key)
+        return super().exists(key)
+
+
+def test_a_merges_look_at_completeness_costs_a_probe_not_a_listing_of_every_shard(tmp_path):
+    shards = 40  # more than PROBE_FROM: a listing of ~12 documents per shard is pages long
+    store = LookingStore(str(tmp_path))
+    put_json(store, layout.PLAN, {"items": shards, "shards": shards, "planned_at": CREATED})
+
+    def merge(*done: int) -> None:
+        for shard in done:
+            store.put(layout.round_doc(shard, 0, "rows"), b"")
+            put_json(store, layout.shard_doc(shard, "done"), {"shard": shard})
+
+    def complete(known: set[int]) -> bool:
+        store.listings, store.looks = 0, []
+        return Progress(store, merged=known).complete()
+
+    merge(*range(10))
+    known = {9}  # the shard the caller just merged
+    assert not complete(known)  # the last shard is merged last: the first look finds it missing
+    assert store.looks == [layout.shard_doc(shards - 1, "done")] and store.listings == 0
+    merge(*range(10, 12), *range(13, shards))
+    assert not complete(known)
+    # Highest first, 1, 2, 4, 8… at a time, up to the first done.json missing (shard 12).
+    assert store.looks[:3] == [layout.shard_doc(s, "done") for s in (39, 38, 37)]
+    assert layout.shard_doc(12, "done") in store.looks and store.listings == 0
+    assert 12 not in known and set(range(13, shards)) <= known
+    assert not complete(known)  # what it knows is not looked at again
+    assert store.looks == [layout.shard_doc(12, "done")] and store.listings == 0
+
+    merge(12)
+    assert complete(known)  # every done.json found: the listing has the last word
+    assert store.listings == 1 and known == set(range(shards))
+
+    store.delete(layout.shard_doc(5, "done"))  # a retry-failed pass reopened shard 5
+    assert not complete(known) and store.listings == 1 and 5 not in known
+    assert not complete(known)  # the listing corrected what it knew: one look again
+    assert store.looks == [layout.shard_doc(5, "done")] and store.listings == 0
+
+    # Without what a process knows (the reconciler's pass), or in a small run: the listing.
+    assert not complete(None) and store.listings == 1 and store.looks == []
+
+
+def test_maybe_finalize_keeps_what_this_process_knows_merged_per_run(tmp_path):
+    store = LookingStore(str(tmp_path))
+    put_json(store, layout.SPEC, spec().model_dump(mode="json"))
+    put_json(store, layout.PLAN, {"items": 20, "shards": 20, "planned_at": CREATED})
+    done = [ShardDone(shard=s, batch_id=None, batch_status="completed", total=1, ok=1, error=0,
+                      merged_at=CREATED + 2) for s in range(20)]
+    for d in done[:19]:
+        put_json(store, layout.shard_doc(d.shard, "done"), d.model_dump())
+    def shard_looks() -> list[str]:
+        return [key for key in store.looks if key.startswith(layout.SHARDS)]
+
+    assert not maybe_finalize(store, run_id="20260101-abc", shard=18)
+    # Shard 19 has no done.json: one look, no listing.
+    assert shard_looks() == [layout.shard_doc(19, "done")] and store.listings == 0
+    put_json(store, layout.shard_doc(19, "done"), done[19].model_dump())
+    store.looks = []
+    assert maybe_finalize(store, run_id="20260101-abc", shard=19)
+    # The shards the two merges named are not looked at: the others are, then listed.
+    assert sorted(shard_looks()) == sorted(layout.shard_doc(s, "done") for s in range(18))
+    assert json.loads(store.get(layout.SUMMARY))["counts"]["done"] == 20

@@ -25,8 +25,8 @@ merges them):
   drops when the oldest round is merged (often in another process than the one that last
   polled it); under ``max`` that process's stale, larger age would stay the answer, under
   ``mostrecent`` the last computation wins. It is computed at most every ``RUN_GAUGE_SECONDS``
-  per process from the poll and merge tasks (and at every shard merge), so it lags by at most
-  about that plus the poll interval.
+  per process from the poll and merge tasks (and by the merge that finalises the run), so it
+  lags by at most about that plus the poll interval.
 
 A run's series are dropped once it is final: its ``moonbatch_run_*`` series stay in the scrape
 for ``FINAL_RUN_SERIES_SECONDS`` after it completed, failed or was cancelled (so the final

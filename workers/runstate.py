@@ -138,6 +138,9 @@ def open_run(output_url: str, settings: Settings, run_id: str | None = None) -> 
 #: changed (a cleaned OUTPUT may hold a later run, under another id). Insertion-ordered.
 _specs: dict[tuple[str, str], RunSpec] = {}
 SPECS_KEPT = 64
+#: ``Progress.complete`` probes done.json documents before listing in runs of more shards.
+PROBE_FROM = 16
+PROBE_WINDOW = 16  # HEAD requests at once while probing
 
 
 def known_spec(output_url: str, run_id: str) -> RunSpec | None:
@@ -216,8 +219,12 @@ class Progress:
     a ``retry-failed`` pass reopens their shard, which removes them first), so repeated calls
     cost one listing plus the in-flight shards' progress documents."""
 
-    def __init__(self, store: Store, plan: dict[str, Any] | None = None) -> None:
+    def __init__(self, store: Store, plan: dict[str, Any] | None = None,
+                 merged: set[int] | None = None) -> None:
         self.store = store
+        #: Shards this process knows merged (``complete`` probes the others first and keeps
+        #: this set in step with what it reads); None: ``complete`` lists, always.
+        self.merged = merged
         self._done: dict[int, ShardDone] = {}
         self._batch_ids: dict[tuple[int, int], str | None] = {}  # (shard, round) → batch id
         self._settled: dict[str, dict[str, Any]] = {}  # spend.json of settled rounds
@@ -427,21 +434,51 @@ class Progress:
                 "requests": 0}
 
     def complete(self) -> bool:
-        """True when the plan is written and every shard is merged."""
-        def count() -> int:
-            return sum(1 for o in self.store.iter_objects(layout.SHARDS)
-                       if (k := layout.parse_shard_key(o.key)) and k.round is None
-                       and k.name == "done")
+        """True when the plan is written and every shard is merged.
 
-        if self._plan is not None:
-            return count() >= self._plan["shards"]
-        with cf.ThreadPoolExecutor(1, thread_name_prefix="complete") as pool:
-            merged = pool.submit(count)  # beside the plan's read: one round trip's wait
-            plan = get_json_or_none(self.store, layout.PLAN)
+        The listing of every shard's documents (about a dozen per shard: one page per ~80
+        shards) is the answer. A run of more than ``PROBE_FROM`` shards that knows some shards
+        merged (``merged``) first looks for the done.json of the others, highest first (shards
+        are built in order: the last ones are merged last), in rounds of 1, 2, 4… up to
+        ``PROBE_WINDOW`` HEAD requests at once, and answers False at the first one missing:
+        while a run goes on, a merge's look costs a request or two (about 2 at 1,000 shards
+        and 16 processes, 5 with merges in random order), not a listing that grows with the
+        run (which, at every merge, made a run's listing pages grow with the square of its
+        shards: ~10,000 pages for 1,000 shards). Only a run that looks complete is listed, and the
+        listing corrects ``merged`` (a ``retry-failed`` pass reopens shards)."""
+        plan = self._plan
         if plan is None:
+            plan = get_json_or_none(self.store, layout.PLAN)
+            if plan is None:
+                return False
+            self._plan = plan  # write-once: the snapshot that follows needs it too
+        shards = int(plan["shards"])
+        if self.merged is not None and shards > PROBE_FROM and not self._probe(shards):
             return False
-        self._plan = plan  # write-once: the snapshot that follows needs it too
-        return merged.result() >= plan["shards"]
+        merged = {k.shard for o in self.store.iter_objects(layout.SHARDS)
+                  if (k := layout.parse_shard_key(o.key)) and k.round is None
+                  and k.name == "done"}
+        if self.merged is not None:
+            self.merged.clear()
+            self.merged.update(merged)
+        return len(merged) >= shards
+
+    def _probe(self, shards: int) -> bool:
+        """False as soon as a shard not in ``merged`` has no done.json (highest first); True
+        when every shard's was found (then in ``merged``). Raises storage errors."""
+        unknown = [s for s in range(shards - 1, -1, -1) if s not in self.merged]
+        window, at = 1, 0
+        with cf.ThreadPoolExecutor(PROBE_WINDOW, thread_name_prefix="probe") as pool:
+            while at < len(unknown):
+                chunk = unknown[at:at + window]
+                found = list(pool.map(
+                    lambda s: self.store.exists(layout.shard_doc(s, "done")), chunk))
+                self.merged.update(s for s, ok in zip(chunk, found, strict=True) if ok)
+                if not all(found):
+                    return False
+                at += window
+                window = min(2 * window, PROBE_WINDOW)
+        return True
 
 
 def _sum_codes(done: Any) -> dict[str, int]:
@@ -454,11 +491,13 @@ def _sum_codes(done: Any) -> dict[str, int]:
 
 #: plan.json as this process read it, by (OUTPUT URL, run id): written once per run.
 _plans: dict[tuple[str, str], dict[str, Any]] = {}
+#: Shards this process knows merged, by (OUTPUT URL, run id): ``Progress.merged``.
+_merged: dict[tuple[str, str], set[int]] = {}
 
 
 def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = None, *,
                    claim_seconds: float = FINALIZE_CLAIM_SECONDS,
-                   run_id: str | None = None) -> bool:
+                   run_id: str | None = None, shard: int | None = None) -> bool:
     """Write the final ``run.json`` if every shard is merged and nobody did it yet.
 
     Safe to call from any number of tasks at once: the summary is deterministic but for its
@@ -473,10 +512,21 @@ def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = No
     finalised then (or by the reconciler's pass).
 
     ``run_id``: the run's id, when the caller knows it: its plan.json, once this process read
-    it, is not read again (a merge of each shard looks whether the run is complete).
+    it, is not read again, and the shards it knows merged are not looked at again until the
+    run looks complete (``Progress.complete``; a merge of each shard looks whether the run is
+    complete). ``shard``: a shard the caller knows merged (its done.json is written).
     """
     held = (store.url, run_id) if run_id is not None else None
-    progress = Progress(store, plan=_plans.get(held) if held else None)
+    merged: set[int] | None = None
+    if held is not None:
+        merged = _merged.get(held)
+        if merged is None:
+            if len(_merged) >= SPECS_KEPT:
+                _merged.pop(next(iter(_merged)), None)
+            merged = _merged[held] = set()
+        if shard is not None:
+            merged.add(shard)
+    progress = Progress(store, plan=_plans.get(held) if held else None, merged=merged)
     with cf.ThreadPoolExecutor(3, thread_name_prefix="finalize") as pool:
         # The three looks at once: one round trip's wait, not four in a row.
         looks = [pool.submit(store.exists, layout.FINALIZED),

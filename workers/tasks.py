@@ -570,7 +570,8 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     if cancelled:
         return
     if done:
-        maybe_finalize(store, _finalize_later(output, run_id, run.spec), run_id=run_id)
+        maybe_finalize(store, _finalize_later(output, run_id, run.spec), run_id=run_id,
+                       shard=shard)
         return
     base = shard_state.round_base(rnd, todo)
     held: dict[str, Any] = {}  # documents of the round this task holds: _finish_shard's
@@ -747,11 +748,14 @@ def _finish_shard(run: Run, shard: int, last_round: int,
         merged_at=time.time())
     if put_json(store, layout.shard_doc(shard, "done"), done.model_dump(), if_absent=True):
         metrics.shard_merged(run.spec.provider, done)
-    metrics.run_progress(run, force=True)
     log.info("shard %d merged: %d ok, %d error, %d round(s)", shard, ok, len(items) - ok,
              last_round + 1)
-    if maybe_finalize(store, _finalize_later(run.spec.output, run.spec.run_id, run.spec),
-                      run_id=run.spec.run_id):
+    final = maybe_finalize(store, _finalize_later(run.spec.output, run.spec.run_id, run.spec),
+                           run_id=run.spec.run_id, shard=shard)
+    # The gauges list the run's shards: at most every RUN_GAUGE_SECONDS per process (at every
+    # merge, a run's listings would grow with the square of its shards), and once at its end.
+    metrics.run_progress(run, force=final)
+    if final:
         run_final(get_settings(), run.spec.run_id)
 
 
