@@ -25,17 +25,16 @@ log = logging.getLogger(__name__)
 
 
 class StoredShardDocs(Mapping[tuple[int | None, str], Any]):
-    """A shard's documents in storage as ``shard.ShardDocs``: one listing at creation; a
-    document is read (JSON) the first time it is looked up, so deciding costs only the reads
-    the decision needs. A document listed and gone since reads as absent (``KeyError``)."""
+    """A shard's documents in storage as ``shard.ShardDocs``: listed at creation (or given:
+    ``listed``, from ``listed_shards``); a document is read (JSON) the first time it is looked
+    up, so deciding costs only the reads the decision needs. A document listed and gone since
+    reads as absent (``KeyError``)."""
 
-    def __init__(self, store: Store, shard: int) -> None:
+    def __init__(self, store: Store, shard: int,
+                 listed: dict[tuple[int | None, str], str] | None = None) -> None:
         self.store = store
-        self._keys: dict[tuple[int | None, str], str] = {}
-        for obj in store.iter_objects(layout.shard_prefix(shard)):
-            key = layout.parse_shard_key(obj.key)
-            if key is not None and key.shard == shard:
-                self._keys[(key.round, key.name)] = obj.key
+        self._keys: dict[tuple[int | None, str], str] = listed if listed is not None else \
+            next(listed_shards(store, layout.shard_prefix(shard)), (shard, {}))[1]
         self._read: dict[tuple[int | None, str], Any] = {}
 
     def __getitem__(self, name: tuple[int | None, str]) -> Any:
@@ -61,13 +60,37 @@ class StoredShardDocs(Mapping[tuple[int | None, str], Any]):
         return len(self._keys)
 
 
-def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None = None) -> str | None:
+def listed_shards(store: Store, prefix: str = layout.SHARDS
+                  ) -> Iterator[tuple[int, dict[tuple[int | None, str], str]]]:
+    """The shards' documents under ``prefix`` (all of a run's by default) from one listing,
+    a shard at a time as the listing passes it: ``(shard, {(round or None, name): key})``
+    (a shard's keys share its folder, so they are adjacent in the listing's key order).
+    Shards with no document are not given. Raises storage errors."""
+    shard: int | None = None
+    docs: dict[tuple[int | None, str], str] = {}
+    for obj in store.iter_objects(prefix):
+        key = layout.parse_shard_key(obj.key)
+        if key is None:
+            continue
+        if key.shard != shard:
+            if shard is not None:
+                yield shard, docs
+            shard, docs = key.shard, {}
+        docs[(key.round, key.name)] = obj.key
+    if shard is not None:
+        yield shard, docs
+
+
+def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None = None,
+                  listed: dict[tuple[int | None, str], str] | None = None) -> str | None:
     """Enqueue the shard's next step as its documents in storage give it
     (``shard.next_step``); return what was enqueued (``"build"``, ``"poll"``, ``"merge"``) or
-    None. ``only_stale``: see ``next_step``. Duplicates are harmless: leases, poll-chain ids and
-    write-once results absorb them. Raises broker and storage errors."""
+    None. ``only_stale``: see ``next_step``. ``listed``: the shard's documents as a listing of
+    the run's shards gave them (``listed_shards``; default: listed now). Duplicates are
+    harmless: leases, poll-chain ids and write-once results absorb them. Raises broker and
+    storage errors."""
     settings = get_settings()
-    step = next_step(StoredShardDocs(run.output, shard), only_stale=only_stale,
+    step = next_step(StoredShardDocs(run.output, shard, listed), only_stale=only_stale,
                      now=time.time() if now is None else now,
                      poll_min_interval=settings.poll_min_interval)
     args = (run.spec.output, run.spec.run_id, shard, step.round)
@@ -118,10 +141,21 @@ def reconcile_run(output: str, run_id: str, *, full: bool) -> dict[str, int]:
         return counts  # the producer is enqueueing the plan's shards right now
     full = full or unannounced  # it died while enqueueing: some shards were never queued
     run = open_run(output, settings, run_id)
-    for shard in range(plan["shards"]):
-        action = advance_shard(run, shard, only_stale=not full)
+    # One listing of every shard's documents, not one per shard: a pass over a run of 10,000
+    # shards lists ~120 pages, not 10,000 prefixes (which took longer than the beat's interval).
+    unlisted = set(range(plan["shards"]))  # then advanced: shards with no document yet
+
+    def advance(shard: int, docs: dict[tuple[int | None, str], str]) -> None:
+        action = advance_shard(run, shard, only_stale=not full, listed=docs)
         if action:
             counts[action] = counts.get(action, 0) + 1
+
+    for shard, docs in listed_shards(store):
+        if shard in unlisted:
+            unlisted.discard(shard)
+            advance(shard, docs)
+    for shard in sorted(unlisted):
+        advance(shard, {})
     if full:
         enqueue(FINALIZE_RUN, (output, run_id), queue=run_queue(run.spec, settings))
         if unannounced:
