@@ -221,11 +221,7 @@ class Books:
         results = errors = 0
         fields: list[Any] = []
         codes: dict[str, int] = {}
-        for obj in self.store.iter_objects(layout.SHARDS):
-            key = layout.parse_shard_key(obj.key)
-            if key is None or key.name != "spend" or key.round is None:
-                continue
-            doc = get_json_or_none(self.store, obj.key) or {}
+        for key, doc in spend_docs(self.store):
             r = f"{key.shard}:{key.round}"
             if doc.get("actual") is not None:
                 actual += float(doc["actual"])
@@ -470,15 +466,27 @@ def spec_rate(spec: Any) -> float | None:
     return getattr(spec, "max_error_rate", None)
 
 
+#: spend.json documents read at once by ``spend_docs``
+SPEND_READERS = 16
+
+
+def spend_docs(store: Store) -> list[tuple[layout.ShardKey, dict[str, Any]]]:
+    """Every round's ``spend.json`` of the run (one listing; the documents read
+    ``SPEND_READERS`` at once: a broker that lost its data is loaded again from them, and a run
+    has one per round), in key order: ``[(shard key, document or {})]``. Raises storage
+    errors."""
+    keys = [(key, obj.key) for obj in store.iter_objects(layout.SHARDS)
+            if (key := layout.parse_shard_key(obj.key)) is not None and key.name == "spend"
+            and key.round is not None]
+    with cf.ThreadPoolExecutor(SPEND_READERS, thread_name_prefix="spend") as pool:
+        docs = pool.map(lambda k: get_json_or_none(store, k[1]) or {}, keys)
+        return [(key, doc) for (key, _), doc in zip(keys, docs, strict=True)]
+
+
 def spend(store: Store, max_cost: float | None) -> dict[str, Any]:
     """The run's spend as ``status`` and ``run.json`` show it, from the rounds' ``spend.json``
     (see ``spend_of``)."""
-    docs = []
-    for obj in store.iter_objects(layout.SHARDS):
-        key = layout.parse_shard_key(obj.key)
-        if key is not None and key.name == "spend":
-            docs.append(get_json_or_none(store, obj.key) or {})
-    return spend_of(docs, max_cost)
+    return spend_of([doc for _, doc in spend_docs(store)], max_cost)
 
 
 def spend_of(docs: Iterable[Mapping[str, Any]], max_cost: float | None) -> dict[str, Any]:
