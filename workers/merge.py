@@ -418,7 +418,7 @@ class _Single:
         """The rows of items ``indices`` (a numpy array) from their ok ``lines``."""
         self.np_taken[indices] = 1
         index_list = indices.tolist()
-        items = self.items.take(index_list) if isinstance(self.items, PlanItems) else [
+        items = self.items.take(indices) if isinstance(self.items, PlanItems) else [
             self.items[i] for i in index_list]
         ids = [item.id for item in items]
         sent = [r.id for r in lines]
