@@ -433,13 +433,18 @@ class PlanItems(Sequence[PlanItem]):
             return []
         # Each line is one JSON value (checked at construction), ending at a newline: the
         # lines' bytes, newlines included, gathered by one numpy indexing (slicing each line
-        # out in Python cost ~3x more, most of it in the per-line objects).
+        # out in Python cost ~2x more, most of it in the per-line objects), unless the
+        # positions (8 bytes per byte gathered) would take more than _GATHER_MAX bytes.
         first = np.frombuffer(starts, np.int64)[at]
         size = np.frombuffer(ends, np.int64)[at] - first + 1
         stop = np.cumsum(size)
-        where = np.repeat(first - (stop - size), size)
-        where += np.arange(int(stop[-1]))
-        text = np.frombuffer(data, np.uint8)[where].tobytes()
+        if int(stop[-1]) * 8 > _GATHER_MAX:
+            text = b"".join([data[a:b] for a, b in zip(first.tolist(), (first + size).tolist(),
+                                                      strict=True)])
+        else:
+            where = np.repeat(first - (stop - size), size)
+            where += np.arange(int(stop[-1]))
+            text = np.frombuffer(data, np.uint8)[where].tobytes()
         return _plan_line.decode_lines(text)  # type: ignore[no-any-return]
 
     def __eq__(self, other: object) -> bool:
@@ -461,6 +466,7 @@ def any_multi_image(items: Sequence[PlanItem]) -> bool:
 
 
 _plan_line = msgspec.json.Decoder(PlanItem)
+_GATHER_MAX = 2**25  # bytes of line positions ``PlanItems.take`` makes at most (32 MB)
 _I64_MIN, _U64_MAX = -(2**63), 2**64 - 1  # orjson reads integers beyond these as floats
 
 
