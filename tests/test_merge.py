@@ -599,7 +599,10 @@ def test_bulk_and_fast_paths_give_the_dict_path_rows(shape, monkeypatch):
     rng = random.Random(5 if shape == "odd" else 6)
     for case in range(80 if shape == "odd" else 60):
         n = rng.randint(1, 40) if shape == "odd" else rng.choice([rng.randint(1, 40), 300])
-        items = [PlanItem(id=rng.choice([f"img/{k}.jpg", k, f"x{k}é"]), size=k,
+        # (ids of every length: ``PlanItems.take`` gathers the plan's lines by their spans)
+        items = [PlanItem(id=rng.choice([f"img/{k}.jpg", k, f"x{k}é",
+                                         f"photos/{k:06d}/" + "long name " * rng.randint(1, 30)]),
+                          size=k,
                           more=("s3://b/more.jpg",) if rng.random() < 0.1 else None)
                  for k in range(n)]
         sent = sorted(rng.sample(range(n), rng.randint(0, n)))

@@ -170,6 +170,32 @@ def test_shard_build_sizes_are_compact_and_round_trip():
     assert build.sizes.quads([]).shape == (0, 4) and empty.sizes.quads([2]).tolist() == [[-1] * 4]
 
 
+def test_plan_items_take_any_indices_in_their_order(monkeypatch):
+    """``PlanItems.take`` (the merge's thousands of items at once, their lines' bytes gathered
+    by numpy) gives ``[plan[i] for i in indices]`` for a list, a numpy array or a generator of
+    indices, lines of every length, CRLF lines and a last line without a newline, gathered at
+    once or sliced out one by one (beyond ``_GATHER_MAX``); an index out of range raises
+    ``IndexError``."""
+    import numpy as np
+
+    from moonbatch.workers import models
+    from moonbatch.workers.models import PlanItems
+
+    items = [PlanItem(id="x" * k + ".jpg", size=k, more=("s3://b/y.png",) if k % 7 == 0 else None)
+             for k in range(0, 300, 13)]
+    data = b"".join(i.to_json() + (b"\r\n" if k % 3 else b"\n") for k, i in enumerate(items))
+    order = [5, 0, 22, 5, 1, 17]
+    for text, gather_max in ((data, models._GATHER_MAX), (data.rstrip(), models._GATHER_MAX),
+                             (data, 1000)):  # (1000: lines sliced out one by one)
+        monkeypatch.setattr(models, "_GATHER_MAX", gather_max)
+        plan = PlanItems(text)
+        want = [items[i] for i in order]
+        assert plan.take(order) == want and plan.take(np.array(order)) == want
+        assert plan.take(i for i in order) == want and plan.take(np.array([], np.int64)) == []
+        with pytest.raises(IndexError):
+            plan.take([0, len(items)])
+
+
 def test_plan_items_parse_the_plan_file_on_access():
     """``PlanItems`` (what ``Run.items`` returns) reads as the list of the plan's items would:
     indexing (negative too), slices, iteration, length, equality; blank lines skipped; a bad
