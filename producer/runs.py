@@ -452,8 +452,12 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     # The plan is durable: from here a stop is a run that `moonbatch resume` carries on.
     for index in range(n_shards):
         enqueue(BUILD_SHARD, (output_url, spec.run_id, index), queue=spec.queue)
-    # The last shard may have merged before this message: let a worker check.
-    enqueue(FINALIZE_RUN, (output_url, spec.run_id), queue=spec.queue)
+    if not n_shards:
+        # No shard will merge, so no merge finalises: a worker does. A plan with shards needs
+        # no such message: plan.json precedes every build, so the merge of the last shard
+        # finds the run complete and finalises it (a finalize_run beside the builds would
+        # only take a worker slot from one of them).
+        enqueue(FINALIZE_RUN, (output_url, spec.run_id), queue=spec.queue)
     # A producer that dies before this marker (its planning lease then lapses) leaves shards
     # nobody enqueued: the reconciler's next pass enqueues every step (workers.reconcile).
     out.put(layout.ENQUEUED, b"", if_absent=True)
