@@ -200,6 +200,24 @@ def test_only_an_empty_plan_enqueues_finalize_run(tmp_path, env, broker):
     assert json.loads((out / "run.json").read_bytes())["status"] == "completed"
 
 
+def test_planning_opens_the_runs_spend_books_empty(tmp_path, env, broker):
+    """The run's books (``stops.Books``, a hash on the broker) are loaded, empty, when it is
+    planned: its first builds find them ready instead of each listing the run's state; a
+    broker hash already loaded is left as it is."""
+    from moonbatch.workers import stops
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a0.jpg").write_bytes(tiny_jpeg(0))
+    penv = private_env(env, broker)
+    proc = run_cli(["submit", str(tmp_path / "in"), str(tmp_path / "out")], penv)
+    run_id = proc.stdout.strip().splitlines()[-1]
+    books = {k.decode(): v.decode()
+             for k, v in broker.client().hgetall(stops.PREFIX + run_id).items()}
+    assert books == {"init": "1", "actual": "0.0", "reserved": "0.0", "results": "0",
+                     "errors": "0"}, books
+    assert 0 < broker.client().ttl(stops.PREFIX + run_id) <= stops.TTL_SECONDS
+
+
 def test_an_unreadable_extensionless_object_is_a_skipped_key(s3, bucket, env, broker,
                                                               s3_endpoint, tmp_path):
     """On S3, behind a real proxy that answers 403 to reads of one extension-less object:

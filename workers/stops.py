@@ -215,13 +215,27 @@ class Books:
                                    f"{type(exc).__name__}") from None
         raise BooksUnavailable(f"spend of run {self.run.spec.run_id}: not loaded")
 
-    def _from_storage(self) -> list[Any]:
-        """The hash's fields as the rounds' ``spend.json`` documents hold them."""
+    def open_empty(self) -> None:
+        """Load the books of a run none of whose rounds has reserved yet (its planning, before
+        its builds are enqueued): without them its first builds would each find the books
+        unloaded and list the run's state to load them, a round trip before each first send.
+        Books already loaded stay as they are. Raises ``BooksUnavailable``."""
+        if self._redis is None:
+            return  # the local books are loaded in the process that uses them
+        try:
+            self._load(keys=[self.hash], args=[TTL_SECONDS, *self._from_storage(empty=True)])
+        except Exception as exc:
+            raise BooksUnavailable(f"spend of run {self.run.spec.run_id}: "
+                                   f"{type(exc).__name__}") from None
+
+    def _from_storage(self, *, empty: bool = False) -> list[Any]:
+        """The hash's fields as the rounds' ``spend.json`` documents hold them (``empty``: a
+        run that has none yet; nothing is listed)."""
         actual = reserved = 0.0
         results = errors = 0
         fields: list[Any] = []
         codes: dict[str, int] = {}
-        for obj in self.store.iter_objects(layout.SHARDS):
+        for obj in () if empty else self.store.iter_objects(layout.SHARDS):
             key = layout.parse_shard_key(obj.key)
             if key is None or key.name != "spend" or key.round is None:
                 continue
