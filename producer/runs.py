@@ -26,12 +26,12 @@ from typing import Any
 from moonbatch.config import Settings, get_settings
 from moonbatch.producer.existing import ExistingOk
 from moonbatch.producer.planner import Shard, plan_shards
-from moonbatch.workers import cache, canary, layout, registry
+from moonbatch.workers import cache, canary, layout, registry, stops
 from moonbatch.workers.enqueue import BUILD_SHARD, FINALIZE_RUN, enqueue
 from moonbatch.workers.lease import Lease, LeaseLost
 from moonbatch.workers.models import PlanItem, RunSpec, SkillOptions, default_exports
 from moonbatch.workers.readers import ListingStats, input_root, normalize_input, open_reader
-from moonbatch.workers.runstate import RunNotFound, open_output
+from moonbatch.workers.runstate import Run, RunNotFound, open_output
 from moonbatch.workers.storage import Store, get_json_or_none, normalize_url, put_json
 
 log = logging.getLogger(__name__)
@@ -422,6 +422,15 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
                                        "input": input_url, "output": output_url,
                                        "skill": spec.skill_names})
         register_run(spec, settings)
+        # No round has reserved yet (the builds are enqueued after the plan, and a start
+        # taken over had enqueued none): the books open empty, so the first builds need
+        # not each list the run's state to load them. A broker out of reach leaves that to
+        # them, as before.
+        try:
+            stops.Books(Run(spec, out, inp, settings), settings).open_empty()
+        except stops.BooksUnavailable as exc:
+            log.info("run %s: spend books not opened (%s); its builds open them", spec.run_id,
+                     exc)
 
     skipped = _SkippedKeys(out)
     stats = PlanStats(on_skip=skipped.add)
@@ -452,8 +461,12 @@ def _plan(spec: RunSpec, settings: Settings, out: Store, inp: Store, *, takeover
     # The plan is durable: from here a stop is a run that `moonbatch resume` carries on.
     for index in range(n_shards):
         enqueue(BUILD_SHARD, (output_url, spec.run_id, index), queue=spec.queue)
-    # The last shard may have merged before this message: let a worker check.
-    enqueue(FINALIZE_RUN, (output_url, spec.run_id), queue=spec.queue)
+    if not n_shards:
+        # No shard will merge, so no merge finalises: a worker does. A plan with shards needs
+        # no such message: plan.json precedes every build, so the merge of the last shard
+        # finds the run complete and finalises it (a finalize_run beside the builds would
+        # only take a worker slot from one of them).
+        enqueue(FINALIZE_RUN, (output_url, spec.run_id), queue=spec.queue)
     # A producer that dies before this marker (its planning lease then lapses) leaves shards
     # nobody enqueued: the reconciler's next pass enqueues every step (workers.reconcile).
     out.put(layout.ENQUEUED, b"", if_absent=True)

@@ -92,7 +92,7 @@ def test_a_non_utf8_name_is_a_skipped_key_and_nothing_is_enqueued_before_the_pla
     (record,) = skipped_records(out)
     assert record["key"] == BAD_SHOWN and record["reason"] == "name_not_utf8", record
     # Every shard's plan file and plan.json before the first message; then every shard once.
-    assert messages == ["moonbatch.build_shard"] * 5 + ["moonbatch.finalize_run"]
+    assert messages == ["moonbatch.build_shard"] * 5  # the last merge finalises: no finalize_run
     planned = [json.loads(line)["id"] for i in range(5)
                for line in (out / layout.plan_items(i)).read_bytes().splitlines()]
     assert planned == sorted(images)
@@ -164,7 +164,7 @@ def test_a_reader_error_mid_listing_enqueues_nothing_and_the_rerun_takes_over(
     spec = json.loads((out / layout.SPEC).read_bytes())
     assert spec["run_id"] == again.stdout.strip().splitlines()[-1]  # the dead start's run id
     assert queue_messages(broker, penv["MOONBATCH_QUEUE"]) == \
-        ["moonbatch.build_shard"] * 6 + ["moonbatch.finalize_run"]
+        ["moonbatch.build_shard"] * 6
     with Worker(penv, penv["MOONBATCH_QUEUE"], tmp_path / "worker.log"):
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -175,6 +175,47 @@ def test_a_reader_error_mid_listing_enqueues_nothing_and_the_rerun_takes_over(
         else:
             raise AssertionError(run_cli(["status", str(out)], penv, check=False).stdout)
     assert summary["counts"]["ok"] == 6
+
+
+def test_only_an_empty_plan_enqueues_finalize_run(tmp_path, env, broker):
+    """A plan with shards enqueues its builds alone (the last shard's merge finalises the run);
+    an empty plan (``--allow-empty``), which no merge will finalise, enqueues one
+    ``finalize_run``, and a worker finalises it."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a0.jpg").write_bytes(tiny_jpeg(0))
+    (tmp_path / "empty").mkdir()
+    penv = private_env(env, broker)
+    run_cli(["submit", str(tmp_path / "in"), str(tmp_path / "out")], penv)
+    assert queue_messages(broker, penv["MOONBATCH_QUEUE"]) == ["moonbatch.build_shard"]
+    broker.client().delete(penv["MOONBATCH_QUEUE"])
+
+    out = tmp_path / "empty-out"
+    run_cli(["submit", str(tmp_path / "empty"), str(out), "--allow-empty"], penv)
+    assert queue_messages(broker, penv["MOONBATCH_QUEUE"]) == ["moonbatch.finalize_run"]
+    assert json.loads((out / layout.PLAN).read_bytes())["shards"] == 0
+    with Worker(penv, penv["MOONBATCH_QUEUE"], tmp_path / "worker.log"):
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / layout.FINALIZED).exists():
+            time.sleep(0.3)
+    assert json.loads((out / "run.json").read_bytes())["status"] == "completed"
+
+
+def test_planning_opens_the_runs_spend_books_empty(tmp_path, env, broker):
+    """The run's books (``stops.Books``, a hash on the broker) are loaded, empty, when it is
+    planned: its first builds find them ready instead of each listing the run's state; a
+    broker hash already loaded is left as it is."""
+    from moonbatch.workers import stops
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a0.jpg").write_bytes(tiny_jpeg(0))
+    penv = private_env(env, broker)
+    proc = run_cli(["submit", str(tmp_path / "in"), str(tmp_path / "out")], penv)
+    run_id = proc.stdout.strip().splitlines()[-1]
+    books = {k.decode(): v.decode()
+             for k, v in broker.client().hgetall(stops.PREFIX + run_id).items()}
+    assert books == {"init": "1", "actual": "0.0", "reserved": "0.0", "results": "0",
+                     "errors": "0"}, books
+    assert 0 < broker.client().ttl(stops.PREFIX + run_id) <= stops.TTL_SECONDS
 
 
 def test_an_unreadable_extensionless_object_is_a_skipped_key(s3, bucket, env, broker,
@@ -200,7 +241,7 @@ def test_an_unreadable_extensionless_object_is_a_skipped_key(s3, bucket, env, br
     (record,) = [json.loads(line) for line in part.splitlines()]
     assert record["key"] == "zz-no-extension" and record["reason"] == "unreadable"
     assert "AccessDenied" in record["detail"], record
-    assert messages == ["moonbatch.build_shard"] * 2 + ["moonbatch.finalize_run"]
+    assert messages == ["moonbatch.build_shard"] * 2
 
 
 def test_odd_s3_keys_plan_and_run(s3, bucket, env, fleet):

@@ -215,13 +215,27 @@ class Books:
                                    f"{type(exc).__name__}") from None
         raise BooksUnavailable(f"spend of run {self.run.spec.run_id}: not loaded")
 
-    def _from_storage(self) -> list[Any]:
-        """The hash's fields as the rounds' ``spend.json`` documents hold them."""
+    def open_empty(self) -> None:
+        """Load the books of a run none of whose rounds has reserved yet (its planning, before
+        its builds are enqueued): without them its first builds would each find the books
+        unloaded and list the run's state to load them, a round trip before each first send.
+        Books already loaded stay as they are. Raises ``BooksUnavailable``."""
+        if self._redis is None:
+            return  # the local books are loaded in the process that uses them
+        try:
+            self._load(keys=[self.hash], args=[TTL_SECONDS, *self._from_storage(empty=True)])
+        except Exception as exc:
+            raise BooksUnavailable(f"spend of run {self.run.spec.run_id}: "
+                                   f"{type(exc).__name__}") from None
+
+    def _from_storage(self, *, empty: bool = False) -> list[Any]:
+        """The hash's fields as the rounds' ``spend.json`` documents hold them (``empty``: a
+        run that has none yet; nothing is listed)."""
         actual = reserved = 0.0
         results = errors = 0
         fields: list[Any] = []
         codes: dict[str, int] = {}
-        for key, doc in spend_docs(self.store):
+        for key, doc in () if empty else spend_docs(self.store):
             r = f"{key.shard}:{key.round}"
             if doc.get("actual") is not None:
                 actual += float(doc["actual"])
@@ -269,13 +283,15 @@ class Books:
         return granted
 
     def settle(self, shard: int, rnd: int, actual: float, results: int,
-               codes: Mapping[str, int]) -> tuple[bool, int, int, dict[str, int]]:
+               codes: Mapping[str, int], spend: Mapping[str, Any] | None = None
+               ) -> tuple[bool, int, int, dict[str, int]]:
         """Replace round ``rnd``'s reservation by its ``actual`` cost and count its
         ``results`` and provider-side error ``codes``; ``spend.json`` first (durable), then
-        the books. Returns ``(settled now, results, errors, {code: errors})`` of the whole run
-        so far. Raises ``BooksUnavailable``."""
+        the books. ``spend``: the round's ``spend.json`` as the caller read it (None: read
+        here). Returns ``(settled now, results, errors, {code: errors})`` of the whole run so
+        far. Raises ``BooksUnavailable``."""
         key = layout.round_doc(shard, rnd, "spend")
-        doc = get_json_or_none(self.store, key) or {}
+        doc = spend or get_json_or_none(self.store, key) or {}
         errors = sum(codes.values())
         if doc.get("actual") is None:
             put_json(self.store, key, {"estimate": doc.get("estimate", 0.0),
@@ -344,17 +360,21 @@ def before_send(ctx: Any, provider: Any) -> dict[str, str] | None:
     refusal stops the run with ``budget_exceeded``. Without a budget the estimate is still
     booked (best effort), for the spend in flight that ``status`` shows."""
     store = ctx.store
-    with cf.ThreadPoolExecutor(2, thread_name_prefix="before-send") as pool:
-        # Both looks at once: one round trip's wait at the start of every build.
+    steps = getattr(provider, "spends_in_steps", False)
+    with cf.ThreadPoolExecutor(3, thread_name_prefix="before-send") as pool:
+        # The looks at once: one round trip's wait at the start of every build, not two in a
+        # row (the limits, read for the usual round that is neither sent nor stopped, are
+        # wasted on the others).
         sent, doc = pool.submit(store.exists, ctx.doc("batch")), pool.submit(stopped, store)
+        lim = None if steps else pool.submit(limits, store, ctx.run.spec)
     if sent.result():
         return None  # already sent: the round only goes on
     doc = doc.result()
     if doc is not None:
         return stop_error(doc)
-    if getattr(provider, "spends_in_steps", False):
+    if lim is None:
         return None
-    budget = limits(store, ctx.run.spec)["max_cost"]
+    budget = lim.result()["max_cost"]
     # A provider without the spend hooks (written before them) books nothing.
     estimate = getattr(provider, "round_estimate", None)
     usd = float(estimate(ctx)) if estimate is not None else 0.0
@@ -403,11 +423,13 @@ def _over_budget(ctx: Any, usd: float, budget: float | None) -> dict[str, str]:
     return stop_error(stopped(ctx.store) or {"code": BUDGET_EXCEEDED, "reason": reason})
 
 
-def after_merge(ctx: Any, provider: Any, rows: Mapping[int, bytes], build: Any) -> None:
+def after_merge(ctx: Any, provider: Any, rows: Mapping[int, bytes], build: Any,
+                spend: Mapping[str, Any] | None = None) -> None:
     """Called once a round's rows are merged (``tasks.merge_round_task``): settle its spend
     (``Provider.cost`` of its ok rows' usage), count its results and provider-side errors,
     count the cost metric, and stop the run when the error rate passes ``max_error_rate``
-    after ``error_sample`` results."""
+    after ``error_sample`` results. ``spend``: the round's ``spend.json`` as the caller read
+    it (None: read here)."""
     import orjson
 
     usage: dict[str, float] = {}
@@ -437,7 +459,7 @@ def after_merge(ctx: Any, provider: Any, rows: Mapping[int, bytes], build: Any) 
     actual = float(priced(usage, spec)) if results and priced is not None else 0.0
     try:
         now, total, bad, by_code = Books(ctx.run, ctx.settings).settle(
-            ctx.shard, ctx.rnd, actual, results, codes)
+            ctx.shard, ctx.rnd, actual, results, codes, spend)
     except BooksUnavailable:
         if limits(ctx.store, spec)["max_cost"] is None and not spec_rate(spec):
             log.warning("shard %d round %d: spend not settled (broker unreachable)", ctx.shard,

@@ -15,6 +15,7 @@ which ``moonbatch resume``, ``cancel`` and ``clean`` use without this module.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import json
 import logging
@@ -553,14 +554,15 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
     # the run (``run``, written by its polls): it is still there, and it is this run.
     known = known_spec(output, run_id)
     stepped = known is None or not provider_for(known).polls_only_look
-    run, (cancelled, done, todo, merged, plan, build, raw, progress, ledger) = open_run_reading(
+    run, (cancelled, done, todo, merged, plan, build, raw, progress, spend,
+          ledger) = open_run_reading(
         output, settings, run_id, lambda st: st.exists(layout.CANCELLED),
         lambda st: st.exists(layout.shard_doc(shard, "done")),
         lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "todo")) if rnd else None,
         lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "merged")),
         lambda st: _get_or_none(st, layout.plan_items(shard)),
         *[lambda st, name=name: get_json_or_none(st, layout.round_doc(shard, rnd, name))
-          for name in ("build", "batch", "progress")],
+          for name in ("build", "batch", "progress", "spend")],
         lambda st: get_json_or_none(st, layout.round_doc(shard, rnd, "requests"))
         if stepped else None, known=known is not None)
     if known is not None and (progress or {}).get("run") != run_id:
@@ -631,7 +633,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                             todo if todo is not None else list(range(len(items))), rejected,
                             base)
                 return
-            stops.after_merge(ctx, provider, rows, build)  # spend settled; maybe a stop
+            stops.after_merge(ctx, provider, rows, build, spend)  # spend settled; maybe a stop
             progress = progress or {}
             merged = {"batch_id": record.batch_id if record else None,
                       "batch_status": progress.get("status") if record else None,
@@ -644,9 +646,20 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
                 sent_rows = rows.snapshot()  # the merged rows, before the cache's are added
                 merged["cached"] = fill_cached(items, rows, cache_doc, run.fetcher.source,
                                                rnd=rnd, originals=originals)
-            put_json(store, layout.round_doc(shard, rnd, "merged"), merged)
-            kept = put_round_rows(store, layout.round_doc(shard, rnd, "rows"), rows,
-                                  if_absent=True, keep=True) or None
+            with cf.ThreadPoolExecutor(1, thread_name_prefix="merged") as pool:
+                # The round's merge record and its rows at once: one round trip's wait. In
+                # either order a stop in between leaves one without the other, and the
+                # round is merged again (``merged`` missing, or rows missing: see above).
+                recorded = pool.submit(put_json, store, layout.round_doc(shard, rnd, "merged"),
+                                       merged)
+                kept = put_round_rows(store, layout.round_doc(shard, rnd, "rows"), rows,
+                                      if_absent=True, keep=True) or None
+                try:
+                    recorded.result()
+                except BaseException:
+                    if kept is not None:
+                        kept.close()
+                    raise
             if cache_doc is not None:  # after the merge is stored: only merged ok rows are cached
                 _write_cache(run, cache_doc, sent_rows, shard, rnd)
     try:
@@ -707,7 +720,14 @@ def _finish_shard(run: Run, shard: int, last_round: int,
     kept file), not read again."""
     store = run.output
     held = held or {}
-    if store.exists(layout.round_doc(shard, last_round + 1, "todo")):
+    provider = provider_for(run.spec)
+    contexts = [_context(run, shard, r) for r in range(last_round + 1)]
+    with cf.ThreadPoolExecutor(2, thread_name_prefix="finish") as pool:
+        # The look for a later round and each round's duplicate count (a read) at once: one
+        # round trip's wait, not one per look (the counts are wasted on a stale merge).
+        reopened = pool.submit(store.exists, layout.round_doc(shard, last_round + 1, "todo"))
+        duplicates = sum(pool.map(provider.duplicate_submissions, contexts))
+    if reopened.result():
         # A stale merge of an earlier round (a retry pass reopened the shard since): the
         # latest round finishes the shard.
         return
@@ -715,14 +735,11 @@ def _finish_shard(run: Run, shard: int, last_round: int,
     rounds: list[Any] = []  # each round's stored rows, as lines read in chunks
     merged: list[dict[str, Any]] = []
     batches: list[dict[str, Any]] = []  # every batch sent, failed ones included
-    duplicates = 0
-    provider = provider_for(run.spec)
     for r in range(last_round + 1):
         key = layout.round_doc(shard, r, "batch")
         batch = held[key] if key in held else get_json_or_none(store, key)
         if batch is not None:
             batches.append(batch)
-        duplicates += provider.duplicate_submissions(_context(run, shard, r))
         try:  # a round whose batch failed and was resubmitted has no rows
             rounds.append(iter_kept_lines(kept) if kept is not None and r == last_round
                           else iter_stored_lines(store, layout.round_doc(shard, r, "rows")))

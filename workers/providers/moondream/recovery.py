@@ -58,20 +58,31 @@ def recorded_round(state: Store, doc: Callable[[str], str]
     return ShardBuild.model_validate(get_json(state, doc("build"))), BatchRecord.model_validate(raw)
 
 
-def write_build(state: Store, doc: Callable[[str], str], build: ShardBuild) -> None:
+#: ``write_build``'s ``version`` when the caller did not read it.
+UNREAD: Any = object()
+
+
+def write_build(state: Store, doc: Callable[[str], str], build: ShardBuild, *,
+                version: Any = UNREAD) -> None:
     """Write ``build.json`` for the claimant ``build.attempt``: compare-and-swap on the version
     read while the claim is still its own, so a claimant whose claim was dropped (it stalled
     and another execution took the round over) can never overwrite the new claimant's build.
-    Raises ``RoundClaimed`` when the claim is no longer this execution's."""
+    ``version``: the version of ``build.json`` (None: absent) as the caller read it after
+    claiming, for the first try (left out: read here). Raises ``RoundClaimed`` when the claim
+    is no longer this execution's."""
     data = build.json_bytes()  # no copy of its lists and dicts (as dumps() would make)
     for _ in range(8):
-        version = version_of(state, doc("build"))
+        # The version is read before the claim is looked at: a build another claimant
+        # wrote after that look changes the version, and the swap fails.
+        if version is UNREAD:
+            version = version_of(state, doc("build"))
         claim = get_json_or_none(state, doc("submit"))
         if claim is None or claim.get("attempt", "") != build.attempt:
             raise RoundClaimed(f"{doc('submit')}: this execution's claim on the round was "
                                "dropped by another execution")
         if _put_over(state, doc("build"), data, version):
             return
+        version = UNREAD  # changed since: read it again
     raise RoundClaimed(f"{doc('build')} keeps changing under this execution")
 
 
