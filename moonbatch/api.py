@@ -233,13 +233,16 @@ def run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
     ``Timeout`` (the run goes on: ``Run.wait``/``Run.resume``).
     """
     from moonbatch.producer import submit as starting
-    from moonbatch.producer.local import start_and_follow
+    from moonbatch.producer.local import check_fleet_ahead, start_and_follow
     from moonbatch.producer.runs import AlreadyComplete
     from moonbatch.workers.embedded import EMBEDDED
 
     settings = _settings()
     spec = _spec(input, output, skill, provider, options)
     embedded = embedded_broker or settings.broker_url == EMBEDDED
+    # A fleet's ping beside the checks below (awaited before anything is written); an
+    # embedded broker has no fleet (start_and_follow refuses --workers 0 with it).
+    fleet = check_fleet_ahead(settings) if workers == 0 and not embedded else None
     plans: list[dict[str, Any]] = []
     try:
         spec = starting.prepare(spec, settings, allow_empty=allow_empty, force=force,
@@ -247,7 +250,7 @@ def run(input: str, output: str, *, skill: str | Sequence[str] = "caption",
         final = start_and_follow(
             spec, workers=workers, timeout=timeout, embedded=embedded,
             on_plan=lambda plan: (plans.append(plan), on_plan and on_plan(plan)),
-            on_progress=on_progress, on_notice=on_notice, output_checked=True)
+            on_progress=on_progress, on_notice=on_notice, output_checked=True, fleet=fleet)
     except AlreadyComplete as done:
         return Run(done.run_id, spec.output, note=str(done))
     return Run(plans[0]["run_id"], spec.output, plan=plans[0], final=final)

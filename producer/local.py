@@ -4,6 +4,7 @@ the run's own queues, so they never take a fleet's work and a fleet never takes 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -108,6 +110,26 @@ def check_fleet(settings) -> None:
                              "worker) or use --workers N")
 
 
+def check_fleet_ahead(settings) -> concurrent.futures.Future:
+    """``check_fleet`` started now in a thread of its own (daemon: an abandoned one never holds
+    the interpreter's exit; the ping gives up within 2 s): a ``--workers 0`` start pings the
+    fleet (Celery's imports, a connection and a reply, 0.1-0.2 s) while it checks OUTPUT,
+    INPUT and the key instead of after them; ``start_and_follow(fleet=...)`` awaits it. The
+    future holds None, or the ``PreflightError``/``MoonbatchError`` ``check_fleet`` raised."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def ping() -> None:
+        try:
+            check_fleet(settings)
+        except BaseException as exc:  # handed to the one who awaits it
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+    threading.Thread(target=ping, name="moonbatch-fleet-check", daemon=True).start()
+    return future
+
+
 def check_broker(settings) -> None:
     """Fail fast, with the way out, when the configured broker cannot be reached."""
     from moonbatch.workers.app import app as celery_app
@@ -168,14 +190,16 @@ def embedded_broker(on_notice=None) -> Iterator[None]:
 
 def start_and_follow(spec, *, workers: int | None = None, timeout: float | None = None,
                      embedded: bool = False, on_plan=None, on_progress=None,
-                     on_notice=None, output_checked: bool = False) -> dict[str, Any]:
+                     on_notice=None, output_checked: bool = False,
+                     fleet: concurrent.futures.Future | None = None) -> dict[str, Any]:
     """Start ``spec`` (checked by ``producer.submit.prepare``) and follow it to its end, as
     ``moonbatch run`` does: with ``workers`` > 0 (default: one per core) start that many local
     worker processes on the run's private queue, and with ``embedded`` (or
     ``MOONBATCH_BROKER_URL=embedded``) a private broker for them; 0 uses a running fleet.
     ``on_plan(plan)`` is called once the run is planned and enqueued; ``on_progress`` and
     ``on_notice`` as ``producer.follow.follow`` takes them. ``output_checked``: as
-    ``producer.submit.start`` takes it.
+    ``producer.submit.start`` takes it. ``fleet``: with ``workers`` 0, the fleet's check
+    started earlier (``check_fleet_ahead``), awaited here instead of a check of its own.
 
     Returns the final snapshot. Raises ``InvalidOption`` (negative ``workers``, an embedded
     broker without workers), ``PreflightError`` (broker out of reach), ``MoonbatchError`` (no
@@ -198,7 +222,9 @@ def start_and_follow(spec, *, workers: int | None = None, timeout: float | None 
                             "--workers N (N > 0), or a shared broker for a fleet")
     with embedded_broker(on_notice) if embedded else contextlib.nullcontext():
         settings = get_settings()
-        if n == 0:
+        if n == 0 and fleet is not None:
+            fleet.result()  # raises what check_fleet raised
+        elif n == 0:
             check_fleet(settings)
         else:
             check_broker(settings)

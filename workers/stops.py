@@ -392,16 +392,26 @@ def before_send(ctx: Any, provider: Any) -> dict[str, str] | None:
     return _over_budget(ctx, usd, budget)
 
 
-def reserve_step(ctx: Any, costs: list[float]) -> tuple[int, dict[str, str] | None]:
+def budget_look(ctx: Any) -> tuple[dict[str, Any] | None, float | None]:
+    """What a step's reservation looks at before it books: the run's stop record (None while
+    it may send, as ``stopped``) and its budget (``limits``' ``max_cost``, None: no budget),
+    read side by side. A step may read them beside its other reads (``reserve_step(look=)``)."""
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="reserve") as pool:
+        lim = pool.submit(limits, ctx.store, ctx.run.spec)  # beside the stop's look
+        doc = stopped(ctx.store)
+        return doc, lim.result()["max_cost"]
+
+
+def reserve_step(ctx: Any, costs: list[float],
+                 look: tuple[dict[str, Any] | None, float | None] | None = None
+                 ) -> tuple[int, dict[str, str] | None]:
     """A provider that sends in steps (``spends_in_steps``) calls this before a step sends
     requests estimated at ``costs`` dollars each (in sending order): ``(n, None)`` when all
     ``n`` may be sent; ``(n, error)`` when only the first ``n`` fit the budget (or the run
     is stopped: 0), ``error`` being what the rest and every unsent item get (the run is then
-    stopped). One reservation per request; the round's ``spend.json`` is written once."""
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="reserve") as pool:
-        lim = pool.submit(limits, ctx.store, ctx.run.spec)  # beside the stop's look
-        doc = stopped(ctx.store)
-        budget = lim.result()["max_cost"]
+    stopped). One reservation per request; the round's ``spend.json`` is written once.
+    ``look``: ``budget_look``'s answer read just before (None: read now)."""
+    doc, budget = look if look is not None else budget_look(ctx)
     if doc is not None:
         return 0, stop_error(doc)
     try:

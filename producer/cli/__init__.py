@@ -62,6 +62,13 @@ def _global(version: Annotated[bool, typer.Option(
     DEBUG[0] = debug
 
 
+# httpcore (under httpx, which the command groups import) imports trio whenever it is
+# installed, only to serve trio's event loop; the command line runs no event loop (moonbatch
+# has no async client), yet an environment with trio would pay 0.1-0.2 s of every command's
+# start for it, before any check or send. None in sys.modules makes ``import trio`` raise the
+# ImportError httpcore expects (trio = None).
+sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
+
 # The command groups register their commands on ``app``, in help's order.
 for _group in ("run", "inspect", "repair", "tools"):
     importlib.import_module(f"moonbatch.producer.cli.{_group}")

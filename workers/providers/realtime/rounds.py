@@ -85,7 +85,7 @@ STEP_SECONDS = 15.0
 CHECKPOINT_SECONDS = 60.0
 MAX_TRIES = 6  # sends of one line on transient errors before it ends as request_failed
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 30.0  # the official fine-tuning client's policy (FACTS.md)
-PREPARE_AHEAD = 64  # most lines read and reserved ahead of their slots
+PREPARE_AHEAD = 64  # most lines read and reserved ahead of their slots (refilled at half)
 CANCEL_LOOK = 1.0  # seconds between looks at the run's cancel marker while sending
 
 
@@ -380,10 +380,12 @@ class RealtimeSteps(SteppedRounds):
                     wait = max(0.05, min(nb for nb, _ in later) - time.time())
                     if time.monotonic() + wait >= stop_at:
                         break
-                if (not stop_sending and preparing[0] is None and len(ready) <= 3 * ahead // 4
+                if (not stop_sending and preparing[0] is None and len(ready) <= ahead // 2
                         and wanted() > len(ready)):
                     # While the requests sent are answered; early enough that the lines left
-                    # ready outlast a batch's reads and reservations on a busy store.
+                    # ready outlast a batch's reads and reservations on a busy store, late
+                    # enough that a batch is big: each costs two reads, a write and a thread
+                    # besides its images, CPU the step's sends and the store share.
                     prepare(ahead - len(ready))
                 if running or preparing[0] is not None:
                     done, _ = cf.wait([*running, *preparing[:1]] if preparing[0] else
@@ -424,6 +426,13 @@ class RealtimeSteps(SteppedRounds):
         the run stops). Runs in the step's preparing thread: it changes no ledger."""
         spec = ctx.run.spec
         todo = [li for li in lines if build.lines[li] not in images]
+        # The reservation's reads (the stop record, the budget) beside the images' reads:
+        # one storage round trip less before a batch is ready (the step's first one waits
+        # for it). Not when every line is reserved already (nothing to book).
+        looker = cf.ThreadPoolExecutor(1, thread_name_prefix="realtime-look")
+        look = (looker.submit(stops.budget_look, ctx) if any(li not in prepaid for li in lines)
+                else None)
+        looker.shutdown(wait=False)
         if todo:
             images.update(load_images(ctx, build, todo, limit=MAX_IMAGE_BYTES))
         batch = Prepared()
@@ -443,7 +452,7 @@ class RealtimeSteps(SteppedRounds):
         fresh = [r for r in batch.ready if r.line not in prepaid]
         n, batch.refusal = stops.reserve_step(ctx, [self.line_estimate(  # type: ignore[attr-defined]
             spec, ctx.items[build.lines[r.line]].size, build.skills[r.line] if build.skills
-            else 0) for r in fresh]) if fresh else (0, None)
+            else 0) for r in fresh], look.result() if look else None) if fresh else (0, None)
         if batch.refusal is not None:
             batch.refused = [r.line for r in fresh[n:]]
             batch.ready = [r for r in batch.ready if r.line not in set(batch.refused)]
