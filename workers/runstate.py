@@ -444,8 +444,8 @@ class Progress:
         while a run goes on, a merge's look costs a request or two (about 2 at 1,000 shards
         and 16 processes, 5 with merges in random order), not a listing that grows with the
         run (which, at every merge, made a run's listing pages grow with the square of its
-        shards: ~10,000 pages for 1,000 shards). Only a run that looks complete is listed, and the
-        listing corrects ``merged`` (a ``retry-failed`` pass reopens shards)."""
+        shards: ~10,000 pages for 1,000 shards). Only a run that looks complete is listed,
+        and the listing corrects ``merged`` (a ``retry-failed`` pass reopens shards)."""
         plan = self._plan
         if plan is None:
             plan = get_json_or_none(self.store, layout.PLAN)
