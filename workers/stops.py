@@ -209,7 +209,7 @@ class Books:
                 out = getattr(self, "_" + name)(keys=keys, args=args)
                 if out[0] != -1:
                     return [v.decode() if isinstance(v, bytes) else v for v in out]
-                self._load(keys=keys, args=[TTL_SECONDS, *self._from_storage()])
+                self._load_books(spend_docs(self.store))
         except Exception as exc:
             raise BooksUnavailable(f"spend of run {self.run.spec.run_id}: "
                                    f"{type(exc).__name__}") from None
@@ -223,19 +223,20 @@ class Books:
         if self._redis is None:
             return  # the local books are loaded in the process that uses them
         try:
-            self._load(keys=[self.hash], args=[TTL_SECONDS, *self._from_storage(empty=True)])
+            self._load_books(())
         except Exception as exc:
             raise BooksUnavailable(f"spend of run {self.run.spec.run_id}: "
                                    f"{type(exc).__name__}") from None
 
-    def _from_storage(self, *, empty: bool = False) -> list[Any]:
-        """The hash's fields as the rounds' ``spend.json`` documents hold them (``empty``: a
-        run that has none yet; nothing is listed)."""
+    def _load_books(self, docs: Iterable[tuple[layout.ShardKey, Mapping[str, Any]]]) -> None:
+        """Load the run's hash, unless it is loaded already, from the rounds' ``spend.json``
+        documents ``docs`` (``spend_docs``; none: a run none of whose rounds has reserved).
+        Raises Redis errors."""
         actual = reserved = 0.0
         results = errors = 0
         fields: list[Any] = []
         codes: dict[str, int] = {}
-        for key, doc in () if empty else spend_docs(self.store):
+        for key, doc in docs:
             r = f"{key.shard}:{key.round}"
             if doc.get("actual") is not None:
                 actual += float(doc["actual"])
@@ -250,7 +251,7 @@ class Books:
         fields += ["actual", actual, "reserved", reserved, "results", results, "errors", errors]
         for c, n in codes.items():
             fields += ["code:" + c, n]
-        return fields
+        self._load(keys=[self.hash], args=[TTL_SECONDS, *fields])
 
     def reserve(self, rnd_key: str, usd: float, budget: float | None, *, once: bool) -> bool:
         """Reserve ``usd`` for round ``rnd_key`` if the budget allows (always, without one);
@@ -317,7 +318,7 @@ class Books:
         else:
             try:
                 if not self._redis.hexists(self.hash, "init"):
-                    self._load(keys=[self.hash], args=[TTL_SECONDS, *self._from_storage()])
+                    self._load_books(spend_docs(self.store))
                 raw = {k.decode(): v.decode() for k, v in self._redis.hgetall(self.hash).items()}
             except Exception as exc:
                 raise BooksUnavailable(f"spend of run {self.run.spec.run_id}: "
