@@ -4,7 +4,8 @@ grouped by shard (end to end: tests/test_planning.py, test_reliability.py, test_
 from __future__ import annotations
 
 from moonbatch.workers import layout
-from moonbatch.workers.reconcile import StoredShardDocs, listed_shards
+from moonbatch.workers.reconcile import StoredShardDocs
+from moonbatch.workers.runstate import listed_shards
 from moonbatch.workers.storage import LocalStore, put_json
 
 

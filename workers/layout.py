@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 STATE = "_moonbatch/"
 SPEC = STATE + "spec.json"
@@ -192,6 +192,30 @@ def parse_shard_key(key: str) -> ShardKey | None:
     if m is None:
         return None
     return ShardKey(int(m[1]), int(m[2]) if m[2] is not None else None, m[3])
+
+
+#: A shard's documents as a listing gives them: ``(round or None, name)`` → key.
+ShardDocKeys = dict[tuple[int | None, str], str]
+
+
+def group_shard_keys(keys: Iterable[str]) -> Iterator[tuple[int, ShardDocKeys]]:
+    """Listed keys (in a listing's order) grouped by shard: ``(shard, {(round or None,
+    name): key})`` as each shard's keys go by (a shard's keys share its folder, so they are
+    adjacent in key order, whatever the widths of the shard numbers); keys that are not a
+    shard's document are passed over, and shards with none are not given."""
+    shard: int | None = None
+    docs: ShardDocKeys = {}
+    for key in keys:
+        parsed = parse_shard_key(key)
+        if parsed is None:
+            continue
+        if parsed.shard != shard:
+            if shard is not None:
+                yield shard, docs
+            shard, docs = parsed.shard, {}
+        docs[(parsed.round, parsed.name)] = key
+    if shard is not None:
+        yield shard, docs
 
 
 def latest_round(keys: Iterable[ShardKey]) -> int | None:

@@ -315,6 +315,7 @@ def run_progress(run: Run, *, force: bool = False) -> None:
     if m is None:
         return
     from moonbatch.workers import layout
+    from moonbatch.workers.runstate import listed_shards
     from moonbatch.workers.storage import get_json, get_json_or_none
 
     run_id = run.spec.run_id
@@ -333,27 +334,20 @@ def run_progress(run: Run, *, force: bool = False) -> None:
         plan = get_json_or_none(store, layout.PLAN)
         tracker.total = int(plan["items"]) if plan else None
     done_shards: set[int] = set()
-    latest: dict[int, int] = {}  # shard → highest round with any document
-    rounds: dict[tuple[int, int], set[str]] = {}
-    for obj in store.iter_objects(layout.SHARDS):
-        key = layout.parse_shard_key(obj.key)
-        if key is None:
+    at_provider: list[tuple[int, int]] = []  # (shard, round) of submitted rounds not merged
+    for shard, docs in listed_shards(store):
+        if (None, "done") in docs:
+            done_shards.add(shard)
             continue
-        if key.round is None:
-            if key.name == "done":
-                done_shards.add(key.shard)
-            continue
-        latest[key.shard] = max(latest.get(key.shard, 0), key.round)
-        rounds.setdefault((key.shard, key.round), set()).add(key.name)
+        rnd = max((r for r, _ in docs if r is not None), default=None)
+        # A shard's latest round is at the provider from batch.json until merged.json (an
+        # earlier round that was resubmitted has no merged.json, but a later round exists).
+        if rnd is not None and (rnd, "batch") in docs and (rnd, "merged") not in docs:
+            at_provider.append((shard, rnd))
     for shard in done_shards - tracker.done.keys():
         tracker.done[shard] = int(get_json(store, layout.shard_doc(shard, "done"))["total"])
     oldest: float | None = None
-    for shard, rnd in latest.items():
-        docs = rounds.get((shard, rnd), set())
-        # A shard's latest round is at the provider from batch.json until merged.json (an
-        # earlier round that was resubmitted has no merged.json, but a later round exists).
-        if shard in done_shards or "batch" not in docs or "merged" in docs:
-            continue
+    for shard, rnd in at_provider:
         at = tracker.submitted.get((shard, rnd))
         if at is None:
             doc = get_json_or_none(store, layout.round_doc(shard, rnd, "batch"))

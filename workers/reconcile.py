@@ -17,7 +17,14 @@ from moonbatch.config import Settings, get_settings
 from moonbatch.workers import canary, ends, layout, metrics, registry, retries
 from moonbatch.workers.enqueue import BUILD_SHARD, FINALIZE_RUN, MERGE_ROUND, POLL_ROUND, enqueue
 from moonbatch.workers.lease import lease_is_live
-from moonbatch.workers.runstate import Run, maybe_finalize, open_output, open_run, run_queue
+from moonbatch.workers.runstate import (
+    Run,
+    listed_shards,
+    maybe_finalize,
+    open_output,
+    open_run,
+    run_queue,
+)
 from moonbatch.workers.shard import Action, next_step
 from moonbatch.workers.storage import NotFound, Store, get_json_or_none
 
@@ -30,10 +37,10 @@ class StoredShardDocs(Mapping[tuple[int | None, str], Any]):
     up, so deciding costs only the reads the decision needs. A document listed and gone since
     reads as absent (``KeyError``)."""
 
-    def __init__(self, store: Store, shard: int,
-                 listed: dict[tuple[int | None, str], str] | None = None) -> None:
+    def __init__(self, store: Store, shard: int, listed: layout.ShardDocKeys | None = None
+                 ) -> None:
         self.store = store
-        self._keys: dict[tuple[int | None, str], str] = listed if listed is not None else \
+        self._keys = listed if listed is not None else \
             next(listed_shards(store, layout.shard_prefix(shard)), (shard, {}))[1]
         self._read: dict[tuple[int | None, str], Any] = {}
 
@@ -60,29 +67,8 @@ class StoredShardDocs(Mapping[tuple[int | None, str], Any]):
         return len(self._keys)
 
 
-def listed_shards(store: Store, prefix: str = layout.SHARDS
-                  ) -> Iterator[tuple[int, dict[tuple[int | None, str], str]]]:
-    """The shards' documents under ``prefix`` (all of a run's by default) from one listing,
-    a shard at a time as the listing passes it: ``(shard, {(round or None, name): key})``
-    (a shard's keys share its folder, so they are adjacent in the listing's key order).
-    Shards with no document are not given. Raises storage errors."""
-    shard: int | None = None
-    docs: dict[tuple[int | None, str], str] = {}
-    for obj in store.iter_objects(prefix):
-        key = layout.parse_shard_key(obj.key)
-        if key is None:
-            continue
-        if key.shard != shard:
-            if shard is not None:
-                yield shard, docs
-            shard, docs = key.shard, {}
-        docs[(key.round, key.name)] = obj.key
-    if shard is not None:
-        yield shard, docs
-
-
 def advance_shard(run: Run, shard: int, *, only_stale: bool, now: float | None = None,
-                  listed: dict[tuple[int | None, str], str] | None = None) -> str | None:
+                  listed: layout.ShardDocKeys | None = None) -> str | None:
     """Enqueue the shard's next step as its documents in storage give it
     (``shard.next_step``); return what was enqueued (``"build"``, ``"poll"``, ``"merge"``) or
     None. ``only_stale``: see ``next_step``. ``listed``: the shard's documents as a listing of

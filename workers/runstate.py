@@ -11,7 +11,7 @@ import dataclasses
 import datetime
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from moonbatch.config import Settings
@@ -141,6 +141,7 @@ SPECS_KEPT = 64
 #: ``Progress.complete`` probes done.json documents before listing in runs of more shards.
 PROBE_FROM = 16
 PROBE_WINDOW = 16  # HEAD requests at once while probing
+_DONE = (None, "done")  # a merged shard's done.json, as ``layout.ShardDocKeys`` names it
 
 
 def known_spec(output_url: str, run_id: str) -> RunSpec | None:
@@ -214,6 +215,15 @@ def record_failure(store: Store, *, where: str, error: str) -> None:
              if_absent=True)
 
 
+def listed_shards(store: Store, prefix: str = layout.SHARDS
+                  ) -> Iterator[tuple[int, layout.ShardDocKeys]]:
+    """The shards' documents under ``prefix`` (all of a run's by default) from one listing,
+    a shard at a time as the listing passes it (``layout.group_shard_keys``: ``(shard,
+    {(round or None, name): key})``), so memory holds one shard's keys. Raises storage
+    errors."""
+    return layout.group_shard_keys(obj.key for obj in store.iter_objects(prefix))
+
+
 class Progress:
     """Reads a run's progress from storage; done documents are cached (they change only when
     a ``retry-failed`` pass reopens their shard, which removes them first), so repeated calls
@@ -280,26 +290,23 @@ class Progress:
         batches = 0
         spend_keys: list[str] = []
         unread: dict[int, str] = {}  # shard → its done.json, not cached yet
-        for obj in listing:
-            key = layout.parse_shard_key(obj.key)
-            if key is None:
-                continue
-            shard, rnd = key.shard, key.round
-            if rnd is None:
-                if key.name == "done":
-                    merged.add(shard)
-                    if shard not in self._done:
-                        unread[shard] = obj.key
-                continue
-            current[shard] = max(current.get(shard, 0), rnd)
-            if key.name == "spend":
-                spend_keys.append(obj.key)
-            if key.name == "progress":
-                latest[shard] = max(latest.get(shard, 0), rnd)
-            elif key.name == "batch":
-                submitted.add(shard)
-                batches += 1
-                sent[shard] = max(sent.get(shard, 0), rnd)
+        for shard, docs in layout.group_shard_keys(obj.key for obj in listing):
+            if (done_key := docs.get(_DONE)) is not None:
+                merged.add(shard)
+                if shard not in self._done:
+                    unread[shard] = done_key
+            for (rnd, name), key in docs.items():
+                if rnd is None:
+                    continue
+                current[shard] = max(current.get(shard, 0), rnd)
+                if name == "spend":
+                    spend_keys.append(key)
+                if name == "progress":
+                    latest[shard] = max(latest.get(shard, 0), rnd)
+                elif name == "batch":
+                    submitted.add(shard)
+                    batches += 1
+                    sent[shard] = max(sent.get(shard, 0), rnd)
         for shard, doc in zip(unread, pool.map(lambda k: get_json(st, k), unread.values()),
                               strict=True):
             self._done[shard] = ShardDone.model_validate(doc)
@@ -455,9 +462,7 @@ class Progress:
         shards = int(plan["shards"])
         if self.merged is not None and shards > PROBE_FROM and not self._probe(shards):
             return False
-        merged = {k.shard for o in self.store.iter_objects(layout.SHARDS)
-                  if (k := layout.parse_shard_key(o.key)) and k.round is None
-                  and k.name == "done"}
+        merged = {shard for shard, docs in listed_shards(self.store) if _DONE in docs}
         if self.merged is not None:
             self.merged.clear()
             self.merged.update(merged)

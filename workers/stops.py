@@ -33,7 +33,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from moonbatch.workers import layout, metrics
@@ -393,18 +393,24 @@ def before_send(ctx: Any, provider: Any) -> dict[str, str] | None:
     return _over_budget(ctx, usd, budget)
 
 
-def budget_look(ctx: Any) -> tuple[dict[str, Any] | None, float | None]:
-    """What a step's reservation looks at before it books: the run's stop record (None while
-    it may send, as ``stopped``) and its budget (``limits``' ``max_cost``, None: no budget),
-    read side by side. A step may read them beside its other reads (``reserve_step(look=)``)."""
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="reserve") as pool:
-        lim = pool.submit(limits, ctx.store, ctx.run.spec)  # beside the stop's look
-        doc = stopped(ctx.store)
-        return doc, lim.result()["max_cost"]
+#: What a step's reservation looks at before it books: the run's stop record (None while
+#: it may send, as ``stopped``) and its budget (``limits``' ``max_cost``, None: no budget).
+BudgetLook = tuple[dict[str, Any] | None, float | None]
 
 
-def reserve_step(ctx: Any, costs: list[float],
-                 look: tuple[dict[str, Any] | None, float | None] | None = None
+def budget_look(ctx: Any) -> Callable[[], BudgetLook]:
+    """Start reading what a step's reservation looks at (``BudgetLook``), the two documents
+    side by side in background threads, so that a step reads them beside its other reads;
+    returns the function that waits for them and gives the answer (``reserve_step(look=)``),
+    raising storage errors."""
+    pool = cf.ThreadPoolExecutor(2, thread_name_prefix="reserve")
+    doc = pool.submit(stopped, ctx.store)
+    lim = pool.submit(limits, ctx.store, ctx.run.spec)
+    pool.shutdown(wait=False)
+    return lambda: (doc.result(), lim.result()["max_cost"])
+
+
+def reserve_step(ctx: Any, costs: list[float], look: BudgetLook | None = None
                  ) -> tuple[int, dict[str, str] | None]:
     """A provider that sends in steps (``spends_in_steps``) calls this before a step sends
     requests estimated at ``costs`` dollars each (in sending order): ``(n, None)`` when all
@@ -412,7 +418,7 @@ def reserve_step(ctx: Any, costs: list[float],
     is stopped: 0), ``error`` being what the rest and every unsent item get (the run is then
     stopped). One reservation per request; the round's ``spend.json`` is written once.
     ``look``: ``budget_look``'s answer read just before (None: read now)."""
-    doc, budget = look if look is not None else budget_look(ctx)
+    doc, budget = look if look is not None else budget_look(ctx)()
     if doc is not None:
         return 0, stop_error(doc)
     try:

@@ -429,10 +429,7 @@ class RealtimeSteps(SteppedRounds):
         # The reservation's reads (the stop record, the budget) beside the images' reads:
         # one storage round trip less before a batch is ready (the step's first one waits
         # for it). Not when every line is reserved already (nothing to book).
-        looker = cf.ThreadPoolExecutor(1, thread_name_prefix="realtime-look")
-        look = (looker.submit(stops.budget_look, ctx) if any(li not in prepaid for li in lines)
-                else None)
-        looker.shutdown(wait=False)
+        look = stops.budget_look(ctx) if any(li not in prepaid for li in lines) else None
         if todo:
             images.update(load_images(ctx, build, todo, limit=MAX_IMAGE_BYTES))
         batch = Prepared()
@@ -452,7 +449,7 @@ class RealtimeSteps(SteppedRounds):
         fresh = [r for r in batch.ready if r.line not in prepaid]
         n, batch.refusal = stops.reserve_step(ctx, [self.line_estimate(  # type: ignore[attr-defined]
             spec, ctx.items[build.lines[r.line]].size, build.skills[r.line] if build.skills
-            else 0) for r in fresh], look.result() if look else None) if fresh else (0, None)
+            else 0) for r in fresh], look() if look else None) if fresh else (0, None)
         if batch.refusal is not None:
             batch.refused = [r.line for r in fresh[n:]]
             batch.ready = [r for r in batch.ready if r.line not in set(batch.refused)]
