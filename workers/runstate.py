@@ -141,7 +141,6 @@ SPECS_KEPT = 64
 #: ``Progress.complete`` probes done.json documents before listing in runs of more shards.
 PROBE_FROM = 16
 PROBE_WINDOW = 16  # HEAD requests at once while probing
-_DONE = (None, "done")  # a merged shard's done.json, as ``layout.ShardDocKeys`` names it
 
 
 def known_spec(output_url: str, run_id: str) -> RunSpec | None:
@@ -291,7 +290,7 @@ class Progress:
         spend_keys: list[str] = []
         unread: dict[int, str] = {}  # shard → its done.json, not cached yet
         for shard, docs in layout.group_shard_keys(obj.key for obj in listing):
-            if (done_key := docs.get(_DONE)) is not None:
+            if (done_key := docs.get((None, "done"))) is not None:
                 merged.add(shard)
                 if shard not in self._done:
                     unread[shard] = done_key
@@ -462,7 +461,7 @@ class Progress:
         shards = int(plan["shards"])
         if self.merged is not None and shards > PROBE_FROM and not self._probe(shards):
             return False
-        merged = {shard for shard, docs in listed_shards(self.store) if _DONE in docs}
+        merged = {shard for shard, docs in listed_shards(self.store) if (None, "done") in docs}
         if self.merged is not None:
             self.merged.clear()
             self.merged.update(merged)
