@@ -142,12 +142,12 @@ class Run:
         with translated():
             spec = open_run(self.output, settings).spec
         store = open_output(self.output, settings)
-        writer = writers.module(spec.output_format)
-        keys = sorted(o.key for o in store.iter_objects(layout.RESULTS)
-                      if o.key.startswith(layout.RESULTS + "shard-")
-                      and o.key.endswith("." + writer.SUFFIX))
-        for key in keys:
-            yield from writer.decode(store.get(key))
+        suffix = writers.module(spec.output_format).SUFFIX
+        # The results files there (a user's own file under results/ is left out), by shard.
+        parsed = (layout.parse_results(o.key) for o in store.iter_objects(layout.RESULTS))
+        shards = sorted(p[0] for p in parsed if p is not None and p[1] == suffix)
+        for got in writers.read_results(store, spec.output_format, shards):
+            yield from got.rows()
 
     def report(self, sample: int = 60, out: str | None = None) -> str:
         """Write the run's report (``moonbatch report``): one self-contained HTML file a

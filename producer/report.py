@@ -188,19 +188,19 @@ class Rows:
 
 
 def read_rows(store: Any, spec: Any, shards: int, rows: Rows) -> None:
-    """Feed every row of the run's merged shards to ``rows``, a shard at a time (a shard not
-    merged yet is passed over; one that cannot be read is noted in ``rows.problems``)."""
+    """Feed every row of the run's merged shards to ``rows``, a shard at a time, the next
+    shards' files read meanwhile (``writers.read_results``; a shard not merged yet is passed
+    over; one that cannot be read is noted in ``rows.problems``)."""
     from moonbatch.workers import writers
-    from moonbatch.workers.storage import NotFound
 
-    for shard in range(shards):
-        try:
-            for index, row in enumerate(writers.read_shard(store, spec.output_format, shard)):
-                rows.add(shard, index, row)
-        except NotFound:
+    for got in writers.read_results(store, spec.output_format, shards):
+        if not got.merged:
             continue
+        try:
+            for index, row in enumerate(got.rows()):
+                rows.add(got.shard, index, row)
         except Exception as exc:  # a damaged results file: say so and go on with the others
-            rows.problems.append(f"results of shard {shard} could not be read "
+            rows.problems.append(f"results of shard {got.shard} could not be read "
                                  f"({type(exc).__name__}: {clip(str(exc), 200)})")
 
 

@@ -16,6 +16,7 @@ overriding earlier ones, so ``results/`` keeps exactly one row per item.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from moonbatch.workers import layout, writers
@@ -27,9 +28,15 @@ def error_rows(store: Store, fmt: str, shard: int, codes: set[str] | None
                ) -> tuple[list[int], dict[str, int]]:
     """The shard's error rows: ``(indices of those whose code is in codes (None: every
     code), {code: rows} of every error row)``. Raises ``NotFound`` for a shard not merged."""
+    return _error_rows(writers.read_shard(store, fmt, shard), codes)
+
+
+def _error_rows(rows: Iterable[dict[str, Any]], codes: set[str] | None
+                ) -> tuple[list[int], dict[str, int]]:
+    """``error_rows`` of a shard's rows (dicts, in plan order)."""
     chosen: list[int] = []
     counts: dict[str, int] = {}
-    for i, row in enumerate(writers.read_shard(store, fmt, shard)):
+    for i, row in enumerate(rows):
         if row.get("status") != "error":
             continue
         code = str((row.get("error") or {}).get("code") or "unknown_error")
@@ -42,19 +49,21 @@ def error_rows(store: Store, fmt: str, shard: int, codes: set[str] | None
 def find_errors(run: Run, codes: set[str] | None
                 ) -> tuple[dict[int, list[int]], dict[str, int], dict[str, int]]:
     """Every error row of a merged run: ``({shard: item indices to retry}, {code: rows to
-    retry}, {code: error rows}``), shard by shard (one shard's rows in memory at a time)."""
+    retry}, {code: error rows}``), shard by shard (one shard's rows in memory at a time; the
+    next shards' files read meanwhile, ``writers.read_results``). Raises ``NotFound`` for a
+    shard not merged, ``StorageError``, the format's decoding errors (a damaged file)."""
     shards = get_json(run.output, layout.PLAN)["shards"]
     found: dict[int, list[int]] = {}
     chosen: dict[str, int] = {}
     every: dict[str, int] = {}
-    for shard in range(shards):
-        indices, counts = error_rows(run.output, run.spec.output_format, shard, codes)
+    for got in writers.read_results(run.output, run.spec.output_format, shards):
+        indices, counts = _error_rows(got.rows(), codes)
         for code, n in counts.items():
             every[code] = every.get(code, 0) + n
             if codes is None or code in codes:
                 chosen[code] = chosen.get(code, 0) + n
         if indices:
-            found[shard] = indices
+            found[got.shard] = indices
     return found, chosen, every
 
 

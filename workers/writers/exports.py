@@ -19,9 +19,8 @@ import importlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from moonbatch.workers import layout
 from moonbatch.workers.models import SPATIAL_SKILLS, PlanItem, RunSpec, SkillOptions, id_text
-from moonbatch.workers.storage import NotFound, Store
+from moonbatch.workers.storage import Store
 
 EXPORTS: dict[str, str] = {
     "coco": "moonbatch.workers.writers.coco",
@@ -99,17 +98,18 @@ class Item:
 
 
 def items(store: Store, spec: RunSpec, shards: int) -> Iterator[Item]:
-    """Every merged row of the run in plan order, a shard at a time (shards not merged are
-    passed over; their positions are not counted)."""
+    """Every merged row of the run in plan order, a shard at a time, the next shards' results
+    and plan files read meanwhile (``writers.read_results``; shards not merged are passed
+    over; their positions are not counted). Raises ``StorageError`` and the format's decoding
+    errors (a damaged results file), at the shard's place."""
     from moonbatch.workers import writers
 
     position = 0
-    for shard in range(shards):
-        try:
-            rows = writers.read_shard(store, spec.output_format, shard)
-        except NotFound:
+    for got in writers.read_results(store, spec.output_format, shards, plans=True):
+        if not got.merged:
             continue
-        own = _item_opts(store, shard)
+        rows = got.rows()
+        own = _item_opts(got.plan)
         for row in rows:
             position += 1
             key = id_text(row.get("id"))
@@ -137,15 +137,11 @@ class Categories:
         return self.ids[key]
 
 
-def _item_opts(store: Store, shard: int) -> dict[str, dict[str, Any]]:
-    """``{item key: opts}`` for the shard's items with their own options (manifest columns);
-    empty when none has any or the plan file is gone."""
-    try:
-        data = store.get(layout.plan_items(shard))
-    except NotFound:
-        return {}
+def _item_opts(plan: bytes | None) -> dict[str, dict[str, Any]]:
+    """``{item key: opts}`` for the items of a shard's plan file (its bytes; None: the file is
+    gone) with their own options (manifest columns); empty when none has any."""
     out = {}
-    for line in data.splitlines():
+    for line in (plan or b"").splitlines():
         if b'"opts"' in line:  # most plans have none: skip parsing the rest
             item = PlanItem.from_json(line)
             if item.opts:
