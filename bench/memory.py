@@ -35,7 +35,11 @@ Measures, in child processes (``bench.probe``), the peak resident set size (VmHW
   rows, composing and writing the JSONL results (``write_rounds``); for shards of 20,000 and of
   100,000 lines,
   so that growth with the shard shows (target: the 100,000-line shard's peak within 1.25x the
-  20,000-line one's, i.e. bounded rather than growing with the shard).
+  20,000-line one's, i.e. bounded rather than growing with the shard);
+- the exports of a finished run: ``writers.finish_run`` (COCO ``instances.json`` and Label
+  Studio ``tasks.json``) over merged detect runs of 50,000 and 250,000 rows of 4 boxes each,
+  written to a local OUTPUT first (target: the larger run's peak within 1.25x the smaller's:
+  the documents are not held in memory).
 
 Baseline for both: a child that only imports the same modules. The input trees are made once and
 cached; the time that took is reported when it happens. The emulator (in the benchmark process,
@@ -67,6 +71,10 @@ SMOKE_LIST_KEYS = 2_000
 BASELINE_KEYS = 100_000  # the boto3 baselines list at most this many
 LIST_TARGET = 0.9  # moonbatch's listing + planning against a bare boto3 listing, keys/s
 SHARD_SIZES = (20_000, 100_000)
+# exports of a merged detect run (COCO and Label Studio), rows of EXPORT_BOXES boxes each
+EXPORT_ROWS, SMOKE_EXPORT_ROWS = (50_000, 250_000), (200, 1_000)
+EXPORT_SHARD_ROWS = 2_000
+EXPORT_BOXES = 4
 TINY_DIRS = 100
 # --smoke: 2,000 files in 10 directories, shards of 50 and 100 lines (checks that it runs)
 SMOKE_ITEMS, SMOKE_DIRS, SMOKE_SHARD_SIZES = 2000, 10, (50, 100)
@@ -235,6 +243,65 @@ def plan_listed(result: Result, large: int, base: float) -> None:
     result.notes.append(note)
 
 
+def merged_run(folder: str, rows: int) -> None:
+    """A merged detect run of ``rows`` rows (``EXPORT_BOXES`` boxes each, shards of
+    ``EXPORT_SHARD_ROWS``) in the local OUTPUT ``folder``: its spec (COCO and Label Studio
+    exports), plan.json, plan files and JSONL results."""
+    import orjson
+
+    from moonbatch.workers import layout, writers
+    from moonbatch.workers.models import RunSpec, SkillOptions
+    from moonbatch.workers.storage import LocalStore, put_json
+
+    store = LocalStore(folder)
+    spec = RunSpec(run_id="bench-export", input="s3://in/", output="s3://out/",
+                   options=SkillOptions(skill="detect", object="car"),
+                   exports=["coco", "label-studio"], shard_size=EXPORT_SHARD_ROWS,
+                   max_shard_bytes=1 << 30, created_at=1_700_000_000.0)
+    shards = -(-rows // EXPORT_SHARD_ROWS)
+    put_json(store, layout.SPEC, spec.model_dump(mode="json"))
+    put_json(store, layout.PLAN, {"shards": shards, "items": rows})
+    rng = random.Random(0)
+    for shard in range(shards):
+        ids = [f"photos/{i:07d}.jpg" for i in range(shard * EXPORT_SHARD_ROWS,
+                                                    min(rows, (shard + 1) * EXPORT_SHARD_ROWS))]
+        store.put(layout.plan_items(shard), b"".join(
+            orjson.dumps({"id": i, "size": 50_000}) + b"\n" for i in ids))
+        lines = []
+        for i in ids:
+            boxes = []
+            for _ in range(EXPORT_BOXES):
+                x, y = rng.random() * 0.8, rng.random() * 0.8
+                boxes.append({"x_min": x, "y_min": y, "x_max": x + 0.1, "y_max": y + 0.15})
+            lines.append(orjson.dumps({"id": i, "source": "s3://in/" + i, "status": "ok",
+                                       "result": {"objects": boxes},
+                                       "usage": {"input_tokens": 1458, "output_tokens": 40},
+                                       "width": 640, "height": 480}))
+        writers.write_shard(store, "jsonl", shard, lines)
+
+
+def export_peaks(result: Result, sizes: tuple[int, int]) -> None:
+    """The finalising task's exports (COCO and Label Studio) of merged detect runs of
+    ``sizes`` rows, each in a child (``probe export``): peak RSS, and the larger run's peak
+    within ``GROWTH_TARGET`` of the smaller's (the documents are written through temporary
+    files, not held)."""
+    base = probe("imports-export")["peak_mb"]
+    peaks = {}
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="moonbatch-bench-export-") as folder:
+            merged_run(folder, n)
+            got = probe("export", folder)
+        peaks[n] = got["peak_mb"]
+        size = ", ".join(f"{name} {b / 1e6:.0f} MB" for name, b in got["bytes"].items())
+        result.add(f"exports of a {n:,}-row detect run ({EXPORT_BOXES} boxes a row), peak RSS",
+                   f"{got['peak_mb']:.0f} MB ({size}; {got['seconds']:.1f} s)",
+                   f"imports only: {base:.0f} MB", f"{got['peak_mb'] / base:.2f}x")
+    small, large = sizes
+    result.add(f"exports peak growth, {small:,} -> {large:,} rows", f"{peaks[large]:.0f} MB",
+               f"{peaks[small]:.0f} MB", f"{peaks[large] / peaks[small]:.2f}x",
+               f"<= {GROWTH_TARGET}x", peaks[large] / peaks[small] <= GROWTH_TARGET)
+
+
 def probe(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> dict[str, Any]:
     """Run ``python -m bench.probe ARGS`` (at most ``timeout`` seconds) and return its JSON
     report."""
@@ -303,4 +370,5 @@ def run(servers: Servers, smoke: bool = False) -> Result:
                f"<= {GROWTH_TARGET}x", ratio <= GROWTH_TARGET)
     per_line = (peaks[large] - peaks[small]) * 1e3 / (large - small)
     result.notes.append(f"the worker's peak grows by {per_line:.1f} KB per line of the shard")
+    export_peaks(result, SMOKE_EXPORT_ROWS if smoke else EXPORT_ROWS)
     return result

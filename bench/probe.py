@@ -1,12 +1,14 @@
 """Memory probes, run by ``bench.memory`` in child processes so that each peak RSS is its own:
 
-    python -m bench.probe imports-plan | imports-s3 | imports-worker   import the modules only
+    python -m bench.probe imports-plan | imports-s3 | imports-worker | imports-export
+                                                             import the modules only
     python -m bench.probe plan TREE OUT                      plan TREE's items, write plan files
     python -m bench.probe plan-stream N OUT                  plan N generated keys, write plan files
     python -m bench.probe plan-s3 N URL OUT                  list bench.s3list's N keys, plan them
     python -m bench.probe list-boto3 N URL [CLIENT]          list them with a bare boto3 paginator
     python -m bench.probe plan-manifest MANIFEST TREE OUT    check, then plan a manifest of TREE
     python -m bench.probe worker TREE N STATE                build, submit, wait and merge a shard
+    python -m bench.probe export STATE                       write the exports of a merged run
 
 Each prints one JSON line: ``peak_mb`` (VmHWM from /proc/self/status) and what it measured.
 ``plan-s3`` and ``list-boto3`` talk to the listing server at URL (``bench.s3list``) with dummy
@@ -38,6 +40,9 @@ WORKER_MODULES = ("moonbatch.config", "moonbatch.workers.providers.moondream.upl
                   "moonbatch.workers.providers.moondream.download", "moonbatch.workers.rowspool",
                   "moonbatch.workers.writers", "moonbatch.workers.writers.jsonl",
                   "PIL.Image", "PIL.PngImagePlugin")
+EXPORT_MODULES = ("moonbatch.workers.writers", "moonbatch.workers.writers.coco",
+                  "moonbatch.workers.writers.labelstudio", "moonbatch.workers.models",
+                  "moonbatch.workers.storage")
 
 
 def peak_mb() -> float:
@@ -230,17 +235,36 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     return report
 
 
+def export(state: str) -> dict[str, Any]:
+    """What the finalising task does for a run's exports (``writers.finish_run``: COCO and
+    Label Studio here) over the merged run in the local OUTPUT ``STATE`` (its spec and plan
+    documents name the exports and the shards)."""
+    from moonbatch.workers import layout, writers
+    from moonbatch.workers.models import RunSpec
+    from moonbatch.workers.storage import LocalStore, get_json
+
+    store = LocalStore(state)
+    spec = RunSpec.model_validate(get_json(store, layout.SPEC))
+    start = time.perf_counter()
+    writers.finish_run(store, spec, int(get_json(store, layout.PLAN)["shards"]))
+    return {"seconds": time.perf_counter() - start,
+            "bytes": {name: os.path.getsize(store.url_for(key)) for name, key in
+                      (("coco", layout.COCO), ("label-studio", layout.LABEL_STUDIO))}}
+
+
 def main(argv: list[str]) -> None:
     """Run the probe named by ``argv[0]``; print its report as one JSON line."""
     kind, args = argv[0], argv[1:]
     modules = {"plan": PLAN_MODULES, "imports-plan": PLAN_MODULES, "plan-stream": PLAN_MODULES,
                "plan-s3": S3_PLAN_MODULES, "imports-s3": S3_PLAN_MODULES, "list-boto3": S3_PLAN_MODULES,
-               "plan-manifest": MANIFEST_MODULES, "imports-manifest": MANIFEST_MODULES
+               "plan-manifest": MANIFEST_MODULES, "imports-manifest": MANIFEST_MODULES,
+               "export": EXPORT_MODULES, "imports-export": EXPORT_MODULES,
                }.get(kind, WORKER_MODULES)
     for module in modules:
         importlib.import_module(module)
     probes = {"plan": plan, "plan-stream": plan_stream, "plan-s3": plan_s3,
-              "list-boto3": list_boto3, "plan-manifest": plan_manifest, "worker": worker}
+              "list-boto3": list_boto3, "plan-manifest": plan_manifest, "worker": worker,
+              "export": export}
     report = probes[kind](*args) if not kind.startswith("imports") else {}
     report["peak_mb"] = peak_mb()
     print(json.dumps(report))

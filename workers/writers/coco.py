@@ -20,15 +20,18 @@
   bbox in pixels (the polygons' extent without one). A segment whose path encloses no polygon
   is left out. Ids from 1 in row order.
 
-Rows are read a shard at a time; only the output document (serialised entries) is held.
-Writing it again from the same results gives the same bytes.
+Rows are read a shard at a time and the document is written to a temporary file as they
+are: memory does not grow with the run. Writing it again from the same results gives the
+same bytes.
 """
 
 from __future__ import annotations
 
 import datetime
+import shutil
+import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -57,7 +60,17 @@ def _categories(cats: Categories) -> list[dict[str, Any]]:
 
 
 def build(store: Store, spec: RunSpec, shards: int) -> bytes:
-    """The COCO document of the run's merged results (UTF-8 JSON bytes).
+    """The COCO document of the run's merged results (UTF-8 JSON bytes): ``build_file``'s,
+    read whole. Raises ``ValueError`` if the run has no detect, point or segment skill."""
+    with build_file(store, spec, shards) as f:
+        return f.read()
+
+
+def build_file(store: Store, spec: RunSpec, shards: int) -> IO[bytes]:
+    """The COCO document of the run's merged results in a temporary file, rewound (the
+    caller closes it). Memory holds one shard's rows and the categories, whatever the run's
+    size: images and annotations are written to temporary files as the rows are read, then
+    joined after the head (whose categories are known only at the end).
 
     Raises ``ValueError`` if the run has no detect, point or segment skill."""
     if not wanted(spec):
@@ -65,36 +78,58 @@ def build(store: Store, spec: RunSpec, shards: int) -> bytes:
                          "export")
     skills = [o for o in spec.all_options if o.skill in SKILLS]
     cats = Categories(spec, SKILLS)
-    images: list[bytes] = []
-    anns: list[bytes] = []
     dumps = orjson.dumps
-    for item in items(store, spec, shards):
-        size = item.size()
-        if not item.ok or size is None:
-            continue
-        w, h = size
-        for opts, name, part in item.parts(spec, SKILLS):
-            cid = cats.id(opts.skill, name)
-            for ann in _annotations(opts.skill, part, w, h):
-                anns.append(dumps({"id": len(anns) + 1, "image_id": item.position,
-                                   "category_id": cid, **ann}))
-        images.append(dumps({"id": item.position, "file_name": item.file_name(spec), "width": w,
-                             "height": h, "moonbatch_id": item.row["id"]}))
-    created = datetime.datetime.fromtimestamp(spec.created_at, datetime.timezone.utc)
-    head = dumps({
-        "info": {"description": f"moonbatch run {spec.run_id}", "version": "1.0",
-                 "year": created.year, "date_created": created.isoformat(timespec="seconds"),
-                 "moonbatch_run_id": spec.run_id,
-                 "moonbatch_skills": [o.request_fields() for o in skills]},
-        "licenses": [], "categories": _categories(cats)})
-    return b"".join([head[:-1], b',"images":[', b",".join(images), b'],"annotations":[',
-                     b",".join(anns), b"]}"])
+    out = tempfile.TemporaryFile()
+    try:
+        with tempfile.TemporaryFile() as images, tempfile.TemporaryFile() as anns:
+            n_images = n_anns = 0
+            for item in items(store, spec, shards):
+                size = item.size()
+                if not item.ok or size is None:
+                    continue
+                w, h = size
+                for opts, name, part in item.parts(spec, SKILLS):
+                    cid = cats.id(opts.skill, name)
+                    for ann in _annotations(opts.skill, part, w, h):
+                        n_anns += 1
+                        anns.write(b"," if n_anns > 1 else b"")
+                        anns.write(dumps({"id": n_anns, "image_id": item.position,
+                                          "category_id": cid, **ann}))
+                n_images += 1
+                images.write(b"," if n_images > 1 else b"")
+                images.write(dumps({"id": item.position, "file_name": item.file_name(spec),
+                                    "width": w, "height": h, "moonbatch_id": item.row["id"]}))
+            created = datetime.datetime.fromtimestamp(spec.created_at, datetime.timezone.utc)
+            head = dumps({
+                "info": {"description": f"moonbatch run {spec.run_id}", "version": "1.0",
+                         "year": created.year,
+                         "date_created": created.isoformat(timespec="seconds"),
+                         "moonbatch_run_id": spec.run_id,
+                         "moonbatch_skills": [o.request_fields() for o in skills]},
+                "licenses": [], "categories": _categories(cats)})
+            out.write(head[:-1] + b',"images":[')
+            _append(out, images)
+            out.write(b'],"annotations":[')
+            _append(out, anns)
+            out.write(b"]}")
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 def write(store: Store, spec: RunSpec, shards: int) -> None:
-    """Build the run's COCO document and put it at ``annotations/instances.json`` (one upload;
-    a later call, e.g. after ``retry-failed``, replaces it)."""
-    store.put(layout.COCO, build(store, spec, shards))
+    """Build the run's COCO document and put it at ``annotations/instances.json`` (one upload
+    from a temporary file; a later call, e.g. after ``retry-failed``, replaces it)."""
+    with build_file(store, spec, shards) as f:
+        store.put(layout.COCO, f)
+
+
+def _append(out: IO[bytes], part: IO[bytes]) -> None:
+    """Copy the whole of the file ``part`` to the end of ``out``."""
+    part.seek(0)
+    shutil.copyfileobj(part, out, 1 << 20)
 
 
 def _annotations(skill: str, part: dict[str, Any], w: int, h: int) -> Iterator[dict[str, Any]]:

@@ -23,13 +23,14 @@ The import format is Label Studio's "Basic Label Studio JSON format" with predic
   ``Label`` per object met, or a ``TextArea`` (caption, query; a query's ``Header`` shows
   ``$question``).
 
-Rows are read a shard at a time; only the serialised tasks are held. The same rows give the
-same bytes.
+Rows are read a shard at a time and the tasks written to a temporary file as they are:
+memory does not grow with the run. The same rows give the same bytes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from typing import IO, Any
 from xml.sax.saxutils import quoteattr
 
 import orjson
@@ -46,23 +47,43 @@ TYPES = {"detect": "rectanglelabels", "point": "keypointlabels", "segment": "pol
 
 
 def build(store: Store, spec: RunSpec, shards: int) -> tuple[bytes, bytes]:
-    """``(tasks.json, config.xml)`` of the run's merged results (UTF-8)."""
+    """``(tasks.json, config.xml)`` of the run's merged results (UTF-8): ``build_file``'s,
+    the tasks read whole."""
+    tasks, config = build_file(store, spec, shards)
+    with tasks:
+        return tasks.read(), config
+
+
+def build_file(store: Store, spec: RunSpec, shards: int) -> tuple[IO[bytes], bytes]:
+    """``(tasks.json in a temporary file, rewound: the caller closes it; config.xml)`` of the
+    run's merged results (UTF-8). Tasks are written to the file as the rows are read: memory
+    holds one shard's rows and the labels met, whatever the run's size."""
     labels: dict[str, dict[str, None]] = {o.skill: {} for o in spec.all_options}
     for opts in spec.all_options:
         if opts.skill in TAGS and opts.object:
             labels[opts.skill][opts.object] = None
     version = f"moonbatch {spec.provider} {spec.endpoint or spec.model or 'default model'}"
-    tasks = []
-    for item in items(store, spec, shards):
-        tasks.append(orjson.dumps(_task(item, spec, version, labels)))
-    return b"[" + b",\n".join(tasks) + b"]", _config(spec, labels)
+    tasks = tempfile.TemporaryFile()
+    try:
+        tasks.write(b"[")
+        for n, item in enumerate(items(store, spec, shards)):
+            tasks.write(b",\n" if n else b"")
+            tasks.write(orjson.dumps(_task(item, spec, version, labels)))
+        tasks.write(b"]")
+        tasks.seek(0)
+    except BaseException:
+        tasks.close()
+        raise
+    return tasks, _config(spec, labels)
 
 
 def write(store: Store, spec: RunSpec, shards: int) -> None:
     """Build the run's tasks and configuration and put them under
-    ``annotations/label-studio/`` (a later call replaces them)."""
-    tasks, config = build(store, spec, shards)
-    store.put(layout.LABEL_STUDIO, tasks)
+    ``annotations/label-studio/`` (the tasks uploaded from a temporary file; a later call
+    replaces them)."""
+    tasks, config = build_file(store, spec, shards)
+    with tasks:
+        store.put(layout.LABEL_STUDIO, tasks)
     store.put(layout.LABEL_STUDIO_CONFIG, config)
 
 
