@@ -75,7 +75,9 @@ def finish_line(ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any], ou
             line_id, ctx.run.spec.all_options[build.skills[line["line_index"]]].skill)
     line["id"] = line_id
     ledger["ok" if line["status"] == "ok" else "failed"] += 1
-    out.append(orjson.dumps(line))
+    # A copy of orjson's bytes: orjson (3.12+) returns a buffer of at least 4 KiB and never
+    # shrinks it, and ``out`` may hold a shard's lines (a stopped run's unsent lines).
+    out.append(bytes(memoryview(orjson.dumps(line))))
 
 
 def end_unsent(ctx: RoundContext, build: ShardBuild, ledger: dict[str, Any], out: list[bytes],
