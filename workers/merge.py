@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -170,6 +171,32 @@ class _OkRow(msgspec.Struct, gc=False):
 
 
 _decode_lines = msgspec.json.Decoder(_Line).decode_lines
+
+
+def _one_member(result: Any) -> str | None:
+    """The member's name when ``result`` is an object of one string member whose name is a
+    plain ASCII identifier (a caption's ``{"caption": ...}``, a query's ``{"answer": ...}``
+    without reasoning); else None."""
+    if result.__class__ is not dict or len(result) != 1:
+        return None
+    ((name, value),) = result.items()
+    return name if value.__class__ is str and name.isascii() and name.isidentifier() else None
+
+
+@functools.lru_cache(maxsize=4)
+def _one_member_lines(name: str) -> Callable[[Any], list[Any]]:
+    """``_decode_lines`` for lines whose ``result`` (if any) is ``{name: <a string>}``: the
+    result decoded into a struct of that one field (written as the same JSON object), ~0.25
+    us/line faster than a dict; raises ``msgspec.MsgspecError`` for a line with a result of
+    any other shape (and where ``_decode_lines`` does: the same ``_Line`` otherwise)."""
+    one = msgspec.defstruct("_OneMember", [("value", str)], rename={"value": name},
+                            forbid_unknown_fields=True, gc=False)
+    line = msgspec.defstruct(
+        "_LineOfOne", [(f.name, one | None if f.name == "result" else f.type, f.default)
+                       if f.default is not msgspec.NODEFAULT else (f.name, f.type)
+                       for f in msgspec.structs.fields(_Line)],
+        forbid_unknown_fields=True, gc=False)
+    return msgspec.json.Decoder(line).decode_lines
 _encode_lines = msgspec.json.Encoder().encode_lines
 _NO_USAGE = _Usage()
 _NO_LINE = 2**31 - 1  # the bulk path's "no line of the piece yet" (above any position)
@@ -253,6 +280,11 @@ class _Single:
         self.np_lines: Any = None  # numpy arrays, made on the bulk path's first use
         self.np_taken: Any = None
         self.np_first: Any = None
+        # The bulk path's decoder: ``_decode_lines``, or, once a piece showed results of one
+        # string member (``_one_member``), ``_one_member_lines`` for that member's name, until
+        # a piece it does not read.
+        self.decode_lines: Callable[[Any], list[_Line]] = _decode_lines
+        self.one_member_tried = False
         # Dict-path rows not written to the spool yet: packed in ``pending``, item
         # ``pending_i[k]``'s row ending at ``pending_end[k]``.
         self.pending = bytearray()
@@ -376,10 +408,20 @@ class _Single:
                 if kept:
                     self._bulk(kept, 0, len(kept), clean=True)
                 return
+        piece = memoryview(text)[lo:hi]
         try:
-            decoded = _decode_lines(memoryview(text)[lo:hi])
+            decoded = self.decode_lines(piece)
         except msgspec.MsgspecError:
             decoded = None
+            if self.decode_lines is not _decode_lines:  # a result of another shape: the
+                self.decode_lines = _decode_lines  # general decoder from now on
+                with contextlib.suppress(msgspec.MsgspecError):
+                    decoded = _decode_lines(piece)
+        if decoded is not None and not self.one_member_tried:
+            self.one_member_tried = True
+            name = next((_one_member(r.result) for r in decoded if r.status == "ok"), None)
+            if name is not None:
+                self.decode_lines = _one_member_lines(name)
         if decoded is None or len(decoded) != n:  # a line not read, or read as several values
             self._halves(text, lo, hi, ends)
             return
