@@ -75,9 +75,10 @@ def merge_round(items: Sequence[PlanItem], build: ShardBuild, result_lines: Iter
     fix. ``source_of(item)`` gives a row's ``source``; ``key_sources(ids)``, when given, the
     same for many items that have neither ``ref`` nor ``more`` from their ids alone, in one
     call (``[source_of(PlanItem(id, 0)) for id in ids]``, e.g. ``ItemFetcher.key_sources``):
-    then such items' ids are all the merge decodes of them. Rows: ``{"id", "source", "status": "ok",
-    "result", "usage", "width", "height"}`` or ``{"id", "source", "status": "error", "error":
-    {"code", "message"}, "width", "height"}``, with ``"sent_width"``, ``"sent_height"`` after
+    then only the ids of a keys-only plan's items (``PlanItems.keys_only``) are decoded.
+    Rows: ``{"id", "source", "status": "ok", "result", "usage", "width", "height"}`` or
+    ``{"id", "source", "status": "error", "error": {"code", "message"}, "width", "height"}``,
+    with ``"sent_width"``, ``"sent_height"`` after
     them where the image was downscaled before sending: sizes in pixels from the result
     line's ``dims`` or the build's ``sizes`` (None where the image could not be read);
     ``batch_error`` (``{"code", "message"}``) marks every sent line of a failed
@@ -171,6 +172,14 @@ class _OkRow(msgspec.Struct, gc=False):
 
 
 _decode_lines = msgspec.json.Decoder(_Line).decode_lines
+_encode_lines = msgspec.json.Encoder().encode_lines
+_NO_USAGE = _Usage()
+_NO_LINE = 2**31 - 1  # the bulk path's "no line of the piece yet" (above any position)
+_FLUSH = 1024  # dict-path rows written to the spool at a time
+_PIECE = 2**20  # bytes of result text decoded at a time (their lines are held decoded at once)
+# A piece of at most this many lines takes the dict path, line by line: the bulk path's
+# fixed cost (a dozen numpy calls) is that of ~10 lines of the dict path.
+_SMALL = 16
 
 
 def _one_member(result: Any) -> str | None:
@@ -191,20 +200,13 @@ def _one_member_lines(name: str) -> Callable[[Any], list[Any]]:
     any other shape (and where ``_decode_lines`` does: the same ``_Line`` otherwise)."""
     one = msgspec.defstruct("_OneMember", [("value", str)], rename={"value": name},
                             forbid_unknown_fields=True, gc=False)
-    line = msgspec.defstruct(
-        "_LineOfOne", [(f.name, one | None if f.name == "result" else f.type, f.default)
-                       if f.default is not msgspec.NODEFAULT else (f.name, f.type)
-                       for f in msgspec.structs.fields(_Line)],
-        forbid_unknown_fields=True, gc=False)
+    fields: list[Any] = []
+    for f in msgspec.structs.fields(_Line):  # _Line's, in its order, but for the result's type
+        kind = one | None if f.name == "result" else f.type
+        fields.append((f.name, kind) if f.default is msgspec.NODEFAULT else (f.name, kind,
+                                                                             f.default))
+    line = msgspec.defstruct("_LineOfOne", fields, forbid_unknown_fields=True, gc=False)
     return msgspec.json.Decoder(line).decode_lines
-_encode_lines = msgspec.json.Encoder().encode_lines
-_NO_USAGE = _Usage()
-_NO_LINE = 2**31 - 1  # the bulk path's "no line of the piece yet" (above any position)
-_FLUSH = 1024  # dict-path rows written to the spool at a time
-_PIECE = 2**20  # bytes of result text decoded at a time (their lines are held decoded at once)
-# A piece of at most this many lines takes the dict path, line by line: the bulk path's
-# fixed cost (a dozen numpy calls) is that of ~10 lines of the dict path.
-_SMALL = 16
 
 
 #: ``_loads_line``'s answer for a blank line: no line at all (not a malformed one).

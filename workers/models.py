@@ -532,6 +532,8 @@ def _window_masks(width: int) -> tuple[Any, Any]:
     keep = np.where(inside, 0xFF, 0).astype(np.uint8).view(np.uint64)
     fill = np.where(inside, 0, 0x20).astype(np.uint8).view(np.uint64)
     return keep, fill
+
+
 _I64_MIN, _U64_MAX = -(2**63), 2**64 - 1  # orjson reads integers beyond these as floats
 
 
