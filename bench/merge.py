@@ -67,6 +67,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
     """Run the benchmark (see the module docstring); ``smoke``: tiny sizes, to check it runs."""
     n_lines, repeats = (SMOKE_LINES, 1) if smoke else (N_LINES, REPEATS)
     from moonbatch.workers.merge import merge_round, merge_rows
+    from moonbatch.workers.readers import ItemFetcher
     from moonbatch.workers.storage import S3Store
 
     result = Result("merge")
@@ -80,10 +81,10 @@ def run(servers: Servers, smoke: bool = False) -> Result:
     items = PlanItems(plan)
     plan_seconds = time.perf_counter() - start
     del listed
-    url_for = S3Store("bucket", "photos/", client=None).url_for
-
-    def source_of(item: object) -> str:
-        return url_for(item.id)  # type: ignore[attr-defined]
+    # Rows' sources as the worker's task names them (an S3 INPUT): ``ItemFetcher.source``,
+    # and ``key_sources`` for items that are the INPUT's keys.
+    fetcher = ItemFetcher(S3Store("bucket", "photos/", client=None))
+    source_of, key_sources = fetcher.source, fetcher.key_sources
 
     def parse_only(loads: Callable[[bytes], object]) -> Callable[[], None]:
         def parse() -> None:
@@ -97,7 +98,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
             raise RuntimeError(f"merge lost rows: {stats}")
 
     def merge() -> None:
-        rows, stats, _ = merge_round(items, build, files, source_of)
+        rows, stats, _ = merge_round(items, build, files, source_of, key_sources=key_sources)
         rows.close()
         check(stats)
 

@@ -221,7 +221,8 @@ def worker(tree: str, n: str, state: str) -> dict[str, Any]:
     build = ShardBuild.model_validate(get_json(out, layout.round_doc(0, 0, "build")))
     files, _ = fetch_results(client, status)
     rows, stats, _ = merge_round(items, build, files,
-                                 lambda item: store.url_for(item.id))
+                                 lambda item: store.url_for(item.id),
+                                 key_sources=store.urls_for)  # as the task's ItemFetcher does
     with rows:
         files.close()
         put_round_rows(out, layout.round_doc(0, 0, "rows"), rows, if_absent=True)

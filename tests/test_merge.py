@@ -635,21 +635,96 @@ def test_bulk_and_fast_paths_give_the_dict_path_rows(shape, monkeypatch):
         kwargs = {"todo": todo, "retryable_codes": frozenset({"processing_error", "unknown_error"})}
         # (items, lines, _SMALL, _PIECE): pieces of text take the bulk path above _SMALL lines
         # and are cut into pieces of _PIECE bytes.
-        runs = [(items, old_lines, 16, 2**20), (plan, raw, 16, 2**20), (items, raw, 16, 2**20),
-                (plan, text, 1, 2**20), (items, text, 16, 2**20), (plan, text, 1, 700)]
+        # (key_sources: the sources of a keys-only plan's items from their ids, in one call)
+        runs = [(items, old_lines, 16, 2**20, None), (plan, raw, 16, 2**20, None),
+                (items, raw, 16, 2**20, None), (plan, text, 1, 2**20, None),
+                (items, text, 16, 2**20, None), (plan, text, 1, 700, None),
+                (plan, text, 1, 2**20, key_sources), (plan, text, 1, 700, key_sources)]
         for batch_error in (None, {"code": "timeout", "message": "t"}) if case % 10 == 0 else (None,):
             results = []
-            for its, lines, small, piece in runs:
+            for its, lines, small, piece, keyed in runs:
                 monkeypatch.setattr(merge_module, "_SMALL", small)
                 monkeypatch.setattr(merge_module, "_PIECE", piece)
                 rows, stats, retryable = merge_round(its, build, lines,
                                                      lambda item: SOURCE + item.key,
-                                                     batch_error=batch_error, **kwargs)
+                                                     batch_error=batch_error, key_sources=keyed,
+                                                     **kwargs)
                 with rows:
                     results.append(({i: orjson.loads(r) for i, r in rows.items()}, stats,
                                     retryable))
             for k, got in enumerate(results[1:], 1):
                 assert got == results[0], (case, k, raw)
+
+
+def key_sources(ids: list) -> list[str]:
+    """``source_of`` of the differential test for items without a ref, from their ids."""
+    return [SOURCE + PlanItem(i, 0).key for i in ids]
+
+
+def test_key_sources_are_the_sources_of_the_items(tmp_path):
+    """``ItemFetcher.key_sources`` (the merge's sources of a keys-only plan's items, from their
+    ids alone, by the store's ``urls_for``) gives ``source`` of each item, for ids of every
+    type (an int an S3 URL formats, a LocalStore refuses: ``source`` shows it as it is)."""
+    from moonbatch.config import Settings
+    from moonbatch.workers.readers import ItemFetcher
+    from moonbatch.workers.storage import LocalStore, S3Store
+
+    ids = ["a/b.jpg", "x é 😀.png", "", 7, 1.5, True, "p%20q"]
+    for store in (S3Store("bucket", "in/", client=None), S3Store("bucket", "", client=None),
+                  LocalStore(tmp_path)):
+        fetcher = ItemFetcher(store, Settings())
+        for some in (ids, ids[:2], [], [7]):
+            assert fetcher.key_sources(some) == [fetcher.source(PlanItem(i, 0)) for i in some]
+        assert store.urls_for(ids[:2]) == [store.url_for(i) for i in ids[:2]]
+
+
+@pytest.mark.parametrize("name", ["caption", "answer"])
+def test_results_of_one_string_member_give_the_dict_path_rows(name, monkeypatch):
+    """Results of one string member (``{"caption": ...}``) are decoded into a one-field struct
+    once a piece shows them: rows, stats and verdicts stay the dict path's for odd strings
+    (escapes, non-ASCII, invalid UTF-8, lone surrogates), repeated members, and pieces whose
+    results take another shape (the general decoder again from there on)."""
+    from moonbatch.workers import merge as merge_module
+    from moonbatch.workers.merge import merge_round
+
+    used: list[str] = []
+    real = merge_module._one_member_lines
+    monkeypatch.setattr(merge_module, "_one_member_lines",
+                        lambda member: (used.append(member), real(member))[1])
+    monkeypatch.setattr(merge_module, "_PIECE", 2000)  # ~10 lines a piece
+    monkeypatch.setattr(merge_module, "_SMALL", 1)
+    odd = [b'"x\\u00e9\\ud83d\\ude00 \\" \\\\ \\n"', '"一只猫"'.encode(), b'"\\ud800"',
+           b'"\xff"', b'"\xed\xa0\x80"', b'""', b'"a", "%s": "b"' % name.encode(),
+           b'"a", "%s": 1' % name.encode(), b'1, "%s": "a"' % name.encode(), b"7", b"null",
+           b'"a", "other": "b"']
+    rng = random.Random(9)
+    for case in range(40):
+        n = rng.randint(20, 120)
+        items = plan(n)
+        build = ShardBuild(lines=list(range(n)))
+        raw = []
+        for li in range(n):
+            if rng.random() < 0.1 * (case % 3):
+                value = rng.choice(odd)
+            else:
+                value = b'"%s %d"' % (b"words " * rng.randint(1, 40), li)
+            result = b'{"%s": %s}' % (name.encode(), value)
+            if rng.random() < 0.02 * (case % 4):
+                result = rng.choice([b"null", b'{"objects": []}', b'"bare"'])
+            raw.append(b'{"line_index": %d, "id": "%s", "status": "ok", "result": %s, '
+                       b'"usage": {"input_tokens": %d}}' % (li, items[li].id.encode(), result, li))
+        rng.shuffle(raw)
+        text = [b"\n".join(raw[k:k + 30]) + b"\n" for k in range(0, n, 30)]
+        parsed = [merge_module._loads_line(line) for line in raw]
+        got = []
+        for lines in (text, parsed):
+            used.clear()
+            rows, stats, _ = merge_round(items, build, lines, source_of)
+            with rows:
+                got.append((dict(rows.items()), stats))
+            if lines is text and case % 3 == 0:
+                assert used == [name], used  # the one-member decoder was taken
+        assert got[0] == got[1], case
 
 
 def test_odd_lines_inside_pieces_of_text(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from pydantic import ValidationError
@@ -194,6 +195,51 @@ def test_plan_items_take_any_indices_in_their_order(monkeypatch):
         assert plan.take(i for i in order) == want and plan.take(np.array([], np.int64)) == []
         with pytest.raises(IndexError):
             plan.take([0, len(items)])
+
+
+def test_plan_items_take_ids_are_the_ids_of_take(monkeypatch):
+    """``PlanItems.take_ids`` (the merge's ids of thousands of items at once) is ``[item.id
+    for item in take(indices)]`` for plans of odd lines: ids of every JSON scalar type, refs,
+    several images (``more``), opts, lines of very different lengths, CRLF lines, blank lines,
+    the last lines of the file (windows past its end), a last line without a newline, a
+    plan msgspec does not read as from_json does (decoded one by one); lines gathered by
+    windows or byte by byte (``_WINDOW_MAX``). ``keys_only``: no item with a ref or more."""
+    import numpy as np
+
+    from moonbatch.workers import models
+    from moonbatch.workers.models import PlanItems
+
+    rng = random.Random(3)
+    for case in range(200):
+        items = []
+        for k in range(rng.randint(1, 40)):
+            item_id = rng.choice([f"img/{k}.jpg", k, -k, 1.5 * k, k % 2 == 0, f"x{k}é\n\"",
+                                  "long/" * rng.randint(0, 60), 2**63 + k, "😀" * k])
+            items.append(PlanItem(item_id, rng.randint(0, 2**40),
+                                  rng.choice([None] * 4 + ["s3://b/k.jpg", "tar:a.tar#1+2"]),
+                                  rng.choice([None, {"question": "q" * rng.randint(0, 300)}]),
+                                  rng.choice([None] * 5 + [("s3://b/2.jpg", "s3://b/3.jpg")])))
+        keys_only = all(i.ref is None and i.more is None for i in items)
+        text = b"".join(i.to_json() + rng.choice([b"\n", b"\r\n", b"\n\n", b"\n  \n"])
+                        for i in items)
+        if rng.random() < 0.2:
+            text = text.rstrip()
+        if rng.random() < 0.1:  # an id orjson reads as a float: items decoded one by one
+            text += b'\n{"id": 1180591620717411303424, "size": 1}\n'
+            items.append(PlanItem(float(2**70), 1))
+        monkeypatch.setattr(models, "_WINDOW_MAX", rng.choice([256, 8, 64]))
+        plan = PlanItems(text)
+        assert plan.keys_only == keys_only and list(plan) == items
+        order = [rng.randrange(len(items)) for _ in range(rng.randint(0, 60))]
+        order += [len(items) - 1] * rng.randint(0, 2)  # the last line: past the end
+        want = [items[i] for i in order]
+        assert plan.take(order) == want and plan.take(np.array(order, np.int64)) == want
+        ids = plan.take_ids(np.array(order, np.int64))
+        assert ids == [i.id for i in want] and [i.__class__ for i in ids] == [
+            i.id.__class__ for i in want], case
+    with pytest.raises(IndexError):
+        plan.take_ids([len(items)])
+    assert plan.take_ids([]) == []
 
 
 def test_plan_items_parse_the_plan_file_on_access():

@@ -26,6 +26,7 @@ from typing import IO, Any, TypeVar
 from moonbatch.workers.storage import Store
 
 CHUNK = 2**20  # bytes read (or fetched with one ranged GET) at a time
+_BUFFER = 2**18  # write buffer of a spool's file
 
 _Self = TypeVar("_Self", bound="_TempFileBacked")
 
@@ -35,7 +36,11 @@ class _TempFileBacked:
     a context manager that closes it."""
 
     def __init__(self) -> None:
-        self._file: IO[bytes] = tempfile.TemporaryFile(buffering=2**20)
+        # A buffer smaller than the merge's writes (~1 MB of rows at a time, ``add_lines``):
+        # those go to the file as they are, not copied into the buffer first (measured: 0.16
+        # us/row of writing with a 1 MB buffer, 0.11 with 256 kB); single rows are still
+        # buffered.
+        self._file: IO[bytes] = tempfile.TemporaryFile(buffering=_BUFFER)
 
     def close(self) -> None:
         """Delete the file."""

@@ -624,7 +624,7 @@ def merge_round_task(self: Task, output: str, run: str, shard: int, round: int =
             items, build, collected.lines if collected else (), run.fetcher.source,
             batch_error=collected.batch_error if collected else None, todo=todo,
             retryable_codes=provider.retryable_codes,
-            skills=[o.skill for o in run.spec.all_options])
+            skills=[o.skill for o in run.spec.all_options], key_sources=run.fetcher.key_sources)
         with rows:  # a temporary file: the round's rows are not held in memory
             rejected = provider.reject_merge(ctx, record, stats)
             if rejected is not None:  # e.g. foreign results: send the round again

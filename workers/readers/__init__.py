@@ -328,6 +328,20 @@ class ItemFetcher:
         except Exception:  # a ref no store can name: show it as it is
             return refs.show(str(ref if ref is not None else item.id), limit=2000)
 
+    def key_sources(self, ids: list[Any]) -> list[str]:
+        """The ``source`` of each item without a ref (the INPUT store's key ``id``) from its id
+        alone: ``[self.source(PlanItem(id, 0)) for id in ids]``, in one call (the merge asks
+        for thousands at a time), by the INPUT store's ``urls_for`` where it has one. Never
+        raises."""
+        urls_for = getattr(self.input, "urls_for", None)
+        try:
+            if urls_for is not None:
+                return urls_for(ids)  # type: ignore[no-any-return]
+            url_for = self.input.url_for
+            return [url_for(i) for i in ids]
+        except Exception:  # an id no store can name: ``source`` shows it as it is
+            return [self.source(PlanItem(i, 0)) for i in ids]
+
     def presigned_url(self, item: PlanItem, seconds: int) -> str | None:
         """A URL a remote service can GET the item's image from as stored: a public http(s)
         URL as it is, a presigned GET for an S3 object; None where there is none (local files,
