@@ -397,3 +397,43 @@ def test_merge_counts_malformed_and_foreign_lines_into_done_and_run_json(fal_run
 
 def orjson_line(raw: bytes, **changes) -> bytes:
     return orjson.dumps({**orjson.loads(raw), **changes})
+
+
+def test_a_first_build_reads_only_the_look_for_a_batch(batch_api):
+    """A round's first build (nothing left by an earlier attempt) reads none of the round's
+    documents but the look for a batch after claiming and its upload record before clearing
+    it, and does not renew a lease renewed within a quarter of its life (the fences of
+    ``renew(force=False)``): S3 requests are money and the state store's CPU."""
+    from moonbatch.workers import layout
+    from moonbatch.workers.lease import Lease, execution_owner
+    from moonbatch.workers.storage import S3Store
+
+    state = batch_api["state"]
+    reads: list[str] = []
+    swaps: list[str] = []
+
+    class Counted(S3Store):  # the real bucket, with its reads and swaps noted
+        def get(self, key, **kwargs):
+            reads.append(key)
+            return super().get(key, **kwargs)
+
+        def get_versioned(self, key):
+            reads.append(key)
+            return super().get_versioned(key)
+
+        def swap(self, key, data, version):
+            swaps.append(key)
+            return super().swap(key, data, version)
+
+    counted = Counted(state.bucket, state.prefix, state.client)
+    lease = Lease(counted, layout.shard_doc(0, "lease"), execution_owner("task"), 60.0)
+    assert lease.acquire()
+    built, batch = build({**batch_api, "state": counted},
+                         renew=lambda: lease.renew(force=False))
+    assert batch is not None and built.attempt == batch.attempt
+    assert reads == [layout.round_doc(0, 0, "batch"), layout.round_doc(0, 0, "upload")], reads
+    assert swaps == []  # no build.json to swap, the lease renewed at its acquisition
+    docs = round_docs(state)
+    assert docs["build"]["attempt"] == docs["batch"]["attempt"] == built.attempt
+    assert "submit" not in docs and "upload" not in docs
+    lease.release()

@@ -84,10 +84,12 @@ class Lease:
         self._version = version
 
     def renew(self, *, force: bool = False) -> None:
-        """Extend the lease (at most every ``ttl / 4`` unless ``force``). Raises ``LeaseLost``
-        if another owner took it over."""
+        """Extend the lease (at most every ``ttl / 4`` unless ``force``: one renewed since is
+        surely still this object's, as no other owner takes it over before it expires; one
+        this object found lost or released is looked at again). Raises ``LeaseLost`` if
+        another owner took it over."""
         with self._lock:
-            if not force and self.clock() - self._renewed < self.ttl / 4:
+            if not force and self._held and self.clock() - self._renewed < self.ttl / 4:
                 return
             # Still at the version this object wrote: nobody took it over since, so it is
             # extended without a read (compare-and-swap); else it is read to see who holds it.

@@ -531,16 +531,20 @@ def maybe_finalize(store: Store, on_claimed: Callable[[float], None] | None = No
         if shard is not None:
             merged.add(shard)
     progress = Progress(store, plan=_plans.get(held) if held else None, merged=merged)
-    with cf.ThreadPoolExecutor(3, thread_name_prefix="finalize") as pool:
-        # The three looks at once: one round trip's wait, not four in a row.
-        looks = [pool.submit(store.exists, layout.FINALIZED),
-                 pool.submit(store.exists, layout.CANCELLED), pool.submit(progress.complete)]
-    finalized, cancelled, complete = (f.result() for f in looks)
+    complete = progress.complete()
     if held is not None and progress.plan is not None:
         if len(_plans) >= SPECS_KEPT:
             _plans.pop(next(iter(_plans)), None)
         _plans[held] = progress.plan
-    if finalized or cancelled or not complete:
+    if not complete:
+        return False
+    # Whether it is finalised or cancelled only once it is complete: every merge looks
+    # whether its run is complete, and all but the last few find it is not (two requests
+    # fewer per merge, one round trip more for the run's last merges).
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="finalize") as pool:
+        finalized = pool.submit(store.exists, layout.FINALIZED)
+        cancelled = store.exists(layout.CANCELLED)
+    if finalized.result() or cancelled:
         return False
     from moonbatch.workers.lease import Lease, execution_owner
 

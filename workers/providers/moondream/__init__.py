@@ -251,7 +251,12 @@ class MoondreamBatchProvider:
             fetch=ctx.run.fetcher.get, state=ctx.store, client=batch_client(),
             part_size=own.part_size, concurrency=s.fetch_concurrency, max_pixels=spec.max_pixels,
             upload_concurrency=own.upload_concurrency, rnd=ctx.rnd, todo=ctx.todo,
-            heartbeat=ctx.heartbeat, renew=ctx.renew,
+            # The fences before the claim and before mpu-complete: a lease renewed within
+            # the last quarter of its life (its keep-alive renews it every quarter) is
+            # surely this execution's (no other takes it over before it expires), as fal's
+            # sends rely on; an older one is renewed at once (a stalled or partitioned
+            # execution finds it taken over). Two writes per build fewer.
+            heartbeat=ctx.heartbeat, renew=lambda: ctx.renew(force=False),
             claims=records.BatchClaims(registry.open_state(s), output=spec.output,
                                         shard=ctx.shard, rnd=ctx.rnd),
             id_prefix=ctx.id_prefix, more=spec.more_options)

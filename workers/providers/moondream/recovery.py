@@ -63,26 +63,31 @@ UNREAD: Any = object()
 
 
 def write_build(state: Store, doc: Callable[[str], str], build: ShardBuild, *,
-                version: Any = UNREAD) -> None:
+                version: Any = UNREAD, before_claim: bool = False) -> None:
     """Write ``build.json`` for the claimant ``build.attempt``: compare-and-swap on the version
     read while the claim is still its own, so a claimant whose claim was dropped (it stalled
     and another execution took the round over) can never overwrite the new claimant's build.
     ``version``: the version of ``build.json`` (None: absent) as the caller read it after
-    claiming, for the first try (left out: read here). Raises ``RoundClaimed`` when the claim
+    claiming, for the first try (left out: read here). ``before_claim``: ``version`` was seen
+    before this execution created its claim (a listing of the round): then the first try
+    needs no look at the claim, as any claimant after this one (it must drop this claim
+    first) writes after that sight and the swap fails. Raises ``RoundClaimed`` when the claim
     is no longer this execution's."""
     data = build.json_bytes()  # no copy of its lists and dicts (as dumps() would make)
+    look = not before_claim or version is UNREAD
     for _ in range(8):
         # The version is read before the claim is looked at: a build another claimant
         # wrote after that look changes the version, and the swap fails.
         if version is UNREAD:
             version = version_of(state, doc("build"))
-        claim = get_json_or_none(state, doc("submit"))
-        if claim is None or claim.get("attempt", "") != build.attempt:
-            raise RoundClaimed(f"{doc('submit')}: this execution's claim on the round was "
-                               "dropped by another execution")
+        if look:
+            claim = get_json_or_none(state, doc("submit"))
+            if claim is None or claim.get("attempt", "") != build.attempt:
+                raise RoundClaimed(f"{doc('submit')}: this execution's claim on the round was "
+                                   "dropped by another execution")
         if _put_over(state, doc("build"), data, version):
             return
-        version = UNREAD  # changed since: read it again
+        version, look = UNREAD, True  # changed since: read it again, and the claim
     raise RoundClaimed(f"{doc('build')} keeps changing under this execution")
 
 
@@ -148,7 +153,8 @@ def record_batch(state: Store, doc: Callable[[str], str], claims: BatchClaims | 
         log.error("batch %s is claimed by another round; keeping it for this one", batch_id)
     record = BatchRecord(batch_id=batch_id, file_id=intent.file_id, submitted_at=time.time(),
                          lines=intent.lines, recovered=recovered, attempt=intent.attempt)
-    if put_json(state, doc("batch"), record.model_dump(), if_absent=True):
+    recorded = put_json(state, doc("batch"), record.model_dump(), if_absent=True)
+    if recorded:
         metrics.batch("moondream", "submitted")
     else:
         first = BatchRecord.model_validate(get_json(state, doc("batch")))
@@ -158,7 +164,13 @@ def record_batch(state: Store, doc: Callable[[str], str], claims: BatchClaims | 
             count_orphan(state, doc, f"batch {batch_id} submitted beside {first.batch_id}")
         record = first
     forget_upload(state, doc, intent.upload_id)
-    drop_claim(state, doc, intent.attempt)
+    if recorded:
+        # The round's batch is recorded, by this call: every reader of a claim looks at the
+        # batch first and goes by it, so the claim (this execution's, or one that replaced it
+        # after a takeover) is done with, and deleted without a look at whose it is.
+        state.delete(doc("submit"))
+    else:
+        drop_claim(state, doc, intent.attempt)
     return record
 
 

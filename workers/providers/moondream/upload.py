@@ -391,15 +391,22 @@ def build_and_submit(*, shard: int, items: Sequence[PlanItem], options: SkillOpt
     try:
         fence()  # an execution whose lease was taken over stops before it claims
         claimed = put_json(state, doc("submit"), intent.model_dump(), if_absent=True)
-        if claimed:
+        if claimed and "build" not in present:
+            # No build.json when the round was listed, before the claim: write_build
+            # creates it if still absent, with no read of its version nor of the claim.
+            # A claim is dropped only after its batch is recorded (or found never made):
+            # looking after claiming sees the batch of any claim that came and went
+            # before ours.
+            recorded = recorded_round(state, doc)
+            if recorded is None:
+                write_build(state, doc, build, version=None, before_claim=True)
+                fence()  # right before the call that bills
+        elif claimed:
             with cf.ThreadPoolExecutor(1, thread_name_prefix="claimed") as pool:
                 # The version write_build swaps on, read beside the look for a batch: both
                 # after the claim, one round trip's wait instead of two in a row.
                 version = pool.submit(version_of, state, doc("build"))
-                # A claim is dropped only after its batch is recorded (or found never made):
-                # looking after claiming sees the batch of any claim that came and went
-                # before ours.
-                recorded = recorded_round(state, doc)
+                recorded = recorded_round(state, doc)  # as above
             if recorded is None:
                 write_build(state, doc, build, version=version.result())
                 fence()  # right before the call that bills
