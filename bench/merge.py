@@ -7,8 +7,9 @@ split across 10 result files as the API returns them (the files' text handed ove
 the Batch API provider's ``collect_round`` does), merged against the matching ``ShardBuild``
 and plan items as the task has them (``PlanItems`` of the plan file: each item decoded when the
 merge asks for it), the rows' sources named as the task names them (``ItemFetcher.source`` and
-``key_sources`` of an S3 INPUT). Reported as result rows per second on one core (best of 5). Also shown, with no
-target: ``merge_rows``, the same merge read back from the spool into one results JSONL in memory.
+``key_sources`` of an S3 INPUT). Reported as result rows per second on one core (best of 5).
+Also shown, with no target: ``merge_rows``, the same merge read back from the spool into one
+results JSONL in memory.
 
 Baseline: a parse-only pass over the same bytes (``orjson.loads`` of every line, what a user
 would write instead, and the least any merge that reads the rows must do); the ratio says what
