@@ -28,6 +28,7 @@ same bytes.
 from __future__ import annotations
 
 import datetime
+import io
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -60,17 +61,18 @@ def _categories(cats: Categories) -> list[dict[str, Any]]:
 
 
 def build(store: Store, spec: RunSpec, shards: int) -> bytes:
-    """The COCO document of the run's merged results (UTF-8 JSON bytes): ``build_file``'s,
-    read whole. Raises ``ValueError`` if the run has no detect, point or segment skill."""
-    with build_file(store, spec, shards) as f:
-        return f.read()
+    """The COCO document of the run's merged results (UTF-8 JSON bytes; ``write_document``
+    into memory). Raises ``ValueError`` if the run has no detect, point or segment skill."""
+    out = io.BytesIO()
+    write_document(out, store, spec, shards)
+    return out.getvalue()
 
 
-def build_file(store: Store, spec: RunSpec, shards: int) -> IO[bytes]:
-    """The COCO document of the run's merged results in a temporary file, rewound (the
-    caller closes it). Memory holds one shard's rows and the categories, whatever the run's
-    size: images and annotations are written to temporary files as the rows are read, then
-    joined after the head (whose categories are known only at the end).
+def write_document(out: IO[bytes], store: Store, spec: RunSpec, shards: int) -> None:
+    """Write the COCO document of the run's merged results to the binary file ``out``.
+    Memory holds one shard's rows and the categories, whatever the run's size: images and
+    annotations go to temporary files as the rows are read, then are joined after the head
+    (whose categories are known only at the end).
 
     Raises ``ValueError`` if the run has no detect, point or segment skill."""
     if not wanted(spec):
@@ -79,50 +81,45 @@ def build_file(store: Store, spec: RunSpec, shards: int) -> IO[bytes]:
     skills = [o for o in spec.all_options if o.skill in SKILLS]
     cats = Categories(spec, SKILLS)
     dumps = orjson.dumps
-    out = tempfile.TemporaryFile()
-    try:
-        with tempfile.TemporaryFile() as images, tempfile.TemporaryFile() as anns:
-            n_images = n_anns = 0
-            for item in items(store, spec, shards):
-                size = item.size()
-                if not item.ok or size is None:
-                    continue
-                w, h = size
-                for opts, name, part in item.parts(spec, SKILLS):
-                    cid = cats.id(opts.skill, name)
-                    for ann in _annotations(opts.skill, part, w, h):
-                        n_anns += 1
-                        anns.write(b"," if n_anns > 1 else b"")
-                        anns.write(dumps({"id": n_anns, "image_id": item.position,
-                                          "category_id": cid, **ann}))
-                n_images += 1
-                images.write(b"," if n_images > 1 else b"")
-                images.write(dumps({"id": item.position, "file_name": item.file_name(spec),
-                                    "width": w, "height": h, "moonbatch_id": item.row["id"]}))
-            created = datetime.datetime.fromtimestamp(spec.created_at, datetime.timezone.utc)
-            head = dumps({
-                "info": {"description": f"moonbatch run {spec.run_id}", "version": "1.0",
-                         "year": created.year,
-                         "date_created": created.isoformat(timespec="seconds"),
-                         "moonbatch_run_id": spec.run_id,
-                         "moonbatch_skills": [o.request_fields() for o in skills]},
-                "licenses": [], "categories": _categories(cats)})
-            out.write(head[:-1] + b',"images":[')
-            _append(out, images)
-            out.write(b'],"annotations":[')
-            _append(out, anns)
-            out.write(b"]}")
-        out.seek(0)
-    except BaseException:
-        out.close()
-        raise
-    return out
+    with tempfile.TemporaryFile() as images, tempfile.TemporaryFile() as anns:
+        n_images = n_anns = 0
+        for item in items(store, spec, shards):
+            size = item.size()
+            if not item.ok or size is None:
+                continue
+            w, h = size
+            for opts, name, part in item.parts(spec, SKILLS):
+                cid = cats.id(opts.skill, name)
+                for ann in _annotations(opts.skill, part, w, h):
+                    n_anns += 1
+                    anns.write(b"," if n_anns > 1 else b"")
+                    anns.write(dumps({"id": n_anns, "image_id": item.position,
+                                      "category_id": cid, **ann}))
+            n_images += 1
+            images.write(b"," if n_images > 1 else b"")
+            images.write(dumps({"id": item.position, "file_name": item.file_name(spec),
+                                "width": w, "height": h, "moonbatch_id": item.row["id"]}))
+        created = datetime.datetime.fromtimestamp(spec.created_at, datetime.timezone.utc)
+        head = dumps({
+            "info": {"description": f"moonbatch run {spec.run_id}", "version": "1.0",
+                     "year": created.year, "date_created": created.isoformat(timespec="seconds"),
+                     "moonbatch_run_id": spec.run_id,
+                     "moonbatch_skills": [o.request_fields() for o in skills]},
+            "licenses": [], "categories": _categories(cats)})
+        out.write(head[:-1] + b',"images":[')
+        _append(out, images)
+        out.write(b'],"annotations":[')
+        _append(out, anns)
+        out.write(b"]}")
 
 
 def write(store: Store, spec: RunSpec, shards: int) -> None:
-    """Build the run's COCO document and put it at ``annotations/instances.json`` (one upload
-    from a temporary file; a later call, e.g. after ``retry-failed``, replaces it)."""
-    with build_file(store, spec, shards) as f:
+    """Write the run's COCO document to a temporary file and put it at
+    ``annotations/instances.json`` (one upload; a later call, e.g. after ``retry-failed``,
+    replaces it)."""
+    with tempfile.TemporaryFile() as f:
+        write_document(f, store, spec, shards)
+        f.seek(0)
         store.put(layout.COCO, f)
 
 

@@ -29,6 +29,7 @@ memory does not grow with the run. The same rows give the same bytes.
 
 from __future__ import annotations
 
+import io
 import tempfile
 from typing import IO, Any
 from xml.sax.saxutils import quoteattr
@@ -47,42 +48,36 @@ TYPES = {"detect": "rectanglelabels", "point": "keypointlabels", "segment": "pol
 
 
 def build(store: Store, spec: RunSpec, shards: int) -> tuple[bytes, bytes]:
-    """``(tasks.json, config.xml)`` of the run's merged results (UTF-8): ``build_file``'s,
-    the tasks read whole."""
-    tasks, config = build_file(store, spec, shards)
-    with tasks:
-        return tasks.read(), config
+    """``(tasks.json, config.xml)`` of the run's merged results (UTF-8; ``write_tasks`` into
+    memory)."""
+    tasks = io.BytesIO()
+    config = write_tasks(tasks, store, spec, shards)
+    return tasks.getvalue(), config
 
 
-def build_file(store: Store, spec: RunSpec, shards: int) -> tuple[IO[bytes], bytes]:
-    """``(tasks.json in a temporary file, rewound: the caller closes it; config.xml)`` of the
-    run's merged results (UTF-8). Tasks are written to the file as the rows are read: memory
-    holds one shard's rows and the labels met, whatever the run's size."""
+def write_tasks(out: IO[bytes], store: Store, spec: RunSpec, shards: int) -> bytes:
+    """Write ``tasks.json`` of the run's merged results to the binary file ``out`` as the
+    rows are read (memory holds one shard's rows and the labels met, whatever the run's
+    size); return ``config.xml`` for the labels met (UTF-8)."""
     labels: dict[str, dict[str, None]] = {o.skill: {} for o in spec.all_options}
     for opts in spec.all_options:
         if opts.skill in TAGS and opts.object:
             labels[opts.skill][opts.object] = None
     version = f"moonbatch {spec.provider} {spec.endpoint or spec.model or 'default model'}"
-    tasks = tempfile.TemporaryFile()
-    try:
-        tasks.write(b"[")
-        for n, item in enumerate(items(store, spec, shards)):
-            tasks.write(b",\n" if n else b"")
-            tasks.write(orjson.dumps(_task(item, spec, version, labels)))
-        tasks.write(b"]")
-        tasks.seek(0)
-    except BaseException:
-        tasks.close()
-        raise
-    return tasks, _config(spec, labels)
+    out.write(b"[")
+    for n, item in enumerate(items(store, spec, shards)):
+        out.write(b",\n" if n else b"")
+        out.write(orjson.dumps(_task(item, spec, version, labels)))
+    out.write(b"]")
+    return _config(spec, labels)
 
 
 def write(store: Store, spec: RunSpec, shards: int) -> None:
-    """Build the run's tasks and configuration and put them under
-    ``annotations/label-studio/`` (the tasks uploaded from a temporary file; a later call
-    replaces them)."""
-    tasks, config = build_file(store, spec, shards)
-    with tasks:
+    """Write the run's tasks to a temporary file and put them and the configuration under
+    ``annotations/label-studio/`` (a later call replaces them)."""
+    with tempfile.TemporaryFile() as tasks:
+        config = write_tasks(tasks, store, spec, shards)
+        tasks.seek(0)
         store.put(layout.LABEL_STUDIO, tasks)
     store.put(layout.LABEL_STUDIO_CONFIG, config)
 
