@@ -232,8 +232,9 @@ def test_shard_keys_parse_back():
                   "_moonbatch/shards/00001/r0/sub/x.json", "_moonbatch/shards/00001/r0/x.txt"):
         assert layout.parse_shard_key(other) is None, other
     keys = [layout.parse_shard_key(layout.round_doc(0, r, "todo")) for r in (0, 4, 2)]
-    assert layout.latest_round(keys) == 4
-    assert layout.latest_round([layout.parse_shard_key(layout.shard_doc(0, "done"))]) is None
+    assert layout.latest_round((k.round, k.name) for k in keys) == 4
+    done = layout.parse_shard_key(layout.shard_doc(0, "done"))
+    assert layout.latest_round([(done.round, done.name)]) is None
 
 
 def test_results_and_retry_keys_parse_back():

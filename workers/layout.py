@@ -218,9 +218,10 @@ def group_shard_keys(keys: Iterable[str]) -> Iterator[tuple[int, ShardDocKeys]]:
         yield shard, docs
 
 
-def latest_round(keys: Iterable[ShardKey]) -> int | None:
-    """The highest round among parsed keys of one shard (None: no round document)."""
-    return max((k.round for k in keys if k.round is not None), default=None)
+def latest_round(docs: Iterable[tuple[int | None, str]]) -> int | None:
+    """The highest round among one shard's ``(round or None, name)`` documents (a
+    ``group_shard_keys`` group, or ``ShardKey``'s last two fields); None: no round document."""
+    return max((rnd for rnd, _ in docs if rnd is not None), default=None)
 
 
 def results(shard: int, suffix: str = "jsonl") -> str:

@@ -339,7 +339,7 @@ def run_progress(run: Run, *, force: bool = False) -> None:
         if (None, "done") in docs:
             done_shards.add(shard)
             continue
-        rnd = max((r for r, _ in docs if r is not None), default=None)
+        rnd = layout.latest_round(docs)
         # A shard's latest round is at the provider from batch.json until merged.json (an
         # earlier round that was resubmitted has no merged.json, but a later round exists).
         if rnd is not None and (rnd, "batch") in docs and (rnd, "merged") not in docs:

@@ -70,7 +70,7 @@ def find_errors(run: Run, codes: set[str] | None
 def next_round(store: Store, shard: int) -> int:
     """The shard's last round (any document under ``rK/``) + 1."""
     keys = (layout.parse_shard_key(o.key) for o in store.iter_objects(layout.shard_prefix(shard)))
-    last = layout.latest_round(k for k in keys if k is not None)
+    last = layout.latest_round((k.round, k.name) for k in keys if k is not None)
     return 0 if last is None else last + 1
 
 

@@ -20,6 +20,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+from moonbatch.workers import layout
 from moonbatch.workers.lease import is_live
 
 #: A shard's documents: ``(round, name) → document`` (``(None, "done")``, ``(0, "batch")``…).
@@ -54,7 +55,7 @@ def grace(poll_min_interval: float) -> float:
 
 def latest_round(docs: ShardDocs) -> int:
     """The shard's current round: the highest with any document (0 before any)."""
-    return max((r for r, _ in docs if r is not None), default=0)
+    return layout.latest_round(docs) or 0
 
 
 def next_step(docs: ShardDocs, *, only_stale: bool, now: float,
