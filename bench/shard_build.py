@@ -12,6 +12,10 @@ it); the script a user would write instead of moonbatch (the same reads, then st
 ``mpu-complete``; target: build >= 95 % of it, i.e. moonbatch's checks, ordering, bounded memory
 and round records cost under 5 %); and ``s5cmd cp`` with 16 workers into a local directory (a Go
 client: the practical ceiling of the S3 server).
+
+Also shown, with no target: the same build with its parts dropped instead of sent (the upload's
+share of the build: on this machine the upload's sending and the emulator's receiving, MD5 of
+every part included, take CPU from the same cores as the reads).
 """
 
 from __future__ import annotations
@@ -215,6 +219,27 @@ def timed_client(url: str, api_key: str) -> Any:
     return TimedClient(url, api_key)
 
 
+def discarding_client() -> Any:
+    """A ``BatchClient`` that takes the parts and drops them (nothing is sent): an upload of
+    fixed ids, an ETag per part, a batch in ``chunking`` at ``mpu-complete``."""
+    from moonbatch.workers.providers.moondream.answers import BatchStatus, Part, Upload
+    from moonbatch.workers.providers.moondream.client import BatchClient
+
+    class DiscardingClient(BatchClient):
+        def create_upload(self) -> Upload:
+            return Upload(fileId="dropped", uploadId="dropped")
+
+        def upload_part(self, file_id: str, upload_id: str, part_number: int,
+                        data: bytes) -> Part:
+            return Part(partNumber=part_number, etag=f"part-{part_number}")
+
+        def complete_upload(self, *args: Any, **kwargs: Any) -> BatchStatus:
+            return BatchStatus.model_validate({"id": f"dropped-{uuid.uuid4().hex}",
+                                               "status": "chunking"})
+
+    return DiscardingClient("http://127.0.0.1:9", "unused")
+
+
 def run(servers: Servers, smoke: bool = False) -> Result:
     """Run the benchmark (see the module docstring); ``smoke``: tiny sizes, to check it runs."""
     from moonbatch.workers.models import SkillOptions
@@ -237,12 +262,13 @@ def run(servers: Servers, smoke: bool = False) -> Result:
     extra = worker_kwargs(build_and_submit)
     times: dict[str, list[float]] = {"build": [], "build to last part": [], "script": [],
                                      "script to last part": [], "build, emulator apart": [],
-                                     "boto3": [], "s5cmd": []}
+                                     "boto3": [], "s5cmd": [], "build, parts dropped": []}
     cpu: dict[str, list[float]] = {"build": [], "script": [], "build, emulator apart": [],
                                    "boto3": []}
     with emulator() as emu, emulator_process() as (apart_url, apart_key):
         client = timed_client(emu.url, emu.config.api_key)
         apart = timed_client(apart_url, apart_key)
+        dropping = discarding_client()
         for _ in range(repeats):
             state = tempfile.mkdtemp(prefix="moonbatch-bench-state-")
             before = os.times()
@@ -279,8 +305,17 @@ def run(servers: Servers, smoke: bool = False) -> Result:
                 raise RuntimeError(f"build sent {len(build.lines)} of {len(items)} images")
             if has_s5cmd:
                 times["s5cmd"].append(s5cmd_fetch(servers, bucket, prefix, len(keys)))
+            state = tempfile.mkdtemp(prefix="moonbatch-bench-state-")
+            start = time.perf_counter()
+            build_and_submit(
+                shard=0, items=items, options=SkillOptions(skill="caption"), model=None,
+                input_store=store, state=LocalStore(state), client=dropping,
+                part_size=PART_SIZE, concurrency=CONCURRENCY, **extra)
+            times["build, parts dropped"].append(time.perf_counter() - start)
+            shutil.rmtree(state, ignore_errors=True)
         client.close()
         apart.close()
+        dropping.close()
 
     n = len(items)
     t = {k: median(v) for k, v in times.items() if v}
@@ -298,6 +333,9 @@ def run(servers: Servers, smoke: bool = False) -> Result:
     result.add("build_and_submit, emulator in its own process, without mpu-complete",
                rate("build, emulator apart"), boto3, f"{ratio:.2f}x boto3",
                f">= {TARGET_RATIO:.2f}x boto3", ratio >= TARGET_RATIO)
+    result.add("build_and_submit, parts dropped (reads, checks, base64, JSONL; no upload)",
+               rate("build, parts dropped"), boto3,
+               f"{t['boto3'] / t['build, parts dropped']:.2f}x boto3")
     for k, label in (("build", "build_and_submit vs a plain script"),
                      ("build to last part", "build_and_submit vs a plain script, without "
                                             "mpu-complete")):

@@ -19,6 +19,7 @@ from moonbatch.workers.shard import (
     next_step,
     poll_turn,
     progress_write_due,
+    rate_since,
     round_base,
 )
 
@@ -245,3 +246,22 @@ def test_results_and_retry_keys_parse_back():
     assert layout.parse_retry_pass(layout.retry_pass(2, "applied")) == (2, "applied")
     assert layout.parse_retry_pass(layout.retry_pass(3)) == (3, "json")
     assert layout.parse_retry_pass(layout.RETRIES + "notes.txt") is None
+
+
+def test_a_poll_chain_keeps_the_rate_of_all_the_progress_it_saw():
+    from moonbatch.workers.providers.moondream.polling import next_poll_interval
+
+    assert rate_since(None, now=10.0, finished=0) == [10.0, 0]
+    assert rate_since([10.0, 0], now=12.0, finished=3) == [12.0, 3]  # first progress
+    kept = rate_since([12.0, 3], now=13.0, finished=3)
+    assert kept == [12.0, 3]  # nothing moved since: the earlier point stays
+    assert rate_since(kept, now=18.0, finished=9) == [12.0, 3]
+    assert rate_since([12.0, 3], now=19.0, finished=1) == [19.0, 1]  # went back
+    # A 20-line batch at 1 line/s seen at 18 s with no line done since a poll 0.8 s before: the
+    # previous poll alone gives no rate (a quarter of its age, up to the bound), the kept one does.
+    bounds = {"min_interval": 0.17, "max_interval": 4.0}
+    alone = next_poll_interval(elapsed=18.8, total=20, completed=18, last=(18.0, 18), now=18.8,
+                               **bounds)
+    kept = next_poll_interval(elapsed=18.8, total=20, completed=18, last=(8.0, 8), now=18.8,
+                              **bounds)
+    assert alone == 4.0 and kept == pytest.approx(1.08)

@@ -153,6 +153,18 @@ def progress_write_due(stored: Mapping[str, Any] | None, fields: Mapping[str, An
     return next_poll > float(stored.get("next_at") or 0.0)
 
 
+def rate_since(last: list[float] | None, *, now: float, finished: int) -> list[float]:
+    """What a poll chain hands its next poll as ``last``: ``[time, finished]`` of the chain's
+    earliest poll that saw progress, else of this poll (``now``, ``finished``), so that a rate
+    is taken over all the progress seen. Progress moves in steps, often not at all between two
+    close polls, and a rate over the last interval alone was then unknown: the next poll came
+    a quarter of the batch's age later (up to the poll interval's bound) even as the batch was
+    about to end. A count lower than the one kept starts over."""
+    if last is not None and 0 < last[1] <= finished:
+        return [last[0], last[1]]
+    return [now, finished]
+
+
 def merge_blocker(rnd: int, build: Any, batch: Any | None) -> Step | None:
     """Why round ``rnd`` cannot be merged yet from its ``build`` (``ShardBuild``: ``lines``,
     ``attempt``) and ``batch`` (``BatchRecord`` or None: ``batch_id``, ``attempt``), or None

@@ -467,8 +467,8 @@ def poll_round(self: Task, output: str, run: str, shard: int, round: int = 0,  #
     if result.done:
         _next(merge_round_task, (output, run_id, shard, rnd, polls + 1), spec=run.spec)
     else:
-        finished = result.progress.get("finished", 0)
-        _next(poll_round, (output, run_id, shard, rnd, chain, polls + 1, [now, finished]),
+        since = shard_state.rate_since(last, now=now, finished=result.progress.get("finished", 0))
+        _next(poll_round, (output, run_id, shard, rnd, chain, polls + 1, since),
               countdown=countdown, spec=run.spec)
 
 
@@ -535,8 +535,8 @@ def _look(run: Run, provider: Any, shard: int, rnd: int, chain: str, polls: int,
     if result.done:
         _next(merge_round_task, (output, run_id, shard, rnd, polls + 1), spec=run.spec)
     else:
-        _next(poll_round, (output, run_id, shard, rnd, chain, polls + 1,
-                           [now, result.progress.get("finished", 0)], [doc, version]),
+        since = shard_state.rate_since(last, now=now, finished=result.progress.get("finished", 0))
+        _next(poll_round, (output, run_id, shard, rnd, chain, polls + 1, since, [doc, version]),
               countdown=countdown, spec=run.spec)
 
 

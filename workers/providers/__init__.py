@@ -304,7 +304,9 @@ class Provider(Protocol):
 
     def poll_round(self, ctx: RoundContext, last: tuple[float, int] | None) -> Poll:
         """Look at the round once (and move it on, for providers that send in steps); ``last``
-        is ``(time, finished)`` of the previous poll. Raises ``ProviderError`` kinds."""
+        is ``(time, finished)`` of the chain's earliest poll that saw progress, else of the
+        previous poll (``shard.rate_since``; None: the chain's first poll). Raises
+        ``ProviderError`` kinds."""
 
     def first_poll_in(self, ctx: RoundContext) -> float | None:
         """Seconds from ``submit_round`` to the round's first poll when the provider keeps its

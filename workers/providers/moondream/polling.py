@@ -12,7 +12,9 @@ def next_poll_interval(*, elapsed: float, total: int, completed: int,
     Young batches are polled often and old ones rarely (a quarter of the batch's age, so the
     delay in noticing completion stays under ~25% of its run time); once progress moves, the
     interval aims at half the estimated time left, so the poll after completion comes soon.
-    Always within ``[min_interval, max_interval]``.
+    The rate is taken from ``last``, ``(time, finished)`` of an earlier poll (the chain's
+    earliest that saw progress: ``shard.rate_since``). Seconds throughout, always within
+    ``[min_interval, max_interval]``.
     """
     interval = elapsed * 0.25
     if last is not None and total > 0:
