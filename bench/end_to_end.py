@@ -18,7 +18,7 @@ it does.
 Then the same 4 shards again with batches of 20 s (10 minutes at the time scale), with the
 target's ratio shown and not counted: the time scale shrinks the batches and the polling, not
 moonbatch's fixed costs (start-up, checks, planning, its records, finalising), so the 3 s
-batches leave them 0.48 s in all; the longer run shows the ratio once a batch is long beside
+batches leave them about half a second in all; the longer run shows the ratio once a batch is long beside
 them. Each size also notes each side's time besides the batch's own and the batch length
 from which the target's ratio holds with them.
 

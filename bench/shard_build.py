@@ -14,8 +14,9 @@ and round records cost under 5 %); and ``s5cmd cp`` with 16 workers into a local
 client: the practical ceiling of the S3 server).
 
 Also shown, with no target: the same build with its parts dropped instead of sent (the upload's
-share of the build: on this machine the upload's sending and the emulator's receiving, MD5 of
-every part included, take CPU from the same cores as the reads).
+share of the build: here its sending runs under the interpreter lock that moto's server needs
+to serve the reads, and the emulator's receiving, MD5 of every part included, on the same two
+cores), and the CPU both processes use while the emulator is apart.
 """
 
 from __future__ import annotations
