@@ -12,6 +12,10 @@ fixed sleep, download the outputs. Time is scaled down 30x: the seed's 30 s poll
 1.0 s, moonbatch's poll bounds of 5 s / 120 s become 0.17 s / 4 s. Expected speed-up: the number
 of shards processed concurrently, N (every shard has a worker slot); target >= 0.9·N.
 
+Also shown, with no target: the same run through the Python API, ``moonbatch.run`` in a warm
+process (``moonbatch_warm``: after a warm-up run in that process, so no interpreter start, no
+imports, its clients made), against the same recipe, which runs in the benchmark's process.
+
 moonbatch's bytecode is written before the timed commands (``compile_moonbatch``), as installing
 it does.
 
@@ -60,6 +64,7 @@ SHARDS, PER_SHARD = (4, 16), 20  # run sizes (shards) and images per shard
 # ratio becomes once a batch takes long against moonbatch's fixed costs (start-up, planning,
 # records, finalising), which the time scale does not shrink.
 LONG_SHARDS, LONG_PROCESSING = 4, 20.0
+WARM_PREFIX = "warm/"  # one image per worker slot, for the warm-up runs
 WORKER_SLOTS = 4  # the fleet's slots at the least (fal_throughput's fleet); end_to_end: >= shards
 TARGET = 0.9  # of N, the shards processed in parallel
 PROCESSING_SECONDS = 3.0
@@ -190,6 +195,35 @@ def moonbatch(env: dict[str, str], *args: str, timeout: float = 180) -> float:
     return time.perf_counter() - start
 
 
+# ``moonbatch_warm``'s process: the Python API's ``moonbatch.run`` called once per run, in order.
+WARM_COMMAND = """\
+import json, sys, time
+import moonbatch
+
+timed = []
+for source, output, options in json.loads(sys.argv[1]):
+    started, start = time.time(), time.perf_counter()
+    moonbatch.run(source, output, **options)
+    timed.append((started, time.perf_counter() - start))
+print(json.dumps(timed))
+"""
+
+
+def moonbatch_warm(env: dict[str, str], runs: list[tuple[str, str, dict[str, Any]]],
+                   timeout: float = 600) -> list[tuple[float, float]]:
+    """When each of ``runs`` (``(INPUT, OUTPUT, options)``) started (``time.time()``) and the
+    seconds it took, as ``moonbatch.run(INPUT, OUTPUT, **options)`` (the Python API), one after
+    another in one Python process with ``env``. From the second on, each is a run in a warm
+    process (moonbatch's modules imported, its S3 clients and broker connection made), as a
+    pipeline or a notebook calling the API runs it: no interpreter start, no imports. Raises
+    ``RuntimeError`` if the process failed or took over ``timeout`` seconds."""
+    proc = subprocess.run([sys.executable, "-c", WARM_COMMAND, json.dumps(runs)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"moonbatch.run exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return [(started, seconds) for started, seconds in json.loads(proc.stdout.splitlines()[-1])]
+
+
 def sequential(s3: Any, bucket: str, prefix: str, api_url: str, api_key: str,
                per_shard: int = PER_SHARD) -> int:
     """The seed's recipe, one shard after another; returns the result rows downloaded."""
@@ -314,6 +348,14 @@ def one_size(emu: Any, env: dict[str, str], s3: Any, bucket: str, shards: int,
         raise RuntimeError(f"sequential recipe: {rows} result rows")
     seq_requests, seq_delays, seq_latency = polling_cost(
         emu, known, emu.emulator.requests.get("status", 0) - counted)
+    api_s = None
+    if not tag:  # the same run through the Python API in a warm process (after a warm-up run)
+        options = {"workers": 0, "timeout": 180}
+        api_s = moonbatch_warm(env, [
+            (f"s3://{bucket}/{WARM_PREFIX}", f"s3://{bucket}/warm-api-{shards}/",
+             {**options, "shard_size": 1}),
+            (f"s3://{bucket}/{prefix}", f"s3://{bucket}/{out}api/",
+             {**options, "shard_size": per_shard})])[-1][1]
 
     parallel = min(shards, slots)
     goal = TARGET * parallel
@@ -330,6 +372,11 @@ def one_size(emu: Any, env: dict[str, str], s3: Any, bucket: str, shards: int,
     result.add(f"{label}, run.json wall (recorded to finalised)", f"{run_s:.1f} s",
                f"{sequential_s:.1f} s", f"{sequential_s / run_s:.2f}x faster", target,
                None if tag else sequential_s / run_s >= goal)
+    if api_s is not None:
+        result.add(f"{label}, moonbatch.run in a warm process (modules imported, clients made; "
+                   "shown, not counted)", f"{api_s:.1f} s (Python API)",
+                   f"{sequential_s:.1f} s (the recipe, in this process too)",
+                   f"{sequential_s / api_s:.2f}x faster", target, None)
     result.add(f"{label}, status requests per batch", f"{mb_requests:.1f}", f"{seq_requests:.1f}",
                f"{mb_requests / seq_requests:.2f}x")
 
@@ -389,7 +436,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
         for i, body in enumerate(bodies[:shards * per_shard]):
             s3.put_object(Bucket=bucket, Key=f"in-{shards}/{i:03d}.jpg", Body=body)
     for i in range(slots):
-        s3.put_object(Bucket=bucket, Key=f"warm/{i:03d}.jpg", Body=bodies[i % len(bodies)])
+        s3.put_object(Bucket=bucket, Key=f"{WARM_PREFIX}{i:03d}.jpg", Body=bodies[i % len(bodies)])
 
     with emulator(processing_seconds=processing, lines_per_second=1e6) as emu:
         env = {**os.environ, **fleet_env(servers),
@@ -398,7 +445,7 @@ def run(servers: Servers, smoke: bool = False) -> Result:
                "MOONBATCH_POLL_MAX_INTERVAL": f"{POLL_MAX:.4f}"}
         with worker_fleet(env, slots) as fleet:
             emu.config.processing_seconds = 0.0  # warm-up: one tiny shard per worker slot
-            moonbatch(env, "run", f"s3://{bucket}/warm/", f"s3://{bucket}/warm-out/", "--shard-size",
+            moonbatch(env, "run", f"s3://{bucket}/{WARM_PREFIX}", f"s3://{bucket}/warm-out/", "--shard-size",
                       "1", "--workers", "0")
             emu.config.processing_seconds = processing
             for shards in sizes:
