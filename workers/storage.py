@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import email.utils
 import fcntl
 import hashlib
 import json
@@ -291,12 +292,17 @@ _loader_lock = threading.Lock()
 
 def _timestamp(value: Any) -> Any:
     """botocore's timestamp parser, with S3's XML timestamps (``2026-01-01T00:00:00.000Z``: the
-    ``LastModified`` of every listed key) read by ``datetime.fromisoformat`` (UTC-aware). botocore
-    reads them with dateutil, ~60% of a listing's CPU; other forms (HTTP dates) go to botocore."""
-    if isinstance(value, str) and value.endswith("Z"):
+    ``LastModified`` of every listed key) read by ``datetime.fromisoformat`` and its HTTP dates
+    (``Thu, 01 Jan 2026 00:00:00 GMT``: the ``Last-Modified`` header of every GET and HEAD) by
+    ``email.utils.parsedate_to_datetime``, both UTC-aware. botocore reads them with dateutil:
+    ~60% of a listing's CPU, and 47 us per GET against 3 us. Other forms go to botocore."""
+    if isinstance(value, str):
         try:
-            return datetime.datetime.fromisoformat(value[:-1] + "+00:00")
-        except ValueError:
+            if value.endswith("Z"):
+                return datetime.datetime.fromisoformat(value[:-1] + "+00:00")
+            if value.endswith(" GMT"):
+                return email.utils.parsedate_to_datetime(value)
+        except (ValueError, TypeError):
             pass
     from botocore.utils import parse_timestamp
 
