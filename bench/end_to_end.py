@@ -180,8 +180,8 @@ def compile_moonbatch() -> None:
 
 
 def moonbatch(env: dict[str, str], *args: str, timeout: float = 180) -> float:
-    """Seconds the ``moonbatch ARGS`` command took; raises if it failed or took over
-    ``timeout`` seconds."""
+    """Seconds the ``moonbatch ARGS`` command took. Raises ``RuntimeError`` if it failed,
+    ``subprocess.TimeoutExpired`` if it took over ``timeout`` seconds."""
     # The console script beside this interpreter (a virtualenv's bin/), not a version
     # manager's shim on PATH (pyenv's: a bash script and a second exec, 0.2-0.6 s per call).
     beside = Path(sys.executable).parent / "moonbatch"
@@ -216,7 +216,8 @@ def moonbatch_warm(env: dict[str, str], runs: list[tuple[str, str, dict[str, Any
     another in one Python process with ``env``. From the second on, each is a run in a warm
     process (moonbatch's modules imported, its S3 clients and broker connection made), as a
     pipeline or a notebook calling the API runs it: no interpreter start, no imports. Raises
-    ``RuntimeError`` if the process failed or took over ``timeout`` seconds."""
+    ``RuntimeError`` if the process failed, ``subprocess.TimeoutExpired`` if it took over
+    ``timeout`` seconds."""
     proc = subprocess.run([sys.executable, "-c", WARM_COMMAND, json.dumps(runs)], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

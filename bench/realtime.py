@@ -117,7 +117,7 @@ def client_command(env: dict[str, str], endpoint: str, bucket: str, prefix: str,
                    url: str, key: str, concurrency: int) -> tuple[float, int]:
     """Run ``client_script`` as a user does, ``python script.py`` (``CLIENT_COMMAND``) with
     ``env``; returns the command's wall seconds (interpreter start to exit) and its rows.
-    Raises ``RuntimeError`` if it failed."""
+    Raises ``RuntimeError`` if it failed, ``subprocess.TimeoutExpired`` after 600 s."""
     with tempfile.TemporaryDirectory(prefix="moonbatch-bench-client-") as folder:
         script = os.path.join(folder, "script.py")
         with open(script, "w") as f:
