@@ -195,34 +195,37 @@ def moonbatch(env: dict[str, str], *args: str, timeout: float = 180) -> float:
     return time.perf_counter() - start
 
 
-# ``moonbatch_warm``'s process: the Python API's ``moonbatch.run`` called once per run, in order.
+# ``moonbatch_warm``'s process: the Python API's ``moonbatch.run`` for the warm-up run, then
+# for the timed one; prints when the timed one started and how long it took.
 WARM_COMMAND = """\
 import json, sys, time
 import moonbatch
 
-timed = []
-for source, output, options in json.loads(sys.argv[1]):
-    started, start = time.time(), time.perf_counter()
-    moonbatch.run(source, output, **options)
-    timed.append((started, time.perf_counter() - start))
-print(json.dumps(timed))
+(source, output, options), timed = json.loads(sys.argv[1])
+moonbatch.run(source, output, **options)
+source, output, options = timed
+started, start = time.time(), time.perf_counter()
+moonbatch.run(source, output, **options)
+print(json.dumps([started, time.perf_counter() - start]))
 """
 
+RunArgs = tuple[str, str, dict[str, Any]]  # INPUT, OUTPUT, moonbatch.run's keyword options
 
-def moonbatch_warm(env: dict[str, str], runs: list[tuple[str, str, dict[str, Any]]],
-                   timeout: float = 600) -> list[tuple[float, float]]:
-    """When each of ``runs`` (``(INPUT, OUTPUT, options)``) started (``time.time()``) and the
-    seconds it took, as ``moonbatch.run(INPUT, OUTPUT, **options)`` (the Python API), one after
-    another in one Python process with ``env``. From the second on, each is a run in a warm
-    process (moonbatch's modules imported, its S3 clients and broker connection made), as a
-    pipeline or a notebook calling the API runs it: no interpreter start, no imports. Raises
-    ``RuntimeError`` if the process failed, ``subprocess.TimeoutExpired`` if it took over
-    ``timeout`` seconds."""
-    proc = subprocess.run([sys.executable, "-c", WARM_COMMAND, json.dumps(runs)], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+def moonbatch_warm(env: dict[str, str], warm_up: RunArgs, timed: RunArgs,
+                   timeout: float = 600) -> tuple[float, float]:
+    """When the ``timed`` run started (``time.time()``) and the seconds it took, as
+    ``moonbatch.run(INPUT, OUTPUT, **options)`` (the Python API) in a Python process with
+    ``env`` that ran ``warm_up`` first: a run in a warm process (moonbatch's modules imported,
+    its S3 clients and broker connection made), as a pipeline or a notebook calling the API
+    runs it: no interpreter start, no imports. Raises ``RuntimeError`` if the process failed,
+    ``subprocess.TimeoutExpired`` if it took over ``timeout`` seconds."""
+    proc = subprocess.run([sys.executable, "-c", WARM_COMMAND, json.dumps([warm_up, timed])],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"moonbatch.run exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return [(started, seconds) for started, seconds in json.loads(proc.stdout.splitlines()[-1])]
+    started, seconds = json.loads(proc.stdout.splitlines()[-1])
+    return started, seconds
 
 
 def sequential(s3: Any, bucket: str, prefix: str, api_url: str, api_key: str,
@@ -352,11 +355,11 @@ def one_size(emu: Any, env: dict[str, str], s3: Any, bucket: str, shards: int,
     api_s = None
     if not tag:  # the same run through the Python API in a warm process (after a warm-up run)
         options = {"workers": 0, "timeout": 180}
-        api_s = moonbatch_warm(env, [
-            (f"s3://{bucket}/{WARM_PREFIX}", f"s3://{bucket}/warm-api-{shards}/",
-             {**options, "shard_size": 1}),
+        _, api_s = moonbatch_warm(
+            env, (f"s3://{bucket}/{WARM_PREFIX}", f"s3://{bucket}/warm-api-{shards}/",
+                  {**options, "shard_size": 1}),
             (f"s3://{bucket}/{prefix}", f"s3://{bucket}/{out}api/",
-             {**options, "shard_size": per_shard})])[-1][1]
+             {**options, "shard_size": per_shard}))
 
     parallel = min(shards, slots)
     goal = TARGET * parallel

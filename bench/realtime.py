@@ -199,9 +199,9 @@ def run(servers: Servers, smoke: bool = False) -> Result:
             # The same through the Python API in a warm process (after a warm-up run there),
             # as the in-process client below runs without an interpreter start.
             options = {"provider": "moondream-realtime", "workers": 0, "timeout": 300}
-            t3, api_s = moonbatch_warm(env, [
-                (f"s3://{bucket}/warm/", f"s3://{bucket}/warm-api-out/", options),
-                (f"s3://{bucket}/in/", f"s3://{bucket}/api-out/", options)])[-1]
+            t3, api_s = moonbatch_warm(
+                env, (f"s3://{bucket}/warm/", f"s3://{bucket}/warm-api-out/", options),
+                (f"s3://{bucket}/in/", f"s3://{bucket}/api-out/", options))
             api_answers = answers.since(t3)
         summary = json.loads(s3.get_object(Bucket=bucket, Key="out/run.json")["Body"].read())
         if summary["counts"]["ok"] != n:
